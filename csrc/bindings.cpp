@@ -1,0 +1,44 @@
+// janus_rt._C: declarations and PYBIND11_MODULE only; one .cpp per op holds the implementation.
+// Every function takes raw data pointers (tensor.data_ptr()) and sizes; janus_rt/cpu_ops.py is the only caller
+// and checks dtypes, contiguity, devices and shapes first. Sizes are guarded again here (std::invalid_argument ->
+// ValueError). dtype codes: 0 = fp32, 1 = bf16 (passed as uint16 bits).
+#include <cstdint>
+
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+using ptr_t = std::uintptr_t;
+
+namespace jr {
+void vq_nearest(ptr_t z, ptr_t codebook, ptr_t out, int64_t N, int64_t K, int64_t D);
+void paged_decode_attention(ptr_t q, int q_dtype, ptr_t k_cache, ptr_t v_cache, int kv_dtype, ptr_t block_tables,
+                            ptr_t context_lens, ptr_t o, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                            int64_t num_blocks, int64_t block_size, int64_t max_blocks, double sm_scale);
+void kv_store(ptr_t k, ptr_t v, ptr_t k_cache, ptr_t v_cache, ptr_t slot_mapping, int64_t N, int64_t row_elems,
+              int64_t elem_size, int64_t num_slots);
+void cfg_sample(ptr_t cond, ptr_t uncond, ptr_t cfg_weight, ptr_t temperature, ptr_t top_k, ptr_t top_p,
+                ptr_t seeds, ptr_t greedy, ptr_t out, int64_t B, int64_t V, int64_t ldc, int64_t ldu);
+void linear(ptr_t x, int x_dtype, ptr_t w, int w_dtype, ptr_t bias, ptr_t y, int64_t M, int64_t N, int64_t K);
+const char* simd_isa();
+}  // namespace jr
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "janus_rt CPU kernels (OpenMP); call through janus_rt.cpu_ops";
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("vq_nearest", &jr::vq_nearest, release(), "out[N] = argmin_j ||z_i - codebook_j||^2",
+        py::arg("z"), py::arg("codebook"), py::arg("out"), py::arg("N"), py::arg("K"), py::arg("D"));
+  m.def("paged_decode_attention", &jr::paged_decode_attention, release(), "o = softmax(q k^T * scale) v, paged KV",
+        py::arg("q"), py::arg("q_dtype"), py::arg("k_cache"), py::arg("v_cache"), py::arg("kv_dtype"),
+        py::arg("block_tables"), py::arg("context_lens"), py::arg("o"), py::arg("B"), py::arg("H"), py::arg("Hkv"),
+        py::arg("D"), py::arg("num_blocks"), py::arg("block_size"), py::arg("max_blocks"), py::arg("sm_scale"));
+  m.def("kv_store", &jr::kv_store, release(), "cache rows[slot_mapping[i]] = k[i], v[i]; slot < 0 skipped",
+        py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"), py::arg("N"),
+        py::arg("row_elems"), py::arg("elem_size"), py::arg("num_slots"));
+  m.def("cfg_sample", &jr::cfg_sample, release(), "one token per row: CFG, temperature, top-k/top-p, Gumbel-max",
+        py::arg("cond"), py::arg("uncond"), py::arg("cfg_weight"), py::arg("temperature"), py::arg("top_k"),
+        py::arg("top_p"), py::arg("seeds"), py::arg("greedy"), py::arg("out"), py::arg("B"), py::arg("V"),
+        py::arg("ldc"), py::arg("ldu"));
+  m.def("linear", &jr::linear, release(), "y[M, N] = x[M, K] @ w[N, K]^T (+ bias)", py::arg("x"), py::arg("x_dtype"),
+        py::arg("w"), py::arg("w_dtype"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("N"), py::arg("K"));
+  m.def("simd_isa", &jr::simd_isa, "vector ISA the kernels were compiled for: avx512, avx2 or scalar");
+}

@@ -1,0 +1,134 @@
+"""The whole Janus-Pro model: understanding tower + aligner, LLM with two heads, generation adaptors, VQ.
+
+Public contract (other suites call it exactly so):
+    m = Janus.from_pretrained(path, device="cpu", dtype=torch.float32)   # transformers / official / janus_rt layout
+    m = Janus.from_preset("tiny", seed=0, device="cpu", dtype=torch.float32)
+    m.text_logits(input_ids[B,T], pixel_values=None | [B_img,3,S,S]) -> [B,T,vocab]
+    m.image_logits(prompt_ids[B,T], image_tokens[B,N]) -> [B,N,codebook]
+    m.decode_image_tokens(tokens[B,N]) -> [B,3,H,W]
+    m.encode_images(pixels[B,3,H,W]) -> [B,N]
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from janus_rt.config import JanusConfig, preset
+from janus_rt.models.adaptors import MlpGelu
+from janus_rt.models.llm import LLM, RMSNorm
+from janus_rt.models.siglip import SigLIP
+from janus_rt.models.vq import VQModel
+
+
+class Janus(nn.Module):
+    def __init__(self, cfg: JanusConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = SigLIP(cfg.vision)
+        self.aligner = MlpGelu(cfg.aligner)
+        self.llm = LLM(cfg.llm)
+        self.lm_head = nn.Linear(cfg.llm.hidden_size, cfg.llm.vocab_size, bias=False)
+        self.tie_weights_()
+        self.vq = VQModel(cfg.vq)
+        self.gen_embed = nn.Embedding(cfg.vq.codebook_size, cfg.gen_embed_dim)
+        self.gen_aligner = MlpGelu(cfg.gen_aligner)
+        self.gen_head = MlpGelu(cfg.gen_head)
+
+    # ---- construction ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, seed: int = 0, device="cpu", dtype=torch.float32) -> "Janus":
+        """Random weights at a preset's shapes (`tiny`, `janus-pro-1b`, `janus-pro-7b`)."""
+        return cls.from_config(preset(name), seed=seed, device=device, dtype=dtype)
+
+    @classmethod
+    def from_config(cls, cfg: JanusConfig, seed: int = 0, device="cpu", dtype=torch.float32) -> "Janus":
+        with torch.device("meta"):
+            m = cls(cfg)
+        m = m.to_empty(device=device).tie_weights_()
+        m.init_random_(seed)
+        return m.to(dtype).eval()
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "Janus":
+        """Load a checkpoint folder in any supported layout (auto-detected); see janus_rt.loading."""
+        from janus_rt.loading import load_janus
+
+        return load_janus(path, device=device, dtype=dtype)
+
+    def tie_weights_(self) -> "Janus":
+        """Share lm_head with the token embedding when the config ties them (re-run after to_empty/_apply)."""
+        if self.cfg.llm.tie_word_embeddings:
+            self.lm_head.weight = self.llm.embed_tokens.weight
+        return self
+
+    @torch.no_grad()
+    def init_random_(self, seed: int = 0) -> "Janus":
+        """Seeded random weights with every tensor perturbed (norm gains and biases too), so no path is trivial."""
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        norms = (nn.LayerNorm, nn.GroupNorm, RMSNorm)
+        for mod in self.modules():
+            for pname, p in mod.named_parameters(recurse=False):
+                noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+                if isinstance(mod, norms) and pname == "weight":
+                    val = 1.0 + 0.1 * noise  # LayerNorm / RMSNorm / GroupNorm gains
+                elif pname == "bias" or p.dim() == 1:
+                    val = 0.02 * noise
+                elif pname in ("codebook",) or mod is self.gen_embed:
+                    val = noise
+                else:
+                    val = noise / p[0].numel() ** 0.5  # fan-in scaling keeps activations O(1)
+                p.copy_(val.to(p.dtype))
+        return self
+
+    # ---- embeddings / heads ---------------------------------------------------------------------------------
+    def image_embeds(self, pixel_values):
+        """pixel_values [B_img, 3, S, S] -> understanding embeddings [B_img, N, C]."""
+        return self.aligner(self.vision(pixel_values))
+
+    def gen_embeds(self, image_tokens):
+        """image tokens int64 [...] -> LLM input embeddings [..., C] (gen_embed -> gen_aligner)."""
+        return self.gen_aligner(self.gen_embed(image_tokens))
+
+    def text_embeds(self, input_ids, pixel_values=None):
+        """Token embeddings with understanding-image embeddings spliced in where input_ids == image_id."""
+        embeds = self.llm.embed_tokens(input_ids)
+        if pixel_values is None:
+            return embeds
+        mask = input_ids == self.cfg.tokens.image_id
+        feats = self.image_embeds(pixel_values.to(embeds.dtype)).reshape(-1, embeds.shape[-1])
+        if int(mask.sum()) != feats.shape[0]:
+            raise ValueError(f"input_ids hold {int(mask.sum())} image placeholders but the {pixel_values.shape[0]} "
+                             f"image(s) give {feats.shape[0]} embeddings")
+        return embeds.masked_scatter(mask[..., None], feats.to(embeds.dtype))
+
+    # ---- public API -----------------------------------------------------------------------------------------
+    def text_logits(self, input_ids, pixel_values=None):
+        """input_ids [B, T] (+ pixel_values [B_img, 3, S, S]) -> LM logits [B, T, vocab]."""
+        return self.lm_head(self.llm(self.text_embeds(input_ids, pixel_values)))
+
+    def image_logits(self, prompt_ids, image_tokens):
+        """Teacher-forced gen-head logits: prompt_ids [B, T], image_tokens [B, N] -> [B, N, codebook];
+        [:, i] predicts image_tokens[:, i] from the prompt and tokens < i."""
+        t, n = prompt_ids.shape[1], image_tokens.shape[1]
+        embeds = torch.cat([self.llm.embed_tokens(prompt_ids), self.gen_embeds(image_tokens[:, :-1])], dim=1)
+        h = self.llm(embeds)
+        return self.gen_head(h[:, t - 1 : t - 1 + n])
+
+    def decode_image_tokens(self, tokens):
+        """tokens int64 [B, N] -> pixels float [B, 3, H, W], roughly in [-1, 1]."""
+        return self.vq.decode(tokens)
+
+    def encode_images(self, pixels):
+        """pixels [B, 3, H, W] in [-1, 1] -> tokens int64 [B, N] (official L2-normalised nearest code)."""
+        return self.vq.encode(pixels)
+
+    @property
+    def device(self):
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self):
+        return self.lm_head.weight.dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

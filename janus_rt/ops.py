@@ -1,0 +1,116 @@
+"""One place that picks an implementation per op: the PyTorch reference ("torch"), Triton ("triton"), or the
+C++ CPU kernels ("cpu", csrc/). Model code calls `ops.<op>` and never names a backend.
+
+The torch backend reproduces transformers' numerics (fp32 RMSNorm statistics, rotary tables cast to the
+activation dtype), so it is the reference path the other backends are checked against.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+_BACKENDS = ("torch", "triton", "cpu")
+_backend = "torch"
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {_BACKENDS}")
+    _backend = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    prev = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(prev)
+
+
+def _kernels():
+    from janus_rt import kernels
+
+    return kernels
+
+
+# ---- attention ---------------------------------------------------------------------------------------------
+def attention(q, k, v, causal: bool, sm_scale: float | None = None):
+    """q: [B, Tq, H, D]; k, v: [B, Tk, H, D] -> [B, Tq, H, D]. Causal is aligned bottom-right (Tq <= Tk)."""
+    if _backend == "triton":
+        return _kernels().flash_attention(q, k, v, causal=causal, sm_scale=sm_scale)
+    return attention_torch(q, k, v, causal, sm_scale)
+
+
+def attention_torch(q, k, v, causal: bool, sm_scale: float | None = None):
+    tq, tk = q.shape[1], k.shape[1]
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+    mask = None
+    if causal and tq != tk:
+        i = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
+        mask = torch.arange(tk, device=q.device)[None, :] <= i  # [Tq, Tk]
+    o = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, is_causal=causal and tq == tk, scale=scale)
+    return o.transpose(1, 2)
+
+
+# ---- normalisation ------------------------------------------------------------------------------------------
+def rms_norm(x, weight, eps: float, residual=None):
+    """LlamaRMSNorm; with `residual` returns (norm(x + residual), x + residual)."""
+    if _backend == "triton":
+        return _kernels().rms_norm(x, weight, eps, residual=residual)
+    if residual is not None:
+        h = x + residual
+        return rms_norm_torch(h, weight, eps), h
+    return rms_norm_torch(x, weight, eps)
+
+
+def rms_norm_torch(x, weight, eps: float):
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+# ---- rotary position embedding -------------------------------------------------------------------------------
+def rope(q, k, positions, theta: float):
+    """Llama rotate-half RoPE. q: [B, T, Hq, D]; k: [B, T, Hk, D]; positions: int [B, T]."""
+    if _backend == "triton":
+        return _kernels().rope(q, k, positions, theta)
+    return rope_torch(q, k, positions, theta)
+
+
+def rope_torch(q, k, positions, theta: float):
+    d = q.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=q.device).float() / d))
+    freqs = positions.float()[..., None] * inv_freq  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, T, 1, D]
+    cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
+
+    def rot(x):
+        x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+        return torch.cat((-x2, x1), dim=-1)
+
+    return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+
+# ---- MLPs -----------------------------------------------------------------------------------------------------
+def swiglu(gate, up):
+    if _backend == "triton":
+        return _kernels().swiglu(gate, up)
+    return F.silu(gate) * up
+
+
+def mlp_gelu(x, w1, b1, w2, b2):
+    """Linear -> GELU (erf) -> Linear: the aligner / gen_aligner / gen_head shape."""
+    if _backend == "triton":
+        return _kernels().mlp_gelu(x, w1, b1, w2, b2)
+    return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)

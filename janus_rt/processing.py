@@ -1,0 +1,87 @@
+"""Prompt templates and image pre/post-processing, as the official Janus-Pro processor does them."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SYSTEM_PROMPT = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the "
+    "user provides, and assist the user with a variety of tasks using natural language."
+)
+
+
+def generation_prompt(prompt: str) -> str:
+    """Text-to-image prompt (no system prompt); the caller appends <begin_of_image>."""
+    return f"<|User|>: {prompt}\n\n<|Assistant|>:"
+
+
+def understanding_prompt(question: str, num_images: int = 1) -> str:
+    """System prompt + one user turn whose images come first (one <image_placeholder> each)."""
+    images = "<image_placeholder>\n" * num_images
+    return f"{SYSTEM_PROMPT}\n\n<|User|>: {images}{question}\n\n<|Assistant|>:"
+
+
+def encode_generation_prompt(tok, prompt: str) -> list[int]:
+    """BOS + template + <begin_of_image>: the ids a text-to-image request starts from."""
+    return [tok.bos_id] + tok.encode(generation_prompt(prompt)) + [tok.boi_id]
+
+
+def encode_understanding_prompt(tok, question: str, num_images: int = 1, num_image_tokens: int = 576) -> list[int]:
+    """BOS + system + user turn, each <image_placeholder> expanded to BOI + N placeholders + EOI."""
+    out = [tok.bos_id]
+    for i in tok.encode(understanding_prompt(question, num_images)):
+        out += [tok.boi_id] + [tok.image_id] * num_image_tokens + [tok.eoi_id] if i == tok.image_id else [i]
+    return out
+
+
+def unconditional_ids(prompt_ids: list[int] | torch.Tensor, pad_id: int):
+    """The CFG unconditional row: every token but the first (BOS) and the last (<begin_of_image>) -> pad."""
+    ids = torch.as_tensor(prompt_ids).clone()
+    ids[..., 1:-1] = pad_id
+    return ids
+
+
+def preprocess_image(img, image_size: int = 384, min_size: int = 14) -> torch.Tensor:
+    """PIL image -> float [3, S, S] in [-1, 1]: long side to S (bicubic, antialiased), centred on a
+    (127, 127, 127) square, /255, (x - 0.5) / 0.5."""
+    from PIL import Image
+
+    img = img.convert("RGB")
+    w, h = img.size
+    m = max(w, h)
+    new_w, new_h = max(int(w / m * image_size), min_size), max(int(h / m * image_size), min_size)
+    img = img.resize((new_w, new_h), Image.BICUBIC)
+    side = max(new_w, new_h)
+    canvas = Image.new("RGB", (side, side), (127, 127, 127))
+    canvas.paste(img, ((side - new_w) // 2, (side - new_h) // 2))
+    if side != image_size:  # min_size can leave a side just off the target; the official code does the same
+        canvas = canvas.resize((image_size, image_size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (x - 0.5) / 0.5
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """Decoded pixels [B, 3, H, W] roughly in [-1, 1] -> uint8 [B, H, W, 3] as the official code:
+    clip((x + 1) / 2 * 255, 0, 255) truncated."""
+    x = ((pixels.float().permute(0, 2, 3, 1) + 1) / 2 * 255).clamp(0, 255)
+    return x.to(torch.uint8).cpu().numpy()
+
+
+def to_pil(pixels: torch.Tensor):
+    from PIL import Image
+
+    return [Image.fromarray(a) for a in to_uint8(pixels)]
+
+
+def image_grid(images, cols: int | None = None):
+    """Tile PIL images into one grid image."""
+    from PIL import Image
+
+    n = len(images)
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = (n + cols - 1) // cols
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
