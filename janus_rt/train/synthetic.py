@@ -1,0 +1,190 @@
+"""A built-in synthetic dataset: flat coloured shapes on flat coloured backgrounds.
+
+`make_synthetic` writes PNGs and a JSONL manifest in the format `janus_rt.train.data` reads, with all three
+record kinds (text-to-image, understanding, text-only). Every image uses exact palette colours, so an
+evaluation can check a generated image against its caption with `dominant_colors` / `caption_colors` /
+`caption_color_match`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# name -> RGB; far enough apart that nearest-palette assignment is unambiguous on clean images
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 60),
+    "blue": (30, 70, 220),
+    "yellow": (245, 215, 30),
+    "orange": (245, 135, 20),
+    "purple": (130, 40, 170),
+    "pink": (245, 130, 200),
+    "cyan": (40, 210, 225),
+    "brown": (120, 70, 30),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "gray": (128, 128, 128),
+}
+_ALIASES = {"grey": "gray", "violet": "purple"}
+
+# name -> number of corners (0 for a circle)
+SHAPES: dict[str, int] = {
+    "circle": 0, "square": 4, "triangle": 3, "diamond": 4, "pentagon": 5, "hexagon": 6, "star": 10,
+}
+
+QUESTIONS = {
+    "shape": "What shape is in the image?",
+    "color": "What colour is the shape?",
+    "background": "What colour is the background?",
+    "describe": "Describe the image.",
+}
+
+MANIFEST_NAME = "manifest.jsonl"
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
+    """Vertices of a regular shape of circumradius r centred at (cx, cy), rotated by rot radians."""
+    if shape == "star":  # 5 points, alternating outer/inner radius
+        radii = [r if i % 2 == 0 else 0.45 * r for i in range(10)]
+    else:
+        radii = [r] * SHAPES[shape]
+    n = len(radii)
+    start = rot - math.pi / 2  # first vertex points up before rotation
+    return [(cx + radii[i] * math.cos(start + 2 * math.pi * i / n),
+             cy + radii[i] * math.sin(start + 2 * math.pi * i / n)) for i in range(n)]
+
+
+def draw_shape(shape: str, color: str, background: str, size: int, rng: np.random.Generator
+               ) -> tuple[Image.Image, str]:
+    """One RGB image [size, size] and its size word ("small" | "large")."""
+    img = Image.new("RGB", (size, size), PALETTE[background])
+    draw = ImageDraw.Draw(img)
+    r = float(rng.uniform(0.25, 0.45)) * size  # circumradius
+    cx, cy = (float(rng.uniform(r, size - r)) for _ in range(2))  # fully inside the frame
+    fill = PALETTE[color]
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        rot = math.pi / 4 if shape == "square" else 0.0  # a square is a diamond turned by 45 degrees
+        draw.polygon(_polygon(shape, cx, cy, r, rot), fill=fill)
+    return img, ("large" if r > 0.35 * size else "small")
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def describe(shape: str, color: str, background: str, size_word: str = "") -> str:
+    """"a red circle on a blue background" (with a size word: "a large red circle on ...")."""
+    return f"{_a(f'{size_word} {color}'.strip())} {shape} on {_a(background)} background"
+
+
+def _text_sentence(rng: np.random.Generator) -> str:
+    names, shapes = list(PALETTE), list(SHAPES)
+    shape, other = (shapes[i] for i in rng.choice(len(shapes), 2, replace=False))
+    c1, c2 = (names[i] for i in rng.choice(len(names), 2, replace=False))
+    corners = SHAPES[shape]
+    templates = [
+        f"A {shape} has {'no' if corners == 0 else corners} corners.",
+        f"Picture {describe(shape, c1, c2)}.",
+        f"A {shape} and {_a(other)} are different shapes.",
+        f"The colour {c1} is not the same as {c2}.",
+        f"If you paint a {shape} {c1}, it stands out against {c2}.",
+    ]
+    return templates[int(rng.integers(len(templates)))]
+
+
+def make_synthetic(out_dir: str | Path, n: int = 64, image_size: int = 384, seed: int = 0) -> Path:
+    """Write n images and 3n records (n text-to-image, n understanding, n text-only) under out_dir.
+
+    Layout: out_dir/images/{i:06d}.png and out_dir/manifest.jsonl (image paths relative to out_dir).
+    Record i of each kind uses image i; the understanding question cycles over QUESTIONS. Deterministic in
+    (n, image_size, seed). Returns the manifest path.
+    """
+    if n < 1 or image_size < 8:
+        raise ValueError(f"need n >= 1 and image_size >= 8, got n={n}, image_size={image_size}")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names, shapes, qkinds = list(PALETTE), list(SHAPES), list(QUESTIONS)
+    lines = []
+    for i in range(n):
+        shape = shapes[int(rng.integers(len(shapes)))]
+        color, background = (names[j] for j in rng.choice(len(names), 2, replace=False))
+        img, size_word = draw_shape(shape, color, background, image_size, rng)
+        rel = f"images/{i:06d}.png"
+        img.save(out / rel, format="PNG")
+
+        caption = describe(shape, color, background, size_word if rng.random() < 0.3 else "")
+        answers = {
+            "shape": f"A {shape}.",
+            "color": f"{color.capitalize()}.",
+            "background": f"{background.capitalize()}.",
+            "describe": describe(shape, color, background).capitalize() + ".",
+        }
+        q = qkinds[i % len(qkinds)]
+        lines.append({"kind": "t2i", "caption": caption, "image": rel})
+        lines.append({"kind": "und", "image": rel, "conversation": [
+            {"role": "user", "content": f"<image_placeholder>\n{QUESTIONS[q]}"},
+            {"role": "assistant", "content": answers[q]},
+        ]})
+        lines.append({"kind": "text", "text": _text_sentence(rng)})
+    manifest = out / MANIFEST_NAME
+    manifest.write_text("".join(json.dumps(rec) + "\n" for rec in lines))
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation helpers
+
+_PALETTE_NAMES = list(PALETTE)
+_PALETTE_RGB = np.array([PALETTE[k] for k in _PALETTE_NAMES], dtype=np.float32)  # [C, 3]
+_COLOR_RE = re.compile(r"\b(" + "|".join(_PALETTE_NAMES + list(_ALIASES)) + r")\b", re.IGNORECASE)
+
+
+def dominant_colors(img, k: int | None = None, max_side: int = 64) -> list[tuple[str, float]]:
+    """Palette colours of an image by pixel share: [(name, fraction)], largest first.
+
+    img: PIL.Image or uint8 array [H, W, 3]. Every pixel is assigned to its nearest palette colour (RGB
+    distance) after downscaling to at most max_side pixels a side; colours with no pixel are left out.
+    k: keep only the top k.
+    """
+    if isinstance(img, Image.Image):
+        pil = img.convert("RGB")
+    else:
+        arr = np.asarray(img)
+        if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+            raise ValueError(f"expected a PIL image or a uint8 array [H, W, 3], got {arr.dtype} {arr.shape}")
+        pil = Image.fromarray(arr)
+    if max(pil.size) > max_side:
+        scale = max_side / max(pil.size)
+        # nearest keeps pixels exact palette colours (no blended edges)
+        pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.NEAREST)
+    px = np.asarray(pil, dtype=np.float32).reshape(-1, 3)  # [P, 3]
+    d = ((px[:, None, :] - _PALETTE_RGB[None]) ** 2).sum(-1)  # [P, C]
+    counts = np.bincount(d.argmin(1), minlength=len(_PALETTE_NAMES))
+    order = np.argsort(-counts, kind="stable")
+    out = [(_PALETTE_NAMES[i], float(counts[i] / len(px))) for i in order if counts[i] > 0]
+    return out[:k] if k is not None else out
+
+
+def caption_colors(caption: str) -> list[str]:
+    """Palette colour names in a caption, in order of mention (for the synthetic captions: shape colour,
+    then background colour). "grey" reads as "gray"."""
+    names = [_ALIASES.get(m.lower(), m.lower()) for m in _COLOR_RE.findall(caption)]
+    return list(dict.fromkeys(names))  # de-duplicate, keep order
+
+
+def caption_color_match(img, caption: str) -> float:
+    """Fraction of the caption's colours found among the image's top-m dominant colours, m = number of
+    colours in the caption. 1.0 for a correct synthetic image; nan when the caption names no colour."""
+    want = caption_colors(caption)
+    if not want:
+        return float("nan")
+    got = {name for name, _ in dominant_colors(img, k=len(want))}
+    return sum(c in got for c in want) / len(want)

@@ -1,0 +1,154 @@
+"""Checkpoint loading: shards, janus_rt's own layout, convert, and a typed error for every bad input."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from janus_rt import Janus
+from janus_rt.config import ConfigError
+from janus_rt.loading import (CheckpointError, CorruptCheckpointError, MissingKeysError, ShapeMismatchError,
+                              UnexpectedKeysError, convert, save_janus)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return Janus.from_preset("tiny", seed=1)
+
+
+@pytest.fixture
+def saved(tiny, tmp_path):
+    return save_janus(tiny, tmp_path / "ck")
+
+
+def same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_janus_rt_layout_roundtrip(tiny, saved):
+    assert same_weights(Janus.from_pretrained(saved), tiny)
+
+
+def test_bf16_load_is_one_dtype(saved):
+    m = Janus.from_pretrained(saved, dtype=torch.bfloat16)
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+
+
+def test_sharded_transformers_layout(tmp_path):
+    pytest.importorskip("transformers")
+    from hf_reference import SMALL_CONFIGS, hf_model, write_hf
+
+    c = SMALL_CONFIGS["a"]
+    hf = hf_model(c, seed=5)
+    one = write_hf(hf, tmp_path / "one", c)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    for f in ("generation_config.json", "tokenizer.json"):
+        (tmp_path / "sharded" / f).write_bytes((one / f).read_bytes())
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    assert same_weights(Janus.from_pretrained(one), Janus.from_pretrained(tmp_path / "sharded"))
+
+
+def test_sharded_official_bin(tmp_path):
+    pytest.importorskip("transformers")
+    from hf_reference import SMALL_CONFIGS, hf_model, official_config, official_state_dict, tiny_tokenizer, write_hf
+
+    c = SMALL_CONFIGS["b"]
+    hf = hf_model(c, seed=9)
+    ref = Janus.from_pretrained(write_hf(hf, tmp_path / "hf", c))
+    sd = official_state_dict(hf, c)
+    keys = sorted(sd)
+    half = len(keys) // 2
+    d = tmp_path / "off"
+    d.mkdir()
+    shards = {"pytorch_model-00001-of-00002.bin": keys[:half], "pytorch_model-00002-of-00002.bin": keys[half:]}
+    for name, ks in shards.items():
+        torch.save({k: sd[k] for k in ks}, d / name)
+    wm = {k: name for name, ks in shards.items() for k in ks}
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": wm}))
+    (d / "config.json").write_text(json.dumps(official_config(c)))
+    tiny_tokenizer(c).save(d / "tokenizer.json")
+    assert same_weights(Janus.from_pretrained(d), ref)
+
+
+def test_convert(tiny, saved, tmp_path):
+    out = convert(saved, tmp_path / "converted", dtype=torch.float32)
+    assert same_weights(Janus.from_pretrained(out), tiny)
+
+
+def _edit(saved, fn):
+    f = saved / "model.safetensors"
+    sd = load_file(f)
+    fn(sd)
+    save_file(sd, f)
+
+
+def test_missing_key(saved):
+    _edit(saved, lambda sd: sd.pop("llm.layers.1.mlp.down_proj.weight"))
+    with pytest.raises(MissingKeysError, match="llm.layers.1.mlp.down_proj.weight"):
+        Janus.from_pretrained(saved)
+
+
+def test_unexpected_key(saved):
+    _edit(saved, lambda sd: sd.__setitem__("llm.layers.9.extra.weight", torch.zeros(3)))
+    with pytest.raises(UnexpectedKeysError, match="llm.layers.9.extra.weight"):
+        Janus.from_pretrained(saved)
+
+
+def test_shape_mismatch(saved):
+    _edit(saved, lambda sd: sd.__setitem__("gen_head.fc2.bias", torch.zeros(7)))
+    with pytest.raises(ShapeMismatchError, match=r"model\.safetensors.*gen_head\.fc2\.bias"):
+        Janus.from_pretrained(saved)
+
+
+def test_truncated_safetensors(saved):
+    f = saved / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors"):
+        Janus.from_pretrained(saved)
+
+
+def test_corrupt_bin(saved):
+    (saved / "model.safetensors").unlink()
+    (saved / "pytorch_model.bin").write_bytes(b"PK\x03\x04 definitely not a zip archive" * 10)
+    with pytest.raises(CorruptCheckpointError, match="pytorch_model.bin"):
+        Janus.from_pretrained(saved)
+
+
+def test_bin_refuses_arbitrary_pickles(saved):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    (saved / "model.safetensors").unlink()
+    torch.save({"x": Evil()}, saved / "pytorch_model.bin")
+    with pytest.raises(CorruptCheckpointError, match="pytorch_model.bin"):
+        Janus.from_pretrained(saved)
+
+
+def test_unknown_config(saved):
+    (saved / "config.json").write_text(json.dumps({"model_type": "something_else"}))
+    with pytest.raises(ConfigError, match="config.json"):
+        Janus.from_pretrained(saved)
+
+
+def test_invalid_json_config(saved):
+    (saved / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json"):
+        Janus.from_pretrained(saved)
+
+
+def test_no_weights(saved):
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weights"):
+        Janus.from_pretrained(saved)
+
+
+def test_missing_shard(tmp_path):
+    d = tmp_path / "ck"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(Janus.from_preset("tiny").cfg.to_dict()))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(CheckpointError, match="model-00001-of-00002.safetensors"):
+        Janus.from_pretrained(d)
