@@ -114,3 +114,64 @@ def mlp_gelu(x, w1, b1, w2, b2):
     if _backend == "triton":
         return _kernels().mlp_gelu(x, w1, b1, w2, b2)
     return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+
+# ---- paged KV cache ops (engine) --------------------------------------------------------------------------------
+def _use_cpu_kernels(t) -> bool:
+    if _backend != "cpu" or t.is_cuda:
+        return False
+    from janus_rt import cpu_ops
+
+    return cpu_ops.available()
+
+
+def kv_store(k, v, k_cache, v_cache, slot_mapping):
+    """k, v: [N, H, D] -> rows slot_mapping[i] of the paged caches [num_blocks, block_size, H, D]."""
+    if _backend == "triton":
+        return _kernels().kv_store(k, v, k_cache, v_cache, slot_mapping)
+    if _use_cpu_kernels(k):
+        from janus_rt import cpu_ops
+
+        return cpu_ops.kv_store(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping)
+    from janus_rt.kernels.kv_store import kv_store_ref
+
+    return kv_store_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, causal: bool):
+    """Packed sequences, no attention across them. q, k, v: [total, H, D]; cu_seqlens: int32 [n + 1]."""
+    if _backend == "triton":
+        return _kernels().flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal=causal)
+    bounds = cu_seqlens.tolist()
+    if len(bounds) == 2:
+        return attention_torch(q[None], k[None], v[None], causal)[0]
+    out = [attention_torch(q[None, s:e], k[None, s:e], v[None, s:e], causal)[0] for s, e in zip(bounds, bounds[1:])]
+    return torch.cat(out)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens):
+    """q: [B, H, D] against the paged caches; block_tables int32 [B, max_blocks]; context_lens int32 [B]."""
+    if _backend == "triton":
+        return _kernels().paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens)
+    if _use_cpu_kernels(q):
+        from janus_rt import cpu_ops
+
+        return cpu_ops.paged_decode_attention(q.contiguous(), k_cache, v_cache, block_tables, context_lens,
+                                              1.0 / math.sqrt(q.shape[-1]))
+    from janus_rt.kernels.paged_attention import paged_decode_attention_ref
+
+    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens)
+
+
+def cfg_sample(cond, uncond, cfg_weight, temperature, top_k, top_p, seeds, greedy):
+    """Guidance mix + temperature + top-k/top-p + seeded Gumbel-max (or argmax) -> int64 [B].
+    All backends draw the same random numbers (see kernels/sampling.py)."""
+    if cond.is_cuda:
+        return _kernels().cfg_sample(cond, uncond, cfg_weight, temperature, top_k, top_p, seeds, greedy)
+    if _backend == "cpu" and _use_cpu_kernels(cond):
+        from janus_rt import cpu_ops
+
+        return cpu_ops.cfg_sample(cond, uncond, cfg_weight, temperature, top_k, top_p, seeds, greedy)
+    from janus_rt.kernels.sampling import cfg_sample_ref
+
+    return cfg_sample_ref(cond, uncond, cfg_weight, temperature, top_k, top_p, seeds, greedy)

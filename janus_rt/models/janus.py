@@ -122,6 +122,34 @@ class Janus(nn.Module):
         """pixels [B, 3, H, W] in [-1, 1] -> tokens int64 [B, N] (official L2-normalised nearest code)."""
         return self.vq.encode(pixels)
 
+    # ---- generation (the engine does the work; see janus_rt.engine) -----------------------------------------
+    def generate_image_tokens(self, prompt_ids, n: int = 1, cfg_weight: float = 5.0, temperature: float = 1.0,
+                              top_k=None, top_p=None, seed=None, greedy: bool = False, engine=None,
+                              progress: bool = False):
+        """prompt_ids [T] (BOS ... <begin_of_image>) -> image tokens int64 [n, num_image_tokens], with
+        classifier-free guidance (unconditional row: every token but the first and last -> pad)."""
+        from janus_rt.engine import Engine, SamplingParams
+
+        params = SamplingParams(cfg_weight=cfg_weight, temperature=temperature, top_k=top_k or 0,
+                                top_p=1.0 if top_p is None else top_p, greedy=greedy, seed=seed)
+        eng = engine or Engine.for_requests(self, [(len(torch.as_tensor(prompt_ids).flatten()), n)])
+        req = eng.add_image_request(prompt_ids, n=n, params=params)
+        eng.run(progress=progress)
+        return torch.tensor(req.tokens, dtype=torch.long)
+
+    def generate_text(self, prompt_ids, pixel_values=None, max_new_tokens: int = 256, greedy: bool = True,
+                      temperature: float = 1.0, top_p=None, seed=None, engine=None) -> list[int]:
+        """Answer tokens (up to and including EOS) for prompt_ids [T] with images spliced at placeholders."""
+        from janus_rt.engine import Engine, SamplingParams
+
+        params = SamplingParams(temperature=temperature, top_p=1.0 if top_p is None else top_p, greedy=greedy,
+                                seed=seed)
+        t = len(torch.as_tensor(prompt_ids).flatten())
+        eng = engine or Engine.for_requests(self, [(t + max_new_tokens, 0)])
+        req = eng.add_text_request(prompt_ids, pixel_values, max_new_tokens=max_new_tokens, params=params)
+        eng.run()
+        return req.tokens[0]
+
     @property
     def device(self):
         return self.lm_head.weight.device

@@ -1,0 +1,16 @@
+"""Generation benchmark (janus_rt vs transformers' generate, same weights, alternating runs).
+
+    python bench/bench_generate.py --shape small            # hidden 512 / 8 layers, fp32, n=4 (CPU target >= 3x)
+    python bench/bench_generate.py --shape 1b -n 16         # Janus-Pro-1B LLM shape, bf16 (CPU target >= 2.5x)
+    python bench/bench_generate.py --shape 1b --profile out/prof   # + a Perfetto trace of one decode step
+
+Same as `janus-rt bench`; see janus_rt/engine/benchmark.py.
+"""
+import argparse
+
+from janus_rt.engine.benchmark import add_bench_args, main
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_bench_args(ap)
+    main(ap.parse_args())

@@ -1,0 +1,187 @@
+"""janus-rt: generate | understand | convert | verify | bench | train."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "tiny"  # the embedded default: runs offline, anywhere
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+            "fp16": torch.float16, "float16": torch.float16}[name]
+
+
+def load_model(spec: str | None, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A checkpoint folder or a preset name -> (model, tokenizer, description)."""
+    from janus_rt import Janus
+    from janus_rt.config import PRESETS
+    from janus_rt.tokenizer import JanusTokenizer
+
+    spec = spec or DEFAULT_MODEL
+    if Path(spec).is_dir():
+        model = Janus.from_pretrained(spec, device=device, dtype=dtype)
+        try:
+            tok = JanusTokenizer.from_pretrained(spec, model.cfg.tokens)
+        except FileNotFoundError:
+            print(f"note: {spec} has no tokenizer.json; using a byte-level tokenizer", file=sys.stderr)
+            tok = JanusTokenizer.byte_level(model.cfg.llm.vocab_size, model.cfg.tokens)
+        return model, tok, f"checkpoint {spec}"
+    if spec in PRESETS:
+        model = Janus.from_preset(spec, seed=seed, device=device, dtype=dtype)
+        tok = JanusTokenizer.byte_level(model.cfg.llm.vocab_size, model.cfg.tokens)
+        print(f"note: preset {spec!r} has RANDOM weights (seed {seed}): outputs are noise, not images or answers. "
+              f"Pass --model PATH to a Janus-Pro checkpoint for real results.", file=sys.stderr)
+        return model, tok, f"preset {spec} (random weights)"
+    raise SystemExit(f"--model {spec!r}: neither a checkpoint folder nor a preset ({', '.join(PRESETS)})")
+
+
+def _common(p):
+    p.add_argument("--model", default=None, help=f"checkpoint folder or preset (default: {DEFAULT_MODEL})")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size (default: sized to the job)")
+
+
+def _dtype(args):
+    return resolve_dtype(args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32"))
+
+
+def cmd_generate(args):
+    from janus_rt.engine import Engine, SamplingParams
+    from janus_rt.processing import encode_generation_prompt, image_grid, to_pil
+
+    model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)
+    prompts = args.prompt or ["a red circle on a blue background"]
+    ids = [encode_generation_prompt(tok, p) for p in prompts]
+    if args.kv_cache_gb is not None:
+        eng = Engine(model, kv_cache_gb=args.kv_cache_gb, cuda_graphs=args.cuda_graphs)
+    else:
+        eng = Engine.for_requests(model, [(len(i), args.n) for i in ids], cuda_graphs=args.cuda_graphs)
+    params = dict(cfg_weight=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  greedy=args.greedy)
+    reqs = [eng.add_image_request(i, n=args.n, params=SamplingParams(seed=args.seed + k, **params))
+            for k, i in enumerate(ids)]
+    t0 = time.perf_counter()
+    eng.run(progress=True, desc="image tokens")
+    gen_s = time.perf_counter() - t0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = []
+    with torch.inference_mode():
+        for k, req in enumerate(reqs):
+            pix = model.decode_image_tokens(torch.tensor(req.tokens, device=model.device))
+            for i, im in enumerate(to_pil(pix)):
+                im.save(out / f"img_{k:02d}_{i:02d}.png")
+                images.append(im)
+    image_grid(images, cols=args.n).save(out / "grid.png")
+    n_tok = sum(r.n * r.max_new_tokens for r in reqs)
+    s = eng.stats
+    print(f"{what}: {len(images)} image(s) -> {out}/ (grid.png)")
+    print(f"{n_tok} image tokens in {gen_s:.2f} s: {n_tok / gen_s:.1f} tokens/s, {s.ms_per_step:.2f} ms/decode step "
+          f"({s.decode_steps} steps), prefill {1e3 * s.prefill_s:.1f} ms, backend {eng.backend}, device {args.device}")
+
+
+def cmd_understand(args):
+    from PIL import Image
+
+    from janus_rt.processing import encode_understanding_prompt, preprocess_image
+
+    model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)
+    images = [Image.open(p) for p in args.image]
+    pixels = torch.stack([preprocess_image(im, model.cfg.vision.image_size) for im in images]).to(model.device)
+    n_img = model.cfg.vision.num_patches
+    ids = encode_understanding_prompt(tok, args.question, num_images=len(images), num_image_tokens=n_img)
+    t0 = time.perf_counter()
+    out = model.generate_text(ids, pixel_values=pixels.to(model.dtype), max_new_tokens=args.max_new_tokens,
+                              greedy=args.temperature == 0, temperature=max(args.temperature, 1e-6),
+                              top_p=args.top_p, seed=args.seed)
+    dt = time.perf_counter() - t0
+    print(tok.decode(out))
+    print(f"[{what}: {len(out)} tokens in {dt:.2f} s]", file=sys.stderr)
+
+
+def cmd_convert(args):
+    from janus_rt.loading import convert
+
+    dst = convert(args.src, args.dst, dtype=resolve_dtype(args.dtype))
+    print(f"wrote {dst}")
+
+
+def cmd_verify(args):
+    from janus_rt.verify import verify
+
+    ok = verify(args.model_dir, dtype=resolve_dtype(args.dtype), device=args.device)
+    sys.exit(0 if ok else 1)
+
+
+def cmd_bench(args):
+    from janus_rt.engine.benchmark import main as bench_main
+
+    bench_main(args)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="janus-rt", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="text-to-image: PNGs + a grid, tokens/s and ms/step")
+    _common(g)
+    g.add_argument("--prompt", action="append", help="repeat for several prompts (batched together)")
+    g.add_argument("-n", type=int, default=4, help="images per prompt")
+    g.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--greedy", action="store_true")
+    g.add_argument("--cuda-graphs", action="store_true", help="capture the decode step (CUDA only)")
+    g.add_argument("--out", default="out")
+    g.set_defaults(fn=cmd_generate)
+
+    u = sub.add_parser("understand", help="image(s) + question -> answer")
+    _common(u)
+    u.add_argument("--image", action="append", required=True)
+    u.add_argument("--question", required=True)
+    u.add_argument("--max-new-tokens", type=int, default=128)
+    u.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    u.add_argument("--top-p", type=float, default=None)
+    u.set_defaults(fn=cmd_understand)
+
+    c = sub.add_parser("convert", help="any supported layout -> janus_rt's safetensors layout")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--dtype", default="bf16")
+    c.set_defaults(fn=cmd_convert)
+
+    v = sub.add_parser("verify", help="janus_rt vs transformers' Janus on fixed inputs: per-path errors")
+    v.add_argument("model_dir")
+    v.add_argument("--dtype", default="fp32")
+    v.add_argument("--device", default="cpu")
+    v.set_defaults(fn=cmd_verify)
+
+    b = sub.add_parser("bench", help="generation benchmark: janus_rt vs transformers' generate")
+    from janus_rt.engine.benchmark import add_bench_args
+
+    add_bench_args(b)
+    b.set_defaults(fn=cmd_bench)
+
+    try:
+        from janus_rt.train.cli import add_train_args, run_train
+
+        t = sub.add_parser("train", help="train Janus (stages 1-3) on a JSONL manifest or the synthetic set")
+        add_train_args(t)
+        t.set_defaults(fn=run_train)
+    except ImportError:  # the training extra is optional
+        pass
+
+    args = ap.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

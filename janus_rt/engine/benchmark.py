@@ -1,0 +1,234 @@
+"""Generation benchmark: janus_rt's engine against transformers' generate on the same weights, alternating runs;
+tokens/s, ms/step, peak memory, and each decode step's fraction of the machine's roofline (measured first).
+Used by `janus-rt bench` and bench/bench_generate.py."""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    # name: (LLM hidden, layers, heads, MLP, default dtype, default n)
+    "small": (512, 8, 8, 1376, "fp32", 4),
+    "1b": (2048, 24, 16, 5632, "bf16", 16),
+    "7b": (4096, 30, 32, 11008, "bf16", 16),
+}
+
+
+def add_bench_args(p):
+    p.add_argument("--model", default=None, help="checkpoint folder (default: random weights at --shape)")
+    p.add_argument("--shape", default="small", choices=sorted(SHAPES), help="LLM shape with random weights")
+    p.add_argument("-n", type=int, default=None, help="images per prompt (default: the shape's)")
+    p.add_argument("--tokens", type=int, default=576, help="image tokens per image (576 = a full image)")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs of each implementation")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--cuda-graphs", action="store_true")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also trace one decode step with torch.profiler: DIR/trace.json (Perfetto) + op table")
+    p.add_argument("--json", default=None, help="append the result row to this JSON-lines file")
+
+
+def bench_model(shape: str, dtype, device):
+    from janus_rt import Janus
+    from janus_rt.config import AdaptorConfig, tiny_config
+
+    hidden, layers, heads, inter, _, _ = SHAPES[shape]
+    cfg = tiny_config(vocab_size=102400, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                      num_kv_heads=heads, intermediate_size=inter, image_size=96, patch_size=4,
+                      codebook_size=16384)  # VQ grid 24x24 = 576 tokens; SigLIP/VQ small (not in the decode loop)
+    cfg.gen_head = AdaptorConfig(hidden, hidden, 16384)
+    return Janus.from_config(cfg, seed=0, device=device, dtype=dtype)
+
+
+# ---- the machine -----------------------------------------------------------------------------------------------
+def measure_bandwidth_gbs(device) -> float:
+    """Read bandwidth: a reduction over a 1 GiB buffer (best of 5)."""
+    x = torch.ones(2**28, dtype=torch.float32, device=device)
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        t = time.perf_counter()
+        x.sum()
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def measure_matmul_gflops(device, dtype) -> float:
+    n = 2048 if device == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS)
+        except OSError:
+            pass
+
+
+def _peak_gb(device) -> float:
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def decode_step_bytes_flops(model, rows: int, context: int) -> tuple[float, float]:
+    """Bytes a decode step must read (LLM + gen head/aligner weights once, plus every row's KV) and its FLOPs."""
+    isz = model.dtype.itemsize
+    llm = sum(p.numel() for n, p in model.llm.named_parameters() if "embed_tokens" not in n)
+    heads = sum(p.numel() for p in model.gen_head.parameters()) + sum(p.numel() for p in model.gen_aligner.parameters())
+    c = model.cfg.llm
+    kv = rows * context * c.num_layers * 2 * c.num_kv_heads * c.head_dim * isz
+    flops = 2 * (llm + heads) * rows + rows * context * c.num_layers * 4 * c.num_heads * c.head_dim
+    return (llm + heads) * isz + kv, flops
+
+
+# ---- the two implementations -----------------------------------------------------------------------------------
+def run_janus_rt(model, prompt, n, tokens, cuda_graphs=False):
+    from janus_rt.engine import Engine, SamplingParams
+
+    eng = Engine.for_requests(model, [(len(prompt), n)], cuda_graphs=cuda_graphs)
+    req = eng.add_image_request(prompt, n=n, params=SamplingParams(seed=0), num_tokens=tokens)
+    _sync(model.device)
+    t = time.perf_counter()
+    eng.run()
+    _sync(model.device)
+    return time.perf_counter() - t, eng.stats.ms_per_step, req
+
+
+def run_transformers(ref, prompt, n, tokens, cfg):
+    ids = torch.tensor([prompt] * n, device=ref.device)
+    ref.model.vision_model.config.num_image_tokens = tokens
+    ref.generation_config.pad_token_id = cfg.tokens.pad_id
+    ref.generation_config.bos_token_id = cfg.tokens.bos_id
+    ref.generation_config.generation_kwargs = {"boi_token_id": cfg.tokens.boi_id}
+    _sync(ref.device)
+    t = time.perf_counter()
+    with torch.no_grad():
+        ref.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", do_sample=True,
+                     guidance_scale=5.0)
+    _sync(ref.device)
+    dt = time.perf_counter() - t
+    return dt, 1e3 * dt / tokens
+
+
+def main(args):
+    from janus_rt.cli import load_model, resolve_dtype
+
+    device = args.device
+    shape = SHAPES[args.shape]
+    dtype = resolve_dtype(args.dtype or shape[4])
+    n = args.n or shape[5]
+    torch.manual_seed(0)
+    if args.model:
+        model, _, what = load_model(args.model, device, dtype)
+    else:
+        model, what = bench_model(args.shape, dtype, device), f"random weights, {args.shape} LLM shape"
+    prompt = [model.cfg.tokens.bos_id] + list(range(100, 118)) + [model.cfg.tokens.boi_id]
+    bw = measure_bandwidth_gbs(device)
+    peak = measure_matmul_gflops(device, dtype)
+    dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else _cpu_name()
+    print(f"# {dev_name}: read bandwidth {bw:.1f} GB/s, {dtype} matmul {peak:.0f} GFLOP/s; model: {what}; "
+          f"n={n}, {args.tokens} tokens/image", flush=True)
+    ref = None
+    if not args.no_transformers:
+        try:
+            from janus_rt.verify import to_transformers
+
+            ref = to_transformers(model).to(device)
+        except ImportError:
+            print("transformers not installed: baseline skipped", file=sys.stderr)
+    ours, theirs = [], []
+    for _ in range(args.repeats):  # alternate so drift hits both alike
+        ours.append(run_janus_rt(model, prompt, n, args.tokens, args.cuda_graphs)[:2])
+        if ref is not None:
+            _reset_peak(device)
+            theirs.append(run_transformers(ref, prompt, n, args.tokens, model.cfg))
+            hf_peak = _peak_gb(device)
+    _reset_peak(device)
+    dt, ms_step, _ = run_janus_rt(model, prompt, n, args.tokens, args.cuda_graphs)
+    ours.append((dt, ms_step))
+    our_peak = _peak_gb(device)
+    t_ours = statistics.median(x[0] for x in ours)
+    ms_ours = statistics.median(x[1] for x in ours)
+    nbytes, flops = decode_step_bytes_flops(model, 2 * n, len(prompt) + args.tokens // 2)
+    roof_ms = 1e3 * max(nbytes / (bw * 1e9), flops / (peak * 1e9))
+    row = {
+        "date": time.strftime("%Y-%m-%d"), "device": dev_name, "model": what, "dtype": str(dtype).split(".")[-1],
+        "n": n, "tokens": args.tokens, "janus_rt_s": round(t_ours, 3),
+        "janus_rt_tok_s": round(n * args.tokens / t_ours, 1), "janus_rt_ms_step": round(ms_ours, 2),
+        "janus_rt_peak_gb": round(our_peak, 2), "roofline_ms_step": round(roof_ms, 2),
+        "roofline_fraction": round(roof_ms / ms_ours, 3), "bandwidth_gbs": round(bw, 1),
+    }
+    if theirs:
+        t_hf = statistics.median(x[0] for x in theirs)
+        row.update({"transformers_s": round(t_hf, 3), "transformers_tok_s": round(n * args.tokens / t_hf, 1),
+                    "transformers_ms_step": round(statistics.median(x[1] for x in theirs), 2),
+                    "transformers_peak_gb": round(hf_peak, 2), "speedup": round(t_hf / t_ours, 2)})
+    for k, v in row.items():
+        print(f"{k:>22}: {v}")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    if args.profile:
+        profile_decode_step(model, prompt, n, Path(args.profile))
+    return row
+
+
+def profile_decode_step(model, prompt, n, out: Path):
+    """Trace one decode step (after a few warm-up steps) and print the per-op time breakdown."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from janus_rt.engine import Engine, SamplingParams
+
+    eng = Engine.for_requests(model, [(len(prompt), n)])
+    eng.add_image_request(prompt, n=n, params=SamplingParams(seed=0))
+    for _ in range(4):
+        eng.step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        eng.step()
+    out.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(out / "trace.json"))
+    key = "self_cuda_time_total" if model.device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25))
+    print(f"trace: {out / 'trace.json'} (open in https://ui.perfetto.dev)")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                import os
+
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return "cpu"

@@ -1,0 +1,274 @@
+"""The generation engine: continuous batching of text-to-image and understanding requests over a paged KV
+cache, with prompt sharing (the n images of a prompt hold its conditional and unconditional KV once)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from janus_rt import ops
+from janus_rt.engine.block_manager import BlockManager
+from janus_rt.engine.kv_cache import KVCache
+from janus_rt.engine.request import Request, SamplingParams
+from janus_rt.engine.runner import ModelRunner
+from janus_rt.engine.scheduler import Scheduler
+from janus_rt.processing import unconditional_ids
+
+
+def default_backend(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "triton"
+    from janus_rt import cpu_ops
+
+    return "cpu" if cpu_ops.available() else "torch"
+
+
+@dataclass
+class EngineStats:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    decode_rows: int = 0  # rows summed over decode steps
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1e3 * self.decode_s / max(self.decode_steps, 1)
+
+
+class Engine:
+    def __init__(self, model, kv_cache_gb: float | None = None, memory_fraction: float | None = None,
+                 block_size: int = 16, backend: str | None = None, max_num_rows: int = 256,
+                 cuda_graphs: bool = False, max_num_blocks: int | None = None):
+        cfg = model.cfg.llm
+        device = model.device
+        self.model = model
+        self.backend = backend or default_backend(device)
+        if kv_cache_gb is None and memory_fraction is None:
+            memory_fraction = 0.3
+        self.cache = KVCache.from_budget(
+            cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, model.dtype, device,
+            budget_bytes=None if kv_cache_gb is None else int(kv_cache_gb * 2**30),
+            memory_fraction=memory_fraction if kv_cache_gb is None else None, max_num_blocks=max_num_blocks)
+        self.bm = BlockManager(self.cache.num_blocks, block_size)
+        self.scheduler = Scheduler(self.bm, max_num_rows)
+        self.runner = ModelRunner(model, self.cache, self.backend, cuda_graphs=cuda_graphs)
+        self.stats = EngineStats()
+        self.finished: dict[int, Request] = {}
+        self.record_logits = False  # tests/debugging: keep each step's (cond, uncond) logits on the request
+
+    @classmethod
+    def for_requests(cls, model, shapes: list[tuple[int, int]], block_size: int = 16, **kw) -> "Engine":
+        """An engine whose cache holds exactly these requests at once, unshared (worst case):
+        shapes = [(prompt_len, n)] for image requests, n = 0 for a text request of that total length."""
+        bn = lambda t: -(-t // block_size)
+        n_img = model.cfg.num_image_tokens
+        blocks = sum(2 * n * bn(t + n_img) if n else bn(t) for t, n in shapes)
+        return cls(model, block_size=block_size, max_num_blocks=blocks, **kw)
+
+    # ---- requests ------------------------------------------------------------------------------------------
+    def add_image_request(self, prompt_ids, n: int = 1, params: SamplingParams | None = None,
+                          num_tokens: int | None = None) -> Request:
+        """prompt_ids [T] (BOS ... <begin_of_image>); num_tokens: tokens per image (default: a whole image)."""
+        ids = [int(i) for i in torch.as_tensor(prompt_ids).flatten().tolist()]
+        tok = self.model.cfg.tokens
+        req = Request(ids, params or SamplingParams(), kind="image", n=n,
+                      max_new_tokens=num_tokens or self.model.cfg.num_image_tokens,
+                      uncond_ids=unconditional_ids(ids, tok.pad_id).tolist())
+        self.scheduler.add(req)
+        return req
+
+    def add_text_request(self, prompt_ids, pixel_values=None, max_new_tokens: int = 256,
+                         params: SamplingParams | None = None) -> Request:
+        ids = [int(i) for i in torch.as_tensor(prompt_ids).flatten().tolist()]
+        req = Request(ids, params or SamplingParams(greedy=True), kind="text", max_new_tokens=max_new_tokens,
+                      pixel_values=pixel_values, eos_id=self.model.cfg.tokens.eos_id)
+        self.scheduler.add(req)
+        return req
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one engine step -----------------------------------------------------------------------------------
+    def step(self) -> list[Request]:
+        """Prefill newly admitted requests if any, else decode one token for every running row.
+        Returns the requests that finished in this step."""
+        admitted = self.scheduler.admit()
+        if admitted:
+            t0 = time.perf_counter()
+            self._prefill(admitted)
+            self.stats.prefill_s += time.perf_counter() - t0
+        else:
+            if not self.scheduler.running:
+                raise RuntimeError("no request fits the KV cache (add_request checks this; please report)")
+            self.scheduler.make_room_for_decode()
+            if not self.scheduler.running:  # cannot happen for requests that passed add()'s size check
+                raise RuntimeError("KV cache exhausted by a single request")
+            t0 = time.perf_counter()
+            self._decode()
+            self.stats.decode_s += time.perf_counter() - t0
+            self.stats.decode_steps += 1
+        done = [r for r in self.scheduler.running if r.finished]
+        for r in done:
+            self.scheduler.finish(r)
+            self.finished[r.req_id] = r
+        return done
+
+    def _embed_text(self, ids, pixel_values=None):
+        ids_t = torch.tensor(ids, device=self.model.device)[None]
+        return self.model.text_embeds(ids_t, pixel_values)[0]
+
+    def _embed_image_tokens(self, tokens):
+        return self.model.gen_embeds(torch.tensor(tokens, device=self.model.device, dtype=torch.long))
+
+    @torch.inference_mode()
+    def _prefill(self, reqs: list[Request]) -> None:
+        seqs = []  # (seq_id, embeds [T, C])
+        fresh = []  # requests whose first token is sampled from this prefill
+        with ops.use_backend(self.backend):
+            for req in reqs:
+                if req.kind == "text":
+                    ids = req.prompt_ids + req.tokens[0][:-1]
+                    seqs.append(((req.req_id, "t", 0), self._embed_text(ids, req.pixel_values)))
+                elif not req.needs_recompute:
+                    seqs.append(((req.req_id, "pc"), self._embed_text(req.prompt_ids)))
+                    seqs.append(((req.req_id, "pu"), self._embed_text(req.uncond_ids)))
+                else:  # recompute after preemption: each row its own prompt + tokens so far, no sharing
+                    for rid in req.row_ids():
+                        prompt = req.prompt_ids if rid[1] == "c" else req.uncond_ids
+                        past = req.tokens[rid[2]][:-1]
+                        e = self._embed_text(prompt)
+                        if past:
+                            e = torch.cat([e, self._embed_image_tokens(past)])
+                        seqs.append((rid, e))
+                if not req.needs_recompute:
+                    fresh.append(req)
+        for sid, e in seqs:
+            self.bm.allocate(sid, e.shape[0])
+        h = self.runner.prefill([e for _, e in seqs], [self.bm.slots(sid) for sid, _ in seqs])
+        last = {sid: h[i] for i, (sid, _) in enumerate(seqs)}
+        for req in reqs:
+            req.needs_recompute = False
+        image_reqs = [r for r in fresh if r.kind == "image"]
+        if image_reqs:
+            with ops.use_backend(self.backend):
+                cond = self.model.gen_head(torch.stack([last[(r.req_id, "pc")] for r in image_reqs])).float()
+                uncond = self.model.gen_head(torch.stack([last[(r.req_id, "pu")] for r in image_reqs])).float()
+            idx = torch.tensor([i for i, r in enumerate(image_reqs) for _ in range(r.n)], device=cond.device)
+            self._sample_images(image_reqs, cond[idx], uncond[idx])
+            for r in image_reqs:  # the n images share the two prompts' blocks
+                for i in range(r.n):
+                    self.bm.fork((r.req_id, "pc"), (r.req_id, "c", i))
+                    self.bm.fork((r.req_id, "pu"), (r.req_id, "u", i))
+                self.bm.free((r.req_id, "pc"))
+                self.bm.free((r.req_id, "pu"))
+        text_reqs = [r for r in fresh if r.kind == "text"]
+        if text_reqs:
+            with ops.use_backend(self.backend):
+                logits = self.model.lm_head(torch.stack([last[(r.req_id, "t", 0)] for r in text_reqs])).float()
+            self._sample_text(text_reqs, logits)
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        running = self.scheduler.running
+        rows = self.scheduler.rows()
+        slots, copies = self.bm.append_slots(rows)
+        if copies:
+            self.cache.copy_blocks(copies)
+        # inputs in row order: image requests feed each image's last token to its cond and uncond rows
+        image_tok, text_tok, is_image = [], [], []
+        for req in running:
+            if req.kind == "image":
+                last = [t[-1] for t in req.tokens]
+                image_tok += last + last
+                is_image += [True] * req.num_rows
+            else:
+                text_tok.append(req.tokens[0][-1])
+                is_image.append(False)
+        with ops.use_backend(self.backend):
+            parts = []
+            if image_tok:
+                parts.append(self._embed_image_tokens(image_tok))
+            if text_tok:
+                parts.append(self.model.llm.embed_tokens(torch.tensor(text_tok, device=self.model.device)))
+        embeds = parts[0] if len(parts) == 1 else self._interleave(parts, is_image)
+        positions = [self.bm.num_tokens(r) - 1 for r in rows]
+        h = self.runner.decode(embeds, positions, slots, [self.bm.block_table(r) for r in rows])
+        self.stats.decode_rows += len(rows)
+        image_reqs = [r for r in running if r.kind == "image"]
+        text_reqs = [r for r in running if r.kind == "text"]
+        with ops.use_backend(self.backend):
+            if image_reqs:
+                mask = torch.tensor(is_image, device=h.device)
+                logits = self.model.gen_head(h[mask]).float()  # [2 * sum(n), V]: per request cond rows, uncond rows
+                cond_idx, uncond_idx, off = [], [], 0
+                for r in image_reqs:
+                    cond_idx += range(off, off + r.n)
+                    uncond_idx += range(off + r.n, off + 2 * r.n)
+                    off += 2 * r.n
+                self._sample_images(image_reqs, logits[cond_idx], logits[uncond_idx])
+            if text_reqs:
+                mask = ~torch.tensor(is_image, device=h.device)
+                self._sample_text(text_reqs, self.model.lm_head(h[mask]).float())
+
+    @staticmethod
+    def _interleave(parts, is_image):
+        image, text = parts
+        out = torch.empty(len(is_image), image.shape[-1], dtype=image.dtype, device=image.device)
+        mask = torch.tensor(is_image, device=image.device)
+        out[mask] = image
+        out[~mask] = text
+        return out
+
+    def _sample_images(self, reqs, cond, uncond) -> None:
+        """cond, uncond: fp32 [sum(n), V] in request order -> each request appends one token per image."""
+        if self.record_logits:
+            off = 0
+            for r in reqs:
+                r.logits.append((cond[off : off + r.n].cpu(), uncond[off : off + r.n].cpu()))
+                off += r.n
+        per = lambda f: torch.tensor([f(r) for r in reqs for _ in range(r.n)])
+        p = lambda r: r.params
+        seeds = torch.tensor([s for r in reqs for s in r.seeds(r.step)], dtype=torch.int64)
+        tokens = ops.cfg_sample(cond, uncond, per(lambda r: float(p(r).cfg_weight)),
+                                per(lambda r: float(p(r).temperature)), per(lambda r: int(p(r).top_k)),
+                                per(lambda r: float(p(r).top_p)), seeds.to(cond.device),
+                                per(lambda r: bool(p(r).greedy))).tolist()
+        off = 0
+        for r in reqs:
+            r.append(tokens[off : off + r.n])
+            off += r.n
+
+    def _sample_text(self, reqs, logits) -> None:
+        seeds = torch.tensor([r.seeds(r.step)[0] for r in reqs], dtype=torch.int64)
+        per = lambda f, dt=None: torch.tensor([f(r.params) for r in reqs], dtype=dt)
+        tokens = ops.cfg_sample(logits.contiguous(), None, 1.0, per(lambda p: float(max(p.temperature, 1e-6))),
+                                per(lambda p: int(p.top_k)), per(lambda p: float(p.top_p)), seeds.to(logits.device),
+                                per(lambda p: bool(p.greedy))).tolist()
+        for r, t in zip(reqs, tokens):
+            r.append([t])
+
+    # ---- drivers -------------------------------------------------------------------------------------------
+    def run(self, progress: bool = False, desc: str = "generating") -> dict[int, Request]:
+        """Step until every request has finished; returns {req_id: request}."""
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            total = sum(r.max_new_tokens for r in self.scheduler.waiting) + sum(
+                r.max_new_tokens - r.step for r in self.scheduler.running)
+            bar = tqdm(total=total, desc=desc, unit="tok")
+        done = {}
+        while self.has_work():
+            before = self._progress()
+            for r in self.step():
+                done[r.req_id] = r
+            if bar is not None:
+                bar.update(self._progress() - before)
+        if bar is not None:
+            bar.close()
+        return done
+
+    def _progress(self) -> int:
+        """Tokens sampled so far, summed over requests (an image request counts one per step)."""
+        return sum(r.step for r in self.scheduler.running) + sum(r.step for r in self.finished.values())

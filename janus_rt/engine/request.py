@@ -1,0 +1,99 @@
+"""Requests and the rows (sequences) they own; sampling parameters; per-step seeds."""
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def mix32(*xs: int) -> int:
+    """A 32-bit hash of integers (per image and per step seeds derive from the request seed with it)."""
+    h = 0x9E3779B9
+    for x in xs:
+        h = (h ^ (int(x) & _MASK32)) & _MASK32
+        h = ((h ^ (h >> 16)) * 0x21F0AAAD) & _MASK32
+        h = ((h ^ (h >> 15)) * 0x735A2D97) & _MASK32
+        h ^= h >> 15
+    return h
+
+
+@dataclass
+class SamplingParams:
+    cfg_weight: float = 5.0
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    greedy: bool = False
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature <= 0 and not self.greedy:
+            raise ValueError(f"temperature must be > 0 (or use greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.seed is None:
+            self.seed = random.getrandbits(32)
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class Request:
+    """A text-to-image request (n images from one prompt, CFG: a conditional and an unconditional row each)
+    or an understanding request (one text row, optional images spliced into the prompt)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    kind: str = "image"  # "image" | "text"
+    n: int = 1
+    max_new_tokens: int = 576  # image: tokens per image; text: answer length limit
+    uncond_ids: list[int] | None = None
+    pixel_values: torch.Tensor | None = None
+    eos_id: int | None = None
+    req_id: int = field(default_factory=lambda: next(_ids))
+    # state
+    tokens: list[list[int]] = field(default_factory=list)  # per image (or the one text row): sampled ids
+    finished: bool = False
+    needs_recompute: bool = False  # preempted: rebuild the KV from prompt + tokens, rows unshared
+    logits: list = field(default_factory=list)  # per step (cond [n, V], uncond [n, V]) when the engine records
+
+    def __post_init__(self):
+        if self.kind not in ("image", "text"):
+            raise ValueError(f"unknown request kind {self.kind!r}")
+        if len(self.prompt_ids) < 2 and self.kind == "image":
+            raise ValueError("an image prompt needs at least BOS and <begin_of_image>")
+        if self.n < 1 or (self.kind == "text" and self.n != 1):
+            raise ValueError(f"n must be >= 1 (1 for text), got {self.n}")
+        self.tokens = [[] for _ in range(self.n)]
+
+    @property
+    def num_rows(self) -> int:
+        return 2 * self.n if self.kind == "image" else 1
+
+    def row_ids(self) -> list[tuple]:
+        """Row (sequence) ids in batch order: for images cond rows then uncond rows."""
+        if self.kind == "text":
+            return [(self.req_id, "t", 0)]
+        return [(self.req_id, "c", i) for i in range(self.n)] + [(self.req_id, "u", i) for i in range(self.n)]
+
+    def seeds(self, step: int) -> list[int]:
+        """Per-image 32-bit seeds of one step: independent of the batch the request runs in."""
+        return [mix32(self.params.seed, i, step) for i in range(self.n)]
+
+    @property
+    def step(self) -> int:
+        return len(self.tokens[0])
+
+    def append(self, new: list[int]) -> None:
+        for t, x in zip(self.tokens, new):
+            t.append(int(x))
+        if self.step >= self.max_new_tokens or (self.kind == "text" and self.eos_id is not None
+                                                and self.tokens[0][-1] == self.eos_id):
+            self.finished = True

@@ -1,0 +1,122 @@
+"""Model runner: turns scheduled rows into model inputs over the paged KV cache and runs the forward.
+
+`PrefillKV` and `DecodeKV` are the `kv` objects the LLM's attention layers call (`kv.attend(layer, q, k, v)`):
+both write the new K/V rows into the paged cache by slot; prefill attends within each packed sequence,
+decode attends one query per row over its block table.
+"""
+from __future__ import annotations
+
+import torch
+
+from janus_rt import ops
+from janus_rt.engine.kv_cache import KVCache
+
+
+class PrefillKV:
+    def __init__(self, cache: KVCache, slot_mapping, cu_seqlens, max_seqlen: int):
+        self.cache, self.slot_mapping = cache, slot_mapping  # [total]
+        self.cu_seqlens, self.max_seqlen = cu_seqlens, max_seqlen  # int32 [n + 1]
+
+    def attend(self, layer: int, q, k, v):
+        # q, k, v: [1, total, H, D] (all packed sequences start at position 0)
+        ops.kv_store(k[0], v[0], self.cache.k_cache(layer), self.cache.v_cache(layer), self.slot_mapping)
+        return ops.attention_varlen(q[0], k[0], v[0], self.cu_seqlens, self.max_seqlen, causal=True)[None]
+
+
+class DecodeKV:
+    def __init__(self, cache: KVCache, slot_mapping, block_tables, context_lens):
+        self.cache, self.slot_mapping = cache, slot_mapping  # [R]
+        self.block_tables, self.context_lens = block_tables, context_lens  # int32 [R, max_blocks], [R]
+
+    def attend(self, layer: int, q, k, v):
+        # q, k, v: [R, 1, H, D]
+        kc, vc = self.cache.k_cache(layer), self.cache.v_cache(layer)
+        ops.kv_store(k[:, 0], v[:, 0], kc, vc, self.slot_mapping)
+        return ops.paged_decode_attention(q[:, 0], kc, vc, self.block_tables, self.context_lens)[:, None]
+
+
+class ModelRunner:
+    def __init__(self, model, cache: KVCache, backend: str, cuda_graphs: bool = False, max_model_len: int = 4096):
+        cfg = model.cfg.llm
+        if cfg.num_kv_heads != cfg.num_heads:
+            raise ValueError("the paged engine supports multi-head attention (Janus-Pro); this model uses GQA")
+        self.model, self.cache, self.backend = model, cache, backend
+        self.device = cache.device
+        self.graphs: dict[int, tuple] = {}
+        self.max_blocks = -(-max_model_len // cache.block_size)
+        if cuda_graphs and self.device.type == "cuda":
+            self.capture_cudagraphs()
+
+    def _i32(self, x):
+        return torch.tensor(x, dtype=torch.int32, device=self.device)
+
+    def _i64(self, x):
+        return torch.tensor(x, dtype=torch.int64, device=self.device)
+
+    @torch.inference_mode()
+    def prefill(self, embeds: list[torch.Tensor], slots: list[list[int]]) -> torch.Tensor:
+        """embeds: one [T_i, C] per sequence; slots: their cache slots -> last hidden state per sequence [n, C]."""
+        lens = [e.shape[0] for e in embeds]
+        x = torch.cat(embeds)[None]  # [1, total, C]
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])[None]
+        cu = torch.tensor([0] + lens, device=self.device).cumsum(0).to(torch.int32)
+        kv = PrefillKV(self.cache, self._i64([s for row in slots for s in row]), cu, max(lens))
+        with ops.use_backend(self.backend):
+            h = self.model.llm(x, positions, kv)[0]  # [total, C]
+        return h[cu[1:].long() - 1]
+
+    @torch.inference_mode()
+    def decode(self, embeds, positions: list[int], slots: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """One token per row. embeds: [R, C] -> last hidden state [R, C]."""
+        r = embeds.shape[0]
+        if self.graphs and r <= max(self.graphs) and max(len(t) for t in tables) <= self.max_blocks:
+            return self._replay(embeds, positions, slots, tables)
+        width = max(len(t) for t in tables)
+        bt = self._i32([t + [0] * (width - len(t)) for t in tables])
+        kv = DecodeKV(self.cache, self._i64(slots), bt, self._i32([p + 1 for p in positions]))
+        with ops.use_backend(self.backend):
+            return self.model.llm(embeds[:, None], self._i64(positions)[:, None], kv)[:, 0]
+
+    # ---- CUDA graphs: the decode step captured once per batch-size bucket ------------------------------------
+    BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+    def capture_cudagraphs(self):
+        c = self.model.cfg.llm.hidden_size
+        dev = self.device
+        for r in self.BUCKETS:
+            static = dict(
+                embeds=torch.zeros(r, c, dtype=self.model.dtype, device=dev),
+                positions=torch.zeros(r, dtype=torch.int64, device=dev),
+                slots=torch.full((r,), -1, dtype=torch.int64, device=dev),  # -1: padding rows write nothing
+                tables=torch.zeros(r, self.max_blocks, dtype=torch.int32, device=dev),
+                lens=torch.ones(r, dtype=torch.int32, device=dev),
+            )
+            kv = DecodeKV(self.cache, static["slots"], static["tables"], static["lens"])
+
+            def run():
+                with ops.use_backend(self.backend):
+                    return self.model.llm(static["embeds"][:, None], static["positions"][:, None], kv)[:, 0]
+
+            with torch.inference_mode():
+                run()  # warm up (Triton compiles outside the capture)
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    out = run()
+            self.graphs[r] = (g, static, out)
+
+    def _replay(self, embeds, positions, slots, tables):
+        r = embeds.shape[0]
+        bucket = next(b for b in sorted(self.graphs) if b >= r)
+        g, st, out = self.graphs[bucket]
+        st["embeds"][:r].copy_(embeds)
+        st["positions"][:r].copy_(self._i64(positions))
+        st["slots"].fill_(-1)
+        st["slots"][:r].copy_(self._i64(slots))
+        st["tables"].zero_()
+        for i, t in enumerate(tables):
+            st["tables"][i, : len(t)] = self._i32(t)
+        st["lens"].fill_(1)
+        st["lens"][:r].copy_(self._i32([p + 1 for p in positions]))
+        g.replay()
+        return out[:r].clone()

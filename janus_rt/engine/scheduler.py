@@ -1,0 +1,86 @@
+"""Continuous batching: admit waiting requests at step boundaries, preempt (and later recompute) the newest
+running request when the KV pool cannot hold the next step. Pure bookkeeping over the BlockManager."""
+from __future__ import annotations
+
+from collections import deque
+
+from janus_rt.engine.block_manager import BlockManager
+from janus_rt.engine.request import Request
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_rows: int = 256):
+        self.bm = block_manager
+        self.max_num_rows = max_num_rows
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        if self.worst_case_blocks(req) > self.bm.num_blocks:
+            raise ValueError(f"request {req.req_id} needs up to {self.worst_case_blocks(req)} KV blocks but the cache has "
+                             f"{self.bm.num_blocks}: give the cache more memory (--kv-cache-gb) or lower n")
+        if req.num_rows > self.max_num_rows:
+            raise ValueError(f"request {req.req_id} has {req.num_rows} rows > max_num_rows {self.max_num_rows}")
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def worst_case_blocks(self, req: Request) -> int:
+        """Blocks the request holds at its end with no sharing at all (after a preemption): it must fit alone,
+        so preempting every other request always lets it finish."""
+        bn = self.bm.blocks_needed
+        if req.kind == "text":
+            return bn(len(req.prompt_ids) + req.max_new_tokens)
+        return req.n * (bn(len(req.prompt_ids) + req.max_new_tokens) + bn(len(req.uncond_ids) + req.max_new_tokens))
+
+    def blocks_for(self, req: Request, shared: bool) -> int:
+        """Blocks a request's prefill allocates: 2 prompts when its rows share them, else each row its own."""
+        bn = self.bm.blocks_needed
+        if req.kind == "text":
+            return bn(len(req.prompt_ids) + max(req.step - 1, 0))
+        if shared:
+            return bn(len(req.prompt_ids)) + bn(len(req.uncond_ids))
+        per_row = bn(len(req.prompt_ids) + max(req.step - 1, 0)) + bn(len(req.uncond_ids) + max(req.step - 1, 0))
+        return req.n * per_row
+
+    def admit(self) -> list[Request]:
+        """FIFO admission of waiting requests whose prefill fits (plus a block of headroom per row)."""
+        admitted = []
+        rows = sum(r.num_rows for r in self.running)
+        free = self.bm.num_free_blocks
+        while self.waiting:
+            req = self.waiting[0]
+            need = self.blocks_for(req, shared=not req.needs_recompute)
+            # headroom of a block per row, except for a request that would run alone (add() checked it fits)
+            alone = not self.running and not admitted
+            if need + (0 if alone else req.num_rows) > free or rows + req.num_rows > self.max_num_rows:
+                break
+            self.waiting.popleft()
+            free -= need
+            rows += req.num_rows
+            admitted.append(req)
+        self.running.extend(admitted)
+        return admitted
+
+    def rows(self) -> list[tuple]:
+        return [rid for req in self.running for rid in req.row_ids()]
+
+    def make_room_for_decode(self) -> list[Request]:
+        """Preempt the newest running requests until every remaining row can append one token."""
+        preempted = []
+        while self.running and not self.bm.can_append_all(self.rows()):
+            req = self.running.pop()
+            for rid in req.row_ids():
+                self.bm.free(rid)
+            req.needs_recompute = True
+            self.waiting.appendleft(req)
+            preempted.append(req)
+            self.num_preemptions += 1
+        return preempted
+
+    def finish(self, req: Request) -> None:
+        self.running.remove(req)
+        for rid in req.row_ids():
+            self.bm.free(rid)
