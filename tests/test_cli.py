@@ -1,0 +1,70 @@
+"""The command line as a user runs it: generate, understand, convert, verify."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from janus_rt import Janus
+from janus_rt.cli import main
+
+
+def test_generate_writes_pngs_and_grid(tmp_path, capsys):
+    main(["generate", "--prompt", "a red circle", "-n", "2", "--out", str(tmp_path), "--seed", "1"])
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["grid.png", "img_00_00.png", "img_00_01.png"]
+    im = Image.open(tmp_path / "img_00_00.png")
+    cfg = Janus.from_preset("tiny").cfg
+    assert im.size == (cfg.vq.image_size, cfg.vq.image_size)
+    assert Image.open(tmp_path / "grid.png").size == (2 * cfg.vq.image_size, cfg.vq.image_size)
+    out = capsys.readouterr()
+    assert "tokens/s" in out.out and "ms/decode step" in out.out
+    assert "RANDOM weights" in out.err
+
+
+def test_understand(tmp_path, capsys):
+    Image.new("RGB", (50, 30), (200, 10, 10)).save(tmp_path / "x.png")
+    main(["understand", "--image", str(tmp_path / "x.png"), "--question", "What colour?", "--max-new-tokens", "3"])
+    import re
+
+    err = capsys.readouterr().err
+    assert re.search(r"\[preset tiny \(random weights\): [1-3] tokens in", err), err
+
+
+def test_convert_and_verify_official_layout(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from hf_reference import SMALL_CONFIGS, hf_model, official_config, official_state_dict, tiny_tokenizer
+
+    c = SMALL_CONFIGS["a"]
+    hf = hf_model(c, seed=2)
+    off = tmp_path / "official"
+    off.mkdir()
+    (off / "config.json").write_text(json.dumps(official_config(c)))
+    torch.save(official_state_dict(hf, c), off / "pytorch_model.bin")
+    tiny_tokenizer(c).save(off / "tokenizer.json")
+    main(["convert", str(off), str(tmp_path / "conv"), "--dtype", "fp32"])
+    assert (tmp_path / "conv" / "model.safetensors").exists() and (tmp_path / "conv" / "tokenizer.json").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["verify", str(off)])
+    assert e.value.code == 0
+    assert "PASS" in capsys.readouterr().out
+
+
+def test_verify_transformers_layout_and_that_it_can_fail(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    from hf_reference import SMALL_CONFIGS, hf_model, write_hf
+
+    from janus_rt.verify import verify
+
+    c = SMALL_CONFIGS["b"]
+    path = write_hf(hf_model(c, seed=4), tmp_path / "hf", c)
+    assert verify(path)
+    out = capsys.readouterr().out
+    assert "text_logits+image" in out and "PASS" in out
+    # a broken kernel (RMSNorm eps ignored) must be caught
+    import janus_rt.ops as ops
+
+    real = ops.rms_norm_torch
+    monkeypatch.setattr(ops, "rms_norm_torch", lambda x, w, eps: real(x, w, 0.3))
+    assert not verify(path)
+    assert "FAIL" in capsys.readouterr().out
