@@ -1,0 +1,107 @@
+"""mlp_gelu vs mlp_gelu_ref: output and grads of x, w1, b1, w2, b2 at odd and Janus-like shapes.
+
+Under the interpreter the GEMMs run in fp32 (bf16 dot operands are upcast there); on a GPU fp32 inputs use
+IEEE fp32 dots unless torch.backends.cuda.matmul.allow_tf32 is set, so the fp32 bound is 1e-4 either way.
+"""
+import pytest
+import torch
+
+from janus_rt.kernels.mlp import mlp_gelu, mlp_gelu_ref
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Launchers allocate outputs with torch.empty*: fill them with NaN so an unwritten element fails."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    nan = lambda t: t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(real_empty_like(*a, **k)))
+
+
+def max_err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def assert_matches(out, ref_lowp, ref32, what):
+    """fp32: relative error <= 1e-4; fp16/bf16: error vs the fp32 ref <= 2x torch's own in that dtype."""
+    assert torch.isfinite(out).all(), f"{what}: non-finite (unwritten) elements"
+    if out.dtype == torch.float32:
+        rel = max_err(out, ref32) / ref32.abs().max().item()
+        assert rel <= 1e-4, f"{what}: fp32 rel err {rel:.3g}"
+    else:
+        err, err_torch = max_err(out, ref32), max_err(ref_lowp, ref32)
+        assert err <= 2 * err_torch, f"{what}: err {err:.3g} > 2x torch's {err_torch:.3g}"
+
+
+def make(M, Cin, Chid, Cout, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, Cin, generator=g)
+    w1 = torch.randn(Chid, Cin, generator=g) / Cin**0.5
+    b1 = 0.5 * torch.randn(Chid, generator=g)
+    w2 = torch.randn(Cout, Chid, generator=g) / Chid**0.5
+    b2 = 0.5 * torch.randn(Cout, generator=g)
+    return [t.to(device, dtype) for t in (x, w1, b1, w2, b2)]
+
+
+def run(fn, inputs, dy):
+    inputs = [t.clone().requires_grad_() for t in inputs]
+    y = fn(*inputs)
+    return y, torch.autograd.grad((y.float() * dy).sum(), inputs)
+
+
+# (M, Cin, Chid, Cout): odd rows/widths; Cin 8 is gen_aligner's (K below the 16-wide dot: masked K block)
+SHAPES = [(1, 48, 136, 200), (7, 8, 200, 48), (41, 136, 48, 200), (341, 48, 136, 48)]
+
+
+@pytest.mark.parametrize("M,Cin,Chid,Cout", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_mlp_gelu_matches_ref(device, M, Cin, Chid, Cout, dtype):
+    inputs = make(M, Cin, Chid, Cout, dtype, device)
+    dy = torch.randn(M, Cout, generator=torch.Generator().manual_seed(1)).to(device)
+    y, grads = run(mlp_gelu, inputs, dy)
+    y_lp, grads_lp = run(mlp_gelu_ref, inputs, dy)
+    y32, grads32 = run(mlp_gelu_ref, [t.float() for t in inputs], dy)
+    assert y.shape == (M, Cout) and y.dtype == dtype
+    assert_matches(y, y_lp, y32, "y")
+    with torch.no_grad():  # the inference path skips autograd but runs the same kernels
+        assert torch.equal(mlp_gelu(*inputs), y)
+    for name, a, lp, ref, t in zip(("dx", "dw1", "db1", "dw2", "db2"), grads, grads_lp, grads32, inputs):
+        assert a.shape == t.shape and a.dtype == dtype, name
+        assert_matches(a, lp, ref, name)
+
+
+def test_mlp_gelu_aligner_shape_3d(device):
+    # the understanding aligner's first layer width (Cin 1024) on [B, T, C] input, bf16, forward only
+    x, w1, b1, w2, b2 = make(2 * 3, 1024, 64, 48, torch.bfloat16, device)
+    x = x.view(2, 3, 1024)
+    y = mlp_gelu(x, w1, b1, w2, b2)
+    y_lp = mlp_gelu_ref(x, w1, b1, w2, b2)
+    y32 = mlp_gelu_ref(*(t.float() for t in (x, w1, b1, w2, b2)))
+    assert y.shape == (2, 3, 48)
+    assert_matches(y, y_lp, y32, "y")
+
+
+def test_mlp_gelu_without_bias_and_frozen_input(device):
+    # no biases; x without grad (stage 1 trains only the adaptor weights)
+    x, w1, _, w2, _ = make(7, 48, 136, 48, torch.float32, device)
+    w1.requires_grad_()
+    w2.requires_grad_()
+    y = mlp_gelu(x, w1, None, w2, None)
+    y_ref = mlp_gelu_ref(x, w1, None, w2, None)
+    assert max_err(y, y_ref) <= 1e-4 * y_ref.abs().max().item()
+    g = torch.autograd.grad(y.sum(), (w1, w2))
+    g_ref = torch.autograd.grad(y_ref.sum(), (w1, w2))
+    for a, b in zip(g, g_ref):
+        assert max_err(a, b) <= 1e-4 * b.abs().max().item()
+
+
+def test_mlp_gelu_misuse_raises(device):
+    x, w1, b1, w2, b2 = make(4, 48, 64, 32, torch.float32, device)
+    with pytest.raises(ValueError, match="in_features"):
+        mlp_gelu(x[:, :47], w1, b1, w2, b2)
+    with pytest.raises(ValueError, match="w2"):
+        mlp_gelu(x, w1, b1, w2[:, :63], b2)
+    with pytest.raises(ValueError, match="b1"):
+        mlp_gelu(x, w1, b1[:63], w2, b2)
+    with pytest.raises(ValueError, match="dtype"):
+        mlp_gelu(x, w1.half(), b1, w2, b2)

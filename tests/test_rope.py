@@ -1,0 +1,101 @@
+"""rope vs rope_ref: q and k outputs and grads, [N, H, D] and [B, T, H, D], strided q/k views."""
+import pytest
+import torch
+
+from janus_rt.kernels.rope import rope, rope_ref
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Launchers allocate outputs with torch.empty*: fill them with NaN so an unwritten element fails."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    nan = lambda t: t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(real_empty_like(*a, **k)))
+
+
+def max_err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def assert_matches(out, ref_lowp, ref32, what):
+    """fp32: relative error <= 1e-4; fp16/bf16: error vs the fp32 ref <= 2x torch's own in that dtype."""
+    assert torch.isfinite(out).all(), f"{what}: non-finite (unwritten) elements"
+    if out.dtype == torch.float32:
+        rel = max_err(out, ref32) / ref32.abs().max().item()
+        assert rel <= 1e-4, f"{what}: fp32 rel err {rel:.3g}"
+    else:
+        err, err_torch = max_err(out, ref32), max_err(ref_lowp, ref32)
+        assert err <= 2 * err_torch, f"{what}: err {err:.3g} > 2x torch's {err_torch:.3g}"
+
+
+def run(fn, q, k, pos, theta, dq, dk):
+    q, k = q.clone().requires_grad_(), k.clone().requires_grad_()
+    q_out, k_out = fn(q, k, pos, theta)
+    grads = torch.autograd.grad((q_out.float() * dq).sum() + (k_out.float() * dk).sum(), (q, k))
+    return (q_out, k_out), grads
+
+
+def check_against_ref(q, k, pos, theta=10000.0):
+    g = torch.Generator().manual_seed(1)
+    dq = torch.randn(q.shape, generator=g).to(q.device)
+    dk = torch.randn(k.shape, generator=g).to(q.device)
+    outs, grads = run(rope, q, k, pos, theta, dq, dk)
+    outs_lp, grads_lp = run(rope_ref, q, k, pos, theta, dq, dk)
+    outs32, grads32 = run(rope_ref, q.float(), k.float(), pos, theta, dq, dk)
+    for name, a, lp, ref, x in zip(("q_out", "k_out", "dq", "dk"), outs + grads, outs_lp + grads_lp,
+                                   outs32 + grads32, (q, k, q, k)):
+        assert a.shape == x.shape and a.dtype == x.dtype, name
+        assert_matches(a, lp, ref, name)
+
+
+@pytest.mark.parametrize("N,Hq,Hk,D", [(1, 3, 1, 48), (7, 4, 2, 136), (41, 2, 3, 200), (341, 1, 1, 48)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rope_matches_ref(device, N, Hq, Hk, D, dtype):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(N, Hq, D, generator=g).to(device, dtype)
+    k = torch.randn(N, Hk, D, generator=g).to(device, dtype)
+    pos = torch.randint(0, 16384, (N,), generator=g).to(device)  # up to Janus' max positions
+    check_against_ref(q, k, pos)
+
+
+def test_rope_janus_head_dim_batched_int32(device):
+    # [B, T, H, D] with positions [B, T]; head_dim 128, 16 heads (1B); int32 positions; another theta
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 5, 16, 128, generator=g).to(device, torch.bfloat16)
+    k = torch.randn(2, 5, 16, 128, generator=g).to(device, torch.bfloat16)
+    pos = torch.stack([torch.arange(5), torch.arange(600, 605)]).to(device, torch.int32)
+    check_against_ref(q, k, pos, theta=500000.0)
+
+
+def test_rope_fused_qkv_views(device):
+    # q and k as views into one fused qkv projection output [N, (Hq + 2 Hk) * D]: no copy needed
+    N, Hq, Hk, D = 9, 4, 2, 64
+    qkv = torch.randn(N, (Hq + 2 * Hk) * D, device=device)
+    q = qkv[:, : Hq * D].view(N, Hq, D)
+    k = qkv[:, Hq * D: (Hq + Hk) * D].view(N, Hk, D)
+    pos = torch.arange(3, 3 + N, device=device)
+    assert not q.is_contiguous()
+    q_out, k_out = rope(q, k, pos)
+    q_ref, k_ref = rope_ref(q, k, pos)
+    assert max_err(q_out, q_ref) <= 1e-4 * q_ref.abs().max().item()
+    assert max_err(k_out, k_ref) <= 1e-4 * k_ref.abs().max().item()
+
+
+def test_rope_position_zero_is_identity(device):
+    q, k = torch.randn(3, 2, 48, device=device), torch.randn(3, 1, 48, device=device)
+    q_out, k_out = rope(q, k, torch.zeros(3, dtype=torch.int64, device=device))
+    assert torch.equal(q_out, q) and torch.equal(k_out, k)
+
+
+def test_rope_misuse_raises(device):
+    q, k = torch.randn(4, 2, 48, device=device), torch.randn(4, 2, 48, device=device)
+    pos = torch.arange(4, device=device)
+    with pytest.raises(ValueError, match="even"):
+        rope(q[..., :47], k[..., :47], pos)
+    with pytest.raises(ValueError, match="positions"):
+        rope(q, k, pos[:3])
+    with pytest.raises(ValueError, match="positions"):
+        rope(q, k, pos.float())
+    with pytest.raises(ValueError, match="k"):
+        rope(q, k.half(), pos)
