@@ -1,0 +1,88 @@
+"""paged_decode_attention against the plain PyTorch reference, split-K forced on and off."""
+import pytest
+import torch
+
+from janus_rt import kernels as K
+from janus_rt.kernels.paged_attention import _auto_num_splits, paged_decode_attention_ref
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every float buffer the launcher allocates (output, split partials) starts as NaN."""
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: (lambda t: t.fill_(float("nan")) if t.is_floating_point()
+                                                          else t)(empty(*a, **kw)))
+
+
+def abs_err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def paged_case(context_lens, heads, head_dim, block_size, device, dtype=torch.float32, seed=0):
+    """A cache with pages scattered at random (and spare pages full of noise) for the given context lengths."""
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = max(1, -(-max(context_lens) // block_size)) + 1  # one spare column in the table
+    num_blocks = len(context_lens) * max_blocks + 3
+    k_cache = torch.randn(num_blocks, block_size, heads, head_dim, generator=g)
+    v_cache = torch.randn(num_blocks, block_size, heads, head_dim, generator=g)
+    tables = torch.randperm(num_blocks, generator=g)[:len(context_lens) * max_blocks].view(len(context_lens), -1)
+    q = torch.randn(len(context_lens), heads, head_dim, generator=g)
+    to = lambda t: t.to(device, dtype)
+    return (to(q), to(k_cache), to(v_cache), tables.to(device, torch.int32),
+            torch.tensor(context_lens, dtype=torch.int32, device=device))
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+@pytest.mark.parametrize("block_size,heads,head_dim", [(16, 3, 64), (32, 1, 128), (16, 5, 48)])
+def test_fp32(block_size, heads, head_dim, num_splits, device):
+    # lengths: 1 token, not multiples of the block size, exact multiples, and one long enough for several splits
+    args = paged_case([1, 37, 64, 161, 96], heads, head_dim, block_size, device)
+    out = K.paged_decode_attention(*args, num_splits=num_splits)
+    ref = paged_decode_attention_ref(*args)
+    assert out.shape == args[0].shape
+    assert abs_err(out, ref) / ref.abs().max().item() <= 1e-4
+
+
+def test_many_empty_splits_and_zero_context(device):
+    # 9 splits of 64 tokens over contexts of at most 100: most splits are empty; context 0 gives a zero row
+    q, kc, vc, tables, lens = paged_case([0, 100, 5], 2, 64, 16, device)
+    tables = torch.cat([tables, tables, tables], dim=1)  # more table columns than the contexts need
+    out = K.paged_decode_attention(q, kc, vc, tables, lens, 0.2, num_splits=9)
+    ref = paged_decode_attention_ref(q, kc, vc, tables, lens, 0.2)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert abs_err(out, ref) / ref.abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(dtype, num_splits, device):
+    args = paged_case([3, 70, 129], 3, 128, 16, device, dtype)
+    exact = paged_decode_attention_ref(*(a.float() if a.is_floating_point() else a for a in args))
+    torch_err = abs_err(paged_decode_attention_ref(*args, upcast=False), exact)
+    out = K.paged_decode_attention(*args, num_splits=num_splits)
+    assert out.dtype == dtype
+    assert abs_err(out, exact) <= 2 * torch_err
+
+
+def test_auto_num_splits():
+    assert _auto_num_splits(32, 16, 608, 132) == 1      # 512 programs already fill two waves
+    assert _auto_num_splits(1, 16, 4096, 132) == 17
+    assert _auto_num_splits(2, 16, 608, 132) == 5       # capped by 128-token splits
+    assert _auto_num_splits(4, 16, 100, 132) == 1
+
+
+def test_misuse_raises(device):
+    q, kc, vc, tables, lens = paged_case([5, 9], 2, 64, 16, device)
+    bad = [
+        lambda: K.paged_decode_attention(q.half(), kc, vc, tables, lens),                        # dtype mismatch
+        lambda: K.paged_decode_attention(q, kc, vc, tables.long(), lens),                        # int64 tables
+        lambda: K.paged_decode_attention(q, kc, vc, tables, lens[:1]),                           # batch mismatch
+        lambda: K.paged_decode_attention(q, kc[:, :, :1], vc[:, :, :1], tables, lens),           # heads differ
+        lambda: K.paged_decode_attention(q[0], kc, vc, tables, lens),                            # q not 3-D
+        lambda: K.paged_decode_attention(q, kc, vc, tables, lens, num_splits=0),
+        lambda: K.paged_decode_attention(q[..., :40], kc[..., :40], vc[..., :40], tables, lens),  # D = 40
+    ]
+    for i, call in enumerate(bad):
+        with pytest.raises(ValueError):
+            call()
+            pytest.fail(f"case {i} did not raise")
