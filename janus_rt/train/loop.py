@@ -1,0 +1,302 @@
+"""The training loop, top to bottom: setup, then one optimizer step per iteration.
+
+    torchrun --nproc-per-node 8 -m janus_rt.train --model PATH --data manifest.jsonl --stage 2 --steps 1000 --out run/
+
+Data parallelism: every rank walks the same global stream of packed micro-batches (same sampler, same seed)
+and keeps its own share, W ranks x A accumulation steps = W*A micro-batches per optimizer step. So W ranks
+with A steps train exactly like one rank with W*A steps, the data cursor is one global state, and each
+step's token counts are known on every rank without communication (the losses are normalised by them).
+The price: every rank also builds the other ranks' micro-batches (tokenising, understanding-image decoding),
+in the background prefetch thread.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from janus_rt import ops
+from janus_rt.train import checkpoint
+from janus_rt.train.data import KINDS, ManifestDataset
+from janus_rt.train.packing import PackedSampler, prefetch
+from janus_rt.train.stages import RATIOS, apply_stage
+from janus_rt.train.step import PackedLM, prepare
+
+
+@dataclass
+class TrainConfig:
+    out: str                        # run folder: checkpoints/, log.jsonl (synthetic/ with `synthetic`)
+    model: str = "tiny"             # checkpoint folder or preset name
+    data: str | None = None         # JSONL manifest
+    synthetic: int = 0              # > 0: write this many synthetic images (3 records each) to OUT/synthetic
+    stage: int = 3
+    steps: int = 1000
+    batch_size: int = 4             # packed rows per micro-batch, per rank
+    seq_len: int = 2048
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1       # cosine decays to lr * min_lr_ratio at `steps`
+    warmup: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip: float = 1.0               # max grad norm (0: no clipping)
+    ratios: dict[str, float] | None = None  # und : text : t2i mix (default: the stage's)
+    cfg_drop: float = 0.1           # share of t2i samples trained as the unconditional (CFG) form
+    backend: str = "torch"          # janus_rt.ops backend: torch | triton
+    device: str | None = None       # default: cuda if available
+    amp: str | None = None          # bf16 | none (default: bf16 on cuda, none on cpu)
+    grad_checkpointing: bool = False
+    fsdp: bool = False              # FSDP2 (fully_shard) instead of DDP when world size > 1
+    seed: int = 0
+    save_every: int = 0             # checkpoint every N steps (0: only at the end)
+    keep: int = 2                   # checkpoints to keep (0: all)
+    resume: bool = False
+    lookahead: int = 8
+    cache_dir: str | None = None    # VQ token cache (default: next to the manifest)
+    threads: int = 0                # torch CPU threads (0: torch's default)
+    progress: bool = True
+
+
+def get_lr(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine down to cfg.lr * min_lr_ratio at cfg.steps (step is 0-based)."""
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / (cfg.warmup + 1)
+    if step >= cfg.steps:
+        return min_lr
+    ratio = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - min_lr)
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    """Run (or resume) training; returns the per-step log records (the same on every rank)."""
+    # ---- distributed and device -------------------------------------------------------------------------------
+    own_group = False
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+        own_group = True
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.backend == "triton" and device.type == "cpu":
+        # Triton runs on a CPU only through its interpreter (slow: for tests); read when kernels are imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    amp = (cfg.amp or ("bf16" if device.type == "cuda" else "none")) == "bf16"
+    barrier = dist.barrier if world > 1 else (lambda: None)
+    out = Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_partial(out)
+    torch.manual_seed(cfg.seed)
+
+    # ---- model, stage, data -----------------------------------------------------------------------------------
+    from janus_rt.cli import load_model  # the CLI's loader: checkpoint folder or preset, plus its tokenizer
+
+    model, tok, _ = load_model(cfg.model, device=str(device), dtype=torch.float32, seed=cfg.seed)
+    trainable = apply_stage(model, cfg.stage)
+    manifest = _manifest(cfg, model, rank, barrier)
+    ds = None
+    for turn in (0, 1):  # rank 0 builds the VQ token cache; the others read it after the barrier
+        if (rank == 0) == (turn == 0):
+            ds = _dataset(cfg, manifest, model, tok, device)
+        barrier()
+    ratios = cfg.ratios or RATIOS[cfg.stage]
+    sampler = PackedSampler(ds, cfg.batch_size, cfg.seq_len, ratios, seed=cfg.seed, lookahead=cfg.lookahead)
+    model.llm.gradient_checkpointing = cfg.grad_checkpointing
+    model.train()
+
+    # ---- parallel wrappers and optimizer ----------------------------------------------------------------------
+    module = PackedLM(model)
+    fwd = module
+    if world > 1 and cfg.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (world,))
+        for layer in model.llm.layers:  # one all-gather per decoder layer; everything else with the root
+            fully_shard(layer, mesh=mesh)
+        fully_shard(module, mesh=mesh)
+    elif world > 1:
+        fwd = torch.nn.parallel.DistributedDataParallel(module)  # PackedLM gives every trainable param a grad
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]  # matrices, embeddings, conv kernels; not biases or gains
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+
+    step = 0
+    ckpt = checkpoint.latest(out) if cfg.resume else None
+    if ckpt is not None:
+        meta = checkpoint.load(ckpt, module, optimizer)
+        if meta["world_size"] != world:
+            raise ValueError(f"{ckpt} was written by {meta['world_size']} rank(s); resume with as many (RNG "
+                             f"states are per rank), not {world}")
+        step = meta["step"]
+        sampler.load_state_dict(meta["data"])
+        checkpoint.set_rng_state(meta["rng"][rank])
+    elif cfg.resume and rank == 0:
+        print(f"note: --resume: no checkpoint in {checkpoint.checkpoint_root(out)}; starting at step 0",
+              file=sys.stderr)
+    if rank == 0:
+        n_train = sum(p.numel() for p in params)
+        print(f"stage {cfg.stage}: training {n_train:,} of {model.num_parameters():,} parameters "
+              f"({len(trainable)} tensors) on {world} x {device}, backend {cfg.backend}, amp {amp}, "
+              f"{'FSDP2' if world > 1 and cfg.fsdp else 'DDP' if world > 1 else 'single process'}; "
+              f"data {manifest} ({len(ds)} records, mix {ratios})", file=sys.stderr)
+
+    # ---- the loop -------------------------------------------------------------------------------------------------
+    from tqdm import tqdm
+
+    logs = []
+    batches = prefetch(sampler)  # builds micro-batches in a background thread while this one computes
+    log_file = open(out / "log.jsonl", "a") if rank == 0 else None
+    bar = tqdm(total=cfg.steps, initial=step, dynamic_ncols=True,
+               disable=True if rank != 0 or not cfg.progress else None)  # None: off when not a terminal
+    n_micro = world * cfg.grad_accum
+    image_id, pad_id = model.cfg.tokens.image_id, model.cfg.tokens.pad_id
+    try:
+        with ops.use_backend(cfg.backend):
+            while step < cfg.steps:
+                t0 = time.perf_counter()
+                lr = get_lr(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                # this step's micro-batches, all ranks'; the token counts of all of them normalise the losses
+                drawn = [next(batches) for _ in range(n_micro)]
+                data_state = drawn[-1][1]  # the sampler right after the step's last micro-batch
+                micro = [prepare(b, image_id, pad_id) for b, _ in drawn]
+                counts = torch.tensor([sum(mb.counts[k] for mb in micro) for k in range(len(KINDS))])
+                n_tokens = sum(mb.num_tokens for mb in micro)
+                # per-kind loss weights: image CE averaged over image targets, text CE over text targets
+                n_image = int(counts[KINDS.index("t2i")])
+                n_text = int(counts.sum()) - n_image
+                weights = torch.tensor([1.0 / max(n_image if k == "t2i" else n_text, 1) for k in KINDS],
+                                       device=device) * world  # DDP / FSDP average grads over ranks: undo that
+
+                sums = torch.zeros(len(KINDS), device=device)
+                mine = micro[rank * cfg.grad_accum:(rank + 1) * cfg.grad_accum]
+                for i, mb in enumerate(mine):
+                    last = i == len(mine) - 1
+                    with _grad_sync(fwd, last), torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                        part = fwd(mb.to(device))  # [3] CE sums
+                        loss = (part * weights).sum()
+                    loss.backward()
+                    sums += part.detach()
+
+                if world > 1:
+                    dist.all_reduce(sums)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                    grad_norm = grad_norm.full_tensor()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+
+                # ---- log: "loss" = mean image-token CE + mean text-token CE (what the step minimised) -------------
+                sums, counts = sums.cpu().tolist(), counts.tolist()
+                per_kind = {k: (s / c if c else None) for k, s, c in zip(KINDS, sums, counts)}
+                text_sum = sum(s for k, s in zip(KINDS, sums) if k != "t2i")
+                loss_value = (sums[KINDS.index("t2i")] / max(n_image, 1)) + text_sum / max(n_text, 1)
+                dt = time.perf_counter() - t0
+                rec = {"step": step, "loss": loss_value, **{f"loss_{k}": v for k, v in per_kind.items()},
+                       "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens,
+                       "tokens_per_s": n_tokens / dt, "step_s": dt}
+                logs.append(rec)
+                if rank == 0:
+                    line = json.dumps(rec)
+                    log_file.write(line + "\n")
+                    log_file.flush()
+                    bar.write(line, file=sys.stdout)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                    bar.update(1)
+
+                # ---- checkpoint ----------------------------------------------------------------------------------
+                if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+                    rng = [None] * world
+                    if world > 1:
+                        dist.all_gather_object(rng, checkpoint.rng_state())
+                    else:
+                        rng = [checkpoint.rng_state()]
+                    state = {"data": data_state, "rng": rng, "world_size": world, "config": asdict(cfg)}
+                    path = checkpoint.save(out, step, module, optimizer, state, tok, keep=cfg.keep, rank=rank)
+                    if rank == 0:
+                        bar.write(f"saved {path}", file=sys.stderr)
+    finally:
+        batches.close()
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+        if own_group:
+            dist.destroy_process_group()
+    return logs
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------------
+def _grad_sync(fwd, sync: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    if sync:
+        return contextlib.nullcontext()
+    if isinstance(fwd, torch.nn.parallel.DistributedDataParallel):
+        return fwd.no_sync()
+    if hasattr(fwd, "set_requires_gradient_sync"):  # FSDP2
+
+        @contextlib.contextmanager
+        def fsdp_no_sync():
+            fwd.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                fwd.set_requires_gradient_sync(True)
+
+        return fsdp_no_sync()
+    return contextlib.nullcontext()
+
+
+def _manifest(cfg: TrainConfig, model, rank: int, barrier) -> Path:
+    """cfg.data, or the synthetic set written once to OUT/synthetic at the model's image size."""
+    if cfg.synthetic <= 0:
+        if not cfg.data:
+            raise ValueError("give a manifest (--data) or --synthetic N")
+        return Path(cfg.data)
+    if cfg.data:
+        raise ValueError("--data and --synthetic are exclusive")
+    from janus_rt.train.synthetic import MANIFEST_NAME, make_synthetic
+
+    folder = Path(cfg.out) / "synthetic"
+    size = max(model.cfg.vq.image_size, model.cfg.vision.image_size)
+    spec = {"n": cfg.synthetic, "image_size": size, "seed": cfg.seed}
+    marker = folder / "synthetic.json"
+    if rank == 0 and not (marker.is_file() and json.loads(marker.read_text()) == spec):
+        make_synthetic(folder, n=cfg.synthetic, image_size=size, seed=cfg.seed)
+        marker.write_text(json.dumps(spec))  # regenerating would change mtimes and rebuild the token cache
+    barrier()
+    return folder / MANIFEST_NAME
+
+
+def _dataset(cfg: TrainConfig, manifest: Path, model, tok, device) -> ManifestDataset:
+    from janus_rt.processing import preprocess_image
+
+    vision_size = model.cfg.vision.image_size
+
+    @torch.no_grad()
+    def encode(pixels):  # [B, 3, S, S] in [-1, 1] -> VQ codes [B, N]
+        return model.encode_images(pixels.to(device, model.dtype)).cpu()
+
+    return ManifestDataset(manifest, tok, model.cfg.num_image_tokens, encode,
+                           lambda im: preprocess_image(im, vision_size), image_size=model.cfg.vq.image_size,
+                           cache_dir=cfg.cache_dir, cache_tag=f"{cfg.model}|seed={cfg.seed}",
+                           cfg_drop=cfg.cfg_drop, seed=cfg.seed)

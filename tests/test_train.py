@@ -1,0 +1,300 @@
+"""The training loop on the tiny model: packing isolation, Triton-vs-torch gradients, loss drop, exact resume,
+stage freezing, atomic checkpoints (janus_rt.train.{step,loop,stages,checkpoint,cli})."""
+import argparse
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from janus_rt import ops
+from janus_rt.models.janus import Janus
+from janus_rt.processing import preprocess_image
+from janus_rt.tokenizer import JanusTokenizer
+from janus_rt.train import checkpoint
+from janus_rt.train.cli import add_train_args, run_train
+from janus_rt.train.data import IGNORE, KINDS, ManifestDataset
+from janus_rt.train.loop import TrainConfig, train
+from janus_rt.train.packing import PackedSampler, collate
+from janus_rt.train.stages import TRAINABLE, apply_stage
+from janus_rt.train.step import PackedAttention, PackedLM, prepare
+from janus_rt.train.synthetic import make_synthetic
+
+# Small runs: 8 synthetic images (24 records), 2 packed rows of 512 tokens per step.
+RUN = dict(model="tiny", batch_size=2, seq_len=512, threads=1, progress=False, warmup=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny ops: several threads only contend (this machine is shared); the results do not depend on it
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = Janus.from_preset("tiny", seed=0)
+    return model, JanusTokenizer.byte_level(model.cfg.llm.vocab_size, model.cfg.tokens)
+
+
+def dataset(manifest, model, tok, **kw):
+    cfg = model.cfg
+    return ManifestDataset(manifest, tok, cfg.num_image_tokens, model.encode_images,
+                           lambda im: preprocess_image(im, cfg.vision.image_size), image_size=cfg.vq.image_size, **kw)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """A synthetic set laid out as `--synthetic 8` writes it (so the runs below reuse its token cache)."""
+    out = tmp_path_factory.mktemp("synthetic_run")
+    manifest = make_synthetic(out / "synthetic", n=8, image_size=32, seed=0)
+    (out / "synthetic" / "synthetic.json").write_text(json.dumps({"n": 8, "image_size": 32, "seed": 0}))
+    return manifest
+
+
+def fresh_run(synthetic, tmp_path, name):
+    """A run folder holding a copy of the synthetic set (and its token cache, mtimes kept)."""
+    out = tmp_path / name
+    shutil.copytree(synthetic.parent, out / "synthetic")
+    return out
+
+
+# ---- packing isolation ---------------------------------------------------------------------------------------------
+def doc_hidden_alone(model, ids, is_gen, pixels):
+    """Hidden states [T, C] of one document run on its own (plain causal forward, the model's own embedding
+    helpers; independent of PackedLM's splicing)."""
+    if is_gen.any():  # t2i: prompt tokens, image codes, EOI
+        first, last = int(is_gen.nonzero()[0]), int(is_gen.nonzero()[-1]) + 1
+        x = torch.cat([model.llm.embed_tokens(ids[:first]), model.gen_embeds(ids[first:last]),
+                       model.llm.embed_tokens(ids[last:])])[None]
+    else:
+        x = model.text_embeds(ids[None], pixels)
+    return model.llm(x)[0]
+
+
+def test_packed_forward_equals_documents_alone(tiny, synthetic):
+    model, tok = tiny
+    sampler = PackedSampler(dataset(synthetic, model, tok), batch_size=2, seq_len=512, seed=1)
+    batch = sampler.next_batch()
+    assert {k for row in batch.docs for k, _, _ in row} == set(KINDS)  # every kind, several docs per row
+    assert max(len(row) for row in batch.docs) >= 3
+    mb = prepare(batch, tok.image_id, tok.pad_id)
+    lm = PackedLM(model)
+    n = model.cfg.num_image_tokens
+    with torch.no_grad():
+        h = lm.hidden(mb).view(*batch.input_ids.shape, -1)  # [B, L, C]
+        sums = lm(mb)
+        # the same rows with attention across documents (one segment per row): must differ, or this test
+        # could not see a leak
+        rows = torch.arange(0, batch.input_ids.numel() + 1, batch.input_ids.shape[1], dtype=torch.int32)
+        leaky = model.llm(lm.embed(mb), mb.positions, PackedAttention(rows, batch.input_ids.shape[1]))
+
+        want = torch.zeros(len(KINDS))
+        img = 0
+        bounds = batch.cu_seqlens.tolist()
+        seg = 0
+        for r, docs in enumerate(batch.docs):
+            t = 0
+            for kind, _, _ in docs:
+                length = bounds[seg + 1] - bounds[seg]
+                ids, is_gen = batch.input_ids[r, t:t + length], batch.is_gen_image[r, t:t + length]
+                k = int(((ids == tok.image_id) & ~is_gen).sum()) // n
+                pixels = batch.pixel_values[img:img + k] if k else None
+                alone = doc_hidden_alone(model, ids, is_gen, pixels)
+                packed = h[r, t:t + length]
+                err = (packed - alone).abs().max() / alone.abs().max()
+                assert err < 1e-5, f"{kind} document at row {r} [{t}:{t + length}]: rel err {err:.2e}"
+                if t > 0:  # every document after the first of its row sees others when attention leaks
+                    leak = (leaky[r, t:t + length] - alone).abs().max() / alone.abs().max()
+                    assert leak > 1e-2, f"negative control: {leak:.2e}"
+                # the loss of this document, from full logits
+                if kind == "t2i":
+                    logits, labels = model.gen_head(alone), batch.image_labels[r, t:t + length]
+                else:
+                    logits, labels = model.lm_head(alone), batch.text_labels[r, t:t + length]
+                want[KINDS.index(kind)] += F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+                img, t, seg = img + k, t + length, seg + 1
+            seg += int(t < batch.input_ids.shape[1])  # the row's padding segment
+    assert img == (0 if batch.pixel_values is None else batch.pixel_values.shape[0])
+    torch.testing.assert_close(sums, want, rtol=1e-5, atol=0)
+
+
+# ---- Triton kernels (interpreter on CPU) vs the torch path ----------------------------------------------------------
+def test_triton_gradients_equal_torch(tiny, tmp_path):
+    """Every gradient of the whole tiny model (stage 3: all but the VQ), one packed row holding one short
+    document of each kind, fp32. Tolerance 1e-4 relative (max|a-b| / max|b| per tensor): the per-kernel
+    fp32 bound of the kernels' own tests; the measured worst case here is ~1e-6."""
+    _, tok = tiny
+    model = Janus.from_preset("tiny", seed=0)  # apply_stage changes it: not the shared one
+    img = tmp_path / "img.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (220, 30, 30)).save(img)
+    records = [{"kind": "t2i", "caption": "red", "image": "img.png"},
+               {"kind": "und", "image": "img.png", "conversation": [
+                   {"role": "user", "content": "<image_placeholder>\nColour?"},
+                   {"role": "assistant", "content": "Red."}]},
+               {"kind": "text", "text": "A red square."}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    ds = dataset(tmp_path / "m.jsonl", model, tok, system_prompt="", cfg_drop=0.0)
+    samples = [((i, i), ds.sample(i, i)) for i in range(3)]
+    seq_len = sum(len(s) for _, s in samples) + 8  # + a padding segment
+    mb = prepare(collate([samples], seq_len, tok.pad_id), tok.image_id, tok.pad_id)
+    assert all(c > 0 for c in mb.counts) and mb.pixel_values is not None
+
+    trainable = apply_stage(model, 3)
+    model.train()
+    lm = PackedLM(model)
+    grads = {}
+    for backend in ("torch", "triton"):
+        model.zero_grad(set_to_none=True)
+        with ops.use_backend(backend):
+            sums = lm(mb)
+            (sums / torch.tensor(mb.counts)).sum().backward()
+        grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert sorted(grads["torch"]) == sorted(grads["triton"]) == sorted(trainable)
+    for name, want in grads["torch"].items():
+        assert want.abs().max() > 0, name
+        err = (grads["triton"][name] - want).abs().max() / want.abs().max()
+        assert err <= 1e-4, f"{name}: rel err {err:.2e}"
+
+
+def test_gradient_checkpointing_same_grads(tiny, synthetic):
+    _, tok = tiny
+    model = Janus.from_preset("tiny", seed=0)
+    apply_stage(model, 3)
+    model.train()
+    mb = prepare(PackedSampler(dataset(synthetic, model, tok), 2, 512, seed=2).next_batch(), tok.image_id,
+                 tok.pad_id)
+    grads = []
+    for ckpt in (False, True):
+        model.llm.gradient_checkpointing = ckpt
+        model.zero_grad(set_to_none=True)
+        PackedLM(model)(mb).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-6, atol=1e-7, msg=n)
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------------
+def test_loss_falls_via_cli(synthetic, tmp_path, capsys):
+    out = fresh_run(synthetic, tmp_path, "run")
+    p = argparse.ArgumentParser()
+    add_train_args(p)
+    args = p.parse_args(["--synthetic", "8", "--out", str(out), "--steps", "60", "--stage", "3", "--lr", "5e-3",
+                         "--warmup", "2", "--batch-size", "2", "--seq-len", "512", "--threads", "1",
+                         "--no-progress"])
+    logs = run_train(args)
+    assert [r["step"] for r in logs] == list(range(1, 61))
+    assert [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()] == logs
+    assert [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")] == logs
+    assert checkpoint.latest(out).name == "step_0000060"
+
+    def mean(kind, part):
+        vals = [r[f"loss_{kind}"] for r in part if r[f"loss_{kind}"] is not None]
+        return sum(vals) / len(vals)
+
+    # Per-kind mean over the first vs the last 10 steps. Measured (seed 0): t2i 5.5 -> 2.7, und 6.1 -> 0.6,
+    # text 6.9 -> 2.0; seeds 1 and 2 drop as much. Asking for 30% leaves a wide margin.
+    for kind in KINDS:
+        first, last = mean(kind, logs[:10]), mean(kind, logs[-10:])
+        print(f"{kind}: {first:.3f} -> {last:.3f} ({1 - last / first:.0%} lower)")
+        assert last < 0.7 * first, f"{kind}: {first:.3f} -> {last:.3f}"
+
+
+def test_resume_is_bit_exact(synthetic, tmp_path):
+    cfg = dict(RUN, synthetic=8, steps=6, lr=1e-3)
+    full = train(TrainConfig(out=str(fresh_run(synthetic, tmp_path, "a")), save_every=3, keep=0, **cfg))
+    # "interrupted" after step 3: a run folder holding only the step-3 checkpoint
+    b = fresh_run(synthetic, tmp_path, "b")
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step_0000003", b / "checkpoints" / "step_0000003")
+    resumed = train(TrainConfig(out=str(b), resume=True, **cfg))
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    keys = ("loss", "loss_t2i", "loss_und", "loss_text", "grad_norm", "lr")
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in full[3:]]
+    wa = load_file(str(tmp_path / "a" / "checkpoints" / "step_0000006" / "model.safetensors"))
+    wb = load_file(str(b / "checkpoints" / "step_0000006" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    oa = load_file(str(tmp_path / "a" / "checkpoints" / "step_0000006" / "optimizer.safetensors"))
+    ob = load_file(str(b / "checkpoints" / "step_0000006" / "optimizer.safetensors"))
+    assert oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)
+    # a checkpoint folder is a model folder
+    m = Janus.from_pretrained(b / "checkpoints" / "step_0000006")
+    assert all(torch.equal(p, wb[n]) for n, p in m.state_dict().items())
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_stage_freezes_exactly(stage, synthetic, tmp_path):
+    model = Janus.from_preset("tiny", seed=0)
+    trainable = set(apply_stage(model, stage))
+    expect = {n for n, _ in model.named_parameters() if n.split(".")[0] in TRAINABLE[stage]}
+    assert trainable == expect
+    assert not any(n.startswith("vq.") for n in trainable)
+    assert any(n.startswith("gen_head.") for n in trainable)
+    assert any(n.startswith("llm.") for n in trainable) == (stage >= 2)
+    assert any(n.startswith("vision.") for n in trainable) == (stage == 3)
+
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    out = fresh_run(synthetic, tmp_path, "run")
+    train(TrainConfig(out=str(out), stage=stage, synthetic=8, steps=2, lr=1e-3, **RUN))
+    after = load_file(str(out / "checkpoints" / "step_0000002" / "model.safetensors"))
+    assert after.keys() == before.keys()
+    for name, w in before.items():
+        if name in trainable:
+            assert not torch.equal(after[name], w), f"stage {stage}: {name} did not train"
+        else:
+            assert torch.equal(after[name], w), f"stage {stage}: frozen {name} changed"
+
+
+def test_killed_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    model = Janus.from_preset("tiny", seed=0)
+    lm = PackedLM(model)
+    opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-3)
+    extra = {"data": None, "rng": [checkpoint.rng_state()], "world_size": 1}
+    first = checkpoint.save(tmp_path, 1, lm, opt, extra, keep=0)
+    assert checkpoint.latest(tmp_path) == first
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(checkpoint, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path, 2, lm, opt, extra, keep=0)
+    assert checkpoint.latest(tmp_path) == first  # the half-written step 2 is invisible
+    assert {p.name for p in checkpoint.checkpoint_root(tmp_path).iterdir()} == {"step_0000001", "step_0000002.tmp"}
+    checkpoint.remove_partial(tmp_path)  # what the next run does first
+    assert [p.name for p in checkpoint.checkpoint_root(tmp_path).iterdir()] == ["step_0000001"]
+
+
+def test_bf16_autocast_runs(synthetic, tmp_path):
+    """The --amp bf16 path (autocast; on CPU here): losses finite and within bf16 rounding of fp32's."""
+    kw = dict(RUN, synthetic=8, steps=2, lr=1e-3)
+    fp32 = train(TrainConfig(out=str(fresh_run(synthetic, tmp_path, "fp32")), **kw))
+    bf16 = train(TrainConfig(out=str(fresh_run(synthetic, tmp_path, "bf16")), amp="bf16", **kw))
+    assert bf16[0]["loss"] != fp32[0]["loss"]  # autocast did engage
+    for a, b in zip(bf16, fp32):
+        for k in ("loss_t2i", "loss_und", "loss_text"):
+            if b[k] is not None:
+                assert a[k] == pytest.approx(b[k], rel=2e-2), k
+
+
+def test_lr_schedule():
+    from janus_rt.train.loop import get_lr
+
+    cfg = TrainConfig(out="", lr=1.0, warmup=4, steps=14, min_lr_ratio=0.1)
+    lrs = [get_lr(s, cfg) for s in range(16)]
+    assert lrs[:4] == [0.2, 0.4, 0.6, 0.8] and lrs[4] == 1.0
+    assert all(a > b for a, b in zip(lrs[4:14], lrs[5:14]))  # cosine, decreasing
+    assert lrs[14] == lrs[15] == pytest.approx(0.1)
+
+
+def test_misuse_raises(tmp_path):
+    with pytest.raises(ValueError, match="stage"):
+        apply_stage(Janus.from_preset("tiny"), 4)
+    with pytest.raises(ValueError, match="--data"):
+        train(TrainConfig(out=str(tmp_path), threads=1, progress=False))
