@@ -11,19 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check, check_tensor, interpreting, next_pow2
+from .utils import check, check_tensor, interpreting, next_pow2, round_bf16
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@triton.jit
-def _round_bf16(x):
-    # Interpreter only: its fp32 -> bf16 cast truncates, where a GPU rounds to nearest even. Round the fp32
-    # bits here so that the truncating cast that follows is exact.
-    bits = x.to(tl.int32, bitcast=True)
-    bits = bits + 0x7FFF + ((bits >> 16) & 1)
-    return (bits & -65536).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -116,7 +107,7 @@ def _flash_attention_fwd_kernel(
 
     o = acc / l_i[:, None]
     if UPCAST:
-        o = _round_bf16(o)
+        o = round_bf16(o)
     o_base = o_ptr + b * stride_ob + h * stride_oh + row0 * stride_ot
     tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
@@ -199,8 +190,8 @@ def _flash_attention_bwd_dkdv_kernel(
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
     dk = dk * sm_scale
     if UPCAST:
-        dk = _round_bf16(dk)
-        dv = _round_bf16(dv)
+        dk = round_bf16(dk)
+        dv = round_bf16(dv)
     tl.store(dk_ptr + kv_offs, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + kv_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
@@ -257,7 +248,7 @@ def _flash_attention_bwd_dq_kernel(
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     dq = dq * sm_scale
     if UPCAST:
-        dq = _round_bf16(dq)
+        dq = round_bf16(dq)
     tl.store(dq_ptr + q_offs, dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 

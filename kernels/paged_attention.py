@@ -12,8 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _round_bf16
-from .utils import check, check_tensor, interpreting, next_pow2
+from .utils import check, check_tensor, interpreting, next_pow2, round_bf16
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -73,7 +72,7 @@ def _paged_decode_attention_fwd_kernel(
     else:
         o_offs = b.to(tl.int64) * stride_ob + h * stride_oh + offs_d
         if ROUND_BF16:
-            o = _round_bf16(o)
+            o = round_bf16(o)
         tl.store(o_ptr + o_offs, o.to(o_ptr.dtype.element_ty), mask=d_mask)
 
 
@@ -97,7 +96,7 @@ def _paged_decode_attention_reduce_kernel(
     w_sum = tl.sum(w, 0)
     o = tl.sum(w[:, None] * parts, 0) / tl.where(w_sum > 0, w_sum, 1.0)
     if ROUND_BF16:
-        o = _round_bf16(o)
+        o = round_bf16(o)
     tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, o.to(o_ptr.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
 
@@ -150,7 +149,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sm_s
         return o
     block_d = next_pow2(head_dim)
     split = num_splits > 1
-    round_bf16 = interpreting() and q.dtype == torch.bfloat16  # the interpreter's bf16 cast truncates
+    emulate_rtne = interpreting() and q.dtype == torch.bfloat16  # the interpreter's bf16 cast truncates
     part_o = torch.empty((batch, heads, num_splits, head_dim) if split else (1,), dtype=torch.float32,
                          device=q.device)
     part_lse = torch.empty((batch, heads, num_splits) if split else (1,), dtype=torch.float32, device=q.device)
@@ -160,12 +159,12 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sm_s
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), o.stride(0), o.stride(1),
         heads, num_splits, split_len, scale * _LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, PAGE_SIZE=block_size, SPLIT=split,
-        ROUND_BF16=round_bf16, num_warps=4, num_stages=2)
+        ROUND_BF16=emulate_rtne, num_warps=4, num_stages=2)
     if split:
         _paged_decode_attention_reduce_kernel[(batch * heads,)](
             part_o, part_lse, o, o.stride(0), o.stride(1), heads, num_splits,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, next_pow2(num_splits)),
-            ROUND_BF16=round_bf16, num_warps=4)
+            ROUND_BF16=emulate_rtne, num_warps=4)
     return o
 
 

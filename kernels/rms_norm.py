@@ -7,24 +7,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check, check_tensor, interpreting, next_pow2
+from .utils import cast_rtne, check, check_tensor, interpreting, next_pow2
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_C = 65536
-
-
-@triton.jit
-def cast_rtne(x, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
-    """x.to(dtype); with EMULATE_RTNE (set when interpreting) fp32 -> bf16 rounds to nearest-even in integer
-    bits, because the interpreter truncates there while the GPU rounds. Shared by the element-wise kernels."""
-    if EMULATE_RTNE and dtype == tl.bfloat16:
-        xf = x.to(tl.float32)
-        bits = xf.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        xf = tl.where(xf != xf, xf, bits.to(tl.float32, bitcast=True))
-        return xf.to(dtype)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit

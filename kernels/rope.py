@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import cast_rtne
+from .utils import cast_rtne
 from .utils import check, check_tensor, interpreting, next_pow2
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

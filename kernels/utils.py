@@ -2,6 +2,8 @@
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 
 def interpreting() -> bool:
@@ -31,3 +33,21 @@ def check_tensor(t: torch.Tensor, name: str, ndim: int | None = None, dtypes=Non
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@triton.jit
+def round_bf16(x):
+    """fp32 -> fp32 holding the nearest-even bf16 value. Interpreter only: its fp32 -> bf16 cast truncates where
+    a GPU rounds, so kernels round the bits first and the truncating cast that follows is exact."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def cast_rtne(x, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    """x.to(dtype), rounding fp32 -> bf16 to nearest-even also under the interpreter (EMULATE_RTNE)."""
+    if EMULATE_RTNE and dtype == tl.bfloat16:
+        return round_bf16(x.to(tl.float32)).to(dtype)
+    else:
+        return x.to(dtype)
