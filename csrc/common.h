@@ -1,0 +1,48 @@
+// Shared helpers for the janus_rt CPU kernels: argument guards and bf16 <-> fp32 conversion.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace jr {
+
+// Element types the kernels accept; the Python accessor passes these codes.
+enum DType : int { kF32 = 0, kBF16 = 1 };
+
+// pybind11 turns std::invalid_argument into ValueError, so a bad size from Python reads like the accessor's own checks.
+#define JR_CHECK(cond, msg)                                                        \
+  do {                                                                             \
+    if (!(cond)) throw std::invalid_argument(std::string(__func__) + ": " + (msg)); \
+  } while (0)
+
+// bf16 is the top half of an fp32: widening is a shift.
+inline float bf16_to_float(uint16_t h) {
+  uint32_t bits = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Round to nearest even, as torch's .to(torch.bfloat16) does; NaN stays a (quiet) NaN.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return uint16_t(bits >> 16);
+}
+
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t x) { return bf16_to_float(x); }
+
+inline void from_float(float x, float* dst) { *dst = x; }
+inline void from_float(float x, uint16_t* dst) { *dst = float_to_bf16(x); }
+
+template <typename T>
+inline T* ptr(std::uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+}  // namespace jr

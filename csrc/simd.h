@@ -1,0 +1,116 @@
+// One vector type `vf` of kWidth fp32 lanes: AVX-512, else AVX2+FMA, else a scalar "vector" of one lane.
+// Kernels are written once against these few functions; the scalar build (JANUS_RT_PORTABLE=1) is the reference
+// for the vector ones.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+namespace jr::simd {
+
+#if defined(__AVX512F__)
+
+using vf = __m512;
+constexpr int kWidth = 16;
+constexpr const char* kIsa = "avx512";
+inline vf zero() { return _mm512_setzero_ps(); }
+inline vf set1(float a) { return _mm512_set1_ps(a); }
+inline vf load(const float* p) { return _mm512_loadu_ps(p); }
+inline void store(float* p, vf a) { _mm512_storeu_ps(p, a); }
+inline vf add(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+inline vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf min(vf a, vf b) { return _mm512_min_ps(a, b); }
+inline vf fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline float hsum(vf a) { return _mm512_reduce_add_ps(a); }
+inline float hmin(vf a) { return _mm512_reduce_min_ps(a); }
+// kWidth bf16 -> fp32.
+inline vf load_bf16(const uint16_t* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+// 2*kWidth bf16 read as kWidth 32-bit words: the low half of each word is the even element, the high half the odd.
+inline void load_bf16_pairs(const uint16_t* p, vf& even, vf& odd) {
+  __m512i w = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(int(0xffff0000u))));
+}
+
+#elif defined(__AVX2__) && defined(__FMA__)
+
+using vf = __m256;
+constexpr int kWidth = 8;
+constexpr const char* kIsa = "avx2";
+inline vf zero() { return _mm256_setzero_ps(); }
+inline vf set1(float a) { return _mm256_set1_ps(a); }
+inline vf load(const float* p) { return _mm256_loadu_ps(p); }
+inline void store(float* p, vf a) { _mm256_storeu_ps(p, a); }
+inline vf add(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+inline vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline vf min(vf a, vf b) { return _mm256_min_ps(a, b); }
+inline vf fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline float hsum(vf a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline float hmin(vf a) {
+  __m128 s = _mm_min_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_min_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_min_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline vf load_bf16(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline void load_bf16_pairs(const uint16_t* p, vf& even, vf& odd) {
+  __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(int(0xffff0000u))));
+}
+
+#else
+
+using vf = float;
+constexpr int kWidth = 1;
+constexpr const char* kIsa = "scalar";
+inline vf zero() { return 0.0f; }
+inline vf set1(float a) { return a; }
+inline vf load(const float* p) { return *p; }
+inline void store(float* p, vf a) { *p = a; }
+inline vf add(vf a, vf b) { return a + b; }
+inline vf sub(vf a, vf b) { return a - b; }
+inline vf mul(vf a, vf b) { return a * b; }
+inline vf min(vf a, vf b) { return b < a ? b : a; }
+inline vf fma(vf a, vf b, vf c) { return a * b + c; }
+inline float hsum(vf a) { return a; }
+inline float hmin(vf a) { return a; }
+inline vf load_bf16(const uint16_t* p) {
+  uint32_t bits = uint32_t(*p) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline void load_bf16_pairs(const uint16_t* p, vf& even, vf& odd) {
+  uint32_t w, e, o;
+  std::memcpy(&w, p, sizeof(w));
+  e = w << 16;
+  o = w & 0xffff0000u;
+  std::memcpy(&even, &e, sizeof(even));
+  std::memcpy(&odd, &o, sizeof(odd));
+}
+
+#endif
+
+// Load kWidth elements of either element type as fp32.
+inline vf load_as_float(const float* p) { return load(p); }
+inline vf load_as_float(const uint16_t* p) { return load_bf16(p); }
+
+}  // namespace jr::simd

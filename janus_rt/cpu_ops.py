@@ -1,0 +1,217 @@
+"""The one Python accessor of janus_rt._C, the C++/OpenMP CPU kernels (csrc/).
+
+Each function checks every tensor (device, dtype, contiguity, shape) and raises ValueError on misuse, allocates
+the output with torch.empty, and passes data pointers and sizes to C++, which guards the sizes and any
+data-dependent indices (block tables, slots) again. All math is fp32; bf16 inputs are read as their uint16 bits.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    from janus_rt import _C
+except ImportError:  # extension not built: available() is False and every op raises
+    _C = None
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def available() -> bool:
+    """True when janus_rt._C is built and importable."""
+    return _C is not None
+
+
+def simd_isa() -> str:
+    """Vector ISA the extension was compiled for: "avx512", "avx2" or "scalar"."""
+    return _ext().simd_isa()
+
+
+def _ext():
+    if _C is None:
+        raise RuntimeError("janus_rt._C is not built: run `python setup.py build_ext --inplace` in the repo root")
+    return _C
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _check_tensor(t, name: str, dtypes, ndim: int | None = None) -> None:
+    _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check(t.device.type == "cpu", f"{name} is on {t.device}; the CPU kernels need CPU tensors")
+    _check(t.dtype in dtypes, f"{name} has dtype {t.dtype}; expected one of {list(dtypes)}")
+    if ndim is not None:
+        _check(t.dim() == ndim, f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    _check(t.is_contiguous(), f"{name} must be contiguous (call .contiguous())")
+
+
+_FP = (torch.float32, torch.bfloat16)
+_INTS = (torch.int32, torch.int64)
+
+
+def vq_nearest(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Nearest codebook row per row of z: argmin_j ||z_i - codebook_j||^2, ties -> smallest j.
+
+    z: [N, D] fp32; codebook: [K, D] fp32 -> int64 [N]. (encode_images L2-normalises both first.)
+    """
+    _check_tensor(z, "z", (torch.float32,), 2)
+    _check_tensor(codebook, "codebook", (torch.float32,), 2)
+    _check(z.shape[1] == codebook.shape[1], f"z {tuple(z.shape)} and codebook {tuple(codebook.shape)} differ in D")
+    _check(codebook.shape[0] >= 1 and z.shape[1] >= 1, "codebook must have at least one row and D >= 1")
+    out = torch.empty(z.shape[0], dtype=torch.int64)
+    _ext().vq_nearest(z.data_ptr(), codebook.data_ptr(), out.data_ptr(), z.shape[0], codebook.shape[0], z.shape[1])
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    sm_scale: float | None = None,
+) -> torch.Tensor:
+    """One decode token per sequence against a paged KV cache.
+
+    q: [B, H, D] fp32 or bf16; k_cache, v_cache: [num_blocks, block_size, Hkv, D] fp32 or bf16 (H % Hkv == 0);
+    block_tables: int32 [B, max_blocks]; context_lens: int32 [B]; sm_scale defaults to D^-0.5.
+    Returns o: [B, H, D] in q's dtype (fp32 accumulation); a sequence with context_len 0 gets zeros.
+    """
+    _check_tensor(q, "q", _FP, 3)
+    _check_tensor(k_cache, "k_cache", _FP, 4)
+    _check_tensor(v_cache, "v_cache", _FP, 4)
+    _check_tensor(block_tables, "block_tables", (torch.int32,), 2)
+    _check_tensor(context_lens, "context_lens", (torch.int32,), 1)
+    B, H, D = q.shape
+    num_blocks, block_size, hkv, dk = k_cache.shape
+    _check(v_cache.shape == k_cache.shape, f"v_cache {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
+    _check(v_cache.dtype == k_cache.dtype, f"v_cache dtype {v_cache.dtype} != k_cache dtype {k_cache.dtype}")
+    _check(dk == D, f"cache head_dim {dk} != q head_dim {D}")
+    _check(hkv >= 1 and H % hkv == 0, f"q heads {H} must be a multiple of cache heads {hkv}")
+    _check(block_tables.shape[0] == B and context_lens.shape[0] == B,
+           f"block_tables {tuple(block_tables.shape)} / context_lens {tuple(context_lens.shape)} need B = {B} rows")
+    _check(block_tables.shape[1] >= 1, "block_tables needs at least one column")
+    scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
+    o = torch.empty_like(q)
+    _ext().paged_decode_attention(
+        q.data_ptr(), _DTYPE_CODE[q.dtype], k_cache.data_ptr(), v_cache.data_ptr(), _DTYPE_CODE[k_cache.dtype],
+        block_tables.data_ptr(), context_lens.data_ptr(), o.data_ptr(),
+        B, H, hkv, D, num_blocks, block_size, block_tables.shape[1], scale,
+    )
+    return o
+
+
+def kv_store(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """k_cache.view(-1, H, D)[slot_mapping[i]] = k[i] and the same for v, in place (a bit-exact copy).
+
+    k, v: [N, H, D]; k_cache, v_cache: [num_blocks, block_size, H, D], all one dtype (fp32, bf16 or fp16);
+    slot_mapping: int32 or int64 [N]. Slots < 0 or >= num_blocks * block_size are skipped (kernels/kv_store.py).
+    """
+    _check_tensor(k_cache, "k_cache", (torch.float32, torch.bfloat16, torch.float16), 4)
+    dt = k_cache.dtype
+    _check_tensor(v_cache, "v_cache", (dt,), 4)
+    _check_tensor(k, "k", (dt,), 3)
+    _check_tensor(v, "v", (dt,), 3)
+    _check_tensor(slot_mapping, "slot_mapping", _INTS, 1)
+    _check(v_cache.shape == k_cache.shape, f"v_cache {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
+    _check(v.shape == k.shape, f"v {tuple(v.shape)} != k {tuple(k.shape)}")
+    _check(k.shape[1:] == k_cache.shape[2:], f"k rows {tuple(k.shape[1:])} != cache rows {tuple(k_cache.shape[2:])}")
+    _check(slot_mapping.shape[0] == k.shape[0], f"slot_mapping has {slot_mapping.shape[0]} entries, k {k.shape[0]}")
+    slots = slot_mapping.to(torch.int64)
+    _ext().kv_store(
+        k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
+        k.shape[0], k.shape[1] * k.shape[2], k.element_size(), k_cache.shape[0] * k_cache.shape[1],
+    )
+
+
+def _per_row(x, B: int, dtype: torch.dtype, name: str, kinds: tuple) -> torch.Tensor:
+    """A Python scalar, or a CPU tensor of 1 or B elements whose dtype is one of `kinds` -> contiguous `dtype` [B]."""
+    if isinstance(x, torch.Tensor):
+        _check(x.device.type == "cpu", f"{name} is on {x.device}; the CPU kernels need CPU tensors")
+        _check(x.dtype in kinds, f"{name} has dtype {x.dtype}; expected one of {list(kinds)}")
+        _check(x.dim() <= 1 and x.numel() in (1, B), f"{name} must be a scalar or have shape [{B}], got {tuple(x.shape)}")
+        return x.reshape(-1).to(dtype).expand(B).contiguous()
+    _check(isinstance(x, (bool, int, float)), f"{name} must be a number or a tensor, got {type(x).__name__}")
+    if dtype == torch.int64 and name == "seeds":
+        x = int(x) & 0xFFFFFFFF  # only the low 32 bits seed the stream
+    return torch.full((B,), x, dtype=dtype)
+
+
+
+def cfg_sample(
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None = None,
+    cfg_weight=1.0,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    seeds=0,
+    greedy=False,
+) -> torch.Tensor:
+    """Classifier-free guidance and sampling, one token per row; the semantics of kernels/sampling.py (its module
+    docstring), with the same random numbers for the same seeds.
+
+    cond, uncond: [B, V] fp32 with contiguous rows (row-strided views such as logits[0::2] are fine; uncond None =
+    no guidance). Per-row parameters are a number or a [B] (or [1]) CPU tensor: cfg_weight, temperature, top_p
+    float; top_k int (0 = off); seeds int (low 32 bits used); greedy bool. -> int64 [B].
+    logits = uncond + w (cond - uncond); greedy rows take the argmax; others sample from softmax(logits / T)
+    restricted by top-k then top-p, by Gumbel-max with noise hashed from (seed, token index).
+    """
+    _check(isinstance(cond, torch.Tensor), f"cond must be a torch.Tensor, got {type(cond).__name__}")
+    _check(cond.device.type == "cpu" and cond.dtype == torch.float32 and cond.dim() == 2,
+           f"cond must be a 2-D fp32 CPU tensor, got {cond.dtype} {tuple(cond.shape)} on {cond.device}")
+    B, V = cond.shape
+    _check(V >= 1, "cond needs V >= 1 columns")
+    _check(cond.stride(1) == 1, "cond rows must be contiguous (stride(1) == 1)")
+    if uncond is not None:
+        _check(isinstance(uncond, torch.Tensor) and uncond.device.type == "cpu" and uncond.dtype == torch.float32,
+               "uncond must be an fp32 CPU tensor or None")
+        _check(uncond.shape == cond.shape, f"uncond {tuple(uncond.shape)} != cond {tuple(cond.shape)}")
+        _check(uncond.stride(1) == 1, "uncond rows must be contiguous (stride(1) == 1)")
+    _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    w = _per_row(cfg_weight, B, torch.float32, "cfg_weight", _FLOATS)
+    t = _per_row(temperature, B, torch.float32, "temperature", _FLOATS)
+    k = _per_row(top_k, B, torch.int64, "top_k", _INTS)
+    p = _per_row(top_p, B, torch.float32, "top_p", _FLOATS)
+    s = _per_row(seeds, B, torch.int64, "seeds", _INTS)
+    g = _per_row(greedy, B, torch.bool, "greedy", (torch.bool,) + _INTS)
+    out = torch.empty(B, dtype=torch.int64)
+    if B == 0:
+        return out
+    _ext().cfg_sample(
+        cond.data_ptr(), 0 if uncond is None else uncond.data_ptr(), w.data_ptr(), t.data_ptr(), k.data_ptr(),
+        p.data_ptr(), s.data_ptr(), g.data_ptr(), out.data_ptr(), B, V,
+        cond.stride(0), 0 if uncond is None else uncond.stride(0),
+    )
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ weight^T + bias for decode-sized x, streaming the weight once.
+
+    x: [..., K] fp32 or bf16 (M = prod of the leading dims, meant for 1..32); weight: [N, K] fp32 or bf16;
+    bias: fp32 [N] or None -> y: fp32 [..., N].
+    """
+    _check_tensor(x, "x", _FP)
+    _check_tensor(weight, "weight", _FP, 2)
+    _check(x.dim() >= 1, "x must have at least one dim")
+    N, K = weight.shape
+    _check(x.shape[-1] == K, f"x {tuple(x.shape)} and weight {tuple(weight.shape)} differ in K")
+    _check(N >= 1 and K >= 1, f"weight {tuple(weight.shape)} must be non-empty")
+    if bias is not None:
+        _check_tensor(bias, "bias", (torch.float32,), 1)
+        _check(bias.shape[0] == N, f"bias has {bias.shape[0]} entries; weight has N = {N} rows")
+    M = x.numel() // K
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    if M == 0:
+        return y
+    _ext().linear(
+        x.data_ptr(), _DTYPE_CODE[x.dtype], weight.data_ptr(), _DTYPE_CODE[weight.dtype],
+        0 if bias is None else bias.data_ptr(), y.data_ptr(), M, N, K,
+    )
+    return y

@@ -1,0 +1,226 @@
+"""janus_rt.cpu_ops (the C++/OpenMP kernels in csrc/) against the references in janus_rt.kernels.*.
+
+Outputs are allocated inside cpu_ops with torch.empty/empty_like; the `poisoned` fixture makes those allocations
+NaN (floats) or a sentinel (ints), so an element the kernel forgets to write fails the comparison.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from janus_rt import cpu_ops
+from janus_rt.kernels.kv_store import kv_store_ref
+from janus_rt.kernels.paged_attention import paged_decode_attention_ref
+from janus_rt.kernels.sampling import cfg_sample_ref
+from janus_rt.kernels.vq import vq_nearest_ref
+
+pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="janus_rt._C not built")
+
+SENTINEL = -7
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(SENTINEL if t.dtype != torch.bool else True)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+# ---- vq_nearest ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("N,K,D", [(1, 100, 8), (7, 16384, 8), (577, 16384, 8), (7, 100, 48), (577, 100, 64)])
+def test_vq_nearest(poisoned, N, K, D):
+    g = torch.Generator().manual_seed(N * K + D)
+    z = F.normalize(torch.randn(N, D, generator=g), dim=1)  # as encode_images feeds it
+    cb = F.normalize(torch.randn(K, D, generator=g), dim=1)
+    idx = cpu_ops.vq_nearest(z, cb)
+    ref = vq_nearest_ref(z, cb)
+    assert idx.dtype == torch.int64 and idx.shape == (N,)
+    assert bool(((idx >= 0) & (idx < K)).all())
+    # Indices may differ only where two codes are equally near within fp32 rounding of the distance.
+    d = torch.cdist(z.double(), cb.double())  # [N, K]
+    d_ours, d_ref = d.gather(1, idx[:, None]), d.gather(1, ref[:, None])
+    assert bool((d_ours <= d_ref + 1e-6).all())
+    assert (idx == ref).float().mean() > 0.98
+
+
+def test_vq_nearest_ties_pick_smallest_index(poisoned):
+    cb = torch.randn(300, 8)
+    cb[250] = cb[3]  # exact duplicate later in the codebook, in another tile
+    cb[40] = cb[20]
+    z = torch.stack([cb[3], cb[20], cb[250]])
+    assert cpu_ops.vq_nearest(z, cb).tolist() == [3, 20, 3]
+
+
+# ---- paged_decode_attention ----------------------------------------------------------------------------------
+def _paged_setup(B, H, D, block_size, context_lens, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = max(1, max(math.ceil(n / block_size) for n in context_lens))
+    num_blocks = B * max_blocks + 3
+    k_cache = torch.randn(num_blocks, block_size, H, D, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, H, D, generator=g).to(dtype)
+    block_tables = torch.randperm(num_blocks, generator=g)[: B * max_blocks].reshape(B, max_blocks).int()
+    q = torch.randn(B, H, D, generator=g)
+    return q, k_cache, v_cache, block_tables, torch.tensor(context_lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("D,block_size,context_lens", [(64, 16, [1, 17, 45]), (48, 32, [33, 5, 64, 0]),
+                                                         (128, 16, [150]), (8, 32, [31, 32, 2])])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention_fp32_q(poisoned, D, block_size, context_lens, cache_dtype):
+    q, kc, vc, bt, cl = _paged_setup(len(context_lens), 4, D, block_size, context_lens, cache_dtype)
+    o = cpu_ops.paged_decode_attention(q, kc, vc, bt, cl, sm_scale=0.7)
+    ref = paged_decode_attention_ref(q, kc.float(), vc.float(), bt, cl, sm_scale=0.7)  # bf16 caches read exactly
+    assert o.dtype == torch.float32
+    assert rel_err(o, ref) <= 1e-5
+    assert bool((o[cl == 0] == 0).all())
+
+
+def test_paged_decode_attention_bf16(poisoned):
+    q, kc, vc, bt, cl = _paged_setup(3, 4, 64, 16, [1, 17, 45], torch.bfloat16, seed=1)
+    q = q.bfloat16()
+    o = cpu_ops.paged_decode_attention(q, kc, vc, bt, cl)
+    assert o.dtype == torch.bfloat16
+    ref32 = paged_decode_attention_ref(q.float(), kc.float(), vc.float(), bt, cl)
+    torch_err = rel_err(paged_decode_attention_ref(q, kc, vc, bt, cl, upcast=False), ref32)
+    # fp32 math then one bf16 rounding: within half a bf16 ulp of the exact result.
+    assert rel_err(o, ref32) <= min(2 * torch_err, 2**-8)
+
+
+@pytest.mark.parametrize("H,Hkv,context_lens", [(8, 2, [20, 7]), (6, 3, [40]), (16, 16, [700])])
+def test_paged_decode_attention_gqa(poisoned, H, Hkv, context_lens):
+    # Query head h reads cache head h // (H / Hkv); the reference sees the cache heads repeated. Batches of 1-2
+    # split their heads into uneven chunks across threads; 16 x 700 x 64 is big enough to run threaded.
+    _, kc, vc, bt, cl = _paged_setup(len(context_lens), Hkv, 64, 16, context_lens, torch.float32, seed=2)
+    q = torch.randn(len(context_lens), H, 64)
+    o = cpu_ops.paged_decode_attention(q, kc, vc, bt, cl)
+    rep = H // Hkv
+    ref = paged_decode_attention_ref(q, kc.repeat_interleave(rep, 2), vc.repeat_interleave(rep, 2), bt, cl)
+    assert rel_err(o, ref) <= 1e-5
+
+
+# ---- kv_store ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
+def test_kv_store_exact(dtype, slot_dtype):
+    num_blocks, block_size, H, D, N = 5, 16, 3, 40, 9
+    k = torch.randn(N, H, D).to(dtype)
+    v = torch.randn(N, H, D).to(dtype)
+    k_cache = torch.randn(num_blocks, block_size, H, D).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, H, D).to(dtype)
+    slots = torch.tensor([0, 17, -1, 79, 5, 40, num_blocks * block_size, 33, 16], dtype=slot_dtype)
+    kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+    kv_store_ref(k, v, kc_ref, vc_ref, slots)
+    cpu_ops.kv_store(k, v, k_cache, v_cache, slots)
+    bits = {4: torch.int32, 2: torch.int16}[k.element_size()]
+    assert torch.equal(k_cache.view(bits), kc_ref.view(bits))
+    assert torch.equal(v_cache.view(bits), vc_ref.view(bits))
+
+
+# ---- cfg_sample ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("V", [1000, 16384, 40000])
+@pytest.mark.parametrize("with_uncond", [True, False])
+def test_cfg_sample_matches_ref(poisoned, V, with_uncond):
+    g = torch.Generator().manual_seed(V)
+    B = 8
+    cond = torch.randn(B, V, generator=g) * 3
+    uncond = torch.randn(B, V, generator=g) * 3 if with_uncond else None
+    params = dict(
+        cfg_weight=torch.tensor([1.0, 5.0, 2.5, 0.0, 5.0, 3.0, 1.5, 4.0]),
+        temperature=torch.tensor([1.0, 0.7, 1.3, 1.0, 1.0, 0.9, 2.0, 1.0]),
+        top_k=torch.tensor([0, 0, 50, 1, 0, 400, 7, 0]),
+        top_p=torch.tensor([1.0, 0.9, 1.0, 1.0, 0.5, 0.95, 0.3, 1.0]),
+        seeds=torch.tensor([1, 2, 3, 4, 5, 2**40 + 6, -7, 8]),
+        greedy=torch.tensor([False, False, False, False, False, False, False, True]),
+    )
+    ours = cpu_ops.cfg_sample(cond, uncond, **params)
+    assert ours.dtype == torch.int64 and ours.shape == (B,)
+    assert torch.equal(ours, cfg_sample_ref(cond, uncond, **params))
+
+
+def test_cfg_sample_strided_rows_and_scalars(poisoned):
+    logits = torch.randn(6, 16384) * 2  # official layout: even rows conditional, odd rows unconditional
+    for seed in range(4):
+        args = dict(cfg_weight=5.0, temperature=1.0, top_k=0, top_p=1.0, seeds=seed)
+        ours = cpu_ops.cfg_sample(logits[0::2], logits[1::2], **args)
+        assert torch.equal(ours, cfg_sample_ref(logits[0::2].contiguous(), logits[1::2].contiguous(), **args))
+
+
+def test_cfg_sample_distribution():
+    # Gumbel-max over the hashed noise samples softmax(l): 30000 seeds on a 5-token row.
+    n = 30000
+    l = torch.tensor([0.0, 1.0, -1.0, 2.0, 0.5])
+    cond = l.expand(n, 5).contiguous()
+    tokens = cpu_ops.cfg_sample(cond, None, seeds=torch.arange(n))
+    freq = torch.bincount(tokens, minlength=5).double() / n
+    p = torch.softmax(l.double(), 0)
+    assert (freq - p).abs().max() < 4 * math.sqrt(0.25 / n)
+
+
+def test_cfg_sample_greedy_ties_pick_smallest_index(poisoned):
+    cond = torch.zeros(2, 100)
+    cond[:, [7, 30, 99]] = 3.0
+    assert cpu_ops.cfg_sample(cond, None, greedy=True).tolist() == [7, 7]
+
+
+# ---- linear --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("M", [1, 3, 17])
+@pytest.mark.parametrize("K", [40, 77, 2048])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+def test_linear(poisoned, M, K, w_dtype):
+    g = torch.Generator().manual_seed(M * K)
+    N = 37
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g).to(w_dtype)
+    b = torch.randn(N, generator=g)
+    y = cpu_ops.linear(x, w, b)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    assert rel_err(y, F.linear(x, w.float(), b)) <= 1e-5  # bf16 weights: same values, upcast exactly
+    assert rel_err(cpu_ops.linear(x, w), F.linear(x, w.float())) <= 1e-5
+
+
+def test_linear_bf16_x_and_leading_dims(poisoned):
+    x = torch.randn(2, 3, 96).bfloat16()
+    w = torch.randn(130, 96).bfloat16()
+    y = cpu_ops.linear(x, w)
+    assert y.shape == (2, 3, 130)
+    assert rel_err(y, F.linear(x.float(), w.float())) <= 1e-5
+
+
+# ---- misuse --------------------------------------------------------------------------------------------------
+def test_misuse_raises_value_error():
+    w = torch.randn(16, 32)
+    with pytest.raises(ValueError, match="K"):
+        cpu_ops.linear(torch.randn(2, 31), w)
+    with pytest.raises(ValueError, match="dtype"):
+        cpu_ops.linear(torch.randn(2, 32).half(), w)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_ops.linear(torch.randn(32, 2).t(), w)
+    with pytest.raises(ValueError, match="D"):
+        cpu_ops.vq_nearest(torch.randn(4, 8), torch.randn(10, 9))
+    with pytest.raises(ValueError, match="dtype"):
+        cpu_ops.vq_nearest(torch.randn(4, 8).double(), torch.randn(10, 8))
+    q, kc, vc, bt, cl = _paged_setup(2, 2, 16, 16, [5, 20], torch.float32)
+    bad = bt.clone()
+    bad[1, 1] = kc.shape[0]  # a block id past the cache: caught in C++ before any read
+    with pytest.raises(ValueError, match="block_tables"):
+        cpu_ops.paged_decode_attention(q, kc, vc, bad, cl)
+    with pytest.raises(ValueError, match="context_lens"):
+        cpu_ops.paged_decode_attention(q, kc, vc, bt, torch.tensor([5, 10_000], dtype=torch.int32))
+    with pytest.raises(ValueError, match="int32"):
+        cpu_ops.paged_decode_attention(q, kc, vc, bt.long(), cl)
+    with pytest.raises(ValueError, match="temperature"):
+        cpu_ops.cfg_sample(torch.randn(2, 10), None, temperature=0.0)
+    with pytest.raises(ValueError, match="shape"):
+        cpu_ops.cfg_sample(torch.randn(2, 10), None, seeds=torch.arange(3))
+    with pytest.raises(ValueError, match="dtype"):
+        cpu_ops.kv_store(torch.randn(1, 2, 16), torch.randn(1, 2, 16), kc.bfloat16(), vc.bfloat16(),
+                         torch.zeros(1, dtype=torch.int64))
