@@ -53,38 +53,27 @@ def _dtype(args):
 
 
 def cmd_generate(args):
-    from janus_rt.engine import Engine, SamplingParams
-    from janus_rt.processing import encode_generation_prompt, image_grid, to_pil
+    from janus_rt.engine import Engine
+    from janus_rt.processing import encode_generation_prompt, generate_images
 
     model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)
     prompts = args.prompt or ["a red circle on a blue background"]
-    ids = [encode_generation_prompt(tok, p) for p in prompts]
     if args.kv_cache_gb is not None:
         eng = Engine(model, kv_cache_gb=args.kv_cache_gb, cuda_graphs=args.cuda_graphs)
     else:
-        eng = Engine.for_requests(model, [(len(i), args.n) for i in ids], cuda_graphs=args.cuda_graphs)
-    params = dict(cfg_weight=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  greedy=args.greedy)
-    reqs = [eng.add_image_request(i, n=args.n, params=SamplingParams(seed=args.seed + k, **params))
-            for k, i in enumerate(ids)]
+        shapes = [(len(encode_generation_prompt(tok, p)), args.n) for p in prompts]
+        eng = Engine.for_requests(model, shapes, cuda_graphs=args.cuda_graphs)
     t0 = time.perf_counter()
-    eng.run(progress=True, desc="image tokens")
-    gen_s = time.perf_counter() - t0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    images = []
-    with torch.inference_mode():
-        for k, req in enumerate(reqs):
-            pix = model.decode_image_tokens(torch.tensor(req.tokens, device=model.device))
-            for i, im in enumerate(to_pil(pix)):
-                im.save(out / f"img_{k:02d}_{i:02d}.png")
-                images.append(im)
-    image_grid(images, cols=args.n).save(out / "grid.png")
-    n_tok = sum(r.n * r.max_new_tokens for r in reqs)
+    images, eng = generate_images(model, tok, prompts, n=args.n, cfg_weight=args.cfg, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, greedy=args.greedy,
+                                  out_dir=args.out, engine=eng)
+    dt = time.perf_counter() - t0
+    n_tok = len(prompts) * args.n * model.cfg.num_image_tokens
     s = eng.stats
-    print(f"{what}: {len(images)} image(s) -> {out}/ (grid.png)")
-    print(f"{n_tok} image tokens in {gen_s:.2f} s: {n_tok / gen_s:.1f} tokens/s, {s.ms_per_step:.2f} ms/decode step "
-          f"({s.decode_steps} steps), prefill {1e3 * s.prefill_s:.1f} ms, backend {eng.backend}, device {args.device}")
+    print(f"{what}: {len(prompts) * args.n} image(s) -> {args.out}/ (grid.png)")
+    print(f"{n_tok} image tokens in {dt:.2f} s (incl. VQ decode): {n_tok / (s.prefill_s + s.decode_s):.1f} tokens/s "
+          f"generating, {s.ms_per_step:.2f} ms/decode step ({s.decode_steps} steps), prefill {1e3 * s.prefill_s:.1f} ms, "
+          f"backend {eng.backend}, device {args.device}")
 
 
 def cmd_understand(args):

@@ -85,3 +85,33 @@ def image_grid(images, cols: int | None = None):
     for i, im in enumerate(images):
         grid.paste(im, ((i % cols) * w, (i // cols) * h))
     return grid
+
+
+def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: float = 5.0, temperature: float = 1.0,
+                    top_k: int = 0, top_p: float = 1.0, seed: int = 0, greedy: bool = False, out_dir=None,
+                    engine=None, progress: bool = True):
+    """Text prompts -> PIL images (n per prompt, prompts batched in one engine run). With `out_dir`, also writes
+    img_<prompt>_<i>.png and grid.png (one row per prompt). Returns (images per prompt, engine)."""
+    from pathlib import Path
+
+    from janus_rt.engine import Engine, SamplingParams
+
+    ids = [encode_generation_prompt(tok, p) for p in prompts]
+    eng = engine or Engine.for_requests(model, [(len(i), n) for i in ids])
+    reqs = [eng.add_image_request(i, n=n, params=SamplingParams(cfg_weight=cfg_weight, temperature=temperature,
+                                                                top_k=top_k, top_p=top_p, greedy=greedy,
+                                                                seed=seed + k))
+            for k, i in enumerate(ids)]
+    eng.run(progress=progress, desc="image tokens")
+    out = []
+    with torch.inference_mode():
+        for req in reqs:
+            out.append(to_pil(model.decode_image_tokens(torch.tensor(req.tokens, device=model.device))))
+    if out_dir is not None:
+        d = Path(out_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        for k, images in enumerate(out):
+            for i, im in enumerate(images):
+                im.save(d / f"img_{k:02d}_{i:02d}.png")
+        image_grid([im for images in out for im in images], cols=n).save(d / "grid.png")
+    return out, eng

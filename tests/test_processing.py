@@ -1,0 +1,60 @@
+"""Prompt templates, special ids, image pre/post-processing as the official processor does them."""
+import numpy as np
+import torch
+from PIL import Image
+
+from janus_rt.config import TokenConfig
+from janus_rt.processing import (SYSTEM_PROMPT, encode_generation_prompt, encode_understanding_prompt,
+                                 generation_prompt, preprocess_image, to_uint8, unconditional_ids)
+from janus_rt.tokenizer import JanusTokenizer
+
+TOK = TokenConfig(bos_id=1000, eos_id=1001, pad_id=1002, boi_id=1003, eoi_id=1004, image_id=1005)
+
+
+def tok():
+    return JanusTokenizer.byte_level(1024, TOK)
+
+
+def test_generation_prompt_ids():
+    t = tok()
+    ids = encode_generation_prompt(t, "a cat")
+    assert generation_prompt("a cat") == "<|User|>: a cat\n\n<|Assistant|>:"
+    assert ids[0] == TOK.bos_id and ids[-1] == TOK.boi_id
+    assert t.decode(ids[1:-1]) == "<|User|>: a cat\n\n<|Assistant|>:"
+    u = unconditional_ids(ids, TOK.pad_id).tolist()
+    assert u[0] == TOK.bos_id and u[-1] == TOK.boi_id and set(u[1:-1]) == {TOK.pad_id} and len(u) == len(ids)
+
+
+def test_understanding_prompt_expands_placeholders():
+    t = tok()
+    ids = encode_understanding_prompt(t, "What is it?", num_images=2, num_image_tokens=5)
+    assert ids[0] == TOK.bos_id
+    assert ids.count(TOK.image_id) == 10 and ids.count(TOK.boi_id) == 2 and ids.count(TOK.eoi_id) == 2
+    i = ids.index(TOK.boi_id)
+    assert ids[i : i + 7] == [TOK.boi_id] + [TOK.image_id] * 5 + [TOK.eoi_id]
+    text = t.decode([x for x in ids[1:] if x not in (TOK.boi_id, TOK.image_id, TOK.eoi_id)])
+    assert text.startswith(SYSTEM_PROMPT + "\n\n<|User|>: ") and text.endswith("What is it?\n\n<|Assistant|>:")
+
+
+def test_special_ids_read_from_tokenizer():
+    from janus_rt.tokenizer import special_ids
+
+    got = special_ids(tok().tok)
+    assert vars(got) == vars(TOK)
+
+
+def test_preprocess_pads_to_grey_square():
+    img = Image.new("RGB", (200, 100), (255, 0, 0))  # wide: long side -> 64, padded top and bottom
+    x = preprocess_image(img, image_size=64)
+    assert x.shape == (3, 64, 64) and x.dtype == torch.float32
+    grey = (127 / 255 - 0.5) / 0.5
+    assert torch.allclose(x[:, 0, 0], torch.full((3,), grey))  # padding
+    assert torch.allclose(x[:, 32, 32], torch.tensor([1.0, -1.0, -1.0]))  # red, scaled to [-1, 1]
+    assert torch.allclose(x[:, 15, 32], torch.full((3,), grey)) and torch.allclose(x[:, 17, 32], x[:, 32, 32])
+
+
+def test_to_uint8_is_official_rounding():
+    x = torch.tensor([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0]).view(1, 1, 1, 6).expand(1, 3, 1, 6)
+    out = to_uint8(x)
+    assert out.dtype == np.uint8 and out.shape == (1, 1, 6, 3)
+    assert out[0, 0, :, 0].tolist() == [0, 0, 127, 254, 255, 255]  # truncation, not rounding
