@@ -102,6 +102,19 @@ def rope_torch(q, k, positions, theta: float):
     return q * cos + rot(q) * sin, k * cos + rot(k) * sin
 
 
+# ---- linear layers -------------------------------------------------------------------------------------------
+CPU_GEMV_MAX_ROWS = 32  # decode-sized inputs: the csrc kernel streams the weight once for all rows
+
+
+def linear(x, weight, bias=None):
+    """y = x @ weight^T + bias. On the cpu backend, decode-sized x goes to the csrc GEMV (weight-bandwidth bound)."""
+    if _backend == "cpu" and x.numel() <= CPU_GEMV_MAX_ROWS * x.shape[-1] and _use_cpu_kernels(x):
+        from janus_rt import cpu_ops
+
+        return cpu_ops.linear(x.contiguous(), weight, bias).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
 # ---- MLPs -----------------------------------------------------------------------------------------------------
 def swiglu(gate, up):
     if _backend == "triton":
@@ -113,7 +126,7 @@ def mlp_gelu(x, w1, b1, w2, b2):
     """Linear -> GELU (erf) -> Linear: the aligner / gen_aligner / gen_head shape."""
     if _backend == "triton":
         return _kernels().mlp_gelu(x, w1, b1, w2, b2)
-    return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+    return linear(F.gelu(linear(x, w1, b1)), w2, b2)
 
 
 # ---- paged KV cache ops (engine) --------------------------------------------------------------------------------

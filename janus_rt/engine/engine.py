@@ -165,7 +165,8 @@ class Engine:
         text_reqs = [r for r in fresh if r.kind == "text"]
         if text_reqs:
             with ops.use_backend(self.backend):
-                logits = self.model.lm_head(torch.stack([last[(r.req_id, "t", 0)] for r in text_reqs])).float()
+                h_text = torch.stack([last[(r.req_id, "t", 0)] for r in text_reqs])
+                logits = ops.linear(h_text, self.model.lm_head.weight).float()
             self._sample_text(text_reqs, logits)
 
     @torch.inference_mode()
@@ -209,7 +210,7 @@ class Engine:
                 self._sample_images(image_reqs, logits[cond_idx], logits[uncond_idx])
             if text_reqs:
                 mask = ~torch.tensor(is_image, device=h.device)
-                self._sample_text(text_reqs, self.model.lm_head(h[mask]).float())
+                self._sample_text(text_reqs, ops.linear(h[mask], self.model.lm_head.weight).float())
 
     @staticmethod
     def _interleave(parts, is_image):

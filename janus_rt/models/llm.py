@@ -37,7 +37,7 @@ class Attention(nn.Module):
         # x: [B, T, C]; positions: [B, T]
         b, t, _ = x.shape
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q, k, v = ops.linear(x, self.qkv_proj.weight).split([q_dim, kv_dim, kv_dim], dim=-1)
         q = q.view(b, t, self.num_heads, self.head_dim)
         k = k.view(b, t, self.num_kv_heads, self.head_dim)
         v = v.view(b, t, self.num_kv_heads, self.head_dim)
@@ -46,7 +46,7 @@ class Attention(nn.Module):
             o = ops.attention(q, *_expand_kv(k, v, self.num_heads), causal=True)
         else:
             o = kv.attend(self.layer_idx, q, k, v)
-        return self.o_proj(o.reshape(b, t, q_dim))
+        return ops.linear(o.reshape(b, t, q_dim), self.o_proj.weight)
 
 
 def _expand_kv(k, v, num_heads: int):
@@ -64,8 +64,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(ops.swiglu(gate, up))
+        gate, up = ops.linear(x, self.gate_up_proj.weight).chunk(2, dim=-1)
+        return ops.linear(ops.swiglu(gate, up), self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
