@@ -1,0 +1,119 @@
+"""Text-to-image evaluation on the synthetic shapes: do generated images carry the colours their captions name?
+
+For each caption the model generates `n_per_caption` images (classifier-free guidance, seeded), the VQ decodes
+them, and `caption_color_match` scores each: the fraction of the caption's colours (shape, background) among
+the image's top-m palette colours. 1.0 for a ground-truth synthetic image; chance for random colours is far
+lower (two named colours among 12 palette colours).
+
+    python -m janus_rt.train.evaluate --model DIR [DIR ...] --n 32 --n-per-caption 4
+prints one JSON line per model (mean score, its standard error over captions); `tiny` names the random-weight
+preset (with the byte-level tokenizer). Reference points for the tiny preset (2026-11-25): random LLM with the
+pre-trained VQ of `janus_rt.train.vq_pretrain` ~0.12; that VQ's own round trip of held-out ground-truth images
+~1.0 (the ceiling a generator can reach through it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from janus_rt.processing import encode_generation_prompt, to_pil
+from janus_rt.train.synthetic import caption_color_match, caption_colors, make_synthetic
+
+
+def heldout_captions(n: int, seed: int = 12345) -> list[str]:
+    """n synthetic t2i captions drawn exactly as `make_synthetic` draws them (its images are not used)."""
+    with tempfile.TemporaryDirectory() as d:
+        manifest = make_synthetic(d, n=n, image_size=8, seed=seed)  # 8 px: the images are thrown away
+        records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    return [r["caption"] for r in records if r["kind"] == "t2i"]
+
+
+@torch.no_grad()
+def generate_images(model, tokenizer, caption: str, n: int, seed: int, cfg_weight: float = 5.0,
+                    temperature: float = 1.0) -> list:
+    """n PIL images for one caption: tokens [n, N] -> pixels [n, 3, S, S] -> RGB."""
+    prompt_ids = encode_generation_prompt(tokenizer, caption)
+    tokens = model.generate_image_tokens(prompt_ids, n=n, seed=seed, cfg_weight=cfg_weight,
+                                         temperature=temperature)
+    return to_pil(model.decode_image_tokens(torch.as_tensor(tokens, dtype=torch.long)))
+
+
+def color_match_scores(model, tokenizer, captions: list[str], n_per_caption: int = 4, seed: int = 0,
+                       cfg_weight: float = 5.0, temperature: float = 1.0) -> list[list[float]]:
+    """Per-image scores [len(captions)][n_per_caption]; caption i samples with seed + i (deterministic)."""
+    if n_per_caption < 1:
+        raise ValueError(f"n_per_caption must be >= 1, got {n_per_caption}")
+    for caption in captions:
+        if not caption_colors(caption):
+            raise ValueError(f"caption names no palette colour: {caption!r}")
+    out = []
+    for i, caption in enumerate(captions):
+        imgs = generate_images(model, tokenizer, caption, n_per_caption, seed + i, cfg_weight, temperature)
+        out.append([caption_color_match(im, caption) for im in imgs])
+    return out
+
+
+def color_match_score(model, tokenizer, captions: list[str], n_per_caption: int = 4, seed: int = 0,
+                      cfg_weight: float = 5.0, temperature: float = 1.0) -> float:
+    """Mean caption_color_match over len(captions) * n_per_caption generated images, in [0, 1]."""
+    scores = color_match_scores(model, tokenizer, captions, n_per_caption, seed, cfg_weight, temperature)
+    return float(np.mean(scores))
+
+
+def load_model_and_tokenizer(spec: str):
+    """A checkpoint folder (any layout janus_rt loads) or the name `tiny` (random weights, byte tokenizer)."""
+    from janus_rt.models.janus import Janus
+    from janus_rt.tokenizer import JanusTokenizer
+
+    if spec == "tiny":
+        model = Janus.from_preset("tiny", seed=0)
+        return model, JanusTokenizer.byte_level(model.cfg.llm.vocab_size, model.cfg.tokens)
+    model = Janus.from_pretrained(spec)
+    return model, JanusTokenizer.from_pretrained(spec, defaults=model.cfg.tokens)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python -m janus_rt.train.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", nargs="+", required=True, help="checkpoint folder(s), or `tiny`")
+    p.add_argument("--n", type=int, default=32, help="held-out captions")
+    p.add_argument("--n-per-caption", type=int, default=4, help="images generated per caption")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (caption i uses seed + i)")
+    p.add_argument("--caption-seed", type=int, default=12345, help="seed of the held-out synthetic captions")
+    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--vq-ceiling", action="store_true", help="also score the VQ round trip decode(encode(x)) "
+                   "of held-out ground-truth images: the most a generator can reach through this VQ")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    captions = heldout_captions(a.n, a.caption_seed)
+    rows = []
+    for spec in a.model:
+        model, tok = load_model_and_tokenizer(spec)
+        t0 = time.perf_counter()
+        scores = color_match_scores(model, tok, captions, a.n_per_caption, a.seed, a.cfg, a.temperature)
+        per_caption = np.mean(scores, axis=1)  # [n]; captions are the independent units
+        n = len(per_caption)
+        sem = round(float(np.std(per_caption, ddof=1)) / n**0.5, 4) if n > 1 else None
+        row = {"model": spec, "color_match": round(float(np.mean(scores)), 4), "stderr": sem,
+               "captions": len(captions), "n_per_caption": a.n_per_caption, "cfg": a.cfg,
+               "temperature": a.temperature, "seed": a.seed, "seconds": round(time.perf_counter() - t0, 1)}
+        if a.vq_ceiling:
+            from janus_rt.train.vq_pretrain import recon_color_match, synthetic_images
+
+            n_img = len(captions) * a.n_per_caption
+            pixels, truth = synthetic_images(n_img, model.cfg.vq.image_size, a.caption_seed)
+            row["vq_ceiling"] = round(recon_color_match(model.vq, pixels.to(model.dtype), truth), 4)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
