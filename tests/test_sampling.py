@@ -5,18 +5,6 @@ import torch
 from janus_rt.kernels.sampling import _hash_u32_ref, cfg_sample, cfg_sample_ref, gumbel_ref
 
 
-@pytest.fixture
-def poison(monkeypatch):
-    """Make torch.empty return sentinel-filled tensors so an output element the kernel skips fails the test."""
-    real = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
 def _h_py(x: int) -> int:
     """The spec's h() in plain Python ints, independent of the torch reference."""
     x ^= x >> 16

@@ -3,30 +3,10 @@ import pytest
 import torch
 
 from janus_rt.kernels.swiglu import swiglu, swiglu_ref
+from tolerances import assert_matches, max_err
 
 
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    """Launchers allocate outputs with torch.empty*: fill them with NaN so an unwritten element fails."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-    nan = lambda t: t.fill_(float("nan")) if t.is_floating_point() else t
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(real_empty_like(*a, **k)))
-
-
-def max_err(a, b):
-    return (a.float() - b.float()).abs().max().item()
-
-
-def assert_matches(out, ref_lowp, ref32, what):
-    """fp32: relative error <= 1e-4; fp16/bf16: error vs the fp32 ref <= 2x torch's own in that dtype."""
-    assert torch.isfinite(out).all(), f"{what}: non-finite (unwritten) elements"
-    if out.dtype == torch.float32:
-        rel = max_err(out, ref32) / ref32.abs().max().item()
-        assert rel <= 1e-4, f"{what}: fp32 rel err {rel:.3g}"
-    else:
-        err, err_torch = max_err(out, ref32), max_err(ref_lowp, ref32)
-        assert err <= 2 * err_torch, f"{what}: err {err:.3g} > 2x torch's {err_torch:.3g}"
+pytestmark = pytest.mark.usefixtures("poison")
 
 
 def run(fn, gate, up, dout):

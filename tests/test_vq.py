@@ -6,18 +6,6 @@ import torch.nn.functional as F
 from janus_rt.kernels.vq import vq_lookup, vq_lookup_ref, vq_nearest, vq_nearest_ref
 
 
-@pytest.fixture
-def poison(monkeypatch):
-    """Make torch.empty return sentinel-filled tensors so an output element the kernel skips fails the test."""
-    real = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
 def _rel(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
