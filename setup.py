@@ -27,6 +27,7 @@ setup(
     description="A lean, fast runtime for DeepSeek Janus-Pro: Triton kernels, paged KV cache, CPU kernels, training.",
     packages=["janus_rt", "janus_rt.models", "janus_rt.engine", "janus_rt.train", "janus_rt.kernels"],
     package_dir={"janus_rt.kernels": "kernels"},
+    package_data={"janus_rt": ["assets/*/*"]},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
     python_requires=">=3.10",

@@ -4,7 +4,8 @@ A decode step reads every weight once, so y[M, N] = x[M, K] @ W[N, K]^T is bound
 M. Shapes are Janus-Pro-1B's (attention 2048->2048, MLP 2048->5632 and 5632->2048, gen/lm head 2048->16384),
 M = rows decoded at once. Each timed call reads a different copy of W (copies totalling > 4x the L3), so the
 numbers are DRAM-streaming numbers, not cache hits. The roofline is the machine's DRAM read bandwidth, measured
-here as the best of a few multi-threaded sums over a 1 GiB array.
+here with torch.sum over a 1 GiB array (dram_read_gbs). Times are best-of-N (median columns alongside): on a
+shared machine the best is the one least disturbed by other processes.
 
 Run: python bench/bench_gemv.py [--quick]. Prints a markdown table; main() returns the rows.
 """
@@ -40,12 +41,15 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def dram_read_gbs(gib: float = 1.0, reps: int = 5) -> float:
-    """Best-of-`reps` read bandwidth (GB/s) of torch.sum over a `gib` GiB fp32 array, all threads."""
+def dram_read_gbs(gib: float = 1.0, rounds: int = 3) -> float:
+    """DRAM read bandwidth (GB/s): best time of torch.sum (all threads) over 64 MiB slices of a `gib` GiB fp32
+    array, visited in turn so no slice is in the L3. Best-of-many slices rather than one big sum, so a shared
+    machine's time slicing does not pass for a slow memory system."""
     a = torch.ones(int(gib * (1 << 30)) // 4)
+    slices = a.split((64 << 20) // 4)
     a.sum()
-    best = min(_timed(lambda: a.sum()) for _ in range(reps))
-    return a.numel() * 4 / best / 1e9
+    best = min(_timed(lambda: s.sum()) for _ in range(rounds) for s in slices)
+    return slices[0].numel() * 4 / best / 1e9
 
 
 def _timed(fn) -> float:
@@ -74,7 +78,7 @@ def main(quick: bool = False) -> list[dict]:
     shapes, ms = (SHAPES[:2], [1, 8]) if quick else (SHAPES, MS)
     dram = dram_read_gbs()
     print(f"# bench_gemv: {cpu_name()}, ISA {cpu_ops.simd_isa()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {datetime.date.today()}; DRAM read (1 GiB sum) {dram:.1f} GB/s")
+          f"{torch.get_num_threads()} threads, {datetime.date.today()}; DRAM read (torch.sum, 64 MiB slices of 1 GiB) {dram:.1f} GB/s")
     rows = []
     for K, N in shapes:
         for wdtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_MODEL = "tiny"  # the embedded default: runs offline, anywhere
+# The embedded default: the tiny preset trained by janus_rt on its synthetic shapes (see its README); offline.
+DEFAULT_MODEL = str(Path(__file__).parent / "assets" / "tiny-shapes")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -22,7 +23,10 @@ def load_model(spec: str | None, device: str = "cpu", dtype: torch.dtype = torch
     from janus_rt.config import PRESETS
     from janus_rt.tokenizer import JanusTokenizer
 
-    spec = spec or DEFAULT_MODEL
+    if spec is None:
+        print("note: no --model: the embedded tiny-shapes model (1.2 M parameters trained on synthetic coloured "
+              "shapes, not Janus-Pro weights); pass --model PATH for a real checkpoint", file=sys.stderr)
+        spec = DEFAULT_MODEL
     if Path(spec).is_dir():
         model = Janus.from_pretrained(spec, device=device, dtype=dtype)
         try:
@@ -41,7 +45,7 @@ def load_model(spec: str | None, device: str = "cpu", dtype: torch.dtype = torch
 
 
 def _common(p):
-    p.add_argument("--model", default=None, help=f"checkpoint folder or preset (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=None, help="checkpoint folder or preset (default: the embedded tiny-shapes model)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--seed", type=int, default=0)

@@ -50,6 +50,7 @@ def _check_tensor(t, name: str, dtypes, ndim: int | None = None) -> None:
 
 _FP = (torch.float32, torch.bfloat16)
 _INTS = (torch.int32, torch.int64)
+_ANY_FLOAT = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def vq_nearest(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -173,11 +174,10 @@ def cfg_sample(
                "uncond must be an fp32 CPU tensor or None")
         _check(uncond.shape == cond.shape, f"uncond {tuple(uncond.shape)} != cond {tuple(cond.shape)}")
         _check(uncond.stride(1) == 1, "uncond rows must be contiguous (stride(1) == 1)")
-    _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-    w = _per_row(cfg_weight, B, torch.float32, "cfg_weight", _FLOATS)
-    t = _per_row(temperature, B, torch.float32, "temperature", _FLOATS)
+    w = _per_row(cfg_weight, B, torch.float32, "cfg_weight", _ANY_FLOAT)
+    t = _per_row(temperature, B, torch.float32, "temperature", _ANY_FLOAT)
     k = _per_row(top_k, B, torch.int64, "top_k", _INTS)
-    p = _per_row(top_p, B, torch.float32, "top_p", _FLOATS)
+    p = _per_row(top_p, B, torch.float32, "top_p", _ANY_FLOAT)
     s = _per_row(seeds, B, torch.int64, "seeds", _INTS)
     g = _per_row(greedy, B, torch.bool, "greedy", (torch.bool,) + _INTS)
     out = torch.empty(B, dtype=torch.int64)

@@ -111,6 +111,8 @@ def linear(x, weight, bias=None):
     if _backend == "cpu" and x.numel() <= CPU_GEMV_MAX_ROWS * x.shape[-1] and _use_cpu_kernels(x):
         from janus_rt import cpu_ops
 
+        if bias is not None and bias.dtype != torch.float32:
+            bias = bias.float()  # the kernel accumulates and adds the bias in fp32
         return cpu_ops.linear(x.contiguous(), weight, bias).to(x.dtype)
     return F.linear(x, weight, bias)
 

@@ -10,7 +10,7 @@ from janus_rt.cli import main
 
 
 def test_generate_writes_pngs_and_grid(tmp_path, capsys):
-    main(["generate", "--prompt", "a red circle", "-n", "2", "--out", str(tmp_path), "--seed", "1"])
+    main(["generate", "--model", "tiny", "--prompt", "a red circle", "-n", "2", "--out", str(tmp_path), "--seed", "1"])
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["grid.png", "img_00_00.png", "img_00_01.png"]
     im = Image.open(tmp_path / "img_00_00.png")
@@ -22,9 +22,16 @@ def test_generate_writes_pngs_and_grid(tmp_path, capsys):
     assert "RANDOM weights" in out.err
 
 
+def test_embedded_default_model(tmp_path, capsys):
+    main(["generate", "--prompt", "a red circle on a blue background", "-n", "1", "--out", str(tmp_path)])
+    assert (tmp_path / "grid.png").exists()
+    err = capsys.readouterr().err
+    assert "embedded tiny-shapes model" in err and "RANDOM" not in err
+
+
 def test_understand(tmp_path, capsys):
     Image.new("RGB", (50, 30), (200, 10, 10)).save(tmp_path / "x.png")
-    main(["understand", "--image", str(tmp_path / "x.png"), "--question", "What colour?", "--max-new-tokens", "3"])
+    main(["understand", "--model", "tiny", "--image", str(tmp_path / "x.png"), "--question", "What colour?", "--max-new-tokens", "3"])
     import re
 
     err = capsys.readouterr().err
