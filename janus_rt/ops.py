@@ -182,7 +182,8 @@ def cfg_sample(cond, uncond, cfg_weight, temperature, top_k, top_p, seeds, greed
     """Guidance mix + temperature + top-k/top-p + seeded Gumbel-max (or argmax) -> int64 [B].
     All backends draw the same random numbers (see kernels/sampling.py)."""
     if cond.is_cuda:
-        return _kernels().cfg_sample(cond, uncond, cfg_weight, temperature, top_k, top_p, seeds, greedy)
+        to = lambda x: x.to(cond.device, non_blocking=True) if isinstance(x, torch.Tensor) else x
+        return _kernels().cfg_sample(cond, uncond, *map(to, (cfg_weight, temperature, top_k, top_p, seeds, greedy)))
     if _backend == "cpu" and _use_cpu_kernels(cond):
         from janus_rt import cpu_ops
 
