@@ -113,7 +113,8 @@ def linear(x, weight, bias=None):
 
         if bias is not None and bias.dtype != torch.float32:
             bias = bias.float()  # the kernel accumulates and adds the bias in fp32
-        return cpu_ops.linear(x.contiguous(), weight, bias).to(x.dtype)
+        with _scope("janus_rt::cpu_linear"):
+            return cpu_ops.linear(x.contiguous(), weight, bias).to(x.dtype)
     return F.linear(x, weight, bias)
 
 
@@ -132,6 +133,13 @@ def mlp_gelu(x, w1, b1, w2, b2):
 
 
 # ---- paged KV cache ops (engine) --------------------------------------------------------------------------------
+def _scope(name: str):
+    """A named range in torch.profiler traces for calls it cannot see (the csrc kernels); free when not profiling."""
+    if torch.autograd._profiler_enabled():
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
+
+
 def _use_cpu_kernels(t) -> bool:
     if _backend != "cpu" or t.is_cuda:
         return False
@@ -147,7 +155,8 @@ def kv_store(k, v, k_cache, v_cache, slot_mapping):
     if _use_cpu_kernels(k):
         from janus_rt import cpu_ops
 
-        return cpu_ops.kv_store(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping)
+        with _scope("janus_rt::cpu_kv_store"):
+            return cpu_ops.kv_store(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping)
     from janus_rt.kernels.kv_store import kv_store_ref
 
     return kv_store_ref(k, v, k_cache, v_cache, slot_mapping)
@@ -171,8 +180,9 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens):
     if _use_cpu_kernels(q):
         from janus_rt import cpu_ops
 
-        return cpu_ops.paged_decode_attention(q.contiguous(), k_cache, v_cache, block_tables, context_lens,
-                                              1.0 / math.sqrt(q.shape[-1]))
+        with _scope("janus_rt::cpu_paged_decode_attention"):
+            return cpu_ops.paged_decode_attention(q.contiguous(), k_cache, v_cache, block_tables, context_lens,
+                                                  1.0 / math.sqrt(q.shape[-1]))
     from janus_rt.kernels.paged_attention import paged_decode_attention_ref
 
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens)
@@ -187,7 +197,8 @@ def cfg_sample(cond, uncond, cfg_weight, temperature, top_k, top_p, seeds, greed
     if _backend == "cpu" and _use_cpu_kernels(cond):
         from janus_rt import cpu_ops
 
-        return cpu_ops.cfg_sample(cond, uncond, cfg_weight, temperature, top_k, top_p, seeds, greedy)
+        with _scope("janus_rt::cpu_cfg_sample"):
+            return cpu_ops.cfg_sample(cond, uncond, cfg_weight, temperature, top_k, top_p, seeds, greedy)
     from janus_rt.kernels.sampling import cfg_sample_ref
 
     return cfg_sample_ref(cond, uncond, cfg_weight, temperature, top_k, top_p, seeds, greedy)
