@@ -5,7 +5,7 @@ block 16, ~600 cached tokens (prompt + 576 image tokens), CFG batch of 2 and a b
 torch's SDPA on contiguous K/V is the "no paging" floor). kv_store: one decode step and one prefill.
 cfg_sample: image vocab 16384 with CFG, text vocab 102400 with top-p.
 
-Run: python bench/bench_cpu_ops.py. Prints a markdown table; main() returns the rows. Times are best-of-N.
+Run: python bench/bench_cpu_ops.py [--threads N]. Prints a markdown table; main() returns the rows. Times are best-of-N.
 """
 import datetime
 import os
@@ -117,4 +117,6 @@ def main() -> list[dict]:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--threads":
+        torch.set_num_threads(int(sys.argv[2]))  # also the OpenMP team size of janus_rt._C (one libgomp)
     main()

@@ -4,10 +4,10 @@ A decode step reads every weight once, so y[M, N] = x[M, K] @ W[N, K]^T is bound
 M. Shapes are Janus-Pro-1B's (attention 2048->2048, MLP 2048->5632 and 5632->2048, gen/lm head 2048->16384),
 M = rows decoded at once. Each timed call reads a different copy of W (copies totalling > 4x the L3), so the
 numbers are DRAM-streaming numbers, not cache hits. The roofline is the machine's DRAM read bandwidth, measured
-here with torch.sum over a 1 GiB array (dram_read_gbs). Times are best-of-N (median columns alongside): on a
+here by summing a 1 GiB array (dram_read_gbs: the faster of torch.sum and cpu_ops.stream_sum). Times are best-of-N (median columns alongside): on a
 shared machine the best is the one least disturbed by other processes.
 
-Run: python bench/bench_gemv.py [--quick]. Prints a markdown table; main() returns the rows.
+Run: python bench/bench_gemv.py [--quick] [--threads N]. Prints a markdown table; main() returns the rows.
 """
 import argparse
 import datetime
@@ -41,15 +41,18 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def dram_read_gbs(gib: float = 1.0, rounds: int = 3) -> float:
-    """DRAM read bandwidth (GB/s): best time of torch.sum (all threads) over 64 MiB slices of a `gib` GiB fp32
-    array, visited in turn so no slice is in the L3. Best-of-many slices rather than one big sum, so a shared
-    machine's time slicing does not pass for a slow memory system."""
+def dram_read_gbs(gib: float = 1.0, rounds: int = 3) -> dict:
+    """DRAM read bandwidth (GB/s) of two probes over 64 MiB slices of a `gib` GiB fp32 array, visited in turn so
+    no slice is in the L3: torch.sum, and cpu_ops.stream_sum (an unrolled vector sum; torch.sum reads slower than
+    the GEMV it should bound). Best slice time, so a shared machine's time slicing does not pass for slow memory."""
     a = torch.ones(int(gib * (1 << 30)) // 4)
     slices = a.split((64 << 20) // 4)
-    a.sum()
-    best = min(_timed(lambda: s.sum()) for _ in range(rounds) for s in slices)
-    return slices[0].numel() * 4 / best / 1e9
+    nbytes = slices[0].numel() * 4
+    out = {}
+    for name, fn in (("torch.sum", lambda s: s.sum()), ("stream_sum", cpu_ops.stream_sum)):
+        fn(a)
+        out[name] = nbytes / min(_timed(lambda: fn(s)) for _ in range(rounds) for s in slices) / 1e9
+    return out
 
 
 def _timed(fn) -> float:
@@ -76,9 +79,11 @@ def main(quick: bool = False) -> list[dict]:
         print("[bench_gemv] janus_rt._C not built: skipping", file=sys.stderr)
         return []
     shapes, ms = (SHAPES[:2], [1, 8]) if quick else (SHAPES, MS)
-    dram = dram_read_gbs()
+    probes = dram_read_gbs()
+    dram = max(probes.values())
     print(f"# bench_gemv: {cpu_name()}, ISA {cpu_ops.simd_isa()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {datetime.date.today()}; DRAM read (torch.sum, 64 MiB slices of 1 GiB) {dram:.1f} GB/s")
+          f"{torch.get_num_threads()} threads, {datetime.date.today()}; DRAM read GB/s: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in probes.items()) + f" -> roofline {dram:.1f}")
     rows = []
     for K, N in shapes:
         for wdtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
@@ -109,4 +114,8 @@ def main(quick: bool = False) -> list[dict]:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="two shapes, M in {1, 8}")
-    main(ap.parse_args().quick)
+    ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: all cores)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # also the OpenMP team size of janus_rt._C (one libgomp)
+    main(args.quick)

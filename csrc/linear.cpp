@@ -21,7 +21,8 @@ using simd::vf;
 constexpr int kW = simd::kWidth;
 // Block sizes (overridable with -D for tuning). With AVX2's 16 registers, 6 x 2 accumulators measured as fast as
 // or faster than 4x3 / 4x2 / 5x2 / 8x2 on the 2-core Zen 3 box at M = 1, 8, 32 (single thread; K tiles of 256 and
-// 512 were slower). Both loops issue about one load per FMA, so M >= 8 is bound by L1 loads, not FMAs.
+// 512 were slower; software prefetch 512-2048 B ahead was slower at M = 1). Both loops issue about one load per
+// FMA, so M >= 8 is bound by L1 loads, not FMAs.
 // AVX-512 (32 registers; untested on hardware here): 6 x 4.
 #ifndef JR_LINEAR_RN
 #define JR_LINEAR_RN 6

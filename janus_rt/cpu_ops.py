@@ -28,6 +28,12 @@ def simd_isa() -> str:
     return _ext().simd_isa()
 
 
+def stream_sum(x: torch.Tensor) -> float:
+    """Sum of a contiguous fp32 CPU tensor, streamed at read bandwidth: bench_gemv's DRAM roofline probe."""
+    _check_tensor(x, "x", (torch.float32,))
+    return _ext().stream_sum(x.data_ptr(), x.numel())
+
+
 def _ext():
     if _C is None:
         raise RuntimeError("janus_rt._C is not built: run `python setup.py build_ext --inplace` in the repo root")

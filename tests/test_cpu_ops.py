@@ -1,7 +1,7 @@
 """janus_rt.cpu_ops (the C++/OpenMP kernels in csrc/) against the references in janus_rt.kernels.*.
 
-Outputs are allocated inside cpu_ops with torch.empty/empty_like; the `poisoned` fixture makes those allocations
-NaN (floats) or a sentinel (ints), so an element the kernel forgets to write fails the comparison.
+Outputs are allocated inside cpu_ops with torch.empty/empty_like; the `poison` fixture (conftest.py) makes those
+allocations NaN (floats) or -7 (ints), so an element the kernel forgets to write fails the comparison.
 """
 import math
 
@@ -17,27 +17,13 @@ from janus_rt.kernels.vq import vq_nearest_ref
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="janus_rt._C not built")
 
-SENTINEL = -7
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(SENTINEL if t.dtype != torch.bool else True)
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
 # ---- vq_nearest ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("N,K,D", [(1, 100, 8), (7, 16384, 8), (577, 16384, 8), (7, 100, 48), (577, 100, 64)])
-def test_vq_nearest(poisoned, N, K, D):
+def test_vq_nearest(poison, N, K, D):
     g = torch.Generator().manual_seed(N * K + D)
     z = F.normalize(torch.randn(N, D, generator=g), dim=1)  # as encode_images feeds it
     cb = F.normalize(torch.randn(K, D, generator=g), dim=1)
@@ -52,7 +38,7 @@ def test_vq_nearest(poisoned, N, K, D):
     assert (idx == ref).float().mean() > 0.98
 
 
-def test_vq_nearest_ties_pick_smallest_index(poisoned):
+def test_vq_nearest_ties_pick_smallest_index(poison):
     cb = torch.randn(300, 8)
     cb[250] = cb[3]  # exact duplicate later in the codebook, in another tile
     cb[40] = cb[20]
@@ -73,9 +59,9 @@ def _paged_setup(B, H, D, block_size, context_lens, dtype, seed=0):
 
 
 @pytest.mark.parametrize("D,block_size,context_lens", [(64, 16, [1, 17, 45]), (48, 32, [33, 5, 64, 0]),
-                                                         (128, 16, [150]), (8, 32, [31, 32, 2])])
+                                                         (128, 16, [150]), (8, 32, [31, 32, 2]), (20, 16, [9, 40])])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
-def test_paged_decode_attention_fp32_q(poisoned, D, block_size, context_lens, cache_dtype):
+def test_paged_decode_attention_fp32_q(poison, D, block_size, context_lens, cache_dtype):
     q, kc, vc, bt, cl = _paged_setup(len(context_lens), 4, D, block_size, context_lens, cache_dtype)
     o = cpu_ops.paged_decode_attention(q, kc, vc, bt, cl, sm_scale=0.7)
     ref = paged_decode_attention_ref(q, kc.float(), vc.float(), bt, cl, sm_scale=0.7)  # bf16 caches read exactly
@@ -84,7 +70,7 @@ def test_paged_decode_attention_fp32_q(poisoned, D, block_size, context_lens, ca
     assert bool((o[cl == 0] == 0).all())
 
 
-def test_paged_decode_attention_bf16(poisoned):
+def test_paged_decode_attention_bf16(poison):
     q, kc, vc, bt, cl = _paged_setup(3, 4, 64, 16, [1, 17, 45], torch.bfloat16, seed=1)
     q = q.bfloat16()
     o = cpu_ops.paged_decode_attention(q, kc, vc, bt, cl)
@@ -96,7 +82,7 @@ def test_paged_decode_attention_bf16(poisoned):
 
 
 @pytest.mark.parametrize("H,Hkv,context_lens", [(8, 2, [20, 7]), (6, 3, [40]), (16, 16, [700])])
-def test_paged_decode_attention_gqa(poisoned, H, Hkv, context_lens):
+def test_paged_decode_attention_gqa(poison, H, Hkv, context_lens):
     # Query head h reads cache head h // (H / Hkv); the reference sees the cache heads repeated. Batches of 1-2
     # split their heads into uneven chunks across threads; 16 x 700 x 64 is big enough to run threaded.
     _, kc, vc, bt, cl = _paged_setup(len(context_lens), Hkv, 64, 16, context_lens, torch.float32, seed=2)
@@ -128,7 +114,7 @@ def test_kv_store_exact(dtype, slot_dtype):
 # ---- cfg_sample ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("V", [1000, 16384, 40000])
 @pytest.mark.parametrize("with_uncond", [True, False])
-def test_cfg_sample_matches_ref(poisoned, V, with_uncond):
+def test_cfg_sample_matches_ref(poison, V, with_uncond):
     g = torch.Generator().manual_seed(V)
     B = 8
     cond = torch.randn(B, V, generator=g) * 3
@@ -146,7 +132,7 @@ def test_cfg_sample_matches_ref(poisoned, V, with_uncond):
     assert torch.equal(ours, cfg_sample_ref(cond, uncond, **params))
 
 
-def test_cfg_sample_strided_rows_and_scalars(poisoned):
+def test_cfg_sample_strided_rows_and_scalars(poison):
     logits = torch.randn(6, 16384) * 2  # official layout: even rows conditional, odd rows unconditional
     for seed in range(4):
         args = dict(cfg_weight=5.0, temperature=1.0, top_k=0, top_p=1.0, seeds=seed)
@@ -165,7 +151,7 @@ def test_cfg_sample_distribution():
     assert (freq - p).abs().max() < 4 * math.sqrt(0.25 / n)
 
 
-def test_cfg_sample_greedy_ties_pick_smallest_index(poisoned):
+def test_cfg_sample_greedy_ties_pick_smallest_index(poison):
     cond = torch.zeros(2, 100)
     cond[:, [7, 30, 99]] = 3.0
     assert cpu_ops.cfg_sample(cond, None, greedy=True).tolist() == [7, 7]
@@ -175,7 +161,7 @@ def test_cfg_sample_greedy_ties_pick_smallest_index(poisoned):
 @pytest.mark.parametrize("M", [1, 3, 17])
 @pytest.mark.parametrize("K", [40, 77, 2048])
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
-def test_linear(poisoned, M, K, w_dtype):
+def test_linear(poison, M, K, w_dtype):
     g = torch.Generator().manual_seed(M * K)
     N = 37
     x = torch.randn(M, K, generator=g)
@@ -187,7 +173,7 @@ def test_linear(poisoned, M, K, w_dtype):
     assert rel_err(cpu_ops.linear(x, w), F.linear(x, w.float())) <= 1e-5
 
 
-def test_linear_bf16_x_and_leading_dims(poisoned):
+def test_linear_bf16_x_and_leading_dims(poison):
     x = torch.randn(2, 3, 96).bfloat16()
     w = torch.randn(130, 96).bfloat16()
     y = cpu_ops.linear(x, w)
@@ -224,3 +210,9 @@ def test_misuse_raises_value_error():
     with pytest.raises(ValueError, match="dtype"):
         cpu_ops.kv_store(torch.randn(1, 2, 16), torch.randn(1, 2, 16), kc.bfloat16(), vc.bfloat16(),
                          torch.zeros(1, dtype=torch.int64))
+
+
+def test_stream_sum():
+    for n in (0, 37, 1000003, (1 << 21) + 5):  # below and above the threading threshold, ragged tails
+        x = torch.randn(n)
+        assert abs(cpu_ops.stream_sum(x) - x.double().sum().item()) <= 1e-6 * max(1.0, x.abs().sum().item())
