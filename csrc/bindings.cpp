@@ -19,6 +19,10 @@ void kv_store(ptr_t k, ptr_t v, ptr_t k_cache, ptr_t v_cache, ptr_t slot_mapping
 void cfg_sample(ptr_t cond, ptr_t uncond, ptr_t cfg_weight, ptr_t temperature, ptr_t top_k, ptr_t top_p,
                 ptr_t seeds, ptr_t greedy, ptr_t out, int64_t B, int64_t V, int64_t ldc, int64_t ldu);
 void linear(ptr_t x, int x_dtype, ptr_t w, int w_dtype, ptr_t bias, ptr_t y, int64_t M, int64_t N, int64_t K);
+void decode_layer(ptr_t h, int dtype, ptr_t in_norm, ptr_t qkv, ptr_t o, ptr_t post_norm, ptr_t gate_up, ptr_t down,
+                  ptr_t k_cache, ptr_t v_cache, ptr_t slot_mapping, ptr_t block_tables, ptr_t context_lens, ptr_t cos,
+                  ptr_t sin, int64_t R, int64_t C, int64_t H, int64_t I, int64_t num_blocks, int64_t block_size,
+                  int64_t max_blocks, double eps, double sm_scale);
 double stream_sum(ptr_t x, int64_t n);
 const char* simd_isa();
 }  // namespace jr
@@ -41,6 +45,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("ldc"), py::arg("ldu"));
   m.def("linear", &jr::linear, release(), "y[M, N] = x[M, K] @ w[N, K]^T (+ bias)", py::arg("x"), py::arg("x_dtype"),
         py::arg("w"), py::arg("w_dtype"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("N"), py::arg("K"));
+  m.def("decode_layer", &jr::decode_layer, release(), "one decoder layer for one token per row, h updated in place",
+        py::arg("h"), py::arg("dtype"), py::arg("in_norm"), py::arg("qkv"), py::arg("o"), py::arg("post_norm"),
+        py::arg("gate_up"), py::arg("down"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"),
+        py::arg("block_tables"), py::arg("context_lens"), py::arg("cos"), py::arg("sin"), py::arg("R"), py::arg("C"),
+        py::arg("H"), py::arg("I"), py::arg("num_blocks"), py::arg("block_size"), py::arg("max_blocks"),
+        py::arg("eps"), py::arg("sm_scale"));
   m.def("stream_sum", &jr::stream_sum, release(), "sum of n fp32 at read bandwidth (the bench roofline probe)",
         py::arg("x"), py::arg("n"));
   m.def("simd_isa", &jr::simd_isa, "vector ISA the kernels were compiled for: avx512, avx2 or scalar");

@@ -221,3 +221,61 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         0 if bias is None else bias.data_ptr(), y.data_ptr(), M, N, K,
     )
     return y
+
+
+def decode_layer(
+    h: torch.Tensor,
+    in_norm: torch.Tensor,
+    qkv: torch.Tensor,
+    o_proj: torch.Tensor,
+    post_norm: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+) -> None:
+    """One LLM decoder layer for one token per row, updating the residual stream `h` in place (csrc/decode_layer.cpp).
+
+    h: [R, C]; in_norm, post_norm: [C]; qkv: [3C, C]; o_proj: [C, C]; gate_up: [2I, C]; down: [C, I];
+    k_cache, v_cache: [num_blocks, block_size, H, D] with H * D = C — all one dtype, fp32 or bf16 (MHA only).
+    slot_mapping: int64 [R] (where row r's new k, v go; < 0 = write nothing); block_tables: int32 [R, max_blocks];
+    context_lens: int32 [R] (including the new token); cos, sin: fp32 [R, D] rotary tables of each row's position.
+    Same math as DecoderLayer.forward + ops.kv_store + ops.paged_decode_attention with the residual add folded in:
+    h <- h + attn(norm(h)); h <- h + mlp(norm(h)).
+    """
+    _check_tensor(h, "h", _FP, 2)
+    dt = h.dtype
+    R, C = h.shape
+    for name, t, nd in (("in_norm", in_norm, 1), ("post_norm", post_norm, 1), ("qkv", qkv, 2), ("o_proj", o_proj, 2),
+                        ("gate_up", gate_up, 2), ("down", down, 2), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4)):
+        _check_tensor(t, name, (dt,), nd)
+    num_blocks, block_size, H, D = k_cache.shape
+    _check(v_cache.shape == k_cache.shape, f"v_cache {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
+    _check(H * D == C and D % 2 == 0, f"cache heads {H} x head_dim {D} must be C = {C} with an even head_dim")
+    inter = down.shape[1]
+    for name, t, shape in (("in_norm", in_norm, (C,)), ("post_norm", post_norm, (C,)), ("qkv", qkv, (3 * C, C)),
+                           ("o_proj", o_proj, (C, C)), ("gate_up", gate_up, (2 * inter, C)), ("down", down, (C, inter))):
+        _check(tuple(t.shape) == shape, f"{name} has shape {tuple(t.shape)}; expected {shape} for C = {C}, I = {inter}")
+    _check_tensor(slot_mapping, "slot_mapping", (torch.int64,), 1)
+    _check_tensor(block_tables, "block_tables", (torch.int32,), 2)
+    _check_tensor(context_lens, "context_lens", (torch.int32,), 1)
+    _check_tensor(cos, "cos", (torch.float32,), 2)
+    _check_tensor(sin, "sin", (torch.float32,), 2)
+    _check(slot_mapping.shape[0] == R and block_tables.shape[0] == R and context_lens.shape[0] == R,
+           f"slot_mapping, block_tables and context_lens need R = {R} rows")
+    _check(cos.shape == (R, D) and sin.shape == (R, D), f"cos and sin must be [{R}, {D}]")
+    _check(block_tables.shape[1] >= 1, "block_tables needs at least one column")
+    if R == 0:
+        return
+    _ext().decode_layer(
+        h.data_ptr(), _DTYPE_CODE[dt], in_norm.data_ptr(), qkv.data_ptr(), o_proj.data_ptr(), post_norm.data_ptr(),
+        gate_up.data_ptr(), down.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
+        block_tables.data_ptr(), context_lens.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+        R, C, H, inter, num_blocks, block_size, block_tables.shape[1], float(eps), 1.0 / math.sqrt(D),
+    )

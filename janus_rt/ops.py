@@ -88,12 +88,17 @@ def rope(q, k, positions, theta: float):
     return rope_torch(q, k, positions, theta)
 
 
+def rope_tables(positions, d: int, theta: float, dtype):
+    """cos, sin: [..., D] in `dtype` for int positions [...] (transformers' Llama rotary tables)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=positions.device).float() / d))
+    freqs = positions.float()[..., None] * inv_freq  # [..., D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [..., D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
 def rope_torch(q, k, positions, theta: float):
     d = q.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=q.device).float() / d))
-    freqs = positions.float()[..., None] * inv_freq  # [B, T, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, T, 1, D]
-    cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
+    cos, sin = (t[:, :, None, :] for t in rope_tables(positions, d, theta, q.dtype))  # [B, T, 1, D]
 
     def rot(x):
         x1, x2 = x[..., : d // 2], x[..., d // 2 :]

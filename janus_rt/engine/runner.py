@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from janus_rt import ops
+from janus_rt.engine import cpu_decode
 from janus_rt.engine.kv_cache import KVCache
 
 
@@ -44,6 +45,8 @@ class ModelRunner:
         self.device = cache.device
         self.graphs: dict[int, tuple] = {}
         self.max_blocks = -(-max_model_len // cache.block_size)
+        # cpu backend: one csrc call per layer (engine/cpu_decode.py); False = the layer-by-layer ops path
+        self.fused_cpu_decode = backend == "cpu" and cpu_decode.supported(model, cache)
         if cuda_graphs and self.device.type == "cuda":
             self.capture_cudagraphs()
 
@@ -73,6 +76,9 @@ class ModelRunner:
             return self._replay(embeds, positions, slots, tables)
         width = max(len(t) for t in tables)
         bt = self._i32([t + [0] * (width - len(t)) for t in tables])
+        if self.fused_cpu_decode:
+            return cpu_decode.decode(self.model, self.cache, embeds, self._i64(positions), self._i64(slots), bt,
+                                     self._i32([p + 1 for p in positions]))
         kv = DecodeKV(self.cache, self._i64(slots), bt, self._i32([p + 1 for p in positions]))
         with ops.use_backend(self.backend):
             return self.model.llm(embeds[:, None], self._i64(positions)[:, None], kv)[:, 0]

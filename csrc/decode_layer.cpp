@@ -1,0 +1,161 @@
+// One decoder layer of the LLM for a decode step (one token per row), in one OpenMP parallel region:
+//   h [R, C] (the residual stream, model dtype T, updated in place):
+//     a = RMSNorm(h) -> qkv = a Wqkv^T -> RoPE(q, k) -> k, v into the paged cache at slot_mapping[r]
+//     -> o = paged attention(q) -> h += o Wo^T -> a = RMSNorm(h) -> g, u = a Wgate_up^T -> h += (silu(g) u) Wdown^T
+// Weights [out, in] in T, caches [num_blocks, block_size, H, D] in T, T = fp32 or bf16; cos/sin fp32 [R, D] (the
+// rotary tables of each row's position, already rounded to T). MHA only (Janus-Pro).
+//
+// Why one call: on the 2-core CPU a decode step of the small model spent about as long in the ~15 small torch ops
+// and Python around each layer as in its four GEMVs. Here every phase is an `omp for` of the same team, so a
+// phase boundary costs a barrier, not an interpreter round trip and an OpenMP fork/join.
+//
+// Numerics follow the torch path (ops.py) op by op: every value the torch path holds in a T tensor is rounded to T
+// here at the same point (rnd), sums and products in between are fp32, and the GEMV is gemv.h's, fed the same
+// values, so the fp32 path differs from the torch one only in summation order.
+#include <cmath>
+#include <vector>
+
+#include <omp.h>
+
+#include "common.h"
+#include "gemv.h"
+#include "paged_attention.h"
+
+namespace jr {
+namespace {
+
+// The value a T tensor would hold.
+template <typename T>
+inline float rnd(float x) {
+  if constexpr (std::is_same_v<T, float>) return x;
+  else return bf16_to_float(float_to_bf16(x));
+}
+
+// out [C] fp32 (values of T) = weight * T(x * rsqrt(mean(x^2) + eps)), as ops.rms_norm_torch.
+template <typename T>
+inline void rms_norm_row(const T* x, const T* w, float* out, int64_t C, float eps) {
+  float ss = 0.0f;
+  for (int64_t c = 0; c < C; ++c) {
+    const float v = to_float(x[c]);
+    ss += v * v;
+  }
+  const float inv = 1.0f / std::sqrt(ss / float(C) + eps);
+  for (int64_t c = 0; c < C; ++c) out[c] = rnd<T>(to_float(w[c]) * rnd<T>(to_float(x[c]) * inv));
+}
+
+// Rotate-half RoPE of one head: out = T(T(x cos) + T(rot(x) sin)), rot(x) = [-x2, x1]; x holds values of T.
+template <typename T>
+inline void rope_head(const float* x, const float* cos, const float* sin, T* out, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < D; ++d) {
+    const float r = d < half ? -x[d + half] : x[d - half];
+    from_float(rnd<T>(rnd<T>(x[d] * cos[d]) + rnd<T>(r * sin[d])), out + d);
+  }
+}
+
+template <typename T>
+struct Layer {
+  const T *in_norm, *qkv, *o, *post_norm, *gate_up, *down;
+  T *k_cache, *v_cache;
+  const int64_t* slots;
+  const int32_t *block_tables, *context_lens;
+  const float *cos, *sin;
+  int64_t R, C, H, D, I, num_slots, block_size, max_blocks;
+  float eps, sm_scale;
+};
+
+template <typename T>
+void run_layer(T* h, const Layer<T>& L) {
+  const int64_t R = L.R, C = L.C, H = L.H, D = L.D, I = L.I;
+  const int64_t wide = std::max(3 * C, 2 * I);
+  std::vector<float> xp(size_t(R * std::max(C, I)));  // GEMV input, packed by gemv::pack_x<T>
+  std::vector<float> y(size_t(R * wide));             // GEMV output, fp32
+  std::vector<float> row(size_t(R * std::max(C, I)));  // a normed / activated row before packing
+  std::vector<T> q(size_t(R * C)), o(size_t(R * C));  // rotated queries, attention output
+  const int64_t chunks = attn::head_chunks(R, H, omp_get_max_threads());
+#pragma omp parallel
+  {
+    // a = norm(h) -> qkv
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+      rms_norm_row(h + r * C, L.in_norm, &row[r * C], C, L.eps);
+      gemv::pack_x<T>(&row[r * C], &xp[r * C], 1, C);
+    }
+    gemv::gemv_for(L.qkv, xp.data(), nullptr, y.data(), R, 3 * C, C);
+    // RoPE on q and k; k and v into the cache
+#pragma omp for schedule(static)
+    for (int64_t rh = 0; rh < R * H; ++rh) {
+      const int64_t r = rh / H, hd = rh % H;
+      float* qkv = &y[r * 3 * C];
+      float* qh = qkv + hd * D;
+      float* kh = qkv + C + hd * D;
+      const float* vh = qkv + 2 * C + hd * D;
+      for (int64_t d = 0; d < D; ++d) qh[d] = rnd<T>(qh[d]), kh[d] = rnd<T>(kh[d]);
+      rope_head(qh, L.cos + r * D, L.sin + r * D, &q[r * C + hd * D], D);
+      const int64_t s = L.slots[r];
+      if (s >= 0 && s < L.num_slots) {  // padding rows (slot < 0) write nothing, as kv_store
+        rope_head(kh, L.cos + r * D, L.sin + r * D, L.k_cache + (s * H + hd) * D, D);
+        for (int64_t d = 0; d < D; ++d) from_float(vh[d], L.v_cache + (s * H + hd) * D + d);
+      }
+    }
+    attn::attend_for(q.data(), L.k_cache, L.v_cache, L.block_tables, L.context_lens, o.data(), R, H, H, D,
+                     L.block_size, L.max_blocks, L.sm_scale, chunks);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) gemv::pack_x<T>(&o[r * C], &xp[r * C], 1, C);
+    gemv::gemv_for(L.o, xp.data(), nullptr, y.data(), R, C, C);
+    // h += attention; a = norm(h) -> gate, up
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t c = 0; c < C; ++c) from_float(rnd<T>(to_float(h[r * C + c]) + rnd<T>(y[r * C + c])), h + r * C + c);
+      rms_norm_row(h + r * C, L.post_norm, &row[r * C], C, L.eps);
+      gemv::pack_x<T>(&row[r * C], &xp[r * C], 1, C);
+    }
+    gemv::gemv_for(L.gate_up, xp.data(), nullptr, y.data(), R, 2 * I, C);
+    // silu(gate) * up -> down
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+      const float* gu = &y[r * 2 * I];
+      float* a = &row[r * I];
+      for (int64_t i = 0; i < I; ++i) {
+        const float g = rnd<T>(gu[i]);
+        a[i] = rnd<T>(rnd<T>(g / (1.0f + std::exp(-g))) * rnd<T>(gu[I + i]));
+      }
+      gemv::pack_x<T>(a, &xp[r * I], 1, I);
+    }
+    gemv::gemv_for(L.down, xp.data(), nullptr, y.data(), R, C, I);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0; c < C; ++c) from_float(rnd<T>(to_float(h[r * C + c]) + rnd<T>(y[r * C + c])), h + r * C + c);
+  }
+}
+
+}  // namespace
+
+void decode_layer(std::uintptr_t h, int dtype, std::uintptr_t in_norm, std::uintptr_t qkv, std::uintptr_t o,
+                  std::uintptr_t post_norm, std::uintptr_t gate_up, std::uintptr_t down, std::uintptr_t k_cache,
+                  std::uintptr_t v_cache, std::uintptr_t slot_mapping, std::uintptr_t block_tables,
+                  std::uintptr_t context_lens, std::uintptr_t cos, std::uintptr_t sin, int64_t R, int64_t C,
+                  int64_t H, int64_t I, int64_t num_blocks, int64_t block_size, int64_t max_blocks, double eps,
+                  double sm_scale) {
+  JR_CHECK(R >= 1 && C >= 1 && H >= 1 && I >= 1, "need R, C, H, I >= 1");
+  JR_CHECK(C % H == 0 && (C / H) % 2 == 0, "C must be H * D with an even head_dim D");
+  JR_CHECK(num_blocks >= 1 && block_size >= 1 && max_blocks >= 1, "num_blocks, block_size, max_blocks must be >= 1");
+  JR_CHECK(dtype == kF32 || dtype == kBF16, "dtype must be fp32 or bf16");
+  JR_CHECK(h && in_norm && qkv && o && post_norm && gate_up && down && k_cache && v_cache && slot_mapping &&
+               block_tables && context_lens && cos && sin, "null pointer");
+  const int32_t* bt = ptr<const int32_t>(block_tables);
+  const int32_t* cl = ptr<const int32_t>(context_lens);
+  attn::check_tables(bt, cl, R, num_blocks, block_size, max_blocks);
+  auto run = [&](auto* hp) {
+    using T = std::remove_pointer_t<decltype(hp)>;
+    Layer<T> L{ptr<const T>(in_norm), ptr<const T>(qkv), ptr<const T>(o), ptr<const T>(post_norm),
+               ptr<const T>(gate_up), ptr<const T>(down), ptr<T>(k_cache), ptr<T>(v_cache),
+               ptr<const int64_t>(slot_mapping), bt, cl, ptr<const float>(cos), ptr<const float>(sin),
+               R, C, H, C / H, I, num_blocks * block_size, block_size, max_blocks, float(eps), float(sm_scale)};
+    run_layer(hp, L);
+  };
+  if (dtype == kF32) run(ptr<float>(h));
+  else run(ptr<uint16_t>(h));
+}
+
+}  // namespace jr

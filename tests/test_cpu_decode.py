@@ -1,0 +1,130 @@
+"""csrc decode_layer (engine/cpu_decode.py) against the layer-by-layer path: one decoder layer, and the engine."""
+import pytest
+import torch
+
+from janus_rt import Janus, cpu_ops, ops
+from janus_rt.config import LLMConfig
+from janus_rt.engine import Engine, SamplingParams
+from janus_rt.engine.kv_cache import KVCache
+from janus_rt.engine.runner import DecodeKV
+from janus_rt.models.llm import DecoderLayer
+from tolerances import max_err
+
+pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="janus_rt._C not built")
+
+
+def _layer_case(dtype, hidden, heads, inter, context_lens, block_size=16, seed=0):
+    """A random decoder layer, a paged cache with random past K/V, and one decode step's inputs."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = LLMConfig(vocab_size=64, hidden_size=hidden, num_layers=1, num_heads=heads, num_kv_heads=heads,
+                    intermediate_size=inter)
+    layer = DecoderLayer(cfg, 0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 1 else p.shape[1] ** -0.5) + (p.dim() == 1))
+    layer = layer.to(dtype)
+    r, d = len(context_lens), cfg.head_dim
+    width = -(-max(context_lens) // block_size)
+    cache = KVCache(1, r * width + 1, block_size, heads, d, dtype)
+    cache.data.copy_(torch.randn(cache.data.shape, generator=g).to(dtype))
+    perm = torch.randperm(r * width, generator=g) + 1  # block 0 unused, tables scattered
+    tables = perm.view(r, width).to(torch.int32).contiguous()
+    pos = torch.tensor(context_lens) - 1
+    slots = (tables[torch.arange(r), pos // block_size].long() * block_size + pos % block_size).contiguous()
+    h = torch.randn(r, hidden, generator=g).to(dtype)
+    return cfg, layer, cache, tables, slots, pos, h
+
+
+def _reference(layer, cache, tables, slots, pos, h, backend):
+    kv = DecodeKV(cache, slots, tables, (pos + 1).to(torch.int32))
+    with torch.inference_mode(), ops.use_backend(backend):
+        out, resid = layer(h[:, None], None, pos[:, None], kv)
+    return (out + resid)[:, 0]
+
+
+def _fused(cfg, layer, cache, tables, slots, pos, h):
+    cos, sin = (t.float().contiguous() for t in ops.rope_tables(pos, cfg.head_dim, cfg.rope_theta, h.dtype))
+    h = h.clone()
+    with torch.inference_mode():
+        cpu_ops.decode_layer(h, layer.input_norm.weight, layer.attn.qkv_proj.weight, layer.attn.o_proj.weight,
+                             layer.post_attn_norm.weight, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight,
+                             cache.k_cache(0), cache.v_cache(0), slots, tables, (pos + 1).to(torch.int32), cos, sin,
+                             layer.input_norm.eps)
+    return h
+
+
+SHAPES = [(72, 3, 100, [1, 17, 40, 5, 33]),  # head_dim 24, K and N not multiples of the vector width
+          (128, 4, 176, [16, 16, 1]),
+          (64, 2, 96, [300, 7])]
+
+
+@pytest.mark.parametrize("hidden,heads,inter,lens", SHAPES)
+def test_decode_layer_fp32(hidden, heads, inter, lens):
+    cfg, layer, cache, tables, slots, pos, h = _layer_case(torch.float32, hidden, heads, inter, lens)
+    ref_cache = KVCache(1, cache.num_blocks, cache.block_size, heads, cfg.head_dim, torch.float32)
+    ref_cache.data.copy_(cache.data)
+    ref = _reference(layer, ref_cache, tables, slots, pos, h, "torch")
+    out = _fused(cfg, layer, cache, tables, slots, pos, h)
+    assert max_err(out, ref) <= 1e-5 * ref.abs().max()
+    # the new K/V rows were written (K rotated), everything else untouched
+    assert max_err(cache.data, ref_cache.data) <= 1e-5 * ref_cache.data.abs().max()
+    assert not torch.equal(cache.data, _layer_case(torch.float32, hidden, heads, inter, lens)[2].data)
+
+
+@pytest.mark.parametrize("hidden,heads,inter,lens", SHAPES[:2])
+def test_decode_layer_bf16(hidden, heads, inter, lens):
+    """bf16: the same rounding points as the torch path, so its error against an fp32 run of the same layer is
+    within 2x the torch bf16 path's own; and close to the layer-by-layer cpu path it replaces."""
+    cfg, layer, cache, tables, slots, pos, h = _layer_case(torch.bfloat16, hidden, heads, inter, lens)
+    caches = [KVCache(1, cache.num_blocks, cache.block_size, heads, cfg.head_dim, dt)
+              for dt in (torch.bfloat16, torch.float32)]
+    for c in caches:
+        c.data.copy_(cache.data)
+    ref_bf16 = _reference(layer, caches[0], tables, slots, pos, h, "torch")
+    ref32 = _reference(layer.float(), caches[1], tables, slots, pos, h.float(), "torch")
+    layer = layer.to(torch.bfloat16)
+    out = _fused(cfg, layer, cache, tables, slots, pos, h)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert max_err(out, ref32) <= 2 * max_err(ref_bf16, ref32)
+
+
+def test_decode_layer_skips_padding_slots():
+    cfg, layer, cache, tables, slots, pos, h = _layer_case(torch.float32, 64, 2, 96, [20, 9])
+    before = cache.data.clone()
+    slots = torch.tensor([-1, -1])
+    _fused(cfg, layer, cache, tables, slots, pos, h)
+    assert torch.equal(cache.data, before)
+
+
+def test_decode_layer_misuse():
+    cfg, layer, cache, tables, slots, pos, h = _layer_case(torch.float32, 64, 2, 96, [20, 9])
+    with pytest.raises(ValueError, match="dtype"):
+        _fused(cfg, layer, cache, tables, slots, pos, h.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="block_tables"):
+        _fused(cfg, layer, cache, torch.full_like(tables, cache.num_blocks), slots, pos, h)
+    with pytest.raises(ValueError, match="context_lens"):
+        _fused(cfg, layer, cache, tables, slots, pos + 1000, h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_fused_decode_matches_layer_by_layer(dtype):
+    """The engine with the csrc decode step gives the layer-by-layer cpu path's logits and (greedy) tokens."""
+    model = Janus.from_preset("tiny", seed=4, dtype=dtype)
+    t = model.cfg.tokens
+    ids = [t.bos_id, 5, 9, 30, 7, t.boi_id]
+    runs = []
+    for fused in (True, False):
+        eng = Engine.for_requests(model, [(len(ids), 2), (len(ids) + 3, 1)])
+        assert eng.runner.fused_cpu_decode
+        eng.runner.fused_cpu_decode = fused
+        eng.record_logits = True
+        a = eng.add_image_request(ids, n=2, params=SamplingParams(greedy=True), num_tokens=24)
+        b = eng.add_image_request(ids[:-1] + [3, 4, 5, t.boi_id], n=1, params=SamplingParams(seed=2), num_tokens=20)
+        eng.run()
+        runs.append((a, b))
+    for x, y in zip(*runs):
+        assert x.tokens == y.tokens
+        c1 = torch.stack([c for c, _ in x.logits])
+        c2 = torch.stack([c for c, _ in y.logits])
+        tol = 1e-4 if dtype == torch.float32 else 0.05
+        assert max_err(c1, c2) <= tol * c2.abs().max()
