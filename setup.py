@@ -17,6 +17,7 @@ ext = Pybind11Extension(
     "janus_rt._C",
     sorted(glob.glob(os.path.join("csrc", "*.cpp"))),
     include_dirs=["csrc"],
+    depends=sorted(glob.glob(os.path.join("csrc", "*.h"))),  # a header edit rebuilds every .cpp
     extra_compile_args=cxx_flags,
     extra_link_args=["-fopenmp"],
 )

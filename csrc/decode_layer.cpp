@@ -68,7 +68,8 @@ template <typename T>
 void run_layer(T* h, const Layer<T>& L) {
   const int64_t R = L.R, C = L.C, H = L.H, D = L.D, I = L.I;
   const int64_t wide = std::max(3 * C, 2 * I);
-  std::vector<float> xp(size_t(R * std::max(C, I)));  // GEMV input, packed by gemv::pack_x<T>
+  const int64_t ldc = gemv::x_stride(C), ldi = gemv::x_stride(I);
+  std::vector<float> xp(size_t(R * std::max(ldc, ldi)));  // GEMV input, packed by gemv::pack_x<T>
   std::vector<float> y(size_t(R * wide));             // GEMV output, fp32
   std::vector<float> row(size_t(R * std::max(C, I)));  // a normed / activated row before packing
   std::vector<T> q(size_t(R * C)), o(size_t(R * C));  // rotated queries, attention output
@@ -79,9 +80,9 @@ void run_layer(T* h, const Layer<T>& L) {
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
       rms_norm_row(h + r * C, L.in_norm, &row[r * C], C, L.eps);
-      gemv::pack_x<T>(&row[r * C], &xp[r * C], 1, C);
+      gemv::pack_x<T>(&row[r * C], &xp[r * ldc], 1, C, ldc);
     }
-    gemv::gemv_for(L.qkv, xp.data(), nullptr, y.data(), R, 3 * C, C);
+    gemv::gemv_for(L.qkv, xp.data(), ldc, nullptr, y.data(), R, 3 * C, C);
     // RoPE on q and k; k and v into the cache
 #pragma omp for schedule(static)
     for (int64_t rh = 0; rh < R * H; ++rh) {
@@ -101,16 +102,16 @@ void run_layer(T* h, const Layer<T>& L) {
     attn::attend_for(q.data(), L.k_cache, L.v_cache, L.block_tables, L.context_lens, o.data(), R, H, H, D,
                      L.block_size, L.max_blocks, L.sm_scale, chunks);
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; ++r) gemv::pack_x<T>(&o[r * C], &xp[r * C], 1, C);
-    gemv::gemv_for(L.o, xp.data(), nullptr, y.data(), R, C, C);
+    for (int64_t r = 0; r < R; ++r) gemv::pack_x<T>(&o[r * C], &xp[r * ldc], 1, C, ldc);
+    gemv::gemv_for(L.o, xp.data(), ldc, nullptr, y.data(), R, C, C);
     // h += attention; a = norm(h) -> gate, up
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
       for (int64_t c = 0; c < C; ++c) from_float(rnd<T>(to_float(h[r * C + c]) + rnd<T>(y[r * C + c])), h + r * C + c);
       rms_norm_row(h + r * C, L.post_norm, &row[r * C], C, L.eps);
-      gemv::pack_x<T>(&row[r * C], &xp[r * C], 1, C);
+      gemv::pack_x<T>(&row[r * C], &xp[r * ldc], 1, C, ldc);
     }
-    gemv::gemv_for(L.gate_up, xp.data(), nullptr, y.data(), R, 2 * I, C);
+    gemv::gemv_for(L.gate_up, xp.data(), ldc, nullptr, y.data(), R, 2 * I, C);
     // silu(gate) * up -> down
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
@@ -120,9 +121,9 @@ void run_layer(T* h, const Layer<T>& L) {
         const float g = rnd<T>(gu[i]);
         a[i] = rnd<T>(rnd<T>(g / (1.0f + std::exp(-g))) * rnd<T>(gu[I + i]));
       }
-      gemv::pack_x<T>(a, &xp[r * I], 1, I);
+      gemv::pack_x<T>(a, &xp[r * ldi], 1, I, ldi);
     }
-    gemv::gemv_for(L.down, xp.data(), nullptr, y.data(), R, C, I);
+    gemv::gemv_for(L.down, xp.data(), ldi, nullptr, y.data(), R, C, I);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r)
       for (int64_t c = 0; c < C; ++c) from_float(rnd<T>(to_float(h[r * C + c]) + rnd<T>(y[r * C + c])), h + r * C + c);

@@ -4,8 +4,11 @@
 // Decode reads every weight once per step, so the kernel is built around streaming W exactly once: each thread
 // owns a contiguous range of W rows, takes RN rows at a time and a K tile of them (small enough to stay in L1),
 // and runs every row of x against that tile with an RN x RM block of vector accumulators before moving on.
-// x is copied once per call into fp32 (`xp`); for bf16 weights each 2*kWidth chunk of x is split into its
-// even and odd elements, so a bf16 weight vector widens with one shift (even) and one mask (odd).
+// x is copied once per call into fp32 (`xp`, rows padded to stride ldx); for bf16 weights each 2*kWidth chunk of x
+// is split into its even and odd elements, so a bf16 weight vector widens with one shift (even) and one mask (odd).
+// For M >= 3 a bf16 tile is widened once into an fp32 scratch tile in that same order, and every row of x then
+// runs the fp32 loop against it: the widening is paid once per weight instead of once per row of x.
+// While a block computes, the W of the next block is prefetched a little per loop step.
 #pragma once
 
 #include <algorithm>
@@ -21,44 +24,120 @@ namespace jr::gemv {
 
 using simd::vf;
 constexpr int kW = simd::kWidth;
-// Block sizes (overridable with -D for tuning). With AVX2's 16 registers, 6 x 2 accumulators measured as fast as
-// or faster than 4x3 / 4x2 / 5x2 / 8x2 on the 2-core Zen 3 box at M = 1, 8, 32 (single thread; K tiles of 256 and
-// 512 were slower; software prefetch 512-2048 B ahead was slower at M = 1). Both loops issue about one load per
-// FMA, so M >= 8 is bound by L1 loads, not FMAs.
-// AVX-512 (32 registers; untested on hardware here): 6 x 4.
+// Block sizes (overridable with -D for tuning), measured on the 2-core Zen 3 box (AVX2, 16 registers).
+// M >= 3: 3 W rows x 4 x rows = 12 accumulators + 3 W vectors + 1 x vector = 16 registers, 7 loads per 12 FMAs,
+// so the loop is FMA-bound; 4x3 measured the same, 6x2 / 1x8 / 2x4 / 2x6 slower.
+// M <= 2: 6 W rows, memory-bound (as before; 1 / 2 / 3 / 4 / 8 rows were no faster).
+// AVX-512 (32 registers; untested on hardware here) keeps the same shapes.
 #ifndef JR_LINEAR_RN
-#define JR_LINEAR_RN 6
+#define JR_LINEAR_RN 3
 #endif
 #ifndef JR_LINEAR_RM
-#define JR_LINEAR_RM (kW == 16 ? 4 : 2)
+#define JR_LINEAR_RM 4
 #endif
+#ifndef JR_LINEAR_RN_SMALL_M
+#define JR_LINEAR_RN_SMALL_M 6
+#endif
+// bf16 weights, M >= 3: a block is kPanel * kRN rows, widened together; each 4-row slice of x is then read from
+// L2 once per block and reused from L1 by its kPanel sub-blocks (2 x 512: 12 KiB of widened W + 8 KiB of x).
+#ifndef JR_LINEAR_PANEL
+#define JR_LINEAR_PANEL 2
+#endif
+// 512 and 1024 measured the same for fp32 M = 8 (K = 1376); 512 keeps the bf16 panel in L1.
 #ifndef JR_LINEAR_KTILE
-#define JR_LINEAR_KTILE 1024
+#define JR_LINEAR_KTILE 512
 #endif
-constexpr int kRN = JR_LINEAR_RN;            // W rows per block
-constexpr int kRM = JR_LINEAR_RM;            // x rows per block
-constexpr int64_t kKTile = JR_LINEAR_KTILE;  // K elements per tile (a multiple of 2*kW): kRN rows of it fit L1/L2
+// Software prefetch of W, in blocks ahead (0: off), and its locality hint (3: all levels; 2 measured the same).
+// M >= 3 streams faster with it (M = 8: 1.3-1.6x from DRAM); M <= 2 has its own switch, off: there it was
+// 10-30% slower in cache and no faster from DRAM.
+#ifndef JR_LINEAR_PF
+#define JR_LINEAR_PF 1
+#endif
+#ifndef JR_LINEAR_PF_HINT
+#define JR_LINEAR_PF_HINT 3
+#endif
+// Static (one contiguous range per thread) and dynamic,32 measured the same when the box is quiet; dynamic
+// keeps the threads balanced when another process takes part of a core.
+#ifndef JR_LINEAR_SCHED
+#define JR_LINEAR_SCHED dynamic, 8
+#endif
+constexpr int kRN = JR_LINEAR_RN;                  // W rows per block (M >= 3)
+constexpr int kRM = JR_LINEAR_RM;                  // x rows per block
+constexpr int kRNS = JR_LINEAR_RN_SMALL_M;         // W rows per block (M <= 2)
+constexpr int kPanel = JR_LINEAR_PANEL;            // bf16, M >= 3: sub-blocks of kRN rows per block
+constexpr int64_t kKTile = JR_LINEAR_KTILE;        // K elements per tile (a multiple of 2*kW)
+constexpr int64_t kWbufLd = JR_LINEAR_KTILE + 16;  // row stride of the widened tile (padded like xp's)
+constexpr int kPf = JR_LINEAR_PF;
+#ifndef JR_LINEAR_PF_SMALL_M
+#define JR_LINEAR_PF_SMALL_M 0
+#endif
+constexpr int kPfSmallM = JR_LINEAR_PF_SMALL_M;  // the same, for M <= 2
 
-// Elements one step of the inner loop consumes.
 template <typename WT>
 constexpr int step() {
   return std::is_same_v<WT, float> ? kW : 2 * kW;
 }
 
-// part[r][m] += sum_{k in [k0, k1)} W[r, k] * x[m, k], for RN rows of W at `w` and RM rows of xp at `xp`.
-// [k0, kvec) is a whole number of steps; [kvec, k1) is the scalar tail (only in the last tile).
+// Pins a loaded vector in a register: without it GCC folds the load into every FMA that uses it, which turns one
+// load per vector into one per FMA, and the loop becomes bound by L1 loads (2 x 256-bit per cycle on Zen 3).
+inline vf in_reg(vf v) {
+#if defined(__AVX512F__)
+  asm("" : "+v"(v));
+#elif defined(__AVX2__)
+  asm("" : "+x"(v));
+#endif
+  return v;
+}
+
+// out[0..3] += horizontal sums of a, b, c, d. With AVX2 the four reduce together with hadd (a transpose on the
+// way) instead of four separate shuffle chains. Vectors go by value: an accumulator array passed by pointer can
+// make GCC keep it in memory.
+inline void hsum4_add(vf a, vf b, vf c, vf d, float* out) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  const __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  _mm_storeu_ps(out, _mm_add_ps(_mm_loadu_ps(out), r));
+#else
+  out[0] += simd::hsum(a);
+  out[1] += simd::hsum(b);
+  out[2] += simd::hsum(c);
+  out[3] += simd::hsum(d);
+#endif
+}
+
+// part[r * ldp + m] += sum_{k < kn} W[r, k] * x[m, k], for RN rows of W at `w` (row stride ldw) and RM rows of xp
+// at `xp` (row stride ldx); kn is a whole number of steps (the scalar tail is rows_block's).
+// pf (if not null): pf_step bytes of W to prefetch per loop step (a slice of a block further ahead).
 template <int RN, int RM, typename WT>
-inline void block_dot(const WT* w, const float* xp, int64_t K, int64_t k0, int64_t kvec, int64_t k1,
-                      float* part, int64_t ldp) {
+inline void block_dot(const WT* w, int64_t ldw, const float* xp, int64_t ldx, int64_t kn, float* part,
+                      int64_t ldp, const char* pf = nullptr, int64_t pf_step = 0) {
+  auto prefetch = [pf, pf_step](int64_t k) {
+    if (pf)
+      for (int64_t o = 0; o < pf_step; o += 64)
+        __builtin_prefetch(pf + k / step<WT>() * pf_step + o, 0, JR_LINEAR_PF_HINT);
+  };
   vf acc[RN][RM];
   for (int r = 0; r < RN; ++r)
     for (int m = 0; m < RM; ++m) acc[r][m] = simd::zero();
-  if constexpr (std::is_same_v<WT, float>) {
-    for (int64_t k = k0; k < kvec; k += kW) {
+  if constexpr (std::is_same_v<WT, float> && RN <= RM) {
+    // Hold the RN W vectors, stream the RM x vectors: RN*RM + RN + 1 registers.
+    for (int64_t k = 0; k < kn; k += kW) {
+      prefetch(k);
+      vf wv[RN];
+      for (int r = 0; r < RN; ++r) wv[r] = in_reg(simd::load(w + r * ldw + k));
+      for (int m = 0; m < RM; ++m) {
+        const vf xv = RN > 1 ? in_reg(simd::load(xp + m * ldx + k)) : simd::load(xp + m * ldx + k);
+        for (int r = 0; r < RN; ++r) acc[r][m] = simd::fma(wv[r], xv, acc[r][m]);
+      }
+    }
+  } else if constexpr (std::is_same_v<WT, float>) {
+    // Hold the RM x vectors, stream the RN W vectors: RN*RM + RM + 1 registers.
+    for (int64_t k = 0; k < kn; k += kW) {
+      prefetch(k);
       vf xv[RM];
-      for (int m = 0; m < RM; ++m) xv[m] = simd::load(xp + m * K + k);
+      for (int m = 0; m < RM; ++m) xv[m] = simd::load(xp + m * ldx + k);
       for (int r = 0; r < RN; ++r) {
-        vf wv = simd::load(w + r * K + k);
+        const vf wv = RM > 1 ? in_reg(simd::load(w + r * ldw + k)) : simd::load(w + r * ldw + k);
         for (int m = 0; m < RM; ++m) acc[r][m] = simd::fma(wv, xv[m], acc[r][m]);
       }
     }
@@ -66,76 +145,134 @@ inline void block_dot(const WT* w, const float* xp, int64_t K, int64_t k0, int64
     // GEMV: even and odd halves get their own accumulators, so no FMA waits on the one before it.
     vf acc_odd[RN];
     for (int r = 0; r < RN; ++r) acc_odd[r] = simd::zero();
-    for (int64_t k = k0; k < kvec; k += 2 * kW) {
+    for (int64_t k = 0; k < kn; k += 2 * kW) {
+      prefetch(k);
       const vf xe = simd::load(xp + k), xo = simd::load(xp + k + kW);
       for (int r = 0; r < RN; ++r) {
         vf we, wo;
-        simd::load_bf16_pairs(w + r * K + k, we, wo);
+        simd::load_bf16_pairs(w + r * ldw + k, we, wo);
         acc[r][0] = simd::fma(we, xe, acc[r][0]);
         acc_odd[r] = simd::fma(wo, xo, acc_odd[r]);
       }
     }
     for (int r = 0; r < RN; ++r) acc[r][0] = simd::add(acc[r][0], acc_odd[r]);
   } else {
-    for (int64_t k = k0; k < kvec; k += 2 * kW) {
+    for (int64_t k = 0; k < kn; k += 2 * kW) {
+      prefetch(k);
       for (int r = 0; r < RN; ++r) {
         vf we, wo;
-        simd::load_bf16_pairs(w + r * K + k, we, wo);
+        simd::load_bf16_pairs(w + r * ldw + k, we, wo);
         for (int m = 0; m < RM; ++m) {
-          acc[r][m] = simd::fma(we, simd::load(xp + m * K + k), acc[r][m]);
-          acc[r][m] = simd::fma(wo, simd::load(xp + m * K + k + kW), acc[r][m]);
+          acc[r][m] = simd::fma(we, simd::load(xp + m * ldx + k), acc[r][m]);
+          acc[r][m] = simd::fma(wo, simd::load(xp + m * ldx + k + kW), acc[r][m]);
         }
       }
     }
   }
-  for (int r = 0; r < RN; ++r)
-    for (int m = 0; m < RM; ++m) {
-      float s = simd::hsum(acc[r][m]);
-      for (int64_t k = std::max(k0, kvec); k < k1; ++k) s += to_float(w[r * K + k]) * xp[m * K + k];
-      part[r * ldp + m] += s;
+  for (int r = 0; r < RN; ++r) {
+    if constexpr (RM % 4 == 0) {
+      for (int m = 0; m < RM; m += 4)
+        hsum4_add(acc[r][m], acc[r][m + 1], acc[r][m + 2], acc[r][m + 3], part + r * ldp + m);
+    } else {
+      for (int m = 0; m < RM; ++m) part[r * ldp + m] += simd::hsum(acc[r][m]);
     }
-}
-
-template <int RN, typename WT>
-inline void block_dot_m(int rm, const WT* w, const float* xp, int64_t K, int64_t k0, int64_t kvec, int64_t k1,
-                        float* part, int64_t ldp) {
-  switch (rm) {
-    case 1: return block_dot<RN, 1>(w, xp, K, k0, kvec, k1, part, ldp);
-    case 2: return block_dot<RN, 2>(w, xp, K, k0, kvec, k1, part, ldp);
-    case 3: return block_dot<RN, 3>(w, xp, K, k0, kvec, k1, part, ldp);
-    default:
-      if constexpr (kRM >= 4) return block_dot<RN, kRM>(w, xp, K, k0, kvec, k1, part, ldp);
   }
 }
 
-// RN rows of W starting at row n0 against all M rows of x; writes y[:, n0:n0+RN].
-template <int RN, typename WT>
-void rows_block(const WT* w, const float* xp, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
-                int64_t n0, float* part) {
+// All M rows of xp (row stride ldx) against RN rows of W (row stride ldw), kn elements: RMX rows of x at a time,
+// each against the RN rows RS at a time (RS < RN: the x rows come from L2 once per RN rows, then from L1).
+// pf (if not null): pf_bytes of W further ahead to prefetch, spread over every call's loop, so the requests go out
+// at the rate the block computes; prefetching it all at once (or only in the first pass) measured slower.
+template <int RN, int RMX, int RS, typename WT>
+inline void block_dot_all_m(const WT* w, int64_t ldw, const float* xp, int64_t ldx, int64_t M, int64_t kn,
+                            float* part, const char* pf, int64_t pf_bytes) {
+  static_assert(RN % RS == 0);
+  const int64_t steps = (M + RMX - 1) / RMX * (RN / RS) * (kn / step<WT>());
+  const int64_t pf_step = steps ? (pf_bytes + steps - 1) / steps : 0;
+  const int64_t pf_call = pf_step * (kn / step<WT>());
+  for (int64_t m0 = 0; m0 < M; m0 += RMX) {
+    const int64_t rm = std::min<int64_t>(RMX, M - m0);
+    for (int s = 0; s < RN; s += RS, pf = pf ? pf + pf_call : pf) {
+      const WT* ws = w + s * ldw;
+      const float* xs = xp + m0 * ldx;
+      float* ps = part + s * M + m0;
+      if (rm == RMX) block_dot<RS, RMX>(ws, ldw, xs, ldx, kn, ps, M, pf, pf_step);
+      else if (rm == 1) block_dot<RS, 1>(ws, ldw, xs, ldx, kn, ps, M, pf, pf_step);
+      else if constexpr (RMX > 2) {
+        if (rm == 2) block_dot<RS, 2>(ws, ldw, xs, ldx, kn, ps, M, pf, pf_step);
+        else if constexpr (RMX > 3) block_dot<RS, 3>(ws, ldw, xs, ldx, kn, ps, M, pf, pf_step);
+      }
+    }
+  }
+}
+
+// dst[r * kWbufLd + j] = W[r, k0 + j] as fp32, for j < kn (whole steps): the bf16 pairs come out as [even, odd]
+// vectors, the order pack_x gives x.
+template <int RN>
+inline void widen_tile(const uint16_t* w, int64_t K, int64_t kn, float* dst) {
+  for (int r = 0; r < RN; ++r)
+    for (int64_t k = 0; k < kn; k += 2 * kW) {
+      vf we, wo;
+      simd::load_bf16_pairs(w + r * K + k, we, wo);
+      simd::store(dst + r * kWbufLd + k, we);
+      simd::store(dst + r * kWbufLd + k + kW, wo);
+    }
+}
+
+// RN rows of W starting at row n0 against all M rows of x (xp, row stride ldx); writes y[:, n0:n0+RN].
+// part holds RN*M floats, wbuf RN*kWbufLd floats (used only for bf16 weights with M >= 3).
+template <int RN, int RMX, int RS, typename WT>
+void rows_block(const WT* w, const float* xp, int64_t ldx, const float* bias, float* y, int64_t M, int64_t N,
+                int64_t K, int64_t n0, float* part, float* wbuf) {
   const int64_t kvec = K / step<WT>() * step<WT>();
   std::fill(part, part + RN * M, 0.0f);
   const WT* wb = w + n0 * K;
-  for (int64_t k0 = 0; k0 < K; k0 += kKTile) {
-    const int64_t k1 = std::min(K, k0 + kKTile);
-    const int64_t kv = std::min(k1, kvec);
-    for (int64_t m0 = 0; m0 < M; m0 += kRM) {
-      const int rm = int(std::min<int64_t>(kRM, M - m0));
-      block_dot_m<RN>(rm, wb, xp + m0 * K, K, k0, kv, k1, part + m0, M);
+  // One pass over x (RMX >= M) reuses nothing from a K tile: then the whole K is one tile (fewer reductions) —
+  // unless the tile is widened into wbuf, which holds kKTile columns.
+  const bool widen = !std::is_same_v<WT, float> && RMX >= 3 && M >= 3;
+  const int64_t ktile = M <= RMX && !widen ? std::max<int64_t>(kvec, 1) : kKTile;
+  for (int64_t k0 = 0; k0 < kvec; k0 += ktile) {
+    const int64_t kn = std::min(ktile, kvec - k0);
+    // Prefetch the block `ahead` blocks on (RN*K contiguous weights), the part of it matching this K tile.
+    constexpr int ahead = RMX >= 3 ? kPf : kPfSmallM;
+    const char* pf = ahead > 0 && n0 + (ahead + 1) * RN <= N
+                         ? reinterpret_cast<const char*>(wb + ahead * RN * K + k0 * RN)
+                         : nullptr;
+    const int64_t pf_bytes = RN * kn * int64_t(sizeof(WT));
+    if constexpr (!std::is_same_v<WT, float> && RMX >= 3) {
+      if (M >= 3) {
+        widen_tile<RN>(wb + k0, K, kn, wbuf);
+        block_dot_all_m<RN, RMX, RS>(static_cast<const float*>(wbuf), kWbufLd, xp + k0, ldx, M, kn, part, pf,
+                                     pf_bytes);
+        continue;
+      }
     }
+    block_dot_all_m<RN, RMX, RS>(wb + k0, K, xp + k0, ldx, M, kn, part, pf, pf_bytes);
   }
+  if (kvec < K)
+    for (int r = 0; r < RN; ++r)
+      for (int64_t m = 0; m < M; ++m) {
+        float s = 0.0f;
+        for (int64_t k = kvec; k < K; ++k) s += to_float(wb[r * K + k]) * xp[m * ldx + k];
+        part[r * M + m] += s;
+      }
   for (int r = 0; r < RN; ++r) {
     const float b = bias ? bias[n0 + r] : 0.0f;
     for (int64_t m = 0; m < M; ++m) y[m * N + n0 + r] = part[r * M + m] + b;
   }
 }
 
-// xp [M, K] fp32; for bf16 weights each whole 2*kW chunk is stored as [even elements, odd elements].
+// Row stride of xp: K padded so that the rows do not all fall on the same L1 sets (with K a multiple of 1024,
+// rows 4 KiB apart made the 4 x rows and the 3 W rows of a block compete for one 8-way set).
+inline int64_t x_stride(int64_t K) { return (K + 15) / 16 * 16 + 16; }
+
+// xp [M, ldx] fp32; for bf16 weights each whole 2*kW chunk is stored as [even elements, odd elements].
 template <typename WT, typename XT>
-void pack_x(const XT* x, float* xp, int64_t M, int64_t K) {
+void pack_x(const XT* x, float* xp, int64_t M, int64_t K, int64_t ldx) {
   const int64_t kvec = K / step<WT>() * step<WT>();
   for (int64_t m = 0; m < M; ++m) {
     const XT* src = x + m * K;
-    float* dst = xp + m * K;
+    float* dst = xp + m * ldx;
     if constexpr (std::is_same_v<WT, float>) {
       for (int64_t k = 0; k < K; ++k) dst[k] = to_float(src[k]);
     } else {
@@ -149,17 +286,30 @@ void pack_x(const XT* x, float* xp, int64_t M, int64_t K) {
   }
 }
 
-
-// Inside an OpenMP parallel region (an orphaned `omp for`, so it ends with the team's barrier): y [M, N] fp32 =
-// xp @ w^T + bias, with xp packed by pack_x<WT>. Outside a parallel region it runs on the calling thread alone.
-template <typename WT>
-void gemv_for(const WT* w, const float* xp, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
-  std::vector<float> part(static_cast<size_t>(kRN * M));
-  const int64_t nfull = N / kRN;
-#pragma omp for schedule(dynamic, 8)
-  for (int64_t nb = 0; nb < nfull; ++nb) rows_block<kRN>(w, xp, bias, y, M, N, K, nb * kRN, part.data());
+// The body of a parallel region over W's row blocks: an orphaned `omp for`, ending with the team's barrier.
+template <int RN, int RMX, int RS, typename WT>
+void blocks_for(const WT* w, const float* xp, int64_t ldx, const float* bias, float* y, int64_t M, int64_t N,
+                int64_t K) {
+  const int64_t nfull = N / RN;
+  const bool widen = !std::is_same_v<WT, float> && M >= 3;
+  std::vector<float> part(static_cast<size_t>(RN * M));
+  std::vector<float> wbuf(widen ? static_cast<size_t>(RN * kWbufLd) : 0);
+#pragma omp for schedule(JR_LINEAR_SCHED)
+  for (int64_t nb = 0; nb < nfull; ++nb)
+    rows_block<RN, RMX, RS>(w, xp, ldx, bias, y, M, N, K, nb * RN, part.data(), wbuf.data());
 #pragma omp for schedule(static)
-  for (int64_t n = nfull * kRN; n < N; ++n) rows_block<1>(w, xp, bias, y, M, N, K, n, part.data());
+  for (int64_t n = nfull * RN; n < N; ++n)
+    rows_block<1, RMX, 1>(w, xp, ldx, bias, y, M, N, K, n, part.data(), wbuf.data());
+}
+
+// Inside an OpenMP parallel region (ends with the team's barrier), or on the calling thread outside one:
+// y [M, N] fp32 = xp @ w^T + bias, with xp [M, ldx] packed by pack_x<WT> (ldx = x_stride(K)).
+template <typename WT>
+void gemv_for(const WT* w, const float* xp, int64_t ldx, const float* bias, float* y, int64_t M, int64_t N,
+              int64_t K) {
+  if (M <= 2) blocks_for<kRNS, 2, kRNS>(w, xp, ldx, bias, y, M, N, K);
+  else if constexpr (std::is_same_v<WT, float>) blocks_for<kRN, kRM, kRN>(w, xp, ldx, bias, y, M, N, K);
+  else blocks_for<kRN * kPanel, kRM, kRN>(w, xp, ldx, bias, y, M, N, K);
 }
 
 }  // namespace jr::gemv

@@ -13,10 +13,11 @@ namespace {
 
 template <typename WT, typename XT>
 void linear_impl(const XT* x, const WT* w, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
-  std::vector<float> xp(static_cast<size_t>(M * K));
-  gemv::pack_x<WT>(x, xp.data(), M, K);
+  const int64_t ldx = gemv::x_stride(K);
+  std::vector<float> xp(static_cast<size_t>(M * ldx));
+  gemv::pack_x<WT>(x, xp.data(), M, K, ldx);
 #pragma omp parallel if (N * K >= (int64_t(1) << 16))
-  gemv::gemv_for(w, xp.data(), bias, y, M, N, K);
+  gemv::gemv_for(w, xp.data(), ldx, bias, y, M, N, K);
 }
 
 }  // namespace

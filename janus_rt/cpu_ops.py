@@ -223,59 +223,73 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y
 
 
-def decode_layer(
-    h: torch.Tensor,
-    in_norm: torch.Tensor,
-    qkv: torch.Tensor,
-    o_proj: torch.Tensor,
-    post_norm: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    eps: float,
-) -> None:
-    """One LLM decoder layer for one token per row, updating the residual stream `h` in place (csrc/decode_layer.cpp).
 
-    h: [R, C]; in_norm, post_norm: [C]; qkv: [3C, C]; o_proj: [C, C]; gate_up: [2I, C]; down: [C, I];
-    k_cache, v_cache: [num_blocks, block_size, H, D] with H * D = C — all one dtype, fp32 or bf16 (MHA only).
-    slot_mapping: int64 [R] (where row r's new k, v go; < 0 = write nothing); block_tables: int32 [R, max_blocks];
-    context_lens: int32 [R] (including the new token); cos, sin: fp32 [R, D] rotary tables of each row's position.
-    Same math as DecoderLayer.forward + ops.kv_store + ops.paged_decode_attention with the residual add folded in:
-    h <- h + attn(norm(h)); h <- h + mlp(norm(h)).
+class DecodeStack:
+    """The LLM's decoder layers for a decode step on the CPU (csrc/decode_layer.cpp): one csrc call per layer.
+
+    Built once from each layer's weights (in_norm [C], qkv [3C, C], o_proj [C, C], post_norm [C], gate_up [2I, C],
+    down [C, I]) and its paged caches k_cache, v_cache [num_blocks, block_size, H, D] with H * D = C, all one dtype
+    (fp32 or bf16), MHA; they are checked here once and held (the stack reads them by address on every call).
+    Calling it checks only the step's tensors, then runs every layer:
+        stack(h, slot_mapping, block_tables, context_lens, cos, sin)
+    h: [R, C] residual stream, updated in place (h <- h + attn(norm(h)); h <- h + mlp(norm(h)) per layer, the
+    math of DecoderLayer.forward + ops.kv_store + ops.paged_decode_attention); slot_mapping: int64 [R] (where row
+    r's new k, v go; < 0 = write nothing); block_tables: int32 [R, max_blocks]; context_lens: int32 [R] (including
+    the new token); cos, sin: fp32 [R, D] rotary tables of each row's position.
     """
-    _check_tensor(h, "h", _FP, 2)
-    dt = h.dtype
-    R, C = h.shape
-    for name, t, nd in (("in_norm", in_norm, 1), ("post_norm", post_norm, 1), ("qkv", qkv, 2), ("o_proj", o_proj, 2),
-                        ("gate_up", gate_up, 2), ("down", down, 2), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4)):
-        _check_tensor(t, name, (dt,), nd)
-    num_blocks, block_size, H, D = k_cache.shape
-    _check(v_cache.shape == k_cache.shape, f"v_cache {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
-    _check(H * D == C and D % 2 == 0, f"cache heads {H} x head_dim {D} must be C = {C} with an even head_dim")
-    inter = down.shape[1]
-    for name, t, shape in (("in_norm", in_norm, (C,)), ("post_norm", post_norm, (C,)), ("qkv", qkv, (3 * C, C)),
-                           ("o_proj", o_proj, (C, C)), ("gate_up", gate_up, (2 * inter, C)), ("down", down, (C, inter))):
-        _check(tuple(t.shape) == shape, f"{name} has shape {tuple(t.shape)}; expected {shape} for C = {C}, I = {inter}")
-    _check_tensor(slot_mapping, "slot_mapping", (torch.int64,), 1)
-    _check_tensor(block_tables, "block_tables", (torch.int32,), 2)
-    _check_tensor(context_lens, "context_lens", (torch.int32,), 1)
-    _check_tensor(cos, "cos", (torch.float32,), 2)
-    _check_tensor(sin, "sin", (torch.float32,), 2)
-    _check(slot_mapping.shape[0] == R and block_tables.shape[0] == R and context_lens.shape[0] == R,
-           f"slot_mapping, block_tables and context_lens need R = {R} rows")
-    _check(cos.shape == (R, D) and sin.shape == (R, D), f"cos and sin must be [{R}, {D}]")
-    _check(block_tables.shape[1] >= 1, "block_tables needs at least one column")
-    if R == 0:
-        return
-    _ext().decode_layer(
-        h.data_ptr(), _DTYPE_CODE[dt], in_norm.data_ptr(), qkv.data_ptr(), o_proj.data_ptr(), post_norm.data_ptr(),
-        gate_up.data_ptr(), down.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
-        block_tables.data_ptr(), context_lens.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-        R, C, H, inter, num_blocks, block_size, block_tables.shape[1], float(eps), 1.0 / math.sqrt(D),
-    )
+
+    def __init__(self, layers, caches, eps: float):
+        _check(len(layers) == len(caches) and len(layers) >= 1, "need one (k_cache, v_cache) pair per layer")
+        in_norm = layers[0][0]
+        _check_tensor(in_norm, "in_norm", _FP, 1)
+        self.dtype, self.C = in_norm.dtype, in_norm.shape[0]
+        C, dt = self.C, self.dtype
+        self.inter = layers[0][5].shape[-1]
+        k0 = caches[0][0]
+        _check_tensor(k0, "k_cache", (dt,), 4)
+        self.num_blocks, self.block_size, self.H, self.D = k0.shape
+        _check(self.H * self.D == C and self.D % 2 == 0,
+               f"cache heads {self.H} x head_dim {self.D} must be C = {C} with an even head_dim")
+        shapes = ((C,), (3 * C, C), (C, C), (C,), (2 * self.inter, C), (C, self.inter))
+        names = ("in_norm", "qkv", "o_proj", "post_norm", "gate_up", "down")
+        self._held, self._ptrs = [], []
+        for i, (ws, (kc, vc)) in enumerate(zip(layers, caches)):
+            _check(len(ws) == 6, f"layer {i}: expected 6 weights {names}")
+            for name, t, shape in zip(names, ws, shapes):
+                _check_tensor(t, f"layer {i} {name}", (dt,), len(shape))
+                _check(tuple(t.shape) == shape, f"layer {i} {name} has shape {tuple(t.shape)}; expected {shape}")
+            for name, t in (("k_cache", kc), ("v_cache", vc)):
+                _check_tensor(t, f"layer {i} {name}", (dt,), 4)
+                _check(t.shape == k0.shape, f"layer {i} {name} {tuple(t.shape)} != {tuple(k0.shape)}")
+            self._held.append((*ws, kc, vc))
+            self._ptrs.append(tuple(t.data_ptr() for t in (*ws, kc, vc)))
+        self.eps = float(eps)
+
+    def __call__(self, h, slot_mapping, block_tables, context_lens, cos, sin) -> None:
+        _check_tensor(h, "h", (self.dtype,), 2)
+        R = h.shape[0]
+        _check(h.shape[1] == self.C, f"h has {h.shape[1]} columns; the stack's hidden size is {self.C}")
+        _check_tensor(slot_mapping, "slot_mapping", (torch.int64,), 1)
+        _check_tensor(block_tables, "block_tables", (torch.int32,), 2)
+        _check_tensor(context_lens, "context_lens", (torch.int32,), 1)
+        _check_tensor(cos, "cos", (torch.float32,), 2)
+        _check_tensor(sin, "sin", (torch.float32,), 2)
+        _check(slot_mapping.shape[0] == R and block_tables.shape[0] == R and context_lens.shape[0] == R,
+               f"slot_mapping, block_tables and context_lens need R = {R} rows")
+        _check(cos.shape == (R, self.D) and sin.shape == (R, self.D), f"cos and sin must be [{R}, {self.D}]")
+        _check(block_tables.shape[1] >= 1, "block_tables needs at least one column")
+        if R == 0:
+            return
+        ext, code, scale = _ext(), _DTYPE_CODE[self.dtype], 1.0 / math.sqrt(self.D)
+        step = (slot_mapping.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(), cos.data_ptr(),
+                sin.data_ptr(), R, self.C, self.H, self.inter, self.num_blocks, self.block_size,
+                block_tables.shape[1], self.eps, scale)
+        for p in self._ptrs:  # the C++ side re-checks the block tables against num_blocks every layer
+            ext.decode_layer(h.data_ptr(), code, *p, *step)
+
+
+def decode_layer(h, in_norm, qkv, o_proj, post_norm, gate_up, down, k_cache, v_cache, slot_mapping, block_tables,
+                 context_lens, cos, sin, eps: float) -> None:
+    """One decoder layer (a DecodeStack of one, see there): h [R, C] updated in place."""
+    DecodeStack([(in_norm, qkv, o_proj, post_norm, gate_up, down)], [(k_cache, v_cache)], eps)(
+        h, slot_mapping, block_tables, context_lens, cos, sin)

@@ -1,4 +1,4 @@
-"""The CPU decode step: one csrc call per decoder layer (csrc/decode_layer.cpp).
+"""The CPU decode step: one csrc call per decoder layer (csrc/decode_layer.cpp through cpu_ops.DecodeStack).
 
 On the cpu backend the layer-by-layer path runs ~15 small torch ops and five csrc calls per layer, each its own
 interpreter round trip and OpenMP fork/join; on a 2-core CPU that overhead was as large as the weight reads of
@@ -20,18 +20,26 @@ def supported(model, cache) -> bool:
             and cache.dtype == model.dtype and c.num_kv_heads == c.num_heads)
 
 
-@torch.inference_mode()
-def decode(model, cache, embeds, positions, slot_mapping, block_tables, context_lens):
-    """embeds [R, C]; positions, slot_mapping int64 [R]; block_tables int32 [R, max_blocks]; context_lens int32 [R]
-    -> final-normed hidden states [R, C] (the LLM forward for one new token per row over the paged cache)."""
-    llm, c = model.llm, model.cfg.llm
-    h = embeds.to(model.dtype).contiguous().clone()  # the residual stream, updated in place layer by layer
-    cos, sin = (t.float().contiguous() for t in ops.rope_tables(positions, c.head_dim, c.rope_theta, model.dtype))
-    for i, layer in enumerate(llm.layers):
-        with ops._scope("janus_rt::cpu_decode_layer"):
-            cpu_ops.decode_layer(
-                h, layer.input_norm.weight, layer.attn.qkv_proj.weight, layer.attn.o_proj.weight,
-                layer.post_attn_norm.weight, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight,
-                cache.k_cache(i), cache.v_cache(i), slot_mapping, block_tables, context_lens, cos, sin,
-                layer.input_norm.eps)
-    return ops.rms_norm_torch(h, llm.norm.weight, llm.norm.eps)
+class CpuDecoder:
+    """The LLM forward for one new token per row over the engine's paged cache, on the CPU."""
+
+    def __init__(self, model, cache):
+        llm = model.llm
+        self.model, self.cfg = model, model.cfg.llm
+        weights = [(l.input_norm.weight, l.attn.qkv_proj.weight, l.attn.o_proj.weight, l.post_attn_norm.weight,
+                    l.mlp.gate_up_proj.weight, l.mlp.down_proj.weight) for l in llm.layers]
+        caches = [(cache.k_cache(i), cache.v_cache(i)) for i in range(len(llm.layers))]
+        with torch.inference_mode():
+            self.stack = cpu_ops.DecodeStack([tuple(w.detach() for w in ws) for ws in weights], caches,
+                                             llm.layers[0].input_norm.eps)
+
+    @torch.inference_mode()
+    def __call__(self, embeds, positions, slot_mapping, block_tables, context_lens):
+        """embeds [R, C]; positions, slot_mapping int64 [R]; block_tables int32 [R, max_blocks]; context_lens
+        int32 [R] -> final-normed hidden states [R, C]."""
+        m, c = self.model, self.cfg
+        h = embeds.to(m.dtype).contiguous().clone()  # the residual stream, updated in place layer by layer
+        cos, sin = (t.float().contiguous() for t in ops.rope_tables(positions, c.head_dim, c.rope_theta, m.dtype))
+        with ops._scope("janus_rt::cpu_decode_layers"):
+            self.stack(h, slot_mapping, block_tables, context_lens, cos, sin)
+        return ops.rms_norm_torch(h, m.llm.norm.weight, m.llm.norm.eps)

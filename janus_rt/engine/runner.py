@@ -47,6 +47,7 @@ class ModelRunner:
         self.max_blocks = -(-max_model_len // cache.block_size)
         # cpu backend: one csrc call per layer (engine/cpu_decode.py); False = the layer-by-layer ops path
         self.fused_cpu_decode = backend == "cpu" and cpu_decode.supported(model, cache)
+        self.cpu_decoder = cpu_decode.CpuDecoder(model, cache) if self.fused_cpu_decode else None
         if cuda_graphs and self.device.type == "cuda":
             self.capture_cudagraphs()
 
@@ -77,8 +78,8 @@ class ModelRunner:
         width = max(len(t) for t in tables)
         bt = self._i32([t + [0] * (width - len(t)) for t in tables])
         if self.fused_cpu_decode:
-            return cpu_decode.decode(self.model, self.cache, embeds, self._i64(positions), self._i64(slots), bt,
-                                     self._i32([p + 1 for p in positions]))
+            return self.cpu_decoder(embeds, self._i64(positions), self._i64(slots), bt,
+                                    self._i32([p + 1 for p in positions]))
         kv = DecodeKV(self.cache, self._i64(slots), bt, self._i32([p + 1 for p in positions]))
         with ops.use_backend(self.backend):
             return self.model.llm(embeds[:, None], self._i64(positions)[:, None], kv)[:, 0]
