@@ -75,3 +75,24 @@ def test_verify_transformers_layout_and_that_it_can_fail(tmp_path, capsys, monke
     monkeypatch.setattr(ops, "rms_norm_torch", lambda x, w, eps: real(x, w, 0.3))
     assert not verify(path)
     assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_bench_json_and_profile(tmp_path, capsys, layerwise):
+    """`janus-rt bench` on the tiny preset: a JSON row with the measured columns, a Perfetto trace, and a per-op
+    table naming the csrc calls of the decode path it ran."""
+    pytest.importorskip("transformers")
+    from janus_rt import cpu_ops
+
+    out = tmp_path / "rows.jsonl"
+    args = ["bench", "--model", "tiny", "--device", "cpu", "--tokens", "6", "--repeats", "1",
+            "--json", str(out), "--profile", str(tmp_path / "prof")]
+    main(args + (["--layerwise"] if layerwise else []))
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["tokens"] == 6 and row["janus_rt_s"] > 0 and row["transformers_s"] > 0 and row["speedup"] > 0
+    assert 0 < row["roofline_fraction"] and row["roofline_ms_step"] > 0 and row["bandwidth_gbs"] > 0
+    assert row["cpu_decode"] == ("layerwise" if layerwise else "decode_layer")
+    assert (tmp_path / "prof" / "trace.json").stat().st_size > 0
+    table = capsys.readouterr().out
+    if cpu_ops.available():
+        assert ("janus_rt::cpu_linear" if layerwise else "janus_rt::cpu_decode_layers") in table

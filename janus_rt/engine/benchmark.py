@@ -29,6 +29,9 @@ def add_bench_args(p):
     p.add_argument("--repeats", type=int, default=2, help="alternating runs of each implementation")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     p.add_argument("--cuda-graphs", action="store_true")
+    p.add_argument("--layerwise", action="store_true",
+                   help="cpu backend: run the decode step op by op instead of one csrc call per decoder layer "
+                        "(slower; its --profile shows every op)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also trace one decode step with torch.profiler: DIR/trace.json (Perfetto) + op table")
     p.add_argument("--json", default=None, help="append the result row to this JSON-lines file")
@@ -129,10 +132,12 @@ def decode_step_bytes_flops(model, rows: int, context: int) -> tuple[float, floa
 
 
 # ---- the two implementations -----------------------------------------------------------------------------------
-def run_janus_rt(model, prompt, n, tokens, cuda_graphs=False):
+def run_janus_rt(model, prompt, n, tokens, cuda_graphs=False, layerwise=False):
     from janus_rt.engine import Engine, SamplingParams
 
     eng = Engine.for_requests(model, [(len(prompt), n)], cuda_graphs=cuda_graphs)
+    if layerwise:
+        eng.runner.fused_cpu_decode = False
     req = eng.add_image_request(prompt, n=n, params=SamplingParams(seed=0), num_tokens=tokens)
     _sync(model.device)
     t = time.perf_counter()
@@ -185,13 +190,13 @@ def main(args):
             print("transformers not installed: baseline skipped", file=sys.stderr)
     ours, theirs = [], []
     for _ in range(args.repeats):  # alternate so drift hits both alike
-        ours.append(run_janus_rt(model, prompt, n, args.tokens, args.cuda_graphs)[:2])
+        ours.append(run_janus_rt(model, prompt, n, args.tokens, args.cuda_graphs, args.layerwise)[:2])
         if ref is not None:
             _reset_peak(device)
             theirs.append(run_transformers(ref, prompt, n, args.tokens, model.cfg))
             hf_peak = _peak_gb(device)
     _reset_peak(device)
-    dt, ms_step, _ = run_janus_rt(model, prompt, n, args.tokens, args.cuda_graphs)
+    dt, ms_step, _ = run_janus_rt(model, prompt, n, args.tokens, args.cuda_graphs, args.layerwise)
     ours.append((dt, ms_step))
     our_peak = _peak_gb(device)
     t_ours = statistics.median(x[0] for x in ours)
@@ -204,7 +209,13 @@ def main(args):
         "janus_rt_tok_s": round(n * args.tokens / t_ours, 1), "janus_rt_ms_step": round(ms_ours, 2),
         "janus_rt_peak_gb": round(our_peak, 2), "roofline_ms_step": round(roof_ms, 2),
         "roofline_fraction": round(roof_ms / ms_ours, 3), "bandwidth_gbs": round(bw, 1),
+        "matmul_gflops": round(peak, 1),
     }
+    if device == "cpu":
+        from janus_rt.engine.cpu_decode import prefer_fused
+
+        fused = not args.layerwise and prefer_fused(model.dtype, 2 * n)
+        row["cpu_decode"] = "decode_layer" if fused else "layerwise"
     if theirs:
         t_hf = statistics.median(x[0] for x in theirs)
         row.update({"transformers_s": round(t_hf, 3), "transformers_tok_s": round(n * args.tokens / t_hf, 1),
@@ -216,17 +227,19 @@ def main(args):
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")
     if args.profile:
-        profile_decode_step(model, prompt, n, Path(args.profile))
+        profile_decode_step(model, prompt, n, Path(args.profile), args.layerwise)
     return row
 
 
-def profile_decode_step(model, prompt, n, out: Path):
+def profile_decode_step(model, prompt, n, out: Path, layerwise: bool = False):
     """Trace one decode step (after a few warm-up steps) and print the per-op time breakdown."""
     from torch.profiler import ProfilerActivity, profile
 
     from janus_rt.engine import Engine, SamplingParams
 
     eng = Engine.for_requests(model, [(len(prompt), n)])
+    if layerwise:
+        eng.runner.fused_cpu_decode = False
     eng.add_image_request(prompt, n=n, params=SamplingParams(seed=0))
     for _ in range(4):
         eng.step()

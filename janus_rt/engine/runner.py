@@ -77,7 +77,7 @@ class ModelRunner:
             return self._replay(embeds, positions, slots, tables)
         width = max(len(t) for t in tables)
         bt = self._i32([t + [0] * (width - len(t)) for t in tables])
-        if self.fused_cpu_decode:
+        if self.fused_cpu_decode and cpu_decode.prefer_fused(self.model.dtype, r):
             return self.cpu_decoder(embeds, self._i64(positions), self._i64(slots), bt,
                                     self._i32([p + 1 for p in positions]))
         kv = DecodeKV(self.cache, self._i64(slots), bt, self._i32([p + 1 for p in positions]))
