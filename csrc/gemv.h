@@ -287,10 +287,8 @@ void pack_x(const XT* x, float* xp, int64_t M, int64_t K, int64_t ldx) {
 }
 
 // The body of a parallel region over W's row blocks: an orphaned `omp for`, ending with the team's barrier.
-// Never inlined: inlined into decode_layer.cpp's larger parallel region, GCC kept the accumulators on the stack
-// and the 1B-shape GEMVs ran ~30% slower than the same code called from linear.cpp.
 template <int RN, int RMX, int RS, typename WT>
-__attribute__((noinline)) void blocks_for(const WT* w, const float* xp, int64_t ldx, const float* bias, float* y, int64_t M, int64_t N,
+void blocks_for(const WT* w, const float* xp, int64_t ldx, const float* bias, float* y, int64_t M, int64_t N,
                 int64_t K) {
   const int64_t nfull = N / RN;
   const bool widen = !std::is_same_v<WT, float> && M >= 3;
