@@ -70,6 +70,70 @@ inline void accumulate_v(float* acc, const float* p, const T* v, int64_t ldv, in
     for (int64_t t = 0; t < n; ++t) acc[d] += p[t] * to_float(v[t * ldv + d]);
 }
 
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// AVX2 fast paths (the ISA of the machine the kernels are tuned on); other builds take the generic loops below.
+#define JR_ATTN_AVX2 1
+
+// exp(x) for x <= 0 (softmax after the max is subtracted), 8 lanes: Cephes' expf (range reduction by ln 2 in two
+// parts, degree-5 polynomial, 2^n through the exponent bits), ~2 ulp. Below -87.3 (where 2^n would leave the
+// normal range) it returns exp(-87.3) ~ 1e-38 instead of a smaller number: nothing next to a softmax sum >= 1.
+inline __m256 exp_neg(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// q . k_j for the 8 keys k + j * ldk over D (a multiple of 8) -> [q.k_0, ..., q.k_7]: eight accumulators and one
+// transposing hadd reduction instead of eight separate horizontal sums (which dominated the in-cache time).
+template <typename T>
+inline __m256 dots8(const float* q, const T* k, int64_t ldk, int64_t D) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    a0 = _mm256_fmadd_ps(simd::load_as_float(k + d), qv, a0);
+    a1 = _mm256_fmadd_ps(simd::load_as_float(k + ldk + d), qv, a1);
+    a2 = _mm256_fmadd_ps(simd::load_as_float(k + 2 * ldk + d), qv, a2);
+    a3 = _mm256_fmadd_ps(simd::load_as_float(k + 3 * ldk + d), qv, a3);
+    a4 = _mm256_fmadd_ps(simd::load_as_float(k + 4 * ldk + d), qv, a4);
+    a5 = _mm256_fmadd_ps(simd::load_as_float(k + 5 * ldk + d), qv, a5);
+    a6 = _mm256_fmadd_ps(simd::load_as_float(k + 6 * ldk + d), qv, a6);
+    a7 = _mm256_fmadd_ps(simd::load_as_float(k + 7 * ldk + d), qv, a7);
+  }
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
+
+// s[t] = exp(s[t] - mb) for t < n; returns their sum.
+inline float exp_sub_sum(float* s, int64_t n, float mb) {
+  int64_t t = 0;
+  float sum = 0.0f;
+#ifdef JR_ATTN_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 m = _mm256_set1_ps(mb);
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
+    _mm256_storeu_ps(s + t, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  sum = simd::hsum(acc);
+#endif
+  for (; t < n; ++t) sum += (s[t] = std::exp(s[t] - mb));
+  return sum;
+}
+
 inline void scale(float* acc, float alpha, int64_t D) {
   for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
 }
@@ -122,7 +186,33 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
     for (int64_t i = 0; i * bs < len; ++i) {
       const int64_t n = std::min(bs, len - i * bs);
       const int64_t base = int64_t(bt[b * max_blocks + i]) * bs * row;  // token t of the block at base + t * row
-      for (int64_t t = 0; t < n; ++t)
+      int64_t t = 0;
+#ifdef JR_ATTN_AVX2
+      if (D % 8 == 0) {
+        // Scores 8 tokens at a time, while the next block's K and V are prefetched a slice per (8 tokens, head):
+        // spread out, not as one burst (measured ~1.1-1.2x from DRAM with the two changes together).
+        const int64_t blk_bytes = bs * row * int64_t(sizeof(TKV));
+        const bool more = (i + 1) * bs < len;
+        const char* nk = more ? reinterpret_cast<const char*>(kc + int64_t(bt[b * max_blocks + i + 1]) * bs * row) : nullptr;
+        const char* nv = more ? reinterpret_cast<const char*>(vc + int64_t(bt[b * max_blocks + i + 1]) * bs * row) : nullptr;
+        const int64_t pf_step = (blk_bytes + 2 * nh - 1) / (2 * nh);
+        int64_t pf_at = 0;
+        const __m256 sc = _mm256_set1_ps(sm_scale);
+        for (; t + 8 <= n; t += 8)
+          for (int64_t h = 0; h < nh; ++h) {
+            if (nk) {
+              for (int64_t x = pf_at; x < std::min(pf_at + pf_step, blk_bytes); x += 64) {
+                __builtin_prefetch(nk + x, 0, 3);
+                __builtin_prefetch(nv + x, 0, 3);
+              }
+              pf_at += pf_step;
+            }
+            const __m256 d8 = dots8(&qf[h * D], kc + base + t * row + off[h], row, D);
+            _mm256_storeu_ps(&s[h * bs + t], _mm256_mul_ps(d8, sc));
+          }
+      }
+#endif
+      for (; t < n; ++t)
         for (int64_t h = 0; h < nh; ++h)
           s[h * bs + t] = dot(&qf[h * D], kc + base + t * row + off[h], D) * sm_scale;
       for (int64_t h = 0; h < nh; ++h) {
@@ -132,7 +222,7 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
         scale(&acc[h * D], alpha, D);
         l[h] *= alpha;
         m[h] = mb;
-        for (int64_t t = 0; t < n; ++t) l[h] += (s[h * bs + t] = std::exp(s[h * bs + t] - mb));
+        l[h] += exp_sub_sum(&s[h * bs], n, mb);
         accumulate_v(&acc[h * D], &s[h * bs], vc + base + off[h], row, n, D);
       }
     }
