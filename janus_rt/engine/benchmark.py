@@ -132,18 +132,28 @@ def decode_step_bytes_flops(model, rows: int, context: int) -> tuple[float, floa
 
 
 # ---- the two implementations -----------------------------------------------------------------------------------
-def run_janus_rt(model, prompt, n, tokens, cuda_graphs=False, layerwise=False):
+def _image_engine(model, prompt, n, tokens=None, cuda_graphs=False, layerwise=False):
+    """An engine holding one image request (n images of `prompt`); layerwise: no csrc decoder on the CPU."""
     from janus_rt.engine import Engine, SamplingParams
 
     eng = Engine.for_requests(model, [(len(prompt), n)], cuda_graphs=cuda_graphs)
     if layerwise:
         eng.runner.fused_cpu_decode = False
-    req = eng.add_image_request(prompt, n=n, params=SamplingParams(seed=0), num_tokens=tokens)
+    eng.add_image_request(prompt, n=n, params=SamplingParams(seed=0), num_tokens=tokens)
+    return eng
+
+
+def run_janus_rt(model, prompt, n, tokens, cuda_graphs=False, layerwise=False):
+    """-> (seconds, ms per decode step, the CPU decode path taken: "decode_layer" / "layerwise" / None off CPU)."""
+    eng = _image_engine(model, prompt, n, tokens, cuda_graphs, layerwise)
     _sync(model.device)
     t = time.perf_counter()
     eng.run()
     _sync(model.device)
-    return time.perf_counter() - t, eng.stats.ms_per_step, req
+    path = None
+    if model.device.type == "cpu":
+        path = "decode_layer" if eng.runner.uses_cpu_decoder(2 * n) else "layerwise"
+    return time.perf_counter() - t, eng.stats.ms_per_step, path
 
 
 def run_transformers(ref, prompt, n, tokens, cfg):
@@ -196,7 +206,7 @@ def main(args):
             theirs.append(run_transformers(ref, prompt, n, args.tokens, model.cfg))
             hf_peak = _peak_gb(device)
     _reset_peak(device)
-    dt, ms_step, _ = run_janus_rt(model, prompt, n, args.tokens, args.cuda_graphs, args.layerwise)
+    dt, ms_step, cpu_path = run_janus_rt(model, prompt, n, args.tokens, args.cuda_graphs, args.layerwise)
     ours.append((dt, ms_step))
     our_peak = _peak_gb(device)
     t_ours = statistics.median(x[0] for x in ours)
@@ -211,11 +221,8 @@ def main(args):
         "roofline_fraction": round(roof_ms / ms_ours, 3), "bandwidth_gbs": round(bw, 1),
         "matmul_gflops": round(peak, 1),
     }
-    if device == "cpu":
-        from janus_rt.engine.cpu_decode import prefer_fused
-
-        fused = not args.layerwise and prefer_fused(model.dtype, 2 * n)
-        row["cpu_decode"] = "decode_layer" if fused else "layerwise"
+    if cpu_path:
+        row["cpu_decode"] = cpu_path
     if theirs:
         t_hf = statistics.median(x[0] for x in theirs)
         row.update({"transformers_s": round(t_hf, 3), "transformers_tok_s": round(n * args.tokens / t_hf, 1),
@@ -235,12 +242,7 @@ def profile_decode_step(model, prompt, n, out: Path, layerwise: bool = False):
     """Trace one decode step (after a few warm-up steps) and print the per-op time breakdown."""
     from torch.profiler import ProfilerActivity, profile
 
-    from janus_rt.engine import Engine, SamplingParams
-
-    eng = Engine.for_requests(model, [(len(prompt), n)])
-    if layerwise:
-        eng.runner.fused_cpu_decode = False
-    eng.add_image_request(prompt, n=n, params=SamplingParams(seed=0))
+    eng = _image_engine(model, prompt, n, layerwise=layerwise)
     for _ in range(4):
         eng.step()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
