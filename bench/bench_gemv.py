@@ -4,7 +4,7 @@ A decode step reads every weight once, so y[M, N] = x[M, K] @ W[N, K]^T is bound
 M. Shapes are Janus-Pro-1B's (attention 2048->2048, MLP 2048->5632 and 5632->2048, gen/lm head 2048->16384),
 M = rows decoded at once. Each timed call reads a different copy of W (copies totalling > 4x the L3), so the
 numbers are DRAM-streaming numbers, not cache hits. The roofline is the machine's DRAM read bandwidth, measured
-here by summing a 1 GiB array (dram_read_gbs: the faster of torch.sum and cpu_ops.stream_sum). Times are best-of-N (median columns alongside): on a
+here by summing a 1 GiB array (janus_rt.engine.benchmark.cpu_read_bandwidth_gbs: the faster of torch.sum and cpu_ops.stream_sum). Times are best-of-N (median columns alongside): on a
 shared machine the best is the one least disturbed by other processes.
 
 Run: python bench/bench_gemv.py [--quick] [--threads N]. Prints a markdown table; main() returns the rows.
@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import print_table  # noqa: E402
 
 from janus_rt import cpu_ops  # noqa: E402
+from janus_rt.engine.benchmark import cpu_read_bandwidth_gbs  # noqa: E402
 
 SHAPES = [(2048, 2048), (2048, 5632), (5632, 2048), (2048, 16384)]  # (K, N): x [M, K] -> y [M, N]
 MS = [1, 2, 8, 32]
@@ -39,20 +40,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "cpu"
-
-
-def dram_read_gbs(gib: float = 1.0, rounds: int = 3) -> dict:
-    """DRAM read bandwidth (GB/s) of two probes over 64 MiB slices of a `gib` GiB fp32 array, visited in turn so
-    no slice is in the L3: torch.sum, and cpu_ops.stream_sum (an unrolled vector sum; torch.sum reads slower than
-    the GEMV it should bound). Best slice time, so a shared machine's time slicing does not pass for slow memory."""
-    a = torch.ones(int(gib * (1 << 30)) // 4)
-    slices = a.split((64 << 20) // 4)
-    nbytes = slices[0].numel() * 4
-    out = {}
-    for name, fn in (("torch.sum", lambda s: s.sum()), ("stream_sum", cpu_ops.stream_sum)):
-        fn(a)
-        out[name] = nbytes / min(_timed(lambda: fn(s)) for _ in range(rounds) for s in slices) / 1e9
-    return out
 
 
 def _timed(fn) -> float:
@@ -79,7 +66,7 @@ def main(quick: bool = False) -> list[dict]:
         print("[bench_gemv] janus_rt._C not built: skipping", file=sys.stderr)
         return []
     shapes, ms = (SHAPES[:2], [1, 8]) if quick else (SHAPES, MS)
-    probes = dram_read_gbs()
+    probes = cpu_read_bandwidth_gbs()
     dram = max(probes.values())
     print(f"# bench_gemv: {cpu_name()}, ISA {cpu_ops.simd_isa()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {datetime.date.today()}; DRAM read GB/s: "

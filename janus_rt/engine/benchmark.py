@@ -51,8 +51,10 @@ def bench_model(shape: str, dtype, device):
 
 # ---- the machine -----------------------------------------------------------------------------------------------
 def measure_bandwidth_gbs(device) -> float:
-    """Read bandwidth: the best of a reduction over a 1 GiB buffer (best of 5) and, on a CPU, of csrc's stream_sum
-    over its 64 MiB slices (torch.sum reads slower than the hardware allows; the roofline takes the faster)."""
+    """Read bandwidth. GPU: a reduction over a 1 GiB buffer (best of 5). CPU: the faster of cpu_read_bandwidth_gbs'
+    probes (torch.sum reads slower than the hardware allows; the roofline takes the faster)."""
+    if str(device) == "cpu":
+        return max(cpu_read_bandwidth_gbs().values())
     x = torch.ones(2**28, dtype=torch.float32, device=device)
     best = float("inf")
     for _ in range(5):
@@ -61,20 +63,33 @@ def measure_bandwidth_gbs(device) -> float:
         x.sum()
         _sync(device)
         best = min(best, time.perf_counter() - t)
-    gbs = x.numel() * 4 / best / 1e9
-    if str(device) == "cpu":
-        from janus_rt import cpu_ops
+    return x.numel() * 4 / best / 1e9
 
-        if cpu_ops.available():
-            slices = x.split(2**24)
-            best = float("inf")
-            for _ in range(2):
-                for sl in slices:
-                    t = time.perf_counter()
-                    cpu_ops.stream_sum(sl)
-                    best = min(best, time.perf_counter() - t)
-            gbs = max(gbs, slices[0].numel() * 4 / best / 1e9)
-    return gbs
+
+def cpu_read_bandwidth_gbs(gib: float = 1.0, rounds: int = 3) -> dict:
+    """DRAM read bandwidth (GB/s) of two probes over 64 MiB slices of a `gib` GiB fp32 array, visited in turn so
+    no slice is in the L3: torch.sum, and cpu_ops.stream_sum (an unrolled vector sum; torch.sum reads slower than
+    the GEMV it should bound) when the extension is built. Best slice time, so a shared machine's time slicing
+    does not pass for slow memory. Also bench/bench_gemv.py's roofline."""
+    from janus_rt import cpu_ops
+
+    a = torch.ones(int(gib * (1 << 30)) // 4)
+    slices = a.split((64 << 20) // 4)
+    nbytes = slices[0].numel() * 4
+    probes = {"torch.sum": lambda x: x.sum()}
+    if cpu_ops.available():
+        probes["stream_sum"] = cpu_ops.stream_sum
+    out = {}
+    for name, fn in probes.items():
+        fn(a)
+        best = float("inf")
+        for _ in range(rounds):
+            for sl in slices:
+                t = time.perf_counter()
+                fn(sl)
+                best = min(best, time.perf_counter() - t)
+        out[name] = nbytes / best / 1e9
+    return out
 
 
 def measure_matmul_gflops(device, dtype) -> float:
