@@ -202,17 +202,12 @@ class Engine:
             if image_reqs:
                 h_img = h if not text_reqs else h[torch.tensor(is_image, device=h.device)]
                 logits = self.model.gen_head(h_img).float()  # [2 * sum(n), V]: per request cond rows, uncond rows
-                if len(image_reqs) == 1:  # row views, no copy (cfg_sample takes row-strided logits)
-                    n = image_reqs[0].n
-                    cond, uncond = logits[:n], logits[n:]
-                else:
-                    cond_idx, uncond_idx, off = [], [], 0
-                    for r in image_reqs:
-                        cond_idx += range(off, off + r.n)
-                        uncond_idx += range(off + r.n, off + 2 * r.n)
-                        off += 2 * r.n
-                    cond, uncond = logits[cond_idx], logits[uncond_idx]
-                self._sample_images(image_reqs, cond, uncond)
+                cond_idx, uncond_idx, off = [], [], 0
+                for r in image_reqs:
+                    cond_idx += range(off, off + r.n)
+                    uncond_idx += range(off + r.n, off + 2 * r.n)
+                    off += 2 * r.n
+                self._sample_images(image_reqs, logits[cond_idx], logits[uncond_idx])
             if text_reqs:
                 mask = ~torch.tensor(is_image, device=h.device)
                 self._sample_text(text_reqs, ops.linear(h[mask], self.model.lm_head.weight).float())
