@@ -26,13 +26,7 @@ from janus_rt.train.synthetic import make_synthetic
 RUN = dict(model="tiny", batch_size=2, seq_len=512, threads=1, progress=False, warmup=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny ops: several threads only contend (this machine is shared); the results do not depend on it
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,7 @@ SMALL_VQ = VQConfig(codebook_size=64, codebook_dim=8, ch=32, ch_mult=(1, 2), z_c
                     image_size=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These convolutions are too small to share: on a busy machine two OpenMP threads spin and wait for each
-    other (measured 85 s vs 15 s for the training test at load ~4 on 2 cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
