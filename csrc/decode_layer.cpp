@@ -53,6 +53,12 @@ inline void rope_head(const float* x, const float* cos, const float* sin, T* out
   }
 }
 
+// h [C] (values of T) = T(h + T(y)): the residual add of a layer output y (fp32 from the GEMV, held in T by torch).
+template <typename T>
+inline void add_residual(T* h, const float* y, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) from_float(rnd<T>(to_float(h[c]) + rnd<T>(y[c])), h + c);
+}
+
 template <typename T>
 struct Layer {
   const T *in_norm, *qkv, *o, *post_norm, *gate_up, *down;
@@ -107,7 +113,7 @@ void run_layer(T* h, const Layer<T>& L) {
     // h += attention; a = norm(h) -> gate, up
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
-      for (int64_t c = 0; c < C; ++c) from_float(rnd<T>(to_float(h[r * C + c]) + rnd<T>(y[r * C + c])), h + r * C + c);
+      add_residual(h + r * C, &y[r * C], C);
       rms_norm_row(h + r * C, L.post_norm, &row[r * C], C, L.eps);
       gemv::pack_x<T>(&row[r * C], &xp[r * ldc], 1, C, ldc);
     }
@@ -125,8 +131,7 @@ void run_layer(T* h, const Layer<T>& L) {
     }
     gemv::gemv_for(L.down, xp.data(), ldi, nullptr, y.data(), R, C, I);
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t c = 0; c < C; ++c) from_float(rnd<T>(to_float(h[r * C + c]) + rnd<T>(y[r * C + c])), h + r * C + c);
+    for (int64_t r = 0; r < R; ++r) add_residual(h + r * C, &y[r * C], C);
   }
 }
 
