@@ -1,14 +1,17 @@
 // The decode-time GEMV/GEMM core: y [M, N] = x [M, K] @ W [N, K]^T (+ bias [N]) for small M.
 // Used by linear.cpp (the `linear` op) and decode_layer.cpp (inside its one parallel region).
 //
-// Decode reads every weight once per step, so the kernel is built around streaming W exactly once: each thread
-// owns a contiguous range of W rows, takes RN rows at a time and a K tile of them (small enough to stay in L1),
-// and runs every row of x against that tile with an RN x RM block of vector accumulators before moving on.
+// Decode reads every weight once per step, so the kernel is built around streaming W exactly once: W's rows are
+// cut into chunks (a few per thread), a thread takes RN rows at a time and a K tile of them (small enough to stay in
+// L1), and runs every row of x against that tile with an RN x RM block of vector accumulators before moving on.
+// The RN rows of a block are not neighbours: a chunk is split into RN segments and block i takes row i of each, so
+// the thread reads RN long sequential streams, one per segment. Reading RN adjacent rows in step (2 KiB apart at
+// K = 512 fp32, the same 4 KiB page) kept the hardware prefetchers from following them: 15-18 GB/s instead of
+// 27-30 GB/s for a plain read of the same bytes on the 2-core Zen 3 box (RESULTS.md).
 // x is copied once per call into fp32 (`xp`, rows padded to stride ldx); for bf16 weights each 2*kWidth chunk of x
 // is split into its even and odd elements, so a bf16 weight vector widens with one shift (even) and one mask (odd).
 // For M >= 3 a bf16 tile is widened once into an fp32 scratch tile in that same order, and every row of x then
 // runs the fp32 loop against it: the widening is paid once per weight instead of once per row of x.
-// While a block computes, the W of the next block is prefetched a little per loop step.
 #pragma once
 
 #include <algorithm>
@@ -47,19 +50,11 @@ constexpr int kW = simd::kWidth;
 #ifndef JR_LINEAR_KTILE
 #define JR_LINEAR_KTILE 512
 #endif
-// Software prefetch of W, in blocks ahead (0: off), and its locality hint (3: all levels; 2 measured the same).
-// M >= 3 streams faster with it (M = 8: 1.3-1.6x from DRAM); M <= 2 has its own switch, off: there it was
-// 10-30% slower in cache and no faster from DRAM.
-#ifndef JR_LINEAR_PF
-#define JR_LINEAR_PF 1
-#endif
-#ifndef JR_LINEAR_PF_HINT
-#define JR_LINEAR_PF_HINT 3
-#endif
-// Static (one contiguous range per thread) and dynamic,32 measured the same when the box is quiet; dynamic
-// keeps the threads balanced when another process takes part of a core.
-#ifndef JR_LINEAR_SCHED
-#define JR_LINEAR_SCHED dynamic, 8
+// Rows per segment (stream) of a chunk, the target: chunks are sized so that every thread gets the same number.
+// 16, 32 and 64 measured the same (fp32 M = 1 and 8, bf16 M = 1 to 32); 8 and below lose to short streams.
+// Software prefetch of the next block's W, which the adjacent-row order needed, made no difference with it.
+#ifndef JR_LINEAR_SEG
+#define JR_LINEAR_SEG 32
 #endif
 constexpr int kRN = JR_LINEAR_RN;                  // W rows per block (M >= 3)
 constexpr int kRM = JR_LINEAR_RM;                  // x rows per block
@@ -67,11 +62,7 @@ constexpr int kRNS = JR_LINEAR_RN_SMALL_M;         // W rows per block (M <= 2)
 constexpr int kPanel = JR_LINEAR_PANEL;            // bf16, M >= 3: sub-blocks of kRN rows per block
 constexpr int64_t kKTile = JR_LINEAR_KTILE;        // K elements per tile (a multiple of 2*kW)
 constexpr int64_t kWbufLd = JR_LINEAR_KTILE + 16;  // row stride of the widened tile (padded like xp's)
-constexpr int kPf = JR_LINEAR_PF;
-#ifndef JR_LINEAR_PF_SMALL_M
-#define JR_LINEAR_PF_SMALL_M 0
-#endif
-constexpr int kPfSmallM = JR_LINEAR_PF_SMALL_M;  // the same, for M <= 2
+constexpr int64_t kSeg = JR_LINEAR_SEG;          // rows per stream (target)
 
 template <typename WT>
 constexpr int step() {
@@ -107,22 +98,15 @@ inline void hsum4_add(vf a, vf b, vf c, vf d, float* out) {
 
 // part[r * ldp + m] += sum_{k < kn} W[r, k] * x[m, k], for RN rows of W at `w` (row stride ldw) and RM rows of xp
 // at `xp` (row stride ldx); kn is a whole number of steps (the scalar tail is rows_block's).
-// pf (if not null): pf_step bytes of W to prefetch per loop step (a slice of a block further ahead).
 template <int RN, int RM, typename WT>
 inline void block_dot(const WT* w, int64_t ldw, const float* xp, int64_t ldx, int64_t kn, float* part,
-                      int64_t ldp, const char* pf = nullptr, int64_t pf_step = 0) {
-  auto prefetch = [pf, pf_step](int64_t k) {
-    if (pf)
-      for (int64_t o = 0; o < pf_step; o += 64)
-        __builtin_prefetch(pf + k / step<WT>() * pf_step + o, 0, JR_LINEAR_PF_HINT);
-  };
+                      int64_t ldp) {
   vf acc[RN][RM];
   for (int r = 0; r < RN; ++r)
     for (int m = 0; m < RM; ++m) acc[r][m] = simd::zero();
   if constexpr (std::is_same_v<WT, float> && RN <= RM) {
     // Hold the RN W vectors, stream the RM x vectors: RN*RM + RN + 1 registers.
     for (int64_t k = 0; k < kn; k += kW) {
-      prefetch(k);
       vf wv[RN];
       for (int r = 0; r < RN; ++r) wv[r] = in_reg(simd::load(w + r * ldw + k));
       for (int m = 0; m < RM; ++m) {
@@ -133,7 +117,6 @@ inline void block_dot(const WT* w, int64_t ldw, const float* xp, int64_t ldx, in
   } else if constexpr (std::is_same_v<WT, float>) {
     // Hold the RM x vectors, stream the RN W vectors: RN*RM + RM + 1 registers.
     for (int64_t k = 0; k < kn; k += kW) {
-      prefetch(k);
       vf xv[RM];
       for (int m = 0; m < RM; ++m) xv[m] = simd::load(xp + m * ldx + k);
       for (int r = 0; r < RN; ++r) {
@@ -146,7 +129,6 @@ inline void block_dot(const WT* w, int64_t ldw, const float* xp, int64_t ldx, in
     vf acc_odd[RN];
     for (int r = 0; r < RN; ++r) acc_odd[r] = simd::zero();
     for (int64_t k = 0; k < kn; k += 2 * kW) {
-      prefetch(k);
       const vf xe = simd::load(xp + k), xo = simd::load(xp + k + kW);
       for (int r = 0; r < RN; ++r) {
         vf we, wo;
@@ -158,7 +140,6 @@ inline void block_dot(const WT* w, int64_t ldw, const float* xp, int64_t ldx, in
     for (int r = 0; r < RN; ++r) acc[r][0] = simd::add(acc[r][0], acc_odd[r]);
   } else {
     for (int64_t k = 0; k < kn; k += 2 * kW) {
-      prefetch(k);
       for (int r = 0; r < RN; ++r) {
         vf we, wo;
         simd::load_bf16_pairs(w + r * ldw + k, we, wo);
@@ -181,26 +162,21 @@ inline void block_dot(const WT* w, int64_t ldw, const float* xp, int64_t ldx, in
 
 // All M rows of xp (row stride ldx) against RN rows of W (row stride ldw), kn elements: RMX rows of x at a time,
 // each against the RN rows RS at a time (RS < RN: the x rows come from L2 once per RN rows, then from L1).
-// pf (if not null): pf_bytes of W further ahead to prefetch, spread over every call's loop, so the requests go out
-// at the rate the block computes; prefetching it all at once (or only in the first pass) measured slower.
 template <int RN, int RMX, int RS, typename WT>
 inline void block_dot_all_m(const WT* w, int64_t ldw, const float* xp, int64_t ldx, int64_t M, int64_t kn,
-                            float* part, const char* pf, int64_t pf_bytes) {
+                            float* part) {
   static_assert(RN % RS == 0);
-  const int64_t steps = (M + RMX - 1) / RMX * (RN / RS) * (kn / step<WT>());
-  const int64_t pf_step = steps ? (pf_bytes + steps - 1) / steps : 0;
-  const int64_t pf_call = pf_step * (kn / step<WT>());
   for (int64_t m0 = 0; m0 < M; m0 += RMX) {
     const int64_t rm = std::min<int64_t>(RMX, M - m0);
-    for (int s = 0; s < RN; s += RS, pf = pf ? pf + pf_call : pf) {
+    for (int s = 0; s < RN; s += RS) {
       const WT* ws = w + s * ldw;
       const float* xs = xp + m0 * ldx;
       float* ps = part + s * M + m0;
-      if (rm == RMX) block_dot<RS, RMX>(ws, ldw, xs, ldx, kn, ps, M, pf, pf_step);
-      else if (rm == 1) block_dot<RS, 1>(ws, ldw, xs, ldx, kn, ps, M, pf, pf_step);
+      if (rm == RMX) block_dot<RS, RMX>(ws, ldw, xs, ldx, kn, ps, M);
+      else if (rm == 1) block_dot<RS, 1>(ws, ldw, xs, ldx, kn, ps, M);
       else if constexpr (RMX > 2) {
-        if (rm == 2) block_dot<RS, 2>(ws, ldw, xs, ldx, kn, ps, M, pf, pf_step);
-        else if constexpr (RMX > 3) block_dot<RS, 3>(ws, ldw, xs, ldx, kn, ps, M, pf, pf_step);
+        if (rm == 2) block_dot<RS, 2>(ws, ldw, xs, ldx, kn, ps, M);
+        else if constexpr (RMX > 3) block_dot<RS, 3>(ws, ldw, xs, ldx, kn, ps, M);
       }
     }
   }
@@ -209,56 +185,50 @@ inline void block_dot_all_m(const WT* w, int64_t ldw, const float* xp, int64_t l
 // dst[r * kWbufLd + j] = W[r, k0 + j] as fp32, for j < kn (whole steps): the bf16 pairs come out as [even, odd]
 // vectors, the order pack_x gives x.
 template <int RN>
-inline void widen_tile(const uint16_t* w, int64_t K, int64_t kn, float* dst) {
+inline void widen_tile(const uint16_t* w, int64_t ldw, int64_t kn, float* dst) {
   for (int r = 0; r < RN; ++r)
     for (int64_t k = 0; k < kn; k += 2 * kW) {
       vf we, wo;
-      simd::load_bf16_pairs(w + r * K + k, we, wo);
+      simd::load_bf16_pairs(w + r * ldw + k, we, wo);
       simd::store(dst + r * kWbufLd + k, we);
       simd::store(dst + r * kWbufLd + k + kW, wo);
     }
 }
 
-// RN rows of W starting at row n0 against all M rows of x (xp, row stride ldx); writes y[:, n0:n0+RN].
+// RN rows of W, rows n0 + r * rs (r < RN), against all M rows of x (xp, row stride ldx); writes those columns of y.
 // part holds RN*M floats, wbuf RN*kWbufLd floats (used only for bf16 weights with M >= 3).
 template <int RN, int RMX, int RS, typename WT>
 void rows_block(const WT* w, const float* xp, int64_t ldx, const float* bias, float* y, int64_t M, int64_t N,
-                int64_t K, int64_t n0, float* part, float* wbuf) {
+                int64_t K, int64_t n0, int64_t rs, float* part, float* wbuf) {
   const int64_t kvec = K / step<WT>() * step<WT>();
   std::fill(part, part + RN * M, 0.0f);
   const WT* wb = w + n0 * K;
+  const int64_t ldw = rs * K;
   // One pass over x (RMX >= M) reuses nothing from a K tile: then the whole K is one tile (fewer reductions) —
   // unless the tile is widened into wbuf, which holds kKTile columns.
   const bool widen = !std::is_same_v<WT, float> && RMX >= 3 && M >= 3;
   const int64_t ktile = M <= RMX && !widen ? std::max<int64_t>(kvec, 1) : kKTile;
   for (int64_t k0 = 0; k0 < kvec; k0 += ktile) {
     const int64_t kn = std::min(ktile, kvec - k0);
-    // Prefetch the block `ahead` blocks on (RN*K contiguous weights), the part of it matching this K tile.
-    constexpr int ahead = RMX >= 3 ? kPf : kPfSmallM;
-    const char* pf = ahead > 0 && n0 + (ahead + 1) * RN <= N
-                         ? reinterpret_cast<const char*>(wb + ahead * RN * K + k0 * RN)
-                         : nullptr;
-    const int64_t pf_bytes = RN * kn * int64_t(sizeof(WT));
     if constexpr (!std::is_same_v<WT, float> && RMX >= 3) {
       if (M >= 3) {
-        widen_tile<RN>(wb + k0, K, kn, wbuf);
-        block_dot_all_m<RN, RMX, RS>(static_cast<const float*>(wbuf), kWbufLd, xp + k0, ldx, M, kn, part, pf,
-                                     pf_bytes);
+        widen_tile<RN>(wb + k0, ldw, kn, wbuf);
+        block_dot_all_m<RN, RMX, RS>(static_cast<const float*>(wbuf), kWbufLd, xp + k0, ldx, M, kn, part);
         continue;
       }
     }
-    block_dot_all_m<RN, RMX, RS>(wb + k0, K, xp + k0, ldx, M, kn, part, pf, pf_bytes);
+    block_dot_all_m<RN, RMX, RS>(wb + k0, ldw, xp + k0, ldx, M, kn, part);
   }
   if (kvec < K)
     for (int r = 0; r < RN; ++r)
       for (int64_t m = 0; m < M; ++m) {
         float s = 0.0f;
-        for (int64_t k = kvec; k < K; ++k) s += to_float(wb[r * K + k]) * xp[m * ldx + k];
+        for (int64_t k = kvec; k < K; ++k) s += to_float(wb[r * ldw + k]) * xp[m * ldx + k];
         part[r * M + m] += s;
       }
   for (int r = 0; r < RN; ++r) {
-    const float b = bias ? bias[n0 + r] : 0.0f;
-    for (int64_t m = 0; m < M; ++m) y[m * N + n0 + r] = part[r * M + m] + b;
+    const float b = bias ? bias[n0 + r * rs] : 0.0f;
+    for (int64_t m = 0; m < M; ++m) y[m * N + n0 + r * rs] = part[r * M + m] + b;
   }
 }
 
@@ -286,20 +256,27 @@ void pack_x(const XT* x, float* xp, int64_t M, int64_t K, int64_t ldx) {
   }
 }
 
-// The body of a parallel region over W's row blocks: an orphaned `omp for`, ending with the team's barrier.
+// The body of a parallel region over W's rows: an orphaned `omp for` over chunks, ending with the team's barrier.
+// Chunk c is rows [c0, c1); its first RN * seg rows form RN segments of seg rows, block i = row i of each segment
+// (rows c0 + i + j * seg), and the last (c1 - c0) % RN rows go one at a time. The number of chunks is a multiple
+// of the team size, about kSeg rows per segment; dynamic scheduling keeps the threads even when another process
+// takes part of a core.
 template <int RN, int RMX, int RS, typename WT>
 void blocks_for(const WT* w, const float* xp, int64_t ldx, const float* bias, float* y, int64_t M, int64_t N,
                 int64_t K) {
-  const int64_t nfull = N / RN;
   const bool widen = !std::is_same_v<WT, float> && M >= 3;
   std::vector<float> part(static_cast<size_t>(RN * M));
   std::vector<float> wbuf(widen ? static_cast<size_t>(RN * kWbufLd) : 0);
-#pragma omp for schedule(JR_LINEAR_SCHED)
-  for (int64_t nb = 0; nb < nfull; ++nb)
-    rows_block<RN, RMX, RS>(w, xp, ldx, bias, y, M, N, K, nb * RN, part.data(), wbuf.data());
-#pragma omp for schedule(static)
-  for (int64_t n = nfull * RN; n < N; ++n)
-    rows_block<1, RMX, 1>(w, xp, ldx, bias, y, M, N, K, n, part.data(), wbuf.data());
+  const int64_t team = omp_get_num_threads(), per_round = team * RN * kSeg;
+  const int64_t chunks = team * ((N + per_round - 1) / per_round);
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t c0 = N * c / chunks, c1 = N * (c + 1) / chunks, seg = (c1 - c0) / RN;
+    for (int64_t i = 0; i < seg; ++i)
+      rows_block<RN, RMX, RS>(w, xp, ldx, bias, y, M, N, K, c0 + i, seg, part.data(), wbuf.data());
+    for (int64_t n = c0 + RN * seg; n < c1; ++n)
+      rows_block<1, RMX, 1>(w, xp, ldx, bias, y, M, N, K, n, 1, part.data(), wbuf.data());
+  }
 }
 
 // Inside an OpenMP parallel region (ends with the team's barrier), or on the calling thread outside one:

@@ -161,9 +161,9 @@ def test_cfg_sample_greedy_ties_pick_smallest_index(poison):
 @pytest.mark.parametrize("M", [1, 3, 17])
 @pytest.mark.parametrize("K", [40, 77, 2048])
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
-def test_linear(poison, M, K, w_dtype):
-    g = torch.Generator().manual_seed(M * K)
-    N = 37
+@pytest.mark.parametrize("N", [1, 37, 700])  # 700: several chunks of segmented blocks per thread (gemv.h)
+def test_linear(poison, M, K, w_dtype, N):
+    g = torch.Generator().manual_seed(M * K + N)
     x = torch.randn(M, K, generator=g)
     w = torch.randn(N, K, generator=g).to(w_dtype)
     b = torch.randn(N, generator=g)
