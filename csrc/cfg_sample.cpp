@@ -30,12 +30,27 @@ inline uint32_t mix32(uint32_t x) {
   return x;
 }
 
-// u in (0, 1): 24 random bits centred in their bucket, in fp32 like the Triton kernel. The + 0.5 rounds the top
-// bucket (2^24 - 1) up to u = 1, hence the clamp (else g = +inf).
-inline float gumbel(uint32_t seed_hash, uint32_t j) {
-  const uint32_t bits = mix32(seed_hash ^ j);
+// u in (0, 1): the top 24 of the random bits centred in their bucket, in fp32 like the Triton kernel. The + 0.5
+// rounds the top bucket (2^24 - 1) up to u = 1, hence the clamp (else g = +inf).
+inline float gumbel_of_bits(uint32_t bits) {
   const float u = std::min((float(bits >> 8) + 0.5f) * 0x1p-24f, 1.0f - 0x1p-24f);
   return -std::log(-std::log(u));
+}
+
+// g is increasing in the bits, so the top kBoundBits of them bound it: bound[i] >= g for every bits with
+// bits >> (32 - kBoundBits) == i (g at the bucket's largest value, plus a margin for the rounding of the logs).
+// The sampling loop computes the two logs only for tokens whose bound could still beat the best score so far.
+constexpr int kBoundBits = 12;
+const std::vector<float>& gumbel_bounds() {
+  static const std::vector<float> bound = [] {
+    std::vector<float> b(size_t(1) << kBoundBits);
+    for (uint32_t i = 0; i < b.size(); ++i) {
+      const uint32_t top = (i << (32 - kBoundBits)) | ((uint32_t(1) << (32 - kBoundBits)) - 1);
+      b[i] = gumbel_of_bits(top) + 1e-3f;
+    }
+    return b;
+  }();
+  return bound;
 }
 
 int64_t argmax_first(const float* x, int64_t V) {
@@ -102,14 +117,14 @@ int64_t sample_row(const float* c, const float* u, float w, float temperature, i
   }
   if (top_p < 1.0f) thr = top_p_threshold(l.data(), V, thr, top_p, cand);
   const uint32_t sh = mix32(uint32_t(uint64_t(seed)));
-  // Noise is at most g(u_max) ~ 16.6: a token with l + g_bound < best cannot win, so its logs are skipped
-  // (the bound has a margin of 1, so the skip never changes the winner).
-  static const float g_bound = -std::log(-std::log(1.0f - 0x1p-24f)) + 1.0f;
+  const float* bound = gumbel_bounds().data();
   int64_t arg = 0;  // as torch.argmax over an all -inf row
   float best = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < V; ++j) {
-    if (!(l[j] >= thr) || l[j] + g_bound < best) continue;
-    const float score = l[j] + gumbel(sh, uint32_t(j));
+    if (!(l[j] >= thr)) continue;
+    const uint32_t bits = mix32(sh ^ uint32_t(j));
+    if (l[j] + bound[bits >> (32 - kBoundBits)] < best) continue;  // score <= that bound: cannot win
+    const float score = l[j] + gumbel_of_bits(bits);
     if (score > best) best = score, arg = j;
   }
   return arg;
