@@ -3,9 +3,11 @@
 //   q [B, H, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables int32 [B, max_blocks];
 //   context_lens int32 [B]; o [B, H, D] = softmax(q k^T * sm_scale) v over the first context_lens[b] tokens.
 // q/o fp32 or bf16, caches fp32 or bf16, all math in fp32. Query head h reads kv head h / (H / Hkv).
-// An online softmax per query head rescales its accumulator once per cache block. On the 2-core Zen 3 box one
-// thread reads K/V at ~8-10 GB/s (about half its streaming rate; the profile is load stalls); software prefetch of
-// the next block was slower.
+// An online softmax per query head rescales its accumulator once per cache block. On the 2-core Zen 3 box the
+// kernel runs at ~50 GB/s of K/V from L3 but ~13 GB/s from DRAM, where a plain read of the same blocks in the same
+// order reaches only ~16 GB/s: one 32 KiB block after another is a short single stream per thread. Software
+// prefetch of the next block (into L1, L2 or L3), touching its pages ahead, and reading K and V in alternating
+// 8-token chunks all left the DRAM rate where it was (RESULTS.md); prefetching into L1 halved the L3 rate.
 #pragma once
 
 #include <algorithm>
@@ -189,24 +191,9 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
       int64_t t = 0;
 #ifdef JR_ATTN_AVX2
       if (D % 8 == 0) {
-        // Scores 8 tokens at a time, while the next block's K and V are prefetched a slice per (8 tokens, head):
-        // spread out, not as one burst (measured ~1.1-1.2x from DRAM with the two changes together).
-        const int64_t blk_bytes = bs * row * int64_t(sizeof(TKV));
-        const bool more = (i + 1) * bs < len;
-        const char* nk = more ? reinterpret_cast<const char*>(kc + int64_t(bt[b * max_blocks + i + 1]) * bs * row) : nullptr;
-        const char* nv = more ? reinterpret_cast<const char*>(vc + int64_t(bt[b * max_blocks + i + 1]) * bs * row) : nullptr;
-        const int64_t pf_step = (blk_bytes + 2 * nh - 1) / (2 * nh);
-        int64_t pf_at = 0;
         const __m256 sc = _mm256_set1_ps(sm_scale);
         for (; t + 8 <= n; t += 8)
           for (int64_t h = 0; h < nh; ++h) {
-            if (nk) {
-              for (int64_t x = pf_at; x < std::min(pf_at + pf_step, blk_bytes); x += 64) {
-                __builtin_prefetch(nk + x, 0, 3);
-                __builtin_prefetch(nv + x, 0, 3);
-              }
-              pf_at += pf_step;
-            }
             const __m256 d8 = dots8(&qf[h * D], kc + base + t * row + off[h], row, D);
             _mm256_storeu_ps(&s[h * bs + t], _mm256_mul_ps(d8, sc));
           }
