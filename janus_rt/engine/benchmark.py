@@ -167,7 +167,7 @@ def run_janus_rt(model, prompt, n, tokens, cuda_graphs=False, layerwise=False):
     _sync(model.device)
     path = None
     if model.device.type == "cpu":
-        path = "decode_layer" if eng.runner.uses_cpu_decoder(2 * n) else "layerwise"
+        path = "decode_layer" if eng.runner.uses_cpu_decoder() else "layerwise"
     return time.perf_counter() - t, eng.stats.ms_per_step, path
 
 

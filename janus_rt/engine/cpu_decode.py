@@ -20,17 +20,6 @@ def supported(model, cache) -> bool:
             and cache.dtype == model.dtype and c.num_kv_heads == c.num_heads)
 
 
-# Measured on the 2-core Zen 3 box (bench/bench_cpu_decode.py, RESULTS.md): the fused step is faster at every fp32
-# shape tried (8 and 32 rows) and for bf16 up to 8 rows, equal at 16 and ~14 % slower at 32 rows of the 1B shape,
-# where its GEMVs run slower than the same kernel called op by op (cause not found yet). Until then the runner
-# takes the layer-by-layer path there.
-FUSED_MAX_ROWS_BF16 = 16
-
-
-def prefer_fused(dtype, rows: int) -> bool:
-    return dtype == torch.float32 or rows <= FUSED_MAX_ROWS_BF16
-
-
 class CpuDecoder:
     """The LLM forward for one new token per row over the engine's paged cache, on the CPU."""
 

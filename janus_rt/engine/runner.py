@@ -45,8 +45,8 @@ class ModelRunner:
         self.device = cache.device
         self.graphs: dict[int, tuple] = {}
         self.max_blocks = -(-max_model_len // cache.block_size)
-        # cpu backend: one csrc call per layer (engine/cpu_decode.py) where supported and measured faster
-        # (uses_cpu_decoder); set fused_cpu_decode = False to force the layer-by-layer ops path
+        # cpu backend: one csrc call per layer (engine/cpu_decode.py) where supported (measured faster at every
+        # shape and row count tried, RESULTS.md); set fused_cpu_decode = False to force the layer-by-layer ops path
         supported = backend == "cpu" and cpu_decode.supported(model, cache)
         self.cpu_decoder = cpu_decode.CpuDecoder(model, cache) if supported else None
         self.fused_cpu_decode = supported
@@ -79,17 +79,16 @@ class ModelRunner:
             return self._replay(embeds, positions, slots, tables)
         width = max(len(t) for t in tables)
         bt = self._i32([t + [0] * (width - len(t)) for t in tables])
-        if self.uses_cpu_decoder(r):
+        if self.uses_cpu_decoder():
             return self.cpu_decoder(embeds, self._i64(positions), self._i64(slots), bt,
                                     self._i32([p + 1 for p in positions]))
         kv = DecodeKV(self.cache, self._i64(slots), bt, self._i32([p + 1 for p in positions]))
         with ops.use_backend(self.backend):
             return self.model.llm(embeds[:, None], self._i64(positions)[:, None], kv)[:, 0]
 
-    def uses_cpu_decoder(self, rows: int) -> bool:
-        """Whether a decode step of `rows` rows takes the csrc decoder (else the layer-by-layer path)."""
-        return (self.fused_cpu_decode and self.cpu_decoder is not None
-                and cpu_decode.prefer_fused(self.model.dtype, rows))
+    def uses_cpu_decoder(self) -> bool:
+        """Whether decode steps take the csrc decoder (else the layer-by-layer path)."""
+        return self.fused_cpu_decode and self.cpu_decoder is not None
 
     # ---- CUDA graphs: the decode step captured once per batch-size bucket ------------------------------------
     BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
