@@ -132,6 +132,17 @@ def test_cfg_sample_matches_ref(poison, V, with_uncond):
     assert torch.equal(ours, cfg_sample_ref(cond, uncond, **params))
 
 
+@pytest.mark.parametrize("scale", [0.0, 0.05, 20.0])
+def test_cfg_sample_noise_bound_skip_keeps_the_winner(poison, scale):
+    # cfg_sample.cpp computes a token's noise only where a bound on it could still beat the best score: flat rows
+    # (every token ties until the noise decides), nearly flat and widely spread rows all match the reference.
+    g = torch.Generator().manual_seed(int(scale * 100))
+    cond = torch.randn(16, 16384, generator=g) * scale
+    for seed0 in (0, 100):
+        args = dict(temperature=1.0, top_k=0, top_p=1.0, seeds=torch.arange(seed0, seed0 + 16))
+        assert torch.equal(cpu_ops.cfg_sample(cond, None, **args), cfg_sample_ref(cond, None, **args))
+
+
 def test_cfg_sample_strided_rows_and_scalars(poison):
     logits = torch.randn(6, 16384) * 2  # official layout: even rows conditional, odd rows unconditional
     for seed in range(4):
