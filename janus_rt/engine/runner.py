@@ -93,7 +93,13 @@ class ModelRunner:
     # ---- CUDA graphs: the decode step captured once per batch-size bucket ------------------------------------
     BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
-    def capture_cudagraphs(self):
+    def capture_cudagraphs(self, capture=None):
+        """Record the decode step once per bucket of rows on fixed input buffers; decode() then replays the
+        smallest bucket that holds a step's rows, the spare rows padded (slot -1: they write no K/V).
+        capture(fn) -> (replay, out): records fn's work once and returns a function that re-runs it on the
+        same buffers, and fn's output buffer. The default is a CUDA graph; tests pass an eager stand-in to check
+        the buffer and padding bookkeeping on the CPU."""
+        capture = capture or _cuda_graph_capture
         c = self.model.cfg.llm.hidden_size
         dev = self.device
         for r in self.BUCKETS:
@@ -106,22 +112,17 @@ class ModelRunner:
             )
             kv = DecodeKV(self.cache, static["slots"], static["tables"], static["lens"])
 
-            def run():
-                with ops.use_backend(self.backend):
+            def run(static=static, kv=kv):
+                with torch.inference_mode(), ops.use_backend(self.backend):
                     return self.model.llm(static["embeds"][:, None], static["positions"][:, None], kv)[:, 0]
 
-            with torch.inference_mode():
-                run()  # warm up (Triton compiles outside the capture)
-                torch.cuda.synchronize()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    out = run()
-            self.graphs[r] = (g, static, out)
+            replay, out = capture(run)
+            self.graphs[r] = (replay, static, out)
 
     def _replay(self, embeds, positions, slots, tables):
         r = embeds.shape[0]
         bucket = next(b for b in sorted(self.graphs) if b >= r)
-        g, st, out = self.graphs[bucket]
+        replay, st, out = self.graphs[bucket]
         st["embeds"][:r].copy_(embeds)
         st["positions"][:r].copy_(self._i64(positions))
         st["slots"].fill_(-1)
@@ -131,5 +132,14 @@ class ModelRunner:
             st["tables"][i, : len(t)] = self._i32(t)
         st["lens"].fill_(1)
         st["lens"][:r].copy_(self._i32([p + 1 for p in positions]))
-        g.replay()
+        replay()
         return out[:r].clone()
+
+
+def _cuda_graph_capture(fn):
+    fn()  # warm up (Triton compiles outside the capture)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return g.replay, out
