@@ -123,15 +123,18 @@ class ModelRunner:
         r = embeds.shape[0]
         bucket = next(b for b in sorted(self.graphs) if b >= r)
         replay, st, out = self.graphs[bucket]
-        st["embeds"][:r].copy_(embeds)
-        st["positions"][:r].copy_(self._i64(positions))
-        st["slots"].fill_(-1)
-        st["slots"][:r].copy_(self._i64(slots))
-        st["tables"].zero_()
+        # The integer inputs are assembled on the host and copied over in three transfers, not one per row.
+        pos_slot = torch.tensor([positions + [0] * (bucket - r), slots + [-1] * (bucket - r)], dtype=torch.int64)
+        lens = torch.ones(bucket, dtype=torch.int32)  # padding rows: context 1 (any valid block), no K/V written
+        lens[:r] = torch.tensor(positions, dtype=torch.int32) + 1
+        tab = torch.zeros(bucket, self.max_blocks, dtype=torch.int32)
         for i, t in enumerate(tables):
-            st["tables"][i, : len(t)] = self._i32(t)
-        st["lens"].fill_(1)
-        st["lens"][:r].copy_(self._i32([p + 1 for p in positions]))
+            tab[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        st["embeds"][:r].copy_(embeds)
+        st["positions"].copy_(pos_slot[0])
+        st["slots"].copy_(pos_slot[1])
+        st["lens"].copy_(lens)
+        st["tables"].copy_(tab)
         replay()
         return out[:r].clone()
 
