@@ -129,3 +129,14 @@ def test_engine_fused_decode_matches_layer_by_layer(dtype):
         c2 = torch.stack([c for c, _ in y.logits])
         tol = 1e-4 if dtype == torch.float32 else 0.05
         assert max_err(c1, c2) <= tol * c2.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_decoder_rope_cache_equals_rope_tables(dtype):
+    """CpuDecoder reads RoPE tables from a table built once; they equal ops.rope_tables at the step's positions."""
+    model = Janus.from_preset("tiny", seed=0, dtype=dtype)
+    eng = Engine.for_requests(model, [(8, 1)])
+    dec, c = eng.runner.cpu_decoder, model.cfg.llm
+    pos = torch.tensor([0, 1, 17, 999, 4095, 123])
+    cos, sin = ops.rope_tables(pos, c.head_dim, c.rope_theta, dtype)
+    assert torch.equal(dec.cos[pos], cos.float()) and torch.equal(dec.sin[pos], sin.float())

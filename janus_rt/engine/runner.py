@@ -48,7 +48,7 @@ class ModelRunner:
         # cpu backend: one csrc call per layer (engine/cpu_decode.py) where supported (measured faster at every
         # shape and row count tried, RESULTS.md); set fused_cpu_decode = False to force the layer-by-layer ops path
         supported = backend == "cpu" and cpu_decode.supported(model, cache)
-        self.cpu_decoder = cpu_decode.CpuDecoder(model, cache) if supported else None
+        self.cpu_decoder = cpu_decode.CpuDecoder(model, cache, max_model_len) if supported else None
         self.fused_cpu_decode = supported
         if cuda_graphs and self.device.type == "cuda":
             self.capture_cudagraphs()
