@@ -56,6 +56,7 @@ class Engine:
         self.stats = EngineStats()
         self.finished: dict[int, Request] = {}
         self.record_logits = False  # tests/debugging: keep each step's (cond, uncond) logits on the request
+        self._image_batch = (None, None)  # (the decoding image requests, their per-row tensors): see _image_rows
 
     @classmethod
     def for_requests(cls, model, shapes: list[tuple[int, int]], block_size: int = 16, **kw) -> "Engine":
@@ -202,12 +203,13 @@ class Engine:
             if image_reqs:
                 h_img = h if not text_reqs else h[torch.tensor(is_image, device=h.device)]
                 logits = self.model.gen_head(h_img).float()  # [2 * sum(n), V]: per request cond rows, uncond rows
-                cond_idx, uncond_idx, off = [], [], 0
-                for r in image_reqs:
-                    cond_idx += range(off, off + r.n)
-                    uncond_idx += range(off + r.n, off + 2 * r.n)
-                    off += 2 * r.n
-                self._sample_images(image_reqs, logits[cond_idx], logits[uncond_idx])
+                rows = self._image_rows(image_reqs, logits.device)
+                if len(image_reqs) == 1:  # one request: the two halves, no copy
+                    n = image_reqs[0].n
+                    cond, uncond = logits[:n], logits[n:]
+                else:
+                    cond, uncond = logits.index_select(0, rows["cond"]), logits.index_select(0, rows["uncond"])
+                self._sample_images(image_reqs, cond, uncond)
             if text_reqs:
                 mask = ~torch.tensor(is_image, device=h.device)
                 self._sample_text(text_reqs, ops.linear(h[mask], self.model.lm_head.weight).float())
@@ -221,6 +223,25 @@ class Engine:
         out[~mask] = text
         return out
 
+    def _image_rows(self, reqs, device) -> dict:
+        """Per-row tensors of a batch of image requests (CFG row indices, sampling parameters), rebuilt only when
+        the batch's requests change: building them every step was a good part of a step's host time."""
+        key = tuple((r.req_id, r.n) for r in reqs)
+        if self._image_batch[0] != key:
+            cond, uncond, off = [], [], 0
+            for r in reqs:
+                cond += range(off, off + r.n)
+                uncond += range(off + r.n, off + 2 * r.n)
+                off += 2 * r.n
+            per = [r.params for r in reqs for _ in range(r.n)]
+            self._image_batch = (key, dict(
+                cond=torch.tensor(cond, device=device), uncond=torch.tensor(uncond, device=device),
+                cfg_weight=torch.tensor([float(p.cfg_weight) for p in per]),
+                temperature=torch.tensor([float(p.temperature) for p in per]),
+                top_k=torch.tensor([int(p.top_k) for p in per]), top_p=torch.tensor([float(p.top_p) for p in per]),
+                greedy=torch.tensor([bool(p.greedy) for p in per])))
+        return self._image_batch[1]
+
     def _sample_images(self, reqs, cond, uncond) -> None:
         """cond, uncond: fp32 [sum(n), V] in request order -> each request appends one token per image."""
         if self.record_logits:
@@ -228,13 +249,10 @@ class Engine:
             for r in reqs:
                 r.logits.append((cond[off : off + r.n].cpu(), uncond[off : off + r.n].cpu()))
                 off += r.n
-        per = lambda f: torch.tensor([f(r) for r in reqs for _ in range(r.n)])
-        p = lambda r: r.params
+        a = self._image_rows(reqs, cond.device)
         seeds = torch.tensor([s for r in reqs for s in r.seeds(r.step)], dtype=torch.int64)
-        tokens = ops.cfg_sample(cond, uncond, per(lambda r: float(p(r).cfg_weight)),
-                                per(lambda r: float(p(r).temperature)), per(lambda r: int(p(r).top_k)),
-                                per(lambda r: float(p(r).top_p)), seeds.to(cond.device),
-                                per(lambda r: bool(p(r).greedy))).tolist()
+        tokens = ops.cfg_sample(cond, uncond, a["cfg_weight"], a["temperature"], a["top_k"], a["top_p"],
+                                seeds.to(cond.device), a["greedy"]).tolist()
         off = 0
         for r in reqs:
             r.append(tokens[off : off + r.n])
