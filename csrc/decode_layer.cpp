@@ -2,6 +2,7 @@
 //   h [R, C] (the residual stream, model dtype T, updated in place):
 //     a = RMSNorm(h) -> qkv = a Wqkv^T -> RoPE(q, k) -> k, v into the paged cache at slot_mapping[r]
 //     -> o = paged attention(q) -> h += o Wo^T -> a = RMSNorm(h) -> g, u = a Wgate_up^T -> h += (silu(g) u) Wdown^T
+//   and for the model's last layer (final_norm not null) also out [R, C] (T) = RMSNorm(h) with final_norm
 // Weights [out, in] in T, caches [num_blocks, block_size, H, D] in T, T = fp32 or bf16; cos/sin fp32 [R, D] (the
 // rotary tables of each row's position, already rounded to T). MHA only (Janus-Pro).
 //
@@ -68,6 +69,9 @@ struct Layer {
   const float *cos, *sin;
   int64_t R, C, H, D, I, num_slots, block_size, max_blocks;
   float eps, sm_scale;
+  const T* final_norm;  // the model's last layer: out = RMSNorm(h) with this weight (null for other layers)
+  T* out;
+  float final_eps;
 };
 
 template <typename T>
@@ -131,7 +135,13 @@ void run_layer(T* h, const Layer<T>& L) {
     }
     gemv::gemv_for(L.down, xp.data(), ldi, nullptr, y.data(), R, C, I);
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; ++r) add_residual(h + r * C, &y[r * C], C);
+    for (int64_t r = 0; r < R; ++r) {
+      add_residual(h + r * C, &y[r * C], C);
+      if (L.final_norm) {  // the model's final norm, while the row is in cache
+        rms_norm_row(h + r * C, L.final_norm, &row[r * C], C, L.final_eps);
+        for (int64_t c = 0; c < C; ++c) from_float(row[r * C + c], L.out + r * C + c);
+      }
+    }
   }
 }
 
@@ -142,7 +152,7 @@ void decode_layer(std::uintptr_t h, int dtype, std::uintptr_t in_norm, std::uint
                   std::uintptr_t v_cache, std::uintptr_t slot_mapping, std::uintptr_t block_tables,
                   std::uintptr_t context_lens, std::uintptr_t cos, std::uintptr_t sin, int64_t R, int64_t C,
                   int64_t H, int64_t I, int64_t num_blocks, int64_t block_size, int64_t max_blocks, double eps,
-                  double sm_scale) {
+                  double sm_scale, std::uintptr_t final_norm, std::uintptr_t out, double final_eps) {
   JR_CHECK(R >= 1 && C >= 1 && H >= 1 && I >= 1, "need R, C, H, I >= 1");
   JR_CHECK(C % H == 0 && (C / H) % 2 == 0, "C must be H * D with an even head_dim D");
   JR_CHECK(num_blocks >= 1 && block_size >= 1 && max_blocks >= 1, "num_blocks, block_size, max_blocks must be >= 1");
@@ -151,13 +161,15 @@ void decode_layer(std::uintptr_t h, int dtype, std::uintptr_t in_norm, std::uint
                block_tables && context_lens && cos && sin, "null pointer");
   const int32_t* bt = ptr<const int32_t>(block_tables);
   const int32_t* cl = ptr<const int32_t>(context_lens);
+  JR_CHECK(!final_norm || out, "final_norm needs an output pointer");
   attn::check_tables(bt, cl, R, num_blocks, block_size, max_blocks);
   auto run = [&](auto* hp) {
     using T = std::remove_pointer_t<decltype(hp)>;
     Layer<T> L{ptr<const T>(in_norm), ptr<const T>(qkv), ptr<const T>(o), ptr<const T>(post_norm),
                ptr<const T>(gate_up), ptr<const T>(down), ptr<T>(k_cache), ptr<T>(v_cache),
                ptr<const int64_t>(slot_mapping), bt, cl, ptr<const float>(cos), ptr<const float>(sin),
-               R, C, H, C / H, I, num_blocks * block_size, block_size, max_blocks, float(eps), float(sm_scale)};
+               R, C, H, C / H, I, num_blocks * block_size, block_size, max_blocks, float(eps), float(sm_scale),
+               ptr<const T>(final_norm), ptr<T>(out), float(final_eps)};
     run_layer(hp, L);
   };
   if (dtype == kF32) run(ptr<float>(h));

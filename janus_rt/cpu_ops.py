@@ -239,14 +239,16 @@ class DecodeStack:
     down [C, I]) and its paged caches k_cache, v_cache [num_blocks, block_size, H, D] with H * D = C, all one dtype
     (fp32 or bf16), MHA; they are checked here once and held (the stack reads them by address on every call).
     Calling it checks only the step's tensors, then runs every layer:
-        stack(h, slot_mapping, block_tables, context_lens, cos, sin)
+        stack(h, slot_mapping, block_tables, context_lens, cos, sin, out=None)
     h: [R, C] residual stream, updated in place (h <- h + attn(norm(h)); h <- h + mlp(norm(h)) per layer, the
     math of DecoderLayer.forward + ops.kv_store + ops.paged_decode_attention); slot_mapping: int64 [R] (where row
     r's new k, v go; < 0 = write nothing); block_tables: int32 [R, max_blocks]; context_lens: int32 [R] (including
     the new token); cos, sin: fp32 [R, D] rotary tables of each row's position.
+    final_norm ([C], the model's last RMSNorm; eps final_eps, default eps): then out ([R, C], h's dtype) receives
+    RMSNorm(h) after the last layer, computed inside its call (ops.rms_norm_torch's rounding points).
     """
 
-    def __init__(self, layers, caches, eps: float):
+    def __init__(self, layers, caches, eps: float, final_norm=None, final_eps: float | None = None):
         _check(len(layers) == len(caches) and len(layers) >= 1, "need one (k_cache, v_cache) pair per layer")
         in_norm = layers[0][0]
         _check_tensor(in_norm, "in_norm", _FP, 1)
@@ -272,10 +274,19 @@ class DecodeStack:
             self._held.append((*ws, kc, vc))
             self._ptrs.append(tuple(t.data_ptr() for t in (*ws, kc, vc)))
         self.eps = float(eps)
+        self.final_norm = final_norm
+        self.final_eps = self.eps if final_eps is None else float(final_eps)
+        if final_norm is not None:
+            _check_tensor(final_norm, "final_norm", (dt,), 1)
+            _check(final_norm.shape[0] == C, f"final_norm has {final_norm.shape[0]} entries; expected C = {C}")
 
-    def __call__(self, h, slot_mapping, block_tables, context_lens, cos, sin) -> None:
+    def __call__(self, h, slot_mapping, block_tables, context_lens, cos, sin, out=None) -> None:
         _check_tensor(h, "h", (self.dtype,), 2)
         R = h.shape[0]
+        _check((out is None) == (self.final_norm is None), "out is given exactly when the stack has a final_norm")
+        if out is not None:
+            _check_tensor(out, "out", (self.dtype,), 2)
+            _check(tuple(out.shape) == tuple(h.shape), f"out {tuple(out.shape)} must have h's shape {tuple(h.shape)}")
         _check(h.shape[1] == self.C, f"h has {h.shape[1]} columns; the stack's hidden size is {self.C}")
         _check_tensor(slot_mapping, "slot_mapping", (torch.int64,), 1)
         _check_tensor(block_tables, "block_tables", (torch.int32,), 2)
@@ -292,8 +303,10 @@ class DecodeStack:
         step = (slot_mapping.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(), cos.data_ptr(),
                 sin.data_ptr(), R, self.C, self.H, self.inter, self.num_blocks, self.block_size,
                 block_tables.shape[1], self.eps, scale)
-        for p in self._ptrs:  # the C++ side re-checks the block tables against num_blocks every layer
-            ext.decode_layer(h.data_ptr(), code, *p, *step)
+        last = len(self._ptrs) - 1
+        for i, p in enumerate(self._ptrs):  # the C++ side re-checks the block tables against num_blocks every layer
+            fin = (self.final_norm.data_ptr(), out.data_ptr()) if i == last and out is not None else (0, 0)
+            ext.decode_layer(h.data_ptr(), code, *p, *step, *fin, self.final_eps)
 
 
 def decode_layer(h, in_norm, qkv, o_proj, post_norm, gate_up, down, k_cache, v_cache, slot_mapping, block_tables,

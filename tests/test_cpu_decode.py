@@ -89,6 +89,27 @@ def test_decode_layer_bf16(hidden, heads, inter, lens):
     assert max_err(out, ref32) <= 2 * max_err(ref_bf16, ref32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_stack_final_norm(dtype):
+    """A stack with the model's final norm writes RMSNorm(h) of the last layer's output into out, as
+    ops.rms_norm_torch computes it from that h (bf16: the same rounding points, at most an ulp apart)."""
+    cfg, layer, cache, tables, slots, pos, h = _layer_case(dtype, 72, 3, 100, [1, 17, 40, 5, 33])
+    w = (torch.randn(72, generator=torch.Generator().manual_seed(1)) * 0.3 + 1).to(dtype)
+    weights = (layer.input_norm.weight, layer.attn.qkv_proj.weight, layer.attn.o_proj.weight,
+               layer.post_attn_norm.weight, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)
+    cos, sin = (t.float().contiguous() for t in ops.rope_tables(pos, cfg.head_dim, cfg.rope_theta, dtype))
+    lens = (pos + 1).to(torch.int32)
+    with torch.inference_mode():
+        stack = cpu_ops.DecodeStack([weights], [(cache.k_cache(0), cache.v_cache(0))], 1e-6, w, 1e-5)
+        out = torch.full_like(h, float("nan"))
+        stack(h, slots, tables, lens, cos, sin, out)  # h: the last layer's output, in place
+        ref = ops.rms_norm_torch(h, w, 1e-5)
+        with pytest.raises(ValueError, match="final_norm"):
+            stack(h, slots, tables, lens, cos, sin)
+    tol = 1e-6 if dtype == torch.float32 else 2**-7
+    assert out.dtype == dtype and max_err(out, ref) <= tol * ref.abs().max()
+
+
 def test_decode_layer_skips_padding_slots():
     cfg, layer, cache, tables, slots, pos, h = _layer_case(torch.float32, 64, 2, 96, [20, 9])
     before = cache.data.clone()

@@ -36,7 +36,7 @@ class CpuDecoder:
         caches = [(cache.k_cache(i), cache.v_cache(i)) for i in range(len(llm.layers))]
         with torch.inference_mode():
             self.stack = cpu_ops.DecodeStack([tuple(w.detach() for w in ws) for ws in weights], caches,
-                                             llm.layers[0].input_norm.eps)
+                                             llm.layers[0].input_norm.eps, llm.norm.weight.detach(), llm.norm.eps)
 
     @torch.inference_mode()
     def __call__(self, embeds, positions, slot_mapping, block_tables, context_lens):
@@ -48,6 +48,7 @@ class CpuDecoder:
             cos, sin = self.cos.index_select(0, positions), self.sin.index_select(0, positions)
         else:
             cos, sin = (t.float().contiguous() for t in ops.rope_tables(positions, c.head_dim, c.rope_theta, m.dtype))
+        out = torch.empty_like(h)
         with ops._scope("janus_rt::cpu_decode_layers"):
-            self.stack(h, slot_mapping, block_tables, context_lens, cos, sin)
-        return ops.rms_norm_torch(h, m.llm.norm.weight, m.llm.norm.eps)
+            self.stack(h, slot_mapping, block_tables, context_lens, cos, sin, out)  # out = the final norm of h
+        return out
