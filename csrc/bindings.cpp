@@ -23,6 +23,8 @@ void decode_layer(ptr_t h, int dtype, ptr_t in_norm, ptr_t qkv, ptr_t o, ptr_t p
                   ptr_t k_cache, ptr_t v_cache, ptr_t slot_mapping, ptr_t block_tables, ptr_t context_lens, ptr_t cos,
                   ptr_t sin, int64_t R, int64_t C, int64_t H, int64_t I, int64_t num_blocks, int64_t block_size,
                   int64_t max_blocks, double eps, double sm_scale, ptr_t final_norm, ptr_t out, double final_eps);
+void mlp_gelu(ptr_t x, ptr_t w1, ptr_t b1, ptr_t w2, ptr_t b2, ptr_t y, int dtype, int64_t M, int64_t K, int64_t H,
+              int64_t N);
 double stream_sum(ptr_t x, int64_t n);
 const char* simd_isa();
 }  // namespace jr
@@ -51,6 +53,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("block_tables"), py::arg("context_lens"), py::arg("cos"), py::arg("sin"), py::arg("R"), py::arg("C"),
         py::arg("H"), py::arg("I"), py::arg("num_blocks"), py::arg("block_size"), py::arg("max_blocks"),
         py::arg("eps"), py::arg("sm_scale"), py::arg("final_norm"), py::arg("out"), py::arg("final_eps"));
+  m.def("mlp_gelu", &jr::mlp_gelu, release(), "Linear -> GELU(erf) -> Linear for decode-sized x, fp32 output",
+        py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("y"), py::arg("dtype"),
+        py::arg("M"), py::arg("K"), py::arg("H"), py::arg("N"));
   m.def("stream_sum", &jr::stream_sum, release(), "sum of n fp32 at read bandwidth (the bench roofline probe)",
         py::arg("x"), py::arg("n"));
   m.def("simd_isa", &jr::simd_isa, "vector ISA the kernels were compiled for: avx512, avx2 or scalar");

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace jr {
 
@@ -39,6 +40,13 @@ inline float to_float(uint16_t x) { return bf16_to_float(x); }
 
 inline void from_float(float x, float* dst) { *dst = x; }
 inline void from_float(float x, uint16_t* dst) { *dst = float_to_bf16(x); }
+
+// The value a T tensor would hold (T = float or uint16_t for bf16): where the torch path rounds to the model dtype.
+template <typename T>
+inline float rnd(float x) {
+  if constexpr (std::is_same_v<T, float>) return x;
+  else return bf16_to_float(float_to_bf16(x));
+}
 
 template <typename T>
 inline T* ptr(std::uintptr_t p) {

@@ -25,13 +25,6 @@
 namespace jr {
 namespace {
 
-// The value a T tensor would hold.
-template <typename T>
-inline float rnd(float x) {
-  if constexpr (std::is_same_v<T, float>) return x;
-  else return bf16_to_float(float_to_bf16(x));
-}
-
 // out [C] fp32 (values of T) = weight * T(x * rsqrt(mean(x^2) + eps)), as ops.rms_norm_torch.
 template <typename T>
 inline void rms_norm_row(const T* x, const T* w, float* out, int64_t C, float eps) {

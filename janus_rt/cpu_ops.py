@@ -232,6 +232,34 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 
+def mlp_gelu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+             b2: torch.Tensor | None) -> torch.Tensor:
+    """y = GELU(x @ w1^T + b1) @ w2^T + b2 (GELU with erf) for decode-sized x, in one csrc call.
+
+    x: [..., K]; w1: [H, K]; b1: [H] or None; w2: [N, H]; b2: [N] or None; all fp32 or all bf16 -> y: fp32 [..., N].
+    The hidden layer is rounded to x's dtype before and after the GELU, as ops.mlp_gelu's cpu path rounds it.
+    """
+    _check_tensor(x, "x", _FP)
+    dt = x.dtype
+    _check_tensor(w1, "w1", (dt,), 2)
+    _check_tensor(w2, "w2", (dt,), 2)
+    H, K = w1.shape
+    N = w2.shape[0]
+    if x.dim() < 1 or x.shape[-1] != K or w2.shape[1] != H:
+        raise ValueError(f"x {tuple(x.shape)}, w1 {tuple(w1.shape)} and w2 {tuple(w2.shape)} do not chain")
+    for name, b, n in (("b1", b1, H), ("b2", b2, N)):
+        if b is not None:
+            _check_tensor(b, name, (dt,), 1)
+            _check(b.shape[0] == n, f"{name} has {b.shape[0]} entries; expected {n}")
+    M = x.numel() // K
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    if M == 0:
+        return y
+    _ext().mlp_gelu(x.data_ptr(), w1.data_ptr(), 0 if b1 is None else b1.data_ptr(), w2.data_ptr(),
+                    0 if b2 is None else b2.data_ptr(), y.data_ptr(), _DTYPE_CODE[dt], M, K, H, N)
+    return y
+
+
 class DecodeStack:
     """The LLM's decoder layers for a decode step on the CPU (csrc/decode_layer.cpp): one csrc call per layer.
 

@@ -134,6 +134,12 @@ def mlp_gelu(x, w1, b1, w2, b2):
     """Linear -> GELU (erf) -> Linear: the aligner / gen_aligner / gen_head shape."""
     if _backend == "triton":
         return _kernels().mlp_gelu(x, w1, b1, w2, b2)
+    if (_backend == "cpu" and x.numel() <= CPU_GEMV_MAX_ROWS * x.shape[-1] and _use_cpu_kernels(x)
+            and w1.dtype == w2.dtype == x.dtype and all(b is None or b.dtype == x.dtype for b in (b1, b2))):
+        from janus_rt import cpu_ops
+
+        with _scope("janus_rt::cpu_mlp_gelu"):  # one csrc call: the same rounding points as the two below
+            return cpu_ops.mlp_gelu(x.contiguous(), w1, b1, w2, b2).to(x.dtype)
     return linear(F.gelu(linear(x, w1, b1)), w2, b2)
 
 
