@@ -3,7 +3,8 @@
 vq_nearest: one image's 576 latents against the 16384 x 8 codebook. paged_decode_attention: 16 heads of 128,
 block 16, ~600 cached tokens (prompt + 576 image tokens), CFG batch of 2 and a batch of 16 (GB/s of K/V read;
 torch's SDPA on contiguous K/V is the "no paging" floor). kv_store: one decode step and one prefill.
-cfg_sample: image vocab 16384 with CFG, text vocab 102400 with top-p.
+cfg_sample: image vocab 16384 with CFG, text vocab 102400 with top-p. mlp_gelu: the gen head (2048 -> 2048 -> 16384)
+for 32 rows in bf16, and the small benchmark shape's (512 -> 512 -> 16384, 8 rows, fp32).
 
 Run: python bench/bench_cpu_ops.py [--threads N]. Prints a markdown table; main() returns the rows. Times are best-of-N.
 """
@@ -105,13 +106,30 @@ def bench_cfg_sample() -> list[dict]:
     return rows
 
 
+def bench_mlp_gelu() -> list[dict]:
+    """The gen head at decode: 32 rows (n = 16 with CFG) through 2048 -> 2048 -> GELU -> 16384, bf16 (1B), against
+    the op chain the cpu path ran before (two csrc GEMVs and torch's GELU)."""
+    rows = []
+    for M, C, dtype in ((32, 2048, torch.bfloat16), (8, 512, torch.float32)):
+        x = torch.randn(M, C).to(dtype)
+        w1, b1 = (torch.randn(C, C) / C**0.5).to(dtype), torch.randn(C).to(dtype)
+        w2, b2 = (torch.randn(16384, C) / C**0.5).to(dtype), torch.randn(16384).to(dtype)
+        ours = best_time(lambda: cpu_ops.mlp_gelu(x, w1, b1, w2, b2))
+        chain = lambda: cpu_ops.linear(F.gelu(cpu_ops.linear(x, w1, b1.float()).to(dtype)), w2, b2.float())
+        ref = best_time(chain)
+        nbytes = (w1.numel() + w2.numel()) * w1.element_size()
+        rows.append(_row("mlp_gelu", f"M{M} {C}->{C}->16384 {str(dtype)[6:]}", ours, ref, "linear, GELU, linear",
+                         nbytes))
+    return rows
+
+
 def main() -> list[dict]:
     if not cpu_ops.available():
         print("[bench_cpu_ops] janus_rt._C not built: skipping", file=sys.stderr)
         return []
     print(f"# bench_cpu_ops: {cpu_name()}, ISA {cpu_ops.simd_isa()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {datetime.date.today()}")
-    rows = bench_vq() + bench_paged_attention() + bench_kv_store() + bench_cfg_sample()
+    rows = bench_vq() + bench_paged_attention() + bench_kv_store() + bench_cfg_sample() + bench_mlp_gelu()
     print_table(rows)
     return rows
 
