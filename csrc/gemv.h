@@ -12,6 +12,9 @@
 // is split into its even and odd elements, so a bf16 weight vector widens with one shift (even) and one mask (odd).
 // For M >= 3 a bf16 tile is widened once into an fp32 scratch tile in that same order, and every row of x then
 // runs the fp32 loop against it: the widening is paid once per weight instead of once per row of x.
+// Batch invariance: every row of y is bit-identical whatever M is (each vector lane sums its products in k order,
+// across K tiles, in every block shape; one horizontal-sum order; then the scalar tail and the bias), so a request's
+// logits do not depend on what else is in the decode batch (tests/test_cpu_ops.py).
 #pragma once
 
 #include <algorithm>
@@ -80,30 +83,39 @@ inline vf in_reg(vf v) {
   return v;
 }
 
-// out[0..3] += horizontal sums of a, b, c, d. With AVX2 the four reduce together with hadd (a transpose on the
-// way) instead of four separate shuffle chains. Vectors go by value: an accumulator array passed by pointer can
-// make GCC keep it in memory.
-inline void hsum4_add(vf a, vf b, vf c, vf d, float* out) {
+// The horizontal sum of an accumulator: (lanes 0-3 as (0+1)+(2+3)) + (lanes 4-7 likewise), one order for every row.
+inline float hsum_tree(vf a) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
-  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-  const __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-  _mm_storeu_ps(out, _mm_add_ps(_mm_loadu_ps(out), r));
+  const __m256 t = _mm256_hadd_ps(a, a);
+  const __m256 u = _mm256_hadd_ps(t, t);
+  return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
 #else
-  out[0] += simd::hsum(a);
-  out[1] += simd::hsum(b);
-  out[2] += simd::hsum(c);
-  out[3] += simd::hsum(d);
+  return simd::hsum(a);
 #endif
 }
 
-// part[r * ldp + m] += sum_{k < kn} W[r, k] * x[m, k], for RN rows of W at `w` (row stride ldw) and RM rows of xp
-// at `xp` (row stride ldx); kn is a whole number of steps (the scalar tail is rows_block's).
+// hsum_tree of four accumulators at once (the same sums, one transposing hadd reduction instead of four).
+inline void hsum_tree4(vf a, vf b, vf c, vf d, float* out) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+#else
+  out[0] = hsum_tree(a), out[1] = hsum_tree(b), out[2] = hsum_tree(c), out[3] = hsum_tree(d);
+#endif
+}
+
+// For RN rows of W at `w` (row stride ldw) and RM rows of xp at `xp` (row stride ldx), over kn elements (whole
+// steps; the scalar tail is rows_block's): the vector accumulator of (r, m) goes on with W[r, k] * x[m, k] — from
+// zero on the first K tile, else from where the previous tile left it at part + (r * ldp + m) * kW. On the last
+// tile (out not null) it is reduced into out[r * ldp + m], else stored back. Every lane sums its products in k
+// order across the tiles and every accumulator reduces in hsum_tree's order, so a row's result depends neither
+// on the tiling nor on which other rows of x share the block.
 template <int RN, int RM, typename WT>
 inline void block_dot(const WT* w, int64_t ldw, const float* xp, int64_t ldx, int64_t kn, float* part,
-                      int64_t ldp) {
+                      int64_t ldp, bool first, float* out) {
   vf acc[RN][RM];
   for (int r = 0; r < RN; ++r)
-    for (int m = 0; m < RM; ++m) acc[r][m] = simd::zero();
+    for (int m = 0; m < RM; ++m) acc[r][m] = first ? simd::zero() : simd::load(part + (r * ldp + m) * kW);
   if constexpr (std::is_same_v<WT, float> && RN <= RM) {
     // Hold the RN W vectors, stream the RM x vectors: RN*RM + RN + 1 registers.
     for (int64_t k = 0; k < kn; k += kW) {
@@ -124,20 +136,6 @@ inline void block_dot(const WT* w, int64_t ldw, const float* xp, int64_t ldx, in
         for (int m = 0; m < RM; ++m) acc[r][m] = simd::fma(wv, xv[m], acc[r][m]);
       }
     }
-  } else if constexpr (RM == 1) {
-    // GEMV: even and odd halves get their own accumulators, so no FMA waits on the one before it.
-    vf acc_odd[RN];
-    for (int r = 0; r < RN; ++r) acc_odd[r] = simd::zero();
-    for (int64_t k = 0; k < kn; k += 2 * kW) {
-      const vf xe = simd::load(xp + k), xo = simd::load(xp + k + kW);
-      for (int r = 0; r < RN; ++r) {
-        vf we, wo;
-        simd::load_bf16_pairs(w + r * ldw + k, we, wo);
-        acc[r][0] = simd::fma(we, xe, acc[r][0]);
-        acc_odd[r] = simd::fma(wo, xo, acc_odd[r]);
-      }
-    }
-    for (int r = 0; r < RN; ++r) acc[r][0] = simd::add(acc[r][0], acc_odd[r]);
   } else {
     for (int64_t k = 0; k < kn; k += 2 * kW) {
       for (int r = 0; r < RN; ++r) {
@@ -150,33 +148,37 @@ inline void block_dot(const WT* w, int64_t ldw, const float* xp, int64_t ldx, in
       }
     }
   }
+  if (!out) {
+    for (int r = 0; r < RN; ++r)
+      for (int m = 0; m < RM; ++m) simd::store(part + (r * ldp + m) * kW, acc[r][m]);
+    return;
+  }
   for (int r = 0; r < RN; ++r) {
-    if constexpr (RM % 4 == 0) {
-      for (int m = 0; m < RM; m += 4)
-        hsum4_add(acc[r][m], acc[r][m + 1], acc[r][m + 2], acc[r][m + 3], part + r * ldp + m);
-    } else {
-      for (int m = 0; m < RM; ++m) part[r * ldp + m] += simd::hsum(acc[r][m]);
-    }
+    int m = 0;
+    for (; m + 4 <= RM; m += 4) hsum_tree4(acc[r][m], acc[r][m + 1], acc[r][m + 2], acc[r][m + 3], out + r * ldp + m);
+    for (; m < RM; ++m) out[r * ldp + m] = hsum_tree(acc[r][m]);
   }
 }
 
 // All M rows of xp (row stride ldx) against RN rows of W (row stride ldw), kn elements: RMX rows of x at a time,
 // each against the RN rows RS at a time (RS < RN: the x rows come from L2 once per RN rows, then from L1).
+// part: the vector accumulators between K tiles (RN*M*kW floats); out: the reduced sums (RN*M), on the last tile.
 template <int RN, int RMX, int RS, typename WT>
 inline void block_dot_all_m(const WT* w, int64_t ldw, const float* xp, int64_t ldx, int64_t M, int64_t kn,
-                            float* part) {
+                            float* part, bool first, float* out) {
   static_assert(RN % RS == 0);
   for (int64_t m0 = 0; m0 < M; m0 += RMX) {
     const int64_t rm = std::min<int64_t>(RMX, M - m0);
     for (int s = 0; s < RN; s += RS) {
       const WT* ws = w + s * ldw;
       const float* xs = xp + m0 * ldx;
-      float* ps = part + s * M + m0;
-      if (rm == RMX) block_dot<RS, RMX>(ws, ldw, xs, ldx, kn, ps, M);
-      else if (rm == 1) block_dot<RS, 1>(ws, ldw, xs, ldx, kn, ps, M);
+      float* ps = part + (s * M + m0) * kW;
+      float* os = out ? out + s * M + m0 : nullptr;
+      if (rm == RMX) block_dot<RS, RMX>(ws, ldw, xs, ldx, kn, ps, M, first, os);
+      else if (rm == 1) block_dot<RS, 1>(ws, ldw, xs, ldx, kn, ps, M, first, os);
       else if constexpr (RMX > 2) {
-        if (rm == 2) block_dot<RS, 2>(ws, ldw, xs, ldx, kn, ps, M);
-        else if constexpr (RMX > 3) block_dot<RS, 3>(ws, ldw, xs, ldx, kn, ps, M);
+        if (rm == 2) block_dot<RS, 2>(ws, ldw, xs, ldx, kn, ps, M, first, os);
+        else if constexpr (RMX > 3) block_dot<RS, 3>(ws, ldw, xs, ldx, kn, ps, M, first, os);
       }
     }
   }
@@ -196,39 +198,48 @@ inline void widen_tile(const uint16_t* w, int64_t ldw, int64_t kn, float* dst) {
 }
 
 // RN rows of W, rows n0 + r * rs (r < RN), against all M rows of x (xp, row stride ldx); writes those columns of y.
-// part holds RN*M floats, wbuf RN*kWbufLd floats (used only for bf16 weights with M >= 3).
+// part holds RN*M*kW + RN*M floats (the vector accumulators, then the sums), wbuf RN*kWbufLd floats (bf16 weights
+// with M >= 3 only).
+// Batch invariance: a row of y is bit-identical for any M (each lane sums in k order, then hsum_tree, then the
+// scalar tail and the bias, whatever the block shape or K tiling), so a request's logits do not depend on which
+// other rows share its decode step.
 template <int RN, int RMX, int RS, typename WT>
 void rows_block(const WT* w, const float* xp, int64_t ldx, const float* bias, float* y, int64_t M, int64_t N,
                 int64_t K, int64_t n0, int64_t rs, float* part, float* wbuf) {
   const int64_t kvec = K / step<WT>() * step<WT>();
-  std::fill(part, part + RN * M, 0.0f);
+  float* sums = part + RN * M * kW;
+  std::fill(sums, sums + RN * M, 0.0f);  // K < one step: no tile runs
   const WT* wb = w + n0 * K;
   const int64_t ldw = rs * K;
-  // One pass over x (RMX >= M) reuses nothing from a K tile: then the whole K is one tile (fewer reductions) —
-  // unless the tile is widened into wbuf, which holds kKTile columns.
+  // One pass over x (RMX >= M) reuses nothing from a K tile: then the whole K is one tile — unless the tile is
+  // widened into wbuf, which holds kKTile columns.
   const bool widen = !std::is_same_v<WT, float> && RMX >= 3 && M >= 3;
   const int64_t ktile = M <= RMX && !widen ? std::max<int64_t>(kvec, 1) : kKTile;
   for (int64_t k0 = 0; k0 < kvec; k0 += ktile) {
     const int64_t kn = std::min(ktile, kvec - k0);
+    const bool first = k0 == 0;
+    float* out = k0 + kn >= kvec ? sums : nullptr;
     if constexpr (!std::is_same_v<WT, float> && RMX >= 3) {
       if (M >= 3) {
         widen_tile<RN>(wb + k0, ldw, kn, wbuf);
-        block_dot_all_m<RN, RMX, RS>(static_cast<const float*>(wbuf), kWbufLd, xp + k0, ldx, M, kn, part);
+        block_dot_all_m<RN, RMX, RS>(static_cast<const float*>(wbuf), kWbufLd, xp + k0, ldx, M, kn, part, first,
+                                     out);
         continue;
       }
     }
-    block_dot_all_m<RN, RMX, RS>(wb + k0, ldw, xp + k0, ldx, M, kn, part);
+    block_dot_all_m<RN, RMX, RS>(wb + k0, ldw, xp + k0, ldx, M, kn, part, first, out);
   }
-  if (kvec < K)
-    for (int r = 0; r < RN; ++r)
-      for (int64_t m = 0; m < M; ++m) {
-        float s = 0.0f;
-        for (int64_t k = kvec; k < K; ++k) s += to_float(wb[r * ldw + k]) * xp[m * ldx + k];
-        part[r * M + m] += s;
-      }
   for (int r = 0; r < RN; ++r) {
     const float b = bias ? bias[n0 + r * rs] : 0.0f;
-    for (int64_t m = 0; m < M; ++m) y[m * N + n0 + r * rs] = part[r * M + m] + b;
+    for (int64_t m = 0; m < M; ++m) {
+      float s = sums[r * M + m];
+      if (kvec < K) {
+        float t = 0.0f;
+        for (int64_t k = kvec; k < K; ++k) t += to_float(wb[r * ldw + k]) * xp[m * ldx + k];
+        s += t;
+      }
+      y[m * N + n0 + r * rs] = s + b;
+    }
   }
 }
 
@@ -265,7 +276,7 @@ template <int RN, int RMX, int RS, typename WT>
 void blocks_for(const WT* w, const float* xp, int64_t ldx, const float* bias, float* y, int64_t M, int64_t N,
                 int64_t K) {
   const bool widen = !std::is_same_v<WT, float> && M >= 3;
-  std::vector<float> part(static_cast<size_t>(RN * M));
+  std::vector<float> part(static_cast<size_t>(RN * M * (kW + 1)));
   std::vector<float> wbuf(widen ? static_cast<size_t>(RN * kWbufLd) : 0);
   const int64_t team = omp_get_num_threads(), per_round = team * RN * kSeg;
   const int64_t chunks = team * ((N + per_round - 1) / per_round);

@@ -184,6 +184,19 @@ def test_linear(poison, M, K, w_dtype, N):
     assert rel_err(cpu_ops.linear(x, w), F.linear(x, w.float())) <= 1e-5
 
 
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K", [40, 77, 1376])  # 1376: several K tiles when M > 4; 77: a scalar tail
+def test_linear_rows_do_not_depend_on_the_batch(w_dtype, K):
+    """Batch invariance: each row of y is bit-identical whether it is computed alone or among up to 12 rows, so a
+    request's logits do not depend on which other rows share its decode step."""
+    g = torch.Generator().manual_seed(K)
+    w = torch.randn(700, K, generator=g).to(w_dtype)
+    x = torch.randn(12, K, generator=g).to(w_dtype)
+    alone = torch.cat([cpu_ops.linear(x[i : i + 1], w) for i in range(12)])
+    for M in range(2, 13):
+        assert torch.equal(cpu_ops.linear(x[:M], w), alone[:M]), f"M = {M}"
+
+
 def test_linear_bf16_x_and_leading_dims(poison):
     x = torch.randn(2, 3, 96).bfloat16()
     w = torch.randn(130, 96).bfloat16()
