@@ -234,12 +234,11 @@ class Engine:
                 uncond += range(off + r.n, off + 2 * r.n)
                 off += 2 * r.n
             per = [r.params for r in reqs for _ in range(r.n)]
+            t = lambda values: torch.tensor(values, device=device)  # on the logits' device: no per-step copies
             self._image_batch = (key, dict(
-                cond=torch.tensor(cond, device=device), uncond=torch.tensor(uncond, device=device),
-                cfg_weight=torch.tensor([float(p.cfg_weight) for p in per]),
-                temperature=torch.tensor([float(p.temperature) for p in per]),
-                top_k=torch.tensor([int(p.top_k) for p in per]), top_p=torch.tensor([float(p.top_p) for p in per]),
-                greedy=torch.tensor([bool(p.greedy) for p in per])))
+                cond=t(cond), uncond=t(uncond), cfg_weight=t([float(p.cfg_weight) for p in per]),
+                temperature=t([float(p.temperature) for p in per]), top_k=t([int(p.top_k) for p in per]),
+                top_p=t([float(p.top_p) for p in per]), greedy=t([bool(p.greedy) for p in per])))
         return self._image_batch[1]
 
     def _sample_images(self, reqs, cond, uncond) -> None:
