@@ -55,7 +55,7 @@ constexpr int kW = simd::kWidth;
 #endif
 // Rows per segment (stream) of a chunk, the target: chunks are sized so that every thread gets the same number.
 // 16, 32 and 64 measured the same (fp32 M = 1 and 8, bf16 M = 1 to 32); 8 and below lose to short streams.
-// Software prefetch of the next block's W, which the adjacent-row order needed, made no difference with it.
+// Software prefetch of the next block's W made no difference in either row order (it was removed).
 #ifndef JR_LINEAR_SEG
 #define JR_LINEAR_SEG 32
 #endif
@@ -65,7 +65,7 @@ constexpr int kRNS = JR_LINEAR_RN_SMALL_M;         // W rows per block (M <= 2)
 constexpr int kPanel = JR_LINEAR_PANEL;            // bf16, M >= 3: sub-blocks of kRN rows per block
 constexpr int64_t kKTile = JR_LINEAR_KTILE;        // K elements per tile (a multiple of 2*kW)
 constexpr int64_t kWbufLd = JR_LINEAR_KTILE + 16;  // row stride of the widened tile (padded like xp's)
-constexpr int64_t kSeg = JR_LINEAR_SEG;          // rows per stream (target)
+constexpr int64_t kSeg = JR_LINEAR_SEG;            // rows per stream (target)
 
 template <typename WT>
 constexpr int step() {

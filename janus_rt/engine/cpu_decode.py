@@ -28,9 +28,7 @@ class CpuDecoder:
         self.model, self.cfg = model, model.cfg.llm
         # fp32 rotary tables of positions [0, max_positions), computed once: ops.rope_tables is elementwise, so a
         # row of these equals what it gives for that position alone (~8 small torch ops a step saved)
-        c = self.cfg
-        self.cos, self.sin = (t.float().contiguous() for t in ops.rope_tables(
-            torch.arange(max_positions), c.head_dim, c.rope_theta, model.dtype))
+        self.cos, self.sin = self._rope(torch.arange(max_positions))
         weights = [(l.input_norm.weight, l.attn.qkv_proj.weight, l.attn.o_proj.weight, l.post_attn_norm.weight,
                     l.mlp.gate_up_proj.weight, l.mlp.down_proj.weight) for l in llm.layers]
         caches = [(cache.k_cache(i), cache.v_cache(i)) for i in range(len(llm.layers))]
@@ -38,16 +36,21 @@ class CpuDecoder:
             self.stack = cpu_ops.DecodeStack([tuple(w.detach() for w in ws) for ws in weights], caches,
                                              llm.layers[0].input_norm.eps, llm.norm.weight.detach(), llm.norm.eps)
 
+    def _rope(self, positions):
+        """fp32 [len, D] cos, sin of these positions, rounded to the model dtype first (as the torch path)."""
+        c = self.cfg
+        return tuple(t.float().contiguous() for t in ops.rope_tables(positions, c.head_dim, c.rope_theta,
+                                                                    self.model.dtype))
+
     @torch.inference_mode()
     def __call__(self, embeds, positions, slot_mapping, block_tables, context_lens):
         """embeds [R, C]; positions, slot_mapping int64 [R]; block_tables int32 [R, max_blocks]; context_lens
         int32 [R] -> final-normed hidden states [R, C]."""
-        m, c = self.model, self.cfg
-        h = embeds.to(m.dtype).contiguous().clone()  # the residual stream, updated in place layer by layer
+        h = embeds.to(self.model.dtype).contiguous().clone()  # the residual stream, updated in place layer by layer
         if int(positions.max()) < self.cos.shape[0]:
             cos, sin = self.cos.index_select(0, positions), self.sin.index_select(0, positions)
         else:
-            cos, sin = (t.float().contiguous() for t in ops.rope_tables(positions, c.head_dim, c.rope_theta, m.dtype))
+            cos, sin = self._rope(positions)
         out = torch.empty_like(h)
         with ops._scope("janus_rt::cpu_decode_layers"):
             self.stack(h, slot_mapping, block_tables, context_lens, cos, sin, out)  # out = the final norm of h

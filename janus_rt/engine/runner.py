@@ -123,7 +123,7 @@ class ModelRunner:
         r = embeds.shape[0]
         bucket = next(b for b in sorted(self.graphs) if b >= r)
         replay, st, out = self.graphs[bucket]
-        # The integer inputs are assembled on the host and copied over in three transfers, not one per row.
+        # The integer inputs are assembled on the host and copied over in four transfers, not one per row.
         pos_slot = torch.tensor([positions + [0] * (bucket - r), slots + [-1] * (bucket - r)], dtype=torch.int64)
         lens = torch.ones(bucket, dtype=torch.int32)  # padding rows: context 1 (any valid block), no K/V written
         lens[:r] = torch.tensor(positions, dtype=torch.int32) + 1
