@@ -13,6 +13,9 @@ here = os.path.dirname(os.path.abspath(__file__))
 cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"]
 if os.environ.get("JANUS_RT_PORTABLE", "0") != "1":
     cxx_flags.append("-march=native")
+# Extra flags for tuning builds, after the defaults (setuptools does not pass CFLAGS to this compile), e.g.
+# JANUS_RT_CXXFLAGS="-DJR_LINEAR_RN_BF16DOT=4 -mno-avx512bf16" python setup.py build_ext --inplace
+cxx_flags += os.environ.get("JANUS_RT_CXXFLAGS", "").split()
 ext = Pybind11Extension(
     "janus_rt._C",
     sorted(glob.glob(os.path.join("csrc", "*.cpp"))),

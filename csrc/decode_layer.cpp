@@ -72,7 +72,7 @@ void run_layer(T* h, const Layer<T>& L) {
   const int64_t R = L.R, C = L.C, H = L.H, D = L.D, I = L.I;
   const int64_t wide = std::max(3 * C, 2 * I);
   const int64_t ldc = gemv::x_stride(C), ldi = gemv::x_stride(I);
-  std::vector<float> xp(size_t(R * std::max(ldc, ldi)));  // GEMV input, packed by gemv::pack_x<T>
+  std::vector<gemv::xpack_t<T>> xp(size_t(R * std::max(ldc, ldi)));  // GEMV input (values of T), gemv::pack_x<T>
   std::vector<float> y(size_t(R * wide));             // GEMV output, fp32
   std::vector<float> row(size_t(R * std::max(C, I)));  // a normed / activated row before packing
   std::vector<T> q(size_t(R * C)), o(size_t(R * C));  // rotated queries, attention output

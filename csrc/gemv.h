@@ -12,6 +12,11 @@
 // is split into its even and odd elements, so a bf16 weight vector widens with one shift (even) and one mask (odd).
 // For M >= 3 a bf16 tile is widened once into an fp32 scratch tile in that same order, and every row of x then
 // runs the fp32 loop against it: the widening is paid once per weight instead of once per row of x.
+// On a CPU with AVX512_BF16 (Zen 4, Sapphire Rapids), bf16 weights against bf16-valued x take a third route: x is
+// packed as bf16 (`XP` = uint16_t, exact since its values are bf16) and each 32-element step is one VDPBF16PS per
+// (W row, x row) pair, which multiplies the bf16 pairs exactly and adds both products into the fp32 lane: twice the
+// multiply-adds per instruction of the fp32 FMA and no widening at all. fp32 x against bf16 weights keeps the fp32
+// route (rounding x to bf16 would change the result).
 // Batch invariance: every row of y is bit-identical whatever M is (each vector lane sums its products in k order,
 // across K tiles, in every block shape; one horizontal-sum order; then the scalar tail and the bias), so a request's
 // logits do not depend on what else is in the decode batch (tests/test_cpu_ops.py).
@@ -34,12 +39,23 @@ constexpr int kW = simd::kWidth;
 // M >= 3: 3 W rows x 4 x rows = 12 accumulators + 3 W vectors + 1 x vector = 16 registers, 7 loads per 12 FMAs,
 // so the loop is FMA-bound; 4x3 measured the same, 6x2 / 1x8 / 2x4 / 2x6 slower.
 // M <= 2: 6 W rows, memory-bound (as before; 1 / 2 / 3 / 4 / 8 rows were no faster).
-// AVX-512 (32 registers; untested on hardware here) keeps the same shapes.
+// AVX-512 (32 registers): 6 x 4 = 24 accumulators + 4 x vectors + 1 W vector; on the 2-core Zen 5 box (2026-12-02)
+// 1.1-1.25x the 3 x 4 block at fp32 M = 8 (builds alternated, 3 rounds); 4 x 8 (spills) in between.
 #ifndef JR_LINEAR_RN
+#if defined(__AVX512F__)
+#define JR_LINEAR_RN 6
+#else
 #define JR_LINEAR_RN 3
+#endif
 #endif
 #ifndef JR_LINEAR_RM
 #define JR_LINEAR_RM 4
+#endif
+// The bf16 dot product (AVX512_BF16): 6 W rows x 4 x rows = 24 accumulators. VDPBF16PS has a long latency on Zen 5:
+// a bare loop of it ran at 1.46 G instructions/s per core with 12 independent accumulators and 2.9-3.2 G/s with 24,
+// and in the GEMV 3 x 4 reached ~180 GFLOP/s in cache against ~300 for 6 x 4, 4 x 6 or 3 x 8 (2026-12-02).
+#ifndef JR_LINEAR_RN_BF16DOT
+#define JR_LINEAR_RN_BF16DOT 6
 #endif
 #ifndef JR_LINEAR_RN_SMALL_M
 #define JR_LINEAR_RN_SMALL_M 6
@@ -62,6 +78,7 @@ constexpr int kW = simd::kWidth;
 constexpr int kRN = JR_LINEAR_RN;                  // W rows per block (M >= 3)
 constexpr int kRM = JR_LINEAR_RM;                  // x rows per block
 constexpr int kRNS = JR_LINEAR_RN_SMALL_M;         // W rows per block (M <= 2)
+constexpr int kRNDot = JR_LINEAR_RN_BF16DOT;       // W rows per block (M >= 3, bf16 dot product)
 constexpr int kPanel = JR_LINEAR_PANEL;            // bf16, M >= 3: sub-blocks of kRN rows per block
 constexpr int64_t kKTile = JR_LINEAR_KTILE;        // K elements per tile (a multiple of 2*kW)
 constexpr int64_t kWbufLd = JR_LINEAR_KTILE + 16;  // row stride of the widened tile (padded like xp's)
@@ -71,6 +88,16 @@ template <typename WT>
 constexpr int step() {
   return std::is_same_v<WT, float> ? kW : 2 * kW;
 }
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+constexpr bool kHaveBf16Dot = true;
+#else
+constexpr bool kHaveBf16Dot = false;
+#endif
+// The element type of packed x for weights WT when x's values are those of WT (bf16 x for bf16 weights): bf16
+// where the CPU has the bf16 dot product, else fp32.
+template <typename WT>
+using xpack_t = std::conditional_t<kHaveBf16Dot && std::is_same_v<WT, uint16_t>, uint16_t, float>;
 
 // Pins a loaded vector in a register: without it GCC folds the load into every FMA that uses it, which turns one
 // load per vector into one per FMA, and the loop becomes bound by L1 loads (2 x 256-bit per cycle on Zen 3).
@@ -110,13 +137,26 @@ inline void hsum_tree4(vf a, vf b, vf c, vf d, float* out) {
 // tile (out not null) it is reduced into out[r * ldp + m], else stored back. Every lane sums its products in k
 // order across the tiles and every accumulator reduces in hsum_tree's order, so a row's result depends neither
 // on the tiling nor on which other rows of x share the block.
-template <int RN, int RM, typename WT>
-inline void block_dot(const WT* w, int64_t ldw, const float* xp, int64_t ldx, int64_t kn, float* part,
+template <int RN, int RM, typename WT, typename XP>
+inline void block_dot(const WT* w, int64_t ldw, const XP* xp, int64_t ldx, int64_t kn, float* part,
                       int64_t ldp, bool first, float* out) {
   vf acc[RN][RM];
   for (int r = 0; r < RN; ++r)
     for (int m = 0; m < RM; ++m) acc[r][m] = first ? simd::zero() : simd::load(part + (r * ldp + m) * kW);
-  if constexpr (std::is_same_v<WT, float> && RN <= RM) {
+  if constexpr (std::is_same_v<XP, uint16_t>) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    // bf16 W and x: lane j of acc[r][m] += W[r, 2j] x[m, 2j] + W[r, 2j+1] x[m, 2j+1], one instruction per step.
+    static_assert(std::is_same_v<WT, uint16_t>);
+    for (int64_t k = 0; k < kn; k += 2 * kW) {
+      __m512bh wv[RN];
+      for (int r = 0; r < RN; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(w + r * ldw + k);
+      for (int m = 0; m < RM; ++m) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + m * ldx + k);
+        for (int r = 0; r < RN; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
+      }
+    }
+#endif
+  } else if constexpr (std::is_same_v<WT, float> && RN <= RM) {
     // Hold the RN W vectors, stream the RM x vectors: RN*RM + RN + 1 registers.
     for (int64_t k = 0; k < kn; k += kW) {
       vf wv[RN];
@@ -160,26 +200,32 @@ inline void block_dot(const WT* w, int64_t ldw, const float* xp, int64_t ldx, in
   }
 }
 
+// block_dot<RS, R> for the R = rm rows left at the end of x (rm < RMX), chosen at run time.
+template <int RS, int R, typename WT, typename XP>
+inline void block_dot_tail(int64_t rm, const WT* w, int64_t ldw, const XP* xp, int64_t ldx, int64_t kn,
+                           float* part, int64_t ldp, bool first, float* out) {
+  if constexpr (R >= 1) {
+    if (rm == R) block_dot<RS, R>(w, ldw, xp, ldx, kn, part, ldp, first, out);
+    else block_dot_tail<RS, R - 1>(rm, w, ldw, xp, ldx, kn, part, ldp, first, out);
+  }
+}
+
 // All M rows of xp (row stride ldx) against RN rows of W (row stride ldw), kn elements: RMX rows of x at a time,
 // each against the RN rows RS at a time (RS < RN: the x rows come from L2 once per RN rows, then from L1).
 // part: the vector accumulators between K tiles (RN*M*kW floats); out: the reduced sums (RN*M), on the last tile.
-template <int RN, int RMX, int RS, typename WT>
-inline void block_dot_all_m(const WT* w, int64_t ldw, const float* xp, int64_t ldx, int64_t M, int64_t kn,
+template <int RN, int RMX, int RS, typename WT, typename XP>
+inline void block_dot_all_m(const WT* w, int64_t ldw, const XP* xp, int64_t ldx, int64_t M, int64_t kn,
                             float* part, bool first, float* out) {
   static_assert(RN % RS == 0);
   for (int64_t m0 = 0; m0 < M; m0 += RMX) {
     const int64_t rm = std::min<int64_t>(RMX, M - m0);
     for (int s = 0; s < RN; s += RS) {
       const WT* ws = w + s * ldw;
-      const float* xs = xp + m0 * ldx;
+      const XP* xs = xp + m0 * ldx;
       float* ps = part + (s * M + m0) * kW;
       float* os = out ? out + s * M + m0 : nullptr;
       if (rm == RMX) block_dot<RS, RMX>(ws, ldw, xs, ldx, kn, ps, M, first, os);
-      else if (rm == 1) block_dot<RS, 1>(ws, ldw, xs, ldx, kn, ps, M, first, os);
-      else if constexpr (RMX > 2) {
-        if (rm == 2) block_dot<RS, 2>(ws, ldw, xs, ldx, kn, ps, M, first, os);
-        else if constexpr (RMX > 3) block_dot<RS, 3>(ws, ldw, xs, ldx, kn, ps, M, first, os);
-      }
+      else block_dot_tail<RS, RMX - 1>(rm, ws, ldw, xs, ldx, kn, ps, M, first, os);
     }
   }
 }
@@ -203,8 +249,8 @@ inline void widen_tile(const uint16_t* w, int64_t ldw, int64_t kn, float* dst) {
 // Batch invariance: a row of y is bit-identical for any M (each lane sums in k order, then hsum_tree, then the
 // scalar tail and the bias, whatever the block shape or K tiling), so a request's logits do not depend on which
 // other rows share its decode step.
-template <int RN, int RMX, int RS, typename WT>
-void rows_block(const WT* w, const float* xp, int64_t ldx, const float* bias, float* y, int64_t M, int64_t N,
+template <int RN, int RMX, int RS, typename WT, typename XP>
+void rows_block(const WT* w, const XP* xp, int64_t ldx, const float* bias, float* y, int64_t M, int64_t N,
                 int64_t K, int64_t n0, int64_t rs, float* part, float* wbuf) {
   const int64_t kvec = K / step<WT>() * step<WT>();
   float* sums = part + RN * M * kW;
@@ -213,13 +259,13 @@ void rows_block(const WT* w, const float* xp, int64_t ldx, const float* bias, fl
   const int64_t ldw = rs * K;
   // One pass over x (RMX >= M) reuses nothing from a K tile: then the whole K is one tile — unless the tile is
   // widened into wbuf, which holds kKTile columns.
-  const bool widen = !std::is_same_v<WT, float> && RMX >= 3 && M >= 3;
+  const bool widen = !std::is_same_v<WT, float> && std::is_same_v<XP, float> && RMX >= 3 && M >= 3;
   const int64_t ktile = M <= RMX && !widen ? std::max<int64_t>(kvec, 1) : kKTile;
   for (int64_t k0 = 0; k0 < kvec; k0 += ktile) {
     const int64_t kn = std::min(ktile, kvec - k0);
     const bool first = k0 == 0;
     float* out = k0 + kn >= kvec ? sums : nullptr;
-    if constexpr (!std::is_same_v<WT, float> && RMX >= 3) {
+    if constexpr (!std::is_same_v<WT, float> && std::is_same_v<XP, float> && RMX >= 3) {
       if (M >= 3) {
         widen_tile<RN>(wb + k0, ldw, kn, wbuf);
         block_dot_all_m<RN, RMX, RS>(static_cast<const float*>(wbuf), kWbufLd, xp + k0, ldx, M, kn, part, first,
@@ -235,7 +281,7 @@ void rows_block(const WT* w, const float* xp, int64_t ldx, const float* bias, fl
       float s = sums[r * M + m];
       if (kvec < K) {
         float t = 0.0f;
-        for (int64_t k = kvec; k < K; ++k) t += to_float(wb[r * ldw + k]) * xp[m * ldx + k];
+        for (int64_t k = kvec; k < K; ++k) t += to_float(wb[r * ldw + k]) * to_float(xp[m * ldx + k]);
         s += t;
       }
       y[m * N + n0 + r * rs] = s + b;
@@ -247,14 +293,17 @@ void rows_block(const WT* w, const float* xp, int64_t ldx, const float* bias, fl
 // rows 4 KiB apart made the 4 x rows and the 3 W rows of a block compete for one 8-way set).
 inline int64_t x_stride(int64_t K) { return (K + 15) / 16 * 16 + 16; }
 
-// xp [M, ldx] fp32; for bf16 weights each whole 2*kW chunk is stored as [even elements, odd elements].
-template <typename WT, typename XT>
-void pack_x(const XT* x, float* xp, int64_t M, int64_t K, int64_t ldx) {
+// xp [M, ldx] fp32; for bf16 weights each whole 2*kW chunk is stored as [even elements, odd elements]. With
+// XP = uint16_t (xpack_t, the bf16 dot product) xp is x as bf16 in its own order: x's values must be bf16 ones.
+template <typename WT, typename XT, typename XP>
+void pack_x(const XT* x, XP* xp, int64_t M, int64_t K, int64_t ldx) {
   const int64_t kvec = K / step<WT>() * step<WT>();
   for (int64_t m = 0; m < M; ++m) {
     const XT* src = x + m * K;
-    float* dst = xp + m * ldx;
-    if constexpr (std::is_same_v<WT, float>) {
+    XP* dst = xp + m * ldx;
+    if constexpr (std::is_same_v<XP, uint16_t>) {
+      for (int64_t k = 0; k < K; ++k) from_float(to_float(src[k]), dst + k);
+    } else if constexpr (std::is_same_v<WT, float>) {
       for (int64_t k = 0; k < K; ++k) dst[k] = to_float(src[k]);
     } else {
       for (int64_t c = 0; c < kvec; c += 2 * kW)
@@ -272,10 +321,10 @@ void pack_x(const XT* x, float* xp, int64_t M, int64_t K, int64_t ldx) {
 // (rows c0 + i + j * seg), and the last (c1 - c0) % RN rows go one at a time. The number of chunks is a multiple
 // of the team size, about kSeg rows per segment; dynamic scheduling keeps the threads even when another process
 // takes part of a core.
-template <int RN, int RMX, int RS, typename WT>
-void blocks_for(const WT* w, const float* xp, int64_t ldx, const float* bias, float* y, int64_t M, int64_t N,
+template <int RN, int RMX, int RS, typename WT, typename XP>
+void blocks_for(const WT* w, const XP* xp, int64_t ldx, const float* bias, float* y, int64_t M, int64_t N,
                 int64_t K) {
-  const bool widen = !std::is_same_v<WT, float> && M >= 3;
+  const bool widen = !std::is_same_v<WT, float> && std::is_same_v<XP, float> && M >= 3;
   std::vector<float> part(static_cast<size_t>(RN * M * (kW + 1)));
   std::vector<float> wbuf(widen ? static_cast<size_t>(RN * kWbufLd) : 0);
   const int64_t team = omp_get_num_threads(), per_round = team * RN * kSeg;
@@ -291,11 +340,14 @@ void blocks_for(const WT* w, const float* xp, int64_t ldx, const float* bias, fl
 }
 
 // Inside an OpenMP parallel region (ends with the team's barrier), or on the calling thread outside one:
-// y [M, N] fp32 = xp @ w^T + bias, with xp [M, ldx] packed by pack_x<WT> (ldx = x_stride(K)).
-template <typename WT>
-void gemv_for(const WT* w, const float* xp, int64_t ldx, const float* bias, float* y, int64_t M, int64_t N,
+// y [M, N] fp32 = xp @ w^T + bias, with xp [M, ldx] packed by pack_x<WT> (ldx = x_stride(K)); XP = uint16_t
+// (bf16 weights and bf16 x, xpack_t) takes the bf16 dot product.
+template <typename WT, typename XP>
+void gemv_for(const WT* w, const XP* xp, int64_t ldx, const float* bias, float* y, int64_t M, int64_t N,
               int64_t K) {
+  static_assert(std::is_same_v<XP, float> || (kHaveBf16Dot && std::is_same_v<WT, uint16_t>));
   if (M <= 2) blocks_for<kRNS, 2, kRNS>(w, xp, ldx, bias, y, M, N, K);
+  else if constexpr (std::is_same_v<XP, uint16_t>) blocks_for<kRNDot, kRM, kRNDot>(w, xp, ldx, bias, y, M, N, K);
   else if constexpr (std::is_same_v<WT, float>) blocks_for<kRN, kRM, kRN>(w, xp, ldx, bias, y, M, N, K);
   else blocks_for<kRN * kPanel, kRM, kRN>(w, xp, ldx, bias, y, M, N, K);
 }

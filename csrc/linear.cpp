@@ -11,10 +11,12 @@
 namespace jr {
 namespace {
 
+// bf16 x against bf16 weights packs x as bf16 where the CPU has the bf16 dot product (gemv.h); fp32 x stays fp32.
 template <typename WT, typename XT>
 void linear_impl(const XT* x, const WT* w, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
+  using XP = std::conditional_t<std::is_same_v<XT, WT>, gemv::xpack_t<WT>, float>;
   const int64_t ldx = gemv::x_stride(K);
-  std::vector<float> xp(static_cast<size_t>(M * ldx));
+  std::vector<XP> xp(static_cast<size_t>(M * ldx));
   gemv::pack_x<WT>(x, xp.data(), M, K, ldx);
 #pragma omp parallel if (N * K >= (int64_t(1) << 16))
   gemv::gemv_for(w, xp.data(), ldx, bias, y, M, N, K);

@@ -20,7 +20,8 @@ template <typename T>
 void mlp_gelu_impl(const T* x, const T* w1, const T* b1, const T* w2, const T* b2, float* y, int64_t M, int64_t K,
                    int64_t H, int64_t N) {
   const int64_t ldk = gemv::x_stride(K), ldh = gemv::x_stride(H);
-  std::vector<float> xp(size_t(M * ldk)), hid(size_t(M * H)), hp(size_t(M * ldh));
+  std::vector<gemv::xpack_t<T>> xp(size_t(M * ldk)), hp(size_t(M * ldh));  // GEMV inputs (values of T)
+  std::vector<float> hid(size_t(M * H));
   std::vector<float> bias1(b1 ? size_t(H) : 0), bias2(b2 ? size_t(N) : 0);  // the GEMV adds an fp32 bias
   for (size_t i = 0; i < bias1.size(); ++i) bias1[i] = to_float(b1[i]);
   for (size_t i = 0; i < bias2.size(); ++i) bias2[i] = to_float(b2[i]);

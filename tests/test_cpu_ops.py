@@ -173,15 +173,17 @@ def test_cfg_sample_greedy_ties_pick_smallest_index(poison):
 @pytest.mark.parametrize("K", [40, 77, 2048])
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N", [1, 37, 700])  # 700: several chunks of segmented blocks per thread (gemv.h)
-def test_linear(poison, M, K, w_dtype, N):
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])  # bf16 x and W: the bf16 dot product where
+def test_linear(poison, M, K, w_dtype, N, x_dtype):                 # the CPU has AVX512_BF16 (gemv.h)
     g = torch.Generator().manual_seed(M * K + N)
-    x = torch.randn(M, K, generator=g)
+    x = torch.randn(M, K, generator=g).to(x_dtype)
     w = torch.randn(N, K, generator=g).to(w_dtype)
     b = torch.randn(N, generator=g)
     y = cpu_ops.linear(x, w, b)
     assert y.dtype == torch.float32 and y.shape == (M, N)
-    assert rel_err(y, F.linear(x, w.float(), b)) <= 1e-5  # bf16 weights: same values, upcast exactly
-    assert rel_err(cpu_ops.linear(x, w), F.linear(x, w.float())) <= 1e-5
+    # bf16 operands: the same values upcast exactly, products exact in fp32; only the summation order differs
+    assert rel_err(y, F.linear(x.float(), w.float(), b)) <= 1e-5
+    assert rel_err(cpu_ops.linear(x, w), F.linear(x.float(), w.float())) <= 1e-5
 
 
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
