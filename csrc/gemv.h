@@ -69,6 +69,11 @@ constexpr int kW = simd::kWidth;
 #ifndef JR_LINEAR_KTILE
 #define JR_LINEAR_KTILE 512
 #endif
+// The bf16 dot product's K tile: 8192 (the whole K of every Janus-Pro GEMV: no accumulator store and reload between
+// tiles; x's rows stream from L2) measured 1.2-1.3x the 512 tile at M = 32 (builds alternated, 3 rounds, 2026-12-02).
+#ifndef JR_LINEAR_KTILE_BF16DOT
+#define JR_LINEAR_KTILE_BF16DOT 8192
+#endif
 // Rows per segment (stream) of a chunk, the target: chunks are sized so that every thread gets the same number.
 // 16, 32 and 64 measured the same (fp32 M = 1 and 8, bf16 M = 1 to 32); 8 and below lose to short streams.
 // Software prefetch of the next block's W made no difference in either row order (it was removed).
@@ -81,6 +86,7 @@ constexpr int kRNS = JR_LINEAR_RN_SMALL_M;         // W rows per block (M <= 2)
 constexpr int kRNDot = JR_LINEAR_RN_BF16DOT;       // W rows per block (M >= 3, bf16 dot product)
 constexpr int kPanel = JR_LINEAR_PANEL;            // bf16, M >= 3: sub-blocks of kRN rows per block
 constexpr int64_t kKTile = JR_LINEAR_KTILE;        // K elements per tile (a multiple of 2*kW)
+constexpr int64_t kKTileDot = JR_LINEAR_KTILE_BF16DOT;  // the same for the bf16 dot product
 constexpr int64_t kWbufLd = JR_LINEAR_KTILE + 16;  // row stride of the widened tile (padded like xp's)
 constexpr int64_t kSeg = JR_LINEAR_SEG;            // rows per stream (target)
 
@@ -260,7 +266,8 @@ void rows_block(const WT* w, const XP* xp, int64_t ldx, const float* bias, float
   // One pass over x (RMX >= M) reuses nothing from a K tile: then the whole K is one tile — unless the tile is
   // widened into wbuf, which holds kKTile columns.
   const bool widen = !std::is_same_v<WT, float> && std::is_same_v<XP, float> && RMX >= 3 && M >= 3;
-  const int64_t ktile = M <= RMX && !widen ? std::max<int64_t>(kvec, 1) : kKTile;
+  const int64_t ktile = M <= RMX && !widen ? std::max<int64_t>(kvec, 1)
+                        : std::is_same_v<XP, uint16_t> ? kKTileDot : kKTile;
   for (int64_t k0 = 0; k0 < kvec; k0 += ktile) {
     const int64_t kn = std::min(ktile, kvec - k0);
     const bool first = k0 == 0;
