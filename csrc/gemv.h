@@ -51,9 +51,8 @@ constexpr int kW = simd::kWidth;
 #ifndef JR_LINEAR_RM
 #define JR_LINEAR_RM 4
 #endif
-// The bf16 dot product (AVX512_BF16): 6 W rows x 4 x rows = 24 accumulators. VDPBF16PS has a long latency on Zen 5:
-// a bare loop of it ran at 1.46 G instructions/s per core with 12 independent accumulators and 2.9-3.2 G/s with 24,
-// and in the GEMV 3 x 4 reached ~180 GFLOP/s in cache against ~300 for 6 x 4, 4 x 6 or 3 x 8 (2026-12-02).
+// The bf16 dot product (AVX512_BF16): 6 W rows x 4 x rows = 24 accumulators; on the 2-core Zen 5 box (2026-12-02,
+// builds alternated) 1.1-1.2x the 3 x 4 block at M = 32 and 8.
 #ifndef JR_LINEAR_RN_BF16DOT
 #define JR_LINEAR_RN_BF16DOT 6
 #endif
@@ -70,7 +69,7 @@ constexpr int kW = simd::kWidth;
 #define JR_LINEAR_KTILE 512
 #endif
 // The bf16 dot product's K tile: 8192 (the whole K of every Janus-Pro GEMV: no accumulator store and reload between
-// tiles; x's rows stream from L2) measured 1.2-1.3x the 512 tile at M = 32 (builds alternated, 3 rounds, 2026-12-02).
+// tiles; x's rows stream from L2) measured 1.1-1.8x the 512 tile at M = 32 (builds alternated, 3 rounds, 2026-12-02).
 #ifndef JR_LINEAR_KTILE_BF16DOT
 #define JR_LINEAR_KTILE_BF16DOT 8192
 #endif
