@@ -74,9 +74,15 @@ constexpr int kW = simd::kWidth;
 #ifndef JR_LINEAR_KTILE_BF16DOT
 #define JR_LINEAR_KTILE_BF16DOT 8192
 #endif
+// Software prefetch of the next block's rows into L2 during the current block's first pass over x: fp32 weights and
+// M >= 3 only. On the Zen 5 box (2026-12-02, in one process, 4 rounds) fp32 M = 8 at the small shapes 66-68 -> 73-76
+// GFLOP/s; bf16 M = 32 (dot product) unchanged at any distance (1, 2 or 4 blocks), M <= 2 (memory-bound streams)
+// unchanged on the Zen 3 box, so neither takes it.
+#ifndef JR_LINEAR_PREFETCH
+#define JR_LINEAR_PREFETCH 1
+#endif
 // Rows per segment (stream) of a chunk, the target: chunks are sized so that every thread gets the same number.
 // 16, 32 and 64 measured the same (fp32 M = 1 and 8, bf16 M = 1 to 32); 8 and below lose to short streams.
-// Software prefetch of the next block's W made no difference in either row order (it was removed).
 #ifndef JR_LINEAR_SEG
 #define JR_LINEAR_SEG 32
 #endif
@@ -87,6 +93,7 @@ constexpr int kRNDot = JR_LINEAR_RN_BF16DOT;       // W rows per block (M >= 3, 
 constexpr int kPanel = JR_LINEAR_PANEL;            // bf16, M >= 3: sub-blocks of kRN rows per block
 constexpr int64_t kKTile = JR_LINEAR_KTILE;        // K elements per tile (a multiple of 2*kW)
 constexpr int64_t kKTileDot = JR_LINEAR_KTILE_BF16DOT;  // the same for the bf16 dot product
+constexpr bool kPrefetch = JR_LINEAR_PREFETCH;     // fp32 weights, M >= 3: prefetch the next block
 constexpr int64_t kWbufLd = JR_LINEAR_KTILE + 16;  // row stride of the widened tile (padded like xp's)
 constexpr int64_t kSeg = JR_LINEAR_SEG;            // rows per stream (target)
 
@@ -143,9 +150,11 @@ inline void hsum_tree4(vf a, vf b, vf c, vf d, float* out) {
 // tile (out not null) it is reduced into out[r * ldp + m], else stored back. Every lane sums its products in k
 // order across the tiles and every accumulator reduces in hsum_tree's order, so a row's result depends neither
 // on the tiling nor on which other rows of x share the block.
+// pf (fp32 weights only, else null): the next block's rows at the same K offset, same stride; one line of each is
+// prefetched into L2 per step while this block computes.
 template <int RN, int RM, typename WT, typename XP>
 inline void block_dot(const WT* w, int64_t ldw, const XP* xp, int64_t ldx, int64_t kn, float* part,
-                      int64_t ldp, bool first, float* out) {
+                      int64_t ldp, bool first, float* out, const WT* pf = nullptr) {
   vf acc[RN][RM];
   for (int r = 0; r < RN; ++r)
     for (int m = 0; m < RM; ++m) acc[r][m] = first ? simd::zero() : simd::load(part + (r * ldp + m) * kW);
@@ -165,6 +174,8 @@ inline void block_dot(const WT* w, int64_t ldw, const XP* xp, int64_t ldx, int64
   } else if constexpr (std::is_same_v<WT, float> && RN <= RM) {
     // Hold the RN W vectors, stream the RM x vectors: RN*RM + RN + 1 registers.
     for (int64_t k = 0; k < kn; k += kW) {
+      if (pf)
+        for (int r = 0; r < RN; ++r) __builtin_prefetch(pf + r * ldw + k, 0, 2);
       vf wv[RN];
       for (int r = 0; r < RN; ++r) wv[r] = in_reg(simd::load(w + r * ldw + k));
       for (int m = 0; m < RM; ++m) {
@@ -175,6 +186,8 @@ inline void block_dot(const WT* w, int64_t ldw, const XP* xp, int64_t ldx, int64
   } else if constexpr (std::is_same_v<WT, float>) {
     // Hold the RM x vectors, stream the RN W vectors: RN*RM + RM + 1 registers.
     for (int64_t k = 0; k < kn; k += kW) {
+      if (pf)
+        for (int r = 0; r < RN; ++r) __builtin_prefetch(pf + r * ldw + k, 0, 2);
       vf xv[RM];
       for (int m = 0; m < RM; ++m) xv[m] = simd::load(xp + m * ldx + k);
       for (int r = 0; r < RN; ++r) {
@@ -209,19 +222,20 @@ inline void block_dot(const WT* w, int64_t ldw, const XP* xp, int64_t ldx, int64
 // block_dot<RS, R> for the R = rm rows left at the end of x (rm < RMX), chosen at run time.
 template <int RS, int R, typename WT, typename XP>
 inline void block_dot_tail(int64_t rm, const WT* w, int64_t ldw, const XP* xp, int64_t ldx, int64_t kn,
-                           float* part, int64_t ldp, bool first, float* out) {
+                           float* part, int64_t ldp, bool first, float* out, const WT* pf) {
   if constexpr (R >= 1) {
-    if (rm == R) block_dot<RS, R>(w, ldw, xp, ldx, kn, part, ldp, first, out);
-    else block_dot_tail<RS, R - 1>(rm, w, ldw, xp, ldx, kn, part, ldp, first, out);
+    if (rm == R) block_dot<RS, R>(w, ldw, xp, ldx, kn, part, ldp, first, out, pf);
+    else block_dot_tail<RS, R - 1>(rm, w, ldw, xp, ldx, kn, part, ldp, first, out, pf);
   }
 }
 
 // All M rows of xp (row stride ldx) against RN rows of W (row stride ldw), kn elements: RMX rows of x at a time,
 // each against the RN rows RS at a time (RS < RN: the x rows come from L2 once per RN rows, then from L1).
 // part: the vector accumulators between K tiles (RN*M*kW floats); out: the reduced sums (RN*M), on the last tile.
+// pf: the next block's rows, prefetched during the first pass over x.
 template <int RN, int RMX, int RS, typename WT, typename XP>
 inline void block_dot_all_m(const WT* w, int64_t ldw, const XP* xp, int64_t ldx, int64_t M, int64_t kn,
-                            float* part, bool first, float* out) {
+                            float* part, bool first, float* out, const WT* pf = nullptr) {
   static_assert(RN % RS == 0);
   for (int64_t m0 = 0; m0 < M; m0 += RMX) {
     const int64_t rm = std::min<int64_t>(RMX, M - m0);
@@ -230,8 +244,9 @@ inline void block_dot_all_m(const WT* w, int64_t ldw, const XP* xp, int64_t ldx,
       const XP* xs = xp + m0 * ldx;
       float* ps = part + (s * M + m0) * kW;
       float* os = out ? out + s * M + m0 : nullptr;
-      if (rm == RMX) block_dot<RS, RMX>(ws, ldw, xs, ldx, kn, ps, M, first, os);
-      else block_dot_tail<RS, RMX - 1>(rm, ws, ldw, xs, ldx, kn, ps, M, first, os);
+      const WT* pfs = pf && m0 == 0 ? pf + s * ldw : nullptr;
+      if (rm == RMX) block_dot<RS, RMX>(ws, ldw, xs, ldx, kn, ps, M, first, os, pfs);
+      else block_dot_tail<RS, RMX - 1>(rm, ws, ldw, xs, ldx, kn, ps, M, first, os, pfs);
     }
   }
 }
@@ -257,8 +272,10 @@ inline void widen_tile(const uint16_t* w, int64_t ldw, int64_t kn, float* dst) {
 // other rows share its decode step.
 template <int RN, int RMX, int RS, typename WT, typename XP>
 void rows_block(const WT* w, const XP* xp, int64_t ldx, const float* bias, float* y, int64_t M, int64_t N,
-                int64_t K, int64_t n0, int64_t rs, float* part, float* wbuf) {
+                int64_t K, int64_t n0, int64_t rs, float* part, float* wbuf, int64_t n_next = -1) {
   const int64_t kvec = K / step<WT>() * step<WT>();
+  // fp32 weights, M >= 3: the next block (first row n_next) is prefetched while this one computes
+  const WT* pf = std::is_same_v<WT, float> && kPrefetch && M >= 3 && n_next >= 0 ? w + n_next * K : nullptr;
   float* sums = part + RN * M * kW;
   std::fill(sums, sums + RN * M, 0.0f);  // K < one step: no tile runs
   const WT* wb = w + n0 * K;
@@ -280,7 +297,7 @@ void rows_block(const WT* w, const XP* xp, int64_t ldx, const float* bias, float
         continue;
       }
     }
-    block_dot_all_m<RN, RMX, RS>(wb + k0, ldw, xp + k0, ldx, M, kn, part, first, out);
+    block_dot_all_m<RN, RMX, RS>(wb + k0, ldw, xp + k0, ldx, M, kn, part, first, out, pf ? pf + k0 : nullptr);
   }
   for (int r = 0; r < RN; ++r) {
     const float b = bias ? bias[n0 + r * rs] : 0.0f;
@@ -340,7 +357,8 @@ void blocks_for(const WT* w, const XP* xp, int64_t ldx, const float* bias, float
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t c0 = N * c / chunks, c1 = N * (c + 1) / chunks, seg = (c1 - c0) / RN;
     for (int64_t i = 0; i < seg; ++i)
-      rows_block<RN, RMX, RS>(w, xp, ldx, bias, y, M, N, K, c0 + i, seg, part.data(), wbuf.data());
+      rows_block<RN, RMX, RS>(w, xp, ldx, bias, y, M, N, K, c0 + i, seg, part.data(), wbuf.data(),
+                              i + 1 < seg ? c0 + i + 1 : -1);
     for (int64_t n = c0 + RN * seg; n < c1; ++n)
       rows_block<1, RMX, 1>(w, xp, ldx, bias, y, M, N, K, n, 1, part.data(), wbuf.data());
   }
