@@ -150,6 +150,13 @@ inline void hsum_tree4(vf a, vf b, vf c, vf d, float* out) {
 // tile (out not null) it is reduced into out[r * ldp + m], else stored back. Every lane sums its products in k
 // order across the tiles and every accumulator reduces in hsum_tree's order, so a row's result depends neither
 // on the tiling nor on which other rows of x share the block.
+// Rows r < RN of pf (stride ldw) at offset k into L2, if pf is set.
+template <int RN, typename WT>
+inline void prefetch_rows(const WT* pf, int64_t ldw, int64_t k) {
+  if (pf)
+    for (int r = 0; r < RN; ++r) __builtin_prefetch(pf + r * ldw + k, 0, 2);
+}
+
 // pf (fp32 weights only, else null): the next block's rows at the same K offset, same stride; one line of each is
 // prefetched into L2 per step while this block computes.
 template <int RN, int RM, typename WT, typename XP>
@@ -174,8 +181,7 @@ inline void block_dot(const WT* w, int64_t ldw, const XP* xp, int64_t ldx, int64
   } else if constexpr (std::is_same_v<WT, float> && RN <= RM) {
     // Hold the RN W vectors, stream the RM x vectors: RN*RM + RN + 1 registers.
     for (int64_t k = 0; k < kn; k += kW) {
-      if (pf)
-        for (int r = 0; r < RN; ++r) __builtin_prefetch(pf + r * ldw + k, 0, 2);
+      prefetch_rows<RN>(pf, ldw, k);
       vf wv[RN];
       for (int r = 0; r < RN; ++r) wv[r] = in_reg(simd::load(w + r * ldw + k));
       for (int m = 0; m < RM; ++m) {
@@ -186,8 +192,7 @@ inline void block_dot(const WT* w, int64_t ldw, const XP* xp, int64_t ldx, int64
   } else if constexpr (std::is_same_v<WT, float>) {
     // Hold the RM x vectors, stream the RN W vectors: RN*RM + RM + 1 registers.
     for (int64_t k = 0; k < kn; k += kW) {
-      if (pf)
-        for (int r = 0; r < RN; ++r) __builtin_prefetch(pf + r * ldw + k, 0, 2);
+      prefetch_rows<RN>(pf, ldw, k);
       vf xv[RM];
       for (int m = 0; m < RM; ++m) xv[m] = simd::load(xp + m * ldx + k);
       for (int r = 0; r < RN; ++r) {

@@ -74,16 +74,9 @@ inline void accumulate_v(float* acc, const float* p, const T* v, int64_t ldv, in
 
 
 #if defined(__AVX2__) && defined(__FMA__)
-// Fast paths for AVX2 (Zen 3, where they were tuned) and AVX-512 builds (Zen 4: the same 8-lane exp and score
-// layout, 16-lane dot products); other builds take the generic loops below.
+// Fast paths for AVX2 (Zen 3, where they were tuned) and AVX-512 builds (Zen 5: the same 8-lane exp and score
+// layout, kWidth-lane dot products); other builds take the generic loops below.
 #define JR_ATTN_AVX2 1
-
-// 8 elements of either cache type as fp32, 256 bits whatever the build's simd width.
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
 
 // exp(x) for x <= 0 (softmax after the max is subtracted), 8 lanes: Cephes' expf (range reduction by ln 2 in two
 // parts, degree-5 polynomial, 2^n through the exponent bits), ~2 ulp. Below -87.3 (where 2^n would leave the
@@ -104,47 +97,25 @@ inline __m256 exp_neg(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-// q . k_j for the 8 keys k + j * ldk over D (a multiple of kDotsStep) -> [q.k_0, ..., q.k_7]: eight accumulators
-// and one transposing hadd reduction instead of eight separate horizontal sums (which dominated the in-cache time).
-#if defined(__AVX512F__)
-constexpr int64_t kDotsStep = 16;
+// q . k_j for the 8 keys k + j * ldk over D (a multiple of kWidth) -> [q.k_0, ..., q.k_7]: eight accumulators and
+// one transposing hadd reduction instead of eight separate horizontal sums (which dominated the in-cache time).
 template <typename T>
 inline __m256 dots8(const float* q, const T* k, int64_t ldk, int64_t D) {
-  __m512 b0 = _mm512_setzero_ps(), b1 = b0, b2 = b0, b3 = b0, b4 = b0, b5 = b0, b6 = b0, b7 = b0;
-  for (int64_t d = 0; d < D; d += 16) {
-    const __m512 qv = _mm512_loadu_ps(q + d);
-    b0 = _mm512_fmadd_ps(simd::load_as_float(k + d), qv, b0);
-    b1 = _mm512_fmadd_ps(simd::load_as_float(k + ldk + d), qv, b1);
-    b2 = _mm512_fmadd_ps(simd::load_as_float(k + 2 * ldk + d), qv, b2);
-    b3 = _mm512_fmadd_ps(simd::load_as_float(k + 3 * ldk + d), qv, b3);
-    b4 = _mm512_fmadd_ps(simd::load_as_float(k + 4 * ldk + d), qv, b4);
-    b5 = _mm512_fmadd_ps(simd::load_as_float(k + 5 * ldk + d), qv, b5);
-    b6 = _mm512_fmadd_ps(simd::load_as_float(k + 6 * ldk + d), qv, b6);
-    b7 = _mm512_fmadd_ps(simd::load_as_float(k + 7 * ldk + d), qv, b7);
+  vf b0 = simd::zero(), b1 = b0, b2 = b0, b3 = b0, b4 = b0, b5 = b0, b6 = b0, b7 = b0;
+  for (int64_t d = 0; d < D; d += kW) {
+    const vf qv = simd::load(q + d);
+    b0 = simd::fma(simd::load_as_float(k + d), qv, b0);
+    b1 = simd::fma(simd::load_as_float(k + ldk + d), qv, b1);
+    b2 = simd::fma(simd::load_as_float(k + 2 * ldk + d), qv, b2);
+    b3 = simd::fma(simd::load_as_float(k + 3 * ldk + d), qv, b3);
+    b4 = simd::fma(simd::load_as_float(k + 4 * ldk + d), qv, b4);
+    b5 = simd::fma(simd::load_as_float(k + 5 * ldk + d), qv, b5);
+    b6 = simd::fma(simd::load_as_float(k + 6 * ldk + d), qv, b6);
+    b7 = simd::fma(simd::load_as_float(k + 7 * ldk + d), qv, b7);
   }
-  // fold each 16-lane accumulator to 8 lanes (low half + high half), then reduce as the 8-lane version
-  auto fold = [](__m512 b) {
-    return _mm256_add_ps(_mm512_castps512_ps256(b), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1)));
-  };
-  const __m256 a0 = fold(b0), a1 = fold(b1), a2 = fold(b2), a3 = fold(b3);
-  const __m256 a4 = fold(b4), a5 = fold(b5), a6 = fold(b6), a7 = fold(b7);
-#else
-constexpr int64_t kDotsStep = 8;
-template <typename T>
-inline __m256 dots8(const float* q, const T* k, int64_t ldk, int64_t D) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-  for (int64_t d = 0; d < D; d += 8) {
-    const __m256 qv = _mm256_loadu_ps(q + d);
-    a0 = _mm256_fmadd_ps(load8(k + d), qv, a0);
-    a1 = _mm256_fmadd_ps(load8(k + ldk + d), qv, a1);
-    a2 = _mm256_fmadd_ps(load8(k + 2 * ldk + d), qv, a2);
-    a3 = _mm256_fmadd_ps(load8(k + 3 * ldk + d), qv, a3);
-    a4 = _mm256_fmadd_ps(load8(k + 4 * ldk + d), qv, a4);
-    a5 = _mm256_fmadd_ps(load8(k + 5 * ldk + d), qv, a5);
-    a6 = _mm256_fmadd_ps(load8(k + 6 * ldk + d), qv, a6);
-    a7 = _mm256_fmadd_ps(load8(k + 7 * ldk + d), qv, a7);
-  }
-#endif
+  // AVX-512: each 16-lane accumulator folded to 8 lanes (low half + high half) first
+  const __m256 a0 = simd::fold8(b0), a1 = simd::fold8(b1), a2 = simd::fold8(b2), a3 = simd::fold8(b3);
+  const __m256 a4 = simd::fold8(b4), a5 = simd::fold8(b5), a6 = simd::fold8(b6), a7 = simd::fold8(b7);
   const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
   const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
@@ -163,9 +134,7 @@ inline float exp_sub_sum(float* s, int64_t n, float mb) {
     _mm256_storeu_ps(s + t, e);
     acc = _mm256_add_ps(acc, e);
   }
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+  sum = simd::hsum8(acc);
 #endif
   for (; t < n; ++t) sum += (s[t] = std::exp(s[t] - mb));
   return sum;
@@ -225,7 +194,7 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
       const int64_t base = int64_t(bt[b * max_blocks + i]) * bs * row;  // token t of the block at base + t * row
       int64_t t = 0;
 #ifdef JR_ATTN_AVX2
-      if (D % kDotsStep == 0) {
+      if (D % kW == 0) {
         const __m256 sc = _mm256_set1_ps(sm_scale);
         for (; t + 8 <= n; t += 8)
           for (int64_t h = 0; h < nh; ++h) {

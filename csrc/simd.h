@@ -12,6 +12,16 @@
 
 namespace jr::simd {
 
+#if defined(__AVX2__) && defined(__FMA__)
+// The sum of 8 fp32 lanes (AVX2 and AVX-512 builds: kernels with an 8-lane stage whatever kWidth is).
+inline float hsum8(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
 #if defined(__AVX512F__)
 
 using vf = __m512;
@@ -27,6 +37,10 @@ inline vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 inline vf min(vf a, vf b) { return _mm512_min_ps(a, b); }
 inline vf fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline float hsum(vf a) { return _mm512_reduce_add_ps(a); }
+// 16 lanes -> 8: lane i + lane i + 8.
+inline __m256 fold8(vf a) {
+  return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
 inline float hmin(vf a) { return _mm512_reduce_min_ps(a); }
 // kWidth bf16 -> fp32.
 inline vf load_bf16(const uint16_t* p) {
@@ -54,12 +68,8 @@ inline vf sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
 inline vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 inline vf min(vf a, vf b) { return _mm256_min_ps(a, b); }
 inline vf fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
-inline float hsum(vf a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+inline float hsum(vf a) { return hsum8(a); }
+inline __m256 fold8(vf a) { return a; }
 inline float hmin(vf a) {
   __m128 s = _mm_min_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_min_ps(s, _mm_movehl_ps(s, s));
