@@ -1,4 +1,5 @@
 """Decode-time linear layers on the CPU: janus_rt.cpu_ops.linear vs torch F.linear, in GB/s of weights read.
+The packed GEMV (cpu_ops.PackedWeight, what the decode step uses) is timed alongside: fp32, and bf16 on AVX512_BF16.
 
 A decode step reads every weight once, so y[M, N] = x[M, K] @ W[N, K]^T is bound by the weight stream for small
 M. Shapes are Janus-Pro-1B's (attention 2048->2048, MLP 2048->5632 and 5632->2048, gen/lm head 2048->16384),
@@ -77,6 +78,7 @@ def main(quick: bool = False) -> list[dict]:
             nbytes = N * K * (4 if wdtype == torch.float32 else 2)
             copies = max(2, -(-4 * _L3_BYTES // nbytes))
             weights = [torch.randn(N, K).to(wdtype) for _ in range(copies)]
+            packed = [cpu_ops.PackedWeight(w) for w in weights] if cpu_ops.packed_available(wdtype) else None
             for M in ms:
                 # x in the weights' dtype, as a model passes it (bf16 x and W: the bf16 dot product where the CPU
                 # has one) and torch's own fast path in that dtype
@@ -92,9 +94,13 @@ def main(quick: bool = False) -> list[dict]:
                     "speedup": torch_best / ours_best,
                     "ours_med_GB/s": nbytes / ours_med / 1e9, "torch_med_GB/s": nbytes / torch_med / 1e9,
                 })
+                if packed:
+                    pk_best, _ = time_rotating(lambda p: p(x), packed)
+                    rows[-1].update({"packed_GB/s": nbytes / pk_best / 1e9,
+                                     "packed_GFLOP/s": 2 * M * N * K / pk_best / 1e9})
                 print(f"  {K}->{N} {name} M={M}: ours {gbs:.1f} GB/s, torch {rows[-1]['torch_GB/s']:.1f} GB/s",
                       file=sys.stderr)
-            del weights
+            del weights, packed
     print_table(rows)
     return rows
 

@@ -42,10 +42,10 @@ def peak_tflops(dtype: torch.dtype = torch.bfloat16) -> float:
 
 
 def print_table(rows: list[dict], file=sys.stdout) -> None:
-    """Print rows (dicts with the same keys) as a markdown table."""
+    """Print rows (dicts) as a markdown table; a key some rows lack is an empty cell there."""
     if not rows:
         return
-    keys = list(rows[0].keys())
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # every row's keys, first-seen order
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
     print("| " + " | ".join(keys) + " |", file=file)
     print("|" + "---|" * len(keys), file=file)

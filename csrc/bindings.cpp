@@ -22,9 +22,14 @@ void linear(ptr_t x, int x_dtype, ptr_t w, int w_dtype, ptr_t bias, ptr_t y, int
 void decode_layer(ptr_t h, int dtype, ptr_t in_norm, ptr_t qkv, ptr_t o, ptr_t post_norm, ptr_t gate_up, ptr_t down,
                   ptr_t k_cache, ptr_t v_cache, ptr_t slot_mapping, ptr_t block_tables, ptr_t context_lens, ptr_t cos,
                   ptr_t sin, int64_t R, int64_t C, int64_t H, int64_t I, int64_t num_blocks, int64_t block_size,
-                  int64_t max_blocks, double eps, double sm_scale, ptr_t final_norm, ptr_t out, double final_eps);
+                  int64_t max_blocks, double eps, double sm_scale, ptr_t final_norm, ptr_t out, double final_eps,
+                  bool packed);
 void mlp_gelu(ptr_t x, ptr_t w1, ptr_t b1, ptr_t w2, ptr_t b2, ptr_t y, int dtype, int64_t M, int64_t K, int64_t H,
               int64_t N);
+bool packed_available(int dtype);
+int64_t packed_size(int64_t N, int64_t K, int dtype);
+void pack_weight(ptr_t w, ptr_t wp, int64_t N, int64_t K, int dtype);
+void linear_packed(ptr_t x, ptr_t wp, ptr_t bias, ptr_t y, int64_t M, int64_t N, int64_t K, int dtype);
 double stream_sum(ptr_t x, int64_t n);
 const char* simd_isa();
 }  // namespace jr
@@ -52,7 +57,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("gate_up"), py::arg("down"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"),
         py::arg("block_tables"), py::arg("context_lens"), py::arg("cos"), py::arg("sin"), py::arg("R"), py::arg("C"),
         py::arg("H"), py::arg("I"), py::arg("num_blocks"), py::arg("block_size"), py::arg("max_blocks"),
-        py::arg("eps"), py::arg("sm_scale"), py::arg("final_norm"), py::arg("out"), py::arg("final_eps"));
+        py::arg("eps"), py::arg("sm_scale"), py::arg("final_norm"), py::arg("out"), py::arg("final_eps"),
+        py::arg("packed"));
+  m.def("packed_available", &jr::packed_available, "whether this build has the packed GEMV for this dtype",
+        py::arg("dtype"));
+  m.def("packed_size", &jr::packed_size, "elements of a packed [N, K] weight", py::arg("N"), py::arg("K"),
+        py::arg("dtype"));
+  m.def("pack_weight", &jr::pack_weight, release(), "wp = W [N, K] in the packed GEMV's strip layout",
+        py::arg("w"), py::arg("wp"), py::arg("N"), py::arg("K"), py::arg("dtype"));
+  m.def("linear_packed", &jr::linear_packed, release(), "y[M, N] = x[M, K] @ W^T (+ bias), W packed, x in W's dtype",
+        py::arg("x"), py::arg("wp"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("N"), py::arg("K"),
+        py::arg("dtype"));
   m.def("mlp_gelu", &jr::mlp_gelu, release(), "Linear -> GELU(erf) -> Linear for decode-sized x, fp32 output",
         py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("y"), py::arg("dtype"),
         py::arg("M"), py::arg("K"), py::arg("H"), py::arg("N"));

@@ -3,8 +3,9 @@
 //     a = RMSNorm(h) -> qkv = a Wqkv^T -> RoPE(q, k) -> k, v into the paged cache at slot_mapping[r]
 //     -> o = paged attention(q) -> h += o Wo^T -> a = RMSNorm(h) -> g, u = a Wgate_up^T -> h += (silu(g) u) Wdown^T
 //   and for the model's last layer (final_norm not null) also out [R, C] (T) = RMSNorm(h) with final_norm
-// Weights [out, in] in T, caches [num_blocks, block_size, H, D] in T, T = fp32 or bf16; cos/sin fp32 [R, D] (the
-// rotary tables of each row's position, already rounded to T). MHA only (Janus-Pro).
+// Weights [out, in] in T (with `packed`: qkv, o, gate_up and down in packed_gemv.h's strip layout instead, packed
+// once by cpu_ops.DecodeStack; bf16 on AVX512_BF16 CPUs only), caches [num_blocks, block_size, H, D] in T, T = fp32 or
+// bf16; cos/sin fp32 [R, D] (the rotary tables of each row's position, already rounded to T). MHA only (Janus-Pro).
 //
 // Why one call: on the 2-core CPU a decode step of the small model spent about as long in the ~15 small torch ops
 // and Python around each layer as in its four GEMVs. Here every phase is an `omp for` of the same team, so a
@@ -20,6 +21,7 @@
 
 #include "common.h"
 #include "gemv.h"
+#include "packed_gemv.h"
 #include "paged_attention.h"
 
 namespace jr {
@@ -65,7 +67,18 @@ struct Layer {
   const T* final_norm;  // the model's last layer: out = RMSNorm(h) with this weight (null for other layers)
   T* out;
   float final_eps;
+  bool packed;  // qkv, o, gate_up, down are packed (packed_gemv.h; bf16 needs packed::kHaveBf16)
 };
+
+// y [R, N] = xp @ W^T for one of the layer's weights, through the GEMV its layout needs (inside the region).
+template <typename T>
+inline void layer_gemv(const Layer<T>& L, const T* w, const gemv::xpack_t<T>* xp, int64_t ldx, float* y, int64_t N,
+                       int64_t K) {
+  if constexpr (packed::available<T>() && std::is_same_v<gemv::xpack_t<T>, T>) {
+    if (L.packed) return packed::gemv_for(w, xp, ldx, nullptr, y, L.R, N, K);
+  }
+  gemv::gemv_for(w, xp, ldx, nullptr, y, L.R, N, K);
+}
 
 template <typename T>
 void run_layer(T* h, const Layer<T>& L) {
@@ -85,7 +98,7 @@ void run_layer(T* h, const Layer<T>& L) {
       rms_norm_row(h + r * C, L.in_norm, &row[r * C], C, L.eps);
       gemv::pack_x<T>(&row[r * C], &xp[r * ldc], 1, C, ldc);
     }
-    gemv::gemv_for(L.qkv, xp.data(), ldc, nullptr, y.data(), R, 3 * C, C);
+    layer_gemv(L, L.qkv, xp.data(), ldc, y.data(), 3 * C, C);
     // RoPE on q and k; k and v into the cache
 #pragma omp for schedule(static)
     for (int64_t rh = 0; rh < R * H; ++rh) {
@@ -106,7 +119,7 @@ void run_layer(T* h, const Layer<T>& L) {
                      L.block_size, L.max_blocks, L.sm_scale, chunks);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) gemv::pack_x<T>(&o[r * C], &xp[r * ldc], 1, C, ldc);
-    gemv::gemv_for(L.o, xp.data(), ldc, nullptr, y.data(), R, C, C);
+    layer_gemv(L, L.o, xp.data(), ldc, y.data(), C, C);
     // h += attention; a = norm(h) -> gate, up
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
@@ -114,7 +127,7 @@ void run_layer(T* h, const Layer<T>& L) {
       rms_norm_row(h + r * C, L.post_norm, &row[r * C], C, L.eps);
       gemv::pack_x<T>(&row[r * C], &xp[r * ldc], 1, C, ldc);
     }
-    gemv::gemv_for(L.gate_up, xp.data(), ldc, nullptr, y.data(), R, 2 * I, C);
+    layer_gemv(L, L.gate_up, xp.data(), ldc, y.data(), 2 * I, C);
     // silu(gate) * up -> down
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
@@ -126,7 +139,7 @@ void run_layer(T* h, const Layer<T>& L) {
       }
       gemv::pack_x<T>(a, &xp[r * ldi], 1, I, ldi);
     }
-    gemv::gemv_for(L.down, xp.data(), ldi, nullptr, y.data(), R, C, I);
+    layer_gemv(L, L.down, xp.data(), ldi, y.data(), C, I);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
       add_residual(h + r * C, &y[r * C], C);
@@ -145,7 +158,7 @@ void decode_layer(std::uintptr_t h, int dtype, std::uintptr_t in_norm, std::uint
                   std::uintptr_t v_cache, std::uintptr_t slot_mapping, std::uintptr_t block_tables,
                   std::uintptr_t context_lens, std::uintptr_t cos, std::uintptr_t sin, int64_t R, int64_t C,
                   int64_t H, int64_t I, int64_t num_blocks, int64_t block_size, int64_t max_blocks, double eps,
-                  double sm_scale, std::uintptr_t final_norm, std::uintptr_t out, double final_eps) {
+                  double sm_scale, std::uintptr_t final_norm, std::uintptr_t out, double final_eps, bool packed) {
   JR_CHECK(R >= 1 && C >= 1 && H >= 1 && I >= 1, "need R, C, H, I >= 1");
   JR_CHECK(C % H == 0 && (C / H) % 2 == 0, "C must be H * D with an even head_dim D");
   JR_CHECK(num_blocks >= 1 && block_size >= 1 && max_blocks >= 1, "num_blocks, block_size, max_blocks must be >= 1");
@@ -155,6 +168,8 @@ void decode_layer(std::uintptr_t h, int dtype, std::uintptr_t in_norm, std::uint
   const int32_t* bt = ptr<const int32_t>(block_tables);
   const int32_t* cl = ptr<const int32_t>(context_lens);
   JR_CHECK(!final_norm || out, "final_norm needs an output pointer");
+  JR_CHECK(!packed || dtype == kF32 || (packed::kHaveBf16 && C % 2 == 0 && I % 2 == 0),
+           "packed bf16 weights need an AVX512_BF16 build and even C and I");
   attn::check_tables(bt, cl, R, num_blocks, block_size, max_blocks);
   auto run = [&](auto* hp) {
     using T = std::remove_pointer_t<decltype(hp)>;
@@ -162,7 +177,7 @@ void decode_layer(std::uintptr_t h, int dtype, std::uintptr_t in_norm, std::uint
                ptr<const T>(gate_up), ptr<const T>(down), ptr<T>(k_cache), ptr<T>(v_cache),
                ptr<const int64_t>(slot_mapping), bt, cl, ptr<const float>(cos), ptr<const float>(sin),
                R, C, H, C / H, I, num_blocks * block_size, block_size, max_blocks, float(eps), float(sm_scale),
-               ptr<const T>(final_norm), ptr<T>(out), float(final_eps)};
+               ptr<const T>(final_norm), ptr<T>(out), float(final_eps), packed};
     run_layer(hp, L);
   };
   if (dtype == kF32) run(ptr<float>(h));

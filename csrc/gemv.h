@@ -151,8 +151,10 @@ inline void hsum_tree4(vf a, vf b, vf c, vf d, float* out) {
 // order across the tiles and every accumulator reduces in hsum_tree's order, so a row's result depends neither
 // on the tiling nor on which other rows of x share the block.
 // Rows r < RN of pf (stride ldw) at offset k into L2, if pf is set.
+// always_inline: as a plain inline function GCC 12 split it (-fpartial-inlining), found the outlined loop free of
+// side effects and deleted the calls — the built extension had no prefetch instruction at all (2026-12-02).
 template <int RN, typename WT>
-inline void prefetch_rows(const WT* pf, int64_t ldw, int64_t k) {
+__attribute__((always_inline)) inline void prefetch_rows(const WT* pf, int64_t ldw, int64_t k) {
   if (pf)
     for (int r = 0; r < RN; ++r) __builtin_prefetch(pf + r * ldw + k, 0, 2);
 }

@@ -7,6 +7,7 @@ data-dependent indices (block tables, slots) again. All math is fp32; bf16 input
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -232,6 +233,53 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 
+def packed_available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """True when the extension has the packed GEMV (csrc/packed_gemv.h) for weights of this dtype: fp32 on every
+    build, bf16 on a build for a CPU with AVX512_BF16."""
+    return available() and dtype in _DTYPE_CODE and bool(_C.packed_available(_DTYPE_CODE[dtype]))
+
+
+class PackedWeight:
+    """A weight [N, K] (fp32, or bf16 with K even) repacked once into csrc/packed_gemv.h's strip layout; calling it
+    is the linear:
+
+        pw = PackedWeight(weight); y = pw(x, bias=None)   # x [..., K] in weight's dtype -> y fp32 [..., N]
+
+    The copy (`data`, N rounded up to a whole strip of rows) is what the kernel reads; the original is not kept.
+    Needs packed_available(weight.dtype). Each row of y is bit-identical whatever the number of rows of x.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        _check_tensor(weight, "weight", _FP, 2)
+        _check(packed_available(weight.dtype),
+               "the packed bf16 GEMV needs an extension built for a CPU with AVX512_BF16")
+        self.N, self.K = weight.shape
+        self.dtype = weight.dtype
+        _check(self.N >= 1 and self.K >= 1 and (self.dtype == torch.float32 or self.K % 2 == 0),
+               f"weight {tuple(weight.shape)} needs N, K >= 1 (and an even K for bf16)")
+        code = _DTYPE_CODE[self.dtype]
+        self.data = torch.empty(_C.packed_size(self.N, self.K, code), dtype=self.dtype)
+        _C.pack_weight(weight.data_ptr(), self.data.data_ptr(), self.N, self.K, code)
+
+    @staticmethod
+    def nbytes(N: int, K: int, dtype: torch.dtype) -> int:
+        """Bytes of the packed copy of an [N, K] weight."""
+        return _C.packed_size(N, K, _DTYPE_CODE[dtype]) * dtype.itemsize
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        _check_tensor(x, "x", (self.dtype,))
+        _check(x.dim() >= 1 and x.shape[-1] == self.K, f"x {tuple(x.shape)} must end in K = {self.K}")
+        if bias is not None:
+            _check_tensor(bias, "bias", (torch.float32,), 1)
+            _check(bias.shape[0] == self.N, f"bias has {bias.shape[0]} entries; the weight has N = {self.N} rows")
+        M = x.numel() // self.K
+        y = torch.empty(*x.shape[:-1], self.N, dtype=torch.float32)
+        if M:
+            _C.linear_packed(x.data_ptr(), self.data.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                             y.data_ptr(), M, self.N, self.K, _DTYPE_CODE[self.dtype])
+        return y
+
+
 def mlp_gelu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
              b2: torch.Tensor | None) -> torch.Tensor:
     """y = GELU(x @ w1^T + b1) @ w2^T + b2 (GELU with erf) for decode-sized x, in one csrc call.
@@ -274,9 +322,14 @@ class DecodeStack:
     the new token); cos, sin: fp32 [R, D] rotary tables of each row's position.
     final_norm ([C], the model's last RMSNorm; eps final_eps, default eps): then out ([R, C], h's dtype) receives
     RMSNorm(h) after the last layer, computed inside its call (ops.rms_norm_torch's rounding points).
+    packed: hold qkv, o_proj, gate_up and down as PackedWeight copies and run the packed GEMV (fp32; bf16 on an
+    AVX512_BF16 build). None (default) = when possible and the copies take at most half of the memory available
+    now (they are as large as those weights; the originals stay with the model); True = required (ValueError if
+    impossible); False = never. `self.packed` says what was chosen.
     """
 
-    def __init__(self, layers, caches, eps: float, final_norm=None, final_eps: float | None = None):
+    def __init__(self, layers, caches, eps: float, final_norm=None, final_eps: float | None = None,
+                 packed: bool | None = None):
         _check(len(layers) == len(caches) and len(layers) >= 1, "need one (k_cache, v_cache) pair per layer")
         in_norm = layers[0][0]
         _check_tensor(in_norm, "in_norm", _FP, 1)
@@ -299,6 +352,10 @@ class DecodeStack:
             for name, t in (("k_cache", kc), ("v_cache", vc)):
                 _check_tensor(t, f"layer {i} {name}", (dt,), 4)
                 _check(t.shape == k0.shape, f"layer {i} {name} {tuple(t.shape)} != {tuple(k0.shape)}")
+        self.packed = self._choose_packed(packed, layers, shapes)
+        for ws, (kc, vc) in zip(layers, caches):
+            if self.packed:  # the four matrices (qkv, o_proj, gate_up, down) replaced by their packed copies
+                ws = tuple(PackedWeight(t).data if t.dim() == 2 else t for t in ws)
             self._held.append((*ws, kc, vc))
             self._ptrs.append(tuple(t.data_ptr() for t in (*ws, kc, vc)))
         self.eps = float(eps)
@@ -307,6 +364,17 @@ class DecodeStack:
         if final_norm is not None:
             _check_tensor(final_norm, "final_norm", (dt,), 1)
             _check(final_norm.shape[0] == C, f"final_norm has {final_norm.shape[0]} entries; expected C = {C}")
+
+    def _choose_packed(self, packed, layers, shapes) -> bool:
+        possible = packed_available(self.dtype) and (
+            self.dtype == torch.float32 or (self.C % 2 == 0 and self.inter % 2 == 0))
+        if packed is False or (packed is None and not possible):
+            return False
+        _check(possible, "packed=True with bf16 weights needs an AVX512_BF16 build and even hidden/intermediate sizes")
+        if packed is None:
+            need = len(layers) * sum(PackedWeight.nbytes(*s, self.dtype) for s in shapes if len(s) == 2)
+            return need <= available_memory() // 2
+        return True
 
     def __call__(self, h, slot_mapping, block_tables, context_lens, cos, sin, out=None) -> None:
         _check_tensor(h, "h", (self.dtype,), 2)
@@ -334,11 +402,23 @@ class DecodeStack:
         last = len(self._ptrs) - 1
         for i, p in enumerate(self._ptrs):  # the C++ side re-checks the block tables against num_blocks every layer
             fin = (self.final_norm.data_ptr(), out.data_ptr()) if i == last and out is not None else (0, 0)
-            ext.decode_layer(h.data_ptr(), code, *p, *step, *fin, self.final_eps)
+            ext.decode_layer(h.data_ptr(), code, *p, *step, *fin, self.final_eps, self.packed)
+
+
+def available_memory() -> int:
+    """Bytes of memory available to allocate now (MemAvailable of /proc/meminfo, else free physical pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def decode_layer(h, in_norm, qkv, o_proj, post_norm, gate_up, down, k_cache, v_cache, slot_mapping, block_tables,
-                 context_lens, cos, sin, eps: float) -> None:
+                 context_lens, cos, sin, eps: float, packed: bool | None = False) -> None:
     """One decoder layer (a DecodeStack of one, see there): h [R, C] updated in place."""
-    DecodeStack([(in_norm, qkv, o_proj, post_norm, gate_up, down)], [(k_cache, v_cache)], eps)(
+    DecodeStack([(in_norm, qkv, o_proj, post_norm, gate_up, down)], [(k_cache, v_cache)], eps, packed=packed)(
         h, slot_mapping, block_tables, context_lens, cos, sin)

@@ -42,14 +42,14 @@ def _reference(layer, cache, tables, slots, pos, h, backend):
     return (out + resid)[:, 0]
 
 
-def _fused(cfg, layer, cache, tables, slots, pos, h):
+def _fused(cfg, layer, cache, tables, slots, pos, h, packed=False):
     cos, sin = (t.float().contiguous() for t in ops.rope_tables(pos, cfg.head_dim, cfg.rope_theta, h.dtype))
     h = h.clone()
     with torch.inference_mode():
         cpu_ops.decode_layer(h, layer.input_norm.weight, layer.attn.qkv_proj.weight, layer.attn.o_proj.weight,
                              layer.post_attn_norm.weight, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight,
                              cache.k_cache(0), cache.v_cache(0), slots, tables, (pos + 1).to(torch.int32), cos, sin,
-                             layer.input_norm.eps)
+                             layer.input_norm.eps, packed=packed)
     return h
 
 
@@ -58,24 +58,31 @@ SHAPES = [(72, 3, 100, [1, 17, 40, 5, 33]),  # head_dim 24, K and N not multiple
           (64, 2, 96, [300, 7])]
 
 
+@pytest.mark.parametrize("packed", [False, True])  # True: the four matrices through the packed GEMV
 @pytest.mark.parametrize("hidden,heads,inter,lens", SHAPES)
-def test_decode_layer_fp32(hidden, heads, inter, lens):
+def test_decode_layer_fp32(hidden, heads, inter, lens, packed):
     cfg, layer, cache, tables, slots, pos, h = _layer_case(torch.float32, hidden, heads, inter, lens)
     ref_cache = KVCache(1, cache.num_blocks, cache.block_size, heads, cfg.head_dim, torch.float32)
     ref_cache.data.copy_(cache.data)
     before = cache.data.clone()
     ref = _reference(layer, ref_cache, tables, slots, pos, h, "torch")
-    out = _fused(cfg, layer, cache, tables, slots, pos, h)
+    out = _fused(cfg, layer, cache, tables, slots, pos, h, packed=packed)
     assert max_err(out, ref) <= 1e-5 * ref.abs().max()
     # the new K/V rows were written (K rotated), everything else untouched
     assert max_err(cache.data, ref_cache.data) <= 1e-5 * ref_cache.data.abs().max()
     assert not torch.equal(cache.data, before)
 
 
+needs_packed = pytest.mark.skipif(not cpu_ops.packed_available(torch.bfloat16),
+                                  reason="no packed bf16 GEMV: CPU without AVX512_BF16")
+
+
+@pytest.mark.parametrize("packed", [False, pytest.param(True, marks=needs_packed)])
 @pytest.mark.parametrize("hidden,heads,inter,lens", SHAPES[:2])
-def test_decode_layer_bf16(hidden, heads, inter, lens):
+def test_decode_layer_bf16(hidden, heads, inter, lens, packed):
     """bf16: the same rounding points as the torch path, so its error against an fp32 run of the same layer is
-    within 2x the torch bf16 path's own; and close to the layer-by-layer cpu path it replaces."""
+    within 2x the torch bf16 path's own; and close to the layer-by-layer cpu path it replaces. packed: the four
+    matrices through the packed GEMV (another summation order, the same bound)."""
     cfg, layer, cache, tables, slots, pos, h = _layer_case(torch.bfloat16, hidden, heads, inter, lens)
     caches = [KVCache(1, cache.num_blocks, cache.block_size, heads, cfg.head_dim, dt)
               for dt in (torch.bfloat16, torch.float32)]
@@ -84,9 +91,28 @@ def test_decode_layer_bf16(hidden, heads, inter, lens):
     ref_bf16 = _reference(layer, caches[0], tables, slots, pos, h, "torch")
     ref32 = _reference(layer.float(), caches[1], tables, slots, pos, h.float(), "torch")
     layer = layer.to(torch.bfloat16)
-    out = _fused(cfg, layer, cache, tables, slots, pos, h)
+    out = _fused(cfg, layer, cache, tables, slots, pos, h, packed=packed)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert max_err(out, ref32) <= 2 * max_err(ref_bf16, ref32)
+
+
+def test_decode_stack_packed_choice():
+    """packed=None packs exactly where it can (fp32; bf16 on an AVX512_BF16 build); True where it cannot is an
+    error."""
+    for dtype in (torch.float32, torch.bfloat16):
+        cfg, layer, cache, tables, slots, pos, h = _layer_case(dtype, 64, 2, 96, [20, 9])
+        weights = [(layer.input_norm.weight, layer.attn.qkv_proj.weight, layer.attn.o_proj.weight,
+                    layer.post_attn_norm.weight, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)]
+        caches = [(cache.k_cache(0), cache.v_cache(0))]
+        with torch.inference_mode():
+            can = cpu_ops.packed_available(dtype)
+            assert cpu_ops.DecodeStack(weights, caches, 1e-6).packed == can
+            assert not cpu_ops.DecodeStack(weights, caches, 1e-6, packed=False).packed
+            if can:
+                assert cpu_ops.DecodeStack(weights, caches, 1e-6, packed=True).packed
+            else:
+                with pytest.raises(ValueError, match="packed"):
+                    cpu_ops.DecodeStack(weights, caches, 1e-6, packed=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -161,3 +187,15 @@ def test_cpu_decoder_rope_cache_equals_rope_tables(dtype):
     pos = torch.tensor([0, 1, 17, 999, 4095, 123])
     cos, sin = ops.rope_tables(pos, c.head_dim, c.rope_theta, dtype)
     assert torch.equal(dec.cos[pos], cos.float()) and torch.equal(dec.sin[pos], sin.float())
+
+
+def test_janus_rt_packed_env(monkeypatch):
+    """JANUS_RT_PACKED picks the engine's decode GEMV: 0 = unpacked, 1 / auto = packed (fp32 tiny: always possible);
+    anything else is refused by name."""
+    model = Janus.from_preset("tiny", seed=0)
+    for value, packed in (("0", False), ("1", True), ("auto", True)):
+        monkeypatch.setenv("JANUS_RT_PACKED", value)
+        assert Engine.for_requests(model, [(8, 1)]).runner.cpu_decoder.stack.packed is packed
+    monkeypatch.setenv("JANUS_RT_PACKED", "yes")
+    with pytest.raises(ValueError, match="JANUS_RT_PACKED"):
+        Engine.for_requests(model, [(8, 1)])

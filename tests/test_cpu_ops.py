@@ -207,6 +207,67 @@ def test_linear_bf16_x_and_leading_dims(poison):
     assert rel_err(y, F.linear(x.float(), w.float())) <= 1e-5
 
 
+# ---- linear_packed (PackedWeight) ----------------------------------------------------------------------------
+needs_bf16 = pytest.mark.skipif(not cpu_ops.packed_available(torch.bfloat16),
+                                reason="no packed bf16 GEMV: CPU without AVX512_BF16")
+PACKED_DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)]
+
+
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+@pytest.mark.parametrize("M", [1, 6, 7, 17])  # 6: one full row block; 7, 17: blocks plus a tail
+@pytest.mark.parametrize("K", [2, 40, 514, 2048])  # 514: a last K tile of 2 (fp32) or 1 (bf16) steps on AVX-512
+@pytest.mark.parametrize("N", [1, 37, 700])  # 37: one partial strip; 700: several strips, the last partial
+def test_linear_packed(poison, M, K, N, dtype):
+    g = torch.Generator().manual_seed(M * K + N)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = torch.randn(N, K, generator=g).to(dtype)
+    b = torch.randn(N, generator=g)
+    pw = cpu_ops.PackedWeight(w)
+    assert pw.data.numel() * dtype.itemsize == cpu_ops.PackedWeight.nbytes(N, K, dtype)
+    y = pw(x, b)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    # bf16 products are exact in fp32; only the summation order (and fp32 rounding) differs from fp64
+    assert rel_err(y, F.linear(x.double(), w.double(), b.double())) <= 1e-5
+    assert rel_err(pw(x), F.linear(x.double(), w.double())) <= 1e-5
+    assert pw(x.view(1, M, K)).shape == (1, M, N)
+
+
+@pytest.mark.parametrize("M", [1, 7])
+def test_linear_packed_fp32_odd_k(poison, M):
+    g = torch.Generator().manual_seed(M)
+    x, w = torch.randn(M, 77, generator=g), torch.randn(100, 77, generator=g)
+    assert rel_err(cpu_ops.PackedWeight(w)(x), F.linear(x.double(), w.double())) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+@pytest.mark.parametrize("K", [40, 1376])  # 1376: several K tiles
+def test_linear_packed_rows_do_not_depend_on_the_batch(K, dtype):
+    g = torch.Generator().manual_seed(K)
+    pw = cpu_ops.PackedWeight(torch.randn(700, K, generator=g).to(dtype))
+    x = torch.randn(14, K, generator=g).to(dtype)
+    alone = torch.cat([pw(x[i : i + 1]) for i in range(14)])
+    for M in range(2, 15):
+        assert torch.equal(pw(x[:M]), alone[:M]), f"M = {M}"
+
+
+def test_linear_packed_misuse():
+    with pytest.raises(ValueError, match="dtype"):
+        cpu_ops.PackedWeight(torch.randn(8, 8).half())
+    pw = cpu_ops.PackedWeight(torch.randn(8, 8))
+    with pytest.raises(ValueError, match="dtype"):
+        pw(torch.randn(2, 8).bfloat16())
+    with pytest.raises(ValueError, match="K = 8"):
+        pw(torch.randn(2, 6))
+    with pytest.raises(ValueError, match="bias"):
+        pw(torch.randn(2, 8), torch.randn(7))
+    if cpu_ops.packed_available(torch.bfloat16):
+        with pytest.raises(ValueError, match="even K"):
+            cpu_ops.PackedWeight(torch.randn(8, 7).bfloat16())
+    else:
+        with pytest.raises(ValueError, match="AVX512_BF16"):
+            cpu_ops.PackedWeight(torch.randn(8, 8).bfloat16())
+
+
 # ---- mlp_gelu -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("M", [1, 3, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -163,7 +163,8 @@ def _image_engine(model, prompt, n, tokens=None, cuda_graphs=False, layerwise=Fa
 
 
 def run_janus_rt(model, prompt, n, tokens, cuda_graphs=False, layerwise=False):
-    """-> (seconds, ms per decode step, the CPU decode path taken: "decode_layer" / "layerwise" / None off CPU)."""
+    """-> (seconds, ms per decode step, the CPU decode path taken: "decode_layer[, packed GEMV]" / "layerwise" / None off
+    CPU)."""
     eng = _image_engine(model, prompt, n, tokens, cuda_graphs, layerwise)
     _sync(model.device)
     t = time.perf_counter()
@@ -171,7 +172,9 @@ def run_janus_rt(model, prompt, n, tokens, cuda_graphs=False, layerwise=False):
     _sync(model.device)
     path = None
     if model.device.type == "cpu":
-        path = "decode_layer" if eng.runner.uses_cpu_decoder() else "layerwise"
+        path = "layerwise"
+        if eng.runner.uses_cpu_decoder():
+            path = "decode_layer, packed GEMV" if eng.runner.cpu_decoder.stack.packed else "decode_layer"
     return time.perf_counter() - t, eng.stats.ms_per_step, path
 
 

@@ -8,6 +8,8 @@ the same hidden states up to summation order (tests/test_cpu_decode.py).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from janus_rt import cpu_ops, ops
@@ -18,6 +20,15 @@ def supported(model, cache) -> bool:
     c = model.cfg.llm
     return (cpu_ops.available() and model.device.type == "cpu" and model.dtype in (torch.float32, torch.bfloat16)
             and cache.dtype == model.dtype and c.num_kv_heads == c.num_heads)
+
+
+def packed_setting() -> bool | None:
+    """JANUS_RT_PACKED: "1" = pack the bf16 decoder weights for the packed GEMV (error where impossible), "0" =
+    never, unset or "auto" = when possible and memory allows (cpu_ops.DecodeStack)."""
+    v = os.environ.get("JANUS_RT_PACKED", "auto").strip().lower()
+    if v not in ("0", "1", "auto", ""):
+        raise ValueError(f"JANUS_RT_PACKED={v!r}: expected 0, 1 or auto")
+    return {"0": False, "1": True}.get(v)
 
 
 class CpuDecoder:
@@ -34,7 +45,8 @@ class CpuDecoder:
         caches = [(cache.k_cache(i), cache.v_cache(i)) for i in range(len(llm.layers))]
         with torch.inference_mode():
             self.stack = cpu_ops.DecodeStack([tuple(w.detach() for w in ws) for ws in weights], caches,
-                                             llm.layers[0].input_norm.eps, llm.norm.weight.detach(), llm.norm.eps)
+                                             llm.layers[0].input_norm.eps, llm.norm.weight.detach(), llm.norm.eps,
+                                             packed=packed_setting())
 
     def _rope(self, positions):
         """fp32 [len, D] cos, sin of these positions, rounded to the model dtype first (as the torch path)."""

@@ -1,0 +1,61 @@
+// The packed-weight ops: `pack_weight` (W [N, K] -> the strip layout of packed_gemv.h, done once per weight) and
+// `linear_packed` (y [M, N] fp32 = x [M, K] @ W^T (+ bias) over it, x in W's dtype). fp32 on every build, bf16
+// where the CPU has AVX512_BF16: `packed_available(dtype)` says which.
+#include <vector>
+
+#include <omp.h>
+
+#include "common.h"
+#include "gemv.h"
+#include "packed_gemv.h"
+
+namespace jr {
+namespace {
+
+void check_sizes(int dtype, int64_t N, int64_t K) {
+  JR_CHECK(dtype == kF32 || dtype == kBF16, "dtype must be fp32 or bf16");
+  JR_CHECK(dtype == kF32 || packed::kHaveBf16, "this build has no packed bf16 GEMV (needs AVX512_BF16)");
+  JR_CHECK(N >= 1 && K >= 1, "need N, K >= 1");
+  JR_CHECK(dtype == kF32 || K % 2 == 0, "bf16 needs an even K");
+}
+
+template <typename WT>
+void linear_packed_impl(const WT* x, const WT* wp, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
+  if constexpr (packed::available<WT>()) {
+    const int64_t ldx = gemv::x_stride(K);
+    std::vector<WT> xp(static_cast<size_t>(M * ldx));  // rows padded as gemv.h's (the layer's x buffer)
+    for (int64_t m = 0; m < M; ++m) std::copy_n(x + m * K, K, xp.data() + m * ldx);
+#pragma omp parallel if (N * K >= (int64_t(1) << 16))
+    packed::gemv_for(wp, xp.data(), ldx, bias, y, M, N, K);
+  }
+}
+
+}  // namespace
+
+bool packed_available(int dtype) { return dtype == kF32 || (dtype == kBF16 && packed::kHaveBf16); }
+
+int64_t packed_size(int64_t N, int64_t K, int dtype) {
+  check_sizes(dtype, N, K);
+  return dtype == kF32 ? packed::packed_size<float>(N, K) : packed::packed_size<uint16_t>(N, K);
+}
+
+void pack_weight(std::uintptr_t w, std::uintptr_t wp, int64_t N, int64_t K, int dtype) {
+  check_sizes(dtype, N, K);
+  JR_CHECK(w && wp, "null pointer");
+  if (dtype == kF32) packed::pack(ptr<const float>(w), ptr<float>(wp), N, K);
+  else packed::pack(ptr<const uint16_t>(w), ptr<uint16_t>(wp), N, K);
+}
+
+void linear_packed(std::uintptr_t x, std::uintptr_t wp, std::uintptr_t bias, std::uintptr_t y, int64_t M, int64_t N,
+                   int64_t K, int dtype) {
+  check_sizes(dtype, N, K);
+  JR_CHECK(M >= 1, "need M >= 1");
+  JR_CHECK(x && wp && y, "null pointer");
+  if (dtype == kF32)
+    linear_packed_impl(ptr<const float>(x), ptr<const float>(wp), ptr<const float>(bias), ptr<float>(y), M, N, K);
+  else
+    linear_packed_impl(ptr<const uint16_t>(x), ptr<const uint16_t>(wp), ptr<const float>(bias), ptr<float>(y), M,
+                       N, K);
+}
+
+}  // namespace jr

@@ -1,0 +1,186 @@
+// The decode GEMV over weights packed once: y [M, N] fp32 = x [M, K] @ W [N, K]^T (+ bias) with x in W's dtype:
+// bf16 x and W on CPUs with AVX512_BF16 (Zen 4/5, Sapphire Rapids), or fp32 x and W on any build. Used by
+// `decode_layer` (the LLM's four weights per layer, packed by cpu_ops.DecodeStack) and the `linear_packed` op
+// (cpu_ops.PackedWeight).
+//
+// Layout ("strips"): W's rows are taken kStrip at a time — the output columns of 4 vectors of fp32 lanes (64 on
+// AVX-512) — and each strip is stored step by step, a step being one k (fp32) or one k pair (bf16):
+//   wp[((s * K/E + p) * kStrip + j) * E + e] = W[kStrip s + j, E p + e]      (E = 1 fp32, 2 bf16; rows past N zero)
+// so one vector load holds step p of kW rows: for bf16 the (2p, 2p+1) pairs of 16 rows, exactly a VDPBF16PS
+// operand. A strip is one sequential stream of 256-byte steps (AVX-512). The kernel broadcasts x's step (one fp32,
+// or the bf16 pair as a 32-bit word) and runs acc[m][v] += W[step, vector v] * x[m, step] for a 6 x 4 register
+// block (6 rows of x, 4 vectors of W = 24 accumulators), so every lane is one y[m, n] and no horizontal sums remain.
+// Blocking: a strip is cut into K tiles of kKTile steps (64 KiB on AVX-512); every row block of x runs over a tile
+// while it is in L1/L2, the accumulators wait in a per-thread [M, kStrip] fp32 buffer between tiles. While the row
+// blocks run, the next tile in memory (the strip's next one or the next strip's first) is prefetched, spread over
+// the row blocks so that the weight stream is read at an even rate instead of in bursts at each tile's first block.
+// Against gemv.h's row-block kernel on the unpacked W (bf16, 2-core Zen 5, 2026-12-02, bench/RESULTS.md): ~1.8x at
+// M = 32, ~1.5x at M = 2-8, with W from DRAM.
+// Batch invariance: y[m, n] = bias[n] + (((0 + step 0) + step 1) + ...) in fp32 lanes (FMA, or the pair's dot
+// product), steps in k order whatever M, the tiling or the row block is, so a row of y is bit-identical for any M
+// (tests/test_cpu_ops.py).
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include <omp.h>
+
+#include "common.h"
+#include "simd.h"
+
+#ifndef JR_PACKED_KTILE_BYTES
+#define JR_PACKED_KTILE_BYTES 65536
+#endif
+#ifndef JR_PACKED_PF_LOCALITY  // __builtin_prefetch locality of the next tile: 3 = prefetcht0, 2 = prefetcht1
+#define JR_PACKED_PF_LOCALITY 3
+#endif
+
+namespace jr::packed {
+
+using simd::vf;
+constexpr int kW = simd::kWidth;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+constexpr bool kHaveBf16 = true;
+#else
+constexpr bool kHaveBf16 = false;
+#endif
+// Whether this build has the packed GEMV for weights WT (fp32: always; bf16: with the bf16 dot product).
+template <typename WT>
+constexpr bool available() {
+  return std::is_same_v<WT, float> || kHaveBf16;
+}
+
+constexpr int kMB = 6;  // x rows per register block
+template <typename WT>
+constexpr int64_t strip() {  // W rows per strip: 4 vectors of fp32 lanes
+  return std::is_same_v<WT, float> ? 4 * kW : 64;
+}
+template <typename WT>
+constexpr int64_t ek() {  // k per step
+  return std::is_same_v<WT, float> ? 1 : 2;
+}
+template <typename WT>
+constexpr int64_t step_elems() {  // elements of one step of a strip
+  return strip<WT>() * ek<WT>();
+}
+template <typename WT>
+constexpr int64_t ktile() {  // steps per K tile
+  return std::max<int64_t>(1, JR_PACKED_KTILE_BYTES / int64_t(step_elems<WT>() * sizeof(WT)));
+}
+
+inline int64_t num_strips(int64_t N, int64_t S) { return (N + S - 1) / S; }
+// Elements of the packed W [N, K] (bf16: K even).
+template <typename WT>
+int64_t packed_size(int64_t N, int64_t K) {
+  return num_strips(N, strip<WT>()) * strip<WT>() * K;
+}
+
+// wp (packed_size(N, K) elements) = W [N, K] in the strip layout above; runs its own parallel region.
+template <typename WT>
+void pack(const WT* w, WT* wp, int64_t N, int64_t K) {
+  constexpr int64_t S = strip<WT>(), E = ek<WT>();
+  const int64_t KS = K / E, strips = num_strips(N, S);
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < strips; ++s)
+    for (int64_t j = 0; j < S; ++j) {
+      const int64_t n = s * S + j;
+      WT* d = wp + s * KS * S * E + j * E;
+      for (int64_t p = 0; p < KS; ++p, d += S * E)
+        for (int64_t e = 0; e < E; ++e) d[e] = n < N ? w[n * K + E * p + e] : WT(0);
+    }
+}
+
+// The row block: MB rows of x (row stride ldx, at this tile's first step) against kn steps of one strip's tile wt;
+// c [MB, strip] fp32 holds the accumulators between tiles (first: start from zero). Meanwhile lpk lines of the
+// range [pf, pe) are prefetched per step.
+template <typename WT, int MB>
+inline void block(const WT* wt, const WT* x, int64_t ldx, int64_t kn, float* c, bool first, const char* pf,
+                  const char* pe, int lpk) {
+  constexpr int64_t S = strip<WT>(), SE = step_elems<WT>();
+  vf acc[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < 4; ++v) acc[m][v] = first ? simd::zero() : simd::load(c + m * S + v * kW);
+  for (int64_t p = 0; p < kn; ++p) {
+    for (int l = 0; l < lpk; ++l, pf += 64)
+      if (pf < pe) __builtin_prefetch(pf, 0, JR_PACKED_PF_LOCALITY);
+    if constexpr (std::is_same_v<WT, float>) {
+      vf w[4];
+      for (int v = 0; v < 4; ++v) w[v] = simd::load(wt + p * SE + v * kW);
+      for (int m = 0; m < MB; ++m) {
+        const vf xb = simd::set1(x[m * ldx + p]);
+        for (int v = 0; v < 4; ++v) acc[m][v] = simd::fma(w[v], xb, acc[m][v]);
+      }
+    } else {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+      __m512bh w[4];
+      for (int v = 0; v < 4; ++v) w[v] = (__m512bh)_mm512_loadu_si512(wt + p * SE + v * 32);
+      for (int m = 0; m < MB; ++m) {
+        int32_t pair;
+        std::memcpy(&pair, x + m * ldx + 2 * p, sizeof(pair));
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+        for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], w[v], xb);
+      }
+#endif
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < 4; ++v) simd::store(c + m * S + v * kW, acc[m][v]);
+}
+
+// block<R> for the R = mb rows left at the end of x (mb < kMB), chosen at run time.
+template <typename WT, int R>
+inline void block_tail(int mb, const WT* wt, const WT* x, int64_t ldx, int64_t kn, float* c, bool first,
+                       const char* pf, const char* pe, int lpk) {
+  if constexpr (R >= 1) {
+    if (mb == R) block<WT, R>(wt, x, ldx, kn, c, first, pf, pe, lpk);
+    else block_tail<WT, R - 1>(mb, wt, x, ldx, kn, c, first, pf, pe, lpk);
+  }
+}
+
+// Inside an OpenMP parallel region (an orphaned `omp for`, ending with the team's barrier), or on the calling thread
+// outside one: y [M, N] fp32 = x @ W^T + bias, wp = pack(W), x [M, ldx] in WT (bf16: ldx even, K even), bias fp32
+// [N] or null. Callers check available<WT>(). Strips are dealt out in contiguous chunks (a thread's weight stream
+// stays sequential), dynamically.
+template <typename WT>
+void gemv_for(const WT* wp, const WT* x, int64_t ldx, const float* bias, float* y, int64_t M, int64_t N,
+              int64_t K) {
+  static_assert(available<WT>(), "no packed GEMV for these weights in this build");
+  constexpr int64_t S = strip<WT>(), E = ek<WT>(), SE = step_elems<WT>(), KT = ktile<WT>();
+  const int64_t KS = K / E, strips = num_strips(N, S), team = omp_get_num_threads();
+  const int64_t chunks = std::min(strips, team * 4);
+  const char* end = reinterpret_cast<const char*>(wp + packed_size<WT>(N, K));
+  const int64_t passes = (M + kMB - 1) / kMB;  // row blocks per tile
+  std::vector<float> c(static_cast<size_t>(M * S));
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    for (int64_t s = strips * ch / chunks; s < strips * (ch + 1) / chunks; ++s) {
+      const WT* ws = wp + s * KS * SE;
+      for (int64_t k0 = 0; k0 < KS; k0 += KT) {
+        const int64_t kn = std::min(KT, KS - k0);
+        const WT* tile = ws + k0 * SE;
+        // the next tile's cache lines, one share per row block
+        const char* next = reinterpret_cast<const char*>(tile + kn * SE);
+        const int64_t lines = std::min<int64_t>(KT * SE * sizeof(WT), std::max<int64_t>(0, end - next)) / 64;
+        const int64_t share = (lines + passes - 1) / passes;
+        const int lpk = int((share + kn - 1) / kn);
+        for (int64_t m0 = 0, j = 0; m0 < M; m0 += kMB, ++j) {
+          const int mb = int(std::min<int64_t>(kMB, M - m0));
+          const char* pf = next + j * share * 64;
+          const char* pe = next + std::min(lines, (j + 1) * share) * 64;
+          const WT* xs = x + m0 * ldx + E * k0;
+          float* cs = c.data() + m0 * S;
+          if (mb == kMB) block<WT, kMB>(tile, xs, ldx, kn, cs, k0 == 0, pf, pe, lpk);
+          else block_tail<WT, kMB - 1>(mb, tile, xs, ldx, kn, cs, k0 == 0, pf, pe, lpk);
+        }
+      }
+      const int64_t n0 = s * S, nn = std::min(S, N - n0);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < nn; ++j) y[m * N + n0 + j] = c[m * S + j] + (bias ? bias[n0 + j] : 0.0f);
+    }
+  }
+}
+
+}  // namespace jr::packed
