@@ -25,7 +25,7 @@ void decode_layer(ptr_t h, int dtype, ptr_t in_norm, ptr_t qkv, ptr_t o, ptr_t p
                   int64_t max_blocks, double eps, double sm_scale, ptr_t final_norm, ptr_t out, double final_eps,
                   bool packed);
 void mlp_gelu(ptr_t x, ptr_t w1, ptr_t b1, ptr_t w2, ptr_t b2, ptr_t y, int dtype, int64_t M, int64_t K, int64_t H,
-              int64_t N);
+              int64_t N, bool packed);
 bool packed_available(int dtype);
 int64_t packed_size(int64_t N, int64_t K, int dtype);
 void pack_weight(ptr_t w, ptr_t wp, int64_t N, int64_t K, int dtype);
@@ -70,7 +70,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"));
   m.def("mlp_gelu", &jr::mlp_gelu, release(), "Linear -> GELU(erf) -> Linear for decode-sized x, fp32 output",
         py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("y"), py::arg("dtype"),
-        py::arg("M"), py::arg("K"), py::arg("H"), py::arg("N"));
+        py::arg("M"), py::arg("K"), py::arg("H"), py::arg("N"), py::arg("packed"));
   m.def("stream_sum", &jr::stream_sum, release(), "sum of n fp32 at read bandwidth (the bench roofline probe)",
         py::arg("x"), py::arg("n"));
   m.def("simd_isa", &jr::simd_isa, "vector ISA the kernels were compiled for: avx512, avx2 or scalar");

@@ -2,7 +2,8 @@
 // gen_head shape (Linear -> GELU(erf) -> Linear), in one parallel region: the two GEMVs are gemv.h's, the GELU
 // between them runs per row while it is in cache. Run after a decode step's weight stream, the three torch ops it
 // replaces each started from cold caches.
-//   x [M, K], W1 [H, K], b1 [H] (or none), W2 [N, H], b2 [N] (or none), all one dtype T (fp32 or bf16).
+//   x [M, K], W1 [H, K], b1 [H] (or none), W2 [N, H], b2 [N] (or none), all one dtype T (fp32 or bf16); with
+//   `packed`, W1 and W2 in packed_gemv.h's strip layout (cpu_ops.PackedWeight) and run through its GEMV.
 // Rounding points of the torch path (ops.mlp_gelu with the cpu backend's linear): the hidden layer is rounded to T
 // before and after the GELU; y is returned in fp32 (the caller rounds it to T, as ops.linear does).
 #include <cmath>
@@ -12,13 +13,24 @@
 
 #include "common.h"
 #include "gemv.h"
+#include "packed_gemv.h"
 
 namespace jr {
 namespace {
 
+// y [M, N] = x @ w^T + bias through the GEMV w's layout needs (inside the region).
+template <typename T>
+inline void gemv_any(bool packed, const T* w, const gemv::xpack_t<T>* xp, int64_t ldx, const float* bias, float* y,
+                     int64_t M, int64_t N, int64_t K) {
+  if constexpr (packed::available<T>() && std::is_same_v<gemv::xpack_t<T>, T>) {
+    if (packed) return packed::gemv_for(w, xp, ldx, bias, y, M, N, K);
+  }
+  gemv::gemv_for(w, xp, ldx, bias, y, M, N, K);
+}
+
 template <typename T>
 void mlp_gelu_impl(const T* x, const T* w1, const T* b1, const T* w2, const T* b2, float* y, int64_t M, int64_t K,
-                   int64_t H, int64_t N) {
+                   int64_t H, int64_t N, bool packed) {
   const int64_t ldk = gemv::x_stride(K), ldh = gemv::x_stride(H);
   std::vector<gemv::xpack_t<T>> xp(size_t(M * ldk)), hp(size_t(M * ldh));  // GEMV inputs (values of T)
   std::vector<float> hid(size_t(M * H));
@@ -28,7 +40,7 @@ void mlp_gelu_impl(const T* x, const T* w1, const T* b1, const T* w2, const T* b
   gemv::pack_x<T>(x, xp.data(), M, K, ldk);
 #pragma omp parallel
   {
-    gemv::gemv_for(w1, xp.data(), ldk, b1 ? bias1.data() : nullptr, hid.data(), M, H, K);
+    gemv_any(packed, w1, xp.data(), ldk, b1 ? bias1.data() : nullptr, hid.data(), M, H, K);
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; ++m) {
       float* r = &hid[m * H];
@@ -38,23 +50,25 @@ void mlp_gelu_impl(const T* x, const T* w1, const T* b1, const T* w2, const T* b
       }
       gemv::pack_x<T>(r, &hp[m * ldh], 1, H, ldh);
     }
-    gemv::gemv_for(w2, hp.data(), ldh, b2 ? bias2.data() : nullptr, y, M, N, H);
+    gemv_any(packed, w2, hp.data(), ldh, b2 ? bias2.data() : nullptr, y, M, N, H);
   }
 }
 
 }  // namespace
 
 void mlp_gelu(std::uintptr_t x, std::uintptr_t w1, std::uintptr_t b1, std::uintptr_t w2, std::uintptr_t b2,
-              std::uintptr_t y, int dtype, int64_t M, int64_t K, int64_t H, int64_t N) {
+              std::uintptr_t y, int dtype, int64_t M, int64_t K, int64_t H, int64_t N, bool packed) {
   JR_CHECK(M >= 1 && K >= 1 && H >= 1 && N >= 1, "M, K, H, N must be >= 1");
   JR_CHECK(dtype == kF32 || dtype == kBF16, "dtype must be fp32 or bf16");
+  JR_CHECK(!packed || dtype == kF32 || (packed::kHaveBf16 && K % 2 == 0 && H % 2 == 0),
+           "packed bf16 weights need an AVX512_BF16 build and even K and H");
   JR_CHECK(x && w1 && w2 && y, "null pointer");
   if (dtype == kF32)
     mlp_gelu_impl(ptr<const float>(x), ptr<const float>(w1), ptr<const float>(b1), ptr<const float>(w2),
-                  ptr<const float>(b2), ptr<float>(y), M, K, H, N);
+                  ptr<const float>(b2), ptr<float>(y), M, K, H, N, packed);
   else
     mlp_gelu_impl(ptr<const uint16_t>(x), ptr<const uint16_t>(w1), ptr<const uint16_t>(b1), ptr<const uint16_t>(w2),
-                  ptr<const uint16_t>(b2), ptr<float>(y), M, K, H, N);
+                  ptr<const uint16_t>(b2), ptr<float>(y), M, K, H, N, packed);
 }
 
 }  // namespace jr

@@ -34,6 +34,9 @@
 #ifndef JR_PACKED_KTILE_BYTES
 #define JR_PACKED_KTILE_BYTES 65536
 #endif
+#ifndef JR_PACKED_CHUNKS  // work items per thread (strips dealt out dynamically in this many contiguous runs)
+#define JR_PACKED_CHUNKS 4
+#endif
 #ifndef JR_PACKED_PF_LOCALITY  // __builtin_prefetch locality of the next tile: 3 = prefetcht0, 2 = prefetcht1
 #define JR_PACKED_PF_LOCALITY 3
 #endif
@@ -150,7 +153,7 @@ void gemv_for(const WT* wp, const WT* x, int64_t ldx, const float* bias, float* 
   static_assert(available<WT>(), "no packed GEMV for these weights in this build");
   constexpr int64_t S = strip<WT>(), E = ek<WT>(), SE = step_elems<WT>(), KT = ktile<WT>();
   const int64_t KS = K / E, strips = num_strips(N, S), team = omp_get_num_threads();
-  const int64_t chunks = std::min(strips, team * 4);
+  const int64_t chunks = std::min(strips, team * JR_PACKED_CHUNKS);
   const char* end = reinterpret_cast<const char*>(wp + packed_size<WT>(N, K));
   const int64_t passes = (M + kMB - 1) / kMB;  // row blocks per tile
   std::vector<float> c(static_cast<size_t>(M * S));

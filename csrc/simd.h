@@ -36,6 +36,23 @@ inline vf sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 inline vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 inline vf min(vf a, vf b) { return _mm512_min_ps(a, b); }
 inline vf fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf div(vf a, vf b) { return _mm512_div_ps(a, b); }
+inline vf max(vf a, vf b) { return _mm512_max_ps(a, b); }
+inline vf round_int(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// 2^n for whole n in [-126, 127] (as fp32 lanes).
+inline vf pow2i(vf n) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+// Each lane rounded to the nearest bf16 (ties to even), NaN kept quiet: float_to_bf16 then back, in a vector.
+inline vf round_bf16(vf a) {
+  const __m512i b = _mm512_castps_si512(a);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  const __m512i q = _mm512_or_si512(b, _mm512_set1_epi32(0x400000));
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_mask_blend_epi32(nan, r, q), _mm512_set1_epi32(int(0xffff0000u))));
+}
 inline float hsum(vf a) { return _mm512_reduce_add_ps(a); }
 // 16 lanes -> 8: lane i + lane i + 8.
 inline __m256 fold8(vf a) {
@@ -68,6 +85,22 @@ inline vf sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
 inline vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 inline vf min(vf a, vf b) { return _mm256_min_ps(a, b); }
 inline vf fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf div(vf a, vf b) { return _mm256_div_ps(a, b); }
+inline vf max(vf a, vf b) { return _mm256_max_ps(a, b); }
+inline vf round_int(vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vf pow2i(vf n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+inline vf round_bf16(vf a) {
+  const __m256i b = _mm256_castps_si256(a);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+  const __m256i q = _mm256_or_si256(b, _mm256_set1_epi32(0x400000));
+  // |b| > 0x7f800000 as signed 32-bit compares (both sides are non-negative)
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7fffffff)),
+                                         _mm256_set1_epi32(0x7f800000));
+  return _mm256_castsi256_ps(_mm256_and_si256(_mm256_blendv_epi8(r, q, nan), _mm256_set1_epi32(int(0xffff0000u))));
+}
 inline float hsum(vf a) { return hsum8(a); }
 inline __m256 fold8(vf a) { return a; }
 inline float hmin(vf a) {
@@ -100,6 +133,24 @@ inline vf sub(vf a, vf b) { return a - b; }
 inline vf mul(vf a, vf b) { return a * b; }
 inline vf min(vf a, vf b) { return b < a ? b : a; }
 inline vf fma(vf a, vf b, vf c) { return a * b + c; }
+inline vf div(vf a, vf b) { return a / b; }
+inline vf max(vf a, vf b) { return a < b ? b : a; }
+inline vf round_int(vf a) { return __builtin_nearbyintf(a); }
+inline vf pow2i(vf n) {
+  const uint32_t bits = uint32_t(int32_t(n) + 127) << 23;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline vf round_bf16(vf a) {
+  uint32_t b;
+  std::memcpy(&b, &a, sizeof(b));
+  if ((b & 0x7fffffffu) > 0x7f800000u) b |= 0x400000u;
+  else b += 0x7fffu + ((b >> 16) & 1u);
+  b &= 0xffff0000u;
+  std::memcpy(&a, &b, sizeof(a));
+  return a;
+}
 inline float hsum(vf a) { return a; }
 inline float hmin(vf a) { return a; }
 inline vf load_bf16(const uint16_t* p) {
@@ -118,6 +169,24 @@ inline void load_bf16_pairs(const uint16_t* p, vf& even, vf& odd) {
 }
 
 #endif
+
+// e^x per lane, ~1-2 ulp over the finite range (Cephes' expf: x = n ln2 + r with ln2 in two parts, a degree-5
+// polynomial in r, 2^n through the exponent bits). x is clamped to [-87.3, 88.37]: below, e^-87.3 ~ 1e-38 instead of
+// a smaller number or 0; above, ~2.6e38 instead of a larger one or inf.
+inline vf exp(vf x) {
+  x = min(max(x, set1(-87.33654475f)), set1(88.37626266f));
+  const vf n = round_int(mul(x, set1(1.44269504088896341f)));
+  vf r = fma(n, set1(-0.693359375f), x);
+  r = fma(n, set1(2.12194440e-4f), r);
+  vf p = set1(1.9875691500e-4f);
+  p = fma(p, r, set1(1.3981999507e-3f));
+  p = fma(p, r, set1(8.3334519073e-3f));
+  p = fma(p, r, set1(4.1665795894e-2f));
+  p = fma(p, r, set1(1.6666665459e-1f));
+  p = fma(p, r, set1(5.0000001201e-1f));
+  p = fma(p, mul(r, r), add(r, set1(1.0f)));
+  return mul(p, pow2i(n));
+}
 
 // Load kWidth elements of either element type as fp32.
 inline vf load_as_float(const float* p) { return load(p); }

@@ -285,16 +285,25 @@ def mlp_gelu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
     """y = GELU(x @ w1^T + b1) @ w2^T + b2 (GELU with erf) for decode-sized x, in one csrc call.
 
     x: [..., K]; w1: [H, K]; b1: [H] or None; w2: [N, H]; b2: [N] or None; all fp32 or all bf16 -> y: fp32 [..., N].
+    w1 and w2 may both be PackedWeight (of x's dtype): then both GEMVs are the packed one.
     The hidden layer is rounded to x's dtype before and after the GELU, as ops.mlp_gelu's cpu path rounds it.
     """
     _check_tensor(x, "x", _FP)
     dt = x.dtype
-    _check_tensor(w1, "w1", (dt,), 2)
-    _check_tensor(w2, "w2", (dt,), 2)
-    H, K = w1.shape
-    N = w2.shape[0]
-    if x.dim() < 1 or x.shape[-1] != K or w2.shape[1] != H:
-        raise ValueError(f"x {tuple(x.shape)}, w1 {tuple(w1.shape)} and w2 {tuple(w2.shape)} do not chain")
+    packed = isinstance(w1, PackedWeight)
+    _check(packed == isinstance(w2, PackedWeight), "w1 and w2 must both be PackedWeight or both tensors")
+    if packed:
+        _check(w1.dtype == dt and w2.dtype == dt, f"packed weights are {w1.dtype} / {w2.dtype}; x is {dt}")
+        (H, K), N = (w1.N, w1.K), w2.N
+        w2_in = w2.K
+    else:
+        _check_tensor(w1, "w1", (dt,), 2)
+        _check_tensor(w2, "w2", (dt,), 2)
+        H, K = w1.shape
+        N, w2_in = w2.shape
+    w1p, w2p = (w1.data, w2.data) if packed else (w1, w2)
+    if x.dim() < 1 or x.shape[-1] != K or w2_in != H:
+        raise ValueError(f"x {tuple(x.shape)}, w1 [{H}, {K}] and w2 [{N}, {w2_in}] do not chain")
     for name, b, n in (("b1", b1, H), ("b2", b2, N)):
         if b is not None:
             _check_tensor(b, name, (dt,), 1)
@@ -303,8 +312,8 @@ def mlp_gelu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
     y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
     if M == 0:
         return y
-    _ext().mlp_gelu(x.data_ptr(), w1.data_ptr(), 0 if b1 is None else b1.data_ptr(), w2.data_ptr(),
-                    0 if b2 is None else b2.data_ptr(), y.data_ptr(), _DTYPE_CODE[dt], M, K, H, N)
+    _ext().mlp_gelu(x.data_ptr(), w1p.data_ptr(), 0 if b1 is None else b1.data_ptr(), w2p.data_ptr(),
+                    0 if b2 is None else b2.data_ptr(), y.data_ptr(), _DTYPE_CODE[dt], M, K, H, N, packed)
     return y
 
 

@@ -199,3 +199,18 @@ def test_janus_rt_packed_env(monkeypatch):
     monkeypatch.setenv("JANUS_RT_PACKED", "yes")
     with pytest.raises(ValueError, match="JANUS_RT_PACKED"):
         Engine.for_requests(model, [(8, 1)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_packed)])
+def test_cpu_decoder_packed_gen_head(dtype):
+    """The decode step's gen head through packed weights gives the model's gen head (another summation order)."""
+    model = Janus.from_preset("tiny", seed=3, dtype=dtype)
+    dec = Engine.for_requests(model, [(8, 1)]).runner.cpu_decoder
+    assert dec.stack.packed and dec.gen_head_packed is not None
+    h = torch.randn(5, model.cfg.llm.hidden_size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch.inference_mode(), ops.use_backend("cpu"):
+        ref = model.gen_head(h).float()
+    out = dec.gen_head(h)
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2**-7  # bf16: output rounding, hidden values an ulp apart
+    assert max_err(out.float(), ref) <= tol * ref.abs().max()

@@ -291,6 +291,24 @@ def test_mlp_gelu_matches_the_op_chain(poison, M, dtype, bias):
     assert rel_err(y, ref) <= tol
 
 
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+@pytest.mark.parametrize("M", [1, 7])
+def test_mlp_gelu_packed_weights(poison, M, dtype):
+    """w1, w2 as PackedWeight: both GEMVs packed, the same chain (and the same bound) as the unpacked call."""
+    g = torch.Generator().manual_seed(M)
+    K, H, N = 40, 78, 700
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w1 = (torch.randn(H, K, generator=g) / K**0.5).to(dtype)
+    w2 = (torch.randn(N, H, generator=g) / H**0.5).to(dtype)
+    b1, b2 = torch.randn(H, generator=g).to(dtype), torch.randn(N, generator=g).to(dtype)
+    y = cpu_ops.mlp_gelu(x, cpu_ops.PackedWeight(w1), b1, cpu_ops.PackedWeight(w2), b2)
+    h = F.gelu(F.linear(x.float(), w1.float(), b1.float()).to(dtype))
+    ref = F.linear(h.float(), w2.float(), b2.float())
+    assert rel_err(y, ref) <= (2e-6 if dtype == torch.float32 else 1e-3)
+    with pytest.raises(ValueError, match="both"):
+        cpu_ops.mlp_gelu(x, cpu_ops.PackedWeight(w1), b1, w2, b2)
+
+
 def test_mlp_gelu_misuse():
     x, w1, w2 = torch.randn(2, 8), torch.randn(16, 8), torch.randn(4, 16)
     with pytest.raises(ValueError, match="chain"):

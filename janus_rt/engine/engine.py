@@ -202,7 +202,7 @@ class Engine:
         with ops.use_backend(self.backend):
             if image_reqs:
                 h_img = h if not text_reqs else h[torch.tensor(is_image, device=h.device)]
-                logits = self.model.gen_head(h_img).float()  # [2 * sum(n), V]: per request cond rows, uncond rows
+                logits = self.runner.gen_head(h_img).float()  # [2 * sum(n), V]: per request cond rows, uncond rows
                 rows = self._image_rows(image_reqs, logits.device)
                 if len(image_reqs) == 1:  # one request: the two halves, no copy
                     n = image_reqs[0].n

@@ -86,6 +86,11 @@ class ModelRunner:
         with ops.use_backend(self.backend):
             return self.model.llm(embeds[:, None], self._i64(positions)[:, None], kv)[:, 0]
 
+    def gen_head(self, h):
+        """The gen head of the decode step's image rows: the CPU decoder's (packed weights) when it runs, else the
+        model's."""
+        return self.cpu_decoder.gen_head(h) if self.uses_cpu_decoder() else self.model.gen_head(h)
+
     def uses_cpu_decoder(self) -> bool:
         """Whether decode steps take the csrc decoder (else the layer-by-layer path)."""
         return self.fused_cpu_decode and self.cpu_decoder is not None
