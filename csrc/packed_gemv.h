@@ -3,15 +3,15 @@
 // `decode_layer` (the LLM's four weights per layer, packed by cpu_ops.DecodeStack) and the `linear_packed` op
 // (cpu_ops.PackedWeight).
 //
-// Layout ("strips"): W's rows are taken kStrip at a time — the output columns of 4 vectors of fp32 lanes (64 on
+// Layout ("strips"): W's rows are taken strip<WT>() at a time — the output columns of 4 vectors of fp32 lanes (64 on
 // AVX-512) — and each strip is stored step by step, a step being one k (fp32) or one k pair (bf16):
-//   wp[((s * K/E + p) * kStrip + j) * E + e] = W[kStrip s + j, E p + e]      (E = 1 fp32, 2 bf16; rows past N zero)
+//   wp[((s * K/E + p) * S + j) * E + e] = W[S s + j, E p + e]   (S = strip<WT>(), E = 1 fp32 / 2 bf16; rows past N zero)
 // so one vector load holds step p of kW rows: for bf16 the (2p, 2p+1) pairs of 16 rows, exactly a VDPBF16PS
 // operand. A strip is one sequential stream of 256-byte steps (AVX-512). The kernel broadcasts x's step (one fp32,
 // or the bf16 pair as a 32-bit word) and runs acc[m][v] += W[step, vector v] * x[m, step] for a 6 x 4 register
 // block (6 rows of x, 4 vectors of W = 24 accumulators), so every lane is one y[m, n] and no horizontal sums remain.
-// Blocking: a strip is cut into K tiles of kKTile steps (64 KiB on AVX-512); every row block of x runs over a tile
-// while it is in L1/L2, the accumulators wait in a per-thread [M, kStrip] fp32 buffer between tiles. While the row
+// Blocking: a strip is cut into K tiles of ktile<WT>() steps (64 KiB); every row block of x runs over a tile
+// while it is in L1/L2, the accumulators wait in a per-thread [M, S] fp32 buffer between tiles. While the row
 // blocks run, the next tile in memory (the strip's next one or the next strip's first) is prefetched, spread over
 // the row blocks so that the weight stream is read at an even rate instead of in bursts at each tile's first block.
 // Against gemv.h's row-block kernel on the unpacked W (bf16, 2-core Zen 5, 2026-12-02, bench/RESULTS.md): ~1.8x at
