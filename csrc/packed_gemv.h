@@ -5,7 +5,7 @@
 //
 // Layout ("strips"): W's rows are taken strip<WT>() at a time — the output columns of 4 vectors of fp32 lanes (64 on
 // AVX-512) — and each strip is stored step by step, a step being one k (fp32) or one k pair (bf16):
-//   wp[((s * K/E + p) * S + j) * E + e] = W[S s + j, E p + e]   (S = strip<WT>(), E = 1 fp32 / 2 bf16; rows past N zero)
+//   wp[((s * K/E + p) * S + j) * E + e] = W[S s + j, E p + e]   (S = strip<WT>(), E = 1 fp32 / 2 bf16; zero past N)
 // so one vector load holds step p of kW rows: for bf16 the (2p, 2p+1) pairs of 16 rows, exactly a VDPBF16PS
 // operand. A strip is one sequential stream of 256-byte steps (AVX-512). The kernel broadcasts x's step (one fp32,
 // or the bf16 pair as a 32-bit word) and runs acc[m][v] += W[step, vector v] * x[m, step] for a 6 x 4 register
