@@ -56,7 +56,9 @@ constexpr bool available() {
   return std::is_same_v<WT, float> || kHaveBf16;
 }
 
-constexpr int kMB = 6;  // x rows per register block
+constexpr int kMB = 6;       // x rows per register block: 6 x 4 = 24 accumulators
+constexpr int kMBSmall = 8;  // M <= 8: all rows in one block (8 x 4 spills a few accumulators, but one pass
+                             // over each tile instead of two: fp32 M = 8 ~1.1-1.2x, bench/RESULTS.md)
 template <typename WT>
 constexpr int64_t strip() {  // W rows per strip: 4 vectors of fp32 lanes
   return std::is_same_v<WT, float> ? 4 * kW : 64;
@@ -133,7 +135,7 @@ inline void block(const WT* wt, const WT* x, int64_t ldx, int64_t kn, float* c, 
     for (int v = 0; v < 4; ++v) simd::store(c + m * S + v * kW, acc[m][v]);
 }
 
-// block<R> for the R = mb rows left at the end of x (mb < kMB), chosen at run time.
+// block<R> for mb = R <= RMax rows (the rows left at the end of x, or all of a small x), chosen at run time.
 template <typename WT, int R>
 inline void block_tail(int mb, const WT* wt, const WT* x, int64_t ldx, int64_t kn, float* c, bool first,
                        const char* pf, const char* pe, int lpk) {
@@ -155,7 +157,8 @@ void gemv_for(const WT* wp, const WT* x, int64_t ldx, const float* bias, float* 
   const int64_t KS = K / E, strips = num_strips(N, S), team = omp_get_num_threads();
   const int64_t chunks = std::min(strips, team * JR_PACKED_CHUNKS);
   const char* end = reinterpret_cast<const char*>(wp + packed_size<WT>(N, K));
-  const int64_t passes = (M + kMB - 1) / kMB;  // row blocks per tile
+  const int64_t mbmax = M <= kMBSmall ? M : kMB;
+  const int64_t passes = (M + mbmax - 1) / mbmax;  // row blocks per tile
   std::vector<float> c(static_cast<size_t>(M * S));
 #pragma omp for schedule(dynamic, 1)
   for (int64_t ch = 0; ch < chunks; ++ch) {
@@ -169,14 +172,14 @@ void gemv_for(const WT* wp, const WT* x, int64_t ldx, const float* bias, float* 
         const int64_t lines = std::min<int64_t>(KT * SE * sizeof(WT), std::max<int64_t>(0, end - next)) / 64;
         const int64_t share = (lines + passes - 1) / passes;
         const int lpk = int((share + kn - 1) / kn);
-        for (int64_t m0 = 0, j = 0; m0 < M; m0 += kMB, ++j) {
-          const int mb = int(std::min<int64_t>(kMB, M - m0));
+        for (int64_t m0 = 0, j = 0; m0 < M; m0 += mbmax, ++j) {
+          const int mb = int(std::min<int64_t>(mbmax, M - m0));
           const char* pf = next + j * share * 64;
           const char* pe = next + std::min(lines, (j + 1) * share) * 64;
           const WT* xs = x + m0 * ldx + E * k0;
           float* cs = c.data() + m0 * S;
           if (mb == kMB) block<WT, kMB>(tile, xs, ldx, kn, cs, k0 == 0, pf, pe, lpk);
-          else block_tail<WT, kMB - 1>(mb, tile, xs, ldx, kn, cs, k0 == 0, pf, pe, lpk);
+          else block_tail<WT, kMBSmall>(mb, tile, xs, ldx, kn, cs, k0 == 0, pf, pe, lpk);
         }
       }
       const int64_t n0 = s * S, nn = std::min(S, N - n0);
