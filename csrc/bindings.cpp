@@ -30,6 +30,7 @@ bool packed_available(int dtype);
 int64_t packed_size(int64_t N, int64_t K, int dtype);
 void pack_weight(ptr_t w, ptr_t wp, int64_t N, int64_t K, int dtype);
 void linear_packed(ptr_t x, ptr_t wp, ptr_t bias, ptr_t y, int64_t M, int64_t N, int64_t K, int dtype);
+void swiglu(ptr_t gate, ptr_t up, ptr_t out, int64_t n, int dtype);
 double stream_sum(ptr_t x, int64_t n);
 const char* simd_isa();
 }  // namespace jr
@@ -71,6 +72,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("mlp_gelu", &jr::mlp_gelu, release(), "Linear -> GELU(erf) -> Linear for decode-sized x, fp32 output",
         py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("y"), py::arg("dtype"),
         py::arg("M"), py::arg("K"), py::arg("H"), py::arg("N"), py::arg("packed"));
+  m.def("swiglu", &jr::swiglu, release(), "out[n] = silu(gate) * up in the dtype (F.silu(gate) * up rounding)",
+        py::arg("gate"), py::arg("up"), py::arg("out"), py::arg("n"), py::arg("dtype"));
   m.def("stream_sum", &jr::stream_sum, release(), "sum of n fp32 at read bandwidth (the bench roofline probe)",
         py::arg("x"), py::arg("n"));
   m.def("simd_isa", &jr::simd_isa, "vector ISA the kernels were compiled for: avx512, avx2 or scalar");

@@ -24,6 +24,7 @@
 #include "gemv.h"
 #include "packed_gemv.h"
 #include "paged_attention.h"
+#include "swiglu.h"
 
 namespace jr {
 namespace {
@@ -54,34 +55,6 @@ inline void rope_head(const float* x, const float* cos, const float* sin, T* out
 template <typename T>
 inline void add_residual(T* h, const float* y, int64_t C) {
   for (int64_t c = 0; c < C; ++c) from_float(rnd<T>(to_float(h[c]) + rnd<T>(y[c])), h + c);
-}
-
-// Lanes of T's values (rounded to bf16 when T is bf16).
-template <typename T>
-inline simd::vf rnd_v(simd::vf v) {
-  if constexpr (std::is_same_v<T, float>) return v;
-  else return simd::round_bf16(v);
-}
-
-// a [n] = T(T(silu(T(g))) * T(u)), silu(x) = x / (1 + e^-x) with simd::exp (~1-2 ulp; torch's own vector exp is
-// another approximation), in vectors; the last n % kWidth lanes go through the same code from a padded copy.
-template <typename T>
-inline void silu_mul(const float* g, const float* u, float* a, int64_t n) {
-  using namespace simd;
-  auto one = [](vf gv, vf uv) {
-    gv = rnd_v<T>(gv);
-    const vf s = rnd_v<T>(div(gv, add(set1(1.0f), simd::exp(sub(zero(), gv)))));
-    return rnd_v<T>(mul(s, rnd_v<T>(uv)));
-  };
-  int64_t i = 0;
-  for (; i + kWidth <= n; i += kWidth) store(a + i, one(load(g + i), load(u + i)));
-  if (i < n) {
-    float gb[kWidth] = {}, ub[kWidth] = {}, ab[kWidth];
-    std::copy(g + i, g + n, gb);
-    std::copy(u + i, u + n, ub);
-    store(ab, one(load(gb), load(ub)));
-    std::copy(ab, ab + (n - i), a + i);
-  }
 }
 
 template <typename T>
@@ -160,7 +133,7 @@ void run_layer(T* h, const Layer<T>& L) {
     // silu(gate) * up -> down
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
-      silu_mul<T>(&y[r * 2 * I], &y[r * 2 * I + I], &row[r * I], I);
+      act::silu_mul<T>(&y[r * 2 * I], &y[r * 2 * I + I], &row[r * I], I);
       gemv::pack_x<T>(&row[r * I], &xp[r * ldi], 1, I, ldi);
     }
     layer_gemv(L, L.down, xp.data(), ldi, y.data(), C, I);

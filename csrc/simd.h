@@ -171,10 +171,10 @@ inline void load_bf16_pairs(const uint16_t* p, vf& even, vf& odd) {
 #endif
 
 // e^x per lane, ~1-2 ulp over the finite range (Cephes' expf: x = n ln2 + r with ln2 in two parts, a degree-5
-// polynomial in r, 2^n through the exponent bits). x is clamped to [-87.3, 88.37]: below, e^-87.3 ~ 1e-38 instead of
-// a smaller number or 0; above, ~2.6e38 instead of a larger one or inf.
+// polynomial in r, 2^n through the exponent bits, as 2^min(n, 127) * 2^(n - min(n, 127)) so that n = 128 works).
+// Below -87.3 it returns e^-87.3 ~ 1e-38 instead of a smaller number or 0; above ln(FLT_MAX) ~ 88.72, inf.
 inline vf exp(vf x) {
-  x = min(max(x, set1(-87.33654475f)), set1(88.37626266f));
+  x = min(max(x, set1(-87.33654475f)), set1(89.0f));
   const vf n = round_int(mul(x, set1(1.44269504088896341f)));
   vf r = fma(n, set1(-0.693359375f), x);
   r = fma(n, set1(2.12194440e-4f), r);
@@ -185,7 +185,8 @@ inline vf exp(vf x) {
   p = fma(p, r, set1(1.6666665459e-1f));
   p = fma(p, r, set1(5.0000001201e-1f));
   p = fma(p, mul(r, r), add(r, set1(1.0f)));
-  return mul(p, pow2i(n));
+  const vf n1 = min(n, set1(127.0f));
+  return mul(mul(p, pow2i(n1)), pow2i(sub(n, n1)));
 }
 
 // Load kWidth elements of either element type as fp32.

@@ -233,6 +233,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in their dtype (fp32 or bf16), rounded as F.silu(gate) * up is: decode_layer's vector code
+    (csrc/swiglu.h) as an op. No autograd."""
+    _check_tensor(gate, "gate", _FP)
+    _check_tensor(up, "up", (gate.dtype,))
+    _check(gate.shape == up.shape, f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape")
+    out = torch.empty_like(gate)
+    _ext().swiglu(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), _DTYPE_CODE[gate.dtype])
+    return out
+
+
 def packed_available(dtype: torch.dtype = torch.bfloat16) -> bool:
     """True when the extension has the packed GEMV (csrc/packed_gemv.h) for weights of this dtype: fp32 on every
     build, bf16 on a build for a CPU with AVX512_BF16."""

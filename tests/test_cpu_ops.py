@@ -13,6 +13,7 @@ from janus_rt import cpu_ops
 from janus_rt.kernels.kv_store import kv_store_ref
 from janus_rt.kernels.paged_attention import paged_decode_attention_ref
 from janus_rt.kernels.sampling import cfg_sample_ref
+from janus_rt.kernels.swiglu import swiglu_ref
 from janus_rt.kernels.vq import vq_nearest_ref
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="janus_rt._C not built")
@@ -266,6 +267,32 @@ def test_linear_packed_misuse():
     else:
         with pytest.raises(ValueError, match="AVX512_BF16"):
             cpu_ops.PackedWeight(torch.randn(8, 8).bfloat16())
+
+
+# ---- swiglu (decode_layer's activation, csrc/swiglu.h) ----------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 15, 17, 4 * 4096 + 3])  # vector tails; several parallel chunks
+def test_swiglu_matches_ref(poison, dtype, n):
+    g = torch.Generator().manual_seed(n)
+    gate = (torch.randn(n, generator=g) * 6).to(dtype)
+    up = torch.randn(n, generator=g).to(dtype)
+    out, ref = cpu_ops.swiglu(gate, up), swiglu_ref(gate, up)
+    assert out.dtype == dtype and out.shape == gate.shape
+    if dtype == torch.float32:  # simd::exp against torch's vector exp: a few ulp (measured worst 2.8e-7)
+        assert torch.all((out - ref).abs() <= 1e-6 * ref.abs() + 1e-35)
+    else:  # the same fp32 values rounded at the same points: identical but for a rare rounding flip
+        assert (out != ref).float().mean() <= 0.01
+        assert torch.all((out.float() - ref.float()).abs() <= 2**-7 * ref.float().abs() + 1e-35)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_extremes(dtype):
+    """Large |gate| (e^-gate past the fp32 range: silu -> -0 or gate), NaN and infinities give torch's values."""
+    gate = torch.tensor([0.0, -0.0, 20.0, -20.0, 87.5, -87.5, 88.5, -88.5, 89.5, -89.5, 100.0, -100.0, 3e38, -3e38,
+                         float("inf"), -float("inf"), float("nan")]).to(dtype)
+    up = torch.full_like(gate, 1.5)
+    out, ref = cpu_ops.swiglu(gate, up), swiglu_ref(gate, up)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-6, atol=1e-35, equal_nan=True)  # inf == inf
 
 
 # ---- mlp_gelu -------------------------------------------------------------------------------------------------

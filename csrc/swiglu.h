@@ -1,0 +1,46 @@
+// SwiGLU's elementwise half, silu(gate) * up, in vectors with the torch path's rounding points for a model dtype T:
+//   a = T(T(silu(T(g))) * T(u)),   silu(x) = x / (1 + e^-x)
+// used by decode_layer (on its fp32 gate/up GEMV outputs) and the `swiglu` op (on T tensors; tested against
+// kernels/swiglu.py's reference). e^-x is simd::exp (~1-2 ulp; torch's own vector exp is another approximation), so
+// fp32 results agree with torch's to a few ulp and bf16 ones after rounding; e^-x overflows to inf as torch's does
+// (silu(x) = -0 below x ~ -88.7, NaN at -inf).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "common.h"
+#include "simd.h"
+
+namespace jr::act {
+
+// Lanes of T's values (rounded to bf16 when T is bf16).
+template <typename T>
+inline simd::vf rnd_v(simd::vf v) {
+  if constexpr (std::is_same_v<T, float>) return v;
+  else return simd::round_bf16(v);
+}
+
+// a [n] = T(T(silu(T(g))) * T(u)) from fp32 g, u; the last n % kWidth lanes go through the same code from a padded
+// copy.
+template <typename T>
+inline void silu_mul(const float* g, const float* u, float* a, int64_t n) {
+  using namespace simd;
+  auto one = [](vf gv, vf uv) {
+    gv = rnd_v<T>(gv);
+    const vf s = rnd_v<T>(div(gv, add(set1(1.0f), simd::exp(sub(zero(), gv)))));
+    return rnd_v<T>(mul(s, rnd_v<T>(uv)));
+  };
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) store(a + i, one(load(g + i), load(u + i)));
+  if (i < n) {
+    float gb[kWidth] = {}, ub[kWidth] = {}, ab[kWidth];
+    std::copy(g + i, g + n, gb);
+    std::copy(u + i, u + n, ub);
+    store(ab, one(load(gb), load(ub)));
+    std::copy(ab, ab + (n - i), a + i);
+  }
+}
+
+}  // namespace jr::act
