@@ -69,17 +69,14 @@ struct Layer {
   const T* final_norm;  // the model's last layer: out = RMSNorm(h) with this weight (null for other layers)
   T* out;
   float final_eps;
-  bool packed;  // qkv, o, gate_up, down are packed (packed_gemv.h; bf16 needs packed::kHaveBf16)
+  bool packed;  // qkv, o, gate_up, down are packed (packed_gemv.h; bf16 needs simd::kHaveBf16Dot)
 };
 
 // y [R, N] = xp @ W^T for one of the layer's weights, through the GEMV its layout needs (inside the region).
 template <typename T>
 inline void layer_gemv(const Layer<T>& L, const T* w, const gemv::xpack_t<T>* xp, int64_t ldx, float* y, int64_t N,
                        int64_t K) {
-  if constexpr (packed::available<T>() && std::is_same_v<gemv::xpack_t<T>, T>) {
-    if (L.packed) return packed::gemv_for(w, xp, ldx, nullptr, y, L.R, N, K);
-  }
-  gemv::gemv_for(w, xp, ldx, nullptr, y, L.R, N, K);
+  packed::gemv_for_layout(L.packed, w, xp, ldx, nullptr, y, L.R, N, K);
 }
 
 template <typename T>
@@ -165,7 +162,7 @@ void decode_layer(std::uintptr_t h, int dtype, std::uintptr_t in_norm, std::uint
   const int32_t* bt = ptr<const int32_t>(block_tables);
   const int32_t* cl = ptr<const int32_t>(context_lens);
   JR_CHECK(!final_norm || out, "final_norm needs an output pointer");
-  JR_CHECK(!packed || dtype == kF32 || (packed::kHaveBf16 && C % 2 == 0 && I % 2 == 0),
+  JR_CHECK(!packed || dtype == kF32 || (simd::kHaveBf16Dot && C % 2 == 0 && I % 2 == 0),
            "packed bf16 weights need an AVX512_BF16 build and even C and I");
   attn::check_tables(bt, cl, R, num_blocks, block_size, max_blocks);
   auto run = [&](auto* hp) {

@@ -102,11 +102,7 @@ constexpr int step() {
   return std::is_same_v<WT, float> ? kW : 2 * kW;
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-constexpr bool kHaveBf16Dot = true;
-#else
-constexpr bool kHaveBf16Dot = false;
-#endif
+using simd::kHaveBf16Dot;
 // The element type of packed x for weights WT when x's values are those of WT (bf16 x for bf16 weights): bf16
 // where the CPU has the bf16 dot product, else fp32.
 template <typename WT>

@@ -14,7 +14,7 @@ namespace {
 
 void check_sizes(int dtype, int64_t N, int64_t K) {
   JR_CHECK(dtype == kF32 || dtype == kBF16, "dtype must be fp32 or bf16");
-  JR_CHECK(dtype == kF32 || packed::kHaveBf16, "this build has no packed bf16 GEMV (needs AVX512_BF16)");
+  JR_CHECK(dtype == kF32 || simd::kHaveBf16Dot, "this build has no packed bf16 GEMV (needs AVX512_BF16)");
   JR_CHECK(N >= 1 && K >= 1, "need N, K >= 1");
   JR_CHECK(dtype == kF32 || K % 2 == 0, "bf16 needs an even K");
 }
@@ -23,8 +23,8 @@ template <typename WT>
 void linear_packed_impl(const WT* x, const WT* wp, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
   if constexpr (packed::available<WT>()) {
     const int64_t ldx = gemv::x_stride(K);
-    std::vector<WT> xp(static_cast<size_t>(M * ldx));  // rows padded as gemv.h's (the layer's x buffer)
-    for (int64_t m = 0; m < M; ++m) std::copy_n(x + m * K, K, xp.data() + m * ldx);
+    std::vector<WT> xp(static_cast<size_t>(M * ldx));  // x as the layer's buffer holds it
+    gemv::pack_x<WT>(x, xp.data(), M, K, ldx);
 #pragma omp parallel if (N * K >= (int64_t(1) << 16))
     packed::gemv_for(wp, xp.data(), ldx, bias, y, M, N, K);
   }
@@ -32,7 +32,7 @@ void linear_packed_impl(const WT* x, const WT* wp, const float* bias, float* y, 
 
 }  // namespace
 
-bool packed_available(int dtype) { return dtype == kF32 || (dtype == kBF16 && packed::kHaveBf16); }
+bool packed_available(int dtype) { return dtype == kF32 || (dtype == kBF16 && simd::kHaveBf16Dot); }
 
 int64_t packed_size(int64_t N, int64_t K, int dtype) {
   check_sizes(dtype, N, K);

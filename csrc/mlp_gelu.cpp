@@ -18,19 +18,9 @@
 namespace jr {
 namespace {
 
-// y [M, N] = x @ w^T + bias through the GEMV w's layout needs (inside the region).
-template <typename T>
-inline void gemv_any(bool packed, const T* w, const gemv::xpack_t<T>* xp, int64_t ldx, const float* bias, float* y,
-                     int64_t M, int64_t N, int64_t K) {
-  if constexpr (packed::available<T>() && std::is_same_v<gemv::xpack_t<T>, T>) {
-    if (packed) return packed::gemv_for(w, xp, ldx, bias, y, M, N, K);
-  }
-  gemv::gemv_for(w, xp, ldx, bias, y, M, N, K);
-}
-
 template <typename T>
 void mlp_gelu_impl(const T* x, const T* w1, const T* b1, const T* w2, const T* b2, float* y, int64_t M, int64_t K,
-                   int64_t H, int64_t N, bool packed) {
+                   int64_t H, int64_t N, bool is_packed) {
   const int64_t ldk = gemv::x_stride(K), ldh = gemv::x_stride(H);
   std::vector<gemv::xpack_t<T>> xp(size_t(M * ldk)), hp(size_t(M * ldh));  // GEMV inputs (values of T)
   std::vector<float> hid(size_t(M * H));
@@ -40,7 +30,7 @@ void mlp_gelu_impl(const T* x, const T* w1, const T* b1, const T* w2, const T* b
   gemv::pack_x<T>(x, xp.data(), M, K, ldk);
 #pragma omp parallel
   {
-    gemv_any(packed, w1, xp.data(), ldk, b1 ? bias1.data() : nullptr, hid.data(), M, H, K);
+    packed::gemv_for_layout(is_packed, w1, xp.data(), ldk, b1 ? bias1.data() : nullptr, hid.data(), M, H, K);
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; ++m) {
       float* r = &hid[m * H];
@@ -50,7 +40,7 @@ void mlp_gelu_impl(const T* x, const T* w1, const T* b1, const T* w2, const T* b
       }
       gemv::pack_x<T>(r, &hp[m * ldh], 1, H, ldh);
     }
-    gemv_any(packed, w2, hp.data(), ldh, b2 ? bias2.data() : nullptr, y, M, N, H);
+    packed::gemv_for_layout(is_packed, w2, hp.data(), ldh, b2 ? bias2.data() : nullptr, y, M, N, H);
   }
 }
 
@@ -60,7 +50,7 @@ void mlp_gelu(std::uintptr_t x, std::uintptr_t w1, std::uintptr_t b1, std::uintp
               std::uintptr_t y, int dtype, int64_t M, int64_t K, int64_t H, int64_t N, bool packed) {
   JR_CHECK(M >= 1 && K >= 1 && H >= 1 && N >= 1, "M, K, H, N must be >= 1");
   JR_CHECK(dtype == kF32 || dtype == kBF16, "dtype must be fp32 or bf16");
-  JR_CHECK(!packed || dtype == kF32 || (packed::kHaveBf16 && K % 2 == 0 && H % 2 == 0),
+  JR_CHECK(!packed || dtype == kF32 || (simd::kHaveBf16Dot && K % 2 == 0 && H % 2 == 0),
            "packed bf16 weights need an AVX512_BF16 build and even K and H");
   JR_CHECK(x && w1 && w2 && y, "null pointer");
   if (dtype == kF32)

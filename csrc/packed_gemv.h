@@ -29,6 +29,7 @@
 #include <omp.h>
 
 #include "common.h"
+#include "gemv.h"
 #include "simd.h"
 
 #ifndef JR_PACKED_KTILE_BYTES
@@ -45,15 +46,10 @@ namespace jr::packed {
 
 using simd::vf;
 constexpr int kW = simd::kWidth;
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-constexpr bool kHaveBf16 = true;
-#else
-constexpr bool kHaveBf16 = false;
-#endif
 // Whether this build has the packed GEMV for weights WT (fp32: always; bf16: with the bf16 dot product).
 template <typename WT>
 constexpr bool available() {
-  return std::is_same_v<WT, float> || kHaveBf16;
+  return std::is_same_v<WT, float> || simd::kHaveBf16Dot;
 }
 
 constexpr int kMB = 6;       // x rows per register block: 6 x 4 = 24 accumulators
@@ -187,6 +183,17 @@ void gemv_for(const WT* wp, const WT* x, int64_t ldx, const float* bias, float* 
         for (int64_t j = 0; j < nn; ++j) y[m * N + n0 + j] = c[m * S + j] + (bias ? bias[n0 + j] : 0.0f);
     }
   }
+}
+
+// y [M, N] = xp @ W^T + bias through the GEMV W's layout needs: this file's for a packed W, else gemv.h's (xp packed
+// by gemv::pack_x<T>; the two agree on it wherever packing is available). Inside a region, as both gemv_for.
+template <typename T>
+void gemv_for_layout(bool is_packed, const T* w, const gemv::xpack_t<T>* xp, int64_t ldx, const float* bias, float* y,
+                     int64_t M, int64_t N, int64_t K) {
+  if constexpr (available<T>() && std::is_same_v<gemv::xpack_t<T>, T>) {
+    if (is_packed) return gemv_for(w, xp, ldx, bias, y, M, N, K);
+  }
+  gemv::gemv_for(w, xp, ldx, bias, y, M, N, K);
 }
 
 }  // namespace jr::packed

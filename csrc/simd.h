@@ -6,11 +6,20 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common.h"
+
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
 namespace jr::simd {
+
+// Whether the build has the bf16 dot product (VDPBF16PS): gemv.h's bf16 route and packed_gemv.h's bf16 weights.
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+constexpr bool kHaveBf16Dot = true;
+#else
+constexpr bool kHaveBf16Dot = false;
+#endif
 
 #if defined(__AVX2__) && defined(__FMA__)
 // The sum of 8 fp32 lanes (AVX2 and AVX-512 builds: kernels with an 8-lane stage whatever kWidth is).
@@ -142,15 +151,7 @@ inline vf pow2i(vf n) {
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
-inline vf round_bf16(vf a) {
-  uint32_t b;
-  std::memcpy(&b, &a, sizeof(b));
-  if ((b & 0x7fffffffu) > 0x7f800000u) b |= 0x400000u;
-  else b += 0x7fffu + ((b >> 16) & 1u);
-  b &= 0xffff0000u;
-  std::memcpy(&a, &b, sizeof(a));
-  return a;
-}
+inline vf round_bf16(vf a) { return rnd<uint16_t>(a); }
 inline float hsum(vf a) { return a; }
 inline float hmin(vf a) { return a; }
 inline vf load_bf16(const uint16_t* p) {

@@ -23,7 +23,7 @@ def supported(model, cache) -> bool:
 
 
 def packed_setting() -> bool | None:
-    """JANUS_RT_PACKED: "1" = pack the bf16 decoder weights for the packed GEMV (error where impossible), "0" =
+    """JANUS_RT_PACKED: "1" = pack the decoder weights for the packed GEMV (error where impossible), "0" =
     never, unset or "auto" = when possible and memory allows (cpu_ops.DecodeStack)."""
     v = os.environ.get("JANUS_RT_PACKED", "auto").strip().lower()
     if v not in ("0", "1", "auto", ""):
