@@ -17,7 +17,8 @@ void paged_decode_attention(ptr_t q, int q_dtype, ptr_t k_cache, ptr_t v_cache, 
 void kv_store(ptr_t k, ptr_t v, ptr_t k_cache, ptr_t v_cache, ptr_t slot_mapping, int64_t N, int64_t row_elems,
               int64_t elem_size, int64_t num_slots);
 void cfg_sample(ptr_t cond, ptr_t uncond, ptr_t cfg_weight, ptr_t temperature, ptr_t top_k, ptr_t top_p,
-                ptr_t seeds, ptr_t greedy, ptr_t out, int64_t B, int64_t V, int64_t ldc, int64_t ldu);
+                ptr_t seeds, ptr_t greedy, ptr_t out, int64_t B, int64_t V, int64_t ldc, int64_t ldu, ptr_t cond_rows,
+                ptr_t uncond_rows, int64_t rows);
 void linear(ptr_t x, int x_dtype, ptr_t w, int w_dtype, ptr_t bias, ptr_t y, int64_t M, int64_t N, int64_t K);
 void decode_layer(ptr_t h, int dtype, ptr_t in_norm, ptr_t qkv, ptr_t o, ptr_t post_norm, ptr_t gate_up, ptr_t down,
                   ptr_t k_cache, ptr_t v_cache, ptr_t slot_mapping, ptr_t block_tables, ptr_t context_lens, ptr_t cos,
@@ -25,7 +26,9 @@ void decode_layer(ptr_t h, int dtype, ptr_t in_norm, ptr_t qkv, ptr_t o, ptr_t p
                   int64_t max_blocks, double eps, double sm_scale, ptr_t final_norm, ptr_t out, double final_eps,
                   bool packed);
 void mlp_gelu(ptr_t x, ptr_t w1, ptr_t b1, ptr_t w2, ptr_t b2, ptr_t y, int dtype, int64_t M, int64_t K, int64_t H,
-              int64_t N, bool packed);
+              int64_t N, bool packed, bool round_out);
+void gather_rows(ptr_t src, int src_dtype, ptr_t idx, ptr_t dst, int dst_dtype, int64_t n, int64_t cols,
+                 int64_t src_rows);
 bool packed_available(int dtype);
 int64_t packed_size(int64_t N, int64_t K, int dtype);
 void pack_weight(ptr_t w, ptr_t wp, int64_t N, int64_t K, int dtype);
@@ -50,7 +53,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cfg_sample", &jr::cfg_sample, release(), "one token per row: CFG, temperature, top-k/top-p, Gumbel-max",
         py::arg("cond"), py::arg("uncond"), py::arg("cfg_weight"), py::arg("temperature"), py::arg("top_k"),
         py::arg("top_p"), py::arg("seeds"), py::arg("greedy"), py::arg("out"), py::arg("B"), py::arg("V"),
-        py::arg("ldc"), py::arg("ldu"));
+        py::arg("ldc"), py::arg("ldu"), py::arg("cond_rows") = 0, py::arg("uncond_rows") = 0, py::arg("rows") = 0);
   m.def("linear", &jr::linear, release(), "y[M, N] = x[M, K] @ w[N, K]^T (+ bias)", py::arg("x"), py::arg("x_dtype"),
         py::arg("w"), py::arg("w_dtype"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("N"), py::arg("K"));
   m.def("decode_layer", &jr::decode_layer, release(), "one decoder layer for one token per row, h updated in place",
@@ -71,7 +74,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"));
   m.def("mlp_gelu", &jr::mlp_gelu, release(), "Linear -> GELU(erf) -> Linear for decode-sized x, fp32 output",
         py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("y"), py::arg("dtype"),
-        py::arg("M"), py::arg("K"), py::arg("H"), py::arg("N"), py::arg("packed"));
+        py::arg("M"), py::arg("K"), py::arg("H"), py::arg("N"), py::arg("packed"), py::arg("round_out") = false);
+  m.def("gather_rows", &jr::gather_rows, release(), "dst[i] = src[idx[i]] (rows), converted to dst's dtype",
+        py::arg("src"), py::arg("src_dtype"), py::arg("idx"), py::arg("dst"), py::arg("dst_dtype"), py::arg("n"),
+        py::arg("cols"), py::arg("src_rows"));
   m.def("swiglu", &jr::swiglu, release(), "out[n] = silu(gate) * up in the dtype (F.silu(gate) * up rounding)",
         py::arg("gate"), py::arg("up"), py::arg("out"), py::arg("n"), py::arg("dtype"));
   m.def("stream_sum", &jr::stream_sum, release(), "sum of n fp32 at read bandwidth (the bench roofline probe)",

@@ -134,7 +134,8 @@ int64_t sample_row(const float* c, const float* u, float w, float temperature, i
 
 void cfg_sample(std::uintptr_t cond, std::uintptr_t uncond, std::uintptr_t cfg_weight, std::uintptr_t temperature,
                 std::uintptr_t top_k, std::uintptr_t top_p, std::uintptr_t seeds, std::uintptr_t greedy,
-                std::uintptr_t out, int64_t B, int64_t V, int64_t ldc, int64_t ldu) {
+                std::uintptr_t out, int64_t B, int64_t V, int64_t ldc, int64_t ldu, std::uintptr_t cond_rows,
+                std::uintptr_t uncond_rows, int64_t rows) {
   JR_CHECK(B >= 0 && V >= 1, "need B >= 0 and V >= 1");
   JR_CHECK(ldc >= 0 && ldu >= 0, "row strides must be >= 0");
   JR_CHECK(V <= (int64_t(1) << 32), "V must fit the 32-bit counter of the random stream");
@@ -147,10 +148,15 @@ void cfg_sample(std::uintptr_t cond, std::uintptr_t uncond, std::uintptr_t cfg_w
   const int64_t* s = ptr<const int64_t>(seeds);
   const bool* g = ptr<const bool>(greedy);
   int64_t* o = ptr<int64_t>(out);
+  // row b of cond / uncond: row cond_rows[b] / uncond_rows[b] of a [rows, ldc] / [rows, ldu] buffer when given
+  const int64_t* cr = ptr<const int64_t>(cond_rows);
+  const int64_t* ur = ptr<const int64_t>(uncond_rows);
   for (int64_t b = 0; b < B; ++b) {
     const std::string row = "row " + std::to_string(b) + ": ";
     JR_CHECK(k[b] >= 0, row + "top_k must be >= 0");
     JR_CHECK(g[b] || (temp[b] > 0.0f && std::isfinite(temp[b])), row + "temperature must be > 0 unless greedy");
+    JR_CHECK(!cr || (cr[b] >= 0 && cr[b] < rows), row + "cond_rows outside [0, rows)");
+    JR_CHECK(!ur || !u || (ur[b] >= 0 && ur[b] < rows), row + "uncond_rows outside [0, rows)");
   }
 #pragma omp parallel if (B > 1)
   {
@@ -158,7 +164,8 @@ void cfg_sample(std::uintptr_t cond, std::uintptr_t uncond, std::uintptr_t cfg_w
     std::vector<Cand> cand;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < B; ++b)
-      o[b] = sample_row(c + b * ldc, u ? u + b * ldu : nullptr, w[b], temp[b], k[b], p[b], s[b], g[b], V, l, tmp, cand);
+      o[b] = sample_row(c + (cr ? cr[b] : b) * ldc, u ? u + (ur ? ur[b] : b) * ldu : nullptr, w[b], temp[b], k[b],
+                        p[b], s[b], g[b], V, l, tmp, cand);
   }
 }
 

@@ -5,8 +5,10 @@
 //   x [M, K], W1 [H, K], b1 [H] (or none), W2 [N, H], b2 [N] (or none), all one dtype T (fp32 or bf16); with
 //   `packed`, W1 and W2 in packed_gemv.h's strip layout (cpu_ops.PackedWeight) and run through its GEMV.
 // Rounding points of the torch path (ops.mlp_gelu with the cpu backend's linear): the hidden layer is rounded to T
-// before and after the GELU; y is returned in fp32 (the caller rounds it to T, as ops.linear does).
+// before and after the GELU; y is returned in fp32 (the caller rounds it to T, as ops.linear does), or with
+// `round_out` already holding values of T (what .to(T).float() of it gives: cpu_ops.ImageStep's logits).
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include <omp.h>
@@ -20,7 +22,7 @@ namespace {
 
 template <typename T>
 void mlp_gelu_impl(const T* x, const T* w1, const T* b1, const T* w2, const T* b2, float* y, int64_t M, int64_t K,
-                   int64_t H, int64_t N, bool is_packed) {
+                   int64_t H, int64_t N, bool is_packed, bool round_out) {
   const int64_t ldk = gemv::x_stride(K), ldh = gemv::x_stride(H);
   std::vector<gemv::xpack_t<T>> xp(size_t(M * ldk)), hp(size_t(M * ldh));  // GEMV inputs (values of T)
   std::vector<float> hid(size_t(M * H));
@@ -41,13 +43,17 @@ void mlp_gelu_impl(const T* x, const T* w1, const T* b1, const T* w2, const T* b
       gemv::pack_x<T>(r, &hp[m * ldh], 1, H, ldh);
     }
     packed::gemv_for_layout(is_packed, w2, hp.data(), ldh, b2 ? bias2.data() : nullptr, y, M, N, H);
+    if (std::is_same_v<T, uint16_t> && round_out) {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < M * N; ++i) y[i] = rnd<T>(y[i]);
+    }
   }
 }
 
 }  // namespace
 
 void mlp_gelu(std::uintptr_t x, std::uintptr_t w1, std::uintptr_t b1, std::uintptr_t w2, std::uintptr_t b2,
-              std::uintptr_t y, int dtype, int64_t M, int64_t K, int64_t H, int64_t N, bool packed) {
+              std::uintptr_t y, int dtype, int64_t M, int64_t K, int64_t H, int64_t N, bool packed, bool round_out) {
   JR_CHECK(M >= 1 && K >= 1 && H >= 1 && N >= 1, "M, K, H, N must be >= 1");
   JR_CHECK(dtype == kF32 || dtype == kBF16, "dtype must be fp32 or bf16");
   JR_CHECK(!packed || dtype == kF32 || (simd::kHaveBf16Dot && K % 2 == 0 && H % 2 == 0),
@@ -55,10 +61,10 @@ void mlp_gelu(std::uintptr_t x, std::uintptr_t w1, std::uintptr_t b1, std::uintp
   JR_CHECK(x && w1 && w2 && y, "null pointer");
   if (dtype == kF32)
     mlp_gelu_impl(ptr<const float>(x), ptr<const float>(w1), ptr<const float>(b1), ptr<const float>(w2),
-                  ptr<const float>(b2), ptr<float>(y), M, K, H, N, packed);
+                  ptr<const float>(b2), ptr<float>(y), M, K, H, N, packed, round_out);
   else
     mlp_gelu_impl(ptr<const uint16_t>(x), ptr<const uint16_t>(w1), ptr<const uint16_t>(b1), ptr<const uint16_t>(w2),
-                  ptr<const uint16_t>(b2), ptr<float>(y), M, K, H, N, packed);
+                  ptr<const uint16_t>(b2), ptr<float>(y), M, K, H, N, packed, round_out);
 }
 
 }  // namespace jr

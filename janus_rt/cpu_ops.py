@@ -6,6 +6,7 @@ data-dependent indices (block tables, slots) again. All math is fp32; bf16 input
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -151,6 +152,8 @@ def _per_row(x, B: int, dtype: torch.dtype, name: str, kinds: tuple) -> torch.Te
             raise ValueError(f"{name} has dtype {x.dtype}; expected one of {list(kinds)}")
         if x.dim() > 1 or x.numel() not in (1, B):
             raise ValueError(f"{name} must be a scalar or have shape [{B}], got {tuple(x.shape)}")
+        if x.dtype == dtype and x.dim() == 1 and x.shape[0] == B and x.is_contiguous():
+            return x  # as the engine passes them: no copy (four torch ops per parameter were ~0.1 ms a step)
         return x.reshape(-1).to(dtype).expand(B).contiguous()
     _check(isinstance(x, (bool, int, float)), f"{name} must be a number or a tensor, got {type(x).__name__}")
     if dtype == torch.int64 and name == "seeds":
@@ -241,6 +244,22 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _check(gate.shape == up.shape, f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape")
     out = torch.empty_like(gate)
     _ext().swiglu(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), _DTYPE_CODE[gate.dtype])
+    return out
+
+
+def gather_rows(src: torch.Tensor, idx: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """src[idx] converted to `dtype` (default src's; fp32 -> bf16 rounds as .to does): src [rows, cols] fp32 or
+    bf16, idx int64 [n] with every entry in [0, rows) (None = all rows) -> [n, cols]. The row lookups of ImageStep."""
+    _check_tensor(src, "src", _FP, 2)
+    dtype = dtype or src.dtype
+    _check(dtype in _FP, f"dtype must be fp32 or bf16, got {dtype}")
+    if idx is not None:
+        _check_tensor(idx, "idx", (torch.int64,), 1)
+    n = src.shape[0] if idx is None else idx.shape[0]
+    out = torch.empty(n, src.shape[1], dtype=dtype)
+    if n and src.shape[1]:
+        _ext().gather_rows(src.data_ptr(), _DTYPE_CODE[src.dtype], 0 if idx is None else idx.data_ptr(),
+                           out.data_ptr(), _DTYPE_CODE[dtype], n, src.shape[1], src.shape[0])
     return out
 
 
@@ -415,14 +434,130 @@ class DecodeStack:
         _check(block_tables.shape[1] >= 1, "block_tables needs at least one column")
         if R == 0:
             return
-        ext, code, scale = _ext(), _DTYPE_CODE[self.dtype], 1.0 / math.sqrt(self.D)
-        step = (slot_mapping.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(), cos.data_ptr(),
-                sin.data_ptr(), R, self.C, self.H, self.inter, self.num_blocks, self.block_size,
-                block_tables.shape[1], self.eps, scale)
+        self._run(h.data_ptr(), 0 if out is None else out.data_ptr(), slot_mapping.data_ptr(),
+                  block_tables.data_ptr(), context_lens.data_ptr(), cos.data_ptr(), sin.data_ptr(), R,
+                  block_tables.shape[1])
+
+    def _run(self, h, out, slots, tables, lens, cos, sin, R: int, max_blocks: int) -> None:
+        """The layers on checked addresses (__call__'s, or ImageStep's buffers); out = 0: no final norm."""
+        ext, code = _ext(), _DTYPE_CODE[self.dtype]
+        step = (slots, tables, lens, cos, sin, R, self.C, self.H, self.inter, self.num_blocks, self.block_size,
+                max_blocks, self.eps, 1.0 / math.sqrt(self.D))
         last = len(self._ptrs) - 1
         for i, p in enumerate(self._ptrs):  # the C++ side re-checks the block tables against num_blocks every layer
-            fin = (self.final_norm.data_ptr(), out.data_ptr()) if i == last and out is not None else (0, 0)
-            ext.decode_layer(h.data_ptr(), code, *p, *step, *fin, self.final_eps, self.packed)
+            fin = (self.final_norm.data_ptr(), out) if i == last and out else (0, 0)
+            ext.decode_layer(h, code, *p, *step, *fin, self.final_eps, self.packed)
+
+
+class ImageStep:
+    """The decode step of a batch of image rows on the CPU as csrc calls on held buffers, with no torch op per step:
+    each image's last token -> gen_embed row -> gen aligner (Linear -> GELU -> Linear) -> repeated to its cond and
+    uncond rows -> the decoder layers and final norm (DecodeStack) -> gen head -> CFG + sampling (cfg_sample).
+    Why: after a step's weight stream every torch op and Python wrapper starts from cold caches; at the small
+    benchmark shape (~7 ms steps on 2 cores) the ~25 of them around these kernels took ~1 ms (RESULTS.md).
+
+    Built once: ImageStep(stack, gen_embed, aligner, gen_head, cos, sin): stack a DecodeStack with a final_norm;
+    gen_embed [V_img, E] and the adaptors' (w1, b1, w2, b2) (PackedWeight when the stack is packed, else tensors;
+    biases tensors) in the stack's dtype; cos, sin fp32 [P, D], row p = the rotary table of position p as
+    DecodeStack takes them.
+    Called per step, lists of Python ints and tensors held by the caller:
+        tokens = step(image_tokens, embed_rows, positions, slots, block_tables, cond_rows, uncond_rows, params, seeds)
+    image_tokens [n]: each image's last token; embed_rows int64 [R]: the image whose embedding row r takes;
+    positions, slots [R]; block_tables: R lists of block ids; cond_rows, uncond_rows int64 [n]: image i's two rows;
+    params: the [n] tensors cfg_weight, temperature, top_p (fp32), top_k (int64), greedy (bool) as cfg_sample takes
+    them; seeds [n] ints -> list of n sampled tokens. Same numerics as the op-by-op path (the torch path's rounding
+    points: embeddings and logits rounded to the model dtype).
+    """
+
+    def __init__(self, stack: DecodeStack, gen_embed: torch.Tensor, aligner, gen_head, cos: torch.Tensor,
+                 sin: torch.Tensor):
+        _check(isinstance(stack, DecodeStack) and stack.final_norm is not None, "stack must be a DecodeStack with a final_norm")
+        dt, self.stack = stack.dtype, stack
+        _check_tensor(gen_embed, "gen_embed", (dt,), 2)
+        for name, t in (("cos", cos), ("sin", sin)):
+            _check_tensor(t, name, (torch.float32,), 2)
+            _check(t.shape == cos.shape and t.shape[1] == stack.D, f"{name} must be [P, {stack.D}] like cos")
+        self.gen_embed, self.cos, self.sin = gen_embed, cos, sin
+        self.adaptors = []
+        for name, (w1, b1, w2, b2), k_in, n_out in (("aligner", aligner, gen_embed.shape[1], stack.C),
+                                                   ("gen_head", gen_head, stack.C, None)):
+            _check(isinstance(w1, PackedWeight) == isinstance(w2, PackedWeight) == stack.packed,
+                   f"{name}: weights must be PackedWeight exactly when the stack is packed")
+            (H, K), (N, H2) = ((w1.N, w1.K), (w2.N, w2.K)) if stack.packed else (w1.shape, w2.shape)
+            for t in (w1, w2) if not stack.packed else ():
+                _check_tensor(t, name + " weight", (dt,), 2)
+            _check(not stack.packed or (w1.dtype == w2.dtype == dt), f"{name}: packed weights must be {dt}")
+            for b, n in ((b1, H), (b2, N)):
+                _check_tensor(b, name + " bias", (dt,), 1)
+                _check(b.shape[0] == n, f"{name}: a bias of {b.shape[0]} entries for {n} outputs")
+            _check(K == k_in and H2 == H and (n_out is None or N == n_out), f"{name}: shapes do not chain")
+            w1p, w2p = (w1.data, w2.data) if stack.packed else (w1, w2)
+            self.adaptors.append(((w1p, b1, w2p, b2), (K, H, N)))
+        self.vocab = self.adaptors[1][1][2]
+        self._bufs: dict = {}
+
+    def _buffers(self, R: int, n: int) -> dict:
+        if (R, n) not in self._bufs:
+            dt, C, D, E = self.stack.dtype, self.stack.C, self.stack.D, self.gen_embed.shape[1]
+            e = lambda *shape, dtype=dt: torch.empty(*shape, dtype=dtype)
+            self._bufs = {(R, n): dict(x=e(n, E), emb=e(n, C, dtype=torch.float32), h=e(R, C), out=e(R, C),
+                                       cos=e(R, D, dtype=torch.float32), sin=e(R, D, dtype=torch.float32),
+                                       logits=e(R, self.vocab, dtype=torch.float32))}
+        return self._bufs[(R, n)]
+
+    def __call__(self, image_tokens, embed_rows, positions, slots, block_tables, cond_rows, uncond_rows, params,
+                 seeds) -> list[int]:
+        from array import array
+
+        R, n = len(positions), len(image_tokens)
+        _check(R >= 1 and n >= 1 and len(slots) == R == len(block_tables) == embed_rows.shape[0] and len(seeds) == n
+               and cond_rows.shape[0] == n == uncond_rows.shape[0], "inconsistent row counts")
+        for t in (embed_rows, cond_rows, uncond_rows, params["top_k"]):  # held by the caller: checked cheaply
+            _check(t.dtype == torch.int64 and t.is_contiguous(), "row indices and top_k must be contiguous int64")
+        for k, dt in (("cfg_weight", torch.float32), ("temperature", torch.float32), ("top_p", torch.float32),
+                      ("top_k", torch.int64), ("greedy", torch.bool)):
+            t = params[k]
+            _check(t.dtype == dt and t.shape == (n,) and t.is_contiguous(), f"params[{k!r}] must be {dt} [{n}]")
+        b, ext, code, F32 = self._buffers(R, n), _ext(), _DTYPE_CODE[self.stack.dtype], _DTYPE_CODE[torch.float32]
+        width = max(len(t) for t in block_tables)
+        _check(width >= 1, "block_tables need at least one block")
+        tok, pos, sl = array("q", image_tokens), array("q", positions), array("q", slots)
+        lens = array("i", [p + 1 for p in positions])
+        bt = array("i", [x for t in block_tables for x in (t if len(t) == width else t + [0] * (width - len(t)))])
+        sd, out = array("q", [s & 0xFFFFFFFF for s in seeds]), array("q", bytes(8 * n))
+        a = lambda arr: arr.buffer_info()[0]
+        scope = _profiler_scope()  # named ranges for torch.profiler (`janus-rt bench --profile`) when it records
+        with scope("janus_rt::cpu_gen_embeds"):
+            (w1, b1, w2, b2), (K, H, N) = self.adaptors[0]
+            ext.gather_rows(self.gen_embed.data_ptr(), code, a(tok), b["x"].data_ptr(), code, n, K,
+                            self.gen_embed.shape[0])
+            ext.mlp_gelu(b["x"].data_ptr(), w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
+                         b["emb"].data_ptr(), code, n, K, H, N, self.stack.packed, True)
+            ext.gather_rows(b["emb"].data_ptr(), F32, embed_rows.data_ptr(), b["h"].data_ptr(), code, R, N, n)
+        with scope("janus_rt::cpu_decode_layers"):
+            for name in ("cos", "sin"):
+                table = getattr(self, name)
+                ext.gather_rows(table.data_ptr(), F32, a(pos), b[name].data_ptr(), F32, R, table.shape[1],
+                                table.shape[0])
+            self.stack._run(b["h"].data_ptr(), b["out"].data_ptr(), a(sl), a(bt), a(lens), b["cos"].data_ptr(),
+                            b["sin"].data_ptr(), R, width)
+        with scope("janus_rt::cpu_mlp_gelu"):
+            (w1, b1, w2, b2), (K, H, N) = self.adaptors[1]
+            ext.mlp_gelu(b["out"].data_ptr(), w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
+                         b["logits"].data_ptr(), code, R, K, H, N, self.stack.packed, True)
+        with scope("janus_rt::cpu_cfg_sample"):
+            lg = b["logits"].data_ptr()
+            ext.cfg_sample(lg, lg, params["cfg_weight"].data_ptr(), params["temperature"].data_ptr(),
+                           params["top_k"].data_ptr(), params["top_p"].data_ptr(), a(sd), params["greedy"].data_ptr(),
+                           a(out), n, N, N, N, cond_rows.data_ptr(), uncond_rows.data_ptr(), R)
+        return out.tolist()
+
+
+def _profiler_scope():
+    """name -> a torch.profiler range while the profiler records, else a no-op context (one check per step)."""
+    if torch.autograd._profiler_enabled():
+        return torch.profiler.record_function
+    return lambda name: contextlib.nullcontext()
 
 
 def available_memory() -> int:

@@ -214,3 +214,79 @@ def test_cpu_decoder_packed_gen_head(dtype):
     assert out.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2**-7  # bf16: output rounding, hidden values an ulp apart
     assert max_err(out.float(), ref) <= tol * ref.abs().max()
+
+
+@pytest.mark.parametrize("packed", ["0", "1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_image_step_matches_op_by_op(dtype, packed, monkeypatch):
+    """The decode step of image rows as csrc calls only (cpu_ops.ImageStep) gives the op-by-op step's logits bit for
+    bit and its tokens: three requests of different n, prompt lengths and sampling settings share each step (image
+    i's cond and uncond rows interleaved by request), packed and unpacked weights."""
+    if dtype == torch.bfloat16 and packed == "1" and not cpu_ops.packed_available(torch.bfloat16):
+        pytest.skip("packed bf16 GEMV needs an AVX512_BF16 build")
+    monkeypatch.setenv("JANUS_RT_PACKED", packed)
+    model = Janus.from_preset("tiny", seed=6, dtype=dtype)
+    t = model.cfg.tokens
+    prompts = [[t.bos_id, 5, 9, 30, 7, t.boi_id], [t.bos_id, 11, 12, t.boi_id], [t.bos_id] + list(range(40, 52)) + [t.boi_id]]
+    params = [SamplingParams(greedy=True), SamplingParams(seed=2, temperature=0.8, top_k=50, top_p=0.9),
+              SamplingParams(seed=5, cfg_weight=3.0)]
+    runs = []
+    for fast in (True, False):
+        eng = Engine.for_requests(model, [(len(p), n) for p, n in zip(prompts, (2, 1, 3))])
+        dec = eng.runner.cpu_decoder
+        assert dec.image_step_runner is not None and dec.stack.packed is (packed == "1")
+        logits, step = [], dec.image_step_runner
+        if fast:
+            def spy(*a, step=step, call=type(step).__call__):
+                out = call(step, *a)
+                logits.append(next(iter(step._bufs.values()))["logits"].clone())
+                return out
+            dec.image_step_runner = spy
+        else:
+            eng.record_logits = True
+            dec.image_step = lambda *a: None  # the op-by-op step
+        reqs = [eng.add_image_request(p, n=n, params=sp, num_tokens=12) for p, n, sp in zip(prompts, (2, 1, 3), params)]
+        eng.run()
+        runs.append((reqs, logits))
+    (fast_reqs, fast_logits), (ref_reqs, _) = runs
+    assert len(fast_logits) == 11  # every decode step after the prefill's first token took the fast path
+    for x, y in zip(fast_reqs, ref_reqs):
+        assert x.tokens == y.tokens
+    # the fast path's logits rows, mapped back to each request's cond / uncond rows, equal the recorded ones
+    off = 0
+    for r in ref_reqs:
+        for s in range(11):
+            cond, uncond = r.logits[s + 1]
+            step_logits = fast_logits[s]
+            assert torch.equal(step_logits[off : off + r.n], cond)
+            assert torch.equal(step_logits[off + r.n : off + 2 * r.n], uncond)
+        off += 2 * r.n
+
+
+def test_image_step_falls_back_and_checks():
+    """CpuDecoder.image_step declines what it does not cover (a position past its rotary tables, more rows than the
+    GEMV path takes); ImageStep refuses inconsistent inputs and out-of-range indices with a ValueError."""
+    model = Janus.from_preset("tiny", seed=0)
+    eng = Engine.for_requests(model, [(8, 1)])
+    dec = eng.runner.cpu_decoder
+    i64 = lambda *v: torch.tensor(v, dtype=torch.int64)
+    params = dict(cfg_weight=torch.tensor([5.0]), temperature=torch.tensor([1.0]), top_k=i64(0), top_p=torch.tensor([1.0]),
+                  greedy=torch.tensor([True]))
+    table = [[0]]
+    args = ([3], i64(0, 0), [4, 4], [4, 20], table * 2, i64(0), i64(1), params, [7])
+    assert dec.image_step(*args) is not None
+    big = dec.cos.shape[0]
+    assert dec.image_step([3], i64(0, 0), [4, big], [4, 20], table * 2, i64(0), i64(1), params, [7]) is None
+    rows = ops.CPU_GEMV_MAX_ROWS + 2
+    assert dec.image_step([3], i64(*[0] * rows), [4] * rows, [4] * rows, table * rows, i64(0), i64(1), params, [7]) is None
+    step = dec.image_step_runner
+    with pytest.raises(ValueError, match="row counts"):
+        step([3], i64(0, 0), [4, 4], [4, 20], table * 2, i64(0), i64(1), params, [7, 8])
+    with pytest.raises(ValueError, match="idx"):  # a token past gen_embed's rows
+        step([model.cfg.vq.codebook_size], i64(0, 0), [4, 4], [4, 20], table * 2, i64(0), i64(1), params, [7])
+    with pytest.raises(ValueError, match="cond_rows"):
+        step([3], i64(0, 0), [4, 4], [4, 20], table * 2, i64(2), i64(1), params, [7])
+    with pytest.raises(ValueError, match="top_p"):
+        step([3], i64(0, 0), [4, 4], [4, 20], table * 2, i64(0), i64(1), dict(params, top_p=torch.tensor([1.0], dtype=torch.float64)), [7])
+    with pytest.raises(ValueError, match="block_tables"):
+        step([3], i64(0, 0), [4, 4], [4, 20], [[0], [10**6]], i64(0), i64(1), params, [7])

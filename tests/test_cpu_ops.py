@@ -381,3 +381,21 @@ def test_stream_sum():
     for n in (0, 37, 1000003, (1 << 21) + 5):  # below and above the threading threshold, ragged tails
         x = torch.randn(n)
         assert abs(cpu_ops.stream_sum(x) - x.double().sum().item()) <= 1e-6 * max(1.0, x.abs().sum().item())
+
+
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_rows(src_dtype, dtype):
+    """gather_rows = src[idx].to(dtype) exactly (repeats, any order, idx None = every row); fp32 -> bf16 rounds to
+    nearest even as .to does; indices outside [0, rows) are refused before anything is written."""
+    g = torch.Generator().manual_seed(0)
+    src = (torch.randn(37, 13, generator=g) * 100).to(src_dtype)
+    idx = torch.tensor([5, 0, 36, 5, 12, 5], dtype=torch.int64)
+    assert torch.equal(cpu_ops.gather_rows(src, idx, dtype), src[idx].to(dtype))
+    assert torch.equal(cpu_ops.gather_rows(src, None, dtype), src.to(dtype))
+    assert cpu_ops.gather_rows(src, torch.tensor([], dtype=torch.int64)).shape == (0, 13)
+    for bad in (37, -1):
+        with pytest.raises(ValueError, match="outside"):
+            cpu_ops.gather_rows(src, torch.tensor([0, bad], dtype=torch.int64), dtype)
+    with pytest.raises(ValueError, match="idx"):
+        cpu_ops.gather_rows(src, torch.tensor([0, 1], dtype=torch.int32))

@@ -177,28 +177,39 @@ class Engine:
         slots, copies = self.bm.append_slots(rows)
         if copies:
             self.cache.copy_blocks(copies)
-        # inputs in row order: image requests feed each image's last token to its cond and uncond rows
+        # inputs in row order: image requests feed each image's last token to its cond and uncond rows (embedded
+        # once per image and repeated, as the official loop does)
         image_tok, text_tok, is_image = [], [], []
         for req in running:
             if req.kind == "image":
-                last = [t[-1] for t in req.tokens]
-                image_tok += last + last
+                image_tok += [t[-1] for t in req.tokens]
                 is_image += [True] * req.num_rows
             else:
                 text_tok.append(req.tokens[0][-1])
                 is_image.append(False)
+        image_reqs = [r for r in running if r.kind == "image"]
+        text_reqs = [r for r in running if r.kind == "text"]
+        positions = [self.bm.num_tokens(r) - 1 for r in rows]
+        tables = [self.bm.block_table(r) for r in rows]
+        self.stats.decode_rows += len(rows)
+        if image_reqs and not text_reqs and not self.record_logits and self.runner.uses_cpu_decoder():
+            # the CPU step of image rows in csrc calls only; None where it does not apply
+            a = self._image_rows(image_reqs, self.model.device)
+            seeds = [s for r in image_reqs for s in r.seeds(r.step)]
+            tokens = self.runner.cpu_decoder.image_step(image_tok, a["embed"], positions, slots, tables, a["cond"],
+                                                        a["uncond"], a, seeds)
+            if tokens is not None:
+                self._append_images(image_reqs, tokens)
+                return
         with ops.use_backend(self.backend):
             parts = []
             if image_tok:
-                parts.append(self._embed_image_tokens(image_tok))
+                e = self.runner.gen_embeds(torch.tensor(image_tok, device=self.model.device))  # [sum(n), C]
+                parts.append(e.index_select(0, self._image_rows(image_reqs, e.device)["embed"]))
             if text_tok:
                 parts.append(self.model.llm.embed_tokens(torch.tensor(text_tok, device=self.model.device)))
         embeds = parts[0] if len(parts) == 1 else self._interleave(parts, is_image)
-        positions = [self.bm.num_tokens(r) - 1 for r in rows]
-        h = self.runner.decode(embeds, positions, slots, [self.bm.block_table(r) for r in rows])
-        self.stats.decode_rows += len(rows)
-        image_reqs = [r for r in running if r.kind == "image"]
-        text_reqs = [r for r in running if r.kind == "text"]
+        h = self.runner.decode(embeds, positions, slots, tables)
         with ops.use_backend(self.backend):
             if image_reqs:
                 h_img = h if not text_reqs else h[torch.tensor(is_image, device=h.device)]
@@ -224,19 +235,21 @@ class Engine:
         return out
 
     def _image_rows(self, reqs, device) -> dict:
-        """Per-row tensors of a batch of image requests (CFG row indices, sampling parameters), rebuilt only when
+        """Per-row tensors of a batch of image requests (CFG row indices, each row's image embedding, sampling
+        parameters), rebuilt only when
         the batch's requests change: building them every step was a good part of a step's host time."""
         key = tuple((r.req_id, r.n) for r in reqs)
         if self._image_batch[0] != key:
-            cond, uncond, off = [], [], 0
+            cond, uncond, embed, off = [], [], [], 0
             for r in reqs:
                 cond += range(off, off + r.n)
                 uncond += range(off + r.n, off + 2 * r.n)
+                embed += list(range(off // 2, off // 2 + r.n)) * 2  # each image's embedding to its two rows
                 off += 2 * r.n
             per = [r.params for r in reqs for _ in range(r.n)]
             t = lambda values: torch.tensor(values, device=device)  # on the logits' device: no per-step copies
             self._image_batch = (key, dict(
-                cond=t(cond), uncond=t(uncond), cfg_weight=t([float(p.cfg_weight) for p in per]),
+                cond=t(cond), uncond=t(uncond), embed=t(embed), cfg_weight=t([float(p.cfg_weight) for p in per]),
                 temperature=t([float(p.temperature) for p in per]), top_k=t([int(p.top_k) for p in per]),
                 top_p=t([float(p.top_p) for p in per]), greedy=t([bool(p.greedy) for p in per])))
         return self._image_batch[1]
@@ -252,6 +265,11 @@ class Engine:
         seeds = torch.tensor([s for r in reqs for s in r.seeds(r.step)], dtype=torch.int64)
         tokens = ops.cfg_sample(cond, uncond, a["cfg_weight"], a["temperature"], a["top_k"], a["top_p"],
                                 seeds.to(cond.device), a["greedy"]).tolist()
+        self._append_images(reqs, tokens)
+
+    @staticmethod
+    def _append_images(reqs, tokens) -> None:
+        """tokens: one per image, in request order -> each request appends its n."""
         off = 0
         for r in reqs:
             r.append(tokens[off : off + r.n])

@@ -91,6 +91,11 @@ class ModelRunner:
         model's."""
         return self.cpu_decoder.gen_head(h) if self.uses_cpu_decoder() else self.model.gen_head(h)
 
+    def gen_embeds(self, tokens):
+        """LLM inputs of image tokens int64 [n] -> [n, C]: the CPU decoder's (packed aligner) when it runs, else the
+        model's."""
+        return self.cpu_decoder.gen_embeds(tokens) if self.uses_cpu_decoder() else self.model.gen_embeds(tokens)
+
     def uses_cpu_decoder(self) -> bool:
         """Whether decode steps take the csrc decoder (else the layer-by-layer path)."""
         return self.fused_cpu_decode and self.cpu_decoder is not None
