@@ -27,7 +27,8 @@ void gather_rows(std::uintptr_t src, int src_dtype, std::uintptr_t idx, std::uin
     for (int64_t i = 0; i < n; ++i) {
       const auto* a = s + (ix ? ix[i] : i) * cols;
       auto* b = d + i * cols;
-      if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(s)>>, std::remove_pointer_t<decltype(d)>>) std::memcpy(b, a, size_t(cols) * sizeof(*a));
+      using S = std::remove_cv_t<std::remove_pointer_t<decltype(s)>>;
+      if constexpr (std::is_same_v<S, std::remove_pointer_t<decltype(d)>>) std::memcpy(b, a, size_t(cols) * sizeof(S));
       else
         for (int64_t c = 0; c < cols; ++c) from_float(to_float(a[c]), b + c);
     }

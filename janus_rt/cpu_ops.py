@@ -471,7 +471,8 @@ class ImageStep:
 
     def __init__(self, stack: DecodeStack, gen_embed: torch.Tensor, aligner, gen_head, cos: torch.Tensor,
                  sin: torch.Tensor):
-        _check(isinstance(stack, DecodeStack) and stack.final_norm is not None, "stack must be a DecodeStack with a final_norm")
+        _check(isinstance(stack, DecodeStack) and stack.final_norm is not None,
+               "stack must be a DecodeStack with a final_norm")
         dt, self.stack = stack.dtype, stack
         _check_tensor(gen_embed, "gen_embed", (dt,), 2)
         for name, t in (("cos", cos), ("sin", sin)):

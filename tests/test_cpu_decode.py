@@ -227,7 +227,8 @@ def test_image_step_matches_op_by_op(dtype, packed, monkeypatch):
     monkeypatch.setenv("JANUS_RT_PACKED", packed)
     model = Janus.from_preset("tiny", seed=6, dtype=dtype)
     t = model.cfg.tokens
-    prompts = [[t.bos_id, 5, 9, 30, 7, t.boi_id], [t.bos_id, 11, 12, t.boi_id], [t.bos_id] + list(range(40, 52)) + [t.boi_id]]
+    prompts = [[t.bos_id, 5, 9, 30, 7, t.boi_id], [t.bos_id, 11, 12, t.boi_id],
+               [t.bos_id] + list(range(40, 52)) + [t.boi_id]]
     params = [SamplingParams(greedy=True), SamplingParams(seed=2, temperature=0.8, top_k=50, top_p=0.9),
               SamplingParams(seed=5, cfg_weight=3.0)]
     runs = []
@@ -270,15 +271,16 @@ def test_image_step_falls_back_and_checks():
     eng = Engine.for_requests(model, [(8, 1)])
     dec = eng.runner.cpu_decoder
     i64 = lambda *v: torch.tensor(v, dtype=torch.int64)
-    params = dict(cfg_weight=torch.tensor([5.0]), temperature=torch.tensor([1.0]), top_k=i64(0), top_p=torch.tensor([1.0]),
-                  greedy=torch.tensor([True]))
+    params = dict(cfg_weight=torch.tensor([5.0]), temperature=torch.tensor([1.0]), top_k=i64(0),
+                  top_p=torch.tensor([1.0]), greedy=torch.tensor([True]))
     table = [[0]]
     args = ([3], i64(0, 0), [4, 4], [4, 20], table * 2, i64(0), i64(1), params, [7])
     assert dec.image_step(*args) is not None
     big = dec.cos.shape[0]
     assert dec.image_step([3], i64(0, 0), [4, big], [4, 20], table * 2, i64(0), i64(1), params, [7]) is None
     rows = ops.CPU_GEMV_MAX_ROWS + 2
-    assert dec.image_step([3], i64(*[0] * rows), [4] * rows, [4] * rows, table * rows, i64(0), i64(1), params, [7]) is None
+    assert dec.image_step([3], i64(*[0] * rows), [4] * rows, [4] * rows, table * rows, i64(0), i64(1), params,
+                          [7]) is None
     step = dec.image_step_runner
     with pytest.raises(ValueError, match="row counts"):
         step([3], i64(0, 0), [4, 4], [4, 20], table * 2, i64(0), i64(1), params, [7, 8])
@@ -287,6 +289,7 @@ def test_image_step_falls_back_and_checks():
     with pytest.raises(ValueError, match="cond_rows"):
         step([3], i64(0, 0), [4, 4], [4, 20], table * 2, i64(2), i64(1), params, [7])
     with pytest.raises(ValueError, match="top_p"):
-        step([3], i64(0, 0), [4, 4], [4, 20], table * 2, i64(0), i64(1), dict(params, top_p=torch.tensor([1.0], dtype=torch.float64)), [7])
+        f64 = dict(params, top_p=torch.tensor([1.0], dtype=torch.float64))
+        step([3], i64(0, 0), [4, 4], [4, 20], table * 2, i64(0), i64(1), f64, [7])
     with pytest.raises(ValueError, match="block_tables"):
         step([3], i64(0, 0), [4, 4], [4, 20], [[0], [10**6]], i64(0), i64(1), params, [7])
