@@ -33,7 +33,7 @@ def add_bench_args(p):
                    help="cpu backend: run the decode step op by op instead of one csrc call per decoder layer "
                         "(slower; its --profile shows every op)")
     p.add_argument("--profile", default=None, metavar="DIR",
-                   help="also trace one decode step with torch.profiler: DIR/trace.json (Perfetto) + op table")
+                   help="also trace three decode steps with torch.profiler: DIR/trace.json (Perfetto) + op table")
     p.add_argument("--json", default=None, help="append the result row to this JSON-lines file")
 
 
@@ -266,20 +266,34 @@ def main(args):
     return row
 
 
-def profile_decode_step(model, prompt, n, out: Path, layerwise: bool = False):
-    """Trace one decode step (after a few warm-up steps) and print the per-op time breakdown."""
-    from torch.profiler import ProfilerActivity, profile
+def profile_decode_step(model, prompt, n, out: Path, layerwise: bool = False, steps: int = 3):
+    """Trace `steps` decode steps (after a few warm-up steps, and one more under the profiler whose record is
+    dropped: the first step after the profiler starts pays for waking the OpenMP threads and the profiler's own
+    set-up, ~1 ms on a 2-core CPU) and print the per-op time breakdown, totals over those steps."""
+    from torch.profiler import ProfilerActivity, profile, schedule
 
     eng = _image_engine(model, prompt, n, layerwise=layerwise)
     for _ in range(4):
-        eng.step()
+        if eng.has_work():
+            eng.step()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
-    with profile(activities=acts, record_shapes=True) as prof:
-        eng.step()
     out.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(out / "trace.json"))
+    tables = []
     key = "self_cuda_time_total" if model.device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=25))
+
+    def ready(p):
+        p.export_chrome_trace(str(out / "trace.json"))
+        tables.append(p.key_averages().table(sort_by=key, row_limit=25))
+
+    with profile(activities=acts, record_shapes=True, on_trace_ready=ready,
+                 schedule=schedule(wait=0, warmup=1, active=steps, repeat=1)) as prof:
+        for _ in range(steps + 1):
+            if not eng.has_work():  # a short run (--tokens): the steps it has
+                break
+            eng.step()
+            prof.step()
+    print(f"per-op time over up to {steps} decode steps (totals; 'avg' columns per call):")
+    print(tables[0] if tables else "(no profile recorded)")
     print(f"trace: {out / 'trace.json'} (open in https://ui.perfetto.dev)")
 
 
