@@ -168,3 +168,30 @@ def test_graph_replay_bookkeeping_matches_plain_decode(tiny, n, backend):
     assert replayed.tokens == plain.tokens
     for (c1, u1), (c2, u2) in zip(replayed.logits, plain.logits):
         assert torch.allclose(c1, c2, rtol=1e-4, atol=1e-4) and torch.allclose(u1, u2, rtol=1e-4, atol=1e-4)
+
+
+def test_roofline_kv_bytes_match_the_cache(tiny):
+    """The benchmark's roofline counts the KV bytes a step really reads: with prompt sharing, the distinct cache
+    slots of an image request's 2n rows (shared whole prompt blocks once per group, the copied partial block and
+    the image tokens once per row)."""
+    from janus_rt.engine.benchmark import BLOCK_SIZE, decode_step_bytes_flops
+
+    ids = prompt(tiny, 40)  # 42 tokens: 2 whole blocks shared per prompt, 10 tokens copied into each row
+    n, steps = 3, 5
+    eng = Engine.for_requests(tiny, [(len(ids), n)], block_size=BLOCK_SIZE)
+    eng.add_image_request(ids, n=n, params=SamplingParams(seed=0))
+    for _ in range(1 + steps):  # prefill + decode steps
+        eng.step()
+    rows = eng.scheduler.rows()
+    context = eng.bm.num_tokens(rows[0])
+    assert len(rows) == 2 * n and all(eng.bm.num_tokens(r) == context for r in rows) and context == len(ids) + steps
+    distinct = len(set().union(*(eng.bm.slots(r) for r in rows)))
+    c = tiny.cfg.llm
+    per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * tiny.dtype.itemsize
+    weights, _ = decode_step_bytes_flops(tiny, 2 * n, 0)
+    shared = (2, len(ids) // BLOCK_SIZE * BLOCK_SIZE)
+    total, flops = decode_step_bytes_flops(tiny, 2 * n, context, shared=shared)
+    assert total - weights == distinct * per_token
+    # unshared: every row's full context (what the formula gave before sharing was counted)
+    assert decode_step_bytes_flops(tiny, 2 * n, context)[0] - weights == 2 * n * context * per_token
+    assert flops == decode_step_bytes_flops(tiny, 2 * n, context)[1]  # FLOPs: every row attends its full context

@@ -49,6 +49,9 @@ def bench_model(shape: str, dtype, device):
     return Janus.from_config(cfg, seed=0, device=device, dtype=dtype)
 
 
+BLOCK_SIZE = 16  # the benchmark engine's KV block size (tokens)
+
+
 # ---- the machine -----------------------------------------------------------------------------------------------
 def measure_bandwidth_gbs(device) -> float:
     """Read bandwidth. GPU: a reduction over a 1 GiB buffer (best of 5). CPU: the faster of cpu_read_bandwidth_gbs'
@@ -139,13 +142,19 @@ def _peak_gb(device) -> float:
     return float("nan")
 
 
-def decode_step_bytes_flops(model, rows: int, context: int) -> tuple[float, float]:
-    """Bytes a decode step must read (LLM + gen head/aligner weights once, plus every row's KV) and its FLOPs."""
+def decode_step_bytes_flops(model, rows: int, context: int, shared: tuple[int, int] = (0, 0)) -> tuple[float, float]:
+    """Bytes a decode step must read (LLM + gen head/aligner weights once, plus the KV cache it attends over) and its
+    FLOPs, for `rows` rows of `context` cached tokens each. shared = (groups, tokens): the first `tokens` of every row
+    sit in blocks that `groups` sets of rows share (an image request's cond and uncond prompts: 2 groups; whole
+    blocks only), so they are stored, and must be read, once per group rather than once per row. FLOPs count every row's full
+    context."""
     isz = model.dtype.itemsize
     llm = sum(p.numel() for n, p in model.llm.named_parameters() if "embed_tokens" not in n)
     heads = sum(p.numel() for p in model.gen_head.parameters()) + sum(p.numel() for p in model.gen_aligner.parameters())
     c = model.cfg.llm
-    kv = rows * context * c.num_layers * 2 * c.num_kv_heads * c.head_dim * isz
+    groups, prompt = shared
+    kv_tokens = rows * context - (rows - groups) * prompt if groups else rows * context
+    kv = kv_tokens * c.num_layers * 2 * c.num_kv_heads * c.head_dim * isz
     flops = 2 * (llm + heads) * rows + rows * context * c.num_layers * 4 * c.num_heads * c.head_dim
     return (llm + heads) * isz + kv, flops
 
@@ -155,7 +164,7 @@ def _image_engine(model, prompt, n, tokens=None, cuda_graphs=False, layerwise=Fa
     """An engine holding one image request (n images of `prompt`); layerwise: no csrc decoder on the CPU."""
     from janus_rt.engine import Engine, SamplingParams
 
-    eng = Engine.for_requests(model, [(len(prompt), n)], cuda_graphs=cuda_graphs)
+    eng = Engine.for_requests(model, [(len(prompt), n)], block_size=BLOCK_SIZE, cuda_graphs=cuda_graphs)
     if layerwise:
         eng.runner.fused_cpu_decode = False
     eng.add_image_request(prompt, n=n, params=SamplingParams(seed=0), num_tokens=tokens)
@@ -239,7 +248,10 @@ def main(args):
     bw, peak = max(bw, bw_after), max(peak, peak_after)
     t_ours = statistics.median(x[0] for x in ours)
     ms_ours = statistics.median(x[1] for x in ours)
-    nbytes, flops = decode_step_bytes_flops(model, 2 * n, len(prompt) + args.tokens // 2)
+    # the n cond rows share the prompt's whole blocks and the n uncond rows the unconditional prompt's (each row
+    # copies the partly filled last block on its first write), so a step reads those blocks once per group
+    shared = (2, len(prompt) // BLOCK_SIZE * BLOCK_SIZE)
+    nbytes, flops = decode_step_bytes_flops(model, 2 * n, len(prompt) + args.tokens // 2, shared=shared)
     roof_ms = 1e3 * max(nbytes / (bw * 1e9), flops / (peak * 1e9))
     row = {
         "date": time.strftime("%Y-%m-%d"), "device": dev_name, "model": what, "dtype": str(dtype).split(".")[-1],
