@@ -25,6 +25,10 @@ void decode_layer(ptr_t h, int dtype, ptr_t in_norm, ptr_t qkv, ptr_t o, ptr_t p
                   ptr_t sin, int64_t R, int64_t C, int64_t H, int64_t I, int64_t num_blocks, int64_t block_size,
                   int64_t max_blocks, double eps, double sm_scale, ptr_t final_norm, ptr_t out, double final_eps,
                   bool packed);
+void decode_phase_timing(bool on);
+int decode_phase_count();
+const char* decode_phase_name(int i);
+int64_t decode_phase_read(ptr_t seconds, bool reset);
 void mlp_gelu(ptr_t x, ptr_t w1, ptr_t b1, ptr_t w2, ptr_t b2, ptr_t y, int dtype, int64_t M, int64_t K, int64_t H,
               int64_t N, bool packed, bool round_out);
 void gather_rows(ptr_t src, int src_dtype, ptr_t idx, ptr_t dst, int dst_dtype, int64_t n, int64_t cols,
@@ -63,6 +67,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("H"), py::arg("I"), py::arg("num_blocks"), py::arg("block_size"), py::arg("max_blocks"),
         py::arg("eps"), py::arg("sm_scale"), py::arg("final_norm"), py::arg("out"), py::arg("final_eps"),
         py::arg("packed"));
+  m.def("decode_phase_timing", &jr::decode_phase_timing, "time decode_layer's phases (thread 0, after each barrier)",
+        py::arg("on"));
+  m.def("decode_phase_count", &jr::decode_phase_count, "number of decode_layer phases");
+  m.def("decode_phase_name", &jr::decode_phase_name, "name of decode_layer phase i", py::arg("i"));
+  m.def("decode_phase_read", &jr::decode_phase_read, "seconds[phases] = accumulated phase times -> timed calls",
+        py::arg("seconds"), py::arg("reset"));
   m.def("packed_available", &jr::packed_available, "whether this build has the packed GEMV for this dtype",
         py::arg("dtype"));
   m.def("packed_size", &jr::packed_size, "elements of a packed [N, K] weight", py::arg("N"), py::arg("K"),

@@ -15,7 +15,9 @@
 // here at the same point (rnd), sums and products in between are fp32, and the GEMV is gemv.h's, fed the same
 // values, so the fp32 path differs from the torch one only in summation order.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <mutex>
 #include <vector>
 
 #include <omp.h>
@@ -28,6 +30,32 @@
 
 namespace jr {
 namespace {
+
+// ---- optional phase timers (`janus-rt bench --profile`) -------------------------------------------------------
+// The wall time of each phase of run_layer, taken by the team's thread 0 after the phase's closing barrier: the
+// phase's time on the critical path (its slowest thread, plus the barrier), not a sum over threads. Off by default;
+// off, a call pays one relaxed atomic load.
+enum Phase : int { kInNorm, kQkv, kRopeStore, kAttention, kPackO, kOProj, kPostNorm, kGateUp, kSiluMul, kDown,
+                   kResidual, kNumPhases };
+constexpr const char* kPhaseNames[kNumPhases] = {"input_norm", "qkv_proj", "rope_kv_store", "attention", "pack_o",
+                                                 "o_proj", "residual_post_norm", "gate_up_proj", "silu_mul",
+                                                 "down_proj", "residual"};
+std::atomic<bool> g_timing{false};
+std::mutex g_timing_mu;
+double g_phase_s[kNumPhases] = {};
+int64_t g_timed_calls = 0;
+
+struct PhaseClock {
+  double* acc;  // null: not timing (timing off, or not thread 0)
+  double t;
+  explicit PhaseClock(double* a) : acc(a), t(a ? omp_get_wtime() : 0.0) {}
+  void mark(Phase p) {
+    if (!acc) return;
+    const double now = omp_get_wtime();
+    acc[p] += now - t;
+    t = now;
+  }
+};
 
 // out [C] fp32 (values of T) = weight * T(x * rsqrt(mean(x^2) + eps)), as ops.rms_norm_torch.
 template <typename T>
@@ -89,15 +117,20 @@ void run_layer(T* h, const Layer<T>& L) {
   std::vector<float> row(size_t(R * std::max(C, I)));  // a normed / activated row before packing
   std::vector<T> q(size_t(R * C)), o(size_t(R * C));  // rotated queries, attention output
   const int64_t chunks = attn::head_chunks(R, H, omp_get_max_threads());
+  const bool timed = g_timing.load(std::memory_order_relaxed);
+  double phase_s[kNumPhases] = {};
 #pragma omp parallel
   {
+    PhaseClock clock(timed && omp_get_thread_num() == 0 ? phase_s : nullptr);
     // a = norm(h) -> qkv
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
       rms_norm_row(h + r * C, L.in_norm, &row[r * C], C, L.eps);
       gemv::pack_x<T>(&row[r * C], &xp[r * ldc], 1, C, ldc);
     }
+    clock.mark(kInNorm);
     layer_gemv(L, L.qkv, xp.data(), ldc, y.data(), 3 * C, C);
+    clock.mark(kQkv);
     // RoPE on q and k; k and v into the cache
 #pragma omp for schedule(static)
     for (int64_t rh = 0; rh < R * H; ++rh) {
@@ -114,11 +147,15 @@ void run_layer(T* h, const Layer<T>& L) {
         for (int64_t d = 0; d < D; ++d) from_float(vh[d], L.v_cache + (s * H + hd) * D + d);
       }
     }
+    clock.mark(kRopeStore);
     attn::attend_for(q.data(), L.k_cache, L.v_cache, L.block_tables, L.context_lens, o.data(), R, H, H, D,
                      L.block_size, L.max_blocks, L.sm_scale, chunks);
+    clock.mark(kAttention);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) gemv::pack_x<T>(&o[r * C], &xp[r * ldc], 1, C, ldc);
+    clock.mark(kPackO);
     layer_gemv(L, L.o, xp.data(), ldc, y.data(), C, C);
+    clock.mark(kOProj);
     // h += attention; a = norm(h) -> gate, up
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
@@ -126,14 +163,18 @@ void run_layer(T* h, const Layer<T>& L) {
       rms_norm_row(h + r * C, L.post_norm, &row[r * C], C, L.eps);
       gemv::pack_x<T>(&row[r * C], &xp[r * ldc], 1, C, ldc);
     }
+    clock.mark(kPostNorm);
     layer_gemv(L, L.gate_up, xp.data(), ldc, y.data(), 2 * I, C);
+    clock.mark(kGateUp);
     // silu(gate) * up -> down
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
       act::silu_mul<T>(&y[r * 2 * I], &y[r * 2 * I + I], &row[r * I], I);
       gemv::pack_x<T>(&row[r * I], &xp[r * ldi], 1, I, ldi);
     }
+    clock.mark(kSiluMul);
     layer_gemv(L, L.down, xp.data(), ldi, y.data(), C, I);
+    clock.mark(kDown);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
       add_residual(h + r * C, &y[r * C], C);
@@ -142,10 +183,39 @@ void run_layer(T* h, const Layer<T>& L) {
         for (int64_t c = 0; c < C; ++c) from_float(row[r * C + c], L.out + r * C + c);
       }
     }
+    clock.mark(kResidual);
+  }
+  if (timed) {
+    std::lock_guard<std::mutex> lock(g_timing_mu);
+    for (int p = 0; p < kNumPhases; ++p) g_phase_s[p] += phase_s[p];
+    ++g_timed_calls;
   }
 }
 
 }  // namespace
+
+void decode_phase_timing(bool on) { g_timing.store(on, std::memory_order_relaxed); }
+
+int decode_phase_count() { return kNumPhases; }
+
+const char* decode_phase_name(int i) {
+  JR_CHECK(i >= 0 && i < kNumPhases, "phase index out of range");
+  return kPhaseNames[i];
+}
+
+// seconds[0:kNumPhases] = the accumulated phase times; returns the number of timed decode_layer calls.
+int64_t decode_phase_read(std::uintptr_t seconds, bool reset) {
+  JR_CHECK(seconds, "null pointer");
+  std::lock_guard<std::mutex> lock(g_timing_mu);
+  double* out = ptr<double>(seconds);
+  for (int p = 0; p < kNumPhases; ++p) out[p] = g_phase_s[p];
+  const int64_t calls = g_timed_calls;
+  if (reset) {
+    std::fill(g_phase_s, g_phase_s + kNumPhases, 0.0);
+    g_timed_calls = 0;
+  }
+  return calls;
+}
 
 void decode_layer(std::uintptr_t h, int dtype, std::uintptr_t in_norm, std::uintptr_t qkv, std::uintptr_t o,
                   std::uintptr_t post_norm, std::uintptr_t gate_up, std::uintptr_t down, std::uintptr_t k_cache,

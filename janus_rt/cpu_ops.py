@@ -561,6 +561,31 @@ def _profiler_scope():
     return lambda name: contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def decode_phase_timing():
+    """Time the phases of every csrc decoder-layer call (DecodeStack, ImageStep) made inside the block:
+
+        with cpu_ops.decode_phase_timing() as t:
+            engine.step()
+        t["calls"], t["seconds"]  # layer calls timed; {phase: seconds summed over them}, phases in run order
+
+    Each phase is its wall time on the critical path (taken by the team's thread 0 after the phase's barrier):
+    input_norm, qkv_proj, rope_kv_store, attention, pack_o, o_proj, residual_post_norm, gate_up_proj, silu_mul,
+    down_proj, residual. Process-wide: calls from other threads inside the block are counted too."""
+    ext = _ext()
+    names = [ext.decode_phase_name(i) for i in range(ext.decode_phase_count())]
+    buf = torch.zeros(len(names), dtype=torch.float64)
+    ext.decode_phase_read(buf.data_ptr(), True)  # drop anything timed before
+    result = {"calls": 0, "seconds": {}}
+    ext.decode_phase_timing(True)
+    try:
+        yield result
+    finally:
+        ext.decode_phase_timing(False)
+        result["calls"] = ext.decode_phase_read(buf.data_ptr(), True)
+        result["seconds"] = dict(zip(names, buf.tolist()))
+
+
 def available_memory() -> int:
     """Bytes of memory available to allocate now (MemAvailable of /proc/meminfo, else free physical pages)."""
     try:

@@ -97,3 +97,7 @@ def test_bench_json_and_profile(tmp_path, capsys, layerwise):
     table = capsys.readouterr().out
     if cpu_ops.available():
         assert ("janus_rt::cpu_linear" if layerwise else "janus_rt::cpu_decode_layers") in table
+        # the csrc decoder's phase table (not for the layer-by-layer path, whose ops the profiler shows)
+        assert ("inside the csrc decoder layers" in table) != layerwise
+        if not layerwise:
+            assert "attention" in table and "gate_up_proj" in table and "rest of the step" in table

@@ -144,6 +144,27 @@ def test_decode_layer_skips_padding_slots():
     assert torch.equal(cache.data, before)
 
 
+def test_decode_phase_timing():
+    """The phase timers count every layer call inside the block and only there, name the phases in run order, and
+    leave the results bit-identical."""
+    cfg, layer, cache, tables, slots, pos, h = _layer_case(torch.float32, 128, 4, 176, [300, 40, 7])
+    cache0 = cache.data.clone()
+    plain = _fused(cfg, layer, cache, tables, slots, pos, h)
+    cache.data.copy_(cache0)
+    with cpu_ops.decode_phase_timing() as t:
+        timed = [_fused(cfg, layer, cache, tables, slots, pos, h) for _ in range(3)]
+    _fused(cfg, layer, cache, tables, slots, pos, h)  # after the block: not counted
+    assert all(torch.equal(x, plain) for x in timed)
+    assert t["calls"] == 3
+    sec = t["seconds"]
+    assert list(sec) == ["input_norm", "qkv_proj", "rope_kv_store", "attention", "pack_o", "o_proj",
+                         "residual_post_norm", "gate_up_proj", "silu_mul", "down_proj", "residual"]
+    assert all(v >= 0 for v in sec.values()) and sec["attention"] > 0 and sec["gate_up_proj"] > 0
+    with cpu_ops.decode_phase_timing() as t2:
+        pass
+    assert t2["calls"] == 0 and sum(t2["seconds"].values()) == 0  # nothing carried over
+
+
 def test_decode_layer_misuse():
     cfg, layer, cache, tables, slots, pos, h = _layer_case(torch.float32, 64, 2, 96, [20, 9])
     with pytest.raises(ValueError, match="dtype"):

@@ -307,6 +307,57 @@ def profile_decode_step(model, prompt, n, out: Path, layerwise: bool = False, st
     print(f"per-op time over up to {steps} decode steps (totals; 'avg' columns per call):")
     print(tables[0] if tables else "(no profile recorded)")
     print(f"trace: {out / 'trace.json'} (open in https://ui.perfetto.dev)")
+    phases = decode_phase_table(model, prompt, n, layerwise=layerwise)
+    if phases:
+        print(phases)
+
+
+def decode_phase_table(model, prompt, n, steps: int = 8, layerwise: bool = False) -> str | None:
+    """Inside the csrc decoder layers: time each phase (cpu_ops.decode_phase_timing) over `steps` decode steps of a
+    fresh engine (after 4 warm-up steps, no profiler running) and return a table of microseconds per layer call,
+    share of the step, bytes read per layer call (the weights of a projection; for attention the K/V of every row's
+    context) and the rate. None where the step does not run through the csrc decoder."""
+    from janus_rt import cpu_ops
+
+    eng = _image_engine(model, prompt, n, layerwise=layerwise)
+    if model.device.type != "cpu" or not eng.runner.uses_cpu_decoder():
+        return None
+    for _ in range(4):
+        if eng.has_work():
+            eng.step()
+    c, isz = model.cfg.llm, model.dtype.itemsize
+    kv_tokens, done = 0, 0
+    with cpu_ops.decode_phase_timing() as timed:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            if not eng.has_work():
+                break
+            kv_tokens += sum(eng.bm.num_tokens(r) + 1 for r in eng.scheduler.rows())  # + the token this step adds
+            eng.step()
+            done += 1
+        wall = time.perf_counter() - t0
+    calls = timed["calls"]
+    if not done or not calls:
+        return None
+    C, I = c.hidden_size, c.intermediate_size
+    nbytes = {"qkv_proj": (C + 2 * c.num_kv_heads * c.head_dim) * C * isz, "o_proj": C * C * isz,
+              "gate_up_proj": 2 * I * C * isz, "down_proj": C * I * isz,
+              "attention": kv_tokens / done * 2 * c.num_kv_heads * c.head_dim * isz}
+    lines = [f"inside the csrc decoder layers, {done} decode steps ({2 * n} rows, {calls} layer calls; "
+             f"{1e3 * wall / done:.2f} ms/step):",
+             f"{'phase':>20} {'us/layer':>9} {'% of step':>9} {'MB/layer':>9} {'GB/s':>7}"]
+    layers_s = 0.0
+    for name, sec in timed["seconds"].items():
+        layers_s += sec
+        per = sec / calls
+        mb = nbytes.get(name)
+        rate = f"{mb / per / 1e9:7.1f}" if mb and per > 0 else f"{'':>7}"
+        lines.append(f"{name:>20} {1e6 * per:9.1f} {100 * sec / wall:9.1f} "
+                     + (f"{mb / 1e6:9.2f}" if mb else f"{'':>9}") + f" {rate}")
+    lines.append(f"{'all layers':>20} {1e6 * layers_s / calls:9.1f} {100 * layers_s / wall:9.1f}")
+    lines.append(f"rest of the step (gen embedding + aligner, gen head, CFG sampling, host): "
+                 f"{1e3 * (wall - layers_s) / done:.2f} ms/step")
+    return "\n".join(lines)
 
 
 def _cpu_name() -> str:
