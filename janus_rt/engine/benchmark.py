@@ -274,11 +274,11 @@ def main(args):
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")
     if args.profile:
-        profile_decode_step(model, prompt, n, Path(args.profile), args.layerwise)
+        profile_decode_step(model, prompt, n, Path(args.profile), args.layerwise, phase_warmup=args.tokens // 2)
     return row
 
 
-def profile_decode_step(model, prompt, n, out: Path, layerwise: bool = False, steps: int = 3):
+def profile_decode_step(model, prompt, n, out: Path, layerwise: bool = False, steps: int = 3, phase_warmup: int = 4):
     """Trace `steps` decode steps (after a few warm-up steps, and one more under the profiler whose record is
     dropped: the first step after the profiler starts pays for waking the OpenMP threads and the profiler's own
     set-up, ~1 ms on a 2-core CPU) and print the per-op time breakdown, totals over those steps."""
@@ -307,14 +307,15 @@ def profile_decode_step(model, prompt, n, out: Path, layerwise: bool = False, st
     print(f"per-op time over up to {steps} decode steps (totals; 'avg' columns per call):")
     print(tables[0] if tables else "(no profile recorded)")
     print(f"trace: {out / 'trace.json'} (open in https://ui.perfetto.dev)")
-    phases = decode_phase_table(model, prompt, n, layerwise=layerwise)
+    phases = decode_phase_table(model, prompt, n, layerwise=layerwise, warmup=phase_warmup)
     if phases:
         print(phases)
 
 
-def decode_phase_table(model, prompt, n, steps: int = 8, layerwise: bool = False) -> str | None:
+def decode_phase_table(model, prompt, n, steps: int = 8, layerwise: bool = False, warmup: int = 4) -> str | None:
     """Inside the csrc decoder layers: time each phase (cpu_ops.decode_phase_timing) over `steps` decode steps of a
-    fresh engine (after 4 warm-up steps, no profiler running) and return a table of microseconds per layer call,
+    fresh engine after `warmup` steps (`janus-rt bench --profile`: half its --tokens, the benchmark's mean context;
+    no profiler running) and return a table of microseconds per layer call,
     share of the step, bytes read per layer call (the weights of a projection; for attention the K/V of every row's
     context) and the rate. None where the step does not run through the csrc decoder."""
     from janus_rt import cpu_ops
@@ -322,7 +323,7 @@ def decode_phase_table(model, prompt, n, steps: int = 8, layerwise: bool = False
     eng = _image_engine(model, prompt, n, layerwise=layerwise)
     if model.device.type != "cpu" or not eng.runner.uses_cpu_decoder():
         return None
-    for _ in range(4):
+    for _ in range(max(warmup, 1)):
         if eng.has_work():
             eng.step()
     c, isz = model.cfg.llm, model.dtype.itemsize
@@ -343,8 +344,9 @@ def decode_phase_table(model, prompt, n, steps: int = 8, layerwise: bool = False
     nbytes = {"qkv_proj": (C + 2 * c.num_kv_heads * c.head_dim) * C * isz, "o_proj": C * C * isz,
               "gate_up_proj": 2 * I * C * isz, "down_proj": C * I * isz,
               "attention": kv_tokens / done * 2 * c.num_kv_heads * c.head_dim * isz}
-    lines = [f"inside the csrc decoder layers, {done} decode steps ({2 * n} rows, {calls} layer calls; "
-             f"{1e3 * wall / done:.2f} ms/step):",
+    rows = 2 * n
+    lines = [f"inside the csrc decoder layers, {done} decode steps ({rows} rows, mean context "
+             f"{kv_tokens / done / rows:.0f} tokens, {calls} layer calls; {1e3 * wall / done:.2f} ms/step):",
              f"{'phase':>20} {'us/layer':>9} {'% of step':>9} {'MB/layer':>9} {'GB/s':>7}"]
     layers_s = 0.0
     for name, sec in timed["seconds"].items():
