@@ -2,7 +2,7 @@
 
     python bench/bench_generate.py --shape small            # hidden 512 / 8 layers, fp32, n=4 (CPU target >= 3x)
     python bench/bench_generate.py --shape 1b -n 16         # Janus-Pro-1B LLM shape, bf16 (CPU target >= 2.5x)
-    python bench/bench_generate.py --shape 1b --profile out/prof   # + a Perfetto trace of one decode step
+    python bench/bench_generate.py --shape 1b --profile out/prof   # + Perfetto trace, per-op and per-phase tables
 
 Same as `janus-rt bench`; see janus_rt/engine/benchmark.py.
 """

@@ -101,3 +101,5 @@ def test_bench_json_and_profile(tmp_path, capsys, layerwise):
         assert ("inside the csrc decoder layers" in table) != layerwise
         if not layerwise:
             assert "attention" in table and "gate_up_proj" in table and "rest of the step" in table
+            with Image.open(tmp_path / "prof" / "phases.png") as chart:  # the same table as a bar chart
+                assert chart.width > 600 and chart.height > 12 * 26

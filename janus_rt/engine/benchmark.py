@@ -33,7 +33,8 @@ def add_bench_args(p):
                    help="cpu backend: run the decode step op by op instead of one csrc call per decoder layer "
                         "(slower; its --profile shows every op)")
     p.add_argument("--profile", default=None, metavar="DIR",
-                   help="also trace three decode steps with torch.profiler: DIR/trace.json (Perfetto) + op table")
+                   help="also trace three decode steps with torch.profiler (DIR/trace.json for Perfetto, op table) "
+                        "and time the phases inside the csrc decoder layers (table + DIR/phases.png)")
     p.add_argument("--json", default=None, help="append the result row to this JSON-lines file")
 
 
@@ -307,17 +308,20 @@ def profile_decode_step(model, prompt, n, out: Path, layerwise: bool = False, st
     print(f"per-op time over up to {steps} decode steps (totals; 'avg' columns per call):")
     print(tables[0] if tables else "(no profile recorded)")
     print(f"trace: {out / 'trace.json'} (open in https://ui.perfetto.dev)")
-    phases = decode_phase_table(model, prompt, n, layerwise=layerwise, warmup=phase_warmup)
+    phases = decode_phase_times(model, prompt, n, layerwise=layerwise, warmup=phase_warmup)
     if phases:
-        print(phases)
+        print(format_phase_table(phases))
+        plot_phase_times(phases, out / "phases.png", f"janus_rt decode step by phase: {str(model.dtype).split('.')[-1]}, n = {n}")
+        print(f"phase chart: {out / 'phases.png'}")
 
 
-def decode_phase_table(model, prompt, n, steps: int = 8, layerwise: bool = False, warmup: int = 4) -> str | None:
+def decode_phase_times(model, prompt, n, steps: int = 8, layerwise: bool = False, warmup: int = 4) -> dict | None:
     """Inside the csrc decoder layers: time each phase (cpu_ops.decode_phase_timing) over `steps` decode steps of a
     fresh engine after `warmup` steps (`janus-rt bench --profile`: half its --tokens, the benchmark's mean context;
-    no profiler running) and return a table of microseconds per layer call,
-    share of the step, bytes read per layer call (the weights of a projection; for attention the K/V of every row's
-    context) and the rate. None where the step does not run through the csrc decoder."""
+    no profiler running). Returns {steps, rows, context (mean tokens per row), calls, ms_per_step, phases: [{name,
+    us_per_layer, pct_of_step, bytes_per_layer, gbs}], rest_ms_per_step}: bytes are a projection's weights, or for
+    attention the K/V of every row's context (None for the other phases). None where the step does not run through
+    the csrc decoder."""
     from janus_rt import cpu_ops
 
     eng = _image_engine(model, prompt, n, layerwise=layerwise)
@@ -344,22 +348,61 @@ def decode_phase_table(model, prompt, n, steps: int = 8, layerwise: bool = False
     nbytes = {"qkv_proj": (C + 2 * c.num_kv_heads * c.head_dim) * C * isz, "o_proj": C * C * isz,
               "gate_up_proj": 2 * I * C * isz, "down_proj": C * I * isz,
               "attention": kv_tokens / done * 2 * c.num_kv_heads * c.head_dim * isz}
-    rows = 2 * n
-    lines = [f"inside the csrc decoder layers, {done} decode steps ({rows} rows, mean context "
-             f"{kv_tokens / done / rows:.0f} tokens, {calls} layer calls; {1e3 * wall / done:.2f} ms/step):",
-             f"{'phase':>20} {'us/layer':>9} {'% of step':>9} {'MB/layer':>9} {'GB/s':>7}"]
-    layers_s = 0.0
+    phases = []
     for name, sec in timed["seconds"].items():
-        layers_s += sec
         per = sec / calls
-        mb = nbytes.get(name)
-        rate = f"{mb / per / 1e9:7.1f}" if mb and per > 0 else f"{'':>7}"
-        lines.append(f"{name:>20} {1e6 * per:9.1f} {100 * sec / wall:9.1f} "
-                     + (f"{mb / 1e6:9.2f}" if mb else f"{'':>9}") + f" {rate}")
-    lines.append(f"{'all layers':>20} {1e6 * layers_s / calls:9.1f} {100 * layers_s / wall:9.1f}")
+        b = nbytes.get(name)
+        phases.append({"name": name, "us_per_layer": 1e6 * per, "pct_of_step": 100 * sec / wall,
+                       "bytes_per_layer": b, "gbs": b / per / 1e9 if b and per > 0 else None})
+    layers_s = sum(timed["seconds"].values())
+    return {"steps": done, "rows": 2 * n, "context": kv_tokens / done / (2 * n), "calls": calls,
+            "ms_per_step": 1e3 * wall / done, "phases": phases, "rest_ms_per_step": 1e3 * (wall - layers_s) / done}
+
+
+def format_phase_table(t: dict) -> str:
+    """decode_phase_times' result as a text table."""
+    lines = [f"inside the csrc decoder layers, {t['steps']} decode steps ({t['rows']} rows, mean context "
+             f"{t['context']:.0f} tokens, {t['calls']} layer calls; {t['ms_per_step']:.2f} ms/step):",
+             f"{'phase':>20} {'us/layer':>9} {'% of step':>9} {'MB/layer':>9} {'GB/s':>7}"]
+    for p in t["phases"]:
+        mb = f"{p['bytes_per_layer'] / 1e6:9.2f}" if p["bytes_per_layer"] else f"{'':>9}"
+        rate = f"{p['gbs']:7.1f}" if p["gbs"] else f"{'':>7}"
+        lines.append(f"{p['name']:>20} {p['us_per_layer']:9.1f} {p['pct_of_step']:9.1f} {mb} {rate}")
+    lines.append(f"{'all layers':>20} {sum(p['us_per_layer'] for p in t['phases']):9.1f} "
+                 f"{sum(p['pct_of_step'] for p in t['phases']):9.1f}")
     lines.append(f"rest of the step (gen embedding + aligner, gen head, CFG sampling, host): "
-                 f"{1e3 * (wall - layers_s) / done:.2f} ms/step")
+                 f"{t['rest_ms_per_step']:.2f} ms/step")
     return "\n".join(lines)
+
+
+def plot_phase_times(t: dict, path: Path, title: str = "") -> None:
+    """decode_phase_times' result as a PNG bar chart: one bar per phase (share of the decode step), labelled with
+    its time per layer and read rate, and one for the rest of the step."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=14)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    bars = [(p["name"], p["pct_of_step"], f"{p['us_per_layer']:.1f} us/layer"
+             + (f", {p['gbs']:.1f} GB/s" if p["gbs"] else "")) for p in t["phases"]]
+    rest_pct = 100 * t["rest_ms_per_step"] / t["ms_per_step"]
+    bars.append(("rest of the step", rest_pct, f"{t['rest_ms_per_step']:.2f} ms/step (gen head, sampling, host)"))
+    left, bar_w, row_h, top = 170, 420, 26, 56
+    img = Image.new("RGB", (left + bar_w + 330, top + row_h * len(bars) + 16), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 8), title or "decode step, by phase", fill="black", font=font)
+    d.text((10, 28), f"{t['rows']} rows, mean context {t['context']:.0f} tokens, {t['ms_per_step']:.2f} ms/step "
+           f"over {t['steps']} steps; bars: % of the step", fill="dimgray", font=font)
+    scale = bar_w / max(max(pct for _, pct, _ in bars), 1e-9)
+    for i, (name, pct, label) in enumerate(bars):
+        y = top + i * row_h
+        colour = "gray" if name == "rest of the step" else ("darkorange" if name == "attention" else "steelblue")
+        d.text((10, y + 4), name, fill="black", font=font)
+        d.rectangle([left, y + 3, left + max(1, int(pct * scale)), y + row_h - 5], fill=colour)
+        d.text((left + int(pct * scale) + 8, y + 4), f"{pct:.1f}%  {label}", fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
 
 
 def _cpu_name() -> str:
