@@ -324,8 +324,10 @@ def decode_phase_times(model, prompt, n, steps: int = 8, layerwise: bool = False
     the csrc decoder."""
     from janus_rt import cpu_ops
 
-    eng = _image_engine(model, prompt, n, layerwise=layerwise)
-    if model.device.type != "cpu" or not eng.runner.uses_cpu_decoder():
+    if model.device.type != "cpu" or layerwise:
+        return None
+    eng = _image_engine(model, prompt, n)
+    if not eng.runner.uses_cpu_decoder():
         return None
     for _ in range(max(warmup, 1)):
         if eng.has_work():
