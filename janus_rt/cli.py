@@ -85,8 +85,14 @@ def cmd_understand(args):
 
     from janus_rt.processing import encode_understanding_prompt, preprocess_image
 
+    images = []
+    for path in args.image:  # before loading the model: a wrong path fails at once, with its name
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        except OSError as e:  # missing file, or not an image PIL can read
+            raise SystemExit(f"--image {path!r}: {e}") from None
     model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)
-    images = [Image.open(p) for p in args.image]
     pixels = torch.stack([preprocess_image(im, model.cfg.vision.image_size) for im in images]).to(model.device)
     n_img = model.cfg.vision.num_patches
     ids = encode_understanding_prompt(tok, args.question, num_images=len(images), num_image_tokens=n_img)

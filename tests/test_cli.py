@@ -38,6 +38,14 @@ def test_understand(tmp_path, capsys):
     assert re.search(r"\[preset tiny \(random weights\): [1-3] tokens in", err), err
 
 
+def test_understand_bad_image_is_a_clear_error(tmp_path):
+    """A missing or unreadable --image stops with its path named, not a traceback from deep inside PIL."""
+    (tmp_path / "notes.png").write_text("not an image")
+    for bad in (tmp_path / "missing.png", tmp_path / "notes.png"):
+        with pytest.raises(SystemExit, match=f"--image '{bad}'"):
+            main(["understand", "--model", "tiny", "--image", str(bad), "--question", "What colour?"])
+
+
 def test_convert_and_verify_official_layout(tmp_path, capsys):
     pytest.importorskip("transformers")
     from hf_reference import SMALL_CONFIGS, hf_model, official_config, official_state_dict, tiny_tokenizer
