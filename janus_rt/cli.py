@@ -56,10 +56,24 @@ def _dtype(args):
     return resolve_dtype(args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32"))
 
 
+def _check_args(args, *checks) -> None:
+    """Stop with `janus-rt CMD: --flag ...` for the first failed (condition, message) before any model loads."""
+    for ok, msg in checks:
+        if not ok:
+            raise SystemExit(f"janus-rt {args.cmd}: {msg}")
+
+
 def cmd_generate(args):
     from janus_rt.engine import Engine
     from janus_rt.processing import encode_generation_prompt, generate_images
 
+    _check_args(args, (args.n >= 1, f"-n must be >= 1, got {args.n}"),
+                (args.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}"),
+                (args.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {args.top_k}"),
+                (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+                (not Path(args.out).exists() or Path(args.out).is_dir(), f"--out {args.out!r} is a file, not a folder"))
+    if args.temperature == 0:
+        args.greedy = True
     model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)
     prompts = args.prompt or ["a red circle on a blue background"]
     if args.kv_cache_gb is not None:
@@ -85,6 +99,9 @@ def cmd_understand(args):
 
     from janus_rt.processing import encode_understanding_prompt, preprocess_image
 
+    _check_args(args, (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
+                (args.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}"),
+                (args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"))
     images = []
     for path in args.image:  # before loading the model: a wrong path fails at once, with its name
         try:
@@ -134,7 +151,7 @@ def main(argv=None):
     g.add_argument("--prompt", action="append", help="repeat for several prompts (batched together)")
     g.add_argument("-n", type=int, default=4, help="images per prompt")
     g.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight")
-    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--greedy", action="store_true")

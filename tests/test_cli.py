@@ -38,6 +38,27 @@ def test_understand(tmp_path, capsys):
     assert re.search(r"\[preset tiny \(random weights\): [1-3] tokens in", err), err
 
 
+@pytest.mark.parametrize("flags,message", [(["-n", "0"], "-n must be >= 1"), (["--top-p", "1.5"], "--top-p must be"),
+                                           (["--top-k", "-1"], "--top-k must be"),
+                                           (["--temperature", "-1"], "--temperature must be")])
+def test_generate_bad_flags_are_clear_errors(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match="janus-rt generate: " + message):
+        main(["generate", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "o")] + flags)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        main(["generate", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "file")])
+
+
+def test_generate_temperature_zero_is_greedy(tmp_path):
+    """--temperature 0 means greedy (as for understand): the same images as --greedy."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    main(["generate", "--model", "tiny", "--prompt", "a red circle", "-n", "1", "--temperature", "0", "--out", str(a)])
+    main(["generate", "--model", "tiny", "--prompt", "a red circle", "-n", "1", "--greedy", "--out", str(b)])
+    pngs = sorted(p.name for p in a.glob("*.png"))
+    assert pngs and pngs == sorted(p.name for p in b.glob("*.png"))
+    assert all((a / n).read_bytes() == (b / n).read_bytes() for n in pngs)
+
+
 def test_understand_bad_image_is_a_clear_error(tmp_path):
     """A missing or unreadable --image stops with its path named, not a traceback from deep inside PIL."""
     (tmp_path / "notes.png").write_text("not an image")
