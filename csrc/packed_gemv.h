@@ -10,7 +10,7 @@
 // operand. A strip is one sequential stream of 256-byte steps (AVX-512). The kernel broadcasts x's step (one fp32,
 // or the bf16 pair as a 32-bit word) and runs acc[m][v] += W[step, vector v] * x[m, step] for a 6 x 4 register
 // block (6 rows of x, 4 vectors of W = 24 accumulators), so every lane is one y[m, n] and no horizontal sums remain.
-// Blocking: a strip is cut into K tiles of ktile<WT>() steps (64 KiB); every row block of x runs over a tile
+// Blocking: a strip is cut into K tiles of ktile<WT>() steps (32 KiB); every row block of x runs over a tile
 // while it is in L1/L2, the accumulators wait in a per-thread [M, S] fp32 buffer between tiles. While the row
 // blocks run, the next tile in memory (the strip's next one or the next strip's first) is prefetched, spread over
 // the row blocks so that the weight stream is read at an even rate instead of in bursts at each tile's first block.
@@ -32,8 +32,8 @@
 #include "gemv.h"
 #include "simd.h"
 
-#ifndef JR_PACKED_KTILE_BYTES
-#define JR_PACKED_KTILE_BYTES 65536
+#ifndef JR_PACKED_KTILE_BYTES  // 32 KiB: +2-5 % over 64 KiB for fp32 M = 2 and 8 and bf16 M = 2 from DRAM, same for
+#define JR_PACKED_KTILE_BYTES 32768  // bf16 M = 32 (thousands of interleaved calls, 2026-12-03, bench/RESULTS.md)
 #endif
 #ifndef JR_PACKED_CHUNKS  // work items per thread (strips dealt out dynamically in this many contiguous runs)
 #define JR_PACKED_CHUNKS 4
