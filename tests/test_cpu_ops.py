@@ -399,3 +399,25 @@ def test_gather_rows(src_dtype, dtype):
             cpu_ops.gather_rows(src, torch.tensor([0, bad], dtype=torch.int64), dtype)
     with pytest.raises(ValueError, match="idx"):
         cpu_ops.gather_rows(src, torch.tensor([0, 1], dtype=torch.int32))
+
+
+def test_bench_ab_smoke():
+    """bench/bench_ab.py (interleaved A/B of builds) runs both ops on this build loaded twice: same outputs, a rate
+    per memory-state bin and build."""
+    import argparse
+    import importlib.util
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_ab", root / "bench" / "bench_ab.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    build = pathlib.Path(cpu_ops._C.__file__).parents[1]  # the folder holding the janus_rt/_C*.so in use
+    for op in ("packed_gemv", "attention"):
+        args = argparse.Namespace(builds=f"{build},{build}", op=op, shape="small", dtype="fp32", M=2, rows=2,
+                                  context=40, reps=4, min_mb=1.0)
+        out = ab.main(args)
+        assert list(out["max_abs_diff"].values()) == [0.0]
+        for label in ("slowest quarter", "middle half", "fastest quarter"):
+            rates = [v for k, v in out[label].items() if k != "stream"]
+            assert len(rates) == 2 and all(r > 0 for r in rates)

@@ -1,0 +1,152 @@
+"""A/B of several builds of janus_rt._C on one CPU kernel from DRAM: the builds are loaded into one process and run in
+turn, hundreds of times, each repetition beside a 64 MiB stream_sum; the results are binned by that stream rate.
+
+Why: on a shared host the read bandwidth moves between ~35 and ~85 GB/s within minutes (bench/RESULTS.md,
+2026-12-03), far more than the 2-10 % a kernel change is worth, so separate runs, even alternated, cannot tell such
+changes apart. Interleaving in one process gives every build the same moments, and the bins show whether a change
+helps when memory is slow, fast, or both.
+
+    python setup.py build_ext --inplace                    # build A in the repo, then copy the tree, change, build B:
+    python bench/bench_ab.py --builds .,/tmp/b --op packed_gemv -M 8          # the small shape's weights, fp32
+    python bench/bench_ab.py --builds .,/tmp/b --op packed_gemv --shape 1b -M 32 --dtype bf16
+    python bench/bench_ab.py --builds .,/tmp/b --op attention --context 308  # the small shape's 8 rows of K/V
+
+A build is a folder holding janus_rt/_C*.so (its name in the table: the folder's). Inputs are made once with this
+checkout's cpu_ops (PackedWeight's layout), so the builds must agree on that layout.
+"""
+import argparse
+import glob
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from janus_rt import cpu_ops
+from janus_rt.engine.benchmark import SHAPES
+
+DTYPES = {"fp32": (torch.float32, 0), "bf16": (torch.bfloat16, 1)}
+
+
+def load_builds(folders: list[str]) -> dict:
+    """{name: the _C module of that build}, each loaded under its own module name."""
+    mods = {}
+    for i, folder in enumerate(folders):
+        found = glob.glob(os.path.join(folder, "janus_rt", "_C*.so"))
+        if not found:
+            raise SystemExit(f"--builds: no janus_rt/_C*.so under {folder!r} (build it: python setup.py build_ext "
+                             "--inplace)")
+        spec = importlib.util.spec_from_file_location(f"jr_ab_{i}._C", found[0])
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        name = os.path.basename(os.path.abspath(folder)) or folder
+        mods[name if name not in mods else f"{name}#{i}"] = mod
+    return mods
+
+
+def packed_gemv_case(shape: str, M: int, dtype: str, min_bytes: float):
+    """The shape's four decoder weights per layer (+ the gen head), as many layers as make >= min_bytes.
+    Returns (bytes read per call, fn(module) running the GEMVs once)."""
+    C, L, _, inter, _, _ = SHAPES[shape]
+    dt, code = DTYPES[dtype]
+    if dtype == "bf16" and not cpu_ops.packed_available(torch.bfloat16):
+        raise SystemExit("--dtype bf16: this CPU has no AVX512_BF16 (no packed bf16 GEMV)")
+    layer = [(3 * C, C), (C, C), (2 * inter, C), (C, inter)]
+    per_layer = sum(n * k for n, k in layer) * dt.itemsize
+    layers = max(1, min(L, -int(-min_bytes // per_layer)))
+    g = torch.Generator().manual_seed(0)
+    ws = [cpu_ops.PackedWeight(torch.randn(n, k, generator=g).to(dt)) for n, k in layer * layers + [(16384, C)]]
+    xs = {k: torch.randn(M, k, generator=g).to(dt) for _, k in layer}
+    ys = {n: torch.empty(M, n) for n, _ in layer + [(16384, C)]}
+    nbytes = sum(w.data.numel() * dt.itemsize for w in ws)
+
+    def run(mod):
+        for w in ws:
+            mod.linear_packed(xs[w.K].data_ptr(), w.data.data_ptr(), 0, ys[w.N].data_ptr(), M, w.N, w.K, code)
+        return ys[16384]  # the last call's output
+
+    return nbytes, run, f"packed GEMV, {shape} shape, {layers} layer(s) + gen head, M = {M}, {dtype}"
+
+
+def attention_case(shape: str, rows: int, context: int, dtype: str, min_bytes: float, block_size: int = 16):
+    """Paged decode attention over `rows` rows of `context` tokens in 16-token blocks handed out in turn (as the
+    engine's rows grow in step), as many layers' caches as make >= min_bytes."""
+    C, _, H, _, _, _ = SHAPES[shape]
+    dt, code = DTYPES[dtype]
+    D = C // H
+    nb = -(-context // block_size)
+    per_layer = 2 * rows * nb * block_size * C * dt.itemsize
+    layers = max(1, -int(-min_bytes // per_layer))
+    g = torch.Generator().manual_seed(0)
+    tables = torch.tensor([[i * rows + b for i in range(nb)] for b in range(rows)], dtype=torch.int32)
+    lens = torch.full((rows,), context, dtype=torch.int32)
+    caches = [(torch.randn(nb * rows, block_size, H, D, generator=g).to(dt),
+               torch.randn(nb * rows, block_size, H, D, generator=g).to(dt)) for _ in range(layers)]
+    q = torch.randn(rows, H, D, generator=g).to(dt)
+    o = torch.empty_like(q)
+    nbytes = layers * 2 * rows * context * C * dt.itemsize
+
+    def run(mod):
+        for k, v in caches:
+            mod.paged_decode_attention(q.data_ptr(), code, k.data_ptr(), v.data_ptr(), code, tables.data_ptr(),
+                                       lens.data_ptr(), o.data_ptr(), rows, H, H, D, nb * rows, block_size, nb,
+                                       D ** -0.5)
+        return o
+
+    return nbytes, run, f"paged attention, {shape} shape, {layers} layer(s) x {rows} rows x {context} tokens, {dtype}"
+
+
+def main(args) -> dict:
+    if not cpu_ops.available():
+        raise SystemExit("janus_rt._C is not built here: python setup.py build_ext --inplace")
+    mods = load_builds(args.builds.split(","))
+    min_bytes = args.min_mb * 1e6
+    if args.op == "packed_gemv":
+        nbytes, run, what = packed_gemv_case(args.shape, args.M, args.dtype, min_bytes)
+    else:
+        rows = args.rows or 2 * SHAPES[args.shape][5]
+        nbytes, run, what = attention_case(args.shape, rows, args.context, args.dtype, min_bytes)
+    names = list(mods)
+    outputs = {name: run(mods[name]).float().clone() for name in names}  # also the warm-up
+    stream = torch.ones((512 << 20) // 4).split((64 << 20) // 4)
+    rates = {name: [] for name in mods}
+    st = []
+    for rep in range(args.reps):
+        t = time.perf_counter()
+        cpu_ops.stream_sum(stream[rep % len(stream)])
+        st.append((64 << 20) / (time.perf_counter() - t) / 1e9)
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            t = time.perf_counter()
+            run(mods[name])
+            rates[name].append(nbytes / (time.perf_counter() - t) / 1e9)
+    order = sorted(range(len(st)), key=st.__getitem__)
+    q = max(1, len(order) // 4)
+    bins = {"slowest quarter": order[:q], "middle half": order[q:-q] or order, "fastest quarter": order[-q:]}
+    print(f"# bench_ab: {what}; {nbytes / 1e6:.0f} MB per call, {args.reps} repetitions, "
+          f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}")
+    print("| memory state | stream GB/s | " + " | ".join(f"{n} GB/s" for n in names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    out = {"max_abs_diff": {n: (outputs[n] - outputs[names[0]]).abs().max().item() for n in names[1:]}}
+    for label, idx in bins.items():
+        med = {n: statistics.median(rates[n][i] for i in idx) for n in names}
+        out[label] = {"stream": statistics.median(st[i] for i in idx), **med}
+        print(f"| {label} | {out[label]['stream']:.1f} | " + " | ".join(f"{med[n]:.1f}" for n in names) + " |")
+    for n, d in out["max_abs_diff"].items():
+        print(f"output of {n} vs {names[0]}: " + ("identical" if d == 0 else f"max abs difference {d:.3g}"))
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--builds", required=True, help="comma-separated folders, each with a built janus_rt/_C*.so")
+    ap.add_argument("--op", choices=["packed_gemv", "attention"], default="packed_gemv")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    ap.add_argument("-M", type=int, default=8, help="packed_gemv: rows of x")
+    ap.add_argument("--rows", type=int, default=None, help="attention: rows (default: the shape's 2n)")
+    ap.add_argument("--context", type=int, default=308, help="attention: cached tokens per row")
+    ap.add_argument("--reps", type=int, default=400)
+    ap.add_argument("--min-mb", type=float, default=80.0, help="bytes per call, well past the L3")
+    sys.exit(0 if main(ap.parse_args()) else 1)
