@@ -10,8 +10,8 @@
 // operand. A strip is one sequential stream of 256-byte steps (AVX-512). The kernel broadcasts x's step (one fp32,
 // or the bf16 pair as a 32-bit word) and runs acc[m][v] += W[step, vector v] * x[m, step] for a 6 x 4 register
 // block (6 rows of x, 4 vectors of W = 24 accumulators), so every lane is one y[m, n] and no horizontal sums remain.
-// Blocking: a strip is cut into K tiles of ktile<WT>() steps (32 KiB); every row block of x runs over a tile
-// while it is in L1/L2, the accumulators wait in a per-thread [M, S] fp32 buffer between tiles. While the row
+// Blocking: a strip is cut into K tiles of ktile<WT>() steps (32 KiB fp32, 64 KiB bf16); every row block of x runs
+// over a tile while it is in L1/L2, the accumulators wait in a per-thread [M, S] fp32 buffer between tiles. While the row
 // blocks run, the next tile in memory (the strip's next one or the next strip's first) is prefetched, spread over
 // the row blocks so that the weight stream is read at an even rate instead of in bursts at each tile's first block.
 // Against gemv.h's row-block kernel on the unpacked W (bf16, 2-core Zen 5, 2026-12-02, bench/RESULTS.md): ~1.8x at
@@ -32,8 +32,13 @@
 #include "gemv.h"
 #include "simd.h"
 
-#ifndef JR_PACKED_KTILE_BYTES  // 32 KiB: +2-5 % over 64 KiB for fp32 M = 2 and 8 and bf16 M = 2 from DRAM, same for
-#define JR_PACKED_KTILE_BYTES 32768  // bf16 M = 32 (thousands of interleaved calls, 2026-12-03, bench/RESULTS.md)
+// K tile bytes by weight type (bench/bench_ab.py, 2026-12-03, bench/RESULTS.md): fp32 32 KiB (+2-5 % over 64 KiB from
+// DRAM at M = 2 and 8), bf16 64 KiB (32 KiB: +3 % at M = 2 but -1-6 % at M = 32, the 1B benchmark's rows).
+#ifndef JR_PACKED_KTILE_BYTES_F32
+#define JR_PACKED_KTILE_BYTES_F32 32768
+#endif
+#ifndef JR_PACKED_KTILE_BYTES_BF16
+#define JR_PACKED_KTILE_BYTES_BF16 65536
 #endif
 #ifndef JR_PACKED_CHUNKS  // work items per thread (strips dealt out dynamically in this many contiguous runs)
 #define JR_PACKED_CHUNKS 4
@@ -69,7 +74,8 @@ constexpr int64_t step_elems() {  // elements of one step of a strip
 }
 template <typename WT>
 constexpr int64_t ktile() {  // steps per K tile
-  return std::max<int64_t>(1, JR_PACKED_KTILE_BYTES / int64_t(step_elems<WT>() * sizeof(WT)));
+  const int64_t bytes = std::is_same_v<WT, float> ? JR_PACKED_KTILE_BYTES_F32 : JR_PACKED_KTILE_BYTES_BF16;
+  return std::max<int64_t>(1, bytes / int64_t(step_elems<WT>() * sizeof(WT)));
 }
 
 inline int64_t num_strips(int64_t N, int64_t S) { return (N + S - 1) / S; }
