@@ -10,10 +10,11 @@
 // operand. A strip is one sequential stream of 256-byte steps (AVX-512). The kernel broadcasts x's step (one fp32,
 // or the bf16 pair as a 32-bit word) and runs acc[m][v] += W[step, vector v] * x[m, step] for a 6 x 4 register
 // block (6 rows of x, 4 vectors of W = 24 accumulators), so every lane is one y[m, n] and no horizontal sums remain.
-// Blocking: a strip is cut into K tiles of ktile<WT>() steps (32 KiB fp32, 64 KiB bf16); every row block of x runs
-// over a tile while it is in L1/L2, the accumulators wait in a per-thread [M, S] fp32 buffer between tiles. While the row
-// blocks run, the next tile in memory (the strip's next one or the next strip's first) is prefetched, spread over
-// the row blocks so that the weight stream is read at an even rate instead of in bursts at each tile's first block.
+// Blocking: a strip is cut into K tiles of ktile<WT>() steps (32 KiB fp32, 64 KiB bf16); every row block of x
+// runs over a tile while it is in L1/L2, the accumulators wait in a per-thread [M, S] fp32 buffer between tiles.
+// While the row blocks run, the next tile in memory (the strip's next one or the next strip's first) is prefetched,
+// spread over the row blocks so that the weight stream is read at an even rate instead of in bursts at each tile's
+// first block.
 // Against gemv.h's row-block kernel on the unpacked W (bf16, 2-core Zen 5, 2026-12-02, bench/RESULTS.md): ~1.8x at
 // M = 32, ~1.5x at M = 2-8, with W from DRAM.
 // Batch invariance: y[m, n] = bias[n] + (((0 + step 0) + step 1) + ...) in fp32 lanes (FMA, or the pair's dot

@@ -71,7 +71,8 @@ def cmd_generate(args):
                 (args.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}"),
                 (args.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {args.top_k}"),
                 (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
-                (not Path(args.out).exists() or Path(args.out).is_dir(), f"--out {args.out!r} is a file, not a folder"))
+                (not Path(args.out).exists() or Path(args.out).is_dir(),
+                 f"--out {args.out!r} is a file, not a folder"))
     if args.temperature == 0:
         args.greedy = True
     model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)

@@ -44,6 +44,9 @@ def test_understand(tmp_path, capsys):
 def test_generate_bad_flags_are_clear_errors(tmp_path, flags, message):
     with pytest.raises(SystemExit, match="janus-rt generate: " + message):
         main(["generate", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "o")] + flags)
+
+
+def test_generate_out_that_is_a_file_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match="is a file, not a folder"):
         main(["generate", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "file")])

@@ -147,8 +147,8 @@ def decode_step_bytes_flops(model, rows: int, context: int, shared: tuple[int, i
     """Bytes a decode step must read (LLM + gen head/aligner weights once, plus the KV cache it attends over) and its
     FLOPs, for `rows` rows of `context` cached tokens each. shared = (groups, tokens): the first `tokens` of every row
     sit in blocks that `groups` sets of rows share (an image request's cond and uncond prompts: 2 groups; whole
-    blocks only), so they are stored, and must be read, once per group rather than once per row. FLOPs count every row's full
-    context."""
+    blocks only), so they are stored, and must be read, once per group rather than once per row. FLOPs count every
+    row's full context."""
     isz = model.dtype.itemsize
     llm = sum(p.numel() for n, p in model.llm.named_parameters() if "embed_tokens" not in n)
     heads = sum(p.numel() for p in model.gen_head.parameters()) + sum(p.numel() for p in model.gen_aligner.parameters())
@@ -311,7 +311,8 @@ def profile_decode_step(model, prompt, n, out: Path, layerwise: bool = False, st
     phases = decode_phase_times(model, prompt, n, layerwise=layerwise, warmup=phase_warmup)
     if phases:
         print(format_phase_table(phases))
-        plot_phase_times(phases, out / "phases.png", f"janus_rt decode step by phase: {str(model.dtype).split('.')[-1]}, n = {n}")
+        dtype = str(model.dtype).split(".")[-1]
+        plot_phase_times(phases, out / "phases.png", f"janus_rt decode step by phase: {dtype}, n = {n}")
         print(f"phase chart: {out / 'phases.png'}")
 
 
@@ -346,10 +347,11 @@ def decode_phase_times(model, prompt, n, steps: int = 8, layerwise: bool = False
     calls = timed["calls"]
     if not done or not calls:
         return None
-    C, I = c.hidden_size, c.intermediate_size
-    nbytes = {"qkv_proj": (C + 2 * c.num_kv_heads * c.head_dim) * C * isz, "o_proj": C * C * isz,
-              "gate_up_proj": 2 * I * C * isz, "down_proj": C * I * isz,
-              "attention": kv_tokens / done * 2 * c.num_kv_heads * c.head_dim * isz}
+    layer = model.llm.layers[0]  # a projection phase reads its weight once per layer call
+    nbytes = {name: w.weight.numel() * isz for name, w in (
+        ("qkv_proj", layer.attn.qkv_proj), ("o_proj", layer.attn.o_proj), ("gate_up_proj", layer.mlp.gate_up_proj),
+        ("down_proj", layer.mlp.down_proj))}
+    nbytes["attention"] = kv_tokens / done * 2 * c.num_kv_heads * c.head_dim * isz
     phases = []
     for name, sec in timed["seconds"].items():
         per = sec / calls
