@@ -10,6 +10,8 @@ helps when memory is slow, fast, or both.
     python bench/bench_ab.py --builds .,/tmp/b --op packed_gemv -M 8          # the small shape's weights, fp32
     python bench/bench_ab.py --builds .,/tmp/b --op packed_gemv --shape 1b -M 32 --dtype bf16
     python bench/bench_ab.py --builds .,/tmp/b --op attention --context 308  # the small shape's 8 rows of K/V
+    python bench/bench_ab.py --builds .,/tmp/b --op engine --reps 12  # whole generations; GB/s = roofline bytes
+                                                                      # per decode step / measured ms per step
 
 A build is a folder holding janus_rt/_C*.so (its name in the table: the folder's). Inputs are made once with this
 checkout's cpu_ops (PackedWeight's layout), so the builds must agree on that layout.
@@ -97,13 +99,43 @@ def attention_case(shape: str, rows: int, context: int, dtype: str, min_bytes: f
     return nbytes, run, f"paged attention, {shape} shape, {layers} layer(s) x {rows} rows x {context} tokens, {dtype}"
 
 
+def engine_case(shape: str, n: int, tokens: int, dtype: str):
+    """The whole image generation of `janus-rt bench` (n images, `tokens` each) on random weights at the shape:
+    run(mod) patches cpu_ops to call that build, runs the engine, and returns the tokens. The rate reported is the
+    roofline's bytes per decode step over the measured ms per step."""
+    from janus_rt.engine.benchmark import BLOCK_SIZE, bench_model, decode_step_bytes_flops, _image_engine
+
+    model = bench_model(shape, DTYPES[dtype][0], "cpu")
+    prompt = [model.cfg.tokens.bos_id] + list(range(100, 118)) + [model.cfg.tokens.boi_id]
+    step_bytes, _ = decode_step_bytes_flops(model, 2 * n, len(prompt) + tokens // 2,
+                                            shared=(2, len(prompt) // BLOCK_SIZE * BLOCK_SIZE))
+    real_ext = cpu_ops._ext
+    last = {}
+
+    def run(mod):
+        cpu_ops._ext = lambda: mod
+        try:
+            eng = _image_engine(model, prompt, n, tokens)
+            done = eng.run()
+        finally:
+            cpu_ops._ext = real_ext
+        last["ms"] = eng.stats.ms_per_step
+        return torch.tensor([t for r in done.values() for row in r.tokens for t in row], dtype=torch.float32)
+
+    return step_bytes, run, f"engine, {shape} shape, n = {n}, {tokens} tokens, {dtype}", last
+
+
 def main(args) -> dict:
     if not cpu_ops.available():
         raise SystemExit("janus_rt._C is not built here: python setup.py build_ext --inplace")
     mods = load_builds(args.builds.split(","))
     min_bytes = args.min_mb * 1e6
+    step = None  # engine: {"ms": the last run's ms per decode step}
     if args.op == "packed_gemv":
         nbytes, run, what = packed_gemv_case(args.shape, args.M, args.dtype, min_bytes)
+    elif args.op == "engine":
+        nbytes, run, what, step = engine_case(args.shape, args.n or SHAPES[args.shape][5], args.tokens,
+                                              args.dtype)
     else:
         rows = args.rows or 2 * SHAPES[args.shape][5]
         nbytes, run, what = attention_case(args.shape, rows, args.context, args.dtype, min_bytes)
@@ -119,7 +151,8 @@ def main(args) -> dict:
         for name in (names if rep % 2 == 0 else names[::-1]):
             t = time.perf_counter()
             run(mods[name])
-            rates[name].append(nbytes / (time.perf_counter() - t) / 1e9)
+            dt = time.perf_counter() - t if step is None else step["ms"] / 1e3  # engine: per decode step
+            rates[name].append(nbytes / dt / 1e9)
     order = sorted(range(len(st)), key=st.__getitem__)
     q = max(1, len(order) // 4)
     bins = {"slowest quarter": order[:q], "middle half": order[q:-q] or order, "fastest quarter": order[-q:]}
@@ -140,12 +173,14 @@ def main(args) -> dict:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--builds", required=True, help="comma-separated folders, each with a built janus_rt/_C*.so")
-    ap.add_argument("--op", choices=["packed_gemv", "attention"], default="packed_gemv")
+    ap.add_argument("--op", choices=["packed_gemv", "attention", "engine"], default="packed_gemv")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("-M", type=int, default=8, help="packed_gemv: rows of x")
     ap.add_argument("--rows", type=int, default=None, help="attention: rows (default: the shape's 2n)")
     ap.add_argument("--context", type=int, default=308, help="attention: cached tokens per row")
+    ap.add_argument("-n", type=int, default=None, help="engine: images (default: the shape's)")
+    ap.add_argument("--tokens", type=int, default=576, help="engine: image tokens per image")
     ap.add_argument("--reps", type=int, default=400)
     ap.add_argument("--min-mb", type=float, default=80.0, help="bytes per call, well past the L3")
     main(ap.parse_args())

@@ -3,7 +3,12 @@
 //   q [B, H, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables int32 [B, max_blocks];
 //   context_lens int32 [B]; o [B, H, D] = softmax(q k^T * sm_scale) v over the first context_lens[b] tokens.
 // q/o fp32 or bf16, caches fp32 or bf16, all math in fp32. Query head h reads kv head h / (H / Hkv).
-// An online softmax per query head rescales its accumulator once per cache block. On the 2-core Zen 3 box the
+// An online softmax per query head rescales its accumulator once per cache block. V is accumulated for 16
+// vectors of the task's output row at a time over the block's tokens (each token's V read as long runs; fp32 small
+// shape +3-6 %, Janus-Pro-1B dims bf16 +8 %, fp32 +5 % from DRAM, bit-identical: bench/RESULTS.md 2026-12-03).
+// Narrow fp32 rows (a task's K row <= kTokenMajorBytes) score token by token instead of 8 tokens per head, so
+// K too is read front to back (+7 % more at the small shape; -8 % for 4 KiB bf16 rows, where it is not used).
+// On the 2-core Zen 3 box the
 // kernel runs at ~50 GB/s of K/V from L3 but ~13 GB/s from DRAM, where a plain read of the same blocks in the same
 // order reaches only ~16 GB/s: one 32 KiB block after another is a short single stream per thread. Software
 // prefetch of the next block (into L1, L2 or L3), touching its pages ahead, and reading K and V in alternating
@@ -15,6 +20,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -24,6 +30,7 @@ namespace jr::attn {
 
 using simd::vf;
 constexpr int kW = simd::kWidth;
+constexpr int64_t kTokenMajorBytes = 2048;  // token-major K scoring for fp32 task rows up to this (see the top)
 
 // q . k over D elements; four accumulators so the FMAs do not wait on each other.
 template <typename T>
@@ -72,6 +79,29 @@ inline void accumulate_v(float* acc, const float* p, const T* v, int64_t ldv, in
     for (int64_t t = 0; t < n; ++t) acc[d] += p[t] * to_float(v[t * ldv + d]);
 }
 
+// The same over a task's whole output row of W = heads * D elements (MHA: the task's heads are contiguous in acc
+// and in the cached row): kSeg vectors of acc stay in registers while the block's n tokens stream by, so each
+// token's V is read in runs of kSeg vectors instead of one D-sized piece per head and pass. The weight of token t
+// for head h is p[h * ph + t * pt]. Needs D % kW == 0 and W % (kSeg * kW) == 0; per element the same FMAs in the
+// same order as accumulate_v.
+constexpr int kSeg = kW >= 16 ? 16 : 8;  // AVX-512: 16 of 32 registers; AVX2 8 of 16
+template <typename T>
+inline void accumulate_v_rows(float* acc, const float* p, int64_t ph, int64_t pt, const T* v, int64_t ldv, int64_t n,
+                              int64_t W, int64_t D) {
+  for (int64_t e0 = 0; e0 < W; e0 += kSeg * kW) {
+    const float* pj[kSeg];
+    vf a[kSeg];
+#pragma GCC unroll 16
+    for (int j = 0; j < kSeg; ++j) pj[j] = p + (e0 + j * kW) / D * ph, a[j] = simd::load(acc + e0 + j * kW);
+    for (int64_t t = 0; t < n; ++t) {
+      const T* vt = v + t * ldv + e0;
+#pragma GCC unroll 16
+      for (int j = 0; j < kSeg; ++j) a[j] = simd::fma(simd::set1(pj[j][t * pt]), simd::load_as_float(vt + j * kW), a[j]);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < kSeg; ++j) simd::store(acc + e0 + j * kW, a[j]);
+  }
+}
 
 #if defined(__AVX2__) && defined(__FMA__)
 // Fast paths for AVX2 (Zen 3, where they were tuned) and AVX-512 builds (Zen 5: the same 8-lane exp and score
@@ -97,8 +127,17 @@ inline __m256 exp_neg(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-// q . k_j for the 8 keys k + j * ldk over D (a multiple of kWidth) -> [q.k_0, ..., q.k_7]: eight accumulators and
-// one transposing hadd reduction instead of eight separate horizontal sums (which dominated the in-cache time).
+// [sum of b0's lanes, ..., sum of b7's lanes]: each accumulator folded to 8 lanes (AVX-512: low half + high half),
+// then one transposing hadd reduction instead of eight separate horizontal sums (which dominated the in-cache time).
+inline __m256 reduce8(vf b0, vf b1, vf b2, vf b3, vf b4, vf b5, vf b6, vf b7) {
+  const __m256 a0 = simd::fold8(b0), a1 = simd::fold8(b1), a2 = simd::fold8(b2), a3 = simd::fold8(b3);
+  const __m256 a4 = simd::fold8(b4), a5 = simd::fold8(b5), a6 = simd::fold8(b6), a7 = simd::fold8(b7);
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// q . k_j for the 8 keys k + j * ldk over D (a multiple of kWidth) -> [q.k_0, ..., q.k_7]: eight accumulators.
 template <typename T>
 inline __m256 dots8(const float* q, const T* k, int64_t ldk, int64_t D) {
   vf b0 = simd::zero(), b1 = b0, b2 = b0, b3 = b0, b4 = b0, b5 = b0, b6 = b0, b7 = b0;
@@ -113,12 +152,27 @@ inline __m256 dots8(const float* q, const T* k, int64_t ldk, int64_t D) {
     b6 = simd::fma(simd::load_as_float(k + 6 * ldk + d), qv, b6);
     b7 = simd::fma(simd::load_as_float(k + 7 * ldk + d), qv, b7);
   }
-  // AVX-512: each 16-lane accumulator folded to 8 lanes (low half + high half) first
-  const __m256 a0 = simd::fold8(b0), a1 = simd::fold8(b1), a2 = simd::fold8(b2), a3 = simd::fold8(b3);
-  const __m256 a4 = simd::fold8(b4), a5 = simd::fold8(b5), a6 = simd::fold8(b6), a7 = simd::fold8(b7);
-  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+  return reduce8(b0, b1, b2, b3, b4, b5, b6, b7);
+}
+
+// q_h . k_row[off[h] : off[h] + D] for 8 query heads h (q_h = q + h * D) of one cached token -> [s_0, ..., s_7]:
+// the token-major counterpart of dots8, the same reduction tree per lane (so the same scores).
+template <typename T>
+inline __m256 dots8_heads(const float* q, const T* krow, const int64_t* off, int64_t D) {
+  vf b0 = simd::zero(), b1 = b0, b2 = b0, b3 = b0, b4 = b0, b5 = b0, b6 = b0, b7 = b0;
+  const T *k0 = krow + off[0], *k1 = krow + off[1], *k2 = krow + off[2], *k3 = krow + off[3];
+  const T *k4 = krow + off[4], *k5 = krow + off[5], *k6 = krow + off[6], *k7 = krow + off[7];
+  for (int64_t d = 0; d < D; d += kW) {
+    b0 = simd::fma(simd::load_as_float(k0 + d), simd::load(q + d), b0);
+    b1 = simd::fma(simd::load_as_float(k1 + d), simd::load(q + D + d), b1);
+    b2 = simd::fma(simd::load_as_float(k2 + d), simd::load(q + 2 * D + d), b2);
+    b3 = simd::fma(simd::load_as_float(k3 + d), simd::load(q + 3 * D + d), b3);
+    b4 = simd::fma(simd::load_as_float(k4 + d), simd::load(q + 4 * D + d), b4);
+    b5 = simd::fma(simd::load_as_float(k5 + d), simd::load(q + 5 * D + d), b5);
+    b6 = simd::fma(simd::load_as_float(k6 + d), simd::load(q + 6 * D + d), b6);
+    b7 = simd::fma(simd::load_as_float(k7 + d), simd::load(q + 7 * D + d), b7);
+  }
+  return reduce8(b0, b1, b2, b3, b4, b5, b6, b7);
 }
 #endif
 
@@ -189,11 +243,43 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
     std::fill(acc.begin(), acc.end(), 0.0f);
     std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
     std::fill(l.begin(), l.end(), 0.0f);
+    // V for the whole row at once (accumulate_v_rows) where the task's heads are contiguous and fill its vectors
+    const bool rows_v = G == 1 && D % kW == 0 && (nh * D) % (kSeg * kW) == 0;
+#ifdef JR_ATTN_AVX2
+    const bool token_major = rows_v && std::is_same_v<TKV, float> && nh % 8 == 0 &&
+                             nh * D * int64_t(sizeof(TKV)) <= kTokenMajorBytes;
+#endif
     for (int64_t i = 0; i * bs < len; ++i) {
       const int64_t n = std::min(bs, len - i * bs);
       const int64_t base = int64_t(bt[b * max_blocks + i]) * bs * row;  // token t of the block at base + t * row
       int64_t t = 0;
 #ifdef JR_ATTN_AVX2
+      if (token_major) {  // scores s[t * nh + h]; the softmax 8 heads per vector
+        const __m256 sc = _mm256_set1_ps(sm_scale);
+        for (; t < n; ++t)
+          for (int64_t h = 0; h < nh; h += 8)
+            _mm256_storeu_ps(&s[t * nh + h], _mm256_mul_ps(dots8_heads(&qf[h * D], kc + base + t * row, &off[h], D), sc));
+        for (int64_t h = 0; h < nh; h += 8) {
+          __m256 mb = _mm256_loadu_ps(&m[h]), sum = _mm256_setzero_ps();
+          for (int64_t u = 0; u < n; ++u) mb = _mm256_max_ps(mb, _mm256_loadu_ps(&s[u * nh + h]));
+          for (int64_t u = 0; u < n; ++u) {
+            const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(&s[u * nh + h]), mb));
+            _mm256_storeu_ps(&s[u * nh + h], e);
+            sum = _mm256_add_ps(sum, e);
+          }
+          alignas(32) float mbs[8], sums[8];
+          _mm256_store_ps(mbs, mb);
+          _mm256_store_ps(sums, sum);
+          for (int64_t j = 0; j < 8; ++j) {
+            const float alpha = std::exp(m[h + j] - mbs[j]);  // 0 on the first block (m = -inf)
+            scale(&acc[(h + j) * D], alpha, D);
+            l[h + j] = l[h + j] * alpha + sums[j];
+            m[h + j] = mbs[j];
+          }
+        }
+        accumulate_v_rows(acc.data(), s.data(), 1, nh, vc + base + off[0], row, n, nh * D, D);
+        continue;
+      }
       if (D % kW == 0) {
         const __m256 sc = _mm256_set1_ps(sm_scale);
         for (; t + 8 <= n; t += 8)
@@ -214,8 +300,9 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
         l[h] *= alpha;
         m[h] = mb;
         l[h] += exp_sub_sum(&s[h * bs], n, mb);
-        accumulate_v(&acc[h * D], &s[h * bs], vc + base + off[h], row, n, D);
+        if (!rows_v) accumulate_v(&acc[h * D], &s[h * bs], vc + base + off[h], row, n, D);
       }
+      if (rows_v) accumulate_v_rows(acc.data(), s.data(), bs, 1, vc + base + off[0], row, n, nh * D, D);
     }
     for (int64_t h = 0; h < nh; ++h) {
       const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;  // an empty context gives zeros

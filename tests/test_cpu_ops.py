@@ -71,6 +71,20 @@ def test_paged_decode_attention_fp32_q(poison, D, block_size, context_lens, cach
     assert bool((o[cl == 0] == 0).all())
 
 
+@pytest.mark.parametrize("H,D,cache_dtype", [(8, 64, torch.float32), (8, 64, torch.bfloat16), (16, 128, torch.float32),
+                                             (16, 32, torch.float32), (24, 64, torch.float32)])
+def test_paged_decode_attention_row_paths(poison, H, D, cache_dtype):
+    # Widths that take the whole-row V accumulation (accumulate_v_rows) and, for fp32 rows of 8 heads x 64 and
+    # 16 x 32 (2 KiB), the token-major scoring; 24 x 64 fp32 is too wide for it. Four and more sequences keep every
+    # task's heads whole; lengths with 8-token and block tails, one empty.
+    lens = [1, 7, 16, 17, 45, 0, 100]
+    q, kc, vc, bt, cl = _paged_setup(len(lens), H, D, 16, lens, cache_dtype, seed=3)
+    o = cpu_ops.paged_decode_attention(q, kc, vc, bt, cl, sm_scale=0.3)
+    ref = paged_decode_attention_ref(q, kc.float(), vc.float(), bt, cl, sm_scale=0.3)
+    assert rel_err(o, ref) <= 1e-5
+    assert bool((o[cl == 0] == 0).all())
+
+
 def test_paged_decode_attention_bf16(poison):
     q, kc, vc, bt, cl = _paged_setup(3, 4, 64, 16, [1, 17, 45], torch.bfloat16, seed=1)
     q = q.bfloat16()
