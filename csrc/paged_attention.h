@@ -254,26 +254,40 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
       const int64_t base = int64_t(bt[b * max_blocks + i]) * bs * row;  // token t of the block at base + t * row
       int64_t t = 0;
 #ifdef JR_ATTN_AVX2
-      if (token_major) {  // scores s[t * nh + h]; the softmax 8 heads per vector
+      if (token_major) {
+        // Scores s[t * nh + h] and the softmax 8 heads per vector, every value bit-identical to the per-head path
+        // below (the same reduce8 tree per score, dot() for the tail tokens past the last 8, exp_sub_sum's lanes
+        // and sum order), so a row's result does not depend on the batch that decides nh.
         const __m256 sc = _mm256_set1_ps(sm_scale);
-        for (; t < n; ++t)
+        const int64_t n8 = n / 8 * 8;
+        for (; t < n8; ++t)
           for (int64_t h = 0; h < nh; h += 8)
             _mm256_storeu_ps(&s[t * nh + h], _mm256_mul_ps(dots8_heads(&qf[h * D], kc + base + t * row, &off[h], D), sc));
+        for (; t < n; ++t)
+          for (int64_t h = 0; h < nh; ++h) s[t * nh + h] = dot(&qf[h * D], kc + base + t * row + off[h], D) * sm_scale;
         for (int64_t h = 0; h < nh; h += 8) {
-          __m256 mb = _mm256_loadu_ps(&m[h]), sum = _mm256_setzero_ps();
+          __m256 mb = _mm256_loadu_ps(&m[h]);
           for (int64_t u = 0; u < n; ++u) mb = _mm256_max_ps(mb, _mm256_loadu_ps(&s[u * nh + h]));
-          for (int64_t u = 0; u < n; ++u) {
+          __m256 lane[8];  // lane[k] = exp_sub_sum's accumulator lane k: the sum over tokens u = k mod 8, u < n8
+          for (int k = 0; k < 8; ++k) lane[k] = _mm256_setzero_ps();
+          for (int64_t u = 0; u < n8; ++u) {
             const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(&s[u * nh + h]), mb));
             _mm256_storeu_ps(&s[u * nh + h], e);
-            sum = _mm256_add_ps(sum, e);
+            lane[u % 8] = _mm256_add_ps(lane[u % 8], e);
           }
+          const __m256 sum = _mm256_add_ps(  // hsum8's tree: ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7))
+              _mm256_add_ps(_mm256_add_ps(lane[0], lane[4]), _mm256_add_ps(lane[2], lane[6])),
+              _mm256_add_ps(_mm256_add_ps(lane[1], lane[5]), _mm256_add_ps(lane[3], lane[7])));
           alignas(32) float mbs[8], sums[8];
           _mm256_store_ps(mbs, mb);
           _mm256_store_ps(sums, sum);
           for (int64_t j = 0; j < 8; ++j) {
+            float part = sums[j];
+            for (int64_t u = n8; u < n; ++u) part += (s[u * nh + h + j] = std::exp(s[u * nh + h + j] - mbs[j]));
             const float alpha = std::exp(m[h + j] - mbs[j]);  // 0 on the first block (m = -inf)
             scale(&acc[(h + j) * D], alpha, D);
-            l[h + j] = l[h + j] * alpha + sums[j];
+            l[h + j] *= alpha;
+            l[h + j] += part;
             m[h + j] = mbs[j];
           }
         }

@@ -85,6 +85,18 @@ def test_paged_decode_attention_row_paths(poison, H, D, cache_dtype):
     assert bool((o[cl == 0] == 0).all())
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention_batch_invariant(poison, cache_dtype):
+    # A batch of 8 rows runs each row's 8 heads as one task (token-major scoring for fp32, whole-row V); one row
+    # alone is split into head chunks (per-head scoring and V). Every row must come out bit-identical either way.
+    lens = [45, 1, 16, 23, 0, 100, 8, 37]
+    q, kc, vc, bt, cl = _paged_setup(len(lens), 8, 64, 16, lens, cache_dtype, seed=4)
+    batch = cpu_ops.paged_decode_attention(q, kc, vc, bt, cl)
+    for b in range(len(lens)):
+        alone = cpu_ops.paged_decode_attention(q[b : b + 1], kc, vc, bt[b : b + 1], cl[b : b + 1])
+        assert torch.equal(alone[0], batch[b]), f"row {b} (context {lens[b]}) differs alone and in the batch"
+
+
 def test_paged_decode_attention_bf16(poison):
     q, kc, vc, bt, cl = _paged_setup(3, 4, 64, 16, [1, 17, 45], torch.bfloat16, seed=1)
     q = q.bfloat16()
