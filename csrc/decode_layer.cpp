@@ -116,7 +116,7 @@ void run_layer(T* h, const Layer<T>& L) {
   std::vector<float> y(size_t(R * wide));             // GEMV output, fp32
   std::vector<float> row(size_t(R * std::max(C, I)));  // a normed / activated row before packing
   std::vector<T> q(size_t(R * C)), o(size_t(R * C));  // rotated queries, attention output
-  const int64_t chunks = attn::head_chunks(R, H, omp_get_max_threads());
+  attn::Plan plan = attn::make_plan(L.context_lens, R, H, H, D, L.block_size, omp_get_max_threads());
   const bool timed = g_timing.load(std::memory_order_relaxed);
   double phase_s[kNumPhases] = {};
 #pragma omp parallel
@@ -149,7 +149,7 @@ void run_layer(T* h, const Layer<T>& L) {
     }
     clock.mark(kRopeStore);
     attn::attend_for(q.data(), L.k_cache, L.v_cache, L.block_tables, L.context_lens, o.data(), R, H, H, D,
-                     L.block_size, L.max_blocks, L.sm_scale, chunks);
+                     L.block_size, L.max_blocks, L.sm_scale, plan);
     clock.mark(kAttention);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) gemv::pack_x<T>(&o[r * C], &xp[r * ldc], 1, C, ldc);

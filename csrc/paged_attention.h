@@ -30,6 +30,9 @@ namespace jr::attn {
 
 using simd::vf;
 constexpr int kW = simd::kWidth;
+#ifndef JR_ATTN_PART_BLOCKS  // cache blocks per attention task (see make_plan)
+#define JR_ATTN_PART_BLOCKS 8
+#endif
 constexpr int64_t kTokenMajorBytes = 2048;  // token-major K scoring for fp32 task rows up to this (see the top)
 
 // q . k over D elements; four accumulators so the FMAs do not wait on each other.
@@ -96,7 +99,8 @@ inline void accumulate_v_rows(float* acc, const float* p, int64_t ph, int64_t pt
     for (int64_t t = 0; t < n; ++t) {
       const T* vt = v + t * ldv + e0;
 #pragma GCC unroll 16
-      for (int j = 0; j < kSeg; ++j) a[j] = simd::fma(simd::set1(pj[j][t * pt]), simd::load_as_float(vt + j * kW), a[j]);
+      for (int j = 0; j < kSeg; ++j)
+        a[j] = simd::fma(simd::set1(pj[j][t * pt]), simd::load_as_float(vt + j * kW), a[j]);
     }
 #pragma GCC unroll 16
     for (int j = 0; j < kSeg; ++j) simd::store(acc + e0 + j * kW, a[j]);
@@ -213,115 +217,204 @@ inline void check_tables(const int32_t* bt, const int32_t* cl, int64_t B, int64_
   }
 }
 
-// One task = one sequence b and a chunk of kv heads [hk0, hk1) with their query heads [hk0 * G, hk1 * G): every
-// cached token is then read as one contiguous (hk1 - hk0) * D run instead of D-sized pieces 8 KiB apart.
-// About two tasks per thread (small batches split their heads); the split depends only on the team size.
+// One task = one sequence b, a chunk of kv heads [hk0, hk1) with their query heads [hk0 * G, hk1 * G), and parts of
+// b's context: every cached token is read as one contiguous (hk1 - hk0) * D run instead of D-sized pieces 8 KiB
+// apart. About two tasks per thread from the rows alone (small batches split their heads).
+// A context of more than kPartBlocks cache blocks is computed in parts of kPartBlocks blocks, each part's online
+// softmax (m, l, acc) from scratch, merged at the end in part order — always, so a row's result depends only on its
+// own length, never on its batch. Where the rows alone make fewer than kTasksPerThread tasks per thread, each part
+// is its own task (the team then reaches the barrier together: one 300-token row of the small shape was one ~100 us
+// task; parts: attention +6-9 % from DRAM) and merge_for combines the parts after the barrier; else a task runs all
+// parts of its row and merges them itself (separate part tasks cost the 1B shape's 32 rows 2-4 %).
+constexpr int64_t kPartBlocks = JR_ATTN_PART_BLOCKS;
+constexpr int64_t kTasksPerThread = 8;
+
 inline int64_t head_chunks(int64_t B, int64_t Hkv, int64_t threads) {
   const int64_t tasks = 2 * threads;
   return std::min(Hkv, std::max<int64_t>(1, (tasks + B - 1) / std::max<int64_t>(B, 1)));
 }
 
-// Inside an OpenMP parallel region (an orphaned `omp for`, ending with the team's barrier), or on one thread
-// outside one. `chunks` = head_chunks(...) computed once for the whole team.
+inline int64_t num_parts(int64_t len, int64_t bs) {
+  const int64_t blocks = (std::max<int64_t>(len, 0) + bs - 1) / bs;
+  return std::max<int64_t>(1, (blocks + kPartBlocks - 1) / kPartBlocks);
+}
+
+// The task list of one call, made before the parallel region (it holds the scratch the team shares).
+struct Plan {
+  int64_t chunks = 1, hq_max = 0, D = 0, max_parts = 1;
+  bool split = false;                                   // parts of a row are separate tasks
+  std::vector<int64_t> item_b, item_part, row_item;  // items (b, first part) in row order, b's from row_item[b]
+  std::vector<float> scratch;                           // split: per task m[hq_max], l[hq_max], acc[hq_max * D]
+  int64_t tasks() const { return int64_t(item_b.size()) * chunks; }
+  int64_t slot_size() const { return hq_max * (D + 2); }
+};
+
+inline Plan make_plan(const int32_t* cl, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t threads) {
+  Plan p;
+  p.chunks = head_chunks(B, Hkv, threads);
+  p.hq_max = (Hkv + p.chunks - 1) / p.chunks * (H / Hkv);
+  p.D = D;
+  for (int64_t b = 0; b < B; ++b) p.max_parts = std::max(p.max_parts, num_parts(cl[b], bs));
+  p.split = p.max_parts > 1 && B * p.chunks < kTasksPerThread * threads;
+  for (int64_t b = 0; b < B; ++b) {
+    p.row_item.push_back(int64_t(p.item_b.size()));
+    const int64_t items = p.split ? num_parts(cl[b], bs) : 1;
+    for (int64_t k = 0; k < items; ++k) p.item_b.push_back(b), p.item_part.push_back(k);
+  }
+  p.row_item.push_back(int64_t(p.item_b.size()));
+  if (p.split) p.scratch.resize(size_t(p.tasks() * p.slot_size()));
+  return p;
+}
+
+// o[h] = sum_k acc_k[h] e^(m_k[h] - M) / sum_k l_k[h] e^(m_k[h] - M), M = max_k m_k[h], over the parts' states
+// slot(k) = m[hq_max], l[hq_max], acc[hq_max * D] in part order; acc: D floats of room.
+template <typename TQ, typename Slot>
+inline void merge_parts(Slot slot, int64_t parts, int64_t nh, int64_t hq_max, int64_t D, float* acc, TQ* o) {
+  for (int64_t h = 0; h < nh; ++h) {
+    float mx = -std::numeric_limits<float>::infinity(), sum = 0.0f;
+    for (int64_t k = 0; k < parts; ++k) mx = std::max(mx, slot(k)[h]);
+    std::fill(acc, acc + D, 0.0f);
+    for (int64_t k = 0; k < parts; ++k) {
+      const float* st = slot(k);
+      const float w = std::exp(st[h] - mx);
+      sum += st[hq_max + h] * w;
+      const float* a = st + 2 * hq_max + h * D;
+      for (int64_t d = 0; d < D; ++d) acc[d] += a[d] * w;
+    }
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    for (int64_t d = 0; d < D; ++d) from_float(acc[d] * inv, o + h * D + d);
+  }
+}
+
+// Inside an OpenMP parallel region (orphaned `omp for`s, each ending with the team's barrier), or on one thread
+// outside one; every thread passes the same plan (make_plan(...) of this call).
 template <typename TQ, typename TKV>
 void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, const int32_t* cl, TQ* o, int64_t B,
-                int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, float sm_scale, int64_t chunks) {
-  const int64_t G = H / Hkv;
+                int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, float sm_scale, Plan& plan) {
+  const int64_t G = H / Hkv, chunks = plan.chunks;
   const int64_t hk_per = (Hkv + chunks - 1) / chunks;
   const int64_t row = Hkv * D;  // elements per cached token
-  const int64_t hq_max = hk_per * G;
+  const int64_t hq_max = plan.hq_max;
   std::vector<float> qf(static_cast<size_t>(hq_max * D)), acc(static_cast<size_t>(hq_max * D));
   std::vector<float> s(static_cast<size_t>(hq_max * bs)), m(static_cast<size_t>(hq_max)), l(m.size());
   std::vector<int64_t> off(static_cast<size_t>(hq_max));  // query head h of the task reads row[off[h] :]
+  std::vector<float> local(plan.split ? 0 : size_t(plan.max_parts * plan.slot_size()));  // unsplit: the parts' states
 #pragma omp for schedule(dynamic, 1)
-  for (int64_t task = 0; task < B * chunks; ++task) {
-    const int64_t b = task / chunks, hk0 = task % chunks * hk_per, hk1 = std::min(Hkv, hk0 + hk_per);
+  for (int64_t task = 0; task < plan.tasks(); ++task) {
+    const int64_t item = task / chunks, b = plan.item_b[item];
+    const int64_t hk0 = task % chunks * hk_per, hk1 = std::min(Hkv, hk0 + hk_per);
     if (hk0 >= hk1) continue;
-    const int64_t h0 = hk0 * G, nh = (hk1 - hk0) * G, len = cl[b];
+    const int64_t h0 = hk0 * G, nh = (hk1 - hk0) * G, len = cl[b], parts = num_parts(len, bs);
+    const int64_t k0 = plan.item_part[item], k1 = plan.split ? k0 + 1 : parts;  // this task's parts
     for (int64_t i = 0; i < nh * D; ++i) qf[i] = to_float(q[(b * H + h0) * D + i]);
     for (int64_t h = 0; h < nh; ++h) off[h] = (hk0 + h / G) * D;
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-    std::fill(l.begin(), l.end(), 0.0f);
     // V for the whole row at once (accumulate_v_rows) where the task's heads are contiguous and fill its vectors
     const bool rows_v = G == 1 && D % kW == 0 && (nh * D) % (kSeg * kW) == 0;
 #ifdef JR_ATTN_AVX2
     const bool token_major = rows_v && std::is_same_v<TKV, float> && nh % 8 == 0 &&
                              nh * D * int64_t(sizeof(TKV)) <= kTokenMajorBytes;
 #endif
-    for (int64_t i = 0; i * bs < len; ++i) {
-      const int64_t n = std::min(bs, len - i * bs);
-      const int64_t base = int64_t(bt[b * max_blocks + i]) * bs * row;  // token t of the block at base + t * row
-      int64_t t = 0;
+    for (int64_t part = k0; part < k1; ++part) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.0f);
+      const int64_t i_end = std::min((len + bs - 1) / bs, (part + 1) * kPartBlocks);
+      for (int64_t i = part * kPartBlocks; i < i_end; ++i) {
+        const int64_t n = std::min(bs, len - i * bs);
+        const int64_t base = int64_t(bt[b * max_blocks + i]) * bs * row;  // token t of the block at base + t * row
+        int64_t t = 0;
 #ifdef JR_ATTN_AVX2
-      if (token_major) {
-        // Scores s[t * nh + h] and the softmax 8 heads per vector, every value bit-identical to the per-head path
-        // below (the same reduce8 tree per score, dot() for the tail tokens past the last 8, exp_sub_sum's lanes
-        // and sum order), so a row's result does not depend on the batch that decides nh.
-        const __m256 sc = _mm256_set1_ps(sm_scale);
-        const int64_t n8 = n / 8 * 8;
-        for (; t < n8; ++t)
-          for (int64_t h = 0; h < nh; h += 8)
-            _mm256_storeu_ps(&s[t * nh + h], _mm256_mul_ps(dots8_heads(&qf[h * D], kc + base + t * row, &off[h], D), sc));
-        for (; t < n; ++t)
-          for (int64_t h = 0; h < nh; ++h) s[t * nh + h] = dot(&qf[h * D], kc + base + t * row + off[h], D) * sm_scale;
-        for (int64_t h = 0; h < nh; h += 8) {
-          __m256 mb = _mm256_loadu_ps(&m[h]);
-          for (int64_t u = 0; u < n; ++u) mb = _mm256_max_ps(mb, _mm256_loadu_ps(&s[u * nh + h]));
-          __m256 lane[8];  // lane[k] = exp_sub_sum's accumulator lane k: the sum over tokens u = k mod 8, u < n8
-          for (int k = 0; k < 8; ++k) lane[k] = _mm256_setzero_ps();
-          for (int64_t u = 0; u < n8; ++u) {
-            const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(&s[u * nh + h]), mb));
-            _mm256_storeu_ps(&s[u * nh + h], e);
-            lane[u % 8] = _mm256_add_ps(lane[u % 8], e);
+        if (token_major) {
+          // Scores s[t * nh + h] and the softmax 8 heads per vector, every value bit-identical to the per-head path
+          // below (the same reduce8 tree per score, dot() for the tail tokens past the last 8, exp_sub_sum's lanes
+          // and sum order), so a row's result does not depend on the batch that decides nh.
+          const __m256 sc = _mm256_set1_ps(sm_scale);
+          const int64_t n8 = n / 8 * 8;
+          for (; t < n8; ++t)
+            for (int64_t h = 0; h < nh; h += 8)
+              _mm256_storeu_ps(&s[t * nh + h],
+                               _mm256_mul_ps(dots8_heads(&qf[h * D], kc + base + t * row, &off[h], D), sc));
+          for (; t < n; ++t)
+            for (int64_t h = 0; h < nh; ++h)
+              s[t * nh + h] = dot(&qf[h * D], kc + base + t * row + off[h], D) * sm_scale;
+          for (int64_t h = 0; h < nh; h += 8) {
+            __m256 mb = _mm256_loadu_ps(&m[h]);
+            for (int64_t u = 0; u < n; ++u) mb = _mm256_max_ps(mb, _mm256_loadu_ps(&s[u * nh + h]));
+            __m256 lane[8];  // lane[k] = exp_sub_sum's accumulator lane k: the sum over tokens u = k mod 8, u < n8
+            for (int k = 0; k < 8; ++k) lane[k] = _mm256_setzero_ps();
+            for (int64_t u = 0; u < n8; ++u) {
+              const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(&s[u * nh + h]), mb));
+              _mm256_storeu_ps(&s[u * nh + h], e);
+              lane[u % 8] = _mm256_add_ps(lane[u % 8], e);
+            }
+            const __m256 sum = _mm256_add_ps(  // hsum8's tree: ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7))
+                _mm256_add_ps(_mm256_add_ps(lane[0], lane[4]), _mm256_add_ps(lane[2], lane[6])),
+                _mm256_add_ps(_mm256_add_ps(lane[1], lane[5]), _mm256_add_ps(lane[3], lane[7])));
+            alignas(32) float mbs[8], sums[8];
+            _mm256_store_ps(mbs, mb);
+            _mm256_store_ps(sums, sum);
+            for (int64_t j = 0; j < 8; ++j) {
+              float sum_j = sums[j];
+              for (int64_t u = n8; u < n; ++u) sum_j += (s[u * nh + h + j] = std::exp(s[u * nh + h + j] - mbs[j]));
+              const float alpha = std::exp(m[h + j] - mbs[j]);  // 0 on the first block (m = -inf)
+              scale(&acc[(h + j) * D], alpha, D);
+              l[h + j] *= alpha;
+              l[h + j] += sum_j;
+              m[h + j] = mbs[j];
+            }
           }
-          const __m256 sum = _mm256_add_ps(  // hsum8's tree: ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7))
-              _mm256_add_ps(_mm256_add_ps(lane[0], lane[4]), _mm256_add_ps(lane[2], lane[6])),
-              _mm256_add_ps(_mm256_add_ps(lane[1], lane[5]), _mm256_add_ps(lane[3], lane[7])));
-          alignas(32) float mbs[8], sums[8];
-          _mm256_store_ps(mbs, mb);
-          _mm256_store_ps(sums, sum);
-          for (int64_t j = 0; j < 8; ++j) {
-            float part = sums[j];
-            for (int64_t u = n8; u < n; ++u) part += (s[u * nh + h + j] = std::exp(s[u * nh + h + j] - mbs[j]));
-            const float alpha = std::exp(m[h + j] - mbs[j]);  // 0 on the first block (m = -inf)
-            scale(&acc[(h + j) * D], alpha, D);
-            l[h + j] *= alpha;
-            l[h + j] += part;
-            m[h + j] = mbs[j];
-          }
+          accumulate_v_rows(acc.data(), s.data(), 1, nh, vc + base + off[0], row, n, nh * D, D);
+          continue;
         }
-        accumulate_v_rows(acc.data(), s.data(), 1, nh, vc + base + off[0], row, n, nh * D, D);
+        if (D % kW == 0) {
+          const __m256 sc = _mm256_set1_ps(sm_scale);
+          for (; t + 8 <= n; t += 8)
+            for (int64_t h = 0; h < nh; ++h) {
+              const __m256 d8 = dots8(&qf[h * D], kc + base + t * row + off[h], row, D);
+              _mm256_storeu_ps(&s[h * bs + t], _mm256_mul_ps(d8, sc));
+            }
+        }
+#endif
+        for (; t < n; ++t)
+          for (int64_t h = 0; h < nh; ++h)
+            s[h * bs + t] = dot(&qf[h * D], kc + base + t * row + off[h], D) * sm_scale;
+        for (int64_t h = 0; h < nh; ++h) {
+          float mb = m[h];
+          for (int64_t t = 0; t < n; ++t) mb = std::max(mb, s[h * bs + t]);
+          const float alpha = std::exp(m[h] - mb);  // 0 on the first block (m = -inf)
+          scale(&acc[h * D], alpha, D);
+          l[h] *= alpha;
+          m[h] = mb;
+          l[h] += exp_sub_sum(&s[h * bs], n, mb);
+          if (!rows_v) accumulate_v(&acc[h * D], &s[h * bs], vc + base + off[h], row, n, D);
+        }
+        if (rows_v) accumulate_v_rows(acc.data(), s.data(), bs, 1, vc + base + off[0], row, n, nh * D, D);
+      }
+      if (parts > 1) {  // this part's state, for the merge
+        float* slot = (plan.split ? plan.scratch.data() + task * plan.slot_size()
+                                  : local.data() + part * plan.slot_size());
+        std::copy(m.begin(), m.begin() + nh, slot);
+        std::copy(l.begin(), l.begin() + nh, slot + hq_max);
+        std::copy(acc.begin(), acc.begin() + nh * D, slot + 2 * hq_max);
         continue;
       }
-      if (D % kW == 0) {
-        const __m256 sc = _mm256_set1_ps(sm_scale);
-        for (; t + 8 <= n; t += 8)
-          for (int64_t h = 0; h < nh; ++h) {
-            const __m256 d8 = dots8(&qf[h * D], kc + base + t * row + off[h], row, D);
-            _mm256_storeu_ps(&s[h * bs + t], _mm256_mul_ps(d8, sc));
-          }
-      }
-#endif
-      for (; t < n; ++t)
-        for (int64_t h = 0; h < nh; ++h)
-          s[h * bs + t] = dot(&qf[h * D], kc + base + t * row + off[h], D) * sm_scale;
       for (int64_t h = 0; h < nh; ++h) {
-        float mb = m[h];
-        for (int64_t t = 0; t < n; ++t) mb = std::max(mb, s[h * bs + t]);
-        const float alpha = std::exp(m[h] - mb);  // 0 on the first block (m = -inf)
-        scale(&acc[h * D], alpha, D);
-        l[h] *= alpha;
-        m[h] = mb;
-        l[h] += exp_sub_sum(&s[h * bs], n, mb);
-        if (!rows_v) accumulate_v(&acc[h * D], &s[h * bs], vc + base + off[h], row, n, D);
+        const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;  // an empty context gives zeros
+        for (int64_t d = 0; d < D; ++d) from_float(acc[h * D + d] * inv, o + (b * H + h0 + h) * D + d);
       }
-      if (rows_v) accumulate_v_rows(acc.data(), s.data(), bs, 1, vc + base + off[0], row, n, nh * D, D);
     }
-    for (int64_t h = 0; h < nh; ++h) {
-      const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;  // an empty context gives zeros
-      for (int64_t d = 0; d < D; ++d) from_float(acc[h * D + d] * inv, o + (b * H + h0 + h) * D + d);
-    }
+    if (parts > 1 && !plan.split)
+      merge_parts([&](int64_t k) { return local.data() + k * plan.slot_size(); }, parts, nh, hq_max, D, acc.data(),
+                  o + (b * H + h0) * D);
+  }
+  if (!plan.split) return;
+#pragma omp for schedule(static)
+  for (int64_t bc = 0; bc < B * chunks; ++bc) {
+    const int64_t b = bc / chunks, c = bc % chunks, i0 = plan.row_item[b], parts = plan.row_item[b + 1] - i0;
+    const int64_t hk0 = c * hk_per, hk1 = std::min(Hkv, hk0 + hk_per);
+    if (parts == 1 || hk0 >= hk1) continue;
+    merge_parts([&](int64_t k) { return plan.scratch.data() + ((i0 + k) * chunks + c) * plan.slot_size(); }, parts,
+                (hk1 - hk0) * G, hq_max, D, acc.data(), o + (b * H + hk0 * G) * D);
   }
 }
 

@@ -1,5 +1,5 @@
 // The `paged_decode_attention` op: q [B, H, D] against a paged KV cache; argument guards, then the core in
-// paged_attention.h (online softmax over the block table, one task per sequence and chunk of heads).
+// paged_attention.h (online softmax over the block table; tasks of a sequence, a chunk of heads and a part of its context).
 #include <string>
 
 #include <omp.h>
@@ -15,9 +15,9 @@ void attend(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, const 
             int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, float sm_scale) {
   int64_t work = 0;  // cached elements read, to leave tiny calls on one thread
   for (int64_t b = 0; b < B; ++b) work += int64_t(cl[b]) * Hkv * D;
-  const int64_t chunks = attn::head_chunks(B, Hkv, omp_get_max_threads());
+  attn::Plan plan = attn::make_plan(cl, B, H, Hkv, D, bs, omp_get_max_threads());
 #pragma omp parallel if (work >= (int64_t(1) << 16))
-  attn::attend_for(q, kc, vc, bt, cl, o, B, H, Hkv, D, bs, max_blocks, sm_scale, chunks);
+  attn::attend_for(q, kc, vc, bt, cl, o, B, H, Hkv, D, bs, max_blocks, sm_scale, plan);
 }
 
 template <typename TQ>

@@ -76,8 +76,8 @@ def test_paged_decode_attention_fp32_q(poison, D, block_size, context_lens, cach
 def test_paged_decode_attention_row_paths(poison, H, D, cache_dtype):
     # Widths that take the whole-row V accumulation (accumulate_v_rows) and, for fp32 rows of 8 heads x 64 and
     # 16 x 32 (2 KiB), the token-major scoring; 24 x 64 fp32 is too wide for it. Four and more sequences keep every
-    # task's heads whole; lengths with 8-token and block tails, one empty.
-    lens = [1, 7, 16, 17, 45, 0, 100]
+    # task's heads whole; lengths with 8-token and block tails, one empty, two of several context parts.
+    lens = [1, 7, 16, 17, 45, 0, 300, 129]
     q, kc, vc, bt, cl = _paged_setup(len(lens), H, D, 16, lens, cache_dtype, seed=3)
     o = cpu_ops.paged_decode_attention(q, kc, vc, bt, cl, sm_scale=0.3)
     ref = paged_decode_attention_ref(q, kc.float(), vc.float(), bt, cl, sm_scale=0.3)
@@ -87,9 +87,10 @@ def test_paged_decode_attention_row_paths(poison, H, D, cache_dtype):
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_paged_decode_attention_batch_invariant(poison, cache_dtype):
-    # A batch of 8 rows runs each row's 8 heads as one task (token-major scoring for fp32, whole-row V); one row
-    # alone is split into head chunks (per-head scoring and V). Every row must come out bit-identical either way.
-    lens = [45, 1, 16, 23, 0, 100, 8, 37]
+    # A batch of 16 rows runs each row's 8 heads and all its context parts as one task (token-major scoring for
+    # fp32, whole-row V, the parts merged in the task); one row alone is split into head chunks (per-head scoring
+    # and V) and a task per part (merged after the barrier). Every row must come out bit-identical either way.
+    lens = [45, 1, 16, 23, 0, 100, 8, 37, 300, 129, 128, 257, 2, 64, 200, 17]
     q, kc, vc, bt, cl = _paged_setup(len(lens), 8, 64, 16, lens, cache_dtype, seed=4)
     batch = cpu_ops.paged_decode_attention(q, kc, vc, bt, cl)
     for b in range(len(lens)):
