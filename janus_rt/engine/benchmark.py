@@ -230,36 +230,52 @@ def main(args):
             ref = to_transformers(model).to(device)
         except ImportError:
             print("transformers not installed: baseline skipped", file=sys.stderr)
-    ours, theirs = [], []
+    # A shared host's read bandwidth moves by 2x within minutes (bench/RESULTS.md, 2026-12-03), so each of our runs
+    # is also probed right before and after, and its roofline takes the faster of those two probes: the bandwidth
+    # the machine had at that moment, at least.
+    ours, theirs, run_bw = [], [], []
+
+    def ours_probed():
+        before = measure_bandwidth_gbs(device)
+        out = run_janus_rt(model, prompt, n, args.tokens, args.cuda_graphs, args.layerwise)
+        run_bw.append(max(before, measure_bandwidth_gbs(device)))
+        return out
+
     for _ in range(args.repeats):  # alternate so drift hits both alike
-        ours.append(run_janus_rt(model, prompt, n, args.tokens, args.cuda_graphs, args.layerwise)[:2])
+        ours.append(ours_probed()[:2])
         if ref is not None:
             _reset_peak(device)
             theirs.append(run_transformers(ref, prompt, n, args.tokens, model.cfg))
             hf_peak = _peak_gb(device)
     _reset_peak(device)
-    dt, ms_step, cpu_path = run_janus_rt(model, prompt, n, args.tokens, args.cuda_graphs, args.layerwise)
+    dt, ms_step, cpu_path = ours_probed()
     ours.append((dt, ms_step))
     our_peak = _peak_gb(device)
-    # The machine's speed drifts (a shared host): probe again after the runs and keep the faster of the two
-    # probes, so a slow moment at the start cannot flatter the roofline fraction.
+    # probe again after the runs; the whole-benchmark roofline keeps the fastest probe of all, so a slow moment at
+    # the start cannot flatter it
     bw_after, peak_after = measure_bandwidth_gbs(device), measure_matmul_gflops(device, dtype)
-    print(f"# after the runs: read bandwidth {bw_after:.1f} GB/s, matmul peak {peak_after:.0f} GFLOP/s "
-          f"(the roofline takes the larger of each)", flush=True)
-    bw, peak = max(bw, bw_after), max(peak, peak_after)
+    print(f"# after the runs: read bandwidth {bw_after:.1f} GB/s, matmul peak {peak_after:.0f} GFLOP/s; probes "
+          f"beside our runs: {', '.join(f'{b:.1f}' for b in run_bw)} GB/s", flush=True)
+    best_bw, peak = max(bw, bw_after, *run_bw), max(peak, peak_after)
     t_ours = statistics.median(x[0] for x in ours)
     ms_ours = statistics.median(x[1] for x in ours)
     # the n cond rows share the prompt's whole blocks and the n uncond rows the unconditional prompt's (each row
     # copies the partly filled last block on its first write), so a step reads those blocks once per group
     shared = (2, len(prompt) // BLOCK_SIZE * BLOCK_SIZE)
     nbytes, flops = decode_step_bytes_flops(model, 2 * n, len(prompt) + args.tokens // 2, shared=shared)
-    roof_ms = 1e3 * max(nbytes / (bw * 1e9), flops / (peak * 1e9))
+    roof = lambda bw_gbs: 1e3 * max(nbytes / (bw_gbs * 1e9), flops / (peak * 1e9))  # ms per step
+    # per run: its roofline (its own probes) over its ms per step; the row reports the median run
+    fractions = [roof(b) / ms for b, (_, ms) in zip(run_bw, ours)]
     row = {
         "date": time.strftime("%Y-%m-%d"), "device": dev_name, "model": what, "dtype": str(dtype).split(".")[-1],
         "n": n, "tokens": args.tokens, "janus_rt_s": round(t_ours, 3),
         "janus_rt_tok_s": round(n * args.tokens / t_ours, 1), "janus_rt_ms_step": round(ms_ours, 2),
-        "janus_rt_peak_gb": round(our_peak, 2), "roofline_ms_step": round(roof_ms, 2),
-        "roofline_fraction": round(roof_ms / ms_ours, 3), "bandwidth_gbs": round(bw, 1),
+        "janus_rt_peak_gb": round(our_peak, 2), "roofline_ms_step": round(roof(statistics.median(run_bw)), 2),
+        "roofline_fraction": round(statistics.median(fractions), 3),
+        "roofline_fractions": [round(f, 3) for f in fractions],
+        "bandwidth_gbs": round(statistics.median(run_bw), 1),
+        "best_bandwidth_gbs": round(best_bw, 1),  # the fastest probe of the whole benchmark, and the fraction of
+        "roofline_fraction_vs_best": round(roof(best_bw) / ms_ours, 3),  # the median step against its roofline
         "matmul_gflops": round(peak, 1),
     }
     if cpu_path:
