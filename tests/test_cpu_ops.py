@@ -109,10 +109,11 @@ def test_paged_decode_attention_bf16(poison):
     assert rel_err(o, ref32) <= min(2 * torch_err, 2**-8)
 
 
-@pytest.mark.parametrize("H,Hkv,context_lens", [(8, 2, [20, 7]), (6, 3, [40]), (16, 16, [700])])
+@pytest.mark.parametrize("H,Hkv,context_lens", [(8, 2, [20, 7]), (6, 3, [40]), (16, 16, [700]), (8, 2, [300, 7])])
 def test_paged_decode_attention_gqa(poison, H, Hkv, context_lens):
     # Query head h reads cache head h // (H / Hkv); the reference sees the cache heads repeated. Batches of 1-2
-    # split their heads into uneven chunks across threads; 16 x 700 x 64 is big enough to run threaded.
+    # split their heads into uneven chunks across threads; 16 x 700 x 64 is big enough to run threaded; 300 tokens
+    # make context parts (merged per query head of each kv head).
     _, kc, vc, bt, cl = _paged_setup(len(context_lens), Hkv, 64, 16, context_lens, torch.float32, seed=2)
     q = torch.randn(len(context_lens), H, 64)
     o = cpu_ops.paged_decode_attention(q, kc, vc, bt, cl)
