@@ -166,6 +166,10 @@ def test_out_of_blocks_leaves_state_unchanged():
     with pytest.raises(OutOfBlocks):  # all or nothing: a's append must not happen either
         bm.append_slots(["a", "b"])
     assert snapshot(bm) == before
+    for call in (bm.append_slots, bm.can_append_all, bm.append_cost):  # a sequence twice: refused, nothing taken
+        with pytest.raises(ValueError, match="more than once"):
+            call(["a", "a"])
+    assert snapshot(bm) == before
     bm.check_invariants()
 
 
@@ -252,6 +256,8 @@ def test_random_operations(seed):
             elif op == "append_all":
                 seqs = rng.sample(live, rng.randint(1, len(live)))
                 cost, free_before = bm.append_cost(seqs), bm.num_free_blocks
+                # the shortcut (as many free blocks as sequences) agrees with the exact count
+                assert bm.can_append_all(seqs) == (cost.num_blocks <= free_before)
                 slots, copies = bm.append_slots(seqs)
                 assert cost.num_blocks <= free_before
                 assert cost == (free_before - bm.num_free_blocks, len(copies))

@@ -159,6 +159,9 @@ class BlockManager:
 
     def can_append_all(self, seq_ids: Iterable[SeqId]) -> bool:
         """Whether one token can be appended to every sequence in `seq_ids` (distinct ids)."""
+        seq_ids = list(seq_ids)
+        if len(seq_ids) <= len(self._free) and len(set(seq_ids)) == len(seq_ids):
+            return True  # a sequence takes at most one block per token (a fresh one or a copy): no need to count
         return self.append_cost(seq_ids).num_blocks <= len(self._free)
 
     def append_slot(self, seq_id: SeqId) -> tuple[int, tuple[int, int] | None]:
@@ -189,7 +192,10 @@ class BlockManager:
     def append_slots(self, seq_ids: Iterable[SeqId]) -> tuple[list[int], list[tuple[int, int]]]:
         """append_slot for each sequence, all or nothing. Returns ([len(seq_ids)] slots, copy pairs)."""
         seq_ids = list(seq_ids)
-        need = self.append_cost(seq_ids).num_blocks
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError("append_slots: a sequence appears more than once")
+        # at most one block per sequence (fresh or a copy): the exact count only when that many are not free
+        need = self.append_cost(seq_ids).num_blocks if len(seq_ids) > len(self._free) else 0
         if need > len(self._free):
             raise OutOfBlocks(
                 f"appending to {len(seq_ids)} sequences needs {need} blocks; "
