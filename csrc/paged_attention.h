@@ -88,11 +88,44 @@ inline void accumulate_v(float* acc, const float* p, const T* v, int64_t ldv, in
 // for head h is p[h * ph + t * pt]. Needs D % kW == 0 and W % (kSeg * kW) == 0; per element the same FMAs in the
 // same order as accumulate_v.
 constexpr int kSeg = kW >= 16 ? 16 : 8;  // AVX-512: 16 of 32 registers; AVX2 8 of 16
+
+// One pass for VPH = D / kW vectors per head (a power of two <= kSeg): the kSeg / VPH heads of the pass each get one
+// broadcast of their weight per token (with a run-time VPH the compiler kept 16 weight pointers, spilled to vector
+// registers, and moved one back for every FMA).
+template <int VPH, typename T>
+inline void accumulate_v_pass(float* acc, const float* p, int64_t ph, int64_t pt, const T* v, int64_t ldv, int64_t n) {
+  constexpr int NH = kSeg / VPH;
+  vf a[kSeg];
+#pragma GCC unroll 16
+  for (int j = 0; j < kSeg; ++j) a[j] = simd::load(acc + j * kW);
+  for (int64_t t = 0; t < n; ++t) {
+    const T* vt = v + t * ldv;
+#pragma GCC unroll 16
+    for (int h = 0; h < NH; ++h) {
+      const vf w = simd::set1(p[h * ph + t * pt]);
+#pragma GCC unroll 16
+      for (int k = 0; k < VPH; ++k) a[h * VPH + k] = simd::fma(w, simd::load_as_float(vt + (h * VPH + k) * kW), a[h * VPH + k]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < kSeg; ++j) simd::store(acc + j * kW, a[j]);
+}
+
 template <typename T>
 inline void accumulate_v_rows(float* acc, const float* p, int64_t ph, int64_t pt, const T* v, int64_t ldv, int64_t n,
                               int64_t W, int64_t D) {
+  const int64_t vph = D / kW;
   for (int64_t e0 = 0; e0 < W; e0 += kSeg * kW) {
-    const float* pj[kSeg];
+    const float* pe = p + e0 / D * ph;  // the pass's first head (vph <= kSeg: passes start at a head)
+    switch (vph) {
+      case 1: accumulate_v_pass<1>(acc + e0, pe, ph, pt, v + e0, ldv, n); continue;
+      case 2: accumulate_v_pass<2>(acc + e0, pe, ph, pt, v + e0, ldv, n); continue;
+      case 4: accumulate_v_pass<4>(acc + e0, pe, ph, pt, v + e0, ldv, n); continue;
+      case 8: accumulate_v_pass<8>(acc + e0, pe, ph, pt, v + e0, ldv, n); continue;
+      case 16: if constexpr (kSeg >= 16) { accumulate_v_pass<16>(acc + e0, pe, ph, pt, v + e0, ldv, n); continue; }
+      default: break;
+    }
+    const float* pj[kSeg];  // other widths: a weight pointer per vector
     vf a[kSeg];
 #pragma GCC unroll 16
     for (int j = 0; j < kSeg; ++j) pj[j] = p + (e0 + j * kW) / D * ph, a[j] = simd::load(acc + e0 + j * kW);
