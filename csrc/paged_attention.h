@@ -5,14 +5,14 @@
 // q/o fp32 or bf16, caches fp32 or bf16, all math in fp32. Query head h reads kv head h / (H / Hkv).
 // An online softmax per query head rescales its accumulator once per cache block. V is accumulated for 16
 // vectors of the task's output row at a time over the block's tokens (each token's V read as long runs; fp32 small
-// shape +3-6 %, Janus-Pro-1B dims bf16 +8 %, fp32 +5 % from DRAM, bit-identical: bench/RESULTS.md 2026-12-03).
+// shape +4-10 %, Janus-Pro-1B dims bf16 +8-12 %, fp32 +5 % from DRAM, bit-identical: bench/RESULTS.md 2026-12-03).
 // Narrow fp32 rows (a task's K row <= kTokenMajorBytes) score token by token instead of 8 tokens per head, so
 // K too is read front to back (+7 % more at the small shape; -8 % for 4 KiB bf16 rows, where it is not used).
-// On the 2-core Zen 3 box the
-// kernel runs at ~50 GB/s of K/V from L3 but ~13 GB/s from DRAM, where a plain read of the same blocks in the same
-// order reaches only ~16 GB/s: one 32 KiB block after another is a short single stream per thread. Software
-// prefetch of the next block (into L1, L2 or L3), touching its pages ahead, and reading K and V in alternating
-// 8-token chunks all left the DRAM rate where it was (RESULTS.md); prefetching into L1 halved the L3 rate.
+// On the 2-core Zen 3 box (2026-11-25) the kernel runs at ~50 GB/s of K/V from L3 but ~13 GB/s from DRAM, where a plain
+// read of the same blocks in the same order reaches only ~16 GB/s: one 32 KiB block after another is a short single
+// stream per thread. Software prefetch of the next block (into L1, L2 or L3), touching its pages ahead, and reading K
+// and V in alternating 8-token chunks all left the DRAM rate where it was (RESULTS.md); prefetching into L1 halved the
+// L3 rate.
 #pragma once
 
 #include <algorithm>
@@ -104,7 +104,8 @@ inline void accumulate_v_pass(float* acc, const float* p, int64_t ph, int64_t pt
     for (int h = 0; h < NH; ++h) {
       const vf w = simd::set1(p[h * ph + t * pt]);
 #pragma GCC unroll 16
-      for (int k = 0; k < VPH; ++k) a[h * VPH + k] = simd::fma(w, simd::load_as_float(vt + (h * VPH + k) * kW), a[h * VPH + k]);
+      for (int k = 0; k < VPH; ++k)
+        a[h * VPH + k] = simd::fma(w, simd::load_as_float(vt + (h * VPH + k) * kW), a[h * VPH + k]);
     }
   }
 #pragma GCC unroll 16
