@@ -171,6 +171,14 @@ def test_out_of_blocks_leaves_state_unchanged():
             call(["a", "a"])
     assert snapshot(bm) == before
     bm.check_invariants()
+    bm = BlockManager(num_blocks=8, block_size=2)  # free blocks to spare: the no-count shortcut's ground
+    bm.allocate("a", 2)
+    before = snapshot(bm)
+    for call in (bm.append_slots, bm.can_append_all):  # an unknown sequence: refused before a's append happens
+        with pytest.raises(UnknownSequence):
+            call(["a", "zz"])
+    assert snapshot(bm) == before
+    bm.check_invariants()
 
 
 def test_errors():

@@ -160,9 +160,7 @@ class BlockManager:
     def can_append_all(self, seq_ids: Iterable[SeqId]) -> bool:
         """Whether one token can be appended to every sequence in `seq_ids` (distinct ids)."""
         seq_ids = list(seq_ids)
-        if len(seq_ids) <= len(self._free) and len(set(seq_ids)) == len(seq_ids):
-            return True  # a sequence takes at most one block per token (a fresh one or a copy): no need to count
-        return self.append_cost(seq_ids).num_blocks <= len(self._free)
+        return self._surely_fits(seq_ids) or self.append_cost(seq_ids).num_blocks <= len(self._free)
 
     def append_slot(self, seq_id: SeqId) -> tuple[int, tuple[int, int] | None]:
         """Reserve room for one more token of the sequence.
@@ -192,10 +190,7 @@ class BlockManager:
     def append_slots(self, seq_ids: Iterable[SeqId]) -> tuple[list[int], list[tuple[int, int]]]:
         """append_slot for each sequence, all or nothing. Returns ([len(seq_ids)] slots, copy pairs)."""
         seq_ids = list(seq_ids)
-        if len(set(seq_ids)) != len(seq_ids):
-            raise ValueError("append_slots: a sequence appears more than once")
-        # at most one block per sequence (fresh or a copy): the exact count only when that many are not free
-        need = self.append_cost(seq_ids).num_blocks if len(seq_ids) > len(self._free) else 0
+        need = 0 if self._surely_fits(seq_ids) else self.append_cost(seq_ids).num_blocks
         if need > len(self._free):
             raise OutOfBlocks(
                 f"appending to {len(seq_ids)} sequences needs {need} blocks; "
@@ -210,6 +205,13 @@ class BlockManager:
         return slots, copies
 
     # ---- internals ----
+
+    def _surely_fits(self, seq_ids: list[SeqId]) -> bool:
+        """Whether one token surely fits for each of seq_ids without counting: as many free blocks as sequences (each
+        takes at most one, a fresh one or a copy), all of them known and distinct. Otherwise callers count exactly
+        with append_cost, which also refuses unknown or repeated ids before anything changes."""
+        return (len(seq_ids) <= len(self._free) and len(set(seq_ids)) == len(seq_ids)
+                and all(s in self._tables for s in seq_ids))
 
     def _table(self, seq_id: SeqId) -> list[int]:
         try:
