@@ -163,30 +163,28 @@ void gemv_for(const WT* wp, const WT* x, int64_t ldx, const float* bias, float* 
   std::vector<float> c(static_cast<size_t>(M * S));
 #pragma omp for schedule(guided, 1)
   for (int64_t s = 0; s < strips; ++s) {
-    {
-      const WT* ws = wp + s * KS * SE;
-      for (int64_t k0 = 0; k0 < KS; k0 += KT) {
-        const int64_t kn = std::min(KT, KS - k0);
-        const WT* tile = ws + k0 * SE;
-        // the next tile's cache lines, one share per row block
-        const char* next = reinterpret_cast<const char*>(tile + kn * SE);
-        const int64_t lines = std::min<int64_t>(KT * SE * sizeof(WT), std::max<int64_t>(0, end - next)) / 64;
-        const int64_t share = (lines + passes - 1) / passes;
-        const int lpk = int((share + kn - 1) / kn);
-        for (int64_t m0 = 0, j = 0; m0 < M; m0 += mbmax, ++j) {
-          const int mb = int(std::min<int64_t>(mbmax, M - m0));
-          const char* pf = next + j * share * 64;
-          const char* pe = next + std::min(lines, (j + 1) * share) * 64;
-          const WT* xs = x + m0 * ldx + E * k0;
-          float* cs = c.data() + m0 * S;
-          if (mb == kMB) block<WT, kMB>(tile, xs, ldx, kn, cs, k0 == 0, pf, pe, lpk);
-          else block_tail<WT, kMBSmall>(mb, tile, xs, ldx, kn, cs, k0 == 0, pf, pe, lpk);
-        }
+    const WT* ws = wp + s * KS * SE;
+    for (int64_t k0 = 0; k0 < KS; k0 += KT) {
+      const int64_t kn = std::min(KT, KS - k0);
+      const WT* tile = ws + k0 * SE;
+      // the next tile's cache lines, one share per row block
+      const char* next = reinterpret_cast<const char*>(tile + kn * SE);
+      const int64_t lines = std::min<int64_t>(KT * SE * sizeof(WT), std::max<int64_t>(0, end - next)) / 64;
+      const int64_t share = (lines + passes - 1) / passes;
+      const int lpk = int((share + kn - 1) / kn);
+      for (int64_t m0 = 0, j = 0; m0 < M; m0 += mbmax, ++j) {
+        const int mb = int(std::min<int64_t>(mbmax, M - m0));
+        const char* pf = next + j * share * 64;
+        const char* pe = next + std::min(lines, (j + 1) * share) * 64;
+        const WT* xs = x + m0 * ldx + E * k0;
+        float* cs = c.data() + m0 * S;
+        if (mb == kMB) block<WT, kMB>(tile, xs, ldx, kn, cs, k0 == 0, pf, pe, lpk);
+        else block_tail<WT, kMBSmall>(mb, tile, xs, ldx, kn, cs, k0 == 0, pf, pe, lpk);
       }
-      const int64_t n0 = s * S, nn = std::min(S, N - n0);
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t j = 0; j < nn; ++j) y[m * N + n0 + j] = c[m * S + j] + (bias ? bias[n0 + j] : 0.0f);
     }
+    const int64_t n0 = s * S, nn = std::min(S, N - n0);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < nn; ++j) y[m * N + n0 + j] = c[m * S + j] + (bias ? bias[n0 + j] : 0.0f);
   }
 }
 

@@ -255,10 +255,10 @@ inline void check_tables(const int32_t* bt, const int32_t* cl, int64_t B, int64_
 // b's context: every cached token is read as one contiguous (hk1 - hk0) * D run instead of D-sized pieces 8 KiB
 // apart. About two tasks per thread from the rows alone (small batches split their heads).
 // A context of more than kPartBlocks cache blocks is computed in parts of kPartBlocks blocks, each part's online
-// softmax (m, l, acc) from scratch, merged at the end in part order — always, so a row's result depends only on its
-// own length, never on its batch. Where the rows alone make fewer than kTasksPerThread tasks per thread, each part
-// is its own task (the team then reaches the barrier together: one 300-token row of the small shape was one ~100 us
-// task; parts: attention +6-9 % from DRAM) and merge_for combines the parts after the barrier; else a task runs all
+// softmax (m, l, acc) from scratch, merged at the end in part order — always, so a row's result depends only on its own
+// length, never on its batch. Where the rows alone make fewer than kTasksPerThread tasks per thread, each part is its
+// own task (the team then reaches the barrier together: one 300-token row of the small shape was one ~100 us task;
+// parts: attention +6-9 % from DRAM) and attend_for's second loop merges them after the barrier; else a task runs all
 // parts of its row and merges them itself (separate part tasks cost the 1B shape's 32 rows 2-4 %).
 constexpr int64_t kPartBlocks = JR_ATTN_PART_BLOCKS;
 constexpr int64_t kTasksPerThread = 8;

@@ -497,7 +497,7 @@ class ImageStep:
             self.adaptors.append(((w1p, b1, w2p, b2), (K, H, N)))
         self.vocab = self.adaptors[1][1][2]
         self._bufs: dict = {}
-        self._prep: tuple = (None, None)  # (key, _prepared's tuple) of the last batch
+        self._prep: tuple = (None, None, ())  # the last batch: (key, _prepared's tuple, the tensors keyed by id)
         self._code = _DTYPE_CODE[dt]
         self._cos_ptr, self._sin_ptr = cos.data_ptr(), sin.data_ptr()
 
@@ -535,14 +535,14 @@ class ImageStep:
         sample = tuple(p(params[k]) for k in _SAMPLE_PARAMS)
         rows = (p(embed_rows), p(cond_rows), p(uncond_rows))
         # the entry holds the tensors whose ids make the key: none is freed (and its id reused) while cached
-        self._prep = (key, (b, embed, head, sample, rows, held))
+        self._prep = (key, (b, embed, head, sample, rows), held)
         return self._prep[1]
 
     def __call__(self, image_tokens, embed_rows, positions, slots, block_tables, cond_rows, uncond_rows, params,
                  seeds) -> list[int]:
         R, n = len(positions), len(image_tokens)
         _check(len(slots) == R == len(block_tables) and len(seeds) == n, "inconsistent row counts")
-        b, (emb_w, w1, b1, w2, b2, K, H, N, V_img), head, sample, (er, cr, ur), _ = self._prepared(
+        b, (emb_w, w1, b1, w2, b2, K, H, N, V_img), head, sample, (er, cr, ur) = self._prepared(
             R, n, embed_rows, cond_rows, uncond_rows, params)
         ext, code, F32 = _ext(), self._code, _DTYPE_CODE[torch.float32]
         width = max(len(t) for t in block_tables)
