@@ -8,11 +8,11 @@
 // shape +4-10 %, Janus-Pro-1B dims bf16 +8-12 %, fp32 +5 % from DRAM, bit-identical: bench/RESULTS.md 2026-12-03).
 // Narrow fp32 rows (a task's K row <= kTokenMajorBytes) score token by token instead of 8 tokens per head, so
 // K too is read front to back (+7 % more at the small shape; -8 % for 4 KiB bf16 rows, where it is not used).
-// On the 2-core Zen 3 box (2026-11-25) the kernel runs at ~50 GB/s of K/V from L3 but ~13 GB/s from DRAM, where a plain
-// read of the same blocks in the same order reaches only ~16 GB/s: one 32 KiB block after another is a short single
-// stream per thread. Software prefetch of the next block (into L1, L2 or L3), touching its pages ahead, and reading K
-// and V in alternating 8-token chunks all left the DRAM rate where it was (RESULTS.md); prefetching into L1 halved the
-// L3 rate.
+// Where a task reads whole cached rows, the next block's K and this block's V are prefetched in address order while
+// the block's K is scored (RangePrefetcher): from DRAM on the 2-core Zen 5 host (2026-12-03, bench_ab) +8-14 % at the
+// small shape (fp32) and +12-19 % at Janus-Pro-1B dims in bf16, where the 8-tokens-per-head K reads otherwise visit
+// 8 pages at a time 256 B each; prefetching the same lines in the order the kernel reads them gained ~0 for bf16.
+// (On the earlier Zen 3 box, 2026-11-25, software prefetch of the next block had left the DRAM rate unchanged.)
 #pragma once
 
 #include <algorithm>
@@ -34,6 +34,26 @@ constexpr int kW = simd::kWidth;
 #define JR_ATTN_PART_BLOCKS 8
 #endif
 constexpr int64_t kTokenMajorBytes = 2048;  // token-major K scoring for fp32 task rows up to this (see the top)
+
+// Prefetches two byte ranges (the next block's K, this block's V) line by line in address order, `per` lines of each
+// per issue(), so the lines are requested at an even rate over a block's issue() calls rather than in one burst.
+struct RangePrefetcher {
+  const char *p0 = nullptr, *e0 = nullptr, *p1 = nullptr, *e1 = nullptr;
+  int64_t per = 0;
+  template <typename T>
+  void set(const T* a, int64_t na, const T* b, int64_t nb, int64_t calls) {
+    p0 = reinterpret_cast<const char*>(a), e0 = reinterpret_cast<const char*>(a + na);
+    p1 = reinterpret_cast<const char*>(b), e1 = reinterpret_cast<const char*>(b + nb);
+    const int64_t lines = (std::max(e0 - p0, e1 - p1) + 63) / 64;
+    per = calls > 0 ? (lines + calls - 1) / calls : 0;
+  }
+  void issue() {
+    for (int64_t i = 0; i < per; ++i) {
+      if (p0 < e0) __builtin_prefetch(p0, 0, 3), p0 += 64;
+      if (p1 < e1) __builtin_prefetch(p1, 0, 3), p1 += 64;
+    }
+  }
+};
 
 // q . k over D elements; four accumulators so the FMAs do not wait on each other.
 template <typename T>
@@ -344,10 +364,11 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
     for (int64_t h = 0; h < nh; ++h) off[h] = (hk0 + h / G) * D;
     // V for the whole row at once (accumulate_v_rows) where the task's heads are contiguous and fill its vectors
     const bool rows_v = G == 1 && D % kW == 0 && (nh * D) % (kSeg * kW) == 0;
+    bool token_major = false;
 #ifdef JR_ATTN_AVX2
-    const bool token_major = rows_v && std::is_same_v<TKV, float> && nh % 8 == 0 &&
-                             nh * D * int64_t(sizeof(TKV)) <= kTokenMajorBytes;
+    token_major = rows_v && std::is_same_v<TKV, float> && nh % 8 == 0 && nh * D * int64_t(sizeof(TKV)) <= kTokenMajorBytes;
 #endif
+    const bool whole_rows = nh * D == row;  // the task's part of a cached token is the whole token: prefetch by range
     for (int64_t part = k0; part < k1; ++part) {
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
@@ -356,6 +377,13 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
       for (int64_t i = part * kPartBlocks; i < i_end; ++i) {
         const int64_t n = std::min(bs, len - i * bs);
         const int64_t base = int64_t(bt[b * max_blocks + i]) * bs * row;  // token t of the block at base + t * row
+        // this part's next block's K and this block's V, prefetched over the K-scoring calls (see the top)
+        RangePrefetcher pf;
+        if (whole_rows) {
+          const int64_t n_next = i + 1 < i_end ? std::min(bs, len - (i + 1) * bs) : 0;
+          const TKV* k_next = kc + (n_next ? int64_t(bt[b * max_blocks + i + 1]) * bs * row : 0);
+          pf.set(k_next, n_next * row, vc + base, n * row, token_major ? n : n / 8 * nh);
+        }
         int64_t t = 0;
 #ifdef JR_ATTN_AVX2
         if (token_major) {
@@ -364,10 +392,12 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
           // and sum order), so a row's result does not depend on the batch that decides nh.
           const __m256 sc = _mm256_set1_ps(sm_scale);
           const int64_t n8 = n / 8 * 8;
-          for (; t < n8; ++t)
+          for (; t < n8; ++t) {
+            pf.issue();
             for (int64_t h = 0; h < nh; h += 8)
               _mm256_storeu_ps(&s[t * nh + h],
                                _mm256_mul_ps(dots8_heads(&qf[h * D], kc + base + t * row, &off[h], D), sc));
+          }
           for (; t < n; ++t)
             for (int64_t h = 0; h < nh; ++h)
               s[t * nh + h] = dot(&qf[h * D], kc + base + t * row + off[h], D) * sm_scale;
@@ -404,6 +434,7 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
           const __m256 sc = _mm256_set1_ps(sm_scale);
           for (; t + 8 <= n; t += 8)
             for (int64_t h = 0; h < nh; ++h) {
+              pf.issue();
               const __m256 d8 = dots8(&qf[h * D], kc + base + t * row + off[h], row, D);
               _mm256_storeu_ps(&s[h * bs + t], _mm256_mul_ps(d8, sc));
             }
