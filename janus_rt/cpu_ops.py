@@ -468,6 +468,9 @@ class ImageStep:
     params: the [n] tensors cfg_weight, temperature, top_p (fp32), top_k (int64), greedy (bool) as cfg_sample takes
     them; seeds [n] ints -> list of n sampled tokens. Same numerics as the op-by-op path (the torch path's rounding
     points: embeddings and logits rounded to the model dtype).
+    step.steps(...) runs k steps in one call (k lists of slots and seeds), feeding each step's tokens to the next:
+    the engine's multi-step decode, where the ~0.3 ms of host Python per step (engine bookkeeping, this wrapper,
+    both from cold caches after the step's weight stream) is paid once per k steps.
     """
 
     def __init__(self, stack: DecodeStack, gen_embed: torch.Tensor, aligner, gen_head, cos: torch.Tensor,
@@ -540,36 +543,59 @@ class ImageStep:
 
     def __call__(self, image_tokens, embed_rows, positions, slots, block_tables, cond_rows, uncond_rows, params,
                  seeds) -> list[int]:
-        R, n = len(positions), len(image_tokens)
-        _check(len(slots) == R == len(block_tables) and len(seeds) == n, "inconsistent row counts")
+        """One decode step -> the n sampled tokens."""
+        return self.steps(image_tokens, embed_rows, positions, [slots], block_tables, cond_rows, uncond_rows, params,
+                          [seeds])[0]
+
+    def steps(self, image_tokens, embed_rows, positions, slots, block_tables, cond_rows, uncond_rows, params,
+              seeds) -> list[list[int]]:
+        """k decode steps in a row, each step's sampled tokens the next step's inputs, without returning to the
+        engine in between: slots and seeds are k lists ([R] and [n]); positions are the first step's (step j is at
+        positions + j); block_tables must already hold every step's slots. -> k lists of n tokens, the tokens k
+        separate calls would give (each step runs the same csrc calls on the same values)."""
+        R, n, k = len(positions), len(image_tokens), len(slots)
+        _check(k >= 1 and len(seeds) == k, "need k >= 1 steps: k lists of slots and of seeds")
+        _check(len(block_tables) == R and all(len(s) == R for s in slots) and all(len(s) == n for s in seeds),
+               "inconsistent row counts")
         b, (emb_w, w1, b1, w2, b2, K, H, N, V_img), head, sample, (er, cr, ur) = self._prepared(
             R, n, embed_rows, cond_rows, uncond_rows, params)
         ext, code, F32 = _ext(), self._code, _DTYPE_CODE[torch.float32]
         width = max(len(t) for t in block_tables)
         _check(width >= 1, "block_tables need at least one block")
-        tok, pos, sl = _array("q", image_tokens), _array("q", positions), _array("q", slots)
-        lens = _array("i", [p + 1 for p in positions])
+        # every step's inputs in one array each (step j's at offset j * R or j * n); step j > 0 reads its image tokens
+        # from the previous step's sampled ones in `out`
+        tok = _array("q", image_tokens)
+        pos = _array("q", [p + j for j in range(k) for p in positions])
+        lens = _array("i", [p + 1 + j for j in range(k) for p in positions])
+        sl = _array("q", [x for step in slots for x in step])
         bt = _array("i", [x for t in block_tables for x in (t if len(t) == width else t + [0] * (width - len(t)))])
-        sd, out = _array("q", [s & 0xFFFFFFFF for s in seeds]), _array("q", bytes(8 * n))
+        sd = _array("q", [x & 0xFFFFFFFF for step in seeds for x in step])
+        out = _array("q", bytes(8 * n * k))
         a = lambda arr: arr.buffer_info()[0]
+        tok_p, pos_p, lens_p, sl_p, bt_p, sd_p, out_p = a(tok), a(pos), a(lens), a(sl), a(bt), a(sd), a(out)
+        P, D = self.cos.shape[0], self.stack.D
+        w1h, b1h, w2h, b2h, Kh, Hh, Nh = head
+        cfg_w, temp, top_k, top_p, greedy = sample
         scope = _profiler_scope()  # named ranges for torch.profiler (`janus-rt bench --profile`) when it records
-        with scope("janus_rt::cpu_gen_embeds"):
-            ext.gather_rows(emb_w, code, a(tok), b["x"], code, n, K, V_img)
-            ext.mlp_gelu(b["x"], w1, b1, w2, b2, b["emb"], code, n, K, H, N, self.stack.packed, True)
-            ext.gather_rows(b["emb"], F32, er, b["h"], code, R, N, n)
-        with scope("janus_rt::cpu_decode_layers"):
-            P = self.cos.shape[0]
-            ext.gather_rows(self._cos_ptr, F32, a(pos), b["cos"], F32, R, self.stack.D, P)
-            ext.gather_rows(self._sin_ptr, F32, a(pos), b["sin"], F32, R, self.stack.D, P)
-            self.stack._run(b["h"], b["out"], a(sl), a(bt), a(lens), b["cos"], b["sin"], R, width)
-        with scope("janus_rt::cpu_mlp_gelu"):
-            w1, b1, w2, b2, K, H, N = head
-            ext.mlp_gelu(b["out"], w1, b1, w2, b2, b["logits"], code, R, K, H, N, self.stack.packed, True)
-        with scope("janus_rt::cpu_cfg_sample"):
-            lg = b["logits"]
-            cfg_w, temp, top_k, top_p, greedy = sample
-            ext.cfg_sample(lg, lg, cfg_w, temp, top_k, top_p, a(sd), greedy, a(out), n, N, N, N, cr, ur, R)
-        return out.tolist()
+        for j in range(k):
+            t_p = tok_p if j == 0 else out_p + 8 * n * (j - 1)
+            with scope("janus_rt::cpu_gen_embeds"):
+                ext.gather_rows(emb_w, code, t_p, b["x"], code, n, K, V_img)
+                ext.mlp_gelu(b["x"], w1, b1, w2, b2, b["emb"], code, n, K, H, N, self.stack.packed, True)
+                ext.gather_rows(b["emb"], F32, er, b["h"], code, R, N, n)
+            with scope("janus_rt::cpu_decode_layers"):
+                ext.gather_rows(self._cos_ptr, F32, pos_p + 8 * R * j, b["cos"], F32, R, D, P)
+                ext.gather_rows(self._sin_ptr, F32, pos_p + 8 * R * j, b["sin"], F32, R, D, P)
+                self.stack._run(b["h"], b["out"], sl_p + 8 * R * j, bt_p, lens_p + 4 * R * j, b["cos"], b["sin"], R,
+                                width)
+            with scope("janus_rt::cpu_mlp_gelu"):
+                ext.mlp_gelu(b["out"], w1h, b1h, w2h, b2h, b["logits"], code, R, Kh, Hh, Nh, self.stack.packed, True)
+            with scope("janus_rt::cpu_cfg_sample"):
+                lg = b["logits"]
+                ext.cfg_sample(lg, lg, cfg_w, temp, top_k, top_p, sd_p + 8 * n * j, greedy, out_p + 8 * n * j, n,
+                               Nh, Nh, Nh, cr, ur, R)
+        res = out.tolist()
+        return [res[j * n:(j + 1) * n] for j in range(k)]
 
 
 _SAMPLE_PARAMS = ("cfg_weight", "temperature", "top_k", "top_p", "greedy")  # cfg_sample's order

@@ -254,19 +254,19 @@ def test_image_step_matches_op_by_op(dtype, packed, monkeypatch):
               SamplingParams(seed=5, cfg_weight=3.0)]
     runs = []
     for fast in (True, False):
-        eng = Engine.for_requests(model, [(len(p), n) for p, n in zip(prompts, (2, 1, 3))])
+        # one step per call here, so that each step's logits can be read (multi-step: test_image_steps_multi_step)
+        eng = Engine.for_requests(model, [(len(p), n) for p, n in zip(prompts, (2, 1, 3))], max_steps_per_call=1)
         dec = eng.runner.cpu_decoder
         assert dec.image_step_runner is not None and dec.stack.packed is (packed == "1")
         logits, step = [], dec.image_step_runner
         if fast:
-            def spy(*a, step=step, call=type(step).__call__):
+            def spy(*a, step=step, call=type(step).steps):
                 out = call(step, *a)
                 logits.append(next(iter(step._bufs.values()))["logits"].clone())
                 return out
-            dec.image_step_runner = spy
+            step.steps = spy
         else:
-            eng.record_logits = True
-            dec.image_step = lambda *a: None  # the op-by-op step
+            eng.record_logits = True  # the engine records each step's logits on the op-by-op path
         reqs = [eng.add_image_request(p, n=n, params=sp, num_tokens=12) for p, n, sp in zip(prompts, (2, 1, 3), params)]
         eng.run()
         runs.append((reqs, logits))
@@ -324,20 +324,78 @@ def test_image_step_continuous_batching():
     prompts = [[t.bos_id, 5, 9, t.boi_id], [t.bos_id, 21, 22, 23, t.boi_id], [t.bos_id, 7, t.boi_id]]
     runs = []
     for fast in (True, False):
-        eng = Engine.for_requests(model, [(5, 3), (5, 1), (5, 2)])
-        calls = []
+        # one step per engine step, so that the third request arrives mid-run (multi-step: the test below)
+        eng = Engine.for_requests(model, [(5, 3), (5, 1), (5, 2)], max_steps_per_call=1)
+        calls = []  # steps per csrc call
         if fast:
             step = eng.runner.cpu_decoder.image_step_runner
-            eng.runner.cpu_decoder.image_step_runner = lambda *a, s=step: calls.append(1) or s(*a)
+            step.steps = lambda *a, f=step.steps: calls.append(len(a[3])) or f(*a)
         else:
-            eng.runner.cpu_decoder.image_step = lambda *a: None
+            eng.runner.cpu_decoder.image_steps_possible = lambda *a: False
         reqs = [eng.add_image_request(prompts[0], n=3, params=SamplingParams(seed=1), num_tokens=9),
                 eng.add_image_request(prompts[1], n=1, params=SamplingParams(greedy=True), num_tokens=5)]
         for _ in range(4):
             eng.step()
         reqs.append(eng.add_image_request(prompts[2], n=2, params=SamplingParams(seed=3, top_k=20), num_tokens=7))
         eng.run()
-        runs.append(([r.tokens for r in reqs], len(calls), eng.stats.decode_steps))
-    (fast_tokens, n_calls, steps), (ref_tokens, _, _) = runs
+        runs.append(([r.tokens for r in reqs], sum(calls), eng.stats.decode_steps))
+    (fast_tokens, fast_steps, steps), (ref_tokens, _, ref_steps) = runs
     assert fast_tokens == ref_tokens
-    assert n_calls == steps >= 8  # every decode step took the csrc path
+    assert fast_steps == steps == ref_steps >= 8  # every decode step took the csrc path
+
+
+def _count_steps_per_call(eng) -> list:
+    """Record k of every ImageStep.steps call of the engine's CPU decoder."""
+    calls, step = [], eng.runner.cpu_decoder.image_step_runner
+    step.steps = lambda *a, f=step.steps: calls.append(len(a[3])) or f(*a)
+    return calls
+
+
+def test_image_steps_multi_step():
+    """Multi-step decode (several CPU image steps per engine step, ImageStep.steps) gives every request the tokens of
+    one step per call under continuous batching: requests of different lengths (no call runs past the first to
+    finish: the calls end exactly where a request does) and one added while another runs."""
+    model = Janus.from_preset("tiny", seed=9)
+    t = model.cfg.tokens
+    prompts = [[t.bos_id, 5, 9, t.boi_id], [t.bos_id, 21, 22, 23, t.boi_id], [t.bos_id, 7, t.boi_id]]
+    runs = []
+    for k in (1, 8):
+        eng = Engine.for_requests(model, [(5, 2), (5, 1), (5, 1)], max_steps_per_call=k)
+        calls = _count_steps_per_call(eng)
+        reqs = [eng.add_image_request(prompts[0], n=2, params=SamplingParams(seed=1), num_tokens=21),
+                eng.add_image_request(prompts[1], n=1, params=SamplingParams(greedy=True), num_tokens=13)]
+        for _ in range(3):
+            eng.step()
+        reqs.append(eng.add_image_request(prompts[2], n=1, params=SamplingParams(seed=3, top_k=20), num_tokens=17))
+        eng.run()
+        eng.bm.check_invariants()
+        assert eng.bm.num_free_blocks == eng.bm.num_blocks
+        runs.append(([r.tokens for r in reqs], calls, eng.stats.decode_steps))
+    (one, calls1, steps1), (multi, calls8, steps8) = runs
+    assert [[len(x) for x in r] for r in multi] == [[21, 21], [13], [17]]
+    assert multi == one
+    assert calls1 == [1] * steps1 and sum(calls8) == steps8
+    # prefill gives token 1 of the first two; 8 steps (to 9), 4 (the second ends at 13), then the third's prefill
+    # (its token 1 while the first is at 13) and 8 steps to 21 / 9, then 8 more for the third
+    assert calls8 == [8, 4, 8, 8]
+
+
+def test_image_steps_stop_where_the_pool_runs_out():
+    """A multi-step call takes only the steps whose KV slots the pool can append (no preemption for the extra
+    steps), and the request's tokens are those of one step per call."""
+    model = Janus.from_preset("tiny", seed=9)
+    t = model.cfg.tokens
+    runs = []
+    for k in (1, 8):
+        eng = Engine(model, block_size=4, max_num_blocks=64, max_steps_per_call=k)
+        calls = _count_steps_per_call(eng)
+        req = eng.add_image_request([t.bos_id, 5, 9, t.boi_id], n=1, params=SamplingParams(seed=4), num_tokens=30)
+        eng.step()  # prefill: each row holds its prompt's one full block
+        # leave 2 free blocks: the 2 rows' next tokens (positions 4-7) fit in one new block each, position 8 does not
+        eng.bm.allocate(("hold",), (eng.bm.num_free_blocks - 2) * 4)
+        eng.step()
+        assert calls == [min(k, 4)] and req.step == 1 + min(k, 4)
+        eng.bm.free(("hold",))
+        eng.run()
+        runs.append(req.tokens)
+    assert runs[0] == runs[1]

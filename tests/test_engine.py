@@ -79,7 +79,7 @@ def test_seed_reproducible_and_batch_independent(tiny):
 
 def test_prompt_blocks_shared(tiny):
     ids = prompt(tiny, 40)  # 42 tokens: 3 blocks of 16, the last one partly filled
-    eng = Engine.for_requests(tiny, [(len(ids), 4)])
+    eng = Engine.for_requests(tiny, [(len(ids), 4)], max_steps_per_call=1)  # (one decode step per engine step)
     free0 = eng.bm.num_free_blocks
     req = eng.add_image_request(ids, n=4, params=SamplingParams(seed=0))
     eng.step()  # prefill
@@ -178,7 +178,7 @@ def test_roofline_kv_bytes_match_the_cache(tiny):
 
     ids = prompt(tiny, 40)  # 42 tokens: 2 whole blocks shared per prompt, 10 tokens copied into each row
     n, steps = 3, 5
-    eng = Engine.for_requests(tiny, [(len(ids), n)], block_size=BLOCK_SIZE)
+    eng = Engine.for_requests(tiny, [(len(ids), n)], block_size=BLOCK_SIZE, max_steps_per_call=1)
     eng.add_image_request(ids, n=n, params=SamplingParams(seed=0))
     for _ in range(1 + steps):  # prefill + decode steps
         eng.step()

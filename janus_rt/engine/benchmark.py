@@ -314,14 +314,18 @@ def profile_decode_step(model, prompt, n, out: Path, layerwise: bool = False, st
         p.export_chrome_trace(str(out / "trace.json"))
         tables.append(p.key_averages().table(sort_by=key, row_limit=25))
 
+    counted = []  # decode steps of each engine step (several per engine step with multi-step decode)
     with profile(activities=acts, record_shapes=True, on_trace_ready=ready,
                  schedule=schedule(wait=0, warmup=1, active=steps, repeat=1)) as prof:
         for _ in range(steps + 1):
             if not eng.has_work():  # a short run (--tokens): the steps it has
                 break
+            before = eng.stats.decode_steps
             eng.step()
+            counted.append(eng.stats.decode_steps - before)
             prof.step()
-    print(f"per-op time over up to {steps} decode steps (totals; 'avg' columns per call):")
+    print(f"per-op time over {sum(counted[1:])} decode steps in {len(counted[1:])} engine steps (totals; 'avg' "
+          "columns per call):")
     print(tables[0] if tables else "(no profile recorded)")
     print(f"trace: {out / 'trace.json'} (open in https://ui.perfetto.dev)")
     phases = decode_phase_times(model, prompt, n, layerwise=layerwise, warmup=phase_warmup)
@@ -346,19 +350,20 @@ def decode_phase_times(model, prompt, n, steps: int = 8, layerwise: bool = False
     eng = _image_engine(model, prompt, n)
     if not eng.runner.uses_cpu_decoder():
         return None
-    for _ in range(max(warmup, 1)):
-        if eng.has_work():
-            eng.step()
+    eng.step()  # prefill
+    while eng.has_work() and eng.stats.decode_steps < warmup:  # (multi-step decode: may pass warmup by a few)
+        eng.step()
     c, isz = model.cfg.llm, model.dtype.itemsize
     kv_tokens, done = 0, 0
     with cpu_ops.decode_phase_timing() as timed:
         t0 = time.perf_counter()
-        for _ in range(steps):
-            if not eng.has_work():
-                break
-            kv_tokens += sum(eng.bm.num_tokens(r) + 1 for r in eng.scheduler.rows())  # + the token this step adds
+        while done < steps and eng.has_work():
+            ctx = [eng.bm.num_tokens(r) + 1 for r in eng.scheduler.rows()]  # + the token the first step adds
+            before = eng.stats.decode_steps
             eng.step()
-            done += 1
+            k = eng.stats.decode_steps - before  # decode steps in this engine step (multi-step decode)
+            kv_tokens += sum(k * c + k * (k - 1) // 2 for c in ctx)
+            done += k
         wall = time.perf_counter() - t0
     calls = timed["calls"]
     if not done or not calls:

@@ -86,16 +86,27 @@ class CpuDecoder:
         """model.gen_head(h) [R, codebook] (h's dtype), through the packed GEMV when the stack packed its weights."""
         return self._adaptor(self.model.gen_head, self.gen_head_packed, h)
 
+    def image_steps_possible(self, rows: int, last_position: int) -> bool:
+        """Whether image_step(s) run a batch of `rows` rows whose last step is at `last_position`: an ImageStep was
+        built, the GEMV path takes that many rows, and the rotary tables reach that position."""
+        return (self.image_step_runner is not None and rows <= ops.CPU_GEMV_MAX_ROWS
+                and last_position < self.cos.shape[0])
+
     def image_step(self, image_tokens, embed_rows, positions, slots, block_tables, cond_rows, uncond_rows, params,
                    seeds):
         """One decode step of image rows through cpu_ops.ImageStep (its docstring has the arguments) -> the n new
-        tokens, or None where it does not apply (no ImageStep, more rows than the GEMV path takes, a position past
-        the rotary tables): the caller then runs the step op by op."""
-        if (self.image_step_runner is None or len(positions) > ops.CPU_GEMV_MAX_ROWS
-                or max(positions) >= self.cos.shape[0]):
+        tokens, or None where it does not apply (image_steps_possible): the caller then runs the step op by op."""
+        if not self.image_steps_possible(len(positions), max(positions)):
             return None
         return self.image_step_runner(image_tokens, embed_rows, positions, slots, block_tables, cond_rows,
                                       uncond_rows, params, seeds)
+
+    def image_steps(self, image_tokens, embed_rows, positions, slots, block_tables, cond_rows, uncond_rows, params,
+                    seeds):
+        """k = len(slots) decode steps of image rows in one call (cpu_ops.ImageStep.steps) -> k lists of n tokens.
+        The caller checks image_steps_possible for the last step first."""
+        return self.image_step_runner.steps(image_tokens, embed_rows, positions, slots, block_tables, cond_rows,
+                                            uncond_rows, params, seeds)
 
     @torch.inference_mode()
     def gen_embeds(self, tokens):

@@ -39,8 +39,13 @@ class EngineStats:
 class Engine:
     def __init__(self, model, kv_cache_gb: float | None = None, memory_fraction: float | None = None,
                  block_size: int = 16, backend: str | None = None, max_num_rows: int = 256,
-                 cuda_graphs: bool = False, max_num_blocks: int | None = None):
+                 cuda_graphs: bool = False, max_num_blocks: int | None = None, max_steps_per_call: int = 8):
         cfg = model.cfg.llm
+        if max_steps_per_call < 1:
+            raise ValueError(f"max_steps_per_call must be >= 1, got {max_steps_per_call}")
+        # multi-step decode (the CPU image step only): up to this many decode steps per engine step while no request
+        # waits; see _decode_images_cpu
+        self.max_steps_per_call = max_steps_per_call
         device = model.device
         self.model = model
         self.backend = backend or default_backend(device)
@@ -106,9 +111,9 @@ class Engine:
             if not self.scheduler.running:  # cannot happen for requests that passed add()'s size check
                 raise RuntimeError("KV cache exhausted by a single request")
             t0 = time.perf_counter()
-            self._decode()
+            steps = self._decode()
             self.stats.decode_s += time.perf_counter() - t0
-            self.stats.decode_steps += 1
+            self.stats.decode_steps += steps
         done = [r for r in self.scheduler.running if r.finished]
         for r in done:
             self.scheduler.finish(r)
@@ -171,7 +176,8 @@ class Engine:
             self._sample_text(text_reqs, logits)
 
     @torch.inference_mode()
-    def _decode(self) -> None:
+    def _decode(self) -> int:
+        """Decode a token for every running row (or several, _decode_images_cpu) -> the number of steps taken."""
         running = self.scheduler.running
         rows = self.scheduler.rows()
         slots, copies = self.bm.append_slots(rows)
@@ -190,17 +196,11 @@ class Engine:
         image_reqs = [r for r in running if r.kind == "image"]
         text_reqs = [r for r in running if r.kind == "text"]
         positions = [self.bm.num_tokens(r) - 1 for r in rows]
-        tables = [self.bm.block_table(r) for r in rows]
         self.stats.decode_rows += len(rows)
-        if image_reqs and not text_reqs and not self.record_logits and self.runner.uses_cpu_decoder():
-            # the CPU step of image rows in csrc calls only; None where it does not apply
-            a = self._image_rows(image_reqs, self.model.device)
-            seeds = [s for r in image_reqs for s in r.seeds(r.step)]
-            tokens = self.runner.cpu_decoder.image_step(image_tok, a["embed"], positions, slots, tables, a["cond"],
-                                                        a["uncond"], a, seeds)
-            if tokens is not None:
-                self._append_images(image_reqs, tokens)
-                return
+        if (image_reqs and not text_reqs and not self.record_logits and self.runner.uses_cpu_decoder()
+                and self.runner.cpu_decoder.image_steps_possible(len(rows), max(positions))):
+            return self._decode_images_cpu(image_reqs, rows, image_tok, positions, slots)
+        tables = [self.bm.block_table(r) for r in rows]
         with ops.use_backend(self.backend):
             parts = []
             if image_tok:
@@ -224,6 +224,34 @@ class Engine:
             if text_reqs:
                 mask = ~torch.tensor(is_image, device=h.device)
                 self._sample_text(text_reqs, ops.linear(h[mask], self.model.lm_head.weight).float())
+        return 1
+
+    def _decode_images_cpu(self, image_reqs, rows, image_tok, positions, slots) -> int:
+        """The decode step of a batch of image rows as csrc calls only (cpu_ops.ImageStep), k steps in one call:
+        k = 1 while a request waits (so admission is never delayed), else up to max_steps_per_call, no more than any
+        running request has left (none finishes inside the call: the batch, and so every token, is what k single
+        steps would give) and as many as the KV pool can append without preempting. Each extra step's slots are
+        appended here, before the call; the first step's by the caller. -> k."""
+        dec = self.runner.cpu_decoder
+        k = 1
+        if not self.scheduler.waiting:
+            k = min([self.max_steps_per_call] + [r.max_new_tokens - r.step for r in image_reqs])
+        all_slots = [slots]
+        while (len(all_slots) < k and dec.image_steps_possible(len(rows), max(positions) + len(all_slots))
+               and self.bm.can_append_all(rows)):
+            more, copies = self.bm.append_slots(rows)
+            if copies:  # (only a row's first write to a shared block copies it: not past the first step)
+                self.cache.copy_blocks(copies)
+            all_slots.append(more)
+        k = len(all_slots)
+        tables = [self.bm.block_table(r) for r in rows]
+        a = self._image_rows(image_reqs, self.model.device)
+        seeds = [[s for r in image_reqs for s in r.seeds(r.step + j)] for j in range(k)]
+        for tokens in dec.image_steps(image_tok, a["embed"], positions, all_slots, tables, a["cond"], a["uncond"],
+                                      a, seeds):
+            self._append_images(image_reqs, tokens)
+        self.stats.decode_rows += (k - 1) * len(rows)  # (the caller counted the first step's)
+        return k
 
     @staticmethod
     def _interleave(parts, is_image):
