@@ -38,6 +38,10 @@ int64_t packed_size(int64_t N, int64_t K, int dtype);
 void pack_weight(ptr_t w, ptr_t wp, int64_t N, int64_t K, int dtype);
 void linear_packed(ptr_t x, ptr_t wp, ptr_t bias, ptr_t y, int64_t M, int64_t N, int64_t K, int dtype);
 void swiglu(ptr_t gate, ptr_t up, ptr_t out, int64_t n, int dtype);
+void image_steps(ptr_t plan, ptr_t layers, int64_t L, int64_t k, ptr_t tokens, ptr_t positions, ptr_t lens, ptr_t slots,
+                 ptr_t block_tables, int64_t max_blocks, ptr_t seeds, ptr_t out, double eps, double final_eps,
+                 double sm_scale);
+int64_t image_steps_plan_len();
 double stream_sum(ptr_t x, int64_t n);
 const char* simd_isa();
 }  // namespace jr
@@ -90,6 +94,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("cols"), py::arg("src_rows"));
   m.def("swiglu", &jr::swiglu, release(), "out[n] = silu(gate) * up in the dtype (F.silu(gate) * up rounding)",
         py::arg("gate"), py::arg("up"), py::arg("out"), py::arg("n"), py::arg("dtype"));
+  m.def("image_steps", &jr::image_steps, release(), "k decode steps of image rows (cpu_ops.ImageStep.steps)",
+        py::arg("plan"), py::arg("layers"), py::arg("L"), py::arg("k"), py::arg("tokens"), py::arg("positions"),
+        py::arg("lens"), py::arg("slots"), py::arg("block_tables"), py::arg("max_blocks"), py::arg("seeds"),
+        py::arg("out"), py::arg("eps"), py::arg("final_eps"), py::arg("sm_scale"));
+  m.def("image_steps_plan_len", &jr::image_steps_plan_len, "entries of image_steps' plan");
   m.def("stream_sum", &jr::stream_sum, release(), "sum of n fp32 at read bandwidth (the bench roofline probe)",
         py::arg("x"), py::arg("n"));
   m.def("simd_isa", &jr::simd_isa, "vector ISA the kernels were compiled for: avx512, avx2 or scalar");

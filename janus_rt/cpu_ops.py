@@ -398,6 +398,7 @@ class DecodeStack:
                 ws = tuple(PackedWeight(t).data if t.dim() == 2 else t for t in ws)
             self._held.append((*ws, kc, vc))
             self._ptrs.append(tuple(t.data_ptr() for t in (*ws, kc, vc)))
+        self._layer_table = _array("q", [x for p in self._ptrs for x in p])  # [L, 8] for csrc image_steps
         self.eps = float(eps)
         self.final_norm = final_norm
         self.final_eps = self.eps if final_eps is None else float(final_eps)
@@ -473,6 +474,15 @@ class ImageStep:
     both from cold caches after the step's weight stream) is paid once per k steps.
     """
 
+    # csrc/image_steps.cpp's plan entries, in its order
+    PLAN = ("dtype", "packed", "rows", "images", "hidden", "heads", "inter", "head_dim", "num_blocks", "block_size",
+            "gen_embed", "gen_embed_rows", "gen_embed_dim", "align_w1", "align_b1", "align_w2", "align_b2",
+            "align_hidden", "head_w1", "head_b1", "head_w2", "head_b2", "head_hidden", "vocab", "cos", "sin",
+            "rope_positions", "final_norm", "buf_x", "buf_emb", "buf_h", "buf_out", "buf_cos", "buf_sin",
+            "buf_logits", "embed_rows", "cond_rows", "uncond_rows", "cfg_weight", "temperature", "top_k", "top_p",
+            "greedy")
+    loop_in_python = False  # tests: run steps() as its per-op Python loop (what it does under torch.profiler)
+
     def __init__(self, stack: DecodeStack, gen_embed: torch.Tensor, aligner, gen_head, cos: torch.Tensor,
                  sin: torch.Tensor):
         _check(isinstance(stack, DecodeStack) and stack.final_norm is not None,
@@ -537,8 +547,20 @@ class ImageStep:
         head = (p(w1), p(b1), p(w2), p(b2), K, H, N)
         sample = tuple(p(params[k]) for k in _SAMPLE_PARAMS)
         rows = (p(embed_rows), p(cond_rows), p(uncond_rows))
+        st = self.stack
+        plan = dict(dtype=self._code, packed=int(st.packed), rows=R, images=n, hidden=st.C, heads=st.H,
+                    inter=st.inter, head_dim=st.D, num_blocks=st.num_blocks, block_size=st.block_size,
+                    gen_embed=embed[0], gen_embed_rows=embed[8], gen_embed_dim=embed[5], align_w1=embed[1],
+                    align_b1=embed[2], align_w2=embed[3], align_b2=embed[4], align_hidden=embed[6], head_w1=head[0],
+                    head_b1=head[1], head_w2=head[2], head_b2=head[3], head_hidden=head[5], vocab=head[6],
+                    cos=self._cos_ptr, sin=self._sin_ptr, rope_positions=self.cos.shape[0],
+                    final_norm=st.final_norm.data_ptr(), buf_x=b["x"], buf_emb=b["emb"], buf_h=b["h"],
+                    buf_out=b["out"], buf_cos=b["cos"], buf_sin=b["sin"], buf_logits=b["logits"],
+                    embed_rows=rows[0], cond_rows=rows[1], uncond_rows=rows[2],
+                    **dict(zip(_SAMPLE_PARAMS, sample)))
+        plan = _array("q", [int(plan[name]) for name in self.PLAN])  # csrc/image_steps.cpp's order
         # the entry holds the tensors whose ids make the key: none is freed (and its id reused) while cached
-        self._prep = (key, (b, embed, head, sample, rows), held)
+        self._prep = (key, (b, embed, head, sample, rows, plan), held)
         return self._prep[1]
 
     def __call__(self, image_tokens, embed_rows, positions, slots, block_tables, cond_rows, uncond_rows, params,
@@ -557,7 +579,7 @@ class ImageStep:
         _check(k >= 1 and len(seeds) == k, "need k >= 1 steps: k lists of slots and of seeds")
         _check(len(block_tables) == R and all(len(s) == R for s in slots) and all(len(s) == n for s in seeds),
                "inconsistent row counts")
-        b, (emb_w, w1, b1, w2, b2, K, H, N, V_img), head, sample, (er, cr, ur) = self._prepared(
+        b, (emb_w, w1, b1, w2, b2, K, H, N, V_img), head, sample, (er, cr, ur), plan = self._prepared(
             R, n, embed_rows, cond_rows, uncond_rows, params)
         ext, code, F32 = _ext(), self._code, _DTYPE_CODE[torch.float32]
         width = max(len(t) for t in block_tables)
@@ -576,7 +598,14 @@ class ImageStep:
         P, D = self.cos.shape[0], self.stack.D
         w1h, b1h, w2h, b2h, Kh, Hh, Nh = head
         cfg_w, temp, top_k, top_p, greedy = sample
-        scope = _profiler_scope()  # named ranges for torch.profiler (`janus-rt bench --profile`) when it records
+        st = self.stack
+        if not (self.loop_in_python or torch.autograd._profiler_enabled()):  # the k steps in one csrc call
+            ext.image_steps(plan.buffer_info()[0], st._layer_table.buffer_info()[0], len(st._ptrs), k, tok_p, pos_p,
+                            lens_p, sl_p, bt_p, width, sd_p, out_p, st.eps, st.final_eps, 1.0 / math.sqrt(st.D))
+            res = out.tolist()
+            return [res[j * n:(j + 1) * n] for j in range(k)]
+        # the same calls one by one: under torch.profiler (`janus-rt bench --profile`), each in its named range
+        scope = _profiler_scope()
         for j in range(k):
             t_p = tok_p if j == 0 else out_p + 8 * n * (j - 1)
             with scope("janus_rt::cpu_gen_embeds"):

@@ -399,3 +399,24 @@ def test_image_steps_stop_where_the_pool_runs_out():
         eng.run()
         runs.append(req.tokens)
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_image_steps_csrc_loop_matches_python_loop(dtype, monkeypatch):
+    """ImageStep.steps' one csrc call for k steps (csrc/image_steps.cpp, its plan built by cpu_ops) gives the tokens
+    of its per-op Python loop (what it runs under torch.profiler), for requests of different n and settings."""
+    assert cpu_ops._ext().image_steps_plan_len() == len(cpu_ops.ImageStep.PLAN)
+    model = Janus.from_preset("tiny", seed=11, dtype=dtype)
+    t = model.cfg.tokens
+    prompts = [[t.bos_id, 5, 9, 30, t.boi_id], [t.bos_id, 11, t.boi_id]]
+    params = [SamplingParams(seed=2, temperature=0.9, top_k=40, top_p=0.95), SamplingParams(greedy=True, cfg_weight=3)]
+    runs = []
+    for in_python in (False, True):
+        monkeypatch.setattr(cpu_ops.ImageStep, "loop_in_python", in_python)
+        eng = Engine.for_requests(model, [(len(p), n) for p, n in zip(prompts, (3, 2))])
+        calls = _count_steps_per_call(eng)
+        reqs = [eng.add_image_request(p, n=n, params=sp, num_tokens=19) for p, n, sp in zip(prompts, (3, 2), params)]
+        eng.run()
+        assert max(calls) == 8
+        runs.append([r.tokens for r in reqs])
+    assert runs[0] == runs[1]

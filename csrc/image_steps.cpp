@@ -1,0 +1,86 @@
+// The multi-step decode of a batch of image rows (cpu_ops.ImageStep.steps) as one call: k decode steps of
+//   each image's last token -> gen_embed row -> gen aligner (mlp_gelu) -> its cond and uncond rows -> rotary rows of
+//   each row's position -> the decoder layers (decode_layer; the last one with the final norm) -> gen head
+//   (mlp_gelu, logits rounded to the model dtype) -> CFG + sampling (cfg_sample)
+// with each step's sampled tokens the next step's inputs. The same calls on the same values as ImageStep's Python
+// loop over the ops (so the same tokens), without a return to the interpreter between them: at the small benchmark
+// shape the ~15 wrapper calls per step, each from cold caches after the step's weight stream, took ~0.1-0.2 ms of a
+// ~6 ms step (bench/RESULTS.md).
+//   plan int64 [kPlanLen] (below): the batch's sizes, buffers and weights as integers, built once per batch by
+//   cpu_ops.ImageStep; layers int64 [L, 8]: each layer's in_norm, qkv, o, post_norm, gate_up, down, k_cache, v_cache
+//   (cpu_ops.DecodeStack). Per call: tokens int64 [n] (the first step's inputs); positions int64 [k, R]; lens int32
+//   [k, R] (positions + 1); slots int64 [k, R]; block_tables int32 [R, max_blocks] covering every step's slots;
+//   seeds int64 [k, n] -> out int64 [k, n], step j's sampled tokens.
+#include <cstdint>
+
+#include "common.h"
+
+namespace jr {
+
+void gather_rows(std::uintptr_t src, int src_dtype, std::uintptr_t idx, std::uintptr_t dst, int dst_dtype, int64_t n,
+                 int64_t cols, int64_t src_rows);
+void mlp_gelu(std::uintptr_t x, std::uintptr_t w1, std::uintptr_t b1, std::uintptr_t w2, std::uintptr_t b2,
+              std::uintptr_t y, int dtype, int64_t M, int64_t K, int64_t H, int64_t N, bool packed, bool round_out);
+void decode_layer(std::uintptr_t h, int dtype, std::uintptr_t in_norm, std::uintptr_t qkv, std::uintptr_t o,
+                  std::uintptr_t post_norm, std::uintptr_t gate_up, std::uintptr_t down, std::uintptr_t k_cache,
+                  std::uintptr_t v_cache, std::uintptr_t slot_mapping, std::uintptr_t block_tables,
+                  std::uintptr_t context_lens, std::uintptr_t cos, std::uintptr_t sin, int64_t R, int64_t C,
+                  int64_t H, int64_t I, int64_t num_blocks, int64_t block_size, int64_t max_blocks, double eps,
+                  double sm_scale, std::uintptr_t final_norm, std::uintptr_t out, double final_eps, bool packed);
+void cfg_sample(std::uintptr_t cond, std::uintptr_t uncond, std::uintptr_t cfg_weight, std::uintptr_t temperature,
+                std::uintptr_t top_k, std::uintptr_t top_p, std::uintptr_t seeds, std::uintptr_t greedy,
+                std::uintptr_t out, int64_t B, int64_t V, int64_t ldc, int64_t ldu, std::uintptr_t cond_rows,
+                std::uintptr_t uncond_rows, int64_t rows);
+
+// The plan's entries; cpu_ops.ImageStep.PLAN lists the same names in the same order (tests check the count).
+enum Plan : int {
+  kDtype, kPacked, kRows, kImages, kHidden, kHeads, kInter, kHeadDim, kNumBlocks, kBlockSize,
+  kGenEmbed, kGenEmbedRows, kGenEmbedDim,                                   // gen_embed [V_img, E]
+  kAlignW1, kAlignB1, kAlignW2, kAlignB2, kAlignHidden,                     // aligner E -> hidden -> C
+  kHeadW1, kHeadB1, kHeadW2, kHeadB2, kHeadHidden, kVocab,                  // gen head C -> hidden -> V
+  kCos, kSin, kRopePositions, kFinalNorm,                                   // rotary tables [P, D]; final norm [C]
+  kBufX, kBufEmb, kBufH, kBufOut, kBufCos, kBufSin, kBufLogits,             // the batch's buffers
+  kEmbedRows, kCondRows, kUncondRows,                                       // row maps (int64)
+  kCfgWeight, kTemperature, kTopK, kTopP, kGreedy,                          // sampling parameters [n]
+  kPlanLen
+};
+
+int64_t image_steps_plan_len() { return kPlanLen; }
+
+void image_steps(std::uintptr_t plan, std::uintptr_t layers, int64_t L, int64_t k, std::uintptr_t tokens,
+                 std::uintptr_t positions, std::uintptr_t lens, std::uintptr_t slots, std::uintptr_t block_tables,
+                 int64_t max_blocks, std::uintptr_t seeds, std::uintptr_t out, double eps, double final_eps,
+                 double sm_scale) {
+  JR_CHECK(plan && layers && tokens && positions && lens && slots && block_tables && seeds && out, "null pointer");
+  JR_CHECK(L >= 1 && k >= 1 && max_blocks >= 1, "need L, k, max_blocks >= 1");
+  const int64_t* p = ptr<const int64_t>(plan);
+  const int64_t* lay = ptr<const int64_t>(layers);
+  const int dt = int(p[kDtype]);
+  const bool packed = p[kPacked] != 0;
+  const int64_t R = p[kRows], n = p[kImages], C = p[kHidden], D = p[kHeadDim], V = p[kVocab];
+  auto u = [&](Plan i) { return std::uintptr_t(p[i]); };
+  for (int64_t j = 0; j < k; ++j) {
+    const std::uintptr_t tok = j == 0 ? tokens : out + 8 * n * (j - 1);  // step j - 1's samples
+    gather_rows(u(kGenEmbed), dt, tok, u(kBufX), dt, n, p[kGenEmbedDim], p[kGenEmbedRows]);
+    mlp_gelu(u(kBufX), u(kAlignW1), u(kAlignB1), u(kAlignW2), u(kAlignB2), u(kBufEmb), dt, n, p[kGenEmbedDim],
+             p[kAlignHidden], C, packed, true);
+    gather_rows(u(kBufEmb), kF32, u(kEmbedRows), u(kBufH), dt, R, C, n);
+    gather_rows(u(kCos), kF32, positions + 8 * R * j, u(kBufCos), kF32, R, D, p[kRopePositions]);
+    gather_rows(u(kSin), kF32, positions + 8 * R * j, u(kBufSin), kF32, R, D, p[kRopePositions]);
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t* w = lay + 8 * l;
+      const bool last = l == L - 1;  // the final norm into the out buffer
+      decode_layer(u(kBufH), dt, std::uintptr_t(w[0]), std::uintptr_t(w[1]), std::uintptr_t(w[2]),
+                   std::uintptr_t(w[3]), std::uintptr_t(w[4]), std::uintptr_t(w[5]), std::uintptr_t(w[6]),
+                   std::uintptr_t(w[7]), slots + 8 * R * j, block_tables, lens + 4 * R * j, u(kBufCos), u(kBufSin), R,
+                   C, p[kHeads], p[kInter], p[kNumBlocks], p[kBlockSize], max_blocks, eps, sm_scale,
+                   last ? u(kFinalNorm) : 0, last ? u(kBufOut) : 0, final_eps, packed);
+    }
+    mlp_gelu(u(kBufOut), u(kHeadW1), u(kHeadB1), u(kHeadW2), u(kHeadB2), u(kBufLogits), dt, R, C, p[kHeadHidden], V,
+             packed, true);
+    cfg_sample(u(kBufLogits), u(kBufLogits), u(kCfgWeight), u(kTemperature), u(kTopK), u(kTopP), seeds + 8 * n * j,
+               u(kGreedy), out + 8 * n * j, n, V, V, V, u(kCondRows), u(kUncondRows), R);
+  }
+}
+
+}  // namespace jr
