@@ -140,6 +140,9 @@ def cmd_verify(args):
 def cmd_bench(args):
     from janus_rt.engine.benchmark import main as bench_main
 
+    _check_args(args, (args.steps_per_call >= 1, f"--steps-per-call must be >= 1, got {args.steps_per_call}"),
+                (args.n is None or args.n >= 1, f"-n must be >= 1, got {args.n}"),
+                (args.tokens >= 1, f"--tokens must be >= 1, got {args.tokens}"))
     bench_main(args)
 
 

@@ -46,6 +46,13 @@ def test_generate_bad_flags_are_clear_errors(tmp_path, flags, message):
         main(["generate", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "o")] + flags)
 
 
+@pytest.mark.parametrize("flags,message", [(["--steps-per-call", "0"], "--steps-per-call must be >= 1"),
+                                           (["-n", "0"], "-n must be >= 1"), (["--tokens", "0"], "--tokens must be")])
+def test_bench_bad_flags_are_clear_errors(flags, message):
+    with pytest.raises(SystemExit, match="janus-rt bench: " + message):
+        main(["bench", "--model", "tiny", "--device", "cpu", "--no-transformers"] + flags)
+
+
 def test_generate_out_that_is_a_file_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match="is a file, not a folder"):
@@ -118,10 +125,11 @@ def test_bench_json_and_profile(tmp_path, capsys, layerwise):
 
     out = tmp_path / "rows.jsonl"
     args = ["bench", "--model", "tiny", "--device", "cpu", "--tokens", "6", "--repeats", "1",
-            "--json", str(out), "--profile", str(tmp_path / "prof")]
+            "--json", str(out), "--profile", str(tmp_path / "prof"), "--steps-per-call", "3" if layerwise else "1"]
     main(args + (["--layerwise"] if layerwise else []))
     row = json.loads(out.read_text().splitlines()[-1])
     assert row["tokens"] == 6 and row["janus_rt_s"] > 0 and row["transformers_s"] > 0 and row["speedup"] > 0
+    assert row["steps_per_call"] == (3 if layerwise else 1)
     assert 0 < row["roofline_fraction"] and row["roofline_ms_step"] > 0 and row["bandwidth_gbs"] > 0
     # a fraction per run of ours (--repeats 1 + the final run), each against the probes beside it; the row's is
     # their median, and the fastest probe of the whole benchmark is at least the median run's

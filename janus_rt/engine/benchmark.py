@@ -32,6 +32,9 @@ def add_bench_args(p):
     p.add_argument("--layerwise", action="store_true",
                    help="cpu backend: run the decode step op by op instead of one csrc call per decoder layer "
                         "(slower; its --profile shows every op)")
+    p.add_argument("--steps-per-call", type=int, default=8, metavar="K",
+                   help="cpu backend: decode steps per engine step while no request waits (multi-step decode; "
+                        "1 = a return to Python after every step)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also trace three decode steps with torch.profiler (DIR/trace.json for Perfetto, op table) "
                         "and time the phases inside the csrc decoder layers (table + DIR/phases.png)")
@@ -161,21 +164,23 @@ def decode_step_bytes_flops(model, rows: int, context: int, shared: tuple[int, i
 
 
 # ---- the two implementations -----------------------------------------------------------------------------------
-def _image_engine(model, prompt, n, tokens=None, cuda_graphs=False, layerwise=False):
-    """An engine holding one image request (n images of `prompt`); layerwise: no csrc decoder on the CPU."""
+def _image_engine(model, prompt, n, tokens=None, cuda_graphs=False, layerwise=False, steps_per_call=8):
+    """An engine holding one image request (n images of `prompt`); layerwise: no csrc decoder on the CPU;
+    steps_per_call: Engine's max_steps_per_call."""
     from janus_rt.engine import Engine, SamplingParams
 
-    eng = Engine.for_requests(model, [(len(prompt), n)], block_size=BLOCK_SIZE, cuda_graphs=cuda_graphs)
+    eng = Engine.for_requests(model, [(len(prompt), n)], block_size=BLOCK_SIZE, cuda_graphs=cuda_graphs,
+                              max_steps_per_call=steps_per_call)
     if layerwise:
         eng.runner.fused_cpu_decode = False
     eng.add_image_request(prompt, n=n, params=SamplingParams(seed=0), num_tokens=tokens)
     return eng
 
 
-def run_janus_rt(model, prompt, n, tokens, cuda_graphs=False, layerwise=False):
+def run_janus_rt(model, prompt, n, tokens, cuda_graphs=False, layerwise=False, steps_per_call=8):
     """-> (seconds, ms per decode step, the CPU decode path taken: "decode_layer[, packed GEMV]" / "layerwise" / None off
     CPU)."""
-    eng = _image_engine(model, prompt, n, tokens, cuda_graphs, layerwise)
+    eng = _image_engine(model, prompt, n, tokens, cuda_graphs, layerwise, steps_per_call)
     _sync(model.device)
     t = time.perf_counter()
     eng.run()
@@ -237,7 +242,7 @@ def main(args):
 
     def ours_probed():
         before = measure_bandwidth_gbs(device)
-        out = run_janus_rt(model, prompt, n, args.tokens, args.cuda_graphs, args.layerwise)
+        out = run_janus_rt(model, prompt, n, args.tokens, args.cuda_graphs, args.layerwise, args.steps_per_call)
         run_bw.append(max(before, measure_bandwidth_gbs(device)))
         return out
 
@@ -276,7 +281,7 @@ def main(args):
         "bandwidth_gbs": round(statistics.median(run_bw), 1),
         "best_bandwidth_gbs": round(best_bw, 1),  # the fastest probe of the whole benchmark, and the fraction of
         "roofline_fraction_vs_best": round(roof(best_bw) / ms_ours, 3),  # the median step against its roofline
-        "matmul_gflops": round(peak, 1),
+        "matmul_gflops": round(peak, 1), "steps_per_call": args.steps_per_call,
     }
     if cpu_path:
         row["cpu_decode"] = cpu_path
@@ -291,17 +296,19 @@ def main(args):
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")
     if args.profile:
-        profile_decode_step(model, prompt, n, Path(args.profile), args.layerwise, phase_warmup=args.tokens // 2)
+        profile_decode_step(model, prompt, n, Path(args.profile), args.layerwise, phase_warmup=args.tokens // 2,
+                            steps_per_call=args.steps_per_call)
     return row
 
 
-def profile_decode_step(model, prompt, n, out: Path, layerwise: bool = False, steps: int = 3, phase_warmup: int = 4):
+def profile_decode_step(model, prompt, n, out: Path, layerwise: bool = False, steps: int = 3, phase_warmup: int = 4,
+                        steps_per_call: int = 8):
     """Trace `steps` decode steps (after a few warm-up steps, and one more under the profiler whose record is
     dropped: the first step after the profiler starts pays for waking the OpenMP threads and the profiler's own
     set-up, ~1 ms on a 2-core CPU) and print the per-op time breakdown, totals over those steps."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    eng = _image_engine(model, prompt, n, layerwise=layerwise)
+    eng = _image_engine(model, prompt, n, layerwise=layerwise, steps_per_call=steps_per_call)
     for _ in range(4):
         if eng.has_work():
             eng.step()
@@ -328,7 +335,8 @@ def profile_decode_step(model, prompt, n, out: Path, layerwise: bool = False, st
           "columns per call):")
     print(tables[0] if tables else "(no profile recorded)")
     print(f"trace: {out / 'trace.json'} (open in https://ui.perfetto.dev)")
-    phases = decode_phase_times(model, prompt, n, layerwise=layerwise, warmup=phase_warmup)
+    phases = decode_phase_times(model, prompt, n, layerwise=layerwise, warmup=phase_warmup,
+                                steps_per_call=steps_per_call)
     if phases:
         print(format_phase_table(phases))
         dtype = str(model.dtype).split(".")[-1]
@@ -336,7 +344,8 @@ def profile_decode_step(model, prompt, n, out: Path, layerwise: bool = False, st
         print(f"phase chart: {out / 'phases.png'}")
 
 
-def decode_phase_times(model, prompt, n, steps: int = 8, layerwise: bool = False, warmup: int = 4) -> dict | None:
+def decode_phase_times(model, prompt, n, steps: int = 8, layerwise: bool = False, warmup: int = 4,
+                       steps_per_call: int = 8) -> dict | None:
     """Inside the csrc decoder layers: time each phase (cpu_ops.decode_phase_timing) over `steps` decode steps of a
     fresh engine after `warmup` steps (`janus-rt bench --profile`: half its --tokens, the benchmark's mean context;
     no profiler running). Returns {steps, rows, context (mean tokens per row), calls, ms_per_step, phases: [{name,
@@ -347,7 +356,7 @@ def decode_phase_times(model, prompt, n, steps: int = 8, layerwise: bool = False
 
     if model.device.type != "cpu" or layerwise:
         return None
-    eng = _image_engine(model, prompt, n)
+    eng = _image_engine(model, prompt, n, steps_per_call=steps_per_call)
     if not eng.runner.uses_cpu_decoder():
         return None
     eng.step()  # prefill
