@@ -8,8 +8,8 @@
 // shape +4-10 %, Janus-Pro-1B dims bf16 +8-12 %, fp32 +5 % from DRAM, bit-identical: bench/RESULTS.md 2026-12-03).
 // Narrow fp32 rows (a task's K row <= kTokenMajorBytes) score token by token instead of 8 tokens per head, so
 // K too is read front to back (+7 % more at the small shape; -8 % for 4 KiB bf16 rows, where it is not used).
-// Where a task reads whole cached rows, the next block's K and this block's V are prefetched in address order while
-// the block's K is scored (RangePrefetcher): from DRAM on the 2-core Zen 5 host (2026-12-03, bench_ab) +8-14 % at the
+// The task's part of the next block's K and of this block's V is prefetched in address order while the block's K is
+// scored (RangePrefetcher): from DRAM on the 2-core Zen 5 host (2026-12-03, bench_ab) +8-14 % at the
 // small shape (fp32) and +12-19 % at Janus-Pro-1B dims in bf16, where the 8-tokens-per-head K reads otherwise visit
 // 8 pages at a time 256 B each; prefetching the same lines in the order the kernel reads them gained ~0 for bf16.
 // (On the earlier Zen 3 box, 2026-11-25, software prefetch of the next block had left the DRAM rate unchanged.)
@@ -35,23 +35,39 @@ constexpr int kW = simd::kWidth;
 #endif
 constexpr int64_t kTokenMajorBytes = 2048;  // token-major K scoring for fp32 task rows up to this (see the top)
 
-// Prefetches two byte ranges (the next block's K, this block's V) line by line in address order, `per` lines of each
-// per issue(), so the lines are requested at an even rate over a block's issue() calls rather than in one burst.
+// Prefetches the task's part of the tokens of two blocks (the next block's K, this block's V: per token `seg`
+// elements at a stride of `row`; one contiguous range where the task reads whole rows) line by line in address
+// order, `per` lines of each per issue(), so the lines are requested at an even rate over a block's issue() calls
+// rather than in one burst.
 struct RangePrefetcher {
-  const char *p0 = nullptr, *e0 = nullptr, *p1 = nullptr, *e1 = nullptr;
+  struct Stream {
+    uintptr_t start = 0, cur = 0, end = 0;  // this token's segment [start, end) and its next line
+    int64_t seg = 0, stride = 0, left = 0;  // segment and stride bytes; tokens after this one
+    void init(const void* p, int64_t seg_bytes, int64_t stride_bytes, int64_t tokens) {
+      start = reinterpret_cast<uintptr_t>(p), cur = start & ~uintptr_t(63), end = tokens > 0 ? start + seg_bytes : 0;
+      seg = seg_bytes, stride = stride_bytes, left = std::max<int64_t>(tokens - 1, 0);
+    }
+    void step() {
+      if (cur >= end) {
+        if (left == 0) return;
+        --left, start += stride, cur = start & ~uintptr_t(63), end = start + seg;
+      }
+      __builtin_prefetch(reinterpret_cast<const char*>(cur), 0, 3);
+      cur += 64;
+    }
+  };
+  Stream a, b;
   int64_t per = 0;
   template <typename T>
-  void set(const T* a, int64_t na, const T* b, int64_t nb, int64_t calls) {
-    p0 = reinterpret_cast<const char*>(a), e0 = reinterpret_cast<const char*>(a + na);
-    p1 = reinterpret_cast<const char*>(b), e1 = reinterpret_cast<const char*>(b + nb);
-    const int64_t lines = (std::max(e0 - p0, e1 - p1) + 63) / 64;
+  void set(const T* pa, int64_t na, const T* pb, int64_t nb, int64_t seg, int64_t row, int64_t calls) {
+    const int64_t seg_bytes = seg * int64_t(sizeof(T));
+    a.init(pa, seg_bytes, row * int64_t(sizeof(T)), na);
+    b.init(pb, seg_bytes, row * int64_t(sizeof(T)), nb);
+    const int64_t lines = std::max(na, nb) * ((int64_t(reinterpret_cast<uintptr_t>(pb) & 63) + seg_bytes + 63) / 64);
     per = calls > 0 ? (lines + calls - 1) / calls : 0;
   }
   void issue() {
-    for (int64_t i = 0; i < per; ++i) {
-      if (p0 < e0) __builtin_prefetch(p0, 0, 3), p0 += 64;
-      if (p1 < e1) __builtin_prefetch(p1, 0, 3), p1 += 64;
-    }
+    for (int64_t i = 0; i < per; ++i) a.step(), b.step();
   }
 };
 
@@ -368,7 +384,6 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
 #ifdef JR_ATTN_AVX2
     token_major = rows_v && std::is_same_v<TKV, float> && nh % 8 == 0 && nh * D * int64_t(sizeof(TKV)) <= kTokenMajorBytes;
 #endif
-    const bool whole_rows = nh * D == row;  // the task's part of a cached token is the whole token: prefetch by range
     for (int64_t part = k0; part < k1; ++part) {
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
@@ -379,10 +394,10 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
         const int64_t base = int64_t(bt[b * max_blocks + i]) * bs * row;  // token t of the block at base + t * row
         // this part's next block's K and this block's V, prefetched over the K-scoring calls (see the top)
         RangePrefetcher pf;
-        if (whole_rows) {
+        {
           const int64_t n_next = i + 1 < i_end ? std::min(bs, len - (i + 1) * bs) : 0;
           const TKV* k_next = kc + (n_next ? int64_t(bt[b * max_blocks + i + 1]) * bs * row : 0);
-          pf.set(k_next, n_next * row, vc + base, n * row, token_major ? n : n / 8 * nh);
+          pf.set(k_next + off[0], n_next, vc + base + off[0], n, (hk1 - hk0) * D, row, token_major ? n : n / 8 * nh);
         }
         int64_t t = 0;
 #ifdef JR_ATTN_AVX2
