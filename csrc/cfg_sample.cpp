@@ -139,7 +139,8 @@ int64_t sample_row(const float* c, const float* u, float w, float temperature, i
     const __m512 lv = _mm512_loadu_ps(&l[j]);
     const __mmask16 kept = _mm512_cmp_ps_mask(lv, thr_v, _CMP_GE_OQ);
     if (!kept) continue;
-    __m512i x = _mm512_xor_si512(_mm512_set1_epi32(int(sh)), _mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(j))), lanes));
+    const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(j))), lanes);  // uint32_t(j + lane)
+    __m512i x = _mm512_xor_si512(_mm512_set1_epi32(int(sh)), idx);
     x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));  // mix32, lane by lane
     x = _mm512_mullo_epi32(x, _mm512_set1_epi32(int(0x21f0aaadu)));
     x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));

@@ -382,7 +382,8 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
     const bool rows_v = G == 1 && D % kW == 0 && (nh * D) % (kSeg * kW) == 0;
     bool token_major = false;
 #ifdef JR_ATTN_AVX2
-    token_major = rows_v && std::is_same_v<TKV, float> && nh % 8 == 0 && nh * D * int64_t(sizeof(TKV)) <= kTokenMajorBytes;
+    token_major = rows_v && std::is_same_v<TKV, float> && nh % 8 == 0 &&
+                  nh * D * int64_t(sizeof(TKV)) <= kTokenMajorBytes;
 #endif
     for (int64_t part = k0; part < k1; ++part) {
       std::fill(acc.begin(), acc.end(), 0.0f);
