@@ -105,6 +105,11 @@ def test_preemption_recomputes_exactly(tiny):
     assert eng.bm.num_free_blocks == eng.bm.num_blocks
 
 
+def test_max_steps_per_call_must_be_positive(tiny):
+    with pytest.raises(ValueError, match="max_steps_per_call must be >= 1"):
+        Engine(tiny, block_size=16, max_num_blocks=4, max_steps_per_call=0)
+
+
 def test_request_too_big_is_a_clear_error(tiny):
     eng = Engine(tiny, block_size=16, max_num_blocks=4, kv_cache_gb=1)
     with pytest.raises(ValueError, match="KV blocks"):

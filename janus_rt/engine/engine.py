@@ -97,8 +97,9 @@ class Engine:
 
     # ---- one engine step -----------------------------------------------------------------------------------
     def step(self) -> list[Request]:
-        """Prefill newly admitted requests if any, else decode one token for every running row.
-        Returns the requests that finished in this step."""
+        """Prefill newly admitted requests if any, else decode one token for every running row (on the CPU image
+        path up to max_steps_per_call tokens each: multi-step decode, see _decode_images_cpu; stats.decode_steps
+        counts them). Returns the requests that finished in this step."""
         admitted = self.scheduler.admit()
         if admitted:
             t0 = time.perf_counter()
