@@ -316,6 +316,13 @@ def test_image_step_falls_back_and_checks():
         step([3], i64(0, 0), [4, 4], [4, 20], [[0], [10**6]], i64(0), i64(1), params, [7])
 
 
+def _count_steps_per_call(eng) -> list:
+    """Record k of every ImageStep.steps call of the engine's CPU decoder."""
+    calls, step = [], eng.runner.cpu_decoder.image_step_runner
+    step.steps = lambda *a, f=step.steps: calls.append(len(a[3])) or f(*a)
+    return calls
+
+
 def test_image_step_continuous_batching():
     """Requests that finish at different steps and one admitted mid-run: the csrc image step (its buffers and row
     tensors rebuilt as the batch changes) gives every request the op-by-op step's tokens."""
@@ -328,8 +335,7 @@ def test_image_step_continuous_batching():
         eng = Engine.for_requests(model, [(5, 3), (5, 1), (5, 2)], max_steps_per_call=1)
         calls = []  # steps per csrc call
         if fast:
-            step = eng.runner.cpu_decoder.image_step_runner
-            step.steps = lambda *a, f=step.steps: calls.append(len(a[3])) or f(*a)
+            calls = _count_steps_per_call(eng)
         else:
             eng.runner.cpu_decoder.image_steps_possible = lambda *a: False
         reqs = [eng.add_image_request(prompts[0], n=3, params=SamplingParams(seed=1), num_tokens=9),
@@ -342,13 +348,6 @@ def test_image_step_continuous_batching():
     (fast_tokens, fast_steps, steps), (ref_tokens, _, ref_steps) = runs
     assert fast_tokens == ref_tokens
     assert fast_steps == steps == ref_steps >= 8  # every decode step took the csrc path
-
-
-def _count_steps_per_call(eng) -> list:
-    """Record k of every ImageStep.steps call of the engine's CPU decoder."""
-    calls, step = [], eng.runner.cpu_decoder.image_step_runner
-    step.steps = lambda *a, f=step.steps: calls.append(len(a[3])) or f(*a)
-    return calls
 
 
 def test_image_steps_multi_step():
