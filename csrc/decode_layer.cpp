@@ -69,12 +69,12 @@ inline void rms_norm_row(const T* x, const T* w, float* out, int64_t C, float ep
   for (int64_t c = 0; c < C; ++c) out[c] = rnd<T>(to_float(w[c]) * rnd<T>(to_float(x[c]) * inv));
 }
 
-// x[0:n] = rnd<T>(x) in place: the values a T tensor holds (bf16: simd::round_bf16 per lane, the scalar rnd's bits).
+// x[0:n] = rnd<T>(x) in place: the values a T tensor holds (act::rnd_v per vector: the scalar rnd's bits).
 template <typename T>
 inline void round_to(float* x, int64_t n) {
   if constexpr (!std::is_same_v<T, float>) {
     int64_t i = 0;
-    for (; i + simd::kWidth <= n; i += simd::kWidth) simd::store(x + i, simd::round_bf16(simd::load(x + i)));
+    for (; i + simd::kWidth <= n; i += simd::kWidth) simd::store(x + i, act::rnd_v<T>(simd::load(x + i)));
     for (; i < n; ++i) x[i] = rnd<T>(x[i]);
   }
 }
@@ -102,10 +102,7 @@ inline void rope_head(const float* x, const float* cos, const float* sin, T* out
   using simd::vf;
   constexpr int kW = simd::kWidth;
   const int64_t half = D / 2;
-  auto r = [](vf a) {
-    if constexpr (std::is_same_v<T, float>) return a;
-    else return simd::round_bf16(a);
-  };
+  auto r = act::rnd_v<T>;
   const vf neg = simd::set1(-1.0f);
   int64_t d = 0;
   for (; d + kW <= half; d += kW) {

@@ -14,23 +14,9 @@
 #include <cstdint>
 
 #include "common.h"
+#include "ops.h"
 
 namespace jr {
-
-void gather_rows(std::uintptr_t src, int src_dtype, std::uintptr_t idx, std::uintptr_t dst, int dst_dtype, int64_t n,
-                 int64_t cols, int64_t src_rows);
-void mlp_gelu(std::uintptr_t x, std::uintptr_t w1, std::uintptr_t b1, std::uintptr_t w2, std::uintptr_t b2,
-              std::uintptr_t y, int dtype, int64_t M, int64_t K, int64_t H, int64_t N, bool packed, bool round_out);
-void decode_layer(std::uintptr_t h, int dtype, std::uintptr_t in_norm, std::uintptr_t qkv, std::uintptr_t o,
-                  std::uintptr_t post_norm, std::uintptr_t gate_up, std::uintptr_t down, std::uintptr_t k_cache,
-                  std::uintptr_t v_cache, std::uintptr_t slot_mapping, std::uintptr_t block_tables,
-                  std::uintptr_t context_lens, std::uintptr_t cos, std::uintptr_t sin, int64_t R, int64_t C,
-                  int64_t H, int64_t I, int64_t num_blocks, int64_t block_size, int64_t max_blocks, double eps,
-                  double sm_scale, std::uintptr_t final_norm, std::uintptr_t out, double final_eps, bool packed);
-void cfg_sample(std::uintptr_t cond, std::uintptr_t uncond, std::uintptr_t cfg_weight, std::uintptr_t temperature,
-                std::uintptr_t top_k, std::uintptr_t top_p, std::uintptr_t seeds, std::uintptr_t greedy,
-                std::uintptr_t out, int64_t B, int64_t V, int64_t ldc, int64_t ldu, std::uintptr_t cond_rows,
-                std::uintptr_t uncond_rows, int64_t rows);
 
 // The plan's entries; cpu_ops.ImageStep.PLAN lists the same names in the same order (tests check the count).
 enum Plan : int {

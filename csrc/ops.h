@@ -1,0 +1,44 @@
+// The ops' entry points, one .cpp each (raw data pointers and sizes; dtype codes 0 = fp32, 1 = bf16): declared once
+// here for bindings.cpp (the Python module) and for the ops that call other ops (image_steps.cpp).
+#pragma once
+
+#include <cstdint>
+
+namespace jr {
+using ptr_t = std::uintptr_t;
+
+void vq_nearest(ptr_t z, ptr_t codebook, ptr_t out, int64_t N, int64_t K, int64_t D);
+void paged_decode_attention(ptr_t q, int q_dtype, ptr_t k_cache, ptr_t v_cache, int kv_dtype, ptr_t block_tables,
+                            ptr_t context_lens, ptr_t o, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                            int64_t num_blocks, int64_t block_size, int64_t max_blocks, double sm_scale);
+void kv_store(ptr_t k, ptr_t v, ptr_t k_cache, ptr_t v_cache, ptr_t slot_mapping, int64_t N, int64_t row_elems,
+              int64_t elem_size, int64_t num_slots);
+void cfg_sample(ptr_t cond, ptr_t uncond, ptr_t cfg_weight, ptr_t temperature, ptr_t top_k, ptr_t top_p,
+                ptr_t seeds, ptr_t greedy, ptr_t out, int64_t B, int64_t V, int64_t ldc, int64_t ldu, ptr_t cond_rows,
+                ptr_t uncond_rows, int64_t rows);
+void linear(ptr_t x, int x_dtype, ptr_t w, int w_dtype, ptr_t bias, ptr_t y, int64_t M, int64_t N, int64_t K);
+void decode_layer(ptr_t h, int dtype, ptr_t in_norm, ptr_t qkv, ptr_t o, ptr_t post_norm, ptr_t gate_up, ptr_t down,
+                  ptr_t k_cache, ptr_t v_cache, ptr_t slot_mapping, ptr_t block_tables, ptr_t context_lens, ptr_t cos,
+                  ptr_t sin, int64_t R, int64_t C, int64_t H, int64_t I, int64_t num_blocks, int64_t block_size,
+                  int64_t max_blocks, double eps, double sm_scale, ptr_t final_norm, ptr_t out, double final_eps,
+                  bool packed);
+void decode_phase_timing(bool on);
+int decode_phase_count();
+const char* decode_phase_name(int i);
+int64_t decode_phase_read(ptr_t seconds, bool reset);
+void mlp_gelu(ptr_t x, ptr_t w1, ptr_t b1, ptr_t w2, ptr_t b2, ptr_t y, int dtype, int64_t M, int64_t K, int64_t H,
+              int64_t N, bool packed, bool round_out);
+void gather_rows(ptr_t src, int src_dtype, ptr_t idx, ptr_t dst, int dst_dtype, int64_t n, int64_t cols,
+                 int64_t src_rows);
+bool packed_available(int dtype);
+int64_t packed_size(int64_t N, int64_t K, int dtype);
+void pack_weight(ptr_t w, ptr_t wp, int64_t N, int64_t K, int dtype);
+void linear_packed(ptr_t x, ptr_t wp, ptr_t bias, ptr_t y, int64_t M, int64_t N, int64_t K, int dtype);
+void swiglu(ptr_t gate, ptr_t up, ptr_t out, int64_t n, int dtype);
+void image_steps(ptr_t plan, ptr_t layers, int64_t L, int64_t k, ptr_t tokens, ptr_t positions, ptr_t lens, ptr_t slots,
+                 ptr_t block_tables, int64_t max_blocks, ptr_t seeds, ptr_t out, double eps, double final_eps,
+                 double sm_scale);
+int64_t image_steps_plan_len();
+double stream_sum(ptr_t x, int64_t n);
+const char* simd_isa();
+}  // namespace jr
