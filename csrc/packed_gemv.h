@@ -158,8 +158,11 @@ void gemv_for(const WT* wp, const WT* x, int64_t ldx, const float* bias, float* 
   constexpr int64_t S = strip<WT>(), E = ek<WT>(), SE = step_elems<WT>(), KT = ktile<WT>();
   const int64_t KS = K / E, strips = num_strips(N, S);
   const char* end = reinterpret_cast<const char*>(wp + packed_size<WT>(N, K));
-  const int64_t mbmax = M <= kMBSmall ? M : kMB;
-  const int64_t passes = (M + mbmax - 1) / mbmax;  // row blocks per tile
+  // Row blocks per tile, and their sizes: M <= 8 one block; else ceil(M / 6) blocks of as even a size as can be
+  // (32 rows: 6, 6, 5, 5, 5, 5 rather than five of 6 and one of 2: a 2-row pass reads the tile from L2 as a 6-row
+  // one does for a third of the work).
+  const int64_t passes = M <= kMBSmall ? 1 : (M + kMB - 1) / kMB;
+  const int64_t mb_lo = M / passes, n_hi = M % passes;  // the first n_hi blocks take mb_lo + 1 rows
   std::vector<float> c(static_cast<size_t>(M * S));
 #pragma omp for schedule(guided, 1)
   for (int64_t s = 0; s < strips; ++s) {
@@ -172,8 +175,8 @@ void gemv_for(const WT* wp, const WT* x, int64_t ldx, const float* bias, float* 
       const int64_t lines = std::min<int64_t>(KT * SE * sizeof(WT), std::max<int64_t>(0, end - next)) / 64;
       const int64_t share = (lines + passes - 1) / passes;
       const int lpk = int((share + kn - 1) / kn);
-      for (int64_t m0 = 0, j = 0; m0 < M; m0 += mbmax, ++j) {
-        const int mb = int(std::min<int64_t>(mbmax, M - m0));
+      for (int64_t m0 = 0, j = 0; j < passes; m0 += mb_lo + (j < n_hi), ++j) {
+        const int mb = int(mb_lo + (j < n_hi));
         const char* pf = next + j * share * 64;
         const char* pe = next + std::min(lines, (j + 1) * share) * 64;
         const WT* xs = x + m0 * ldx + E * k0;

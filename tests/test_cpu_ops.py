@@ -243,7 +243,7 @@ PACKED_DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)]
 
 
 @pytest.mark.parametrize("dtype", PACKED_DTYPES)
-@pytest.mark.parametrize("M", [1, 6, 7, 17])  # 6: one full row block; 7, 17: blocks plus a tail
+@pytest.mark.parametrize("M", [1, 6, 7, 17, 32])  # 6, 7: one row block; 17: blocks of 6, 6, 5; 32: 6, 6, 5, 5, 5, 5
 @pytest.mark.parametrize("K", [2, 40, 514, 2048])  # 514: a last K tile of 2 (fp32) or 1 (bf16) steps on AVX-512
 @pytest.mark.parametrize("N", [1, 37, 700])  # 37: one partial strip; 700: several strips, the last partial
 def test_linear_packed(poison, M, K, N, dtype):
@@ -273,9 +273,9 @@ def test_linear_packed_fp32_odd_k(poison, M):
 def test_linear_packed_rows_do_not_depend_on_the_batch(K, dtype):
     g = torch.Generator().manual_seed(K)
     pw = cpu_ops.PackedWeight(torch.randn(700, K, generator=g).to(dtype))
-    x = torch.randn(14, K, generator=g).to(dtype)
-    alone = torch.cat([pw(x[i : i + 1]) for i in range(14)])
-    for M in range(2, 15):
+    x = torch.randn(33, K, generator=g).to(dtype)
+    alone = torch.cat([pw(x[i : i + 1]) for i in range(33)])
+    for M in range(2, 34):  # one row block up to 8 rows, then ceil(M / 6) blocks of even sizes
         assert torch.equal(pw(x[:M]), alone[:M]), f"M = {M}"
 
 
