@@ -200,3 +200,67 @@ def test_roofline_kv_bytes_match_the_cache(tiny):
     # unshared: every row's full context (what the formula gave before sharing was counted)
     assert decode_step_bytes_flops(tiny, 2 * n, context)[0] - weights == 2 * n * context * per_token
     assert flops == decode_step_bytes_flops(tiny, 2 * n, context)[1]  # FLOPs: every row attends its full context
+
+
+@pytest.mark.parametrize("seed", range(10))  # seeds 0 and 8 preempt; the row limit makes others wait
+def test_random_mixed_workload_matches_each_request_alone(tiny, seed):
+    """Continuous batching under random schedules: image requests (prompt lengths, n, lengths and sampling settings
+    drawn at random) and understanding requests arriving at random steps, a KV pool small enough that requests wait
+    or are preempted, random block sizes, row limits and steps per call. Every request gets the tokens it gets when
+    run alone; no block leaks."""
+    import random
+
+    from janus_rt.processing import encode_understanding_prompt
+    from janus_rt.tokenizer import JanusTokenizer
+
+    rnd = random.Random(seed)
+    tok = JanusTokenizer.byte_level(tiny.cfg.llm.vocab_size, tiny.cfg.tokens)
+    size = tiny.cfg.vision.image_size
+    reqs = []  # (arrival step, kind, args)
+    for i in range(rnd.randint(4, 6)):
+        if rnd.random() < 0.25:
+            ids = encode_understanding_prompt(tok, "what is this?"[: rnd.randint(4, 13)], 1,
+                                              tiny.cfg.vision.num_patches)
+            g = torch.Generator().manual_seed(seed * 10 + i)
+            pixels = torch.rand(1, 3, size, size, generator=g) * 2 - 1
+            params = SamplingParams(greedy=True) if rnd.random() < 0.5 else SamplingParams(seed=rnd.getrandbits(32),
+                                                                                         temperature=0.7)
+            reqs.append((rnd.randint(0, 6), "text", (ids, pixels, rnd.randint(2, 8), params)))
+        else:
+            params = rnd.choice([SamplingParams(greedy=True, cfg_weight=rnd.uniform(1, 6)),
+                                 SamplingParams(seed=rnd.getrandbits(32), top_k=rnd.choice([0, 5, 50])),
+                                 SamplingParams(seed=rnd.getrandbits(32), temperature=0.8, top_p=0.9)])
+            reqs.append((rnd.randint(0, 3), "image", (prompt(tiny, rnd.randint(1, 30), seed=seed * 10 + i),
+                                                      rnd.randint(1, 3), params, rnd.randint(3, 40))))
+
+    def add(eng, kind, args):
+        if kind == "text":
+            ids, pixels, max_new, params = args
+            return eng.add_text_request(ids, pixels, max_new_tokens=max_new, params=params)
+        ids, n, params, num = args
+        return eng.add_image_request(ids, n, params, num_tokens=num)
+
+    alone = []
+    for _, kind, args in reqs:
+        eng = Engine(tiny, block_size=16, max_num_blocks=256)
+        r = add(eng, kind, args)
+        eng.run()
+        alone.append(r.tokens)
+
+    block_size = rnd.choice([4, 16])
+    probe = Engine(tiny, block_size=block_size, max_num_blocks=10**4)
+    worst = max(probe.scheduler.worst_case_blocks(add(probe, kind, args)) for _, kind, args in reqs)
+    # a pool that holds the largest request alone and little more: the others wait, or are preempted and recomputed
+    eng = Engine(tiny, block_size=block_size, max_num_blocks=worst + rnd.randint(0, 2),
+                 max_num_rows=rnd.choice([6, 8, 256]), max_steps_per_call=rnd.choice([1, 3, 8]))
+    added, step = [None] * len(reqs), 0
+    while step <= 6 or eng.has_work():
+        for i, (arrival, kind, args) in enumerate(reqs):
+            if arrival == step:
+                added[i] = add(eng, kind, args)
+        if eng.has_work():
+            eng.step()
+            eng.bm.check_invariants()
+        step += 1
+    assert [r.tokens for r in added] == alone
+    assert eng.bm.num_free_blocks == eng.bm.num_blocks
