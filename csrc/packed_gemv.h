@@ -135,7 +135,7 @@ inline void block(const WT* wt, const WT* x, int64_t ldx, int64_t kn, float* c, 
     for (int v = 0; v < 4; ++v) simd::store(c + m * S + v * kW, acc[m][v]);
 }
 
-// block<R> for mb = R <= RMax rows (the rows left at the end of x, or all of a small x), chosen at run time.
+// block<R> for mb = R <= RMax rows (a block of fewer than 6 rows, or all of a small x), chosen at run time.
 template <typename WT, int R>
 inline void block_tail(int mb, const WT* wt, const WT* x, int64_t ldx, int64_t kn, float* c, bool first,
                        const char* pf, const char* pe, int lpk) {
