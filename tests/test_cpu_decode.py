@@ -323,12 +323,24 @@ def _count_steps_per_call(eng) -> list:
     return calls
 
 
+def _two_requests_then_a_third(eng, model, ns, lens, steps_before_third) -> list:
+    """Adds two image requests (n = ns[i] images of lens[i] tokens: seeded, greedy), runs steps_before_third engine
+    steps, adds a third (seeded, top-k), runs the engine to the end -> the three requests."""
+    t = model.cfg.tokens
+    prompts = [[t.bos_id, 5, 9, t.boi_id], [t.bos_id, 21, 22, 23, t.boi_id], [t.bos_id, 7, t.boi_id]]
+    params = [SamplingParams(seed=1), SamplingParams(greedy=True), SamplingParams(seed=3, top_k=20)]
+    reqs = [eng.add_image_request(prompts[i], n=ns[i], params=params[i], num_tokens=lens[i]) for i in range(2)]
+    for _ in range(steps_before_third):
+        eng.step()
+    reqs.append(eng.add_image_request(prompts[2], n=ns[2], params=params[2], num_tokens=lens[2]))
+    eng.run()
+    return reqs
+
+
 def test_image_step_continuous_batching():
     """Requests that finish at different steps and one admitted mid-run: the csrc image step (its buffers and row
     tensors rebuilt as the batch changes) gives every request the op-by-op step's tokens."""
     model = Janus.from_preset("tiny", seed=8)
-    t = model.cfg.tokens
-    prompts = [[t.bos_id, 5, 9, t.boi_id], [t.bos_id, 21, 22, 23, t.boi_id], [t.bos_id, 7, t.boi_id]]
     runs = []
     for fast in (True, False):
         # one step per engine step, so that the third request arrives mid-run (multi-step: the test below)
@@ -338,12 +350,7 @@ def test_image_step_continuous_batching():
             calls = _count_steps_per_call(eng)
         else:
             eng.runner.cpu_decoder.image_steps_possible = lambda *a: False
-        reqs = [eng.add_image_request(prompts[0], n=3, params=SamplingParams(seed=1), num_tokens=9),
-                eng.add_image_request(prompts[1], n=1, params=SamplingParams(greedy=True), num_tokens=5)]
-        for _ in range(4):
-            eng.step()
-        reqs.append(eng.add_image_request(prompts[2], n=2, params=SamplingParams(seed=3, top_k=20), num_tokens=7))
-        eng.run()
+        reqs = _two_requests_then_a_third(eng, model, ns=(3, 1, 2), lens=(9, 5, 7), steps_before_third=4)
         runs.append(([r.tokens for r in reqs], sum(calls), eng.stats.decode_steps))
     (fast_tokens, fast_steps, steps), (ref_tokens, _, ref_steps) = runs
     assert fast_tokens == ref_tokens
@@ -355,18 +362,11 @@ def test_image_steps_multi_step():
     one step per call under continuous batching: requests of different lengths (no call runs past the first to
     finish: the calls end exactly where a request does) and one added while another runs."""
     model = Janus.from_preset("tiny", seed=9)
-    t = model.cfg.tokens
-    prompts = [[t.bos_id, 5, 9, t.boi_id], [t.bos_id, 21, 22, 23, t.boi_id], [t.bos_id, 7, t.boi_id]]
     runs = []
     for k in (1, 8):
         eng = Engine.for_requests(model, [(5, 2), (5, 1), (5, 1)], max_steps_per_call=k)
         calls = _count_steps_per_call(eng)
-        reqs = [eng.add_image_request(prompts[0], n=2, params=SamplingParams(seed=1), num_tokens=21),
-                eng.add_image_request(prompts[1], n=1, params=SamplingParams(greedy=True), num_tokens=13)]
-        for _ in range(3):
-            eng.step()
-        reqs.append(eng.add_image_request(prompts[2], n=1, params=SamplingParams(seed=3, top_k=20), num_tokens=17))
-        eng.run()
+        reqs = _two_requests_then_a_third(eng, model, ns=(2, 1, 1), lens=(21, 13, 17), steps_before_third=3)
         eng.bm.check_invariants()
         assert eng.bm.num_free_blocks == eng.bm.num_blocks
         runs.append(([r.tokens for r in reqs], calls, eng.stats.decode_steps))
