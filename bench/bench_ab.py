@@ -12,6 +12,8 @@ helps when memory is slow, fast, or both.
     python bench/bench_ab.py --builds .,/tmp/b --op attention --context 308  # the small shape's 8 rows of K/V
     python bench/bench_ab.py --builds .,/tmp/b --op engine --reps 12  # whole generations; GB/s = roofline bytes
                                                                       # per decode step / measured ms per step
+    python bench/bench_ab.py --builds .,/tmp/b --op layers --shape 1b --dtype bf16 --reps 40  # the decoder layers
+                                             # of one decode step (decode_layer x L); GB/s = weight + K/V bytes
 
 A build is a folder holding janus_rt/_C*.so (its name in the table: the folder's). Inputs are made once with this
 checkout's cpu_ops (PackedWeight's layout), so the builds must agree on that layout.
@@ -99,6 +101,47 @@ def attention_case(shape: str, rows: int, context: int, dtype: str, min_bytes: f
     return nbytes, run, f"paged attention, {shape} shape, {layers} layer(s) x {rows} rows x {context} tokens, {dtype}"
 
 
+def layers_case(shape: str, rows: int, context: int, dtype: str, block_size: int = 16):
+    """The decoder layers of one decode step at the shape (cpu_ops.DecodeStack's decode_layer calls, packed where
+    it can be), `rows` rows of `context` cached tokens each (16-token blocks handed out in turn), random weights and
+    K/V. h starts from the same values on every call; the output is h after the last layer."""
+    C, L, H, inter, _, _ = SHAPES[shape]
+    dt, code = DTYPES[dtype]
+    D = C // H
+    nb = -(-context // block_size)
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(dt)
+    layers = [(rnd(C, scale=0.1) + 1, rnd(3 * C, C, scale=C**-0.5), rnd(C, C, scale=C**-0.5), rnd(C, scale=0.1) + 1,
+               rnd(2 * inter, C, scale=C**-0.5), rnd(C, inter, scale=inter**-0.5)) for _ in range(L)]
+    caches = [(rnd(nb * rows, block_size, H, D), rnd(nb * rows, block_size, H, D)) for _ in range(L)]
+    stack = cpu_ops.DecodeStack(layers, caches, 1e-6)
+    del layers
+    tables = torch.tensor([[i * rows + b for i in range(nb)] for b in range(rows)], dtype=torch.int32)
+    lens = torch.full((rows,), context, dtype=torch.int32)
+    pos = context - 1
+    slots = tables[:, pos // block_size].long() * block_size + pos % block_size
+    from janus_rt import ops
+
+    cos, sin = (t.float().expand(rows, D).contiguous() for t in ops.rope_tables(torch.tensor([pos]), D, 10000.0, dt))
+    h0 = rnd(rows, C)
+    h = h0.clone()
+    weight_bytes = sum(t.numel() for t in stack._held[0][:6]) * dt.itemsize * L
+    nbytes = weight_bytes + L * 2 * rows * context * C * dt.itemsize
+    real_ext = cpu_ops._ext
+
+    def run(mod):
+        h.copy_(h0)
+        cpu_ops._ext = lambda: mod
+        try:
+            stack(h, slots, tables, lens, cos, sin)
+        finally:
+            cpu_ops._ext = real_ext
+        return h
+
+    return nbytes, run, (f"decoder layers, {shape} shape, {L} layers x {rows} rows x {context} tokens, {dtype}, "
+                         f"{'packed' if stack.packed else 'unpacked'} GEMV")
+
+
 def engine_case(shape: str, n: int, tokens: int, dtype: str):
     """The whole image generation of `janus-rt bench` (n images, `tokens` each) on random weights at the shape:
     run(mod) patches cpu_ops to call that build, runs the engine, and returns the tokens. The rate reported is the
@@ -133,6 +176,8 @@ def main(args) -> dict:
     step = None  # engine: {"ms": the last run's ms per decode step}
     if args.op == "packed_gemv":
         nbytes, run, what = packed_gemv_case(args.shape, args.M, args.dtype, min_bytes)
+    elif args.op == "layers":
+        nbytes, run, what = layers_case(args.shape, args.rows or 2 * SHAPES[args.shape][5], args.context, args.dtype)
     elif args.op == "engine":
         nbytes, run, what, step = engine_case(args.shape, args.n or SHAPES[args.shape][5], args.tokens,
                                               args.dtype)
@@ -174,12 +219,12 @@ def main(args) -> dict:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--builds", required=True, help="comma-separated folders, each with a built janus_rt/_C*.so")
-    ap.add_argument("--op", choices=["packed_gemv", "attention", "engine"], default="packed_gemv")
+    ap.add_argument("--op", choices=["packed_gemv", "attention", "layers", "engine"], default="packed_gemv")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("-M", type=int, default=8, help="packed_gemv: rows of x")
-    ap.add_argument("--rows", type=int, default=None, help="attention: rows (default: the shape's 2n)")
-    ap.add_argument("--context", type=int, default=308, help="attention: cached tokens per row")
+    ap.add_argument("--rows", type=int, default=None, help="attention, layers: rows (default: the shape's 2n)")
+    ap.add_argument("--context", type=int, default=308, help="attention, layers: cached tokens per row")
     ap.add_argument("-n", type=int, default=None, help="engine: images (default: the shape's)")
     ap.add_argument("--tokens", type=int, default=576, help="engine: image tokens per image")
     ap.add_argument("--reps", type=int, default=400)

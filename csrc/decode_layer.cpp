@@ -57,16 +57,34 @@ struct PhaseClock {
   }
 };
 
-// out [C] fp32 (values of T) = weight * T(x * rsqrt(mean(x^2) + eps)), as ops.rms_norm_torch.
+// out [C] fp32 (values of T) = weight * T(x * rsqrt(mean(x^2) + eps)), as ops.rms_norm_torch. The sum of squares
+// runs in 4 vectors of lanes (a fixed order for a given C and build, so a row's result does not depend on its batch;
+// one scalar chain of C dependent adds had made the two norms ~2 ms of the Janus-Pro-1B step).
 template <typename T>
 inline void rms_norm_row(const T* x, const T* w, float* out, int64_t C, float eps) {
-  float ss = 0.0f;
-  for (int64_t c = 0; c < C; ++c) {
-    const float v = to_float(x[c]);
-    ss += v * v;
+  using namespace simd;
+  vf s0 = zero(), s1 = zero(), s2 = zero(), s3 = zero();
+  int64_t c = 0;
+  for (; c + 4 * kWidth <= C; c += 4 * kWidth) {
+    const vf a = load_as_float(x + c), b = load_as_float(x + c + kWidth);
+    const vf d = load_as_float(x + c + 2 * kWidth), e = load_as_float(x + c + 3 * kWidth);
+    s0 = fma(a, a, s0);
+    s1 = fma(b, b, s1);
+    s2 = fma(d, d, s2);
+    s3 = fma(e, e, s3);
   }
+  for (; c + kWidth <= C; c += kWidth) {
+    const vf a = load_as_float(x + c);
+    s0 = fma(a, a, s0);
+  }
+  float ss = hsum(add(add(s0, s1), add(s2, s3)));
+  for (; c < C; ++c) ss += to_float(x[c]) * to_float(x[c]);
   const float inv = 1.0f / std::sqrt(ss / float(C) + eps);
-  for (int64_t c = 0; c < C; ++c) out[c] = rnd<T>(to_float(w[c]) * rnd<T>(to_float(x[c]) * inv));
+  const vf vinv = set1(inv);
+  c = 0;
+  for (; c + kWidth <= C; c += kWidth)
+    store(out + c, act::rnd_v<T>(mul(load_as_float(w + c), act::rnd_v<T>(mul(load_as_float(x + c), vinv)))));
+  for (; c < C; ++c) out[c] = rnd<T>(to_float(w[c]) * rnd<T>(to_float(x[c]) * inv));
 }
 
 // x[0:n] = rnd<T>(x) in place: the values a T tensor holds (act::rnd_v per vector: the scalar rnd's bits).
@@ -119,10 +137,16 @@ inline void rope_head(const float* x, const float* cos, const float* sin, T* out
   store_values(tmp, out, D);
 }
 
-// h [C] (values of T) = T(h + T(y)): the residual add of a layer output y (fp32 from the GEMV, held in T by torch).
+// h [C] (values of T) = T(h + T(y)): the residual add of a layer output y (fp32 from the GEMV, held in T by torch);
+// y is overwritten (the sums, then stored to h).
 template <typename T>
-inline void add_residual(T* h, const float* y, int64_t C) {
-  for (int64_t c = 0; c < C; ++c) from_float(rnd<T>(to_float(h[c]) + rnd<T>(y[c])), h + c);
+inline void add_residual(T* h, float* y, int64_t C) {
+  using namespace simd;
+  int64_t c = 0;
+  for (; c + kWidth <= C; c += kWidth)
+    store(y + c, act::rnd_v<T>(add(load_as_float(h + c), act::rnd_v<T>(load(y + c)))));
+  for (; c < C; ++c) y[c] = rnd<T>(to_float(h[c]) + rnd<T>(y[c]));
+  store_values(y, h, C);
 }
 
 template <typename T>
@@ -147,15 +171,43 @@ inline void layer_gemv(const Layer<T>& L, const T* w, const gemv::xpack_t<T>* xp
   packed::gemv_for_layout(L.packed, w, xp, ldx, nullptr, y, L.R, N, K);
 }
 
+// A layer call's buffers, kept by the calling thread from call to call and grown only when a call has more rows
+// (or another C, I): allocated afresh, the 1B step's ~2.8 MB per layer call came from new pages (page faults and
+// zeroing) on every call. xc, xi: GEMV inputs of width C and of width I (gemv::pack_x<T>, rows padded to ldc, ldi;
+// pack_x writes a row's first C or I entries only, so the padding stays zero as allocated); y: GEMV output (fp32);
+// row: a normed / activated row before packing; q, o: rotated queries, attention output.
+template <typename T>
+struct Buffers {
+  int64_t rows = 0, C = 0, I = 0;
+  std::vector<gemv::xpack_t<T>> xc, xi;
+  std::vector<float> y, row;
+  std::vector<T> q, o;
+};
+
+template <typename T>
+Buffers<T>& layer_buffers(int64_t R, int64_t C, int64_t I) {
+  thread_local Buffers<T> b;
+  if (R > b.rows || C != b.C || I != b.I) {
+    b = Buffers<T>{};
+    b.rows = R, b.C = C, b.I = I;
+    b.xc.assign(size_t(R * gemv::x_stride(C)), {});
+    b.xi.assign(size_t(R * gemv::x_stride(I)), {});
+    b.y.assign(size_t(R * std::max(3 * C, 2 * I)), 0.0f);
+    b.row.assign(size_t(R * std::max(C, I)), 0.0f);
+    b.q.assign(size_t(R * C), T{});
+    b.o.assign(size_t(R * C), T{});
+  }
+  return b;
+}
+
 template <typename T>
 void run_layer(T* h, const Layer<T>& L) {
   const int64_t R = L.R, C = L.C, H = L.H, D = L.D, I = L.I;
-  const int64_t wide = std::max(3 * C, 2 * I);
   const int64_t ldc = gemv::x_stride(C), ldi = gemv::x_stride(I);
-  std::vector<gemv::xpack_t<T>> xp(size_t(R * std::max(ldc, ldi)));  // GEMV input (values of T), gemv::pack_x<T>
-  std::vector<float> y(size_t(R * wide));             // GEMV output, fp32
-  std::vector<float> row(size_t(R * std::max(C, I)));  // a normed / activated row before packing
-  std::vector<T> q(size_t(R * C)), o(size_t(R * C));  // rotated queries, attention output
+  Buffers<T>& buf = layer_buffers<T>(R, C, I);
+  gemv::xpack_t<T>*const xc = buf.xc.data(), *const xi = buf.xi.data();
+  float *const y = buf.y.data(), *const row = buf.row.data();
+  T *const q = buf.q.data(), *const o = buf.o.data();
   attn::Plan plan = attn::make_plan(L.context_lens, R, H, H, D, L.block_size, omp_get_max_threads());
   const bool timed = g_timing.load(std::memory_order_relaxed);
   double phase_s[kNumPhases] = {};
@@ -166,10 +218,10 @@ void run_layer(T* h, const Layer<T>& L) {
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
       rms_norm_row(h + r * C, L.in_norm, &row[r * C], C, L.eps);
-      gemv::pack_x<T>(&row[r * C], &xp[r * ldc], 1, C, ldc);
+      gemv::pack_x<T>(&row[r * C], &xc[r * ldc], 1, C, ldc);
     }
     clock.mark(kInNorm);
-    layer_gemv(L, L.qkv, xp.data(), ldc, y.data(), 3 * C, C);
+    layer_gemv(L, L.qkv, xc, ldc, y, 3 * C, C);
     clock.mark(kQkv);
     // RoPE on q and k; k and v into the cache
     std::vector<float> tmp(static_cast<size_t>(D));  // this thread's rope_head scratch
@@ -191,39 +243,39 @@ void run_layer(T* h, const Layer<T>& L) {
       }
     }
     clock.mark(kRopeStore);
-    attn::attend_for(q.data(), L.k_cache, L.v_cache, L.block_tables, L.context_lens, o.data(), R, H, H, D,
+    attn::attend_for(q, L.k_cache, L.v_cache, L.block_tables, L.context_lens, o, R, H, H, D,
                      L.block_size, L.max_blocks, L.sm_scale, plan);
     clock.mark(kAttention);
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; ++r) gemv::pack_x<T>(&o[r * C], &xp[r * ldc], 1, C, ldc);
+    for (int64_t r = 0; r < R; ++r) gemv::pack_x<T>(&o[r * C], &xc[r * ldc], 1, C, ldc);
     clock.mark(kPackO);
-    layer_gemv(L, L.o, xp.data(), ldc, y.data(), C, C);
+    layer_gemv(L, L.o, xc, ldc, y, C, C);
     clock.mark(kOProj);
     // h += attention; a = norm(h) -> gate, up
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
       add_residual(h + r * C, &y[r * C], C);
       rms_norm_row(h + r * C, L.post_norm, &row[r * C], C, L.eps);
-      gemv::pack_x<T>(&row[r * C], &xp[r * ldc], 1, C, ldc);
+      gemv::pack_x<T>(&row[r * C], &xc[r * ldc], 1, C, ldc);
     }
     clock.mark(kPostNorm);
-    layer_gemv(L, L.gate_up, xp.data(), ldc, y.data(), 2 * I, C);
+    layer_gemv(L, L.gate_up, xc, ldc, y, 2 * I, C);
     clock.mark(kGateUp);
     // silu(gate) * up -> down
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
       act::silu_mul<T>(&y[r * 2 * I], &y[r * 2 * I + I], &row[r * I], I);
-      gemv::pack_x<T>(&row[r * I], &xp[r * ldi], 1, I, ldi);
+      gemv::pack_x<T>(&row[r * I], &xi[r * ldi], 1, I, ldi);
     }
     clock.mark(kSiluMul);
-    layer_gemv(L, L.down, xp.data(), ldi, y.data(), C, I);
+    layer_gemv(L, L.down, xi, ldi, y, C, I);
     clock.mark(kDown);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
       add_residual(h + r * C, &y[r * C], C);
       if (L.final_norm) {  // the model's final norm, while the row is in cache
         rms_norm_row(h + r * C, L.final_norm, &row[r * C], C, L.final_eps);
-        for (int64_t c = 0; c < C; ++c) from_float(row[r * C + c], L.out + r * C + c);
+        store_values(&row[r * C], L.out + r * C, C);
       }
     }
     clock.mark(kResidual);

@@ -96,6 +96,36 @@ def test_decode_layer_bf16(hidden, heads, inter, lens, packed):
     assert max_err(out, ref32) <= 2 * max_err(ref_bf16, ref32)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_layer_rows_alone_equal_rows_in_batch(dtype, packed):
+    """A row's output (h and its new K/V) does not depend on the other rows of the call, bit for bit: every row,
+    run alone, equals the batch's row; also the calls in turn reuse decode_layer's held buffers (grown for 5 rows,
+    then 1 row at a time, then a layer of another width, then the first again) without one call's leftovers in
+    another's result."""
+    if packed and not cpu_ops.packed_available(dtype):
+        pytest.skip("no packed bf16 GEMV: CPU without AVX512_BF16")
+    first = _layer_case(dtype, 72, 3, 100, [1, 17, 40, 5, 33])
+    cfg, layer, cache, tables, slots, pos, h = first
+    batch_cache = KVCache(1, cache.num_blocks, cache.block_size, 3, cfg.head_dim, dtype)
+    batch_cache.data.copy_(cache.data)
+    batch = _fused(cfg, layer, batch_cache, tables, slots, pos, h, packed=packed)
+    for r in range(h.shape[0]):
+        alone_cache = KVCache(1, cache.num_blocks, cache.block_size, 3, cfg.head_dim, dtype)
+        alone_cache.data.copy_(cache.data)
+        sl = slice(r, r + 1)
+        alone = _fused(cfg, layer, alone_cache, tables[sl].contiguous(), slots[sl].contiguous(), pos[sl], h[sl],
+                       packed=packed)
+        assert torch.equal(alone, batch[sl])
+        blk = tables[r, pos[r] // cache.block_size]
+        assert torch.equal(alone_cache.data[:, :, blk], batch_cache.data[:, :, blk])
+    other = _layer_case(dtype, 128, 4, 176, [16, 16, 1])  # another C and I: the buffers are made anew
+    _fused(*other[:3], *other[3:], packed=packed)
+    again_cache = KVCache(1, cache.num_blocks, cache.block_size, 3, cfg.head_dim, dtype)
+    again_cache.data.copy_(cache.data)
+    assert torch.equal(_fused(cfg, layer, again_cache, tables, slots, pos, h, packed=packed), batch)
+
+
 def test_decode_stack_packed_choice():
     """packed=None packs exactly where it can (fp32; bf16 on an AVX512_BF16 build); True where it cannot is an
     error."""
