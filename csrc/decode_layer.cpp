@@ -35,11 +35,12 @@ namespace {
 // The wall time of each phase of run_layer, taken by the team's thread 0 after the phase's closing barrier: the
 // phase's time on the critical path (its slowest thread, plus the barrier), not a sum over threads. Off by default;
 // off, a call pays one relaxed atomic load.
-enum Phase : int { kInNorm, kQkv, kRopeStore, kAttention, kPackO, kOProj, kPostNorm, kGateUp, kSiluMul, kDown,
+// layer_setup: from the call's start to the team's first phase (the buffers, the attention plan, the region's start).
+enum Phase : int { kSetup, kInNorm, kQkv, kRopeStore, kAttention, kPackO, kOProj, kPostNorm, kGateUp, kSiluMul, kDown,
                    kResidual, kNumPhases };
-constexpr const char* kPhaseNames[kNumPhases] = {"input_norm", "qkv_proj", "rope_kv_store", "attention", "pack_o",
-                                                 "o_proj", "residual_post_norm", "gate_up_proj", "silu_mul",
-                                                 "down_proj", "residual"};
+constexpr const char* kPhaseNames[kNumPhases] = {"layer_setup", "input_norm", "qkv_proj", "rope_kv_store",
+                                                 "attention", "pack_o", "o_proj", "residual_post_norm",
+                                                 "gate_up_proj", "silu_mul", "down_proj", "residual"};
 std::atomic<bool> g_timing{false};
 std::mutex g_timing_mu;
 double g_phase_s[kNumPhases] = {};
@@ -48,7 +49,7 @@ int64_t g_timed_calls = 0;
 struct PhaseClock {
   double* acc;  // null: not timing (timing off, or not thread 0)
   double t;
-  explicit PhaseClock(double* a) : acc(a), t(a ? omp_get_wtime() : 0.0) {}
+  PhaseClock(double* a, double start) : acc(a), t(start) {}
   void mark(Phase p) {
     if (!acc) return;
     const double now = omp_get_wtime();
@@ -202,6 +203,8 @@ Buffers<T>& layer_buffers(int64_t R, int64_t C, int64_t I) {
 
 template <typename T>
 void run_layer(T* h, const Layer<T>& L) {
+  const bool timed = g_timing.load(std::memory_order_relaxed);
+  const double start = timed ? omp_get_wtime() : 0.0;
   const int64_t R = L.R, C = L.C, H = L.H, D = L.D, I = L.I;
   const int64_t ldc = gemv::x_stride(C), ldi = gemv::x_stride(I);
   Buffers<T>& buf = layer_buffers<T>(R, C, I);
@@ -209,11 +212,11 @@ void run_layer(T* h, const Layer<T>& L) {
   float *const y = buf.y.data(), *const row = buf.row.data();
   T *const q = buf.q.data(), *const o = buf.o.data();
   attn::Plan plan = attn::make_plan(L.context_lens, R, H, H, D, L.block_size, omp_get_max_threads());
-  const bool timed = g_timing.load(std::memory_order_relaxed);
   double phase_s[kNumPhases] = {};
 #pragma omp parallel
   {
-    PhaseClock clock(timed && omp_get_thread_num() == 0 ? phase_s : nullptr);
+    PhaseClock clock(timed && omp_get_thread_num() == 0 ? phase_s : nullptr, start);
+    clock.mark(kSetup);
     // a = norm(h) -> qkv
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {

@@ -48,6 +48,15 @@ inline vf fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline vf div(vf a, vf b) { return _mm512_div_ps(a, b); }
 inline vf max(vf a, vf b) { return _mm512_max_ps(a, b); }
 inline vf round_int(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// |a|, and |mag| with sgn's sign bit (bit operations).
+inline vf abs(vf a) {
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(0x7fffffff)));
+}
+inline vf copysign(vf mag, vf sgn) {
+  const __m512i m = _mm512_and_si512(_mm512_castps_si512(mag), _mm512_set1_epi32(0x7fffffff));
+  const __m512i s = _mm512_and_si512(_mm512_castps_si512(sgn), _mm512_set1_epi32(int(0x80000000u)));
+  return _mm512_castsi512_ps(_mm512_or_si512(m, s));
+}
 // 2^n for whole n in [-126, 127] (as fp32 lanes).
 inline vf pow2i(vf n) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
@@ -97,6 +106,11 @@ inline vf fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 inline vf div(vf a, vf b) { return _mm256_div_ps(a, b); }
 inline vf max(vf a, vf b) { return _mm256_max_ps(a, b); }
 inline vf round_int(vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vf abs(vf a) { return _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
+inline vf copysign(vf mag, vf sgn) {
+  return _mm256_or_ps(_mm256_and_ps(mag, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))),
+                      _mm256_and_ps(sgn, _mm256_castsi256_ps(_mm256_set1_epi32(int(0x80000000u)))));
+}
 inline vf pow2i(vf n) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
 }
@@ -145,6 +159,8 @@ inline vf fma(vf a, vf b, vf c) { return a * b + c; }
 inline vf div(vf a, vf b) { return a / b; }
 inline vf max(vf a, vf b) { return a < b ? b : a; }
 inline vf round_int(vf a) { return __builtin_nearbyintf(a); }
+inline vf abs(vf a) { return __builtin_fabsf(a); }
+inline vf copysign(vf mag, vf sgn) { return __builtin_copysignf(mag, sgn); }
 inline vf pow2i(vf n) {
   const uint32_t bits = uint32_t(int32_t(n) + 127) << 23;
   float f;
@@ -188,6 +204,20 @@ inline vf exp(vf x) {
   p = fma(p, mul(r, r), add(r, set1(1.0f)));
   const vf n1 = min(n, set1(127.0f));
   return mul(mul(p, pow2i(n1)), pow2i(sub(n, n1)));
+}
+
+// erf(x) per lane to ~1.5e-7 absolute: Abramowitz & Stegun 7.1.26, erf(|x|) = 1 - t (a1 + a2 t + ... + a5 t^4)
+// e^(-x^2) with t = 1 / (1 + p |x|), odd in x (the form torch's own vectorized erf takes, so GELU(erf) here and in
+// torch agree to about an ulp). erf(+-inf) = +-1, NaN stays NaN.
+inline vf erf(vf x) {
+  const vf ax = abs(x);
+  const vf t = div(set1(1.0f), fma(set1(0.3275911f), ax, set1(1.0f)));
+  vf p = fma(set1(1.061405429f), t, set1(-1.453152027f));
+  p = fma(p, t, set1(1.421413741f));
+  p = fma(p, t, set1(-0.284496736f));
+  p = fma(p, t, set1(0.254829592f));
+  const vf e = exp(mul(sub(zero(), ax), ax));
+  return copysign(sub(set1(1.0f), mul(mul(p, t), e)), x);
 }
 
 // Load kWidth elements of either element type as fp32.

@@ -646,6 +646,7 @@ def decode_phase_timing():
         t["calls"], t["seconds"]  # layer calls timed; {phase: seconds summed over them}, phases in run order
 
     Each phase is its wall time on the critical path (taken by the team's thread 0 after the phase's barrier):
+    layer_setup (the call's start to the first phase: buffers, attention plan, the OpenMP team's start),
     input_norm, qkv_proj, rope_kv_store, attention, pack_o, o_proj, residual_post_norm, gate_up_proj, silu_mul,
     down_proj, residual. Process-wide: calls from other threads inside the block are counted too."""
     ext = _ext()

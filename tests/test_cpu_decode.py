@@ -187,7 +187,7 @@ def test_decode_phase_timing():
     assert all(torch.equal(x, plain) for x in timed)
     assert t["calls"] == 3
     sec = t["seconds"]
-    assert list(sec) == ["input_norm", "qkv_proj", "rope_kv_store", "attention", "pack_o", "o_proj",
+    assert list(sec) == ["layer_setup", "input_norm", "qkv_proj", "rope_kv_store", "attention", "pack_o", "o_proj",
                          "residual_post_norm", "gate_up_proj", "silu_mul", "down_proj", "residual"]
     assert all(v >= 0 for v in sec.values()) and sec["attention"] > 0 and sec["gate_up_proj"] > 0
     with cpu_ops.decode_phase_timing() as t2:

@@ -346,6 +346,23 @@ def test_mlp_gelu_matches_the_op_chain(poison, M, dtype, bias):
     assert rel_err(y, ref) <= tol
 
 
+def test_mlp_gelu_hidden_gelu_values():
+    """The hidden layer's GELU(erf) (simd::erf, Abramowitz & Stegun 7.1.26: |error| <= 1.5e-7) against the exact
+    one in fp64, value by value: x [M, 2] @ [[1, 0]]^T puts each x[m, 0] through the GELU alone, w2 = [[1]] reads it
+    out. Within 2 ulp of the result plus |v| / 2 times erf's error: the formula's 1.5e-7, and 3 fp32 ulp of 1 for
+    evaluating it (simd::exp's ~2 ulp and the last subtraction's rounding, which 1 + erf keeps where erf is near
+    -1); GELU(inf) = inf, NaN stays NaN, GELU(+-0) = 0."""
+    v = torch.cat([torch.linspace(-10, 10, 20001), torch.tensor([float("inf"), float("nan"), 0.0, -0.0])])
+    x = torch.stack([v, torch.zeros_like(v)], 1)
+    y = cpu_ops.mlp_gelu(x, torch.tensor([[1.0, 0.0]]), None, torch.tensor([[1.0]]), None)[:, 0]
+    fin = torch.isfinite(v)
+    exact = v[fin].double() * 0.5 * (1 + torch.erf(v[fin].double() / 2**0.5))
+    eps = torch.finfo(torch.float32).eps
+    bound = 2 * eps * exact.abs() + (1.5e-7 + 3 * eps) * 0.5 * v[fin].double().abs()
+    assert ((y[fin].double() - exact).abs() <= bound).all()
+    assert y[-4] == float("inf") and y[-3].isnan() and y[-2] == 0 and y[-1] == 0
+
+
 @pytest.mark.parametrize("dtype", PACKED_DTYPES)
 @pytest.mark.parametrize("M", [1, 7])
 def test_mlp_gelu_packed_weights(poison, M, dtype):
