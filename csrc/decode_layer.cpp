@@ -59,8 +59,9 @@ struct PhaseClock {
 };
 
 // out [C] fp32 (values of T) = weight * T(x * rsqrt(mean(x^2) + eps)), as ops.rms_norm_torch. The sum of squares
-// runs in 4 vectors of lanes (a fixed order for a given C and build, so a row's result does not depend on its batch;
-// one scalar chain of C dependent adds had made the two norms ~2 ms of the Janus-Pro-1B step).
+// runs in 4 vectors of lanes (a fixed order for a given C and build, so a row's result does not depend on its batch);
+// one scalar chain of C dependent adds had made the two norm phases ~1.3 ms longer per Janus-Pro-1B step
+// (bench/RESULTS.md, 2026-12-03, eighth session).
 template <typename T>
 inline void rms_norm_row(const T* x, const T* w, float* out, int64_t C, float eps) {
   using namespace simd;

@@ -24,8 +24,9 @@ namespace jr {
 namespace {
 
 // r[0:n] = T(GELU(T(r))) in place, GELU(v) = v 0.5 (1 + erf(v / sqrt 2)) with simd::erf, in vectors (the last
-// n % kWidth lanes from a padded copy). std::erf per element had taken ~20-40 ns each: ~1 ms per 32 x 2048 hidden
-// layer (the 1B gen head's) on the 2-core host, against ~5 % of that now.
+// n % kWidth lanes from a padded copy), instead of std::erf per element: with the held buffers below, the 1B gen
+// head's call (32 rows, 2048 -> 2048 -> 16384, bf16, packed) 7.37 -> 6.86 ms and the aligner's (16 rows, 8 -> 2048
+// -> 2048) 0.78 -> 0.52 ms on the 2-core host at a busy moment (bench/RESULTS.md, 2026-12-03, eighth session).
 template <typename T>
 inline void gelu_row(float* r, int64_t n) {
   using namespace simd;
@@ -45,7 +46,7 @@ inline void gelu_row(float* r, int64_t n) {
 }
 
 // A call's buffers, kept by the calling thread and only grown (allocated afresh, the 1B gen head's ~0.4 MB came
-// from new pages on every call: page faults and zeroing, ~0.3 ms of a ~0.6 ms call with the hidden layer in it).
+// from new pages, page faults and zeroing, on every call).
 // xp, hp: the GEMV inputs (values of T; pack_x writes a row's first K or H entries, the padding is zeroed here);
 // hid: the hidden layer; bias1, bias2: the biases in fp32 (the GEMV adds an fp32 bias).
 template <typename T>
