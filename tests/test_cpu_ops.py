@@ -447,7 +447,7 @@ def test_gather_rows(src_dtype, dtype):
 
 
 def test_bench_ab_smoke():
-    """bench/bench_ab.py (interleaved A/B of builds) runs its three ops on this build loaded twice: same outputs, a
+    """bench/bench_ab.py (interleaved A/B of builds) runs its four ops on this build loaded twice: same outputs, a
     rate per memory-state bin and build."""
     import argparse
     import importlib.util
@@ -458,7 +458,7 @@ def test_bench_ab_smoke():
     ab = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ab)
     build = pathlib.Path(cpu_ops._C.__file__).parents[1]  # the folder holding the janus_rt/_C*.so in use
-    for op in ("packed_gemv", "attention", "engine"):  # engine: whole 3-token generations of the small shape
+    for op in ("packed_gemv", "attention", "layers", "engine"):  # engine: whole 3-token generations, small shape
         args = argparse.Namespace(builds=f"{build},{build}", op=op, shape="small", dtype="fp32", M=2, rows=2,
                                   context=40, reps=4, min_mb=1.0, n=1, tokens=3)
         out = ab.main(args)
