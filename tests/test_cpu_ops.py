@@ -381,6 +381,31 @@ def test_mlp_gelu_packed_weights(poison, M, dtype):
         cpu_ops.mlp_gelu(x, cpu_ops.PackedWeight(w1), b1, w2, b2)
 
 
+def test_mlp_gelu_from_two_threads_at_once():
+    """mlp_gelu's held buffers belong to the calling thread: two Python threads with different shapes at the same
+    time get the results each gets alone."""
+    import threading
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 40, 77, 700), (17, 64, 200, 300)]
+    args = [(torch.randn(M, K, generator=g), torch.randn(H, K, generator=g) / K**0.5, torch.randn(H, generator=g),
+             torch.randn(N, H, generator=g) / H**0.5, torch.randn(N, generator=g)) for M, K, H, N in shapes]
+    alone = [cpu_ops.mlp_gelu(*a) for a in args]
+    got = [[], []]
+
+    def work(i):
+        for _ in range(30):
+            got[i].append(cpu_ops.mlp_gelu(*args[i]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert len(got[i]) == 30 and all(torch.equal(y, alone[i]) for y in got[i])
+
+
 def test_mlp_gelu_misuse():
     x, w1, w2 = torch.randn(2, 8), torch.randn(16, 8), torch.randn(4, 16)
     with pytest.raises(ValueError, match="chain"):
