@@ -1,74 +1,100 @@
-"""Every GPU test and benchmark in one go (what a lent H100/H200 session runs first).
+"""Every GPU test and benchmark in one go, inside a time budget (what a lent H100/H200 session runs first).
 
-    python bench/run_gpu.py [--out bench/gpu_results.md] [--skip-tests] [--generate]
+    python bench/run_gpu.py [--out FILE] [--budget SECONDS] [--skip-tests] [--generate]
+    bash bench/gpu_session.sh          # the device tool's one call: offline install, then this with --generate
 
-1. pytest on CUDA (the kernels run natively; the suite's CPU-interpreter shapes run too),
-2. every bench/bench_<op>.py main(), each table under its op name,
-3. with --generate, the engine benchmark at the Janus-Pro-1B shape (n=16, 576 tokens) vs transformers.
-Writes one markdown file with the device name and date; on a machine without CUDA it says so and exits 0.
+Sections, most wanted first, each in its own process with a deadline taken from what is left of --budget:
+1. with --generate, the engine benchmark at the Janus-Pro-1B shape (n=16, 576 tokens, CUDA graphs) vs transformers,
+2. pytest on CUDA (the kernels run natively; the suite's CPU-interpreter shapes run too),
+3. every bench/bench_<op>.py main(), each table under its op name.
+The markdown file (--out; default $OUT/gpu_results.md when $OUT is set, else bench/gpu_results.md) is rewritten
+after every section, so a session cut short still returns what finished. On a machine without CUDA it says so and
+exits 0.
 """
 import argparse
-import contextlib
 import importlib
-import io
 import os
 import subprocess
 import sys
 import time
-import traceback
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from common import print_table  # noqa: E402
+ROOT = os.path.dirname(HERE)
 
 OPS = ["attention", "paged_attention", "kv_store", "rms_norm", "rope", "swiglu", "mlp", "vq", "sampling",
        "linear_cross_entropy"]
+GENERATE_ARGS = ["--shape", "1b", "-n", "16", "--repeats", "1", "--cuda-graphs"]
+
+# One op's benchmark, run in a child process: its main()'s rows as a markdown table.
+_OP_CHILD = """
+import sys
+sys.path.insert(0, {here!r})
+from common import print_table
+import bench_{op} as b
+print_table(b.main())
+"""
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(HERE, "gpu_results.md"))
+def default_out() -> str:
+    out = os.environ.get("OUT")
+    return os.path.join(out, "gpu_results.md") if out else os.path.join(HERE, "gpu_results.md")
+
+
+def run_section(cmd: list[str], seconds: float) -> tuple[str, str]:
+    """Run cmd from the repository root with a deadline -> (status line, its output)."""
+    t = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(1.0, seconds))
+        status = f"exit {r.returncode} after {time.perf_counter() - t:.0f} s"
+        return status, (r.stdout + r.stderr)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"") + (e.stderr or b"")
+        out = out.decode(errors="replace") if isinstance(out, bytes) else out
+        return f"STOPPED at its {seconds:.0f} s deadline", out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=None, help="markdown file (default: $OUT/gpu_results.md, else bench/)")
+    ap.add_argument("--budget", type=float, default=540.0, help="seconds for all sections together")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--generate", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to run (the CPU suite is ./run.sh test)")
         return 0
+    out = args.out or default_out()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    end = time.perf_counter() + args.budget
     lines = [f"# GPU results: {torch.cuda.get_device_name()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-             f"torch {torch.__version__}, triton {importlib.import_module('triton').__version__}", ""]
-    if not args.skip_tests:
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "--no-header", "-p", "no:cacheprovider",
-                            os.path.join(HERE, "..", "tests")], capture_output=True, text=True)
-        tail = (r.stdout + r.stderr).strip().splitlines()[-15:]
-        lines += ["## pytest on CUDA", "```", *tail, "```", ""]
-        print("\n".join(tail), flush=True)
-    for op in OPS:
-        buf = io.StringIO()
-        try:
-            mod = importlib.import_module(f"bench_{op}")
-            with contextlib.redirect_stdout(buf):
-                rows = mod.main()
-            table = io.StringIO()
-            print_table(rows, file=table)
-            lines += [f"## {op}", table.getvalue(), ""]
-        except Exception:  # noqa: BLE001 - one failing bench must not hide the others
-            lines += [f"## {op}", "```", traceback.format_exc()[-3000:], "```", ""]
-        print(f"[{op}] done", flush=True)
-    if args.generate:
-        from janus_rt.engine.benchmark import add_bench_args
-        from janus_rt.engine.benchmark import main as bench_generate
+             f"torch {torch.__version__}, triton {importlib.import_module('triton').__version__}, "
+             f"python {sys.version.split()[0]}; budget {args.budget:.0f} s", ""]
 
-        ap2 = argparse.ArgumentParser()
-        add_bench_args(ap2)
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            bench_generate(ap2.parse_args(["--shape", "1b", "-n", "16", "--repeats", "1", "--cuda-graphs"]))
-        lines += ["## generate (Janus-Pro-1B shape, n=16, 576 tokens)", "```", buf.getvalue(), "```"]
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    def section(title: str, cmd: list[str], share: float, keep_lines: int = 200) -> None:
+        """Run one section with `share` of the time left (all of it for the last), then rewrite the file."""
+        left = end - time.perf_counter()
+        if left < 5:
+            lines.extend([f"## {title}", "not run: the budget was spent", ""])
+        else:
+            status, text = run_section(cmd, left * share)
+            tail = text.strip().splitlines()[-keep_lines:]
+            lines.extend([f"## {title} ({status})", "```", *tail, "```", ""])
+            print(f"[{title}] {status}", flush=True)
+        with open(out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    py = sys.executable
+    if args.generate:  # the headline target first: 576 tokens x 16 images in <= 1.0 s
+        section("generate (Janus-Pro-1B shape, n=16, 576 tokens, CUDA graphs)",
+                [py, "-m", "janus_rt.cli", "bench", *GENERATE_ARGS], 0.35, keep_lines=60)
+    if not args.skip_tests:
+        section("pytest on CUDA", [py, "-m", "pytest", "-q", "--no-header", "-p", "no:cacheprovider", "-rfE",
+                                   os.path.join(ROOT, "tests")], 0.6, keep_lines=40)
+    for i, op in enumerate(OPS):
+        section(op, [py, "-c", _OP_CHILD.format(here=HERE, op=op)], 1.0 / (len(OPS) - i), keep_lines=40)
+    print(f"wrote {out}")
     return 0
 
 

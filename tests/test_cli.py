@@ -148,3 +148,42 @@ def test_bench_json_and_profile(tmp_path, capsys, layerwise):
             assert "attention" in table and "gate_up_proj" in table and "rest of the step" in table
             with Image.open(tmp_path / "prof" / "phases.png") as chart:  # the same table as a bar chart
                 assert chart.width > 600 and chart.height > 12 * 26
+
+
+def _run_gpu_module():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "run_gpu.py"
+    spec = importlib.util.spec_from_file_location("run_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_run_gpu_sections_keep_their_deadlines(tmp_path, monkeypatch):
+    """bench/run_gpu.py (a lent GPU's one call): each section runs in its own process with a deadline, the markdown is
+    rewritten after every section, and the sections come in order (generate, tests, op benchmarks). Without CUDA it
+    exits 0 at once; here CUDA is faked and the commands swapped for CPU ones (a 2-token generation, a child that
+    overruns its deadline)."""
+    import sys
+
+    rg = _run_gpu_module()
+    assert rg.main(["--out", str(tmp_path / "none.md")]) == 0 and not (tmp_path / "none.md").exists()  # no CUDA
+    status, text = rg.run_section([sys.executable, "-c", "print('hi')"], 30)
+    assert status.startswith("exit 0") and text.strip() == "hi"
+    status, text = rg.run_section([sys.executable, "-c", "import time; print('x', flush=True); time.sleep(60)"], 2)
+    assert status.startswith("STOPPED") and "x" in text
+    monkeypatch.setattr(rg.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(rg.torch.cuda, "get_device_name", lambda *a: "fake GPU")
+    monkeypatch.setattr(rg, "GENERATE_ARGS", ["--shape", "small", "-n", "1", "--tokens", "2", "--repeats", "0",
+                                              "--no-transformers", "--device", "cpu"])
+    monkeypatch.setattr(rg, "OPS", ["rms_norm", "no_such_op"])
+    out = tmp_path / "gpu.md"
+    assert rg.main(["--out", str(out), "--generate", "--skip-tests", "--budget", "600"]) == 0
+    md = out.read_text()
+    titles = [line for line in md.splitlines() if line.startswith("## ")]
+    assert [t.split(" (")[0] for t in titles] == ["## generate", "## rms_norm", "## no_such_op"]
+    assert "(exit 0 after" in titles[0] and "janus_rt_ms_step" in md
+    assert "(exit 0 after" in titles[1] and "(exit 1 after" in titles[2]  # a failing benchmark is reported, not fatal
+    assert "fake GPU" in md.splitlines()[0]
