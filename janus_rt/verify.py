@@ -41,6 +41,25 @@ def hf_config(cfg):
     return c
 
 
+def image_generate_compat(ref):
+    """`ref` (a transformers JanusForConditionalGeneration) made able to generate images on transformers versions
+    whose Janus generate calls GenerationMixin._prepare_static_cache without its required `prefill_chunk_size`
+    (5.17, the GPU machines' version: a TypeError before the first token; 5.24 passes it): the instance's method
+    gets that argument's default, None. Where Janus passes it, nothing changes. Returns ref."""
+    import inspect
+
+    method = getattr(type(ref), "_prepare_static_cache", None)
+    param = inspect.signature(method).parameters.get("prefill_chunk_size") if method else None
+    if param is not None and param.default is inspect.Parameter.empty:
+        bound = ref._prepare_static_cache
+
+        def prepare(*args, prefill_chunk_size=None, **kwargs):
+            return bound(*args, prefill_chunk_size=prefill_chunk_size, **kwargs)
+
+        ref._prepare_static_cache = prepare
+    return ref
+
+
 def to_transformers(model):
     """A transformers JanusForConditionalGeneration holding `model`'s weights."""
     from transformers import JanusForConditionalGeneration
@@ -58,7 +77,7 @@ def to_transformers(model):
             src = src.reshape(t.shape)
         sd[key] = src
     ref.load_state_dict(sd, strict=True)
-    return ref
+    return image_generate_compat(ref)
 
 
 def _rel(a, b) -> float:

@@ -53,7 +53,9 @@ def hf_model(c: dict, seed: int = 0):
             if "embedding" in name or "embed_tokens" in name:
                 scale = 1.0
             p.add_(scale * torch.randn(p.shape, generator=g))
-    return m
+    from janus_rt.verify import image_generate_compat
+
+    return image_generate_compat(m)
 
 
 def write_hf(m, out: Path, c: dict) -> Path:

@@ -151,3 +151,30 @@ def test_bf16_error_within_2x_of_transformers(tmp_path):
         ours_err, hf_err = rel_err(out16[k], ref32[k]), rel_err(ref16[k], ref32[k])
         assert hf_err > 0
         assert ours_err <= 2 * hf_err, (k, ours_err, hf_err)
+
+
+def test_image_generate_compat_fills_the_missing_prefill_chunk_size():
+    """verify.image_generate_compat: where _prepare_static_cache requires prefill_chunk_size and a caller leaves it
+    out (transformers 5.17's Janus generate), the call gets None; a caller that passes it is unchanged; a method with
+    a default is left alone."""
+    from janus_rt.verify import image_generate_compat
+
+    class Old:
+        def _prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, prefill_chunk_size,
+                                  model_kwargs):
+            return prefill_chunk_size
+
+    m = image_generate_compat(Old())
+    assert m._prepare_static_cache(cache_implementation="static", batch_size=2, max_cache_len=8, model_kwargs={}) is None
+    assert m._prepare_static_cache(cache_implementation="static", batch_size=2, max_cache_len=8, prefill_chunk_size=4,
+                                   model_kwargs={}) == 4
+    with pytest.raises(TypeError):  # unpatched, the 5.17 call fails as it does there
+        Old()._prepare_static_cache(cache_implementation="static", batch_size=2, max_cache_len=8, model_kwargs={})
+
+    class New(Old):
+        def _prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, prefill_chunk_size=None,
+                                  model_kwargs=None):
+            return "new"
+
+    n = New()
+    assert image_generate_compat(n) is n and "_prepare_static_cache" not in vars(n)
