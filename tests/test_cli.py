@@ -150,6 +150,24 @@ def test_bench_json_and_profile(tmp_path, capsys, layerwise):
                 assert chart.width > 600 and chart.height > 12 * 26
 
 
+def test_bench_keeps_our_numbers_when_the_baseline_fails(tmp_path, capsys, monkeypatch):
+    """A transformers baseline that raises (another version's bug) is reported and skipped: the row still has
+    janus_rt's numbers, without the baseline's columns."""
+    pytest.importorskip("transformers")
+    from janus_rt.engine import benchmark
+
+    def broken(*args, **kwargs):
+        raise TypeError("a baseline bug")
+
+    monkeypatch.setattr(benchmark, "run_transformers", broken)
+    out = tmp_path / "rows.jsonl"
+    main(["bench", "--model", "tiny", "--device", "cpu", "--tokens", "4", "--repeats", "2", "--json", str(out)])
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["janus_rt_s"] > 0 and row["roofline_fraction"] > 0 and "speedup" not in row
+    assert len(row["roofline_fractions"]) == 3  # every run of ours went ahead
+    assert "transformers' generate failed (TypeError: a baseline bug); baseline skipped" in capsys.readouterr().err
+
+
 def _run_gpu_module():
     import importlib.util
     import pathlib

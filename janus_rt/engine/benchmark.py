@@ -250,7 +250,12 @@ def main(args):
         ours.append(ours_probed()[:2])
         if ref is not None:
             _reset_peak(device)
-            theirs.append(run_transformers(ref, prompt, n, args.tokens, model.cfg))
+            try:
+                theirs.append(run_transformers(ref, prompt, n, args.tokens, model.cfg))
+            except Exception as e:  # noqa: BLE001 - the baseline's own failure must not lose our numbers
+                print(f"transformers' generate failed ({type(e).__name__}: {e}); baseline skipped", file=sys.stderr)
+                ref, theirs = None, []
+                continue
             hf_peak = _peak_gb(device)
     _reset_peak(device)
     dt, ms_step, cpu_path = ours_probed()
