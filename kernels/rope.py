@@ -72,6 +72,12 @@ def _heads(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _num_warps(elements: int) -> int:
+    """Warps for a program of `elements` q+k elements: ~512 per warp, 1-8, a power of 2 (GPU launches reject
+    others; with GQA, block_hq + block_hk is not one: 4 + 2 heads gave 3 or 6 warps)."""
+    return 1 << (max(1, min(8, elements // 512)).bit_length() - 1)
+
+
 def _rope_launch(q, k, positions, theta, sign):
     N, Hq, D = q.shape
     Hk = k.shape[1]
@@ -84,7 +90,7 @@ def _rope_launch(q, k, positions, theta, sign):
     # ~4K q+k elements per program: decode batches are a few tokens, narrow heads pack many tokens
     per_token = (block_hq + block_hk) * block_half
     block_n = min(64, 1 << (max(1, 2048 // per_token).bit_length() - 1))  # largest power of 2 <= the ratio
-    num_warps = max(1, min(8, block_n * (block_hq + block_hk) * block_half // 512))
+    num_warps = _num_warps(block_n * (block_hq + block_hk) * block_half)
     _rope_fwd_kernel[(triton.cdiv(N, block_n),)](
         q, k, q_out, k_out, positions, _inv_freq(D, float(theta), q.device),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),

@@ -79,3 +79,28 @@ def test_rope_misuse_raises(device):
         rope(q, k, pos.float())
     with pytest.raises(ValueError, match="k"):
         rope(q, k.half(), pos)
+
+
+def test_rope_launches_power_of_two_warps(device, monkeypatch):
+    """Every launch asks for 1-8 warps, a power of 2 (a GPU launch rejects others; the interpreter ignores them):
+    GQA head counts such as 4 + 2 or 3 + 1 once gave 3 or 6."""
+    import importlib
+
+    rope_mod = importlib.import_module("janus_rt.kernels.rope")  # (the package's `rope` names the function)
+
+    real, seen = rope_mod._rope_fwd_kernel, []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs["num_warps"])
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(rope_mod, "_rope_fwd_kernel", Recorder())
+    g = torch.Generator().manual_seed(0)
+    for N, Hq, Hk, D in [(1, 3, 1, 48), (7, 4, 2, 136), (41, 2, 3, 200), (64, 6, 2, 64), (33, 16, 16, 128)]:
+        q = torch.randn(N, Hq, D, generator=g).to(device)
+        k = torch.randn(N, Hk, D, generator=g).to(device)
+        rope(q, k, torch.arange(N, device=device), 10000.0)
+    assert len(seen) == 5 and all(w in (1, 2, 4, 8) for w in seen), seen
