@@ -104,3 +104,34 @@ def test_rope_launches_power_of_two_warps(device, monkeypatch):
         k = torch.randn(N, Hk, D, generator=g).to(device)
         rope(q, k, torch.arange(N, device=device), 10000.0)
     assert len(seen) == 5 and all(w in (1, 2, 4, 8) for w in seen), seen
+
+
+def test_compile_check_compiles_rope_for_sm90_and_reports_a_bad_launch(tmp_path):
+    """bench/compile_check.py (every test launch compiled for a GPU target, no GPU): the rope launches above compile
+    for sm_90; a launch with 3 warps is reported as failed and the tool exits 1."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    bad = tmp_path / "test_bad_launch.py"
+    bad.write_text(
+        "import torch, triton, triton.language as tl\n"
+        "@triton.jit\n"
+        "def _copy_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):\n"
+        "    offs = tl.arange(0, BLOCK)\n"
+        "    tl.store(y_ptr + offs, tl.load(x_ptr + offs))\n"
+        "def test_bad():\n"
+        "    x = torch.zeros(16)\n"
+        "    _copy_kernel[(1,)](x, x, BLOCK=16, num_warps=3)\n")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = lambda *tests: subprocess.run([sys.executable, str(root / "bench" / "compile_check.py"), *tests],
+                                        cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    good = run(f"{root / 'tests' / 'test_rope.py'}::test_rope_launches_power_of_two_warps")
+    assert good.returncode == 0, good.stdout[-2000:] + good.stderr[-2000:]
+    row = next(line for line in good.stdout.splitlines() if line.startswith("_rope_fwd_kernel"))
+    assert row.split()[1:] == ["5", "0", "0"]  # 5 launches compiled, none failed, no spills
+    failed = run(str(bad))
+    assert failed.returncode == 1 and "num_warps must be a power of 2" in failed.stdout
+    assert next(line for line in failed.stdout.splitlines() if line.startswith("_copy_kernel")).split()[1:3] == ["0", "1"]
