@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from janus_rt import cpu_ops
+from janus_rt import cpu_ops, ops
 from janus_rt.engine.benchmark import SHAPES
 
 DTYPES = {"fp32": (torch.float32, 0), "bf16": (torch.bfloat16, 1)}
@@ -120,8 +120,6 @@ def layers_case(shape: str, rows: int, context: int, dtype: str, block_size: int
     lens = torch.full((rows,), context, dtype=torch.int32)
     pos = context - 1
     slots = tables[:, pos // block_size].long() * block_size + pos % block_size
-    from janus_rt import ops
-
     cos, sin = (t.float().expand(rows, D).contiguous() for t in ops.rope_tables(torch.tensor([pos]), D, 10000.0, dt))
     h0 = rnd(rows, C)
     h = h0.clone()

@@ -8,6 +8,7 @@ from janus_rt.engine import Engine, SamplingParams
 from janus_rt.engine.kv_cache import KVCache
 from janus_rt.engine.runner import DecodeKV
 from janus_rt.models.llm import DecoderLayer
+from concurrency import in_threads
 from tolerances import max_err
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="janus_rt._C not built")
@@ -129,29 +130,23 @@ def test_decode_layer_rows_alone_equal_rows_in_batch(dtype, packed):
 def test_decode_layer_from_two_threads_at_once():
     """decode_layer's held buffers belong to the calling thread: two Python threads running layers of different
     widths at the same time get the results each gets alone."""
-    import threading
-
     cases = [_layer_case(torch.float32, 72, 3, 100, [1, 17, 40, 5, 33]), _layer_case(torch.float32, 128, 4, 176, [16, 9])]
     caches0 = [c[2].data.clone() for c in cases]
     alone = []
     for c, c0 in zip(cases, caches0):
         alone.append(_fused(*c))
         c[2].data.copy_(c0)
-    got = [[None] * 20, [None] * 20]
 
     def work(i):
-        c = cases[i]
-        for k in range(20):
+        c, outs = cases[i], []
+        for _ in range(20):
             c[2].data.copy_(caches0[i])
-            got[i][k] = _fused(*c)
+            outs.append(_fused(*c))
+        return outs
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    got = in_threads(lambda: work(0), lambda: work(1))
     for i in range(2):
-        assert all(torch.equal(x, alone[i]) for x in got[i])
+        assert len(got[i]) == 20 and all(torch.equal(x, alone[i]) for x in got[i])
 
 
 def test_decode_stack_packed_choice():

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from concurrency import in_threads
 from janus_rt import cpu_ops
 from janus_rt.kernels.kv_store import kv_store_ref
 from janus_rt.kernels.paged_attention import paged_decode_attention_ref
@@ -384,24 +385,13 @@ def test_mlp_gelu_packed_weights(poison, M, dtype):
 def test_mlp_gelu_from_two_threads_at_once():
     """mlp_gelu's held buffers belong to the calling thread: two Python threads with different shapes at the same
     time get the results each gets alone."""
-    import threading
-
     g = torch.Generator().manual_seed(0)
     shapes = [(3, 40, 77, 700), (17, 64, 200, 300)]
     args = [(torch.randn(M, K, generator=g), torch.randn(H, K, generator=g) / K**0.5, torch.randn(H, generator=g),
              torch.randn(N, H, generator=g) / H**0.5, torch.randn(N, generator=g)) for M, K, H, N in shapes]
     alone = [cpu_ops.mlp_gelu(*a) for a in args]
-    got = [[], []]
-
-    def work(i):
-        for _ in range(30):
-            got[i].append(cpu_ops.mlp_gelu(*args[i]))
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    work = lambda i: [cpu_ops.mlp_gelu(*args[i]) for _ in range(30)]
+    got = in_threads(lambda: work(0), lambda: work(1))
     for i in range(2):
         assert len(got[i]) == 30 and all(torch.equal(y, alone[i]) for y in got[i])
 
