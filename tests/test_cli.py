@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+import bench_scripts
 from janus_rt import Janus
 from janus_rt.cli import main
 
@@ -169,14 +170,7 @@ def test_bench_keeps_our_numbers_when_the_baseline_fails(tmp_path, capsys, monke
 
 
 def _run_gpu_module():
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "run_gpu.py"
-    spec = importlib.util.spec_from_file_location("run_gpu", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_scripts.load("run_gpu")
 
 
 def test_run_gpu_sections_keep_their_deadlines(tmp_path, monkeypatch):

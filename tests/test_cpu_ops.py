@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bench_scripts
 from concurrency import in_threads
 from janus_rt import cpu_ops
 from janus_rt.kernels.kv_store import kv_store_ref
@@ -465,13 +466,9 @@ def test_bench_ab_smoke():
     """bench/bench_ab.py (interleaved A/B of builds) runs its four ops on this build loaded twice: same outputs, a
     rate per memory-state bin and build."""
     import argparse
-    import importlib.util
     import pathlib
 
-    root = pathlib.Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("bench_ab", root / "bench" / "bench_ab.py")
-    ab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ab)
+    ab = bench_scripts.load("bench_ab")
     build = pathlib.Path(cpu_ops._C.__file__).parents[1]  # the folder holding the janus_rt/_C*.so in use
     for op in ("packed_gemv", "attention", "layers", "engine"):  # engine: whole 3-token generations, small shape
         args = argparse.Namespace(builds=f"{build},{build}", op=op, shape="small", dtype="fp32", M=2, rows=2,
