@@ -13,6 +13,12 @@
 // small shape (fp32) and +12-19 % at Janus-Pro-1B dims in bf16, where the 8-tokens-per-head K reads otherwise visit
 // 8 pages at a time 256 B each; prefetching the same lines in the order the kernel reads them gained ~0 for bf16.
 // (On the earlier Zen 3 box, 2026-11-25, software prefetch of the next block had left the DRAM rate unchanged.)
+// The prefetches go to L2 (prefetcht1), and the next block may be the first of the row's next part: on the 2-core
+// Zen 4 host (2026-12-03, ninth session, bench_ab, middle half) the 1B dims in bf16 from DRAM 17.3 -> 20.0 GB/s
+// with t1 instead of t0 (likely: a t0 prefetch holds one of the core's few L1 miss buffers until its line arrives),
+// and 22.5 -> 23.7 in another A/B with the prefetch crossing into the next part; the small shape fp32 16.4 -> 20.9.
+// (Zen 5 not re-measured.) Prefetching 2 or 3 blocks ahead, or spreading the prefetches over the V passes too,
+// gained nothing; NTA was slower.
 #pragma once
 
 #include <algorithm>
@@ -33,6 +39,9 @@ constexpr int kW = simd::kWidth;
 #ifndef JR_ATTN_PART_BLOCKS  // cache blocks per attention task (see make_plan)
 #define JR_ATTN_PART_BLOCKS 8
 #endif
+#ifndef JR_ATTN_PF_LOCALITY  // __builtin_prefetch locality of RangePrefetcher: 2 = prefetcht1 (L2), 3 = prefetcht0
+#define JR_ATTN_PF_LOCALITY 2
+#endif
 constexpr int64_t kTokenMajorBytes = 2048;  // token-major K scoring for fp32 task rows up to this (see the top)
 
 // Prefetches the task's part of the tokens of two blocks (the next block's K, this block's V: per token `seg`
@@ -52,7 +61,7 @@ struct RangePrefetcher {
         if (left == 0) return;
         --left, start += stride, cur = start & ~uintptr_t(63), end = start + seg;
       }
-      __builtin_prefetch(reinterpret_cast<const char*>(cur), 0, 3);
+      __builtin_prefetch(reinterpret_cast<const char*>(cur), 0, JR_ATTN_PF_LOCALITY);
       cur += 64;
     }
   };
@@ -393,10 +402,11 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
       for (int64_t i = part * kPartBlocks; i < i_end; ++i) {
         const int64_t n = std::min(bs, len - i * bs);
         const int64_t base = int64_t(bt[b * max_blocks + i]) * bs * row;  // token t of the block at base + t * row
-        // this part's next block's K and this block's V, prefetched over the K-scoring calls (see the top)
+        // the row's next block's K (in this part or the next) and this block's V, prefetched over the K-scoring
+        // calls (see the top)
         RangePrefetcher pf;
         {
-          const int64_t n_next = i + 1 < i_end ? std::min(bs, len - (i + 1) * bs) : 0;
+          const int64_t n_next = (i + 1) * bs < len ? std::min(bs, len - (i + 1) * bs) : 0;
           const TKV* k_next = kc + (n_next ? int64_t(bt[b * max_blocks + i + 1]) * bs * row : 0);
           pf.set(k_next + off[0], n_next, vc + base + off[0], n, (hk1 - hk0) * D, row, token_major ? n : n / 8 * nh);
         }
