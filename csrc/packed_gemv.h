@@ -41,8 +41,15 @@
 #ifndef JR_PACKED_KTILE_BYTES_BF16
 #define JR_PACKED_KTILE_BYTES_BF16 65536
 #endif
-#ifndef JR_PACKED_PF_LOCALITY  // __builtin_prefetch locality of the next tile: 3 = prefetcht0, 2 = prefetcht1
-#define JR_PACKED_PF_LOCALITY 3
+// __builtin_prefetch locality of the next tile, by weight type: 3 = prefetcht0 (L1), 2 = prefetcht1 (L2). bf16: t0
+// (Zen 5 2026-12-03: t1 -11 % at M = 32; Zen 4, ninth session: the 1B decoder layers -3 % with t1). fp32: t1 (Zen 4,
+// ninth session, bench_ab: small shape M = 8 21.6 -> 23.2 GB/s, whole small fp32 generations 20.0 -> 23.8, where its
+// 32 KiB tiles fill the 32 KiB L1 that t0 prefetched them into; Zen 5, fourth session: t0 / t1 / t2 / NTA all alike).
+#ifndef JR_PACKED_PF_LOCALITY_BF16
+#define JR_PACKED_PF_LOCALITY_BF16 3
+#endif
+#ifndef JR_PACKED_PF_LOCALITY_F32
+#define JR_PACKED_PF_LOCALITY_F32 2
 #endif
 
 namespace jr::packed {
@@ -110,7 +117,10 @@ inline void block(const WT* wt, const WT* x, int64_t ldx, int64_t kn, float* c, 
     for (int v = 0; v < 4; ++v) acc[m][v] = first ? simd::zero() : simd::load(c + m * S + v * kW);
   for (int64_t p = 0; p < kn; ++p) {
     for (int l = 0; l < lpk; ++l, pf += 64)
-      if (pf < pe) __builtin_prefetch(pf, 0, JR_PACKED_PF_LOCALITY);
+      if (pf < pe) {
+        if constexpr (std::is_same_v<WT, float>) __builtin_prefetch(pf, 0, JR_PACKED_PF_LOCALITY_F32);
+        else __builtin_prefetch(pf, 0, JR_PACKED_PF_LOCALITY_BF16);
+      }
     if constexpr (std::is_same_v<WT, float>) {
       vf w[4];
       for (int v = 0; v < 4; ++v) w[v] = simd::load(wt + p * SE + v * kW);
