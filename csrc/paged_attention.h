@@ -402,8 +402,8 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
       for (int64_t i = part * kPartBlocks; i < i_end; ++i) {
         const int64_t n = std::min(bs, len - i * bs);
         const int64_t base = int64_t(bt[b * max_blocks + i]) * bs * row;  // token t of the block at base + t * row
-        // the row's next block's K (in this part or the next) and this block's V, prefetched over the K-scoring
-        // calls (see the top)
+        // the row's next block's K (in this part or the next; a part run as its own task may leave the next one to
+        // the other thread) and this block's V, prefetched over the K-scoring calls (see the top)
         RangePrefetcher pf;
         {
           const int64_t n_next = (i + 1) * bs < len ? std::min(bs, len - (i + 1) * bs) : 0;
