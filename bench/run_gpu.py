@@ -1,7 +1,8 @@
 """Every GPU test and benchmark in one go, inside a time budget (what a lent H100/H200 session runs first).
 
     python bench/run_gpu.py [--out FILE] [--budget SECONDS] [--skip-tests] [--generate]
-    bash bench/gpu_session.sh          # the device tool's one call: offline install, then this with --generate
+    bash bench/gpu_session.sh          # the device tool's one call: janus_rt in place (no install), then this
+                                       # with --generate
 
 Sections, most wanted first, each in its own process with a deadline taken from what is left of --budget:
 1. with --generate, the engine benchmark at the Janus-Pro-1B shape (n=16, 576 tokens, CUDA graphs) vs transformers,

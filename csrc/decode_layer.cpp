@@ -89,16 +89,6 @@ inline void rms_norm_row(const T* x, const T* w, float* out, int64_t C, float ep
   for (; c < C; ++c) out[c] = rnd<T>(to_float(w[c]) * rnd<T>(to_float(x[c]) * inv));
 }
 
-// x[0:n] = rnd<T>(x) in place: the values a T tensor holds (act::rnd_v per vector: the scalar rnd's bits).
-template <typename T>
-inline void round_to(float* x, int64_t n) {
-  if constexpr (!std::is_same_v<T, float>) {
-    int64_t i = 0;
-    for (; i + simd::kWidth <= n; i += simd::kWidth) simd::store(x + i, act::rnd_v<T>(simd::load(x + i)));
-    for (; i < n; ++i) x[i] = rnd<T>(x[i]);
-  }
-}
-
 // dst[0:n] = x, whose values are already values of T: bf16 keeps the top half of each fp32 (exact, and what
 // from_float gives for them), a loop the compiler vectorizes.
 template <typename T>
@@ -236,13 +226,13 @@ void run_layer(T* h, const Layer<T>& L) {
       float* qh = qkv + hd * D;
       float* kh = qkv + C + hd * D;
       float* vh = qkv + 2 * C + hd * D;
-      round_to<T>(qh, D);
-      round_to<T>(kh, D);
+      act::round_to<T>(qh, D);
+      act::round_to<T>(kh, D);
       rope_head(qh, L.cos + r * D, L.sin + r * D, &q[r * C + hd * D], D, tmp.data());
       const int64_t s = L.slots[r];
       if (s >= 0 && s < L.num_slots) {  // padding rows (slot < 0) write nothing, as kv_store
         rope_head(kh, L.cos + r * D, L.sin + r * D, L.k_cache + (s * H + hd) * D, D, tmp.data());
-        round_to<T>(vh, D);
+        act::round_to<T>(vh, D);
         store_values(vh, L.v_cache + (s * H + hd) * D, D);
       }
     }

@@ -88,14 +88,9 @@ void mlp_gelu_impl(const T* x, const T* w1, const T* b1, const T* w2, const T* b
       gemv::pack_x<T>(r, hp + m * ldh, 1, H, ldh);
     }
     packed::gemv_for_layout(is_packed, w2, hp, ldh, bias2, y, M, N, H);
-    if (std::is_same_v<T, uint16_t> && round_out) {  // y's values rounded to T, in vectors (act::rnd_v: rnd's bits)
+    if (std::is_same_v<T, uint16_t> && round_out) {  // y's values rounded to T
 #pragma omp for schedule(static)
-      for (int64_t m = 0; m < M; ++m) {
-        float* r = y + m * N;
-        int64_t i = 0;
-        for (; i + simd::kWidth <= N; i += simd::kWidth) simd::store(r + i, act::rnd_v<T>(simd::load(r + i)));
-        for (; i < N; ++i) r[i] = rnd<T>(r[i]);
-      }
+      for (int64_t m = 0; m < M; ++m) act::round_to<T>(y + m * N, N);
     }
   }
 }

@@ -4,6 +4,7 @@
 // kernels/swiglu.py's reference). e^-x is simd::exp (~1-2 ulp; torch's own vector exp is another approximation), so
 // fp32 results agree with torch's to a few ulp and bf16 ones after rounding; e^-x overflows to inf as torch's does
 // (silu(x) = -0 below x ~ -88.7, NaN at -inf).
+// Also the rounding to T's values in vectors that the other csrc kernels share (rnd_v, round_to).
 #pragma once
 
 #include <algorithm>
@@ -20,6 +21,16 @@ template <typename T>
 inline simd::vf rnd_v(simd::vf v) {
   if constexpr (std::is_same_v<T, float>) return v;
   else return simd::round_bf16(v);
+}
+
+// x[0:n] = rnd<T>(x) in place: the values a T tensor holds (rnd_v per vector: the scalar rnd's bits).
+template <typename T>
+inline void round_to(float* x, int64_t n) {
+  if constexpr (!std::is_same_v<T, float>) {
+    int64_t i = 0;
+    for (; i + simd::kWidth <= n; i += simd::kWidth) simd::store(x + i, rnd_v<T>(simd::load(x + i)));
+    for (; i < n; ++i) x[i] = rnd<T>(x[i]);
+  }
 }
 
 // a [n] = T(T(silu(T(g))) * T(u)) from fp32 g, u; the last n % kWidth lanes go through the same code from a padded

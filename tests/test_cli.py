@@ -169,10 +169,6 @@ def test_bench_keeps_our_numbers_when_the_baseline_fails(tmp_path, capsys, monke
     assert "transformers' generate failed (TypeError: a baseline bug); baseline skipped" in capsys.readouterr().err
 
 
-def _run_gpu_module():
-    return bench_scripts.load("run_gpu")
-
-
 def test_run_gpu_sections_keep_their_deadlines(tmp_path, monkeypatch):
     """bench/run_gpu.py (a lent GPU's one call): each section runs in its own process with a deadline, the markdown is
     rewritten after every section, and the sections come in order (generate, tests, op benchmarks). Without CUDA it
@@ -180,7 +176,7 @@ def test_run_gpu_sections_keep_their_deadlines(tmp_path, monkeypatch):
     overruns its deadline)."""
     import sys
 
-    rg = _run_gpu_module()
+    rg = bench_scripts.load("run_gpu")
     assert rg.main(["--out", str(tmp_path / "none.md")]) == 0 and not (tmp_path / "none.md").exists()  # no CUDA
     status, text = rg.run_section([sys.executable, "-c", "print('hi')"], 30)
     assert status.startswith("exit 0") and text.strip() == "hi"
