@@ -41,12 +41,22 @@
 #ifndef JR_PACKED_KTILE_BYTES_BF16
 #define JR_PACKED_KTILE_BYTES_BF16 65536
 #endif
-// __builtin_prefetch locality of the next tile, by weight type: 3 = prefetcht0 (L1), 2 = prefetcht1 (L2). bf16: t0
-// (Zen 5 2026-12-03: t1 -11 % at M = 32; Zen 4, ninth session: the 1B decoder layers -3 % with t1). fp32: t1 (Zen 4,
-// ninth session, bench_ab: small shape M = 8 21.6 -> 23.2 GB/s, whole small fp32 generations 20.0 -> 23.8, where its
-// 32 KiB tiles fill the 32 KiB L1 that t0 prefetched them into; Zen 5, fourth session: t0 / t1 / t2 / NTA all alike).
-#ifndef JR_PACKED_PF_LOCALITY_BF16
+// __builtin_prefetch locality of the next tile: 3 = prefetcht0 (L1), 2 = prefetcht1 (L2). bf16 by the rows of x:
+// up to JR_PACKED_PF_L2_MAX_ROWS_BF16 rows t1, more t0. On the 2-core Zen 4 host (tenth session, 2026-12-03,
+// bench_ab, 1B shape, middle half, GB/s of weights t0 -> t1): M = 1 23.2 -> 27.2, 2 24.1 -> 30.0, 8 17.9 -> 24.1,
+// 12 17.3 -> 22.0, 16 13.2 -> 17.2, 18 13.0 -> 17.0; but 20 16.5 -> 14.5, 24 14.6 -> 13.4, 32 10.1 -> 9.7 (Zen 5
+// 2026-12-03: t1 -11 % at M = 32; Zen 4, ninth session: the 1B decoder layers at M = 32 -3 % with t1). Up to 18
+// rows x takes at most 3 row blocks per tile (see gemv_for), from 20 four or more. fp32: t1 at any M (Zen 4, ninth
+// session, bench_ab: small shape M = 8 21.6 -> 23.2 GB/s, whole small fp32 generations 20.0 -> 23.8, where its
+// 32 KiB tiles fill the 32 KiB L1 that t0 prefetched them into; Zen 5, fourth session: t0 / t1 / t2 / NTA alike).
+#ifndef JR_PACKED_PF_LOCALITY_BF16_FEW  // up to JR_PACKED_PF_L2_MAX_ROWS_BF16 rows
+#define JR_PACKED_PF_LOCALITY_BF16_FEW 2
+#endif
+#ifndef JR_PACKED_PF_LOCALITY_BF16  // more rows
 #define JR_PACKED_PF_LOCALITY_BF16 3
+#endif
+#ifndef JR_PACKED_PF_L2_MAX_ROWS_BF16
+#define JR_PACKED_PF_L2_MAX_ROWS_BF16 18
 #endif
 #ifndef JR_PACKED_PF_LOCALITY_F32
 #define JR_PACKED_PF_LOCALITY_F32 2
@@ -107,8 +117,8 @@ void pack(const WT* w, WT* wp, int64_t N, int64_t K) {
 
 // The row block: MB rows of x (row stride ldx, at this tile's first step) against kn steps of one strip's tile wt;
 // c [MB, strip] fp32 holds the accumulators between tiles (first: start from zero). Meanwhile lpk lines of the
-// range [pf, pe) are prefetched per step.
-template <typename WT, int MB>
+// range [pf, pe) are prefetched per step with locality Loc.
+template <typename WT, int MB, int Loc>
 inline void block(const WT* wt, const WT* x, int64_t ldx, int64_t kn, float* c, bool first, const char* pf,
                   const char* pe, int lpk) {
   constexpr int64_t S = strip<WT>(), SE = step_elems<WT>();
@@ -117,10 +127,7 @@ inline void block(const WT* wt, const WT* x, int64_t ldx, int64_t kn, float* c, 
     for (int v = 0; v < 4; ++v) acc[m][v] = first ? simd::zero() : simd::load(c + m * S + v * kW);
   for (int64_t p = 0; p < kn; ++p) {
     for (int l = 0; l < lpk; ++l, pf += 64)
-      if (pf < pe) {
-        if constexpr (std::is_same_v<WT, float>) __builtin_prefetch(pf, 0, JR_PACKED_PF_LOCALITY_F32);
-        else __builtin_prefetch(pf, 0, JR_PACKED_PF_LOCALITY_BF16);
-      }
+      if (pf < pe) __builtin_prefetch(pf, 0, Loc);
     if constexpr (std::is_same_v<WT, float>) {
       vf w[4];
       for (int v = 0; v < 4; ++v) w[v] = simd::load(wt + p * SE + v * kW);
@@ -146,13 +153,21 @@ inline void block(const WT* wt, const WT* x, int64_t ldx, int64_t kn, float* c, 
 }
 
 // block<R> for mb = R <= RMax rows (a block of fewer than 6 rows, or all of a small x), chosen at run time.
-template <typename WT, int R>
+template <typename WT, int R, int Loc>
 inline void block_tail(int mb, const WT* wt, const WT* x, int64_t ldx, int64_t kn, float* c, bool first,
                        const char* pf, const char* pe, int lpk) {
   if constexpr (R >= 1) {
-    if (mb == R) block<WT, R>(wt, x, ldx, kn, c, first, pf, pe, lpk);
-    else block_tail<WT, R - 1>(mb, wt, x, ldx, kn, c, first, pf, pe, lpk);
+    if (mb == R) block<WT, R, Loc>(wt, x, ldx, kn, c, first, pf, pe, lpk);
+    else block_tail<WT, R - 1, Loc>(mb, wt, x, ldx, kn, c, first, pf, pe, lpk);
   }
+}
+
+// One row block of mb rows, prefetching with locality Loc: the 6-row kernel or block_tail's.
+template <typename WT, int Loc>
+inline void row_block(int mb, const WT* wt, const WT* x, int64_t ldx, int64_t kn, float* c, bool first,
+                      const char* pf, const char* pe, int lpk) {
+  if (mb == kMB) block<WT, kMB, Loc>(wt, x, ldx, kn, c, first, pf, pe, lpk);
+  else block_tail<WT, kMBSmall, Loc>(mb, wt, x, ldx, kn, c, first, pf, pe, lpk);
 }
 
 // Inside an OpenMP parallel region (an orphaned `omp for`, ending with the team's barrier), or on the calling thread
@@ -173,6 +188,11 @@ void gemv_for(const WT* wp, const WT* x, int64_t ldx, const float* bias, float* 
   // one does for a third of the work).
   const int64_t passes = M <= kMBSmall ? 1 : (M + kMB - 1) / kMB;
   const int64_t mb_lo = M / passes, n_hi = M % passes;  // the first n_hi blocks take mb_lo + 1 rows
+  // the next tile's prefetch locality (see the top): fp32 one; bf16 one for few rows of x, another for more
+  constexpr bool f32 = std::is_same_v<WT, float>;
+  constexpr int kLocFew = f32 ? JR_PACKED_PF_LOCALITY_F32 : JR_PACKED_PF_LOCALITY_BF16_FEW;
+  constexpr int kLocMany = f32 ? JR_PACKED_PF_LOCALITY_F32 : JR_PACKED_PF_LOCALITY_BF16;
+  const bool few = M <= JR_PACKED_PF_L2_MAX_ROWS_BF16;
   std::vector<float> c(static_cast<size_t>(M * S));
 #pragma omp for schedule(guided, 1)
   for (int64_t s = 0; s < strips; ++s) {
@@ -191,8 +211,8 @@ void gemv_for(const WT* wp, const WT* x, int64_t ldx, const float* bias, float* 
         const char* pe = next + std::min(lines, (j + 1) * share) * 64;
         const WT* xs = x + m0 * ldx + E * k0;
         float* cs = c.data() + m0 * S;
-        if (mb == kMB) block<WT, kMB>(tile, xs, ldx, kn, cs, k0 == 0, pf, pe, lpk);
-        else block_tail<WT, kMBSmall>(mb, tile, xs, ldx, kn, cs, k0 == 0, pf, pe, lpk);
+        if (few) row_block<WT, kLocFew>(mb, tile, xs, ldx, kn, cs, k0 == 0, pf, pe, lpk);
+        else row_block<WT, kLocMany>(mb, tile, xs, ldx, kn, cs, k0 == 0, pf, pe, lpk);
       }
     }
     const int64_t n0 = s * S, nn = std::min(S, N - n0);
