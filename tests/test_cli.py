@@ -195,3 +195,20 @@ def test_run_gpu_sections_keep_their_deadlines(tmp_path, monkeypatch):
     assert "(exit 0 after" in titles[0] and "janus_rt_ms_step" in md
     assert "(exit 0 after" in titles[1] and "(exit 1 after" in titles[2]  # a failing benchmark is reported, not fatal
     assert "fake GPU" in md.splitlines()[0]
+
+
+def test_bench_understand_runs_against_transformers(tmp_path):
+    """bench/bench_understand.py on the tiny preset: both implementations answer the same greedy tokens, and the
+    row carries prefill, per-token decode and roofline numbers for each."""
+    pytest.importorskip("transformers")
+    bu = bench_scripts.load("bench_understand")
+    out = tmp_path / "rows.jsonl"
+    row = bu.main(bu.build_parser().parse_args(["--preset", "tiny", "--device", "cpu", "--new-tokens", "6",
+                                                "--repeats", "1", "--json", str(out)]))
+    assert json.loads(out.read_text().splitlines()[-1]) == row
+    assert row["same_tokens"] is True and row["new_tokens"] == 6
+    assert row["prompt_tokens"] == 1 + 40 + 2 + 20 + Janus.from_preset("tiny").cfg.vision.num_patches
+    for name in ("janus_rt", "transformers"):
+        assert row[f"{name}_first_token_s"] > 0 and row[f"{name}_decode_ms_token"] > 0
+        assert row[f"{name}_total_s"] > row[f"{name}_first_token_s"]
+    assert row["decode_roofline_ms"] > 0 and row["decode_roofline_fraction"] > 0

@@ -41,6 +41,39 @@ def test_greedy_matches_transformers_generate(name, tmp_path):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("name", ["a", "c"])  # ("b" at these seeds answers one token over and over, image or not)
+def test_understanding_greedy_matches_transformers_generate(name, tmp_path):
+    """An image + question answered greedily: the same tokens as transformers' generate in text mode, stopping at
+    the same EOS."""
+    pytest.importorskip("transformers")
+    from hf_reference import SMALL_CONFIGS, hf_model, write_hf
+
+    c = SMALL_CONFIGS[name]
+    hf = hf_model(c, seed=7)
+    ours = Janus.from_pretrained(write_hf(hf, tmp_path, c))
+    t, v = ours.cfg.tokens, ours.cfg.vision
+    body = prompt(ours, 6, seed=2)[1:-1]
+    ids = [t.bos_id] + body + [t.boi_id] + [t.image_id] * v.num_patches + [t.eoi_id] + body[:3]
+    pixels = torch.rand(1, 3, v.image_size, v.image_size, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ref = hf.generate(x, attention_mask=torch.ones_like(x), pixel_values=pixels, generation_mode="text",
+                          do_sample=False, max_new_tokens=12, eos_token_id=t.eos_id, pad_token_id=t.pad_id)
+    want = ref[0, len(ids):].tolist()
+    want = want[: want.index(t.eos_id) + 1] if t.eos_id in want else want
+    assert ours.generate_text(ids, pixel_values=pixels, max_new_tokens=12) == want
+    # and where EOS ends the answer early, both stop there (transformers' with the 3rd token made the EOS id)
+    stop = want[2]
+    with torch.no_grad():
+        ref = hf.generate(x, attention_mask=torch.ones_like(x), pixel_values=pixels, generation_mode="text",
+                          do_sample=False, max_new_tokens=12, eos_token_id=stop, pad_token_id=t.pad_id)
+    eng = Engine.for_requests(ours, [(len(ids) + 12, 0)])
+    req = eng.add_text_request(ids, pixels, max_new_tokens=12)
+    req.eos_id = stop
+    eng.run()
+    assert req.tokens[0] == ref[0, len(ids):].tolist() == want[: want.index(stop) + 1]
+
+
 def test_paged_logits_equal_full_forward(tiny):
     """Every step's logits from the paged cache equal a full teacher-forced forward (cond and uncond rows)."""
     ids = prompt(tiny, 13)

@@ -127,7 +127,9 @@ class Janus(nn.Module):
                               top_k=None, top_p=None, seed=None, greedy: bool = False, engine=None,
                               progress: bool = False):
         """prompt_ids [T] (BOS ... <begin_of_image>) -> image tokens int64 [n, num_image_tokens], with
-        classifier-free guidance (unconditional row: every token but the first and last -> pad)."""
+        classifier-free guidance (unconditional row: every token but the first and last -> pad).
+        engine: an Engine to run in (else a new one sized for this call; on the CPU making one packs the decoder
+        weights, seconds at 1B: hold one engine for many calls)."""
         from janus_rt.engine import Engine, SamplingParams
 
         params = SamplingParams(cfg_weight=cfg_weight, temperature=temperature, top_k=top_k or 0,
@@ -139,7 +141,8 @@ class Janus(nn.Module):
 
     def generate_text(self, prompt_ids, pixel_values=None, max_new_tokens: int = 256, greedy: bool = True,
                       temperature: float = 1.0, top_p=None, seed=None, engine=None) -> list[int]:
-        """Answer tokens (up to and including EOS) for prompt_ids [T] with images spliced at placeholders."""
+        """Answer tokens (up to and including EOS) for prompt_ids [T] with images spliced at placeholders.
+        engine: as generate_image_tokens' (hold one for many questions)."""
         from janus_rt.engine import Engine, SamplingParams
 
         params = SamplingParams(temperature=temperature, top_p=1.0 if top_p is None else top_p, greedy=greedy,
