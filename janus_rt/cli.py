@@ -98,6 +98,7 @@ def cmd_generate(args):
 def cmd_understand(args):
     from PIL import Image
 
+    from janus_rt.engine import Engine
     from janus_rt.processing import encode_understanding_prompt, preprocess_image
 
     _check_args(args, (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
@@ -115,12 +116,17 @@ def cmd_understand(args):
     n_img = model.cfg.vision.num_patches
     ids = encode_understanding_prompt(tok, args.question, num_images=len(images), num_image_tokens=n_img)
     t0 = time.perf_counter()
+    eng = Engine.for_requests(model, [(len(ids) + args.max_new_tokens, 0)])  # (CPU: packs the decoder weights)
+    t1 = time.perf_counter()
     out = model.generate_text(ids, pixel_values=pixels.to(model.dtype), max_new_tokens=args.max_new_tokens,
                               greedy=args.temperature == 0, temperature=max(args.temperature, 1e-6),
-                              top_p=args.top_p, seed=args.seed)
-    dt = time.perf_counter() - t0
+                              top_p=args.top_p, seed=args.seed, engine=eng)
+    t2 = time.perf_counter()
     print(tok.decode(out))
-    print(f"[{what}: {len(out)} tokens in {dt:.2f} s]", file=sys.stderr)
+    s = eng.stats  # the first token comes from the prefill (vision + prompt); each later one from a decode step
+    later = f", then {s.ms_per_step:.1f} ms/token" if s.decode_steps else ""
+    print(f"[{what}: {len(out)} tokens in {t2 - t0:.2f} s: engine set-up {t1 - t0:.2f} s, first token "
+          f"{t2 - t1 - s.decode_s:.2f} s{later}]", file=sys.stderr)
 
 
 def cmd_convert(args):

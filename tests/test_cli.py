@@ -36,7 +36,10 @@ def test_understand(tmp_path, capsys):
     import re
 
     err = capsys.readouterr().err
-    assert re.search(r"\[preset tiny \(random weights\): [1-3] tokens in", err), err
+    m = re.search(r"\[preset tiny \(random weights\): ([1-3]) tokens in [0-9.]+ s: engine set-up [0-9.]+ s, first token "
+                  r"[0-9.]+ s(, then [0-9.]+ ms/token)?\]", err)
+    assert m, err
+    assert (m.group(2) is not None) == (m.group(1) != "1"), err  # a per-token time exactly when a decode step ran
 
 
 @pytest.mark.parametrize("flags,message", [(["-n", "0"], "-n must be >= 1"), (["--top-p", "1.5"], "--top-p must be"),
