@@ -202,7 +202,7 @@ def test_run_gpu_sections_keep_their_deadlines(tmp_path, monkeypatch):
 
 def test_bench_understand_runs_against_transformers(tmp_path):
     """bench/bench_understand.py on the tiny preset: both implementations answer the same greedy tokens, and the
-    row carries prefill, per-token decode and roofline numbers for each."""
+    row carries time to the first token, per-token decode and roofline numbers for each."""
     pytest.importorskip("transformers")
     bu = bench_scripts.load("bench_understand")
     out = tmp_path / "rows.jsonl"
