@@ -9,21 +9,21 @@ read bandwidth: one row is memory-bound).
     python bench/bench_understand.py --model /path/to/Janus-Pro-1B --new-tokens 64
     python bench/bench_understand.py --preset tiny --dtype fp32   # seconds (what tests/test_cli.py runs)
 
-Per-token times come from each implementation's own step: janus_rt's engine timers, and for transformers a logits
-processor that stamps the time of each call (once per token, right after its forward). Both answer greedily from the
+Per-token times come from each implementation's own step: janus_rt's engine timers, and for transformers a streamer
+that stamps the time each new token arrives. Both answer greedily from the
 same ids and pixels; in bf16 two nearly equal logits can round apart, after which the answers differ
 (`first_difference`); random weights make such near-ties common.
 """
 import argparse
 import json
 import statistics
-import sys
 import time
 
 import torch
 
 from janus_rt import Janus
-from janus_rt.engine.benchmark import _cpu_name, _sync, measure_bandwidth_gbs, measure_matmul_gflops
+from janus_rt.engine.benchmark import (_sync, device_name, measure_bandwidth_gbs, measure_matmul_gflops,
+                                      transformers_baseline)
 
 
 def question_ids(model, question_len: int = 20, system_len: int = 40) -> list[int]:
@@ -120,18 +120,11 @@ def main(args) -> dict:
     S = model.cfg.vision.image_size
     pixels = (torch.rand(1, 3, S, S, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device, dtype)
     bw, peak = measure_bandwidth_gbs(device), measure_matmul_gflops(device, dtype)
-    dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else _cpu_name()
+    dev_name = device_name(device)
     print(f"# {dev_name}: read bandwidth {bw:.1f} GB/s, matmul peak {peak:.0f} GFLOP/s; model: {what}, {dtype}; "
           f"prompt {len(ids)} tokens ({model.cfg.vision.num_patches} image), up to {args.new_tokens} new tokens",
           flush=True)
-    ref = None
-    if not args.no_transformers:
-        try:
-            from janus_rt.verify import to_transformers
-
-            ref = to_transformers(model).to(device)
-        except ImportError:
-            print("transformers not installed: baseline skipped", file=sys.stderr)
+    ref = None if args.no_transformers else transformers_baseline(model, device)
     # one engine for all of our runs, as a server holds one (making it packs the decoder weights: seconds at 1B)
     from janus_rt.engine import Engine
 

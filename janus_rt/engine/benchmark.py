@@ -163,6 +163,23 @@ def decode_step_bytes_flops(model, rows: int, context: int, shared: tuple[int, i
     return (llm + heads) * isz + kv, flops
 
 
+def device_name(device) -> str:
+    """The GPU's name, or the CPU's model name and core count."""
+    return torch.cuda.get_device_name() if str(device).startswith("cuda") else _cpu_name()
+
+
+def transformers_baseline(model, device):
+    """transformers' JanusForConditionalGeneration holding model's weights, on `device`; None (said on stderr) where
+    transformers is not installed."""
+    try:
+        from janus_rt.verify import to_transformers
+
+        return to_transformers(model).to(device)
+    except ImportError:
+        print("transformers not installed: baseline skipped", file=sys.stderr)
+        return None
+
+
 # ---- the two implementations -----------------------------------------------------------------------------------
 def _image_engine(model, prompt, n, tokens=None, cuda_graphs=False, layerwise=False, steps_per_call=8):
     """An engine holding one image request (n images of `prompt`); layerwise: no csrc decoder on the CPU;
@@ -224,17 +241,10 @@ def main(args):
     prompt = [model.cfg.tokens.bos_id] + list(range(100, 118)) + [model.cfg.tokens.boi_id]
     bw = measure_bandwidth_gbs(device)
     peak = measure_matmul_gflops(device, dtype)
-    dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else _cpu_name()
+    dev_name = device_name(device)
     print(f"# {dev_name}: read bandwidth {bw:.1f} GB/s, matmul peak {peak:.0f} GFLOP/s; model: {what}, {dtype}; "
           f"n={n}, {args.tokens} tokens/image", flush=True)
-    ref = None
-    if not args.no_transformers:
-        try:
-            from janus_rt.verify import to_transformers
-
-            ref = to_transformers(model).to(device)
-        except ImportError:
-            print("transformers not installed: baseline skipped", file=sys.stderr)
+    ref = None if args.no_transformers else transformers_baseline(model, device)
     # A shared host's read bandwidth moves by 2x within minutes (bench/RESULTS.md, 2026-12-03), so each of our runs
     # is also probed right before and after, and its roofline takes the faster of those two probes: the bandwidth
     # the machine had at that moment, at least.
