@@ -56,6 +56,15 @@ def _dtype(args):
     return resolve_dtype(args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32"))
 
 
+def _pack_in_place(model, always: bool = False) -> None:
+    """The CLI owns its model: on the CPU, pack the LLM's projections in place (engine.cpu_decode.pack_in_place)."""
+    from janus_rt.engine.cpu_decode import pack_in_place
+
+    said = pack_in_place(model, always)
+    if said:
+        print(f"note: {said}", file=sys.stderr)
+
+
 def _check_args(args, *checks) -> None:
     """Stop with `janus-rt CMD: --flag ...` for the first failed (condition, message) before any model loads."""
     for ok, msg in checks:
@@ -76,6 +85,7 @@ def cmd_generate(args):
     if args.temperature == 0:
         args.greedy = True
     model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)
+    _pack_in_place(model, always=True)  # image prompts are short: the packed GEMV is as fast there, one copy less
     prompts = args.prompt or ["a red circle on a blue background"]
     if args.kv_cache_gb is not None:
         eng = Engine(model, kv_cache_gb=args.kv_cache_gb, cuda_graphs=args.cuda_graphs)
@@ -112,6 +122,7 @@ def cmd_understand(args):
         except OSError as e:  # missing file, or not an image PIL can read
             raise SystemExit(f"--image {path!r}: {e}") from None
     model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)
+    _pack_in_place(model)  # only where the engine's copy would not fit: torch's matmul is ~3 % faster for prefills
     pixels = torch.stack([preprocess_image(im, model.cfg.vision.image_size) for im in images]).to(model.device)
     n_img = model.cfg.vision.num_patches
     ids = encode_understanding_prompt(tok, args.question, num_images=len(images), num_image_tokens=n_img)

@@ -292,6 +292,15 @@ class PackedWeight:
         self.data = torch.empty(_C.packed_size(self.N, self.K, code), dtype=self.dtype)
         _C.pack_weight(weight.data_ptr(), self.data.data_ptr(), self.N, self.K, code)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The original weight's [N, K]."""
+        return self.N, self.K
+
+    def numel(self) -> int:
+        """Elements of the original weight (N * K; the packed copy pads N to whole strips)."""
+        return self.N * self.K
+
     @staticmethod
     def nbytes(N: int, K: int, dtype: torch.dtype) -> int:
         """Bytes of the packed copy of an [N, K] weight."""
@@ -365,7 +374,8 @@ class DecodeStack:
     packed: hold qkv, o_proj, gate_up and down as PackedWeight copies and run the packed GEMV (fp32; bf16 on an
     AVX512_BF16 build). None (default) = when possible and the copies take at most half of the memory available
     now (they are as large as those weights; the originals stay with the model); True = required (ValueError if
-    impossible); False = never. `self.packed` says what was chosen.
+    impossible); False = never. `self.packed` says what was chosen. The four matrices may also come as PackedWeight
+    (a model packed in place, Janus.pack_for_cpu_): held as they are, no copy, packed GEMV.
     """
 
     def __init__(self, layers, caches, eps: float, final_norm=None, final_eps: float | None = None,
@@ -387,15 +397,27 @@ class DecodeStack:
         for i, (ws, (kc, vc)) in enumerate(zip(layers, caches)):
             _check(len(ws) == 6, f"layer {i}: expected 6 weights {names}")
             for name, t, shape in zip(names, ws, shapes):
-                _check_tensor(t, f"layer {i} {name}", (dt,), len(shape))
+                if isinstance(t, PackedWeight):  # already packed (Janus.pack_for_cpu_): held as it is
+                    _check(len(shape) == 2 and t.dtype == dt, f"layer {i} {name}: a {t.dtype} PackedWeight where a "
+                                                              f"{dt} {'matrix' if len(shape) == 2 else 'vector'} goes")
+                else:
+                    _check_tensor(t, f"layer {i} {name}", (dt,), len(shape))
                 _check(tuple(t.shape) == shape, f"layer {i} {name} has shape {tuple(t.shape)}; expected {shape}")
             for name, t in (("k_cache", kc), ("v_cache", vc)):
                 _check_tensor(t, f"layer {i} {name}", (dt,), 4)
                 _check(t.shape == k0.shape, f"layer {i} {name} {tuple(t.shape)} != {tuple(k0.shape)}")
-        self.packed = self._choose_packed(packed, layers, shapes)
+        prepacked = [isinstance(t, PackedWeight) for ws in layers for t in ws]
+        if any(prepacked):
+            _check(sum(prepacked) == 4 * len(layers), "pass every layer's four matrices packed, or none of them")
+            _check(packed is not False, "packed=False, but the weights are PackedWeight (packed in place: "
+                                        "Janus.pack_for_cpu_); they can only run the packed GEMV")
+            self.packed = True
+        else:
+            self.packed = self._choose_packed(packed, layers, shapes)
         for ws, (kc, vc) in zip(layers, caches):
-            if self.packed:  # the four matrices (qkv, o_proj, gate_up, down) replaced by their packed copies
-                ws = tuple(PackedWeight(t).data if t.dim() == 2 else t for t in ws)
+            if self.packed:  # the four matrices (qkv, o_proj, gate_up, down) as packed copies (made here, or given)
+                ws = tuple(t.data if isinstance(t, PackedWeight) else PackedWeight(t).data if t.dim() == 2 else t
+                           for t in ws)
             self._held.append((*ws, kc, vc))
             self._ptrs.append(tuple(t.data_ptr() for t in (*ws, kc, vc)))
         self._layer_table = _array("q", [x for p in self._ptrs for x in p])  # [L, 8] for csrc image_steps

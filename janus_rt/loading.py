@@ -278,6 +278,9 @@ def save_janus(model, out_dir) -> Path:
     """Write janus_rt's own layout: config.json (janus_rt_config) + model.safetensors."""
     from safetensors.torch import save_file
 
+    from janus_rt.models.packed_linear import require_unpacked
+
+    require_unpacked(model, "saving")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

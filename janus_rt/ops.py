@@ -112,7 +112,11 @@ CPU_GEMV_MAX_ROWS = 32  # decode-sized inputs: the csrc kernel streams the weigh
 
 
 def linear(x, weight, bias=None):
-    """y = x @ weight^T + bias. On the cpu backend, decode-sized x goes to the csrc GEMV (weight-bandwidth bound)."""
+    """y = x @ weight^T + bias. On the cpu backend, decode-sized x goes to the csrc GEMV (weight-bandwidth bound).
+    weight may be a cpu_ops.PackedWeight (a model packed by Janus.pack_for_cpu_): the packed GEMV, whatever the
+    backend and the rows (it is the only copy of that weight)."""
+    if not isinstance(weight, torch.Tensor):
+        return _linear_packed(x, weight, bias)
     if _backend == "cpu" and x.numel() <= CPU_GEMV_MAX_ROWS * x.shape[-1] and _use_cpu_kernels(x):
         from janus_rt import cpu_ops
 
@@ -121,6 +125,20 @@ def linear(x, weight, bias=None):
         with _scope("janus_rt::cpu_linear"):
             return cpu_ops.linear(x.contiguous(), weight, bias).to(x.dtype)
     return F.linear(x, weight, bias)
+
+
+def _linear_packed(x, weight, bias):
+    from janus_rt import cpu_ops
+
+    if not isinstance(weight, cpu_ops.PackedWeight):
+        raise TypeError(f"linear: weight must be a tensor or a cpu_ops.PackedWeight, not {type(weight).__name__}")
+    if x.device.type != "cpu":
+        raise ValueError(f"linear: the weight is packed for the CPU (Janus.pack_for_cpu_) but x is on {x.device}; "
+                         "load the model again to run it elsewhere")
+    if bias is not None:
+        bias = bias.float()  # the kernel adds the bias in fp32
+    with _scope("janus_rt::cpu_linear_packed"):
+        return weight(x.contiguous(), bias).to(x.dtype)
 
 
 # ---- MLPs -----------------------------------------------------------------------------------------------------

@@ -64,6 +64,10 @@ def to_transformers(model):
     """A transformers JanusForConditionalGeneration holding `model`'s weights."""
     from transformers import JanusForConditionalGeneration
 
+    from janus_rt.models.packed_linear import require_unpacked
+
+    require_unpacked(model, "a transformers copy of the model")
+
     ref = JanusForConditionalGeneration(hf_config(model.cfg)).to(model.dtype).eval()
     ours = model.state_dict()
     sd = {}

@@ -21,6 +21,10 @@ def test_generate_writes_pngs_and_grid(tmp_path, capsys):
     out = capsys.readouterr()
     assert "tokens/s" in out.out and "ms/decode step" in out.out
     assert "RANDOM weights" in out.err
+    from janus_rt import cpu_ops
+
+    # generate owns its model: on the CPU it holds the LLM's projections packed only (no second copy)
+    assert ("packed the LLM's projections in place" in out.err) == cpu_ops.available()
 
 
 def test_embedded_default_model(tmp_path, capsys):
@@ -152,6 +156,22 @@ def test_bench_json_and_profile(tmp_path, capsys, layerwise):
             assert "attention" in table and "gate_up_proj" in table and "rest of the step" in table
             with Image.open(tmp_path / "prof" / "phases.png") as chart:  # the same table as a bar chart
                 assert chart.width > 600 and chart.height > 12 * 26
+
+
+def test_bench_packs_in_place_where_the_copy_would_not_fit(tmp_path, capsys, monkeypatch):
+    """With too little free memory for the engine's packed copy (7B on a 24 GB machine), `janus-rt bench` packs the
+    model's projections in place and says so in its output and its row."""
+    from janus_rt import cpu_ops
+
+    if not cpu_ops.available():
+        pytest.skip("janus_rt._C not built")
+    monkeypatch.setattr(cpu_ops, "available_memory", lambda: 1 << 10)
+    out = tmp_path / "rows.jsonl"
+    main(["bench", "--model", "tiny", "--device", "cpu", "--tokens", "4", "--repeats", "1", "--no-transformers",
+          "--json", str(out)])
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["cpu_decode"] == "decode_layer, packed GEMV (packed in place)"
+    assert "would not fit" in capsys.readouterr().out
 
 
 def test_bench_keeps_our_numbers_when_the_baseline_fails(tmp_path, capsys, monkeypatch):

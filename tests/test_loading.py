@@ -35,6 +35,17 @@ def test_bf16_load_is_one_dtype(saved):
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
 
 
+def test_random_model_made_in_its_dtype():
+    """from_preset/from_config materialise a bf16 model in bf16 (a 7B model would not fit 24 GB as fp32 first) with
+    the values an fp32 model rounded to bf16 has."""
+    b = Janus.from_preset("tiny", seed=4, dtype=torch.bfloat16)
+    f = Janus.from_preset("tiny", seed=4)
+    sb, sf = b.state_dict(), f.state_dict()
+    assert sb.keys() == sf.keys()
+    for k in sb:
+        assert sb[k].dtype == torch.bfloat16 and torch.equal(sb[k], sf[k].to(torch.bfloat16)), k
+
+
 def test_sharded_transformers_layout(tmp_path):
     pytest.importorskip("transformers")
     from hf_reference import SMALL_CONFIGS, hf_model, write_hf

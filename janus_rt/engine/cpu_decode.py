@@ -34,6 +34,25 @@ def packed_setting() -> bool | None:
     return {"0": False, "1": True}.get(v)
 
 
+def pack_in_place(model, always: bool = False) -> str | None:
+    """For callers that own `model` (the CLI): hold its LLM projections only in the packed GEMV's layout
+    (Janus.pack_for_cpu_) instead of letting the engine copy them, when the engine would run the packed GEMV
+    (CPU, this build and dtype have it, JANUS_RT_PACKED not 0) and either `always` or the copy would not get
+    DecodeStack's room (at most half of the memory available now). Returns a line saying what it did, or None."""
+    from janus_rt.models.packed_linear import can_pack, is_packed, packed_nbytes
+
+    if model.device.type != "cpu" or packed_setting() is False or is_packed(model) or can_pack(model):
+        return None
+    need, room = packed_nbytes(model), cpu_ops.available_memory() // 2
+    if not (always or need > room):
+        return None
+    model.pack_for_cpu_()
+    size = f"{need / 2**30:.1f} GB" if need >= 2**30 else f"{need / 2**20:.1f} MB"
+    why = f"saves a {size} copy" if always and need <= room else f"a {size} copy would not fit in half the free memory"
+    return (f"packed the LLM's projections in place for the CPU's packed GEMV ({why}; the model is now for CPU "
+            "inference only)")
+
+
 class CpuDecoder:
     """The LLM forward for one new token per row over the engine's paged cache, on the CPU."""
 
@@ -47,7 +66,8 @@ class CpuDecoder:
                     l.mlp.gate_up_proj.weight, l.mlp.down_proj.weight) for l in llm.layers]
         caches = [(cache.k_cache(i), cache.v_cache(i)) for i in range(len(llm.layers))]
         with torch.inference_mode():
-            self.stack = cpu_ops.DecodeStack([tuple(w.detach() for w in ws) for ws in weights], caches,
+            raw = lambda w: w.detach() if isinstance(w, torch.Tensor) else w  # (PackedWeight: pack_for_cpu_)
+            self.stack = cpu_ops.DecodeStack([tuple(raw(w) for w in ws) for ws in weights], caches,
                                              llm.layers[0].input_norm.eps, llm.norm.weight.detach(), llm.norm.eps,
                                              packed=packed_setting())
 

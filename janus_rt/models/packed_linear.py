@@ -1,0 +1,99 @@
+"""Inference on the CPU with the decoder's projections held once, in the packed GEMV's layout.
+
+The CPU decode step reads the LLM's four projections per layer (qkv, o, gate_up, down: ~85 % of the 1B LLM's weight
+bytes) through csrc/packed_gemv.h, whose strip layout is a copy of each weight. By default the engine makes that copy
+beside the model's own [N, K] tensors when it fits in half of the free memory (cpu_ops.DecodeStack), which doubles
+those weights in memory (+2.4 GB at Janus-Pro-1B in bf16, +11.5 GB at 7B: more than a 24 GB machine has left after
+the model, so 7B fell back to the slower unpacked GEMV). `pack_llm_` replaces the originals instead: each projection
+becomes a `PackedLinear` holding only the packed copy, and every path that multiplies by it (prefill, the layer-by-
+layer decode, the csrc decode step) runs the packed GEMV. In place and one way: the model is then for inference on
+the CPU only (no gradients, no state_dict of those weights, no move to another device).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from janus_rt import cpu_ops, ops
+
+PROJECTIONS = (("attn", "qkv_proj"), ("attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
+
+
+class PackedLinear(nn.Module):
+    """A bias-free nn.Linear whose weight is only a cpu_ops.PackedWeight: forward(x [..., in]) -> [..., out] in
+    x's dtype (fp32 accumulation, rounded once, as the torch path's matmul)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("PackedLinear packs bias-free projections only")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with torch.no_grad():
+            self.weight = cpu_ops.PackedWeight(linear.weight.detach())  # a plain attribute: not a parameter
+
+    def forward(self, x):
+        return ops.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.weight.dtype}, packed"
+
+
+def can_pack(model) -> str | None:
+    """Why `model`'s LLM cannot be packed in place (None: it can)."""
+    if model.device.type != "cpu":
+        return f"the model is on {model.device}; packing is for the CPU's GEMV"
+    if not cpu_ops.available():
+        return "the C++ extension janus_rt._C is not built"
+    if not cpu_ops.packed_available(model.dtype):
+        return (f"no packed GEMV for {model.dtype} in this build (bf16 needs a CPU with AVX512_BF16; fp32 and bf16 "
+                "are the packed dtypes)")
+    if model.dtype == torch.bfloat16:
+        c = model.cfg.llm
+        if (c.hidden_size % 2 or c.intermediate_size % 2 or (c.num_heads * c.head_dim) % 2):
+            return "bf16 packing needs even in-features (k pairs)"
+    return None
+
+
+def is_packed(model) -> bool:
+    """Whether the LLM's projections are PackedLinear (pack_llm_ ran)."""
+    return any(isinstance(getattr(getattr(l, part), name), PackedLinear)
+               for l in model.llm.layers for part, name in PROJECTIONS)
+
+
+def packed_nbytes(model) -> int:
+    """Bytes of the packed copies of the LLM's projections (what a second copy beside the originals would take)."""
+    total = 0
+    for l in model.llm.layers:
+        for part, name in PROJECTIONS:
+            m = getattr(getattr(l, part), name)
+            if not isinstance(m, PackedLinear):
+                total += cpu_ops.PackedWeight.nbytes(m.out_features, m.in_features, model.dtype)
+    return total
+
+
+@torch.no_grad()
+def pack_llm_(model):
+    """Replace each decoder layer's qkv, o, gate_up and down projections of `model` (a Janus on the CPU) by a
+    PackedLinear, layer by layer, so at most one layer's four matrices exist twice at a time; returns the model.
+    Raises ValueError (saying why) where it cannot; a no-op for projections already packed."""
+    why = can_pack(model)
+    if why:
+        raise ValueError(f"cannot pack the model for the CPU: {why}")
+    for l in model.llm.layers:
+        for part, name in PROJECTIONS:
+            parent = getattr(l, part)
+            if not isinstance(getattr(parent, name), PackedLinear):
+                setattr(parent, name, PackedLinear(getattr(parent, name)))
+    return model
+
+
+def packed_weight_numel(module) -> int:
+    """Elements of the PackedLinear weights under `module` (not in its parameters())."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, PackedLinear))
+
+
+def require_unpacked(model, what: str) -> None:
+    """Raise where `what` needs the [N, K] weights a packed model no longer has."""
+    if is_packed(model):
+        raise ValueError(f"{what} needs the model's own weights, but its LLM projections were packed for the CPU "
+                         "(Janus.pack_for_cpu_); load the model again")
