@@ -14,7 +14,7 @@
 // runs over a tile while it is in L1/L2, the accumulators wait in a per-thread [M, S] fp32 buffer between tiles.
 // While the row blocks run, the next tile in memory (the strip's next one or the next strip's first) is prefetched,
 // spread over the row blocks so that the weight stream is read at an even rate instead of in bursts at each tile's
-// first block.
+// first block — from 3 rows of x on; for 1 or 2 the hardware prefetchers read the stream faster alone.
 // Against gemv.h's row-block kernel on the unpacked W (bf16, 2-core Zen 5, 2026-12-02, bench/RESULTS.md): ~1.8x at
 // M = 32, ~1.5x at M = 2-8, with W from DRAM.
 // Batch invariance: y[m, n] = bias[n] + (((0 + step 0) + step 1) + ...) in fp32 lanes (FMA, or the pair's dot
@@ -60,6 +60,16 @@
 #endif
 #ifndef JR_PACKED_PF_LOCALITY_F32
 #define JR_PACKED_PF_LOCALITY_F32 2
+#endif
+// Rows of x from which the next tile is prefetched at all: with fewer, the loop is a bare weight stream and the
+// hardware prefetchers alone read it faster (Zen 4, eleventh session, 2026-12-03, bench_ab, 1B shape bf16, GB/s of
+// weights, middle half / fastest quarter, prefetch -> none: M = 1 26.2 / 30.8 -> 29.1 / 38.4, the stream probe's
+// rate; M = 2 33.6 / 33.3 -> 36.1 / 36.5; M = 3 alike; but M = 4 23.4 / 26.5 -> 24.6 / 21.7, M = 8 22.7 -> 18.5,
+// M = 16 17.6 -> 15.0. Small shape fp32: M = 1 24.9 -> 26.2, M = 2 28.0 -> 27.6). Likely: each software prefetch
+// holds one of the core's few L1 miss buffers until its line arrives, capping the lines in flight below what the
+// L2's own stream prefetcher keeps going; with more rows the compute between loads needs the early requests.
+#ifndef JR_PACKED_PF_MIN_ROWS
+#define JR_PACKED_PF_MIN_ROWS 3
 #endif
 
 namespace jr::packed {
@@ -213,7 +223,7 @@ void gemv_for(const WT* wp, const WT* x, int64_t ldx, const float* bias, float* 
       const char* next = reinterpret_cast<const char*>(tile + kn * SE);
       const int64_t lines = std::min<int64_t>(KT * SE * sizeof(WT), std::max<int64_t>(0, end - next)) / 64;
       const int64_t share = (lines + passes - 1) / passes;
-      const int lpk = int((share + kn - 1) / kn);
+      const int lpk = M >= JR_PACKED_PF_MIN_ROWS ? int((share + kn - 1) / kn) : 0;
       for (int64_t m0 = 0, j = 0; j < passes; m0 += mb_lo + (j < n_hi), ++j) {
         const int mb = int(mb_lo + (j < n_hi));
         const char* pf = next + j * share * 64;
