@@ -144,8 +144,8 @@ def test_bench_json_and_profile(tmp_path, capsys, layerwise):
     assert len(row["roofline_fractions"]) == 2
     assert abs(row["roofline_fraction"] - sum(row["roofline_fractions"]) / 2) <= 1e-3
     assert row["best_bandwidth_gbs"] >= row["bandwidth_gbs"] and 0 < row["roofline_fraction_vs_best"]
-    # the tiny preset is fp32: the decode step packs its weights (a few MB: always within the memory rule)
-    assert row["cpu_decode"] == ("layerwise" if layerwise else "decode_layer, packed GEMV")
+    # the tiny preset is fp32: as `generate`, the benchmark holds its projections packed only (packed in place)
+    assert row["cpu_decode"] == ("layerwise" if layerwise else "decode_layer, packed GEMV") + " (packed in place)"
     assert (tmp_path / "prof" / "trace.json").stat().st_size > 0
     table = capsys.readouterr().out
     if cpu_ops.available():
@@ -158,20 +158,25 @@ def test_bench_json_and_profile(tmp_path, capsys, layerwise):
                 assert chart.width > 600 and chart.height > 12 * 26
 
 
-def test_bench_packs_in_place_where_the_copy_would_not_fit(tmp_path, capsys, monkeypatch):
-    """With too little free memory for the engine's packed copy (7B on a 24 GB machine), `janus-rt bench` packs the
-    model's projections in place and says so in its output and its row."""
+@pytest.mark.parametrize("packed_env", ["auto", "0"])
+def test_bench_packs_in_place(tmp_path, capsys, monkeypatch, packed_env):
+    """`janus-rt bench` holds the model's projections packed only, as `generate` does, and says so in its output and
+    its row; JANUS_RT_PACKED=0 keeps the model as loaded (the unpacked GEMV)."""
     from janus_rt import cpu_ops
 
     if not cpu_ops.available():
         pytest.skip("janus_rt._C not built")
-    monkeypatch.setattr(cpu_ops, "available_memory", lambda: 1 << 10)
+    monkeypatch.setenv("JANUS_RT_PACKED", packed_env)
     out = tmp_path / "rows.jsonl"
     main(["bench", "--model", "tiny", "--device", "cpu", "--tokens", "4", "--repeats", "1", "--no-transformers",
           "--json", str(out)])
     row = json.loads(out.read_text().splitlines()[-1])
-    assert row["cpu_decode"] == "decode_layer, packed GEMV (packed in place)"
-    assert "would not fit" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    if packed_env == "0":
+        assert row["cpu_decode"] == "decode_layer" and "packed" not in printed
+    else:
+        assert row["cpu_decode"] == "decode_layer, packed GEMV (packed in place)"
+        assert "packed the LLM's projections in place" in printed
 
 
 def test_bench_keeps_our_numbers_when_the_baseline_fails(tmp_path, capsys, monkeypatch):

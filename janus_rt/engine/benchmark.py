@@ -248,11 +248,11 @@ def main(args):
     print(f"# {dev_name}: read bandwidth {bw:.1f} GB/s, matmul peak {peak:.0f} GFLOP/s; model: {what}, {dtype}; "
           f"n={n}, {args.tokens} tokens/image", flush=True)
     ref = None if args.no_transformers else transformers_baseline(model, device)
-    # where the engine's packed copy of the projections would not fit (7B on a 24 GB machine), hold them packed
-    # in place instead (after the baseline took its own copy of the weights)
+    # as `janus-rt generate` does: on the CPU the projections are held packed only, no second copy for the engine
+    # (after the baseline took its own copy of the weights)
     from janus_rt.engine.cpu_decode import pack_in_place
 
-    packed_note = pack_in_place(model)
+    packed_note = pack_in_place(model, always=True)
     if packed_note:
         print(f"# {packed_note}", flush=True)
     # A shared host's read bandwidth moves by 2x within minutes (bench/RESULTS.md, 2026-12-03), so each of our runs
