@@ -24,7 +24,7 @@ namespace jr {
 namespace {
 
 // r[0:n] = T(GELU(T(r))) in place, GELU(v) = v 0.5 (1 + erf(v / sqrt 2)) with simd::erf, in vectors (the last
-// n % kWidth lanes from a padded copy), instead of std::erf per element: with the held buffers below, the 1B gen
+// n % kWidth lanes through load_partial), instead of std::erf per element: with the held buffers below, the 1B gen
 // head's call (32 rows, 2048 -> 2048 -> 16384, bf16, packed) 7.37 -> 6.86 ms and the aligner's (16 rows, 8 -> 2048
 // -> 2048) 0.78 -> 0.52 ms on the 2-core host at a busy moment (bench/RESULTS.md, 2026-12-03, eighth session).
 template <typename T>
@@ -37,12 +37,7 @@ inline void gelu_row(float* r, int64_t n) {
   };
   int64_t i = 0;
   for (; i + kWidth <= n; i += kWidth) store(r + i, one(load(r + i)));
-  if (i < n) {
-    float b[kWidth] = {};
-    std::copy(r + i, r + n, b);
-    store(b, one(load(b)));
-    std::copy(b, b + (n - i), r + i);
-  }
+  if (i < n) store_partial(r + i, one(load_partial(r + i, n - i)), n - i);
 }
 
 // A call's buffers, kept by the calling thread and only grown (allocated afresh, the 1B gen head's ~0.4 MB came

@@ -3,6 +3,8 @@
 // for the vector ones.
 #pragma once
 
+#include <algorithm>
+
 #include <cstdint>
 #include <cstring>
 
@@ -218,6 +220,19 @@ inline vf erf(vf x) {
   p = fma(p, t, set1(0.254829592f));
   const vf e = exp(mul(sub(zero(), ax), ax));
   return copysign(sub(set1(1.0f), mul(mul(p, t), e)), x);
+}
+
+// The first r < kWidth lanes of p, the rest 0 / the first r lanes of v to p: a vector loop's tail through the same
+// vector code as its body (so the tail's lanes get the body's bits).
+inline vf load_partial(const float* p, int64_t r) {
+  float b[kWidth] = {};
+  std::copy(p, p + r, b);
+  return load(b);
+}
+inline void store_partial(float* p, vf v, int64_t r) {
+  float b[kWidth];
+  store(b, v);
+  std::copy(b, b + r, p);
 }
 
 // Load kWidth elements of either element type as fp32.

@@ -33,8 +33,7 @@ inline void round_to(float* x, int64_t n) {
   }
 }
 
-// a [n] = T(T(silu(T(g))) * T(u)) from fp32 g, u; the last n % kWidth lanes go through the same code from a padded
-// copy.
+// a [n] = T(T(silu(T(g))) * T(u)) from fp32 g, u; the last n % kWidth lanes through the same code (load_partial).
 template <typename T>
 inline void silu_mul(const float* g, const float* u, float* a, int64_t n) {
   using namespace simd;
@@ -45,13 +44,7 @@ inline void silu_mul(const float* g, const float* u, float* a, int64_t n) {
   };
   int64_t i = 0;
   for (; i + kWidth <= n; i += kWidth) store(a + i, one(load(g + i), load(u + i)));
-  if (i < n) {
-    float gb[kWidth] = {}, ub[kWidth] = {}, ab[kWidth];
-    std::copy(g + i, g + n, gb);
-    std::copy(u + i, u + n, ub);
-    store(ab, one(load(gb), load(ub)));
-    std::copy(ab, ab + (n - i), a + i);
-  }
+  if (i < n) store_partial(a + i, one(load_partial(g + i, n - i), load_partial(u + i, n - i)), n - i);
 }
 
 }  // namespace jr::act
