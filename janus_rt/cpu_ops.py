@@ -435,8 +435,8 @@ class DecodeStack:
             return False
         _check(possible, "packed=True with bf16 weights needs an AVX512_BF16 build and even hidden/intermediate sizes")
         if packed is None:
-            need = len(layers) * sum(PackedWeight.nbytes(*s, self.dtype) for s in shapes if len(s) == 2)
-            return need <= available_memory() // 2
+            per_layer = sum(PackedWeight.nbytes(*s, self.dtype) for s in shapes if len(s) == 2)
+            return packed_copy_fits(len(layers) * per_layer)
         return True
 
     def __call__(self, h, slot_mapping, block_tables, context_lens, cos, sin, out=None) -> None:
@@ -683,6 +683,12 @@ def decode_phase_timing():
         ext.decode_phase_timing(False)
         result["calls"] = ext.decode_phase_read(buf.data_ptr(), True)
         result["seconds"] = dict(zip(names, buf.tolist()))
+
+
+def packed_copy_fits(nbytes: int) -> bool:
+    """The rule for making packed copies beside the originals (DecodeStack's packed=None, and what makes the CLI
+    pack in place instead): they may take at most half of the memory available now."""
+    return nbytes <= available_memory() // 2
 
 
 def available_memory() -> int:

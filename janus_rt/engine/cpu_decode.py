@@ -37,18 +37,19 @@ def packed_setting() -> bool | None:
 def pack_in_place(model, always: bool = False) -> str | None:
     """For callers that own `model` (the CLI): hold its LLM projections only in the packed GEMV's layout
     (Janus.pack_for_cpu_) instead of letting the engine copy them, when the engine would run the packed GEMV
-    (CPU, this build and dtype have it, JANUS_RT_PACKED not 0) and either `always` or the copy would not get
-    DecodeStack's room (at most half of the memory available now). Returns a line saying what it did, or None."""
+    (CPU, this build and dtype have it, JANUS_RT_PACKED not 0) and either `always` or the copy would not fit
+    (cpu_ops.packed_copy_fits, DecodeStack's rule). Returns a line saying what it did, or None."""
     from janus_rt.models.packed_linear import can_pack, is_packed, packed_nbytes
 
     if model.device.type != "cpu" or packed_setting() is False or is_packed(model) or can_pack(model):
         return None
-    need, room = packed_nbytes(model), cpu_ops.available_memory() // 2
-    if not (always or need > room):
+    need = packed_nbytes(model)
+    fits = cpu_ops.packed_copy_fits(need)
+    if fits and not always:
         return None
     model.pack_for_cpu_()
     size = f"{need / 2**30:.1f} GB" if need >= 2**30 else f"{need / 2**20:.1f} MB"
-    why = f"saves a {size} copy" if always and need <= room else f"a {size} copy would not fit in half the free memory"
+    why = f"saves a {size} copy" if fits else f"a {size} copy would not fit in half the free memory"
     return (f"packed the LLM's projections in place for the CPU's packed GEMV ({why}; the model is now for CPU "
             "inference only)")
 
