@@ -72,6 +72,18 @@
 #define JR_PACKED_PF_MIN_ROWS 3
 #endif
 
+// A block of 7-8 rows runs as two passes over the tile, vectors 0-1 then 2-3 of each step (8 x 2 accumulators, no
+// spills; the second pass reads the tile from L2) instead of one 8 x 4 pass that spills ~5 accumulators per step.
+// bf16 on (Zen 4, twelfth session, 2026-12-04, bench_ab, 1B shape, middle half / fastest quarter, GB/s: M = 8 GEMV
+// 33.0 / 34.8 -> 34.5 / 36.5; whole n = 4 generations of 64 tokens 41.2 / 41.7 -> 45.3 / 44.9 and, again, 39.9 /
+// 40.1 -> 42.7 / 41.7); fp32 off (small shape M = 8: 31.3 / 34.3 -> 31.2 / 31.5).
+#ifndef JR_PACKED_HALF_STRIP_BF16
+#define JR_PACKED_HALF_STRIP_BF16 1
+#endif
+#ifndef JR_PACKED_HALF_STRIP_F32
+#define JR_PACKED_HALF_STRIP_F32 0
+#endif
+
 namespace jr::packed {
 
 using simd::vf;
@@ -83,8 +95,9 @@ constexpr bool available() {
 }
 
 constexpr int kMB = 6;       // x rows per register block: 6 x 4 = 24 accumulators
-constexpr int kMBSmall = 8;  // M <= 8: all rows in one block (8 x 4 spills a few accumulators, but one pass
-                             // over each tile instead of two: fp32 M = 8 ~1.1-1.2x, bench/RESULTS.md)
+constexpr int kMBSmall = 8;  // M <= 8: all rows in one block (fp32: 8 x 4 spills a few accumulators, but one
+                             // pass over each tile instead of two: M = 8 ~1.1-1.2x, bench/RESULTS.md; bf16: the
+                             // half-strip passes below)
 template <typename WT>
 constexpr int64_t strip() {  // W rows per strip: 4 vectors of fp32 lanes
   return std::is_same_v<WT, float> ? 4 * kW : 64;
@@ -136,39 +149,39 @@ void pack(const WT* w, WT* wp, int64_t N, int64_t K) {
 
 // The row block: MB rows of x (row stride ldx, at this tile's first step) against kn steps of one strip's tile wt;
 // c [MB, strip] fp32 holds the accumulators between tiles (first: start from zero). Meanwhile lpk lines of the
-// range [pf, pe) are prefetched per step with locality Loc.
-template <typename WT, int MB, int Loc>
+// range [pf, pe) are prefetched per step with locality Loc. NV < 4: only vectors v0 .. v0 + NV - 1 of each step.
+template <typename WT, int MB, int Loc, int NV = 4>
 inline void block(const WT* wt, const WT* x, int64_t ldx, int64_t kn, float* c, bool first, const char* pf,
-                  const char* pe, int lpk) {
+                  const char* pe, int lpk, int v0 = 0) {
   constexpr int64_t S = strip<WT>(), SE = step_elems<WT>();
-  vf acc[MB][4];
+  vf acc[MB][NV];
   for (int m = 0; m < MB; ++m)
-    for (int v = 0; v < 4; ++v) acc[m][v] = first ? simd::zero() : simd::load(c + m * S + v * kW);
+    for (int v = 0; v < NV; ++v) acc[m][v] = first ? simd::zero() : simd::load(c + m * S + (v0 + v) * kW);
   for (int64_t p = 0; p < kn; ++p) {
     for (int l = 0; l < lpk; ++l, pf += 64)
       if (pf < pe) __builtin_prefetch(pf, 0, Loc);
     if constexpr (std::is_same_v<WT, float>) {
-      vf w[4];
-      for (int v = 0; v < 4; ++v) w[v] = simd::load(wt + p * SE + v * kW);
+      vf w[NV];
+      for (int v = 0; v < NV; ++v) w[v] = simd::load(wt + p * SE + (v0 + v) * kW);
       for (int m = 0; m < MB; ++m) {
         const vf xb = simd::set1(x[m * ldx + p]);
-        for (int v = 0; v < 4; ++v) acc[m][v] = simd::fma(w[v], xb, acc[m][v]);
+        for (int v = 0; v < NV; ++v) acc[m][v] = simd::fma(w[v], xb, acc[m][v]);
       }
     } else {
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-      __m512bh w[4];
-      for (int v = 0; v < 4; ++v) w[v] = (__m512bh)_mm512_loadu_si512(wt + p * SE + v * 32);
+      __m512bh w[NV];
+      for (int v = 0; v < NV; ++v) w[v] = (__m512bh)_mm512_loadu_si512(wt + p * SE + (v0 + v) * 32);
       for (int m = 0; m < MB; ++m) {
         int32_t pair;
         std::memcpy(&pair, x + m * ldx + 2 * p, sizeof(pair));
         const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
-        for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], w[v], xb);
+        for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], w[v], xb);
       }
 #endif
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int v = 0; v < 4; ++v) simd::store(c + m * S + v * kW, acc[m][v]);
+    for (int v = 0; v < NV; ++v) simd::store(c + m * S + (v0 + v) * kW, acc[m][v]);
 }
 
 // block<R> for mb = R <= RMax rows (a block of fewer than 6 rows, or all of a small x), chosen at run time.
@@ -176,7 +189,16 @@ template <typename WT, int R, int Loc>
 inline void block_tail(int mb, const WT* wt, const WT* x, int64_t ldx, int64_t kn, float* c, bool first,
                        const char* pf, const char* pe, int lpk) {
   if constexpr (R >= 1) {
-    if (mb == R) block<WT, R, Loc>(wt, x, ldx, kn, c, first, pf, pe, lpk);
+    if (mb == R) {
+      if constexpr ((std::is_same_v<WT, float> ? JR_PACKED_HALF_STRIP_F32 : JR_PACKED_HALF_STRIP_BF16) && R > kMB) {
+        // the half-strip passes (see JR_PACKED_HALF_STRIP_BF16), each prefetching half of the next tile's share
+        const char* mid = pf + ((pe - pf) / 128) * 64;
+        block<WT, R, Loc, 2>(wt, x, ldx, kn, c, first, pf, mid, (lpk + 1) / 2, 0);
+        block<WT, R, Loc, 2>(wt, x, ldx, kn, c, first, mid, pe, (lpk + 1) / 2, 2);
+      } else {
+        block<WT, R, Loc>(wt, x, ldx, kn, c, first, pf, pe, lpk);
+      }
+    }
     else block_tail<WT, R - 1, Loc>(mb, wt, x, ldx, kn, c, first, pf, pe, lpk);
   }
 }
