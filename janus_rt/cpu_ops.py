@@ -270,6 +270,12 @@ def packed_available(dtype: torch.dtype = torch.bfloat16) -> bool:
     return available() and dtype in _DTYPE_CODE and bool(_C.packed_available(_DTYPE_CODE[dtype]))
 
 
+def packable(dtype: torch.dtype, *in_features: int) -> bool:
+    """True when weights of this dtype with these in-features (K) can be packed: packed_available(dtype), and for
+    bf16 every K even (the strips hold k pairs). The one rule PackedWeight, DecodeStack and Janus.pack_for_cpu_ use."""
+    return packed_available(dtype) and (dtype == torch.float32 or all(k % 2 == 0 for k in in_features))
+
+
 class PackedWeight:
     """A weight [N, K] (fp32, or bf16 with K even) repacked once into csrc/packed_gemv.h's strip layout; calling it
     is the linear:
@@ -286,7 +292,7 @@ class PackedWeight:
                "the packed bf16 GEMV needs an extension built for a CPU with AVX512_BF16")
         self.N, self.K = weight.shape
         self.dtype = weight.dtype
-        _check(self.N >= 1 and self.K >= 1 and (self.dtype == torch.float32 or self.K % 2 == 0),
+        _check(self.N >= 1 and self.K >= 1 and packable(self.dtype, self.K),
                f"weight {tuple(weight.shape)} needs N, K >= 1 (and an even K for bf16)")
         code = _DTYPE_CODE[self.dtype]
         self.data = torch.empty(_C.packed_size(self.N, self.K, code), dtype=self.dtype)
@@ -429,8 +435,7 @@ class DecodeStack:
             _check(final_norm.shape[0] == C, f"final_norm has {final_norm.shape[0]} entries; expected C = {C}")
 
     def _choose_packed(self, packed, layers, shapes) -> bool:
-        possible = packed_available(self.dtype) and (
-            self.dtype == torch.float32 or (self.C % 2 == 0 and self.inter % 2 == 0))
+        possible = packable(self.dtype, self.C, self.inter)
         if packed is False or (packed is None and not possible):
             return False
         _check(possible, "packed=True with bf16 weights needs an AVX512_BF16 build and even hidden/intermediate sizes")

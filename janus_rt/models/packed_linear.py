@@ -47,10 +47,9 @@ def can_pack(model) -> str | None:
     if not cpu_ops.packed_available(model.dtype):
         return (f"no packed GEMV for {model.dtype} in this build (bf16 needs a CPU with AVX512_BF16; fp32 and bf16 "
                 "are the packed dtypes)")
-    if model.dtype == torch.bfloat16:
-        c = model.cfg.llm
-        if (c.hidden_size % 2 or c.intermediate_size % 2 or (c.num_heads * c.head_dim) % 2):
-            return "bf16 packing needs even in-features (k pairs)"
+    c = model.cfg.llm
+    if not cpu_ops.packable(model.dtype, c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim):
+        return "bf16 packing needs even in-features (k pairs)"
     return None
 
 
