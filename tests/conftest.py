@@ -26,8 +26,8 @@ def device():
 
 @pytest.fixture
 def poison(monkeypatch):
-    """Launchers allocate outputs with torch.empty / empty_like: fill them with NaN (floats) or -7 (ints), so an
-    output element a kernel never writes fails the test."""
+    """Launchers allocate outputs with torch.empty / empty_like (packed weights: cpu_ops.empty_huge): fill them
+    with NaN (floats) or -7 (ints), so an output element a kernel never writes fails the test."""
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
     def fill(t):
@@ -35,6 +35,10 @@ def poison(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+    from janus_rt import cpu_ops  # its huge-page buffers (PackedWeight's data) come from mmap, not torch.empty
+
+    real_empty_huge = cpu_ops.empty_huge
+    monkeypatch.setattr(cpu_ops, "empty_huge", lambda *a, **k: fill(real_empty_huge(*a, **k)))
 
 
 @pytest.fixture(scope="module")

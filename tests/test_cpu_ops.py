@@ -4,6 +4,8 @@ Outputs are allocated inside cpu_ops with torch.empty/empty_like; the `poison` f
 allocations NaN (floats) or -7 (ints), so an element the kernel forgets to write fails the comparison.
 """
 import math
+import mmap
+import os
 
 import pytest
 import torch
@@ -478,3 +480,57 @@ def test_bench_ab_smoke():
         for label in ("slowest quarter", "middle half", "fastest quarter"):
             rates = [v for k, v in out[label].items() if k != "stream"]
             assert len(rates) == 2 and all(r > 0 for r in rates)
+
+
+def _mapping_flags(addr: int) -> list[str] | None:
+    """VmFlags of the mapping of this process holding `addr` (/proc/self/smaps), or None if no mapping holds it."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(a, 16) for a in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    return None
+
+
+huge_pages = pytest.mark.skipif(not os.path.exists("/proc/self/smaps") or not hasattr(mmap, "MADV_HUGEPAGE"),
+                                reason="Linux madvise(MADV_HUGEPAGE) and /proc/self/smaps needed")
+
+
+@huge_pages
+def test_empty_huge(monkeypatch):
+    """empty_huge: a usable tensor of the shape and dtype, 2 MiB-aligned, in a mapping advised for huge pages ('hg'),
+    that goes away with the tensor; below 2 MiB or with JANUS_RT_HUGE_PAGES=0, plain torch.empty memory."""
+    import gc
+
+    t = cpu_ops.empty_huge((3, 1 << 19), torch.bfloat16)  # 3 MiB
+    assert t.shape == (3, 1 << 19) and t.dtype == torch.bfloat16 and t.is_contiguous()
+    assert t.data_ptr() % cpu_ops.HUGE_PAGE == 0
+    assert "hg" in _mapping_flags(t.data_ptr())
+    t.fill_(2.0)
+    assert t.sum(dtype=torch.float64).item() == 2.0 * 3 * (1 << 19)
+    u = cpu_ops.empty_huge(5 << 20, torch.float32)  # a count for a shape; a mapping of its own
+    assert u.shape == (5 << 20,) and u.data_ptr() % cpu_ops.HUGE_PAGE == 0
+    u.zero_()
+    assert t.sum(dtype=torch.float64).item() == 2.0 * 3 * (1 << 19)
+    addr = t.data_ptr()
+    del t
+    gc.collect()
+    assert _mapping_flags(addr) is None  # unmapped with its tensor
+    assert "hg" not in (_mapping_flags(cpu_ops.empty_huge(100, torch.float32).data_ptr()) or [])
+    monkeypatch.setenv("JANUS_RT_HUGE_PAGES", "0")
+    assert "hg" not in (_mapping_flags(cpu_ops.empty_huge((4 << 20,), torch.float32).data_ptr()) or [])
+
+
+@huge_pages
+def test_packed_weight_and_kv_pool_in_huge_pages():
+    """What decode streams lives in advised mappings: a PackedWeight's data and the CPU KV pool (zero-filled)."""
+    from janus_rt.engine.kv_cache import KVCache
+
+    pw = cpu_ops.PackedWeight(torch.randn(1024, 1024))
+    assert "hg" in _mapping_flags(pw.data.data_ptr())
+    cache = KVCache(2, 64, 16, 4, 64, dtype=torch.float32)  # 4 MiB
+    assert "hg" in _mapping_flags(cache.data.data_ptr()) and not cache.data.any()

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 
 import torch
 
+from janus_rt import cpu_ops
+
 
 def _meminfo_available(path: str = "/proc/meminfo") -> int:
     """MemAvailable from /proc/meminfo, in bytes (Linux; no psutil)."""
@@ -51,9 +53,12 @@ class KVCache:
                          num_heads=num_heads, head_dim=head_dim)
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_heads, self.head_dim = num_heads, head_dim
-        # data: [L, 2, N, bs, H, D]
-        self.data = torch.zeros((num_layers, 2, num_blocks, block_size, num_heads, head_dim),
-                                dtype=dtype, device=device)
+        # data: [L, 2, N, bs, H, D]; on the CPU in huge pages (every decode step streams the rows it reads)
+        shape = (num_layers, 2, num_blocks, block_size, num_heads, head_dim)
+        if torch.device(device).type == "cpu":
+            self.data = cpu_ops.empty_huge(shape, dtype).zero_()
+        else:
+            self.data = torch.zeros(shape, dtype=dtype, device=device)
 
     @property
     def dtype(self) -> torch.dtype:
