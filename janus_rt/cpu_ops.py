@@ -719,18 +719,24 @@ def empty_huge(shape, dtype: torch.dtype) -> torch.Tensor:
     attention 4 % faster in huge pages, whole 1B generations ~5 % (Zen 4, bench/RESULTS.md 2026-12-04).
     A private anonymous mapping of its own (torch.empty may reuse heap pages that are already 4 KiB-backed: an 8 MiB
     matrix got none), 2 MiB-aligned (up to 2 MiB more is mapped, never touched); freed with the tensor. Values are
-    uninitialised, as torch.empty's (in fact zeros). Plain torch.empty below 2 MiB, where mmap cannot do it, or with
-    JANUS_RT_HUGE_PAGES=0; where the kernel has THP off, or no huge page is free at first touch, the memory is
-    ordinary 4 KiB pages."""
+    uninitialised, as torch.empty's (in fact zeros). Plain torch.empty below 2 MiB, where mmap cannot do it (or
+    fails), or with JANUS_RT_HUGE_PAGES=0; where the kernel has no THP, has it off, or has no huge page free at first
+    touch, the memory is ordinary 4 KiB pages."""
     shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else (int(shape),)
     nbytes = math.prod(shape) * dtype.itemsize
     if (nbytes < HUGE_PAGE or os.environ.get("JANUS_RT_HUGE_PAGES", "1") == "0"
             or not hasattr(mmap, "MADV_HUGEPAGE") or not hasattr(mmap, "MAP_PRIVATE")):
         return torch.empty(shape, dtype=dtype)
-    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:  # no mapping to be had: torch's allocator decides
+        return torch.empty(shape, dtype=dtype)
     buf = torch.frombuffer(region, dtype=torch.uint8)  # holds a reference to the mapping
     start = -buf.data_ptr() % HUGE_PAGE
-    region.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
+    except OSError:  # a kernel without THP (EINVAL): ordinary pages
+        pass
     return buf[start:start + nbytes].view(dtype).view(shape)
 
 def decode_layer(h, in_norm, qkv, o_proj, post_norm, gate_up, down, k_cache, v_cache, slot_mapping, block_tables,

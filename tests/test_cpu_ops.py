@@ -525,6 +525,25 @@ def test_empty_huge(monkeypatch):
     assert "hg" not in (_mapping_flags(cpu_ops.empty_huge((4 << 20,), torch.float32).data_ptr()) or [])
 
 
+def test_empty_huge_falls_back(monkeypatch):
+    """A kernel that refuses the advice (no THP: EINVAL) still gives a usable mapped buffer; one that refuses the
+    mapping gives torch.empty's memory."""
+    class NoAdvice(mmap.mmap):
+        def madvise(self, *args):
+            raise OSError(22, "Invalid argument")
+
+    class NoMapping:
+        def __init__(self, *args, **kwargs):
+            raise OSError(12, "Cannot allocate memory")
+
+    for fake in (NoAdvice, NoMapping):
+        monkeypatch.setattr(cpu_ops.mmap, "mmap", fake)
+        t = cpu_ops.empty_huge((3, 1 << 20), torch.float32)
+        assert t.shape == (3, 1 << 20) and t.dtype == torch.float32 and t.is_contiguous()
+        t.fill_(1.5)
+        assert t.sum(dtype=torch.float64).item() == 1.5 * 3 * (1 << 20)
+
+
 @huge_pages
 def test_packed_weight_and_kv_pool_in_huge_pages():
     """What decode streams lives in advised mappings: a PackedWeight's data and the CPU KV pool (zero-filled)."""
