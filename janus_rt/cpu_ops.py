@@ -716,7 +716,7 @@ def empty_huge(shape, dtype: torch.dtype) -> torch.Tensor:
     """torch.empty(shape, dtype=dtype) on the CPU, in fresh memory that the kernel is asked to back with 2 MiB
     transparent huge pages (madvise MADV_HUGEPAGE), for the large long-lived buffers every decode step streams:
     packed weights, the KV pool. Why: from DRAM the packed bf16 GEMV read 1B weights 8-13 % faster and paged
-    attention 4 % faster in huge pages, whole 1B generations ~5 % (Zen 4, bench/RESULTS.md 2026-12-04).
+    attention 4 % faster in huge pages, whole 1B n = 4 generations 4-12 % (Zen 4, bench/RESULTS.md 2026-12-04).
     A private anonymous mapping of its own (torch.empty may reuse heap pages that are already 4 KiB-backed: an 8 MiB
     matrix got none), 2 MiB-aligned (up to 2 MiB more is mapped, never touched); freed with the tensor. Values are
     uninitialised, as torch.empty's (in fact zeros). Plain torch.empty below 2 MiB, where mmap cannot do it (or
@@ -738,6 +738,7 @@ def empty_huge(shape, dtype: torch.dtype) -> torch.Tensor:
     except OSError:  # a kernel without THP (EINVAL): ordinary pages
         pass
     return buf[start:start + nbytes].view(dtype).view(shape)
+
 
 def decode_layer(h, in_norm, qkv, o_proj, post_norm, gate_up, down, k_cache, v_cache, slot_mapping, block_tables,
                  context_lens, cos, sin, eps: float, packed: bool | None = False) -> None:
