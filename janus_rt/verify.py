@@ -18,9 +18,29 @@ from janus_rt.loading import _part_slice, detect_layout, rename
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
+def hf_janus():
+    """transformers' Janus modeling module (JanusForConditionalGeneration, JanusConfig, ...), imported so that this
+    repository's kernels/ folder cannot stand in for Hugging Face's `kernels` package: transformers >= 5.25 imports
+    that top-level package, and kernels/ (installed as janus_rt.kernels) shadows it wherever the repository root is
+    on sys.path (`python -m ...` or pytest from the root, the bench scripts)."""
+    import importlib
+    import importlib.util
+
+    ours = Path(importlib.util.find_spec("janus_rt.kernels").origin).resolve().parent
+    shadow = sys.modules.get("kernels")
+    if shadow is not None and Path(getattr(shadow, "__file__", None) or "/").resolve().parent == ours:
+        del sys.modules["kernels"]  # imported as a top-level package by mistake: let the real one load
+    saved = list(sys.path)
+    sys.path[:] = [e for e in saved if (Path(e or ".") / "kernels").resolve() != ours]
+    try:
+        return importlib.import_module("transformers.models.janus.modeling_janus")
+    finally:
+        sys.path[:] = saved
+
+
 def hf_config(cfg):
     """transformers' JanusConfig for a janus_rt JanusConfig."""
-    from transformers import JanusConfig
+    JanusConfig = hf_janus().JanusConfig
 
     l, v, q = cfg.llm, cfg.vision, cfg.vq
     text = dict(model_type="llama", vocab_size=l.vocab_size, hidden_size=l.hidden_size,
@@ -62,7 +82,7 @@ def image_generate_compat(ref):
 
 def to_transformers(model):
     """A transformers JanusForConditionalGeneration holding `model`'s weights."""
-    from transformers import JanusForConditionalGeneration
+    JanusForConditionalGeneration = hf_janus().JanusForConditionalGeneration
 
     from janus_rt.models.packed_linear import require_unpacked
 
@@ -139,7 +159,7 @@ def verify(model_dir, dtype=torch.float32, device="cpu") -> bool:
     print(f"loading janus_rt model from {path} ({layout} layout, {dtype}, {device}) ...", flush=True)
     ours = Janus.from_pretrained(path, device=device, dtype=dtype)
     if layout == "transformers":
-        from transformers import JanusForConditionalGeneration
+        JanusForConditionalGeneration = hf_janus().JanusForConditionalGeneration
 
         print("loading transformers' JanusForConditionalGeneration from the same folder ...", flush=True)
         ref = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="eager")

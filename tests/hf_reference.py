@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from janus_rt.verify import hf_janus
+
 SMALL_CONFIGS = {
     # name: (text, vision, vq) overrides. Vary widths, heads, head_dim, layers, vocab, codebook, image size.
     "a": dict(vocab=512, hidden=64, layers=2, heads=4, kv_heads=4, inter=96, v_width=64, v_layers=2, v_heads=2,
@@ -20,7 +22,7 @@ SMALL_CONFIGS = {
 
 
 def hf_config(c: dict):
-    from transformers import JanusConfig
+    JanusConfig = hf_janus().JanusConfig
 
     grid = c["image"] // c["patch"]
     text = dict(model_type="llama", vocab_size=c["vocab"], hidden_size=c["hidden"], intermediate_size=c["inter"],
@@ -42,7 +44,7 @@ def hf_config(c: dict):
 
 def hf_model(c: dict, seed: int = 0):
     """A random transformers Janus with every weight perturbed (no zero biases, no unit norms)."""
-    from transformers import JanusForConditionalGeneration
+    JanusForConditionalGeneration = hf_janus().JanusForConditionalGeneration
 
     torch.manual_seed(seed)
     m = JanusForConditionalGeneration(hf_config(c)).eval()

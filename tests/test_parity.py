@@ -178,3 +178,22 @@ def test_image_generate_compat_fills_the_missing_prefill_chunk_size():
 
     n = New()
     assert image_generate_compat(n) is n and "_prepare_static_cache" not in vars(n)
+
+
+def test_transformers_janus_imports_although_kernels_folder_shadows_hf_kernels():
+    """transformers >= 5.25 imports Hugging Face's top-level `kernels` package, which this repository's kernels/
+    folder shadows when the root is on sys.path: verify.hf_janus still gives transformers' Janus, also after the
+    folder was imported as `kernels` by mistake, and leaves sys.path as it was."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = ("import sys, kernels; assert kernels.__file__.startswith(sys.argv[1]), kernels.__file__\n"
+            "path = list(sys.path)\n"
+            "from janus_rt.verify import hf_janus\n"
+            "m = hf_janus()\n"
+            "assert sys.path == path and m.JanusForConditionalGeneration.__name__ == 'JanusForConditionalGeneration'\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code, str(root)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
