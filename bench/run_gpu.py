@@ -6,6 +6,7 @@
 
 Sections, most wanted first, each in its own process with a deadline taken from what is left of --budget:
 1. with --generate, the engine benchmark at the Janus-Pro-1B shape (n=16, 576 tokens, CUDA graphs) vs transformers,
+   then its --profile of three decode steps (per-kernel table; profile/trace.json beside the markdown),
 2. pytest on CUDA (the kernels run natively; the suite's CPU-interpreter shapes run too),
 3. every bench/bench_<op>.py main(), each table under its op name.
 The markdown file (--out; default $OUT/gpu_results.md when $OUT is set, else bench/gpu_results.md) is rewritten
@@ -14,6 +15,7 @@ exits 0.
 """
 import argparse
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -26,6 +28,7 @@ ROOT = os.path.dirname(HERE)
 
 OPS = ["attention", "paged_attention", "kv_store", "rms_norm", "rope", "swiglu", "mlp", "vq", "sampling",
        "linear_cross_entropy"]
+TESTS = [os.path.join(ROOT, "tests")]  # what the pytest section runs
 GENERATE_ARGS = ["--shape", "1b", "-n", "16", "--repeats", "1", "--cuda-graphs"]
 
 # One op's benchmark, run in a child process: its main()'s rows as a markdown table.
@@ -73,14 +76,26 @@ def main(argv=None) -> int:
              f"torch {torch.__version__}, triton {importlib.import_module('triton').__version__}, "
              f"python {sys.version.split()[0]}; budget {args.budget:.0f} s", ""]
 
-    def section(title: str, cmd: list[str], share: float, keep_lines: int = 200) -> None:
-        """Run one section with `share` of the time left (all of it for the last), then rewrite the file."""
+    def section(title: str, cmd: list[str], share: float, keep_lines: int = 200, full: str | None = None) -> None:
+        """Run one section with `share` of the time left (all of it for the last), then rewrite the file.
+        full: also write the whole output to this file beside `out`, and list its failed tests in the markdown
+        (pytest -v names each as it finishes, so a run stopped at its deadline still names them)."""
         left = end - time.perf_counter()
         if left < 5:
             lines.extend([f"## {title}", "not run: the budget was spent", ""])
         else:
             status, text = run_section(cmd, left * share)
             tail = text.strip().splitlines()[-keep_lines:]
+            if full:
+                with open(os.path.join(os.path.dirname(os.path.abspath(out)), full), "w") as f:
+                    f.write(text)
+                failed = {}  # test id -> its first FAILED / ERROR line (-v's line, then -rfE's summary line)
+                for ln in text.splitlines():
+                    ids = [w for w in ln.split() if "::" in w]
+                    if ids and (" FAILED " in f" {ln} " or " ERROR " in f" {ln} "):
+                        failed.setdefault(ids[0], ln)
+                failed = list(failed.values())
+                tail = [f"({len(failed)} failed or erred; whole output in {full})", *failed[:60], "...", *tail]
             lines.extend([f"## {title} ({status})", "```", *tail, "```", ""])
             print(f"[{title}] {status}", flush=True)
         with open(out, "w") as f:
@@ -88,11 +103,15 @@ def main(argv=None) -> int:
 
     py = sys.executable
     if args.generate:  # the headline target first: 576 tokens x 16 images in <= 1.0 s
+        # --profile: a torch.profiler trace of three decode steps beside the markdown, and the per-kernel table
+        prof = os.path.join(os.path.dirname(os.path.abspath(out)), "profile")
         section("generate (Janus-Pro-1B shape, n=16, 576 tokens, CUDA graphs)",
-                [py, "-m", "janus_rt.cli", "bench", *GENERATE_ARGS], 0.35, keep_lines=60)
+                [py, "-m", "janus_rt.cli", "bench", *GENERATE_ARGS, "--profile", prof], 0.35, keep_lines=90)
     if not args.skip_tests:
-        section("pytest on CUDA", [py, "-m", "pytest", "-q", "--no-header", "-p", "no:cacheprovider", "-rfE",
-                                   os.path.join(ROOT, "tests")], 0.6, keep_lines=40)
+        # -v: every test's name and outcome as it finishes; -n: Triton's compiles dominate, spread them over the cores
+        workers = ["-n", str(min(12, os.cpu_count() or 1))] if importlib.util.find_spec("xdist") else []
+        section("pytest on CUDA", [py, "-m", "pytest", "-v", "--no-header", "-p", "no:cacheprovider", "-rfE",
+                                   *workers, *TESTS], 0.6, keep_lines=15, full="pytest.txt")
     for i, op in enumerate(OPS):
         section(op, [py, "-c", _OP_CHILD.format(here=HERE, op=op)], 1.0 / (len(OPS) - i), keep_lines=40)
     print(f"wrote {out}")

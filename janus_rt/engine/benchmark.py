@@ -27,6 +27,9 @@ def add_bench_args(p):
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=2, help="alternating runs of each implementation")
+    p.add_argument("--warmup-tokens", type=int, default=16, metavar="W",
+                   help="first an untimed run of each implementation at W tokens per image (Triton's compiles, "
+                        "cuBLAS and allocator set-up, the KV pool's first touch); 0: none")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     p.add_argument("--cuda-graphs", action="store_true")
     p.add_argument("--layerwise", action="store_true",
@@ -260,6 +263,27 @@ def main(args):
     # the machine had at that moment, at least.
     ours, theirs, run_bw = [], [], []
 
+    def theirs_run(tokens):
+        """transformers' run -> (seconds, ms per step), or None once it has raised (the baseline is then dropped:
+        another version's bug must not lose our numbers)."""
+        nonlocal ref
+        try:
+            return run_transformers(ref, prompt, n, tokens, model.cfg)
+        except Exception as e:  # noqa: BLE001
+            print(f"transformers' generate failed ({type(e).__name__}: {e}); baseline skipped", file=sys.stderr)
+            ref = None
+            return None
+
+    # An untimed warm-up run of each first. On a GPU our first run compiles every Triton kernel outside the CUDA
+    # graphs (gen head, sampling, ...): timed, it was 23x slower per step than the next (H200, 2026-12-04), and
+    # with --repeats 1 the median of two runs is their mean.
+    warm = min(args.warmup_tokens, args.tokens)
+    if warm > 0:
+        run_janus_rt(model, prompt, n, warm, args.cuda_graphs, args.layerwise, args.steps_per_call)
+        if ref is not None:
+            theirs_run(warm)
+        print(f"# warm-up: one untimed run of each at {warm} tokens per image", flush=True)
+
     def ours_probed():
         before = measure_bandwidth_gbs(device)
         out = run_janus_rt(model, prompt, n, args.tokens, args.cuda_graphs, args.layerwise, args.steps_per_call)
@@ -270,12 +294,11 @@ def main(args):
         ours.append(ours_probed()[:2])
         if ref is not None:
             _reset_peak(device)
-            try:
-                theirs.append(run_transformers(ref, prompt, n, args.tokens, model.cfg))
-            except Exception as e:  # noqa: BLE001 - the baseline's own failure must not lose our numbers
-                print(f"transformers' generate failed ({type(e).__name__}: {e}); baseline skipped", file=sys.stderr)
-                ref, theirs = None, []
+            got = theirs_run(args.tokens)
+            if got is None:
+                theirs = []
                 continue
+            theirs.append(got)
             hf_peak = _peak_gb(device)
     _reset_peak(device)
     dt, ms_step, cpu_path = ours_probed()
@@ -300,6 +323,7 @@ def main(args):
         "date": time.strftime("%Y-%m-%d"), "device": dev_name, "model": what, "dtype": str(dtype).split(".")[-1],
         "n": n, "tokens": args.tokens, "janus_rt_s": round(t_ours, 3),
         "janus_rt_tok_s": round(n * args.tokens / t_ours, 1), "janus_rt_ms_step": round(ms_ours, 2),
+        "janus_rt_ms_steps": [round(x[1], 2) for x in ours], "warmup_tokens": warm,
         "janus_rt_peak_gb": round(our_peak, 2), "roofline_ms_step": round(roof(statistics.median(run_bw)), 2),
         "roofline_fraction": round(statistics.median(fractions), 3),
         "roofline_fractions": [round(f, 3) for f in fractions],
@@ -314,6 +338,7 @@ def main(args):
         t_hf = statistics.median(x[0] for x in theirs)
         row.update({"transformers_s": round(t_hf, 3), "transformers_tok_s": round(n * args.tokens / t_hf, 1),
                     "transformers_ms_step": round(statistics.median(x[1] for x in theirs), 2),
+                    "transformers_ms_steps": [round(x[1], 2) for x in theirs],
                     "transformers_peak_gb": round(hf_peak, 2), "speedup": round(t_hf / t_ours, 2)})
     for k, v in row.items():
         print(f"{k:>22}: {v}")
