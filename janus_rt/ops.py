@@ -148,9 +148,15 @@ def swiglu(gate, up):
     return F.silu(gate) * up
 
 
+# On a GPU the triton backend runs mlp_gelu as two cuBLAS GEMMs around a GELU: the fused Triton kernel (kernels/mlp.py)
+# measured 2.7-5.2x slower at every benchmarked shape on an H200 (bench/RESULTS.md, 2026-12-04: gen head at 32 decode
+# rows 0.194 vs 0.037 ms, aligner at 576 rows 0.238 vs 0.031 ms). True sends CUDA inputs to the kernel again.
+TRITON_MLP_ON_CUDA = False
+
+
 def mlp_gelu(x, w1, b1, w2, b2):
     """Linear -> GELU (erf) -> Linear: the aligner / gen_aligner / gen_head shape."""
-    if _backend == "triton":
+    if _backend == "triton" and (TRITON_MLP_ON_CUDA or not x.is_cuda):
         return _kernels().mlp_gelu(x, w1, b1, w2, b2)
     if (_backend == "cpu" and x.numel() <= CPU_GEMV_MAX_ROWS * x.shape[-1] and _use_cpu_kernels(x)
             and w1.dtype == w2.dtype == x.dtype and all(b is None or b.dtype == x.dtype for b in (b1, b2))):

@@ -85,3 +85,27 @@ def test_mlp_gelu_misuse_raises(device):
         mlp_gelu(x, w1, b1[:63], w2, b2)
     with pytest.raises(ValueError, match="dtype"):
         mlp_gelu(x, w1.half(), b1, w2, b2)
+
+
+def test_ops_mlp_gelu_dispatch(device, monkeypatch):
+    """ops.mlp_gelu on the triton backend: the fused kernel off CUDA (the interpreter), two cuBLAS GEMMs around a GELU
+    on a GPU (measured faster there, ops.TRITON_MLP_ON_CUDA) unless that flag sends CUDA inputs to the kernel."""
+    from janus_rt import ops
+    from janus_rt.kernels import mlp as mlp_module
+
+    calls = []
+    kernel = mlp_module.mlp_gelu
+    monkeypatch.setattr(ops._kernels(), "mlp_gelu", lambda *a: calls.append(1) or kernel(*a))
+    inputs = make(5, 48, 136, 40, torch.float32, device)
+    chain = torch.nn.functional.linear(
+        torch.nn.functional.gelu(torch.nn.functional.linear(inputs[0], inputs[1], inputs[2])), inputs[3], inputs[4])
+    with ops.use_backend("triton"):
+        y = ops.mlp_gelu(*inputs)
+        assert len(calls) == (0 if inputs[0].is_cuda else 1)
+        if inputs[0].is_cuda:
+            assert torch.equal(y, chain)
+        monkeypatch.setattr(ops, "TRITON_MLP_ON_CUDA", True)
+        y2 = ops.mlp_gelu(*inputs)
+    assert len(calls) == (1 if inputs[0].is_cuda else 2)
+    ref = mlp_gelu_ref(*inputs)
+    assert_matches(y2, ref, ref, "mlp_gelu")
