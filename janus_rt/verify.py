@@ -24,14 +24,13 @@ def hf_janus():
     that top-level package, and kernels/ (installed as janus_rt.kernels) shadows it wherever the repository root is
     on sys.path (`python -m ...` or pytest from the root, the bench scripts)."""
     import importlib
-    import importlib.util
 
-    ours = Path(importlib.util.find_spec("janus_rt.kernels").origin).resolve().parent
+    ours = lambda folder: (folder / "paged_attention.py").is_file()  # a kernels/ folder of janus_rt's (any checkout)
     shadow = sys.modules.get("kernels")
-    if shadow is not None and Path(getattr(shadow, "__file__", None) or "/").resolve().parent == ours:
+    if shadow is not None and ours(Path(getattr(shadow, "__file__", None) or "/").parent):
         del sys.modules["kernels"]  # imported as a top-level package by mistake: let the real one load
     saved = list(sys.path)
-    sys.path[:] = [e for e in saved if (Path(e or ".") / "kernels").resolve() != ours]
+    sys.path[:] = [e for e in saved if not ours(Path(e or ".") / "kernels")]
     try:
         return importlib.import_module("transformers.models.janus.modeling_janus")
     finally:
