@@ -208,6 +208,48 @@ def test_graph_replay_bookkeeping_matches_plain_decode(tiny, n, backend):
         assert torch.allclose(c1, c2, rtol=1e-4, atol=1e-4) and torch.allclose(u1, u2, rtol=1e-4, atol=1e-4)
 
 
+def _eager_image_capture(fn, replays):
+    """The CPU stand-in for a multi-step image graph: each replay runs fn again (its steps read the static buffers)."""
+    out = fn()
+    return (lambda: replays.append(out.shape[0]) or fn()), out
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_multi_step_image_graphs_give_the_single_steps_tokens(tiny, backend):
+    """runner.capture_image_step_graphs (a GPU's whole decode steps, k per replay, tokens fed back on the device): two
+    requests at once (n = 1 greedy, n = 2 sampled with top-k / top-p: 6 rows in bucket 8, one padding image) get
+    the tokens the one-step-at-a-time engine gives them; the replays run while k steps fit, single steps finish the
+    rest; a waiting request or too few tokens left falls back. The capture is the eager stand-in above."""
+    if backend == "cpu" and not cpu_ops.available():
+        pytest.skip("janus_rt._C not built")
+    a, b = prompt(tiny, 6, seed=1), prompt(tiny, 9, seed=2)
+    steps, k = (11, 4) if backend == "cpu" else (7, 2)  # first token from the prefill; (steps - 1) // k replays
+    runs, replays = [], []
+    for graphs in (False, True):
+        eng = Engine.for_requests(tiny, [(len(a), 1), (len(b), 2)], backend=backend)
+        eng.runner.fused_cpu_decode = False  # cpu: the op-by-op step, as the graph's
+        if graphs:
+            eng.runner.BUCKETS, eng.runner.max_blocks = (2, 8), 4  # fewer and narrower buffers: interpreter time
+            eng.runner.capture_image_step_graphs(capture=lambda fn: _eager_image_capture(fn, replays), steps=k)
+            assert sorted(eng.runner.image_graphs) == [2, 8]
+        ra = eng.add_image_request(a, 1, SamplingParams(greedy=True), num_tokens=steps)
+        rb = eng.add_image_request(b, 2, SamplingParams(seed=11, top_k=20, top_p=0.9), num_tokens=steps)
+        eng.run()
+        runs.append((ra.tokens, rb.tokens, eng.stats.decode_steps))
+    assert replays == [k] * ((steps - 1) // k)
+    assert runs[1] == runs[0] and runs[0][2] == steps - 1
+    assert all(len(t) == steps for t in runs[0][0] + runs[0][1])
+    # fallbacks: a request waiting, or fewer than k tokens left -> one step at a time
+    eng = Engine.for_requests(tiny, [(len(a), 1)], backend=backend)
+    eng.runner.fused_cpu_decode = False
+    eng.runner.BUCKETS, eng.runner.max_blocks = (2,), 4
+    eng.runner.capture_image_step_graphs(capture=lambda fn: _eager_image_capture(fn, replays), steps=k)
+    replays.clear()
+    eng.add_image_request(a, 1, SamplingParams(greedy=True), num_tokens=k)  # k - 1 left after the prefill
+    eng.run()
+    assert replays == [] and eng.stats.decode_steps == k - 1
+
+
 def test_roofline_kv_bytes_match_the_cache(tiny):
     """The benchmark's roofline counts the KV bytes a step really reads: with prompt sharing, the distinct cache
     slots of an image request's 2n rows (shared whole prompt blocks once per group, the copied partial block and

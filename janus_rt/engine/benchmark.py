@@ -36,8 +36,9 @@ def add_bench_args(p):
                    help="cpu backend: run the decode step op by op instead of one csrc call per decoder layer "
                         "(slower; its --profile shows every op)")
     p.add_argument("--steps-per-call", type=int, default=8, metavar="K",
-                   help="cpu backend: decode steps per engine step while no request waits (multi-step decode; "
-                        "1 = a return to Python after every step)")
+                   help="decode steps per engine step while no request waits (multi-step decode: the CPU's csrc "
+                        "image step, or with --cuda-graphs the 8-step image graph when K >= 8; 1 = a return to "
+                        "Python after every step)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also trace three decode steps with torch.profiler (DIR/trace.json for Perfetto, op table) "
                         "and time the phases inside the csrc decoder layers (table + DIR/phases.png)")

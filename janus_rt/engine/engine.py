@@ -43,8 +43,8 @@ class Engine:
         cfg = model.cfg.llm
         if max_steps_per_call < 1:
             raise ValueError(f"max_steps_per_call must be >= 1, got {max_steps_per_call}")
-        # multi-step decode (the CPU image step only): up to this many decode steps per engine step while no request
-        # waits; see _decode_images_cpu
+        # multi-step decode of image rows: up to this many decode steps per engine step while no request waits;
+        # see _decode_images_cpu (the CPU) and _decode_images_graph (CUDA graphs: exactly the graph's steps)
         self.max_steps_per_call = max_steps_per_call
         device = model.device
         self.model = model
@@ -201,6 +201,10 @@ class Engine:
         if (image_reqs and not text_reqs and not self.record_logits and self.runner.uses_cpu_decoder()
                 and self.runner.cpu_decoder.image_steps_possible(len(rows), max(positions))):
             return self._decode_images_cpu(image_reqs, rows, image_tok, positions, slots)
+        if image_reqs and not text_reqs and not self.record_logits and self.runner.image_graphs:
+            k = self.runner.image_steps_possible(len(rows), max(positions) + self.max_steps_per_call)
+            if k and self._graph_steps_fit(image_reqs, rows, k):
+                return self._decode_images_graph(image_reqs, rows, image_tok, positions, slots, k)
         tables = [self.bm.block_table(r) for r in rows]
         with ops.use_backend(self.backend):
             parts = []
@@ -250,6 +254,38 @@ class Engine:
         seeds = [[s for r in image_reqs for s in r.seeds(r.step + j)] for j in range(k)]
         for tokens in dec.image_steps(image_tok, a["embed"], positions, all_slots, tables, a["cond"], a["uncond"],
                                       a, seeds):
+            self._append_images(image_reqs, tokens)
+        self.stats.decode_rows += (k - 1) * len(rows)  # (the caller counted the first step's)
+        return k
+
+    def _graph_steps_fit(self, image_reqs, rows, k) -> bool:
+        """Whether the multi-step image graph's k steps can run now: no request waits (admission is never delayed),
+        every request has k tokens left (none finishes inside the replay), and the KV pool surely holds k - 1 more
+        tokens for every row (at most ceil((k - 1) / block_size) + 1 new blocks each, a copied shared block
+        counted), so appending them cannot fail halfway."""
+        if self.scheduler.waiting or k > self.max_steps_per_call:
+            return False
+        if any(r.max_new_tokens - r.step < k for r in image_reqs):
+            return False
+        per_row = -(-(k - 1) // self.bm.block_size) + 1
+        return self.bm.num_free_blocks >= per_row * len(rows)
+
+    def _decode_images_graph(self, image_reqs, rows, image_tok, positions, slots, k) -> int:
+        """k decode steps of a batch of image rows in one replay of the runner's multi-step image graph (a GPU's
+        counterpart of _decode_images_cpu; the conditions are _graph_steps_fit's). The first step's slots were
+        appended by the caller, the other k - 1 steps' here. -> k."""
+        all_slots = [slots]
+        for _ in range(k - 1):
+            more, copies = self.bm.append_slots(rows)
+            if copies:  # (only a row's first write to a shared block copies it: not past the first step)
+                self.cache.copy_blocks(copies)
+            all_slots.append(more)
+        tables = [self.bm.block_table(r) for r in rows]
+        a = self._image_rows(image_reqs, self.model.device)
+        seeds = [[s for r in image_reqs for s in r.seeds(r.step + j)] for j in range(k)]
+        step_positions = [[p + j for p in positions] for j in range(k)]
+        for tokens in self.runner.image_steps(image_tok, a["embed"], step_positions, all_slots, tables, a["cond"],
+                                              a["uncond"], a, seeds):
             self._append_images(image_reqs, tokens)
         self.stats.decode_rows += (k - 1) * len(rows)  # (the caller counted the first step's)
         return k

@@ -6,6 +6,8 @@ decode attends one query per row over its block table.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from janus_rt import ops
@@ -50,8 +52,14 @@ class ModelRunner:
         supported = backend == "cpu" and cpu_decode.supported(model, cache)
         self.cpu_decoder = cpu_decode.CpuDecoder(model, cache, max_model_len) if supported else None
         self.fused_cpu_decode = supported
+        self.image_graphs: dict[int, tuple] = {}
         if cuda_graphs and self.device.type == "cuda":
             self.capture_cudagraphs()
+            try:
+                self.capture_image_step_graphs()
+            except RuntimeError as e:  # the one-step graphs above still serve
+                warnings.warn(f"multi-step image graphs not captured ({e}); image rows decode one step per replay")
+                self.image_graphs = {}
 
     def _i32(self, x):
         return torch.tensor(x, dtype=torch.int32, device=self.device)
@@ -128,6 +136,101 @@ class ModelRunner:
 
             replay, out = capture(run)
             self.graphs[r] = (replay, static, out)
+
+    # ---- multi-step image graphs: IMAGE_STEPS whole decode steps per replay, tokens fed back on the device ------
+    IMAGE_STEPS = 8
+
+    def capture_image_step_graphs(self, capture=None, steps: int | None = None):
+        """Record, per even bucket of rows (2 rows per image: cond, uncond), `steps` whole decode steps of a batch of
+        image rows: embed each image's last token, the LLM step over the paged cache, the gen head, CFG mix +
+        sampling, the sampled tokens fed to the next step on the device. The host then syncs once per `steps`
+        tokens instead of once per token, and nothing of a step runs outside a graph. capture as in
+        capture_cudagraphs. Inputs go into static buffers at replay (image_steps); padding rows write no K/V."""
+        capture = capture or _cuda_graph_capture
+        k = steps or self.IMAGE_STEPS
+        dev, i64 = self.device, torch.int64
+        for r in self.BUCKETS:
+            if r < 2 or r % 2:
+                continue
+            m = r // 2  # images
+            st = dict(
+                tok=torch.zeros(m, dtype=i64, device=dev),  # each image's last token
+                embed=torch.zeros(r, dtype=i64, device=dev),  # row -> its image
+                cond=torch.arange(m, dtype=i64, device=dev), uncond=torch.arange(m, 2 * m, dtype=i64, device=dev),
+                positions=torch.zeros(k, r, dtype=i64, device=dev),
+                slots=torch.full((k, r), -1, dtype=i64, device=dev),  # -1: padding rows write nothing
+                lens=torch.ones(k, r, dtype=torch.int32, device=dev),
+                tables=torch.zeros(r, self.max_blocks, dtype=torch.int32, device=dev),
+                seeds=torch.zeros(k, m, dtype=i64, device=dev),
+                cfg_weight=torch.ones(m, device=dev), temperature=torch.ones(m, device=dev),
+                top_k=torch.zeros(m, dtype=i64, device=dev), top_p=torch.ones(m, device=dev),
+                greedy=torch.ones(m, dtype=torch.bool, device=dev),
+                out=torch.zeros(k, m, dtype=i64, device=dev),  # [step, image] sampled tokens
+            )
+
+            def run(st=st, k=k):
+                model = self.model
+                with torch.inference_mode(), ops.use_backend(self.backend):
+                    for j in range(k):
+                        x = model.gen_embeds(st["tok"]).index_select(0, st["embed"])  # [r, C]
+                        kv = DecodeKV(self.cache, st["slots"][j], st["tables"], st["lens"][j])
+                        h = model.llm(x[:, None], st["positions"][j][:, None], kv)[:, 0]
+                        logits = model.gen_head(h).float()  # [r, V]
+                        tok = ops.cfg_sample(logits.index_select(0, st["cond"]), logits.index_select(0, st["uncond"]),
+                                             st["cfg_weight"], st["temperature"], st["top_k"], st["top_p"],
+                                             st["seeds"][j], st["greedy"])  # [m]
+                        st["out"][j].copy_(tok)
+                        st["tok"].copy_(tok)
+                return st["out"]
+
+            replay, _ = capture(run)
+            self.image_graphs[r] = (replay, st, k)
+
+    def image_steps_possible(self, rows: int, last_position: int) -> int:
+        """The steps per replay of the multi-step image graph that holds `rows` rows up to `last_position`, 0 if none
+        does."""
+        bucket = next((b for b in sorted(self.image_graphs) if b >= rows), None)
+        if bucket is None or last_position // self.cache.block_size >= self.max_blocks:
+            return 0
+        return self.image_graphs[bucket][2]
+
+    @torch.inference_mode()
+    def image_steps(self, image_tok, embed_rows, positions, slots, tables, cond_rows, uncond_rows, params, seeds):
+        """k decode steps of a batch of image rows in one graph replay (k = image_steps_possible's).
+        image_tok: each image's last token (m); embed_rows, cond_rows, uncond_rows: device int64 [R], [m], [m] (the
+        engine's _image_rows); positions, slots: k lists of R (step j's); tables: R block tables holding all k
+        steps; params: per-image device tensors cfg_weight, temperature, top_k, top_p, greedy [m]; seeds: k lists
+        of m. -> k lists of m tokens."""
+        r, m = len(slots[0]), len(image_tok)
+        bucket = next(b for b in sorted(self.image_graphs) if b >= r)
+        replay, st, k = self.image_graphs[bucket]
+        if len(slots) != k:
+            raise ValueError(f"image_steps: this graph runs {k} steps, got inputs for {len(slots)}")
+        pad = bucket - r
+        pos = torch.tensor([p + [0] * pad for p in positions], dtype=torch.int64)  # [k, bucket]
+        ints = torch.stack([pos, torch.tensor([s + [-1] * pad for s in slots], dtype=torch.int64)])
+        lens = (pos + 1).to(torch.int32)
+        lens[:, r:] = 1  # padding rows: context 1 (any valid block), no K/V written
+        tab = torch.zeros(bucket, self.max_blocks, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            tab[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        seed = torch.zeros(k, bucket // 2, dtype=torch.int64)
+        seed[:, :m] = torch.tensor(seeds, dtype=torch.int64)
+        st["tok"][:m].copy_(torch.tensor(image_tok, dtype=torch.int64))
+        st["embed"].zero_()[:r].copy_(embed_rows)
+        st["cond"][:m].copy_(cond_rows)
+        st["uncond"][:m].copy_(uncond_rows)
+        st["cond"][m:] = 0  # padding images: sampled from row 0, and dropped
+        st["uncond"][m:] = 0
+        for name in ("cfg_weight", "temperature", "top_k", "top_p", "greedy"):
+            st[name][:m].copy_(params[name])
+        st["positions"].copy_(ints[0])
+        st["slots"].copy_(ints[1])
+        st["lens"].copy_(lens)
+        st["tables"].copy_(tab)
+        st["seeds"].copy_(seed)
+        replay()
+        return st["out"][:, :m].tolist()
 
     def _replay(self, embeds, positions, slots, tables):
         r = embeds.shape[0]
