@@ -32,6 +32,36 @@ def simd_isa() -> str:
     return _ext().simd_isa()
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where that is not readable)."""
+    global _FLAGS
+    if _FLAGS is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                line = next((ln for ln in f if ln.startswith("flags")), "")
+            _FLAGS = frozenset(line.split(":", 1)[1].split()) if ":" in line else frozenset()
+        except OSError:
+            _FLAGS = frozenset()
+    return _FLAGS
+
+
+_FLAGS = None
+
+
+def torch_matmul_preferred(dtype: torch.dtype) -> bool:
+    """Whether decode-sized projections of `dtype` should go to torch's matmul rather than the csrc GEMVs.
+    JANUS_RT_CPU_MATMUL: "torch" = always, "csrc" = never, unset or "auto" = bf16 on a CPU with AMX-BF16 tiles,
+    which torch's oneDNN matmul uses and our AVX-512 GEMV does not: on such a host (Intel Xeon, 2 cores,
+    2026-12-04) a Janus-Pro-1B decode step of 32 rows took 192 ms through F.linear against 425 ms through the packed
+    GEMV (bench/RESULTS.md)."""
+    v = os.environ.get("JANUS_RT_CPU_MATMUL", "auto").strip().lower()
+    if v not in ("torch", "csrc", "auto", ""):
+        raise ValueError(f"JANUS_RT_CPU_MATMUL={v!r}: expected torch, csrc or auto")
+    if v in ("torch", "csrc"):
+        return v == "torch"
+    return dtype == torch.bfloat16 and "amx_bf16" in cpu_flags() and torch.backends.mkldnn.is_available()
+
+
 def stream_sum(x: torch.Tensor) -> float:
     """Sum of a contiguous fp32 CPU tensor, streamed at read bandwidth: bench_gemv's DRAM roofline probe."""
     _check_tensor(x, "x", (torch.float32,))

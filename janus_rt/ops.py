@@ -117,7 +117,7 @@ def linear(x, weight, bias=None):
     backend and the rows (it is the only copy of that weight)."""
     if not isinstance(weight, torch.Tensor):
         return _linear_packed(x, weight, bias)
-    if _backend == "cpu" and x.numel() <= CPU_GEMV_MAX_ROWS * x.shape[-1] and _use_cpu_kernels(x):
+    if _use_cpu_gemv(x):
         from janus_rt import cpu_ops
 
         if bias is not None and bias.dtype != torch.float32:
@@ -158,8 +158,7 @@ def mlp_gelu(x, w1, b1, w2, b2):
     """Linear -> GELU (erf) -> Linear: the aligner / gen_aligner / gen_head shape."""
     if _backend == "triton" and (TRITON_MLP_ON_CUDA or not x.is_cuda):
         return _kernels().mlp_gelu(x, w1, b1, w2, b2)
-    if (_backend == "cpu" and x.numel() <= CPU_GEMV_MAX_ROWS * x.shape[-1] and _use_cpu_kernels(x)
-            and w1.dtype == w2.dtype == x.dtype and all(b is None or b.dtype == x.dtype for b in (b1, b2))):
+    if (_use_cpu_gemv(x) and w1.dtype == w2.dtype == x.dtype and all(b is None or b.dtype == x.dtype for b in (b1, b2))):
         from janus_rt import cpu_ops
 
         with _scope("janus_rt::cpu_mlp_gelu"):  # one csrc call: the same rounding points as the two below
@@ -173,6 +172,16 @@ def _scope(name: str):
     if torch.autograd._profiler_enabled():
         return torch.profiler.record_function(name)
     return contextlib.nullcontext()
+
+
+def _use_cpu_gemv(x) -> bool:
+    """The cpu backend's csrc GEMV for decode-sized x, unless torch's matmul is the faster one for x's dtype here
+    (cpu_ops.torch_matmul_preferred: AMX hosts)."""
+    if not (_backend == "cpu" and x.numel() <= CPU_GEMV_MAX_ROWS * x.shape[-1] and _use_cpu_kernels(x)):
+        return False
+    from janus_rt import cpu_ops
+
+    return not cpu_ops.torch_matmul_preferred(x.dtype)
 
 
 def _use_cpu_kernels(t) -> bool:

@@ -14,6 +14,12 @@ from tolerances import max_err
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="janus_rt._C not built")
 
 
+@pytest.fixture(autouse=True)
+def csrc_projections(monkeypatch):
+    """The csrc decoder and GEMVs under test, also where torch's matmul would be preferred (AMX hosts)."""
+    monkeypatch.setenv("JANUS_RT_CPU_MATMUL", "csrc")
+
+
 def _layer_case(dtype, hidden, heads, inter, context_lens, block_size=16, seed=0):
     """A random decoder layer, a paged cache with random past K/V, and one decode step's inputs."""
     g = torch.Generator().manual_seed(seed)

@@ -339,3 +339,53 @@ def test_random_mixed_workload_matches_each_request_alone(tiny, seed):
         step += 1
     assert [r.tokens for r in added] == alone
     assert eng.bm.num_free_blocks == eng.bm.num_blocks
+
+
+@pytest.mark.parametrize("setting", ["torch", "csrc"])
+def test_cpu_matmul_setting_picks_the_projection_path(tiny, monkeypatch, setting):
+    """JANUS_RT_CPU_MATMUL=torch: the engine runs the layer-by-layer step with torch's matmul for every projection
+    (no csrc GEMV call); csrc: the csrc decoder. Both give the pure-torch engine's greedy tokens."""
+    if not cpu_ops.available():
+        pytest.skip("janus_rt._C not built")
+    monkeypatch.setenv("JANUS_RT_CPU_MATMUL", setting)
+    calls = []
+    for name in ("linear", "mlp_gelu"):
+        real = getattr(cpu_ops, name)
+        monkeypatch.setattr(cpu_ops, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    ids = prompt(tiny, 8, seed=4)
+    tokens = {}
+    for backend in ("torch", "cpu"):
+        eng = Engine.for_requests(tiny, [(len(ids), 2)], backend=backend)
+        if backend == "cpu":
+            assert eng.runner.uses_cpu_decoder() == (setting == "csrc")
+        req = eng.add_image_request(ids, n=2, params=SamplingParams(greedy=True), num_tokens=5)
+        eng.run()
+        tokens[backend] = req.tokens
+    assert tokens["cpu"] == tokens["torch"]
+    assert (calls == []) == (setting == "torch")  # (the csrc decoder calls its own GEMVs, not these)
+
+
+def test_torch_matmul_preferred_on_amx(monkeypatch):
+    """auto: torch's matmul for bf16 where the CPU has AMX-BF16 (oneDNN's tiles), the csrc GEMVs otherwise; the setting
+    overrides; pack_in_place then leaves a bf16 model unpacked unless JANUS_RT_PACKED=1."""
+    from janus_rt.engine.cpu_decode import pack_in_place
+    from janus_rt.models.packed_linear import is_packed
+
+    monkeypatch.delenv("JANUS_RT_CPU_MATMUL", raising=False)
+    monkeypatch.delenv("JANUS_RT_PACKED", raising=False)
+    for flags, want in ((frozenset({"avx512f"}), False), (frozenset({"avx512f", "amx_bf16"}), True)):
+        monkeypatch.setattr(cpu_ops, "_FLAGS", flags)
+        assert cpu_ops.torch_matmul_preferred(torch.bfloat16) == (want and torch.backends.mkldnn.is_available())
+        assert not cpu_ops.torch_matmul_preferred(torch.float32)
+    monkeypatch.setenv("JANUS_RT_CPU_MATMUL", "torch")
+    assert cpu_ops.torch_matmul_preferred(torch.float32)
+    monkeypatch.setenv("JANUS_RT_CPU_MATMUL", "nope")
+    with pytest.raises(ValueError, match="JANUS_RT_CPU_MATMUL"):
+        cpu_ops.torch_matmul_preferred(torch.bfloat16)
+    if not cpu_ops.available() or not cpu_ops.packed_available(torch.bfloat16):
+        return
+    monkeypatch.setenv("JANUS_RT_CPU_MATMUL", "torch")
+    model = Janus.from_preset("tiny", seed=0).to(torch.bfloat16)
+    assert pack_in_place(model, always=True) is None and not is_packed(model)
+    monkeypatch.setenv("JANUS_RT_PACKED", "1")
+    assert pack_in_place(model, always=True) and is_packed(model)

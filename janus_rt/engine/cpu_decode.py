@@ -19,10 +19,14 @@ from janus_rt import cpu_ops, ops
 
 
 def supported(model, cache) -> bool:
-    """fp32 or bf16 MHA model on the CPU, cache in the model's dtype, extension built."""
+    """fp32 or bf16 MHA model on the CPU, cache in the model's dtype, extension built; and the csrc GEMVs are the
+    faster projections here (cpu_ops.torch_matmul_preferred), or the model's weights are packed for them."""
+    from janus_rt.models.packed_linear import is_packed
+
     c = model.cfg.llm
     return (cpu_ops.available() and model.device.type == "cpu" and model.dtype in (torch.float32, torch.bfloat16)
-            and cache.dtype == model.dtype and c.num_kv_heads == c.num_heads)
+            and cache.dtype == model.dtype and c.num_kv_heads == c.num_heads
+            and (is_packed(model) or not cpu_ops.torch_matmul_preferred(model.dtype)))
 
 
 def packed_setting() -> bool | None:
@@ -43,6 +47,8 @@ def pack_in_place(model, always: bool = False) -> str | None:
 
     if model.device.type != "cpu" or packed_setting() is False or is_packed(model) or can_pack(model):
         return None
+    if packed_setting() is None and cpu_ops.torch_matmul_preferred(model.dtype):
+        return None  # torch's matmul, on the weights as loaded, is the faster path here
     need = packed_nbytes(model)
     fits = cpu_ops.packed_copy_fits(need)
     if fits and not always:
