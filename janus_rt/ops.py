@@ -129,7 +129,10 @@ def linear(x, weight, bias=None):
 
 def _linear_packed(x, weight, bias):
     from janus_rt import cpu_ops
+    from janus_rt.models.packed_linear import OneDNNWeight
 
+    if isinstance(weight, OneDNNWeight):
+        return weight(x, bias)
     if not isinstance(weight, cpu_ops.PackedWeight):
         raise TypeError(f"linear: weight must be a tensor or a cpu_ops.PackedWeight, not {type(weight).__name__}")
     if x.device.type != "cpu":

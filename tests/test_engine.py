@@ -386,6 +386,50 @@ def test_torch_matmul_preferred_on_amx(monkeypatch):
         return
     monkeypatch.setenv("JANUS_RT_CPU_MATMUL", "torch")
     model = Janus.from_preset("tiny", seed=0).to(torch.bfloat16)
-    assert pack_in_place(model, always=True) is None and not is_packed(model)
+    assert pack_in_place(model, always=False) is None and not is_packed(model)  # (understand: left as loaded)
     monkeypatch.setenv("JANUS_RT_PACKED", "1")
     assert pack_in_place(model, always=True) and is_packed(model)
+
+
+def test_onednn_prepacked_projections(tiny, monkeypatch):
+    """Where torch's matmul is preferred, pack_in_place(always=True) holds the bf16 projections in oneDNN's layout
+    (OneDNNLinear): the same values as F.linear at any row count, the same greedy tokens and close logits as the
+    unpacked model through the same engine path, the weights still counted, and no transformers copy or csrc
+    decoder of such a model."""
+    from janus_rt.engine.cpu_decode import pack_in_place
+    from janus_rt.models.packed_linear import OneDNNLinear, is_onednn_packed, onednn_available
+
+    model = Janus.from_preset("tiny", seed=3).to(torch.bfloat16)
+    if not onednn_available(model):
+        pytest.skip("torch without mkldnn's linear reorder")
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(96, 40, bias=False).to(torch.bfloat16)
+    packed = OneDNNLinear(lin)
+    for shape in ((1, 96), (7, 96), (32, 96), (2, 50, 96)):
+        x = torch.randn(*shape, generator=g).to(torch.bfloat16)
+        ref = torch.nn.functional.linear(x.float(), lin.weight.float())
+        y = packed(x)
+        assert y.shape == ref.shape and y.dtype == torch.bfloat16
+        assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+        assert torch.equal(y, torch.nn.functional.linear(x, lin.weight)) or shape[0] == 1
+    monkeypatch.setenv("JANUS_RT_CPU_MATMUL", "torch")
+    monkeypatch.delenv("JANUS_RT_PACKED", raising=False)
+    ids = prompt(model, 8, seed=4)
+    runs, numel = [], model.num_parameters()
+    for pack in (False, True):
+        if pack:
+            assert "oneDNN" in pack_in_place(model, always=True) and is_onednn_packed(model)
+            assert model.num_parameters() == numel
+        eng = Engine.for_requests(model, [(len(ids), 2)], backend="cpu")
+        assert not eng.runner.uses_cpu_decoder()
+        eng.record_logits = True
+        req = eng.add_image_request(ids, n=2, params=SamplingParams(greedy=True), num_tokens=5)
+        eng.run()
+        runs.append(req)
+    assert runs[0].tokens == runs[1].tokens
+    for (c1, _), (c2, _) in zip(runs[0].logits, runs[1].logits):
+        assert torch.allclose(c1, c2, rtol=2e-2, atol=2e-2)
+    from janus_rt.verify import to_transformers
+
+    with pytest.raises(ValueError, match="packed"):
+        to_transformers(model)

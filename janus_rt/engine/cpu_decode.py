@@ -21,11 +21,11 @@ from janus_rt import cpu_ops, ops
 def supported(model, cache) -> bool:
     """fp32 or bf16 MHA model on the CPU, cache in the model's dtype, extension built; and the csrc GEMVs are the
     faster projections here (cpu_ops.torch_matmul_preferred), or the model's weights are packed for them."""
-    from janus_rt.models.packed_linear import is_packed
+    from janus_rt.models.packed_linear import is_onednn_packed, is_packed
 
     c = model.cfg.llm
     return (cpu_ops.available() and model.device.type == "cpu" and model.dtype in (torch.float32, torch.bfloat16)
-            and cache.dtype == model.dtype and c.num_kv_heads == c.num_heads
+            and cache.dtype == model.dtype and c.num_kv_heads == c.num_heads and not is_onednn_packed(model)
             and (is_packed(model) or not cpu_ops.torch_matmul_preferred(model.dtype)))
 
 
@@ -43,12 +43,20 @@ def pack_in_place(model, always: bool = False) -> str | None:
     (Janus.pack_for_cpu_) instead of letting the engine copy them, when the engine would run the packed GEMV
     (CPU, this build and dtype have it, JANUS_RT_PACKED not 0) and either `always` or the copy would not fit
     (cpu_ops.packed_copy_fits, DecodeStack's rule). Returns a line saying what it did, or None."""
-    from janus_rt.models.packed_linear import can_pack, is_packed, packed_nbytes
+    from janus_rt.models.packed_linear import (can_pack, is_onednn_packed, is_packed, onednn_available,
+                                               onednn_pack_llm_, packed_nbytes)
 
-    if model.device.type != "cpu" or packed_setting() is False or is_packed(model) or can_pack(model):
+    if model.device.type != "cpu" or packed_setting() is False or is_packed(model) or is_onednn_packed(model):
         return None
     if packed_setting() is None and cpu_ops.torch_matmul_preferred(model.dtype):
-        return None  # torch's matmul, on the weights as loaded, is the faster path here
+        # torch's matmul is the faster path here: its weights in oneDNN's layout, where the caller owns the model
+        if not always or not onednn_available(model):
+            return None
+        onednn_pack_llm_(model)
+        return ("prepacked the LLM's projections in place for torch's oneDNN matmul (this CPU has AMX-BF16; the "
+                "model is now for CPU inference only)")
+    if can_pack(model):
+        return None
     need = packed_nbytes(model)
     fits = cpu_ops.packed_copy_fits(need)
     if fits and not always:

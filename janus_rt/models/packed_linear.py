@@ -59,6 +59,69 @@ def is_packed(model) -> bool:
                for l in model.llm.layers for part, name in PROJECTIONS)
 
 
+class OneDNNWeight:
+    """A bf16 [N, K] weight held only in oneDNN's blocked layout for torch's CPU matmul
+    (torch.ops.mkldnn._reorder_linear_weight): F.linear on a plain weight reorders it on every call, which on an AMX
+    host cost 1.22x at 32 rows (bench/RESULTS.md, 2026-12-04). ops.linear(x, w) calls it: the same values as
+    F.linear."""
+
+    def __init__(self, weight: torch.Tensor, batch_hint: int = 32):
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
+        self.data = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
+
+    def __call__(self, x, bias=None):
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.data, bias, "none", [], "")
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def numel(self) -> int:
+        return self.in_features * self.out_features
+
+
+class OneDNNLinear(nn.Module):
+    """A bias-free nn.Linear whose weight is a OneDNNWeight: forward(x [..., in]) -> [..., out]."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("OneDNNLinear packs bias-free projections only")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with torch.no_grad():
+            self.weight = OneDNNWeight(linear.weight)  # a plain attribute: not a parameter
+
+    def forward(self, x):
+        return ops.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN blocked"
+
+
+def onednn_available(model) -> bool:
+    """Whether this torch build can hold `model`'s projections for oneDNN (bf16, CPU, the reorder op present)."""
+    return (model.device.type == "cpu" and model.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+@torch.no_grad()
+def onednn_pack_llm_(model):
+    """Replace each decoder layer's four projections by a OneDNNLinear, layer by layer (in place, one way, as
+    pack_llm_); returns the model."""
+    if not onednn_available(model):
+        raise ValueError("cannot prepack for oneDNN: needs a bf16 model on the CPU and torch with mkldnn")
+    for l in model.llm.layers:
+        for part, name in PROJECTIONS:
+            parent = getattr(l, part)
+            if isinstance(getattr(parent, name), nn.Linear):
+                setattr(parent, name, OneDNNLinear(getattr(parent, name)))
+    return model
+
+
+def is_onednn_packed(model) -> bool:
+    """Whether the LLM's projections are OneDNNLinear (onednn_pack_llm_ ran)."""
+    return any(isinstance(getattr(getattr(l, part), name), OneDNNLinear)
+               for l in model.llm.layers for part, name in PROJECTIONS)
+
+
 def packed_nbytes(model) -> int:
     """Bytes of the packed copies of the LLM's projections (what a second copy beside the originals would take)."""
     total = 0
@@ -87,12 +150,12 @@ def pack_llm_(model):
 
 
 def packed_weight_numel(module) -> int:
-    """Elements of the PackedLinear weights under `module` (not in its parameters())."""
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, PackedLinear))
+    """Elements of the PackedLinear and OneDNNLinear weights under `module` (not in its parameters())."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, (PackedLinear, OneDNNLinear)))
 
 
 def require_unpacked(model, what: str) -> None:
     """Raise where `what` needs the [N, K] weights a packed model no longer has."""
-    if is_packed(model):
+    if is_packed(model) or is_onednn_packed(model):
         raise ValueError(f"{what} needs the model's own weights, but its LLM projections were packed for the CPU "
                          "(Janus.pack_for_cpu_); load the model again")
