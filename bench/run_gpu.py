@@ -7,7 +7,8 @@
 Sections, most wanted first, each in its own process with a deadline taken from what is left of --budget:
 1. with --generate, the engine benchmark at the Janus-Pro-1B shape (n=16, 576 tokens, CUDA graphs) vs transformers,
    then its --profile of three decode steps (per-kernel table; profile/trace.json beside the markdown),
-2. pytest on CUDA (the kernels run natively; the suite's CPU-interpreter shapes run too),
+2. pytest on CUDA: tests/test_engine.py first (the real CUDA-graph engine against the eager one), then the whole
+   suite (the kernels run natively; the suite's CPU-interpreter shapes run too),
 3. every bench/bench_<op>.py main(), each table under its op name.
 The markdown file (--out; default $OUT/gpu_results.md when $OUT is set, else bench/gpu_results.md) is rewritten
 after every section, so a session cut short still returns what finished. On a machine without CUDA it says so and
@@ -29,6 +30,7 @@ ROOT = os.path.dirname(HERE)
 OPS = ["attention", "paged_attention", "kv_store", "rms_norm", "rope", "swiglu", "mlp", "vq", "sampling",
        "linear_cross_entropy"]
 TESTS = [os.path.join(ROOT, "tests")]  # what the pytest section runs
+ENGINE_TESTS = [os.path.join(ROOT, "tests", "test_engine.py")]  # run first: the CUDA-graph engine against eager
 GENERATE_ARGS = ["--shape", "1b", "-n", "16", "--repeats", "1", "--cuda-graphs"]
 
 # One op's benchmark, run in a child process: its main()'s rows as a markdown table.
@@ -110,6 +112,9 @@ def main(argv=None) -> int:
     if not args.skip_tests:
         # -v: every test's name and outcome as it finishes; -n: Triton's compiles dominate, spread them over the cores
         workers = ["-n", str(min(12, os.cpu_count() or 1))] if importlib.util.find_spec("xdist") else []
+        if ENGINE_TESTS:
+            section("engine tests on CUDA", [py, "-m", "pytest", "-v", "--no-header", "-p", "no:cacheprovider",
+                                             "-rfE", *ENGINE_TESTS], 0.2, keep_lines=15, full="pytest_engine.txt")
         section("pytest on CUDA", [py, "-m", "pytest", "-v", "--no-header", "-p", "no:cacheprovider", "-rfE",
                                    *workers, *TESTS], 0.6, keep_lines=15, full="pytest.txt")
     for i, op in enumerate(OPS):

@@ -255,6 +255,7 @@ def test_run_gpu_sections_keep_their_deadlines(tmp_path, monkeypatch):
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "test_two.py").write_text("def test_good():\n    pass\n\ndef test_bad():\n    assert 0\n")
     monkeypatch.setattr(rg, "TESTS", [str(tmp_path / "t")])
+    monkeypatch.setattr(rg, "ENGINE_TESTS", [])
     monkeypatch.setattr(rg, "OPS", [])
     assert rg.main(["--out", str(out), "--budget", "300"]) == 0
     md = out.read_text()

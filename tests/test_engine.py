@@ -433,3 +433,22 @@ def test_onednn_prepacked_projections(tiny, monkeypatch):
 
     with pytest.raises(ValueError, match="packed"):
         to_transformers(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the real CUDA-graph capture")
+def test_cuda_graph_engine_matches_eager_on_gpu():
+    """On a GPU: the engine with CUDA graphs (the one-step LLM graphs, and the multi-step image graphs that run
+    whole steps with the tokens fed back on the device) gives the eager engine's tokens, greedy and seeded, with
+    padding (5 images: 10 rows in bucket 16) and a tail of single steps (19 steps: 2 replays of 8, then 3)."""
+    model = Janus.from_preset("tiny", seed=3).to("cuda")
+    a, b = prompt(model, 8, seed=1), prompt(model, 11, seed=2)
+    out = []
+    for graphs in (False, True):
+        eng = Engine.for_requests(model, [(len(a), 3), (len(b), 2)], cuda_graphs=graphs)
+        if graphs:
+            assert eng.runner.graphs and 16 in eng.runner.image_graphs
+        ra = eng.add_image_request(a, 3, SamplingParams(seed=5, top_k=50), num_tokens=20)
+        rb = eng.add_image_request(b, 2, SamplingParams(greedy=True), num_tokens=20)
+        eng.run()
+        out.append((ra.tokens, rb.tokens, eng.stats.decode_steps))
+    assert out[1] == out[0] and out[0][2] == 19
