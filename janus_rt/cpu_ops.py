@@ -48,18 +48,23 @@ def cpu_flags() -> frozenset[str]:
 _FLAGS = None
 
 
-def torch_matmul_preferred(dtype: torch.dtype) -> bool:
-    """Whether decode-sized projections of `dtype` should go to torch's matmul rather than the csrc GEMVs.
-    JANUS_RT_CPU_MATMUL: "torch" = always, "csrc" = never, unset or "auto" = bf16 on a CPU with AMX-BF16 tiles,
-    which torch's oneDNN matmul uses and our AVX-512 GEMV does not: on such a host (Intel Xeon, 2 cores,
-    2026-12-04) a Janus-Pro-1B decode step of 32 rows took 192 ms through F.linear against 425 ms through the packed
-    GEMV (bench/RESULTS.md)."""
+TORCH_MATMUL_MIN_WIDTH = 2048  # auto: torch's matmul from this many input features (Janus-Pro's 1B and 7B)
+
+
+def torch_matmul_preferred(dtype: torch.dtype, width: int | None = None) -> bool:
+    """Whether decode-sized projections of `dtype` with `width` input features (None: any) should go to torch's
+    matmul rather than the csrc GEMVs. JANUS_RT_CPU_MATMUL: "torch" = always, "csrc" = never, unset or "auto" = bf16
+    on a CPU with AMX-BF16 tiles (which torch's oneDNN matmul uses and our AVX-512 GEMV does not) at widths from
+    TORCH_MATMUL_MIN_WIDTH. Measured on such a host (Intel Xeon, 2 cores, 2026-12-04, ms per decode step, csrc vs
+    torch): Janus-Pro-1B n = 16 498 vs 275; but hidden 512 x 8 layers n = 4 4.1 vs 12.4 and the tiny preset 0.07 vs
+    1.70, where the layer-by-layer step's Python costs more than the matmuls save (bench/RESULTS.md)."""
     v = os.environ.get("JANUS_RT_CPU_MATMUL", "auto").strip().lower()
     if v not in ("torch", "csrc", "auto", ""):
         raise ValueError(f"JANUS_RT_CPU_MATMUL={v!r}: expected torch, csrc or auto")
     if v in ("torch", "csrc"):
         return v == "torch"
-    return dtype == torch.bfloat16 and "amx_bf16" in cpu_flags() and torch.backends.mkldnn.is_available()
+    return (dtype == torch.bfloat16 and (width is None or width >= TORCH_MATMUL_MIN_WIDTH)
+            and "amx_bf16" in cpu_flags() and torch.backends.mkldnn.is_available())
 
 
 def stream_sum(x: torch.Tensor) -> float:

@@ -184,7 +184,7 @@ def _use_cpu_gemv(x) -> bool:
         return False
     from janus_rt import cpu_ops
 
-    return not cpu_ops.torch_matmul_preferred(x.dtype)
+    return not cpu_ops.torch_matmul_preferred(x.dtype, x.shape[-1])
 
 
 def _use_cpu_kernels(t) -> bool:

@@ -376,9 +376,11 @@ def test_torch_matmul_preferred_on_amx(monkeypatch):
     for flags, want in ((frozenset({"avx512f"}), False), (frozenset({"avx512f", "amx_bf16"}), True)):
         monkeypatch.setattr(cpu_ops, "_FLAGS", flags)
         assert cpu_ops.torch_matmul_preferred(torch.bfloat16) == (want and torch.backends.mkldnn.is_available())
+        assert cpu_ops.torch_matmul_preferred(torch.bfloat16, 2048) == cpu_ops.torch_matmul_preferred(torch.bfloat16)
+        assert not cpu_ops.torch_matmul_preferred(torch.bfloat16, 512)  # small models: the csrc decoder
         assert not cpu_ops.torch_matmul_preferred(torch.float32)
     monkeypatch.setenv("JANUS_RT_CPU_MATMUL", "torch")
-    assert cpu_ops.torch_matmul_preferred(torch.float32)
+    assert cpu_ops.torch_matmul_preferred(torch.float32) and cpu_ops.torch_matmul_preferred(torch.bfloat16, 64)
     monkeypatch.setenv("JANUS_RT_CPU_MATMUL", "nope")
     with pytest.raises(ValueError, match="JANUS_RT_CPU_MATMUL"):
         cpu_ops.torch_matmul_preferred(torch.bfloat16)

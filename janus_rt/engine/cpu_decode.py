@@ -26,7 +26,7 @@ def supported(model, cache) -> bool:
     c = model.cfg.llm
     return (cpu_ops.available() and model.device.type == "cpu" and model.dtype in (torch.float32, torch.bfloat16)
             and cache.dtype == model.dtype and c.num_kv_heads == c.num_heads and not is_onednn_packed(model)
-            and (is_packed(model) or not cpu_ops.torch_matmul_preferred(model.dtype)))
+            and (is_packed(model) or not cpu_ops.torch_matmul_preferred(model.dtype, c.hidden_size)))
 
 
 def packed_setting() -> bool | None:
@@ -48,7 +48,7 @@ def pack_in_place(model, always: bool = False) -> str | None:
 
     if model.device.type != "cpu" or packed_setting() is False or is_packed(model) or is_onednn_packed(model):
         return None
-    if packed_setting() is None and cpu_ops.torch_matmul_preferred(model.dtype):
+    if packed_setting() is None and cpu_ops.torch_matmul_preferred(model.dtype, model.cfg.llm.hidden_size):
         # torch's matmul is the faster path here: its weights in oneDNN's layout, where the caller owns the model
         if not always or not onednn_available(model):
             return None
