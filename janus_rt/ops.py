@@ -161,7 +161,7 @@ def mlp_gelu(x, w1, b1, w2, b2):
     """Linear -> GELU (erf) -> Linear: the aligner / gen_aligner / gen_head shape."""
     if _backend == "triton" and (TRITON_MLP_ON_CUDA or not x.is_cuda):
         return _kernels().mlp_gelu(x, w1, b1, w2, b2)
-    if (_use_cpu_gemv(x) and w1.dtype == w2.dtype == x.dtype and all(b is None or b.dtype == x.dtype for b in (b1, b2))):
+    if _use_cpu_gemv(x) and w1.dtype == w2.dtype == x.dtype and all(b is None or b.dtype == x.dtype for b in (b1, b2)):
         from janus_rt import cpu_ops
 
         with _scope("janus_rt::cpu_mlp_gelu"):  # one csrc call: the same rounding points as the two below

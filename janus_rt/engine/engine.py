@@ -181,9 +181,7 @@ class Engine:
         """Decode a token for every running row (or several, _decode_images_cpu) -> the number of steps taken."""
         running = self.scheduler.running
         rows = self.scheduler.rows()
-        slots, copies = self.bm.append_slots(rows)
-        if copies:
-            self.cache.copy_blocks(copies)
+        slots = self._append_step(rows)
         # inputs in row order: image requests feed each image's last token to its cond and uncond rows (embedded
         # once per image and repeated, as the official loop does)
         image_tok, text_tok, is_image = [], [], []
@@ -244,10 +242,7 @@ class Engine:
         all_slots = [slots]
         while (len(all_slots) < k and dec.image_steps_possible(len(rows), max(positions) + len(all_slots))
                and self.bm.can_append_all(rows)):
-            more, copies = self.bm.append_slots(rows)
-            if copies:  # (only a row's first write to a shared block copies it: not past the first step)
-                self.cache.copy_blocks(copies)
-            all_slots.append(more)
+            all_slots.append(self._append_step(rows))
         k = len(all_slots)
         tables = [self.bm.block_table(r) for r in rows]
         a = self._image_rows(image_reqs, self.model.device)
@@ -257,6 +252,14 @@ class Engine:
             self._append_images(image_reqs, tokens)
         self.stats.decode_rows += (k - 1) * len(rows)  # (the caller counted the first step's)
         return k
+
+    def _append_step(self, rows) -> list[int]:
+        """Reserve one more token's slot in every row -> the slots; a row's first write to a shared, partly filled
+        block copies that block first."""
+        slots, copies = self.bm.append_slots(rows)
+        if copies:
+            self.cache.copy_blocks(copies)
+        return slots
 
     def _graph_steps_fit(self, image_reqs, rows, k) -> bool:
         """Whether the multi-step image graph's k steps can run now: no request waits (admission is never delayed),
@@ -276,10 +279,7 @@ class Engine:
         appended by the caller, the other k - 1 steps' here. -> k."""
         all_slots = [slots]
         for _ in range(k - 1):
-            more, copies = self.bm.append_slots(rows)
-            if copies:  # (only a row's first write to a shared block copies it: not past the first step)
-                self.cache.copy_blocks(copies)
-            all_slots.append(more)
+            all_slots.append(self._append_step(rows))
         tables = [self.bm.block_table(r) for r in rows]
         a = self._image_rows(image_reqs, self.model.device)
         seeds = [[s for r in image_reqs for s in r.seeds(r.step + j)] for j in range(k)]

@@ -19,23 +19,33 @@ from janus_rt import cpu_ops, ops
 PROJECTIONS = (("attn", "qkv_proj"), ("attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
 
 
-class PackedLinear(nn.Module):
-    """A bias-free nn.Linear whose weight is only a cpu_ops.PackedWeight: forward(x [..., in]) -> [..., out] in
-    x's dtype (fp32 accumulation, rounded once, as the torch path's matmul)."""
+class _HeldLinear(nn.Module):
+    """A bias-free nn.Linear whose weight is held only as `hold(weight)` (a plain attribute, not a parameter), which
+    ops.linear multiplies by: forward(x [..., in]) -> [..., out]."""
+
+    hold = None  # the weight's holder class
+    layout = ""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         if linear.bias is not None:
-            raise ValueError("PackedLinear packs bias-free projections only")
+            raise ValueError(f"{type(self).__name__} packs bias-free projections only")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         with torch.no_grad():
-            self.weight = cpu_ops.PackedWeight(linear.weight.detach())  # a plain attribute: not a parameter
+            self.weight = type(self).hold(linear.weight.detach())
 
     def forward(self, x):
         return ops.linear(x, self.weight)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.weight.dtype}, packed"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.weight.dtype}, {self.layout}"
+
+
+class PackedLinear(_HeldLinear):
+    """A bias-free nn.Linear whose weight is only a cpu_ops.PackedWeight: x's dtype out (fp32 accumulation, rounded
+    once, as the torch path's matmul)."""
+
+    hold, layout = cpu_ops.PackedWeight, "packed"
 
 
 def can_pack(model) -> str | None:
@@ -53,10 +63,24 @@ def can_pack(model) -> str | None:
     return None
 
 
+def _projections_are(model, cls) -> bool:
+    return any(isinstance(getattr(getattr(l, part), name), cls) for l in model.llm.layers for part, name in PROJECTIONS)
+
+
+def _replace_projections(model, cls):
+    """Each decoder layer's still plain nn.Linear projections -> cls(linear), layer by layer (so at most one layer's
+    four matrices exist twice at a time); returns the model."""
+    for l in model.llm.layers:
+        for part, name in PROJECTIONS:
+            parent = getattr(l, part)
+            if isinstance(getattr(parent, name), nn.Linear):
+                setattr(parent, name, cls(getattr(parent, name)))
+    return model
+
+
 def is_packed(model) -> bool:
     """Whether the LLM's projections are PackedLinear (pack_llm_ ran)."""
-    return any(isinstance(getattr(getattr(l, part), name), PackedLinear)
-               for l in model.llm.layers for part, name in PROJECTIONS)
+    return _projections_are(model, PackedLinear)
 
 
 class OneDNNWeight:
@@ -68,7 +92,7 @@ class OneDNNWeight:
     def __init__(self, weight: torch.Tensor, batch_hint: int = 32):
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
-        self.data = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
+        self.data = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
 
     def __call__(self, x, bias=None):
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.data, bias, "none", [], "")
@@ -78,22 +102,10 @@ class OneDNNWeight:
         return self.in_features * self.out_features
 
 
-class OneDNNLinear(nn.Module):
-    """A bias-free nn.Linear whose weight is a OneDNNWeight: forward(x [..., in]) -> [..., out]."""
+class OneDNNLinear(_HeldLinear):
+    """A bias-free nn.Linear whose weight is a OneDNNWeight."""
 
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        if linear.bias is not None:
-            raise ValueError("OneDNNLinear packs bias-free projections only")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        with torch.no_grad():
-            self.weight = OneDNNWeight(linear.weight)  # a plain attribute: not a parameter
-
-    def forward(self, x):
-        return ops.linear(x, self.weight)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN blocked"
+    hold, layout = OneDNNWeight, "oneDNN blocked"
 
 
 def onednn_available(model) -> bool:
@@ -108,18 +120,12 @@ def onednn_pack_llm_(model):
     pack_llm_); returns the model."""
     if not onednn_available(model):
         raise ValueError("cannot prepack for oneDNN: needs a bf16 model on the CPU and torch with mkldnn")
-    for l in model.llm.layers:
-        for part, name in PROJECTIONS:
-            parent = getattr(l, part)
-            if isinstance(getattr(parent, name), nn.Linear):
-                setattr(parent, name, OneDNNLinear(getattr(parent, name)))
-    return model
+    return _replace_projections(model, OneDNNLinear)
 
 
 def is_onednn_packed(model) -> bool:
     """Whether the LLM's projections are OneDNNLinear (onednn_pack_llm_ ran)."""
-    return any(isinstance(getattr(getattr(l, part), name), OneDNNLinear)
-               for l in model.llm.layers for part, name in PROJECTIONS)
+    return _projections_are(model, OneDNNLinear)
 
 
 def packed_nbytes(model) -> int:
@@ -141,12 +147,7 @@ def pack_llm_(model):
     why = can_pack(model)
     if why:
         raise ValueError(f"cannot pack the model for the CPU: {why}")
-    for l in model.llm.layers:
-        for part, name in PROJECTIONS:
-            parent = getattr(l, part)
-            if not isinstance(getattr(parent, name), PackedLinear):
-                setattr(parent, name, PackedLinear(getattr(parent, name)))
-    return model
+    return _replace_projections(model, PackedLinear)
 
 
 def packed_weight_numel(module) -> int:
