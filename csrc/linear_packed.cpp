@@ -1,6 +1,7 @@
 // The packed-weight ops: `pack_weight` (W [N, K] -> the strip layout of packed_gemv.h, done once per weight) and
 // `linear_packed` (y [M, N] fp32 = x [M, K] @ W^T (+ bias) over it, x in W's dtype). fp32 on every build, bf16
-// where the CPU has AVX512_BF16: `packed_available(dtype)` says which.
+// where the CPU has AVX512_BF16: `packed_available(dtype)` says which. bf16 runs on AMX tiles where the build and the
+// OS allow (`amx_available`, amx_gemv.h) unless `set_amx(false)` (or JANUS_RT_AMX=0) turned that route off.
 #include <vector>
 
 #include <omp.h>
@@ -33,6 +34,13 @@ void linear_packed_impl(const WT* x, const WT* wp, const float* bias, float* y, 
 }  // namespace
 
 bool packed_available(int dtype) { return dtype == kF32 || (dtype == kBF16 && simd::kHaveBf16Dot); }
+
+bool amx_available() { return amx::kBuilt && amx::permitted(); }
+
+bool set_amx(bool on) {
+  const bool was = amx::switch_().exchange(on);
+  return was;
+}
 
 int64_t packed_size(int64_t N, int64_t K, int dtype) {
   check_sizes(dtype, N, K);

@@ -31,6 +31,8 @@ void mlp_gelu(ptr_t x, ptr_t w1, ptr_t b1, ptr_t w2, ptr_t b2, ptr_t y, int dtyp
 void gather_rows(ptr_t src, int src_dtype, ptr_t idx, ptr_t dst, int dst_dtype, int64_t n, int64_t cols,
                  int64_t src_rows);
 bool packed_available(int dtype);
+bool amx_available();
+bool set_amx(bool on);
 int64_t packed_size(int64_t N, int64_t K, int dtype);
 void pack_weight(ptr_t w, ptr_t wp, int64_t N, int64_t K, int dtype);
 void linear_packed(ptr_t x, ptr_t wp, ptr_t bias, ptr_t y, int64_t M, int64_t N, int64_t K, int dtype);

@@ -29,6 +29,7 @@
 
 #include <omp.h>
 
+#include "amx_gemv.h"
 #include "common.h"
 #include "gemv.h"
 #include "simd.h"
@@ -221,6 +222,11 @@ template <typename WT>
 void gemv_for(const WT* wp, const WT* x, int64_t ldx, const float* bias, float* y, int64_t M, int64_t N,
               int64_t K) {
   static_assert(available<WT>(), "no packed GEMV for these weights in this build");
+#if JR_HAVE_AMX
+  if constexpr (std::is_same_v<WT, uint16_t>) {
+    if (amx::use(K)) return amx::gemv_for(wp, x, ldx, bias, y, M, N, K);
+  }
+#endif
   constexpr int64_t S = strip<WT>(), E = ek<WT>(), SE = step_elems<WT>(), KT = ktile<WT>();
   const int64_t KS = K / E, strips = num_strips(N, S);
   const char* end = reinterpret_cast<const char*>(wp + packed_size<WT>(N, K));

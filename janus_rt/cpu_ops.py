@@ -54,17 +54,19 @@ TORCH_MATMUL_MIN_WIDTH = 2048  # auto: torch's matmul from this many input featu
 def torch_matmul_preferred(dtype: torch.dtype, width: int | None = None) -> bool:
     """Whether decode-sized projections of `dtype` with `width` input features (None: any) should go to torch's
     matmul rather than the csrc GEMVs. JANUS_RT_CPU_MATMUL: "torch" = always, "csrc" = never, unset or "auto" = bf16
-    on a CPU with AMX-BF16 tiles (which torch's oneDNN matmul uses and our AVX-512 GEMV does not) at widths from
-    TORCH_MATMUL_MIN_WIDTH. Measured on such a host (Intel Xeon, 2 cores, 2026-12-04, ms per decode step, csrc vs
-    torch): Janus-Pro-1B n = 16 498 vs 275; but hidden 512 x 8 layers n = 4 4.1 vs 12.4 and the tiny preset 0.07 vs
-    1.70, where the layer-by-layer step's Python costs more than the matmuls save (bench/RESULTS.md)."""
+    on a CPU with AMX-BF16 tiles at widths from TORCH_MATMUL_MIN_WIDTH, when this build's GEMV cannot use the tiles
+    itself (no amx_available(): a portable build, or an OS that refuses them) and torch's oneDNN matmul can.
+    Measured on such a host (Intel Xeon, 2 cores, 2026-12-04, ms per decode step): Janus-Pro-1B n = 16 with the
+    AVX512-BF16 GEMV 498 vs torch 275, then with the AMX GEMV 245; hidden 512 x 8 layers n = 4 4.1 (AVX512-BF16) vs
+    12.4 (torch) and the tiny preset 0.07 vs 1.70, where the layer-by-layer step's Python costs more than the matmuls
+    save (bench/RESULTS.md)."""
     v = os.environ.get("JANUS_RT_CPU_MATMUL", "auto").strip().lower()
     if v not in ("torch", "csrc", "auto", ""):
         raise ValueError(f"JANUS_RT_CPU_MATMUL={v!r}: expected torch, csrc or auto")
     if v in ("torch", "csrc"):
         return v == "torch"
     return (dtype == torch.bfloat16 and (width is None or width >= TORCH_MATMUL_MIN_WIDTH)
-            and "amx_bf16" in cpu_flags() and torch.backends.mkldnn.is_available())
+            and "amx_bf16" in cpu_flags() and torch.backends.mkldnn.is_available() and not amx_available())
 
 
 def stream_sum(x: torch.Tensor) -> float:
@@ -304,6 +306,19 @@ def packed_available(dtype: torch.dtype = torch.bfloat16) -> bool:
     """True when the extension has the packed GEMV (csrc/packed_gemv.h) for weights of this dtype: fp32 on every
     build, bf16 on a build for a CPU with AVX512_BF16."""
     return available() and dtype in _DTYPE_CODE and bool(_C.packed_available(_DTYPE_CODE[dtype]))
+
+
+def amx_available() -> bool:
+    """True when bf16 packed GEMVs (PackedWeight, the csrc decoder's projections) run on AMX tiles
+    (csrc/amx_gemv.h): an extension built for a CPU with AMX-BF16 (Sapphire Rapids and later Xeons) and an OS that
+    grants the tiles. Input widths that are not a multiple of 32 take the AVX512-BF16 kernel even then."""
+    return available() and bool(_C.amx_available())
+
+
+def set_amx(on: bool) -> bool:
+    """Turn the AMX route of the bf16 packed GEMVs on or off for this process (JANUS_RT_AMX=0 starts it off);
+    returns the previous setting. For comparing the two routes: outputs differ in summation order only."""
+    return bool(_ext().set_amx(bool(on)))
 
 
 def packable(dtype: torch.dtype, *in_features: int) -> bool:

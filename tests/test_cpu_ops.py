@@ -283,6 +283,47 @@ def test_linear_packed_rows_do_not_depend_on_the_batch(K, dtype):
         assert torch.equal(pw(x[:M]), alone[:M]), f"M = {M}"
 
 
+needs_amx = pytest.mark.skipif(not cpu_ops.amx_available(), reason="no AMX-BF16 route (CPU, build or OS)")
+
+
+@pytest.fixture
+def amx_route():
+    """Yields a function switching the AMX route on or off; restores the setting afterwards."""
+    was = cpu_ops.set_amx(True)
+    yield cpu_ops.set_amx
+    cpu_ops.set_amx(was)
+
+
+@needs_amx
+@pytest.mark.parametrize("M", [1, 5, 16, 17, 31, 32, 33, 70])  # one block of <= 16 rows, 16 + r, groups of 32 + tail
+@pytest.mark.parametrize("K", [32, 96, 2048])  # whole 16-pair steps
+@pytest.mark.parametrize("N", [1, 63, 130])  # partial strips
+def test_linear_packed_amx(poison, amx_route, M, K, N):
+    """csrc/amx_gemv.h against the fp64 reference, and against the AVX512-BF16 kernel on the same packed weight."""
+    g = torch.Generator().manual_seed(M * K + N)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    w = torch.randn(N, K, generator=g).bfloat16()
+    b = torch.randn(N, generator=g)
+    pw = cpu_ops.PackedWeight(w)
+    ref = F.linear(x.double(), w.double(), b.double())
+    amx_route(True)
+    y_amx = pw(x, b)
+    amx_route(False)
+    y_avx = pw(x, b)
+    assert rel_err(y_amx, ref) <= 1e-5 and rel_err(y_avx, ref) <= 1e-5
+    assert rel_err(y_amx, y_avx.double()) <= 1e-5
+
+
+@needs_amx
+def test_linear_packed_amx_rows_do_not_depend_on_the_batch(amx_route):
+    g = torch.Generator().manual_seed(3)
+    pw = cpu_ops.PackedWeight(torch.randn(200, 1376, generator=g).bfloat16())
+    x = torch.randn(70, 1376, generator=g).bfloat16()
+    alone = torch.cat([pw(x[i : i + 1]) for i in range(70)])
+    for M in list(range(2, 36)) + [63, 64, 65, 70]:  # 1 or 2 blocks of 16, groups of 32 and a tail group
+        assert torch.equal(pw(x[:M]), alone[:M]), f"M = {M}"
+
+
 def test_linear_packed_misuse():
     with pytest.raises(ValueError, match="dtype"):
         cpu_ops.PackedWeight(torch.randn(8, 8).half())

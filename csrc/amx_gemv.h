@@ -1,0 +1,193 @@
+// The packed bf16 GEMV on AMX tiles: y [M, N] fp32 = x [M, K] @ W [N, K]^T (+ bias), W in packed_gemv.h's strip
+// layout, on CPUs with AMX-BF16 (Sapphire Rapids and later Xeons). packed_gemv.h's gemv_for takes this route for
+// bf16 weights when `use()` says so; the AVX512-BF16 kernel there stays the route elsewhere.
+//
+// Why: at 32 rows of x (Janus-Pro-1B, n = 16 images with CFG) the AVX512-BF16 dot products are compute bound on a
+// 2-core Xeon (~200 GFLOP/s: 5.8 GB/s of weights), while one TDPBF16PS does 16 x 16 x 32 multiply-adds. bench_ab,
+// 1B shape (a layer's four matrices + the gen head from DRAM), 2026-12-04, GB/s (middle half) against a ~28-30 GB/s
+// stream: M = 2 27.5, 8 26.6, 16 25.5, 24 22.0-23.5, 32 19.6-23.5; the AVX512-BF16 kernel at M = 32 ~6.
+//
+// The strip layout is already what a B tile wants: step p of a strip is 64 output columns x one k pair (256 bytes),
+// so 16 consecutive steps of the columns 16 v .. 16 v + 15 are a B tile of 16 rows x 64 bytes at stride 256 bytes
+// (row r = k pair p0 + r, bytes 4 j .. 4 j + 3 = W[16 v + j, 2 (p0 + r) + 0..1]). An A tile is 16 rows of x x 32 k
+// (stride: x's row), a C tile 16 rows x 16 fp32 columns. Eight tiles (each thread loads its config and releases the
+// tiles at the end of the call):
+//   group of <= 16 rows: C0-C3 = the strip's four column vectors, A = tile 4, B = tiles 5 / 6 in turn, one pass;
+//   group of 17-32 rows: C0-C3 = 2 row blocks x 2 column vectors, A = tiles 4, 5, B = tiles 6, 7, two passes over
+//   the strip (columns 0-31, then 32-63 from L2: a strip is <= 720 KB at K = 5632).
+// Rows of x past 32 run as further groups of 32 over the same strip (from L2). K must be a multiple of 32 (whole
+// 16-pair steps; `use`): Janus-Pro's 2048, 4096, 5632 and 11008 are.
+//
+// Batch invariance: y[m, n] = bias[n] + the TDPBF16PS accumulation of steps 0, 1, ... in k order in one fp32 C
+// element, the same for any M or group (each C row is its own x row's), so a row of y is bit-identical for any M.
+// The sums differ from the AVX512-BF16 kernel's (another order), within the tests' tolerance to the reference.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define JR_HAVE_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define JR_HAVE_AMX 0
+#endif
+
+namespace jr::amx {
+
+constexpr bool kBuilt = JR_HAVE_AMX;
+
+// Whether this process may use the tiles: Linux hands out AMX tile state only to a process that asked for it
+// (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA); asked once. False on builds without AMX.
+inline bool permitted() {
+#if JR_HAVE_AMX
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// On/off switch (the `set_amx` op; JANUS_RT_AMX=0 starts it off): tests compare the two routes in one process.
+inline std::atomic<bool>& switch_() {
+  static std::atomic<bool> on{[] {
+    const char* v = std::getenv("JANUS_RT_AMX");
+    return !(v && std::strcmp(v, "0") == 0);
+  }()};
+  return on;
+}
+// Whether bf16 GEMVs of K input features take this route now.
+inline bool use(int64_t K) { return kBuilt && K % 32 == 0 && switch_().load(std::memory_order_relaxed) && permitted(); }
+
+#if JR_HAVE_AMX
+
+// Software prefetch distance ahead of the weight stream, 0: none. bench_ab, 1B shape, M = 32, 2026-12-04, GB/s
+// (middle half): none 16.0 vs 16 KiB 19.1; 8, 16, 32 and 64 KiB alike (21.5 / 21.5 / 21.4 / 21.2); L1 (t0) 21.0.
+#ifndef JR_AMX_PF_BYTES
+#define JR_AMX_PF_BYTES 16384
+#endif
+#ifndef JR_AMX_PF_LOC
+#define JR_AMX_PF_LOC 2
+#endif
+// Prefetch the 4 KiB (16 steps) that lie JR_AMX_PF_BYTES past w.
+inline void prefetch_ahead(const uint16_t* w) {
+  if constexpr (JR_AMX_PF_BYTES > 0) {
+    const char* p = reinterpret_cast<const char*>(w) + JR_AMX_PF_BYTES;
+    for (int l = 0; l < 64; ++l) __builtin_prefetch(p + 64 * l, 0, JR_AMX_PF_LOC);
+  }
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The tile shapes for a group of r0 (+ r1) rows: C tiles rows x 64 bytes, A tiles rows x 64 bytes, B 16 x 64.
+inline TileConfig config(int r0, int r1) {
+  TileConfig t;
+  auto set = [&](int i, int rows) { t.rows[i] = uint8_t(rows), t.colsb[i] = 64; };
+  if (r1 == 0) {
+    for (int i = 0; i < 4; ++i) set(i, r0);
+    set(4, r0), set(5, 16), set(6, 16);
+  } else {
+    set(0, r0), set(1, r0), set(2, r1), set(3, r1);
+    set(4, r0), set(5, r1), set(6, 16), set(7, 16);
+  }
+  return t;
+}
+
+// One strip (ws: its first step, KS = K / 2 steps) against a group of r0 <= 16 rows of x (x: the group's first row,
+// row stride ldx elements): c [16, 64] fp32 (row stride 64) = the group's rows x the strip's 64 columns.
+inline void strip_16(const uint16_t* ws, const uint16_t* x, int64_t ldx, int64_t KS, float* c) {
+  const int64_t sx = ldx * 2, sw = 256;
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  for (int64_t p = 0; p < KS; p += 16) {
+    const uint16_t* w = ws + p * 128;
+    prefetch_ahead(w);
+    _tile_loadd(4, x + 2 * p, sx);
+    _tile_loadd(5, w, sw);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, w + 32, sw);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(5, w + 64, sw);
+    _tile_dpbf16ps(2, 4, 5);
+    _tile_loadd(6, w + 96, sw);
+    _tile_dpbf16ps(3, 4, 6);
+  }
+  _tile_stored(0, c, 256); _tile_stored(1, c + 16, 256); _tile_stored(2, c + 32, 256); _tile_stored(3, c + 48, 256);
+}
+
+// As strip_16 for a group of 16 + r1 rows (r1 <= 16): c [32, 64], rows 16.. = the second block's. Eight tiles hold
+// only half the strip's columns for two row blocks: columns 0-31 over the whole strip (from DRAM, all of it
+// prefetched), then 32-63 (from L2). (Chunks of 64 or 128 k pairs, both halves per chunk from L1 and the C tiles
+// parked between chunks: 18.0 / 18.9 vs 19.1 GB/s, bench_ab, 1B shape, M = 32, 2026-12-04.)
+inline void strip_32(const uint16_t* ws, const uint16_t* x, int64_t ldx, int64_t KS, float* c) {
+  const int64_t sx = ldx * 2, sw = 256;
+  const uint16_t* x1 = x + 16 * ldx;
+  for (int half = 0; half < 2; ++half) {
+    const uint16_t* wh = ws + half * 64;
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t p = 0; p < KS; p += 16) {
+      const uint16_t* w = wh + p * 128;
+      if (half == 0) prefetch_ahead(w);
+      _tile_loadd(4, x + 2 * p, sx);
+      _tile_loadd(5, x1 + 2 * p, sx);
+      _tile_loadd(6, w, sw);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_loadd(7, w + 32, sw);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    float* ch = c + half * 32;
+    _tile_stored(0, ch, 256); _tile_stored(1, ch + 16, 256);
+    _tile_stored(2, ch + 16 * 64, 256); _tile_stored(3, ch + 16 * 64 + 16, 256);
+  }
+}
+
+// Rows of x per pass over a strip: 32 (strip_32) or 16 (strip_16 only, the strip re-read from L2 for each 16 rows):
+// bench_ab, 1B shape, 2026-12-04, GB/s (middle half) 32 vs 16: M = 32 23.5 vs 22.2, M = 24 23.5 vs 21.0.
+#ifndef JR_AMX_GROUP_ROWS
+#define JR_AMX_GROUP_ROWS 32
+#endif
+
+// Inside an OpenMP parallel region (an orphaned `omp for`, ending with the team's barrier), or outside one: as
+// packed::gemv_for<uint16_t> (xp [M, ldx] bf16, wp = packed::pack(W), S = 64 columns a strip). Callers check use(K).
+inline void gemv_for(const uint16_t* wp, const uint16_t* x, int64_t ldx, const float* bias, float* y, int64_t M,
+                     int64_t N, int64_t K) {
+  constexpr int64_t S = 64, GR = JR_AMX_GROUP_ROWS;
+  const int64_t KS = K / 2, strips = (N + S - 1) / S, groups = (M + GR - 1) / GR;
+  alignas(64) float c[32 * 64];
+  int loaded = -1;  // the row count whose tile config is loaded on this thread
+#pragma omp for schedule(guided, 1)
+  for (int64_t s = 0; s < strips; ++s) {
+    const uint16_t* ws = wp + s * KS * 128;
+    const int64_t n0 = s * S, nn = std::min(S, N - n0);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t m0 = GR * g, rows = std::min<int64_t>(GR, M - m0);
+      const int r0 = int(std::min<int64_t>(16, rows)), r1 = int(rows - r0);
+      if (loaded != int(rows)) {
+        const TileConfig cfg = config(r0, r1);
+        _tile_loadconfig(&cfg);
+        loaded = int(rows);
+      }
+      if (r1 == 0) strip_16(ws, x + m0 * ldx, ldx, KS, c);
+      else strip_32(ws, x + m0 * ldx, ldx, KS, c);
+      for (int64_t m = 0; m < rows; ++m)
+        for (int64_t j = 0; j < nn; ++j) y[(m0 + m) * N + n0 + j] = c[m * 64 + j] + (bias ? bias[n0 + j] : 0.0f);
+    }
+  }
+  if (loaded >= 0) _tile_release();
+}
+
+#endif  // JR_HAVE_AMX
+
+}  // namespace jr::amx
