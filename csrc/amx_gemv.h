@@ -153,6 +153,9 @@ inline void strip_32(const uint16_t* ws, const uint16_t* x, int64_t ldx, int64_t
   }
 }
 
+// (Reordered so that each tile load waits on the earliest-finished TDPBF16PS, and strip_16 with x's tile
+// alternating between two tiles: 19.8 vs 19.4 GB/s at M = 32, 24.4 vs 24.3 at M = 16, bench_ab from DRAM (2 GB),
+// 2026-12-04: not kept. Both M are ~70-100 % of the stream probe of the moment, which moved between 20 and 31 GB/s.)
 // Rows of x per pass over a strip: 32 (strip_32) or 16 (strip_16 only, the strip re-read from L2 for each 16 rows):
 // bench_ab, 1B shape, 2026-12-04, GB/s (middle half) 32 vs 16: M = 32 23.5 vs 22.2, M = 24 23.5 vs 21.0.
 #ifndef JR_AMX_GROUP_ROWS
