@@ -55,7 +55,8 @@ inline bool permitted() {
 #endif
 }
 
-// On/off switch (the `set_amx` op; JANUS_RT_AMX=0 starts it off): tests compare the two routes in one process.
+// On/off switch (the `set_amx` op; JANUS_RT_AMX=0 starts it off): tests compare the two routes in one process. Each
+// thread of a call reads it, so it must not change while a kernel runs (set it between calls).
 inline std::atomic<bool>& switch_() {
   static std::atomic<bool> on{[] {
     const char* v = std::getenv("JANUS_RT_AMX");

@@ -17,6 +17,8 @@
 // first block — from 3 rows of x on; for 1 or 2 the hardware prefetchers read the stream faster alone.
 // Against gemv.h's row-block kernel on the unpacked W (bf16, 2-core Zen 5, 2026-12-02, bench/RESULTS.md): ~1.8x at
 // M = 32, ~1.5x at M = 2-8, with W from DRAM.
+// On CPUs with AMX-BF16 (and a build for them), bf16 weights with K a multiple of 32 go to amx_gemv.h instead: the same
+// layout read as AMX tiles.
 // Batch invariance: y[m, n] = bias[n] + (((0 + step 0) + step 1) + ...) in fp32 lanes (FMA, or the pair's dot
 // product), steps in k order whatever M, the tiling or the row block is, so a row of y is bit-identical for any M
 // (tests/test_cpu_ops.py).

@@ -317,7 +317,8 @@ def amx_available() -> bool:
 
 def set_amx(on: bool) -> bool:
     """Turn the AMX route of the bf16 packed GEMVs on or off for this process (JANUS_RT_AMX=0 starts it off);
-    returns the previous setting. For comparing the two routes: outputs differ in summation order only."""
+    returns the previous setting. For comparing the two routes: outputs differ in summation order only. Call it
+    between kernel calls, never while another thread runs one (each OpenMP thread of a call reads the setting)."""
     return bool(_ext().set_amx(bool(on)))
 
 
