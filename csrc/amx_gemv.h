@@ -77,11 +77,26 @@ inline bool use(int64_t K) { return kBuilt && K % 32 == 0 && switch_().load(std:
 #ifndef JR_AMX_PF_LOC
 #define JR_AMX_PF_LOC 2
 #endif
+// x's rows for the next step's A tiles prefetched into L1 (bench_ab, 1B shape, from 1 GB, 2026-12-04, GB/s, middle
+// half, off -> on: M = 32 19.9 -> 20.6, 16 24.7 -> 25.3, 2 26.5 -> 26.6; L2-resident weights, M = 32 34.7 -> 36.2).
+// Also tried, not kept: B tiles' lines into L1 one step ahead (L2-resident 34.7 -> 31.5), and in strip_32 the
+// next strip prefetched over both halves instead of 16 KiB ahead in the first (19.5 -> 19.0 from DRAM).
+#ifndef JR_AMX_PF_X
+#define JR_AMX_PF_X 1
+#endif
 // Prefetch the 4 KiB (16 steps) that lie JR_AMX_PF_BYTES past w.
 inline void prefetch_ahead(const uint16_t* w) {
   if constexpr (JR_AMX_PF_BYTES > 0) {
     const char* p = reinterpret_cast<const char*>(w) + JR_AMX_PF_BYTES;
     for (int l = 0; l < 64; ++l) __builtin_prefetch(p + 64 * l, 0, JR_AMX_PF_LOC);
+  }
+}
+// Prefetch `rows` rows of x (stride sx bytes) from xa on into L1: the next A tile (past the last step or the group's
+// rows these are lines nobody reads; a prefetch never faults).
+inline void prefetch_x(const uint16_t* xa, int64_t sx, int rows) {
+  if constexpr (JR_AMX_PF_X) {
+    const char* p = reinterpret_cast<const char*>(xa);
+    for (int r = 0; r < rows; ++r) __builtin_prefetch(p + r * sx, 0, 3);
   }
 }
 
@@ -113,6 +128,7 @@ inline void strip_16(const uint16_t* ws, const uint16_t* x, int64_t ldx, int64_t
   for (int64_t p = 0; p < KS; p += 16) {
     const uint16_t* w = ws + p * 128;
     prefetch_ahead(w);
+    prefetch_x(x + 2 * p + 32, sx, 16);
     _tile_loadd(4, x + 2 * p, sx);
     _tile_loadd(5, w, sw);
     _tile_dpbf16ps(0, 4, 5);
@@ -139,6 +155,8 @@ inline void strip_32(const uint16_t* ws, const uint16_t* x, int64_t ldx, int64_t
     for (int64_t p = 0; p < KS; p += 16) {
       const uint16_t* w = wh + p * 128;
       if (half == 0) prefetch_ahead(w);
+      prefetch_x(x + 2 * p + 32, sx, 16);
+      prefetch_x(x1 + 2 * p + 32, sx, 16);
       _tile_loadd(4, x + 2 * p, sx);
       _tile_loadd(5, x1 + 2 * p, sx);
       _tile_loadd(6, w, sw);
