@@ -44,7 +44,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("seconds"), py::arg("reset"));
   m.def("packed_available", &jr::packed_available, "whether this build has the packed GEMV for this dtype",
         py::arg("dtype"));
-  m.def("amx_available", &jr::amx_available, "whether bf16 packed GEMVs can run on AMX tiles (build, CPU and OS)");
+  m.def("amx_available", &jr::amx_available, "whether bf16 packed GEMVs run on AMX tiles (build, CPU, OS and set_amx)");
   m.def("set_amx", &jr::set_amx, "turn the AMX route of the bf16 packed GEMVs on or off; returns the old setting",
         py::arg("on"));
   m.def("packed_size", &jr::packed_size, "elements of a packed [N, K] weight", py::arg("N"), py::arg("K"),

@@ -35,12 +35,9 @@ void linear_packed_impl(const WT* x, const WT* wp, const float* bias, float* y, 
 
 bool packed_available(int dtype) { return dtype == kF32 || (dtype == kBF16 && simd::kHaveBf16Dot); }
 
-bool amx_available() { return amx::kBuilt && amx::permitted(); }
+bool amx_available() { return amx::kBuilt && amx::permitted() && amx::switch_().load(); }
 
-bool set_amx(bool on) {
-  const bool was = amx::switch_().exchange(on);
-  return was;
-}
+bool set_amx(bool on) { return amx::switch_().exchange(on); }
 
 int64_t packed_size(int64_t N, int64_t K, int dtype) {
   check_sizes(dtype, N, K);

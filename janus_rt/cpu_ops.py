@@ -310,8 +310,10 @@ def packed_available(dtype: torch.dtype = torch.bfloat16) -> bool:
 
 def amx_available() -> bool:
     """True when bf16 packed GEMVs (PackedWeight, the csrc decoder's projections) run on AMX tiles
-    (csrc/amx_gemv.h): an extension built for a CPU with AMX-BF16 (Sapphire Rapids and later Xeons) and an OS that
-    grants the tiles. Input widths that are not a multiple of 32 take the AVX512-BF16 kernel even then."""
+    (csrc/amx_gemv.h): an extension built for a CPU with AMX-BF16 (Sapphire Rapids and later Xeons), an OS that
+    grants the tiles, and the route on (not JANUS_RT_AMX=0 / set_amx(False): then torch_matmul_preferred's auto
+    rule sends wide bf16 projections to torch's matmul again). Input widths that are not a multiple of 32 take the
+    AVX512-BF16 kernel even then."""
     return available() and bool(_C.amx_available())
 
 
