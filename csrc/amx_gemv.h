@@ -4,8 +4,9 @@
 //
 // Why: at 32 rows of x (Janus-Pro-1B, n = 16 images with CFG) the AVX512-BF16 dot products are compute bound on a
 // 2-core Xeon (~200 GFLOP/s: 5.8 GB/s of weights), while one TDPBF16PS does 16 x 16 x 32 multiply-adds. bench_ab,
-// 1B shape (a layer's four matrices + the gen head from DRAM), 2026-12-04, GB/s (middle half) against a ~28-30 GB/s
-// stream: M = 2 27.5, 8 26.6, 16 25.5, 24 22.0-23.5, 32 19.6-23.5; the AVX512-BF16 kernel at M = 32 ~6.
+// 1B shape (a layer's four matrices + the gen head, 1 GB per call), 2026-12-04, GB/s (middle half) against a
+// ~28-30 GB/s stream: M = 2 26.6, 16 25.3, 32 20.6; the AVX512-BF16 kernel at M = 32 ~6. (The numbers in the
+// notes below marked "170 MB" had one layer per call, which this host's 480 MiB L3 partly held: higher.)
 //
 // The strip layout is already what a B tile wants: step p of a strip is 64 output columns x one k pair (256 bytes),
 // so 16 consecutive steps of the columns 16 v .. 16 v + 15 are a B tile of 16 rows x 64 bytes at stride 256 bytes
@@ -69,8 +70,8 @@ inline bool use(int64_t K) { return kBuilt && K % 32 == 0 && switch_().load(std:
 
 #if JR_HAVE_AMX
 
-// Software prefetch distance ahead of the weight stream, 0: none. bench_ab, 1B shape, M = 32, 2026-12-04, GB/s
-// (middle half): none 16.0 vs 16 KiB 19.1; 8, 16, 32 and 64 KiB alike (21.5 / 21.5 / 21.4 / 21.2); L1 (t0) 21.0.
+// Software prefetch distance ahead of the weight stream, 0: none. bench_ab, 1B shape, M = 32, 170 MB, 2026-12-04,
+// GB/s (middle half): none 16.0 vs 16 KiB 19.1; 8, 16, 32 and 64 KiB alike (21.5 / 21.5 / 21.4 / 21.2); L1 (t0) 21.0.
 #ifndef JR_AMX_PF_BYTES
 #define JR_AMX_PF_BYTES 16384
 #endif
@@ -145,7 +146,7 @@ inline void strip_16(const uint16_t* ws, const uint16_t* x, int64_t ldx, int64_t
 // As strip_16 for a group of 16 + r1 rows (r1 <= 16): c [32, 64], rows 16.. = the second block's. Eight tiles hold
 // only half the strip's columns for two row blocks: columns 0-31 over the whole strip (from DRAM, all of it
 // prefetched), then 32-63 (from L2). (Chunks of 64 or 128 k pairs, both halves per chunk from L1 and the C tiles
-// parked between chunks: 18.0 / 18.9 vs 19.1 GB/s, bench_ab, 1B shape, M = 32, 2026-12-04.)
+// parked between chunks: 18.0 / 18.9 vs 19.1 GB/s, bench_ab, 1B shape, M = 32, 170 MB, 2026-12-04.)
 inline void strip_32(const uint16_t* ws, const uint16_t* x, int64_t ldx, int64_t KS, float* c) {
   const int64_t sx = ldx * 2, sw = 256;
   const uint16_t* x1 = x + 16 * ldx;
@@ -176,7 +177,8 @@ inline void strip_32(const uint16_t* ws, const uint16_t* x, int64_t ldx, int64_t
 // alternating between two tiles: 19.8 vs 19.4 GB/s at M = 32, 24.4 vs 24.3 at M = 16, bench_ab from DRAM (2 GB),
 // 2026-12-04: not kept. Both M are ~70-100 % of the stream probe of the moment, which moved between 20 and 31 GB/s.)
 // Rows of x per pass over a strip: 32 (strip_32) or 16 (strip_16 only, the strip re-read from L2 for each 16 rows):
-// bench_ab, 1B shape, 2026-12-04, GB/s (middle half) 32 vs 16: M = 32 23.5 vs 22.2, M = 24 23.5 vs 21.0.
+// bench_ab, 1B shape, 170 MB, 2026-12-04, GB/s (middle half) 32 vs 16: M = 32 23.5 vs 22.2, M = 24 23.5 vs 21.0;
+// from 2 GB M = 32 18.1 vs 17.6.
 #ifndef JR_AMX_GROUP_ROWS
 #define JR_AMX_GROUP_ROWS 32
 #endif
