@@ -11,7 +11,7 @@
 // The strip layout is already what a B tile wants: step p of a strip is 64 output columns x one k pair (256 bytes),
 // so 16 consecutive steps of the columns 16 v .. 16 v + 15 are a B tile of 16 rows x 64 bytes at stride 256 bytes
 // (row r = k pair p0 + r, bytes 4 j .. 4 j + 3 = W[16 v + j, 2 (p0 + r) + 0..1]). An A tile is 16 rows of x x 32 k
-// (stride: x's row), a C tile 16 rows x 16 fp32 columns. Eight tiles (each thread loads its config and releases the
+// (from a per-thread copy of x laid out tile by tile, pack_x), a C tile 16 rows x 16 fp32 columns. Eight tiles (each thread loads its config and releases the
 // tiles at the end of the call):
 //   group of <= 16 rows: C0-C3 = the strip's four column vectors, A = tile 4, B = tiles 5 / 6 in turn, one pass;
 //   group of 17-32 rows: C0-C3 = 2 row blocks x 2 column vectors, A = tiles 4, 5, B = tiles 6, 7, two passes over
@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #define JR_HAVE_AMX 1
@@ -78,7 +79,7 @@ inline bool use(int64_t K) { return kBuilt && K % 32 == 0 && switch_().load(std:
 #ifndef JR_AMX_PF_LOC
 #define JR_AMX_PF_LOC 2
 #endif
-// x's rows for the next step's A tiles prefetched into L1 (bench_ab, 1B shape, from 1 GB, 2026-12-04, GB/s, middle
+// Unpacked x (JR_AMX_PACK_X=0): x's rows for the next step's A tiles prefetched into L1 (bench_ab, 1B shape, from 1 GB, 2026-12-04, GB/s, middle
 // half, off -> on: M = 32 19.9 -> 20.6, 16 24.7 -> 25.3, 2 26.5 -> 26.6; L2-resident weights, M = 32 34.7 -> 36.2).
 // Also tried, not kept: B tiles' lines into L1 one step ahead (L2-resident 34.7 -> 31.5), and in strip_32 the
 // next strip prefetched over both halves instead of 16 KiB ahead in the first (19.5 -> 19.0 from DRAM).
@@ -101,6 +102,58 @@ inline void prefetch_x(const uint16_t* xa, int64_t sx, int rows) {
   }
 }
 
+// x packed A tile by A tile, once per call on each thread, so that an A tile is 1 KiB at a 64-byte stride instead of
+// 16 rows of x at x's row stride: at Janus-Pro's 2048 columns a bf16 row is 4 KiB, so those 16 lines (32 for the two
+// tiles of strip_32) all fall in one L1 set and evict each other, and the A tiles came from L2.
+// xp[((g * Q + q) * 32 + r) * 32 + e] = x[32 g + r, 32 q + e], Q = K / 32 (groups of 32 rows; a short last group
+// leaves its missing rows unwritten: its tiles are configured with fewer rows).
+// Measured (2026-12-04, sixteenth session, this 2-core Xeon): a standalone loop of strip_32 over 2 MB of weights (in
+// L2, 2 threads) 24.5 -> 35.2 GB/s (the same loop with every tile load hoisted out, the TDPBF16PS alone: 76);
+// bench_ab, 1B shape from 1 GB, GB/s (middle half), unpacked -> packed: M = 32 19.2 -> 19.8, M = 16 25.3 -> 25.0,
+// M = 8 25.6 -> 25.8, M = 2 25.7 -> 26.0; the 1B decoder layers at 32 rows, context 312 (`--op layers`) 20.4 -> 20.7
+// (slowest quarter 19.5 -> 20.8, fastest 19.0 -> 20.6). Tried with it, not kept: the next step's packed A tiles
+// prefetched into L1 (M = 32 19.7, JR_AMX_PF_XP=1), and strip_32 prefetching the next strip at an even 2 KiB a step
+// over both halves (M = 32 19.9 -> 19.0, as before packing). From DRAM the M = 32 kernel stays near ~20 GB/s even
+// with every tile load hoisted out of the standalone loop (only the weight prefetches left): the cap is then the
+// rate one core's prefetches reach, not the tiles.
+#ifndef JR_AMX_PACK_X
+#define JR_AMX_PACK_X 1
+#endif
+#ifndef JR_AMX_PF_XP  // packed x: the next step's A tiles prefetched into L1 (contiguous: 16 or 32 lines)
+#define JR_AMX_PF_XP 0
+#endif
+inline const uint16_t* pack_x(const uint16_t* x, int64_t ldx, int64_t M, int64_t K) {
+  static thread_local std::vector<uint16_t> buf;
+  const int64_t Q = K / 32, groups = (M + 31) / 32;
+  if (int64_t(buf.size()) < groups * Q * 1024) buf.resize(size_t(groups * Q * 1024));
+  for (int64_t m = 0; m < M; ++m) {
+    uint16_t* d = buf.data() + (m / 32 * Q * 32 + m % 32) * 32;
+    for (int64_t q = 0; q < Q; ++q) std::memcpy(d + q * 1024, x + m * ldx + 32 * q, 64);
+  }
+  return buf.data();
+}
+
+// Where a group's A tiles are: tile q (k pairs 16 q .. 16 q + 15) of rows 0-15 at x + q * step, of rows 16-31 at
+// x + q * step + second, rows `stride` bytes apart.
+struct XTiles {
+  const uint16_t* x;
+  int64_t step, second, stride;
+  bool packed;
+  const uint16_t* a0(int64_t q) const { return x + q * step; }
+  const uint16_t* a1(int64_t q) const { return x + q * step + second; }
+  void prefetch_next(int64_t q, int blocks) const {
+    if (packed) {
+      if constexpr (JR_AMX_PF_XP) {
+        const char* p = reinterpret_cast<const char*>(a0(q + 1));
+        for (int l = 0; l < 16 * blocks; ++l) __builtin_prefetch(p + 64 * l, 0, 3);
+      }
+    } else {
+      prefetch_x(a0(q + 1), stride, 16);
+      if (blocks > 1) prefetch_x(a1(q + 1), stride, 16);
+    }
+  }
+};
+
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
@@ -121,16 +174,16 @@ inline TileConfig config(int r0, int r1) {
   return t;
 }
 
-// One strip (ws: its first step, KS = K / 2 steps) against a group of r0 <= 16 rows of x (x: the group's first row,
-// row stride ldx elements): c [16, 64] fp32 (row stride 64) = the group's rows x the strip's 64 columns.
-inline void strip_16(const uint16_t* ws, const uint16_t* x, int64_t ldx, int64_t KS, float* c) {
-  const int64_t sx = ldx * 2, sw = 256;
+// One strip (ws: its first step, KS = K / 2 steps) against a group of r0 <= 16 rows of x (xt: where its A tiles
+// are): c [16, 64] fp32 (row stride 64) = the group's rows x the strip's 64 columns.
+inline void strip_16(const uint16_t* ws, const XTiles& xt, int64_t KS, float* c) {
+  const int64_t sw = 256;
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
   for (int64_t p = 0; p < KS; p += 16) {
     const uint16_t* w = ws + p * 128;
     prefetch_ahead(w);
-    prefetch_x(x + 2 * p + 32, sx, 16);
-    _tile_loadd(4, x + 2 * p, sx);
+    xt.prefetch_next(p / 16, 1);
+    _tile_loadd(4, xt.a0(p / 16), xt.stride);
     _tile_loadd(5, w, sw);
     _tile_dpbf16ps(0, 4, 5);
     _tile_loadd(6, w + 32, sw);
@@ -147,19 +200,17 @@ inline void strip_16(const uint16_t* ws, const uint16_t* x, int64_t ldx, int64_t
 // only half the strip's columns for two row blocks: columns 0-31 over the whole strip (from DRAM, all of it
 // prefetched), then 32-63 (from L2). (Chunks of 64 or 128 k pairs, both halves per chunk from L1 and the C tiles
 // parked between chunks: 18.0 / 18.9 vs 19.1 GB/s, bench_ab, 1B shape, M = 32, 170 MB, 2026-12-04.)
-inline void strip_32(const uint16_t* ws, const uint16_t* x, int64_t ldx, int64_t KS, float* c) {
-  const int64_t sx = ldx * 2, sw = 256;
-  const uint16_t* x1 = x + 16 * ldx;
+inline void strip_32(const uint16_t* ws, const XTiles& xt, int64_t KS, float* c) {
+  const int64_t sw = 256;
   for (int half = 0; half < 2; ++half) {
     const uint16_t* wh = ws + half * 64;
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int64_t p = 0; p < KS; p += 16) {
       const uint16_t* w = wh + p * 128;
       if (half == 0) prefetch_ahead(w);
-      prefetch_x(x + 2 * p + 32, sx, 16);
-      prefetch_x(x1 + 2 * p + 32, sx, 16);
-      _tile_loadd(4, x + 2 * p, sx);
-      _tile_loadd(5, x1 + 2 * p, sx);
+      xt.prefetch_next(p / 16, 2);
+      _tile_loadd(4, xt.a0(p / 16), xt.stride);
+      _tile_loadd(5, xt.a1(p / 16), xt.stride);
       _tile_loadd(6, w, sw);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(2, 5, 6);
@@ -190,6 +241,8 @@ inline void gemv_for(const uint16_t* wp, const uint16_t* x, int64_t ldx, const f
   constexpr int64_t S = 64, GR = JR_AMX_GROUP_ROWS;
   const int64_t KS = K / 2, strips = (N + S - 1) / S, groups = (M + GR - 1) / GR;
   alignas(64) float c[32 * 64];
+  const bool packed = JR_AMX_PACK_X;
+  const uint16_t* xp = packed ? pack_x(x, ldx, M, K) : x;
   int loaded = -1;  // the row count whose tile config is loaded on this thread
 #pragma omp for schedule(guided, 1)
   for (int64_t s = 0; s < strips; ++s) {
@@ -203,8 +256,10 @@ inline void gemv_for(const uint16_t* wp, const uint16_t* x, int64_t ldx, const f
         _tile_loadconfig(&cfg);
         loaded = int(rows);
       }
-      if (r1 == 0) strip_16(ws, x + m0 * ldx, ldx, KS, c);
-      else strip_32(ws, x + m0 * ldx, ldx, KS, c);
+      const XTiles xt = packed ? XTiles{xp + (m0 / 32 * (K / 32) * 32 + m0 % 32) * 32, 1024, 512, 64, true}
+                               : XTiles{x + m0 * ldx, 32, 16 * ldx, 2 * ldx, false};
+      if (r1 == 0) strip_16(ws, xt, KS, c);
+      else strip_32(ws, xt, KS, c);
       for (int64_t m = 0; m < rows; ++m)
         for (int64_t j = 0; j < nn; ++j) y[(m0 + m) * N + n0 + j] = c[m * 64 + j] + (bias ? bias[n0 + j] : 0.0f);
     }
