@@ -11,8 +11,8 @@
 // The strip layout is already what a B tile wants: step p of a strip is 64 output columns x one k pair (256 bytes),
 // so 16 consecutive steps of the columns 16 v .. 16 v + 15 are a B tile of 16 rows x 64 bytes at stride 256 bytes
 // (row r = k pair p0 + r, bytes 4 j .. 4 j + 3 = W[16 v + j, 2 (p0 + r) + 0..1]). An A tile is 16 rows of x x 32 k
-// (from a per-thread copy of x laid out tile by tile, pack_x), a C tile 16 rows x 16 fp32 columns. Eight tiles (each thread loads its config and releases the
-// tiles at the end of the call):
+// (from a per-thread copy of x laid out tile by tile, pack_x), a C tile 16 rows x 16 fp32 columns. Eight tiles (each
+// thread loads its config and releases the tiles at the end of the call):
 //   group of <= 16 rows: C0-C3 = the strip's four column vectors, A = tile 4, B = tiles 5 / 6 in turn, one pass;
 //   group of 17-32 rows: C0-C3 = 2 row blocks x 2 column vectors, A = tiles 4, 5, B = tiles 6, 7, two passes over
 //   the strip (columns 0-31, then 32-63 from L2: a strip is <= 720 KB at K = 5632).
@@ -73,24 +73,32 @@ inline bool use(int64_t K) { return kBuilt && K % 32 == 0 && switch_().load(std:
 
 // Software prefetch distance ahead of the weight stream, 0: none. bench_ab, 1B shape, M = 32, 170 MB, 2026-12-04,
 // GB/s (middle half): none 16.0 vs 16 KiB 19.1; 8, 16, 32 and 64 KiB alike (21.5 / 21.5 / 21.4 / 21.2); L1 (t0) 21.0.
+// Of each 256-byte step only its last two lines (bytes 128-255) are prefetched: the tile loads ask for the first two
+// (columns 0-31) soon enough themselves, and half the prefetches hold half the core's miss buffers. bench_ab, 1B
+// shape from 1 GB, 2026-12-04 (sixteenth session), GB/s (middle half), all four lines -> lines 2-3: M = 32 19.2 ->
+// 19.8 and 19.0 -> 19.6, M = 16 24.8 -> 25.2 and 23.9 -> 24.8, M = 2 25.7 -> 26.2; the 1B decoder layers alike (20.4).
+// Not kept: line 2 alone (M = 32 17.1, 16 24.0), lines 0 and 2 (18.0, 23.9), lines 2-3 at 8 or 32 KiB (19.8 / 19.3
+// vs 19.9 at 16; M = 16 24.8 / 24.6 vs 25.2).
 #ifndef JR_AMX_PF_BYTES
 #define JR_AMX_PF_BYTES 16384
 #endif
 #ifndef JR_AMX_PF_LOC
 #define JR_AMX_PF_LOC 2
 #endif
-// Unpacked x (JR_AMX_PACK_X=0): x's rows for the next step's A tiles prefetched into L1 (bench_ab, 1B shape, from 1 GB, 2026-12-04, GB/s, middle
-// half, off -> on: M = 32 19.9 -> 20.6, 16 24.7 -> 25.3, 2 26.5 -> 26.6; L2-resident weights, M = 32 34.7 -> 36.2).
+// Unpacked x (JR_AMX_PACK_X=0): x's rows for the next step's A tiles prefetched into L1 (bench_ab, 1B shape, from
+// 1 GB, 2026-12-04, GB/s, middle half, off -> on: M = 32 19.9 -> 20.6, 16 24.7 -> 25.3, 2 26.5 -> 26.6;
+// L2-resident weights, M = 32 34.7 -> 36.2).
 // Also tried, not kept: B tiles' lines into L1 one step ahead (L2-resident 34.7 -> 31.5), and in strip_32 the
 // next strip prefetched over both halves instead of 16 KiB ahead in the first (19.5 -> 19.0 from DRAM).
 #ifndef JR_AMX_PF_X
 #define JR_AMX_PF_X 1
 #endif
-// Prefetch the 4 KiB (16 steps) that lie JR_AMX_PF_BYTES past w.
+// Prefetch lines 2-3 of the 16 steps (4 KiB) that lie JR_AMX_PF_BYTES past w.
 inline void prefetch_ahead(const uint16_t* w) {
   if constexpr (JR_AMX_PF_BYTES > 0) {
     const char* p = reinterpret_cast<const char*>(w) + JR_AMX_PF_BYTES;
-    for (int l = 0; l < 64; ++l) __builtin_prefetch(p + 64 * l, 0, JR_AMX_PF_LOC);
+    for (int r = 0; r < 16; ++r)
+      __builtin_prefetch(p + 256 * r + 128, 0, JR_AMX_PF_LOC), __builtin_prefetch(p + 256 * r + 192, 0, JR_AMX_PF_LOC);
   }
 }
 // Prefetch `rows` rows of x (stride sx bytes) from xa on into L1: the next A tile (past the last step or the group's
