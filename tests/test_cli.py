@@ -161,6 +161,47 @@ def test_bench_json_and_profile(tmp_path, capsys, layerwise):
                 assert chart.width > 600 and chart.height > 12 * 26
 
 
+def test_bench_profile_frees_earlier_engines_and_the_baseline(tmp_path, monkeypatch):
+    """`janus-rt bench --profile` builds its engines one at a time, sizing each KV pool from the free memory: the
+    profiled engine and transformers' copy of the model are gone before the phase timing's engine is made (with both
+    still held, the 1B n = 16 benchmark stopped at its phase table: 1185 of 1216 KV blocks)."""
+    pytest.importorskip("transformers")
+    import gc
+    import weakref
+
+    from janus_rt.engine import benchmark
+
+    made, baseline, checked = [], [], []
+    real_engine, real_baseline, real_phases = (benchmark._image_engine, benchmark.transformers_baseline,
+                                               benchmark.decode_phase_times)
+
+    def engine(*a, **kw):
+        eng = real_engine(*a, **kw)
+        made.append(weakref.ref(eng))
+        return eng
+
+    def ref_model(*a, **kw):
+        m = real_baseline(*a, **kw)
+        if m is not None:
+            baseline.append(weakref.ref(m))
+        return m
+
+    def phases(*a, **kw):
+        gc.collect()
+        checked.append(([r() is None for r in made], [r() is None for r in baseline]))
+        return real_phases(*a, **kw)
+
+    monkeypatch.setattr(benchmark, "_image_engine", engine)
+    monkeypatch.setattr(benchmark, "transformers_baseline", ref_model)
+    monkeypatch.setattr(benchmark, "decode_phase_times", phases)
+    main(["bench", "--model", "tiny", "--device", "cpu", "--tokens", "4", "--repeats", "1", "--warmup-tokens", "0",
+          "--profile", str(tmp_path / "prof")])
+    assert len(checked) == 1
+    engines_gone, baseline_gone = checked[0]
+    assert len(engines_gone) >= 3 and all(engines_gone)  # the timed runs' and the profiled one
+    assert baseline_gone == [True]
+
+
 @pytest.mark.parametrize("packed_env", ["auto", "0"])
 def test_bench_packs_in_place(tmp_path, capsys, monkeypatch, packed_env):
     """`janus-rt bench` holds the model's projections packed only, as `generate` does, and says so in its output and
