@@ -129,12 +129,12 @@ def linear(x, weight, bias=None):
 
 def _linear_packed(x, weight, bias):
     from janus_rt import cpu_ops
-    from janus_rt.models.packed_linear import OneDNNWeight
 
-    if isinstance(weight, OneDNNWeight):
+    if getattr(weight, "held_for_linear", False):  # another kernel's own layout (models.packed_linear.OneDNNWeight)
         return weight(x, bias)
     if not isinstance(weight, cpu_ops.PackedWeight):
-        raise TypeError(f"linear: weight must be a tensor or a cpu_ops.PackedWeight, not {type(weight).__name__}")
+        raise TypeError(f"linear: weight must be a tensor, a cpu_ops.PackedWeight or a held weight (OneDNNWeight), "
+                        f"not {type(weight).__name__}")
     if x.device.type != "cpu":
         raise ValueError(f"linear: the weight is packed for the CPU (Janus.pack_for_cpu_) but x is on {x.device}; "
                          "load the model again to run it elsewhere")

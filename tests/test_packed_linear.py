@@ -127,3 +127,21 @@ def test_roofline_counts_packed_weights():
     ref, packed = _pair(torch.float32)
     packed.pack_for_cpu_()
     assert decode_step_bytes_flops(packed, 8, 300) == decode_step_bytes_flops(ref, 8, 300)
+
+
+def test_linear_takes_held_weights_and_names_anything_else():
+    """ops.linear multiplies by a tensor, a cpu_ops.PackedWeight, or an object that says it is a held weight
+    (`held_for_linear`, as models.packed_linear.OneDNNWeight): called as w(x, bias). Anything else is a TypeError
+    that names its type."""
+    from janus_rt import ops
+
+    class Held:
+        held_for_linear = True
+
+        def __call__(self, x, bias=None):
+            return x * 2 + (0 if bias is None else bias)
+
+    x = torch.randn(3, 4)
+    assert torch.equal(ops.linear(x, Held(), torch.ones(4)), x * 2 + 1)
+    with pytest.raises(TypeError, match="not object"):
+        ops.linear(x, object())

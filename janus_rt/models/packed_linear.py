@@ -86,8 +86,10 @@ def is_packed(model) -> bool:
 class OneDNNWeight:
     """A bf16 [N, K] weight held only in oneDNN's blocked layout for torch's CPU matmul
     (torch.ops.mkldnn._reorder_linear_weight): F.linear on a plain weight reorders it on every call, which on an AMX
-    host cost 1.22x at 32 rows (bench/RESULTS.md, 2026-12-04). ops.linear(x, w) calls it: the same values as
-    F.linear."""
+    host cost 1.22x at 32 rows (bench/RESULTS.md, 2026-12-04). ops.linear(x, w) calls it (`held_for_linear`: any
+    weight object that says so is called as w(x, bias)): the same values as F.linear."""
+
+    held_for_linear = True
 
     def __init__(self, weight: torch.Tensor, batch_hint: int = 32):
         self.out_features, self.in_features = weight.shape
