@@ -78,7 +78,8 @@ inline bool use(int64_t K) { return kBuilt && K % 32 == 0 && switch_().load(std:
 // shape from 1 GB, 2026-12-04 (sixteenth session), GB/s (middle half), all four lines -> lines 2-3: M = 32 19.2 ->
 // 19.8 and 19.0 -> 19.6, M = 16 24.8 -> 25.2 and 23.9 -> 24.8, M = 2 25.7 -> 26.2; the 1B decoder layers alike (20.4).
 // Not kept: line 2 alone (M = 32 17.1, 16 24.0), lines 0 and 2 (18.0, 23.9), lines 2-3 at 8 or 32 KiB (19.8 / 19.3
-// vs 19.9 at 16; M = 16 24.8 / 24.6 vs 25.2).
+// vs 19.9 at 16; M = 16 24.8 / 24.6 vs 25.2); lines 2-3 at 16 KiB plus lines 0-1 at 16 or 48 KiB (M = 32 19.9 / 19.9
+// vs 21.2, M = 16 26.0 / 26.2 vs 27.1).
 #ifndef JR_AMX_PF_BYTES
 #define JR_AMX_PF_BYTES 16384
 #endif
