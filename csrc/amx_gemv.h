@@ -86,28 +86,17 @@ inline bool use(int64_t K) { return kBuilt && K % 32 == 0 && switch_().load(std:
 #ifndef JR_AMX_PF_LOC
 #define JR_AMX_PF_LOC 2
 #endif
-// Unpacked x (JR_AMX_PACK_X=0): x's rows for the next step's A tiles prefetched into L1 (bench_ab, 1B shape, from
-// 1 GB, 2026-12-04, GB/s, middle half, off -> on: M = 32 19.9 -> 20.6, 16 24.7 -> 25.3, 2 26.5 -> 26.6;
-// L2-resident weights, M = 32 34.7 -> 36.2).
-// Also tried, not kept: B tiles' lines into L1 one step ahead (L2-resident 34.7 -> 31.5), and in strip_32 the
-// next strip prefetched over both halves instead of 16 KiB ahead in the first (19.5 -> 19.0 from DRAM).
-#ifndef JR_AMX_PF_X
-#define JR_AMX_PF_X 1
-#endif
+// (Before pack_x, x's rows for the next step's A tiles were prefetched into L1: bench_ab, 1B shape, from 1 GB,
+// 2026-12-04, GB/s, middle half, off -> on: M = 32 19.9 -> 20.6, 16 24.7 -> 25.3, 2 26.5 -> 26.6; L2-resident
+// weights, M = 32 34.7 -> 36.2. Also tried then, not kept: B tiles' lines into L1 one step ahead (L2-resident 34.7
+// -> 31.5), and in strip_32 the next strip prefetched over both halves instead of 16 KiB ahead in the first (19.5 ->
+// 19.0 from DRAM).)
 // Prefetch lines 2-3 of the 16 steps (4 KiB) that lie JR_AMX_PF_BYTES past w.
 inline void prefetch_ahead(const uint16_t* w) {
   if constexpr (JR_AMX_PF_BYTES > 0) {
     const char* p = reinterpret_cast<const char*>(w) + JR_AMX_PF_BYTES;
     for (int r = 0; r < 16; ++r)
       __builtin_prefetch(p + 256 * r + 128, 0, JR_AMX_PF_LOC), __builtin_prefetch(p + 256 * r + 192, 0, JR_AMX_PF_LOC);
-  }
-}
-// Prefetch `rows` rows of x (stride sx bytes) from xa on into L1: the next A tile (past the last step or the group's
-// rows these are lines nobody reads; a prefetch never faults).
-inline void prefetch_x(const uint16_t* xa, int64_t sx, int rows) {
-  if constexpr (JR_AMX_PF_X) {
-    const char* p = reinterpret_cast<const char*>(xa);
-    for (int r = 0; r < rows; ++r) __builtin_prefetch(p + r * sx, 0, 3);
   }
 }
 
@@ -121,46 +110,30 @@ inline void prefetch_x(const uint16_t* xa, int64_t sx, int rows) {
 // bench_ab, 1B shape from 1 GB, GB/s (middle half), unpacked -> packed: M = 32 19.2 -> 19.8, M = 16 25.3 -> 25.0,
 // M = 8 25.6 -> 25.8, M = 2 25.7 -> 26.0; the 1B decoder layers at 32 rows, context 312 (`--op layers`) 20.4 -> 20.7
 // (slowest quarter 19.5 -> 20.8, fastest 19.0 -> 20.6). Tried with it, not kept: the next step's packed A tiles
-// prefetched into L1 (M = 32 19.7, JR_AMX_PF_XP=1), and strip_32 prefetching the next strip at an even 2 KiB a step
+// prefetched into L1 (M = 32 19.7), and strip_32 prefetching the next strip at an even 2 KiB a step
 // over both halves (M = 32 19.9 -> 19.0, as before packing). From DRAM the M = 32 kernel stays near ~20 GB/s even
 // with every tile load hoisted out of the standalone loop (only the weight prefetches left): the cap is then the
 // rate one core's prefetches reach, not the tiles.
-#ifndef JR_AMX_PACK_X
-#define JR_AMX_PACK_X 1
-#endif
-#ifndef JR_AMX_PF_XP  // packed x: the next step's A tiles prefetched into L1 (contiguous: 16 or 32 lines)
-#define JR_AMX_PF_XP 0
-#endif
+inline int64_t packed_row(int64_t m, int64_t K) { return (m / 32 * (K / 32) * 32 + m % 32) * 32; }  // x[m, 0]
 inline const uint16_t* pack_x(const uint16_t* x, int64_t ldx, int64_t M, int64_t K) {
   static thread_local std::vector<uint16_t> buf;
   const int64_t Q = K / 32, groups = (M + 31) / 32;
   if (int64_t(buf.size()) < groups * Q * 1024) buf.resize(size_t(groups * Q * 1024));
   for (int64_t m = 0; m < M; ++m) {
-    uint16_t* d = buf.data() + (m / 32 * Q * 32 + m % 32) * 32;
+    uint16_t* d = buf.data() + packed_row(m, K);
     for (int64_t q = 0; q < Q; ++q) std::memcpy(d + q * 1024, x + m * ldx + 32 * q, 64);
   }
   return buf.data();
 }
 
-// Where a group's A tiles are: tile q (k pairs 16 q .. 16 q + 15) of rows 0-15 at x + q * step, of rows 16-31 at
-// x + q * step + second, rows `stride` bytes apart.
+// The A tiles of the group of rows m0 .. m0 + 31 (m0 a multiple of 16) in pack_x's copy xp: tile q (k pairs 16 q ..
+// 16 q + 15) of its first 16 rows at a0(q), of the next 16 at a1(q), rows kStride bytes apart.
 struct XTiles {
-  const uint16_t* x;
-  int64_t step, second, stride;
-  bool packed;
-  const uint16_t* a0(int64_t q) const { return x + q * step; }
-  const uint16_t* a1(int64_t q) const { return x + q * step + second; }
-  void prefetch_next(int64_t q, int blocks) const {
-    if (packed) {
-      if constexpr (JR_AMX_PF_XP) {
-        const char* p = reinterpret_cast<const char*>(a0(q + 1));
-        for (int l = 0; l < 16 * blocks; ++l) __builtin_prefetch(p + 64 * l, 0, 3);
-      }
-    } else {
-      prefetch_x(a0(q + 1), stride, 16);
-      if (blocks > 1) prefetch_x(a1(q + 1), stride, 16);
-    }
-  }
+  static constexpr int64_t kStride = 64;
+  const uint16_t* x;  // tile 0 of row m0
+  XTiles(const uint16_t* xp, int64_t K, int64_t m0) : x(xp + packed_row(m0, K)) {}
+  const uint16_t* a0(int64_t q) const { return x + q * 1024; }
+  const uint16_t* a1(int64_t q) const { return x + q * 1024 + 512; }
 };
 
 struct alignas(64) TileConfig {
@@ -191,8 +164,7 @@ inline void strip_16(const uint16_t* ws, const XTiles& xt, int64_t KS, float* c)
   for (int64_t p = 0; p < KS; p += 16) {
     const uint16_t* w = ws + p * 128;
     prefetch_ahead(w);
-    xt.prefetch_next(p / 16, 1);
-    _tile_loadd(4, xt.a0(p / 16), xt.stride);
+    _tile_loadd(4, xt.a0(p / 16), XTiles::kStride);
     _tile_loadd(5, w, sw);
     _tile_dpbf16ps(0, 4, 5);
     _tile_loadd(6, w + 32, sw);
@@ -217,9 +189,8 @@ inline void strip_32(const uint16_t* ws, const XTiles& xt, int64_t KS, float* c)
     for (int64_t p = 0; p < KS; p += 16) {
       const uint16_t* w = wh + p * 128;
       if (half == 0) prefetch_ahead(w);
-      xt.prefetch_next(p / 16, 2);
-      _tile_loadd(4, xt.a0(p / 16), xt.stride);
-      _tile_loadd(5, xt.a1(p / 16), xt.stride);
+      _tile_loadd(4, xt.a0(p / 16), XTiles::kStride);
+      _tile_loadd(5, xt.a1(p / 16), XTiles::kStride);
       _tile_loadd(6, w, sw);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(2, 5, 6);
@@ -250,8 +221,7 @@ inline void gemv_for(const uint16_t* wp, const uint16_t* x, int64_t ldx, const f
   constexpr int64_t S = 64, GR = JR_AMX_GROUP_ROWS;
   const int64_t KS = K / 2, strips = (N + S - 1) / S, groups = (M + GR - 1) / GR;
   alignas(64) float c[32 * 64];
-  const bool packed = JR_AMX_PACK_X;
-  const uint16_t* xp = packed ? pack_x(x, ldx, M, K) : x;
+  const uint16_t* xp = pack_x(x, ldx, M, K);
   int loaded = -1;  // the row count whose tile config is loaded on this thread
 #pragma omp for schedule(guided, 1)
   for (int64_t s = 0; s < strips; ++s) {
@@ -265,8 +235,7 @@ inline void gemv_for(const uint16_t* wp, const uint16_t* x, int64_t ldx, const f
         _tile_loadconfig(&cfg);
         loaded = int(rows);
       }
-      const XTiles xt = packed ? XTiles{xp + (m0 / 32 * (K / 32) * 32 + m0 % 32) * 32, 1024, 512, 64, true}
-                               : XTiles{x + m0 * ldx, 32, 16 * ldx, 2 * ldx, false};
+      const XTiles xt(xp, K, m0);
       if (r1 == 0) strip_16(ws, xt, KS, c);
       else strip_32(ws, xt, KS, c);
       for (int64_t m = 0; m < rows; ++m)
