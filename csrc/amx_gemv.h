@@ -5,17 +5,19 @@
 // Why: at 32 rows of x (Janus-Pro-1B, n = 16 images with CFG) the AVX512-BF16 dot products are compute bound on a
 // 2-core Xeon (~200 GFLOP/s: 5.8 GB/s of weights), while one TDPBF16PS does 16 x 16 x 32 multiply-adds. bench_ab,
 // 1B shape (a layer's four matrices + the gen head, 1 GB per call), 2026-12-04, GB/s (middle half) against a
-// ~28-30 GB/s stream: M = 2 26.6, 16 25.3, 32 20.6; the AVX512-BF16 kernel at M = 32 ~6. (The numbers in the
-// notes below marked "170 MB" had one layer per call, which this host's 480 MiB L3 partly held: higher.)
+// ~30-31 GB/s stream, with the halves layout (seventeenth session; before it, the 256-byte steps): M = 2 28.9
+// (27.6), 16 26.7 (25.8), 32 22.4-23.0 (20.5-20.9); the AVX512-BF16 kernel at M = 32 ~6. (The numbers in the notes
+// below marked "170 MB" had one layer per call, which this host's 480 MiB L3 partly held: higher.)
 //
-// The strip layout is already what a B tile wants: step p of a strip is 64 output columns x one k pair (256 bytes),
-// so 16 consecutive steps of the columns 16 v .. 16 v + 15 are a B tile of 16 rows x 64 bytes at stride 256 bytes
-// (row r = k pair p0 + r, bytes 4 j .. 4 j + 3 = W[16 v + j, 2 (p0 + r) + 0..1]). An A tile is 16 rows of x x 32 k
-// (from a per-thread copy of x laid out tile by tile, pack_x), a C tile 16 rows x 16 fp32 columns. Eight tiles (each
-// thread loads its config and releases the tiles at the end of the call):
+// The strip layout (packed_layout.h) is already what a B tile wants: a K tile of a strip holds columns 0-31 of its
+// steps (one k pair each, 128 bytes a step), then columns 32-63, so 16 consecutive steps of the columns 16 v .. 16 v
+// + 15 are a B tile of 16 rows x 64 bytes at a 128-byte stride (row r = k pair p0 + r, bytes 4 j .. 4 j + 3 =
+// W[16 v + j, 2 (p0 + r) + 0..1]). An A tile is 16 rows of x x 32 k (from a per-thread copy of x laid out tile by
+// tile, pack_x), a C tile 16 rows x 16 fp32 columns. Eight tiles (each thread loads its config and releases the
+// tiles at the end of the call):
 //   group of <= 16 rows: C0-C3 = the strip's four column vectors, A = tile 4, B = tiles 5 / 6 in turn, one pass;
 //   group of 17-32 rows: C0-C3 = 2 row blocks x 2 column vectors, A = tiles 4, 5, B = tiles 6, 7, two passes over
-//   the strip (columns 0-31, then 32-63 from L2: a strip is <= 720 KB at K = 5632).
+//   the strip, columns 0-31 then 32-63: each pass reads its own half's runs from DRAM.
 // Rows of x past 32 run as further groups of 32 over the same strip (from L2). K must be a multiple of 32 (whole
 // 16-pair steps; `use`): Janus-Pro's 2048, 4096, 5632 and 11008 are.
 //
@@ -24,11 +26,14 @@
 // The sums differ from the AVX512-BF16 kernel's (another order), within the tests' tolerance to the reference.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
+
+#include "packed_layout.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #define JR_HAVE_AMX 1
@@ -71,34 +76,69 @@ inline bool use(int64_t K) { return kBuilt && K % 32 == 0 && switch_().load(std:
 
 #if JR_HAVE_AMX
 
-// Software prefetch distance ahead of the weight stream, 0: none. bench_ab, 1B shape, M = 32, 170 MB, 2026-12-04,
-// GB/s (middle half): none 16.0 vs 16 KiB 19.1; 8, 16, 32 and 64 KiB alike (21.5 / 21.5 / 21.4 / 21.2); L1 (t0) 21.0.
-// Of each 256-byte step only its last two lines (bytes 128-255) are prefetched: the tile loads ask for the first two
-// (columns 0-31) soon enough themselves, and half the prefetches hold half the core's miss buffers. bench_ab, 1B
-// shape from 1 GB, 2026-12-04 (sixteenth session), GB/s (middle half), all four lines -> lines 2-3: M = 32 19.2 ->
-// 19.8 and 19.0 -> 19.6, M = 16 24.8 -> 25.2 and 23.9 -> 24.8, M = 2 25.7 -> 26.2; the 1B decoder layers alike (20.4).
-// Not kept: line 2 alone (M = 32 17.1, 16 24.0), lines 0 and 2 (18.0, 23.9), lines 2-3 at 8 or 32 KiB (19.8 / 19.3
-// vs 19.9 at 16; M = 16 24.8 / 24.6 vs 25.2); lines 2-3 at 16 KiB plus lines 0-1 at 16 or 48 KiB (M = 32 19.9 / 19.9
-// vs 21.2, M = 16 26.0 / 26.2 vs 27.1).
+// Software prefetch distance ahead of the weight stream (in each half's own run), 0: none. bench_ab, 1B shape, M = 32,
+// 170 MB, 2026-12-04, GB/s (middle half): none 16.0 vs 16 KiB 19.1; 8, 16, 32 and 64 KiB alike (21.5 / 21.5 / 21.4 /
+// 21.2); L1 (t0) 21.0. (With the halves apart, from 1 GB: 8, 16, 24, 32 KiB 24.3 / 24.1 / 24.0 / 24.5.)
 #ifndef JR_AMX_PF_BYTES
 #define JR_AMX_PF_BYTES 16384
 #endif
 #ifndef JR_AMX_PF_LOC
 #define JR_AMX_PF_LOC 2
 #endif
-// (Before pack_x, x's rows for the next step's A tiles were prefetched into L1: bench_ab, 1B shape, from 1 GB,
-// 2026-12-04, GB/s, middle half, off -> on: M = 32 19.9 -> 20.6, 16 24.7 -> 25.3, 2 26.5 -> 26.6; L2-resident
-// weights, M = 32 34.7 -> 36.2. Also tried then, not kept: B tiles' lines into L1 one step ahead (L2-resident 34.7
-// -> 31.5), and in strip_32 the next strip prefetched over both halves instead of 16 KiB ahead in the first (19.5 ->
-// 19.0 from DRAM).)
-// Prefetch lines 2-3 of the 16 steps (4 KiB) that lie JR_AMX_PF_BYTES past w.
-inline void prefetch_ahead(const uint16_t* w) {
-  if constexpr (JR_AMX_PF_BYTES > 0) {
-    const char* p = reinterpret_cast<const char*>(w) + JR_AMX_PF_BYTES;
-    for (int r = 0; r < 16; ++r)
-      __builtin_prefetch(p + 256 * r + 128, 0, JR_AMX_PF_LOC), __builtin_prefetch(p + 256 * r + 192, 0, JR_AMX_PF_LOC);
-  }
+// Which halves strip_16 prefetches (bit 0: columns 0-31, bit 1: 32-63); strip_32 prefetches the half it reads.
+// bench_ab, 1B shape from 1 GB, 2026-12-04, GB/s (middle half), both / none / half 0 / half 1: M = 16 26.7 / 26.2 /
+// 25.5 / 25.9, M = 2 28.9 / 27.6 / 27.9 / 27.8. (Before the halves layout only lines 2-3 of each 256-byte step were
+// prefetched, as the tile loads fetched lines 0-1 in time; with each half a run of its own that no longer holds.)
+#ifndef JR_AMX_PF16_HALVES
+#define JR_AMX_PF16_HALVES 3
+#endif
+
+constexpr int64_t kKT = packed::ktile<uint16_t>();  // steps per K tile of the layout
+constexpr int64_t kHE = packed::half_elems<uint16_t>();  // 64: one step of one half, 128 bytes
+
+// Step q's half h of the strip at ws (KS steps).
+inline const uint16_t* half_step(const uint16_t* ws, int64_t KS, int64_t q, int h) {
+  const int64_t k0 = q / kKT * kKT, kn = std::min(kKT, KS - k0);
+  return ws + k0 * 2 * kHE + h * kn * kHE + (q - k0) * kHE;
 }
+
+// The software prefetch of the weights: 16 steps (2 KiB) of one half at a time, JR_AMX_PF_BYTES of that half's reads
+// ahead of the kernel, in the order the kernel reads them: further in the same half; past the strip's end, with
+// `passes` (strip_32) half 0 goes on to this strip's half 1 and half 1 to the next strip's half 0; without (strip_16,
+// both halves side by side) each half goes on to the next strip's same half. (Where the prefetch goes past a pass's
+// end made no difference measured, M = 32, 22.9 for each rule tried; computing the address afresh each step instead
+// of this cursor: 22.4 vs 23.0.)
+struct Prefetcher {
+  const uint16_t* ws;
+  int64_t KS, q;
+  int h;
+  bool passes;
+  const uint16_t* at;  // step q of half h
+  Prefetcher(const uint16_t* ws_, int64_t KS_, int h_, bool passes_)
+      : ws(ws_), KS(KS_), q(JR_AMX_PF_BYTES / (2 * kHE)), h(h_), passes(passes_) {
+    seek();
+  }
+  void seek() {  // at = step q of half h, q first brought into the strip the kernel will then be in
+    for (; q >= KS; q -= KS) {
+      if (passes && h == 0) h = 1;
+      else ws += KS * 2 * kHE, h = passes ? 0 : h;
+    }
+    at = half_step(ws, KS, q, h);
+  }
+  void advance(int64_t steps) {  // steps <= kKT
+    q += steps;
+    if (q < KS && q % kKT >= steps) at += steps * kHE;  // still in the same tile
+    else seek();
+  }
+  // Prefetches the 16 steps at the cursor and moves it on by 16.
+  void next16() {
+    if constexpr (JR_AMX_PF_BYTES > 0) {
+      const char* p = reinterpret_cast<const char*>(at);
+      for (int l = 0; l < 32; ++l) __builtin_prefetch(p + 64 * l, 0, JR_AMX_PF_LOC);
+      advance(16);
+    }
+  }
+};
 
 // x packed A tile by A tile, once per call on each thread, so that an A tile is 1 KiB at a 64-byte stride instead of
 // 16 rows of x at x's row stride: at Janus-Pro's 2048 columns a bf16 row is 4 KiB, so those 16 lines (32 for the two
@@ -157,46 +197,56 @@ inline TileConfig config(int r0, int r1) {
 }
 
 // One strip (ws: its first step, KS = K / 2 steps) against a group of r0 <= 16 rows of x (xt: where its A tiles
-// are): c [16, 64] fp32 (row stride 64) = the group's rows x the strip's 64 columns.
+// are): c [16, 64] fp32 (row stride 64) = the group's rows x the strip's 64 columns. Each K tile's two halves are
+// read side by side (B tiles at a 128-byte stride).
 inline void strip_16(const uint16_t* ws, const XTiles& xt, int64_t KS, float* c) {
-  const int64_t sw = 256;
+  constexpr int64_t sw = 2 * kHE;  // bytes between a B tile's rows
+  Prefetcher pf0(ws, KS, 0, false), pf1(ws, KS, 1, false);
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-  for (int64_t p = 0; p < KS; p += 16) {
-    const uint16_t* w = ws + p * 128;
-    prefetch_ahead(w);
-    _tile_loadd(4, xt.a0(p / 16), XTiles::kStride);
-    _tile_loadd(5, w, sw);
-    _tile_dpbf16ps(0, 4, 5);
-    _tile_loadd(6, w + 32, sw);
-    _tile_dpbf16ps(1, 4, 6);
-    _tile_loadd(5, w + 64, sw);
-    _tile_dpbf16ps(2, 4, 5);
-    _tile_loadd(6, w + 96, sw);
-    _tile_dpbf16ps(3, 4, 6);
+  for (int64_t k0 = 0; k0 < KS; k0 += kKT) {
+    const int64_t kn = std::min(kKT, KS - k0);
+    const uint16_t* h0 = ws + k0 * 2 * kHE;
+    const uint16_t* h1 = h0 + kn * kHE;
+    for (int64_t p = 0; p < kn; p += 16) {
+      if (JR_AMX_PF16_HALVES & 1) pf0.next16();
+      if (JR_AMX_PF16_HALVES & 2) pf1.next16();
+      _tile_loadd(4, xt.a0((k0 + p) / 16), XTiles::kStride);
+      _tile_loadd(5, h0 + p * kHE, sw);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_loadd(6, h0 + p * kHE + 32, sw);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_loadd(5, h1 + p * kHE, sw);
+      _tile_dpbf16ps(2, 4, 5);
+      _tile_loadd(6, h1 + p * kHE + 32, sw);
+      _tile_dpbf16ps(3, 4, 6);
+    }
   }
   _tile_stored(0, c, 256); _tile_stored(1, c + 16, 256); _tile_stored(2, c + 32, 256); _tile_stored(3, c + 48, 256);
 }
 
 // As strip_16 for a group of 16 + r1 rows (r1 <= 16): c [32, 64], rows 16.. = the second block's. Eight tiles hold
-// only half the strip's columns for two row blocks: columns 0-31 over the whole strip (from DRAM, all of it
-// prefetched), then 32-63 (from L2). (Chunks of 64 or 128 k pairs, both halves per chunk from L1 and the C tiles
-// parked between chunks: 18.0 / 18.9 vs 19.1 GB/s, bench_ab, 1B shape, M = 32, 170 MB, 2026-12-04.)
+// only half the strip's columns for two row blocks: two passes, columns 0-31 over the whole strip, then 32-63, each
+// pass reading (and prefetching) only its own half's runs.
 inline void strip_32(const uint16_t* ws, const XTiles& xt, int64_t KS, float* c) {
-  const int64_t sw = 256;
+  constexpr int64_t sw = 2 * kHE;
   for (int half = 0; half < 2; ++half) {
-    const uint16_t* wh = ws + half * 64;
+    Prefetcher pf(ws, KS, half, true);
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-    for (int64_t p = 0; p < KS; p += 16) {
-      const uint16_t* w = wh + p * 128;
-      if (half == 0) prefetch_ahead(w);
-      _tile_loadd(4, xt.a0(p / 16), XTiles::kStride);
-      _tile_loadd(5, xt.a1(p / 16), XTiles::kStride);
-      _tile_loadd(6, w, sw);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_loadd(7, w + 32, sw);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(3, 5, 7);
+    for (int64_t k0 = 0; k0 < KS; k0 += kKT) {
+      const int64_t kn = std::min(kKT, KS - k0);
+      const uint16_t* wh = ws + k0 * 2 * kHE + half * kn * kHE;
+      for (int64_t p = 0; p < kn; p += 16) {
+        const uint16_t* w = wh + p * kHE;
+        pf.next16();
+        _tile_loadd(4, xt.a0((k0 + p) / 16), XTiles::kStride);
+        _tile_loadd(5, xt.a1((k0 + p) / 16), XTiles::kStride);
+        _tile_loadd(6, w, sw);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_loadd(7, w + 32, sw);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(3, 5, 7);
+      }
     }
     float* ch = c + half * 32;
     _tile_stored(0, ch, 256); _tile_stored(1, ch + 16, 256);
@@ -215,7 +265,7 @@ inline void strip_32(const uint16_t* ws, const XTiles& xt, int64_t KS, float* c)
 #endif
 
 // Inside an OpenMP parallel region (an orphaned `omp for`, ending with the team's barrier), or outside one: as
-// packed::gemv_for<uint16_t> (xp [M, ldx] bf16, wp = packed::pack(W), S = 64 columns a strip). Callers check use(K).
+// packed::gemv_for<uint16_t> (xp [M, ldx] bf16, wp = packed::pack(W), 64 columns a strip). Callers check use(K).
 inline void gemv_for(const uint16_t* wp, const uint16_t* x, int64_t ldx, const float* bias, float* y, int64_t M,
                      int64_t N, int64_t K) {
   constexpr int64_t S = 64, GR = JR_AMX_GROUP_ROWS;

@@ -2,6 +2,7 @@
 // `linear_packed` (y [M, N] fp32 = x [M, K] @ W^T (+ bias) over it, x in W's dtype). fp32 on every build, bf16
 // where the CPU has AVX512_BF16: `packed_available(dtype)` says which. bf16 runs on AMX tiles where the build and the
 // OS allow (`amx_available`, amx_gemv.h) unless `set_amx(false)` (or JANUS_RT_AMX=0) turned that route off.
+#include <tuple>
 #include <vector>
 
 #include <omp.h>
@@ -42,6 +43,12 @@ bool set_amx(bool on) { return amx::switch_().exchange(on); }
 int64_t packed_size(int64_t N, int64_t K, int dtype) {
   check_sizes(dtype, N, K);
   return dtype == kF32 ? packed::packed_size<float>(N, K) : packed::packed_size<uint16_t>(N, K);
+}
+
+std::tuple<int64_t, int64_t, int64_t> packed_layout(int dtype) {
+  JR_CHECK(dtype == kF32 || dtype == kBF16, "dtype must be fp32 or bf16");
+  if (dtype == kF32) return {packed::strip<float>(), packed::ktile<float>(), packed::halves<float>()};
+  return {packed::strip<uint16_t>(), packed::ktile<uint16_t>(), packed::halves<uint16_t>()};
 }
 
 void pack_weight(std::uintptr_t w, std::uintptr_t wp, int64_t N, int64_t K, int dtype) {

@@ -3,11 +3,9 @@
 // `decode_layer` (the LLM's four weights per layer, packed by cpu_ops.DecodeStack) and the `linear_packed` op
 // (cpu_ops.PackedWeight).
 //
-// Layout ("strips"): W's rows are taken strip<WT>() at a time — the output columns of 4 vectors of fp32 lanes (64 on
-// AVX-512) — and each strip is stored step by step, a step being one k (fp32) or one k pair (bf16):
-//   wp[((s * K/E + p) * S + j) * E + e] = W[S s + j, E p + e]   (S = strip<WT>(), E = 1 fp32 / 2 bf16; zero past N)
-// so one vector load holds step p of kW rows: for bf16 the (2p, 2p+1) pairs of 16 rows, exactly a VDPBF16PS
-// operand. A strip is one sequential stream of 256-byte steps (AVX-512). The kernel broadcasts x's step (one fp32,
+// Layout: packed_layout.h (strips of 64 output columns stored step by step, a step one k or one k pair, cut into K
+// tiles; bf16 tiles hold columns 0-31 of their steps, then 32-63), so one vector load holds step p of kW columns: for
+// bf16 the (2p, 2p+1) pairs of 16 rows of W, exactly a VDPBF16PS operand. The kernel broadcasts x's step (one fp32,
 // or the bf16 pair as a 32-bit word) and runs acc[m][v] += W[step, vector v] * x[m, step] for a 6 x 4 register
 // block (6 rows of x, 4 vectors of W = 24 accumulators), so every lane is one y[m, n] and no horizontal sums remain.
 // Blocking: a strip is cut into K tiles of ktile<WT>() steps (32 KiB fp32, 64 KiB bf16); every row block of x
@@ -34,16 +32,9 @@
 #include "amx_gemv.h"
 #include "common.h"
 #include "gemv.h"
+#include "packed_layout.h"
 #include "simd.h"
 
-// K tile bytes by weight type (bench/bench_ab.py, 2026-12-03, bench/RESULTS.md): fp32 32 KiB (+2-5 % over 64 KiB from
-// DRAM at M = 2 and 8), bf16 64 KiB (32 KiB: +3 % at M = 2 but -1-6 % at M = 32, the 1B benchmark's rows).
-#ifndef JR_PACKED_KTILE_BYTES_F32
-#define JR_PACKED_KTILE_BYTES_F32 32768
-#endif
-#ifndef JR_PACKED_KTILE_BYTES_BF16
-#define JR_PACKED_KTILE_BYTES_BF16 65536
-#endif
 // __builtin_prefetch locality of the next tile: 3 = prefetcht0 (L1), 2 = prefetcht1 (L2). bf16 by the rows of x:
 // up to JR_PACKED_PF_L2_MAX_ROWS_BF16 rows t1, more t0. On the 2-core Zen 4 host (tenth session, 2026-12-03,
 // bench_ab, 1B shape, middle half, GB/s of weights t0 -> t1): M = 1 23.2 -> 27.2, 2 24.1 -> 30.0, 8 17.9 -> 24.1,
@@ -101,62 +92,15 @@ constexpr int kMB = 6;       // x rows per register block: 6 x 4 = 24 accumulato
 constexpr int kMBSmall = 8;  // M <= 8: all rows in one block (fp32: 8 x 4 spills a few accumulators, but one
                              // pass over each tile instead of two: M = 8 ~1.1-1.2x, bench/RESULTS.md; bf16: the
                              // half-strip passes below)
-template <typename WT>
-constexpr int64_t strip() {  // W rows per strip: 4 vectors of fp32 lanes
-  return std::is_same_v<WT, float> ? 4 * kW : 64;
-}
-template <typename WT>
-constexpr int64_t ek() {  // k per step
-  return std::is_same_v<WT, float> ? 1 : 2;
-}
-template <typename WT>
-constexpr int64_t step_elems() {  // elements of one step of a strip
-  return strip<WT>() * ek<WT>();
-}
-template <typename WT>
-constexpr int64_t ktile() {  // steps per K tile
-  const int64_t bytes = std::is_same_v<WT, float> ? JR_PACKED_KTILE_BYTES_F32 : JR_PACKED_KTILE_BYTES_BF16;
-  return std::max<int64_t>(1, bytes / int64_t(step_elems<WT>() * sizeof(WT)));
-}
-
-inline int64_t num_strips(int64_t N, int64_t S) { return (N + S - 1) / S; }
-// Elements of the packed W [N, K] (bf16: K even).
-template <typename WT>
-int64_t packed_size(int64_t N, int64_t K) {
-  return num_strips(N, strip<WT>()) * strip<WT>() * K;
-}
-
-// wp (packed_size(N, K) elements) = W [N, K] in the strip layout above; runs its own parallel region. Each row of W
-// is read front to back (long runs for the hardware prefetcher) and written a step at a time as one 32-bit word (a
-// bf16 pair or one fp32) into its strip, which stays in L2 meanwhile; rows past N are zeros. (The 1B decoder's four
-// bf16 matrices per layer, Zen 4, tenth session: 2.1 -> 2.6 GB/s against an element-by-element copy, fp32 2.3 as
-// before; most of what is left is the first touch of the new copy's pages, ~24 of the 40 ms per 103 MB.)
-template <typename WT>
-void pack(const WT* w, WT* wp, int64_t N, int64_t K) {
-  constexpr int64_t S = strip<WT>(), E = ek<WT>();
-  static_assert(E * sizeof(WT) == sizeof(uint32_t), "a step of one row is one 32-bit word");
-  const int64_t KS = K / E, strips = num_strips(N, S);
-#pragma omp parallel for schedule(static)
-  for (int64_t s = 0; s < strips; ++s)
-    for (int64_t j = 0; j < S; ++j) {
-      const int64_t n = s * S + j;
-      uint32_t* d = reinterpret_cast<uint32_t*>(wp + s * KS * S * E + j * E);
-      if (n >= N) {
-        for (int64_t p = 0; p < KS; ++p) d[p * S] = 0;
-        continue;
-      }
-      const WT* src = w + n * K;
-      for (int64_t p = 0; p < KS; ++p) std::memcpy(d + p * S, src + E * p, sizeof(uint32_t));
-    }
-}
-
 // The row block: MB rows of x (row stride ldx, at this tile's first step) against kn steps of one strip's tile wt;
 // c [MB, strip] fp32 holds the accumulators between tiles (first: start from zero). Meanwhile lpk lines of the
 // range [pf, pe) are prefetched per step with locality Loc. NV < 4: only vectors v0 .. v0 + NV - 1 of each step.
 template <typename WT, int MB, int Loc, int NV = 4>
 inline void block(const WT* wt, const WT* x, int64_t ldx, int64_t kn, float* c, bool first, const char* pf,
                   const char* pe, int lpk, int v0 = 0) {
-  constexpr int64_t S = strip<WT>(), SE = step_elems<WT>();
+  constexpr int64_t S = strip<WT>(), HE = half_elems<WT>();
+  const WT* wv[NV];  // vector v0 + v of the tile's first step; step p is p * HE further
+  for (int v = 0; v < NV; ++v) wv[v] = vec_at(wt, kn, 0, v0 + v);
   vf acc[MB][NV];
   for (int m = 0; m < MB; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = first ? simd::zero() : simd::load(c + m * S + (v0 + v) * kW);
@@ -165,7 +109,7 @@ inline void block(const WT* wt, const WT* x, int64_t ldx, int64_t kn, float* c, 
       if (pf < pe) __builtin_prefetch(pf, 0, Loc);
     if constexpr (std::is_same_v<WT, float>) {
       vf w[NV];
-      for (int v = 0; v < NV; ++v) w[v] = simd::load(wt + p * SE + (v0 + v) * kW);
+      for (int v = 0; v < NV; ++v) w[v] = simd::load(wv[v] + p * HE);
       for (int m = 0; m < MB; ++m) {
         const vf xb = simd::set1(x[m * ldx + p]);
         for (int v = 0; v < NV; ++v) acc[m][v] = simd::fma(w[v], xb, acc[m][v]);
@@ -173,7 +117,7 @@ inline void block(const WT* wt, const WT* x, int64_t ldx, int64_t kn, float* c, 
     } else {
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
       __m512bh w[NV];
-      for (int v = 0; v < NV; ++v) w[v] = (__m512bh)_mm512_loadu_si512(wt + p * SE + (v0 + v) * 32);
+      for (int v = 0; v < NV; ++v) w[v] = (__m512bh)_mm512_loadu_si512(wv[v] + p * HE);
       for (int m = 0; m < MB; ++m) {
         int32_t pair;
         std::memcpy(&pair, x + m * ldx + 2 * p, sizeof(pair));

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import bench_scripts
 from concurrency import in_threads
-from janus_rt import cpu_ops
+from janus_rt import _C, cpu_ops
 from janus_rt.kernels.kv_store import kv_store_ref
 from janus_rt.kernels.paged_attention import paged_decode_attention_ref
 from janus_rt.kernels.sampling import cfg_sample_ref
@@ -265,6 +265,34 @@ def test_linear_packed(poison, M, K, N, dtype):
     assert pw(x.view(1, M, K)).shape == (1, M, N)
 
 
+def unpack_reference(data: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """W [N, K] back from a packed copy, by csrc/packed_layout.h's formula: strips of S columns stored step by step
+    (a step one k, or one k pair for bf16), cut into K tiles of KT steps; a tile stored as `halves` runs, run h holding
+    columns h S / halves .. of each of the tile's steps."""
+    S, KT, H = _C.packed_layout(cpu_ops._DTYPE_CODE[data.dtype])
+    E = 1 if data.dtype == torch.float32 else 2
+    KS, strips = K // E, (N + S - 1) // S
+    flat, parts = data.view(strips, KS * S * E), []
+    for k0 in range(0, KS, KT):
+        kn = min(KT, KS - k0)
+        tile = flat[:, k0 * S * E : (k0 + kn) * S * E].reshape(strips, H, kn, S // H, E)  # [strip, half, step, col, e]
+        parts.append(tile.permute(0, 1, 3, 2, 4).reshape(strips * S, kn * E))  # rows: strip, half, column
+    return torch.cat(parts, 1)[:N]
+
+
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+@pytest.mark.parametrize("N, K", [(1, 2), (70, 552), (130, 2048)])  # 552: a bf16 last K tile of 20 steps
+def test_pack_weight_layout(N, K, dtype):
+    """The packed copy is W in the documented layout (the kernels read it so), zeros past N."""
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(N + K)).to(dtype)
+    pw = cpu_ops.PackedWeight(w)
+    S, KT, H = _C.packed_layout(cpu_ops._DTYPE_CODE[dtype])
+    assert H == (2 if dtype == torch.bfloat16 else 1) and KT >= 1
+    strips = (N + S - 1) // S
+    full = unpack_reference(pw.data, strips * S, K)
+    assert torch.equal(full[:N], w) and not full[N:].any()
+
+
 @pytest.mark.parametrize("M", [1, 7])
 def test_linear_packed_fp32_odd_k(poison, M):
     g = torch.Generator().manual_seed(M)
@@ -296,7 +324,7 @@ def amx_route():
 
 @needs_amx
 @pytest.mark.parametrize("M", [1, 5, 16, 17, 31, 32, 33, 70])  # one block of <= 16 rows, 16 + r, groups of 32 + tail
-@pytest.mark.parametrize("K", [32, 96, 2048])  # whole 16-pair steps
+@pytest.mark.parametrize("K", [32, 96, 1376, 2048])  # whole 16-pair steps; 1376: K tiles of 256 and 176 steps
 @pytest.mark.parametrize("N", [1, 63, 130])  # partial strips
 def test_linear_packed_amx(poison, amx_route, M, K, N):
     """csrc/amx_gemv.h against the fp64 reference, and against the AVX512-BF16 kernel on the same packed weight."""

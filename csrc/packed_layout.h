@@ -1,0 +1,111 @@
+// The packed weight layout ("strips") that packed_gemv.h's and amx_gemv.h's GEMVs read: W [N, K] copied once so
+// that each kernel reads its weights as long sequential runs of exactly the operands it multiplies.
+//
+// W's rows are taken strip<WT>() at a time — 64 output columns on AVX-512 (4 vectors of 16 fp32 lanes) — and each
+// strip is stored step by step, a step being one k (fp32) or one k pair (bf16): a step of a strip is 64 columns x E
+// k = 256 bytes, and one vector (16 columns) of it is exactly a VDPBF16PS / FMA operand (bf16: the (2p, 2p + 1)
+// pairs of 16 rows). A strip is cut into K tiles of ktile<WT>() steps (fp32 32 KiB, bf16 64 KiB) that the AVX-512
+// kernel runs every row block of x over while the tile is in cache.
+//   fp32: the tile's steps one after another: step p at tile + p * 64, vector v 16 v further.
+//   bf16: the tile's columns 0-31 of every step (128 bytes a step), then columns 32-63 (two "halves" per tile):
+//     wp[s K S + k0 S + h kn 64 + (p - k0) 64 + 2 jj + e] = W[64 s + 32 h + jj, 2 p + e]
+//   (S = 64 columns x 2; k0, kn: the tile's first step and its step count). Why: at 17-32 rows of x the AMX kernel
+//   runs the strip as two passes of 32 columns (eight tile registers hold 2 x 2 C tiles, not 2 x 4); with all 64
+//   columns in each 256-byte step, the first pass pulled the whole strip from DRAM and the second reread it from L2,
+//   so DRAM sat idle for half the time. With the halves apart, each pass reads its own 32 KiB runs. A timing-only
+//   build with this order (bench_ab, 1B shape, M = 32, from 1 GB, 2026-12-04, seventeenth session, GB/s, middle
+//   half): 21.4 -> 24.0 (halves of the whole strip instead of each tile's: 24.0 too); as built, against the 256-byte
+//   steps: M = 32 20.5-20.9 -> 22.4-23.0, M = 16 25.8 -> 26.7, M = 2 27.6 -> 28.9; the 24 decoder layers at 32 rows x
+//   308 tokens (`--op layers`) 20.7 -> 22.0. The AVX-512 kernel reads each vector's own run as well (same host,
+//   JANUS_RT_AMX=0): M = 2 19.5 -> 24.7, M = 8 20.1 -> 22.2. fp32 keeps one run per tile (no AMX; unmeasured).
+// Columns past N are zeros. Batch invariance and the order of the sums are the kernels' (see them).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "simd.h"
+
+// K tile bytes by weight type (bench/bench_ab.py, 2026-12-03, bench/RESULTS.md): fp32 32 KiB (+2-5 % over 64 KiB from
+// DRAM at M = 2 and 8), bf16 64 KiB (32 KiB: +3 % at M = 2 but -1-6 % at M = 32, the 1B benchmark's rows).
+#ifndef JR_PACKED_KTILE_BYTES_F32
+#define JR_PACKED_KTILE_BYTES_F32 32768
+#endif
+#ifndef JR_PACKED_KTILE_BYTES_BF16
+#define JR_PACKED_KTILE_BYTES_BF16 65536
+#endif
+
+namespace jr::packed {
+
+template <typename WT>
+constexpr int64_t strip() {  // W rows per strip: 4 vectors of fp32 lanes (bf16: 64 on any build)
+  return std::is_same_v<WT, float> ? 4 * simd::kWidth : 64;
+}
+template <typename WT>
+constexpr int64_t ek() {  // k per step
+  return std::is_same_v<WT, float> ? 1 : 2;
+}
+template <typename WT>
+constexpr int64_t step_elems() {  // elements of one step of a strip
+  return strip<WT>() * ek<WT>();
+}
+template <typename WT>
+constexpr int64_t ktile() {  // steps per K tile
+  const int64_t bytes = std::is_same_v<WT, float> ? JR_PACKED_KTILE_BYTES_F32 : JR_PACKED_KTILE_BYTES_BF16;
+  return std::max<int64_t>(1, bytes / int64_t(step_elems<WT>() * sizeof(WT)));
+}
+template <typename WT>
+constexpr int halves() {  // runs a K tile is stored as: bf16 2 (columns 0-31, then 32-63), fp32 1
+  return std::is_same_v<WT, float> ? 1 : 2;
+}
+template <typename WT>
+constexpr int64_t half_elems() {  // elements of one step within one half
+  return step_elems<WT>() / halves<WT>();
+}
+
+// Vector v (0-3: columns 16 v .. 16 v + 15 of fp32 lanes) of step p of the K tile at `tile` (kn steps, p counted from
+// the tile's first).
+template <typename WT>
+inline const WT* vec_at(const WT* tile, int64_t kn, int64_t p, int v) {
+  constexpr int VH = 4 / halves<WT>();  // vectors per half
+  return tile + (v / VH) * kn * half_elems<WT>() + p * half_elems<WT>() + (v % VH) * (step_elems<WT>() / 4);
+}
+
+inline int64_t num_strips(int64_t N, int64_t S) { return (N + S - 1) / S; }
+// Elements of the packed W [N, K] (bf16: K even).
+template <typename WT>
+int64_t packed_size(int64_t N, int64_t K) {
+  return num_strips(N, strip<WT>()) * strip<WT>() * K;
+}
+
+// wp (packed_size(N, K) elements) = W [N, K] in the layout above; runs its own parallel region. Each row of W is read
+// front to back (long runs for the hardware prefetcher) and written a step at a time as one 32-bit word (a bf16 pair
+// or one fp32) into its strip, which stays in L2 meanwhile; rows past N are zeros. (The 1B decoder's four bf16
+// matrices per layer, Zen 4, tenth session: 2.1 -> 2.6 GB/s against an element-by-element copy, fp32 2.3 as before;
+// most of what is left is the first touch of the new copy's pages, ~24 of the 40 ms per 103 MB.)
+template <typename WT>
+void pack(const WT* w, WT* wp, int64_t N, int64_t K) {
+  constexpr int64_t S = strip<WT>(), E = ek<WT>(), SE = step_elems<WT>(), KT = ktile<WT>(), HE = half_elems<WT>();
+  constexpr int64_t SH = S / halves<WT>();  // columns per half
+  static_assert(E * sizeof(WT) == sizeof(uint32_t), "a step of one row is one 32-bit word");
+  const int64_t KS = K / E, strips = num_strips(N, S);
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < strips; ++s)
+    for (int64_t j = 0; j < S; ++j) {
+      const int64_t n = s * S + j;
+      const WT* src = n < N ? w + n * K : nullptr;
+      for (int64_t k0 = 0; k0 < KS; k0 += KT) {
+        const int64_t kn = std::min(KT, KS - k0);
+        uint32_t* d = reinterpret_cast<uint32_t*>(wp + s * KS * SE + k0 * SE + (j / SH) * kn * HE + (j % SH) * E);
+        for (int64_t p = 0; p < kn; ++p) {
+          uint32_t word = 0;
+          if (src) std::memcpy(&word, src + E * (k0 + p), sizeof(uint32_t));
+          d[p * (HE / E)] = word;
+        }
+      }
+    }
+}
+
+}  // namespace jr::packed
