@@ -5,19 +5,19 @@
 // Why: at 32 rows of x (Janus-Pro-1B, n = 16 images with CFG) the AVX512-BF16 dot products are compute bound on a
 // 2-core Xeon (~200 GFLOP/s: 5.8 GB/s of weights), while one TDPBF16PS does 16 x 16 x 32 multiply-adds. bench_ab,
 // 1B shape (a layer's four matrices + the gen head, 1 GB per call), 2026-12-04, GB/s (middle half) against a
-// ~30-31 GB/s stream, with the halves layout (seventeenth session; before it, the 256-byte steps): M = 2 28.9
-// (27.6), 16 26.7 (25.8), 32 22.4-23.0 (20.5-20.9); the AVX512-BF16 kernel at M = 32 ~6. (The numbers in the notes
+// ~30-31 GB/s stream, layout of one run per vector (seventeenth session) / of 256-byte steps (before it): M = 2
+// 29.2 / 27.6, 16 28.4 / 25.8, 32 24.3 / 20.5-20.9; the AVX512-BF16 kernel at M = 32 ~6. (The numbers in the notes
 // below marked "170 MB" had one layer per call, which this host's 480 MiB L3 partly held: higher.)
 //
-// The strip layout (packed_layout.h) is already what a B tile wants: a K tile of a strip holds columns 0-31 of its
-// steps (one k pair each, 128 bytes a step), then columns 32-63, so 16 consecutive steps of the columns 16 v .. 16 v
-// + 15 are a B tile of 16 rows x 64 bytes at a 128-byte stride (row r = k pair p0 + r, bytes 4 j .. 4 j + 3 =
-// W[16 v + j, 2 (p0 + r) + 0..1]). An A tile is 16 rows of x x 32 k (from a per-thread copy of x laid out tile by
-// tile, pack_x), a C tile 16 rows x 16 fp32 columns. Eight tiles (each thread loads its config and releases the
-// tiles at the end of the call):
+// The strip layout (packed_layout.h) is already what a B tile wants: a K tile of a strip holds each 16-column vector's
+// steps as a run of its own (one k pair x 16 columns = 64 bytes a step), so 16 consecutive steps of the columns
+// 16 v .. 16 v + 15 are a B tile of 16 rows x 64 bytes, 1 KiB in one piece (row r = k pair p0 + r, bytes 4 j ..
+// 4 j + 3 = W[16 v + j, 2 (p0 + r) + 0..1]). An A tile is 16 rows of x x 32 k (from a per-thread copy of x laid out
+// tile by tile, pack_x), a C tile 16 rows x 16 fp32 columns. Eight tiles (each thread loads its config and releases
+// the tiles at the end of the call):
 //   group of <= 16 rows: C0-C3 = the strip's four column vectors, A = tile 4, B = tiles 5 / 6 in turn, one pass;
 //   group of 17-32 rows: C0-C3 = 2 row blocks x 2 column vectors, A = tiles 4, 5, B = tiles 6, 7, two passes over
-//   the strip, columns 0-31 then 32-63: each pass reads its own half's runs from DRAM.
+//   the strip, columns 0-31 then 32-63: each pass reads only its own two runs from DRAM.
 // Rows of x past 32 run as further groups of 32 over the same strip (from L2). K must be a multiple of 32 (whole
 // 16-pair steps; `use`): Janus-Pro's 2048, 4096, 5632 and 11008 are.
 //
@@ -76,69 +76,14 @@ inline bool use(int64_t K) { return kBuilt && K % 32 == 0 && switch_().load(std:
 
 #if JR_HAVE_AMX
 
-// Software prefetch distance ahead of the weight stream (in each half's own run), 0: none. bench_ab, 1B shape, M = 32,
-// 170 MB, 2026-12-04, GB/s (middle half): none 16.0 vs 16 KiB 19.1; 8, 16, 32 and 64 KiB alike (21.5 / 21.5 / 21.4 /
-// 21.2); L1 (t0) 21.0. (With the halves apart, from 1 GB: 8, 16, 24, 32 KiB 24.3 / 24.1 / 24.0 / 24.5.)
-#ifndef JR_AMX_PF_BYTES
-#define JR_AMX_PF_BYTES 16384
-#endif
-#ifndef JR_AMX_PF_LOC
-#define JR_AMX_PF_LOC 2
-#endif
-// Which halves strip_16 prefetches (bit 0: columns 0-31, bit 1: 32-63); strip_32 prefetches the half it reads.
-// bench_ab, 1B shape from 1 GB, 2026-12-04, GB/s (middle half), both / none / half 0 / half 1: M = 16 26.7 / 26.2 /
-// 25.5 / 25.9, M = 2 28.9 / 27.6 / 27.9 / 27.8. (Before the halves layout only lines 2-3 of each 256-byte step were
-// prefetched, as the tile loads fetched lines 0-1 in time; with each half a run of its own that no longer holds.)
-#ifndef JR_AMX_PF16_HALVES
-#define JR_AMX_PF16_HALVES 3
-#endif
+constexpr int64_t kKT = packed::ktile<uint16_t>();   // steps per K tile of the layout
+constexpr int64_t kRE = packed::run_elems<uint16_t>();  // 32: one step of one run (16 columns), 64 bytes
 
-constexpr int64_t kKT = packed::ktile<uint16_t>();  // steps per K tile of the layout
-constexpr int64_t kHE = packed::half_elems<uint16_t>();  // 64: one step of one half, 128 bytes
-
-// Step q's half h of the strip at ws (KS steps).
-inline const uint16_t* half_step(const uint16_t* ws, int64_t KS, int64_t q, int h) {
-  const int64_t k0 = q / kKT * kKT, kn = std::min(kKT, KS - k0);
-  return ws + k0 * 2 * kHE + h * kn * kHE + (q - k0) * kHE;
-}
-
-// The software prefetch of the weights: 16 steps (2 KiB) of one half at a time, JR_AMX_PF_BYTES of that half's reads
-// ahead of the kernel, in the order the kernel reads them: further in the same half; past the strip's end, with
-// `passes` (strip_32) half 0 goes on to this strip's half 1 and half 1 to the next strip's half 0; without (strip_16,
-// both halves side by side) each half goes on to the next strip's same half. (Where the prefetch goes past a pass's
-// end made no difference measured, M = 32, 22.9 for each rule tried; computing the address afresh each step instead
-// of this cursor: 22.4 vs 23.0.)
-struct Prefetcher {
-  const uint16_t* ws;
-  int64_t KS, q;
-  int h;
-  bool passes;
-  const uint16_t* at;  // step q of half h
-  Prefetcher(const uint16_t* ws_, int64_t KS_, int h_, bool passes_)
-      : ws(ws_), KS(KS_), q(JR_AMX_PF_BYTES / (2 * kHE)), h(h_), passes(passes_) {
-    seek();
-  }
-  void seek() {  // at = step q of half h, q first brought into the strip the kernel will then be in
-    for (; q >= KS; q -= KS) {
-      if (passes && h == 0) h = 1;
-      else ws += KS * 2 * kHE, h = passes ? 0 : h;
-    }
-    at = half_step(ws, KS, q, h);
-  }
-  void advance(int64_t steps) {  // steps <= kKT
-    q += steps;
-    if (q < KS && q % kKT >= steps) at += steps * kHE;  // still in the same tile
-    else seek();
-  }
-  // Prefetches the 16 steps at the cursor and moves it on by 16.
-  void next16() {
-    if constexpr (JR_AMX_PF_BYTES > 0) {
-      const char* p = reinterpret_cast<const char*>(at);
-      for (int l = 0; l < 32; ++l) __builtin_prefetch(p + 64 * l, 0, JR_AMX_PF_LOC);
-      advance(16);
-    }
-  }
-};
+// No software prefetch of the weights: with each column vector a run of its own, the hardware prefetchers follow the
+// two (strip_32) or four (strip_16) runs read side by side better than prefetch instructions 16 KiB ahead did (bench_ab,
+// 1B shape from 1 GB, 2026-12-04, seventeenth session, GB/s, middle half, none vs 16 KiB ahead in each run: M = 32
+// 24.3 vs 24.0, M = 16 28.4 vs 28.0, M = 2 29.2 vs 29.5). With the 256-byte steps (one run per tile) they had
+// been needed: none 16.0 vs 19.1.
 
 // x packed A tile by A tile, once per call on each thread, so that an A tile is 1 KiB at a 64-byte stride instead of
 // 16 rows of x at x's row stride: at Janus-Pro's 2048 columns a bf16 row is 4 KiB, so those 16 lines (32 for the two
@@ -197,27 +142,25 @@ inline TileConfig config(int r0, int r1) {
 }
 
 // One strip (ws: its first step, KS = K / 2 steps) against a group of r0 <= 16 rows of x (xt: where its A tiles
-// are): c [16, 64] fp32 (row stride 64) = the group's rows x the strip's 64 columns. Each K tile's two halves are
-// read side by side (B tiles at a 128-byte stride).
+// are): c [16, 64] fp32 (row stride 64) = the group's rows x the strip's 64 columns. Each K tile's four runs are
+// read side by side, a B tile being 16 steps of one run: 1 KiB in one piece.
 inline void strip_16(const uint16_t* ws, const XTiles& xt, int64_t KS, float* c) {
-  constexpr int64_t sw = 2 * kHE;  // bytes between a B tile's rows
-  Prefetcher pf0(ws, KS, 0, false), pf1(ws, KS, 1, false);
+  constexpr int64_t sw = 2 * kRE;  // bytes between a B tile's rows
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
   for (int64_t k0 = 0; k0 < KS; k0 += kKT) {
     const int64_t kn = std::min(kKT, KS - k0);
-    const uint16_t* h0 = ws + k0 * 2 * kHE;
-    const uint16_t* h1 = h0 + kn * kHE;
+    const uint16_t* r0 = ws + k0 * 4 * kRE;
+    const uint16_t *r1 = r0 + kn * kRE, *r2 = r1 + kn * kRE, *r3 = r2 + kn * kRE;
     for (int64_t p = 0; p < kn; p += 16) {
-      if (JR_AMX_PF16_HALVES & 1) pf0.next16();
-      if (JR_AMX_PF16_HALVES & 2) pf1.next16();
+      const int64_t o = p * kRE;
       _tile_loadd(4, xt.a0((k0 + p) / 16), XTiles::kStride);
-      _tile_loadd(5, h0 + p * kHE, sw);
+      _tile_loadd(5, r0 + o, sw);
       _tile_dpbf16ps(0, 4, 5);
-      _tile_loadd(6, h0 + p * kHE + 32, sw);
+      _tile_loadd(6, r1 + o, sw);
       _tile_dpbf16ps(1, 4, 6);
-      _tile_loadd(5, h1 + p * kHE, sw);
+      _tile_loadd(5, r2 + o, sw);
       _tile_dpbf16ps(2, 4, 5);
-      _tile_loadd(6, h1 + p * kHE + 32, sw);
+      _tile_loadd(6, r3 + o, sw);
       _tile_dpbf16ps(3, 4, 6);
     }
   }
@@ -225,25 +168,24 @@ inline void strip_16(const uint16_t* ws, const XTiles& xt, int64_t KS, float* c)
 }
 
 // As strip_16 for a group of 16 + r1 rows (r1 <= 16): c [32, 64], rows 16.. = the second block's. Eight tiles hold
-// only half the strip's columns for two row blocks: two passes, columns 0-31 over the whole strip, then 32-63, each
-// pass reading (and prefetching) only its own half's runs.
+// only half the strip's columns for two row blocks: two passes, columns 0-31 (runs 0 and 1) over the whole strip,
+// then 32-63 (runs 2 and 3), each pass reading only its own runs.
 inline void strip_32(const uint16_t* ws, const XTiles& xt, int64_t KS, float* c) {
-  constexpr int64_t sw = 2 * kHE;
+  constexpr int64_t sw = 2 * kRE;
   for (int half = 0; half < 2; ++half) {
-    Prefetcher pf(ws, KS, half, true);
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int64_t k0 = 0; k0 < KS; k0 += kKT) {
       const int64_t kn = std::min(kKT, KS - k0);
-      const uint16_t* wh = ws + k0 * 2 * kHE + half * kn * kHE;
+      const uint16_t* ra = ws + k0 * 4 * kRE + 2 * half * kn * kRE;
+      const uint16_t* rb = ra + kn * kRE;
       for (int64_t p = 0; p < kn; p += 16) {
-        const uint16_t* w = wh + p * kHE;
-        pf.next16();
+        const int64_t o = p * kRE;
         _tile_loadd(4, xt.a0((k0 + p) / 16), XTiles::kStride);
         _tile_loadd(5, xt.a1((k0 + p) / 16), XTiles::kStride);
-        _tile_loadd(6, w, sw);
+        _tile_loadd(6, ra + o, sw);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(2, 5, 6);
-        _tile_loadd(7, w + 32, sw);
+        _tile_loadd(7, rb + o, sw);
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(3, 5, 7);
       }

@@ -50,7 +50,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("on"));
   m.def("packed_size", &jr::packed_size, "elements of a packed [N, K] weight", py::arg("N"), py::arg("K"),
         py::arg("dtype"));
-  m.def("packed_layout", &jr::packed_layout, "(columns a strip, steps a K tile, halves a tile is stored as) of the "
+  m.def("packed_layout", &jr::packed_layout, "(columns a strip, steps a K tile, runs a K tile is stored as) of the "
         "packed layout for this dtype (csrc/packed_layout.h)", py::arg("dtype"));
   m.def("pack_weight", &jr::pack_weight, release(), "wp = W [N, K] in the packed GEMV's strip layout",
         py::arg("w"), py::arg("wp"), py::arg("N"), py::arg("K"), py::arg("dtype"));

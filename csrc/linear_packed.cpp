@@ -47,8 +47,8 @@ int64_t packed_size(int64_t N, int64_t K, int dtype) {
 
 std::tuple<int64_t, int64_t, int64_t> packed_layout(int dtype) {
   JR_CHECK(dtype == kF32 || dtype == kBF16, "dtype must be fp32 or bf16");
-  if (dtype == kF32) return {packed::strip<float>(), packed::ktile<float>(), packed::halves<float>()};
-  return {packed::strip<uint16_t>(), packed::ktile<uint16_t>(), packed::halves<uint16_t>()};
+  if (dtype == kF32) return {packed::strip<float>(), packed::ktile<float>(), packed::runs<float>()};
+  return {packed::strip<uint16_t>(), packed::ktile<uint16_t>(), packed::runs<uint16_t>()};
 }
 
 void pack_weight(std::uintptr_t w, std::uintptr_t wp, int64_t N, int64_t K, int dtype) {

@@ -35,7 +35,7 @@ bool packed_available(int dtype);
 bool amx_available();
 bool set_amx(bool on);
 int64_t packed_size(int64_t N, int64_t K, int dtype);
-std::tuple<int64_t, int64_t, int64_t> packed_layout(int dtype);  // (columns a strip, steps a K tile, halves)
+std::tuple<int64_t, int64_t, int64_t> packed_layout(int dtype);  // (columns a strip, steps a K tile, runs a tile)
 void pack_weight(ptr_t w, ptr_t wp, int64_t N, int64_t K, int dtype);
 void linear_packed(ptr_t x, ptr_t wp, ptr_t bias, ptr_t y, int64_t M, int64_t N, int64_t K, int dtype);
 void swiglu(ptr_t gate, ptr_t up, ptr_t out, int64_t n, int dtype);

@@ -4,7 +4,7 @@
 // (cpu_ops.PackedWeight).
 //
 // Layout: packed_layout.h (strips of 64 output columns stored step by step, a step one k or one k pair, cut into K
-// tiles; bf16 tiles hold columns 0-31 of their steps, then 32-63), so one vector load holds step p of kW columns: for
+// tiles; a bf16 tile holds each vector's 16 columns as a run of its own), so one vector load holds step p of kW columns: for
 // bf16 the (2p, 2p+1) pairs of 16 rows of W, exactly a VDPBF16PS operand. The kernel broadcasts x's step (one fp32,
 // or the bf16 pair as a 32-bit word) and runs acc[m][v] += W[step, vector v] * x[m, step] for a 6 x 4 register
 // block (6 rows of x, 4 vectors of W = 24 accumulators), so every lane is one y[m, n] and no horizontal sums remain.
@@ -98,8 +98,8 @@ constexpr int kMBSmall = 8;  // M <= 8: all rows in one block (fp32: 8 x 4 spill
 template <typename WT, int MB, int Loc, int NV = 4>
 inline void block(const WT* wt, const WT* x, int64_t ldx, int64_t kn, float* c, bool first, const char* pf,
                   const char* pe, int lpk, int v0 = 0) {
-  constexpr int64_t S = strip<WT>(), HE = half_elems<WT>();
-  const WT* wv[NV];  // vector v0 + v of the tile's first step; step p is p * HE further
+  constexpr int64_t S = strip<WT>(), RE = run_elems<WT>();
+  const WT* wv[NV];  // vector v0 + v of the tile's first step; step p is p * RE further
   for (int v = 0; v < NV; ++v) wv[v] = vec_at(wt, kn, 0, v0 + v);
   vf acc[MB][NV];
   for (int m = 0; m < MB; ++m)
@@ -109,7 +109,7 @@ inline void block(const WT* wt, const WT* x, int64_t ldx, int64_t kn, float* c, 
       if (pf < pe) __builtin_prefetch(pf, 0, Loc);
     if constexpr (std::is_same_v<WT, float>) {
       vf w[NV];
-      for (int v = 0; v < NV; ++v) w[v] = simd::load(wv[v] + p * HE);
+      for (int v = 0; v < NV; ++v) w[v] = simd::load(wv[v] + p * RE);
       for (int m = 0; m < MB; ++m) {
         const vf xb = simd::set1(x[m * ldx + p]);
         for (int v = 0; v < NV; ++v) acc[m][v] = simd::fma(w[v], xb, acc[m][v]);
@@ -117,7 +117,7 @@ inline void block(const WT* wt, const WT* x, int64_t ldx, int64_t kn, float* c, 
     } else {
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
       __m512bh w[NV];
-      for (int v = 0; v < NV; ++v) w[v] = (__m512bh)_mm512_loadu_si512(wv[v] + p * HE);
+      for (int v = 0; v < NV; ++v) w[v] = (__m512bh)_mm512_loadu_si512(wv[v] + p * RE);
       for (int m = 0; m < MB; ++m) {
         int32_t pair;
         std::memcpy(&pair, x + m * ldx + 2 * p, sizeof(pair));

@@ -7,17 +7,18 @@
 // pairs of 16 rows). A strip is cut into K tiles of ktile<WT>() steps (fp32 32 KiB, bf16 64 KiB) that the AVX-512
 // kernel runs every row block of x over while the tile is in cache.
 //   fp32: the tile's steps one after another: step p at tile + p * 64, vector v 16 v further.
-//   bf16: the tile's columns 0-31 of every step (128 bytes a step), then columns 32-63 (two "halves" per tile):
-//     wp[s K S + k0 S + h kn 64 + (p - k0) 64 + 2 jj + e] = W[64 s + 32 h + jj, 2 p + e]
+//   bf16: one run per vector: the tile's columns 0-15 of every step (64 bytes a step), then 16-31, 32-47, 48-63:
+//     wp[s K S + k0 S + v kn 32 + (p - k0) 32 + 2 jj + e] = W[64 s + 16 v + jj, 2 p + e]
 //   (S = 64 columns x 2; k0, kn: the tile's first step and its step count). Why: at 17-32 rows of x the AMX kernel
 //   runs the strip as two passes of 32 columns (eight tile registers hold 2 x 2 C tiles, not 2 x 4); with all 64
 //   columns in each 256-byte step, the first pass pulled the whole strip from DRAM and the second reread it from L2,
-//   so DRAM sat idle for half the time. With the halves apart, each pass reads its own 32 KiB runs. A timing-only
-//   build with this order (bench_ab, 1B shape, M = 32, from 1 GB, 2026-12-04, seventeenth session, GB/s, middle
-//   half): 21.4 -> 24.0 (halves of the whole strip instead of each tile's: 24.0 too); as built, against the 256-byte
-//   steps: M = 32 20.5-20.9 -> 22.4-23.0, M = 16 25.8 -> 26.7, M = 2 27.6 -> 28.9; the 24 decoder layers at 32 rows x
-//   308 tokens (`--op layers`) 20.7 -> 22.0. The AVX-512 kernel reads each vector's own run as well (same host,
-//   JANUS_RT_AMX=0): M = 2 19.5 -> 24.7, M = 8 20.1 -> 22.2. fp32 keeps one run per tile (no AMX; unmeasured).
+//   so DRAM sat idle for half the time; and the hardware prefetchers keep more lines in flight over several runs read
+//   side by side than over one. Measured on the 2-core Xeon with AMX (bench_ab, 1B shape, from 1 GB, 2026-12-04,
+//   seventeenth session, GB/s, middle half), 256-byte steps -> two runs per tile (columns 0-31, 32-63) -> one run
+//   per vector: AMX M = 32 20.5-20.9 -> 22.4-23.0 -> 24.3, M = 16 25.8 -> 26.7 -> 28.4, M = 2 27.6 -> 28.9 / 28.4 ->
+//   29.2; the 24 decoder layers at 32 rows x 308 tokens (`--op layers`, attention included) 20.7 -> 22.0 / 22.2 ->
+//   22.6. The AVX-512 kernel (JANUS_RT_AMX=0, same host): M = 2 19.5 -> 24.7 / 23.5 -> 28.2, M = 8 20.1 -> 22.2 /
+//   20.1 -> 20.4. fp32 keeps one run per tile (no AMX; unmeasured).
 // Columns past N are zeros. Batch invariance and the order of the sums are the kernels' (see them).
 #pragma once
 
@@ -57,20 +58,20 @@ constexpr int64_t ktile() {  // steps per K tile
   return std::max<int64_t>(1, bytes / int64_t(step_elems<WT>() * sizeof(WT)));
 }
 template <typename WT>
-constexpr int halves() {  // runs a K tile is stored as: bf16 2 (columns 0-31, then 32-63), fp32 1
-  return std::is_same_v<WT, float> ? 1 : 2;
+constexpr int runs() {  // runs a K tile is stored as: bf16 4 (one per vector of 16 columns), fp32 1
+  return std::is_same_v<WT, float> ? 1 : 4;
 }
 template <typename WT>
-constexpr int64_t half_elems() {  // elements of one step within one half
-  return step_elems<WT>() / halves<WT>();
+constexpr int64_t run_elems() {  // elements of one step within one run
+  return step_elems<WT>() / runs<WT>();
 }
 
 // Vector v (0-3: columns 16 v .. 16 v + 15 of fp32 lanes) of step p of the K tile at `tile` (kn steps, p counted from
 // the tile's first).
 template <typename WT>
 inline const WT* vec_at(const WT* tile, int64_t kn, int64_t p, int v) {
-  constexpr int VH = 4 / halves<WT>();  // vectors per half
-  return tile + (v / VH) * kn * half_elems<WT>() + p * half_elems<WT>() + (v % VH) * (step_elems<WT>() / 4);
+  constexpr int VR = 4 / runs<WT>();  // vectors per run
+  return tile + (v / VR) * kn * run_elems<WT>() + p * run_elems<WT>() + (v % VR) * (step_elems<WT>() / 4);
 }
 
 inline int64_t num_strips(int64_t N, int64_t S) { return (N + S - 1) / S; }
@@ -87,8 +88,8 @@ int64_t packed_size(int64_t N, int64_t K) {
 // most of what is left is the first touch of the new copy's pages, ~24 of the 40 ms per 103 MB.)
 template <typename WT>
 void pack(const WT* w, WT* wp, int64_t N, int64_t K) {
-  constexpr int64_t S = strip<WT>(), E = ek<WT>(), SE = step_elems<WT>(), KT = ktile<WT>(), HE = half_elems<WT>();
-  constexpr int64_t SH = S / halves<WT>();  // columns per half
+  constexpr int64_t S = strip<WT>(), E = ek<WT>(), SE = step_elems<WT>(), KT = ktile<WT>(), RE = run_elems<WT>();
+  constexpr int64_t SR = S / runs<WT>();  // columns per run
   static_assert(E * sizeof(WT) == sizeof(uint32_t), "a step of one row is one 32-bit word");
   const int64_t KS = K / E, strips = num_strips(N, S);
 #pragma omp parallel for schedule(static)
@@ -98,11 +99,11 @@ void pack(const WT* w, WT* wp, int64_t N, int64_t K) {
       const WT* src = n < N ? w + n * K : nullptr;
       for (int64_t k0 = 0; k0 < KS; k0 += KT) {
         const int64_t kn = std::min(KT, KS - k0);
-        uint32_t* d = reinterpret_cast<uint32_t*>(wp + s * KS * SE + k0 * SE + (j / SH) * kn * HE + (j % SH) * E);
+        uint32_t* d = reinterpret_cast<uint32_t*>(wp + s * KS * SE + k0 * SE + (j / SR) * kn * RE + (j % SR) * E);
         for (int64_t p = 0; p < kn; ++p) {
           uint32_t word = 0;
           if (src) std::memcpy(&word, src + E * (k0 + p), sizeof(uint32_t));
-          d[p * (HE / E)] = word;
+          d[p * (RE / E)] = word;
         }
       }
     }

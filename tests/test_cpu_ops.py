@@ -267,16 +267,16 @@ def test_linear_packed(poison, M, K, N, dtype):
 
 def unpack_reference(data: torch.Tensor, N: int, K: int) -> torch.Tensor:
     """W [N, K] back from a packed copy, by csrc/packed_layout.h's formula: strips of S columns stored step by step
-    (a step one k, or one k pair for bf16), cut into K tiles of KT steps; a tile stored as `halves` runs, run h holding
-    columns h S / halves .. of each of the tile's steps."""
+    (a step one k, or one k pair for bf16), cut into K tiles of KT steps; a tile stored as H runs, run h holding
+    columns h S / H .. (h + 1) S / H - 1 of each of the tile's steps."""
     S, KT, H = _C.packed_layout(cpu_ops._DTYPE_CODE[data.dtype])
     E = 1 if data.dtype == torch.float32 else 2
     KS, strips = K // E, (N + S - 1) // S
     flat, parts = data.view(strips, KS * S * E), []
     for k0 in range(0, KS, KT):
         kn = min(KT, KS - k0)
-        tile = flat[:, k0 * S * E : (k0 + kn) * S * E].reshape(strips, H, kn, S // H, E)  # [strip, half, step, col, e]
-        parts.append(tile.permute(0, 1, 3, 2, 4).reshape(strips * S, kn * E))  # rows: strip, half, column
+        tile = flat[:, k0 * S * E : (k0 + kn) * S * E].reshape(strips, H, kn, S // H, E)  # [strip, run, step, col, e]
+        parts.append(tile.permute(0, 1, 3, 2, 4).reshape(strips * S, kn * E))  # rows: strip, run, column
     return torch.cat(parts, 1)[:N]
 
 
@@ -287,7 +287,7 @@ def test_pack_weight_layout(N, K, dtype):
     w = torch.randn(N, K, generator=torch.Generator().manual_seed(N + K)).to(dtype)
     pw = cpu_ops.PackedWeight(w)
     S, KT, H = _C.packed_layout(cpu_ops._DTYPE_CODE[dtype])
-    assert H == (2 if dtype == torch.bfloat16 else 1) and KT >= 1
+    assert H == (4 if dtype == torch.bfloat16 else 1) and KT >= 1
     strips = (N + S - 1) // S
     full = unpack_reference(pw.data, strips * S, K)
     assert torch.equal(full[:N], w) and not full[N:].any()
