@@ -10,7 +10,8 @@ from janus_rt.engine.block_manager import (AppendCost, BlockManager, DuplicateSe
 
 
 def snapshot(bm: BlockManager):
-    return (list(bm._free), list(bm._ref), {k: list(v) for k, v in bm._tables.items()}, dict(bm._num_tokens))
+    return (list(bm._free), list(bm._ref), {k: list(v) for k, v in bm._tables.items()}, dict(bm._num_tokens),
+            {k: list(v) for k, v in bm._kept.items()})
 
 
 class ShadowCache:
@@ -229,14 +230,14 @@ def test_random_operations(seed):
     rng = random.Random(seed)
     bm = BlockManager(num_blocks=40, block_size=4)
     cache = ShadowCache(bm)
-    next_id, copies_seen, ooms = 0, 0, 0
+    next_id, copies_seen, ooms, reserves = 0, 0, 0, 0
     for _ in range(3000):
         live = list(cache.history)
         pressure = 10 if bm.num_free_blocks < 6 else 2  # free more as the pool fills, so it churns near full
-        op = rng.choices(["allocate", "fork", "append", "append_all", "free"], [3, 3, 6, 2, pressure])[0]
-        if op in ("fork", "append", "append_all", "free") and not live:
+        op = rng.choices(["allocate", "fork", "append", "append_all", "free", "reserve"], [3, 3, 6, 2, pressure, 1])[0]
+        if op in ("fork", "append", "append_all", "free", "reserve") and not live:
             op = "allocate"
-        before = snapshot(bm)
+        before, free_before = snapshot(bm), bm.num_free_blocks
         try:
             if op == "allocate":
                 n = rng.randint(0, 20)
@@ -255,7 +256,7 @@ def test_random_operations(seed):
                 can = bm.can_append(s)
                 slot, copy = bm.append_slot(s)
                 assert can and (copy is not None) == expect_copy
-                assert bm.num_free_blocks == len(before[0]) - expect_new
+                assert bm.num_free_blocks == free_before - expect_new
                 if copy:
                     assert copy[0] == table[-1] and slot // 4 == copy[1]
                     cache.apply_copy(copy)
@@ -275,14 +276,74 @@ def test_random_operations(seed):
                 copies_seen += len(copies)
                 for s, slot in zip(seqs, slots):
                     cache.write(s, slot)
+            elif op == "reserve":
+                s = rng.choice(live)
+                kept = bm.reserve(s, bm.num_tokens(s) + rng.randint(0, 24))
+                assert bm.num_free_blocks == free_before  # set aside, still free
+                reserves += kept > 0
             else:
                 cache.free(rng.choice(live))
         except OutOfBlocks:
             ooms += 1
             assert snapshot(bm) == before
         cache.verify()
-    assert copies_seen > 50 and ooms > 20, (copies_seen, ooms)  # the run really exercised COW and a full pool
+    # the run really exercised COW, a full pool and set-aside runs
+    assert copies_seen > 50 and ooms > 20 and reserves > 10, (copies_seen, ooms, reserves)
     for s in list(cache.history):
         cache.free(s)
     bm.check_invariants()
     assert bm.num_free_blocks == 40 and bm.num_sequences == 0 and all(bm.ref_count(b) == 0 for b in range(40))
+
+
+def test_reserve_gives_each_row_adjacent_blocks():
+    """Rows forked from one prompt and grown in step take turns at the free list; with reservations each row's
+    blocks after the prompt are consecutive ids (the copy of the shared partial block first)."""
+    bm = BlockManager(num_blocks=64, block_size=4)
+    cache = ShadowCache(bm)
+    cache.allocate("p", 6)  # blocks 0 (full) and 1 (2 of 4 tokens)
+    rows = [("r", i) for i in range(4)]
+    for r in rows:
+        cache.fork("p", r)
+    cache.free("p")
+    free = bm.num_free_blocks
+    kept = [bm.reserve(r, 6 + 20) for r in rows]
+    assert kept == [6] * 4  # 26 tokens: 7 blocks, 1 full shared + a copy + 5 fresh
+    assert bm.num_free_blocks == free
+    for _ in range(20):
+        slots, copies = bm.append_slots(rows)
+        for c in copies:
+            cache.apply_copy(c)
+        for r, slot in zip(rows, slots):
+            cache.write(r, slot)
+        cache.verify()
+    for r in rows[:-1]:  # the last row wrote the shared block in place (the others had copied it away)
+        t = bm.block_table(r)
+        assert t[0] == 0 and t[1:] == list(range(t[1], t[1] + len(t) - 1)), t
+    t = bm.block_table(rows[-1])
+    assert t[:2] == [0, 1] and t[2:] == list(range(t[2], t[2] + len(t) - 2)), t
+    for r in rows:
+        cache.free(r)
+    bm.check_invariants()
+    assert bm.num_free_blocks == 64 and not bm._kept
+
+
+def test_reserved_blocks_stay_free_for_others():
+    bm = BlockManager(num_blocks=10, block_size=2)
+    bm.allocate("a", 1)
+    assert bm.reserve("a", 19) == 9 and bm.num_free_blocks == 9  # every free block set aside for "a"
+    assert bm.can_allocate(18)
+    bm.allocate("b", 6)  # takes 3 of "a"'s, from the end of its run
+    bm.check_invariants()
+    assert bm.block_table("b") == [9, 8, 7] and bm.num_free_blocks == 6
+    slot, _ = bm.append_slot("a")  # "a"'s first block still has room
+    slot, _ = bm.append_slot("a")  # a fresh block: the next of its run
+    assert slot // 2 == 1
+    bm.free("a")  # its remaining run goes back
+    bm.check_invariants()
+    assert bm.num_free_blocks == 7 and not bm._kept
+    assert bm.reserve("b", 6) == 0  # nothing more to come
+    assert bm.reserve("b", 7) == 0  # one block more: nothing to gain
+    bm.allocate("c", 2)
+    with pytest.raises(OutOfBlocks):
+        bm.allocate("d", 2 * 7)
+    bm.check_invariants()

@@ -123,6 +123,25 @@ def test_prompt_blocks_shared(tiny):
     eng.bm.check_invariants()
 
 
+def test_image_rows_grow_in_runs_of_the_pool(tiny):
+    """Each row's blocks after the shared prompt are adjacent ids (BlockManager.reserve at admission), though the
+    rows take their blocks in turn, step by step."""
+    ids = prompt(tiny, 20)  # 22 tokens: one full block of 16 and a shared partial one
+    eng = Engine.for_requests(tiny, [(len(ids), 3)], max_steps_per_call=1)
+    req = eng.add_image_request(ids, n=3, params=SamplingParams(seed=0))
+    eng.step()  # prefill
+    for _ in range(min(40, tiny.cfg.num_image_tokens - 2)):
+        eng.step()
+    tables = [eng.bm.block_table(r) for r in req.row_ids()]
+    assert len(tables) == 6 and all(len(t) == 4 for t in tables)  # 62 tokens each
+    assert len({t[0] for t in tables}) == 2  # the two prompts' full blocks, shared
+    adjacent = lambda ids: ids == list(range(ids[0], ids[0] + len(ids)))
+    assert all(adjacent(t[2:]) for t in tables), tables
+    # the copy of the shared partial block heads the run, except for the last holder of each, which wrote in place
+    assert sum(adjacent(t[1:]) for t in tables) == 4, tables
+    eng.bm.check_invariants()
+
+
 def test_preemption_recomputes_exactly(tiny):
     a, b = prompt(tiny, 20, seed=4), prompt(tiny, 30, seed=5)
     ref_a = tiny.generate_image_tokens(a, n=2, seed=1)
