@@ -347,3 +347,24 @@ def test_reserved_blocks_stay_free_for_others():
     with pytest.raises(OutOfBlocks):
         bm.allocate("d", 2 * 7)
     bm.check_invariants()
+
+
+def test_reserve_all_takes_runs_in_turn_and_skips_short_ones():
+    def pool():
+        bm = BlockManager(num_blocks=30, block_size=2)
+        for i in range(6):  # hold blocks 0-5, then free 1, 3-4
+            bm.allocate(("x", i), 2)
+        bm.free(("x", 1)), bm.free(("x", 3)), bm.free(("x", 4))
+        for s in "abcd":
+            bm.allocate(s, 1)  # blocks 6-9 (the free list's order): free runs [1], [3, 4], [10 .. 29]
+        return bm
+
+    one, many = pool(), pool()
+    wants = [("a", 9), ("b", 5), ("c", 3), ("d", 61)]  # 4, 2, 1 (nothing to gain), 30 (no run that long) more blocks
+    in_turn = [one.reserve(s, n) for s, n in wants]
+    assert in_turn == [4, 2, 0, 0] and many.reserve_all(wants) == in_turn
+    # one at a time each takes the lowest run long enough; all at once each the next after the one before
+    assert list(one._kept["a"]) == [10, 11, 12, 13] and list(one._kept["b"]) == [3, 4]
+    assert list(many._kept["a"]) == [10, 11, 12, 13] and list(many._kept["b"]) == [14, 15]
+    assert one.num_free_blocks == many.num_free_blocks == 23
+    one.check_invariants(), many.check_invariants()

@@ -150,18 +150,41 @@ class BlockManager:
         """Set aside a run of adjacent free blocks for the sequence's appends up to `num_tokens` tokens (replacing an
         earlier reservation of it). Returns how many blocks were set aside: 0 when it needs fewer than 2 more, or no
         run of free blocks is long enough. Takes nothing from what is free (see the top)."""
-        table = self._table(seq_id)
-        self._unkeep(seq_id)
-        n = self._num_tokens[seq_id]
-        cow = n % self.block_size != 0 and self._ref[table[-1]] > 1  # its first append copies a shared block
-        need = self.blocks_needed(max(num_tokens, n)) - len(table) + cow
-        start = self._free_run(need) if need >= 2 else None
-        if start is None:
-            return 0
-        self._free = deque(b for b in self._free if not start <= b < start + need)
-        self._kept[seq_id] = deque(range(start, start + need))
-        self._num_kept += need
-        return need
+        return self.reserve_all([(seq_id, num_tokens)])[0]
+
+    def reserve_all(self, items: Iterable[tuple[SeqId, int]]) -> list[int]:
+        """reserve for each (seq_id, num_tokens) in turn, in one pass over the free list (an image request's rows at
+        once: sorting the free ids per row cost ~50 ms for 32 rows of a 40 000-block pool). Each sequence gets the
+        next run long enough after the previous one's, in ascending block ids."""
+        items = list(items)
+        needs = []
+        for seq_id, num_tokens in items:
+            table = self._table(seq_id)
+            self._unkeep(seq_id)
+            n = self._num_tokens[seq_id]
+            cow = n % self.block_size != 0 and self._ref[table[-1]] > 1  # its first append copies a shared block
+            need = self.blocks_needed(max(num_tokens, n)) - len(table) + cow
+            needs.append(need if need >= 2 else 0)
+        got = [0] * len(items)
+        if not any(needs):
+            return got
+        runs = self._free_runs()
+        ri, pos, kept = 0, runs[0][0] if runs else 0, set()
+        for i, ((seq_id, _), need) in enumerate(zip(items, needs)):
+            if need == 0:
+                continue
+            while ri < len(runs) and runs[ri][1] - pos < need:  # the rest of this run is too short
+                ri += 1
+                pos = runs[ri][0] if ri < len(runs) else 0
+            if ri == len(runs):
+                break
+            self._kept[seq_id] = deque(range(pos, pos + need))
+            kept.update(range(pos, pos + need))
+            self._num_kept += need
+            got[i], pos = need, pos + need
+        if kept:
+            self._free = deque(b for b in self._free if b not in kept)
+        return got
 
     # ---- append ----
 
@@ -273,15 +296,15 @@ class BlockManager:
             self._free.extend(kept)
             self._num_kept -= len(kept)
 
-    def _free_run(self, k: int) -> int | None:
-        """The first block of the lowest run of k adjacent ids among the free blocks not set aside, or None."""
-        run_start, run_len, prev = None, 0, None
+    def _free_runs(self) -> list[tuple[int, int]]:
+        """The maximal runs of adjacent ids among the free blocks not set aside: [(first, end)] in ascending order."""
+        runs: list[tuple[int, int]] = []
         for b in sorted(self._free):
-            run_start, run_len = (run_start, run_len + 1) if prev is not None and b == prev + 1 else (b, 1)
-            if run_len == k:
-                return run_start
-            prev = b
-        return None
+            if runs and runs[-1][1] == b:
+                runs[-1] = (runs[-1][0], b + 1)
+            else:
+                runs.append((b, b + 1))
+        return runs
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the bookkeeping is inconsistent (tests call this after every operation)."""

@@ -169,9 +169,9 @@ class Engine:
                     self.bm.fork((r.req_id, "pu"), (r.req_id, "u", i))
                 self.bm.free((r.req_id, "pc"))
                 self.bm.free((r.req_id, "pu"))
-                for i in range(r.n):  # each row's image tokens in one run of the pool (BlockManager.reserve)
-                    self.bm.reserve((r.req_id, "c", i), len(r.prompt_ids) + r.max_new_tokens)
-                    self.bm.reserve((r.req_id, "u", i), len(r.uncond_ids) + r.max_new_tokens)
+                # each row's image tokens in one run of the pool (BlockManager.reserve)
+                self.bm.reserve_all([((r.req_id, "c", i), len(r.prompt_ids) + r.max_new_tokens) for i in range(r.n)]
+                                    + [((r.req_id, "u", i), len(r.uncond_ids) + r.max_new_tokens) for i in range(r.n)])
         text_reqs = [r for r in fresh if r.kind == "text"]
         if text_reqs:
             with ops.use_backend(self.backend):
