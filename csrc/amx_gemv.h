@@ -76,8 +76,10 @@ inline bool use(int64_t K) { return kBuilt && K % 32 == 0 && switch_().load(std:
 
 #if JR_HAVE_AMX
 
-constexpr int64_t kKT = packed::ktile<uint16_t>();   // steps per K tile of the layout
-constexpr int64_t kRE = packed::run_elems<uint16_t>();  // 32: one step of one run (16 columns), 64 bytes
+constexpr int64_t kS = packed::strip<uint16_t>();       // 64 columns a strip
+constexpr int64_t kSE = packed::step_elems<uint16_t>();  // 128: one step of a strip (k pair x 64 columns)
+constexpr int64_t kKT = packed::ktile<uint16_t>();       // steps per K tile of the layout
+constexpr int64_t kRE = packed::run_elems<uint16_t>();   // 32: one step of one run (16 columns), 64 bytes
 
 // No software prefetch of the weights: with each column vector a run of its own, the hardware prefetchers follow the
 // two (strip_32) or four (strip_16) runs read side by side better than prefetch instructions 16 KiB ahead did (bench_ab,
@@ -149,8 +151,9 @@ inline void strip_16(const uint16_t* ws, const XTiles& xt, int64_t KS, float* c)
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
   for (int64_t k0 = 0; k0 < KS; k0 += kKT) {
     const int64_t kn = std::min(kKT, KS - k0);
-    const uint16_t* r0 = ws + k0 * 4 * kRE;
-    const uint16_t *r1 = r0 + kn * kRE, *r2 = r1 + kn * kRE, *r3 = r2 + kn * kRE;
+    const uint16_t* tile = ws + k0 * kSE;
+    const uint16_t *r0 = packed::vec_at(tile, kn, 0), *r1 = packed::vec_at(tile, kn, 1);
+    const uint16_t *r2 = packed::vec_at(tile, kn, 2), *r3 = packed::vec_at(tile, kn, 3);
     for (int64_t p = 0; p < kn; p += 16) {
       const int64_t o = p * kRE;
       _tile_loadd(4, xt.a0((k0 + p) / 16), XTiles::kStride);
@@ -176,8 +179,8 @@ inline void strip_32(const uint16_t* ws, const XTiles& xt, int64_t KS, float* c)
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int64_t k0 = 0; k0 < KS; k0 += kKT) {
       const int64_t kn = std::min(kKT, KS - k0);
-      const uint16_t* ra = ws + k0 * 4 * kRE + 2 * half * kn * kRE;
-      const uint16_t* rb = ra + kn * kRE;
+      const uint16_t* tile = ws + k0 * kSE;
+      const uint16_t *ra = packed::vec_at(tile, kn, 2 * half), *rb = packed::vec_at(tile, kn, 2 * half + 1);
       for (int64_t p = 0; p < kn; p += 16) {
         const int64_t o = p * kRE;
         _tile_loadd(4, xt.a0((k0 + p) / 16), XTiles::kStride);
@@ -210,14 +213,14 @@ inline void strip_32(const uint16_t* ws, const XTiles& xt, int64_t KS, float* c)
 // packed::gemv_for<uint16_t> (xp [M, ldx] bf16, wp = packed::pack(W), 64 columns a strip). Callers check use(K).
 inline void gemv_for(const uint16_t* wp, const uint16_t* x, int64_t ldx, const float* bias, float* y, int64_t M,
                      int64_t N, int64_t K) {
-  constexpr int64_t S = 64, GR = JR_AMX_GROUP_ROWS;
-  const int64_t KS = K / 2, strips = (N + S - 1) / S, groups = (M + GR - 1) / GR;
+  constexpr int64_t S = kS, GR = JR_AMX_GROUP_ROWS;
+  const int64_t KS = K / 2, strips = packed::num_strips(N, S), groups = (M + GR - 1) / GR;
   alignas(64) float c[32 * 64];
   const uint16_t* xp = pack_x(x, ldx, M, K);
   int loaded = -1;  // the row count whose tile config is loaded on this thread
 #pragma omp for schedule(guided, 1)
   for (int64_t s = 0; s < strips; ++s) {
-    const uint16_t* ws = wp + s * KS * 128;
+    const uint16_t* ws = wp + s * KS * kSE;
     const int64_t n0 = s * S, nn = std::min(S, N - n0);
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t m0 = GR * g, rows = std::min<int64_t>(GR, M - m0);

@@ -100,7 +100,7 @@ inline void block(const WT* wt, const WT* x, int64_t ldx, int64_t kn, float* c, 
                   const char* pe, int lpk, int v0 = 0) {
   constexpr int64_t S = strip<WT>(), RE = run_elems<WT>();
   const WT* wv[NV];  // vector v0 + v of the tile's first step; step p is p * RE further
-  for (int v = 0; v < NV; ++v) wv[v] = vec_at(wt, kn, 0, v0 + v);
+  for (int v = 0; v < NV; ++v) wv[v] = vec_at(wt, kn, v0 + v);
   vf acc[MB][NV];
   for (int m = 0; m < MB; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = first ? simd::zero() : simd::load(c + m * S + (v0 + v) * kW);

@@ -66,12 +66,12 @@ constexpr int64_t run_elems() {  // elements of one step within one run
   return step_elems<WT>() / runs<WT>();
 }
 
-// Vector v (0-3: columns 16 v .. 16 v + 15 of fp32 lanes) of step p of the K tile at `tile` (kn steps, p counted from
-// the tile's first).
+// Vector v (0-3: columns 16 v .. 16 v + 15 of fp32 lanes) of the first step of the K tile at `tile` (kn steps); the
+// same vector of the tile's step p lies p * run_elems<WT>() further.
 template <typename WT>
-inline const WT* vec_at(const WT* tile, int64_t kn, int64_t p, int v) {
+inline const WT* vec_at(const WT* tile, int64_t kn, int v) {
   constexpr int VR = 4 / runs<WT>();  // vectors per run
-  return tile + (v / VR) * kn * run_elems<WT>() + p * run_elems<WT>() + (v % VR) * (step_elems<WT>() / 4);
+  return tile + (v / VR) * kn * run_elems<WT>() + (v % VR) * (step_elems<WT>() / 4);
 }
 
 inline int64_t num_strips(int64_t N, int64_t S) { return (N + S - 1) / S; }
