@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from janus_rt import cpu_ops, ops
+from janus_rt import cpu_ops, cpu_step, ops
 from janus_rt.engine.benchmark import SHAPES
 
 DTYPES = {"fp32": (torch.float32, 0), "bf16": (torch.bfloat16, 1)}
@@ -102,7 +102,7 @@ def attention_case(shape: str, rows: int, context: int, dtype: str, min_bytes: f
 
 
 def layers_case(shape: str, rows: int, context: int, dtype: str, block_size: int = 16):
-    """The decoder layers of one decode step at the shape (cpu_ops.DecodeStack's decode_layer calls, packed where
+    """The decoder layers of one decode step at the shape (cpu_step.DecodeStack's decode_layer calls, packed where
     it can be), `rows` rows of `context` cached tokens each (16-token blocks handed out in turn), random weights and
     K/V. h starts from the same values on every call; the output is h after the last layer."""
     C, L, H, inter, _, _ = SHAPES[shape]
@@ -114,7 +114,7 @@ def layers_case(shape: str, rows: int, context: int, dtype: str, block_size: int
     layers = [(rnd(C, scale=0.1) + 1, rnd(3 * C, C, scale=C**-0.5), rnd(C, C, scale=C**-0.5), rnd(C, scale=0.1) + 1,
                rnd(2 * inter, C, scale=C**-0.5), rnd(C, inter, scale=inter**-0.5)) for _ in range(L)]
     caches = [(rnd(nb * rows, block_size, H, D), rnd(nb * rows, block_size, H, D)) for _ in range(L)]
-    stack = cpu_ops.DecodeStack(layers, caches, 1e-6)
+    stack = cpu_step.DecodeStack(layers, caches, 1e-6)
     del layers
     tables = torch.tensor([[i * rows + b for i in range(nb)] for b in range(rows)], dtype=torch.int32)
     lens = torch.full((rows,), context, dtype=torch.int32)

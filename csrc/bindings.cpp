@@ -65,7 +65,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("cols"), py::arg("src_rows"));
   m.def("swiglu", &jr::swiglu, release(), "out[n] = silu(gate) * up in the dtype (F.silu(gate) * up rounding)",
         py::arg("gate"), py::arg("up"), py::arg("out"), py::arg("n"), py::arg("dtype"));
-  m.def("image_steps", &jr::image_steps, release(), "k decode steps of image rows (cpu_ops.ImageStep.steps)",
+  m.def("image_steps", &jr::image_steps, release(), "k decode steps of image rows (cpu_step.ImageStep.steps)",
         py::arg("plan"), py::arg("layers"), py::arg("L"), py::arg("k"), py::arg("tokens"), py::arg("positions"),
         py::arg("lens"), py::arg("slots"), py::arg("block_tables"), py::arg("max_blocks"), py::arg("seeds"),
         py::arg("out"), py::arg("eps"), py::arg("final_eps"), py::arg("sm_scale"));

@@ -4,7 +4,7 @@
 //     -> o = paged attention(q) -> h += o Wo^T -> a = RMSNorm(h) -> g, u = a Wgate_up^T -> h += (silu(g) u) Wdown^T
 //   and for the model's last layer (final_norm not null) also out [R, C] (T) = RMSNorm(h) with final_norm
 // Weights [out, in] in T (with `packed`: qkv, o, gate_up and down in packed_gemv.h's strip layout instead, packed
-// once by cpu_ops.DecodeStack; bf16 on AVX512_BF16 CPUs only), caches [num_blocks, block_size, H, D] in T, T = fp32 or
+// once by cpu_step.DecodeStack; bf16 on AVX512_BF16 CPUs only), caches [num_blocks, block_size, H, D] in T, T = fp32 or
 // bf16; cos/sin fp32 [R, D] (the rotary tables of each row's position, already rounded to T). MHA only (Janus-Pro).
 //
 // Why one call: on the 2-core CPU a decode step of the small model spent about as long in the ~15 small torch ops

@@ -1,6 +1,6 @@
 // dst[i, :] = src[idx[i], :] in dst's dtype (fp32 -> bf16 rounds to nearest even, as .to(torch.bfloat16)): the
 // embedding lookups, rotary-table rows and cond/uncond row repeats of a decode step, without a torch op per step
-// (cpu_ops.gather_rows and cpu_ops.ImageStep).
+// (cpu_ops.gather_rows and cpu_step.ImageStep).
 //   src [src_rows, cols] (row stride cols); idx int64 [n], each in [0, src_rows), or null for idx[i] = i;
 //   dst [n, cols]. dtypes: 0 = fp32, 1 = bf16.
 #include <cstring>

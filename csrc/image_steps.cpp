@@ -1,4 +1,4 @@
-// The multi-step decode of a batch of image rows (cpu_ops.ImageStep.steps) as one call: k decode steps of
+// The multi-step decode of a batch of image rows (cpu_step.ImageStep.steps) as one call: k decode steps of
 //   each image's last token -> gen_embed row -> gen aligner (mlp_gelu) -> its cond and uncond rows -> rotary rows of
 //   each row's position -> the decoder layers (decode_layer; the last one with the final norm) -> gen head
 //   (mlp_gelu, logits rounded to the model dtype) -> CFG + sampling (cfg_sample)
@@ -7,8 +7,8 @@
 // shape the ~15 wrapper calls per step, each from cold caches after the step's weight stream, took ~0.1-0.2 ms of a
 // ~6 ms step (bench/RESULTS.md).
 //   plan int64 [kPlanLen] (below): the batch's sizes, buffers and weights as integers, built once per batch by
-//   cpu_ops.ImageStep; layers int64 [L, 8]: each layer's in_norm, qkv, o, post_norm, gate_up, down, k_cache, v_cache
-//   (cpu_ops.DecodeStack). Per call: tokens int64 [n] (the first step's inputs); positions int64 [k, R]; lens int32
+//   cpu_step.ImageStep; layers int64 [L, 8]: each layer's in_norm, qkv, o, post_norm, gate_up, down, k_cache, v_cache
+//   (cpu_step.DecodeStack). Per call: tokens int64 [n] (the first step's inputs); positions int64 [k, R]; lens int32
 //   [k, R] (positions + 1); slots int64 [k, R]; block_tables int32 [R, max_blocks] covering every step's slots;
 //   seeds int64 [k, n] -> out int64 [k, n], step j's sampled tokens.
 #include <cstdint>
@@ -18,7 +18,7 @@
 
 namespace jr {
 
-// The plan's entries; cpu_ops.ImageStep.PLAN lists the same names in the same order (tests check the count).
+// The plan's entries; cpu_step.ImageStep.PLAN lists the same names in the same order (tests check the count).
 enum Plan : int {
   kDtype, kPacked, kRows, kImages, kHidden, kHeads, kInter, kHeadDim, kNumBlocks, kBlockSize,
   kGenEmbed, kGenEmbedRows, kGenEmbedDim,                                   // gen_embed [V_img, E]

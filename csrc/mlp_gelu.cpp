@@ -6,7 +6,7 @@
 //   `packed`, W1 and W2 in packed_gemv.h's strip layout (cpu_ops.PackedWeight) and run through its GEMV.
 // Rounding points of the torch path (ops.mlp_gelu with the cpu backend's linear): the hidden layer is rounded to T
 // before and after the GELU; y is returned in fp32 (the caller rounds it to T, as ops.linear does), or with
-// `round_out` already holding values of T (what .to(T).float() of it gives: cpu_ops.ImageStep's logits).
+// `round_out` already holding values of T (what .to(T).float() of it gives: cpu_step.ImageStep's logits).
 #include <algorithm>
 #include <cmath>
 #include <type_traits>

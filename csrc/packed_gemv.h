@@ -1,6 +1,6 @@
 // The decode GEMV over weights packed once: y [M, N] fp32 = x [M, K] @ W [N, K]^T (+ bias) with x in W's dtype:
 // bf16 x and W on CPUs with AVX512_BF16 (Zen 4/5, Sapphire Rapids), or fp32 x and W on any build. Used by
-// `decode_layer` (the LLM's four weights per layer, packed by cpu_ops.DecodeStack) and the `linear_packed` op
+// `decode_layer` (the LLM's four weights per layer, packed by cpu_step.DecodeStack) and the `linear_packed` op
 // (cpu_ops.PackedWeight).
 //
 // Layout: packed_layout.h (strips of 64 output columns stored step by step, a step one k or one k pair, cut into K

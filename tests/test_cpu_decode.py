@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from janus_rt import Janus, cpu_ops, ops
+from janus_rt import Janus, cpu_ops, cpu_step, ops
 from janus_rt.config import LLMConfig
 from janus_rt.engine import Engine, SamplingParams
 from janus_rt.engine.kv_cache import KVCache
@@ -53,10 +53,10 @@ def _fused(cfg, layer, cache, tables, slots, pos, h, packed=False):
     cos, sin = (t.float().contiguous() for t in ops.rope_tables(pos, cfg.head_dim, cfg.rope_theta, h.dtype))
     h = h.clone()
     with torch.inference_mode():
-        cpu_ops.decode_layer(h, layer.input_norm.weight, layer.attn.qkv_proj.weight, layer.attn.o_proj.weight,
-                             layer.post_attn_norm.weight, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight,
-                             cache.k_cache(0), cache.v_cache(0), slots, tables, (pos + 1).to(torch.int32), cos, sin,
-                             layer.input_norm.eps, packed=packed)
+        cpu_step.decode_layer(h, layer.input_norm.weight, layer.attn.qkv_proj.weight, layer.attn.o_proj.weight,
+                              layer.post_attn_norm.weight, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight,
+                              cache.k_cache(0), cache.v_cache(0), slots, tables, (pos + 1).to(torch.int32), cos, sin,
+                              layer.input_norm.eps, packed=packed)
     return h
 
 
@@ -165,13 +165,13 @@ def test_decode_stack_packed_choice():
         caches = [(cache.k_cache(0), cache.v_cache(0))]
         with torch.inference_mode():
             can = cpu_ops.packed_available(dtype)
-            assert cpu_ops.DecodeStack(weights, caches, 1e-6).packed == can
-            assert not cpu_ops.DecodeStack(weights, caches, 1e-6, packed=False).packed
+            assert cpu_step.DecodeStack(weights, caches, 1e-6).packed == can
+            assert not cpu_step.DecodeStack(weights, caches, 1e-6, packed=False).packed
             if can:
-                assert cpu_ops.DecodeStack(weights, caches, 1e-6, packed=True).packed
+                assert cpu_step.DecodeStack(weights, caches, 1e-6, packed=True).packed
             else:
                 with pytest.raises(ValueError, match="packed"):
-                    cpu_ops.DecodeStack(weights, caches, 1e-6, packed=True)
+                    cpu_step.DecodeStack(weights, caches, 1e-6, packed=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -185,7 +185,7 @@ def test_decode_stack_final_norm(dtype):
     cos, sin = (t.float().contiguous() for t in ops.rope_tables(pos, cfg.head_dim, cfg.rope_theta, dtype))
     lens = (pos + 1).to(torch.int32)
     with torch.inference_mode():
-        stack = cpu_ops.DecodeStack([weights], [(cache.k_cache(0), cache.v_cache(0))], 1e-6, w, 1e-5)
+        stack = cpu_step.DecodeStack([weights], [(cache.k_cache(0), cache.v_cache(0))], 1e-6, w, 1e-5)
         out = torch.full_like(h, float("nan"))
         stack(h, slots, tables, lens, cos, sin, out)  # h: the last layer's output, in place
         ref = ops.rms_norm_torch(h, w, 1e-5)
@@ -210,7 +210,7 @@ def test_decode_phase_timing():
     cache0 = cache.data.clone()
     plain = _fused(cfg, layer, cache, tables, slots, pos, h)
     cache.data.copy_(cache0)
-    with cpu_ops.decode_phase_timing() as t:
+    with cpu_step.decode_phase_timing() as t:
         timed = [_fused(cfg, layer, cache, tables, slots, pos, h) for _ in range(3)]
     _fused(cfg, layer, cache, tables, slots, pos, h)  # after the block: not counted
     assert all(torch.equal(x, plain) for x in timed)
@@ -219,7 +219,7 @@ def test_decode_phase_timing():
     assert list(sec) == ["layer_setup", "input_norm", "qkv_proj", "rope_kv_store", "attention", "pack_o", "o_proj",
                          "residual_post_norm", "gate_up_proj", "silu_mul", "down_proj", "residual"]
     assert all(v >= 0 for v in sec.values()) and sec["attention"] > 0 and sec["gate_up_proj"] > 0
-    with cpu_ops.decode_phase_timing() as t2:
+    with cpu_step.decode_phase_timing() as t2:
         pass
     assert t2["calls"] == 0 and sum(t2["seconds"].values()) == 0  # nothing carried over
 
@@ -299,7 +299,7 @@ def test_cpu_decoder_packed_gen_head(dtype):
 @pytest.mark.parametrize("packed", ["0", "1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_image_step_matches_op_by_op(dtype, packed, monkeypatch):
-    """The decode step of image rows as csrc calls only (cpu_ops.ImageStep) gives the op-by-op step's logits bit for
+    """The decode step of image rows as csrc calls only (cpu_step.ImageStep) gives the op-by-op step's logits bit for
     bit and its tokens: three requests of different n, prompt lengths and sampling settings share each step (image
     i's cond and uncond rows interleaved by request), packed and unpacked weights."""
     if dtype == torch.bfloat16 and packed == "1" and not cpu_ops.packed_available(torch.bfloat16):
@@ -463,14 +463,14 @@ def test_image_steps_stop_where_the_pool_runs_out():
 def test_image_steps_csrc_loop_matches_python_loop(dtype, monkeypatch):
     """ImageStep.steps' one csrc call for k steps (csrc/image_steps.cpp, its plan built by cpu_ops) gives the tokens
     of its per-op Python loop (what it runs under torch.profiler), for requests of different n and settings."""
-    assert cpu_ops._ext().image_steps_plan_len() == len(cpu_ops.ImageStep.PLAN)
+    assert cpu_ops._ext().image_steps_plan_len() == len(cpu_step.ImageStep.PLAN)
     model = Janus.from_preset("tiny", seed=11, dtype=dtype)
     t = model.cfg.tokens
     prompts = [[t.bos_id, 5, 9, 30, t.boi_id], [t.bos_id, 11, t.boi_id]]
     params = [SamplingParams(seed=2, temperature=0.9, top_k=40, top_p=0.95), SamplingParams(greedy=True, cfg_weight=3)]
     runs = []
     for in_python in (False, True):
-        monkeypatch.setattr(cpu_ops.ImageStep, "loop_in_python", in_python)
+        monkeypatch.setattr(cpu_step.ImageStep, "loop_in_python", in_python)
         eng = Engine.for_requests(model, [(len(p), n) for p, n in zip(prompts, (3, 2))])
         calls = _count_steps_per_call(eng)
         reqs = [eng.add_image_request(p, n=n, params=sp, num_tokens=19) for p, n, sp in zip(prompts, (3, 2), params)]

@@ -404,13 +404,13 @@ def profile_decode_step(model, prompt, n, out: Path, layerwise: bool = False, st
 
 def decode_phase_times(model, prompt, n, steps: int = 8, layerwise: bool = False, warmup: int = 4,
                        steps_per_call: int = 8) -> dict | None:
-    """Inside the csrc decoder layers: time each phase (cpu_ops.decode_phase_timing) over `steps` decode steps of a
+    """Inside the csrc decoder layers: time each phase (cpu_step.decode_phase_timing) over `steps` decode steps of a
     fresh engine after `warmup` steps (`janus-rt bench --profile`: half its --tokens, the benchmark's mean context;
     no profiler running). Returns {steps, rows, context (mean tokens per row), calls, ms_per_step, phases: [{name,
     us_per_layer, pct_of_step, bytes_per_layer, gbs}], rest_ms_per_step}: bytes are a projection's weights, or for
     attention the K/V of every row's context (None for the other phases). None where the step does not run through
     the csrc decoder."""
-    from janus_rt import cpu_ops
+    from janus_rt import cpu_step
 
     if model.device.type != "cpu" or layerwise:
         return None
@@ -422,7 +422,7 @@ def decode_phase_times(model, prompt, n, steps: int = 8, layerwise: bool = False
         eng.step()
     c, isz = model.cfg.llm, model.dtype.itemsize
     kv_tokens, done = 0, 0
-    with cpu_ops.decode_phase_timing() as timed:
+    with cpu_step.decode_phase_timing() as timed:
         t0 = time.perf_counter()
         while done < steps and eng.has_work():
             ctx = [eng.bm.num_tokens(r) + 1 for r in eng.scheduler.rows()]  # + the token the first step adds

@@ -1,4 +1,4 @@
-"""The CPU decode step: one csrc call per decoder layer (csrc/decode_layer.cpp through cpu_ops.DecodeStack).
+"""The CPU decode step: one csrc call per decoder layer (csrc/decode_layer.cpp through cpu_step.DecodeStack).
 
 On the cpu backend the layer-by-layer path runs ~15 small torch ops and five csrc calls per layer, each its own
 interpreter round trip and OpenMP fork/join; on a 2-core CPU that overhead was as large as the weight reads of
@@ -6,7 +6,7 @@ the small model's step. `decode_layer` does norm, QKV, RoPE, KV store, paged att
 the SwiGLU MLP for all rows in one parallel region, with the torch path's rounding points, so the two paths give
 the same hidden states up to summation order (tests/test_cpu_decode.py). For a batch of image rows the whole step
 (embedding, layers, gen head, CFG + sampling) runs as csrc calls on held buffers, no torch op per step
-(`CpuDecoder.image_step`, cpu_ops.ImageStep): bit-identical to the op-by-op step, ~1 ms less host time per step at
+(`CpuDecoder.image_step`, cpu_step.ImageStep): bit-identical to the op-by-op step, ~1 ms less host time per step at
 the small benchmark shape.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from janus_rt import cpu_ops, ops
+from janus_rt import cpu_ops, cpu_step, ops
 
 
 def supported(model, cache) -> bool:
@@ -31,7 +31,7 @@ def supported(model, cache) -> bool:
 
 def packed_setting() -> bool | None:
     """JANUS_RT_PACKED: "1" = pack the decoder weights for the packed GEMV (error where impossible), "0" =
-    never, unset or "auto" = when possible and memory allows (cpu_ops.DecodeStack)."""
+    never, unset or "auto" = when possible and memory allows (cpu_step.DecodeStack)."""
     v = os.environ.get("JANUS_RT_PACKED", "auto").strip().lower()
     if v not in ("0", "1", "auto", ""):
         raise ValueError(f"JANUS_RT_PACKED={v!r}: expected 0, 1 or auto")
@@ -82,20 +82,20 @@ class CpuDecoder:
         caches = [(cache.k_cache(i), cache.v_cache(i)) for i in range(len(llm.layers))]
         with torch.inference_mode():
             raw = lambda w: w.detach() if isinstance(w, torch.Tensor) else w  # (PackedWeight: pack_for_cpu_)
-            self.stack = cpu_ops.DecodeStack([tuple(raw(w) for w in ws) for ws in weights], caches,
-                                             llm.layers[0].input_norm.eps, llm.norm.weight.detach(), llm.norm.eps,
-                                             packed=packed_setting())
+            self.stack = cpu_step.DecodeStack([tuple(raw(w) for w in ws) for ws in weights], caches,
+                                              llm.layers[0].input_norm.eps, llm.norm.weight.detach(), llm.norm.eps,
+                                              packed=packed_setting())
 
         # the gen head (Linear -> GELU -> Linear, ~3 % of the 1B step's weights) and the gen aligner (the image
         # token's embedding -> LLM input) packed alongside the decoder layers
         self.gen_head_packed = self._pack_adaptor(model.gen_head)
         self.gen_aligner_packed = self._pack_adaptor(model.gen_aligner)
-        # the whole decode step of image rows in csrc calls (cpu_ops.ImageStep), where the adaptors run alongside
+        # the whole decode step of image rows in csrc calls (cpu_step.ImageStep), where the adaptors run alongside
         self.image_step_runner = None
         packed = self.gen_head_packed is not None and self.gen_aligner_packed is not None
         if packed == self.stack.packed:  # (not where a packed stack could not pack an adaptor: bf16, odd sizes)
             raw = lambda m: (m.fc1.weight.detach(), m.fc1.bias.detach(), m.fc2.weight.detach(), m.fc2.bias.detach())
-            self.image_step_runner = cpu_ops.ImageStep(
+            self.image_step_runner = cpu_step.ImageStep(
                 self.stack, model.gen_embed.weight.detach(),
                 self.gen_aligner_packed if packed else raw(model.gen_aligner),
                 self.gen_head_packed if packed else raw(model.gen_head), self.cos, self.sin)
@@ -129,7 +129,7 @@ class CpuDecoder:
 
     def image_step(self, image_tokens, embed_rows, positions, slots, block_tables, cond_rows, uncond_rows, params,
                    seeds):
-        """One decode step of image rows through cpu_ops.ImageStep (its docstring has the arguments) -> the n new
+        """One decode step of image rows through cpu_step.ImageStep (its docstring has the arguments) -> the n new
         tokens, or None where it does not apply (image_steps_possible): the caller then runs the step op by op."""
         if not self.image_steps_possible(len(positions), max(positions)):
             return None
@@ -138,7 +138,7 @@ class CpuDecoder:
 
     def image_steps(self, image_tokens, embed_rows, positions, slots, block_tables, cond_rows, uncond_rows, params,
                     seeds):
-        """k = len(slots) decode steps of image rows in one call (cpu_ops.ImageStep.steps) -> k lists of n tokens.
+        """k = len(slots) decode steps of image rows in one call (cpu_step.ImageStep.steps) -> k lists of n tokens.
         The caller checks image_steps_possible for the last step first."""
         return self.image_step_runner.steps(image_tokens, embed_rows, positions, slots, block_tables, cond_rows,
                                             uncond_rows, params, seeds)

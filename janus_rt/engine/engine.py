@@ -233,7 +233,7 @@ class Engine:
         return 1
 
     def _decode_images_cpu(self, image_reqs, rows, image_tok, positions, slots) -> int:
-        """The decode step of a batch of image rows as csrc calls only (cpu_ops.ImageStep), k steps in one call:
+        """The decode step of a batch of image rows as csrc calls only (cpu_step.ImageStep), k steps in one call:
         k = 1 while a request waits (so admission is never delayed), else up to max_steps_per_call, no more than any
         running request has left (none finishes inside the call: the batch, and so every token, is what k single
         steps would give) and as many as the KV pool can append without preempting. Each extra step's slots are

@@ -2,7 +2,7 @@
 
 The CPU decode step reads the LLM's four projections per layer (qkv, o, gate_up, down: ~85 % of the 1B LLM's weight
 bytes) through csrc/packed_gemv.h, whose strip layout is a copy of each weight. By default the engine makes that copy
-beside the model's own [N, K] tensors when it fits in half of the free memory (cpu_ops.DecodeStack), which doubles
+beside the model's own [N, K] tensors when it fits in half of the free memory (cpu_step.DecodeStack), which doubles
 those weights in memory (+2.4 GB at Janus-Pro-1B in bf16, +11.5 GB at 7B: more than a 24 GB machine has left after
 the model, so 7B fell back to the slower unpacked GEMV). `pack_llm_` replaces the originals instead: each projection
 becomes a `PackedLinear` holding only the packed copy, and every path that multiplies by it (prefill, the layer-by-
