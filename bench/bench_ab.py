@@ -144,7 +144,8 @@ def engine_case(shape: str, n: int, tokens: int, dtype: str):
     """The whole image generation of `janus-rt bench` (n images, `tokens` each) on random weights at the shape:
     run(mod) patches cpu_ops to call that build, runs the engine, and returns the tokens. The rate reported is the
     roofline's bytes per decode step over the measured ms per step."""
-    from janus_rt.engine.benchmark import BLOCK_SIZE, bench_model, decode_step_bytes_flops, _image_engine
+    from janus_rt.engine.benchmark import BLOCK_SIZE, bench_model, image_engine
+    from janus_rt.engine.roofline import decode_step_bytes_flops
 
     model = bench_model(shape, DTYPES[dtype][0], "cpu")
     prompt = [model.cfg.tokens.bos_id] + list(range(100, 118)) + [model.cfg.tokens.boi_id]
@@ -156,7 +157,7 @@ def engine_case(shape: str, n: int, tokens: int, dtype: str):
     def run(mod):
         cpu_ops._ext = lambda: mod
         try:
-            eng = _image_engine(model, prompt, n, tokens)
+            eng = image_engine(model, prompt, n, tokens)
             done = eng.run()
         finally:
             cpu_ops._ext = real_ext

@@ -19,11 +19,11 @@ from bench_gemv import cpu_name  # noqa: E402
 from common import print_table  # noqa: E402
 
 from janus_rt import cpu_ops  # noqa: E402
-from janus_rt.engine.benchmark import SHAPES, _image_engine, bench_model  # noqa: E402
+from janus_rt.engine.benchmark import SHAPES, bench_model, image_engine  # noqa: E402
 
 
 def step_ms(model, prompt, n, tokens, fused: bool) -> float:
-    eng = _image_engine(model, prompt, n, tokens, layerwise=not fused)
+    eng = image_engine(model, prompt, n, tokens, layerwise=not fused)
     eng.run()
     return eng.stats.ms_per_step
 

@@ -5,7 +5,7 @@ A decode step reads every weight once, so y[M, N] = x[M, K] @ W[N, K]^T is bound
 M. Shapes are Janus-Pro-1B's (attention 2048->2048, MLP 2048->5632 and 5632->2048, gen/lm head 2048->16384),
 M = rows decoded at once. Each timed call reads a different copy of W (copies totalling > 4x the L3), so the
 numbers are DRAM-streaming numbers, not cache hits. The roofline is the machine's DRAM read bandwidth, measured
-here by summing a 1 GiB array (janus_rt.engine.benchmark.cpu_read_bandwidth_gbs: the faster of torch.sum and cpu_ops.stream_sum). Times are best-of-N (median columns alongside): on a
+here by summing a 1 GiB array (janus_rt.engine.roofline.cpu_read_bandwidth_gbs: the faster of torch.sum and cpu_ops.stream_sum). Times are best-of-N (median columns alongside): on a
 shared machine the best is the one least disturbed by other processes.
 
 Run: python bench/bench_gemv.py [--quick] [--threads N]. Prints a markdown table; main() returns the rows.
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import print_table  # noqa: E402
 
 from janus_rt import cpu_ops  # noqa: E402
-from janus_rt.engine.benchmark import cpu_read_bandwidth_gbs  # noqa: E402
+from janus_rt.engine.roofline import cpu_read_bandwidth_gbs  # noqa: E402
 
 SHAPES = [(2048, 2048), (2048, 5632), (5632, 2048), (2048, 16384)]  # (K, N): x [M, K] -> y [M, N]
 MS = [1, 2, 8, 32]

@@ -13,7 +13,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_name, peak_tflops, print_table, require_cuda  # noqa: E402

@@ -22,8 +22,8 @@ import time
 import torch
 
 from janus_rt import Janus
-from janus_rt.engine.benchmark import (_sync, device_name, measure_bandwidth_gbs, measure_matmul_gflops,
-                                      transformers_baseline)
+from janus_rt.engine.benchmark import transformers_baseline
+from janus_rt.engine.roofline import device_name, measure_bandwidth_gbs, measure_matmul_gflops, sync
 
 
 def question_ids(model, question_len: int = 20, system_len: int = 40) -> list[int]:
@@ -62,10 +62,10 @@ def run_janus_rt(model, engine, ids, pixels, new_tokens: int) -> tuple[float, fl
     """-> (seconds to the first token, seconds per later token, the answer), from the engine's own step timers."""
     st = engine.stats
     before = (st.decode_s, st.decode_steps)
-    _sync(model.device)
+    sync(model.device)
     t = time.perf_counter()
     out = model.generate_text(ids, pixels, max_new_tokens=new_tokens, engine=engine)
-    _sync(model.device)
+    sync(model.device)
     total = time.perf_counter() - t
     decode_s, steps = st.decode_s - before[0], st.decode_steps - before[1]
     return total - decode_s, decode_s / steps if steps else float("nan"), out
@@ -92,13 +92,13 @@ def run_transformers(ref, model, ids, pixels, new_tokens: int) -> tuple[float, f
     t = model.cfg.tokens
     x = torch.tensor([ids], device=ref.device)
     stamps = _Stamps()
-    _sync(ref.device)
+    sync(ref.device)
     t0 = time.perf_counter()
     with torch.no_grad():
         y = ref.generate(x, attention_mask=torch.ones_like(x), pixel_values=pixels, generation_mode="text",
                          do_sample=False, max_length=len(ids) + new_tokens, eos_token_id=t.eos_id,
                          pad_token_id=t.pad_id, streamer=stamps)
-    _sync(ref.device)
+    sync(ref.device)
     ts = stamps.times
     out = y[0, len(ids):].tolist()
     out = out[: out.index(t.eos_id) + 1] if t.eos_id in out else out

@@ -169,11 +169,11 @@ def test_bench_profile_frees_earlier_engines_and_the_baseline(tmp_path, monkeypa
     import gc
     import weakref
 
-    from janus_rt.engine import benchmark
+    from janus_rt.engine import benchmark, profile
 
     made, baseline, checked = [], [], []
-    real_engine, real_baseline, real_phases = (benchmark._image_engine, benchmark.transformers_baseline,
-                                               benchmark.decode_phase_times)
+    real_engine, real_baseline, real_phases = (benchmark.image_engine, benchmark.transformers_baseline,
+                                               profile.decode_phase_times)
 
     def engine(*a, **kw):
         eng = real_engine(*a, **kw)
@@ -191,9 +191,9 @@ def test_bench_profile_frees_earlier_engines_and_the_baseline(tmp_path, monkeypa
         checked.append(([r() is None for r in made], [r() is None for r in baseline]))
         return real_phases(*a, **kw)
 
-    monkeypatch.setattr(benchmark, "_image_engine", engine)
+    monkeypatch.setattr(benchmark, "image_engine", engine)
     monkeypatch.setattr(benchmark, "transformers_baseline", ref_model)
-    monkeypatch.setattr(benchmark, "decode_phase_times", phases)
+    monkeypatch.setattr(profile, "decode_phase_times", phases)
     main(["bench", "--model", "tiny", "--device", "cpu", "--tokens", "4", "--repeats", "1", "--warmup-tokens", "0",
           "--profile", str(tmp_path / "prof")])
     assert len(checked) == 1

@@ -273,7 +273,8 @@ def test_roofline_kv_bytes_match_the_cache(tiny):
     """The benchmark's roofline counts the KV bytes a step really reads: with prompt sharing, the distinct cache
     slots of an image request's 2n rows (shared whole prompt blocks once per group, the copied partial block and
     the image tokens once per row)."""
-    from janus_rt.engine.benchmark import BLOCK_SIZE, decode_step_bytes_flops
+    from janus_rt.engine.benchmark import BLOCK_SIZE
+    from janus_rt.engine.roofline import decode_step_bytes_flops
 
     ids = prompt(tiny, 40)  # 42 tokens: 2 whole blocks shared per prompt, 10 tokens copied into each row
     n, steps = 3, 5

@@ -8,7 +8,7 @@ import torch
 
 from janus_rt import Janus, cpu_ops
 from janus_rt.engine import Engine
-from janus_rt.engine.benchmark import decode_step_bytes_flops
+from janus_rt.engine.roofline import decode_step_bytes_flops
 from janus_rt.engine.cpu_decode import pack_in_place
 from janus_rt.models.packed_linear import PROJECTIONS, PackedLinear, can_pack, packed_nbytes
 from tolerances import max_err

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import torch
 
+from janus_rt.engine.roofline import (decode_step_bytes_flops, device_name, measure_bandwidth_gbs,
+                                      measure_matmul_gflops, peak_memory_gb, reset_peak_memory, sync)
+
 SHAPES = {
     # name: (LLM hidden, layers, heads, MLP, default dtype, default n)
     "small": (512, 8, 8, 1376, "fp32", 4),
@@ -61,121 +64,6 @@ def bench_model(shape: str, dtype, device):
 BLOCK_SIZE = 16  # the benchmark engine's KV block size (tokens)
 
 
-# ---- the machine -----------------------------------------------------------------------------------------------
-def measure_bandwidth_gbs(device) -> float:
-    """Read bandwidth. GPU: a reduction over a 1 GiB buffer (best of 5). CPU: the faster of cpu_read_bandwidth_gbs'
-    probes (torch.sum reads slower than the hardware allows; the roofline takes the faster)."""
-    if str(device) == "cpu":
-        return max(cpu_read_bandwidth_gbs().values())
-    x = torch.ones(2**28, dtype=torch.float32, device=device)
-    best = float("inf")
-    for _ in range(5):
-        _sync(device)
-        t = time.perf_counter()
-        x.sum()
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best / 1e9
-
-
-def cpu_read_bandwidth_gbs(gib: float = 1.0, rounds: int = 3) -> dict:
-    """DRAM read bandwidth (GB/s) of two probes over 64 MiB slices of a `gib` GiB fp32 array, visited in turn so
-    no slice is in the L3: torch.sum, and cpu_ops.stream_sum (an unrolled vector sum; torch.sum reads slower than
-    the GEMV it should bound) when the extension is built. Best slice time, so a shared machine's time slicing
-    does not pass for slow memory. Also bench/bench_gemv.py's roofline."""
-    from janus_rt import cpu_ops
-
-    a = torch.ones(int(gib * (1 << 30)) // 4)
-    slices = a.split((64 << 20) // 4)
-    nbytes = slices[0].numel() * 4
-    probes = {"torch.sum": lambda x: x.sum()}
-    if cpu_ops.available():
-        probes["stream_sum"] = cpu_ops.stream_sum
-    out = {}
-    for name, fn in probes.items():
-        fn(a)
-        best = float("inf")
-        for _ in range(rounds):
-            for sl in slices:
-                t = time.perf_counter()
-                fn(sl)
-                best = min(best, time.perf_counter() - t)
-        out[name] = nbytes / best / 1e9
-    return out
-
-
-def measure_matmul_gflops(device, dtype) -> float:
-    """The machine's matmul peak for a model in `dtype`: torch's n x n matmul in `dtype`. On a CPU the fp32 matmul
-    is measured too and the larger taken: torch's bf16 matmul on CPUs without bf16 dot instructions (AVX2 only) runs
-    far below the fp32 FMA peak the hardware can give a bf16 model (which would make every step 'compute bound'),
-    while on CPUs with them (AVX512_BF16: Zen 4/5, Sapphire Rapids) it is several times the fp32 peak."""
-    n = 2048 if device == "cpu" else 8192
-    dtypes = [dtype] if device != "cpu" else sorted({torch.float32, dtype}, key=str)
-    best_gflops = 0.0
-    for dt in dtypes:
-        a = torch.randn(n, n, device=device, dtype=dt)
-        b = torch.randn(n, n, device=device, dtype=dt)
-        a @ b
-        best = float("inf")
-        for _ in range(3):
-            _sync(device)
-            t = time.perf_counter()
-            a @ b
-            _sync(device)
-            best = min(best, time.perf_counter() - t)
-        best_gflops = max(best_gflops, 2 * n**3 / best / 1e9)
-    return best_gflops
-
-
-def _sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _reset_peak(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS)
-        except OSError:
-            pass
-
-
-def _peak_gb(device) -> float:
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**30
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
-def decode_step_bytes_flops(model, rows: int, context: int, shared: tuple[int, int] = (0, 0)) -> tuple[float, float]:
-    """Bytes a decode step must read (LLM + gen head/aligner weights once, plus the KV cache it attends over) and its
-    FLOPs, for `rows` rows of `context` cached tokens each. shared = (groups, tokens): the first `tokens` of every row
-    sit in blocks that `groups` sets of rows share (an image request's cond and uncond prompts: 2 groups; whole
-    blocks only), so they are stored, and must be read, once per group rather than once per row. FLOPs count every
-    row's full context."""
-    from janus_rt.models.packed_linear import packed_weight_numel
-
-    isz = model.dtype.itemsize
-    llm = sum(p.numel() for n, p in model.llm.named_parameters() if "embed_tokens" not in n)
-    llm += packed_weight_numel(model.llm)  # projections packed in place (Janus.pack_for_cpu_)
-    heads = sum(p.numel() for p in model.gen_head.parameters()) + sum(p.numel() for p in model.gen_aligner.parameters())
-    c = model.cfg.llm
-    groups, prompt = shared
-    kv_tokens = rows * context - (rows - groups) * prompt if groups else rows * context
-    kv = kv_tokens * c.num_layers * 2 * c.num_kv_heads * c.head_dim * isz
-    flops = 2 * (llm + heads) * rows + rows * context * c.num_layers * 4 * c.num_heads * c.head_dim
-    return (llm + heads) * isz + kv, flops
-
-
-def device_name(device) -> str:
-    """The GPU's name, or the CPU's model name and core count."""
-    return torch.cuda.get_device_name() if str(device).startswith("cuda") else _cpu_name()
-
-
 def transformers_baseline(model, device):
     """transformers' JanusForConditionalGeneration holding model's weights, on `device`; None (said on stderr) where
     transformers is not installed."""
@@ -189,7 +77,7 @@ def transformers_baseline(model, device):
 
 
 # ---- the two implementations -----------------------------------------------------------------------------------
-def _image_engine(model, prompt, n, tokens=None, cuda_graphs=False, layerwise=False, steps_per_call=8):
+def image_engine(model, prompt, n, tokens=None, cuda_graphs=False, layerwise=False, steps_per_call=8):
     """An engine holding one image request (n images of `prompt`); layerwise: no csrc decoder on the CPU;
     steps_per_call: Engine's max_steps_per_call."""
     from janus_rt.engine import Engine, SamplingParams
@@ -205,11 +93,11 @@ def _image_engine(model, prompt, n, tokens=None, cuda_graphs=False, layerwise=Fa
 def run_janus_rt(model, prompt, n, tokens, cuda_graphs=False, layerwise=False, steps_per_call=8):
     """-> (seconds, ms per decode step, the CPU decode path taken: "decode_layer[, packed GEMV]" / "layerwise" / None off
     CPU)."""
-    eng = _image_engine(model, prompt, n, tokens, cuda_graphs, layerwise, steps_per_call)
-    _sync(model.device)
+    eng = image_engine(model, prompt, n, tokens, cuda_graphs, layerwise, steps_per_call)
+    sync(model.device)
     t = time.perf_counter()
     eng.run()
-    _sync(model.device)
+    sync(model.device)
     path = None
     if model.device.type == "cpu":
         path = "layerwise"
@@ -224,12 +112,12 @@ def run_transformers(ref, prompt, n, tokens, cfg):
     ref.generation_config.pad_token_id = cfg.tokens.pad_id
     ref.generation_config.bos_token_id = cfg.tokens.bos_id
     ref.generation_config.generation_kwargs = {"boi_token_id": cfg.tokens.boi_id}
-    _sync(ref.device)
+    sync(ref.device)
     t = time.perf_counter()
     with torch.no_grad():
         ref.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", do_sample=True,
                      guidance_scale=5.0)
-    _sync(ref.device)
+    sync(ref.device)
     dt = time.perf_counter() - t
     return dt, 1e3 * dt / tokens
 
@@ -295,17 +183,17 @@ def main(args):
     for _ in range(args.repeats):  # alternate so drift hits both alike
         ours.append(ours_probed()[:2])
         if ref is not None:
-            _reset_peak(device)
+            reset_peak_memory(device)
             got = theirs_run(args.tokens)
             if got is None:
                 theirs = []
                 continue
             theirs.append(got)
-            hf_peak = _peak_gb(device)
-    _reset_peak(device)
+            hf_peak = peak_memory_gb(device)
+    reset_peak_memory(device)
     dt, ms_step, cpu_path = ours_probed()
     ours.append((dt, ms_step))
-    our_peak = _peak_gb(device)
+    our_peak = peak_memory_gb(device)
     # probe again after the runs; the whole-benchmark roofline keeps the fastest probe of all, so a slow moment at
     # the start cannot flatter it
     bw_after, peak_after = measure_bandwidth_gbs(device), measure_matmul_gflops(device, dtype)
@@ -352,158 +240,8 @@ def main(args):
         # (with it still held, the 1B n = 16 phase engine got 1185 of its 1216 blocks and stopped the benchmark)
         ref = None
         gc.collect()
+        from janus_rt.engine.profile import profile_decode_step
+
         profile_decode_step(model, prompt, n, Path(args.profile), args.layerwise, phase_warmup=args.tokens // 2,
                             steps_per_call=args.steps_per_call)
     return row
-
-
-def profile_decode_step(model, prompt, n, out: Path, layerwise: bool = False, steps: int = 3, phase_warmup: int = 4,
-                        steps_per_call: int = 8):
-    """Trace `steps` decode steps (after a few warm-up steps, and one more under the profiler whose record is
-    dropped: the first step after the profiler starts pays for waking the OpenMP threads and the profiler's own
-    set-up, ~1 ms on a 2-core CPU) and print the per-op time breakdown, totals over those steps."""
-    from torch.profiler import ProfilerActivity, profile, schedule
-
-    eng = _image_engine(model, prompt, n, layerwise=layerwise, steps_per_call=steps_per_call)
-    for _ in range(4):
-        if eng.has_work():
-            eng.step()
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
-    out.mkdir(parents=True, exist_ok=True)
-    tables = []
-    key = "self_cuda_time_total" if model.device.type == "cuda" else "self_cpu_time_total"
-
-    def ready(p):
-        p.export_chrome_trace(str(out / "trace.json"))
-        tables.append(p.key_averages().table(sort_by=key, row_limit=25))
-
-    counted = []  # decode steps of each engine step (several per engine step with multi-step decode)
-    with profile(activities=acts, record_shapes=True, on_trace_ready=ready,
-                 schedule=schedule(wait=0, warmup=1, active=steps, repeat=1)) as prof:
-        for _ in range(steps + 1):
-            if not eng.has_work():  # a short run (--tokens): the steps it has
-                break
-            before = eng.stats.decode_steps
-            eng.step()
-            counted.append(eng.stats.decode_steps - before)
-            prof.step()
-    print(f"per-op time over {sum(counted[1:])} decode steps in {len(counted[1:])} engine steps (totals; 'avg' "
-          "columns per call):")
-    print(tables[0] if tables else "(no profile recorded)")
-    print(f"trace: {out / 'trace.json'} (open in https://ui.perfetto.dev)")
-    del eng, prof  # the phase timing's engine sizes its KV pool from the free memory: this one's pool goes first
-    gc.collect()
-    phases = decode_phase_times(model, prompt, n, layerwise=layerwise, warmup=phase_warmup,
-                                steps_per_call=steps_per_call)
-    if phases:
-        print(format_phase_table(phases))
-        dtype = str(model.dtype).split(".")[-1]
-        plot_phase_times(phases, out / "phases.png", f"janus_rt decode step by phase: {dtype}, n = {n}")
-        print(f"phase chart: {out / 'phases.png'}")
-
-
-def decode_phase_times(model, prompt, n, steps: int = 8, layerwise: bool = False, warmup: int = 4,
-                       steps_per_call: int = 8) -> dict | None:
-    """Inside the csrc decoder layers: time each phase (cpu_step.decode_phase_timing) over `steps` decode steps of a
-    fresh engine after `warmup` steps (`janus-rt bench --profile`: half its --tokens, the benchmark's mean context;
-    no profiler running). Returns {steps, rows, context (mean tokens per row), calls, ms_per_step, phases: [{name,
-    us_per_layer, pct_of_step, bytes_per_layer, gbs}], rest_ms_per_step}: bytes are a projection's weights, or for
-    attention the K/V of every row's context (None for the other phases). None where the step does not run through
-    the csrc decoder."""
-    from janus_rt import cpu_step
-
-    if model.device.type != "cpu" or layerwise:
-        return None
-    eng = _image_engine(model, prompt, n, steps_per_call=steps_per_call)
-    if not eng.runner.uses_cpu_decoder():
-        return None
-    eng.step()  # prefill
-    while eng.has_work() and eng.stats.decode_steps < warmup:  # (multi-step decode: may pass warmup by a few)
-        eng.step()
-    c, isz = model.cfg.llm, model.dtype.itemsize
-    kv_tokens, done = 0, 0
-    with cpu_step.decode_phase_timing() as timed:
-        t0 = time.perf_counter()
-        while done < steps and eng.has_work():
-            ctx = [eng.bm.num_tokens(r) + 1 for r in eng.scheduler.rows()]  # + the token the first step adds
-            before = eng.stats.decode_steps
-            eng.step()
-            k = eng.stats.decode_steps - before  # decode steps in this engine step (multi-step decode)
-            kv_tokens += sum(k * c + k * (k - 1) // 2 for c in ctx)
-            done += k
-        wall = time.perf_counter() - t0
-    calls = timed["calls"]
-    if not done or not calls:
-        return None
-    layer = model.llm.layers[0]  # a projection phase reads its weight once per layer call
-    nbytes = {name: w.weight.numel() * isz for name, w in (
-        ("qkv_proj", layer.attn.qkv_proj), ("o_proj", layer.attn.o_proj), ("gate_up_proj", layer.mlp.gate_up_proj),
-        ("down_proj", layer.mlp.down_proj))}
-    nbytes["attention"] = kv_tokens / done * 2 * c.num_kv_heads * c.head_dim * isz
-    phases = []
-    for name, sec in timed["seconds"].items():
-        per = sec / calls
-        b = nbytes.get(name)
-        phases.append({"name": name, "us_per_layer": 1e6 * per, "pct_of_step": 100 * sec / wall,
-                       "bytes_per_layer": b, "gbs": b / per / 1e9 if b and per > 0 else None})
-    layers_s = sum(timed["seconds"].values())
-    return {"steps": done, "rows": 2 * n, "context": kv_tokens / done / (2 * n), "calls": calls,
-            "ms_per_step": 1e3 * wall / done, "phases": phases, "rest_ms_per_step": 1e3 * (wall - layers_s) / done}
-
-
-def format_phase_table(t: dict) -> str:
-    """decode_phase_times' result as a text table."""
-    lines = [f"inside the csrc decoder layers, {t['steps']} decode steps ({t['rows']} rows, mean context "
-             f"{t['context']:.0f} tokens, {t['calls']} layer calls; {t['ms_per_step']:.2f} ms/step):",
-             f"{'phase':>20} {'us/layer':>9} {'% of step':>9} {'MB/layer':>9} {'GB/s':>7}"]
-    for p in t["phases"]:
-        mb = f"{p['bytes_per_layer'] / 1e6:9.2f}" if p["bytes_per_layer"] else f"{'':>9}"
-        rate = f"{p['gbs']:7.1f}" if p["gbs"] else f"{'':>7}"
-        lines.append(f"{p['name']:>20} {p['us_per_layer']:9.1f} {p['pct_of_step']:9.1f} {mb} {rate}")
-    lines.append(f"{'all layers':>20} {sum(p['us_per_layer'] for p in t['phases']):9.1f} "
-                 f"{sum(p['pct_of_step'] for p in t['phases']):9.1f}")
-    lines.append(f"rest of the step (gen embedding + aligner, gen head, CFG sampling, host): "
-                 f"{t['rest_ms_per_step']:.2f} ms/step")
-    return "\n".join(lines)
-
-
-def plot_phase_times(t: dict, path: Path, title: str = "") -> None:
-    """decode_phase_times' result as a PNG bar chart: one bar per phase (share of the decode step), labelled with
-    its time per layer and read rate, and one for the rest of the step."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    try:
-        font = ImageFont.load_default(size=14)
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
-        font = ImageFont.load_default()
-    bars = [(p["name"], p["pct_of_step"], f"{p['us_per_layer']:.1f} us/layer"
-             + (f", {p['gbs']:.1f} GB/s" if p["gbs"] else "")) for p in t["phases"]]
-    rest_pct = 100 * t["rest_ms_per_step"] / t["ms_per_step"]
-    bars.append(("rest of the step", rest_pct, f"{t['rest_ms_per_step']:.2f} ms/step (gen head, sampling, host)"))
-    left, bar_w, row_h, top = 170, 420, 26, 56
-    img = Image.new("RGB", (left + bar_w + 330, top + row_h * len(bars) + 16), "white")
-    d = ImageDraw.Draw(img)
-    d.text((10, 8), title or "decode step, by phase", fill="black", font=font)
-    d.text((10, 28), f"{t['rows']} rows, mean context {t['context']:.0f} tokens, {t['ms_per_step']:.2f} ms/step "
-           f"over {t['steps']} steps; bars: % of the step", fill="dimgray", font=font)
-    scale = bar_w / max(max(pct for _, pct, _ in bars), 1e-9)
-    for i, (name, pct, label) in enumerate(bars):
-        y = top + i * row_h
-        colour = "gray" if name == "rest of the step" else ("darkorange" if name == "attention" else "steelblue")
-        d.text((10, y + 4), name, fill="black", font=font)
-        d.rectangle([left, y + 3, left + max(1, int(pct * scale)), y + row_h - 5], fill=colour)
-        d.text((left + int(pct * scale) + 8, y + 4), f"{pct:.1f}%  {label}", fill="black", font=font)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                import os
-
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return "cpu"

@@ -1,0 +1,136 @@
+"""The roofline the benchmarks divide by: the machine's two ceilings, measured (read bandwidth; matmul peak), and the
+bytes and FLOPs a decode step must move and do; with the small device helpers the benchmarks share (sync, peak
+memory, the device's name). Used by engine/benchmark.py (`janus-rt bench`), bench/bench_understand.py and the
+kernel benchmarks."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+def measure_bandwidth_gbs(device) -> float:
+    """Read bandwidth. GPU: a reduction over a 1 GiB buffer (best of 5). CPU: the faster of cpu_read_bandwidth_gbs'
+    probes (torch.sum reads slower than the hardware allows; the roofline takes the faster)."""
+    if str(device) == "cpu":
+        return max(cpu_read_bandwidth_gbs().values())
+    x = torch.ones(2**28, dtype=torch.float32, device=device)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        x.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def cpu_read_bandwidth_gbs(gib: float = 1.0, rounds: int = 3) -> dict:
+    """DRAM read bandwidth (GB/s) of two probes over 64 MiB slices of a `gib` GiB fp32 array, visited in turn so
+    no slice is in the L3: torch.sum, and cpu_ops.stream_sum (an unrolled vector sum; torch.sum reads slower than
+    the GEMV it should bound) when the extension is built. Best slice time, so a shared machine's time slicing
+    does not pass for slow memory. Also bench/bench_gemv.py's roofline."""
+    from janus_rt import cpu_ops
+
+    a = torch.ones(int(gib * (1 << 30)) // 4)
+    slices = a.split((64 << 20) // 4)
+    nbytes = slices[0].numel() * 4
+    probes = {"torch.sum": lambda x: x.sum()}
+    if cpu_ops.available():
+        probes["stream_sum"] = cpu_ops.stream_sum
+    out = {}
+    for name, fn in probes.items():
+        fn(a)
+        best = float("inf")
+        for _ in range(rounds):
+            for sl in slices:
+                t = time.perf_counter()
+                fn(sl)
+                best = min(best, time.perf_counter() - t)
+        out[name] = nbytes / best / 1e9
+    return out
+
+
+def measure_matmul_gflops(device, dtype) -> float:
+    """The machine's matmul peak for a model in `dtype`: torch's n x n matmul in `dtype`. On a CPU the fp32 matmul
+    is measured too and the larger taken: torch's bf16 matmul on CPUs without bf16 dot instructions (AVX2 only) runs
+    far below the fp32 FMA peak the hardware can give a bf16 model (which would make every step 'compute bound'),
+    while on CPUs with them (AVX512_BF16: Zen 4/5, Sapphire Rapids) it is several times the fp32 peak."""
+    n = 2048 if device == "cpu" else 8192
+    dtypes = [dtype] if device != "cpu" else sorted({torch.float32, dtype}, key=str)
+    best_gflops = 0.0
+    for dt in dtypes:
+        a = torch.randn(n, n, device=device, dtype=dt)
+        b = torch.randn(n, n, device=device, dtype=dt)
+        a @ b
+        best = float("inf")
+        for _ in range(3):
+            sync(device)
+            t = time.perf_counter()
+            a @ b
+            sync(device)
+            best = min(best, time.perf_counter() - t)
+        best_gflops = max(best_gflops, 2 * n**3 / best / 1e9)
+    return best_gflops
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS)
+        except OSError:
+            pass
+
+
+def peak_memory_gb(device) -> float:
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def decode_step_bytes_flops(model, rows: int, context: int, shared: tuple[int, int] = (0, 0)) -> tuple[float, float]:
+    """Bytes a decode step must read (LLM + gen head/aligner weights once, plus the KV cache it attends over) and its
+    FLOPs, for `rows` rows of `context` cached tokens each. shared = (groups, tokens): the first `tokens` of every row
+    sit in blocks that `groups` sets of rows share (an image request's cond and uncond prompts: 2 groups; whole
+    blocks only), so they are stored, and must be read, once per group rather than once per row. FLOPs count every
+    row's full context."""
+    from janus_rt.models.packed_linear import packed_weight_numel
+
+    isz = model.dtype.itemsize
+    llm = sum(p.numel() for n, p in model.llm.named_parameters() if "embed_tokens" not in n)
+    llm += packed_weight_numel(model.llm)  # projections packed in place (Janus.pack_for_cpu_)
+    heads = sum(p.numel() for p in model.gen_head.parameters()) + sum(p.numel() for p in model.gen_aligner.parameters())
+    c = model.cfg.llm
+    groups, prompt = shared
+    kv_tokens = rows * context - (rows - groups) * prompt if groups else rows * context
+    kv = kv_tokens * c.num_layers * 2 * c.num_kv_heads * c.head_dim * isz
+    flops = 2 * (llm + heads) * rows + rows * context * c.num_layers * 4 * c.num_heads * c.head_dim
+    return (llm + heads) * isz + kv, flops
+
+
+def device_name(device) -> str:
+    """The GPU's name, or the CPU's model name and core count."""
+    return torch.cuda.get_device_name() if str(device).startswith("cuda") else _cpu_name()
+
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return "cpu"
