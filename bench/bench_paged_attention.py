@@ -50,6 +50,10 @@ def main() -> list[dict]:
         impls = [(f"triton splits={s or 'auto'}",
                   lambda s=s: K.paged_decode_attention(q, k_cache, v_cache, tables, lens, num_splits=s))
                  for s in (None, 1, 2, 4, 8)]
+        impls += [(f"triton slots splits={s or 'auto'}{f' block_n={bn}' if bn else ''}",
+                   lambda s=s, bn=bn: K.paged_decode_attention(q, k_cache, v_cache, tables, lens, num_splits=s,
+                                                               variant="slots", block_n=bn))
+                  for s, bn in ((None, None), (1, None), (4, None), (None, 64), (None, 16))]
         # the same K/V stored contiguously per sequence: [B, H, context, D]
         kd = torch.randn(batch, heads, context, head_dim, device="cuda", dtype=q.dtype)
         vd = torch.randn_like(kd)

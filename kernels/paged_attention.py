@@ -4,7 +4,9 @@ The cache is [num_blocks, block_size, H, D]; sequence b's token t lives in page 
 at offset t % block_size. Each program streams BLOCK_N tokens of one (sequence, head) per step: every token row
 of a head is D contiguous elements, so a step is BLOCK_N coalesced row loads of K and of V. Split-K cuts the
 context into num_splits ranges whose partial softmax statistics a second kernel merges, so a small batch still
-fills the GPU.
+fills the GPU. Two forward kernels: "block" reduces each step's tokens into one running softmax (a max, a sum and
+p @ v across the program's warps every step), "slots" keeps a running softmax per token slot of a step and merges
+them once at the end (no cross-warp reduction, no barrier inside its loop; more accumulator registers).
 """
 import math
 
@@ -77,6 +79,71 @@ def _paged_decode_attention_fwd_kernel(
 
 
 @triton.jit
+def _paged_decode_attention_fwd_slots_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, o_ptr, part_o_ptr, part_lse_ptr,
+        stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+        stride_ob, stride_oh, num_heads, num_splits, split_len, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        SPLIT: tl.constexpr, ROUND_BF16: tl.constexpr):
+    # As _paged_decode_attention_fwd_kernel (same grid, inputs and outputs), but each of the BLOCK_N token slots of a
+    # step keeps its own online softmax (m, l: [BLOCK_N]; acc: [BLOCK_N, BLOCK_D]) over the tokens it sees (slot j:
+    # tokens lo + j, lo + j + BLOCK_N, ...), merged once after the loop. A step then has no reduction over tokens
+    # (the other kernel's max, sum and p @ v across warps, each a shared-memory round trip and a barrier per step):
+    # only each token's q . k over D. Costs an accumulator of BLOCK_N x BLOCK_D fp32 in registers.
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    ctx = tl.load(context_lens_ptr + b)
+    lo = split * split_len
+    hi = tl.minimum(ctx, lo + split_len)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0)
+    q = q.to(tl.float32) * qk_scale  # [BLOCK_D], log2 domain
+    k_head = k_cache_ptr + h * stride_kh
+    v_head = v_cache_ptr + h * stride_vh
+    table = block_tables_ptr + b.to(tl.int64) * stride_bt
+
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < hi
+        page = tl.load(table + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+        row = offs_n % PAGE_SIZE
+        mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_head + (page * stride_kb + row * stride_ks)[:, None] + offs_d[None, :], mask=mask, other=0.0)
+        v = tl.load(v_head + (page * stride_vb + row * stride_vs)[:, None] + offs_d[None, :], mask=mask, other=0.0)
+        s = tl.sum(k.to(tl.float32) * q[None, :], 1)  # [BLOCK_N]
+        s = tl.where(n_mask, s, float("-inf"))
+        m_new = tl.maximum(m, s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a slot with no token yet: alpha = p = 0, not NaN
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe)
+        acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
+        l = l * alpha + p
+        m = m_new
+
+    # merge the slots: an empty range (context 0, or a split past the end) leaves every l = 0: output 0, lse -inf
+    m_all = tl.max(m, 0)
+    w = tl.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # slots that saw no token: weight 0
+    l_all = tl.sum(l * w, 0)
+    l_safe = tl.where(l_all > 0, l_all, 1.0)
+    o = tl.sum(acc * w[:, None], 0) / l_safe  # [BLOCK_D]
+    if SPLIT:
+        part = pid_bh.to(tl.int64) * num_splits + split
+        tl.store(part_o_ptr + part * HEAD_DIM + offs_d, o, mask=d_mask)
+        tl.store(part_lse_ptr + part, tl.where(l_all > 0, m_all + tl.log2(l_safe), float("-inf")))
+    else:
+        o_offs = b.to(tl.int64) * stride_ob + h * stride_oh + offs_d
+        if ROUND_BF16:
+            o = round_bf16(o)
+        tl.store(o_ptr + o_offs, o.to(o_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
 def _paged_decode_attention_reduce_kernel(
         part_o_ptr, part_lse_ptr, o_ptr, stride_ob, stride_oh, num_heads, num_splits,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, ROUND_BF16: tl.constexpr):
@@ -101,6 +168,9 @@ def _paged_decode_attention_reduce_kernel(
              mask=offs_d < HEAD_DIM)
 
 
+_VARIANTS = {"block": _paged_decode_attention_fwd_kernel, "slots": _paged_decode_attention_fwd_slots_kernel}
+
+
 def _auto_num_splits(batch: int, heads: int, max_context: int, sm_count: int) -> int:
     """Enough (sequence, head, split) programs for about two waves of the GPU, splits >= _MIN_SPLIT_TOKENS."""
     want = triton.cdiv(2 * sm_count, max(1, batch * heads))
@@ -108,13 +178,18 @@ def _auto_num_splits(batch: int, heads: int, max_context: int, sm_count: int) ->
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sm_scale=None, *,
-                           num_splits: int | None = None):
+                           num_splits: int | None = None, variant: str = "block", block_n: int | None = None):
     """Single-token attention over a paged KV cache.
 
     q: [B, H, D]; k_cache, v_cache: [num_blocks, block_size, H, D] (q's dtype; fp16/bf16/fp32; D a multiple of
     16 up to 256); block_tables: int32 [B, max_blocks]; context_lens: int32 [B], each <= max_blocks * block_size
     (not checked: it would need a device sync). A context of 0 gives a zero output row.
     num_splits: split-K ranges per sequence; None picks from batch, heads and max_blocks * block_size.
+    variant: "block" (one online softmax per program, its BLOCK_N tokens reduced every step) or "slots" (one per
+    token slot of a step, merged once at the end: no cross-warp reduction inside the loop; the same results up to
+    summation order, not yet timed on a GPU). block_n: tokens per step of a program, a power of two >= 16; None:
+    "block" 64 (32 past head_dim 128), "slots" 32 (16 past 128), where both compile to 96 registers a thread for
+    sm_90 at head_dim 128 (ptxas; "slots" at 64 takes 168).
     Returns o: [B, H, D] in q's dtype.
     """
     check_tensor(q, "q", ndim=3, dtypes=_DTYPES)
@@ -134,6 +209,9 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sm_s
           f"block_tables {tuple(block_tables.shape)} / context_lens {tuple(context_lens.shape)} != batch {batch}")
     check(num_splits is None or (isinstance(num_splits, int) and num_splits >= 1),
           f"num_splits must be None or an int >= 1, got {num_splits}")
+    check(variant in _VARIANTS, f"variant must be one of {sorted(_VARIANTS)}, got {variant!r}")
+    check(block_n is None or (isinstance(block_n, int) and block_n >= 16 and block_n & (block_n - 1) == 0),
+          f"block_n must be None or a power of two >= 16, got {block_n}")
     q, k_cache, v_cache = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_cache, v_cache))
     block_tables, context_lens = block_tables.contiguous(), context_lens.contiguous()
 
@@ -142,7 +220,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sm_s
     if num_splits is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
         num_splits = _auto_num_splits(batch, heads, max_context, sms)
-    block_n = 64 if head_dim <= 128 else 32
+    if block_n is None:
+        block_n = (64 if variant == "block" else 32) // (1 if head_dim <= 128 else 2)
     split_len = triton.cdiv(triton.cdiv(max(max_context, 1), num_splits), block_n) * block_n
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch * heads == 0:
@@ -153,7 +232,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sm_s
     part_o = torch.empty((batch, heads, num_splits, head_dim) if split else (1,), dtype=torch.float32,
                          device=q.device)
     part_lse = torch.empty((batch, heads, num_splits) if split else (1,), dtype=torch.float32, device=q.device)
-    _paged_decode_attention_fwd_kernel[(batch * heads, num_splits)](
+    _VARIANTS[variant][(batch * heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, o, part_o, part_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), o.stride(0), o.stride(1),

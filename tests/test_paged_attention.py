@@ -32,34 +32,50 @@ def paged_case(context_lens, heads, head_dim, block_size, device, dtype=torch.fl
             torch.tensor(context_lens, dtype=torch.int32, device=device))
 
 
+@pytest.mark.parametrize("variant", ["block", "slots"])
 @pytest.mark.parametrize("num_splits", [1, 3, None])
 @pytest.mark.parametrize("block_size,heads,head_dim", [(16, 3, 64), (32, 1, 128), (16, 5, 48)])
-def test_fp32(block_size, heads, head_dim, num_splits, device):
+def test_fp32(block_size, heads, head_dim, num_splits, variant, device):
     # lengths: 1 token, not multiples of the block size, exact multiples, and one long enough for several splits
     args = paged_case([1, 37, 64, 161, 96], heads, head_dim, block_size, device)
-    out = K.paged_decode_attention(*args, num_splits=num_splits)
+    out = K.paged_decode_attention(*args, num_splits=num_splits, variant=variant)
     ref = paged_decode_attention_ref(*args)
     assert out.shape == args[0].shape
     assert abs_err(out, ref) / ref.abs().max().item() <= 1e-4
 
 
-def test_many_empty_splits_and_zero_context(device):
-    # 9 splits of 64 tokens over contexts of at most 100: most splits are empty; context 0 gives a zero row
+@pytest.mark.parametrize("variant", ["block", "slots"])
+@pytest.mark.parametrize("block_n", [16, 64])
+def test_block_n(variant, block_n, device):
+    # tokens per program step other than each variant's default, split and not
+    args = paged_case([1, 37, 161], 2, 64, 16, device)
+    ref = paged_decode_attention_ref(*args)
+    for num_splits in (1, 3):
+        out = K.paged_decode_attention(*args, num_splits=num_splits, variant=variant, block_n=block_n)
+        assert abs_err(out, ref) / ref.abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("variant", ["block", "slots"])
+@pytest.mark.parametrize("num_splits", [1, 9])
+def test_many_empty_splits_and_zero_context(num_splits, variant, device):
+    # 9 splits of 64 tokens over contexts of at most 100: most splits are empty; context 0 gives a zero row (split or
+    # not: the slots variant merges slots that never saw a token)
     q, kc, vc, tables, lens = paged_case([0, 100, 5], 2, 64, 16, device)
     tables = torch.cat([tables, tables, tables], dim=1)  # more table columns than the contexts need
-    out = K.paged_decode_attention(q, kc, vc, tables, lens, 0.2, num_splits=9)
+    out = K.paged_decode_attention(q, kc, vc, tables, lens, 0.2, num_splits=num_splits, variant=variant)
     ref = paged_decode_attention_ref(q, kc, vc, tables, lens, 0.2)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert abs_err(out, ref) / ref.abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("variant", ["block", "slots"])
 @pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision(dtype, num_splits, device):
+def test_low_precision(dtype, num_splits, variant, device):
     args = paged_case([3, 70, 129], 3, 128, 16, device, dtype)
     exact = paged_decode_attention_ref(*(a.float() if a.is_floating_point() else a for a in args))
     torch_err = abs_err(paged_decode_attention_ref(*args, upcast=False), exact)
-    out = K.paged_decode_attention(*args, num_splits=num_splits)
+    out = K.paged_decode_attention(*args, num_splits=num_splits, variant=variant)
     assert out.dtype == dtype
     assert abs_err(out, exact) <= 2 * torch_err
 
@@ -80,6 +96,9 @@ def test_misuse_raises(device):
         lambda: K.paged_decode_attention(q, kc[:, :, :1], vc[:, :, :1], tables, lens),           # heads differ
         lambda: K.paged_decode_attention(q[0], kc, vc, tables, lens),                            # q not 3-D
         lambda: K.paged_decode_attention(q, kc, vc, tables, lens, num_splits=0),
+        lambda: K.paged_decode_attention(q, kc, vc, tables, lens, variant="rows"),               # no such variant
+        lambda: K.paged_decode_attention(q, kc, vc, tables, lens, block_n=24),                   # not a power of 2
+        lambda: K.paged_decode_attention(q, kc, vc, tables, lens, block_n=8),                    # below 16
         lambda: K.paged_decode_attention(q[..., :40], kc[..., :40], vc[..., :40], tables, lens),  # D = 40
     ]
     for i, call in enumerate(bad):
