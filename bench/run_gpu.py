@@ -6,7 +6,8 @@
 
 Sections, most wanted first, each in its own process with a deadline taken from what is left of --budget:
 1. with --generate, the engine benchmark at the Janus-Pro-1B shape (n=16, 576 tokens, CUDA graphs) vs transformers,
-   then its --profile of three decode steps (per-kernel table; profile/trace.json beside the markdown),
+   then its --profile of three decode steps (per-kernel table; profile/trace.json beside the markdown), then the
+   engine alone again with the other paged attention kernel (JANUS_RT_PAGED_ATTENTION=slots),
 2. pytest on CUDA: tests/test_engine.py first (the real CUDA-graph engine against the eager one), then the whole
    suite (the kernels run natively; the suite's CPU-interpreter shapes run too),
 3. every bench/bench_<op>.py main(), each table under its op name.
@@ -111,6 +112,11 @@ def main(argv=None) -> int:
         prof = os.path.join(os.path.dirname(os.path.abspath(out)), "profile")
         section("generate (Janus-Pro-1B shape, n=16, 576 tokens, CUDA graphs)",
                 [py, "-m", "janus_rt.cli", "bench", *GENERATE_ARGS, "--profile", prof], 0.45, keep_lines=90)
+        # the same engine on the other paged decode attention kernel (kernels/paged_attention.py's "slots", never
+        # timed on a GPU before): the A/B that decides ops.TRITON_PAGED_ATTENTION's default; janus_rt only
+        section("generate, paged attention variant=slots",
+                ["env", "JANUS_RT_PAGED_ATTENTION=slots", py, "-m", "janus_rt.cli", "bench", *GENERATE_ARGS,
+                 "--no-transformers"], 0.15, keep_lines=40)
     if not args.skip_tests:
         # -v: every test's name and outcome as it finishes; -n: Triton's compiles dominate, spread them over the cores
         workers = ["-n", str(min(12, os.cpu_count() or 1))] if importlib.util.find_spec("xdist") else []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -220,10 +221,16 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, causal: bool):
     return torch.cat(out)
 
 
+# The triton backend's paged decode attention kernel (kernels/paged_attention.py's `variant`): "block" until a GPU has
+# timed "slots" against it (bench/RESULTS.md); JANUS_RT_PAGED_ATTENTION=slots picks the other, for that A/B.
+TRITON_PAGED_ATTENTION = os.environ.get("JANUS_RT_PAGED_ATTENTION", "block")
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens):
     """q: [B, H, D] against the paged caches; block_tables int32 [B, max_blocks]; context_lens int32 [B]."""
     if _backend == "triton":
-        return _kernels().paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens)
+        return _kernels().paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                                 variant=TRITON_PAGED_ATTENTION)
     if _use_cpu_kernels(q):
         from janus_rt import cpu_ops
 

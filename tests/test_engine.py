@@ -3,7 +3,7 @@ prompt sharing, preemption + recompute, understanding."""
 import pytest
 import torch
 
-from janus_rt import Janus, cpu_ops
+from janus_rt import Janus, cpu_ops, ops
 from janus_rt.engine import Engine, SamplingParams
 from janus_rt.processing import unconditional_ids
 
@@ -267,6 +267,39 @@ def test_multi_step_image_graphs_give_the_single_steps_tokens(tiny, backend):
     eng.add_image_request(a, 1, SamplingParams(greedy=True), num_tokens=k)  # k - 1 left after the prefill
     eng.run()
     assert replays == [] and eng.stats.decode_steps == k - 1
+
+
+def test_triton_paged_attention_variants_give_the_same_tokens(tiny, monkeypatch):
+    """The engine on the triton backend (the GPU path's kernels, interpreted) with either paged decode attention
+    kernel (ops.TRITON_PAGED_ATTENTION, JANUS_RT_PAGED_ATTENTION): the same greedy tokens, logits equal up to
+    summation order."""
+    from janus_rt.kernels import paged_attention
+
+    class Counted:  # a kernel whose launches (kernel[grid](...)) are counted
+        def __init__(self, kernel):
+            self.kernel, self.launches = kernel, 0
+
+        def __getitem__(self, grid):
+            self.launches += 1
+            return self.kernel[grid]
+
+    kernels = {name: Counted(k) for name, k in paged_attention._VARIANTS.items()}
+    for name, k in kernels.items():
+        monkeypatch.setitem(paged_attention._VARIANTS, name, k)
+    ids = prompt(tiny, 9, seed=5)
+    runs, launched = {}, {}
+    for variant in ("block", "slots"):
+        monkeypatch.setattr(ops, "TRITON_PAGED_ATTENTION", variant)
+        before = {name: k.launches for name, k in kernels.items()}
+        eng = Engine.for_requests(tiny, [(len(ids), 2)], backend="triton")
+        eng.record_logits = True
+        runs[variant] = eng.add_image_request(ids, n=2, params=SamplingParams(greedy=True), num_tokens=4)
+        eng.run()
+        launched[variant] = {name for name, k in kernels.items() if k.launches > before[name]}
+    assert launched == {"block": {"block"}, "slots": {"slots"}}  # each run took the kernel it asked for
+    assert runs["slots"].tokens == runs["block"].tokens
+    for (c1, u1), (c2, u2) in zip(runs["slots"].logits, runs["block"].logits):
+        assert torch.allclose(c1, c2, rtol=1e-4, atol=1e-4) and torch.allclose(u1, u2, rtol=1e-4, atol=1e-4)
 
 
 def test_roofline_kv_bytes_match_the_cache(tiny):
