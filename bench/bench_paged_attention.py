@@ -53,7 +53,7 @@ def main() -> list[dict]:
         impls += [(f"triton slots splits={s or 'auto'}{f' block_n={bn}' if bn else ''}",
                    lambda s=s, bn=bn: K.paged_decode_attention(q, k_cache, v_cache, tables, lens, num_splits=s,
                                                                variant="slots", block_n=bn))
-                  for s, bn in ((None, None), (1, None), (4, None), (None, 64), (None, 16))]
+                  for s, bn in ((None, None), (1, None), (None, 64))]
         # the same K/V stored contiguously per sequence: [B, H, context, D]
         kd = torch.randn(batch, heads, context, head_dim, device="cuda", dtype=q.dtype)
         vd = torch.randn_like(kd)

@@ -6,11 +6,12 @@
 
 Sections, most wanted first, each in its own process with a deadline taken from what is left of --budget:
 1. with --generate, the engine benchmark at the Janus-Pro-1B shape (n=16, 576 tokens, CUDA graphs) vs transformers,
-   then its --profile of three decode steps (per-kernel table; profile/trace.json beside the markdown), then the
-   engine alone again with the other paged attention kernel (JANUS_RT_PAGED_ATTENTION=slots),
-2. pytest on CUDA: tests/test_engine.py first (the real CUDA-graph engine against the eager one), then the whole
-   suite (the kernels run natively; the suite's CPU-interpreter shapes run too),
-3. every bench/bench_<op>.py main(), each table under its op name.
+   then its --profile of three decode steps (per-kernel table; profile/trace.json beside the markdown),
+2. tests/test_engine.py on CUDA (the real CUDA-graph engine against the eager one),
+3. bench/bench_paged_attention.py (both paged attention kernels side by side), then with --generate the engine
+   alone again on the other kernel (JANUS_RT_PAGED_ATTENTION=slots),
+4. the whole pytest suite on CUDA (the kernels run natively; the suite's CPU-interpreter shapes run too),
+5. every other bench/bench_<op>.py main(), each table under its op name.
 The markdown file (--out; default $OUT/gpu_results.md when $OUT is set, else bench/gpu_results.md) is rewritten
 after every section, so a session cut short still returns what finished. On a machine without CUDA it says so and
 exits 0.
@@ -105,6 +106,8 @@ def main(argv=None) -> int:
             f.write("\n".join(lines) + "\n")
 
     py = sys.executable
+    op_cmd = lambda op: [py, "-c", _OP_CHILD.format(here=HERE, op=op)]
+    ops = list(OPS)
     if args.generate:  # the headline target first: 576 tokens x 16 images in <= 1.0 s
         # --profile: a torch.profiler trace of three decode steps beside the markdown, and the per-kernel table.
         # 2026-12-04 (H200) this section took 147 s without the warm-up runs, the multi-step graphs' captures and the
@@ -112,21 +115,25 @@ def main(argv=None) -> int:
         prof = os.path.join(os.path.dirname(os.path.abspath(out)), "profile")
         section("generate (Janus-Pro-1B shape, n=16, 576 tokens, CUDA graphs)",
                 [py, "-m", "janus_rt.cli", "bench", *GENERATE_ARGS, "--profile", prof], 0.45, keep_lines=90)
+    # -v: every test's name and outcome as it finishes; -n: Triton's compiles dominate, spread them over the cores
+    workers = ["-n", str(min(12, os.cpu_count() or 1))] if importlib.util.find_spec("xdist") else []
+    if not args.skip_tests and ENGINE_TESTS:  # whether the headline's CUDA graphs give the eager engine's tokens
+        section("engine tests on CUDA", [py, "-m", "pytest", "-v", "--no-header", "-p", "no:cacheprovider",
+                                         "-rfE", *ENGINE_TESTS], 0.2, keep_lines=15, full="pytest_engine.txt")
+    if "paged_attention" in ops:  # its two kernels ("block", "slots") timed side by side: seconds, so early
+        ops.remove("paged_attention")
+        section("paged_attention", op_cmd("paged_attention"), 0.2, keep_lines=40)
+    if args.generate:
         # the same engine on the other paged decode attention kernel (kernels/paged_attention.py's "slots", never
         # timed on a GPU before): the A/B that decides ops.TRITON_PAGED_ATTENTION's default; janus_rt only
         section("generate, paged attention variant=slots",
                 ["env", "JANUS_RT_PAGED_ATTENTION=slots", py, "-m", "janus_rt.cli", "bench", *GENERATE_ARGS,
-                 "--no-transformers"], 0.15, keep_lines=40)
+                 "--no-transformers"], 0.3, keep_lines=40)
     if not args.skip_tests:
-        # -v: every test's name and outcome as it finishes; -n: Triton's compiles dominate, spread them over the cores
-        workers = ["-n", str(min(12, os.cpu_count() or 1))] if importlib.util.find_spec("xdist") else []
-        if ENGINE_TESTS:
-            section("engine tests on CUDA", [py, "-m", "pytest", "-v", "--no-header", "-p", "no:cacheprovider",
-                                             "-rfE", *ENGINE_TESTS], 0.2, keep_lines=15, full="pytest_engine.txt")
         section("pytest on CUDA", [py, "-m", "pytest", "-v", "--no-header", "-p", "no:cacheprovider", "-rfE",
                                    *workers, *TESTS], 0.6, keep_lines=15, full="pytest.txt")
-    for i, op in enumerate(OPS):
-        section(op, [py, "-c", _OP_CHILD.format(here=HERE, op=op)], 1.0 / (len(OPS) - i), keep_lines=40)
+    for i, op in enumerate(ops):
+        section(op, op_cmd(op), 1.0 / (len(ops) - i), keep_lines=40)
     print(f"wrote {out}")
     return 0
 
