@@ -22,39 +22,75 @@ _MIN_SPLIT_TOKENS = 128  # a split shorter than this costs more in the merge tha
 
 
 @triton.jit
+def _program_setup(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, stride_qb, stride_qh,
+                   stride_kh, stride_vh, stride_bt, num_heads, split_len, qk_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    # grid: (B * H, num_splits); program (bh, s) covers tokens [lo, hi) = [s * split_len, (s + 1) * split_len) ∩
+    # [0, ctx) of sequence b, head h -> b, h, lo, hi, offs_d, d_mask, its scaled query [BLOCK_D] (log2 domain), and
+    # the pointers to head h of the caches and to b's block table
+    pid_bh = tl.program_id(0)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    ctx = tl.load(context_lens_ptr + b)
+    lo = tl.program_id(1) * split_len
+    hi = tl.minimum(ctx, lo + split_len)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0)
+    q = q.to(tl.float32) * qk_scale
+    return (b, h, lo, hi, offs_d, d_mask, q, k_cache_ptr + h * stride_kh, v_cache_ptr + h * stride_vh,
+            block_tables_ptr + b.to(tl.int64) * stride_bt)
+
+
+@triton.jit
+def _load_step(k_head, v_head, table, start, hi, offs_d, d_mask, stride_kb, stride_ks, stride_vb, stride_vs,
+               BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    # one step's tokens [start, start + BLOCK_N) ∩ [.., hi): n_mask [BLOCK_N], k and v [BLOCK_N, BLOCK_D] (0 past hi)
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < hi
+    page = tl.load(table + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+    row = offs_n % PAGE_SIZE
+    mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_head + (page * stride_kb + row * stride_ks)[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    v = tl.load(v_head + (page * stride_vb + row * stride_vs)[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    return n_mask, k, v
+
+
+@triton.jit
+def _store_result(acc, m, l, b, h, offs_d, d_mask, o_ptr, part_o_ptr, part_lse_ptr, stride_ob, stride_oh, num_splits,
+                  HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, ROUND_BF16: tl.constexpr):
+    # the program's softmax state (acc [BLOCK_D] = sum of p v, l = sum of p, m = max score) -> o = acc / l, or with
+    # SPLIT its partial (o, lse). An empty range (context 0, or a split past the end) has l = 0: output 0, lse -inf.
+    l_safe = tl.where(l > 0, l, 1.0)
+    o = acc / l_safe
+    if SPLIT:
+        part = tl.program_id(0).to(tl.int64) * num_splits + tl.program_id(1)
+        tl.store(part_o_ptr + part * HEAD_DIM + offs_d, o, mask=d_mask)
+        tl.store(part_lse_ptr + part, tl.where(l > 0, m + tl.log2(l_safe), float("-inf")))
+    else:
+        o_offs = b.to(tl.int64) * stride_ob + h * stride_oh + offs_d
+        if ROUND_BF16:
+            o = round_bf16(o)
+        tl.store(o_ptr + o_offs, o.to(o_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
 def _paged_decode_attention_fwd_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, o_ptr, part_o_ptr, part_lse_ptr,
         stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         stride_ob, stride_oh, num_heads, num_splits, split_len, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
         SPLIT: tl.constexpr, ROUND_BF16: tl.constexpr):
-    # grid: (B * H, num_splits); program (bh, s) covers tokens [s * split_len, (s + 1) * split_len) ∩ [0, ctx)
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    ctx = tl.load(context_lens_ptr + b)
-    lo = split * split_len
-    hi = tl.minimum(ctx, lo + split_len)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0)
-    q = q.to(tl.float32) * qk_scale  # [BLOCK_D], log2 domain
-    k_head = k_cache_ptr + h * stride_kh
-    v_head = v_cache_ptr + h * stride_vh
-    table = block_tables_ptr + b.to(tl.int64) * stride_bt
-
+    # One online softmax per program, each step's BLOCK_N tokens reduced into it.
+    b, h, lo, hi, offs_d, d_mask, q, k_head, v_head, table = _program_setup(
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, stride_qb, stride_qh, stride_kh,
+        stride_vh, stride_bt, num_heads, split_len, qk_scale, HEAD_DIM, BLOCK_D)
     m_i = float("-inf")
     l_i = 0.0
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):  # the first step holds token `lo`, so m_i turns finite at once
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < hi
-        page = tl.load(table + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-        row = offs_n % PAGE_SIZE
-        mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_head + (page * stride_kb + row * stride_ks)[:, None] + offs_d[None, :], mask=mask, other=0.0)
-        v = tl.load(v_head + (page * stride_vb + row * stride_vs)[:, None] + offs_d[None, :], mask=mask, other=0.0)
+        n_mask, k, v = _load_step(k_head, v_head, table, start, hi, offs_d, d_mask, stride_kb, stride_ks, stride_vb,
+                                  stride_vs, BLOCK_N, PAGE_SIZE)
         s = tl.sum(k.to(tl.float32) * q[None, :], 1)  # [BLOCK_N]
         s = tl.where(n_mask, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
@@ -63,19 +99,8 @@ def _paged_decode_attention_fwd_kernel(
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         l_i = l_i * alpha + tl.sum(p, 0)
         m_i = m_new
-
-    # an empty range (context 0, or a split past the end) leaves l_i = 0: output 0, lse -inf
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o = acc / l_safe
-    if SPLIT:
-        part = pid_bh.to(tl.int64) * num_splits + split
-        tl.store(part_o_ptr + part * HEAD_DIM + offs_d, o, mask=d_mask)
-        tl.store(part_lse_ptr + part, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")))
-    else:
-        o_offs = b.to(tl.int64) * stride_ob + h * stride_oh + offs_d
-        if ROUND_BF16:
-            o = round_bf16(o)
-        tl.store(o_ptr + o_offs, o.to(o_ptr.dtype.element_ty), mask=d_mask)
+    _store_result(acc, m_i, l_i, b, h, offs_d, d_mask, o_ptr, part_o_ptr, part_lse_ptr, stride_ob, stride_oh,
+                  num_splits, HEAD_DIM, SPLIT, ROUND_BF16)
 
 
 @triton.jit
@@ -90,32 +115,15 @@ def _paged_decode_attention_fwd_slots_kernel(
     # tokens lo + j, lo + j + BLOCK_N, ...), merged once after the loop. A step then has no reduction over tokens
     # (the other kernel's max, sum and p @ v across warps, each a shared-memory round trip and a barrier per step):
     # only each token's q . k over D. Costs an accumulator of BLOCK_N x BLOCK_D fp32 in registers.
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    ctx = tl.load(context_lens_ptr + b)
-    lo = split * split_len
-    hi = tl.minimum(ctx, lo + split_len)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0)
-    q = q.to(tl.float32) * qk_scale  # [BLOCK_D], log2 domain
-    k_head = k_cache_ptr + h * stride_kh
-    v_head = v_cache_ptr + h * stride_vh
-    table = block_tables_ptr + b.to(tl.int64) * stride_bt
-
+    b, h, lo, hi, offs_d, d_mask, q, k_head, v_head, table = _program_setup(
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, stride_qb, stride_qh, stride_kh,
+        stride_vh, stride_bt, num_heads, split_len, qk_scale, HEAD_DIM, BLOCK_D)
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < hi
-        page = tl.load(table + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-        row = offs_n % PAGE_SIZE
-        mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_head + (page * stride_kb + row * stride_ks)[:, None] + offs_d[None, :], mask=mask, other=0.0)
-        v = tl.load(v_head + (page * stride_vb + row * stride_vs)[:, None] + offs_d[None, :], mask=mask, other=0.0)
+        n_mask, k, v = _load_step(k_head, v_head, table, start, hi, offs_d, d_mask, stride_kb, stride_ks, stride_vb,
+                                  stride_vs, BLOCK_N, PAGE_SIZE)
         s = tl.sum(k.to(tl.float32) * q[None, :], 1)  # [BLOCK_N]
         s = tl.where(n_mask, s, float("-inf"))
         m_new = tl.maximum(m, s)
@@ -125,22 +133,11 @@ def _paged_decode_attention_fwd_slots_kernel(
         acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
         l = l * alpha + p
         m = m_new
-
-    # merge the slots: an empty range (context 0, or a split past the end) leaves every l = 0: output 0, lse -inf
+    # merge the slots (those that saw no token, m = -inf, weigh 0), then store as the other kernel does
     m_all = tl.max(m, 0)
-    w = tl.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # slots that saw no token: weight 0
-    l_all = tl.sum(l * w, 0)
-    l_safe = tl.where(l_all > 0, l_all, 1.0)
-    o = tl.sum(acc * w[:, None], 0) / l_safe  # [BLOCK_D]
-    if SPLIT:
-        part = pid_bh.to(tl.int64) * num_splits + split
-        tl.store(part_o_ptr + part * HEAD_DIM + offs_d, o, mask=d_mask)
-        tl.store(part_lse_ptr + part, tl.where(l_all > 0, m_all + tl.log2(l_safe), float("-inf")))
-    else:
-        o_offs = b.to(tl.int64) * stride_ob + h * stride_oh + offs_d
-        if ROUND_BF16:
-            o = round_bf16(o)
-        tl.store(o_ptr + o_offs, o.to(o_ptr.dtype.element_ty), mask=d_mask)
+    w = tl.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all))
+    _store_result(tl.sum(acc * w[:, None], 0), m_all, tl.sum(l * w, 0), b, h, offs_d, d_mask, o_ptr, part_o_ptr,
+                  part_lse_ptr, stride_ob, stride_oh, num_splits, HEAD_DIM, SPLIT, ROUND_BF16)
 
 
 @triton.jit
