@@ -422,16 +422,27 @@ def packed_copy_fits(nbytes: int) -> bool:
     return nbytes <= available_memory() // 2
 
 
-def available_memory() -> int:
-    """Bytes of memory available to allocate now (MemAvailable of /proc/meminfo, else free physical pages)."""
+def meminfo_available(path: str = "/proc/meminfo") -> int:
+    """MemAvailable from /proc/meminfo, in bytes (Linux; no psutil). RuntimeError where it cannot be read."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+                    _, value, unit = line.split()
+                    if unit != "kB":
+                        raise RuntimeError(f"unexpected unit {unit!r} in {path}: {line.strip()!r}")
+                    return int(value) * 1024
+    except OSError as e:
+        raise RuntimeError(f"cannot read free memory from {path} ({e})") from e
+    raise RuntimeError(f"no MemAvailable line in {path}")
+
+
+def available_memory() -> int:
+    """Bytes of memory available to allocate now: meminfo_available(), else the free physical pages."""
+    try:
+        return meminfo_available()
+    except RuntimeError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 HUGE_PAGE = 2 << 20

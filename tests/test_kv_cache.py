@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from janus_rt import cpu_ops
 from janus_rt.engine import kv_cache as kvc
 from janus_rt.engine.block_manager import BlockManager
 from janus_rt.engine.kv_cache import KVCache
@@ -106,15 +107,25 @@ def test_budget_arithmetic(monkeypatch):
         KVCache.from_budget(L, BS, H, D, torch.float32, memory_fraction=0.05)
 
 
-def test_available_memory(tmp_path):
+def test_available_memory(tmp_path, monkeypatch):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   12345678 kB\n")
-    assert kvc._meminfo_available(str(meminfo)) == 12345678 * 1024
+    assert cpu_ops.meminfo_available(str(meminfo)) == 12345678 * 1024
     meminfo.write_text("MemTotal:       24000000 kB\n")
     with pytest.raises(RuntimeError, match="MemAvailable"):
-        kvc._meminfo_available(str(meminfo))
+        cpu_ops.meminfo_available(str(meminfo))
+    with pytest.raises(RuntimeError, match="cannot read"):
+        cpu_ops.meminfo_available(str(tmp_path / "missing"))
+    assert 0 < cpu_ops.available_memory() and 0 < kvc.available_memory("cpu")
+    # where /proc/meminfo cannot be read: the packing rule still gets a number, the KV budget says what to pass
+    def unreadable(path="/proc/meminfo"):
+        raise RuntimeError(f"cannot read free memory from {path}")
+
+    monkeypatch.setattr(cpu_ops, "meminfo_available", unreadable)
+    assert cpu_ops.available_memory() > 0
     with pytest.raises(RuntimeError, match="budget_bytes"):
-        kvc._meminfo_available(str(tmp_path / "missing"))
+        kvc.available_memory("cpu")
+    monkeypatch.undo()
     assert kvc.available_memory("cpu") > 0
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()

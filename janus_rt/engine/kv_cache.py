@@ -14,21 +14,6 @@ import torch
 from janus_rt import cpu_ops
 
 
-def _meminfo_available(path: str = "/proc/meminfo") -> int:
-    """MemAvailable from /proc/meminfo, in bytes (Linux; no psutil)."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    _, value, unit = line.split()
-                    if unit != "kB":
-                        raise RuntimeError(f"unexpected unit {unit!r} in {path}: {line.strip()!r}")
-                    return int(value) * 1024
-    except OSError as e:
-        raise RuntimeError(f"cannot read free CPU memory from {path} ({e}); pass budget_bytes instead") from e
-    raise RuntimeError(f"no MemAvailable line in {path}; pass budget_bytes instead")
-
-
 def available_memory(device: str | torch.device) -> int:
     """Bytes a new allocation on `device` could use now (CUDA: free + cached by torch; CPU: MemAvailable)."""
     device = torch.device(device)
@@ -37,7 +22,10 @@ def available_memory(device: str | torch.device) -> int:
         # memory torch's caching allocator reserved but no tensor uses is ours to take too
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if device.type == "cpu":
-        return _meminfo_available()
+        try:
+            return cpu_ops.meminfo_available()
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}; pass budget_bytes instead") from e
     raise ValueError(f"cannot measure free memory on {device}; pass budget_bytes instead")
 
 
