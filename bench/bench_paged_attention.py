@@ -54,6 +54,11 @@ def main() -> list[dict]:
                    lambda s=s, bn=bn: K.paged_decode_attention(q, k_cache, v_cache, tables, lens, num_splits=s,
                                                                variant="slots", block_n=bn))
                   for s, bn in ((None, None), (1, None), (None, 64))]
+        # the table as the engine's CUDA graphs hold it: columns for a 4096-token sequence, whatever the context
+        wide = torch.zeros(batch, max(tables.shape[1], 4096 // block_size), dtype=tables.dtype, device="cuda")
+        wide[:, :tables.shape[1]] = tables
+        impls.append(("triton splits=auto, 4096-token table",
+                      lambda: K.paged_decode_attention(q, k_cache, v_cache, wide, lens)))
         # the same K/V stored contiguously per sequence: [B, H, context, D]
         kd = torch.randn(batch, heads, context, head_dim, device="cuda", dtype=q.dtype)
         vd = torch.randn_like(kd)

@@ -23,15 +23,21 @@ _MIN_SPLIT_TOKENS = 128  # a split shorter than this costs more in the merge tha
 
 @triton.jit
 def _program_setup(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, stride_qb, stride_qh,
-                   stride_kh, stride_vh, stride_bt, num_heads, split_len, qk_scale,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    # grid: (B * H, num_splits); program (bh, s) covers tokens [lo, hi) = [s * split_len, (s + 1) * split_len) ∩
-    # [0, ctx) of sequence b, head h -> b, h, lo, hi, offs_d, d_mask, its scaled query [BLOCK_D] (log2 domain), and
-    # the pointers to head h of the caches and to b's block table
+                   stride_kh, stride_vh, stride_bt, num_heads, num_splits, min_split, qk_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid: (B * H, num_splits). Sequence b's own context ctx is cut into n = min(num_splits, ceil(ctx / min_split))
+    # ranges of split_len = ceil(ceil(ctx / n) / BLOCK_N) * BLOCK_N tokens (at least 1 range); program (bh, s) covers
+    # [s * split_len, (s + 1) * split_len) ∩ [0, ctx) of sequence b, head h (empty for s >= n). From the row's own
+    # length, not the table's width, so a table sized for the longest possible sequence (the CUDA graphs') spreads a
+    # short row over its splits as an exact-width table does, with the same results.
+    # -> b, h, lo, hi, offs_d, d_mask, its scaled query [BLOCK_D] (log2 domain), and the pointers to head h of the
+    # caches and to b's block table
     pid_bh = tl.program_id(0)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     ctx = tl.load(context_lens_ptr + b)
+    n_split = tl.maximum(tl.minimum((ctx + min_split - 1) // min_split, num_splits), 1)
+    split_len = ((ctx + n_split - 1) // n_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     lo = tl.program_id(1) * split_len
     hi = tl.minimum(ctx, lo + split_len)
     offs_d = tl.arange(0, BLOCK_D)
@@ -78,13 +84,13 @@ def _store_result(acc, m, l, b, h, offs_d, d_mask, o_ptr, part_o_ptr, part_lse_p
 def _paged_decode_attention_fwd_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, o_ptr, part_o_ptr, part_lse_ptr,
         stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-        stride_ob, stride_oh, num_heads, num_splits, split_len, qk_scale,
+        stride_ob, stride_oh, num_heads, num_splits, min_split, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
         SPLIT: tl.constexpr, ROUND_BF16: tl.constexpr):
     # One online softmax per program, each step's BLOCK_N tokens reduced into it.
     b, h, lo, hi, offs_d, d_mask, q, k_head, v_head, table = _program_setup(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, stride_qb, stride_qh, stride_kh,
-        stride_vh, stride_bt, num_heads, split_len, qk_scale, HEAD_DIM, BLOCK_D)
+        stride_vh, stride_bt, num_heads, num_splits, min_split, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N)
     m_i = float("-inf")
     l_i = 0.0
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -107,7 +113,7 @@ def _paged_decode_attention_fwd_kernel(
 def _paged_decode_attention_fwd_slots_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, o_ptr, part_o_ptr, part_lse_ptr,
         stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-        stride_ob, stride_oh, num_heads, num_splits, split_len, qk_scale,
+        stride_ob, stride_oh, num_heads, num_splits, min_split, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
         SPLIT: tl.constexpr, ROUND_BF16: tl.constexpr):
     # As _paged_decode_attention_fwd_kernel (same grid, inputs and outputs), but each of the BLOCK_N token slots of a
@@ -117,7 +123,7 @@ def _paged_decode_attention_fwd_slots_kernel(
     # only each token's q . k over D. Costs an accumulator of BLOCK_N x BLOCK_D fp32 in registers.
     b, h, lo, hi, offs_d, d_mask, q, k_head, v_head, table = _program_setup(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, stride_qb, stride_qh, stride_kh,
-        stride_vh, stride_bt, num_heads, split_len, qk_scale, HEAD_DIM, BLOCK_D)
+        stride_vh, stride_bt, num_heads, num_splits, min_split, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N)
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -181,7 +187,10 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sm_s
     q: [B, H, D]; k_cache, v_cache: [num_blocks, block_size, H, D] (q's dtype; fp16/bf16/fp32; D a multiple of
     16 up to 256); block_tables: int32 [B, max_blocks]; context_lens: int32 [B], each <= max_blocks * block_size
     (not checked: it would need a device sync). A context of 0 gives a zero output row.
-    num_splits: split-K ranges per sequence; None picks from batch, heads and max_blocks * block_size.
+    num_splits: split-K ranges per sequence, each sequence's own context cut into that many (BLOCK_N-aligned; those
+    past its end empty); None picks from batch, heads and max_blocks * block_size, and then cuts a sequence into no
+    more ranges than make _MIN_SPLIT_TOKENS tokens each (so a table wider than the contexts, as the engine's CUDA
+    graphs hold, splits each row as an exact-width table would).
     variant: "block" (one online softmax per program, its BLOCK_N tokens reduced every step) or "slots" (one per
     token slot of a step, merged once at the end: no cross-warp reduction inside the loop; the same results up to
     summation order, not yet timed on a GPU). block_n: tokens per step of a program, a power of two >= 16; None:
@@ -214,12 +223,13 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sm_s
 
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     max_context = block_tables.shape[1] * block_size
+    min_split = 1  # a row's splits: as many as asked, however short
     if num_splits is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
         num_splits = _auto_num_splits(batch, heads, max_context, sms)
+        min_split = _MIN_SPLIT_TOKENS  # and per row no more than its own context fills
     if block_n is None:
         block_n = (64 if variant == "block" else 32) // (1 if head_dim <= 128 else 2)
-    split_len = triton.cdiv(triton.cdiv(max(max_context, 1), num_splits), block_n) * block_n
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch * heads == 0:
         return o
@@ -233,7 +243,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sm_s
         q, k_cache, v_cache, block_tables, context_lens, o, part_o, part_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), o.stride(0), o.stride(1),
-        heads, num_splits, split_len, scale * _LOG2E,
+        heads, num_splits, min_split, scale * _LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, PAGE_SIZE=block_size, SPLIT=split,
         ROUND_BF16=emulate_rtne, num_warps=4, num_stages=2)
     if split:

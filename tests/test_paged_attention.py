@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from janus_rt import kernels as K
+from janus_rt.kernels import paged_attention
 from janus_rt.kernels.paged_attention import _auto_num_splits, paged_decode_attention_ref
 
 
@@ -66,6 +67,24 @@ def test_many_empty_splits_and_zero_context(num_splits, variant, device):
     ref = paged_decode_attention_ref(q, kc, vc, tables, lens, 0.2)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert abs_err(out, ref) / ref.abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("variant", ["block", "slots"])
+@pytest.mark.parametrize("num_splits", [3, None])
+def test_wide_tables_split_rows_as_exact_ones(num_splits, variant, device, monkeypatch):
+    # The engine's CUDA graphs hold tables sized for the longest sequence (max_model_len), far wider than the
+    # contexts: each row must still be cut into splits by its own length, so the wide table gives exactly the exact
+    # one's result (before, the splits followed the table's width and a short row's work all fell in its first).
+    # None: the automatic count (made 8 here, as a GPU's many SMs would ask for a small batch), then at most one split
+    # per 128 tokens of a row: 1 for the short rows, 2 for the 161-token one.
+    monkeypatch.setattr(paged_attention, "_auto_num_splits", lambda *a: 8)
+    q, kc, vc, tables, lens = paged_case([1, 37, 161, 96, 0], 2, 64, 16, device)
+    wide = torch.cat([tables, torch.zeros(tables.shape[0], 256 - tables.shape[1], dtype=tables.dtype,
+                                          device=device)], dim=1)
+    exact = K.paged_decode_attention(q, kc, vc, tables, lens, num_splits=num_splits, variant=variant)
+    assert torch.equal(K.paged_decode_attention(q, kc, vc, wide, lens, num_splits=num_splits, variant=variant), exact)
+    ref = paged_decode_attention_ref(q, kc, vc, tables, lens)
+    assert abs_err(exact, ref) / ref.abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("variant", ["block", "slots"])
