@@ -238,10 +238,12 @@ def test_random_operations(seed):
         if op in ("fork", "append", "append_all", "free", "reserve") and not live:
             op = "allocate"
         before, free_before = snapshot(bm), bm.num_free_blocks
+        expect_oom = False  # whether the op must raise OutOfBlocks: too few free blocks, worked out beforehand
         try:
             if op == "allocate":
                 n = rng.randint(0, 20)
-                assert bm.can_allocate(n) == (bm.blocks_needed(n) <= bm.num_free_blocks)
+                expect_oom = bm.blocks_needed(n) > free_before
+                assert bm.can_allocate(n) == (not expect_oom)
                 cache.allocate(next_id, n)
                 next_id += 1
             elif op == "fork":
@@ -253,6 +255,7 @@ def test_random_operations(seed):
                 n, table = bm.num_tokens(s), bm.block_table(s)
                 expect_copy = n % 4 != 0 and bm.ref_count(table[-1]) > 1
                 expect_new = n % 4 == 0 or expect_copy
+                expect_oom = expect_new and free_before == 0
                 can = bm.can_append(s)
                 slot, copy = bm.append_slot(s)
                 assert can and (copy is not None) == expect_copy
@@ -265,6 +268,7 @@ def test_random_operations(seed):
             elif op == "append_all":
                 seqs = rng.sample(live, rng.randint(1, len(live)))
                 cost, free_before = bm.append_cost(seqs), bm.num_free_blocks
+                expect_oom = cost.num_blocks > free_before
                 # the shortcut (as many free blocks as sequences) agrees with the exact count
                 assert bm.can_append_all(seqs) == (cost.num_blocks <= free_before)
                 slots, copies = bm.append_slots(seqs)
@@ -284,8 +288,11 @@ def test_random_operations(seed):
             else:
                 cache.free(rng.choice(live))
         except OutOfBlocks:
+            assert expect_oom, (op, free_before)  # refused only when the blocks were really not there
             ooms += 1
             assert snapshot(bm) == before
+        else:
+            assert not expect_oom, (op, free_before)
         cache.verify()
     # the run really exercised COW, a full pool and set-aside runs
     assert copies_seen > 50 and ooms > 20 and reserves > 10, (copies_seen, ooms, reserves)

@@ -254,7 +254,10 @@ def test_engine_fused_decode_matches_layer_by_layer(dtype):
         assert x.tokens == y.tokens
         c1 = torch.stack([c for c, _ in x.logits])
         c2 = torch.stack([c for c, _ in y.logits])
-        tol = 1e-4 if dtype == torch.float32 else 0.05
+        # fp32: summation order only. bf16: the csrc step rounds to bf16 where the torch ops do; another summation
+        # order (the packed GEMV's against the unpacked one's) can flip a rounding now and then: 2 bf16 ulp of the
+        # largest logit (measured: identical on AMX, 6.9e-7 with JANUS_RT_AMX=0)
+        tol = 1e-4 if dtype == torch.float32 else 2**-7
         assert max_err(c1, c2) <= tol * c2.abs().max()
 
 

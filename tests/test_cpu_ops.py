@@ -353,7 +353,7 @@ def test_linear_packed_amx_rows_do_not_depend_on_the_batch(amx_route):
         assert torch.equal(pw(x[:M]), alone[:M]), f"M = {M}"
 
 
-def test_linear_packed_misuse():
+def test_linear_packed_misuse(monkeypatch):
     with pytest.raises(ValueError, match="dtype"):
         cpu_ops.PackedWeight(torch.randn(8, 8).half())
     pw = cpu_ops.PackedWeight(torch.randn(8, 8))
@@ -366,9 +366,11 @@ def test_linear_packed_misuse():
     if cpu_ops.packed_available(torch.bfloat16):
         with pytest.raises(ValueError, match="even K"):
             cpu_ops.PackedWeight(torch.randn(8, 7).bfloat16())
-    else:
-        with pytest.raises(ValueError, match="AVX512_BF16"):
-            cpu_ops.PackedWeight(torch.randn(8, 8).bfloat16())
+    real = cpu_ops.packed_available  # a build without the bf16 GEMV (this one's, where it has it, made so)
+    monkeypatch.setattr(cpu_ops, "packed_available",
+                        lambda dtype=torch.bfloat16: dtype == torch.float32 and real(dtype))
+    with pytest.raises(ValueError, match="AVX512_BF16"):
+        cpu_ops.PackedWeight(torch.randn(8, 8).bfloat16())
 
 
 # ---- swiglu (decode_layer's activation, csrc/swiglu.h) ----------------------------------------------------------
@@ -414,9 +416,10 @@ def test_mlp_gelu_matches_the_op_chain(poison, M, dtype, bias):
     assert y.dtype == torch.float32 and y.shape == (2, M, N)
     h = F.gelu(F.linear(x.float(), w1.float(), None if b1 is None else b1.float()).to(dtype))
     ref = F.linear(h.float(), w2.float(), None if b2 is None else b2.float())
-    # fp32: erf implementations differ by an ulp; bf16: a hidden value may round to the neighbouring bf16
-    # (one such flip moves y by ~1e-4 of its max here; measured worst 3.7e-7 fp32, 1.0e-6 bf16)
-    tol = 2e-6 if dtype == torch.float32 else 1e-3
+    # fp32: erf implementations differ by an ulp; bf16: a hidden value may round to the neighbouring bf16 (one such
+    # flip moves y by ~1e-4 of its max here; 3e-4 allows a few, while a rounding step left out of the chain is
+    # >= 1.05e-3; measured worst 3.7e-7 fp32, 1.0e-6 bf16)
+    tol = 2e-6 if dtype == torch.float32 else 3e-4
     assert rel_err(y, ref) <= tol
 
 
@@ -450,7 +453,7 @@ def test_mlp_gelu_packed_weights(poison, M, dtype):
     y = cpu_ops.mlp_gelu(x, cpu_ops.PackedWeight(w1), b1, cpu_ops.PackedWeight(w2), b2)
     h = F.gelu(F.linear(x.float(), w1.float(), b1.float()).to(dtype))
     ref = F.linear(h.float(), w2.float(), b2.float())
-    assert rel_err(y, ref) <= (2e-6 if dtype == torch.float32 else 1e-3)
+    assert rel_err(y, ref) <= (2e-6 if dtype == torch.float32 else 3e-4)
     with pytest.raises(ValueError, match="both"):
         cpu_ops.mlp_gelu(x, cpu_ops.PackedWeight(w1), b1, w2, b2)
 

@@ -469,8 +469,11 @@ def test_onednn_prepacked_projections(tiny, monkeypatch):
         ref = torch.nn.functional.linear(x.float(), lin.weight.float())
         y = packed(x)
         assert y.shape == ref.shape and y.dtype == torch.bfloat16
-        assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
-        assert torch.equal(y, torch.nn.functional.linear(x, lin.weight)) or shape[0] == 1
+        y_torch = torch.nn.functional.linear(x, lin.weight)
+        rel = lambda t: ((t.float() - ref).norm() / ref.norm()).item()
+        assert rel(y) <= 2 * rel(y_torch)  # the suite's rule for bf16 (tests/tolerances.py)
+        # rows > 1: oneDNN's kernel for the reordered weight is F.linear's; one row may take another (a GEMV)
+        assert torch.equal(y, y_torch) or shape[0] == 1
     monkeypatch.setenv("JANUS_RT_CPU_MATMUL", "torch")
     monkeypatch.delenv("JANUS_RT_PACKED", raising=False)
     ids = prompt(model, 8, seed=4)
@@ -486,8 +489,8 @@ def test_onednn_prepacked_projections(tiny, monkeypatch):
         eng.run()
         runs.append(req)
     assert runs[0].tokens == runs[1].tokens
-    for (c1, _), (c2, _) in zip(runs[0].logits, runs[1].logits):
-        assert torch.allclose(c1, c2, rtol=2e-2, atol=2e-2)
+    for (c1, _), (c2, _) in zip(runs[0].logits, runs[1].logits):  # every call has > 1 row: F.linear's values
+        assert torch.equal(c1, c2)
     from janus_rt.verify import to_transformers
 
     with pytest.raises(ValueError, match="packed"):

@@ -49,9 +49,12 @@ def test_pack_replaces_the_originals(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_packed_model_logits_match(dtype):
     """text_logits (prefill rows through the packed GEMM) and image_logits equal the unpacked model's up to
-    summation order."""
+    summation order: fp32 within 1e-4 of the largest logit; bf16 (activations rounded to bf16 in every layer, where
+    another summation order can flip a rounding) no further from the fp32 model than twice the unpacked bf16 model
+    is (the suite's rule, tests/tolerances.py)."""
     ref, packed = _pair(dtype)
     packed.pack_for_cpu_()
+    exact = Janus.from_preset("tiny", seed=0) if dtype != torch.float32 else None  # the same weights in fp32
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, ref.cfg.llm.vocab_size, (2, 11), generator=g)
     img = torch.randint(0, ref.cfg.vq.codebook_size, (2, 9), generator=g)
@@ -60,8 +63,11 @@ def test_packed_model_logits_match(dtype):
             args = (ids,) if fn == "text_logits" else (ids, img)
             a, b = getattr(ref, fn)(*args).float(), getattr(packed, fn)(*args).float()
             assert a.shape == b.shape
-            tol = 1e-4 if dtype == torch.float32 else 2**-5  # bf16: activations rounded to bf16 in every layer
-            assert max_err(a, b) <= tol * a.abs().max(), fn
+            if exact is None:
+                assert max_err(a, b) <= 1e-4 * a.abs().max(), fn
+            else:
+                e = getattr(exact, fn)(*args)
+                assert max_err(b, e) <= 2 * max_err(a, e), fn
 
 
 def test_packed_model_generates_the_same_tokens():
@@ -97,8 +103,12 @@ def test_packed_model_refuses_what_needs_the_originals(monkeypatch, tmp_path):
         to_transformers(model)
 
 
-@pytest.mark.skipif(cpu_ops.packed_available(torch.bfloat16), reason="this build has the packed bf16 GEMV")
-def test_pack_without_the_bf16_gemv_is_a_clear_error():
+def test_pack_without_the_bf16_gemv_is_a_clear_error(monkeypatch):
+    """A build without the packed bf16 GEMV (no AVX512_BF16) refuses bf16 packing by name (made so here where the
+    build has it)."""
+    real = cpu_ops.packed_available
+    monkeypatch.setattr(cpu_ops, "packed_available",
+                        lambda dtype=torch.bfloat16: dtype == torch.float32 and real(dtype))
     model = Janus.from_preset("tiny", seed=0, dtype=torch.bfloat16)
     assert "AVX512_BF16" in can_pack(model)
     with pytest.raises(ValueError, match="AVX512_BF16"):

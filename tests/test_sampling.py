@@ -82,6 +82,21 @@ def test_strided_rows_and_no_guidance(device, poison):
                        cfg_sample_ref(cond, None, 5.0, 0.8, 10, 0.9, seeds, False).cpu())
 
 
+def test_scalar_arguments_mean_every_row(device, poison):
+    """Scalars given to the kernel equal per-row tensors built here given to the reference (the two share the
+    argument preparation, so the scalar path is checked against tensors it did not make), and greedy against
+    argmax(u + w (c - u)) written out."""
+    B, V = 5, 700
+    cond, uncond = (t.to(device) for t in _rows(B, V, 11))
+    rows = lambda v, dt: torch.full((B,), v, dtype=dt, device=device)
+    got = cfg_sample(cond, uncond, 5.0, 0.8, 10, 0.9, 7, False)
+    want = cfg_sample_ref(cond, uncond, rows(5.0, torch.float32), rows(0.8, torch.float32), rows(10, torch.int64),
+                          rows(0.9, torch.float32), rows(7, torch.int64), rows(False, torch.bool))
+    assert torch.equal(got.cpu(), want.cpu())
+    mixed = uncond.float() + 5.0 * (cond.float() - uncond.float())
+    assert torch.equal(cfg_sample(cond, uncond, 5.0, greedy=True).cpu(), mixed.argmax(dim=1).cpu())
+
+
 def test_multi_block_kernel(device, poison):
     """The multi-pass kernel (V beyond the register budget, e.g. 102400) on a short row split in 3 blocks."""
     cond, uncond = _rows(4, 300, 3)

@@ -274,7 +274,8 @@ def test_bf16_autocast_runs(synthetic, tmp_path):
     for a, b in zip(bf16, fp32):
         for k in ("loss_t2i", "loss_und", "loss_text"):
             if b[k] is not None:
-                assert a[k] == pytest.approx(b[k], rel=2e-2), k
+                # bf16 matmul inputs, fp32 reductions: measured worst 5.4e-4 (two steps); 5e-3 ~ one bf16 ulp
+                assert a[k] == pytest.approx(b[k], rel=5e-3), k
 
 
 def test_lr_schedule():

@@ -73,7 +73,12 @@ def test_vq_nearest_ties_and_dtypes(device, poison):
         assert torch.equal(got, want) and (got < K0).all()
     zb = torch.randn(50, 8, generator=gen).to(device).bfloat16()
     cb = torch.randn(300, 8, generator=gen).to(device).bfloat16()
-    assert torch.equal(vq_nearest(zb, cb), vq_nearest(zb.float(), cb.float()))
+    got = vq_nearest(zb, cb)
+    assert torch.equal(got, vq_nearest(zb.float(), cb.float()))  # bf16 inputs are read exactly, as fp32
+    dist = torch.cdist(zb.cpu().double(), cb.cpu().double()) ** 2  # and the chosen code is the nearest one
+    chosen = dist.gather(1, got.cpu()[:, None]).squeeze(1)
+    scale = 1 + zb.cpu().double().pow(2).sum(1) + cb.cpu().double().pow(2).sum(1).max()  # as test_vq_nearest_random
+    assert ((chosen - dist.min(dim=1).values) / scale).max() <= 1e-5
 
 
 def test_vq_misuse_raises(device):
