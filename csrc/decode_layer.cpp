@@ -26,6 +26,8 @@
 #include "gemv.h"
 #include "packed_gemv.h"
 #include "paged_attention.h"
+#include "rms_norm.h"
+#include "rope.h"
 #include "swiglu.h"
 
 namespace jr {
@@ -58,77 +60,6 @@ struct PhaseClock {
   }
 };
 
-// out [C] fp32 (values of T) = weight * T(x * rsqrt(mean(x^2) + eps)), as ops.rms_norm_torch. The sum of squares
-// runs in 4 vectors of lanes (a fixed order for a given C and build, so a row's result does not depend on its batch);
-// one scalar chain of C dependent adds had made the two norm phases ~1.3 ms longer per Janus-Pro-1B step
-// (bench/RESULTS.md, 2026-12-03, eighth session).
-template <typename T>
-inline void rms_norm_row(const T* x, const T* w, float* out, int64_t C, float eps) {
-  using namespace simd;
-  vf s0 = zero(), s1 = zero(), s2 = zero(), s3 = zero();
-  int64_t c = 0;
-  for (; c + 4 * kWidth <= C; c += 4 * kWidth) {
-    const vf a = load_as_float(x + c), b = load_as_float(x + c + kWidth);
-    const vf d = load_as_float(x + c + 2 * kWidth), e = load_as_float(x + c + 3 * kWidth);
-    s0 = fma(a, a, s0);
-    s1 = fma(b, b, s1);
-    s2 = fma(d, d, s2);
-    s3 = fma(e, e, s3);
-  }
-  for (; c + kWidth <= C; c += kWidth) {
-    const vf a = load_as_float(x + c);
-    s0 = fma(a, a, s0);
-  }
-  float ss = hsum(add(add(s0, s1), add(s2, s3)));
-  for (; c < C; ++c) ss += to_float(x[c]) * to_float(x[c]);
-  const float inv = 1.0f / std::sqrt(ss / float(C) + eps);
-  const vf vinv = set1(inv);
-  c = 0;
-  for (; c + kWidth <= C; c += kWidth)
-    store(out + c, act::rnd_v<T>(mul(load_as_float(w + c), act::rnd_v<T>(mul(load_as_float(x + c), vinv)))));
-  for (; c < C; ++c) out[c] = rnd<T>(to_float(w[c]) * rnd<T>(to_float(x[c]) * inv));
-}
-
-// dst[0:n] = x, whose values are already values of T: bf16 keeps the top half of each fp32 (exact, and what
-// from_float gives for them), a loop the compiler vectorizes.
-template <typename T>
-inline void store_values(const float* x, T* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(dst, x, size_t(n) * sizeof(float));
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      uint32_t bits;
-      std::memcpy(&bits, x + i, sizeof(bits));
-      dst[i] = uint16_t(bits >> 16);
-    }
-  }
-}
-
-// Rotate-half RoPE of one head: out = T(T(x cos) + T(rot(x) sin)), rot(x) = [-x2, x1]; x holds values of T;
-// tmp: D floats. In vectors of the two halves (the scalar expression's operations per lane, so the same bits; the
-// scalar bf16 rounding of every value had made this phase ~4 % of the Janus-Pro-1B step).
-template <typename T>
-inline void rope_head(const float* x, const float* cos, const float* sin, T* out, int64_t D, float* tmp) {
-  using simd::vf;
-  constexpr int kW = simd::kWidth;
-  const int64_t half = D / 2;
-  auto r = act::rnd_v<T>;
-  const vf neg = simd::set1(-1.0f);
-  int64_t d = 0;
-  for (; d + kW <= half; d += kW) {
-    const vf x1 = simd::load(x + d), x2 = simd::load(x + d + half);
-    simd::store(tmp + d, r(simd::add(r(simd::mul(x1, simd::load(cos + d))),
-                                     r(simd::mul(simd::mul(neg, x2), simd::load(sin + d))))));
-    simd::store(tmp + d + half, r(simd::add(r(simd::mul(x2, simd::load(cos + d + half))),
-                                            r(simd::mul(x1, simd::load(sin + d + half))))));
-  }
-  for (; d < half; ++d) {
-    tmp[d] = rnd<T>(rnd<T>(x[d] * cos[d]) + rnd<T>(-x[d + half] * sin[d]));
-    tmp[d + half] = rnd<T>(rnd<T>(x[d + half] * cos[d + half]) + rnd<T>(x[d] * sin[d + half]));
-  }
-  store_values(tmp, out, D);
-}
-
 // h [C] (values of T) = T(h + T(y)): the residual add of a layer output y (fp32 from the GEMV, held in T by torch);
 // y is overwritten (the sums, then stored to h).
 template <typename T>
@@ -138,7 +69,7 @@ inline void add_residual(T* h, float* y, int64_t C) {
   for (; c + kWidth <= C; c += kWidth)
     store(y + c, act::rnd_v<T>(add(load_as_float(h + c), act::rnd_v<T>(load(y + c)))));
   for (; c < C; ++c) y[c] = rnd<T>(to_float(h[c]) + rnd<T>(y[c]));
-  store_values(y, h, C);
+  act::store_values(y, h, C);
 }
 
 template <typename T>
@@ -211,7 +142,7 @@ void run_layer(T* h, const Layer<T>& L) {
     // a = norm(h) -> qkv
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
-      rms_norm_row(h + r * C, L.in_norm, &row[r * C], C, L.eps);
+      norm::rms_norm_row(h + r * C, L.in_norm, &row[r * C], C, L.eps);
       gemv::pack_x<T>(&row[r * C], &xc[r * ldc], 1, C, ldc);
     }
     clock.mark(kInNorm);
@@ -228,12 +159,12 @@ void run_layer(T* h, const Layer<T>& L) {
       float* vh = qkv + 2 * C + hd * D;
       act::round_to<T>(qh, D);
       act::round_to<T>(kh, D);
-      rope_head(qh, L.cos + r * D, L.sin + r * D, &q[r * C + hd * D], D, tmp.data());
+      rope::rope_head(qh, L.cos + r * D, L.sin + r * D, &q[r * C + hd * D], D, tmp.data());
       const int64_t s = L.slots[r];
       if (s >= 0 && s < L.num_slots) {  // padding rows (slot < 0) write nothing, as kv_store
-        rope_head(kh, L.cos + r * D, L.sin + r * D, L.k_cache + (s * H + hd) * D, D, tmp.data());
+        rope::rope_head(kh, L.cos + r * D, L.sin + r * D, L.k_cache + (s * H + hd) * D, D, tmp.data());
         act::round_to<T>(vh, D);
-        store_values(vh, L.v_cache + (s * H + hd) * D, D);
+        act::store_values(vh, L.v_cache + (s * H + hd) * D, D);
       }
     }
     clock.mark(kRopeStore);
@@ -249,7 +180,7 @@ void run_layer(T* h, const Layer<T>& L) {
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
       add_residual(h + r * C, &y[r * C], C);
-      rms_norm_row(h + r * C, L.post_norm, &row[r * C], C, L.eps);
+      norm::rms_norm_row(h + r * C, L.post_norm, &row[r * C], C, L.eps);
       gemv::pack_x<T>(&row[r * C], &xc[r * ldc], 1, C, ldc);
     }
     clock.mark(kPostNorm);
@@ -268,8 +199,8 @@ void run_layer(T* h, const Layer<T>& L) {
     for (int64_t r = 0; r < R; ++r) {
       add_residual(h + r * C, &y[r * C], C);
       if (L.final_norm) {  // the model's final norm, while the row is in cache
-        rms_norm_row(h + r * C, L.final_norm, &row[r * C], C, L.final_eps);
-        store_values(&row[r * C], L.out + r * C, C);
+        norm::rms_norm_row(h + r * C, L.final_norm, &row[r * C], C, L.final_eps);
+        act::store_values(&row[r * C], L.out + r * C, C);
       }
     }
     clock.mark(kResidual);

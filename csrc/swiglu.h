@@ -4,11 +4,12 @@
 // kernels/swiglu.py's reference). e^-x is simd::exp (~1-2 ulp; torch's own vector exp is another approximation), so
 // fp32 results agree with torch's to a few ulp and bf16 ones after rounding; e^-x overflows to inf as torch's does
 // (silu(x) = -0 below x ~ -88.7, NaN at -inf).
-// Also the rounding to T's values in vectors that the other csrc kernels share (rnd_v, round_to).
+// Also the rounding to T's values in vectors that the other csrc kernels share (rnd_v, round_to, store_values).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "common.h"
@@ -30,6 +31,21 @@ inline void round_to(float* x, int64_t n) {
     int64_t i = 0;
     for (; i + simd::kWidth <= n; i += simd::kWidth) simd::store(x + i, rnd_v<T>(simd::load(x + i)));
     for (; i < n; ++i) x[i] = rnd<T>(x[i]);
+  }
+}
+
+// dst[0:n] = x, whose values are already values of T: bf16 keeps the top half of each fp32 (exact, and what
+// from_float gives for them), a loop the compiler vectorizes.
+template <typename T>
+inline void store_values(const float* x, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, x, size_t(n) * sizeof(float));
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, x + i, sizeof(bits));
+      dst[i] = uint16_t(bits >> 16);
+    }
   }
 }
 
