@@ -63,8 +63,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("gather_rows", &jr::gather_rows, release(), "dst[i] = src[idx[i]] (rows), converted to dst's dtype",
         py::arg("src"), py::arg("src_dtype"), py::arg("idx"), py::arg("dst"), py::arg("dst_dtype"), py::arg("n"),
         py::arg("cols"), py::arg("src_rows"));
-  m.def("swiglu", &jr::swiglu, release(), "out[n] = silu(gate) * up in the dtype (F.silu(gate) * up rounding)",
-        py::arg("gate"), py::arg("up"), py::arg("out"), py::arg("n"), py::arg("dtype"));
+  m.def("swiglu", &jr::swiglu, release(),
+        "out[R, n] = silu(gate) * up in the dtype (F.silu(gate) * up rounding); gate, up at row strides ldg, ldu",
+        py::arg("gate"), py::arg("ldg"), py::arg("up"), py::arg("ldu"), py::arg("out"), py::arg("R"), py::arg("n"),
+        py::arg("dtype"));
+  m.def("rms_norm", &jr::rms_norm, release(),
+        "out[R, C] = RMSNorm(x (+ residual, also written to h_out)) in the dtype (ops.rms_norm_torch rounding)",
+        py::arg("x"), py::arg("ldx"), py::arg("residual"), py::arg("ldr"), py::arg("weight"), py::arg("out"),
+        py::arg("h_out"), py::arg("R"), py::arg("C"), py::arg("eps"), py::arg("dtype"));
+  m.def("rope", &jr::rope, release(), "out[R, H, D] = rotate-half RoPE of x (ops.rope_torch rounding), fp32 tables",
+        py::arg("x"), py::arg("ldx"), py::arg("cos"), py::arg("sin"), py::arg("out"), py::arg("R"), py::arg("H"),
+        py::arg("D"), py::arg("dtype"));
   m.def("image_steps", &jr::image_steps, release(), "k decode steps of image rows (cpu_step.ImageStep.steps)",
         py::arg("plan"), py::arg("layers"), py::arg("L"), py::arg("k"), py::arg("tokens"), py::arg("positions"),
         py::arg("lens"), py::arg("slots"), py::arg("block_tables"), py::arg("max_blocks"), py::arg("seeds"),

@@ -159,10 +159,10 @@ void run_layer(T* h, const Layer<T>& L) {
       float* vh = qkv + 2 * C + hd * D;
       act::round_to<T>(qh, D);
       act::round_to<T>(kh, D);
-      rope::rope_head(qh, L.cos + r * D, L.sin + r * D, &q[r * C + hd * D], D, tmp.data());
+      rotary::rope_head(qh, L.cos + r * D, L.sin + r * D, &q[r * C + hd * D], D, tmp.data());
       const int64_t s = L.slots[r];
       if (s >= 0 && s < L.num_slots) {  // padding rows (slot < 0) write nothing, as kv_store
-        rope::rope_head(kh, L.cos + r * D, L.sin + r * D, L.k_cache + (s * H + hd) * D, D, tmp.data());
+        rotary::rope_head(kh, L.cos + r * D, L.sin + r * D, L.k_cache + (s * H + hd) * D, D, tmp.data());
         act::round_to<T>(vh, D);
         act::store_values(vh, L.v_cache + (s * H + hd) * D, D);
       }

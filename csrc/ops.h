@@ -38,7 +38,10 @@ int64_t packed_size(int64_t N, int64_t K, int dtype);
 std::tuple<int64_t, int64_t, int64_t> packed_layout(int dtype);  // (columns a strip, steps a K tile, runs a tile)
 void pack_weight(ptr_t w, ptr_t wp, int64_t N, int64_t K, int dtype);
 void linear_packed(ptr_t x, ptr_t wp, ptr_t bias, ptr_t y, int64_t M, int64_t N, int64_t K, int dtype);
-void swiglu(ptr_t gate, ptr_t up, ptr_t out, int64_t n, int dtype);
+void swiglu(ptr_t gate, int64_t ldg, ptr_t up, int64_t ldu, ptr_t out, int64_t R, int64_t n, int dtype);
+void rms_norm(ptr_t x, int64_t ldx, ptr_t residual, int64_t ldr, ptr_t weight, ptr_t out, ptr_t h_out, int64_t R,
+              int64_t C, double eps, int dtype);
+void rope(ptr_t x, int64_t ldx, ptr_t cos, ptr_t sin, ptr_t out, int64_t R, int64_t H, int64_t D, int dtype);
 void image_steps(ptr_t plan, ptr_t layers, int64_t L, int64_t k, ptr_t tokens, ptr_t positions, ptr_t lens, ptr_t slots,
                  ptr_t block_tables, int64_t max_blocks, ptr_t seeds, ptr_t out, double eps, double final_eps,
                  double sm_scale);

@@ -9,7 +9,7 @@
 #include "simd.h"
 #include "swiglu.h"
 
-namespace jr::rope {
+namespace jr::rotary {
 
 // Rotate-half RoPE of one head: out = T(T(x cos) + T(rot(x) sin)), rot(x) = [-x2, x1]; x holds values of T;
 // tmp: D floats. In vectors of the two halves (the scalar expression's operations per lane, so the same bits; the
@@ -36,4 +36,4 @@ inline void rope_head(const float* x, const float* cos, const float* sin, T* out
   act::store_values(tmp, out, D);
 }
 
-}  // namespace jr::rope
+}  // namespace jr::rotary

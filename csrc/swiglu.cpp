@@ -1,39 +1,55 @@
-// The `swiglu` op: out [n] = silu(gate) * up in T (fp32 or bf16) with the rounding points of F.silu(gate) * up in T:
-// swiglu.h's vector code (the one decode_layer runs), over chunks of the tensors in parallel.
+// The `swiglu` op: out [R, n] = silu(gate) * up in T (fp32 or bf16) with the rounding points of F.silu(gate) * up in
+// T: swiglu.h's vector code (the one decode_layer runs), over pieces of the rows in parallel. gate and up may be
+// views with row strides (the two halves of the gate_up projection's output); out is contiguous.
+#include <algorithm>
 #include <vector>
 
 #include <omp.h>
 
 #include "common.h"
+#include "simd.h"
 #include "swiglu.h"
 
 namespace jr {
 namespace {
 
+// dst[0:m] = src[0:m] as fp32, a vector at a time
 template <typename T>
-void swiglu_impl(const T* gate, const T* up, T* out, int64_t n) {
+inline void widen(const T* src, float* dst, int64_t m) {
+  int64_t i = 0;
+  for (; i + simd::kWidth <= m; i += simd::kWidth) simd::store(dst + i, simd::load_as_float(src + i));
+  for (; i < m; ++i) dst[i] = to_float(src[i]);
+}
+
+template <typename T>
+void swiglu_impl(const T* gate, int64_t ldg, const T* up, int64_t ldu, T* out, int64_t R, int64_t n) {
   constexpr int64_t kChunk = 4096;
-#pragma omp parallel if (n >= 4 * kChunk)
+  const int64_t per_row = (n + kChunk - 1) / kChunk;
+#pragma omp parallel if (R * n >= 4 * kChunk)
   {
     std::vector<float> g(kChunk), u(kChunk), a(kChunk);
 #pragma omp for schedule(static)
-    for (int64_t c = 0; c < (n + kChunk - 1) / kChunk; ++c) {
-      const int64_t i0 = c * kChunk, m = std::min(kChunk, n - i0);
-      for (int64_t i = 0; i < m; ++i) g[i] = to_float(gate[i0 + i]), u[i] = to_float(up[i0 + i]);
+    for (int64_t task = 0; task < R * per_row; ++task) {
+      const int64_t r = task / per_row, i0 = task % per_row * kChunk, m = std::min(kChunk, n - i0);
+      widen(gate + r * ldg + i0, g.data(), m);
+      widen(up + r * ldu + i0, u.data(), m);
       act::silu_mul<T>(g.data(), u.data(), a.data(), m);
-      for (int64_t i = 0; i < m; ++i) from_float(a[i], out + i0 + i);
+      act::store_values(a.data(), out + r * n + i0, m);
     }
   }
 }
 
 }  // namespace
 
-void swiglu(std::uintptr_t gate, std::uintptr_t up, std::uintptr_t out, int64_t n, int dtype) {
-  JR_CHECK(n >= 0, "n must be >= 0");
+void swiglu(std::uintptr_t gate, int64_t ldg, std::uintptr_t up, int64_t ldu, std::uintptr_t out, int64_t R,
+            int64_t n, int dtype) {
+  JR_CHECK(R >= 0 && n >= 0 && ldg >= n && ldu >= n, "need R, n >= 0 and row strides >= n");
   JR_CHECK(dtype == kF32 || dtype == kBF16, "dtype must be fp32 or bf16");
-  JR_CHECK(n == 0 || (gate && up && out), "null pointer");
-  if (dtype == kF32) swiglu_impl(ptr<const float>(gate), ptr<const float>(up), ptr<float>(out), n);
-  else swiglu_impl(ptr<const uint16_t>(gate), ptr<const uint16_t>(up), ptr<uint16_t>(out), n);
+  JR_CHECK(R * n == 0 || (gate && up && out), "null pointer");
+  if (dtype == kF32)
+    swiglu_impl(ptr<const float>(gate), ldg, ptr<const float>(up), ldu, ptr<float>(out), R, n);
+  else
+    swiglu_impl(ptr<const uint16_t>(gate), ldg, ptr<const uint16_t>(up), ldu, ptr<uint16_t>(out), R, n);
 }
 
 }  // namespace jr

@@ -85,7 +85,7 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def _check_tensor(t, name: str, dtypes, ndim: int | None = None) -> None:
+def _check_tensor(t, name: str, dtypes, ndim: int | None = None, contiguous: bool = True) -> None:
     # called on every kernel call: the messages are formatted only on failure (eagerly it was ~9 us a call)
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -95,8 +95,29 @@ def _check_tensor(t, name: str, dtypes, ndim: int | None = None) -> None:
         raise ValueError(f"{name} has dtype {t.dtype}; expected one of {list(dtypes)}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
-    if not t.is_contiguous():
+    if contiguous and not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (call .contiguous())")
+
+
+def _rows(t, name: str, dtypes) -> torch.Tensor:
+    """t [..., n] as a [R, n] view whose rows are n contiguous elements at one row stride (a contiguous tensor, or
+    a slice of its last dim such as q of a qkv projection's output or a half of gate_up's); a copy where t has no
+    such view."""
+    _check_tensor(t, name, dtypes, contiguous=False)
+    _check(t.dim() >= 1, f"{name} must have at least one dim")
+    n = t.shape[-1]
+    try:
+        v = t.view(-1, n)
+    except RuntimeError:
+        v = t.contiguous().view(-1, n)
+    if v.stride(-1) != 1 and v.numel() > 0:
+        v = v.contiguous()
+    return v
+
+
+def _ld(v: torch.Tensor) -> int:
+    """The row stride of _rows' view (any stride >= n where it has one row)."""
+    return max(v.stride(0), v.shape[1]) if v.shape[0] <= 1 else v.stride(0)
 
 
 _FP = (torch.float32, torch.bfloat16)
@@ -276,12 +297,59 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up in their dtype (fp32 or bf16), rounded as F.silu(gate) * up is: decode_layer's vector code
-    (csrc/swiglu.h) as an op. No autograd."""
-    _check_tensor(gate, "gate", _FP)
-    _check_tensor(up, "up", (gate.dtype,))
+    (csrc/swiglu.h) as an op; gate and up may be slices of one tensor's last dim (the halves of gate_up's output).
+    Returns a contiguous tensor of gate's shape. No autograd."""
+    _check_tensor(gate, "gate", _FP, contiguous=False)
+    _check_tensor(up, "up", (gate.dtype,), contiguous=False)
     _check(gate.shape == up.shape, f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape")
-    out = torch.empty_like(gate)
-    _ext().swiglu(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), _DTYPE_CODE[gate.dtype])
+    out = torch.empty(gate.shape, dtype=gate.dtype)
+    if gate.dim() == 0:
+        return out.copy_(swiglu(gate[None], up[None])[0])
+    g, u = _rows(gate, "gate", _FP), _rows(up, "up", _FP)
+    _ext().swiglu(g.data_ptr(), _ld(g), u.data_ptr(), _ld(u), out.data_ptr(), g.shape[0], g.shape[1],
+                  _DTYPE_CODE[gate.dtype])
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """LlamaRMSNorm of x's last dim in x's dtype (fp32 or bf16) with ops.rms_norm_torch's rounding points
+    (csrc/rms_norm.h, decode_layer's row code, rows in parallel); with `residual`, returns (norm(x + residual),
+    x + residual) as ops.rms_norm does. x and residual may be slices of a wider last dim; outputs are contiguous.
+    No autograd."""
+    _check_tensor(weight, "weight", (x.dtype,) if isinstance(x, torch.Tensor) else _FP, 1)
+    xv = _rows(x, "x", _FP)
+    C = xv.shape[1]
+    _check(weight.shape[0] == C and C >= 1, f"weight has {weight.shape[0]} entries; x's last dim is {C}")
+    out = torch.empty(x.shape, dtype=x.dtype)
+    h = None
+    if residual is not None:
+        _check(residual.shape == x.shape, f"residual {tuple(residual.shape)} and x {tuple(x.shape)} differ in shape")
+        rv = _rows(residual, "residual", (x.dtype,))
+        h = torch.empty(x.shape, dtype=x.dtype)
+    if xv.shape[0]:
+        _ext().rms_norm(xv.data_ptr(), _ld(xv), 0 if h is None else rv.data_ptr(), 0 if h is None else _ld(rv),
+                        weight.data_ptr(), out.data_ptr(), 0 if h is None else h.data_ptr(), xv.shape[0], C,
+                        float(eps), _DTYPE_CODE[x.dtype])
+    return out if h is None else (out, h)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x [..., H, D] (fp32 or bf16) with ops.rope_torch's rounding points (csrc/rope.h,
+    decode_layer's head code): cos, sin fp32 [R, D] for the R = x.numel() / (H * D) rows of x, holding values of x's
+    dtype (ops.rope_tables(...).float()). x may be a slice of a wider last dim (q or k of a qkv output viewed as
+    heads); returns a contiguous tensor of x's shape. No autograd."""
+    _check(isinstance(x, torch.Tensor) and x.dim() >= 2, "x must be a tensor [..., H, D]")
+    H, D = x.shape[-2], x.shape[-1]
+    _check(D >= 2 and D % 2 == 0, f"head_dim must be even, got {D}")
+    xv = _rows(x.flatten(-2), "x", _FP)  # a view where each row's heads are contiguous (else a copy)
+    R = xv.shape[0]
+    for name, t in (("cos", cos), ("sin", sin)):
+        _check_tensor(t, name, (torch.float32,), 2)
+        _check(tuple(t.shape) == (R, D), f"{name} {tuple(t.shape)} must be [{R}, {D}]")
+    out = torch.empty(x.shape, dtype=x.dtype)
+    if R:
+        _ext().rope(xv.data_ptr(), _ld(xv), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), R, H, D,
+                    _DTYPE_CODE[x.dtype])
     return out
 
 

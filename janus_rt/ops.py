@@ -69,6 +69,11 @@ def rms_norm(x, weight, eps: float, residual=None):
     """LlamaRMSNorm; with `residual` returns (norm(x + residual), x + residual)."""
     if _backend == "triton":
         return _kernels().rms_norm(x, weight, eps, residual=residual)
+    if _use_cpu_rows(x, weight, residual):  # one pass per row instead of torch's fp32 copies (prefill)
+        from janus_rt import cpu_ops
+
+        with _scope("janus_rt::cpu_rms_norm"):
+            return cpu_ops.rms_norm(x, weight, eps, residual=residual)
     if residual is not None:
         h = x + residual
         return rms_norm_torch(h, weight, eps), h
@@ -86,6 +91,12 @@ def rope(q, k, positions, theta: float):
     """Llama rotate-half RoPE. q: [B, T, Hq, D]; k: [B, T, Hk, D]; positions: int [B, T]."""
     if _backend == "triton":
         return _kernels().rope(q, k, positions, theta)
+    if _use_cpu_rows(q, k) and q.shape[:-2] == positions.shape:
+        from janus_rt import cpu_ops
+
+        cos, sin = (t.float().reshape(-1, q.shape[-1]) for t in rope_tables(positions, q.shape[-1], theta, q.dtype))
+        with _scope("janus_rt::cpu_rope"):
+            return cpu_ops.rope(q, cos, sin), cpu_ops.rope(k, cos, sin)
     return rope_torch(q, k, positions, theta)
 
 
@@ -186,6 +197,17 @@ def _use_cpu_gemv(x) -> bool:
     from janus_rt import cpu_ops
 
     return not cpu_ops.torch_matmul_preferred(x.dtype, x.shape[-1])
+
+
+def _use_cpu_rows(*ts) -> bool:
+    """The cpu backend's csrc row ops (rms_norm, rope) for inference on fp32 / bf16 CPU tensors of one dtype: no
+    autograd through them, so torch's ops wherever a gradient is wanted (training)."""
+    ts = [t for t in ts if t is not None]
+    if not _use_cpu_kernels(ts[0]) or any(t.dtype != ts[0].dtype for t in ts):
+        return False
+    if ts[0].dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
 
 
 def _use_cpu_kernels(t) -> bool:

@@ -13,9 +13,12 @@ import torch.nn.functional as F
 
 import bench_scripts
 from concurrency import in_threads
-from janus_rt import _C, cpu_ops
+from tolerances import assert_matches
+from janus_rt import _C, cpu_ops, ops
 from janus_rt.kernels.kv_store import kv_store_ref
 from janus_rt.kernels.paged_attention import paged_decode_attention_ref
+from janus_rt.kernels.rms_norm import rms_norm_ref
+from janus_rt.kernels.rope import rope_ref
 from janus_rt.kernels.sampling import cfg_sample_ref
 from janus_rt.kernels.swiglu import swiglu_ref
 from janus_rt.kernels.vq import vq_nearest_ref
@@ -387,6 +390,94 @@ def test_swiglu_matches_ref(poison, dtype, n):
     else:  # the same fp32 values rounded at the same points: identical but for a rare rounding flip
         assert (out != ref).float().mean() <= 0.01
         assert torch.all((out.float() - ref.float()).abs() <= 2**-7 * ref.float().abs() + 1e-35)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_strided_halves(poison, dtype):
+    """gate and up as the two halves of one [.., 2n] output (row strides 2n), several rows: as the contiguous op."""
+    gu = (torch.randn(3, 5, 2 * 37, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
+    gate, up = gu.chunk(2, dim=-1)
+    out = cpu_ops.swiglu(gate, up)
+    assert out.is_contiguous() and out.shape == gate.shape
+    assert torch.equal(out, cpu_ops.swiglu(gate.contiguous(), up.contiguous()))
+
+
+# ---- rms_norm and rope (csrc/rms_norm.h, csrc/rope.h: decode_layer's row code, as ops for prefill rows) ---------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C", [7, 64, 2048])  # vector tails; Janus-Pro-1B's width
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm_matches_ref(poison, dtype, C, residual):
+    g = torch.Generator().manual_seed(C)
+    wide = (torch.randn(4, 9, C + 5, generator=g) * 3).to(dtype)
+    x = wide[..., 2:C + 2]  # a slice of a wider last dim: rows at a stride of C + 5
+    w = (torch.randn(C, generator=g) + 1).to(dtype)
+    r = torch.randn(4, 9, C, generator=g).to(dtype) if residual else None
+    got, want = cpu_ops.rms_norm(x, w, 1e-6, residual=r), rms_norm_ref(x, w, 1e-6, residual=r)
+    if residual:
+        assert torch.equal(got[1], want[1])  # h = x + residual, rounded as torch rounds it
+        got, want = got[0], want[0]
+    assert got.shape == x.shape and got.dtype == dtype and got.is_contiguous()
+    exact = rms_norm_ref(*(t.double() for t in (x, w)), 1e-6, residual=None if r is None else r.double())
+    exact = exact[0] if residual else exact
+    assert_matches(got, want, exact.float(), "rms_norm")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,Hk,D", [(16, 16, 128), (3, 1, 40), (2, 2, 6)])  # 1B; GQA and tails; scalar halves
+def test_rope_matches_ref_bit_for_bit(poison, dtype, H, Hk, D):
+    """q and k as views of one qkv projection output (rows at its stride), positions with gaps and two rows of
+    tokens: the same bits as the torch path (rope_head performs its operations per lane in the same order)."""
+    g = torch.Generator().manual_seed(D)
+    B, T = 2, 11
+    qkv = torch.randn(B, T, (H + 2 * Hk) * D, generator=g).to(dtype)
+    q = qkv[..., :H * D].view(B, T, H, D)
+    k = qkv[..., H * D:(H + Hk) * D].view(B, T, Hk, D)
+    positions = torch.tensor([list(range(T)), [3 * i + 100 for i in range(T)]])
+    want_q, want_k = rope_ref(q, k, positions)
+    cos, sin = (t.float().reshape(-1, D) for t in ops.rope_tables(positions, D, 10000.0, dtype))
+    got_q, got_k = cpu_ops.rope(q, cos, sin), cpu_ops.rope(k, cos, sin)
+    assert got_q.is_contiguous() and got_q.shape == q.shape
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+
+
+def test_cpu_backend_takes_the_row_ops_for_inference_only(monkeypatch):
+    """ops.rms_norm and ops.rope on the cpu backend run the csrc ops where no gradient is wanted (the engine's
+    prefill) and torch's ops where one is (training), with the torch backend's rope bits either way."""
+    calls = []
+    for name in ("rms_norm", "rope"):
+        real = getattr(cpu_ops, name)
+        monkeypatch.setattr(cpu_ops, name, lambda *a, _r=real, _n=name, **kw: (calls.append(_n), _r(*a, **kw))[1])
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 5, 64, generator=g, requires_grad=True), torch.ones(64, requires_grad=True)
+    q, k = torch.randn(2, 5, 4, 16, generator=g), torch.randn(2, 5, 2, 16, generator=g)
+    pos = torch.arange(5).expand(2, 5)
+    with ops.use_backend("cpu"):
+        ops.rms_norm(x, w, 1e-6).sum().backward()
+        assert x.grad is not None and calls == []
+        with torch.inference_mode():
+            ops.rms_norm(x.detach(), w.detach(), 1e-6, residual=x.detach())
+            got = ops.rope(q, k, pos, 10000.0)
+    assert calls == ["rms_norm", "rope", "rope"]
+    want = ops.rope(q, k, pos, 10000.0)  # torch backend
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_row_ops_misuse():
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="weight"):
+        cpu_ops.rms_norm(x, torch.randn(7), 1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        cpu_ops.rms_norm(x, torch.randn(8), 1e-6, residual=torch.randn(3, 7))
+    with pytest.raises(ValueError, match="dtype"):
+        cpu_ops.rms_norm(x.half(), torch.randn(8).half(), 1e-6)
+    q = torch.randn(2, 4, 3, 6)
+    cos = torch.randn(8, 6)
+    with pytest.raises(ValueError, match="even"):
+        cpu_ops.rope(torch.randn(2, 3, 5), torch.randn(2, 5), torch.randn(2, 5))
+    with pytest.raises(ValueError, match=r"\[8, 6\]"):
+        cpu_ops.rope(q, cos[:7], cos[:7])
+    with pytest.raises(ValueError, match="dtype"):
+        cpu_ops.rope(q, cos.double(), cos)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
