@@ -17,8 +17,8 @@ import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TESTS = ["test_rms_norm", "test_attention", "test_paged_attention", "test_kv_store", "test_rope",
-                 "test_swiglu", "test_mlp", "test_vq", "test_sampling", "test_linear_cross_entropy",
-                 "test_model_triton", "test_train", "test_engine"]
+                 "test_rope_kv_store", "test_swiglu", "test_mlp", "test_vq", "test_sampling",
+                 "test_linear_cross_entropy", "test_model_triton", "test_train", "test_engine"]
 
 
 class CompileOnly:

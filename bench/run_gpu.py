@@ -29,8 +29,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-OPS = ["attention", "paged_attention", "kv_store", "rms_norm", "rope", "swiglu", "mlp", "vq", "sampling",
-       "linear_cross_entropy"]
+OPS = ["attention", "paged_attention", "kv_store", "rms_norm", "rope", "rope_kv_store", "swiglu", "mlp", "vq",
+       "sampling", "linear_cross_entropy"]
 TESTS = [os.path.join(ROOT, "tests")]  # what the pytest section runs
 ENGINE_TESTS = [os.path.join(ROOT, "tests", "test_engine.py")]  # run first: the CUDA-graph engine against eager
 GENERATE_ARGS = ["--shape", "1b", "-n", "16", "--repeats", "1", "--cuda-graphs"]

@@ -88,7 +88,7 @@ def rms_norm_torch(x, weight, eps: float):
 
 # ---- rotary position embedding -------------------------------------------------------------------------------
 def rope(q, k, positions, theta: float):
-    """Llama rotate-half RoPE. q: [B, T, Hq, D]; k: [B, T, Hk, D]; positions: int [B, T]."""
+    """Llama rotate-half RoPE. q: [..., Hq, D]; k: [..., Hk, D]; positions: int [...] ([B, T] or [N])."""
     if _backend == "triton":
         return _kernels().rope(q, k, positions, theta)
     if _use_cpu_rows(q, k) and q.shape[:-2] == positions.shape:
@@ -110,7 +110,7 @@ def rope_tables(positions, d: int, theta: float, dtype):
 
 def rope_torch(q, k, positions, theta: float):
     d = q.shape[-1]
-    cos, sin = (t[:, :, None, :] for t in rope_tables(positions, d, theta, q.dtype))  # [B, T, 1, D]
+    cos, sin = (t[..., None, :] for t in rope_tables(positions, d, theta, q.dtype))  # [..., 1, D]
 
     def rot(x):
         x1, x2 = x[..., : d // 2], x[..., d // 2 :]
@@ -241,6 +241,17 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, causal: bool):
         return attention_torch(q[None], k[None], v[None], causal)[0]
     out = [attention_torch(q[None, s:e], k[None, s:e], v[None, s:e], causal)[0] for s, e in zip(bounds, bounds[1:])]
     return torch.cat(out)
+
+
+def rope_kv_store(q, k, v, positions, theta: float, k_cache, v_cache, slot_mapping):
+    """A decode step's RoPE and KV store: q, k rotated, rotated k and v written to the paged caches at slot_mapping
+    (kv_store's rules); returns rotated q. q: [N, Hq, D]; k, v: [N, Hk, D]; positions: int [N]. The triton backend
+    runs both in one launch (kernels/rope_kv_store.py), the others rope then kv_store."""
+    if _backend == "triton":
+        return _kernels().rope_kv_store(q, k, v, positions, theta, k_cache, v_cache, slot_mapping)
+    q, k = rope(q, k, positions, theta)
+    kv_store(k, v, k_cache, v_cache, slot_mapping)
+    return q
 
 
 # The triton backend's paged decode attention kernel (kernels/paged_attention.py's `variant`): "block" until a GPU has

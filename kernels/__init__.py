@@ -11,5 +11,6 @@ from .sampling import cfg_sample, cfg_sample_ref, gumbel_ref
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from .rms_norm import rms_norm, rms_norm_ref
 from .rope import rope, rope_ref
+from .rope_kv_store import rope_kv_store, rope_kv_store_ref
 from .swiglu import swiglu, swiglu_ref
 from .mlp import mlp_gelu, mlp_gelu_ref

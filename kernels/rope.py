@@ -19,23 +19,35 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _rotate_heads(
-    x_ptr, out_ptr, stride_xn, stride_xh, stride_on, stride_oh, tokens, N, H, cos, sin, sign,
+    x_ptr, out_ptr, x_rows, out_rows, load_mask, store_mask, stride_xh, stride_oh, H, cos, sin, sign,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, EMULATE_RTNE: tl.constexpr,
 ):
-    # x, out: [N, H, D] with unit stride on D; tokens: [BLOCK_N]; cos, sin: [BLOCK_N, BLOCK_HALF] fp32
-    n = tokens[:, None, None]
+    # x, out: heads [H, D] with unit stride on D, token j's at x_ptr + x_rows[j] and out_ptr + out_rows[j]
+    # ([BLOCK_N] int64 element offsets); tokens j with load_mask read, with store_mask written; cos, sin:
+    # [BLOCK_N, BLOCK_HALF] fp32
     heads = tl.arange(0, BLOCK_H)[None, :, None]
     cols = tl.arange(0, BLOCK_HALF)[None, None, :]
-    mask = (n < N) & (heads < H) & (cols < HALF)
-    x_half = x_ptr + n * stride_xn + heads * stride_xh + cols  # [BLOCK_N, BLOCK_H, BLOCK_HALF]
-    o_half = out_ptr + n * stride_on + heads * stride_oh + cols
-    x1 = tl.load(x_half, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_half + HALF, mask=mask, other=0.0).to(tl.float32)
+    inner = (heads < H) & (cols < HALF)
+    x_half = x_ptr + x_rows[:, None, None] + heads * stride_xh + cols  # [BLOCK_N, BLOCK_H, BLOCK_HALF]
+    o_half = out_ptr + out_rows[:, None, None] + heads * stride_oh + cols
+    x1 = tl.load(x_half, mask=load_mask[:, None, None] & inner, other=0.0).to(tl.float32)
+    x2 = tl.load(x_half + HALF, mask=load_mask[:, None, None] & inner, other=0.0).to(tl.float32)
     c = cos[:, None, :]
     s = sin[:, None, :] * sign
     dtype = out_ptr.dtype.element_ty
+    mask = store_mask[:, None, None] & inner
     tl.store(o_half, cast_rtne(x1 * c - x2 * s, dtype, EMULATE_RTNE), mask=mask)
     tl.store(o_half + HALF, cast_rtne(x2 * c + x1 * s, dtype, EMULATE_RTNE), mask=mask)
+
+
+@triton.jit
+def _rope_angles(pos_ptr, inv_freq_ptr, tokens, N, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    # cos, sin [BLOCK_N, BLOCK_HALF] fp32 of the tokens' positions (tokens >= N: position 0)
+    freq = tl.arange(0, BLOCK_HALF)
+    inv_freq = tl.load(inv_freq_ptr + freq, mask=freq < HALF, other=0.0)
+    pos = tl.load(pos_ptr + tokens, mask=tokens < N, other=0).to(tl.float32)
+    angle = pos[:, None] * inv_freq[None, :]  # [BLOCK_N, BLOCK_HALF]
+    return tl.cos(angle), tl.sin(angle)
 
 
 @triton.jit
@@ -49,16 +61,12 @@ def _rope_fwd_kernel(
     # one program per BLOCK_N tokens: q: [N, Hq, D], k: [N, Hk, D], pos: [N] int; sign +1 fwd, -1 bwd.
     # cos/sin are computed once per token and shared by all q and k heads.
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    freq = tl.arange(0, BLOCK_HALF)
-    inv_freq = tl.load(inv_freq_ptr + freq, mask=freq < HALF, other=0.0)
-    pos = tl.load(pos_ptr + tokens, mask=tokens < N, other=0).to(tl.float32)
-    angle = pos[:, None] * inv_freq[None, :]  # [BLOCK_N, BLOCK_HALF]
-    cos = tl.cos(angle)
-    sin = tl.sin(angle)
-    _rotate_heads(q_ptr, q_out_ptr, stride_qn, stride_qh, stride_qon, stride_qoh, tokens, N, Hq, cos, sin, sign,
-                  HALF, BLOCK_HQ, BLOCK_HALF, EMULATE_RTNE)
-    _rotate_heads(k_ptr, k_out_ptr, stride_kn, stride_kh, stride_kon, stride_koh, tokens, N, Hk, cos, sin, sign,
-                  HALF, BLOCK_HK, BLOCK_HALF, EMULATE_RTNE)
+    cos, sin = _rope_angles(pos_ptr, inv_freq_ptr, tokens, N, HALF, BLOCK_HALF)
+    live = tokens < N
+    _rotate_heads(q_ptr, q_out_ptr, tokens * stride_qn, tokens * stride_qon, live, live, stride_qh, stride_qoh, Hq,
+                  cos, sin, sign, HALF, BLOCK_HQ, BLOCK_HALF, EMULATE_RTNE)
+    _rotate_heads(k_ptr, k_out_ptr, tokens * stride_kn, tokens * stride_kon, live, live, stride_kh, stride_koh, Hk,
+                  cos, sin, sign, HALF, BLOCK_HK, BLOCK_HALF, EMULATE_RTNE)
 
 
 @functools.lru_cache(maxsize=32)

@@ -269,6 +269,25 @@ def test_multi_step_image_graphs_give_the_single_steps_tokens(tiny, backend):
     assert replays == [] and eng.stats.decode_steps == k - 1
 
 
+def test_triton_decode_rotates_in_the_kv_store(tiny, monkeypatch):
+    """On the triton backend a decode step runs RoPE and the KV store as one launch per layer (rope_kv_store);
+    rope and kv_store themselves run only in the prefill."""
+    import janus_rt.kernels as K
+
+    calls = {name: 0 for name in ("rope", "kv_store", "rope_kv_store")}
+    for name in calls:
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _r=real, _n=name, **kw: (calls.__setitem__(_n, calls[_n] + 1),
+                                                                            _r(*a, **kw))[1])
+    ids = prompt(tiny, 9, seed=5)
+    eng = Engine.for_requests(tiny, [(len(ids), 2)], backend="triton")
+    eng.add_image_request(ids, n=2, params=SamplingParams(greedy=True), num_tokens=4)
+    eng.run()
+    layers = tiny.cfg.llm.num_layers
+    assert eng.stats.decode_steps >= 3
+    assert calls == {"rope": layers, "kv_store": layers, "rope_kv_store": eng.stats.decode_steps * layers}
+
+
 def test_triton_paged_attention_variants_give_the_same_tokens(tiny, monkeypatch):
     """The engine on the triton backend (the GPU path's kernels, interpreted) with either paged decode attention
     kernel (ops.TRITON_PAGED_ATTENTION, JANUS_RT_PAGED_ATTENTION): the same greedy tokens, logits equal up to

@@ -37,6 +37,13 @@ class DecodeKV:
         ops.kv_store(k[:, 0], v[:, 0], kc, vc, self.slot_mapping)
         return ops.paged_decode_attention(q[:, 0], kc, vc, self.block_tables, self.context_lens)[:, None]
 
+    def attend_rope(self, layer: int, q, k, v, positions, theta: float):
+        # as attend, for q and k not yet rotated (positions [R, 1]): RoPE and the KV store as one op (one launch on
+        # the triton backend)
+        kc, vc = self.cache.k_cache(layer), self.cache.v_cache(layer)
+        q = ops.rope_kv_store(q[:, 0], k[:, 0], v[:, 0], positions[:, 0], theta, kc, vc, self.slot_mapping)
+        return ops.paged_decode_attention(q, kc, vc, self.block_tables, self.context_lens)[:, None]
+
 
 class ModelRunner:
     def __init__(self, model, cache: KVCache, backend: str, cuda_graphs: bool = False, max_model_len: int = 4096):

@@ -1,8 +1,10 @@
 """The DeepSeek-LLM language model (Llama architecture): RMSNorm, RoPE, MHA/GQA, SwiGLU.
 
 q/k/v and gate/up are stored fused (`qkv_proj`, `gate_up_proj`): one GEMM each instead of three / two.
-Attention over past tokens is delegated to a `kv` object (`kv.attend(layer, q, k, v) -> o`) so the same layers
-serve the plain causal forward (kv=None), a contiguous cache (below) and the engine's paged cache.
+Attention over past tokens is delegated to a `kv` object (`kv.attend(layer, q, k, v) -> o`, q and k rotated) so the
+same layers serve the plain causal forward (kv=None), a contiguous cache (below) and the engine's paged cache; a kv
+object with `attend_rope(layer, q, k, v, positions, theta)` is handed q and k before RoPE instead (the engine's
+decode step, which rotates them in its KV store).
 """
 from __future__ import annotations
 
@@ -41,11 +43,14 @@ class Attention(nn.Module):
         q = q.view(b, t, self.num_heads, self.head_dim)
         k = k.view(b, t, self.num_kv_heads, self.head_dim)
         v = v.view(b, t, self.num_kv_heads, self.head_dim)
-        q, k = ops.rope(q, k, positions, self.theta)
-        if kv is None:
-            o = ops.attention(q, *_expand_kv(k, v, self.num_heads), causal=True)
+        if hasattr(kv, "attend_rope"):  # a kv object that rotates q and k itself (a decode step's fused op)
+            o = kv.attend_rope(self.layer_idx, q, k, v, positions, self.theta)
         else:
-            o = kv.attend(self.layer_idx, q, k, v)
+            q, k = ops.rope(q, k, positions, self.theta)
+            if kv is None:
+                o = ops.attention(q, *_expand_kv(k, v, self.num_heads), causal=True)
+            else:
+                o = kv.attend(self.layer_idx, q, k, v)
         return ops.linear(o.reshape(b, t, q_dim), self.o_proj.weight)
 
 
