@@ -50,7 +50,8 @@ def load_builds(folders: list[str]) -> dict:
 
 
 def packed_gemv_case(shape: str, M: int, dtype: str, min_bytes: float):
-    """The shape's four decoder weights per layer (+ the gen head), as many layers as make >= min_bytes.
+    """The shape's four decoder weights per layer (+ the gen head), as many layers as make >= min_bytes (at most the
+    shape's own: main() says where that is less).
     Returns (bytes read per call, fn(module) running the GEMVs once)."""
     C, L, _, inter, _, _ = SHAPES[shape]
     dt, code = DTYPES[dtype]
@@ -183,6 +184,9 @@ def main(args) -> dict:
     else:
         rows = args.rows or 2 * SHAPES[args.shape][5]
         nbytes, run, what = attention_case(args.shape, rows, args.context, args.dtype, min_bytes)
+    if args.op in ("packed_gemv", "layers") and nbytes < min_bytes:  # the shape holds no more than this
+        print(f"# note: {nbytes / 1e6:.0f} MB per call, under --min-mb {args.min_mb:.0f}: the shape's weights (and K/V)"
+              " are all there is; a last-level cache that large may hold them between calls", flush=True)
     names = list(mods)
     outputs = {name: run(mods[name]).float().clone() for name in names}  # also the warm-up
     stream = torch.ones((512 << 20) // 4).split((64 << 20) // 4)

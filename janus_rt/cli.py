@@ -127,7 +127,10 @@ def cmd_understand(args):
     n_img = model.cfg.vision.num_patches
     ids = encode_understanding_prompt(tok, args.question, num_images=len(images), num_image_tokens=n_img)
     t0 = time.perf_counter()
-    eng = Engine.for_requests(model, [(len(ids) + args.max_new_tokens, 0)])  # (CPU: packs the decoder weights)
+    if args.kv_cache_gb is not None:  # (on the CPU, making an engine packs the decoder weights)
+        eng = Engine(model, kv_cache_gb=args.kv_cache_gb)
+    else:
+        eng = Engine.for_requests(model, [(len(ids) + args.max_new_tokens, 0)])
     t1 = time.perf_counter()
     out = model.generate_text(ids, pixel_values=pixels.to(model.dtype), max_new_tokens=args.max_new_tokens,
                               greedy=args.temperature == 0, temperature=max(args.temperature, 1e-6),
@@ -159,7 +162,8 @@ def cmd_bench(args):
 
     _check_args(args, (args.steps_per_call >= 1, f"--steps-per-call must be >= 1, got {args.steps_per_call}"),
                 (args.n is None or args.n >= 1, f"-n must be >= 1, got {args.n}"),
-                (args.tokens >= 1, f"--tokens must be >= 1, got {args.tokens}"))
+                (args.tokens >= 1, f"--tokens must be >= 1, got {args.tokens}"),
+                (args.repeats >= 1, f"--repeats must be >= 1, got {args.repeats}"))
     bench_main(args)
 
 

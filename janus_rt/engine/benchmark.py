@@ -70,16 +70,33 @@ def transformers_baseline(model, device):
     try:
         from janus_rt.verify import to_transformers
 
-        return to_transformers(model).to(device)
+        ref = to_transformers(model).to(device)
     except ImportError:
         print("transformers not installed: baseline skipped", file=sys.stderr)
         return None
+    try:  # transformers' own default attention (to_transformers asks for eager, what the parity checks compare)
+        ref.set_attn_implementation("sdpa")
+    except (AttributeError, ValueError) as e:
+        print(f"transformers baseline keeps eager attention ({e})", file=sys.stderr)
+    return ref
 
 
 # ---- the two implementations -----------------------------------------------------------------------------------
+def bench_engine(model, prompt_len, n, cuda_graphs=False, layerwise=False, steps_per_call=8):
+    """An engine sized for one image request of n images of a prompt_len-token prompt; layerwise: no csrc decoder
+    on the CPU; steps_per_call: Engine's max_steps_per_call. Built once and reused for every run, as a server holds
+    one (its set-up: the KV pool, on a GPU the CUDA graphs' capture, is timed apart)."""
+    from janus_rt.engine import Engine
+
+    eng = Engine.for_requests(model, [(prompt_len, n)], block_size=BLOCK_SIZE, cuda_graphs=cuda_graphs,
+                              max_steps_per_call=steps_per_call)
+    if layerwise:
+        eng.runner.fused_cpu_decode = False
+    return eng
+
+
 def image_engine(model, prompt, n, tokens=None, cuda_graphs=False, layerwise=False, steps_per_call=8):
-    """An engine holding one image request (n images of `prompt`); layerwise: no csrc decoder on the CPU;
-    steps_per_call: Engine's max_steps_per_call."""
+    """An engine holding one image request (n images of `prompt`); arguments as bench_engine's."""
     from janus_rt.engine import Engine, SamplingParams
 
     eng = Engine.for_requests(model, [(len(prompt), n)], block_size=BLOCK_SIZE, cuda_graphs=cuda_graphs,
@@ -90,23 +107,44 @@ def image_engine(model, prompt, n, tokens=None, cuda_graphs=False, layerwise=Fal
     return eng
 
 
-def run_janus_rt(model, prompt, n, tokens, cuda_graphs=False, layerwise=False, steps_per_call=8):
-    """-> (seconds, ms per decode step, the CPU decode path taken: "decode_layer[, packed GEMV]" / "layerwise" / None off
-    CPU)."""
-    eng = image_engine(model, prompt, n, tokens, cuda_graphs, layerwise, steps_per_call)
-    sync(model.device)
+def run_janus_rt(eng, prompt, n, tokens):
+    """One request on `eng` (bench_engine's) -> (seconds, ms per decode step, the CPU decode path taken:
+    "decode_layer[, packed GEMV]" / "layerwise" / None off CPU). ms per step: the engine's decode time over its
+    decode steps in this run (tokens - 1: the first token comes from the prefill)."""
+    from janus_rt.engine import SamplingParams
+
+    device = eng.runner.device
+    s0, n0 = eng.stats.decode_s, eng.stats.decode_steps
+    sync(device)
     t = time.perf_counter()
+    eng.add_image_request(prompt, n=n, params=SamplingParams(seed=0), num_tokens=tokens)
     eng.run()
-    sync(model.device)
+    sync(device)
+    dt = time.perf_counter() - t
     path = None
-    if model.device.type == "cpu":
+    if device.type == "cpu":
         path = "layerwise"
         if eng.runner.uses_cpu_decoder():
             path = "decode_layer, packed GEMV" if eng.runner.cpu_decoder.stack.packed else "decode_layer"
-    return time.perf_counter() - t, eng.stats.ms_per_step, path
+    return dt, 1e3 * (eng.stats.decode_s - s0) / max(eng.stats.decode_steps - n0, 1), path
 
 
 def run_transformers(ref, prompt, n, tokens, cfg):
+    """transformers' generate of n images -> (seconds, ms per decode step). Sampling as ours: CFG 5, temperature 1,
+    no top-k (transformers' default would cut to the 50 largest). ms per step: from a stamp at each step's logits
+    (after the device's queue drains), (last - first) / (tokens - 1): decode steps only, as ours."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Stamps(LogitsProcessor):
+        def __init__(self):
+            self.t = []
+
+        def __call__(self, input_ids, scores):
+            sync(ref.device)
+            self.t.append(time.perf_counter())
+            return scores
+
+    stamps = Stamps()
     ids = torch.tensor([prompt] * n, device=ref.device)
     ref.model.vision_model.config.num_image_tokens = tokens
     ref.generation_config.pad_token_id = cfg.tokens.pad_id
@@ -116,10 +154,25 @@ def run_transformers(ref, prompt, n, tokens, cfg):
     t = time.perf_counter()
     with torch.no_grad():
         ref.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", do_sample=True,
-                     guidance_scale=5.0)
+                     guidance_scale=5.0, top_k=0, logits_processor=LogitsProcessorList([stamps]))
     sync(ref.device)
     dt = time.perf_counter() - t
-    return dt, 1e3 * dt / tokens
+    ts = stamps.t
+    return dt, 1e3 * (ts[-1] - ts[0]) / (len(ts) - 1) if len(ts) > 1 else 1e3 * dt / tokens
+
+
+def _sig(x: float, digits: int = 3) -> float:
+    """x to `digits` significant figures (a small measured fraction stays nonzero, unlike round(x, 3))."""
+    return float(f"{x:.{digits}g}")
+
+
+def _l3_bytes() -> int:
+    """The CPU's last-level cache in bytes (sysfs), 0 where unknown."""
+    try:
+        size = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        return int(size[:-1]) * {"K": 2**10, "M": 2**20}[size[-1]] if size[-1] in "KM" else int(size)
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def main(args):
@@ -167,16 +220,21 @@ def main(args):
     # An untimed warm-up run of each first. On a GPU our first run compiles every Triton kernel outside the CUDA
     # graphs (gen head, sampling, ...): timed, it was 23x slower per step than the next (H200, 2026-12-04), and
     # with --repeats 1 the median of two runs is their mean.
+    sync(device)
+    t0 = time.perf_counter()
+    eng = bench_engine(model, len(prompt), n, args.cuda_graphs, args.layerwise, args.steps_per_call)
+    sync(device)
+    setup_s = time.perf_counter() - t0
     warm = min(args.warmup_tokens, args.tokens)
     if warm > 0:
-        run_janus_rt(model, prompt, n, warm, args.cuda_graphs, args.layerwise, args.steps_per_call)
+        run_janus_rt(eng, prompt, n, warm)
         if ref is not None:
             theirs_run(warm)
         print(f"# warm-up: one untimed run of each at {warm} tokens per image", flush=True)
 
     def ours_probed():
         before = measure_bandwidth_gbs(device)
-        out = run_janus_rt(model, prompt, n, args.tokens, args.cuda_graphs, args.layerwise, args.steps_per_call)
+        out = run_janus_rt(eng, prompt, n, args.tokens)
         run_bw.append(max(before, measure_bandwidth_gbs(device)))
         return out
 
@@ -190,9 +248,10 @@ def main(args):
                 continue
             theirs.append(got)
             hf_peak = peak_memory_gb(device)
+    # peak memory: one more run of ours with nothing else in its window (no bandwidth probe), not in the timings;
+    # like transformers' above, a process peak (both implementations' weights are held throughout)
     reset_peak_memory(device)
-    dt, ms_step, cpu_path = ours_probed()
-    ours.append((dt, ms_step))
+    cpu_path = run_janus_rt(eng, prompt, n, args.tokens)[2]
     our_peak = peak_memory_gb(device)
     # probe again after the runs; the whole-benchmark roofline keeps the fastest probe of all, so a slow moment at
     # the start cannot flatter it
@@ -207,20 +266,25 @@ def main(args):
     shared = (2, len(prompt) // BLOCK_SIZE * BLOCK_SIZE)
     nbytes, flops = decode_step_bytes_flops(model, 2 * n, len(prompt) + args.tokens // 2, shared=shared)
     roof = lambda bw_gbs: 1e3 * max(nbytes / (bw_gbs * 1e9), flops / (peak * 1e9))  # ms per step
+    l3 = _l3_bytes() if model.device.type == "cpu" else 0
+    if nbytes < l3:
+        print(f"# note: a decode step reads {nbytes / 2**20:.0f} MiB, less than this CPU's {l3 / 2**20:.0f} MiB "
+              "last-level cache: it may run from that cache, faster than the DRAM rate the roofline assumes "
+              "(a fraction near or above 1 says so)", flush=True)
     # per run: its roofline (its own probes) over its ms per step; the row reports the median run
     fractions = [roof(b) / ms for b, (_, ms) in zip(run_bw, ours)]
     row = {
         "date": time.strftime("%Y-%m-%d"), "device": dev_name, "model": what, "dtype": str(dtype).split(".")[-1],
-        "n": n, "tokens": args.tokens, "janus_rt_s": round(t_ours, 3),
+        "n": n, "tokens": args.tokens, "janus_rt_s": round(t_ours, 3), "janus_rt_setup_s": round(setup_s, 3),
         "janus_rt_tok_s": round(n * args.tokens / t_ours, 1), "janus_rt_ms_step": round(ms_ours, 2),
         "janus_rt_ms_steps": [round(x[1], 2) for x in ours], "warmup_tokens": warm,
         "janus_rt_peak_gb": round(our_peak, 2), "roofline_ms_step": round(roof(statistics.median(run_bw)), 2),
-        "roofline_fraction": round(statistics.median(fractions), 3),
-        "roofline_fractions": [round(f, 3) for f in fractions],
+        "roofline_fraction": _sig(statistics.median(fractions)),
+        "roofline_fractions": [_sig(f) for f in fractions],
         "bandwidth_gbs": round(statistics.median(run_bw), 1),
         "best_bandwidth_gbs": round(best_bw, 1),  # the fastest probe of the whole benchmark, and the fraction of
-        "roofline_fraction_vs_best": round(roof(best_bw) / ms_ours, 3),  # the median step against its roofline
-        "matmul_gflops": round(peak, 1), "steps_per_call": args.steps_per_call,
+        "roofline_fraction_vs_best": _sig(roof(best_bw) / ms_ours),  # the median step against its roofline
+        "matmul_gflops": round(peak, 1), "step_mib": round(nbytes / 2**20, 1), "steps_per_call": args.steps_per_call,
     }
     if cpu_path:
         row["cpu_decode"] = cpu_path + (" (packed in place)" if packed_note else "")
@@ -229,16 +293,18 @@ def main(args):
         row.update({"transformers_s": round(t_hf, 3), "transformers_tok_s": round(n * args.tokens / t_hf, 1),
                     "transformers_ms_step": round(statistics.median(x[1] for x in theirs), 2),
                     "transformers_ms_steps": [round(x[1], 2) for x in theirs],
-                    "transformers_peak_gb": round(hf_peak, 2), "speedup": round(t_hf / t_ours, 2)})
+                    "transformers_peak_gb": round(hf_peak, 2), "speedup": round(t_hf / t_ours, 2),
+                    "transformers_attention": getattr(ref.config, "_attn_implementation", None) if ref else None})
     for k, v in row.items():
         print(f"{k:>22}: {v}")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")
     if args.profile:
-        # the profile's engines size their KV pools from the free memory: transformers' copy of the model goes first
-        # (with it still held, the 1B n = 16 phase engine got 1185 of its 1216 blocks and stopped the benchmark)
-        ref = None
+        # the profile's engines size their KV pools from the free memory: the timed runs' engine and transformers'
+        # copy of the model go first (with the copy still held, the 1B n = 16 phase engine got 1185 of its 1216
+        # blocks and stopped the benchmark)
+        eng = ref = None
         gc.collect()
         from janus_rt.engine.profile import profile_decode_step
 

@@ -99,7 +99,7 @@ class Engine:
     def step(self) -> list[Request]:
         """Prefill newly admitted requests if any, else decode one token for every running row (on the CPU image
         path up to max_steps_per_call tokens each: multi-step decode, see _decode_images_cpu; stats.decode_steps
-        counts them). Returns the requests that finished in this step."""
+        counts them; likewise the CUDA-graph image path). Returns the requests that finished in this step."""
         admitted = self.scheduler.admit()
         if admitted:
             t0 = time.perf_counter()
@@ -107,7 +107,8 @@ class Engine:
             self.stats.prefill_s += time.perf_counter() - t0
         else:
             if not self.scheduler.running:
-                raise RuntimeError("no request fits the KV cache (add_request checks this; please report)")
+                raise RuntimeError("no request fits the KV cache (add_image_request / add_text_request check this; "
+                                   "please report)")
             self.scheduler.make_room_for_decode()
             if not self.scheduler.running:  # cannot happen for requests that passed add()'s size check
                 raise RuntimeError("KV cache exhausted by a single request")
