@@ -92,6 +92,8 @@ def decode_phase_times(model, prompt, n, steps: int = 8, layerwise: bool = False
     nbytes = {name: w.weight.numel() * isz for name, w in (
         ("qkv_proj", layer.attn.qkv_proj), ("o_proj", layer.attn.o_proj), ("gate_up_proj", layer.mlp.gate_up_proj),
         ("down_proj", layer.mlp.down_proj))}
+    # what the attention kernel reads: every row its whole context (the roofline counts blocks that rows share once,
+    # roofline.decode_step_bytes_flops; here the rate of the kernel's own reads)
     nbytes["attention"] = kv_tokens / done * 2 * c.num_kv_heads * c.head_dim * isz
     phases = []
     for name, sec in timed["seconds"].items():
