@@ -96,13 +96,10 @@ def bench_engine(model, prompt_len, n, cuda_graphs=False, layerwise=False, steps
 
 
 def image_engine(model, prompt, n, tokens=None, cuda_graphs=False, layerwise=False, steps_per_call=8):
-    """An engine holding one image request (n images of `prompt`); arguments as bench_engine's."""
-    from janus_rt.engine import Engine, SamplingParams
+    """A bench_engine holding one image request (n images of `prompt`, `tokens` each)."""
+    from janus_rt.engine import SamplingParams
 
-    eng = Engine.for_requests(model, [(len(prompt), n)], block_size=BLOCK_SIZE, cuda_graphs=cuda_graphs,
-                              max_steps_per_call=steps_per_call)
-    if layerwise:
-        eng.runner.fused_cpu_decode = False
+    eng = bench_engine(model, len(prompt), n, cuda_graphs, layerwise, steps_per_call)
     eng.add_image_request(prompt, n=n, params=SamplingParams(seed=0), num_tokens=tokens)
     return eng
 
