@@ -13,14 +13,6 @@
 namespace jr {
 namespace {
 
-// dst[0:m] = src[0:m] as fp32, a vector at a time
-template <typename T>
-inline void widen(const T* src, float* dst, int64_t m) {
-  int64_t i = 0;
-  for (; i + simd::kWidth <= m; i += simd::kWidth) simd::store(dst + i, simd::load_as_float(src + i));
-  for (; i < m; ++i) dst[i] = to_float(src[i]);
-}
-
 template <typename T>
 void swiglu_impl(const T* gate, int64_t ldg, const T* up, int64_t ldu, T* out, int64_t R, int64_t n) {
   constexpr int64_t kChunk = 4096;
@@ -31,8 +23,8 @@ void swiglu_impl(const T* gate, int64_t ldg, const T* up, int64_t ldu, T* out, i
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < R * per_row; ++task) {
       const int64_t r = task / per_row, i0 = task % per_row * kChunk, m = std::min(kChunk, n - i0);
-      widen(gate + r * ldg + i0, g.data(), m);
-      widen(up + r * ldu + i0, u.data(), m);
+      act::widen(gate + r * ldg + i0, g.data(), m);
+      act::widen(up + r * ldu + i0, u.data(), m);
       act::silu_mul<T>(g.data(), u.data(), a.data(), m);
       act::store_values(a.data(), out + r * n + i0, m);
     }

@@ -316,8 +316,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     (csrc/rms_norm.h, decode_layer's row code, rows in parallel); with `residual`, returns (norm(x + residual),
     x + residual) as ops.rms_norm does. x and residual may be slices of a wider last dim; outputs are contiguous.
     No autograd."""
-    _check_tensor(weight, "weight", (x.dtype,) if isinstance(x, torch.Tensor) else _FP, 1)
     xv = _rows(x, "x", _FP)
+    _check_tensor(weight, "weight", (x.dtype,), 1)
     C = xv.shape[1]
     _check(weight.shape[0] == C and C >= 1, f"weight has {weight.shape[0]} entries; x's last dim is {C}")
     out = torch.empty(x.shape, dtype=x.dtype)

@@ -13,6 +13,14 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def _slot_page_row(slot, num_slots, PAGE_SIZE: tl.constexpr):
+    # slot(s) (int64) -> (valid: 0 <= slot < num_slots, page, row); an invalid slot reads as slot 0 (mask the stores)
+    valid = (slot >= 0) & (slot < num_slots)
+    slot = tl.where(valid, slot, 0)
+    return valid, slot // PAGE_SIZE, slot % PAGE_SIZE
+
+
+@triton.jit
 def _kv_store_kernel(
         k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
         stride_kn, stride_kh, stride_vn, stride_vh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs,
@@ -22,11 +30,7 @@ def _kv_store_kernel(
     i = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    slot = tl.load(slot_mapping_ptr + i).to(tl.int64)
-    valid = (slot >= 0) & (slot < num_slots)
-    slot = tl.where(valid, slot, 0)
-    page = slot // PAGE_SIZE
-    row = slot % PAGE_SIZE
+    valid, page, row = _slot_page_row(tl.load(slot_mapping_ptr + i).to(tl.int64), num_slots, PAGE_SIZE)
     heads = tl.where(valid, num_heads, 0)  # (a scalar & block mask turns int32 under the interpreter)
     mask = (offs_h < heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
     k = tl.load(k_ptr + i * stride_kn + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)

@@ -86,6 +86,13 @@ def _num_warps(elements: int) -> int:
     return 1 << (max(1, min(8, elements // 512)).bit_length() - 1)
 
 
+def _tokens_per_program(per_token: int) -> int:
+    """Tokens a program handles, for `per_token` half-head elements of each (padded to powers of 2; the other
+    halves mirror them): ~2K of those (~4K elements) a program, a power of 2 up to 64 (decode batches are a few
+    tokens; narrow heads pack many tokens)."""
+    return min(64, 1 << (max(1, 2048 // per_token).bit_length() - 1))  # the largest power of 2 <= the ratio
+
+
 def _rope_launch(q, k, positions, theta, sign):
     N, Hq, D = q.shape
     Hk = k.shape[1]
@@ -95,10 +102,9 @@ def _rope_launch(q, k, positions, theta, sign):
         return q_out, k_out
     half = D // 2
     block_hq, block_hk, block_half = next_pow2(Hq), next_pow2(Hk), next_pow2(half)
-    # ~4K q+k elements per program: decode batches are a few tokens, narrow heads pack many tokens
-    per_token = (block_hq + block_hk) * block_half
-    block_n = min(64, 1 << (max(1, 2048 // per_token).bit_length() - 1))  # largest power of 2 <= the ratio
-    num_warps = _num_warps(block_n * (block_hq + block_hk) * block_half)
+    per_token = (block_hq + block_hk) * block_half  # q's and k's half heads
+    block_n = _tokens_per_program(per_token)
+    num_warps = _num_warps(block_n * per_token)
     _rope_fwd_kernel[(triton.cdiv(N, block_n),)](
         q, k, q_out, k_out, positions, _inv_freq(D, float(theta), q.device),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),

@@ -13,8 +13,9 @@ import triton
 import triton.language as tl
 
 from .kv_store import _check_args as _check_store_args
+from .kv_store import _slot_page_row
 from .kv_store import kv_store_ref
-from .rope import _inv_freq, _num_warps, _rope_angles, _rotate_heads, rope_ref
+from .rope import _inv_freq, _num_warps, _rope_angles, _rotate_heads, _tokens_per_program, rope_ref
 from .utils import check, check_tensor, interpreting, next_pow2
 
 
@@ -32,10 +33,8 @@ def _rope_kv_store_kernel(
     cos, sin = _rope_angles(pos_ptr, inv_freq_ptr, tokens, N, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr, q_out_ptr, tokens * stride_qn, tokens * stride_qon, live, live, stride_qh, stride_qoh, Hq,
                   cos, sin, 1.0, HALF, BLOCK_HQ, BLOCK_HALF, EMULATE_RTNE)
-    slot = tl.load(slot_ptr + tokens, mask=live, other=-1).to(tl.int64)
-    store = live & (slot >= 0) & (slot < num_slots)
-    slot = tl.where(store, slot, 0)
-    page, row = slot // PAGE_SIZE, slot % PAGE_SIZE
+    store, page, row = _slot_page_row(tl.load(slot_ptr + tokens, mask=live, other=-1).to(tl.int64), num_slots,
+                                      PAGE_SIZE)  # (tokens past N read slot -1: not stored)
     _rotate_heads(k_ptr, k_cache_ptr, tokens * stride_kn, page * stride_kcb + row * stride_kcs, live, store,
                   stride_kh, stride_kch, Hk, cos, sin, 1.0, HALF, BLOCK_HK, BLOCK_HALF, EMULATE_RTNE)
     # v: an exact copy, [BLOCK_N, BLOCK_HK, 2 * BLOCK_HALF]
@@ -73,7 +72,7 @@ def rope_kv_store(q, k, v, positions, theta, k_cache, v_cache, slot_mapping) -> 
     half = D // 2
     block_hq, block_hk, block_half = next_pow2(Hq), next_pow2(Hk), next_pow2(half)
     per_token = (block_hq + 2 * block_hk) * block_half  # q, k and v's (two halves' worth) elements
-    block_n = min(64, 1 << (max(1, 2048 // per_token).bit_length() - 1))
+    block_n = _tokens_per_program(per_token)
     num_blocks, block_size = k_cache.shape[:2]
     _rope_kv_store_kernel[(triton.cdiv(N, block_n),)](
         q, k, v, q_out, k_cache, v_cache, positions.contiguous(), slot_mapping.contiguous(),

@@ -1,8 +1,9 @@
 """Model runner: turns scheduled rows into model inputs over the paged KV cache and runs the forward.
 
-`PrefillKV` and `DecodeKV` are the `kv` objects the LLM's attention layers call (`kv.attend(layer, q, k, v)`):
-both write the new K/V rows into the paged cache by slot; prefill attends within each packed sequence,
-decode attends one query per row over its block table.
+`PrefillKV` and `DecodeKV` are the `kv` objects the LLM's attention layers call (`kv.attend(layer, q, k, v)`, and
+`kv.attend_rope(layer, q, k, v, positions, theta)` for decode, which rotates q and k itself): both write the new
+K/V rows into the paged cache by slot; prefill attends within each packed sequence, decode attends one query per
+row over its block table.
 """
 from __future__ import annotations
 
@@ -31,15 +32,9 @@ class DecodeKV:
         self.cache, self.slot_mapping = cache, slot_mapping  # [R]
         self.block_tables, self.context_lens = block_tables, context_lens  # int32 [R, max_blocks], [R]
 
-    def attend(self, layer: int, q, k, v):
-        # q, k, v: [R, 1, H, D]
-        kc, vc = self.cache.k_cache(layer), self.cache.v_cache(layer)
-        ops.kv_store(k[:, 0], v[:, 0], kc, vc, self.slot_mapping)
-        return ops.paged_decode_attention(q[:, 0], kc, vc, self.block_tables, self.context_lens)[:, None]
-
     def attend_rope(self, layer: int, q, k, v, positions, theta: float):
-        # as attend, for q and k not yet rotated (positions [R, 1]): RoPE and the KV store as one op (one launch on
-        # the triton backend)
+        # q, k, v: [R, 1, H, D], q and k not yet rotated (positions [R, 1]): RoPE and the KV store as one op (one
+        # launch on the triton backend), then paged attention
         kc, vc = self.cache.k_cache(layer), self.cache.v_cache(layer)
         q = ops.rope_kv_store(q[:, 0], k[:, 0], v[:, 0], positions[:, 0], theta, kc, vc, self.slot_mapping)
         return ops.paged_decode_attention(q, kc, vc, self.block_tables, self.context_lens)[:, None]
