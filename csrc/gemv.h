@@ -331,14 +331,18 @@ void pack_x(const XT* x, XP* xp, int64_t M, int64_t K, int64_t ldx) {
     if constexpr (std::is_same_v<XP, uint16_t>) {
       for (int64_t k = 0; k < K; ++k) from_float(to_float(src[k]), dst + k);
     } else if constexpr (std::is_same_v<WT, float>) {
-      for (int64_t k = 0; k < K; ++k) dst[k] = to_float(src[k]);
+      simd::widen(src, dst, K);
+    } else if constexpr (std::is_same_v<XT, uint16_t>) {
+      for (int64_t c = 0; c < kvec; c += 2 * kW) {
+        simd::vf even, odd;
+        simd::load_bf16_pairs(src + c, even, odd);
+        simd::store(dst + c, even), simd::store(dst + c + kW, odd);
+      }
+      simd::widen(src + kvec, dst + kvec, K - kvec);
     } else {
       for (int64_t c = 0; c < kvec; c += 2 * kW)
-        for (int i = 0; i < kW; ++i) {
-          dst[c + i] = to_float(src[c + 2 * i]);
-          dst[c + kW + i] = to_float(src[c + 2 * i + 1]);
-        }
-      for (int64_t k = kvec; k < K; ++k) dst[k] = to_float(src[k]);
+        for (int i = 0; i < kW; ++i) dst[c + i] = src[c + 2 * i], dst[c + kW + i] = src[c + 2 * i + 1];
+      simd::widen(src + kvec, dst + kvec, K - kvec);
     }
   }
 }

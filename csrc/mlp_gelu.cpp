@@ -66,8 +66,8 @@ void mlp_gelu_impl(const T* x, const T* w1, const T* b1, const T* w2, const T* b
   float* hid = at_least(buf.hid, M * H);
   float* bias1 = b1 ? at_least(buf.bias1, H) : nullptr;
   float* bias2 = b2 ? at_least(buf.bias2, N) : nullptr;
-  for (int64_t i = 0; b1 && i < H; ++i) bias1[i] = to_float(b1[i]);
-  for (int64_t i = 0; b2 && i < N; ++i) bias2[i] = to_float(b2[i]);
+  if (b1) simd::widen(b1, bias1, H);
+  if (b2) simd::widen(b2, bias2, N);
   for (int64_t m = 0; m < M; ++m) {
     std::fill(xp + m * ldk + K, xp + (m + 1) * ldk, gemv::xpack_t<T>{});
     std::fill(hp + m * ldh + H, hp + (m + 1) * ldh, gemv::xpack_t<T>{});

@@ -385,7 +385,7 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
     if (hk0 >= hk1) continue;
     const int64_t h0 = hk0 * G, nh = (hk1 - hk0) * G, len = cl[b], parts = num_parts(len, bs);
     const int64_t k0 = plan.item_part[item], k1 = plan.split ? k0 + 1 : parts;  // this task's parts
-    for (int64_t i = 0; i < nh * D; ++i) qf[i] = to_float(q[(b * H + h0) * D + i]);
+    simd::widen(q + (b * H + h0) * D, qf.data(), nh * D);
     for (int64_t h = 0; h < nh; ++h) off[h] = (hk0 + h / G) * D;
     // V for the whole row at once (accumulate_v_rows) where the task's heads are contiguous and fill its vectors
     const bool rows_v = G == 1 && D % kW == 0 && (nh * D) % (kSeg * kW) == 0;

@@ -24,7 +24,7 @@ void rope_impl(const T* x, int64_t ldx, const float* cos, const float* sin, T* o
     for (int64_t rh = 0; rh < R * H; ++rh) {
       const int64_t r = rh / H, h = rh % H;
       const T* src = x + r * ldx + h * D;
-      act::widen(src, xf.data(), D);
+      simd::widen(src, xf.data(), D);
       rotary::rope_head(xf.data(), cos + r * D, sin + r * D, out + rh * D, D, tmp.data());
     }
   }

@@ -238,4 +238,12 @@ inline void store_partial(float* p, vf v, int64_t r) {
 inline vf load_as_float(const float* p) { return load(p); }
 inline vf load_as_float(const uint16_t* p) { return load_bf16(p); }
 
+// dst[0:n] = src[0:n] as fp32, a vector at a time (bf16 widened exactly; fp32 copied).
+template <typename T>
+inline void widen(const T* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) store(dst + i, load_as_float(src + i));
+  for (; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
 }  // namespace jr::simd

@@ -23,8 +23,8 @@ void swiglu_impl(const T* gate, int64_t ldg, const T* up, int64_t ldu, T* out, i
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < R * per_row; ++task) {
       const int64_t r = task / per_row, i0 = task % per_row * kChunk, m = std::min(kChunk, n - i0);
-      act::widen(gate + r * ldg + i0, g.data(), m);
-      act::widen(up + r * ldu + i0, u.data(), m);
+      simd::widen(gate + r * ldg + i0, g.data(), m);
+      simd::widen(up + r * ldu + i0, u.data(), m);
       act::silu_mul<T>(g.data(), u.data(), a.data(), m);
       act::store_values(a.data(), out + r * n + i0, m);
     }

@@ -4,7 +4,7 @@
 // kernels/swiglu.py's reference). e^-x is simd::exp (~1-2 ulp; torch's own vector exp is another approximation), so
 // fp32 results agree with torch's to a few ulp and bf16 ones after rounding; e^-x overflows to inf as torch's does
 // (silu(x) = -0 below x ~ -88.7, NaN at -inf).
-// Also the rounding to T's values in vectors that the other csrc kernels share (rnd_v, round_to, store_values, widen).
+// Also the rounding to T's values in vectors that the other csrc kernels share (rnd_v, round_to, store_values).
 #pragma once
 
 #include <algorithm>
@@ -47,14 +47,6 @@ inline void store_values(const float* x, T* dst, int64_t n) {
       dst[i] = uint16_t(bits >> 16);
     }
   }
-}
-
-// dst[0:n] = src[0:n] as fp32, a vector at a time (bf16 widened exactly).
-template <typename T>
-inline void widen(const T* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + simd::kWidth <= n; i += simd::kWidth) simd::store(dst + i, simd::load_as_float(src + i));
-  for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
 // a [n] = T(T(silu(T(g))) * T(u)) from fp32 g, u; the last n % kWidth lanes through the same code (load_partial).
