@@ -81,11 +81,17 @@ constexpr int64_t kSE = packed::step_elems<uint16_t>();  // 128: one step of a s
 constexpr int64_t kKT = packed::ktile<uint16_t>();       // steps per K tile of the layout
 constexpr int64_t kRE = packed::run_elems<uint16_t>();   // 32: one step of one run (16 columns), 64 bytes
 
-// No software prefetch of the weights: with each column vector a run of its own, the hardware prefetchers follow the
-// two (strip_32) or four (strip_16) runs read side by side better than prefetch instructions 16 KiB ahead did (bench_ab,
-// 1B shape from 1 GB, 2026-12-04, seventeenth session, GB/s, middle half, none vs 16 KiB ahead in each run: M = 32
-// 24.3 vs 24.0, M = 16 28.4 vs 28.0, M = 2 29.2 vs 29.5). With the 256-byte steps (one run per tile) they had
-// been needed: none 16.0 vs 19.1.
+// Software prefetch of the weights, every line of each run the loop reads, kPfSteps steps (2 KiB) ahead within the
+// run (across the layout's K tiles, where a run continues 3 runs further on; nothing past the strip's end). A core
+// whose loads are spread between tile multiplies keeps too few misses in flight on the hardware prefetchers alone:
+// bench_ab, 1B shape from 1 GB, M = 32, 2026-12-05, twentieth session, GB/s (middle half): none 24.4, 1 / 2 / 4 / 8
+// KiB ahead 25.9 / 25.8 / 25.6 / 25.5 (t0 25.7, t2 25.9), every other line only 24.0; again 24.4 -> 25.7, and the
+// 24 decoder layers at 32 rows x 312 tokens (`--op layers`) 23.5 -> 24.3. strip_32 only: strip_16's four runs lose
+// with it (M = 16 28.0 -> 27.3, M = 8 28.6 -> 28.1). (The seventeenth session's
+// "16 KiB ahead" had prefetched 16 KiB past the current address, i.e. other runs, not the next steps of these:
+// 24.0 vs 24.3 for none.)
+// Written out in strip_32's loop: GCC 12 dropped the prefetches of a helper function once it was inlined there.
+constexpr int64_t kPfSteps = 32;
 
 // x packed A tile by A tile, once per call on each thread, so that an A tile is 1 KiB at a 64-byte stride instead of
 // 16 rows of x at x's row stride: at Janus-Pro's 2048 columns a bf16 row is 4 KiB, so those 16 lines (32 for the two
@@ -183,6 +189,13 @@ inline void strip_32(const uint16_t* ws, const XTiles& xt, int64_t KS, float* c)
       const uint16_t *ra = packed::vec_at(tile, kn, 2 * half), *rb = packed::vec_at(tile, kn, 2 * half + 1);
       for (int64_t p = 0; p < kn; p += 16) {
         const int64_t o = p * kRE;
+        if (const int64_t g = k0 + p + kPfSteps; g < KS) {  // g's 16 steps lie in one K tile (g: a multiple of 16)
+          const int64_t kt = g / kKT * kKT, ktn = std::min(kKT, KS - kt);
+          const uint16_t* t = ws + kt * kSE;
+          const char* pa = reinterpret_cast<const char*>(packed::vec_at(t, ktn, 2 * half) + (g - kt) * kRE);
+          const char* pb = reinterpret_cast<const char*>(packed::vec_at(t, ktn, 2 * half + 1) + (g - kt) * kRE);
+          for (int l = 0; l < 16; ++l) _mm_prefetch(pa + 64 * l, _MM_HINT_T1), _mm_prefetch(pb + 64 * l, _MM_HINT_T1);
+        }
         _tile_loadd(4, xt.a0((k0 + p) / 16), XTiles::kStride);
         _tile_loadd(5, xt.a1((k0 + p) / 16), XTiles::kStride);
         _tile_loadd(6, ra + o, sw);
