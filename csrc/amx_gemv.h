@@ -87,9 +87,9 @@ constexpr int64_t kRE = packed::run_elems<uint16_t>();   // 32: one step of one 
 // bench_ab, 1B shape from 1 GB, M = 32, 2026-12-05, twentieth session, GB/s (middle half): none 24.4, 1 / 2 / 4 / 8
 // KiB ahead 25.9 / 25.8 / 25.6 / 25.5 (t0 25.7, t2 25.9), every other line only 24.0; again 24.4 -> 25.7, and the
 // 24 decoder layers at 32 rows x 312 tokens (`--op layers`) 23.5 -> 24.3. strip_32 only: strip_16's four runs lose
-// with it (M = 16 28.0 -> 27.3, M = 8 28.6 -> 28.1). (The seventeenth session's
-// "16 KiB ahead" had prefetched 16 KiB past the current address, i.e. other runs, not the next steps of these:
-// 24.0 vs 24.3 for none.)
+// with it (M = 16 28.0 -> 27.3, M = 8 28.6 -> 28.1). (The seventeenth session had measured none better than "16
+// KiB ahead", 24.3 vs 24.0: most likely because 16 KiB past a run's current line is another run's, a run of a K
+// tile being 16 KiB, not the next steps of the same run.)
 // Written out in strip_32's loop: GCC 12 dropped the prefetches of a helper function once it was inlined there.
 constexpr int64_t kPfSteps = 32;
 
