@@ -12,7 +12,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, peak_bandwidth_gbs, print_table, require_cuda  # noqa: E402
+from common import bandwidth_cols, device_name, peak_bandwidth_gbs, print_table, require_cuda  # noqa: E402
 
 from janus_rt import kernels as K  # noqa: E402
 from janus_rt.kernels.kv_store import kv_store_ref  # noqa: E402
@@ -42,7 +42,7 @@ def main() -> list[dict]:
         for impl, fn in impls:
             ms = do_bench(fn, warmup=25, rep=100)
             rows.append({"case": f"N{n} H{heads} D{head_dim}", "impl": impl, "ms": ms,
-                         "GB/s": nbytes / ms / 1e6, "% peak BW": 100 * nbytes / ms / 1e6 / peak})
+                         **bandwidth_cols(nbytes, ms, peak)})
     print(f"# kv_store on {device_name()} (measured copy bandwidth {peak:.0f} GB/s), bf16, block {BLOCK_SIZE}")
     print_table(rows)
     return rows

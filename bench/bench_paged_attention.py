@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, peak_bandwidth_gbs, print_table, require_cuda  # noqa: E402
+from common import bandwidth_cols, device_name, peak_bandwidth_gbs, print_table, require_cuda  # noqa: E402
 
 from janus_rt import kernels as K  # noqa: E402
 from janus_rt.kernels.paged_attention import paged_decode_attention_ref  # noqa: E402
@@ -68,8 +68,7 @@ def main() -> list[dict]:
         for impl, fn in impls:
             ms = do_bench(fn, warmup=25, rep=200)
             rows.append({"case": f"B{batch} ctx{context} H{heads} D{head_dim} page{block_size}", "impl": impl,
-                         "ms": ms, "GB/s": nbytes / ms / 1e6, "% peak BW": 100 * nbytes / ms / 1e6 / peak,
-                         "max |triton - ref|": err})
+                         "ms": ms, **bandwidth_cols(nbytes, ms, peak), "max |triton - ref|": err})
     print(f"# paged_decode_attention on {device_name()} (measured copy bandwidth {peak:.0f} GB/s), bf16")
     print_table(rows)
     return rows

@@ -13,7 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, peak_bandwidth_gbs, print_table, require_cuda  # noqa: E402
+from common import bandwidth_cols, device_name, peak_bandwidth_gbs, print_table, require_cuda  # noqa: E402
 
 from janus_rt import kernels as K  # noqa: E402
 from janus_rt.kernels.sampling import cfg_sample_ref  # noqa: E402
@@ -67,8 +67,7 @@ def main() -> list[dict]:
                 ms = do_bench(fn, warmup=25, rep=100)
                 triton_ms = triton_ms or ms
                 rows.append({"case": f"B{B} V{V}" + (" cfg" if guided else ""), "setting": name, "impl": impl,
-                             "us": 1e3 * ms, "time / triton": ms / triton_ms, "GB/s": nbytes / ms / 1e6,
-                             "% peak BW": 100 * nbytes / ms / 1e6 / peak})
+                             "us": 1e3 * ms, "time / triton": ms / triton_ms, **bandwidth_cols(nbytes, ms, peak)})
     print(f"# cfg_sample on {device_name()} (measured copy bandwidth {peak:.0f} GB/s), bf16 logits")
     print_table(rows)
     return rows

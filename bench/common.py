@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: device peaks measured on the machine at hand, and a table printer."""
+"""Shared benchmark helpers: device peaks measured on the machine at hand, bandwidth columns, and a table printer."""
 import functools
 import sys
 
@@ -39,6 +39,12 @@ def peak_tflops(dtype: torch.dtype = torch.bfloat16) -> float:
     b = torch.randn(n, n, device="cuda", dtype=dtype)
     ms = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=200)
     return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def bandwidth_cols(nbytes: float, ms: float, peak_gbs: float) -> dict:
+    """A table row's bandwidth columns: {"GB/s", "% peak BW"} of `nbytes` moved in `ms` against the measured peak."""
+    gbs = nbytes / ms / 1e6
+    return {"GB/s": gbs, "% peak BW": 100 * gbs / peak_gbs}
 
 
 def print_table(rows: list[dict], file=sys.stdout) -> None:
