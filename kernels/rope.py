@@ -69,7 +69,7 @@ def _rope_fwd_kernel(
                   cos, sin, sign, HALF, BLOCK_HK, BLOCK_HALF, EMULATE_RTNE)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.cache  # never evicted: a captured CUDA graph holds this tensor's address (one per D, theta, device)
 def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
     # [D/2] fp32, exactly as the reference computes it
     return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)

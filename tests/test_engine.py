@@ -20,6 +20,13 @@ def tiny():
     return Janus.from_preset("tiny", seed=3)
 
 
+@pytest.fixture(scope="module")
+def tiny_dev(tiny):
+    """tiny where the triton backend's kernels run: the CPU for the interpreter; on a GPU machine the compiled
+    kernels take device tensors only (a CPU tensor there is "cannot be accessed from Triton")."""
+    return Janus.from_preset("tiny", seed=3).to("cuda") if torch.cuda.is_available() else tiny
+
+
 @pytest.mark.parametrize("name", ["a", "b", "c"])
 def test_greedy_matches_transformers_generate(name, tmp_path):
     pytest.importorskip("transformers")
@@ -200,13 +207,62 @@ def _eager_capture(fn, replays):
     return replay, out
 
 
+def test_captured_steps_read_nothing_on_the_host(tiny, monkeypatch):
+    """What the CUDA graphs capture (the one-step LLM graphs and the multi-step image graphs, triton backend) makes
+    no host read of a tensor's value (item, tolist, nonzero, ...), which a capture forbids: checked on the CPU by
+    a dispatch mode over one run of each captured function, outside the interpreted Triton kernels themselves
+    (the interpreter reads its arguments on the host; a compiled kernel does not)."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU check of what a GPU capture sees; a GPU's own capture raises on a host read")
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+
+    host_reads = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "equal", "is_nonzero"}
+    in_kernel, seen, ops_seen = [0], [], set()
+    real_run = InterpretedFunction.run
+
+    def run(self, *a, **kw):
+        in_kernel[0] += 1
+        try:
+            return real_run(self, *a, **kw)
+        finally:
+            in_kernel[0] -= 1
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+
+    class HostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not in_kernel[0]:
+                ops_seen.add(func.overloadpacket.__name__)
+                if func.overloadpacket.__name__ in host_reads:
+                    seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def capture(fn):
+        with HostReads():
+            out = fn()
+        return (lambda: fn()), out
+
+    eng = Engine.for_requests(tiny, [(9, 3)], backend="triton")
+    eng.runner.BUCKETS, eng.runner.max_blocks = (8,), 4
+    eng.runner.capture_cudagraphs(capture=capture)
+    eng.runner.capture_image_step_graphs(capture=capture, steps=2)
+    assert {"embedding", "linear"} <= ops_seen  # the mode saw the captured work (token embedding, projections)
+    assert seen == []
+    # negative control: a host read inside a captured function is seen
+    with HostReads():
+        torch.ones(3).sum().item()
+    assert seen == ["_local_scalar_dense"]
+
+
 # n = 1: 2 rows (bucket 2); n = 3: 6 rows (bucket 8, two padding rows). triton: the GPU path's kernels, interpreted
 @pytest.mark.parametrize("backend,n", [("cpu", 1), ("cpu", 3), ("triton", 3)])
-def test_graph_replay_bookkeeping_matches_plain_decode(tiny, n, backend):
+def test_graph_replay_bookkeeping_matches_plain_decode(tiny, tiny_dev, n, backend):
     """runner.capture_cudagraphs' static buffers, bucket choice and padding rows (slot -1, context 1) give the
     plain decode step's logits and greedy tokens; the capture itself is the CPU stand-in above."""
     if backend == "cpu" and not cpu_ops.available():
         pytest.skip("janus_rt._C not built")
+    tiny = tiny_dev if backend == "triton" else tiny
     ids = prompt(tiny, 7, seed=n)
     runs, replays = [], []
     for graphs in (False, True):
@@ -234,13 +290,14 @@ def _eager_image_capture(fn, replays):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_multi_step_image_graphs_give_the_single_steps_tokens(tiny, backend):
+def test_multi_step_image_graphs_give_the_single_steps_tokens(tiny, tiny_dev, backend):
     """runner.capture_image_step_graphs (a GPU's whole decode steps, k per replay, tokens fed back on the device): two
     requests at once (n = 1 greedy, n = 2 sampled with top-k / top-p: 6 rows in bucket 8, one padding image) get
     the tokens the one-step-at-a-time engine gives them; the replays run while k steps fit, single steps finish the
     rest; a waiting request or too few tokens left falls back. The capture is the eager stand-in above."""
     if backend == "cpu" and not cpu_ops.available():
         pytest.skip("janus_rt._C not built")
+    tiny = tiny_dev if backend == "triton" else tiny
     a, b = prompt(tiny, 6, seed=1), prompt(tiny, 9, seed=2)
     steps, k = (11, 4) if backend == "cpu" else (7, 2)  # first token from the prefill; (steps - 1) // k replays
     runs, replays = [], []
@@ -269,7 +326,7 @@ def test_multi_step_image_graphs_give_the_single_steps_tokens(tiny, backend):
     assert replays == [] and eng.stats.decode_steps == k - 1
 
 
-def test_triton_decode_rotates_in_the_kv_store(tiny, monkeypatch):
+def test_triton_decode_rotates_in_the_kv_store(tiny_dev, monkeypatch):
     """On the triton backend a decode step runs RoPE and the KV store as one launch per layer (rope_kv_store);
     rope and kv_store themselves run only in the prefill."""
     import janus_rt.kernels as K
@@ -279,16 +336,16 @@ def test_triton_decode_rotates_in_the_kv_store(tiny, monkeypatch):
         real = getattr(K, name)
         monkeypatch.setattr(K, name, lambda *a, _r=real, _n=name, **kw: (calls.__setitem__(_n, calls[_n] + 1),
                                                                             _r(*a, **kw))[1])
-    ids = prompt(tiny, 9, seed=5)
-    eng = Engine.for_requests(tiny, [(len(ids), 2)], backend="triton")
+    ids = prompt(tiny_dev, 9, seed=5)
+    eng = Engine.for_requests(tiny_dev, [(len(ids), 2)], backend="triton")
     eng.add_image_request(ids, n=2, params=SamplingParams(greedy=True), num_tokens=4)
     eng.run()
-    layers = tiny.cfg.llm.num_layers
+    layers = tiny_dev.cfg.llm.num_layers
     assert eng.stats.decode_steps >= 3
     assert calls == {"rope": layers, "kv_store": layers, "rope_kv_store": eng.stats.decode_steps * layers}
 
 
-def test_triton_paged_attention_variants_give_the_same_tokens(tiny, monkeypatch):
+def test_triton_paged_attention_variants_give_the_same_tokens(tiny_dev, monkeypatch):
     """The engine on the triton backend (the GPU path's kernels, interpreted) with either paged decode attention
     kernel (ops.TRITON_PAGED_ATTENTION, JANUS_RT_PAGED_ATTENTION): the same greedy tokens, logits equal up to
     summation order."""
@@ -305,12 +362,12 @@ def test_triton_paged_attention_variants_give_the_same_tokens(tiny, monkeypatch)
     kernels = {name: Counted(k) for name, k in paged_attention._VARIANTS.items()}
     for name, k in kernels.items():
         monkeypatch.setitem(paged_attention._VARIANTS, name, k)
-    ids = prompt(tiny, 9, seed=5)
+    ids = prompt(tiny_dev, 9, seed=5)
     runs, launched = {}, {}
     for variant in ("block", "slots"):
         monkeypatch.setattr(ops, "TRITON_PAGED_ATTENTION", variant)
         before = {name: k.launches for name, k in kernels.items()}
-        eng = Engine.for_requests(tiny, [(len(ids), 2)], backend="triton")
+        eng = Engine.for_requests(tiny_dev, [(len(ids), 2)], backend="triton")
         eng.record_logits = True
         runs[variant] = eng.add_image_request(ids, n=2, params=SamplingParams(greedy=True), num_tokens=4)
         eng.run()
@@ -523,13 +580,16 @@ def test_cuda_graph_engine_matches_eager_on_gpu():
     padding (5 images: 10 rows in bucket 16) and a tail of single steps (19 steps: 2 replays of 8, then 3)."""
     model = Janus.from_preset("tiny", seed=3).to("cuda")
     a, b = prompt(model, 8, seed=1), prompt(model, 11, seed=2)
-    out = []
+    out, replays = [], []
     for graphs in (False, True):
         eng = Engine.for_requests(model, [(len(a), 3), (len(b), 2)], cuda_graphs=graphs)
         if graphs:
             assert eng.runner.graphs and 16 in eng.runner.image_graphs
+            real = eng.runner.image_steps
+            eng.runner.image_steps = lambda *a, **kw: replays.append(1) or real(*a, **kw)
         ra = eng.add_image_request(a, 3, SamplingParams(seed=5, top_k=50), num_tokens=20)
         rb = eng.add_image_request(b, 2, SamplingParams(greedy=True), num_tokens=20)
         eng.run()
         out.append((ra.tokens, rb.tokens, eng.stats.decode_steps))
     assert out[1] == out[0] and out[0][2] == 19
+    assert len(replays) == 2  # the multi-step graphs really ran (then 3 single steps)

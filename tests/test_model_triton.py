@@ -1,4 +1,5 @@
-"""The whole tiny model and the engine with the Triton backend (interpreter on CPU) equal the torch backend."""
+"""The whole tiny model and the engine with the Triton backend (interpreter on CPU; compiled kernels on a GPU, where
+the model is on the device) equal the torch backend."""
 import torch
 
 from janus_rt import Janus, ops
@@ -10,15 +11,16 @@ def rel(a, b):
 
 
 @torch.no_grad()
-def test_tiny_forward_triton_equals_torch():
-    m = Janus.from_preset("tiny", seed=2)
+def test_tiny_forward_triton_equals_torch(device):
+    m = Janus.from_preset("tiny", seed=2).to(device)
     cfg = m.cfg
     g = torch.Generator().manual_seed(0)
     n_img = cfg.vision.num_patches
     ids = torch.randint(0, 200, (1, 9), generator=g)
-    mm = torch.cat([ids[:, :3], torch.full((1, n_img), cfg.tokens.image_id), ids[:, 3:]], 1)
-    pixels = torch.rand(1, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g) * 2 - 1
-    tokens = torch.randint(0, cfg.vq.codebook_size, (1, cfg.num_image_tokens), generator=g)
+    mm = torch.cat([ids[:, :3], torch.full((1, n_img), cfg.tokens.image_id), ids[:, 3:]], 1).to(device)
+    pixels = (torch.rand(1, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g) * 2 - 1).to(device)
+    tokens = torch.randint(0, cfg.vq.codebook_size, (1, cfg.num_image_tokens), generator=g).to(device)
+    ids = ids.to(device)
     ref = (m.text_logits(mm, pixels), m.image_logits(ids, tokens), m.decode_image_tokens(tokens))
     with ops.use_backend("triton"):
         out = (m.text_logits(mm, pixels), m.image_logits(ids, tokens), m.decode_image_tokens(tokens))
@@ -26,8 +28,8 @@ def test_tiny_forward_triton_equals_torch():
         assert rel(o, r) <= 1e-4
 
 
-def test_engine_triton_equals_torch():
-    m = Janus.from_preset("tiny", seed=2)
+def test_engine_triton_equals_torch(device):
+    m = Janus.from_preset("tiny", seed=2).to(device)
     t = m.cfg.tokens
     ids = [t.bos_id] + list(range(20, 37)) + [t.boi_id]  # 19 tokens: the prompt's last block is partly filled
     out = {}

@@ -118,12 +118,12 @@ def test_packed_forward_equals_documents_alone(tiny, synthetic):
 
 
 # ---- Triton kernels (interpreter on CPU) vs the torch path ----------------------------------------------------------
-def test_triton_gradients_equal_torch(tiny, tmp_path):
+def test_triton_gradients_equal_torch(tiny, tmp_path, device):
     """Every gradient of the whole tiny model (stage 3: all but the VQ), one packed row holding one short
     document of each kind, fp32. Tolerance 1e-4 relative (max|a-b| / max|b| per tensor): the per-kernel
     fp32 bound of the kernels' own tests; the measured worst case here is ~1e-6."""
     _, tok = tiny
-    model = Janus.from_preset("tiny", seed=0)  # apply_stage changes it: not the shared one
+    model = Janus.from_preset("tiny", seed=0).to(device)  # apply_stage changes it: not the shared one
     img = tmp_path / "img.png"
     from PIL import Image
 
@@ -137,7 +137,7 @@ def test_triton_gradients_equal_torch(tiny, tmp_path):
     ds = dataset(tmp_path / "m.jsonl", model, tok, system_prompt="", cfg_drop=0.0)
     samples = [((i, i), ds.sample(i, i)) for i in range(3)]
     seq_len = sum(len(s) for _, s in samples) + 8  # + a padding segment
-    mb = prepare(collate([samples], seq_len, tok.pad_id), tok.image_id, tok.pad_id)
+    mb = prepare(collate([samples], seq_len, tok.pad_id), tok.image_id, tok.pad_id).to(device)
     assert all(c > 0 for c in mb.counts) and mb.pixel_values is not None
 
     trainable = apply_stage(model, 3)
@@ -148,7 +148,7 @@ def test_triton_gradients_equal_torch(tiny, tmp_path):
         model.zero_grad(set_to_none=True)
         with ops.use_backend(backend):
             sums = lm(mb)
-            (sums / torch.tensor(mb.counts)).sum().backward()
+            (sums / torch.tensor(mb.counts, device=sums.device)).sum().backward()
         grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert sorted(grads["torch"]) == sorted(grads["triton"]) == sorted(trainable)
     for name, want in grads["torch"].items():

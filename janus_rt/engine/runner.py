@@ -55,7 +55,11 @@ class ModelRunner:
         self.cpu_decoder = cpu_decode.CpuDecoder(model, cache, max_model_len) if supported else None
         self.fused_cpu_decode = supported
         self.image_graphs: dict[int, tuple] = {}
-        if cuda_graphs and self.device.type == "cuda":
+        if cuda_graphs and self.device.type == "cuda" and backend != "triton":
+            # the torch backend's reference ops read tensors on the host (nonzero, int(context_lens[b])), which a
+            # capture forbids
+            warnings.warn(f"cuda_graphs needs the triton backend, not {backend!r}: decoding without graphs")
+        elif cuda_graphs and self.device.type == "cuda":
             self.capture_cudagraphs()
             try:
                 self.capture_image_step_graphs()
@@ -255,7 +259,13 @@ class ModelRunner:
 
 
 def _cuda_graph_capture(fn):
-    fn()  # warm up (Triton compiles outside the capture)
+    # warm-up on a side stream, as torch's CUDA-graph notes ask: Triton compiles and cuBLAS sets up its handles and
+    # workspaces outside the capture (which runs on a stream of its own)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
