@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,13 +13,27 @@ import torch
 DEFAULT_MODEL = str(Path(__file__).parent / "assets" / "tiny-shapes")
 
 
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
 def resolve_dtype(name: str) -> torch.dtype:
-    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-            "fp16": torch.float16, "float16": torch.float16}[name]
+    return DTYPES[name]
 
 
-def load_model(spec: str | None, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
-    """A checkpoint folder or a preset name -> (model, tokenizer, description)."""
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default in --help, where the help text does not already say it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def load_model(spec: str | None, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
+               for_training: bool = False):
+    """A checkpoint folder or a preset name -> (model, tokenizer, description). for_training: a preset's random
+    weights are a starting point, not a warning."""
     from janus_rt import Janus
     from janus_rt.config import PRESETS
     from janus_rt.tokenizer import JanusTokenizer
@@ -38,18 +53,24 @@ def load_model(spec: str | None, device: str = "cpu", dtype: torch.dtype = torch
     if spec in PRESETS:
         model = Janus.from_preset(spec, seed=seed, device=device, dtype=dtype)
         tok = JanusTokenizer.byte_level(model.cfg.llm.vocab_size, model.cfg.tokens)
-        print(f"note: preset {spec!r} has RANDOM weights (seed {seed}): outputs are noise, not images or answers. "
-              f"Pass --model PATH to a Janus-Pro checkpoint for real results.", file=sys.stderr)
+        if for_training:
+            print(f"note: preset {spec!r}: training from random weights (seed {seed})", file=sys.stderr)
+        else:
+            print(f"note: preset {spec!r} has RANDOM weights (seed {seed}): outputs are noise, not images or "
+                  f"answers. Pass --model PATH to a Janus-Pro checkpoint for real results.", file=sys.stderr)
         return model, tok, f"preset {spec} (random weights)"
-    raise SystemExit(f"--model {spec!r}: neither a checkpoint folder nor a preset ({', '.join(PRESETS)})")
+    if Path(spec).exists():
+        raise SystemExit(f"--model {spec!r}: a file, not a checkpoint folder or a preset ({', '.join(PRESETS)})")
+    raise SystemExit(f"--model {spec!r}: no such folder, and not a preset ({', '.join(PRESETS)})")
 
 
 def _common(p):
     p.add_argument("--model", default=None, help="checkpoint folder or preset (default: the embedded tiny-shapes model)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size (default: sized to the job)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="default: bf16 on a GPU, fp32 on the CPU (fp16: GPU only)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (and a preset's random weights)")
+    p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size in GiB (default: sized to the job)")
 
 
 def _dtype(args):
@@ -72,6 +93,25 @@ def _check_args(args, *checks) -> None:
             raise SystemExit(f"janus-rt {args.cmd}: {msg}")
 
 
+def _common_checks(args):
+    """The checks of _common's flags (generate, understand)."""
+    cuda = str(args.device).startswith("cuda")
+    return [(not cuda or torch.cuda.is_available(), f"--device {args.device}: this torch has no CUDA device"),
+            (cuda or _dtype(args) != torch.float16, "--dtype fp16 needs a GPU; on the CPU use fp32 or bf16"),
+            (args.kv_cache_gb is None or args.kv_cache_gb > 0, f"--kv-cache-gb must be > 0, got {args.kv_cache_gb}")]
+
+
+def _writable_dir(path: str) -> str | None:
+    """Create `path` (a folder) now, before any work; the reason it cannot be, else None."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"--out {path!r}: cannot create it ({e.strerror or e})"
+    if not os.access(path, os.W_OK):
+        return f"--out {path!r}: not writable"
+    return None
+
+
 def cmd_generate(args):
     from janus_rt.engine import Engine
     from janus_rt.processing import encode_generation_prompt, generate_images
@@ -80,8 +120,18 @@ def cmd_generate(args):
                 (args.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}"),
                 (args.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {args.top_k}"),
                 (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+                (all(p.strip() for p in args.prompt or ["x"]), "--prompt is empty"),
                 (not Path(args.out).exists() or Path(args.out).is_dir(),
-                 f"--out {args.out!r} is a file, not a folder"))
+                 f"--out {args.out!r} is a file, not a folder"), *_common_checks(args))
+    _check_args(args, (True, ""), ((err := _writable_dir(args.out)) is None, err))  # before minutes of work
+    stale = sorted(Path(args.out).glob("img_*_*.png"))
+    if stale:
+        print(f"note: {args.out}/ already holds {len(stale)} img_*.png; this run overwrites those it writes and "
+              f"grid.png shows only this run's", file=sys.stderr)
+    if args.cfg < 0:
+        print(f"note: --cfg {args.cfg} < 0 pushes the images away from the prompt", file=sys.stderr)
+    if args.cuda_graphs and not str(args.device).startswith("cuda"):
+        print("note: --cuda-graphs has no effect on the CPU", file=sys.stderr)
     if args.temperature == 0:
         args.greedy = True
     model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)
@@ -113,14 +163,15 @@ def cmd_understand(args):
 
     _check_args(args, (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
                 (args.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}"),
-                (args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"))
+                (args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+                (args.question.strip(), "--question is empty"), *_common_checks(args))
     images = []
     for path in args.image:  # before loading the model: a wrong path fails at once, with its name
         try:
             with Image.open(path) as im:
                 images.append(im.convert("RGB"))
         except OSError as e:  # missing file, or not an image PIL can read
-            raise SystemExit(f"--image {path!r}: {e}") from None
+            raise SystemExit(f"janus-rt understand: --image {path!r}: {e}") from None
     model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)
     _pack_in_place(model)  # only where the engine's copy would not fit: torch's matmul is ~3 % faster for prefills
     pixels = torch.stack([preprocess_image(im, model.cfg.vision.image_size) for im in images]).to(model.device)
@@ -146,13 +197,17 @@ def cmd_understand(args):
 def cmd_convert(args):
     from janus_rt.loading import convert
 
+    if not Path(args.src).is_dir():
+        raise SystemExit(f"janus-rt convert: {args.src!r} is not a checkpoint folder")
     dst = convert(args.src, args.dst, dtype=resolve_dtype(args.dtype))
-    print(f"wrote {dst}")
+    print(f"wrote {dst} ({args.dtype}; janus_rt's layout: config.json + model.safetensors)")
 
 
 def cmd_verify(args):
     from janus_rt.verify import verify
 
+    if not (Path(args.model_dir) / "config.json").is_file():
+        raise SystemExit(f"janus-rt verify: {args.model_dir!r} is not a checkpoint folder (no config.json)")
     ok = verify(args.model_dir, dtype=resolve_dtype(args.dtype), device=args.device)
     sys.exit(0 if ok else 1)
 
@@ -167,45 +222,58 @@ def cmd_bench(args):
     bench_main(args)
 
 
+# What a user's mistake raises (a missing or broken checkpoint, a bad value, a file that cannot be read or written, a
+# KV pool too small): said in one line; JANUS_RT_DEBUG=1 shows the traceback.
+def _user_errors():
+    from janus_rt.loading import CheckpointError
+
+    return (CheckpointError, ValueError, OSError)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="janus-rt", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    formatter = _HelpFormatter
 
-    g = sub.add_parser("generate", help="text-to-image: PNGs + a grid, tokens/s and ms/step")
+    g = sub.add_parser("generate", help="text-to-image: PNGs + a grid, tokens/s and ms/step", formatter_class=formatter)
     _common(g)
-    g.add_argument("--prompt", action="append", help="repeat for several prompts (batched together)")
+    g.add_argument("--prompt", action="append",
+                   help="repeat for several prompts (batched together); none: 'a red circle on a blue background'")
     g.add_argument("-n", type=int, default=4, help="images per prompt")
     g.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight")
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--greedy", action="store_true")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest image tokens only (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of mass p (1 = off)")
+    g.add_argument("--greedy", action="store_true", help="argmax of the guided logits (as --temperature 0)")
     g.add_argument("--cuda-graphs", action="store_true", help="capture the decode step (CUDA only)")
-    g.add_argument("--out", default="out")
+    g.add_argument("--out", default="out", help="folder for img_PP_NN.png and grid.png")
     g.set_defaults(fn=cmd_generate)
 
-    u = sub.add_parser("understand", help="image(s) + question -> answer")
+    u = sub.add_parser("understand", help="image(s) + question -> answer", formatter_class=formatter)
     _common(u)
-    u.add_argument("--image", action="append", required=True)
+    u.add_argument("--image", action="append", required=True, help="repeat for several images")
     u.add_argument("--question", required=True)
     u.add_argument("--max-new-tokens", type=int, default=128)
     u.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     u.add_argument("--top-p", type=float, default=None)
     u.set_defaults(fn=cmd_understand)
 
-    c = sub.add_parser("convert", help="any supported layout -> janus_rt's safetensors layout")
-    c.add_argument("src")
-    c.add_argument("dst")
-    c.add_argument("--dtype", default="bf16")
+    c = sub.add_parser("convert", help="any supported layout -> janus_rt's safetensors layout",
+                       formatter_class=formatter)
+    c.add_argument("src", help="checkpoint folder (transformers', DeepSeek's or janus_rt's layout)")
+    c.add_argument("dst", help="output folder")
+    c.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="dtype of the written weights")
     c.set_defaults(fn=cmd_convert)
 
-    v = sub.add_parser("verify", help="janus_rt vs transformers' Janus on fixed inputs: per-path errors")
+    v = sub.add_parser("verify", help="janus_rt vs transformers' Janus on fixed inputs: per-path errors",
+                       formatter_class=formatter)
     v.add_argument("model_dir")
-    v.add_argument("--dtype", default="fp32")
-    v.add_argument("--device", default="cpu")
+    v.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    v.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     v.set_defaults(fn=cmd_verify)
 
-    b = sub.add_parser("bench", help="generation benchmark: janus_rt vs transformers' generate")
+    b = sub.add_parser("bench", help="generation benchmark: janus_rt vs transformers' generate",
+                       formatter_class=formatter)
     from janus_rt.engine.benchmark import add_bench_args
 
     add_bench_args(b)
@@ -221,7 +289,12 @@ def main(argv=None):
         pass
 
     args = ap.parse_args(argv)
-    args.fn(args)
+    try:
+        args.fn(args)
+    except _user_errors() as e:
+        if os.environ.get("JANUS_RT_DEBUG") == "1":
+            raise
+        raise SystemExit(f"janus-rt {args.cmd}: {type(e).__name__}: {e} (JANUS_RT_DEBUG=1 for the traceback)") from None
 
 
 if __name__ == "__main__":

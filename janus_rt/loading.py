@@ -271,7 +271,7 @@ def load_janus(path, device="cpu", dtype=torch.float32):
     if missing:
         raise MissingKeysError(f"{path}: no (or incomplete) data for {missing[:10]}"
                                f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all)")
-    return model.eval()
+    return model.eval().requires_grad_(False)  # inference; training unfreezes what it trains (apply_stage)
 
 
 def save_janus(model, out_dir) -> Path:
@@ -288,6 +288,9 @@ def save_janus(model, out_dir) -> Path:
         sd.pop("lm_head.weight", None)
     tmp = out / "model.safetensors.tmp"
     save_file(sd, str(tmp), metadata={"format": "pt", "producer": "janus_rt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; as any other file the user writes
     os.replace(tmp, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
     return out

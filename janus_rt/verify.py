@@ -138,8 +138,13 @@ def compare(ours, ref, seed: int = 0) -> dict[str, float]:
     z = vq.quant_conv(vq.encoder(vq_pixels)).float()
     z = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), dim=-1)
     e = F.normalize(vq.quantize.embedding.weight.float(), dim=-1)
-    want = (z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z @ e.t()).argmin(1)
-    out["encode_images (mismatch fraction)"] = (ours.encode_images(vq_pixels).flatten() != want).float().mean().item()
+    d = z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z @ e.t()  # [tokens, codes] squared distances
+    want = d.argmin(1)
+    got = ours.encode_images(vq_pixels).flatten()
+    out["encode_images (mismatch fraction)"] = (got != want).float().mean().item()
+    # how much farther (in the reference's own squared distances of unit vectors, 0..4) our codes are than its best:
+    # 0 where they agree; a near-tie that reduced precision decides otherwise costs little, a wrong code O(0.1-1)
+    out["encode_images (distance excess)"] = (d.gather(1, got[:, None]) - d.gather(1, want[:, None])).max().item()
     return out
 
 
@@ -172,7 +177,11 @@ def verify(model_dir, dtype=torch.float32, device="cpu") -> bool:
     ok = True
     print(f"\n{'path':<36} {'error':>12}  tolerance")
     for k, e in errs.items():
-        limit = 0.0 if k.startswith("encode") and dtype == torch.float32 else (0.01 if k.startswith("encode") else tol)
+        if k == "encode_images (mismatch fraction)" and dtype != torch.float32:
+            # in reduced precision near-ties may fall either way: judged by the distance excess below
+            print(f"{k:<36} {e:>12.3e}  {'-':>5}  (near-ties: see the distance excess)")
+            continue
+        limit = 0.0 if k.startswith("encode") and dtype == torch.float32 else tol
         good = e <= limit
         ok &= good
         print(f"{k:<36} {e:>12.3e}  {limit:.0e}  {'ok' if good else 'FAIL'}")

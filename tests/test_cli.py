@@ -49,14 +49,20 @@ def test_understand(tmp_path, capsys):
 def test_understand_honours_kv_cache_gb(tmp_path):
     """--kv-cache-gb sizes understand's KV cache as it does generate's: too small to hold a block is refused."""
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
-    with pytest.raises(ValueError, match="holds no block"):
+    with pytest.raises(SystemExit, match="janus-rt understand: ValueError: .*holds no block"):
         main(["understand", "--model", "tiny", "--image", str(tmp_path / "x.png"), "--question", "?",
               "--kv-cache-gb", "1e-9"])
+    with pytest.raises(SystemExit, match="janus-rt understand: ValueError: a KV cache of .* does not fit"):
+        main(["understand", "--model", "tiny", "--image", str(tmp_path / "x.png"), "--question", "?",
+              "--kv-cache-gb", "1e6"])
 
 
 @pytest.mark.parametrize("flags,message", [(["-n", "0"], "-n must be >= 1"), (["--top-p", "1.5"], "--top-p must be"),
                                            (["--top-k", "-1"], "--top-k must be"),
-                                           (["--temperature", "-1"], "--temperature must be")])
+                                           (["--temperature", "-1"], "--temperature must be"),
+                                           (["--kv-cache-gb", "0"], "--kv-cache-gb must be > 0"),
+                                           (["--device", "cpu", "--dtype", "fp16"], "--dtype fp16 needs a GPU"),
+                                           (["--prompt", " "], "--prompt is empty")])
 def test_generate_bad_flags_are_clear_errors(tmp_path, flags, message):
     with pytest.raises(SystemExit, match="janus-rt generate: " + message):
         main(["generate", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "o")] + flags)
@@ -74,6 +80,29 @@ def test_generate_out_that_is_a_file_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match="is a file, not a folder"):
         main(["generate", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "file")])
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    """A user's mistake that surfaces past the flag checks (a folder that is no checkpoint, an output folder that
+    cannot be made, a KV pool too small for the request) ends in one `janus-rt CMD: ...` line, not a traceback;
+    and an unwritable --out is found before the model loads and generates."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("")
+    cases = [
+        (["generate", "--model", str(tmp_path / "empty")], "janus-rt generate: CheckpointError: .*no config.json"),
+        (["generate", "--model", str(tmp_path / "nowhere")], "no such folder, and not a preset"),
+        (["generate", "--model", "tiny", "-n", "4", "--kv-cache-gb", "1e-4"],
+         r"janus-rt generate: ValueError: request \d+ needs up to \d+ KV blocks \(.* GiB\)"),
+        (["convert", str(tmp_path / "nowhere"), str(tmp_path / "c")], "janus-rt convert: .* is not a checkpoint"),
+        (["verify", str(tmp_path / "empty")], "janus-rt verify: .* is not a checkpoint folder"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            main(argv)
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="--out .*: cannot create it"):
+        main(["generate", "--model", "tiny", "--out", str(tmp_path / "file" / "sub")])
+    assert "RANDOM weights" not in capsys.readouterr().err  # refused before the model loaded
 
 
 def test_generate_temperature_zero_is_greedy(tmp_path):
@@ -130,6 +159,21 @@ def test_verify_transformers_layout_and_that_it_can_fail(tmp_path, capsys, monke
     real = ops.rms_norm_torch
     monkeypatch.setattr(ops, "rms_norm_torch", lambda x, w, eps: real(x, w, 0.3))
     assert not verify(path)
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_verify_in_bf16_judges_codes_by_distance(capsys, monkeypatch):
+    """In bf16 the VQ encoder's near-ties may pick another code than the fp32 reference (the embedded model: 1 of 64,
+    0.0009 farther): verify passes on the distance excess; codes that are really wrong fail it."""
+    pytest.importorskip("transformers")
+    from janus_rt.cli import DEFAULT_MODEL
+    from janus_rt.verify import verify
+
+    assert verify(DEFAULT_MODEL, dtype=torch.bfloat16)
+    assert "distance excess" in capsys.readouterr().out
+    real = Janus.encode_images
+    monkeypatch.setattr(Janus, "encode_images", lambda self, x: (real(self, x) + 1) % self.cfg.vq.codebook_size)
+    assert not verify(DEFAULT_MODEL, dtype=torch.bfloat16)
     assert "FAIL" in capsys.readouterr().out
 
 

@@ -163,3 +163,16 @@ def test_missing_shard(tmp_path):
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
     with pytest.raises(CheckpointError, match="model-00001-of-00002.safetensors"):
         Janus.from_pretrained(d)
+
+
+def test_models_come_frozen_for_inference(tiny, saved):
+    """from_preset and from_pretrained give eval-mode models with no parameter requiring a gradient, so inference
+    calls build no autograd graph (at 7B that graph would hold every activation); training unfreezes what it
+    trains."""
+    from janus_rt.train.stages import apply_stage
+
+    loaded = Janus.from_pretrained(saved)
+    for m in (tiny, loaded):
+        assert not m.training and not any(p.requires_grad for p in m.parameters())
+        assert not m.text_logits(torch.tensor([[1, 2, 3]])).requires_grad
+    assert apply_stage(loaded, 3) and any(p.requires_grad for p in loaded.parameters())

@@ -207,8 +207,13 @@ def test_resume_is_bit_exact(synthetic, tmp_path):
     # "interrupted" after step 3: a run folder holding only the step-3 checkpoint
     b = fresh_run(synthetic, tmp_path, "b")
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step_0000003", b / "checkpoints" / "step_0000003")
+    shutil.copy(tmp_path / "a" / "log.jsonl", b / "log.jsonl")  # the log went on past the checkpoint (to step 6)
     resumed = train(TrainConfig(out=str(b), resume=True, **cfg))
     assert [r["step"] for r in resumed] == [4, 5, 6]
+    assert [json.loads(x)["step"] for x in (b / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    # a fresh run into a folder with checkpoints would overwrite them: refused before anything loads
+    with pytest.raises(ValueError, match="holds an earlier run's checkpoints .*--resume"):
+        train(TrainConfig(out=str(b), **cfg))
     keys = ("loss", "loss_t2i", "loss_und", "loss_text", "grad_norm", "lr")
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in full[3:]]
     wa = load_file(str(tmp_path / "a" / "checkpoints" / "step_0000006" / "model.safetensors"))
@@ -247,6 +252,7 @@ def test_stage_freezes_exactly(stage, synthetic, tmp_path):
 
 def test_killed_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     model = Janus.from_preset("tiny", seed=0)
+    apply_stage(model, 3)  # (models come frozen)
     lm = PackedLM(model)
     opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-3)
     extra = {"data": None, "rng": [checkpoint.rng_state()], "world_size": 1}

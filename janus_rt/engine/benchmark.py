@@ -235,16 +235,20 @@ def main(args):
         run_bw.append(max(before, measure_bandwidth_gbs(device)))
         return out
 
-    for _ in range(args.repeats):  # alternate so drift hits both alike
+    for i in range(args.repeats):  # alternate so drift hits both alike
         ours.append(ours_probed()[:2])
+        said = f"# run {i + 1}/{args.repeats}: janus_rt {ours[-1][0]:.2f} s ({ours[-1][1]:.2f} ms/step)"
         if ref is not None:
             reset_peak_memory(device)
             got = theirs_run(args.tokens)
             if got is None:
                 theirs = []
+                print(said, flush=True)
                 continue
             theirs.append(got)
             hf_peak = peak_memory_gb(device)
+            said += f", transformers {got[0]:.2f} s ({got[1]:.2f} ms/step)"
+        print(said, flush=True)
     # peak memory: one more run of ours with nothing else in its window (no bandwidth probe), not in the timings;
     # like transformers' above, a process peak (both implementations' weights are held throughout)
     reset_peak_memory(device)

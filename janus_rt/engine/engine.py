@@ -81,7 +81,7 @@ class Engine:
         req = Request(ids, params or SamplingParams(), kind="image", n=n,
                       max_new_tokens=num_tokens or self.model.cfg.num_image_tokens,
                       uncond_ids=unconditional_ids(ids, tok.pad_id).tolist())
-        self.scheduler.add(req)
+        self._admit(req)
         return req
 
     def add_text_request(self, prompt_ids, pixel_values=None, max_new_tokens: int = 256,
@@ -89,8 +89,17 @@ class Engine:
         ids = [int(i) for i in torch.as_tensor(prompt_ids).flatten().tolist()]
         req = Request(ids, params or SamplingParams(greedy=True), kind="text", max_new_tokens=max_new_tokens,
                       pixel_values=pixel_values, eos_id=self.model.cfg.tokens.eos_id)
-        self.scheduler.add(req)
+        self._admit(req)
         return req
+
+    def _admit(self, req: Request) -> None:
+        need, have = self.scheduler.worst_case_blocks(req), self.bm.num_blocks
+        if need > have:  # (the scheduler refuses it too; this says it in memory)
+            gib = lambda blocks: blocks * self.cache.bytes_per_block / 2**30
+            raise ValueError(f"request {req.req_id} needs up to {need} KV blocks ({gib(need):.3g} GiB) but the cache "
+                             f"has {have} ({gib(have):.3g} GiB): give the cache more memory (--kv-cache-gb) or "
+                             f"lower n")
+        self.scheduler.add(req)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -360,8 +369,8 @@ class Engine:
         if progress:
             from tqdm import tqdm
 
-            total = sum(r.max_new_tokens for r in self.scheduler.waiting) + sum(
-                r.max_new_tokens - r.step for r in self.scheduler.running)
+            total = sum(r.max_new_tokens * self._tokens_per_step(r) for r in self.scheduler.waiting) + sum(
+                (r.max_new_tokens - r.step) * self._tokens_per_step(r) for r in self.scheduler.running)
             bar = tqdm(total=total, desc=desc, unit="tok")
         done = {}
         while self.has_work():
@@ -374,6 +383,10 @@ class Engine:
             bar.close()
         return done
 
+    @staticmethod
+    def _tokens_per_step(r: Request) -> int:
+        return r.n if r.kind == "image" else 1  # an image request samples one token per image a step
+
     def _progress(self) -> int:
-        """Tokens sampled so far, summed over requests (an image request counts one per step)."""
-        return sum(r.step for r in self.scheduler.running) + sum(r.step for r in self.finished.values())
+        """Tokens sampled so far, summed over requests (as the reported tokens/s counts them)."""
+        return sum(r.step * self._tokens_per_step(r) for r in (*self.scheduler.running, *self.finished.values()))

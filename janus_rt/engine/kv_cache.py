@@ -142,6 +142,15 @@ class KVCache:
             if max_num_blocks < 1:
                 raise ValueError(f"max_num_blocks must be >= 1, got {max_num_blocks}")
             num_blocks = min(num_blocks, max_num_blocks)
+        if memory_fraction is None:  # a budget asked for: said plainly where it cannot fit, not by the allocator
+            nbytes = num_blocks * cls.block_bytes(num_layers, block_size, num_heads, head_dim, dtype)
+            try:
+                free = available_memory(device)
+            except (RuntimeError, ValueError):
+                free = None
+            if free is not None and nbytes > free:
+                raise ValueError(f"a KV cache of {nbytes / 2**30:.3g} GiB does not fit: {free / 2**30:.3g} GiB "
+                                 f"available on {device}")
         return cls(num_layers, num_blocks, block_size, num_heads, head_dim, dtype, device)
 
     @staticmethod

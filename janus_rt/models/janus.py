@@ -37,7 +37,9 @@ class Janus(nn.Module):
     # ---- construction ---------------------------------------------------------------------------------------
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, device="cpu", dtype=torch.float32) -> "Janus":
-        """Random weights at a preset's shapes (`tiny`, `janus-pro-1b`, `janus-pro-7b`)."""
+        """Random weights at a preset's shapes (`tiny`, `janus-pro-1b`, `janus-pro-7b`). Like from_config and
+        from_pretrained, in eval mode with every parameter frozen (no autograd graph behind inference calls):
+        training sets requires_grad on what it trains (train.stages.apply_stage, or requires_grad_(True))."""
         return cls.from_config(preset(name), seed=seed, device=device, dtype=dtype)
 
     @classmethod
@@ -48,7 +50,7 @@ class Janus(nn.Module):
         # tensor's random values are made in fp32 and rounded once, the same values as materialising in fp32
         m = m.to(dtype=dtype).to_empty(device=device).tie_weights_()
         m.init_random_(seed)
-        return m.eval()
+        return m.eval().requires_grad_(False)
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "Janus":

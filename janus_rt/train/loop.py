@@ -76,8 +76,27 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - min_lr)
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """ValueError for a config that cannot run, before anything loads; and for a fresh run into a folder that holds
+    an earlier run's checkpoints (which it would overwrite and whose log it would extend)."""
+    if (cfg.synthetic > 0) == bool(cfg.data):
+        raise ValueError("give a manifest (--data) or --synthetic N, not both" if cfg.data else
+                         "give a manifest (--data) or --synthetic N")
+    if cfg.data and not Path(cfg.data).is_file():
+        raise ValueError(f"--data {cfg.data!r}: no such file")
+    for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if not cfg.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    if not cfg.resume and (ck := checkpoint.latest(cfg.out)) is not None:
+        raise ValueError(f"{cfg.out} holds an earlier run's checkpoints ({ck.name}): pass --resume to continue it, or "
+                         f"give another --out")
+
+
 def train(cfg: TrainConfig) -> list[dict]:
     """Run (or resume) training; returns the per-step log records (the same on every rank)."""
+    check_config(cfg)
     # ---- distributed and device -------------------------------------------------------------------------------
     own_group = False
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -105,7 +124,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     # ---- model, stage, data -----------------------------------------------------------------------------------
     from janus_rt.cli import load_model  # the CLI's loader: checkpoint folder or preset, plus its tokenizer
 
-    model, tok, _ = load_model(cfg.model, device=str(device), dtype=torch.float32, seed=cfg.seed)
+    model, tok, _ = load_model(cfg.model, device=str(device), dtype=torch.float32, seed=cfg.seed, for_training=True)
     trainable = apply_stage(model, cfg.stage)
     manifest = _manifest(cfg, model, rank, barrier)
     ds = None
@@ -162,7 +181,15 @@ def train(cfg: TrainConfig) -> list[dict]:
 
     logs = []
     batches = prefetch(sampler)  # builds micro-batches in a background thread while this one computes
-    log_file = open(out / "log.jsonl", "a") if rank == 0 else None
+    # a fresh run starts the log; a resumed one keeps the lines up to its checkpoint's step and goes on from there
+    log_file = None
+    if rank == 0:
+        log_path = out / "log.jsonl"
+        kept = []
+        if ckpt is not None and log_path.exists():
+            kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        log_file = open(log_path, "w")
+        log_file.writelines(ln + "\n" for ln in kept)
     bar = tqdm(total=cfg.steps, initial=step, dynamic_ncols=True,
                disable=True if rank != 0 or not cfg.progress else None)  # None: off when not a terminal
     n_micro = world * cfg.grad_accum

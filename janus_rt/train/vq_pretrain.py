@@ -127,6 +127,7 @@ def pretrain_vq(model_or_vq, data, steps: int = 800, batch_size: int = 16, lr: f
     codes_used (distinct codes over that batch), restarts (codes re-seeded), seconds, color_match_{recon,orig}.
     """
     vq = _as_vq(model_or_vq)
+    vq.requires_grad_(True)  # loaded models come frozen
     s = vq.cfg.image_size
     pixels = load_images(data, s)[0] if isinstance(data, (str, Path)) else data
     if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, s, s):
