@@ -123,7 +123,8 @@ def cmd_generate(args):
                 (all(p.strip() for p in args.prompt or ["x"]), "--prompt is empty"),
                 (not Path(args.out).exists() or Path(args.out).is_dir(),
                  f"--out {args.out!r} is a file, not a folder"), *_common_checks(args))
-    _check_args(args, (True, ""), ((err := _writable_dir(args.out)) is None, err))  # before minutes of work
+    if err := _writable_dir(args.out):  # before minutes of work
+        raise SystemExit(f"janus-rt generate: {err}")
     stale = sorted(Path(args.out).glob("img_*_*.png"))
     if stale:
         print(f"note: {args.out}/ already holds {len(stale)} img_*.png; this run overwrites those it writes and "

@@ -56,7 +56,7 @@ class Engine:
             budget_bytes=None if kv_cache_gb is None else int(kv_cache_gb * 2**30),
             memory_fraction=memory_fraction if kv_cache_gb is None else None, max_num_blocks=max_num_blocks)
         self.bm = BlockManager(self.cache.num_blocks, block_size)
-        self.scheduler = Scheduler(self.bm, max_num_rows)
+        self.scheduler = Scheduler(self.bm, max_num_rows, block_bytes=self.cache.bytes_per_block)
         self.runner = ModelRunner(model, self.cache, self.backend, cuda_graphs=cuda_graphs)
         self.stats = EngineStats()
         self.finished: dict[int, Request] = {}
@@ -81,7 +81,7 @@ class Engine:
         req = Request(ids, params or SamplingParams(), kind="image", n=n,
                       max_new_tokens=num_tokens or self.model.cfg.num_image_tokens,
                       uncond_ids=unconditional_ids(ids, tok.pad_id).tolist())
-        self._admit(req)
+        self.scheduler.add(req)
         return req
 
     def add_text_request(self, prompt_ids, pixel_values=None, max_new_tokens: int = 256,
@@ -89,17 +89,8 @@ class Engine:
         ids = [int(i) for i in torch.as_tensor(prompt_ids).flatten().tolist()]
         req = Request(ids, params or SamplingParams(greedy=True), kind="text", max_new_tokens=max_new_tokens,
                       pixel_values=pixel_values, eos_id=self.model.cfg.tokens.eos_id)
-        self._admit(req)
-        return req
-
-    def _admit(self, req: Request) -> None:
-        need, have = self.scheduler.worst_case_blocks(req), self.bm.num_blocks
-        if need > have:  # (the scheduler refuses it too; this says it in memory)
-            gib = lambda blocks: blocks * self.cache.bytes_per_block / 2**30
-            raise ValueError(f"request {req.req_id} needs up to {need} KV blocks ({gib(need):.3g} GiB) but the cache "
-                             f"has {have} ({gib(have):.3g} GiB): give the cache more memory (--kv-cache-gb) or "
-                             f"lower n")
         self.scheduler.add(req)
+        return req
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

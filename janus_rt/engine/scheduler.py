@@ -9,17 +9,20 @@ from janus_rt.engine.request import Request
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_rows: int = 256):
+    def __init__(self, block_manager: BlockManager, max_num_rows: int = 256, block_bytes: int | None = None):
         self.bm = block_manager
         self.max_num_rows = max_num_rows
+        self.block_bytes = block_bytes  # the KV pool's bytes per block, for messages only
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
 
     def add(self, req: Request) -> None:
-        if self.worst_case_blocks(req) > self.bm.num_blocks:
-            raise ValueError(f"request {req.req_id} needs up to {self.worst_case_blocks(req)} KV blocks but the cache has "
-                             f"{self.bm.num_blocks}: give the cache more memory (--kv-cache-gb) or lower n")
+        need, have = self.worst_case_blocks(req), self.bm.num_blocks
+        if need > have:
+            gib = lambda blocks: f" ({blocks * self.block_bytes / 2**30:.3g} GiB)" if self.block_bytes else ""
+            raise ValueError(f"request {req.req_id} needs up to {need} KV blocks{gib(need)} but the cache has "
+                             f"{have}{gib(have)}: give the cache more memory (--kv-cache-gb) or lower n")
         if req.num_rows > self.max_num_rows:
             raise ValueError(f"request {req.req_id} has {req.num_rows} rows > max_num_rows {self.max_num_rows}")
         self.waiting.append(req)
