@@ -60,8 +60,8 @@ def load_model(spec: str | None, device: str = "cpu", dtype: torch.dtype = torch
                   f"answers. Pass --model PATH to a Janus-Pro checkpoint for real results.", file=sys.stderr)
         return model, tok, f"preset {spec} (random weights)"
     if Path(spec).exists():
-        raise SystemExit(f"--model {spec!r}: a file, not a checkpoint folder or a preset ({', '.join(PRESETS)})")
-    raise SystemExit(f"--model {spec!r}: no such folder, and not a preset ({', '.join(PRESETS)})")
+        raise ValueError(f"--model {spec!r}: a file, not a checkpoint folder or a preset ({', '.join(PRESETS)})")
+    raise ValueError(f"--model {spec!r}: no such folder, and not a preset ({', '.join(PRESETS)})")
 
 
 def _common(p):
@@ -253,10 +253,10 @@ def main(argv=None):
     u = sub.add_parser("understand", help="image(s) + question -> answer", formatter_class=formatter)
     _common(u)
     u.add_argument("--image", action="append", required=True, help="repeat for several images")
-    u.add_argument("--question", required=True)
-    u.add_argument("--max-new-tokens", type=int, default=128)
+    u.add_argument("--question", required=True, help="asked about the image(s) in the official prompt template")
+    u.add_argument("--max-new-tokens", type=int, default=128, help="answer length at most (stops at EOS)")
     u.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    u.add_argument("--top-p", type=float, default=None)
+    u.add_argument("--top-p", type=float, default=None, help="nucleus sampling (with --temperature > 0)")
     u.set_defaults(fn=cmd_understand)
 
     c = sub.add_parser("convert", help="any supported layout -> janus_rt's safetensors layout",
@@ -268,8 +268,8 @@ def main(argv=None):
 
     v = sub.add_parser("verify", help="janus_rt vs transformers' Janus on fixed inputs: per-path errors",
                        formatter_class=formatter)
-    v.add_argument("model_dir")
-    v.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    v.add_argument("model_dir", help="checkpoint folder (any supported layout)")
+    v.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of both models")
     v.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     v.set_defaults(fn=cmd_verify)
 
@@ -283,7 +283,8 @@ def main(argv=None):
     try:
         from janus_rt.train.cli import add_train_args, run_train
 
-        t = sub.add_parser("train", help="train Janus (stages 1-3) on a JSONL manifest or the synthetic set")
+        t = sub.add_parser("train", help="train Janus (stages 1-3) on a JSONL manifest or the synthetic set",
+                           formatter_class=formatter)
         add_train_args(t)
         t.set_defaults(fn=run_train)
     except ImportError:  # the training extra is optional
@@ -295,7 +296,7 @@ def main(argv=None):
     except _user_errors() as e:
         if os.environ.get("JANUS_RT_DEBUG") == "1":
             raise
-        raise SystemExit(f"janus-rt {args.cmd}: {type(e).__name__}: {e} (JANUS_RT_DEBUG=1 for the traceback)") from None
+        raise SystemExit(f"janus-rt {args.cmd}: {e} (JANUS_RT_DEBUG=1 for the traceback)") from None
 
 
 if __name__ == "__main__":

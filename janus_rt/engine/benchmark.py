@@ -28,8 +28,9 @@ def add_bench_args(p):
     p.add_argument("--shape", default="small", choices=sorted(SHAPES), help="LLM shape with random weights")
     p.add_argument("-n", type=int, default=None, help="images per prompt (default: the shape's)")
     p.add_argument("--tokens", type=int, default=576, help="image tokens per image (576 = a full image)")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="default: the shape's (small: fp32; 1b, 7b: bf16)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--repeats", type=int, default=2, help="alternating runs of each implementation")
     p.add_argument("--warmup-tokens", type=int, default=16, metavar="W",
                    help="first an untimed run of each implementation at W tokens per image (Triton's compiles, "
