@@ -274,6 +274,13 @@ def load_janus(path, device="cpu", dtype=torch.float32):
     return model.eval().requires_grad_(False)  # inference; training unfreezes what it trains (apply_stage)
 
 
+def readable_as_umask(path) -> None:
+    """safetensors writes its files 0600; give one the mode any other file the user writes gets (0666 & ~umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_janus(model, out_dir) -> Path:
     """Write janus_rt's own layout: config.json (janus_rt_config) + model.safetensors."""
     from safetensors.torch import save_file
@@ -288,9 +295,7 @@ def save_janus(model, out_dir) -> Path:
         sd.pop("lm_head.weight", None)
     tmp = out / "model.safetensors.tmp"
     save_file(sd, str(tmp), metadata={"format": "pt", "producer": "janus_rt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; as any other file the user writes
+    readable_as_umask(tmp)
     os.replace(tmp, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
     return out

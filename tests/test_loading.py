@@ -176,3 +176,15 @@ def test_models_come_frozen_for_inference(tiny, saved):
         assert not m.training and not any(p.requires_grad for p in m.parameters())
         assert not m.text_logits(torch.tensor([[1, 2, 3]])).requires_grad
     assert apply_stage(loaded, 3) and any(p.requires_grad for p in loaded.parameters())
+
+
+def test_saved_weights_get_the_users_file_mode(tiny, tmp_path):
+    """safetensors writes 0600; save_janus gives model.safetensors what any new file of the user's gets."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        out = save_janus(tiny, tmp_path / "ck")
+    finally:
+        os.umask(umask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644

@@ -30,6 +30,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from janus_rt.loading import readable_as_umask
+
 _DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d+)$")
 _PREFIX = "model."  # PackedLM holds the Janus model as `.model`
@@ -117,6 +119,8 @@ def save(out: str | Path, step: int, module: torch.nn.Module, optimizer: torch.o
             else:
                 scalars[name] = value
     save_file(tensors, str(tmp / "optimizer.safetensors"))
+    for f in ("model.safetensors", "optimizer.safetensors"):
+        readable_as_umask(tmp / f)
     groups = [{**g, "params": [_strip(p) for p in g["params"]]} for g in osd["param_groups"]]
     meta = {"version": 1, "step": step, "param_groups": groups, "optimizer_scalars": scalars, **state}
     (tmp / "state.json").write_text(json.dumps(meta))
