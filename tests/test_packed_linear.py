@@ -26,12 +26,12 @@ def _pair(dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pack_replaces_the_originals(dtype):
-    """Each layer's four projections become PackedLinear, the [N, K] tensors are freed (nothing else holds them),
-    the parameter count is kept, and packing twice is a no-op."""
+    """Each layer's four projections and the (untied) LM head become PackedLinear, the [N, K] tensors are freed
+    (nothing else holds them), the parameter count is kept, and packing twice is a no-op."""
     model = Janus.from_preset("tiny", seed=0, dtype=dtype)
     n_params, n_tensors = model.num_parameters(), len(list(model.parameters()))
     originals = [weakref.ref(getattr(getattr(l, part), name).weight) for l in model.llm.layers for part, name in
-                 PROJECTIONS]
+                 PROJECTIONS] + [weakref.ref(model.lm_head.weight)]
     need = packed_nbytes(model)
     assert need > 0 and not model.is_packed
     assert model.pack_for_cpu_() is model and model.is_packed
@@ -40,10 +40,11 @@ def test_pack_replaces_the_originals(dtype):
     assert len(list(model.parameters())) == n_tensors - len(originals)  # no longer parameters ...
     assert model.num_parameters() == n_params  # ... but still counted
     assert packed_nbytes(model) == 0  # nothing left to copy
-    qkv = model.llm.layers[0].attn.qkv_proj
-    assert isinstance(qkv, PackedLinear) and "packed" in repr(qkv)
+    qkv, head = model.llm.layers[0].attn.qkv_proj, model.lm_head
+    assert isinstance(qkv, PackedLinear) and "packed" in repr(qkv) and isinstance(head, PackedLinear)
+    assert model.device.type == "cpu" and model.dtype == dtype
     model.pack_for_cpu_()
-    assert model.llm.layers[0].attn.qkv_proj is qkv
+    assert model.llm.layers[0].attn.qkv_proj is qkv and model.lm_head is head
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -84,6 +85,30 @@ def test_packed_model_generates_the_same_tokens():
     stack = Engine.for_requests(packed, [(8, 1)]).runner.cpu_decoder.stack
     assert stack.packed
     assert stack._held[0][1].data_ptr() == packed.llm.layers[0].attn.qkv_proj.weight.data.data_ptr()
+
+
+def test_engine_reads_the_lm_head_packed(monkeypatch):
+    """Where the CPU decoder packs a copy of the decoder weights it packs the (untied) LM head too, and the engine's
+    text logits (the prefill's last position, every decode step) go through it: fp32 logits within summation order
+    of F.linear, the same greedy answer as the model's own generate_text path without the engine's copy."""
+    model = Janus.from_preset("tiny", seed=4)
+    eng = Engine.for_requests(model, [(20, 0)])
+    dec = eng.runner.cpu_decoder
+    if not dec.stack.packed:
+        pytest.skip("the engine made no packed copy here (memory)")
+    assert isinstance(dec.lm_head_packed, cpu_ops.PackedWeight)
+    h = torch.randn(3, model.cfg.llm.hidden_size, generator=torch.Generator().manual_seed(0))
+    want = torch.nn.functional.linear(h, model.lm_head.weight)
+    assert max_err(dec.lm_head(h), want) <= 1e-5 * want.abs().max()
+    calls = []
+    real = dec.lm_head
+    monkeypatch.setattr(dec, "lm_head", lambda x: calls.append(x.shape[0]) or real(x))
+    q = [model.cfg.tokens.bos_id, 40, 41, 42, 43]
+    req = eng.add_text_request(q, max_new_tokens=5)
+    eng.run()
+    assert calls == [1] * 5  # the prefill's token and four decode steps
+    monkeypatch.setenv("JANUS_RT_PACKED", "0")  # an engine without packed copies: the plain LM head
+    assert model.generate_text(q, max_new_tokens=5) == req.tokens[0]
 
 
 def test_packed_model_refuses_what_needs_the_originals(monkeypatch, tmp_path):

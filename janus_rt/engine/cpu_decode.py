@@ -16,6 +16,7 @@ import os
 import torch
 
 from janus_rt import cpu_ops, cpu_step, ops
+from janus_rt.models.packed_linear import lm_head_packable
 
 
 def supported(model, cache) -> bool:
@@ -99,6 +100,21 @@ class CpuDecoder:
                 self.stack, model.gen_embed.weight.detach(),
                 self.gen_aligner_packed if packed else raw(model.gen_aligner),
                 self.gen_head_packed if packed else raw(model.gen_head), self.cos, self.sin)
+
+        # the LM head (text rows' logits: 102400 x 2048 at 1B, ~15 % of an understanding decode step's bytes) as a
+        # packed copy too, where it fits (a model packed in place holds it packed already): the packed GEMV reads
+        # it at 32.7 GB/s against the unpacked GEMV's 25.7 on the AMX Xeon (one row, bf16, 2026-12-05)
+        self.lm_head_packed = None
+        w = model.lm_head.weight
+        if (self.stack.packed and isinstance(w, torch.Tensor) and lm_head_packable(model)
+                and cpu_ops.packed_copy_fits(cpu_ops.PackedWeight.nbytes(w.shape[0], w.shape[1], model.dtype))):
+            with torch.inference_mode():
+                self.lm_head_packed = cpu_ops.PackedWeight(w.detach())
+
+    @torch.inference_mode()
+    def lm_head(self, h):
+        """model.lm_head's logits for h [R, C] (h's dtype), through the packed copy where there is one."""
+        return ops.linear(h, self.lm_head_packed if self.lm_head_packed is not None else self.model.lm_head.weight)
 
     def _pack_adaptor(self, m):
         """(fc1 packed, fc1 bias, fc2 packed, fc2 bias) of a Linear -> GELU -> Linear adaptor, or None when the

@@ -177,7 +177,7 @@ class Engine:
         if text_reqs:
             with ops.use_backend(self.backend):
                 h_text = torch.stack([last[(r.req_id, "t", 0)] for r in text_reqs])
-                logits = ops.linear(h_text, self.model.lm_head.weight).float()
+                logits = self._lm_head(h_text).float()
             self._sample_text(text_reqs, logits)
 
     @torch.inference_mode()
@@ -230,7 +230,7 @@ class Engine:
                 self._sample_images(image_reqs, cond, uncond)
             if text_reqs:
                 mask = ~torch.tensor(is_image, device=h.device)
-                self._sample_text(text_reqs, ops.linear(h[mask], self.model.lm_head.weight).float())
+                self._sample_text(text_reqs, self._lm_head(h[mask]).float())
         return 1
 
     def _decode_images_cpu(self, image_reqs, rows, image_tok, positions, slots) -> int:
@@ -373,6 +373,11 @@ class Engine:
         if bar is not None:
             bar.close()
         return done
+
+    def _lm_head(self, h):
+        """Text rows' logits [R, vocab] (h's dtype): the CPU decoder's packed copy of the LM head where it holds one."""
+        dec = self.runner.cpu_decoder
+        return dec.lm_head(h) if dec is not None else ops.linear(h, self.model.lm_head.weight)
 
     @staticmethod
     def _tokens_per_step(r: Request) -> int:

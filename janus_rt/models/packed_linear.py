@@ -144,12 +144,24 @@ def packed_nbytes(model) -> int:
 @torch.no_grad()
 def pack_llm_(model):
     """Replace each decoder layer's qkv, o, gate_up and down projections of `model` (a Janus on the CPU) by a
-    PackedLinear, layer by layer, so at most one layer's four matrices exist twice at a time; returns the model.
-    Raises ValueError (saying why) where it cannot; a no-op for projections already packed."""
+    PackedLinear, layer by layer, so at most one layer's four matrices exist twice at a time, and the LM head too
+    where it is its own weight (not tied to the embedding); returns the model. Raises ValueError (saying why) where
+    it cannot; a no-op for what is already packed."""
     why = can_pack(model)
     if why:
         raise ValueError(f"cannot pack the model for the CPU: {why}")
-    return _replace_projections(model, PackedLinear)
+    _replace_projections(model, PackedLinear)
+    if lm_head_packable(model) and isinstance(model.lm_head, nn.Linear):
+        model.lm_head = PackedLinear(model.lm_head)
+    return model
+
+
+def lm_head_packable(model) -> bool:
+    """Whether the LM head can be held packed: its own bias-free weight (untied) whose in-features the packed GEMV
+    takes (bf16: k pairs)."""
+    head = model.lm_head
+    return (not model.cfg.llm.tie_word_embeddings and getattr(head, "bias", None) is None
+            and (model.dtype == torch.float32 or head.in_features % 2 == 0))
 
 
 def packed_weight_numel(module) -> int:
