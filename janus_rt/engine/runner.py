@@ -60,12 +60,14 @@ class ModelRunner:
             # capture forbids
             warnings.warn(f"cuda_graphs needs the triton backend, not {backend!r}: decoding without graphs")
         elif cuda_graphs and self.device.type == "cuda":
-            self.capture_cudagraphs()
-            try:
-                self.capture_image_step_graphs()
-            except Exception as e:  # noqa: BLE001 - an optional speed-up: the one-step graphs above still serve
-                warnings.warn(f"multi-step image graphs not captured ({e}); image rows decode one step per replay")
-                self.image_graphs = {}
+            with torch.cuda.device(self.device):  # capture on the model's GPU, not the current one
+                self.capture_cudagraphs()
+                try:
+                    self.capture_image_step_graphs()
+                except Exception as e:  # noqa: BLE001 - an optional speed-up: the one-step graphs above still serve
+                    torch.cuda.synchronize()  # a sticky device error (no fallback can run after it) raises here
+                    warnings.warn(f"multi-step image graphs not captured ({e}); image rows decode one step per replay")
+                    self.image_graphs = {}
 
     def _i32(self, x):
         return torch.tensor(x, dtype=torch.int32, device=self.device)
