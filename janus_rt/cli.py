@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from janus_rt.errors import UsageError
+
 # The embedded default: the tiny preset trained by janus_rt on its synthetic shapes (see its README); offline.
 DEFAULT_MODEL = str(Path(__file__).parent / "assets" / "tiny-shapes")
 
@@ -60,8 +62,8 @@ def load_model(spec: str | None, device: str = "cpu", dtype: torch.dtype = torch
                   f"answers. Pass --model PATH to a Janus-Pro checkpoint for real results.", file=sys.stderr)
         return model, tok, f"preset {spec} (random weights)"
     if Path(spec).exists():
-        raise ValueError(f"--model {spec!r}: a file, not a checkpoint folder or a preset ({', '.join(PRESETS)})")
-    raise ValueError(f"--model {spec!r}: no such folder, and not a preset ({', '.join(PRESETS)})")
+        raise UsageError(f"--model {spec!r}: a file, not a checkpoint folder or a preset ({', '.join(PRESETS)})")
+    raise UsageError(f"--model {spec!r}: no such folder, and not a preset ({', '.join(PRESETS)})")
 
 
 def _common(p):
@@ -101,14 +103,24 @@ def _common_checks(args):
             (args.kv_cache_gb is None or args.kv_cache_gb > 0, f"--kv-cache-gb must be > 0, got {args.kv_cache_gb}")]
 
 
-def _writable_dir(path: str) -> str | None:
-    """Create `path` (a folder) now, before any work; the reason it cannot be, else None."""
+def _out_problem(path: str) -> str | None:
+    """Why `path` cannot become the output folder, found before any work (and without creating it: a run that fails
+    later leaves nothing behind); None where it can. Probes its nearest existing folder with a folder of its own."""
+    import tempfile
+
+    p = Path(path).absolute()
+    if p.is_dir():
+        probe_in = p
+    else:
+        probe_in = p.parent
+        while not probe_in.exists():
+            probe_in = probe_in.parent
+        if not probe_in.is_dir():
+            return f"--out {path!r}: cannot create it ({probe_in} is a file)"
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".janus-rt-probe-", dir=probe_in))
     except OSError as e:
-        return f"--out {path!r}: cannot create it ({e.strerror or e})"
-    if not os.access(path, os.W_OK):
-        return f"--out {path!r}: not writable"
+        return f"--out {path!r}: cannot write in {probe_in} ({e.strerror or e})"
     return None
 
 
@@ -123,7 +135,7 @@ def cmd_generate(args):
                 (all(p.strip() for p in args.prompt or ["x"]), "--prompt is empty"),
                 (not Path(args.out).exists() or Path(args.out).is_dir(),
                  f"--out {args.out!r} is a file, not a folder"), *_common_checks(args))
-    if err := _writable_dir(args.out):  # before minutes of work
+    if err := _out_problem(args.out):  # before minutes of work
         raise SystemExit(f"janus-rt generate: {err}")
     stale = sorted(Path(args.out).glob("img_*_*.png"))
     if stale:
@@ -223,12 +235,20 @@ def cmd_bench(args):
     bench_main(args)
 
 
-# What a user's mistake raises (a missing or broken checkpoint, a bad value, a file that cannot be read or written, a
-# KV pool too small): said in one line; JANUS_RT_DEBUG=1 shows the traceback.
-def _user_errors():
+def run_reporting_usage_errors(cmd: str, fn, *args):
+    """fn(*args), with what a user's mistake raises (janus_rt's UsageError: a value, a size, a run folder; a missing
+    or broken checkpoint or config; a file that cannot be read or written) said in one `janus-rt CMD: ...` line.
+    Anything else keeps its traceback (a bug), as does everything with JANUS_RT_DEBUG=1."""
+    from janus_rt.config import ConfigError
+    from janus_rt.errors import UsageError
     from janus_rt.loading import CheckpointError
 
-    return (CheckpointError, ValueError, OSError)
+    try:
+        return fn(*args)
+    except (UsageError, ConfigError, CheckpointError, OSError) as e:
+        if os.environ.get("JANUS_RT_DEBUG") == "1":
+            raise
+        raise SystemExit(f"janus-rt {cmd}: {e} (JANUS_RT_DEBUG=1 for the traceback)") from None
 
 
 def main(argv=None):
@@ -291,12 +311,7 @@ def main(argv=None):
         pass
 
     args = ap.parse_args(argv)
-    try:
-        args.fn(args)
-    except _user_errors() as e:
-        if os.environ.get("JANUS_RT_DEBUG") == "1":
-            raise
-        raise SystemExit(f"janus-rt {args.cmd}: {e} (JANUS_RT_DEBUG=1 for the traceback)") from None
+    run_reporting_usage_errors(args.cmd, args.fn, args)
 
 
 if __name__ == "__main__":

@@ -275,9 +275,15 @@ def load_janus(path, device="cpu", dtype=torch.float32):
 
 
 def readable_as_umask(path) -> None:
-    """safetensors writes its files 0600; give one the mode any other file the user writes gets (0666 & ~umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """safetensors writes its files 0600; give one the mode any other file the user writes gets (0666 & ~umask).
+    The umask is read from /proc (setting it to read it would change it for every thread meanwhile); elsewhere
+    0o022."""
+    umask = 0o022
+    try:
+        with open("/proc/self/status") as f:
+            umask = next((int(line.split()[1], 8) for line in f if line.startswith("Umask:")), umask)
+    except OSError:
+        pass
     os.chmod(path, 0o666 & ~umask)
 
 

@@ -89,9 +89,11 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("")
     cases = [
-        (["generate", "--model", str(tmp_path / "empty")], "janus-rt generate: .*no config.json"),
-        (["generate", "--model", str(tmp_path / "nowhere")], "janus-rt generate: --model .*: no such folder, and not a preset"),
-        (["generate", "--model", "tiny", "-n", "4", "--kv-cache-gb", "1e-4"],
+        (["generate", "--model", str(tmp_path / "empty"), "--out", str(tmp_path / "o1")],
+         "janus-rt generate: .*no config.json"),
+        (["generate", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o2")],
+         "janus-rt generate: --model .*: no such folder, and not a preset"),
+        (["generate", "--model", "tiny", "-n", "4", "--kv-cache-gb", "1e-4", "--out", str(tmp_path / "o3" / "sub")],
          r"janus-rt generate: request \d+ needs up to \d+ KV blocks \(.* GiB\)"),
         (["convert", str(tmp_path / "nowhere"), str(tmp_path / "c")], "janus-rt convert: .* is not a checkpoint"),
         (["verify", str(tmp_path / "empty")], "janus-rt verify: .* is not a checkpoint folder"),
@@ -99,10 +101,32 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message):
             main(argv)
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))  # a failed run leaves no output folder
     capsys.readouterr()
     with pytest.raises(SystemExit, match="--out .*: cannot create it"):
         main(["generate", "--model", "tiny", "--out", str(tmp_path / "file" / "sub")])
     assert "RANDOM weights" not in capsys.readouterr().err  # refused before the model loaded
+
+
+def test_only_usage_errors_are_one_line(tmp_path, monkeypatch):
+    """A janus_rt bug (any other ValueError) keeps its traceback; JANUS_RT_DEBUG=1 keeps it for usage errors too;
+    `python -m janus_rt.train` says usage errors in one line as `janus-rt train` does."""
+    from janus_rt import cli
+    from janus_rt.errors import UsageError
+    from janus_rt.train.cli import main as train_main
+
+    def bug(args):
+        raise ValueError("an internal contract broken")
+
+    monkeypatch.setattr(cli, "cmd_convert", bug)
+    with pytest.raises(ValueError, match="internal contract"):
+        main(["convert", str(tmp_path), str(tmp_path / "c")])
+    monkeypatch.setenv("JANUS_RT_DEBUG", "1")
+    with pytest.raises(UsageError, match="no such folder"):
+        main(["generate", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    monkeypatch.delenv("JANUS_RT_DEBUG")
+    with pytest.raises(SystemExit, match="janus-rt train: give a manifest"):
+        train_main(["--out", str(tmp_path / "run")])
 
 
 def test_generate_temperature_zero_is_greedy(tmp_path):

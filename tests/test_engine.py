@@ -209,9 +209,10 @@ def _eager_capture(fn, replays):
 
 def test_captured_steps_read_nothing_on_the_host(tiny, monkeypatch):
     """What the CUDA graphs capture (the one-step LLM graphs and the multi-step image graphs, triton backend) makes
-    no host read of a tensor's value (item, tolist, nonzero, ...), which a capture forbids: checked on the CPU by
-    a dispatch mode over one run of each captured function, outside the interpreted Triton kernels themselves
-    (the interpreter reads its arguments on the host; a compiled kernel does not)."""
+    no host read of a tensor's value that dispatches an op (item / int / bool, nonzero, masked_select, ...), which
+    a capture forbids: checked on the CPU by a dispatch mode over one run of each captured function, outside the
+    interpreted Triton kernels themselves (the interpreter reads its arguments on the host; a compiled kernel does
+    not). Not seen here: .tolist() / .cpu() of a CPU tensor (no op on the CPU); a GPU's capture raises on those."""
     if torch.cuda.is_available():
         pytest.skip("the CPU check of what a GPU capture sees; a GPU's own capture raises on a host read")
     from torch.utils._python_dispatch import TorchDispatchMode

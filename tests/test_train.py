@@ -229,7 +229,7 @@ def test_resume_is_bit_exact(synthetic, tmp_path):
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_stage_freezes_exactly(stage, synthetic, tmp_path):
-    model = Janus.from_preset("tiny", seed=0)
+    model = Janus.from_preset("tiny", seed=0).requires_grad_(True)  # (models load frozen: start from all trainable)
     trainable = set(apply_stage(model, stage))
     expect = {n for n, _ in model.named_parameters() if n.split(".")[0] in TRAINABLE[stage]}
     assert trainable == expect
@@ -299,3 +299,18 @@ def test_misuse_raises(tmp_path):
         apply_stage(Janus.from_preset("tiny"), 4)
     with pytest.raises(ValueError, match="--data"):
         train(TrainConfig(out=str(tmp_path), threads=1, progress=False))
+
+
+def test_resume_keeps_the_log_through_its_checkpoint(tmp_path, capsys):
+    """A resumed run keeps its log's lines up to the checkpoint's step; a line cut short (a kill mid-write) ends
+    what is kept, said on stderr."""
+    from janus_rt.train.loop import log_lines_through
+
+    log = tmp_path / "log.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 7)]
+    log.write_text("\n".join(lines) + "\n")
+    assert log_lines_through(log, 3) == lines[:3]
+    log.write_text("\n".join(lines[:2]) + '\n{"step": 3, "lo')
+    assert log_lines_through(log, 3) == lines[:2]
+    assert "kept the 2 lines before an unreadable one" in capsys.readouterr().err
+    assert log_lines_through(tmp_path / "none.jsonl", 3) == []

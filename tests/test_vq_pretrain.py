@@ -74,8 +74,11 @@ def test_pretrain_is_seeded(small_images):
     pixels = small_images[0]
     states = []
     for _ in range(2):
-        vq = _small_vq(3)
+        vq = _small_vq(3).requires_grad_(False)  # as loaded models come
+        before = {k: v.clone() for k, v in vq.state_dict().items()}
         vq_pretrain.pretrain_vq(vq, pixels, steps=3, batch_size=4, seed=7, log_every=0)
+        assert any(not torch.equal(before[k], v) for k, v in vq.state_dict().items())  # trained while frozen ...
+        assert not any(p.requires_grad for p in vq.parameters())  # ... and frozen again after
         states.append(vq.state_dict())
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k

@@ -24,11 +24,13 @@ SHAPES = {
 
 
 def add_bench_args(p):
+    from janus_rt.cli import DTYPES
+
     p.add_argument("--model", default=None, help="checkpoint folder (default: random weights at --shape)")
     p.add_argument("--shape", default="small", choices=sorted(SHAPES), help="LLM shape with random weights")
     p.add_argument("-n", type=int, default=None, help="images per prompt (default: the shape's)")
     p.add_argument("--tokens", type=int, default=576, help="image tokens per image (576 = a full image)")
-    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="default: the shape's (small: fp32; 1b, 7b: bf16)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--repeats", type=int, default=2, help="alternating runs of each implementation")

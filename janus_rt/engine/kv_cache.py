@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 
 from janus_rt import cpu_ops
+from janus_rt.errors import UsageError
 
 
 def available_memory(device: str | torch.device) -> int:
@@ -116,7 +117,7 @@ class KVCache:
         per_block = cls.block_bytes(num_layers, block_size, num_heads, head_dim, dtype)
         num_blocks = int(budget_bytes) // per_block
         if num_blocks < 1:
-            raise ValueError(
+            raise UsageError(
                 f"KV cache budget of {int(budget_bytes)} bytes holds no block: one block of {block_size} tokens "
                 f"takes {per_block} bytes ({num_layers} layers x K,V x {num_heads} heads x {head_dim} x {dtype})"
             )
@@ -133,10 +134,10 @@ class KVCache:
             raise ValueError("from_budget: pass exactly one of budget_bytes and memory_fraction")
         if memory_fraction is not None:
             if not 0.0 < memory_fraction <= 1.0:
-                raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+                raise UsageError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
             budget_bytes = int(available_memory(device) * memory_fraction)
         elif budget_bytes < 0:
-            raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+            raise UsageError(f"budget_bytes must be >= 0, got {budget_bytes}")
         num_blocks = cls.num_blocks_for_budget(budget_bytes, num_layers, block_size, num_heads, head_dim, dtype)
         if max_num_blocks is not None:
             if max_num_blocks < 1:
@@ -149,7 +150,7 @@ class KVCache:
             except (RuntimeError, ValueError):
                 free = None
             if free is not None and nbytes > free:
-                raise ValueError(f"a KV cache of {nbytes / 2**30:.3g} GiB does not fit: {free / 2**30:.3g} GiB "
+                raise UsageError(f"a KV cache of {nbytes / 2**30:.3g} GiB does not fit: {free / 2**30:.3g} GiB "
                                  f"available on {device}")
         return cls(num_layers, num_blocks, block_size, num_heads, head_dim, dtype, device)
 

@@ -6,6 +6,7 @@ from collections import deque
 
 from janus_rt.engine.block_manager import BlockManager
 from janus_rt.engine.request import Request
+from janus_rt.errors import UsageError
 
 
 class Scheduler:
@@ -21,10 +22,10 @@ class Scheduler:
         need, have = self.worst_case_blocks(req), self.bm.num_blocks
         if need > have:
             gib = lambda blocks: f" ({blocks * self.block_bytes / 2**30:.3g} GiB)" if self.block_bytes else ""
-            raise ValueError(f"request {req.req_id} needs up to {need} KV blocks{gib(need)} but the cache has "
+            raise UsageError(f"request {req.req_id} needs up to {need} KV blocks{gib(need)} but the cache has "
                              f"{have}{gib(have)}: give the cache more memory (--kv-cache-gb) or lower n")
         if req.num_rows > self.max_num_rows:
-            raise ValueError(f"request {req.req_id} has {req.num_rows} rows > max_num_rows {self.max_num_rows}")
+            raise UsageError(f"request {req.req_id} has {req.num_rows} rows > max_num_rows {self.max_num_rows}")
         self.waiting.append(req)
 
     def has_work(self) -> bool:

@@ -131,14 +131,13 @@ def is_onednn_packed(model) -> bool:
 
 
 def packed_nbytes(model) -> int:
-    """Bytes of the packed copies of the LLM's projections (what a second copy beside the originals would take)."""
-    total = 0
-    for l in model.llm.layers:
-        for part, name in PROJECTIONS:
-            m = getattr(getattr(l, part), name)
-            if not isinstance(m, PackedLinear):
-                total += cpu_ops.PackedWeight.nbytes(m.out_features, m.in_features, model.dtype)
-    return total
+    """Bytes of the packed copies of the LLM's projections and (untied) LM head not yet packed: what copies beside
+    the originals would take."""
+    mods = [getattr(getattr(l, part), name) for l in model.llm.layers for part, name in PROJECTIONS]
+    if lm_head_packable(model):
+        mods.append(model.lm_head)
+    return sum(cpu_ops.PackedWeight.nbytes(m.out_features, m.in_features, model.dtype) for m in mods
+               if not isinstance(m, PackedLinear))
 
 
 @torch.no_grad()

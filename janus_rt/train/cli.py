@@ -73,6 +73,8 @@ def run_train(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv=None) -> None:
+    from janus_rt.cli import run_reporting_usage_errors
+
     p = argparse.ArgumentParser(prog="python -m janus_rt.train", description=__doc__)
     add_train_args(p)
-    run_train(p.parse_args(argv))
+    run_reporting_usage_errors("train", run_train, p.parse_args(argv))

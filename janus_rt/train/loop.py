@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from janus_rt import ops
+from janus_rt.errors import UsageError
 from janus_rt.train import checkpoint
 from janus_rt.train.data import KINDS, ManifestDataset
 from janus_rt.train.packing import PackedSampler, prefetch
@@ -76,21 +77,38 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - min_lr)
 
 
+def log_lines_through(log_path: Path, step: int) -> list[str]:
+    """The lines of a run's log.jsonl up to `step` (a resumed run's checkpoint), stopping at the first one past it
+    or that cannot be read (cut short by a kill mid-write, or edited: said on stderr)."""
+    kept = []
+    if not log_path.exists():
+        return kept
+    for ln in log_path.read_text().splitlines():
+        try:
+            if json.loads(ln)["step"] > step:
+                break
+        except (ValueError, KeyError, TypeError):
+            print(f"note: {log_path}: kept the {len(kept)} lines before an unreadable one", file=sys.stderr)
+            break
+        kept.append(ln)
+    return kept
+
+
 def check_config(cfg: TrainConfig) -> None:
     """ValueError for a config that cannot run, before anything loads; and for a fresh run into a folder that holds
     an earlier run's checkpoints (which it would overwrite and whose log it would extend)."""
     if (cfg.synthetic > 0) == bool(cfg.data):
-        raise ValueError("give a manifest (--data) or --synthetic N, not both" if cfg.data else
+        raise UsageError("give a manifest (--data) or --synthetic N, not both" if cfg.data else
                          "give a manifest (--data) or --synthetic N")
     if cfg.data and not Path(cfg.data).is_file():
-        raise ValueError(f"--data {cfg.data!r}: no such file")
+        raise UsageError(f"--data {cfg.data!r}: no such file")
     for name in ("steps", "batch_size", "seq_len", "grad_accum"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+        raise UsageError(f"--lr must be > 0, got {cfg.lr}")
     if not cfg.resume and (ck := checkpoint.latest(cfg.out)) is not None:
-        raise ValueError(f"{cfg.out} holds an earlier run's checkpoints ({ck.name}): pass --resume to continue it, or "
+        raise UsageError(f"{cfg.out} holds an earlier run's checkpoints ({ck.name}): pass --resume to continue it, or "
                          f"give another --out")
 
 
@@ -161,7 +179,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     if ckpt is not None:
         meta = checkpoint.load(ckpt, module, optimizer)
         if meta["world_size"] != world:
-            raise ValueError(f"{ckpt} was written by {meta['world_size']} rank(s); resume with as many (RNG "
+            raise UsageError(f"{ckpt} was written by {meta['world_size']} rank(s); resume with as many (RNG "
                              f"states are per rank), not {world}")
         step = meta["step"]
         sampler.load_state_dict(meta["data"])
@@ -185,9 +203,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     log_file = None
     if rank == 0:
         log_path = out / "log.jsonl"
-        kept = []
-        if ckpt is not None and log_path.exists():
-            kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        kept = log_lines_through(log_path, step) if ckpt is not None else []
         log_file = open(log_path, "w")
         log_file.writelines(ln + "\n" for ln in kept)
     bar = tqdm(total=cfg.steps, initial=step, dynamic_ncols=True,

@@ -17,6 +17,7 @@ writes a tiny Janus checkpoint (janus_rt layout + tokenizer.json) whose VQ is tr
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import tempfile
@@ -116,6 +117,25 @@ def _restart_codes(vq: VQModel, opt, dead, z_n) -> None:
             state[dead] = 0
 
 
+def _unfrozen(fn):
+    """fn(model_or_vq, ...) with the VQ's parameters trainable during the call (loaded models come frozen) and their
+    requires_grad flags given back after."""
+
+    @functools.wraps(fn)
+    def run(model_or_vq, *args, **kwargs):
+        vq = _as_vq(model_or_vq)
+        flags = [p.requires_grad for p in vq.parameters()]
+        vq.requires_grad_(True)
+        try:
+            return fn(model_or_vq, *args, **kwargs)
+        finally:
+            for p, f in zip(vq.parameters(), flags):
+                p.requires_grad_(f)
+
+    return run
+
+
+@_unfrozen
 def pretrain_vq(model_or_vq, data, steps: int = 800, batch_size: int = 16, lr: float = 2e-3, seed: int = 0,
                 log_every: int = 100, beta: float = 0.25, restart_every: int = 50, weight_decay: float = 0.01,
                 grad_clip: float = 1.0, eval_data=None, eval_every: int = 0, log=print) -> dict:
@@ -127,7 +147,6 @@ def pretrain_vq(model_or_vq, data, steps: int = 800, batch_size: int = 16, lr: f
     codes_used (distinct codes over that batch), restarts (codes re-seeded), seconds, color_match_{recon,orig}.
     """
     vq = _as_vq(model_or_vq)
-    vq.requires_grad_(True)  # loaded models come frozen
     s = vq.cfg.image_size
     pixels = load_images(data, s)[0] if isinstance(data, (str, Path)) else data
     if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, s, s):
