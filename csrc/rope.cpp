@@ -10,7 +10,6 @@
 #include "common.h"
 #include "rope.h"
 #include "simd.h"
-#include "swiglu.h"
 
 namespace jr {
 namespace {

@@ -174,10 +174,11 @@ class Janus(nn.Module):
     # ---- CPU inference ----------------------------------------------------------------------------------------
     def pack_for_cpu_(self) -> "Janus":
         """Hold the LLM's qkv, o, gate_up and down projections (and an untied LM head) only in the CPU packed
-        GEMV's layout, in place of the originals (janus_rt.models.packed_linear): the CPU engine then runs its fast decode step without a second
-        copy of those weights (-2.4 GB at Janus-Pro-1B bf16; what lets 7B run it on a 24 GB machine), and a new
-        engine no longer repacks them. Inference on the CPU only from then on (no training, saving, or move to a
-        GPU). Raises ValueError where this build or dtype has no packed GEMV. Returns self."""
+        GEMV's layout, in place of the originals (janus_rt.models.packed_linear): the CPU engine then runs its fast
+        decode step without a second copy of those weights (-2.4 GB at Janus-Pro-1B bf16; what lets 7B run it on a
+        24 GB machine), and a new engine no longer repacks them. Inference on the CPU only from then on (no
+        training, saving, or move to a GPU). Raises ValueError where this build or dtype has no packed GEMV.
+        Returns self."""
         from janus_rt.models.packed_linear import pack_llm_
 
         return pack_llm_(self)

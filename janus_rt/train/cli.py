@@ -26,7 +26,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default: %(default)s)")
     p.add_argument("--out", required=True, help="run folder: checkpoints/, log.jsonl")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in OUT (without it, an OUT holding checkpoints is refused)")
+                   help="continue from the newest checkpoint in OUT (without it, an OUT holding checkpoints is "
+                        "refused)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
     g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr / peak lr")
