@@ -326,7 +326,9 @@ def _tokens_from(d: dict, gen: dict | None) -> TokenConfig:
     tok.image_id = d.get("image_token_id", tok.image_id)
     if gen:
         tok.pad_id = gen.get("pad_token_id", tok.pad_id)
-        tok.boi_id = (gen.get("generation_kwargs") or {}).get("boi_token_id", tok.boi_id)
+        kw = gen.get("generation_kwargs") or {}
+        tok.boi_id = kw.get("boi_token_id", tok.boi_id)
+        tok.eoi_id = kw.get("eoi_token_id", tok.eoi_id)  # written by janus_rt's verify.to_transformers
         tok.bos_id = gen.get("bos_token_id", tok.bos_id)
     return tok
 

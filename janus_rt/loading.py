@@ -312,7 +312,6 @@ def convert(src, dst, dtype=None) -> Path:
     import shutil
 
     src, dst = Path(src), Path(dst)
-    cfg, _ = read_config(src)
     model = load_janus(src, dtype=dtype or torch.bfloat16)
     save_janus(model, dst)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",

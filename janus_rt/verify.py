@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from janus_rt.loading import _part_slice, detect_layout, rename
+from janus_rt.loading import _part_slice, read_config, rename
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
@@ -100,6 +100,10 @@ def to_transformers(model):
             src = src.reshape(t.shape)
         sd[key] = src
     ref.load_state_dict(sd, strict=True)
+    # the ids transformers' image generate reads (boi) and those it has no field for (eoi), so that a copy saved with
+    # save_pretrained reads back with model's special ids
+    ref.generation_config.generation_kwargs = {"boi_token_id": model.cfg.tokens.boi_id,
+                                               "eoi_token_id": model.cfg.tokens.eoi_id}
     return image_generate_compat(ref)
 
 
@@ -149,8 +153,6 @@ def compare(ours, ref, seed: int = 0) -> dict[str, float]:
 
 
 def verify(model_dir, dtype=torch.float32, device="cpu") -> bool:
-    import json
-
     from janus_rt import Janus
 
     try:
@@ -159,7 +161,7 @@ def verify(model_dir, dtype=torch.float32, device="cpu") -> bool:
         print("janus-rt verify needs transformers (pip install 'janus_rt[test]')", file=sys.stderr)
         return False
     path = Path(model_dir)
-    layout = detect_layout(json.loads((path / "config.json").read_text()))
+    _, layout = read_config(path)  # a CheckpointError / ConfigError names what is wrong with the folder
     print(f"loading janus_rt model from {path} ({layout} layout, {dtype}, {device}) ...", flush=True)
     ours = Janus.from_pretrained(path, device=device, dtype=dtype)
     if layout == "transformers":

@@ -95,8 +95,8 @@ def test_user_errors_are_one_line(tmp_path, capsys):
          "janus-rt generate: --model .*: no such folder, and not a preset"),
         (["generate", "--model", "tiny", "-n", "4", "--kv-cache-gb", "1e-4", "--out", str(tmp_path / "o3" / "sub")],
          r"janus-rt generate: request \d+ needs up to \d+ KV blocks \(.* GiB\)"),
-        (["convert", str(tmp_path / "nowhere"), str(tmp_path / "c")], "janus-rt convert: .* is not a checkpoint"),
-        (["verify", str(tmp_path / "empty")], "janus-rt verify: .* is not a checkpoint folder"),
+        (["convert", str(tmp_path / "nowhere"), str(tmp_path / "c")], "janus-rt convert: .*nowhere: not a checkpoint folder"),
+        (["verify", str(tmp_path / "empty")], "janus-rt verify: .*empty: no config.json"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message):

@@ -82,6 +82,20 @@ def test_sharded_official_bin(tmp_path):
     assert same_weights(Janus.from_pretrained(d), ref)
 
 
+def test_transformers_copy_saved_reads_back(tiny, tmp_path):
+    """A transformers copy of a model (verify.to_transformers) saved with save_pretrained, no tokenizer beside it,
+    reads back with the model's weights and special ids (the tiny model's are not the published defaults)."""
+    pytest.importorskip("transformers")
+    from janus_rt.config import TokenConfig
+    from janus_rt.verify import to_transformers
+
+    assert tiny.cfg.tokens != TokenConfig()
+    to_transformers(tiny).save_pretrained(tmp_path / "hf")
+    back = Janus.from_pretrained(tmp_path / "hf")
+    assert back.cfg.tokens == tiny.cfg.tokens
+    assert same_weights(back, tiny)
+
+
 def test_convert(tiny, saved, tmp_path):
     out = convert(saved, tmp_path / "converted", dtype=torch.float32)
     assert same_weights(Janus.from_pretrained(out), tiny)
