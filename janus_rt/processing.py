@@ -73,17 +73,23 @@ def to_pil(pixels: torch.Tensor):
     return [Image.fromarray(a) for a in to_uint8(pixels)]
 
 
-def image_grid(images, cols: int | None = None):
-    """Tile PIL images into one grid image."""
+def image_grid(images, cols: int | None = None, min_side: int = 0, gap: int = 0):
+    """Tile PIL images (all one size) into one grid image, `gap` white pixels between tiles. Tiles smaller than
+    `min_side` are enlarged by the smallest whole factor that reaches it, pixels repeated (no blur), so that a grid
+    of small images (the embedded model's 32 px) can be looked at."""
     from PIL import Image
 
     n = len(images)
     cols = cols or int(np.ceil(np.sqrt(n)))
     rows = (n + cols - 1) // cols
     w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    scale = max(1, -(-min_side // min(w, h)))
+    w, h = w * scale, h * scale
+    grid = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), (255, 255, 255))
     for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+        if scale > 1:
+            im = im.resize((w, h), Image.NEAREST)
+        grid.paste(im, ((i % cols) * (w + gap), (i // cols) * (h + gap)))
     return grid
 
 
@@ -91,7 +97,8 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, greedy: bool = False, out_dir=None,
                     engine=None, progress: bool = True):
     """Text prompts -> PIL images (n per prompt, prompts batched in one engine run). With `out_dir`, also writes
-    img_<prompt>_<i>.png and grid.png (one row per prompt). Returns (images per prompt, engine)."""
+    img_<prompt>_<i>.png (the decoder's size) and grid.png (one row per prompt; tiles enlarged to >= 128 px a side).
+    Returns (images per prompt, engine)."""
     from pathlib import Path
 
     from janus_rt.engine import Engine, SamplingParams
@@ -113,5 +120,5 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
         for k, images in enumerate(out):
             for i, im in enumerate(images):
                 im.save(d / f"img_{k:02d}_{i:02d}.png")
-        image_grid([im for images in out for im in images], cols=n).save(d / "grid.png")
+        image_grid([im for images in out for im in images], cols=n, min_side=128, gap=2).save(d / "grid.png")
     return out, eng

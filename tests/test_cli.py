@@ -17,7 +17,11 @@ def test_generate_writes_pngs_and_grid(tmp_path, capsys):
     im = Image.open(tmp_path / "img_00_00.png")
     cfg = Janus.from_preset("tiny").cfg
     assert im.size == (cfg.vq.image_size, cfg.vq.image_size)
-    assert Image.open(tmp_path / "grid.png").size == (2 * cfg.vq.image_size, cfg.vq.image_size)
+    s = cfg.vq.image_size  # 32: grid tiles enlarged 4x to 128 px, 2 px apart, pixels repeated
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (2 * 128 + 2, 128)
+    tile = grid.crop((130, 0, 258, 128)).resize((s, s), Image.NEAREST)
+    assert tile.tobytes() == Image.open(tmp_path / "img_00_01.png").convert("RGB").tobytes()
     out = capsys.readouterr()
     assert "tokens/s" in out.out and "ms/decode step" in out.out
     assert "RANDOM weights" in out.err

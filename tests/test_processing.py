@@ -58,3 +58,18 @@ def test_to_uint8_is_official_rounding():
     out = to_uint8(x)
     assert out.dtype == np.uint8 and out.shape == (1, 1, 6, 3)
     assert out[0, 0, :, 0].tolist() == [0, 0, 127, 254, 255, 255]  # truncation, not rounding
+
+
+def test_image_grid_layout():
+    from PIL import Image
+
+    from janus_rt.processing import image_grid
+
+    ims = [Image.new("RGB", (30, 30), (10 * i, 0, 0)) for i in range(5)]
+    g = image_grid(ims)  # 3 columns, 2 rows, native size, white where no image is
+    assert g.size == (90, 60) and g.getpixel((35, 35)) == (40, 0, 0) and g.getpixel((70, 40)) == (255, 255, 255)
+    g = image_grid(ims, cols=5, min_side=100, gap=2)  # 30 px -> x4 = 120 px (the smallest whole factor >= 100)
+    assert g.size == (5 * 120 + 4 * 2, 120)
+    assert g.getpixel((3 * 122 + 119, 119)) == (30, 0, 0) and g.getpixel((120, 5)) == (255, 255, 255)
+    assert image_grid(ims[:1], min_side=16).size == (30, 30)  # already large enough: unchanged
+
