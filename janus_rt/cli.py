@@ -40,12 +40,15 @@ def load_model(spec: str | None, device: str = "cpu", dtype: torch.dtype = torch
     from janus_rt.config import PRESETS
     from janus_rt.tokenizer import JanusTokenizer
 
-    if spec is None:
-        print("note: no --model: the embedded tiny-shapes model (1.2 M parameters trained on synthetic coloured "
-              "shapes, not Janus-Pro weights); pass --model PATH for a real checkpoint", file=sys.stderr)
+    embedded = spec is None
+    if embedded:
         spec = DEFAULT_MODEL
     if Path(spec).is_dir():
         model = Janus.from_pretrained(spec, device=device, dtype=dtype)
+        if embedded:
+            print(f"note: no --model: the embedded tiny-shapes model ({model.num_parameters() / 1e6:.1f} M parameters "
+                  "trained on synthetic coloured shapes, 32 px images, not Janus-Pro weights); pass --model PATH for "
+                  "a real checkpoint", file=sys.stderr)
         try:
             tok = JanusTokenizer.from_pretrained(spec, model.cfg.tokens)
         except FileNotFoundError:
