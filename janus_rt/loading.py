@@ -194,17 +194,27 @@ def iter_tensors(f: Path):
     yield from sd.items()
 
 
+def _read_json_object(f: Path) -> dict:
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{f}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
 def read_config(path: Path) -> tuple[JanusConfig, str]:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint folder")
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{path}: no config.json")
-    try:
-        d = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from None
+    d = _read_json_object(cfg_file)
     gen = None
     if (path / "generation_config.json").exists():
-        gen = json.loads((path / "generation_config.json").read_text())
+        gen = _read_json_object(path / "generation_config.json")
     try:
         cfg = JanusConfig.from_checkpoint_dict(d, gen)
     except ConfigError as e:
@@ -227,9 +237,7 @@ def load_janus(path, device="cpu", dtype=torch.float32):
     from janus_rt.models.janus import Janus
 
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint folder")
-    cfg, layout = read_config(path)
+    cfg, layout = read_config(path)  # CheckpointError / ConfigError for a folder that is not a checkpoint
     with torch.device("meta"):
         model = Janus(cfg)
     model = model.to(dtype=dtype).to_empty(device=device).tie_weights_()  # one allocation, in the final dtype

@@ -97,7 +97,8 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, greedy: bool = False, out_dir=None,
                     engine=None, progress: bool = True):
     """Text prompts -> PIL images (n per prompt, prompts batched in one engine run). With `out_dir`, also writes
-    img_<prompt>_<i>.png (the decoder's size) and grid.png (one row per prompt; tiles enlarged to >= 128 px a side).
+    img_<prompt>_<i>.png (the decoder's size) and grid.png (one row per prompt, 2 px apart; tiles enlarged to
+    >= 128 px a side).
     Returns (images per prompt, engine)."""
     from pathlib import Path
 

@@ -101,6 +101,8 @@ def test_user_errors_are_one_line(tmp_path, capsys):
          r"janus-rt generate: request \d+ needs up to \d+ KV blocks \(.* GiB\)"),
         (["convert", str(tmp_path / "nowhere"), str(tmp_path / "c")], "janus-rt convert: .*nowhere: not a checkpoint folder"),
         (["verify", str(tmp_path / "empty")], "janus-rt verify: .*empty: no config.json"),
+        (["verify", str(tmp_path / "nowhere")], "janus-rt verify: .*nowhere: not a checkpoint folder"),
+        (["verify", str(tmp_path / "file")], "janus-rt verify: .*file: not a checkpoint folder"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message):

@@ -164,6 +164,21 @@ def test_invalid_json_config(saved):
         Janus.from_pretrained(saved)
 
 
+@pytest.mark.parametrize("text, message", [("{not json", "generation_config.json: not valid JSON"),
+                                           ("[1, 2]", "generation_config.json: expected a JSON object, got list")])
+def test_bad_generation_config(saved, text, message):
+    """A broken generation_config.json is a ConfigError naming the file (it was a bare JSONDecodeError)."""
+    (saved / "generation_config.json").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        Janus.from_pretrained(saved)
+
+
+def test_config_json_not_an_object(saved):
+    (saved / "config.json").write_text("[]")
+    with pytest.raises(ConfigError, match="config.json: expected a JSON object, got list"):
+        Janus.from_pretrained(saved)
+
+
 def test_no_weights(saved):
     (saved / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no weights"):

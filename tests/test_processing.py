@@ -72,4 +72,6 @@ def test_image_grid_layout():
     assert g.size == (5 * 120 + 4 * 2, 120)
     assert g.getpixel((3 * 122 + 119, 119)) == (30, 0, 0) and g.getpixel((120, 5)) == (255, 255, 255)
     assert image_grid(ims[:1], min_side=16).size == (30, 30)  # already large enough: unchanged
+    wide = [Image.new("RGB", (64, 16), (0, 0, 200))] * 2  # the short side sets the factor: 16 -> x8 = 128
+    assert image_grid(wide, cols=1, min_side=128).size == (512, 256)
 

@@ -149,7 +149,8 @@ def run_transformers(ref, prompt, n, tokens, cfg):
     ref.model.vision_model.config.num_image_tokens = tokens
     ref.generation_config.pad_token_id = cfg.tokens.pad_id
     ref.generation_config.bos_token_id = cfg.tokens.bos_id
-    ref.generation_config.generation_kwargs = {"boi_token_id": cfg.tokens.boi_id}
+    ref.generation_config.generation_kwargs = {**(ref.generation_config.generation_kwargs or {}),
+                                               "boi_token_id": cfg.tokens.boi_id}
     sync(ref.device)
     t = time.perf_counter()
     with torch.no_grad():
