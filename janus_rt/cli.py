@@ -239,7 +239,6 @@ def run_reporting_usage_errors(cmd: str, fn, *args):
     or broken checkpoint or config; a file that cannot be read or written) said in one `janus-rt CMD: ...` line.
     Anything else keeps its traceback (a bug), as does everything with JANUS_RT_DEBUG=1."""
     from janus_rt.config import ConfigError
-    from janus_rt.errors import UsageError
     from janus_rt.loading import CheckpointError
 
     try:

@@ -98,8 +98,7 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
                     engine=None, progress: bool = True):
     """Text prompts -> PIL images (n per prompt, prompts batched in one engine run). With `out_dir`, also writes
     img_<prompt>_<i>.png (the decoder's size) and grid.png (one row per prompt, 2 px apart; tiles enlarged to
-    >= 128 px a side).
-    Returns (images per prompt, engine)."""
+    >= 128 px a side). Returns (images per prompt, engine)."""
     from pathlib import Path
 
     from janus_rt.engine import Engine, SamplingParams

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from janus_rt.cli import DEFAULT_MODEL
-from janus_rt.processing import encode_understanding_prompt, preprocess_image
+from janus_rt.processing import encode_understanding_prompt
 from janus_rt.train.evaluate import generate_images, heldout_captions, load_model_and_tokenizer
-from janus_rt.train.synthetic import PALETTE, SHAPES, caption_color_match, draw_shape
+from janus_rt.train.synthetic import caption_color_match, caption_colors
+from janus_rt.train.vq_pretrain import synthetic_images
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +29,14 @@ def test_images_carry_the_caption_colours(embedded):
 
 def test_answers_name_the_colours_shown(embedded):
     model, tok = embedded
-    size, n_tok = model.cfg.vision.image_size, model.cfg.vision.num_patches
-    rng = np.random.default_rng(777)
-    names, shapes = list(PALETTE), list(SHAPES)
-    right = {"color": 0, "background": 0}
     n = 12
-    for _ in range(n):
-        shape = shapes[int(rng.integers(len(shapes)))]
-        color, background = (names[j] for j in rng.choice(len(names), 2, replace=False))
-        img, _ = draw_shape(shape, color, background, size, rng)
-        pixels = preprocess_image(img, size)[None]
+    pixels, captions = synthetic_images(n, model.cfg.vision.image_size, seed=777)  # fresh images, their captions
+    right = {"color": 0, "background": 0}
+    for x, caption in zip(pixels, captions):
+        color, background = caption_colors(caption)
         for kind, question, want in (("color", "What colour is the shape?", color),
                                      ("background", "What colour is the background?", background)):
-            ids = encode_understanding_prompt(tok, question, 1, n_tok)
-            answer = tok.decode(model.generate_text(ids, pixels, max_new_tokens=8)).lower()
+            ids = encode_understanding_prompt(tok, question, 1, model.cfg.vision.num_patches)
+            answer = tok.decode(model.generate_text(ids, x[None], max_new_tokens=8)).lower()
             right[kind] += want in answer
     assert right["background"] >= 0.8 * n and right["color"] >= 0.5 * n, right  # chance 1/12 each

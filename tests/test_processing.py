@@ -74,4 +74,3 @@ def test_image_grid_layout():
     assert image_grid(ims[:1], min_side=16).size == (30, 30)  # already large enough: unchanged
     wide = [Image.new("RGB", (64, 16), (0, 0, 200))] * 2  # the short side sets the factor: 16 -> x8 = 128
     assert image_grid(wide, cols=1, min_side=128).size == (512, 256)
-
