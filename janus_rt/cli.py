@@ -73,13 +73,30 @@ def _common(p):
     p.add_argument("--model", default=None, help="checkpoint folder or preset (default: the embedded tiny-shapes model)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="default: bf16 on a GPU, fp32 on the CPU (fp16: GPU only)")
+                   help="default: bf16 on a GPU; on the CPU the checkpoint's own where it is stored in bf16 "
+                        "(Janus-Pro's published weights), else fp32 (fp16: GPU only)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (and a preset's random weights)")
     p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size in GiB (default: sized to the job)")
 
 
 def _dtype(args):
-    return resolve_dtype(args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32"))
+    """--dtype, or its default (chosen once; the CPU's bf16 choice said in a note)."""
+    if args.dtype is None:
+        args.dtype = "bf16" if str(args.device).startswith("cuda") else _cpu_default_dtype(args.model)
+    return resolve_dtype(args.dtype)
+
+
+def _cpu_default_dtype(spec: str | None) -> str:
+    """bf16 for a checkpoint folder stored in bf16 (the CPU's fast paths are bf16 ones, and an fp32 copy of bf16
+    weights doubles what every decode step reads), else fp32 (presets, fp32 or fp16 weights, the embedded model)."""
+    from janus_rt.loading import stored_dtype
+
+    folder = DEFAULT_MODEL if spec is None else spec
+    if Path(folder).is_dir() and stored_dtype(folder) == torch.bfloat16:
+        print("note: --dtype bf16, as the checkpoint stores its weights (--dtype fp32 for full precision)",
+              file=sys.stderr)
+        return "bf16"
+    return "fp32"
 
 
 def _pack_in_place(model, always: bool = False) -> None:

@@ -194,6 +194,52 @@ def iter_tensors(f: Path):
     yield from sd.items()
 
 
+_STORED = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+           "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def stored_dtype(path) -> torch.dtype | None:
+    """The floating dtype a checkpoint folder's weights are stored in, or None where it cannot tell cheaply.
+
+    safetensors: the dtype holding most of the first weight file's floating elements (its header only, no tensor
+    read). .bin weights: config.json's `torch_dtype` / `dtype`, top level or in a sub-config (text_config,
+    language_config, ...). Raises nothing for a folder it cannot read: load_janus says what is wrong with it.
+    """
+    path = Path(path)
+    try:
+        first = weight_files(path)[0]
+    except CheckpointError:
+        return None
+    if first.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        counts: dict[torch.dtype, int] = {}
+        try:
+            with safe_open(str(first), framework="pt", device="cpu") as sf:
+                for k in sf.keys():
+                    sl = sf.get_slice(k)
+                    dt = _STORED.get(sl.get_dtype())
+                    if dt is not None:
+                        n = 1
+                        for s in sl.get_shape():
+                            n *= s
+                        counts[dt] = counts.get(dt, 0) + n
+        except (SafetensorError, OSError):
+            return None
+        return max(counts, key=counts.get) if counts else None
+    try:
+        d = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(d, dict):
+        return None
+    for c in [d] + [v for v in d.values() if isinstance(v, dict)]:
+        for key in ("torch_dtype", "dtype"):
+            if isinstance(c.get(key), str) and c[key] in _STORED:
+                return _STORED[c[key]]
+    return None
+
+
 def _read_json_object(f: Path) -> dict:
     try:
         d = json.loads(f.read_text())

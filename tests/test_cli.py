@@ -61,6 +61,26 @@ def test_understand_honours_kv_cache_gb(tmp_path):
               "--kv-cache-gb", "1e6"])
 
 
+def test_cpu_dtype_default_follows_the_checkpoint(tmp_path, capsys, monkeypatch):
+    """On the CPU with no --dtype: a folder stored in bf16 loads in bf16 (said in a note), one stored in fp32 (the
+    embedded model's case) or a preset in fp32; --dtype wins over both."""
+    import janus_rt.cli as cli
+    from janus_rt.loading import convert, save_janus
+
+    got = []
+    real = cli.load_model
+    monkeypatch.setattr(cli, "load_model",
+                        lambda spec, device, dtype, seed: got.append(dtype) or real(spec, device, dtype, seed))
+    fp32 = save_janus(Janus.from_preset("tiny", seed=3), tmp_path / "fp32")
+    bf16 = convert(fp32, tmp_path / "bf16", dtype=torch.bfloat16)
+    note = "--dtype bf16, as the checkpoint stores its weights"
+    for model, flags, want in [(bf16, [], torch.bfloat16), (fp32, [], torch.float32), ("tiny", [], torch.float32),
+                               (bf16, ["--dtype", "fp32"], torch.float32)]:
+        main(["generate", "--model", str(model), "--device", "cpu", "-n", "1", "--out", str(tmp_path / "o")] + flags)
+        assert got.pop() == want
+        assert (note in capsys.readouterr().err) == (model == bf16 and not flags)
+
+
 @pytest.mark.parametrize("flags,message", [(["-n", "0"], "-n must be >= 1"), (["--top-p", "1.5"], "--top-p must be"),
                                            (["--top-k", "-1"], "--top-k must be"),
                                            (["--temperature", "-1"], "--temperature must be"),

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from janus_rt import Janus
 from janus_rt.config import ConfigError
 from janus_rt.loading import (CheckpointError, CorruptCheckpointError, MissingKeysError, ShapeMismatchError,
-                              UnexpectedKeysError, convert, save_janus)
+                              UnexpectedKeysError, convert, save_janus, stored_dtype)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,34 @@ def test_transformers_copy_saved_reads_back(tiny, tmp_path):
     back = Janus.from_pretrained(tmp_path / "hf")
     assert back.cfg.tokens == tiny.cfg.tokens
     assert same_weights(back, tiny)
+
+
+def test_stored_dtype(tiny, saved, tmp_path):
+    """What a folder's weights are stored in: safetensors by their header (most elements), .bin by config.json's
+    torch_dtype / dtype (top level or a sub-config); None where neither says, or for no checkpoint at all."""
+    assert stored_dtype(saved) == torch.float32
+    assert stored_dtype(convert(saved, tmp_path / "b", dtype=torch.bfloat16)) == torch.bfloat16
+    assert stored_dtype(convert(saved, tmp_path / "h", dtype=torch.float16)) == torch.float16
+    # mixed: the dtype of most elements wins (a few fp32 norms beside bf16 matrices)
+    sd = load_file(saved / "model.safetensors")
+    sd = {k: (v.to(torch.bfloat16) if v.numel() > 64 else v) for k, v in sd.items()}
+    (tmp_path / "mixed").mkdir()
+    save_file(sd, tmp_path / "mixed" / "model.safetensors")
+    assert {v.dtype for v in sd.values()} == {torch.float32, torch.bfloat16}
+    assert stored_dtype(tmp_path / "mixed") == torch.bfloat16
+    d = tmp_path / "bin"
+    d.mkdir()
+    torch.save({"x": torch.zeros(2, dtype=torch.bfloat16)}, d / "pytorch_model.bin")
+    (d / "config.json").write_text(json.dumps({"language_config": {"torch_dtype": "bfloat16"}}))
+    assert stored_dtype(d) == torch.bfloat16
+    (d / "config.json").write_text(json.dumps({"dtype": "float32", "text_config": {}}))
+    assert stored_dtype(d) == torch.float32
+    (d / "config.json").write_text(json.dumps({"text_config": {}}))
+    assert stored_dtype(d) is None
+    assert stored_dtype(tmp_path / "nothing here") is None
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert stored_dtype(tmp_path / "bad") is None
 
 
 def test_convert(tiny, saved, tmp_path):
