@@ -99,6 +99,18 @@ def _cpu_default_dtype(spec: str | None) -> str:
     return "fp32"
 
 
+def _default_cfg(spec: str | None) -> float:
+    """--cfg's default: the checkpoint folder's guidance_scale (said in a note), else 5.0 (Janus-Pro's official)."""
+    from janus_rt.loading import default_guidance
+
+    folder = DEFAULT_MODEL if spec is None else spec
+    w = default_guidance(folder) if Path(folder).is_dir() else None
+    if w is None:
+        return 5.0
+    print(f"note: --cfg {w:g}, the checkpoint's guidance_scale (generation_config.json)", file=sys.stderr)
+    return w
+
+
 def _pack_in_place(model, always: bool = False) -> None:
     """The CLI owns its model: on the CPU, pack the LLM's projections in place (engine.cpu_decode.pack_in_place)."""
     from janus_rt.engine.cpu_decode import pack_in_place
@@ -161,13 +173,15 @@ def cmd_generate(args):
     if stale:
         print(f"note: {args.out}/ already holds {len(stale)} img_*.png; this run overwrites those it writes and "
               f"grid.png shows only this run's", file=sys.stderr)
-    if args.cfg < 0:
+    if args.cfg is not None and args.cfg < 0:
         print(f"note: --cfg {args.cfg} < 0 pushes the images away from the prompt", file=sys.stderr)
     if args.cuda_graphs and not str(args.device).startswith("cuda"):
         print("note: --cuda-graphs has no effect on the CPU", file=sys.stderr)
     if args.temperature == 0:
         args.greedy = True
     model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)
+    if args.cfg is None:
+        args.cfg = _default_cfg(args.model)
     _pack_in_place(model, always=True)  # image prompts are short: the packed GEMV is as fast there, one copy less
     prompts = args.prompt or ["a red circle on a blue background"]
     if args.kv_cache_gb is not None:
@@ -276,7 +290,9 @@ def main(argv=None):
     g.add_argument("--prompt", action="append",
                    help="repeat for several prompts (batched together); none: 'a red circle on a blue background'")
     g.add_argument("-n", type=int, default=4, help="images per prompt")
-    g.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight")
+    g.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance weight (default: the checkpoint's generation_config.json "
+                        "guidance_scale where it has one, else 5, the official value)")
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest image tokens only (0 = off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of mass p (1 = off)")

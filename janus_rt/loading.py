@@ -240,6 +240,18 @@ def stored_dtype(path) -> torch.dtype | None:
     return None
 
 
+def default_guidance(path) -> float | None:
+    """The classifier-free guidance weight a checkpoint folder recommends: generation_config.json's
+    `guidance_scale` (transformers' field), or None where the folder has none (or it is not a number)."""
+    f = Path(path) / "generation_config.json"
+    try:
+        d = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    w = d.get("guidance_scale") if isinstance(d, dict) else None
+    return float(w) if isinstance(w, (int, float)) and not isinstance(w, bool) else None
+
+
 def _read_json_object(f: Path) -> dict:
     try:
         d = json.loads(f.read_text())

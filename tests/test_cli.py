@@ -81,6 +81,28 @@ def test_cpu_dtype_default_follows_the_checkpoint(tmp_path, capsys, monkeypatch)
         assert (note in capsys.readouterr().err) == (model == bf16 and not flags)
 
 
+def test_cfg_default_follows_the_checkpoint(tmp_path, capsys, monkeypatch):
+    """--cfg's default: the folder's generation_config.json guidance_scale (said in a note), else 5; --cfg wins."""
+    import janus_rt.processing as processing
+    from janus_rt.loading import save_janus
+
+    got = []
+    real = processing.generate_images
+    monkeypatch.setattr(processing, "generate_images",
+                        lambda *a, **kw: got.append(kw["cfg_weight"]) or real(*a, **kw))
+    ck = save_janus(Janus.from_preset("tiny", seed=3), tmp_path / "ck")
+    note = "the checkpoint's guidance_scale"
+    for gen, flags, want in [(None, [], 5.0), ('{"guidance_scale": 2.5}', [], 2.5),
+                             ('{"guidance_scale": 2.5}', ["--cfg", "4"], 4.0)]:
+        if gen:
+            (ck / "generation_config.json").write_text(gen)
+        main(["generate", "--model", str(ck), "-n", "1", "--out", str(tmp_path / "o")] + flags)
+        assert got.pop() == want
+        assert (note in capsys.readouterr().err) == (gen is not None and not flags)
+    main(["generate", "-n", "1", "--out", str(tmp_path / "o")])  # the embedded model carries 1.5
+    assert got.pop() == 1.5
+
+
 @pytest.mark.parametrize("flags,message", [(["-n", "0"], "-n must be >= 1"), (["--top-p", "1.5"], "--top-p must be"),
                                            (["--top-k", "-1"], "--top-k must be"),
                                            (["--temperature", "-1"], "--temperature must be"),

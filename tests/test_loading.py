@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from janus_rt import Janus
 from janus_rt.config import ConfigError
 from janus_rt.loading import (CheckpointError, CorruptCheckpointError, MissingKeysError, ShapeMismatchError,
-                              UnexpectedKeysError, convert, save_janus, stored_dtype)
+                              UnexpectedKeysError, convert, default_guidance, save_janus, stored_dtype)
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,16 @@ def test_stored_dtype(tiny, saved, tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "model.safetensors").write_bytes(b"not a safetensors file")
     assert stored_dtype(tmp_path / "bad") is None
+
+
+def test_default_guidance(saved):
+    """generation_config.json's guidance_scale (transformers' field), else None."""
+    assert default_guidance(saved) is None  # save_janus writes no generation config
+    for text, want in [('{"guidance_scale": 1.5}', 1.5), ('{"guidance_scale": 5}', 5.0),
+                       ('{"guidance_scale": null}', None), ('{"guidance_scale": "2"}', None), ('{"guidance_scale": true}', None), ("[1]", None),
+                       ("not json", None), ('{"pad_token_id": 3}', None)]:
+        (saved / "generation_config.json").write_text(text)
+        assert default_guidance(saved) == want, text
 
 
 def test_convert(tiny, saved, tmp_path):

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from janus_rt.train.data import (IGNORE, SYSTEM_PROMPT, DataWarning, ManifestDataset, read_manifest)
-from janus_rt.train.synthetic import (PALETTE, QUESTIONS, caption_color_match, caption_colors, dominant_colors,
-                                      make_synthetic)
+from janus_rt.train.synthetic import (PALETTE, QUESTIONS, caption_color_match, caption_colors, count_objects,
+                                      dominant_colors, make_synthetic)
 
 N = 16  # image tokens per image in these tests (576 in the real model)
 
@@ -76,6 +76,7 @@ def test_synthetic_valid_and_deterministic(tmp_path):
         assert t2i.caption.endswith(f"{background} background") and shape_color != background
         assert dominant_colors(img, k=1)[0][0] == background  # the shape never covers most of the frame
         assert caption_color_match(img, t2i.caption) == 1.0
+        assert count_objects(img, shape_color) == 1 and count_objects(img, background) == 1
         (_, question), (_, answer) = und.turns
         assert und.images == t2i.images and question.startswith("<image_placeholder>\n")
         if question.endswith(QUESTIONS["color"]):
@@ -101,6 +102,23 @@ def test_color_helpers():
     assert caption_color_match(Image.fromarray(arr), "a yellow star on a white background") == 0.0
     with pytest.raises(ValueError):
         dominant_colors(arr.astype(np.float32))
+
+
+def test_count_objects():
+    arr = np.empty((40, 40, 3), np.uint8)
+    arr[:] = PALETTE["blue"]
+    arr[2:12, 2:12] = PALETTE["red"]      # object 1
+    arr[20:30, 5:8] = (250, 10, 10)       # object 2: near red, 30 pixels
+    arr[12, 12] = PALETTE["red"]          # touches object 1 only at a corner: a speck of its own
+    arr[35:37, 35:37] = PALETTE["red"]    # a 4-pixel speck
+    arr[2:12, 20:30] = PALETTE["gray"]
+    arr[5:7, 20:30] = PALETTE["blue"]     # cuts the grey square in two
+    assert count_objects(arr, "red") == 2
+    assert count_objects(arr, "red", min_pixels=1) == 4
+    assert count_objects(Image.fromarray(arr), "grey") == count_objects(arr, "gray") == 2
+    assert count_objects(arr, "blue") == 1 and count_objects(arr, "green") == 0
+    with pytest.raises(ValueError, match="not a palette colour"):
+        count_objects(arr, "teal")
 
 
 # ---- manifest validation -----------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 For each caption the model generates `n_per_caption` images (classifier-free guidance, seeded), the VQ decodes
 them, and `caption_color_match` scores each: the fraction of the caption's colours (shape, background) among
 the image's top-m palette colours. 1.0 for a ground-truth synthetic image; chance for random colours is far
-lower (two named colours among 12 palette colours).
+lower (two named colours among 12 palette colours). Also reported: `one_object`, the fraction of images whose
+shape colour forms exactly one object (`count_objects`; 1.0 for ground-truth images), which drops where a
+generator scatters the colour in pieces.
 
     python -m janus_rt.train.evaluate --model DIR [DIR ...] --n 32 --n-per-caption 4
 prints one JSON line per model (mean score, its standard error over captions); `tiny` names the random-weight
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from janus_rt.processing import encode_generation_prompt, to_pil
-from janus_rt.train.synthetic import caption_color_match, caption_colors, make_synthetic
+from janus_rt.train.synthetic import caption_color_match, caption_colors, count_objects, make_synthetic
 
 
 def heldout_captions(n: int, seed: int = 12345) -> list[str]:
@@ -43,19 +45,27 @@ def generate_images(model, tokenizer, caption: str, n: int, seed: int, cfg_weigh
     return to_pil(model.decode_image_tokens(torch.as_tensor(tokens, dtype=torch.long)))
 
 
-def color_match_scores(model, tokenizer, captions: list[str], n_per_caption: int = 4, seed: int = 0,
-                       cfg_weight: float = 5.0, temperature: float = 1.0) -> list[list[float]]:
-    """Per-image scores [len(captions)][n_per_caption]; caption i samples with seed + i (deterministic)."""
+def caption_scores(model, tokenizer, captions: list[str], n_per_caption: int = 4, seed: int = 0,
+                   cfg_weight: float = 5.0, temperature: float = 1.0) -> dict[str, list[list[float]]]:
+    """Per-image scores [len(captions)][n_per_caption] under "color_match" (caption_color_match) and "one_object"
+    (1.0 where the caption's shape colour forms exactly one object); caption i samples with seed + i."""
     if n_per_caption < 1:
         raise ValueError(f"n_per_caption must be >= 1, got {n_per_caption}")
     for caption in captions:
         if not caption_colors(caption):
             raise ValueError(f"caption names no palette colour: {caption!r}")
-    out = []
+    out = {"color_match": [], "one_object": []}
     for i, caption in enumerate(captions):
         imgs = generate_images(model, tokenizer, caption, n_per_caption, seed + i, cfg_weight, temperature)
-        out.append([caption_color_match(im, caption) for im in imgs])
+        out["color_match"].append([caption_color_match(im, caption) for im in imgs])
+        out["one_object"].append([float(count_objects(im, caption_colors(caption)[0]) == 1) for im in imgs])
     return out
+
+
+def color_match_scores(model, tokenizer, captions: list[str], n_per_caption: int = 4, seed: int = 0,
+                       cfg_weight: float = 5.0, temperature: float = 1.0) -> list[list[float]]:
+    """Per-image caption_color_match [len(captions)][n_per_caption]; caption i samples with seed + i."""
+    return caption_scores(model, tokenizer, captions, n_per_caption, seed, cfg_weight, temperature)["color_match"]
 
 
 def color_match_score(model, tokenizer, captions: list[str], n_per_caption: int = 4, seed: int = 0,
@@ -97,11 +107,13 @@ def main(argv=None) -> list[dict]:
     for spec in a.model:
         model, tok = load_model_and_tokenizer(spec)
         t0 = time.perf_counter()
-        scores = color_match_scores(model, tok, captions, a.n_per_caption, a.seed, a.cfg, a.temperature)
+        both = caption_scores(model, tok, captions, a.n_per_caption, a.seed, a.cfg, a.temperature)
+        scores = both["color_match"]
         per_caption = np.mean(scores, axis=1)  # [n]; captions are the independent units
         n = len(per_caption)
         sem = round(float(np.std(per_caption, ddof=1)) / n**0.5, 4) if n > 1 else None
         row = {"model": spec, "color_match": round(float(np.mean(scores)), 4), "stderr": sem,
+               "one_object": round(float(np.mean(both["one_object"])), 4),
                "captions": len(captions), "n_per_caption": a.n_per_caption, "cfg": a.cfg,
                "temperature": a.temperature, "seed": a.seed, "seconds": round(time.perf_counter() - t0, 1)}
         if a.vq_ceiling:

@@ -173,6 +173,39 @@ def dominant_colors(img, k: int | None = None, max_side: int = 64) -> list[tuple
     return out[:k] if k is not None else out
 
 
+def count_objects(img, color: str, min_pixels: int = 6, max_side: int = 64) -> int:
+    """Separate objects of one palette colour in an image: 4-connected regions of pixels whose nearest palette colour
+    is `color`, counting those of at least min_pixels (specks of a blended edge are not objects). A synthetic image
+    holds one object of its shape's colour; a generator that scatters the colour in pieces draws several.
+    img as dominant_colors takes it (downscaled the same way)."""
+    name = _ALIASES.get(color.lower(), color.lower())
+    if name not in PALETTE:
+        raise ValueError(f"{color!r} is not a palette colour ({', '.join(_PALETTE_NAMES)})")
+    pil = img.convert("RGB") if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
+    if max(pil.size) > max_side:
+        scale = max_side / max(pil.size)
+        pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.NEAREST)
+    px = np.asarray(pil, dtype=np.float32)  # [H, W, 3]
+    mask = ((px[:, :, None, :] - _PALETTE_RGB) ** 2).sum(-1).argmin(-1) == _PALETTE_NAMES.index(name)  # [H, W]
+    seen = np.zeros_like(mask)
+    h, w = mask.shape
+    objects = 0
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        stack, size = [(y0, x0)], 0
+        while stack:  # flood fill of one region
+            y, x = stack.pop()
+            size += 1
+            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not seen[yy, xx]:
+                    seen[yy, xx] = True
+                    stack.append((yy, xx))
+        objects += size >= min_pixels
+    return objects
+
+
 def caption_colors(caption: str) -> list[str]:
     """Palette colour names in a caption, in order of mention (for the synthetic captions: shape colour,
     then background colour). "grey" reads as "gray"."""
