@@ -99,6 +99,18 @@ def _cpu_default_dtype(spec: str | None) -> str:
     return "fp32"
 
 
+def _read_prompts(path: str) -> list[str]:
+    """--prompts-file's prompts: one a line, blank lines and # comments skipped; at least one."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"janus-rt generate: --prompts-file {path!r}: cannot read it ({e})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise SystemExit(f"janus-rt generate: --prompts-file {path!r} holds no prompt")
+    return prompts
+
+
 def _default_cfg(spec: str | None) -> float:
     """--cfg's default: the checkpoint folder's guidance_scale (said in a note), else 5.0 (Janus-Pro's official)."""
     from janus_rt.loading import default_guidance
@@ -158,7 +170,7 @@ def _out_problem(path: str) -> str | None:
 
 def cmd_generate(args):
     from janus_rt.engine import Engine
-    from janus_rt.processing import encode_generation_prompt, generate_images
+    from janus_rt.processing import GRID_ROWS, encode_generation_prompt, generate_images
 
     _check_args(args, (args.n >= 1, f"-n must be >= 1, got {args.n}"),
                 (args.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}"),
@@ -169,6 +181,11 @@ def cmd_generate(args):
                  f"--out {args.out!r} is a file, not a folder"), *_common_checks(args))
     if err := _out_problem(args.out):  # before minutes of work
         raise SystemExit(f"janus-rt generate: {err}")
+    args.prompts = list(args.prompt or [])
+    if args.prompts_file is not None:
+        args.prompts += _read_prompts(args.prompts_file)
+    if not args.prompts:
+        args.prompts = ["a red circle on a blue background"]
     stale = sorted(Path(args.out).glob("img_*_*.png"))
     if stale:
         print(f"note: {args.out}/ already holds {len(stale)} img_*.png; this run overwrites those it writes and "
@@ -183,7 +200,7 @@ def cmd_generate(args):
     if args.cfg is None:
         args.cfg = _default_cfg(args.model)
     _pack_in_place(model, always=True)  # image prompts are short: the packed GEMV is as fast there, one copy less
-    prompts = args.prompt or ["a red circle on a blue background"]
+    prompts = args.prompts
     if args.kv_cache_gb is not None:
         eng = Engine(model, kv_cache_gb=args.kv_cache_gb, cuda_graphs=args.cuda_graphs)
     else:
@@ -196,7 +213,8 @@ def cmd_generate(args):
     dt = time.perf_counter() - t0
     n_tok = len(prompts) * args.n * model.cfg.num_image_tokens
     s = eng.stats
-    print(f"{what}: {len(prompts) * args.n} image(s) -> {args.out}/ (grid.png)")
+    grid = "grid.png" if len(prompts) <= GRID_ROWS else f"grid.png: the first {GRID_ROWS} prompts"
+    print(f"{what}: {len(prompts) * args.n} image(s) -> {args.out}/ ({grid})")
     print(f"{n_tok} image tokens in {dt:.2f} s (incl. VQ decode): {n_tok / (s.prefill_s + s.decode_s):.1f} tokens/s "
           f"generating, {s.ms_per_step:.2f} ms/decode step ({s.decode_steps} steps), prefill {1e3 * s.prefill_s:.1f} ms, "
           f"backend {eng.backend}, device {args.device}")
@@ -289,6 +307,9 @@ def main(argv=None):
     _common(g)
     g.add_argument("--prompt", action="append",
                    help="repeat for several prompts (batched together); none: 'a red circle on a blue background'")
+    g.add_argument("--prompts-file", metavar="FILE",
+                   help="one prompt per line (blank lines and lines starting with # skipped), after any --prompt; "
+                        "all are queued at once and run as the KV cache admits them")
     g.add_argument("-n", type=int, default=4, help="images per prompt")
     g.add_argument("--cfg", type=float, default=None,
                    help="classifier-free guidance weight (default: the checkpoint's generation_config.json "

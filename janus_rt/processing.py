@@ -93,12 +93,17 @@ def image_grid(images, cols: int | None = None, min_side: int = 0, gap: int = 0)
     return grid
 
 
+GRID_ROWS = 32  # prompts shown in generate_images' grid.png (one row each)
+
+
 def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: float = 5.0, temperature: float = 1.0,
                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, greedy: bool = False, out_dir=None,
-                    engine=None, progress: bool = True):
-    """Text prompts -> PIL images (n per prompt, prompts batched in one engine run). With `out_dir`, also writes
-    img_<prompt>_<i>.png (the decoder's size) and grid.png (one row per prompt, 2 px apart; tiles enlarged to
-    >= 128 px a side). Returns (images per prompt, engine)."""
+                    engine=None, progress: bool = True, max_grid_rows: int = GRID_ROWS):
+    """Text prompts -> PIL images (n per prompt, prompts batched in one engine run; prompt k samples with seed + k).
+    With `out_dir`, also writes img_<prompt>_<i>.png (the decoder's size; each prompt's as soon as its request
+    finishes, so a long run keeps what it has made) and at the end grid.png (one row per prompt for the first
+    max_grid_rows prompts, 2 px apart; tiles enlarged to >= 128 px a side). <prompt> has 2 digits, more from 101
+    prompts on. Returns (images per prompt, engine)."""
     from pathlib import Path
 
     from janus_rt.engine import Engine, SamplingParams
@@ -109,16 +114,24 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
                                                                 top_k=top_k, top_p=top_p, greedy=greedy,
                                                                 seed=seed + k))
             for k, i in enumerate(ids)]
-    eng.run(progress=progress, desc="image tokens")
-    out = []
-    with torch.inference_mode():
-        for req in reqs:
-            out.append(to_pil(model.decode_image_tokens(torch.tensor(req.tokens, device=model.device))))
-    if out_dir is not None:
-        d = Path(out_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        for k, images in enumerate(out):
-            for i, im in enumerate(images):
-                im.save(d / f"img_{k:02d}_{i:02d}.png")
-        image_grid([im for images in out for im in images], cols=n, min_side=128, gap=2).save(d / "grid.png")
+    index = {r.req_id: k for k, r in enumerate(reqs)}
+    out: list = [None] * len(reqs)
+    d = None if out_dir is None else Path(out_dir)
+    width = max(2, len(str(len(reqs) - 1)))
+
+    def finished(req):
+        k = index.get(req.req_id)
+        if k is None:  # another request the caller's engine held
+            return
+        with torch.inference_mode():
+            out[k] = to_pil(model.decode_image_tokens(torch.tensor(req.tokens, device=model.device)))
+        if d is not None:
+            d.mkdir(parents=True, exist_ok=True)
+            for i, im in enumerate(out[k]):
+                im.save(d / f"img_{k:0{width}d}_{i:02d}.png")
+
+    eng.run(progress=progress, desc="image tokens", on_finish=finished)
+    if d is not None:
+        rows = out[:max_grid_rows]
+        image_grid([im for images in rows for im in images], cols=n, min_side=128, gap=2).save(d / "grid.png")
     return out, eng

@@ -103,6 +103,43 @@ def test_cfg_default_follows_the_checkpoint(tmp_path, capsys, monkeypatch):
     assert got.pop() == 1.5
 
 
+def test_generate_prompts_file(tmp_path, capsys):
+    """--prompts-file: a prompt a line (blank lines and # comments skipped), after --prompt; PNGs per prompt in that
+    order, one grid row each; the same images as passing each prompt with --prompt."""
+    f = tmp_path / "prompts.txt"
+    f.write_text("# colours\na blue square on a red background\n\n  a green star on a white background  \n")
+    main(["generate", "--model", "tiny", "--prompt", "a red circle", "--prompts-file", str(f), "-n", "1",
+          "--out", str(tmp_path / "a")])
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["grid.png", "img_00_00.png", "img_01_00.png",
+                                                                  "img_02_00.png"]
+    assert Image.open(tmp_path / "a" / "grid.png").size == (128, 3 * 128 + 2 * 2)
+    main(["generate", "--model", "tiny", "--prompt", "a red circle", "--prompt", "a blue square on a red background",
+          "--prompt", "a green star on a white background", "-n", "1", "--out", str(tmp_path / "b")])
+    for name in ("img_00_00.png", "img_01_00.png", "img_02_00.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    capsys.readouterr()
+    for text, message in [(None, "cannot read it"), ("# only a comment\n\n", "holds no prompt")]:
+        g = tmp_path / f"p{len(message)}.txt"
+        if text is not None:
+            g.write_text(text)
+        with pytest.raises(SystemExit, match=f"janus-rt generate: --prompts-file .*{message}"):
+            main(["generate", "--model", "tiny", "--prompts-file", str(g), "--out", str(tmp_path / "c")])
+
+
+def test_generate_many_prompts_names_and_grid(tmp_path, capsys):
+    """From 101 prompts on the prompt index takes 3 digits; grid.png shows the first GRID_ROWS prompts."""
+    from janus_rt.processing import GRID_ROWS
+
+    f = tmp_path / "prompts.txt"
+    f.write_text("".join(f"prompt {i}\n" for i in range(101)))
+    main(["generate", "--model", "tiny", "--prompts-file", str(f), "-n", "1", "--temperature", "0",
+          "--out", str(tmp_path / "o")])
+    names = sorted(p.name for p in (tmp_path / "o").glob("img_*.png"))
+    assert names == [f"img_{i:03d}_00.png" for i in range(101)]
+    assert Image.open(tmp_path / "o" / "grid.png").size == (128, GRID_ROWS * 128 + (GRID_ROWS - 1) * 2)
+    assert f"grid.png: the first {GRID_ROWS} prompts" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("flags,message", [(["-n", "0"], "-n must be >= 1"), (["--top-p", "1.5"], "--top-p must be"),
                                            (["--top-k", "-1"], "--top-k must be"),
                                            (["--temperature", "-1"], "--temperature must be"),

@@ -164,6 +164,24 @@ def test_preemption_recomputes_exactly(tiny):
     assert eng.bm.num_free_blocks == eng.bm.num_blocks
 
 
+def test_run_calls_on_finish_as_each_request_finishes(tiny):
+    """run(on_finish=...) sees each request once, complete and with its blocks back in the pool, while the others
+    still run or wait (a cache that holds one request's full growth at a time)."""
+    eng = Engine(tiny, block_size=16, max_num_blocks=30, kv_cache_gb=1)
+    reqs = [eng.add_image_request(prompt(tiny, 20 + 10 * k, seed=4 + k), 2, SamplingParams(seed=k)) for k in range(3)]
+    seen = []
+
+    def on_finish(r):
+        held = {rid for q in eng.scheduler.running for rid in q.row_ids()}
+        seen.append((r.req_id, r.finished, all(len(t) == tiny.cfg.num_image_tokens for t in r.tokens),
+                     any(rid in held for rid in r.row_ids()), sum(q.finished for q in reqs)))
+
+    done = eng.run(on_finish=on_finish)
+    assert sorted(rid for rid, *_ in seen) == sorted(done) == sorted(r.req_id for r in reqs)
+    assert all(fin and complete and not held for _, fin, complete, held, _ in seen), seen
+    assert [n for *_, n in seen][0] < len(reqs)  # the first callback came before the last request finished
+
+
 def test_max_steps_per_call_must_be_positive(tiny):
     with pytest.raises(ValueError, match="max_steps_per_call must be >= 1"):
         Engine(tiny, block_size=16, max_num_blocks=4, max_steps_per_call=0)

@@ -354,8 +354,9 @@ class Engine:
             r.append([t])
 
     # ---- drivers -------------------------------------------------------------------------------------------
-    def run(self, progress: bool = False, desc: str = "generating") -> dict[int, Request]:
-        """Step until every request has finished; returns {req_id: request}."""
+    def run(self, progress: bool = False, desc: str = "generating", on_finish=None) -> dict[int, Request]:
+        """Step until every request has finished; returns {req_id: request}. on_finish(request), if given, is
+        called for each request as soon as it finishes (its tokens complete, its blocks freed)."""
         bar = None
         if progress:
             from tqdm import tqdm
@@ -368,6 +369,8 @@ class Engine:
             before = self._progress()
             for r in self.step():
                 done[r.req_id] = r
+                if on_finish is not None:
+                    on_finish(r)
             if bar is not None:
                 bar.update(self._progress() - before)
         if bar is not None:
