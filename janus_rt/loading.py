@@ -290,8 +290,12 @@ def read_config(path: Path) -> tuple[JanusConfig, str]:
 
 
 # ---- loading -------------------------------------------------------------------------------------------------
-def load_janus(path, device="cpu", dtype=torch.float32):
-    """Build a Janus from a checkpoint folder (any layout), allocating the model once on `device`."""
+PROGRESS_MIN_BYTES = 2**30  # load_janus shows a progress bar for weight files at least this large in all
+
+
+def load_janus(path, device="cpu", dtype=torch.float32, progress: bool | None = None):
+    """Build a Janus from a checkpoint folder (any layout), allocating the model once on `device`.
+    progress: a bar over the weight files' bytes on stderr (None: where they hold >= PROGRESS_MIN_BYTES)."""
     from janus_rt.models.janus import Janus
 
     path = Path(path)
@@ -302,7 +306,36 @@ def load_janus(path, device="cpu", dtype=torch.float32):
     params = dict(model.named_parameters(remove_duplicate=False))
     filled: dict[str, int] = {k: 0 for k in params}
     unexpected = []
-    for f in weight_files(path):
+    files = weight_files(path)
+    total = sum(f.stat().st_size for f in files)
+    bar = None
+    if progress or (progress is None and total >= PROGRESS_MIN_BYTES):
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, unit_divisor=1024)
+    try:
+        _fill(cfg, layout, files, params, filled, unexpected, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if unexpected:
+        raise UnexpectedKeysError(f"{path}: unexpected tensors {unexpected[:10]}"
+                                  f"{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)} in all)")
+    if cfg.llm.tie_word_embeddings:
+        filled["lm_head.weight"] = filled["llm.embed_tokens.weight"]
+    missing = [k for k, p in params.items() if filled[k] != p.numel()]
+    if missing:
+        raise MissingKeysError(f"{path}: no (or incomplete) data for {missing[:10]}"
+                               f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all)")
+    return model.eval().requires_grad_(False)  # inference; training unfreezes what it trains (apply_stage)
+
+
+def _fill(cfg, layout, files, params, filled, unexpected, bar) -> None:
+    """load_janus' copy loop: each file's tensors renamed and copied into `params`, counted in `filled`; keys with
+    no place go to `unexpected`. The bar advances by each tensor's bytes as it is copied, and by the rest of the
+    file's size (header, tensors skipped) when the file is done."""
+    for f in files:
+        read = 0
         for key, src in iter_tensors(f):
             r = rename(key, layout)
             if r is None:
@@ -328,16 +361,12 @@ def load_janus(path, device="cpu", dtype=torch.float32):
             with torch.no_grad():
                 dst.copy_(src)
             filled[name] += dst.numel()
-    if unexpected:
-        raise UnexpectedKeysError(f"{path}: unexpected tensors {unexpected[:10]}"
-                                  f"{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)} in all)")
-    if cfg.llm.tie_word_embeddings:
-        filled["lm_head.weight"] = filled["llm.embed_tokens.weight"]
-    missing = [k for k, p in params.items() if filled[k] != p.numel()]
-    if missing:
-        raise MissingKeysError(f"{path}: no (or incomplete) data for {missing[:10]}"
-                               f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all)")
-    return model.eval().requires_grad_(False)  # inference; training unfreezes what it trains (apply_stage)
+            if bar is not None:
+                step = min(src.numel() * src.element_size(), f.stat().st_size - read)
+                bar.update(step)
+                read += step
+        if bar is not None:
+            bar.update(f.stat().st_size - read)
 
 
 def readable_as_umask(path) -> None:

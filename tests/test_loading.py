@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from janus_rt import Janus
 from janus_rt.config import ConfigError
 from janus_rt.loading import (CheckpointError, CorruptCheckpointError, MissingKeysError, ShapeMismatchError,
-                              UnexpectedKeysError, convert, default_guidance, save_janus, stored_dtype)
+                              UnexpectedKeysError, convert, default_guidance, load_janus, save_janus, stored_dtype)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,23 @@ def test_transformers_copy_saved_reads_back(tiny, tmp_path):
     back = Janus.from_pretrained(tmp_path / "hf")
     assert back.cfg.tokens == tiny.cfg.tokens
     assert same_weights(back, tiny)
+
+
+def test_load_progress_bar(tiny, saved, capsys, monkeypatch):
+    """A bar over the weight files' bytes, on its own from PROGRESS_MIN_BYTES up (or asked for), ending at the
+    files' whole size; none for a small checkpoint."""
+    import janus_rt.loading as loading
+
+    size = (saved / "model.safetensors").stat().st_size
+    assert same_weights(load_janus(saved), tiny)
+    assert "loading weights" not in capsys.readouterr().err
+    for kwargs in ({"progress": True}, {}):
+        if not kwargs:
+            monkeypatch.setattr(loading, "PROGRESS_MIN_BYTES", size)
+        assert same_weights(load_janus(saved, **kwargs), tiny)
+        err = capsys.readouterr().err
+        assert "loading weights" in err and "100%" in err, err
+    assert "loading weights" not in (load_janus(saved, progress=False), capsys.readouterr().err)[1]
 
 
 def test_stored_dtype(tiny, saved, tmp_path):
