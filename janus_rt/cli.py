@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -102,7 +103,7 @@ def _cpu_default_dtype(spec: str | None) -> str:
 def _read_prompts(path: str) -> list[str]:
     """--prompts-file's prompts: one a line, blank lines and # comments skipped; at least one."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not a prompt
     except (OSError, UnicodeDecodeError) as e:
         raise SystemExit(f"janus-rt generate: --prompts-file {path!r}: cannot read it ({e})") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
@@ -143,7 +144,8 @@ def _common_checks(args):
     """The checks of _common's flags (generate, understand)."""
     cuda = str(args.device).startswith("cuda")
     return [(not cuda or torch.cuda.is_available(), f"--device {args.device}: this torch has no CUDA device"),
-            (cuda or _dtype(args) != torch.float16, "--dtype fp16 needs a GPU; on the CPU use fp32 or bf16"),
+            (cuda or args.dtype is None or DTYPES[args.dtype] != torch.float16,
+             "--dtype fp16 needs a GPU; on the CPU use fp32 or bf16"),
             (args.kv_cache_gb is None or args.kv_cache_gb > 0, f"--kv-cache-gb must be > 0, got {args.kv_cache_gb}")]
 
 
@@ -176,6 +178,7 @@ def cmd_generate(args):
                 (args.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}"),
                 (args.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {args.top_k}"),
                 (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+                (args.cfg is None or math.isfinite(args.cfg), f"--cfg must be a finite number, got {args.cfg}"),
                 (all(p.strip() for p in args.prompt or ["x"]), "--prompt is empty"),
                 (not Path(args.out).exists() or Path(args.out).is_dir(),
                  f"--out {args.out!r} is a file, not a folder"), *_common_checks(args))
@@ -190,8 +193,6 @@ def cmd_generate(args):
     if stale:
         print(f"note: {args.out}/ already holds {len(stale)} img_*.png; this run overwrites those it writes and "
               f"grid.png shows only this run's", file=sys.stderr)
-    if args.cfg is not None and args.cfg < 0:
-        print(f"note: --cfg {args.cfg} < 0 pushes the images away from the prompt", file=sys.stderr)
     if args.cuda_graphs and not str(args.device).startswith("cuda"):
         print("note: --cuda-graphs has no effect on the CPU", file=sys.stderr)
     if args.temperature == 0:
@@ -199,6 +200,8 @@ def cmd_generate(args):
     model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)
     if args.cfg is None:
         args.cfg = _default_cfg(args.model)
+    if args.cfg < 0:
+        print(f"note: --cfg {args.cfg:g} < 0 pushes the images away from the prompt", file=sys.stderr)
     _pack_in_place(model, always=True)  # image prompts are short: the packed GEMV is as fast there, one copy less
     prompts = args.prompts
     if args.kv_cache_gb is not None:
@@ -209,7 +212,7 @@ def cmd_generate(args):
     t0 = time.perf_counter()
     images, eng = generate_images(model, tok, prompts, n=args.n, cfg_weight=args.cfg, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, greedy=args.greedy,
-                                  out_dir=args.out, engine=eng)
+                                  out_dir=args.out, engine=eng, keep_images=False)
     dt = time.perf_counter() - t0
     n_tok = len(prompts) * args.n * model.cfg.num_image_tokens
     s = eng.stats

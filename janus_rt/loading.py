@@ -14,6 +14,7 @@ Every failure raises a CheckpointError naming the file and tensor; nothing half-
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -155,8 +156,10 @@ def weight_files(path: Path) -> list[Path]:
         if (path / index).exists():
             try:
                 wm = json.loads((path / index).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise CorruptCheckpointError(f"{path / index}: unreadable shard index ({e})") from None
+            if not isinstance(wm, dict) or not all(isinstance(f, str) for f in wm.values()):
+                raise CorruptCheckpointError(f"{path / index}: weight_map is not a {{tensor: file name}} object")
             files = [path / f for f in sorted(set(wm.values()))]
             for f in files:
                 if not f.exists():
@@ -203,12 +206,12 @@ def stored_dtype(path) -> torch.dtype | None:
 
     safetensors: the dtype holding most of the first weight file's floating elements (its header only, no tensor
     read). .bin weights: config.json's `torch_dtype` / `dtype`, top level or in a sub-config (text_config,
-    language_config, ...). Raises nothing for a folder it cannot read: load_janus says what is wrong with it.
+    language_config, ...). None, not an error, for a folder it cannot read: load_janus says what is wrong with it.
     """
     path = Path(path)
     try:
         first = weight_files(path)[0]
-    except CheckpointError:
+    except (CheckpointError, OSError):
         return None
     if first.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
@@ -229,7 +232,7 @@ def stored_dtype(path) -> torch.dtype | None:
         return max(counts, key=counts.get) if counts else None
     try:
         d = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     if not isinstance(d, dict):
         return None
@@ -242,20 +245,27 @@ def stored_dtype(path) -> torch.dtype | None:
 
 def default_guidance(path) -> float | None:
     """The classifier-free guidance weight a checkpoint folder recommends: generation_config.json's
-    `guidance_scale` (transformers' field), or None where the folder has none (or it is not a number)."""
+    `guidance_scale` (transformers' field; its converted Janus-Pro checkpoints carry 5), or None where the folder has
+    none (or it is not a finite number)."""
     f = Path(path) / "generation_config.json"
     try:
         d = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     w = d.get("guidance_scale") if isinstance(d, dict) else None
-    return float(w) if isinstance(w, (int, float)) and not isinstance(w, bool) else None
+    if not isinstance(w, (int, float)) or isinstance(w, bool):
+        return None
+    try:
+        w = float(w)
+    except OverflowError:  # an integer too large for a float
+        return None
+    return w if math.isfinite(w) else None
 
 
 def _read_json_object(f: Path) -> dict:
     try:
         d = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{f}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{f}: expected a JSON object, got {type(d).__name__}")

@@ -98,12 +98,15 @@ GRID_ROWS = 32  # prompts shown in generate_images' grid.png (one row each)
 
 def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: float = 5.0, temperature: float = 1.0,
                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, greedy: bool = False, out_dir=None,
-                    engine=None, progress: bool = True, max_grid_rows: int = GRID_ROWS):
+                    engine=None, progress: bool = True, max_grid_rows: int = GRID_ROWS,
+                    keep_images: bool = True):
     """Text prompts -> PIL images (n per prompt, prompts batched in one engine run; prompt k samples with seed + k).
     With `out_dir`, also writes img_<prompt>_<i>.png (the decoder's size; each prompt's as soon as its request
-    finishes, so a long run keeps what it has made) and at the end grid.png (one row per prompt for the first
-    max_grid_rows prompts, 2 px apart; tiles enlarged to >= 128 px a side). <prompt> has 2 digits, more from 101
-    prompts on. Returns (images per prompt, engine)."""
+    finishes: a run longer than the KV cache holds at once keeps each wave of prompts it has finished) and at the end
+    grid.png (one row per prompt for the first max_grid_rows prompts, 2 px apart; tiles enlarged to >= 128 px a
+    side). <prompt> is the prompt's index in `prompts`, 2 digits, more from 101 prompts on. Returns (images per
+    prompt, engine); with keep_images=False (and out_dir) the prompts past the grid's get None instead of their
+    images, which are on disk (a long list of prompts is not held in memory)."""
     from pathlib import Path
 
     from janus_rt.engine import Engine, SamplingParams
@@ -129,6 +132,8 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
             d.mkdir(parents=True, exist_ok=True)
             for i, im in enumerate(out[k]):
                 im.save(d / f"img_{k:0{width}d}_{i:02d}.png")
+            if not keep_images and k >= max_grid_rows:
+                out[k] = None
 
     eng.run(progress=progress, desc="image tokens", on_finish=finished)
     if d is not None:

@@ -101,13 +101,18 @@ def test_cfg_default_follows_the_checkpoint(tmp_path, capsys, monkeypatch):
         assert (note in capsys.readouterr().err) == (gen is not None and not flags)
     main(["generate", "-n", "1", "--out", str(tmp_path / "o")])  # the embedded model carries 1.5
     assert got.pop() == 1.5
+    (ck / "generation_config.json").write_text('{"guidance_scale": -1}')
+    main(["generate", "--model", str(ck), "-n", "1", "--out", str(tmp_path / "o")])
+    assert got.pop() == -1.0 and "--cfg -1 < 0 pushes the images away" in capsys.readouterr().err
 
 
 def test_generate_prompts_file(tmp_path, capsys):
     """--prompts-file: a prompt a line (blank lines and # comments skipped), after --prompt; PNGs per prompt in that
     order, one grid row each; the same images as passing each prompt with --prompt."""
     f = tmp_path / "prompts.txt"
-    f.write_text("# colours\na blue square on a red background\n\n  a green star on a white background  \n")
+    # with a byte-order mark, as Windows editors write: the first line is still a comment
+    f.write_text("\ufeff# colours\na blue square on a red background\n\n  a green star on a white background  \n",
+                 encoding="utf-8")
     main(["generate", "--model", "tiny", "--prompt", "a red circle", "--prompts-file", str(f), "-n", "1",
           "--out", str(tmp_path / "a")])
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["grid.png", "img_00_00.png", "img_01_00.png",
@@ -145,6 +150,8 @@ def test_generate_many_prompts_names_and_grid(tmp_path, capsys):
                                            (["--temperature", "-1"], "--temperature must be"),
                                            (["--kv-cache-gb", "0"], "--kv-cache-gb must be > 0"),
                                            (["--device", "cpu", "--dtype", "fp16"], "--dtype fp16 needs a GPU"),
+                                           (["--cfg", "nan"], "--cfg must be a finite number"),
+                                           (["--cfg", "inf"], "--cfg must be a finite number"),
                                            (["--prompt", " "], "--prompt is empty")])
 def test_generate_bad_flags_are_clear_errors(tmp_path, flags, message):
     with pytest.raises(SystemExit, match="janus-rt generate: " + message):

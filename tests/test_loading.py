@@ -145,9 +145,14 @@ def test_default_guidance(saved):
     """generation_config.json's guidance_scale (transformers' field), else None."""
     assert default_guidance(saved) is None  # save_janus writes no generation config
     for text, want in [('{"guidance_scale": 1.5}', 1.5), ('{"guidance_scale": 5}', 5.0),
-                       ('{"guidance_scale": null}', None), ('{"guidance_scale": "2"}', None), ('{"guidance_scale": true}', None), ("[1]", None),
-                       ("not json", None), ('{"pad_token_id": 3}', None)]:
-        (saved / "generation_config.json").write_text(text)
+                       ('{"guidance_scale": null}', None), ('{"guidance_scale": "2"}', None),
+                       ('{"guidance_scale": true}', None), ("[1]", None), ("not json", None),
+                       ('{"pad_token_id": 3}', None),
+                       ('{"guidance_scale": NaN}', None), ('{"guidance_scale": -Infinity}', None),
+                       ('{"guidance_scale": 1' + "0" * 400 + "}", None), ('{"guidance_scale": -2}', -2.0),
+                       (b'{"guidance_scale": "\xff"}', None)]:
+        f = saved / "generation_config.json"
+        f.write_bytes(text if isinstance(text, bytes) else text.encode())
         assert default_guidance(saved) == want, text
 
 
@@ -247,6 +252,24 @@ def test_missing_shard(tmp_path):
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
     with pytest.raises(CheckpointError, match="model-00001-of-00002.safetensors"):
         Janus.from_pretrained(d)
+
+
+@pytest.mark.parametrize("index", ["[1]", '{"weight_map": ["a"]}', '{"weight_map": {"a": 3}}',
+                                   b'{"weight_map": "\xff"}'])
+def test_bad_shard_index(saved, index):
+    """A shard index of the wrong shape or encoding is a CorruptCheckpointError naming it (it was a TypeError,
+    AttributeError or UnicodeDecodeError traceback); stored_dtype says None for such a folder."""
+    f = saved / "model.safetensors.index.json"
+    f.write_bytes(index if isinstance(index, bytes) else index.encode())
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors.index.json"):
+        Janus.from_pretrained(saved)
+    assert stored_dtype(saved) is None
+
+
+def test_config_not_utf8(saved):
+    (saved / "config.json").write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        Janus.from_pretrained(saved)
 
 
 def test_models_come_frozen_for_inference(tiny, saved):

@@ -60,6 +60,27 @@ def test_to_uint8_is_official_rounding():
     assert out[0, 0, :, 0].tolist() == [0, 0, 127, 254, 255, 255]  # truncation, not rounding
 
 
+def test_generate_images_keep_images(tmp_path):
+    """keep_images=False: the prompts past the grid's rows come back as None, their PNGs on disk; the grid holds
+    max_grid_rows rows; keep_images=True (the default) returns every prompt's images, the same ones."""
+    from janus_rt import Janus
+    from janus_rt.processing import generate_images
+
+    m = Janus.from_preset("tiny", seed=0)
+    t = JanusTokenizer.byte_level(m.cfg.llm.vocab_size, m.cfg.tokens)
+    prompts = ["a", "b", "c"]
+    out, _ = generate_images(m, t, prompts, n=2, out_dir=tmp_path / "o", progress=False, max_grid_rows=1,
+                             keep_images=False)
+    assert out[0] is not None and out[1] is None and out[2] is None
+    assert Image.open(tmp_path / "o" / "grid.png").size == (2 * 128 + 2, 128)
+    full, _ = generate_images(m, t, prompts, n=2, progress=False)
+    assert [len(x) for x in full] == [2, 2, 2]
+    for k in range(3):
+        for i in range(2):
+            saved = Image.open(tmp_path / "o" / f"img_{k:02d}_{i:02d}.png").convert("RGB").tobytes()
+            assert saved == full[k][i].tobytes()
+
+
 def test_image_grid_layout():
     from PIL import Image
 

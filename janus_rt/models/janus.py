@@ -53,11 +53,12 @@ class Janus(nn.Module):
         return m.eval().requires_grad_(False)
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "Janus":
-        """Load a checkpoint folder in any supported layout (auto-detected); see janus_rt.loading."""
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, progress: bool | None = None) -> "Janus":
+        """Load a checkpoint folder in any supported layout (auto-detected); see janus_rt.loading (progress: its
+        loading bar; None: for weights of 1 GiB or more)."""
         from janus_rt.loading import load_janus
 
-        return load_janus(path, device=device, dtype=dtype)
+        return load_janus(path, device=device, dtype=dtype, progress=progress)
 
     def tie_weights_(self) -> "Janus":
         """Share lm_head with the token embedding when the config ties them (re-run after to_empty/_apply)."""
