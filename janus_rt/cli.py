@@ -212,7 +212,7 @@ def cmd_generate(args):
     t0 = time.perf_counter()
     images, eng = generate_images(model, tok, prompts, n=args.n, cfg_weight=args.cfg, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, greedy=args.greedy,
-                                  out_dir=args.out, engine=eng, keep_images=False)
+                                  out_dir=args.out, engine=eng, keep_images=False, info={"model": what})
     dt = time.perf_counter() - t0
     n_tok = len(prompts) * args.n * model.cfg.num_image_tokens
     s = eng.stats

@@ -96,17 +96,47 @@ def image_grid(images, cols: int | None = None, min_side: int = 0, gap: int = 0)
 GRID_ROWS = 32  # prompts shown in generate_images' grid.png (one row each)
 
 
+def _png_text(entries: dict):
+    """PNG text chunks: "janus_rt" (the version) and "parameters" (the entries as JSON; one chunk, so any PNG reader
+    shows what made the image)."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    from janus_rt import __version__
+
+    meta = PngInfo()
+    meta.add_text("janus_rt", __version__)
+    meta.add_text("parameters", json.dumps(entries, ensure_ascii=False))
+    return meta
+
+
+def png_parameters(path) -> dict:
+    """What generate_images wrote into a PNG it saved (the "parameters" text chunk); {} for another PNG."""
+    import json
+
+    from PIL import Image
+
+    with Image.open(path) as im:
+        text = im.text.get("parameters") if hasattr(im, "text") else None
+    try:
+        return json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
+
+
 def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: float = 5.0, temperature: float = 1.0,
                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, greedy: bool = False, out_dir=None,
                     engine=None, progress: bool = True, max_grid_rows: int = GRID_ROWS,
-                    keep_images: bool = True):
+                    keep_images: bool = True, info: dict | None = None):
     """Text prompts -> PIL images (n per prompt, prompts batched in one engine run; prompt k samples with seed + k).
     With `out_dir`, also writes img_<prompt>_<i>.png (the decoder's size; each prompt's as soon as its request
     finishes: a run longer than the KV cache holds at once keeps each wave of prompts it has finished) and at the end
     grid.png (one row per prompt for the first max_grid_rows prompts, 2 px apart; tiles enlarged to >= 128 px a
     side). <prompt> is the prompt's index in `prompts`, 2 digits, more from 101 prompts on. Returns (images per
     prompt, engine); with keep_images=False (and out_dir) the prompts past the grid's get None instead of their
-    images, which are on disk (a long list of prompts is not held in memory)."""
+    images, which are on disk (a long list of prompts is not held in memory). Each PNG carries what made it as PNG
+    text (`png_parameters`): the prompt, its seed, the image's index, the sampling settings, `info`'s entries."""
     from pathlib import Path
 
     from janus_rt.engine import Engine, SamplingParams
@@ -131,7 +161,9 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
         if d is not None:
             d.mkdir(parents=True, exist_ok=True)
             for i, im in enumerate(out[k]):
-                im.save(d / f"img_{k:0{width}d}_{i:02d}.png")
+                text = {"prompt": prompts[k], "seed": seed + k, "image": i, "n": n, "cfg_weight": cfg_weight,
+                        "temperature": temperature, "top_k": top_k, "top_p": top_p, "greedy": greedy, **(info or {})}
+                im.save(d / f"img_{k:0{width}d}_{i:02d}.png", pnginfo=_png_text(text))
             if not keep_images and k >= max_grid_rows:
                 out[k] = None
 

@@ -81,6 +81,26 @@ def test_generate_images_keep_images(tmp_path):
             assert saved == full[k][i].tobytes()
 
 
+def test_pngs_carry_their_parameters(tmp_path):
+    """Each PNG generate_images writes names what made it; regenerating from those parameters alone gives the same
+    image (the seed written is the prompt's own: seed + its index)."""
+    from janus_rt import Janus, __version__
+    from janus_rt.processing import generate_images, png_parameters
+
+    m = Janus.from_preset("tiny", seed=0)
+    t = JanusTokenizer.byte_level(m.cfg.llm.vocab_size, m.cfg.tokens)
+    generate_images(m, t, ["a cat", "a dog"], n=2, seed=7, cfg_weight=3.0, temperature=0.9, top_k=50,
+                    out_dir=tmp_path, progress=False, info={"model": "tiny"})
+    p = png_parameters(tmp_path / "img_01_01.png")
+    assert p == {"prompt": "a dog", "seed": 8, "image": 1, "n": 2, "cfg_weight": 3.0, "temperature": 0.9, "top_k": 50,
+                 "top_p": 1.0, "greedy": False, "model": "tiny"}
+    assert Image.open(tmp_path / "img_01_01.png").text["janus_rt"] == __version__
+    again, _ = generate_images(m, t, [p["prompt"]], n=p["n"], seed=p["seed"], cfg_weight=p["cfg_weight"],
+                               temperature=p["temperature"], top_k=p["top_k"], top_p=p["top_p"], progress=False)
+    assert again[0][p["image"]].tobytes() == Image.open(tmp_path / "img_01_01.png").convert("RGB").tobytes()
+    assert png_parameters(tmp_path / "grid.png") == {}
+
+
 def test_image_grid_layout():
     from PIL import Image
 
