@@ -171,6 +171,7 @@ def _out_problem(path: str) -> str | None:
 
 
 def cmd_generate(args):
+    from janus_rt.cpu_ops import retain_freed_memory
     from janus_rt.engine import Engine
     from janus_rt.processing import GRID_ROWS, encode_generation_prompt, generate_images
 
@@ -197,6 +198,7 @@ def cmd_generate(args):
         print("note: --cuda-graphs has no effect on the CPU", file=sys.stderr)
     if args.temperature == 0:
         args.greedy = True
+    retain_freed_memory()
     model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)
     if args.cfg is None:
         args.cfg = _default_cfg(args.model)
@@ -226,6 +228,7 @@ def cmd_generate(args):
 def cmd_understand(args):
     from PIL import Image
 
+    from janus_rt.cpu_ops import retain_freed_memory
     from janus_rt.engine import Engine
     from janus_rt.processing import encode_understanding_prompt, preprocess_image
 
@@ -240,6 +243,7 @@ def cmd_understand(args):
                 images.append(im.convert("RGB"))
         except OSError as e:  # missing file, or not an image PIL can read
             raise SystemExit(f"janus-rt understand: --image {path!r}: {e}") from None
+    retain_freed_memory()
     model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)
     _pack_in_place(model)  # only where the engine's copy would not fit: torch's matmul is ~3 % faster for prefills
     pixels = torch.stack([preprocess_image(im, model.cfg.vision.image_size) for im in images]).to(model.device)

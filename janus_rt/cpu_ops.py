@@ -542,3 +542,29 @@ def empty_huge(shape, dtype: torch.dtype) -> torch.Tensor:
     except OSError:  # a kernel without THP (EINVAL): ordinary pages
         pass
     return buf[start:start + nbytes].view(dtype).view(shape)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+RETAIN_BYTES = 1 << 30  # freed blocks up to this size stay in the process for the next allocation
+
+
+def retain_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed blocks of up to RETAIN_BYTES in the process (mmap threshold 1 GiB, trim
+    threshold 2 GiB) instead of giving each back to the kernel when torch frees it. Why: a prefill, the SigLIP pass
+    and the VQ decoder allocate and free tens of MB per op; by default every such block is a fresh mapping whose pages
+    fault in again on first touch, which on a VM costs more than the op's own memory traffic (`janus-rt understand`
+    at the 1B shapes, first token 2.8-3.7 -> 1.9-2.1 s; bench/RESULTS.md 2026-12-05). The cost: the process
+    keeps its peak heap. Process-wide and permanent, so janus_rt's own commands call it (`janus-rt generate`,
+    `understand`), not the library on import. False where it cannot (not glibc, mallopt refused) or with
+    JANUS_RT_KEEP_FREED=0."""
+    if os.environ.get("JANUS_RT_KEEP_FREED", "1") == "0":
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # the trim threshold also turns off glibc's dynamic mmap threshold: set both, or every block > 128 KiB is mmapped
+    return bool(mallopt(_M_MMAP_THRESHOLD, RETAIN_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

@@ -708,6 +708,45 @@ def test_empty_huge_falls_back(monkeypatch):
         assert t.sum(dtype=torch.float64).item() == 1.5 * 3 * (1 << 20)
 
 
+_FAULTS_CHILD = """
+import ctypes, resource, sys
+from janus_rt.cpu_ops import retain_freed_memory
+print(retain_freed_memory())
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+def touch_and_free():
+    p = libc.malloc(64 << 20)
+    libc.memset(p, 1, 64 << 20)
+    libc.free(p)
+touch_and_free()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    touch_and_free()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "confstr") or "glibc" not in (os.confstr("CS_GNU_LIBC_VERSION") or ""),
+                    reason="glibc's mallopt")
+def test_retain_freed_memory():
+    """After retain_freed_memory() a freed 64 MiB block is reused by the next allocation (no page faults: a
+    million-fault difference over a long prefill on a VM); glibc's default gives it back and it faults in again.
+    In child processes: the setting is process-wide and would outlive the test."""
+    import subprocess
+    import sys
+
+    def run(keep):
+        env = dict(os.environ, JANUS_RT_KEEP_FREED=keep)
+        out = subprocess.run([sys.executable, "-c", _FAULTS_CHILD], env=env, capture_output=True, text=True,
+                             check=True).stdout.split()
+        return out[0], int(out[1])
+
+    (on, faults_kept), (off, faults_default) = run("1"), run("0")
+    assert on == "True" and off == "False"
+    assert faults_kept < 100 and faults_default >= 4 * (64 << 20) // mmap.PAGESIZE // 2, (faults_kept, faults_default)
+
+
 @huge_pages
 def test_packed_weight_and_kv_pool_in_huge_pages():
     """What decode streams lives in advised mappings: a PackedWeight's data and the CPU KV pool (zero-filled)."""
