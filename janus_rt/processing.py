@@ -120,9 +120,10 @@ def png_parameters(path) -> dict:
     with Image.open(path) as im:
         text = im.text.get("parameters") if hasattr(im, "text") else None
     try:
-        return json.loads(text) if text else {}
-    except json.JSONDecodeError:
+        d = json.loads(text) if text else {}
+    except json.JSONDecodeError:  # another program's "parameters" (some write plain text there)
         return {}
+    return d if isinstance(d, dict) else {}
 
 
 def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: float = 5.0, temperature: float = 1.0,

@@ -99,6 +99,13 @@ def test_pngs_carry_their_parameters(tmp_path):
                                temperature=p["temperature"], top_k=p["top_k"], top_p=p["top_p"], progress=False)
     assert again[0][p["image"]].tobytes() == Image.open(tmp_path / "img_01_01.png").convert("RGB").tobytes()
     assert png_parameters(tmp_path / "grid.png") == {}
+    from PIL.PngImagePlugin import PngInfo
+
+    for text in ("a photo, Steps: 20, Sampler: Euler", "[1, 2]"):  # other programs' "parameters" chunks
+        meta = PngInfo()
+        meta.add_text("parameters", text)
+        Image.new("RGB", (4, 4)).save(tmp_path / "other.png", pnginfo=meta)
+        assert png_parameters(tmp_path / "other.png") == {}
 
 
 def test_image_grid_layout():
