@@ -198,13 +198,13 @@ def cmd_generate(args):
         print("note: --cuda-graphs has no effect on the CPU", file=sys.stderr)
     if args.temperature == 0:
         args.greedy = True
-    retain_freed_memory()
     model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)
     if args.cfg is None:
         args.cfg = _default_cfg(args.model)
     if args.cfg < 0:
         print(f"note: --cfg {args.cfg:g} < 0 pushes the images away from the prompt", file=sys.stderr)
     _pack_in_place(model, always=True)  # image prompts are short: the packed GEMV is as fast there, one copy less
+    retain_freed_memory()  # after the weights are in place: the originals packing freed must go back to the OS
     prompts = args.prompts
     if args.kv_cache_gb is not None:
         eng = Engine(model, kv_cache_gb=args.kv_cache_gb, cuda_graphs=args.cuda_graphs)
@@ -243,9 +243,9 @@ def cmd_understand(args):
                 images.append(im.convert("RGB"))
         except OSError as e:  # missing file, or not an image PIL can read
             raise SystemExit(f"janus-rt understand: --image {path!r}: {e}") from None
-    retain_freed_memory()
     model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)
     _pack_in_place(model)  # only where the engine's copy would not fit: torch's matmul is ~3 % faster for prefills
+    retain_freed_memory()  # after the weights are in place: the originals packing freed must go back to the OS
     pixels = torch.stack([preprocess_image(im, model.cfg.vision.image_size) for im in images]).to(model.device)
     n_img = model.cfg.vision.num_patches
     ids = encode_understanding_prompt(tok, args.question, num_images=len(images), num_image_tokens=n_img)

@@ -554,9 +554,10 @@ def retain_freed_memory() -> bool:
     and the VQ decoder allocate and free tens of MB per op; by default every such block is a fresh mapping whose pages
     fault in again on first touch, which on a VM costs more than the op's own memory traffic (`janus-rt understand`
     at the 1B shapes, first token 2.8-3.7 -> 1.9-2.1 s; bench/RESULTS.md 2026-12-05). The cost: the process
-    keeps its peak heap. Process-wide and permanent, so janus_rt's own commands call it (`janus-rt generate`,
-    `understand`), not the library on import. False where it cannot (not glibc, mallopt refused) or with
-    JANUS_RT_KEEP_FREED=0."""
+    keeps its peak heap, and a block freed later stays resident: call it once the weights are in place (after
+    loading and `pack_in_place`, whose freed originals would otherwise stay: +2.7 GB at 1B, more than a 24 GB machine
+    has at 7B). Process-wide and permanent, so janus_rt's own commands call it (`janus-rt generate`, `understand`),
+    not the library on import. False where it cannot (not glibc, mallopt refused) or with JANUS_RT_KEEP_FREED=0."""
     if os.environ.get("JANUS_RT_KEEP_FREED", "1") == "0":
         return False
     import ctypes

@@ -4,6 +4,10 @@ import os
 # one interpreted dot took 24 ms instead of 0.03 ms. Must be set before torch (and so numpy) is imported.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+# The CLI commands the tests run in this process would otherwise change glibc's malloc for the rest of the session
+# (cpu_ops.retain_freed_memory is process-wide); tests/test_cpu_ops.py checks it in child processes.
+os.environ.setdefault("JANUS_RT_KEEP_FREED", "0")
+
 # Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set before any kernel module is
 # imported. Without a GPU every Triton test runs through the CPU interpreter.
 try:

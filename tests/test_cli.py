@@ -61,6 +61,26 @@ def test_understand_honours_kv_cache_gb(tmp_path):
               "--kv-cache-gb", "1e6"])
 
 
+def test_freed_memory_kept_only_once_the_weights_are_in_place(tmp_path, monkeypatch):
+    """generate and understand turn on retain_freed_memory after loading and packing the model: blocks freed after it
+    stay resident, and packing in place frees the original matrices (at 7B more than a 24 GB machine holds twice)."""
+    import janus_rt.cli as cli
+    import janus_rt.cpu_ops as cpu_ops
+
+    calls = []
+    real_load, real_pack = cli.load_model, cli._pack_in_place
+    monkeypatch.setattr(cli, "load_model", lambda *a, **kw: calls.append("load") or real_load(*a, **kw))
+    monkeypatch.setattr(cli, "_pack_in_place", lambda *a, **kw: calls.append("pack") or real_pack(*a, **kw))
+    monkeypatch.setattr(cpu_ops, "retain_freed_memory", lambda: calls.append("retain") or False)
+    main(["generate", "--model", "tiny", "-n", "1", "--out", str(tmp_path / "o")])
+    assert calls == ["load", "pack", "retain"]
+    calls.clear()
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    main(["understand", "--model", "tiny", "--image", str(tmp_path / "x.png"), "--question", "?",
+          "--max-new-tokens", "1"])
+    assert calls == ["load", "pack", "retain"]
+
+
 def test_cpu_dtype_default_follows_the_checkpoint(tmp_path, capsys, monkeypatch):
     """On the CPU with no --dtype: a folder stored in bf16 loads in bf16 (said in a note), one stored in fp32 (the
     embedded model's case) or a preset in fp32; --dtype wins over both."""
