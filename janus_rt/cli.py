@@ -100,6 +100,15 @@ def _cpu_default_dtype(spec: str | None) -> str:
     return "fp32"
 
 
+def _model_label(spec: str | None) -> str:
+    """What the PNGs name as their model: a preset's name, a checkpoint folder's name (not its whole path)."""
+    if spec is None:
+        return "tiny-shapes (embedded)"
+    from janus_rt.config import PRESETS
+
+    return f"{spec} (random weights)" if spec in PRESETS else (Path(spec).name or spec)
+
+
 def _read_prompts(path: str) -> list[str]:
     """--prompts-file's prompts: one a line, blank lines and # comments skipped; at least one."""
     try:
@@ -214,7 +223,8 @@ def cmd_generate(args):
     t0 = time.perf_counter()
     images, eng = generate_images(model, tok, prompts, n=args.n, cfg_weight=args.cfg, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, greedy=args.greedy,
-                                  out_dir=args.out, engine=eng, keep_images=False, info={"model": what})
+                                  out_dir=args.out, engine=eng, keep_images=False,
+                                  info={"model": _model_label(args.model), "dtype": args.dtype, "device": args.device})
     dt = time.perf_counter() - t0
     n_tok = len(prompts) * args.n * model.cfg.num_image_tokens
     s = eng.stats

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import sys
 
 import torch
 
@@ -558,7 +559,7 @@ def retain_freed_memory() -> bool:
     loading and `pack_in_place`, whose freed originals would otherwise stay: +2.7 GB at 1B, more than a 24 GB machine
     has at 7B). Process-wide and permanent, so janus_rt's own commands call it (`janus-rt generate`, `understand`),
     not the library on import. False where it cannot (not glibc, mallopt refused) or with JANUS_RT_KEEP_FREED=0."""
-    if os.environ.get("JANUS_RT_KEEP_FREED", "1") == "0":
+    if os.environ.get("JANUS_RT_KEEP_FREED", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     import ctypes
 

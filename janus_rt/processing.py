@@ -107,7 +107,7 @@ def _png_text(entries: dict):
 
     meta = PngInfo()
     meta.add_text("janus_rt", __version__)
-    meta.add_text("parameters", json.dumps(entries, ensure_ascii=False))
+    meta.add_text("parameters", json.dumps(entries, ensure_ascii=False, default=str))
     return meta
 
 
@@ -136,8 +136,11 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
     grid.png (one row per prompt for the first max_grid_rows prompts, 2 px apart; tiles enlarged to >= 128 px a
     side). <prompt> is the prompt's index in `prompts`, 2 digits, more from 101 prompts on. Returns (images per
     prompt, engine); with keep_images=False (and out_dir) the prompts past the grid's get None instead of their
-    images, which are on disk (a long list of prompts is not held in memory). Each PNG carries what made it as PNG
-    text (`png_parameters`): the prompt, its seed, the image's index, the sampling settings, `info`'s entries."""
+    images, which are on disk (a long list of prompts is not held in memory). Each PNG carries the settings that made
+    it as PNG text (`png_parameters`): the prompt, its seed, the image's index, the sampling settings, `info`'s
+    entries (values JSON cannot hold are written as text). The same model, dtype and settings give the same image,
+    except for a request the engine preempted and recomputed in reduced precision (bf16 recomputes round differently
+    from the steps they replace)."""
     from pathlib import Path
 
     from janus_rt.engine import Engine, SamplingParams
@@ -149,6 +152,8 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
                                                                 seed=seed + k))
             for k, i in enumerate(ids)]
     index = {r.req_id: k for k, r in enumerate(reqs)}
+    settings = {"n": int(n), "cfg_weight": float(cfg_weight), "temperature": float(temperature), "top_k": int(top_k),
+                "top_p": float(top_p), "greedy": bool(greedy)}
     out: list = [None] * len(reqs)
     d = None if out_dir is None else Path(out_dir)
     width = max(2, len(str(len(reqs) - 1)))
@@ -162,8 +167,7 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
         if d is not None:
             d.mkdir(parents=True, exist_ok=True)
             for i, im in enumerate(out[k]):
-                text = {"prompt": prompts[k], "seed": seed + k, "image": i, "n": n, "cfg_weight": cfg_weight,
-                        "temperature": temperature, "top_k": top_k, "top_p": top_p, "greedy": greedy, **(info or {})}
+                text = {"prompt": prompts[k], "seed": int(seed) + k, "image": i, **settings, **(info or {})}
                 im.save(d / f"img_{k:0{width}d}_{i:02d}.png", pnginfo=_png_text(text))
             if not keep_images and k >= max_grid_rows:
                 out[k] = None

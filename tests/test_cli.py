@@ -25,6 +25,12 @@ def test_generate_writes_pngs_and_grid(tmp_path, capsys):
     out = capsys.readouterr()
     assert "tokens/s" in out.out and "ms/decode step" in out.out
     assert "RANDOM weights" in out.err
+    from janus_rt.processing import png_parameters
+
+    p = png_parameters(tmp_path / "img_00_01.png")  # the settings, and the model by name (not a local path)
+    assert {k: p[k] for k in ("prompt", "seed", "image", "cfg_weight", "model", "dtype", "device")} == {
+        "prompt": "a red circle", "seed": 1, "image": 1, "cfg_weight": 5.0, "model": "tiny (random weights)",
+        "dtype": "fp32", "device": "cpu"}
     from janus_rt import cpu_ops
 
     # generate owns its model: on the CPU it holds the LLM's projections packed only (no second copy)
@@ -36,6 +42,9 @@ def test_embedded_default_model(tmp_path, capsys):
     assert (tmp_path / "grid.png").exists()
     err = capsys.readouterr().err
     assert "embedded tiny-shapes model" in err and "RANDOM" not in err
+    from janus_rt.processing import png_parameters
+
+    assert png_parameters(tmp_path / "img_00_00.png")["model"] == "tiny-shapes (embedded)"
 
 
 def test_understand(tmp_path, capsys):

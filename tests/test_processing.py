@@ -94,6 +94,12 @@ def test_pngs_carry_their_parameters(tmp_path):
     p = png_parameters(tmp_path / "img_01_01.png")
     assert p == {"prompt": "a dog", "seed": 8, "image": 1, "n": 2, "cfg_weight": 3.0, "temperature": 0.9, "top_k": 50,
                  "top_p": 1.0, "greedy": False, "model": "tiny"}
+    import numpy as np  # a library caller's numpy numbers and odd info values are written, not a crash mid-run
+
+    generate_images(m, t, ["a cat"], n=1, seed=np.int64(7), cfg_weight=np.float32(3.0), out_dir=tmp_path / "np",
+                    progress=False, info={"path": tmp_path})
+    assert png_parameters(tmp_path / "np" / "img_00_00.png")["seed"] == 7
+    assert png_parameters(tmp_path / "np" / "img_00_00.png")["path"] == str(tmp_path)
     assert Image.open(tmp_path / "img_01_01.png").text["janus_rt"] == __version__
     again, _ = generate_images(m, t, [p["prompt"]], n=p["n"], seed=p["seed"], cfg_weight=p["cfg_weight"],
                                temperature=p["temperature"], top_k=p["top_k"], top_p=p["top_p"], progress=False)
