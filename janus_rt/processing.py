@@ -138,9 +138,8 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
     prompt, engine); with keep_images=False (and out_dir) the prompts past the grid's get None instead of their
     images, which are on disk (a long list of prompts is not held in memory). Each PNG carries the settings that made
     it as PNG text (`png_parameters`): the prompt, its seed, the image's index, the sampling settings, `info`'s
-    entries (values JSON cannot hold are written as text). The same model, dtype and settings give the same image,
-    except for a request the engine preempted and recomputed in reduced precision (bf16 recomputes round differently
-    from the steps they replace)."""
+    entries (values JSON cannot hold are written as text). The same model, dtype and settings give the same image
+    (on one machine: another CPU's or GPU's kernels may round differently)."""
     from pathlib import Path
 
     from janus_rt.engine import Engine, SamplingParams

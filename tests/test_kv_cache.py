@@ -49,6 +49,28 @@ def test_copy_blocks_exact(device, dtype):
     assert torch.equal(cache.data, snapshot)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_read_and_write_slots(device, dtype):
+    """read_slots copies every layer's K and V at some slots out to host memory; write_slots puts them back at
+    other slots, bit for bit, touching nothing else."""
+    cache = KVCache(L, N, BS, H, D, dtype, device)
+    cache.data.copy_(torch.randn(cache.data.shape, generator=torch.Generator().manual_seed(1)).to(dtype))
+    src = [3, 4, 17, 2 * BS + 1, 5]  # any order, across blocks
+    kv = cache.read_slots(src)
+    assert kv.shape == (L, 2, len(src), H, D) and kv.device.type == "cpu" and kv.dtype == dtype
+    flat = cache.data.view(L, 2, N * BS, H, D)
+    for t, s in enumerate(src):
+        assert torch.equal(kv[:, :, t].to(device), flat[:, :, s])
+    before = cache.data.clone()
+    dst = [(N - 2) * BS + i for i in range(len(src))]  # the last two blocks
+    cache.write_slots(dst, kv)
+    expected = before.view(L, 2, N * BS, H, D).clone()
+    expected[:, :, dst] = kv.to(device)
+    assert torch.equal(cache.data.view(L, 2, N * BS, H, D), expected)
+    with pytest.raises(ValueError, match="write_slots"):
+        cache.write_slots(dst[:-1], kv)
+
+
 def test_store_then_read_through_block_tables(device):
     """KV written at the block manager's slots reads back per sequence, across a fork and its COW."""
     bm = BlockManager(N, BS)

@@ -109,7 +109,7 @@ class Engine:
             if not self.scheduler.running:
                 raise RuntimeError("no request fits the KV cache (add_image_request / add_text_request check this; "
                                    "please report)")
-            self.scheduler.make_room_for_decode()
+            self.scheduler.make_room_for_decode(on_preempt=self._swap_out)
             if not self.scheduler.running:  # cannot happen for requests that passed add()'s size check
                 raise RuntimeError("KV cache exhausted by a single request")
             t0 = time.perf_counter()
@@ -126,8 +126,21 @@ class Engine:
         ids_t = torch.tensor(ids, device=self.model.device)[None]
         return self.model.text_embeds(ids_t, pixel_values)[0]
 
-    def _embed_image_tokens(self, tokens):
-        return self.model.gen_embeds(torch.tensor(tokens, device=self.model.device, dtype=torch.long))
+    def _swap_out(self, req: Request) -> None:
+        """A request about to be preempted: each row's K/V (every layer) copied to host memory, so that its return
+        restores exactly what it had (a recompute through the prefill rounds differently in bf16, and its sampled
+        tokens could then differ from an uninterrupted run's). Costs host memory for as long as it waits: at most
+        what the pool held for it."""
+        with torch.inference_mode():
+            req.swapped = {rid: self.cache.read_slots(self.bm.slots(rid)) for rid in req.row_ids()}
+
+    def _swap_in(self, req: Request) -> None:
+        """Each row of a preempted request gets blocks of its own again (no prompt sharing) and its K/V back."""
+        with torch.inference_mode():
+            for rid, kv in req.swapped.items():
+                self.bm.allocate(rid, kv.shape[2])
+                self.cache.write_slots(self.bm.slots(rid), kv)
+        req.swapped = None
 
     @torch.inference_mode()
     def _prefill(self, reqs: list[Request]) -> None:
@@ -135,26 +148,21 @@ class Engine:
         fresh = []  # requests whose first token is sampled from this prefill
         with ops.use_backend(self.backend):
             for req in reqs:
-                if req.kind == "text":
-                    ids = req.prompt_ids + req.tokens[0][:-1]
-                    seqs.append(((req.req_id, "t", 0), self._embed_text(ids, req.pixel_values)))
-                elif not req.needs_recompute:
+                if req.needs_recompute:  # back from preemption: its rows' K/V restored, nothing to compute
+                    self._swap_in(req)
+                elif req.kind == "text":
+                    seqs.append(((req.req_id, "t", 0), self._embed_text(req.prompt_ids, req.pixel_values)))
+                else:
                     seqs.append(((req.req_id, "pc"), self._embed_text(req.prompt_ids)))
                     seqs.append(((req.req_id, "pu"), self._embed_text(req.uncond_ids)))
-                else:  # recompute after preemption: each row its own prompt + tokens so far, no sharing
-                    for rid in req.row_ids():
-                        prompt = req.prompt_ids if rid[1] == "c" else req.uncond_ids
-                        past = req.tokens[rid[2]][:-1]
-                        e = self._embed_text(prompt)
-                        if past:
-                            e = torch.cat([e, self._embed_image_tokens(past)])
-                        seqs.append((rid, e))
                 if not req.needs_recompute:
                     fresh.append(req)
         for sid, e in seqs:
             self.bm.allocate(sid, e.shape[0])
-        h = self.runner.prefill([e for _, e in seqs], [self.bm.slots(sid) for sid, _ in seqs])
-        last = {sid: h[i] for i, (sid, _) in enumerate(seqs)}
+        last = {}
+        if seqs:
+            h = self.runner.prefill([e for _, e in seqs], [self.bm.slots(sid) for sid, _ in seqs])
+            last = {sid: h[i] for i, (sid, _) in enumerate(seqs)}
         for req in reqs:
             req.needs_recompute = False
         image_reqs = [r for r in fresh if r.kind == "image"]

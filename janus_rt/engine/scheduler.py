@@ -1,5 +1,6 @@
-"""Continuous batching: admit waiting requests at step boundaries, preempt (and later recompute) the newest
-running request when the KV pool cannot hold the next step. Pure bookkeeping over the BlockManager."""
+"""Continuous batching: admit waiting requests at step boundaries, preempt the newest running request when the KV
+pool cannot hold the next step (the engine copies its cache out and restores it when the request is admitted again).
+Pure bookkeeping over the BlockManager."""
 from __future__ import annotations
 
 from collections import deque
@@ -71,11 +72,14 @@ class Scheduler:
     def rows(self) -> list[tuple]:
         return [rid for req in self.running for rid in req.row_ids()]
 
-    def make_room_for_decode(self) -> list[Request]:
-        """Preempt the newest running requests until every remaining row can append one token."""
+    def make_room_for_decode(self, on_preempt=None) -> list[Request]:
+        """Preempt the newest running requests until every remaining row can append one token. on_preempt(req), if
+        given, runs before the request's blocks are freed (the engine copies its cache out there)."""
         preempted = []
         while self.running and not self.bm.can_append_all(self.rows()):
             req = self.running.pop()
+            if on_preempt is not None:
+                on_preempt(req)
             for rid in req.row_ids():
                 self.bm.free(rid)
             req.needs_recompute = True
