@@ -1,5 +1,5 @@
 """The generation engine: greedy parity with transformers, paged KV vs full forward, continuous batching,
-prompt sharing, preemption + recompute, understanding."""
+prompt sharing, preemption (K/V kept and restored), understanding."""
 import pytest
 import torch
 
@@ -188,6 +188,32 @@ def test_run_calls_on_finish_as_each_request_finishes(tiny):
     assert sorted(rid for rid, *_ in seen) == sorted(done) == sorted(r.req_id for r in reqs)
     assert all(fin and complete and not held for _, fin, complete, held, _ in seen), seen
     assert [n for *_, n in seen][0] < len(reqs)  # the first callback came before the last request finished
+
+
+def test_failed_preemption_changes_nothing(tiny):
+    """If copying a request's K/V out fails (host memory), the request stays running with its blocks: no request
+    lost, no block leaked; once the copy works again the run finishes with every request's own tokens."""
+    a, b = prompt(tiny, 20, seed=4), prompt(tiny, 30, seed=5)
+    ref_a, ref_b = tiny.generate_image_tokens(a, n=2, seed=1), tiny.generate_image_tokens(b, n=2, seed=2)
+    eng = Engine(tiny, block_size=16, max_num_blocks=30, kv_cache_gb=1)
+    ra = eng.add_image_request(a, 2, SamplingParams(seed=1))
+    rb = eng.add_image_request(b, 2, SamplingParams(seed=2))
+    real = eng.cache.read_slots
+
+    def fail(slots):
+        raise MemoryError("no host memory for the copy")
+
+    eng.cache.read_slots = fail
+    with pytest.raises(MemoryError):
+        eng.run()
+    assert eng.scheduler.num_preemptions == 0 and [r.req_id for r in eng.scheduler.running] == [ra.req_id, rb.req_id]
+    assert all(rid in eng.bm for r in (ra, rb) for rid in r.row_ids())
+    eng.bm.check_invariants()
+    eng.cache.read_slots = real
+    eng.run()
+    assert eng.scheduler.num_preemptions > 0
+    assert torch.equal(torch.tensor(ra.tokens), ref_a) and torch.equal(torch.tensor(rb.tokens), ref_b)
+    assert eng.bm.num_free_blocks == eng.bm.num_blocks
 
 
 def test_preemption_in_bf16_gives_each_request_its_own_tokens():
@@ -497,7 +523,7 @@ def test_random_mixed_workload_matches_each_request_alone(tiny, seed):
     block_size = rnd.choice([4, 16])
     probe = Engine(tiny, block_size=block_size, max_num_blocks=10**4)
     worst = max(probe.scheduler.worst_case_blocks(add(probe, kind, args)) for _, kind, args in reqs)
-    # a pool that holds the largest request alone and little more: the others wait, or are preempted and recomputed
+    # a pool that holds the largest request alone and little more: the others wait, or are preempted and restored
     eng = Engine(tiny, block_size=block_size, max_num_blocks=worst + rnd.randint(0, 2),
                  max_num_rows=rnd.choice([6, 8, 256]), max_steps_per_call=rnd.choice([1, 3, 8]))
     added, step = [None] * len(reqs), 0

@@ -109,10 +109,10 @@ class Engine:
             if not self.scheduler.running:
                 raise RuntimeError("no request fits the KV cache (add_image_request / add_text_request check this; "
                                    "please report)")
+            t0 = time.perf_counter()  # a preemption's K/V copy counts as decode time
             self.scheduler.make_room_for_decode(on_preempt=self._swap_out)
             if not self.scheduler.running:  # cannot happen for requests that passed add()'s size check
                 raise RuntimeError("KV cache exhausted by a single request")
-            t0 = time.perf_counter()
             steps = self._decode()
             self.stats.decode_s += time.perf_counter() - t0
             self.stats.decode_steps += steps
@@ -127,15 +127,21 @@ class Engine:
         return self.model.text_embeds(ids_t, pixel_values)[0]
 
     def _swap_out(self, req: Request) -> None:
-        """A request about to be preempted: each row's K/V (every layer) copied to host memory, so that its return
-        restores exactly what it had (a recompute through the prefill rounds differently in bf16, and its sampled
-        tokens could then differ from an uninterrupted run's). Costs host memory for as long as it waits: at most
-        what the pool held for it."""
+        """A request about to be preempted: each row's K/V (every layer) copied to host memory in one gather, so that
+        its return restores exactly what it had (a recompute through the prefill rounds differently in bf16, and its
+        sampled tokens could then differ from an uninterrupted run's). Costs host memory while it waits: each row's
+        whole K/V, the prompt its n images shared in the pool included (up to 2n prompt copies more than the pool
+        held for it)."""
+        rows = req.row_ids()
+        slots = [self.bm.slots(rid) for rid in rows]
         with torch.inference_mode():
-            req.swapped = {rid: self.cache.read_slots(self.bm.slots(rid)) for rid in req.row_ids()}
+            kv = self.cache.read_slots([s for row in slots for s in row])  # [L, 2, sum T, H, D]
+        req.swapped = dict(zip(rows, kv.split([len(row) for row in slots], dim=2)))
 
     def _swap_in(self, req: Request) -> None:
         """Each row of a preempted request gets blocks of its own again (no prompt sharing) and its K/V back."""
+        if req.swapped is None:
+            raise RuntimeError(f"request {req.req_id} was preempted without its K/V copied out (on_preempt)")
         with torch.inference_mode():
             for rid, kv in req.swapped.items():
                 self.bm.allocate(rid, kv.shape[2])
@@ -148,14 +154,14 @@ class Engine:
         fresh = []  # requests whose first token is sampled from this prefill
         with ops.use_backend(self.backend):
             for req in reqs:
-                if req.needs_recompute:  # back from preemption: its rows' K/V restored, nothing to compute
+                if req.preempted:  # back from preemption: its rows' K/V restored, nothing to compute
                     self._swap_in(req)
                 elif req.kind == "text":
                     seqs.append(((req.req_id, "t", 0), self._embed_text(req.prompt_ids, req.pixel_values)))
                 else:
                     seqs.append(((req.req_id, "pc"), self._embed_text(req.prompt_ids)))
                     seqs.append(((req.req_id, "pu"), self._embed_text(req.uncond_ids)))
-                if not req.needs_recompute:
+                if not req.preempted:
                     fresh.append(req)
         for sid, e in seqs:
             self.bm.allocate(sid, e.shape[0])
@@ -164,7 +170,7 @@ class Engine:
             h = self.runner.prefill([e for _, e in seqs], [self.bm.slots(sid) for sid, _ in seqs])
             last = {sid: h[i] for i, (sid, _) in enumerate(seqs)}
         for req in reqs:
-            req.needs_recompute = False
+            req.preempted = False
         image_reqs = [r for r in fresh if r.kind == "image"]
         if image_reqs:
             with ops.use_backend(self.backend):

@@ -57,7 +57,7 @@ class Scheduler:
         free = self.bm.num_free_blocks
         while self.waiting:
             req = self.waiting[0]
-            need = self.blocks_for(req, shared=not req.needs_recompute)
+            need = self.blocks_for(req, shared=not req.preempted)
             # headroom of a block per row, except for a request that would run alone (add() checked it fits)
             alone = not self.running and not admitted
             if need + (0 if alone else req.num_rows) > free or rows + req.num_rows > self.max_num_rows:
@@ -72,17 +72,18 @@ class Scheduler:
     def rows(self) -> list[tuple]:
         return [rid for req in self.running for rid in req.row_ids()]
 
-    def make_room_for_decode(self, on_preempt=None) -> list[Request]:
-        """Preempt the newest running requests until every remaining row can append one token. on_preempt(req), if
-        given, runs before the request's blocks are freed (the engine copies its cache out there)."""
+    def make_room_for_decode(self, on_preempt) -> list[Request]:
+        """Preempt the newest running requests until every remaining row can append one token. on_preempt(req) runs
+        first, while the request still holds its blocks (the engine copies its K/V out there); if it raises, the
+        request stays running and nothing is freed."""
         preempted = []
         while self.running and not self.bm.can_append_all(self.rows()):
-            req = self.running.pop()
-            if on_preempt is not None:
-                on_preempt(req)
+            req = self.running[-1]
+            on_preempt(req)
+            self.running.pop()
             for rid in req.row_ids():
                 self.bm.free(rid)
-            req.needs_recompute = True
+            req.preempted = True
             self.waiting.appendleft(req)
             preempted.append(req)
             self.num_preemptions += 1
