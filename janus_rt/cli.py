@@ -87,13 +87,19 @@ def _dtype(args):
     return resolve_dtype(args.dtype)
 
 
+def _checkpoint_folder(spec: str | None) -> Path | None:
+    """--model as the checkpoint folder it names (none: the embedded model's), or None for a preset or a bad path."""
+    folder = Path(DEFAULT_MODEL if spec is None else spec)
+    return folder if folder.is_dir() else None
+
+
 def _cpu_default_dtype(spec: str | None) -> str:
     """bf16 for a checkpoint folder stored in bf16 (the CPU's fast paths are bf16 ones, and an fp32 copy of bf16
     weights doubles what every decode step reads), else fp32 (presets, fp32 or fp16 weights, the embedded model)."""
     from janus_rt.loading import stored_dtype
 
-    folder = DEFAULT_MODEL if spec is None else spec
-    if Path(folder).is_dir() and stored_dtype(folder) == torch.bfloat16:
+    folder = _checkpoint_folder(spec)
+    if folder is not None and stored_dtype(folder) == torch.bfloat16:
         print("note: --dtype bf16, as the checkpoint stores its weights (--dtype fp32 for full precision)",
               file=sys.stderr)
         return "bf16"
@@ -125,8 +131,8 @@ def _default_cfg(spec: str | None) -> float:
     """--cfg's default: the checkpoint folder's guidance_scale (said in a note), else 5.0 (Janus-Pro's official)."""
     from janus_rt.loading import default_guidance
 
-    folder = DEFAULT_MODEL if spec is None else spec
-    w = default_guidance(folder) if Path(folder).is_dir() else None
+    folder = _checkpoint_folder(spec)
+    w = default_guidance(folder) if folder is not None else None
     if w is None:
         return 5.0
     print(f"note: --cfg {w:g}, the checkpoint's guidance_scale (generation_config.json)", file=sys.stderr)

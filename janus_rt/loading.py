@@ -223,18 +223,12 @@ def stored_dtype(path) -> torch.dtype | None:
                     sl = sf.get_slice(k)
                     dt = _STORED.get(sl.get_dtype())
                     if dt is not None:
-                        n = 1
-                        for s in sl.get_shape():
-                            n *= s
-                        counts[dt] = counts.get(dt, 0) + n
+                        counts[dt] = counts.get(dt, 0) + math.prod(sl.get_shape())
         except (SafetensorError, OSError):
             return None
         return max(counts, key=counts.get) if counts else None
-    try:
-        d = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if not isinstance(d, dict):
+    d = _json_object_or_none(path / "config.json")
+    if d is None:
         return None
     for c in [d] + [v for v in d.values() if isinstance(v, dict)]:
         for key in ("torch_dtype", "dtype"):
@@ -247,12 +241,8 @@ def default_guidance(path) -> float | None:
     """The classifier-free guidance weight a checkpoint folder recommends: generation_config.json's
     `guidance_scale` (transformers' field; its converted Janus-Pro checkpoints carry 5), or None where the folder has
     none (or it is not a finite number)."""
-    f = Path(path) / "generation_config.json"
-    try:
-        d = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    w = d.get("guidance_scale") if isinstance(d, dict) else None
+    d = _json_object_or_none(Path(path) / "generation_config.json")
+    w = d.get("guidance_scale") if d is not None else None
     if not isinstance(w, (int, float)) or isinstance(w, bool):
         return None
     try:
@@ -270,6 +260,15 @@ def _read_json_object(f: Path) -> dict:
     if not isinstance(d, dict):
         raise ConfigError(f"{f}: expected a JSON object, got {type(d).__name__}")
     return d
+
+
+def _json_object_or_none(f: Path) -> dict | None:
+    """_read_json_object, or None where the file is missing, unreadable or not a JSON object (the callers that only
+    look for an optional hint)."""
+    try:
+        return _read_json_object(f)
+    except (OSError, ConfigError):
+        return None
 
 
 def read_config(path: Path) -> tuple[JanusConfig, str]:
@@ -345,7 +344,7 @@ def _fill(cfg, layout, files, params, filled, unexpected, bar) -> None:
     no place go to `unexpected`. The bar advances by each tensor's bytes as it is copied, and by the rest of the
     file's size (header, tensors skipped) when the file is done."""
     for f in files:
-        read = 0
+        read, size = 0, f.stat().st_size if bar is not None else 0
         for key, src in iter_tensors(f):
             r = rename(key, layout)
             if r is None:
@@ -372,11 +371,11 @@ def _fill(cfg, layout, files, params, filled, unexpected, bar) -> None:
                 dst.copy_(src)
             filled[name] += dst.numel()
             if bar is not None:
-                step = min(src.numel() * src.element_size(), f.stat().st_size - read)
+                step = min(src.numel() * src.element_size(), size - read)
                 bar.update(step)
                 read += step
         if bar is not None:
-            bar.update(f.stat().st_size - read)
+            bar.update(size - read)
 
 
 def readable_as_umask(path) -> None:

@@ -92,23 +92,23 @@ class KVCache:
         dst_t = torch.tensor(dst, dtype=torch.long, device=self.device)
         self.data.index_copy_(2, dst_t, self.data.index_select(2, src_t))
 
+    def _by_slot(self) -> torch.Tensor:
+        """data as [L, 2, num_blocks * block_size, H, D]: dimension 2 indexed by flat slot."""
+        return self.data.view(self.num_layers, 2, self.num_blocks * self.block_size, self.num_heads, self.head_dim)
+
     def read_slots(self, slots: list[int]) -> torch.Tensor:
         """K and V of every layer at these flat slots, copied out to host memory: [L, 2, T, H, D] (a preempted
         sequence's cache, kept while its blocks serve others; write_slots puts it back)."""
-        rows = self.num_blocks * self.block_size
         idx = torch.tensor(slots, dtype=torch.long, device=self.device)
-        flat = self.data.view(self.num_layers, 2, rows, self.num_heads, self.head_dim)
-        return flat.index_select(2, idx).cpu()
+        return self._by_slot().index_select(2, idx).cpu()
 
     def write_slots(self, slots: list[int], kv: torch.Tensor) -> None:
         """The inverse of read_slots: every layer's K and V at these flat slots := kv [L, 2, T, H, D]."""
-        rows = self.num_blocks * self.block_size
         shape = (self.num_layers, 2, len(slots), self.num_heads, self.head_dim)
         if tuple(kv.shape) != shape:
             raise ValueError(f"write_slots: kv {list(shape)} expected, got {list(kv.shape)}")
         idx = torch.tensor(slots, dtype=torch.long, device=self.device)
-        flat = self.data.view(self.num_layers, 2, rows, self.num_heads, self.head_dim)
-        flat.index_copy_(2, idx, kv.to(device=self.device, dtype=self.dtype))
+        self._by_slot().index_copy_(2, idx, kv.to(device=self.device, dtype=self.dtype))
 
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Plain-PyTorch KV write: row slots[t] of layer `layer` := k[t], v[t].

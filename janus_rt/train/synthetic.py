@@ -147,13 +147,9 @@ _PALETTE_RGB = np.array([PALETTE[k] for k in _PALETTE_NAMES], dtype=np.float32) 
 _COLOR_RE = re.compile(r"\b(" + "|".join(_PALETTE_NAMES + list(_ALIASES)) + r")\b", re.IGNORECASE)
 
 
-def dominant_colors(img, k: int | None = None, max_side: int = 64) -> list[tuple[str, float]]:
-    """Palette colours of an image by pixel share: [(name, fraction)], largest first.
-
-    img: PIL.Image or uint8 array [H, W, 3]. Every pixel is assigned to its nearest palette colour (RGB
-    distance) after downscaling to at most max_side pixels a side; colours with no pixel are left out.
-    k: keep only the top k.
-    """
+def _palette_labels(img, max_side: int) -> np.ndarray:
+    """Each pixel's nearest palette colour (RGB distance), as an index into _PALETTE_NAMES: [H, W], after
+    downscaling to at most max_side pixels a side. img: PIL.Image or uint8 array [H, W, 3]."""
     if isinstance(img, Image.Image):
         pil = img.convert("RGB")
     else:
@@ -165,11 +161,21 @@ def dominant_colors(img, k: int | None = None, max_side: int = 64) -> list[tuple
         scale = max_side / max(pil.size)
         # nearest keeps pixels exact palette colours (no blended edges)
         pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.NEAREST)
-    px = np.asarray(pil, dtype=np.float32).reshape(-1, 3)  # [P, 3]
-    d = ((px[:, None, :] - _PALETTE_RGB[None]) ** 2).sum(-1)  # [P, C]
-    counts = np.bincount(d.argmin(1), minlength=len(_PALETTE_NAMES))
+    px = np.asarray(pil, dtype=np.float32)  # [H, W, 3]
+    return ((px[:, :, None, :] - _PALETTE_RGB) ** 2).sum(-1).argmin(-1)  # [H, W]
+
+
+def dominant_colors(img, k: int | None = None, max_side: int = 64) -> list[tuple[str, float]]:
+    """Palette colours of an image by pixel share: [(name, fraction)], largest first.
+
+    img: PIL.Image or uint8 array [H, W, 3]. Every pixel is assigned to its nearest palette colour (RGB
+    distance) after downscaling to at most max_side pixels a side; colours with no pixel are left out.
+    k: keep only the top k.
+    """
+    labels = _palette_labels(img, max_side).ravel()  # [P]
+    counts = np.bincount(labels, minlength=len(_PALETTE_NAMES))
     order = np.argsort(-counts, kind="stable")
-    out = [(_PALETTE_NAMES[i], float(counts[i] / len(px))) for i in order if counts[i] > 0]
+    out = [(_PALETTE_NAMES[i], float(counts[i] / len(labels))) for i in order if counts[i] > 0]
     return out[:k] if k is not None else out
 
 
@@ -181,12 +187,7 @@ def count_objects(img, color: str, min_pixels: int = 6, max_side: int = 64) -> i
     name = _ALIASES.get(color.lower(), color.lower())
     if name not in PALETTE:
         raise ValueError(f"{color!r} is not a palette colour ({', '.join(_PALETTE_NAMES)})")
-    pil = img.convert("RGB") if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
-    if max(pil.size) > max_side:
-        scale = max_side / max(pil.size)
-        pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.NEAREST)
-    px = np.asarray(pil, dtype=np.float32)  # [H, W, 3]
-    mask = ((px[:, :, None, :] - _PALETTE_RGB) ** 2).sum(-1).argmin(-1) == _PALETTE_NAMES.index(name)  # [H, W]
+    mask = _palette_labels(img, max_side) == _PALETTE_NAMES.index(name)  # [H, W]
     seen = np.zeros_like(mask)
     h, w = mask.shape
     objects = 0
