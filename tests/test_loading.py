@@ -46,6 +46,28 @@ def test_random_model_made_in_its_dtype():
         assert sb[k].dtype == torch.bfloat16 and torch.equal(sb[k], sf[k].to(torch.bfloat16)), k
 
 
+def test_random_values_follow_the_per_tensor_rule():
+    """init_random_ makes each tensor's values in place (no temporaries) and still gives, tensor by tensor in module
+    order, fp32 normal noise from one seeded generator scaled by its kind: gains 1 + 0.1 n, biases and vectors
+    0.02 n, the codebook and gen_embed n, matrices n / sqrt(fan_in)."""
+    from janus_rt.models.llm import RMSNorm
+
+    m = Janus.from_preset("tiny", seed=7)
+    g = torch.Generator().manual_seed(7)
+    for mod in m.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            n = torch.randn(p.shape, generator=g)
+            if isinstance(mod, (torch.nn.LayerNorm, torch.nn.GroupNorm, RMSNorm)) and name == "weight":
+                want = 1.0 + 0.1 * n
+            elif name == "bias" or p.dim() == 1:
+                want = 0.02 * n
+            elif name == "codebook" or mod is m.gen_embed:
+                want = n
+            else:
+                want = n / p[0].numel() ** 0.5
+            assert torch.equal(p, want), name
+
+
 def test_sharded_transformers_layout(tmp_path):
     pytest.importorskip("transformers")
     from hf_reference import SMALL_CONFIGS, hf_model, write_hf
