@@ -176,6 +176,27 @@ def test_gradient_checkpointing_same_grads(tiny, synthetic):
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
+def test_cli_keeps_freed_memory_once_the_model_is_loaded(synthetic, tmp_path, monkeypatch):
+    """`janus-rt train` turns on retain_freed_memory after loading the model and building the optimizer, before the
+    first step (blocks freed while loading would otherwise stay resident); train() called as a library leaves
+    malloc alone unless asked (keep_freed)."""
+    import janus_rt.cli as cli
+    import janus_rt.cpu_ops as cpu_ops
+
+    calls = []
+    real_load, real_step = cli.load_model, torch.optim.AdamW.step
+    monkeypatch.setattr(cli, "load_model", lambda *a, **kw: calls.append("load") or real_load(*a, **kw))
+    monkeypatch.setattr(cpu_ops, "retain_freed_memory", lambda: calls.append("retain") or False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda *a, **kw: calls.append("step") or real_step(*a, **kw))
+    p = argparse.ArgumentParser()
+    add_train_args(p)
+    flags = ["--synthetic", "8", "--steps", "2", "--batch-size", "1", "--seq-len", "512", "--no-progress"]
+    run_train(p.parse_args(flags + ["--out", str(fresh_run(synthetic, tmp_path, "cli"))]))
+    assert calls == ["load", "retain", "step", "step"]
+    calls.clear()
+    train(TrainConfig(out=str(fresh_run(synthetic, tmp_path, "lib")), synthetic=8, steps=2, batch_size=1, seq_len=512,
+                      progress=False))
+    assert calls == ["load", "step", "step"]
 def test_loss_falls_via_cli(synthetic, tmp_path, capsys):
     out = fresh_run(synthetic, tmp_path, "run")
     p = argparse.ArgumentParser()

@@ -66,7 +66,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         betas=(args.beta1, args.beta2), clip=args.clip, ratios=args.ratios, cfg_drop=args.cfg_drop,
         backend=args.backend, device=args.device, amp=args.amp, grad_checkpointing=args.grad_checkpointing,
         fsdp=args.fsdp, seed=args.seed, save_every=args.save_every, keep=args.keep, resume=args.resume,
-        cache_dir=args.cache_dir, threads=args.threads, progress=not args.no_progress)
+        cache_dir=args.cache_dir, threads=args.threads, progress=not args.no_progress,
+        keep_freed=True)
 
 
 def run_train(args: argparse.Namespace) -> list[dict]:

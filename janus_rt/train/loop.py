@@ -64,6 +64,7 @@ class TrainConfig:
     cache_dir: str | None = None    # VQ token cache (default: next to the manifest)
     threads: int = 0                # torch CPU threads (0: torch's default)
     progress: bool = True
+    keep_freed: bool = False        # cpu_ops.retain_freed_memory() once the model and optimizer exist (the CLI's)
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
@@ -143,6 +144,10 @@ def train(cfg: TrainConfig) -> list[dict]:
     from janus_rt.cli import load_model  # the CLI's loader: checkpoint folder or preset, plus its tokenizer
 
     model, tok, _ = load_model(cfg.model, device=str(device), dtype=torch.float32, seed=cfg.seed, for_training=True)
+    if cfg.keep_freed:  # from here on (VQ tokens of the data, every step) the same large blocks are freed and
+        from janus_rt.cpu_ops import retain_freed_memory  # allocated again: keep them instead of faulting them in
+
+        retain_freed_memory()
     trainable = apply_stage(model, cfg.stage)
     manifest = _manifest(cfg, model, rank, barrier)
     ds = None
