@@ -232,6 +232,64 @@ def test_preemption_in_bf16_gives_each_request_its_own_tokens():
     assert eng.bm.num_free_blocks == eng.bm.num_blocks
 
 
+def test_abort_frees_a_request_and_leaves_the_others_as_alone(tiny):
+    """abort() between steps: a running request's blocks go back at once and a waiting one is admitted in its place;
+    a waiting request (never admitted, or preempted with its K/V in host memory) leaves the queue; the others get
+    the tokens they get alone, no block leaks, and the aborted keep their partial tokens."""
+    ps = [prompt(tiny, 20 + 5 * k, seed=4 + k) for k in range(4)]
+    refs = [tiny.generate_image_tokens(p, n=2, seed=k) for k, p in enumerate(ps)]
+    eng = Engine(tiny, block_size=16, max_num_blocks=30, kv_cache_gb=1)  # one request's full growth at a time, ~
+    reqs = [eng.add_image_request(p, 2, SamplingParams(seed=k)) for k, p in enumerate(ps)]
+    while not any(r.preempted and r.swapped is not None for r in reqs):  # run until one waits with its K/V out
+        eng.step()
+    out = next(r for r in reqs if r.swapped is not None)
+    running = eng.scheduler.running[0]
+    held = sum(len(eng.bm.block_table(rid)) for rid in running.row_ids())
+    free = eng.bm.num_free_blocks
+    assert eng.abort(running) is running and running.aborted and 0 < running.step < tiny.cfg.num_image_tokens
+    assert eng.bm.num_free_blocks > free and held > 0
+    assert eng.abort(out.req_id) is out and out.swapped is None
+    never = eng.add_image_request(prompt(tiny, 9, seed=9), 1, SamplingParams(seed=9))  # waits, never admitted
+    assert eng.abort(never) is never and never.step == 0
+    assert eng.abort(never) is None and eng.abort(10**9) is None  # gone already; unknown
+    eng.bm.check_invariants()
+    done = eng.run(progress=True)
+    gone = {running.req_id, out.req_id, never.req_id}
+    assert set(eng.aborted) == gone and not gone & set(done) and not gone & set(eng.finished)
+    for r, ref in zip(reqs, refs):
+        if r.req_id not in gone:
+            assert torch.equal(torch.tensor(r.tokens), ref), r.req_id
+        else:  # what it had sampled before the abort is what it would have sampled
+            assert torch.equal(torch.tensor(r.tokens), ref[:, : r.step]), r.req_id
+    assert eng.bm.num_free_blocks == eng.bm.num_blocks
+
+
+def test_abort_from_on_finish_keeps_the_progress_bar_whole(tiny, monkeypatch):
+    """A request aborted by run()'s own on_finish callback: the run ends, and the progress bar's total drops by
+    what the aborted request will no longer sample, so the bar ends full and never goes backwards."""
+    import tqdm
+
+    updates, totals = [], []
+    real = tqdm.tqdm
+
+    class Bar(real):
+        def update(self, k=1):
+            updates.append(k)
+            return super().update(k)
+
+        def close(self):
+            totals.append((self.n, self.total))
+            return super().close()
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    eng = Engine(tiny, block_size=16, max_num_blocks=30, kv_cache_gb=1)
+    a = eng.add_image_request(prompt(tiny, 20, seed=4), 2, SamplingParams(seed=0), num_tokens=10)
+    b = eng.add_image_request(prompt(tiny, 20, seed=5), 2, SamplingParams(seed=1), num_tokens=40)
+    eng.run(progress=True, on_finish=lambda r: eng.abort(b) if r is a else None)
+    assert a.finished and b.aborted and not b.finished and 0 < b.step < 40
+    assert min(updates) >= 0 and totals[0] == (2 * 10 + 2 * b.step,) * 2  # (n, total) at close
+
+
 def test_max_steps_per_call_must_be_positive(tiny):
     with pytest.raises(ValueError, match="max_steps_per_call must be >= 1"):
         Engine(tiny, block_size=16, max_num_blocks=4, max_steps_per_call=0)
@@ -475,6 +533,9 @@ def test_roofline_kv_bytes_match_the_cache(tiny):
     assert flops == decode_step_bytes_flops(tiny, 2 * n, context)[1]  # FLOPs: every row attends its full context
 
 
+ABORTS_SOMETHING = {0, 1, 2, 6, 9}  # seeds whose schedule aborts a request before it finishes
+
+
 @pytest.mark.parametrize("seed", range(10))  # seeds 0 and 8 preempt; the row limit makes others wait
 def test_random_mixed_workload_matches_each_request_alone(tiny, seed):
     """Continuous batching under random schedules: image requests (prompt lengths, n, lengths and sampling settings
@@ -526,16 +587,24 @@ def test_random_mixed_workload_matches_each_request_alone(tiny, seed):
     # a pool that holds the largest request alone and little more: the others wait, or are preempted and restored
     eng = Engine(tiny, block_size=block_size, max_num_blocks=worst + rnd.randint(0, 2),
                  max_num_rows=rnd.choice([6, 8, 256]), max_steps_per_call=rnd.choice([1, 3, 8]))
+    # and some requests aborted at a random step (its own generator: the draws above stay what they were)
+    ab = random.Random(seed + 1000)
+    abort_at = [ab.randint(arrival, arrival + 12) if ab.random() < 0.3 else None for arrival, _, _ in reqs]
     added, step = [None] * len(reqs), 0
     while step <= 6 or eng.has_work():
         for i, (arrival, kind, args) in enumerate(reqs):
             if arrival == step:
                 added[i] = add(eng, kind, args)
+            if abort_at[i] == step:
+                eng.abort(added[i])
         if eng.has_work():
             eng.step()
             eng.bm.check_invariants()
         step += 1
-    assert [r.tokens for r in added] == alone
+    for r, want in zip(added, alone):  # an aborted request keeps what it had sampled, the others all of theirs
+        assert r.tokens == (want if not r.aborted else [t[: r.step] for t in want])
+        assert r.aborted or r.finished
+    assert any(r.aborted for r in added) == (seed in ABORTS_SOMETHING)
     assert eng.bm.num_free_blocks == eng.bm.num_blocks
 
 

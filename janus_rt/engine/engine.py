@@ -60,6 +60,7 @@ class Engine:
         self.runner = ModelRunner(model, self.cache, self.backend, cuda_graphs=cuda_graphs)
         self.stats = EngineStats()
         self.finished: dict[int, Request] = {}
+        self.aborted: dict[int, Request] = {}  # abort()'s
         self.record_logits = False  # tests/debugging: keep each step's (cond, uncond) logits on the request
         self._image_batch = (None, None)  # (the decoding image requests, their per-row tensors): see _image_rows
 
@@ -94,6 +95,20 @@ class Engine:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def abort(self, req: Request | int) -> Request | None:
+        """Drop a request before it finishes (its client gone, a deadline passed), between steps (not from another
+        thread while step() runs): a waiting request leaves the queue, with any K/V a preemption copied out; a running
+        one gives its blocks back at once, so the next step admits what they make room for. The other requests'
+        tokens are unchanged. Its tokens so far stay on it and `aborted` is set; it is kept in `self.aborted`, not
+        in `finished`. -> the request, or None where none with that id is waiting or running (finished, already
+        aborted, unknown)."""
+        req_id = req if isinstance(req, int) else req.req_id
+        got = self.scheduler.remove(req_id)
+        if got is not None:
+            got.aborted = True
+            self.aborted[req_id] = got
+        return got
 
     # ---- one engine step -----------------------------------------------------------------------------------
     def step(self) -> list[Request]:
@@ -380,12 +395,15 @@ class Engine:
             bar = tqdm(total=total, desc=desc, unit="tok")
         done = {}
         while self.has_work():
-            before = self._progress()
+            before, gone = self._progress(), len(self.aborted)
             for r in self.step():
                 done[r.req_id] = r
                 if on_finish is not None:
-                    on_finish(r)
+                    on_finish(r)  # which may abort others
             if bar is not None:
+                if len(self.aborted) != gone:  # what they will no longer sample leaves the total
+                    bar.total -= sum((r.max_new_tokens - r.step) * self._tokens_per_step(r)
+                                     for r in list(self.aborted.values())[gone:])
                 bar.update(self._progress() - before)
         if bar is not None:
             bar.close()
@@ -402,4 +420,5 @@ class Engine:
 
     def _progress(self) -> int:
         """Tokens sampled so far, summed over requests (as the reported tokens/s counts them)."""
-        return sum(r.step * self._tokens_per_step(r) for r in (*self.scheduler.running, *self.finished.values()))
+        return sum(r.step * self._tokens_per_step(r)
+                   for r in (*self.scheduler.running, *self.finished.values(), *self.aborted.values()))

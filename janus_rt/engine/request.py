@@ -61,6 +61,7 @@ class Request:
     # state
     tokens: list[list[int]] = field(default_factory=list)  # per image (or the one text row): sampled ids
     finished: bool = False
+    aborted: bool = False  # Engine.abort: dropped before finishing, its tokens so far kept
     preempted: bool = False  # waiting after a preemption: its rows' K/V comes back from `swapped`, blocks unshared
     swapped: dict | None = None  # preempted: row id -> its K/V [L, 2, T, H, D] in host memory (KVCache.read_slots)
     logits: list = field(default_factory=list)  # per step (cond [n, V], uncond [n, V]) when the engine records

@@ -89,6 +89,20 @@ class Scheduler:
             self.num_preemptions += 1
         return preempted
 
+    def remove(self, req_id: int) -> Request | None:
+        """Take a request out, waiting or running, its blocks freed (a preempted one's host K/V copy dropped) ->
+        the request, or None where neither queue holds it."""
+        for req in self.waiting:
+            if req.req_id == req_id:
+                self.waiting.remove(req)
+                req.swapped = None
+                return req
+        for req in self.running:
+            if req.req_id == req_id:
+                self.finish(req)
+                return req
+        return None
+
     def finish(self, req: Request) -> None:
         self.running.remove(req)
         for rid in req.row_ids():
