@@ -201,6 +201,51 @@ def test_generate_out_that_is_a_file_is_a_clear_error(tmp_path):
         main(["generate", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "file")])
 
 
+def test_ctrl_c_is_one_line_and_says_what_is_kept(tmp_path, capsys, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) ends a command with exit code 130 and one line, no traceback: generate says how
+    many PNGs it wrote (each prompt's as it finishes), train which checkpoint --resume continues from."""
+    from janus_rt.engine import Engine
+
+    real_run = Engine.run
+
+    def run_then_interrupt(self, progress=False, desc="", on_finish=None):  # after the first request's PNGs
+        def finish(r):
+            on_finish(r)
+            raise KeyboardInterrupt
+
+        return real_run(self, progress, desc, finish)
+
+    monkeypatch.setattr(Engine, "run", run_then_interrupt)
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", "tiny", "--prompt", "a", "--prompt", "b", "-n", "2", "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "Traceback" not in err
+    assert "interrupted: 2 of 4 image(s) written to" in err and err.rstrip().endswith("janus-rt generate: interrupted")
+    assert len(list((tmp_path / "g").glob("img_*.png"))) == 2 and not (tmp_path / "g" / "grid.png").exists()
+
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def step_then_interrupt(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_interrupt)
+    train = ["train", "--model", "tiny", "--synthetic", "4", "--steps", "5", "--batch-size", "1", "--seq-len", "512",
+             "--no-progress", "--out", str(tmp_path / "t")]
+    with pytest.raises(SystemExit) as e:
+        main(train + ["--save-every", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "Traceback" not in err
+    assert f"interrupted after step 2 of 5: the newest checkpoint is {tmp_path / 't' / 'checkpoints' / 'step_0000002'}" \
+        in err
+    calls.clear()
+    with pytest.raises(SystemExit):
+        main(train[:-1] + [str(tmp_path / "t2")])
+    assert "interrupted after step 2 of 5: no checkpoint written yet" in capsys.readouterr().err
+
+
 def test_user_errors_are_one_line(tmp_path, capsys):
     """A user's mistake that surfaces past the flag checks (a folder that is no checkpoint, an output folder that
     cannot be made, a KV pool too small for the request) ends in one `janus-rt CMD: ...` line, not a traceback;

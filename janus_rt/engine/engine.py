@@ -394,19 +394,21 @@ class Engine:
                 (r.max_new_tokens - r.step) * self._tokens_per_step(r) for r in self.scheduler.running)
             bar = tqdm(total=total, desc=desc, unit="tok")
         done = {}
-        while self.has_work():
-            before, gone = self._progress(), len(self.aborted)
-            for r in self.step():
-                done[r.req_id] = r
-                if on_finish is not None:
-                    on_finish(r)  # which may abort others
+        try:
+            while self.has_work():
+                before, gone = self._progress(), len(self.aborted)
+                for r in self.step():
+                    done[r.req_id] = r
+                    if on_finish is not None:
+                        on_finish(r)  # which may abort others
+                if bar is not None:
+                    if len(self.aborted) != gone:  # what they will no longer sample leaves the total
+                        bar.total -= sum((r.max_new_tokens - r.step) * self._tokens_per_step(r)
+                                         for r in list(self.aborted.values())[gone:])
+                    bar.update(self._progress() - before)
+        finally:  # also on Ctrl-C: the bar's last line before whatever is said next
             if bar is not None:
-                if len(self.aborted) != gone:  # what they will no longer sample leaves the total
-                    bar.total -= sum((r.max_new_tokens - r.step) * self._tokens_per_step(r)
-                                     for r in list(self.aborted.values())[gone:])
-                bar.update(self._progress() - before)
-        if bar is not None:
-            bar.close()
+                bar.close()
         return done
 
     def _lm_head(self, h):

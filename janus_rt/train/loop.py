@@ -283,6 +283,14 @@ def train(cfg: TrainConfig) -> list[dict]:
                     path = checkpoint.save(out, step, module, optimizer, state, tok, keep=cfg.keep, rank=rank)
                     if rank == 0:
                         bar.write(f"saved {path}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if rank == 0:
+            bar.close()
+            ckpt = checkpoint.latest(out)
+            where = (f"the newest checkpoint is {ckpt} (`--resume` continues from it)" if ckpt is not None else
+                     "no checkpoint written yet (--save-every N saves one every N steps)")
+            print(f"interrupted after step {step} of {cfg.steps}: {where}", file=sys.stderr)
+        raise
     finally:
         batches.close()
         bar.close()
