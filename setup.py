@@ -40,7 +40,7 @@ setup(
         "triton>=3.0",
         "numpy",
         "safetensors>=0.4",
-        "tokenizers>=0.19",
+        "tokenizers>=0.21",  # decoders.DecodeStream
         "Pillow>=10",
         "tqdm",
     ],

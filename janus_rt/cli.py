@@ -252,7 +252,7 @@ def cmd_understand(args):
     from PIL import Image
 
     from janus_rt.cpu_ops import retain_freed_memory
-    from janus_rt.engine import Engine
+    from janus_rt.engine import Engine, SamplingParams
     from janus_rt.processing import encode_understanding_prompt, preprocess_image
 
     _check_args(args, (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
@@ -278,15 +278,21 @@ def cmd_understand(args):
     else:
         eng = Engine.for_requests(model, [(len(ids) + args.max_new_tokens, 0)])
     t1 = time.perf_counter()
-    out = model.generate_text(ids, pixel_values=pixels.to(model.dtype), max_new_tokens=args.max_new_tokens,
-                              greedy=args.temperature == 0, temperature=max(args.temperature, 1e-6),
-                              top_p=args.top_p, seed=args.seed, engine=eng)
+    params = SamplingParams(temperature=max(args.temperature, 1e-6), greedy=args.temperature == 0,
+                            top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed)
+    req = eng.add_text_request(ids, pixels.to(model.dtype), max_new_tokens=args.max_new_tokens, params=params)
+    stream, t_first = tok.stream(), None
+    while eng.has_work():  # the answer printed as it comes, a token a step
+        eng.step()
+        for i in req.tokens[0][len(stream.ids):]:
+            print(stream.push(i), end="", flush=True)
+        t_first = t_first or (time.perf_counter() if req.step else None)
+    print(stream.finish(), flush=True)
     t2 = time.perf_counter()
-    print(tok.decode(out))
     s = eng.stats  # the first token comes from the prefill (vision + prompt); each later one from a decode step
     later = f", then {s.ms_per_step:.1f} ms/token" if s.decode_steps else ""
-    print(f"[{what}: {len(out)} tokens in {t2 - t0:.2f} s: engine set-up {t1 - t0:.2f} s, first token "
-          f"{t2 - t1 - s.decode_s:.2f} s{later}]", file=sys.stderr)
+    print(f"[{what}: {len(req.tokens[0])} tokens in {t2 - t0:.2f} s: engine set-up {t1 - t0:.2f} s, first token "
+          f"{t_first - t1:.2f} s{later}]", file=sys.stderr)
 
 
 def cmd_convert(args):

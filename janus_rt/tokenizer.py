@@ -52,12 +52,43 @@ class JanusTokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def stream(self, skip_special_tokens: bool = True) -> "TextStream":
+        """An incremental decoder for an answer whose ids arrive one at a time (see TextStream)."""
+        return TextStream(self, skip_special_tokens)
+
     def save(self, path) -> None:
         self.tok.save(str(path))
 
     @property
     def tokens(self) -> TokenConfig:
         return TokenConfig(self.bos_id, self.eos_id, self.pad_id, self.boi_id, self.eoi_id, self.image_id)
+
+
+class TextStream:
+    """push(id) -> the text that id completes ('' while a character split over several tokens is still incomplete:
+    tokenizers' DecodeStream); finish() -> the rest, so that everything returned equals decode(all the ids)."""
+
+    def __init__(self, tok: JanusTokenizer, skip_special_tokens: bool = True):
+        from tokenizers.decoders import DecodeStream
+
+        self.tok, self.skip = tok, skip_special_tokens
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self.ids: list[int] = []
+        self.text = ""  # returned so far
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        chunk = self._stream.step(self.tok.tok, int(token_id)) or ""
+        self.text += chunk
+        return chunk
+
+    def finish(self) -> str:
+        """What decode() gives past the text returned so far (a character left incomplete at the end, as decode
+        renders it); '' where decode's text does not extend it (not seen: DecodeStream returns decode's prefixes)."""
+        full = self.tok.decode(self.ids, skip_special_tokens=self.skip)
+        rest = full[len(self.text):] if full.startswith(self.text) else ""
+        self.text += rest
+        return rest
 
 
 def special_ids(tok, defaults: TokenConfig | None = None) -> TokenConfig:

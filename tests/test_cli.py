@@ -59,6 +59,28 @@ def test_understand(tmp_path, capsys):
     assert (m.group(2) is not None) == (m.group(1) != "1"), err  # a per-token time exactly when a decode step ran
 
 
+def test_understand_prints_the_answer_as_it_comes(tmp_path, capsys, monkeypatch):
+    """understand prints the answer a token at a time (before the last step, part of it is out already); all it
+    prints is decode(the answer's ids) and a newline."""
+    from janus_rt.engine import Engine
+    from janus_rt.tokenizer import JanusTokenizer
+
+    seen, reqs = [], []
+    real_step, real_add = Engine.step, Engine.add_text_request
+    monkeypatch.setattr(Engine, "step", lambda self: seen.append(capsys.readouterr().out) or real_step(self))
+    monkeypatch.setattr(Engine, "add_text_request", lambda self, *a, **kw: reqs.append(real_add(self, *a, **kw))
+                        or reqs[-1])
+    Image.new("RGB", (50, 30), (200, 10, 10)).save(tmp_path / "x.png")
+    main(["understand", "--model", "tiny", "--image", str(tmp_path / "x.png"), "--question", "What colour?",
+          "--max-new-tokens", "24", "--temperature", "1"])
+    printed = "".join(seen) + capsys.readouterr().out
+    model = Janus.from_preset("tiny")
+    ids = reqs[0].tokens[0]
+    assert len(ids) > 4 and len(seen) == len(ids)  # a prefill, then a decode step per token
+    assert printed == JanusTokenizer.byte_level(model.cfg.llm.vocab_size, model.cfg.tokens).decode(ids) + "\n"
+    assert sum(map(len, seen[:-1])) > 0  # out before the last step
+
+
 def test_understand_honours_kv_cache_gb(tmp_path):
     """--kv-cache-gb sizes understand's KV cache as it does generate's: too small to hold a block is refused."""
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")

@@ -36,6 +36,27 @@ def test_understanding_prompt_expands_placeholders():
     assert text.startswith(SYSTEM_PROMPT + "\n\n<|User|>: ") and text.endswith("What is it?\n\n<|Assistant|>:")
 
 
+def test_text_stream_returns_what_decode_does():
+    """An answer decoded as its ids arrive: each push returns only complete characters (a UTF-8 character split over
+    byte tokens comes out whole, with its last byte), and the pieces plus finish() are decode(ids) exactly, for
+    random mixes of text bytes (invalid UTF-8 among them), special ids and ids the tokenizer lacks."""
+    import random
+
+    tok = JanusTokenizer.byte_level(1024, TokenConfig(bos_id=1000, eos_id=1001, pad_id=1002, boi_id=1003, eoi_id=1004,
+                                                      image_id=1005))
+    text = tok.encode("héllo wörld 日本 ✓ ok")
+    stream = tok.stream()
+    pieces = [stream.push(i) for i in text]
+    assert pieces[:3] == ["h", "", "é"] and "".join(pieces) == "héllo wörld 日本 ✓ ok" and stream.finish() == ""
+    specials = [1000, 1001, 1002, 1005, 1023]  # 1023: an id the tokenizer lacks
+    for seed in range(300):
+        r = random.Random(seed)
+        ids = [r.choice(text) if r.random() < 0.8 else r.choice(specials) for _ in range(r.randint(1, 40))]
+        stream = tok.stream()
+        pieces = [stream.push(i) for i in ids]
+        assert "".join(pieces) + stream.finish() == tok.decode(ids), ids
+
+
 def test_special_ids_read_from_tokenizer():
     from janus_rt.tokenizer import special_ids
 
