@@ -246,6 +246,13 @@ def cmd_generate(args):
     print(f"{n_tok} image tokens in {dt:.2f} s (incl. VQ decode): {n_tok / (s.prefill_s + s.decode_s):.1f} tokens/s "
           f"generating, {s.ms_per_step:.2f} ms/decode step ({s.decode_steps} steps), prefill {1e3 * s.prefill_s:.1f} ms, "
           f"backend {eng.backend}, device {args.device}")
+    if len(prompts) > 1:  # a queue: how long each prompt waited for its first tokens and for its images
+        import statistics
+
+        reqs = list(eng.finished.values())
+        span = lambda xs: f"median {statistics.median(xs):.2f} s, max {max(xs):.2f} s"
+        print(f"per prompt, from the queue's start: first image tokens {span([r.time_to_first_token for r in reqs])}; "
+              f"all its tokens {span([r.latency for r in reqs])}")
 
 
 def cmd_understand(args):

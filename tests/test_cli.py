@@ -193,7 +193,13 @@ def test_generate_many_prompts_names_and_grid(tmp_path, capsys):
     names = sorted(p.name for p in (tmp_path / "o").glob("img_*.png"))
     assert names == [f"img_{i:03d}_00.png" for i in range(101)]
     assert Image.open(tmp_path / "o" / "grid.png").size == (128, GRID_ROWS * 128 + (GRID_ROWS - 1) * 2)
-    assert f"grid.png: the first {GRID_ROWS} prompts" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"grid.png: the first {GRID_ROWS} prompts" in out
+    import re  # and how long the prompts of the queue took, first tokens before the last
+
+    m = re.search(r"per prompt, from the queue's start: first image tokens median ([0-9.]+) s, max ([0-9.]+) s; "
+                  r"all its tokens median ([0-9.]+) s, max ([0-9.]+) s", out)
+    assert m and float(m[1]) <= float(m[2]) and float(m[3]) <= float(m[4]) and float(m[1]) <= float(m[3]), out
 
 
 @pytest.mark.parametrize("flags,message", [(["-n", "0"], "-n must be >= 1"), (["--top-p", "1.5"], "--top-p must be"),

@@ -290,6 +290,23 @@ def test_abort_from_on_finish_keeps_the_progress_bar_whole(tiny, monkeypatch):
     assert min(updates) >= 0 and totals[0] == (2 * 10 + 2 * b.step,) * 2  # (n, total) at close
 
 
+def test_request_times(tiny):
+    """Each request records when it arrived, when its first tokens and its last were sampled: a request that waits
+    for rows gets its first tokens after the one ahead of it finished; an aborted one has no finish time."""
+    eng = Engine(tiny, block_size=16, max_num_rows=4, kv_cache_gb=1)
+    a = eng.add_image_request(prompt(tiny, 9, seed=1), 2, SamplingParams(seed=0), num_tokens=6)
+    b = eng.add_image_request(prompt(tiny, 9, seed=2), 2, SamplingParams(seed=1), num_tokens=6)
+    c = eng.add_image_request(prompt(tiny, 9, seed=3), 2, SamplingParams(seed=2), num_tokens=6)
+    assert a.time_to_first_token is None and a.latency is None
+    eng.step()
+    assert a.first_token_time is not None and b.first_token_time is None and a.latency is None
+    eng.abort(c)
+    eng.run()
+    assert a.arrival_time <= b.arrival_time < a.first_token_time < a.finish_time < b.first_token_time < b.finish_time
+    assert 0 < a.time_to_first_token < b.time_to_first_token and 0 < a.latency < b.latency
+    assert c.first_token_time is None and c.finish_time is None and c.latency is None
+
+
 def test_max_steps_per_call_must_be_positive(tiny):
     with pytest.raises(ValueError, match="max_steps_per_call must be >= 1"):
         Engine(tiny, block_size=16, max_num_blocks=4, max_steps_per_call=0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +66,10 @@ class Request:
     preempted: bool = False  # waiting after a preemption: its rows' K/V comes back from `swapped`, blocks unshared
     swapped: dict | None = None  # preempted: row id -> its K/V [L, 2, T, H, D] in host memory (KVCache.read_slots)
     logits: list = field(default_factory=list)  # per step (cond [n, V], uncond [n, V]) when the engine records
+    # time.perf_counter() when it was made (added), when its first token(s) and its last were sampled
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
 
     def __post_init__(self):
         if self.kind not in ("image", "text"):
@@ -96,6 +101,19 @@ class Request:
     def append(self, new: list[int]) -> None:
         for t, x in zip(self.tokens, new):
             t.append(int(x))
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
         if self.step >= self.max_new_tokens or (self.kind == "text" and self.eos_id is not None
                                                 and self.tokens[0][-1] == self.eos_id):
             self.finished = True
+            self.finish_time = time.perf_counter()
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        """Seconds from arrival to its first token(s): the wait for admission plus the prefill."""
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def latency(self) -> float | None:
+        """Seconds from arrival to its last token (None until it finishes)."""
+        return None if self.finish_time is None else self.finish_time - self.arrival_time
