@@ -226,17 +226,16 @@ def cmd_generate(args):
     else:
         shapes = [(len(encode_generation_prompt(tok, p)), args.n) for p in prompts]
         eng = Engine.for_requests(model, shapes, cuda_graphs=args.cuda_graphs)
-    t0, started = time.perf_counter(), time.time()
+    t0, written = time.perf_counter(), []
     try:
         images, eng = generate_images(model, tok, prompts, n=args.n, cfg_weight=args.cfg,
                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                       greedy=args.greedy, out_dir=args.out, engine=eng, keep_images=False,
                                       info={"model": _model_label(args.model), "dtype": args.dtype,
-                                            "device": args.device})
+                                            "device": args.device}, written=written)
     except KeyboardInterrupt:  # each prompt's PNGs are written as it finishes: say what is there
-        done = [f for f in Path(args.out).glob("img_*_*.png") if f.stat().st_mtime >= started - 1]
-        print(f"interrupted: {len(done)} of {len(prompts) * args.n} image(s) written to {args.out}/ (grid.png not written)",
-              file=sys.stderr)
+        print(f"interrupted: {len(written)} of {len(prompts) * args.n} image(s) written to {args.out}/ (grid.png not "
+              f"written)", file=sys.stderr)
         raise
     dt = time.perf_counter() - t0
     n_tok = len(prompts) * args.n * model.cfg.num_image_tokens
@@ -339,10 +338,11 @@ def run_reporting_usage_errors(cmd: str, fn, *args):
         if os.environ.get("JANUS_RT_DEBUG") == "1":
             raise
         raise SystemExit(f"janus-rt {cmd}: {e} (JANUS_RT_DEBUG=1 for the traceback)") from None
-    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; the shell's code for SIGINT
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; the shell's code for SIGINT
         if os.environ.get("JANUS_RT_DEBUG") == "1":
             raise
-        print(f"janus-rt {cmd}: interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+            print(f"janus-rt {cmd}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
 
 

@@ -570,3 +570,20 @@ def retain_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # the trim threshold also turns off glibc's dynamic mmap threshold: set both, or every block > 128 KiB is mmapped
     return bool(mallopt(_M_MMAP_THRESHOLD, RETAIN_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def release_freed_memory() -> bool:
+    """Hand the freed blocks that retain_freed_memory keeps back to the OS now (glibc's malloc_trim(0)), after a
+    one-off burst of allocations that will not recur (a checkpoint read into memory and copied into the model).
+    False where it cannot (not glibc) or with JANUS_RT_KEEP_FREED=0 (nothing kept then)."""
+    if os.environ.get("JANUS_RT_KEEP_FREED", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True

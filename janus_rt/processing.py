@@ -1,6 +1,8 @@
 """Prompt templates and image pre/post-processing, as the official Janus-Pro processor does them."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -129,7 +131,7 @@ def png_parameters(path) -> dict:
 def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: float = 5.0, temperature: float = 1.0,
                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, greedy: bool = False, out_dir=None,
                     engine=None, progress: bool = True, max_grid_rows: int = GRID_ROWS,
-                    keep_images: bool = True, info: dict | None = None):
+                    keep_images: bool = True, info: dict | None = None, written: list | None = None):
     """Text prompts -> PIL images (n per prompt, prompts batched in one engine run; prompt k samples with seed + k).
     With `out_dir`, also writes img_<prompt>_<i>.png (the decoder's size; each prompt's as soon as its request
     finishes: a run longer than the KV cache holds at once keeps each wave of prompts it has finished) and at the end
@@ -139,7 +141,8 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
     images, which are on disk (a long list of prompts is not held in memory). Each PNG carries the settings that made
     it as PNG text (`png_parameters`): the prompt, its seed, the image's index, the sampling settings, `info`'s
     entries (values JSON cannot hold are written as text). The same model, dtype and settings give the same image
-    (on one machine: another CPU's or GPU's kernels may round differently)."""
+    (on one machine: another CPU's or GPU's kernels may round differently). Each PNG appears whole (written beside
+    it, then renamed) and, once it has, its path is appended to `written` where one is given."""
     from pathlib import Path
 
     from janus_rt.engine import Engine, SamplingParams
@@ -167,7 +170,11 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
             d.mkdir(parents=True, exist_ok=True)
             for i, im in enumerate(out[k]):
                 text = {"prompt": prompts[k], "seed": int(seed) + k, "image": i, **settings, **(info or {})}
-                im.save(d / f"img_{k:0{width}d}_{i:02d}.png", pnginfo=_png_text(text))
+                path = d / f"img_{k:0{width}d}_{i:02d}.png"
+                im.save(path.with_name(path.name + ".tmp"), format="PNG", pnginfo=_png_text(text))
+                os.replace(path.with_name(path.name + ".tmp"), path)  # a Ctrl-C mid-write leaves no broken PNG
+                if written is not None:
+                    written.append(path)
             if not keep_images and k >= max_grid_rows:
                 out[k] = None
 

@@ -243,13 +243,18 @@ def test_ctrl_c_is_one_line_and_says_what_is_kept(tmp_path, capsys, monkeypatch)
 
         return real_run(self, progress, desc, finish)
 
+    gen = ["generate", "--model", "tiny", "--prompt", "a", "--prompt", "b", "-n", "2", "--out", str(tmp_path / "g")]
+    main(gen)  # a whole run first: its 4 PNGs are not this run's
+    assert len(list((tmp_path / "g").glob("img_*.png"))) == 4
+    (tmp_path / "g" / "grid.png").unlink()
+    capsys.readouterr()
     monkeypatch.setattr(Engine, "run", run_then_interrupt)
     with pytest.raises(SystemExit) as e:
-        main(["generate", "--model", "tiny", "--prompt", "a", "--prompt", "b", "-n", "2", "--out", str(tmp_path / "g")])
+        main(gen)
     err = capsys.readouterr().err
     assert e.value.code == 130 and "Traceback" not in err
     assert "interrupted: 2 of 4 image(s) written to" in err and err.rstrip().endswith("janus-rt generate: interrupted")
-    assert len(list((tmp_path / "g").glob("img_*.png"))) == 2 and not (tmp_path / "g" / "grid.png").exists()
+    assert not (tmp_path / "g" / "grid.png").exists() and not list((tmp_path / "g").glob("*.tmp"))
 
     real_step, calls = torch.optim.AdamW.step, []
 

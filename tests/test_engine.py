@@ -289,6 +289,53 @@ def test_abort_from_on_finish_keeps_the_progress_bar_whole(tiny, monkeypatch):
     assert a.finished and b.aborted and not b.finished and 0 < b.step < 40
     assert min(updates) >= 0 and totals[0] == (2 * 10 + 2 * b.step,) * 2  # (n, total) at close
 
+    # requests added by on_finish (one aborted at once, one mid-way), and preemptions (a preempted request keeps
+    # its tokens while it waits): the bar never goes back and ends full
+    updates.clear(), totals.clear()
+    eng = Engine(tiny, block_size=16, max_num_blocks=30, kv_cache_gb=1)
+    first = eng.add_image_request(prompt(tiny, 20, seed=4), 2, SamplingParams(seed=0), num_tokens=5)
+    later = []
+
+    def on_finish(r):
+        if r is first:
+            later.append(eng.add_image_request(prompt(tiny, 20, seed=6), 2, SamplingParams(seed=2)))
+            eng.abort(later[0])
+            later.append(eng.add_image_request(prompt(tiny, 20, seed=7), 2, SamplingParams(seed=3)))
+            later.append(eng.add_image_request(prompt(tiny, 30, seed=8), 2, SamplingParams(seed=4)))
+
+    real_step = eng.step
+
+    def step():
+        done = real_step()
+        if later and later[1].step >= 50 and not later[1].aborted:
+            eng.abort(later[1])
+        return done
+
+    eng.step = step
+    eng.run(progress=True, on_finish=on_finish)
+    assert later[1].aborted and later[2].finished and eng.scheduler.num_preemptions > 0
+    n_done = 2 * 5 + 2 * later[1].step + 2 * tiny.cfg.num_image_tokens
+    assert min(updates) >= 0 and totals[0] == (n_done, n_done)
+
+
+def test_requests_with_equal_fields_are_distinct(tiny):
+    """The same question about two images with the same settings: two requests, each aborted or finished as itself
+    (requests compare by identity: field by field, the comparison reached pixel_values, a tensor, and raised)."""
+    from janus_rt.processing import encode_understanding_prompt
+    from janus_rt.tokenizer import JanusTokenizer
+
+    tok = JanusTokenizer.byte_level(tiny.cfg.llm.vocab_size, tiny.cfg.tokens)
+    ids = encode_understanding_prompt(tok, "what?", 1, tiny.cfg.vision.num_patches)
+    size = tiny.cfg.vision.image_size
+    eng = Engine(tiny, block_size=16, max_num_rows=2, kv_cache_gb=1)
+    reqs = [eng.add_text_request(ids, torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(k)),
+                                 max_new_tokens=4, params=SamplingParams(greedy=True, seed=0)) for k in range(4)]
+    eng.step()  # two running, two waiting
+    assert eng.abort(reqs[1]) is reqs[1] and eng.abort(reqs[3]) is reqs[3]
+    eng.run()
+    assert reqs[0].finished and reqs[2].finished and [r.req_id for r in eng.aborted.values()] == [reqs[1].req_id,
+                                                                                                    reqs[3].req_id]
+
 
 def test_request_times(tiny):
     """Each request records when it arrived, when its first tokens and its last were sampled: a request that waits

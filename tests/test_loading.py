@@ -66,6 +66,13 @@ def test_random_values_follow_the_per_tensor_rule():
             else:
                 want = n / p[0].numel() ** 0.5
             assert torch.equal(p, want), name
+    # whatever torch's default dtype is at the time (a caller may have changed it)
+    torch.set_default_dtype(torch.float64)
+    try:
+        again = Janus.from_preset("tiny", seed=7, dtype=torch.bfloat16).state_dict()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert all(torch.equal(v, m.state_dict()[k].to(torch.bfloat16)) for k, v in again.items())
 
 
 def test_sharded_transformers_layout(tmp_path):

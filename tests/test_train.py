@@ -177,9 +177,10 @@ def test_gradient_checkpointing_same_grads(tiny, synthetic):
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
 def test_cli_keeps_freed_memory_once_the_model_is_loaded(synthetic, tmp_path, monkeypatch):
-    """`janus-rt train` turns on retain_freed_memory after loading the model and building the optimizer, before the
-    first step (blocks freed while loading would otherwise stay resident); train() called as a library leaves
-    malloc alone unless asked (keep_freed)."""
+    """`janus-rt train` turns on retain_freed_memory once the model is loaded, before the VQ token cache and the
+    steps (blocks freed while loading would otherwise stay resident), and with --resume hands back what reading the
+    checkpoint freed (release_freed_memory) before the first step; train() called as a library leaves malloc alone
+    unless asked (keep_freed)."""
     import janus_rt.cli as cli
     import janus_rt.cpu_ops as cpu_ops
 
@@ -187,12 +188,20 @@ def test_cli_keeps_freed_memory_once_the_model_is_loaded(synthetic, tmp_path, mo
     real_load, real_step = cli.load_model, torch.optim.AdamW.step
     monkeypatch.setattr(cli, "load_model", lambda *a, **kw: calls.append("load") or real_load(*a, **kw))
     monkeypatch.setattr(cpu_ops, "retain_freed_memory", lambda: calls.append("retain") or False)
+    monkeypatch.setattr(cpu_ops, "release_freed_memory", lambda: calls.append("release") or False)
+    real_ckpt = checkpoint.load
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **kw: (real_ckpt(*a, **kw), calls.append("ckpt"))[0])
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda *a, **kw: calls.append("step") or real_step(*a, **kw))
     p = argparse.ArgumentParser()
     add_train_args(p)
     flags = ["--synthetic", "8", "--steps", "2", "--batch-size", "1", "--seq-len", "512", "--no-progress"]
-    run_train(p.parse_args(flags + ["--out", str(fresh_run(synthetic, tmp_path, "cli"))]))
+    out = fresh_run(synthetic, tmp_path, "cli")
+    run_train(p.parse_args(flags + ["--out", str(out)]))
     assert calls == ["load", "retain", "step", "step"]
+    calls.clear()
+    run_train(p.parse_args(flags[:3] + ["4"] + flags[4:] + ["--out", str(out), "--resume"]))
+    # (loading the optimizer's state runs a step of its own inside checkpoint.load: torch's set_optimizer_state_dict)
+    assert calls[:2] == ["load", "retain"] and calls[calls.index("ckpt"):] == ["ckpt", "release", "step", "step"]
     calls.clear()
     train(TrainConfig(out=str(fresh_run(synthetic, tmp_path, "lib")), synthetic=8, steps=2, batch_size=1, seq_len=512,
                       progress=False))

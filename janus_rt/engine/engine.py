@@ -390,21 +390,17 @@ class Engine:
         if progress:
             from tqdm import tqdm
 
-            total = sum(r.max_new_tokens * self._tokens_per_step(r) for r in self.scheduler.waiting) + sum(
-                (r.max_new_tokens - r.step) * self._tokens_per_step(r) for r in self.scheduler.running)
-            bar = tqdm(total=total, desc=desc, unit="tok")
+            bar = tqdm(total=self._remaining(), desc=desc, unit="tok")
         done = {}
         try:
             while self.has_work():
-                before, gone = self._progress(), len(self.aborted)
+                before = self._progress()
                 for r in self.step():
                     done[r.req_id] = r
                     if on_finish is not None:
-                        on_finish(r)  # which may abort others
-                if bar is not None:
-                    if len(self.aborted) != gone:  # what they will no longer sample leaves the total
-                        bar.total -= sum((r.max_new_tokens - r.step) * self._tokens_per_step(r)
-                                         for r in list(self.aborted.values())[gone:])
+                        on_finish(r)  # which may add requests, or abort some
+                if bar is not None:  # the total follows what is left: requests added, aborted, ended at EOS
+                    bar.total = bar.n + self._progress() - before + self._remaining()
                     bar.update(self._progress() - before)
         finally:  # also on Ctrl-C: the bar's last line before whatever is said next
             if bar is not None:
@@ -421,6 +417,13 @@ class Engine:
         return r.n if r.kind == "image" else 1  # an image request samples one token per image a step
 
     def _progress(self) -> int:
-        """Tokens sampled so far, summed over requests (as the reported tokens/s counts them)."""
+        """Tokens sampled so far, summed over requests (as the reported tokens/s counts them; a preempted request
+        keeps its tokens while it waits)."""
+        s = self.scheduler
         return sum(r.step * self._tokens_per_step(r)
-                   for r in (*self.scheduler.running, *self.finished.values(), *self.aborted.values()))
+                   for r in (*s.waiting, *s.running, *self.finished.values(), *self.aborted.values()))
+
+    def _remaining(self) -> int:
+        """Tokens the waiting and running requests have still to sample (at most: a text answer may end early)."""
+        s = self.scheduler
+        return sum((r.max_new_tokens - r.step) * self._tokens_per_step(r) for r in (*s.waiting, *s.running))

@@ -45,7 +45,7 @@ class SamplingParams:
 _ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: two with the same fields are two requests (and pixel_values a tensor)
 class Request:
     """A text-to-image request (n images from one prompt, CFG: a conditional and an unconditional row each)
     or an understanding request (one text row, optional images spliced into the prompt)."""

@@ -76,7 +76,8 @@ class Janus(nn.Module):
         # buffer reused for every tensor (a fresh temporary per tensor faulted in 2-3x the model's bytes: the 1B
         # preset took 25 s in fp32, mostly in the kernel)
         in_place = [p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous() for _, _, p in params]
-        scratch = torch.empty(max([p.numel() for (_, _, p), own in zip(params, in_place) if not own], default=0))
+        scratch = torch.empty(max([p.numel() for (_, _, p), own in zip(params, in_place) if not own], default=0),
+                              dtype=torch.float32)  # (not torch's default dtype, which a caller may have changed)
         for (mod, pname, p), own in zip(params, in_place):
             val = p.data if own else scratch[:p.numel()].view(p.shape)
             torch.randn(p.shape, generator=g, out=val)

@@ -64,7 +64,8 @@ class TrainConfig:
     cache_dir: str | None = None    # VQ token cache (default: next to the manifest)
     threads: int = 0                # torch CPU threads (0: torch's default)
     progress: bool = True
-    keep_freed: bool = False        # cpu_ops.retain_freed_memory() once the model and optimizer exist (the CLI's)
+    keep_freed: bool = False        # cpu_ops.retain_freed_memory() once the model is loaded (the CLI's), and the
+                                    # blocks a --resume's checkpoint read freed handed back
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
@@ -189,6 +190,10 @@ def train(cfg: TrainConfig) -> list[dict]:
         step = meta["step"]
         sampler.load_state_dict(meta["data"])
         checkpoint.set_rng_state(meta["rng"][rank])
+        if cfg.keep_freed:  # the checkpoint's tensors, read and copied in, are not allocated again
+            from janus_rt.cpu_ops import release_freed_memory
+
+            release_freed_memory()
     elif cfg.resume and rank == 0:
         print(f"note: --resume: no checkpoint in {checkpoint.checkpoint_root(out)}; starting at step 0",
               file=sys.stderr)
