@@ -1,0 +1,124 @@
+"""BackgroundEngine: requests submitted, streamed and aborted from other threads while one thread steps the engine."""
+import threading
+
+import pytest
+import torch
+
+from janus_rt import Janus
+from janus_rt.engine import BackgroundEngine, Engine, SamplingParams
+from janus_rt.errors import UsageError
+from janus_rt.processing import encode_understanding_prompt
+from janus_rt.tokenizer import JanusTokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return Janus.from_preset("tiny", seed=3)
+
+
+def prompt(model, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = model.cfg.tokens
+    return [t.bos_id] + torch.randint(0, 200, (length,), generator=g).tolist() + [t.boi_id]
+
+
+def text_job(model, k):
+    tok = JanusTokenizer.byte_level(model.cfg.llm.vocab_size, model.cfg.tokens)
+    ids = encode_understanding_prompt(tok, "what is it?"[: 4 + k], 1, model.cfg.vision.num_patches)
+    size = model.cfg.vision.image_size
+    pixels = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(k)) * 2 - 1
+    return ids, pixels
+
+
+def test_threads_submit_and_stream_and_get_what_each_gets_alone(tiny):
+    """Six threads submit image and text requests at staggered moments into a pool that makes some wait or be
+    preempted; every request gets the tokens it gets alone, streamed in steps that only grow, and the pool ends
+    empty."""
+    jobs = [("image", (prompt(tiny, 8 + 5 * k, seed=k), 1 + k % 2, SamplingParams(seed=k), 20 + 7 * k))
+            for k in range(4)]
+    jobs += [("text", (*text_job(tiny, k), 6, SamplingParams(greedy=True))) for k in range(2)]
+    alone = []
+    for kind, args in jobs:
+        eng = Engine(tiny, block_size=16, max_num_blocks=256)
+        r = (eng.add_image_request if kind == "image" else eng.add_text_request)(*args)
+        eng.run()
+        alone.append(r.tokens)
+
+    eng = Engine(tiny, block_size=16, max_num_blocks=24, max_steps_per_call=3)
+    queued, real_step = [], eng.step
+    eng.step = lambda: queued.append(len(eng.scheduler.running) + len(eng.scheduler.waiting)) or real_step()
+    bg = BackgroundEngine(eng)
+    seen = [[] for _ in jobs]
+    futures = [None] * len(jobs)
+    together = threading.Barrier(len(jobs))
+
+    def client(i):
+        together.wait()
+        kind, args = jobs[i]
+        stream = lambda req: seen[i].append(req.step)
+        submit = bg.submit_image if kind == "image" else bg.submit_text
+        futures[i] = submit(*args, on_tokens=stream)
+        return futures[i].result(timeout=120)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    bg.close()
+    got = [f.result() for f in futures]
+    assert [r.tokens for r in got] == alone and all(r.finished for r in got)
+    for r, steps in zip(got, seen):
+        assert steps == sorted(set(steps)) and steps[-1] == r.step  # grew every time, ended complete
+    assert max(queued) >= 3  # requests from several threads in the engine at once
+    assert eng.bm.num_free_blocks == eng.bm.num_blocks and not bg._thread.is_alive()
+
+
+def test_abort_refusal_and_close(tiny):
+    """abort from another thread resolves the future to the aborted request (its tokens so far); a request too big
+    for the pool fails its own future only; close(cancel=True) aborts what is left and refuses new submissions."""
+    bg = BackgroundEngine(Engine(tiny, block_size=16, max_num_blocks=24, max_steps_per_call=1))
+    started = threading.Event()
+    long = bg.submit_image(prompt(tiny, 10, seed=1), 2, SamplingParams(seed=1),
+                           on_tokens=lambda r: r.step >= 5 and started.set())
+    big = bg.submit_image(prompt(tiny, 10, seed=2), 8, SamplingParams(seed=2))  # 8 images x 2 rows: more than 24 blocks
+    with pytest.raises(UsageError, match="KV blocks"):
+        big.result(timeout=60)
+    assert started.wait(timeout=60)
+    bg.abort(long)
+    r = long.result(timeout=60)
+    assert r.aborted and 5 <= r.step < tiny.cfg.num_image_tokens
+    ref = tiny.generate_image_tokens(prompt(tiny, 10, seed=1), n=2, seed=1)
+    assert torch.equal(torch.tensor(r.tokens), ref[:, : r.step])
+
+    short = bg.submit_image(prompt(tiny, 10, seed=3), 1, SamplingParams(seed=3), num_tokens=4)
+    assert short.result(timeout=60).finished
+    slow = bg.submit_image(prompt(tiny, 10, seed=4), 1, SamplingParams(seed=4))
+    bg.close(cancel=True)
+    assert slow.result(timeout=1).aborted
+    with pytest.raises(RuntimeError, match="closed"):
+        bg.submit_image(prompt(tiny, 10, seed=5), 1)
+    assert bg.engine.bm.num_free_blocks == bg.engine.bm.num_blocks
+
+
+def test_a_failed_step_fails_every_open_future(tiny, monkeypatch):
+    """An error inside a step reaches every open future and any later submit, instead of hanging them."""
+    eng = Engine(tiny, block_size=16, max_num_blocks=64)
+    calls = []
+    real = eng.step
+
+    def failing():
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("out of memory in a step")
+        return real()
+
+    eng.step = failing
+    bg = BackgroundEngine(eng)
+    futs = [bg.submit_image(prompt(tiny, 10, seed=k), 1, SamplingParams(seed=k)) for k in range(2)]
+    for f in futs:
+        with pytest.raises(MemoryError):
+            f.result(timeout=60)
+    with pytest.raises(RuntimeError, match="stopped on an error"):
+        bg.submit_image(prompt(tiny, 10, seed=9), 1)
+    bg.close()
