@@ -606,3 +606,21 @@ def test_bench_understand_runs_against_transformers(tmp_path):
         assert row[f"{name}_first_token_s"] > 0 and row[f"{name}_decode_ms_token"] > 0
         assert row[f"{name}_total_s"] > row[f"{name}_first_token_s"]
     assert row["decode_roofline_ms"] > 0 and row["decode_roofline_fraction"] > 0
+
+
+def test_bench_serving_serves_both_ways(tmp_path):
+    """bench/bench_serving.py at a small size: both schedules serve every request, the row's numbers are consistent
+    (median <= p90 <= max, first tokens before the last), and the timeline PNG is drawn."""
+    bs = bench_scripts.load("bench_serving")
+    out = tmp_path / "rows.jsonl"
+    row = bs.main(["--requests", "3", "--rate", "50", "-n", "1", "--tokens", "12", "--out", str(tmp_path),
+                   "--json", str(out)])
+    assert json.loads(out.read_text().splitlines()[-1]) == row
+    for key in ("batched", "single"):
+        s = row[key]
+        assert s["tokens_per_s"] > 0 and 0 < s["ttft_median_s"] <= s["ttft_p90_s"]
+        assert s["ttft_median_s"] <= s["latency_median_s"] <= s["latency_p90_s"] <= s["latency_max_s"]
+    assert Image.open(tmp_path / "serving.png").size[0] > 600
+    jobs = bs.workload(Janus.from_preset("tiny"), 50, 2.0, 1, seed=1)
+    gaps = [b["arrival"] - a["arrival"] for a, b in zip(jobs, jobs[1:])]
+    assert jobs[0]["arrival"] == 0 and min(gaps) >= 0 and 0.25 < sum(gaps) / len(gaps) < 1.0  # mean 1/rate = 0.5 s
