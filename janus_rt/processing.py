@@ -171,8 +171,13 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
             for i, im in enumerate(out[k]):
                 text = {"prompt": prompts[k], "seed": int(seed) + k, "image": i, **settings, **(info or {})}
                 path = d / f"img_{k:0{width}d}_{i:02d}.png"
-                im.save(path.with_name(path.name + ".tmp"), format="PNG", pnginfo=_png_text(text))
-                os.replace(path.with_name(path.name + ".tmp"), path)  # a Ctrl-C mid-write leaves no broken PNG
+                tmp = path.with_name(path.name + ".tmp")
+                try:  # written beside, then renamed: a Ctrl-C mid-write leaves no broken PNG, nor the part
+                    im.save(tmp, format="PNG", pnginfo=_png_text(text))
+                    os.replace(tmp, path)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
                 if written is not None:
                     written.append(path)
             if not keep_images and k >= max_grid_rows:

@@ -1,5 +1,8 @@
 """Prompt templates, special ids, image pre/post-processing as the official processor does them."""
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -79,6 +82,32 @@ def test_to_uint8_is_official_rounding():
     out = to_uint8(x)
     assert out.dtype == np.uint8 and out.shape == (1, 1, 6, 3)
     assert out[0, 0, :, 0].tolist() == [0, 0, 127, 254, 255, 255]  # truncation, not rounding
+
+
+def test_generate_images_writes_whole_pngs_only(tmp_path, monkeypatch):
+    """Each PNG is written beside its name and renamed into place: a save interrupted part-way (Ctrl-C) leaves
+    neither a broken PNG nor the partial file; `written` lists exactly the PNGs that were completed."""
+    from janus_rt import Janus
+    from janus_rt.processing import generate_images
+
+    m = Janus.from_preset("tiny", seed=0)
+    t = JanusTokenizer.byte_level(m.cfg.llm.vocab_size, m.cfg.tokens)
+    real_save, saves = Image.Image.save, []
+
+    def save(im, fp, *a, **kw):
+        saves.append(fp)
+        if len(saves) == 3:  # the third PNG: part of it, then Ctrl-C
+            Path(fp).write_bytes(b"\x89PNG partial")
+            raise KeyboardInterrupt
+        return real_save(im, fp, *a, **kw)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    written = []
+    with pytest.raises(KeyboardInterrupt):
+        generate_images(m, t, ["a", "b"], n=2, out_dir=tmp_path / "o", progress=False, written=written)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [p.name for p in written] == ["img_00_00.png",
+                                                                                              "img_00_01.png"]
+    assert all(Image.open(p).size[0] > 0 for p in written)
 
 
 def test_generate_images_keep_images(tmp_path):

@@ -3,7 +3,10 @@ tokens through a callback, or aborts it; the engine thread takes submissions and
 Engine itself is not thread-safe: only that thread touches it)."""
 from __future__ import annotations
 
+import atexit
 import threading
+import time
+import weakref
 from concurrent.futures import Future
 
 from janus_rt.engine.engine import Engine
@@ -14,11 +17,16 @@ class BackgroundEngine:
     """eng = BackgroundEngine(Engine(model, ...)); fut = eng.submit_image(ids, n=4, params=...); fut.result() -> the
     finished Request (its .tokens), or the aborted one (.aborted set; its tokens so far, none where it was aborted
     before its first step). A request the engine refuses (too big for the KV cache) fails its future with that
-    error; a failure inside a step (or a callback) fails every open future and stops the thread (submit then raises
-    it). on_tokens(request) runs on the engine thread after each step in which the request sampled tokens (keep it
-    short: the next step waits for it). A submission is taken in at the next step boundary; with multi-step decode
-    that is up to Engine.max_steps_per_call decode steps away (lower it for latency). Use as a context manager, or
-    call close()."""
+    error; so does an exception raised by its own on_tokens (the request is aborted, the others go on). A failure
+    inside a step fails every open future and stops the thread (submit then raises it).
+
+    on_tokens(request) runs on the engine thread after each step in which the request sampled tokens (keep it short:
+    the next step waits for it). A submission is taken in at the next step boundary; with multi-step decode that is
+    up to Engine.max_steps_per_call decode steps away (lower it for latency). fut.cancel() works until then, abort(fut)
+    at any time. Requests' times (Request.time_to_first_token, latency) count from submit(). Finished requests are
+    not kept by the engine (a server runs indefinitely). Use as a context manager, or call close(); at interpreter
+    exit open requests are aborted and the thread stopped (a thread left inside torch at exit would abort the
+    process)."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -30,6 +38,8 @@ class BackgroundEngine:
         self._closed, self._cancel, self._error = False, False, None
         self._thread = threading.Thread(target=self._loop, name="janus_rt-engine", daemon=True)
         self._thread.start()
+        self._at_exit = _close_at_exit(weakref.ref(self))  # (a weak reference: the registry keeps no engine alive)
+        atexit.register(self._at_exit)
 
     # ---- any thread ------------------------------------------------------------------------------------------
     def submit_image(self, prompt_ids, n: int = 1, params: SamplingParams | None = None,
@@ -45,18 +55,20 @@ class BackgroundEngine:
 
     def abort(self, future: Future) -> None:
         """Drop the request behind `future` at the next step boundary (Engine.abort); its future then resolves to the
-        request with .aborted set. Nothing happens for one that has finished by then."""
+        request with .aborted set. Nothing happens for one that has finished (or failed) by then."""
         with self._cv:
             self._aborts.append(future)
             self._cv.notify()
 
     def close(self, cancel: bool = False) -> None:
         """Stop taking submissions and wait for the thread: after every open request has finished, or with cancel=True
-        after aborting them all."""
+        after aborting them all. From the engine thread itself (an on_tokens callback) it does not wait."""
         with self._cv:
             self._closed, self._cancel = True, self._cancel or cancel
             self._cv.notify()
-        self._thread.join()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+            atexit.unregister(self._at_exit)
 
     def __enter__(self) -> "BackgroundEngine":
         return self
@@ -66,6 +78,7 @@ class BackgroundEngine:
 
     def _submit(self, job: dict) -> Future:
         fut: Future = Future()
+        job["submitted"] = time.perf_counter()
         with self._cv:
             if self._error is not None:
                 raise RuntimeError("the engine thread stopped on an error") from self._error
@@ -92,14 +105,11 @@ class BackgroundEngine:
                 if eng.has_work():
                     before = {rid: req.step for rid, (req, _, _) in self._live.items()}
                     finished = eng.step()
-                    for rid, (req, _, on_tokens) in list(self._live.items()):
-                        if on_tokens is not None and req.step != before.get(rid, 0):
-                            on_tokens(req)
+                    self._stream(before)
                     for req in finished:
-                        _, fut, _ = self._live.pop(req.req_id)
-                        self._request_of.pop(fut, None)
-                        fut.set_result(req)
-            except BaseException as e:  # noqa: BLE001 - a failed step (or callback): every open future gets it
+                        if req.req_id in self._live:  # (not when its own callback failed just now)
+                            self._resolve(req, eng.finished)
+            except BaseException as e:  # noqa: BLE001 - a failed step: every open future gets it
                 with self._cv:
                     self._error = e
                     left, self._pending = self._pending, []
@@ -107,22 +117,57 @@ class BackgroundEngine:
                     if not fut.done():
                         fut.set_exception(e)
                 self._live.clear()
+                self._request_of.clear()
                 return
 
     def _take_in(self, pending, aborts, cancel: bool) -> None:
-        """Submissions into the engine (a refused one fails its future), then aborts; cancel: abort everything."""
+        """Submissions into the engine (a refused one fails its future; a cancelled one is dropped), then aborts;
+        cancel: abort everything."""
         eng = self.engine
         for fut, job in pending:
+            if not fut.set_running_or_notify_cancel():  # fut.cancel() came first
+                continue
             try:
                 add = eng.add_image_request if job["kind"] == "image" else eng.add_text_request
                 req = add(*job["args"])
             except Exception as e:  # noqa: BLE001 - the request's own error (too big, bad values), not the engine's
                 fut.set_exception(e)
                 continue
+            req.arrival_time = job["submitted"]
             self._live[req.req_id] = (req, fut, job["on_tokens"])
             self._request_of[fut] = req
         for fut in [f for _, f, _ in self._live.values()] if cancel else aborts:
-            req = self._request_of.pop(fut, None)
+            req = self._request_of.get(fut)
             if req is not None and eng.abort(req) is not None:  # (None: it finished in the meantime)
-                del self._live[req.req_id]
-                fut.set_result(req)
+                self._resolve(req, eng.aborted)
+
+    def _stream(self, before: dict) -> None:
+        """Each request's on_tokens after a step that gave it tokens; one that raises aborts its own request only."""
+        for rid, (req, fut, on_tokens) in list(self._live.items()):
+            if on_tokens is None or req.step == before.get(rid, 0):
+                continue
+            try:
+                on_tokens(req)
+            except Exception as e:  # noqa: BLE001 - that client's failure (a closed connection), not the engine's
+                self.engine.abort(req)
+                self.engine.aborted.pop(req.req_id, None)
+                self.engine.finished.pop(req.req_id, None)
+                del self._live[rid]
+                self._request_of.pop(fut, None)
+                fut.set_exception(e)
+
+    def _resolve(self, req: Request, kept: dict) -> None:
+        """A finished or aborted request's future gets it; neither this object nor the engine holds it any longer."""
+        _, fut, _ = self._live.pop(req.req_id)
+        self._request_of.pop(fut, None)
+        kept.pop(req.req_id, None)
+        fut.set_result(req)
+
+
+def _close_at_exit(ref):
+    def close():
+        bg = ref()
+        if bg is not None:
+            bg.close(cancel=True)
+
+    return close
