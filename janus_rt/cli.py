@@ -301,6 +301,42 @@ def cmd_understand(args):
           f"{t_first - t1:.2f} s{later}]", file=sys.stderr)
 
 
+def make_server(args):
+    """The `serve` command's server, listening but not yet serving (tests drive it; cmd_serve serves forever)."""
+    from janus_rt.cpu_ops import retain_freed_memory
+    from janus_rt.engine import Engine
+    from janus_rt.serve import JanusServer
+
+    _check_args(args, (0 <= args.port < 65536, f"--port must be 0-65535, got {args.port}"),
+                (0 < args.memory_fraction < 1, f"--memory-fraction must be in (0, 1), got {args.memory_fraction}"),
+                *_common_checks(args))
+    model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)
+    _pack_in_place(model)  # only where the engine's copy would not fit
+    retain_freed_memory()  # after the weights are in place
+    if args.kv_cache_gb is not None:
+        eng = Engine(model, kv_cache_gb=args.kv_cache_gb)
+    else:
+        eng = Engine(model, memory_fraction=args.memory_fraction)
+    try:
+        return JanusServer((args.host, args.port), model, tok, eng, label=_model_label(args.model),
+                           default_cfg=_default_cfg(args.model)), what
+    except OSError as e:  # the port is taken, the address not ours
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+
+
+def cmd_serve(args):
+    server, what = make_server(args)
+    host, port = server.server_address[:2]
+    print(f"{what}: serving on http://{host}:{port} (KV cache {server.bg.engine.cache.num_blocks} blocks of "
+          f"{server.bg.engine.cache.block_size} tokens; GET /health, POST /v1/images, /v1/understand; Ctrl-C stops)",
+          flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        server.bg.close(cancel=True)
+
+
 def cmd_convert(args):
     from janus_rt.loading import convert
 
@@ -378,6 +414,15 @@ def main(argv=None):
     u.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     u.add_argument("--top-p", type=float, default=None, help="nucleus sampling (with --temperature > 0)")
     u.set_defaults(fn=cmd_understand)
+
+    s = sub.add_parser("serve", help="HTTP/JSON server: POST /v1/images and /v1/understand, one batching engine",
+                       formatter_class=formatter)
+    _common(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000, help="port (0: any free one, printed)")
+    s.add_argument("--memory-fraction", type=float, default=0.3,
+                   help="KV cache as this share of the free memory, unless --kv-cache-gb")
+    s.set_defaults(fn=cmd_serve)
 
     c = sub.add_parser("convert", help="any supported layout -> janus_rt's safetensors layout",
                        formatter_class=formatter)
