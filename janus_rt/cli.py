@@ -330,11 +330,16 @@ def cmd_serve(args):
     print(f"{what}: serving on http://{host}:{port} (KV cache {server.bg.engine.cache.num_blocks} blocks of "
           f"{server.bg.engine.cache.block_size} tokens; GET /health, POST /v1/images, /v1/understand; Ctrl-C stops)",
           flush=True)
+    import signal
+
+    def terminate(signum, frame):  # SIGTERM (a supervisor's stop) as Ctrl-C: the same clean shutdown
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         server.serve_forever()
     finally:
-        server.server_close()
-        server.bg.close(cancel=True)
+        server.stop()  # open requests aborted (their clients told 503), the connections' threads joined
 
 
 def cmd_convert(args):

@@ -9,8 +9,10 @@ connection; every request, from any connection, joins the engine's running batch
                            "temperature": 0.0, "top_p": 1.0, "seed": 0}
                           -> {"answer": str, "tokens": int, "time_to_first_token_s": ..., "latency_s": ...}
 
-A bad request (JSON, a value, too big for the KV cache) gets 400 and {"error": ...}; a failure of the engine 500.
-A client that disconnects does not stop its request (it finishes, unread).
+A bad request (JSON, a value, too big for the KV cache) gets 400 and {"error": ...}; a failure inside the engine 500
+(the requests of the step that failed; the server goes on, the traceback in its log). A client that disconnects
+does not stop its request (it finishes, unread). Ctrl-C or SIGTERM: open requests are aborted (their clients get 503),
+the connections' threads finish, the process exits.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ import io
 import json
 import math
 import random
+import socket
+import sys
+import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -28,16 +33,23 @@ from janus_rt.errors import UsageError
 from janus_rt.processing import (encode_generation_prompt, encode_understanding_prompt, preprocess_image, to_pil)
 
 MAX_BODY = 64 << 20  # bytes of JSON a request may send (a few images)
+MAX_IMAGE_PIXELS = 4096 * 4096  # an understanding image larger than this is refused before it is decoded
 
 
 class BadRequest(ValueError):
-    pass
+    """400: what the client sent."""
+
+
+class Unavailable(RuntimeError):
+    """503: the server is shutting down."""
 
 
 class JanusServer(ThreadingHTTPServer):
     """The HTTP server holding the model, its tokenizer and the background engine (close() stops both)."""
 
-    daemon_threads = True
+    daemon_threads = False  # server_close() joins the connections' threads: none is left inside torch at exit
+    block_on_close = True
+    request_queue_size = socket.SOMAXCONN  # (the standard 5 dropped connections under a burst of clients)
 
     def __init__(self, address, model, tok, engine: Engine, label: str = "", default_cfg: float = 5.0):
         super().__init__(address, _Handler)
@@ -45,9 +57,14 @@ class JanusServer(ThreadingHTTPServer):
         self.bg = BackgroundEngine(engine)
 
     def close(self) -> None:
+        """Stop serving (from another thread than serve_forever's), abort open requests, join the connections."""
         self.shutdown()
-        self.server_close()
+        self.stop()
+
+    def stop(self) -> None:
+        """After serve_forever has returned: open requests aborted (their clients get 503), connections joined."""
         self.bg.close(cancel=True)
+        self.server_close()
 
     # ---- the endpoints (run on the connection's thread; the engine's work on its own) -------------------------
     def images(self, body: dict) -> dict:
@@ -55,17 +72,20 @@ class JanusServer(ThreadingHTTPServer):
         if not prompt.strip():
             raise BadRequest("prompt is empty")
         n = _get(body, "n", int, 1)
-        seed = _get(body, "seed", int, None)
-        seed = random.getrandbits(32) if seed is None else seed
-        try:
-            params = SamplingParams(cfg_weight=_finite(body, "cfg", self.default_cfg),
-                                    temperature=_finite(body, "temperature", 1.0), top_k=_get(body, "top_k", int, 0),
-                                    top_p=_finite(body, "top_p", 1.0), greedy=_get(body, "greedy", bool, False),
-                                    seed=seed)
-        except ValueError as e:
-            raise BadRequest(str(e)) from None
         if n < 1:
             raise BadRequest(f"n must be >= 1, got {n}")
+        seed = _get(body, "seed", int, None)
+        seed = random.getrandbits(32) if seed is None else seed
+        temperature = _finite(body, "temperature", 1.0)
+        if temperature < 0:
+            raise BadRequest(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        try:
+            params = SamplingParams(cfg_weight=_finite(body, "cfg", self.default_cfg),
+                                    temperature=temperature if temperature > 0 else 1.0,
+                                    top_k=_get(body, "top_k", int, 0), top_p=_finite(body, "top_p", 1.0),
+                                    greedy=_get(body, "greedy", bool, False) or temperature == 0, seed=seed)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
         req = self._wait(self.bg.submit_image(encode_generation_prompt(self.tok, prompt), n, params))
         with torch.inference_mode():
             pixels = self.model.decode_image_tokens(torch.tensor(req.tokens, device=self.model.device))
@@ -94,19 +114,30 @@ class JanusServer(ThreadingHTTPServer):
         except ValueError as e:
             raise BadRequest(str(e)) from None
         encoded = _get(body, "images", list)
-        if not encoded:
-            raise BadRequest("images: give at least one (base64 PNG or JPEG)")
-        images = []
-        for i, data in enumerate(encoded):
-            try:
-                with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as im:
-                    images.append(im.convert("RGB"))
-            except Exception as e:  # noqa: BLE001 - not base64, not an image PIL reads
-                why = "not base64" if isinstance(e, (ValueError, TypeError)) else "not an image PIL can read"
-                raise BadRequest(f"images[{i}]: {why} (a base64 PNG or JPEG is needed)") from None
         cfg = self.model.cfg
-        pixels = torch.stack([preprocess_image(im, cfg.vision.image_size) for im in images])
-        ids = encode_understanding_prompt(self.tok, question, len(images), cfg.vision.num_patches)
+        cache = self.bg.engine.cache
+        most = cache.num_blocks * cache.block_size // cfg.vision.num_patches  # what the KV cache could hold at all
+        if not 1 <= len(encoded) <= most:
+            raise BadRequest(f"images: give 1 to {most} (base64 PNG or JPEG; each takes {cfg.vision.num_patches} "
+                             f"tokens of the KV cache), got {len(encoded)}")
+        pixels = []
+        for i, data in enumerate(encoded):  # each decoded, checked and reduced to the model's input at once
+            try:
+                raw = base64.b64decode(data, validate=True)
+            except (ValueError, TypeError):
+                raise BadRequest(f"images[{i}]: not base64 (a base64 PNG or JPEG is needed)") from None
+            try:
+                with Image.open(io.BytesIO(raw)) as im:  # (reads the header only)
+                    if im.width * im.height > MAX_IMAGE_PIXELS:
+                        raise BadRequest(f"images[{i}]: {im.width}x{im.height} is more than {MAX_IMAGE_PIXELS} "
+                                         f"pixels; send it smaller (the model sees {cfg.vision.image_size} px)")
+                    pixels.append(preprocess_image(im.convert("RGB"), cfg.vision.image_size))
+            except BadRequest:
+                raise
+            except Exception:  # noqa: BLE001 - not an image PIL reads (or a truncated one)
+                raise BadRequest(f"images[{i}]: not an image PIL can read (a base64 PNG or JPEG is needed)") from None
+        pixels = torch.stack(pixels)
+        ids = encode_understanding_prompt(self.tok, question, len(pixels), cfg.vision.num_patches)
         fut = self.bg.submit_text(ids, pixels.to(self.model.device, self.model.dtype), max_new, params)
         req = self._wait(fut)
         return dict(answer=self.tok.decode(req.tokens[0]), tokens=len(req.tokens[0]), **_times(req))
@@ -118,46 +149,68 @@ class JanusServer(ThreadingHTTPServer):
         except UsageError as e:  # refused by the engine: too big for the KV cache
             raise BadRequest(str(e)) from None
         if req.aborted:
-            raise RuntimeError("the request was aborted: the server is shutting down")
+            raise Unavailable("the request was aborted: the server is shutting down")
         return req
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: JanusServer
     protocol_version = "HTTP/1.1"
+    timeout = 30  # s a connection may sit idle or half-sent (not the wait for a result)
 
     def do_GET(self):
-        if self.path != "/health":
+        if self.path.split("?")[0] != "/health":
             return self._send(404, {"error": f"no such path {self.path!r} (GET /health)"})
+        error = self.server.bg.error
+        if error is not None:  # the engine thread stopped: a supervisor should restart the server
+            return self._send(503, {"status": "error", "error": f"{type(error).__name__}: {error}"})
         self._send(200, {"status": "ok", "model": self.server.label})
 
     def do_POST(self):
         route = {"/v1/images": self.server.images, "/v1/understand": self.server.understand}.get(self.path)
         if route is None:
+            self.close_connection = True  # (its body is not read)
             return self._send(404, {"error": f"no such path {self.path!r} (POST /v1/images, /v1/understand)"})
         try:
-            size = int(self.headers.get("Content-Length", "0"))
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                self.close_connection = True
+                return self._send(411, {"error": "send the body with a Content-Length (no chunked encoding)"})
+            try:
+                size = int(self.headers.get("Content-Length", "0"))
+            except ValueError:
+                size = -1
             if not 0 < size <= MAX_BODY:
-                raise BadRequest(f"a JSON body of 1 to {MAX_BODY} bytes is needed (Content-Length {size})")
+                self.close_connection = True
+                raise BadRequest(f"a JSON body of 1 to {MAX_BODY} bytes with its Content-Length is needed")
             try:
                 body = json.loads(self.rfile.read(size))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise BadRequest(f"body is not JSON: {e}") from None
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:  # (JSONDecodeError is a ValueError)
+                raise BadRequest(f"body is not JSON this server reads: {str(e)[:200]}") from None
             if not isinstance(body, dict):
                 raise BadRequest("body must be a JSON object")
             self._send(200, route(body))
         except BadRequest as e:
             self._send(400, {"error": str(e)})
-        except Exception as e:  # noqa: BLE001 - the engine's failure: said to the client, the server goes on
-            self._send(500, {"error": f"{type(e).__name__}: {e}"})
+        except Unavailable as e:
+            self.close_connection = True
+            self._send(503, {"error": str(e)})
+        except Exception as e:  # noqa: BLE001 - a failure inside: the client hears that much, the log the rest
+            print(f"janus-rt serve: {self.command} {self.path} failed:", file=sys.stderr)
+            traceback.print_exc()
+            self._send(500, {"error": f"internal error ({type(e).__name__}; the server's log has the traceback)"})
 
     def _send(self, code: int, obj: dict) -> None:
         data = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:  # (said, so that a keep-alive client opens a new one)
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client left first: nothing to tell it
+            self.close_connection = True
 
     def log_message(self, fmt, *args):  # one line a request, as the standard server does, but quiet in tests
         if getattr(self.server, "verbose", True):

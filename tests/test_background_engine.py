@@ -102,24 +102,51 @@ def test_abort_refusal_and_close(tiny):
     assert bg.engine.bm.num_free_blocks == bg.engine.bm.num_blocks
 
 
-def test_a_failed_step_fails_every_open_future(tiny, monkeypatch):
-    """An error inside a step reaches every open future and any later submit, instead of hanging them."""
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(tiny):
+    """An error inside a step reaches the futures of the requests that step ran (aborted, their blocks freed, a
+    failed prefill's prompt blocks too); a request submitted after it is served; a failure that escapes the loop
+    (here: the abort itself failing) fails every open future and any later submit, instead of hanging them."""
     eng = Engine(tiny, block_size=16, max_num_blocks=64)
     calls = []
     real = eng.step
 
-    def failing():
+    doomed, fail_all = set(), []
+
+    def failing():  # a decode step of either of the first two requests fails (later: every step)
         calls.append(1)
-        if len(calls) == 3:
+        if fail_all or any(r.req_id in doomed and r.step >= 1 for r in eng.scheduler.running):
             raise MemoryError("out of memory in a step")
         return real()
 
-    eng.step = failing
+    real_prefill, prefills = eng.runner.prefill, []
+
+    def failing_prefill(*a, **kw):  # the first prefill fails after its prompts' blocks were allocated
+        prefills.append(1)
+        if len(prefills) == 1:
+            raise MemoryError("out of memory in a prefill")
+        return real_prefill(*a, **kw)
+
+    eng.step, eng.runner.prefill = failing, failing_prefill
     bg = BackgroundEngine(eng)
+    real_add = eng.add_image_request
+    eng.add_image_request = lambda *a, **kw: (r := real_add(*a, **kw), doomed.add(r.req_id))[0]
     futs = [bg.submit_image(prompt(tiny, 10, seed=k), 1, SamplingParams(seed=k)) for k in range(2)]
     for f in futs:
         with pytest.raises(MemoryError):
             f.result(timeout=60)
+    eng.add_image_request = real_add
+    after = bg.submit_image(prompt(tiny, 10, seed=7), 1, SamplingParams(seed=7), num_tokens=12)
+    r = after.result(timeout=60)
+    assert r.finished and torch.equal(torch.tensor(r.tokens),
+                                      tiny.generate_image_tokens(prompt(tiny, 10, seed=7), n=1, seed=7)[:, :12])
+    assert bg.error is None and eng.bm.num_free_blocks == eng.bm.num_blocks and not eng.aborted
+
+    eng.abort = lambda req: (_ for _ in ()).throw(RuntimeError("broken bookkeeping"))
+    fail_all.append(True)
+    stuck = bg.submit_image(prompt(tiny, 10, seed=8), 1, SamplingParams(seed=8))
+    with pytest.raises(RuntimeError, match="broken bookkeeping"):
+        stuck.result(timeout=60)
+    assert isinstance(bg.error, RuntimeError)
     with pytest.raises(RuntimeError, match="stopped on an error"):
         bg.submit_image(prompt(tiny, 10, seed=9), 1)
     bg.close()

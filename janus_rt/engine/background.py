@@ -17,8 +17,10 @@ class BackgroundEngine:
     """eng = BackgroundEngine(Engine(model, ...)); fut = eng.submit_image(ids, n=4, params=...); fut.result() -> the
     finished Request (its .tokens), or the aborted one (.aborted set; its tokens so far, none where it was aborted
     before its first step). A request the engine refuses (too big for the KV cache) fails its future with that
-    error; so does an exception raised by its own on_tokens (the request is aborted, the others go on). A failure
-    inside a step fails every open future and stops the thread (submit then raises it).
+    error; so does an exception raised by its own on_tokens (the request is aborted, the others go on), and one raised
+    by a step it was part of (every request of that step is aborted with it; waiting and later ones go on). Anything
+    else that escapes (Ctrl-C, a failed clean-up) fails every open future and stops the thread (`error` says why;
+    submit then raises it).
 
     on_tokens(request) runs on the engine thread after each step in which the request sampled tokens (keep it short:
     the next step waits for it). A submission is taken in at the next step boundary; with multi-step decode that is
@@ -70,6 +72,11 @@ class BackgroundEngine:
             self._thread.join()
             atexit.unregister(self._at_exit)
 
+    @property
+    def error(self) -> BaseException | None:
+        """What stopped the engine thread, or None while it runs (or after close())."""
+        return self._error
+
     def __enter__(self) -> "BackgroundEngine":
         return self
 
@@ -104,12 +111,16 @@ class BackgroundEngine:
                     return
                 if eng.has_work():
                     before = {rid: req.step for rid, (req, _, _) in self._live.items()}
-                    finished = eng.step()
+                    try:
+                        finished = eng.step()
+                    except Exception as e:  # noqa: BLE001 - that step's requests fail; the engine goes on
+                        self._fail_running(e)
+                        continue
                     self._stream(before)
                     for req in finished:
                         if req.req_id in self._live:  # (not when its own callback failed just now)
                             self._resolve(req, eng.finished)
-            except BaseException as e:  # noqa: BLE001 - a failed step: every open future gets it
+            except BaseException as e:  # noqa: BLE001 - Ctrl-C, or a failure the engine cannot recover from
                 with self._cv:
                     self._error = e
                     left, self._pending = self._pending, []
@@ -140,6 +151,20 @@ class BackgroundEngine:
             req = self._request_of.get(fut)
             if req is not None and eng.abort(req) is not None:  # (None: it finished in the meantime)
                 self._resolve(req, eng.aborted)
+
+    def _fail_running(self, error: Exception) -> None:
+        """A step raised: the requests it was running are aborted (their blocks freed, whatever state the step left
+        them in) and their futures get the error; waiting requests and new submissions go on. Where it was running
+        none (it failed before admitting any), the waiting ones fail instead, or the loop would retry forever. (If
+        the abort itself fails, the error reaches _loop's handler and the thread stops.)"""
+        eng = self.engine
+        for req in list(eng.scheduler.running) or list(eng.scheduler.waiting):
+            eng.abort(req)
+            eng.aborted.pop(req.req_id, None)
+            entry = self._live.pop(req.req_id, None)
+            if entry is not None:
+                self._request_of.pop(entry[1], None)
+                entry[1].set_exception(error)
 
     def _stream(self, before: dict) -> None:
         """Each request's on_tokens after a step that gave it tokens; one that raises aborts its own request only."""

@@ -13,6 +13,7 @@ from janus_rt.engine.kv_cache import KVCache
 from janus_rt.engine.request import Request, SamplingParams
 from janus_rt.engine.runner import ModelRunner
 from janus_rt.engine.scheduler import Scheduler
+from janus_rt.errors import UsageError
 from janus_rt.processing import unconditional_ids
 
 
@@ -77,6 +78,9 @@ class Engine:
     def add_image_request(self, prompt_ids, n: int = 1, params: SamplingParams | None = None,
                           num_tokens: int | None = None) -> Request:
         """prompt_ids [T] (BOS ... <begin_of_image>); num_tokens: tokens per image (default: a whole image)."""
+        if n > self.scheduler.max_num_rows // 2:  # (checked before anything is built per image)
+            raise UsageError(f"n = {n} images need {2 * n} rows (CFG: 2 an image) but the engine runs at most "
+                             f"{self.scheduler.max_num_rows} (max_num_rows)")
         ids = [int(i) for i in torch.as_tensor(prompt_ids).flatten().tolist()]
         tok = self.model.cfg.tokens
         req = Request(ids, params or SamplingParams(), kind="image", n=n,

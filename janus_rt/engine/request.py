@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 _MASK32 = 0xFFFFFFFF
+MIN_TEMPERATURE = 1e-6  # a sampling temperature below this is refused (greedy is the limit)
 
 
 def mix32(*xs: int) -> int:
@@ -32,12 +34,16 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature <= 0 and not self.greedy:
-            raise ValueError(f"temperature must be > 0 (or use greedy), got {self.temperature}")
+        # checked here, not in a step: a value the sampling kernels cannot take would fail every row of that step
+        for name in ("cfg_weight", "temperature", "top_p"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.temperature < MIN_TEMPERATURE and not self.greedy:  # (smaller ones round to 0 in fp32)
+            raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:g} (or use greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.top_k < 2**31:
+            raise ValueError(f"top_k must be in [0, 2^31) (0 = off), got {self.top_k}")
         if self.seed is None:
             self.seed = random.getrandbits(32)
 

@@ -23,8 +23,9 @@ class Scheduler:
         need, have = self.worst_case_blocks(req), self.bm.num_blocks
         if need > have:
             gib = lambda blocks: f" ({blocks * self.block_bytes / 2**30:.3g} GiB)" if self.block_bytes else ""
+            smaller = "a lower n" if req.kind == "image" else "fewer images or a shorter answer (max_new_tokens)"
             raise UsageError(f"request {req.req_id} needs up to {need} KV blocks{gib(need)} but the cache has "
-                             f"{have}{gib(have)}: give the cache more memory (--kv-cache-gb) or lower n")
+                             f"{have}{gib(have)}: give the cache more memory (--kv-cache-gb) or ask for {smaller}")
         if req.num_rows > self.max_num_rows:
             raise UsageError(f"request {req.req_id} has {req.num_rows} rows > max_num_rows {self.max_num_rows}")
         self.waiting.append(req)
@@ -104,6 +105,9 @@ class Scheduler:
         return None
 
     def finish(self, req: Request) -> None:
+        """Out of running, every sequence it holds freed (its rows; its prompts too, where a failed prefill left them
+        unforked)."""
         self.running.remove(req)
-        for rid in req.row_ids():
-            self.bm.free(rid)
+        for sid in [*req.row_ids(), (req.req_id, "pc"), (req.req_id, "pu")]:
+            if sid in self.bm:
+                self.bm.free(sid)
