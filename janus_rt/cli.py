@@ -190,11 +190,16 @@ def cmd_generate(args):
     from janus_rt.engine import Engine
     from janus_rt.processing import GRID_ROWS, encode_generation_prompt, generate_images
 
+    from janus_rt.engine.request import FP32_MAX, MIN_TEMPERATURE
+
     _check_args(args, (args.n >= 1, f"-n must be >= 1, got {args.n}"),
                 (args.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}"),
+                (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature <= FP32_MAX,
+                 f"--temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {FP32_MAX:.3g}], got {args.temperature}"),
                 (args.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {args.top_k}"),
                 (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
-                (args.cfg is None or math.isfinite(args.cfg), f"--cfg must be a finite number, got {args.cfg}"),
+                (args.cfg is None or (math.isfinite(args.cfg) and abs(args.cfg) <= FP32_MAX),
+                 f"--cfg must be a finite number (in fp32), got {args.cfg}"),
                 (all(p.strip() for p in args.prompt or ["x"]), "--prompt is empty"),
                 (not Path(args.out).exists() or Path(args.out).is_dir(),
                  f"--out {args.out!r} is a file, not a folder"), *_common_checks(args))
@@ -263,6 +268,7 @@ def cmd_understand(args):
 
     _check_args(args, (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
                 (args.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}"),
+                (args.temperature <= 3.4e38, f"--temperature must be finite in fp32, got {args.temperature}"),
                 (args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
                 (args.question.strip(), "--question is empty"), *_common_checks(args))
     images = []

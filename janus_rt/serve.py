@@ -23,6 +23,7 @@ import math
 import random
 import socket
 import sys
+import threading
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -34,6 +35,7 @@ from janus_rt.processing import (encode_generation_prompt, encode_understanding_
 
 MAX_BODY = 64 << 20  # bytes of JSON a request may send (a few images)
 MAX_IMAGE_PIXELS = 4096 * 4096  # an understanding image larger than this is refused before it is decoded
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # what /v1/understand decodes (not every format Pillow knows)
 
 
 class BadRequest(ValueError):
@@ -55,6 +57,7 @@ class JanusServer(ThreadingHTTPServer):
         super().__init__(address, _Handler)
         self.model, self.tok, self.label, self.default_cfg = model, tok, label, default_cfg
         self.bg = BackgroundEngine(engine)
+        self._conns, self._conns_lock = set(), threading.Lock()  # open connections, for stop()
 
     def close(self) -> None:
         """Stop serving (from another thread than serve_forever's), abort open requests, join the connections."""
@@ -62,8 +65,15 @@ class JanusServer(ThreadingHTTPServer):
         self.stop()
 
     def stop(self) -> None:
-        """After serve_forever has returned: open requests aborted (their clients get 503), connections joined."""
+        """After serve_forever has returned: open requests aborted (their clients get 503), every connection's read
+        side shut (an idle or slowly sending client does not hold the exit up), the connections' threads joined."""
         self.bg.close(cancel=True)
+        with self._conns_lock:
+            for conn in self._conns:
+                try:
+                    conn.shutdown(socket.SHUT_RD)
+                except OSError:  # closed meanwhile
+                    pass
         self.server_close()
 
     # ---- the endpoints (run on the connection's thread; the engine's work on its own) -------------------------
@@ -86,7 +96,7 @@ class JanusServer(ThreadingHTTPServer):
                                     greedy=_get(body, "greedy", bool, False) or temperature == 0, seed=seed)
         except ValueError as e:
             raise BadRequest(str(e)) from None
-        req = self._wait(self.bg.submit_image(encode_generation_prompt(self.tok, prompt), n, params))
+        req = self._wait(lambda: self.bg.submit_image(_encode(encode_generation_prompt, self.tok, prompt), n, params))
         with torch.inference_mode():
             pixels = self.model.decode_image_tokens(torch.tensor(req.tokens, device=self.model.device))
         pngs = []
@@ -127,7 +137,7 @@ class JanusServer(ThreadingHTTPServer):
             except (ValueError, TypeError):
                 raise BadRequest(f"images[{i}]: not base64 (a base64 PNG or JPEG is needed)") from None
             try:
-                with Image.open(io.BytesIO(raw)) as im:  # (reads the header only)
+                with Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS) as im:  # (reads the header only)
                     if im.width * im.height > MAX_IMAGE_PIXELS:
                         raise BadRequest(f"images[{i}]: {im.width}x{im.height} is more than {MAX_IMAGE_PIXELS} "
                                          f"pixels; send it smaller (the model sees {cfg.vision.image_size} px)")
@@ -135,18 +145,24 @@ class JanusServer(ThreadingHTTPServer):
             except BadRequest:
                 raise
             except Exception:  # noqa: BLE001 - not an image PIL reads (or a truncated one)
-                raise BadRequest(f"images[{i}]: not an image PIL can read (a base64 PNG or JPEG is needed)") from None
+                raise BadRequest(f"images[{i}]: not a PNG, JPEG, WebP or GIF image that can be read") from None
         pixels = torch.stack(pixels)
-        ids = encode_understanding_prompt(self.tok, question, len(pixels), cfg.vision.num_patches)
-        fut = self.bg.submit_text(ids, pixels.to(self.model.device, self.model.dtype), max_new, params)
-        req = self._wait(fut)
+        ids = _encode(encode_understanding_prompt, self.tok, question, len(pixels), cfg.vision.num_patches)
+        req = self._wait(lambda: self.bg.submit_text(ids, pixels.to(self.model.device, self.model.dtype), max_new,
+                                                     params))
         return dict(answer=self.tok.decode(req.tokens[0]), tokens=len(req.tokens[0]), **_times(req))
 
-    @staticmethod
-    def _wait(fut):
+    def _wait(self, submit):
+        """submit() -> the finished request; the engine's refusal as 400, a closing server as 503."""
+        try:
+            fut = submit()
+        except RuntimeError as e:
+            if self.bg.closed:
+                raise Unavailable("the server is shutting down") from None
+            raise
         try:
             req = fut.result()
-        except UsageError as e:  # refused by the engine: too big for the KV cache
+        except UsageError as e:  # refused by the engine: too big for the KV cache, placeholders in the question
             raise BadRequest(str(e)) from None
         if req.aborted:
             raise Unavailable("the request was aborted: the server is shutting down")
@@ -158,7 +174,22 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 30  # s a connection may sit idle or half-sent (not the wait for a result)
 
+    def setup(self):
+        super().setup()
+        with self.server._conns_lock:
+            self.server._conns.add(self.connection)
+
+    def finish(self):
+        with self.server._conns_lock:
+            self.server._conns.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:  # the client left first
+            pass
+
     def do_GET(self):
+        if self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers:
+            self.close_connection = True  # a body this server does not read: never parsed as the next request
         if self.path.split("?")[0] != "/health":
             return self._send(404, {"error": f"no such path {self.path!r} (GET /health)"})
         error = self.server.bg.error
@@ -175,10 +206,8 @@ class _Handler(BaseHTTPRequestHandler):
             if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
                 self.close_connection = True
                 return self._send(411, {"error": "send the body with a Content-Length (no chunked encoding)"})
-            try:
-                size = int(self.headers.get("Content-Length", "0"))
-            except ValueError:
-                size = -1
+            length = self.headers.get("Content-Length", "0").strip()
+            size = int(length) if length.isdigit() else -1  # (digits only: int() would take "1_6" or " +3")
             if not 0 < size <= MAX_BODY:
                 self.close_connection = True
                 raise BadRequest(f"a JSON body of 1 to {MAX_BODY} bytes with its Content-Length is needed")
@@ -194,6 +223,8 @@ class _Handler(BaseHTTPRequestHandler):
         except Unavailable as e:
             self.close_connection = True
             self._send(503, {"error": str(e)})
+        except (TimeoutError, ConnectionError):  # a body that stalled past `timeout`, or a client gone: no answer
+            self.close_connection = True
         except Exception as e:  # noqa: BLE001 - a failure inside: the client hears that much, the log the rest
             print(f"janus-rt serve: {self.command} {self.path} failed:", file=sys.stderr)
             traceback.print_exc()
@@ -215,6 +246,14 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # one line a request, as the standard server does, but quiet in tests
         if getattr(self.server, "verbose", True):
             super().log_message(fmt, *args)
+
+
+def _encode(fn, tok, text, *args):
+    """A prompt's ids; text the tokenizer refuses (a lone surrogate) is the client's error."""
+    try:
+        return fn(tok, text, *args)
+    except (TypeError, ValueError) as e:
+        raise BadRequest(f"the text cannot be tokenized: {e}") from None
 
 
 def _get(body: dict, key: str, kind, default=...):

@@ -211,3 +211,41 @@ def test_exit_without_close_is_clean(tmp_path):
         "print('leaving', futs[0].done())\n")
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "leaving False" in out.stdout, (out.returncode, out.stderr[-2000:])
+
+
+def test_a_failed_prefill_fails_only_the_requests_it_admitted(tiny):
+    """A request whose prefill raises fails alone: a request already decoding goes on to its own tokens."""
+    eng = Engine(tiny, block_size=16, max_num_blocks=128, max_steps_per_call=1)
+    real, started = eng.runner.prefill, threading.Event()
+    bad_len = len(prompt(tiny, 17, seed=9))
+
+    def prefill(embeds, slots):
+        if any(e.shape[0] == bad_len for e in embeds):
+            raise MemoryError("no memory for this prefill")
+        return real(embeds, slots)
+
+    eng.runner.prefill = prefill
+    bg = BackgroundEngine(eng)
+    victim = bg.submit_image(prompt(tiny, 10, seed=1), 2, SamplingParams(seed=1), num_tokens=40,
+                             on_tokens=lambda r: r.step >= 3 and started.set())
+    assert started.wait(timeout=60)
+    bad = bg.submit_image(prompt(tiny, 17, seed=9), 1, SamplingParams(seed=9))
+    with pytest.raises(MemoryError):
+        bad.result(timeout=60)
+    r = victim.result(timeout=60)
+    assert r.finished and torch.equal(torch.tensor(r.tokens),
+                                      tiny.generate_image_tokens(prompt(tiny, 10, seed=1), n=2, seed=1)[:, :40])
+    bg.close()
+    assert eng.bm.num_free_blocks == eng.bm.num_blocks
+
+
+def test_placeholders_must_match_the_images(tiny):
+    """An understanding prompt whose image placeholders do not match its images is refused when added (it used to
+    fail inside the prefill, a step other requests share)."""
+    ids, pixels = text_job(tiny, 0)
+    eng = Engine(tiny, block_size=16, max_num_blocks=64)
+    with pytest.raises(UsageError, match="image placeholders"):
+        eng.add_text_request(ids + [tiny.cfg.tokens.image_id], pixels)
+    with pytest.raises(UsageError, match="image placeholders"):
+        eng.add_text_request(ids, None)
+    eng.add_text_request(ids, pixels)  # as it should be

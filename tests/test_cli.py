@@ -209,6 +209,9 @@ def test_generate_many_prompts_names_and_grid(tmp_path, capsys):
                                            (["--device", "cpu", "--dtype", "fp16"], "--dtype fp16 needs a GPU"),
                                            (["--cfg", "nan"], "--cfg must be a finite number"),
                                            (["--cfg", "inf"], "--cfg must be a finite number"),
+                                           (["--cfg", "1e39"], r"--cfg must be a finite number \(in fp32\)"),
+                                           (["--temperature", "1e-7"], r"--temperature must be 0 \(greedy\) or in"),
+                                           (["--temperature", "1e39"], r"--temperature must be 0 \(greedy\) or in"),
                                            (["--prompt", " "], "--prompt is empty")])
 def test_generate_bad_flags_are_clear_errors(tmp_path, flags, message):
     with pytest.raises(SystemExit, match="janus-rt generate: " + message):

@@ -103,7 +103,11 @@ def test_understand_and_health(server):
     ("/v1/images", {"prompt": "x", "n": 100}, "KV blocks"),
     ("/v1/images", {"prompt": "x", "n": 10**9}, "max_num_rows"),
     ("/v1/understand", {"question": "q", "images": ["not base64!"]}, "images[0]: not base64"),
-    ("/v1/understand", {"question": "q", "images": ["aGVsbG8="]}, "images[0]: not an image PIL can read"),
+    ("/v1/understand", {"question": "q", "images": ["aGVsbG8="]}, "images[0]: not a PNG, JPEG, WebP or GIF image"),
+    ("/v1/images", {"prompt": "x", "temperature": 1e39}, "temperature must be a finite number (in fp32)"),
+    ("/v1/understand", {"question": "q", "temperature": 1e39, "images": [PNG_1PX]}, "finite number (in fp32)"),
+    ("/v1/understand", {"question": "<image_placeholder> q", "images": [PNG_1PX]}, "image placeholders"),
+    ("/v1/images", {"prompt": "\ud800"}, "cannot be tokenized"),
     ("/v1/understand", {"question": "q", "images": []}, "images: give 1 to"),
     ("/v1/understand", {"question": "q", "images": ["aGVsbG8="] * 10**4}, "images: give 1 to"),
     ("/v1/understand", {"question": "q", "max_new_tokens": 10**6, "images": [PNG_1PX]}, "a shorter answer"),
@@ -165,6 +169,24 @@ def test_a_failed_step_is_500_and_the_server_goes_on(server, monkeypatch):
     assert call(server, "/health")[0] == 200 and eng.bm.num_free_blocks == eng.bm.num_blocks
 
 
+def test_a_bad_request_does_not_touch_a_running_one(server):
+    """While one client's request decodes, another's refused values (caught before any step) leave it alone: it
+    gets its images, the same as generate_images'."""
+    from janus_rt.tokenizer import JanusTokenizer
+
+    out = {}
+    victim = threading.Thread(target=lambda: out.setdefault("v", call(server, "/v1/images",
+                                                                      {"prompt": "y", "n": 8, "seed": 3})))
+    victim.start()
+    for body in ({"prompt": "x", "temperature": 1e39}, {"prompt": "x", "cfg": float("1e39")}):
+        assert call(server, "/v1/images", body)[0] == 400
+    victim.join()
+    status, got = out["v"]
+    tok = JanusTokenizer.byte_level(server.model.cfg.llm.vocab_size, server.model.cfg.tokens)
+    want, _ = generate_images(server.model, tok, ["y"], n=8, cfg_weight=server.default_cfg, seed=3, progress=False)
+    assert status == 200 and all(np.array_equal(np.asarray(png(b)), np.asarray(im)) for b, im in zip(got["images"], want[0]))
+
+
 def test_serve_refuses_a_taken_port(server):
     with pytest.raises(SystemExit, match="cannot listen on 127.0.0.1"):
         cli_main(["serve", "--model", "tiny", "--port", str(server.server_address[1]), "--kv-cache-gb", "0.01"])
@@ -195,15 +217,22 @@ def test_signal_with_requests_in_flight_exits_cleanly(sig):
             except Exception as e:  # noqa: BLE001 - a reset or a timeout: what must not happen
                 got.append(type(e).__name__)
 
+        import socket
+
+        idle = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))  # connected, never sends
         threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
         for t in threads:
             t.start()
         time.sleep(0.5)
+        t0 = time.monotonic()
         p.send_signal(getattr(signal, sig))
         _, err = p.communicate(timeout=60)
+        took = time.monotonic() - t0
+        idle.close()
         for t in threads:
             t.join(timeout=60)
     finally:
         p.kill()
     assert p.returncode == 130 and "terminate called" not in err, err[-2000:]
+    assert took < 15, took  # the idle connection does not hold the exit up (its 30 s timeout did)
     assert len(got) == 8 and set(got) <= {200, 503} and 503 in got, got

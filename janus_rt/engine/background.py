@@ -73,6 +73,11 @@ class BackgroundEngine:
             atexit.unregister(self._at_exit)
 
     @property
+    def closed(self) -> bool:
+        """close() was called: submit refuses."""
+        return self._closed
+
+    @property
     def error(self) -> BaseException | None:
         """What stopped the engine thread, or None while it runs (or after close())."""
         return self._error
@@ -153,12 +158,15 @@ class BackgroundEngine:
                 self._resolve(req, eng.aborted)
 
     def _fail_running(self, error: Exception) -> None:
-        """A step raised: the requests it was running are aborted (their blocks freed, whatever state the step left
-        them in) and their futures get the error; waiting requests and new submissions go on. Where it was running
-        none (it failed before admitting any), the waiting ones fail instead, or the loop would retry forever. (If
-        the abort itself fails, the error reaches _loop's handler and the thread stops.)"""
+        """A step raised: the requests it worked on (Engine.step_requests: a prefill's admitted ones, or every running
+        one in a decode step) are aborted (their blocks freed, whatever state the step left them in) and their futures
+        get the error; the others and new submissions go on. Where it had none (it failed before admitting any), the
+        waiting ones fail instead, or the loop would retry forever. (If the abort itself fails, the error reaches
+        _loop's handler and the thread stops.)"""
         eng = self.engine
-        for req in list(eng.scheduler.running) or list(eng.scheduler.waiting):
+        s = eng.scheduler
+        touched = [r for r in eng.step_requests if r in s.running or r in s.waiting]
+        for req in touched or list(s.running) or list(s.waiting):
             eng.abort(req)
             eng.aborted.pop(req.req_id, None)
             entry = self._live.pop(req.req_id, None)

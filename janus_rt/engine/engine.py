@@ -62,6 +62,7 @@ class Engine:
         self.stats = EngineStats()
         self.finished: dict[int, Request] = {}
         self.aborted: dict[int, Request] = {}  # abort()'s
+        self.step_requests: list[Request] = []  # the requests the latest step() prefilled or decoded
         self.record_logits = False  # tests/debugging: keep each step's (cond, uncond) logits on the request
         self._image_batch = (None, None)  # (the decoding image requests, their per-row tensors): see _image_rows
 
@@ -92,6 +93,12 @@ class Engine:
     def add_text_request(self, prompt_ids, pixel_values=None, max_new_tokens: int = 256,
                          params: SamplingParams | None = None) -> Request:
         ids = [int(i) for i in torch.as_tensor(prompt_ids).flatten().tolist()]
+        holes = ids.count(self.model.cfg.tokens.image_id)  # checked here, not in the prefill (a step shared by others)
+        images = 0 if pixel_values is None else len(pixel_values)
+        if holes != images * self.model.cfg.vision.num_patches:
+            raise UsageError(f"the prompt holds {holes} image placeholders but {images} image(s) fill "
+                             f"{images * self.model.cfg.vision.num_patches} (a question quoting the placeholder "
+                             f"token?)")
         req = Request(ids, params or SamplingParams(greedy=True), kind="text", max_new_tokens=max_new_tokens,
                       pixel_values=pixel_values, eos_id=self.model.cfg.tokens.eos_id)
         self.scheduler.add(req)
@@ -119,7 +126,11 @@ class Engine:
         """Prefill newly admitted requests if any, else decode one token for every running row (on the CPU image
         path up to max_steps_per_call tokens each: multi-step decode, see _decode_images_cpu; stats.decode_steps
         counts them; likewise the CUDA-graph image path). Returns the requests that finished in this step."""
+        self.step_requests = []
         admitted = self.scheduler.admit()
+        # what this step works on: the admitted requests' prefill, else every running request's decode (a caller
+        # whose step raised fails these, not requests the step never touched)
+        self.step_requests = list(admitted or self.scheduler.running)
         if admitted:
             t0 = time.perf_counter()
             self._prefill(admitted)

@@ -11,6 +11,7 @@ import torch
 
 _MASK32 = 0xFFFFFFFF
 MIN_TEMPERATURE = 1e-6  # a sampling temperature below this is refused (greedy is the limit)
+FP32_MAX = 3.4028234663852886e38
 
 
 def mix32(*xs: int) -> int:
@@ -35,9 +36,9 @@ class SamplingParams:
 
     def __post_init__(self):
         # checked here, not in a step: a value the sampling kernels cannot take would fail every row of that step
-        for name in ("cfg_weight", "temperature", "top_p"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        for name in ("cfg_weight", "temperature", "top_p"):  # finite in fp32, as the kernels take them
+            if not (math.isfinite(getattr(self, name)) and abs(getattr(self, name)) <= FP32_MAX):
+                raise ValueError(f"{name} must be a finite number (in fp32), got {getattr(self, name)}")
         if self.temperature < MIN_TEMPERATURE and not self.greedy:  # (smaller ones round to 0 in fp32)
             raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:g} (or use greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
