@@ -156,7 +156,7 @@ class JanusServer(ThreadingHTTPServer):
         """submit() -> the finished request; the engine's refusal as 400, a closing server as 503."""
         try:
             fut = submit()
-        except RuntimeError as e:
+        except RuntimeError:
             if self.bg.closed:
                 raise Unavailable("the server is shutting down") from None
             raise
