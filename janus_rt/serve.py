@@ -11,7 +11,8 @@ connection; every request, from any connection, joins the engine's running batch
 
 A bad request (JSON, a value, too big for the KV cache) gets 400 and {"error": ...}; a failure inside the engine 500
 (the requests of the step that failed; the server goes on, the traceback in its log). A client that disconnects
-does not stop its request (it finishes, unread). Ctrl-C or SIGTERM: open requests are aborted (their clients get 503),
+while it waits has its request aborted within a quarter of a second (a client that half-closes its side after
+sending counts as gone). Ctrl-C or SIGTERM: open requests are aborted (their clients get 503),
 the connections' threads finish, the process exits.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import io
 import json
 import math
 import random
+import select
 import socket
 import sys
 import threading
@@ -44,6 +46,10 @@ class BadRequest(ValueError):
 
 class Unavailable(RuntimeError):
     """503: the server is shutting down."""
+
+
+class ClientGone(ConnectionError):
+    """The client closed its connection while its request ran: the request was aborted, nobody to answer."""
 
 
 class JanusServer(ThreadingHTTPServer):
@@ -77,7 +83,7 @@ class JanusServer(ThreadingHTTPServer):
         self.server_close()
 
     # ---- the endpoints (run on the connection's thread; the engine's work on its own) -------------------------
-    def images(self, body: dict) -> dict:
+    def images(self, body: dict, client_gone=None) -> dict:
         prompt = _get(body, "prompt", str)
         if not prompt.strip():
             raise BadRequest("prompt is empty")
@@ -96,7 +102,8 @@ class JanusServer(ThreadingHTTPServer):
                                     greedy=_get(body, "greedy", bool, False) or temperature == 0, seed=seed)
         except ValueError as e:
             raise BadRequest(str(e)) from None
-        req = self._wait(lambda: self.bg.submit_image(_encode(encode_generation_prompt, self.tok, prompt), n, params))
+        req = self._wait(lambda: self.bg.submit_image(_encode(encode_generation_prompt, self.tok, prompt), n, params),
+                         client_gone)
         with torch.inference_mode():
             pixels = self.model.decode_image_tokens(torch.tensor(req.tokens, device=self.model.device))
         pngs = []
@@ -106,7 +113,7 @@ class JanusServer(ThreadingHTTPServer):
             pngs.append(base64.b64encode(buf.getvalue()).decode("ascii"))
         return dict(images=pngs, seed=seed, **_times(req))
 
-    def understand(self, body: dict) -> dict:
+    def understand(self, body: dict, client_gone=None) -> dict:
         from PIL import Image
 
         question = _get(body, "question", str)
@@ -149,11 +156,12 @@ class JanusServer(ThreadingHTTPServer):
         pixels = torch.stack(pixels)
         ids = _encode(encode_understanding_prompt, self.tok, question, len(pixels), cfg.vision.num_patches)
         req = self._wait(lambda: self.bg.submit_text(ids, pixels.to(self.model.device, self.model.dtype), max_new,
-                                                     params))
+                                                     params), client_gone)
         return dict(answer=self.tok.decode(req.tokens[0]), tokens=len(req.tokens[0]), **_times(req))
 
-    def _wait(self, submit):
-        """submit() -> the finished request; the engine's refusal as 400, a closing server as 503."""
+    def _wait(self, submit, client_gone=None):
+        """submit() -> the finished request; the engine's refusal as 400, a closing server as 503; where
+        client_gone() says the client has left, the request is aborted (ClientGone)."""
         try:
             fut = submit()
         except RuntimeError:
@@ -161,7 +169,15 @@ class JanusServer(ThreadingHTTPServer):
                 raise Unavailable("the server is shutting down") from None
             raise
         try:
-            req = fut.result()
+            while True:
+                try:
+                    req = fut.result(timeout=0.25)
+                    break
+                except TimeoutError:  # (concurrent.futures' is the built-in one)
+                    if client_gone is not None and client_gone():
+                        self.bg.abort(fut)
+                        fut.result()  # (the abort resolves it)
+                        raise ClientGone("the client left; its request was aborted") from None
         except UsageError as e:  # refused by the engine: too big for the KV cache, placeholders in the question
             raise BadRequest(str(e)) from None
         if req.aborted:
@@ -217,13 +233,13 @@ class _Handler(BaseHTTPRequestHandler):
                 raise BadRequest(f"body is not JSON this server reads: {str(e)[:200]}") from None
             if not isinstance(body, dict):
                 raise BadRequest("body must be a JSON object")
-            self._send(200, route(body))
+            self._send(200, route(body, lambda: _peer_closed(self.connection)))
         except BadRequest as e:
             self._send(400, {"error": str(e)})
         except Unavailable as e:
             self.close_connection = True
             self._send(503, {"error": str(e)})
-        except (TimeoutError, ConnectionError):  # a body that stalled past `timeout`, or a client gone: no answer
+        except (TimeoutError, ConnectionError):  # a stalled body, a client gone (ClientGone): nobody to answer
             self.close_connection = True
         except Exception as e:  # noqa: BLE001 - a failure inside: the client hears that much, the log the rest
             print(f"janus-rt serve: {self.command} {self.path} failed:", file=sys.stderr)
@@ -246,6 +262,15 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # one line a request, as the standard server does, but quiet in tests
         if getattr(self.server, "verbose", True):
             super().log_message(fmt, *args)
+
+
+def _peer_closed(sock) -> bool:
+    """Whether the client has closed its side (readable, and a peek reads nothing); pipelined bytes are not that."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):  # reset, or closed here
+        return True
 
 
 def _encode(fn, tok, text, *args):

@@ -236,3 +236,28 @@ def test_signal_with_requests_in_flight_exits_cleanly(sig):
     assert p.returncode == 130 and "terminate called" not in err, err[-2000:]
     assert took < 15, took  # the idle connection does not hold the exit up (its 30 s timeout did)
     assert len(got) == 8 and set(got) <= {200, 503} and 503 in got, got
+
+
+def test_a_client_that_leaves_has_its_request_aborted(server, monkeypatch):
+    """A client that closes its connection while its request runs: the request is aborted (its blocks back in the
+    pool) instead of running to its end for nobody; the server goes on."""
+    import socket
+    import time
+
+    eng, aborted = server.bg.engine, []
+    real, real_step = eng.abort, eng.step
+    monkeypatch.setattr(eng, "abort", lambda req: aborted.append(req) or real(req))
+    monkeypatch.setattr(eng, "step", lambda: time.sleep(0.03) or real_step())  # a request of a few seconds
+    body = json.dumps({"prompt": "x", "n": 2, "seed": 5}).encode()
+    s = socket.create_connection(("127.0.0.1", server.server_address[1]))
+    s.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    deadline = time.monotonic() + 30
+    while not server.bg._live and time.monotonic() < deadline:  # until the engine has it
+        time.sleep(0.01)
+    s.close()
+    while server.bg._live and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(aborted) == 1 and aborted[0].aborted and aborted[0].step < eng.model.cfg.num_image_tokens
+    assert eng.bm.num_free_blocks == eng.bm.num_blocks
+    assert call(server, "/health")[0] == 200
