@@ -70,14 +70,15 @@ def load_model(spec: str | None, device: str = "cpu", dtype: torch.dtype = torch
     raise UsageError(f"--model {spec!r}: no such folder, and not a preset ({', '.join(PRESETS)})")
 
 
-def _common(p):
+def _common(p, seed_help: str = "sampling seed (and a preset's random weights)",
+            kv_help: str = "KV cache size in GiB (default: sized to the job)"):
     p.add_argument("--model", default=None, help="checkpoint folder or preset (default: the embedded tiny-shapes model)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="default: bf16 on a GPU; on the CPU the checkpoint's own where it is stored in bf16 "
                         "(Janus-Pro's published weights), else fp32 (fp16: GPU only)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (and a preset's random weights)")
-    p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size in GiB (default: sized to the job)")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--kv-cache-gb", type=float, default=None, help=kv_help)
 
 
 def _dtype(args):
@@ -428,7 +429,8 @@ def main(argv=None):
 
     s = sub.add_parser("serve", help="HTTP/JSON server: POST /v1/images and /v1/understand, one batching engine",
                        formatter_class=formatter)
-    _common(s)
+    _common(s, seed_help="a preset's random weights (each request brings its own sampling seed)",
+            kv_help="KV cache size in GiB (default: --memory-fraction of the free memory)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     s.add_argument("--port", type=int, default=8000, help="port (0: any free one, printed)")
     s.add_argument("--memory-fraction", type=float, default=0.3,
