@@ -188,7 +188,7 @@ def test_cancel_close_from_a_callback_and_a_failing_callback(tiny):
     bg._thread.join(timeout=60)
     assert not bg._thread.is_alive()
     eng = bg.engine
-    assert not eng.finished and not eng.aborted and not bg._live and not bg._request_of
+    assert not eng.finished and not eng.aborted and not bg._live
     assert eng.bm.num_free_blocks == eng.bm.num_blocks
 
 

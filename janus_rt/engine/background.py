@@ -36,7 +36,6 @@ class BackgroundEngine:
         self._pending: list[tuple[Future, dict]] = []  # submissions not yet in the engine
         self._aborts: list[Future] = []
         self._live: dict[int, tuple[Request, Future, object]] = {}  # req_id -> (request, future, on_tokens)
-        self._request_of: dict[Future, Request] = {}  # (engine thread only) futures whose request is in the engine
         self._closed, self._cancel, self._error = False, False, None
         self._thread = threading.Thread(target=self._loop, name="janus_rt-engine", daemon=True)
         self._thread.start()
@@ -133,7 +132,6 @@ class BackgroundEngine:
                     if not fut.done():
                         fut.set_exception(e)
                 self._live.clear()
-                self._request_of.clear()
                 return
 
     def _take_in(self, pending, aborts, cancel: bool) -> None:
@@ -151,9 +149,9 @@ class BackgroundEngine:
                 continue
             req.arrival_time = job["submitted"]
             self._live[req.req_id] = (req, fut, job["on_tokens"])
-            self._request_of[fut] = req
-        for fut in [f for _, f, _ in self._live.values()] if cancel else aborts:
-            req = self._request_of.get(fut)
+        request_of = {fut: req for req, fut, _ in self._live.values()}  # futures whose request is in the engine
+        for fut in list(request_of) if cancel else aborts:
+            req = request_of.get(fut)
             if req is not None and eng.abort(req) is not None:  # (None: it finished in the meantime)
                 self._resolve(req, eng.aborted)
 
@@ -167,32 +165,31 @@ class BackgroundEngine:
         s = eng.scheduler
         touched = [r for r in eng.step_requests if r in s.running or r in s.waiting]
         for req in touched or list(s.running) or list(s.waiting):
-            eng.abort(req)
-            eng.aborted.pop(req.req_id, None)
-            entry = self._live.pop(req.req_id, None)
-            if entry is not None:
-                self._request_of.pop(entry[1], None)
-                entry[1].set_exception(error)
+            self._fail(req, error)
 
     def _stream(self, before: dict) -> None:
         """Each request's on_tokens after a step that gave it tokens; one that raises aborts its own request only."""
-        for rid, (req, fut, on_tokens) in list(self._live.items()):
+        for rid, (req, _, on_tokens) in list(self._live.items()):
             if on_tokens is None or req.step == before.get(rid, 0):
                 continue
             try:
                 on_tokens(req)
             except Exception as e:  # noqa: BLE001 - that client's failure (a closed connection), not the engine's
-                self.engine.abort(req)
-                self.engine.aborted.pop(req.req_id, None)
-                self.engine.finished.pop(req.req_id, None)
-                del self._live[rid]
-                self._request_of.pop(fut, None)
-                fut.set_exception(e)
+                self._fail(req, e)
+
+    def _fail(self, req: Request, error: BaseException) -> None:
+        """A request that failed: aborted in the engine (its blocks freed; a no-op where it has just finished),
+        held neither by the engine nor by this object; its future gets the error."""
+        self.engine.abort(req)
+        self.engine.aborted.pop(req.req_id, None)
+        self.engine.finished.pop(req.req_id, None)
+        entry = self._live.pop(req.req_id, None)
+        if entry is not None:
+            entry[1].set_exception(error)
 
     def _resolve(self, req: Request, kept: dict) -> None:
         """A finished or aborted request's future gets it; neither this object nor the engine holds it any longer."""
         _, fut, _ = self._live.pop(req.req_id)
-        self._request_of.pop(fut, None)
         kept.pop(req.req_id, None)
         fut.set_result(req)
 
