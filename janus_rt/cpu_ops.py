@@ -559,15 +559,11 @@ def retain_freed_memory() -> bool:
     loading and `pack_in_place`, whose freed originals would otherwise stay: +2.7 GB at 1B, more than a 24 GB machine
     has at 7B). Process-wide and permanent, so janus_rt's own commands call it (`janus-rt generate`, `understand`),
     not the library on import. False where it cannot (not glibc, mallopt refused) or with JANUS_RT_KEEP_FREED=0."""
-    if os.environ.get("JANUS_RT_KEEP_FREED", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
     import ctypes
 
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc
+    mallopt = _glibc_malloc_function("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # the trim threshold also turns off glibc's dynamic mmap threshold: set both, or every block > 128 KiB is mmapped
     return bool(mallopt(_M_MMAP_THRESHOLD, RETAIN_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
@@ -576,14 +572,25 @@ def release_freed_memory() -> bool:
     """Hand the freed blocks that retain_freed_memory keeps back to the OS now (glibc's malloc_trim(0)), after a
     one-off burst of allocations that will not recur (a checkpoint read into memory and copied into the model).
     False where it cannot (not glibc) or with JANUS_RT_KEEP_FREED=0 (nothing kept then)."""
-    if os.environ.get("JANUS_RT_KEEP_FREED", "1") == "0" or not sys.platform.startswith("linux"):
+    import ctypes
+
+    trim = _glibc_malloc_function("malloc_trim", [ctypes.c_size_t])
+    if trim is None:
         return False
+    trim(0)
+    return True
+
+
+def _glibc_malloc_function(name: str, argtypes):
+    """glibc's malloc tuning function `name` (int-returning) for the two calls above, or None where they must not or
+    cannot act: JANUS_RT_KEEP_FREED=0, not Linux, not glibc."""
+    if os.environ.get("JANUS_RT_KEEP_FREED", "1") == "0" or not sys.platform.startswith("linux"):
+        return None
     import ctypes
 
     try:
-        trim = ctypes.CDLL(None).malloc_trim
+        fn = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):  # not glibc
-        return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    trim(0)
-    return True
+        return None
+    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return fn
