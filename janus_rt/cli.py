@@ -189,9 +189,8 @@ def _out_problem(path: str) -> str | None:
 def cmd_generate(args):
     from janus_rt.cpu_ops import retain_freed_memory
     from janus_rt.engine import Engine
-    from janus_rt.processing import GRID_ROWS, encode_generation_prompt, generate_images
-
     from janus_rt.engine.request import FP32_MAX, MIN_TEMPERATURE
+    from janus_rt.processing import GRID_ROWS, encode_generation_prompt, generate_images
 
     _check_args(args, (args.n >= 1, f"-n must be >= 1, got {args.n}"),
                 (args.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}"),
@@ -265,11 +264,12 @@ def cmd_understand(args):
 
     from janus_rt.cpu_ops import retain_freed_memory
     from janus_rt.engine import Engine, SamplingParams
+    from janus_rt.engine.request import FP32_MAX
     from janus_rt.processing import encode_understanding_prompt, preprocess_image
 
     _check_args(args, (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
                 (args.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}"),
-                (args.temperature <= 3.4e38, f"--temperature must be finite in fp32, got {args.temperature}"),
+                (args.temperature <= FP32_MAX, f"--temperature must be finite in fp32, got {args.temperature}"),
                 (args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
                 (args.question.strip(), "--question is empty"), *_common_checks(args))
     images = []

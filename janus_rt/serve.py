@@ -92,16 +92,11 @@ class JanusServer(ThreadingHTTPServer):
             raise BadRequest(f"n must be >= 1, got {n}")
         seed = _get(body, "seed", int, None)
         seed = random.getrandbits(32) if seed is None else seed
-        temperature = _finite(body, "temperature", 1.0)
-        if temperature < 0:
-            raise BadRequest(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        try:
-            params = SamplingParams(cfg_weight=_finite(body, "cfg", self.default_cfg),
-                                    temperature=temperature if temperature > 0 else 1.0,
-                                    top_k=_get(body, "top_k", int, 0), top_p=_finite(body, "top_p", 1.0),
-                                    greedy=_get(body, "greedy", bool, False) or temperature == 0, seed=seed)
-        except ValueError as e:
-            raise BadRequest(str(e)) from None
+        temperature = _temperature(body, 1.0)
+        params = _sampling(cfg_weight=_finite(body, "cfg", self.default_cfg),
+                           temperature=temperature if temperature > 0 else 1.0, top_k=_get(body, "top_k", int, 0),
+                           top_p=_finite(body, "top_p", 1.0),
+                           greedy=_get(body, "greedy", bool, False) or temperature == 0, seed=seed)
         req = self._wait(lambda: self.bg.submit_image(_encode(encode_generation_prompt, self.tok, prompt), n, params),
                          client_gone)
         with torch.inference_mode():
@@ -122,14 +117,9 @@ class JanusServer(ThreadingHTTPServer):
         max_new = _get(body, "max_new_tokens", int, 128)
         if max_new < 1:
             raise BadRequest(f"max_new_tokens must be >= 1, got {max_new}")
-        temperature = _finite(body, "temperature", 0.0)
-        if temperature < 0:
-            raise BadRequest(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        try:
-            params = SamplingParams(temperature=max(temperature, 1e-6), greedy=temperature == 0,
-                                    top_p=_finite(body, "top_p", 1.0), seed=_get(body, "seed", int, 0))
-        except ValueError as e:
-            raise BadRequest(str(e)) from None
+        temperature = _temperature(body, 0.0)
+        params = _sampling(temperature=max(temperature, 1e-6), greedy=temperature == 0,
+                           top_p=_finite(body, "top_p", 1.0), seed=_get(body, "seed", int, 0))
         encoded = _get(body, "images", list)
         cfg = self.model.cfg
         cache = self.bg.engine.cache
@@ -299,6 +289,22 @@ def _finite(body: dict, key: str, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise BadRequest(f"{key!r} must be a finite number, got {value!r}")
     return float(value)
+
+
+def _temperature(body: dict, default: float) -> float:
+    """The body's temperature: a finite number >= 0 (0 = greedy)."""
+    t = _finite(body, "temperature", default)
+    if t < 0:
+        raise BadRequest(f"temperature must be >= 0 (0 = greedy), got {t}")
+    return t
+
+
+def _sampling(**kw) -> SamplingParams:
+    """SamplingParams(**kw); the values it refuses are the client's error."""
+    try:
+        return SamplingParams(**kw)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
 
 
 def _times(req) -> dict:
