@@ -75,6 +75,12 @@ def to_pil(pixels: torch.Tensor):
     return [Image.fromarray(a) for a in to_uint8(pixels)]
 
 
+def request_images(model, req) -> list:
+    """A finished image request's tokens [n][N] through the VQ decoder -> its n PIL images."""
+    with torch.inference_mode():
+        return to_pil(model.decode_image_tokens(torch.tensor(req.tokens, device=model.device)))
+
+
 def image_grid(images, cols: int | None = None, min_side: int = 0, gap: int = 0):
     """Tile PIL images (all one size) into one grid image, `gap` white pixels between tiles. Tiles smaller than
     `min_side` are enlarged by the smallest whole factor that reaches it, pixels repeated (no blur), so that a grid
@@ -164,8 +170,7 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
         k = index.get(req.req_id)
         if k is None:  # another request the caller's engine held
             return
-        with torch.inference_mode():
-            out[k] = to_pil(model.decode_image_tokens(torch.tensor(req.tokens, device=model.device)))
+        out[k] = request_images(model, req)
         if d is not None:
             d.mkdir(parents=True, exist_ok=True)
             for i, im in enumerate(out[k]):

@@ -33,7 +33,8 @@ import torch
 
 from janus_rt.engine import BackgroundEngine, Engine, SamplingParams
 from janus_rt.errors import UsageError
-from janus_rt.processing import (encode_generation_prompt, encode_understanding_prompt, preprocess_image, to_pil)
+from janus_rt.processing import (encode_generation_prompt, encode_understanding_prompt, preprocess_image,
+                                 request_images)
 
 MAX_BODY = 64 << 20  # bytes of JSON a request may send (a few images)
 MAX_IMAGE_PIXELS = 4096 * 4096  # an understanding image larger than this is refused before it is decoded
@@ -99,10 +100,8 @@ class JanusServer(ThreadingHTTPServer):
                            greedy=_get(body, "greedy", bool, False) or temperature == 0, seed=seed)
         req = self._wait(lambda: self.bg.submit_image(_encode(encode_generation_prompt, self.tok, prompt), n, params),
                          client_gone)
-        with torch.inference_mode():
-            pixels = self.model.decode_image_tokens(torch.tensor(req.tokens, device=self.model.device))
         pngs = []
-        for im in to_pil(pixels):
+        for im in request_images(self.model, req):
             buf = io.BytesIO()
             im.save(buf, format="PNG")
             pngs.append(base64.b64encode(buf.getvalue()).decode("ascii"))
