@@ -1,5 +1,7 @@
 """Decode-time linear layers on the CPU: janus_rt.cpu_ops.linear vs torch F.linear, in GB/s of weights read.
-The packed GEMV (cpu_ops.PackedWeight, what the decode step uses) is timed alongside: fp32, and bf16 on AVX512_BF16.
+The packed GEMV (cpu_ops.PackedWeight, what the decode step uses) is timed alongside: fp32, and bf16 on AVX512_BF16;
+and for bf16 weights the weight-only int8 GEMV (cpu_ops.Int8Weight, `--int8` of the CLI; its own copies of W, half
+the bytes): int8_ms, and int8_x = how many times faster than the packed bf16 GEMV.
 
 A decode step reads every weight once, so y[M, N] = x[M, K] @ W[N, K]^T is bound by the weight stream for small
 M. Shapes are Janus-Pro-1B's (attention 2048->2048, MLP 2048->5632 and 5632->2048, gen/lm head 2048->16384),
@@ -25,11 +27,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import print_table  # noqa: E402
 
 from janus_rt import cpu_ops  # noqa: E402
+from janus_rt.engine.benchmark import _l3_bytes  # noqa: E402
 from janus_rt.engine.roofline import cpu_read_bandwidth_gbs  # noqa: E402
 
 SHAPES = [(2048, 2048), (2048, 5632), (5632, 2048), (2048, 16384)]  # (K, N): x [M, K] -> y [M, N]
 MS = [1, 2, 8, 32]
-_L3_BYTES = 32 << 20
+_L3_BYTES = _l3_bytes() or 32 << 20  # this CPU's last-level cache (sysfs), 32 MiB where unknown
 
 
 def cpu_name() -> str:
@@ -79,6 +82,10 @@ def main(quick: bool = False) -> list[dict]:
             copies = max(2, -(-4 * _L3_BYTES // nbytes))
             weights = [torch.randn(N, K).to(wdtype) for _ in range(copies)]
             packed = [cpu_ops.PackedWeight(w) for w in weights] if cpu_ops.packed_available(wdtype) else None
+            int8 = None
+            if wdtype == torch.bfloat16 and cpu_ops.int8_available():  # enough copies that they too miss the L3
+                n8 = max(copies, -(-4 * _L3_BYTES // (N * K)))
+                int8 = [cpu_ops.Int8Weight(weights[i % copies]) for i in range(n8)]
             for M in ms:
                 # x in the weights' dtype, as a model passes it (bf16 x and W: the bf16 dot product where the CPU
                 # has one) and torch's own fast path in that dtype
@@ -98,9 +105,12 @@ def main(quick: bool = False) -> list[dict]:
                     pk_best, _ = time_rotating(lambda p: p(x), packed)
                     rows[-1].update({"packed_GB/s": nbytes / pk_best / 1e9,
                                      "packed_GFLOP/s": 2 * M * N * K / pk_best / 1e9})
+                    if int8:
+                        i8_best, _ = time_rotating(lambda p: p(x), int8)
+                        rows[-1].update({"int8_ms": i8_best * 1e3, "int8_x": pk_best / i8_best})
                 print(f"  {K}->{N} {name} M={M}: ours {gbs:.1f} GB/s, torch {rows[-1]['torch_GB/s']:.1f} GB/s",
                       file=sys.stderr)
-            del weights, packed
+            del weights, packed, int8
     print_table(rows)
     return rows
 

@@ -54,6 +54,8 @@ PYBIND11_MODULE(_C, m) {
         "packed layout for this dtype (csrc/packed_layout.h)", py::arg("dtype"));
   m.def("pack_weight", &jr::pack_weight, release(), "wp = W [N, K] in the packed GEMV's strip layout",
         py::arg("w"), py::arg("wp"), py::arg("N"), py::arg("K"), py::arg("dtype"));
+  m.def("pack_int8", &jr::pack_int8, release(), "wp = int8 Q [N, K] and its fp32 row scales in the int8 GEMV's layout",
+        py::arg("q"), py::arg("scales"), py::arg("wp"), py::arg("N"), py::arg("K"));
   m.def("linear_packed", &jr::linear_packed, release(), "y[M, N] = x[M, K] @ W^T (+ bias), W packed, x in W's dtype",
         py::arg("x"), py::arg("wp"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("N"), py::arg("K"),
         py::arg("dtype"));

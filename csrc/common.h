@@ -11,6 +11,8 @@ namespace jr {
 
 // Element types the kernels accept; the Python accessor passes these codes.
 enum DType : int { kF32 = 0, kBF16 = 1 };
+// The packed ops' weight code for int8 weights with a fp32 scale per output row and bf16 x (int8_gemv.h).
+constexpr int kInt8W = 2;
 
 // pybind11 turns std::invalid_argument into ValueError, so a bad size from Python reads like the accessor's own checks.
 #define JR_CHECK(cond, msg)                                                        \

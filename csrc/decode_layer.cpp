@@ -3,8 +3,9 @@
 //     a = RMSNorm(h) -> qkv = a Wqkv^T -> RoPE(q, k) -> k, v into the paged cache at slot_mapping[r]
 //     -> o = paged attention(q) -> h += o Wo^T -> a = RMSNorm(h) -> g, u = a Wgate_up^T -> h += (silu(g) u) Wdown^T
 //   and for the model's last layer (final_norm not null) also out [R, C] (T) = RMSNorm(h) with final_norm
-// Weights [out, in] in T (with `packed`: qkv, o, gate_up and down in packed_gemv.h's strip layout instead, packed
-// once by cpu_step.DecodeStack; bf16 on AVX512_BF16 CPUs only), caches [num_blocks, block_size, H, D] in T, T = fp32 or
+// Weights [out, in] in T (with `packed` 1: qkv, o, gate_up and down in packed_gemv.h's strip layout instead, packed
+// once by cpu_step.DecodeStack; bf16 on AVX512_BF16 CPUs only; `packed` 2: those four int8 with row scales in
+// int8_gemv.h's layout, T bf16), caches [num_blocks, block_size, H, D] in T, T = fp32 or
 // bf16; cos/sin fp32 [R, D] (the rotary tables of each row's position, already rounded to T). MHA only (Janus-Pro).
 //
 // Why one call: on the 2-core CPU a decode step of the small model spent about as long in the ~15 small torch ops
@@ -24,6 +25,7 @@
 
 #include "common.h"
 #include "gemv.h"
+#include "int8_gemv.h"
 #include "packed_gemv.h"
 #include "paged_attention.h"
 #include "rms_norm.h"
@@ -84,14 +86,18 @@ struct Layer {
   const T* final_norm;  // the model's last layer: out = RMSNorm(h) with this weight (null for other layers)
   T* out;
   float final_eps;
-  bool packed;  // qkv, o, gate_up, down are packed (packed_gemv.h; bf16 needs simd::kHaveBf16Dot)
+  int packed;  // qkv, o, gate_up, down: 0 [N, K] in T, 1 packed (packed_gemv.h), 2 int8 packed (int8_gemv.h)
 };
 
 // y [R, N] = xp @ W^T for one of the layer's weights, through the GEMV its layout needs (inside the region).
 template <typename T>
 inline void layer_gemv(const Layer<T>& L, const T* w, const gemv::xpack_t<T>* xp, int64_t ldx, float* y, int64_t N,
                        int64_t K) {
-  packed::gemv_for_layout(L.packed, w, xp, ldx, nullptr, y, L.R, N, K);
+  if constexpr (int8w::available() && std::is_same_v<T, uint16_t>) {
+    if (L.packed == kInt8W)
+      return int8w::gemv_for(reinterpret_cast<const int8_t*>(w), xp, ldx, nullptr, y, L.R, N, K);
+  }
+  packed::gemv_for_layout(L.packed != 0, w, xp, ldx, nullptr, y, L.R, N, K);
 }
 
 // A layer call's buffers, kept by the calling thread from call to call and grown only when a call has more rows
@@ -242,7 +248,7 @@ void decode_layer(std::uintptr_t h, int dtype, std::uintptr_t in_norm, std::uint
                   std::uintptr_t v_cache, std::uintptr_t slot_mapping, std::uintptr_t block_tables,
                   std::uintptr_t context_lens, std::uintptr_t cos, std::uintptr_t sin, int64_t R, int64_t C,
                   int64_t H, int64_t I, int64_t num_blocks, int64_t block_size, int64_t max_blocks, double eps,
-                  double sm_scale, std::uintptr_t final_norm, std::uintptr_t out, double final_eps, bool packed) {
+                  double sm_scale, std::uintptr_t final_norm, std::uintptr_t out, double final_eps, int packed) {
   JR_CHECK(R >= 1 && C >= 1 && H >= 1 && I >= 1, "need R, C, H, I >= 1");
   JR_CHECK(C % H == 0 && (C / H) % 2 == 0, "C must be H * D with an even head_dim D");
   JR_CHECK(num_blocks >= 1 && block_size >= 1 && max_blocks >= 1, "num_blocks, block_size, max_blocks must be >= 1");
@@ -252,8 +258,10 @@ void decode_layer(std::uintptr_t h, int dtype, std::uintptr_t in_norm, std::uint
   const int32_t* bt = ptr<const int32_t>(block_tables);
   const int32_t* cl = ptr<const int32_t>(context_lens);
   JR_CHECK(!final_norm || out, "final_norm needs an output pointer");
+  JR_CHECK(packed >= 0 && packed <= kInt8W, "packed must be 0, 1 or 2 (int8)");
   JR_CHECK(!packed || dtype == kF32 || (simd::kHaveBf16Dot && C % 2 == 0 && I % 2 == 0),
            "packed bf16 weights need an AVX512_BF16 build and even C and I");
+  JR_CHECK(packed != kInt8W || (dtype == kBF16 && int8w::available()), "int8 weights need bf16 x and AVX512_BF16");
   attn::check_tables(bt, cl, R, num_blocks, block_size, max_blocks);
   auto run = [&](auto* hp) {
     using T = std::remove_pointer_t<decltype(hp)>;

@@ -42,14 +42,14 @@ void image_steps(std::uintptr_t plan, std::uintptr_t layers, int64_t L, int64_t 
   const int64_t* p = ptr<const int64_t>(plan);
   const int64_t* lay = ptr<const int64_t>(layers);
   const int dt = int(p[kDtype]);
-  const bool packed = p[kPacked] != 0;
+  const int packed = int(p[kPacked]);  // the layers' (2: int8); the adaptors' are packed bf16 then
   const int64_t R = p[kRows], n = p[kImages], C = p[kHidden], D = p[kHeadDim], V = p[kVocab];
   auto u = [&](Plan i) { return std::uintptr_t(p[i]); };
   for (int64_t j = 0; j < k; ++j) {
     const std::uintptr_t tok = j == 0 ? tokens : out + 8 * n * (j - 1);  // step j - 1's samples
     gather_rows(u(kGenEmbed), dt, tok, u(kBufX), dt, n, p[kGenEmbedDim], p[kGenEmbedRows]);
     mlp_gelu(u(kBufX), u(kAlignW1), u(kAlignB1), u(kAlignW2), u(kAlignB2), u(kBufEmb), dt, n, p[kGenEmbedDim],
-             p[kAlignHidden], C, packed, true);
+             p[kAlignHidden], C, packed != 0, true);
     gather_rows(u(kBufEmb), kF32, u(kEmbedRows), u(kBufH), dt, R, C, n);
     gather_rows(u(kCos), kF32, positions + 8 * R * j, u(kBufCos), kF32, R, D, p[kRopePositions]);
     gather_rows(u(kSin), kF32, positions + 8 * R * j, u(kBufSin), kF32, R, D, p[kRopePositions]);
@@ -63,7 +63,7 @@ void image_steps(std::uintptr_t plan, std::uintptr_t layers, int64_t L, int64_t 
                    last ? u(kFinalNorm) : 0, last ? u(kBufOut) : 0, final_eps, packed);
     }
     mlp_gelu(u(kBufOut), u(kHeadW1), u(kHeadB1), u(kHeadW2), u(kHeadB2), u(kBufLogits), dt, R, C, p[kHeadHidden], V,
-             packed, true);
+             packed != 0, true);
     cfg_sample(u(kBufLogits), u(kBufLogits), u(kCfgWeight), u(kTemperature), u(kTopK), u(kTopP), seeds + 8 * n * j,
                u(kGreedy), out + 8 * n * j, n, V, V, V, u(kCondRows), u(kUncondRows), R);
   }

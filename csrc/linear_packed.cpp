@@ -2,6 +2,8 @@
 // `linear_packed` (y [M, N] fp32 = x [M, K] @ W^T (+ bias) over it, x in W's dtype). fp32 on every build, bf16
 // where the CPU has AVX512_BF16: `packed_available(dtype)` says which. bf16 runs on AMX tiles where the build and the
 // OS allow (`amx_available`, amx_gemv.h) unless `set_amx(false)` (or JANUS_RT_AMX=0) turned that route off.
+// dtype kInt8W (2): int8 weights with a fp32 scale per output row and bf16 x (int8_gemv.h; packed by `pack_int8`,
+// `packed_size` then counts bytes).
 #include <tuple>
 #include <vector>
 
@@ -9,13 +11,19 @@
 
 #include "common.h"
 #include "gemv.h"
+#include "int8_gemv.h"
 #include "packed_gemv.h"
 
 namespace jr {
 namespace {
 
 void check_sizes(int dtype, int64_t N, int64_t K) {
-  JR_CHECK(dtype == kF32 || dtype == kBF16, "dtype must be fp32 or bf16");
+  if (dtype == kInt8W) {
+    JR_CHECK(int8w::available(), "this build has no int8 GEMV (needs AVX512_BF16)");
+    JR_CHECK(N >= 1 && K >= 2 && K % 2 == 0, "int8 weights need N >= 1 and an even K >= 2");
+    return;
+  }
+  JR_CHECK(dtype == kF32 || dtype == kBF16, "dtype must be fp32, bf16 or int8 weights (2)");
   JR_CHECK(dtype == kF32 || simd::kHaveBf16Dot, "this build has no packed bf16 GEMV (needs AVX512_BF16)");
   JR_CHECK(N >= 1 && K >= 1, "need N, K >= 1");
   JR_CHECK(dtype == kF32 || K % 2 == 0, "bf16 needs an even K");
@@ -34,7 +42,9 @@ void linear_packed_impl(const WT* x, const WT* wp, const float* bias, float* y, 
 
 }  // namespace
 
-bool packed_available(int dtype) { return dtype == kF32 || (dtype == kBF16 && simd::kHaveBf16Dot); }
+bool packed_available(int dtype) {
+  return dtype == kF32 || (dtype == kBF16 && simd::kHaveBf16Dot) || (dtype == kInt8W && int8w::available());
+}
 
 bool amx_available() { return amx::kBuilt && amx::permitted() && amx::switch_().load(); }
 
@@ -42,17 +52,19 @@ bool set_amx(bool on) { return amx::switch_().exchange(on); }
 
 int64_t packed_size(int64_t N, int64_t K, int dtype) {
   check_sizes(dtype, N, K);
+  if (dtype == kInt8W) return int8w::packed_bytes(N, K);  // bytes
   return dtype == kF32 ? packed::packed_size<float>(N, K) : packed::packed_size<uint16_t>(N, K);
 }
 
 std::tuple<int64_t, int64_t, int64_t> packed_layout(int dtype) {
-  JR_CHECK(dtype == kF32 || dtype == kBF16, "dtype must be fp32 or bf16");
+  JR_CHECK(dtype == kF32 || dtype == kBF16 || dtype == kInt8W, "dtype must be fp32, bf16 or int8 weights (2)");
   if (dtype == kF32) return {packed::strip<float>(), packed::ktile<float>(), packed::runs<float>()};
   return {packed::strip<uint16_t>(), packed::ktile<uint16_t>(), packed::runs<uint16_t>()};
 }
 
 void pack_weight(std::uintptr_t w, std::uintptr_t wp, int64_t N, int64_t K, int dtype) {
   check_sizes(dtype, N, K);
+  JR_CHECK(dtype != kInt8W, "int8 weights are packed with their scales: pack_int8");
   JR_CHECK(w && wp, "null pointer");
   if (dtype == kF32) packed::pack(ptr<const float>(w), ptr<float>(wp), N, K);
   else packed::pack(ptr<const uint16_t>(w), ptr<uint16_t>(wp), N, K);
@@ -63,11 +75,25 @@ void linear_packed(std::uintptr_t x, std::uintptr_t wp, std::uintptr_t bias, std
   check_sizes(dtype, N, K);
   JR_CHECK(M >= 1, "need M >= 1");
   JR_CHECK(x && wp && y, "null pointer");
-  if (dtype == kF32)
+  if (dtype == kInt8W) {
+    if constexpr (int8w::available()) {
+      const int64_t ldx = gemv::x_stride(K);
+      std::vector<uint16_t> xp(static_cast<size_t>(M * ldx));
+      gemv::pack_x<uint16_t>(ptr<const uint16_t>(x), xp.data(), M, K, ldx);
+#pragma omp parallel if (N * K >= (int64_t(1) << 16))
+      int8w::gemv_for(ptr<const int8_t>(wp), xp.data(), ldx, ptr<const float>(bias), ptr<float>(y), M, N, K);
+    }
+  } else if (dtype == kF32)
     linear_packed_impl(ptr<const float>(x), ptr<const float>(wp), ptr<const float>(bias), ptr<float>(y), M, N, K);
   else
     linear_packed_impl(ptr<const uint16_t>(x), ptr<const uint16_t>(wp), ptr<const float>(bias), ptr<float>(y), M,
                        N, K);
+}
+
+void pack_int8(std::uintptr_t q, std::uintptr_t scales, std::uintptr_t wp, int64_t N, int64_t K) {
+  check_sizes(kInt8W, N, K);
+  JR_CHECK(q && scales && wp, "null pointer");
+  int8w::pack(ptr<const int8_t>(q), ptr<const float>(scales), ptr<int8_t>(wp), N, K);
 }
 
 }  // namespace jr

@@ -22,7 +22,7 @@ void decode_layer(ptr_t h, int dtype, ptr_t in_norm, ptr_t qkv, ptr_t o, ptr_t p
                   ptr_t k_cache, ptr_t v_cache, ptr_t slot_mapping, ptr_t block_tables, ptr_t context_lens, ptr_t cos,
                   ptr_t sin, int64_t R, int64_t C, int64_t H, int64_t I, int64_t num_blocks, int64_t block_size,
                   int64_t max_blocks, double eps, double sm_scale, ptr_t final_norm, ptr_t out, double final_eps,
-                  bool packed);
+                  int packed);
 void decode_phase_timing(bool on);
 int decode_phase_count();
 const char* decode_phase_name(int i);
@@ -38,6 +38,7 @@ int64_t packed_size(int64_t N, int64_t K, int dtype);
 std::tuple<int64_t, int64_t, int64_t> packed_layout(int dtype);  // (columns a strip, steps a K tile, runs a tile)
 void pack_weight(ptr_t w, ptr_t wp, int64_t N, int64_t K, int dtype);
 void linear_packed(ptr_t x, ptr_t wp, ptr_t bias, ptr_t y, int64_t M, int64_t N, int64_t K, int dtype);
+void pack_int8(ptr_t q, ptr_t scales, ptr_t wp, int64_t N, int64_t K);
 void swiglu(ptr_t gate, int64_t ldg, ptr_t up, int64_t ldu, ptr_t out, int64_t R, int64_t n, int dtype);
 void rms_norm(ptr_t x, int64_t ldx, ptr_t residual, int64_t ldr, ptr_t weight, ptr_t out, ptr_t h_out, int64_t R,
               int64_t C, double eps, int dtype);

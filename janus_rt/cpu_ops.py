@@ -20,6 +20,7 @@ except ImportError:  # extension not built: available() is False and every op ra
     _C = None
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
+_INT8_CODE = 2  # the packed ops' code for int8 weights with fp32 row scales and bf16 x (csrc/int8_gemv.h)
 
 
 def available() -> bool:
@@ -445,6 +446,77 @@ class PackedWeight:
         if M:
             _C.linear_packed(x.data_ptr(), self.data.data_ptr(), 0 if bias is None else bias.data_ptr(),
                              y.data_ptr(), M, self.N, self.K, _DTYPE_CODE[self.dtype])
+        return y
+
+
+def int8_available() -> bool:
+    """True when the extension has the weight-only int8 GEMV (Int8Weight; csrc/int8_gemv.h): int8 weights with one
+    fp32 scale per output row, bf16 x. Needs a build for a CPU with AVX512_BF16; on AMX-BF16 tiles where
+    amx_available()."""
+    return available() and bool(_C.packed_available(_INT8_CODE))
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row (per output channel) int8 of a weight [N, K]: (q int8 [N, K], scale fp32 [N]) with
+    scale[n] = max_k |w[n, k]| / 127 and q = round(w / scale) in [-127, 127], so w ~ q * scale[:, None] with an
+    error of at most scale / 2 per element (a row of zeros: scale 0, q 0). Computed in fp32 from w's values."""
+    _check(isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.is_floating_point(),
+           "weight must be a floating-point [N, K] tensor")
+    w = weight.detach().to(device="cpu", dtype=torch.float32)
+    _check(bool(torch.isfinite(w).all()), "weight has inf or nan entries; int8 needs finite weights")
+    scale = w.abs().amax(dim=1) / 127.0
+    q = torch.round(w / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).clamp_(-127, 127)
+    return q.to(torch.int8).contiguous(), scale.contiguous()
+
+
+class Int8Weight(PackedWeight):
+    """A weight [N, K] held as symmetric per-row int8 (quantize_int8) in csrc/int8_gemv.h's layout, half the bytes
+    of bf16; calling it is the linear of the dequantized weight:
+
+        iw = Int8Weight(weight); y = iw(x, bias=None)   # x bf16 [..., K] -> y fp32 [..., N] = x @ (q * s)^T + bias
+        iw = Int8Weight.from_quantized(q, scale)          # q, scale as quantize_int8 gives them
+
+    The products q * x are exact in fp32 and summed in k order per element, the scale applied to the sum, so each
+    row of y is bit-identical whatever the number of rows of x. `dtype` is x's (bf16), as the model's. K even.
+    Needs int8_available()."""
+
+    def __init__(self, weight: torch.Tensor):
+        q, scale = quantize_int8(weight)
+        self._pack(q, scale)
+
+    @classmethod
+    def from_quantized(cls, q: torch.Tensor, scale: torch.Tensor) -> "Int8Weight":
+        _check_tensor(q, "q", (torch.int8,), 2)
+        _check_tensor(scale, "scale", (torch.float32,), 1)
+        _check(scale.shape[0] == q.shape[0], f"scale has {scale.shape[0]} entries; q has {q.shape[0]} rows")
+        self = cls.__new__(cls)
+        self._pack(q, scale)
+        return self
+
+    def _pack(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        _check(int8_available(), "the int8 GEMV needs an extension built for a CPU with AVX512_BF16")
+        self.N, self.K = q.shape
+        _check(self.N >= 1 and self.K >= 2 and self.K % 2 == 0, f"weight {tuple(q.shape)} needs N >= 1 and an even K")
+        self.dtype = torch.bfloat16
+        self.data = empty_huge(_C.packed_size(self.N, self.K, _INT8_CODE), torch.int8)  # streamed every step
+        _C.pack_int8(q.data_ptr(), scale.data_ptr(), self.data.data_ptr(), self.N, self.K)
+
+    @staticmethod
+    def nbytes(N: int, K: int, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Bytes of the int8 copy of an [N, K] weight (its scales included)."""
+        return _C.packed_size(N, K, _INT8_CODE)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        _check_tensor(x, "x", (torch.bfloat16,))
+        _check(x.dim() >= 1 and x.shape[-1] == self.K, f"x {tuple(x.shape)} must end in K = {self.K}")
+        if bias is not None:
+            _check_tensor(bias, "bias", (torch.float32,), 1)
+            _check(bias.shape[0] == self.N, f"bias has {bias.shape[0]} entries; the weight has N = {self.N} rows")
+        M = x.numel() // self.K
+        y = torch.empty(*x.shape[:-1], self.N, dtype=torch.float32)
+        if M:
+            _C.linear_packed(x.data_ptr(), self.data.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                             y.data_ptr(), M, self.N, self.K, _INT8_CODE)
         return y
 
 

@@ -19,7 +19,8 @@ from array import array as _array
 import torch
 
 from janus_rt import cpu_ops
-from janus_rt.cpu_ops import (_DTYPE_CODE, _FP, PackedWeight, _check, _check_tensor, packable, packed_copy_fits)
+from janus_rt.cpu_ops import (_DTYPE_CODE, _FP, _INT8_CODE, Int8Weight, PackedWeight, _check, _check_tensor, packable,
+                              packed_copy_fits)
 
 
 class DecodeStack:
@@ -40,7 +41,8 @@ class DecodeStack:
     AVX512_BF16 build). None (default) = when possible and the copies take at most half of the memory available
     now (they are as large as those weights; the originals stay with the model); True = required (ValueError if
     impossible); False = never. `self.packed` says what was chosen. The four matrices may also come as PackedWeight
-    (a model packed in place, Janus.pack_for_cpu_): held as they are, no copy, packed GEMV.
+    (a model packed in place, Janus.pack_for_cpu_): held as they are, no copy, packed GEMV; or all as Int8Weight (a
+    bf16 model quantized in place, Janus.pack_for_cpu_(int8=True)): the int8 GEMV (`self.int8`).
     """
 
     def __init__(self, layers, caches, eps: float, final_norm=None, final_eps: float | None = None,
@@ -79,6 +81,11 @@ class DecodeStack:
             self.packed = True
         else:
             self.packed = self._choose_packed(packed, layers, shapes)
+        int8 = [isinstance(t, Int8Weight) for ws in layers for t in ws]
+        self.int8 = any(int8)
+        _check(not self.int8 or sum(int8) == 4 * len(layers), "pass every layer's four matrices as Int8Weight, or none")
+        # decode_layer's weight layout: 0 [N, K], 1 packed, 2 int8 (csrc/int8_gemv.h)
+        self.weights_code = _INT8_CODE if self.int8 else int(self.packed)
         for ws, (kc, vc) in zip(layers, caches):
             if self.packed:  # the four matrices (qkv, o_proj, gate_up, down) as packed copies (made here, or given)
                 ws = tuple(t.data if isinstance(t, PackedWeight) else PackedWeight(t).data if t.dim() == 2 else t
@@ -134,7 +141,7 @@ class DecodeStack:
         last = len(self._ptrs) - 1
         for i, p in enumerate(self._ptrs):  # the C++ side re-checks the block tables against num_blocks every layer
             fin = (self.final_norm.data_ptr(), out) if i == last and out else (0, 0)
-            ext.decode_layer(h, code, *p, *step, *fin, self.final_eps, self.packed)
+            ext.decode_layer(h, code, *p, *step, *fin, self.final_eps, self.weights_code)
 
 
 class ImageStep:
@@ -234,7 +241,7 @@ class ImageStep:
         sample = tuple(p(params[k]) for k in _SAMPLE_PARAMS)
         rows = (p(embed_rows), p(cond_rows), p(uncond_rows))
         st = self.stack
-        plan = dict(dtype=self._code, packed=int(st.packed), rows=R, images=n, hidden=st.C, heads=st.H,
+        plan = dict(dtype=self._code, packed=st.weights_code, rows=R, images=n, hidden=st.C, heads=st.H,
                     inter=st.inter, head_dim=st.D, num_blocks=st.num_blocks, block_size=st.block_size,
                     gen_embed=embed[0], gen_embed_rows=embed[8], gen_embed_dim=embed[5], align_w1=embed[1],
                     align_b1=embed[2], align_w2=embed[3], align_b2=embed[4], align_hidden=embed[6], head_w1=head[0],

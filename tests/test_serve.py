@@ -21,7 +21,7 @@ def server():
     from janus_rt.cli import make_server
 
     args = argparse.Namespace(model="tiny", device="cpu", dtype=None, seed=0, kv_cache_gb=0.01, host="127.0.0.1",
-                              port=0, memory_fraction=0.3)
+                              port=0, memory_fraction=0.3, int8=False)
     srv, _ = make_server(args)
     srv.verbose = False
     thread = threading.Thread(target=srv.serve_forever, daemon=True)

@@ -49,6 +49,9 @@ def add_bench_args(p):
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also trace three decode steps with torch.profiler (DIR/trace.json for Perfetto, op table) "
                         "and time the phases inside the csrc decoder layers (table + DIR/phases.png)")
+    p.add_argument("--int8", action="store_true",
+                   help="CPU: janus_rt's LLM projections as weight-only int8 (per-row scales, bf16 activations; "
+                        "transformers keeps the bf16 weights, so its tokens are no longer the same)")
     p.add_argument("--json", default=None, help="append the result row to this JSON-lines file")
 
 
@@ -125,7 +128,9 @@ def run_janus_rt(eng, prompt, n, tokens):
     if device.type == "cpu":
         path = "layerwise"
         if eng.runner.uses_cpu_decoder():
-            path = "decode_layer, packed GEMV" if eng.runner.cpu_decoder.stack.packed else "decode_layer"
+            stack = eng.runner.cpu_decoder.stack
+            path = ("decode_layer, int8 GEMV" if stack.int8 else "decode_layer, packed GEMV" if stack.packed
+                    else "decode_layer")
     return dt, 1e3 * (eng.stats.decode_s - s0) / max(eng.stats.decode_steps - n0, 1), path
 
 
@@ -181,7 +186,7 @@ def main(args):
 
     device = args.device
     shape = SHAPES[args.shape]
-    dtype = resolve_dtype(args.dtype or shape[4])
+    dtype = resolve_dtype(args.dtype or ("bf16" if args.int8 else shape[4]))
     n = args.n or shape[5]
     torch.manual_seed(0)
     if args.model:
@@ -199,7 +204,7 @@ def main(args):
     # (after the baseline took its own copy of the weights)
     from janus_rt.engine.cpu_decode import pack_in_place
 
-    packed_note = pack_in_place(model, always=True)
+    packed_note = pack_in_place(model, always=True, int8=args.int8)
     if packed_note:
         print(f"# {packed_note}", flush=True)
     # A shared host's read bandwidth moves by 2x within minutes (bench/RESULTS.md, 2026-12-03), so each of our runs
@@ -291,6 +296,8 @@ def main(args):
         "roofline_fraction_vs_best": _sig(roof(best_bw) / ms_ours),  # the median step against its roofline
         "matmul_gflops": round(peak, 1), "step_mib": round(nbytes / 2**20, 1), "steps_per_call": args.steps_per_call,
     }
+    if args.int8:
+        row["weights"] = "int8 (LLM projections)"
     if cpu_path:
         row["cpu_decode"] = cpu_path + (" (packed in place)" if packed_note else "")
     if theirs:

@@ -39,13 +39,35 @@ def packed_setting() -> bool | None:
     return {"0": False, "1": True}.get(v)
 
 
-def pack_in_place(model, always: bool = False) -> str | None:
+def pack_in_place(model, always: bool = False, int8: bool = False) -> str | None:
     """For callers that own `model` (the CLI): hold its LLM projections only in the packed GEMV's layout
     (Janus.pack_for_cpu_) instead of letting the engine copy them, when the engine would run the packed GEMV
     (CPU, this build and dtype have it, JANUS_RT_PACKED not 0) and either `always` or the copy would not fit
-    (cpu_ops.packed_copy_fits, DecodeStack's rule). Returns a line saying what it did, or None."""
-    from janus_rt.models.packed_linear import (can_pack, is_onednn_packed, is_packed, onednn_available,
-                                               onednn_pack_llm_, packed_nbytes)
+    (cpu_ops.packed_copy_fits, DecodeStack's rule). int8: quantize them to weight-only int8 in place, always
+    (UsageError saying why where it cannot). Returns a line saying what it did, or None."""
+    from janus_rt.models.packed_linear import (PROJECTIONS, can_pack, can_quantize, is_int8, is_onednn_packed,
+                                               is_packed, onednn_available, onednn_pack_llm_, packed_nbytes,
+                                               packed_weight_nbytes)
+
+    if int8:
+        from janus_rt.errors import UsageError
+
+        why = can_quantize(model) or can_pack(model)
+        if not why and packed_setting() is False:
+            why = "JANUS_RT_PACKED=0 turns off the packed GEMVs, which int8 weights run on"
+        if not why and (is_onednn_packed(model) or (is_packed(model) and not is_int8(model))):
+            why = "the projections are already held in another layout (in place); load the model again"
+        if why:
+            raise UsageError(f"--int8: {why}")
+        if is_int8(model):
+            return None
+        before = sum(getattr(getattr(l, part), name).weight.numel() for l in model.llm.layers
+                     for part, name in PROJECTIONS) * model.dtype.itemsize
+        model.pack_for_cpu_(int8=True)
+        after = packed_weight_nbytes(model.llm)
+        size = lambda b: f"{b / 2**30:.2f} GB" if b >= 2**30 else f"{b / 2**20:.1f} MB"
+        return (f"quantized the LLM's projections in place to weight-only int8 with per-row scales ({size(before)} -> "
+                f"{size(after)}; activations stay bf16; the model is now for CPU inference only)")
 
     if model.device.type != "cpu" or packed_setting() is False or is_packed(model) or is_onednn_packed(model):
         return None

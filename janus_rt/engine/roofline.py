@@ -106,18 +106,19 @@ def decode_step_bytes_flops(model, rows: int, context: int, shared: tuple[int, i
     sit in blocks that `groups` sets of rows share (an image request's cond and uncond prompts: 2 groups; whole
     blocks only), so they are stored, and must be read, once per group rather than once per row. FLOPs count every
     row's full context."""
-    from janus_rt.models.packed_linear import packed_weight_numel
+    from janus_rt.models.packed_linear import packed_weight_nbytes, packed_weight_numel
 
     isz = model.dtype.itemsize
     llm = sum(p.numel() for n, p in model.llm.named_parameters() if "embed_tokens" not in n)
-    llm += packed_weight_numel(model.llm)  # projections packed in place (Janus.pack_for_cpu_)
+    held = packed_weight_nbytes(model.llm)  # projections packed in place (Janus.pack_for_cpu_; int8: a byte each)
     heads = sum(p.numel() for p in model.gen_head.parameters()) + sum(p.numel() for p in model.gen_aligner.parameters())
     c = model.cfg.llm
     groups, prompt = shared
     kv_tokens = rows * context - (rows - groups) * prompt if groups else rows * context
     kv = kv_tokens * c.num_layers * 2 * c.num_kv_heads * c.head_dim * isz
-    flops = 2 * (llm + heads) * rows + rows * context * c.num_layers * 4 * c.num_heads * c.head_dim
-    return (llm + heads) * isz + kv, flops
+    weights = llm + packed_weight_numel(model.llm) + heads
+    flops = 2 * weights * rows + rows * context * c.num_layers * 4 * c.num_heads * c.head_dim
+    return (llm + heads) * isz + held + kv, flops
 
 
 def device_name(device) -> str:

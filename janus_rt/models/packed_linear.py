@@ -8,6 +8,10 @@ the model, so 7B fell back to the slower unpacked GEMV). `pack_llm_` replaces th
 becomes a `PackedLinear` holding only the packed copy, and every path that multiplies by it (prefill, the layer-by-
 layer decode, the csrc decode step) runs the packed GEMV. In place and one way: the model is then for inference on
 the CPU only (no gradients, no state_dict of those weights, no move to another device).
+
+`pack_llm_(model, int8=True)` holds those four projections as weight-only int8 instead (`Int8Linear`: symmetric
+per-output-row scales, cpu_ops.quantize_int8; bf16 activations as before): half the bytes each decode step streams and
+half the memory, at the price of the quantization error (no longer the checkpoint's exact weights).
 """
 from __future__ import annotations
 
@@ -48,6 +52,12 @@ class PackedLinear(_HeldLinear):
     hold, layout = cpu_ops.PackedWeight, "packed"
 
 
+class Int8Linear(PackedLinear):
+    """A bias-free nn.Linear whose weight is only a cpu_ops.Int8Weight (per-row int8, bf16 x): x's dtype out."""
+
+    hold, layout = cpu_ops.Int8Weight, "int8 packed"
+
+
 def can_pack(model) -> str | None:
     """Why `model`'s LLM cannot be packed in place (None: it can)."""
     if model.device.type != "cpu":
@@ -79,8 +89,29 @@ def _replace_projections(model, cls):
 
 
 def is_packed(model) -> bool:
-    """Whether the LLM's projections are PackedLinear (pack_llm_ ran)."""
+    """Whether the LLM's projections are PackedLinear (pack_llm_ ran; Int8Linear included)."""
     return _projections_are(model, PackedLinear)
+
+
+def is_int8(model) -> bool:
+    """Whether the LLM's projections are Int8Linear (pack_llm_(model, int8=True) ran)."""
+    return _projections_are(model, Int8Linear)
+
+
+def can_quantize(model) -> str | None:
+    """Why `model`'s LLM projections cannot be held as int8 (None: they can)."""
+    if model.device.type != "cpu":
+        return f"the model is on {model.device}; the int8 GEMV is the CPU's"
+    if not cpu_ops.available():
+        return "the C++ extension janus_rt._C is not built"
+    if not cpu_ops.int8_available():
+        return "this build has no int8 GEMV (it needs a CPU with AVX512_BF16)"
+    if model.dtype != torch.bfloat16:
+        return f"the int8 GEMV takes bf16 activations; the model is {model.dtype} (load it with --dtype bf16)"
+    c = model.cfg.llm
+    if (c.hidden_size % 2) or (c.intermediate_size % 2) or (c.num_heads * c.head_dim) % 2:
+        return "int8 weights need even in-features (k pairs)"
+    return None
 
 
 class OneDNNWeight:
@@ -141,15 +172,19 @@ def packed_nbytes(model) -> int:
 
 
 @torch.no_grad()
-def pack_llm_(model):
+def pack_llm_(model, int8: bool = False):
     """Replace each decoder layer's qkv, o, gate_up and down projections of `model` (a Janus on the CPU) by a
-    PackedLinear, layer by layer, so at most one layer's four matrices exist twice at a time, and the LM head too
-    where it is its own weight (not tied to the embedding); returns the model. Raises ValueError (saying why) where
-    it cannot; a no-op for what is already packed."""
-    why = can_pack(model)
+    PackedLinear (int8: an Int8Linear), layer by layer, so at most one layer's four matrices exist twice at a time,
+    and the LM head too where it is its own weight (not tied to the embedding; packed bf16 either way: it reads only
+    text rows' logits); returns the model. Raises ValueError (saying why) where it cannot; a no-op for what is
+    already packed the same way."""
+    why = can_pack(model) or (can_quantize(model) if int8 else None)
     if why:
-        raise ValueError(f"cannot pack the model for the CPU: {why}")
-    _replace_projections(model, PackedLinear)
+        raise ValueError(f"cannot {'quantize' if int8 else 'pack'} the model for the CPU: {why}")
+    if is_packed(model) and is_int8(model) != int8:
+        held = "int8" if is_int8(model) else "packed bf16"
+        raise ValueError(f"the LLM's projections are already held {held} (in place); load the model again")
+    _replace_projections(model, Int8Linear if int8 else PackedLinear)
     if lm_head_packable(model) and isinstance(model.lm_head, nn.Linear):
         model.lm_head = PackedLinear(model.lm_head)
     return model
@@ -166,6 +201,14 @@ def lm_head_packable(model) -> bool:
 def packed_weight_numel(module) -> int:
     """Elements of the PackedLinear and OneDNNLinear weights under `module` (not in its parameters())."""
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, (PackedLinear, OneDNNLinear)))
+
+
+def packed_weight_nbytes(module) -> int:
+    """Bytes a decode step reads of those weights: their elements at the model dtype's size, Int8Linear's at one
+    byte (its scales, 4 bytes a row, included)."""
+    return sum(m.weight.N * m.weight.K + 4 * m.weight.N if isinstance(m, Int8Linear) else
+               m.weight.numel() * m.weight.dtype.itemsize
+               for m in module.modules() if isinstance(m, (PackedLinear, OneDNNLinear)))
 
 
 def require_unpacked(model, what: str) -> None:

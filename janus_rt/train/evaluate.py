@@ -75,16 +75,21 @@ def color_match_score(model, tokenizer, captions: list[str], n_per_caption: int 
     return float(np.mean(scores))
 
 
-def load_model_and_tokenizer(spec: str):
-    """A checkpoint folder (any layout janus_rt loads) or the name `tiny` (random weights, byte tokenizer)."""
+def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32, int8: bool = False):
+    """A checkpoint folder (any layout janus_rt loads) or the name `tiny` (random weights, byte tokenizer), in
+    `dtype`; int8: its LLM projections then held as weight-only int8 (Janus.pack_for_cpu_(int8=True); bf16)."""
     from janus_rt.models.janus import Janus
     from janus_rt.tokenizer import JanusTokenizer
 
     if spec == "tiny":
-        model = Janus.from_preset("tiny", seed=0)
-        return model, JanusTokenizer.byte_level(model.cfg.llm.vocab_size, model.cfg.tokens)
-    model = Janus.from_pretrained(spec)
-    return model, JanusTokenizer.from_pretrained(spec, defaults=model.cfg.tokens)
+        model = Janus.from_preset("tiny", seed=0, dtype=dtype)
+        tok = JanusTokenizer.byte_level(model.cfg.llm.vocab_size, model.cfg.tokens)
+    else:
+        model = Janus.from_pretrained(spec, dtype=dtype)
+        tok = JanusTokenizer.from_pretrained(spec, defaults=model.cfg.tokens)
+    if int8:
+        model.pack_for_cpu_(int8=True)
+    return model, tok
 
 
 def main(argv=None) -> list[dict]:
@@ -99,20 +104,25 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--vq-ceiling", action="store_true", help="also score the VQ round trip decode(encode(x)) "
                    "of held-out ground-truth images: the most a generator can reach through this VQ")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="the models' dtype")
+    p.add_argument("--int8", action="store_true", help="the LLM's projections as weight-only int8 (needs bf16)")
     a = p.parse_args(argv)
+    if a.int8 and a.dtype != "bf16":
+        p.error("--int8 needs --dtype bf16")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     if a.threads:
         torch.set_num_threads(a.threads)
     captions = heldout_captions(a.n, a.caption_seed)
     rows = []
     for spec in a.model:
-        model, tok = load_model_and_tokenizer(spec)
+        model, tok = load_model_and_tokenizer(spec, dtype, a.int8)
         t0 = time.perf_counter()
         both = caption_scores(model, tok, captions, a.n_per_caption, a.seed, a.cfg, a.temperature)
         scores = both["color_match"]
         per_caption = np.mean(scores, axis=1)  # [n]; captions are the independent units
         n = len(per_caption)
         sem = round(float(np.std(per_caption, ddof=1)) / n**0.5, 4) if n > 1 else None
-        row = {"model": spec, "color_match": round(float(np.mean(scores)), 4), "stderr": sem,
+        row = {"model": spec, "dtype": a.dtype, "int8": a.int8, "color_match": round(float(np.mean(scores)), 4), "stderr": sem,
                "one_object": round(float(np.mean(both["one_object"])), 4),
                "captions": len(captions), "n_per_caption": a.n_per_caption, "cfg": a.cfg,
                "temperature": a.temperature, "seed": a.seed, "seconds": round(time.perf_counter() - t0, 1)}
