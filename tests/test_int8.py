@@ -54,7 +54,7 @@ def _pow2_rows(w: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 @pytest.mark.parametrize("route", ROUTES, indirect=True)
 @pytest.mark.parametrize("M,N,K", [(1, 64, 32), (3, 100, 64), (16, 130, 96), (17, 64, 160), (32, 200, 256),
-                                   (33, 70, 34), (70, 5, 2), (5, 129, 600)])
+                                   (33, 70, 34), (70, 5, 2), (5, 129, 600), (65, 130, 160), (100, 64, 64)])
 def test_int8_linear_matches_the_dequantized_weight(route, M, N, K):
     """y = x @ (q * s)^T + bias within fp32 summation order (products exact, one sum per element), and within the
     quantization's own bound of x @ W^T; each row bit-identical to the row alone (batch invariance)."""
@@ -81,7 +81,7 @@ def test_int8_equals_bf16_on_power_of_two_scales(route):
     """Where W is exactly q * 2^e per row, the int8 GEMV and the packed bf16 one give bit-identical y (the same
     products in the same order, scaled by a power of two)."""
     g = torch.Generator().manual_seed(3)
-    for M, N, K in [(2, 96, 64), (32, 130, 128), (40, 64, 66)]:
+    for M, N, K in [(2, 96, 64), (32, 130, 128), (40, 64, 66), (70, 100, 96)]:  # (70 rows: a prefill's path)
         w = _pow2_rows(torch.randn(N, K, generator=g), g).bfloat16()
         x = torch.randn(M, K, generator=g).bfloat16()
         assert torch.equal(cpu_ops.Int8Weight(w)(x), cpu_ops.PackedWeight(w)(x))
@@ -108,9 +108,10 @@ def test_int8_model_is_the_bf16_model_where_int8_is_exact(route):
     ref, q8 = _pow2_pair(seed=1)
     assert is_int8(q8) and not is_int8(ref) and isinstance(q8.llm.layers[0].mlp.down_proj, Int8Linear)
     g = torch.Generator().manual_seed(2)
-    ids = torch.randint(3, ref.cfg.llm.vocab_size, (2, 11), generator=g)
     with torch.inference_mode():
-        assert torch.equal(q8.text_logits(ids), ref.text_logits(ids))
+        for length in (11, 45):  # 22 and 90 rows through the projections (90: more than one group of 32)
+            ids = torch.randint(3, ref.cfg.llm.vocab_size, (2, length), generator=g)
+            assert torch.equal(q8.text_logits(ids), ref.text_logits(ids))
     prompt = [ref.cfg.tokens.bos_id, 10, 11, 12, 13, ref.cfg.tokens.boi_id]
     for greedy in (True, False):
         want = ref.generate_image_tokens(prompt, n=2, seed=5, greedy=greedy, cfg_weight=3.0, progress=False)
