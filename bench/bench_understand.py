@@ -51,11 +51,15 @@ def prefill_flops(model, prompt_len: int) -> float:
 
 def decode_bytes_flops(model, context: int) -> tuple[float, float]:
     """One text row's decode step: the LLM's weights (not the embedding) and the LM head read once, plus the row's
-    K/V over `context` cached tokens; FLOPs alike."""
+    K/V over `context` cached tokens; FLOPs alike. Projections held in place (packed, or int8: a byte a weight)
+    count as what they hold."""
+    from janus_rt.models.packed_linear import packed_weight_nbytes, packed_weight_numel
+
     c, isz = model.cfg.llm, model.dtype.itemsize
     w = sum(p.numel() for n, p in model.llm.named_parameters() if "embed_tokens" not in n) + model.lm_head.weight.numel()
+    held, held_bytes = packed_weight_numel(model.llm), packed_weight_nbytes(model.llm)
     kv = context * c.num_layers * 2 * c.num_kv_heads * c.head_dim
-    return (w + kv) * isz, 2 * w + 2 * kv
+    return (w + kv) * isz + held_bytes, 2 * (w + held) + 2 * kv
 
 
 def run_janus_rt(model, engine, ids, pixels, new_tokens: int) -> tuple[float, float, float, list[int]]:
@@ -128,6 +132,10 @@ def main(args) -> dict:
           f"prompt {len(ids)} tokens ({model.cfg.vision.num_patches} image), up to {args.new_tokens} new tokens",
           flush=True)
     ref = None if args.no_transformers else transformers_baseline(model, device)
+    if args.int8:  # after the baseline took its copy of the bf16 weights
+        from janus_rt.engine.cpu_decode import pack_in_place
+
+        print(f"# {pack_in_place(model, int8=True)}", flush=True)
     # one engine for all of our runs, as a server holds one (making it packs the decoder weights: seconds at 1B)
     from janus_rt.engine import Engine
 
@@ -147,6 +155,8 @@ def main(args) -> dict:
             runs[name].append((ttft, per, total))
     row = {"date": time.strftime("%Y-%m-%d"), "device": dev_name, "model": what, "dtype": str(dtype).split(".")[-1],
            "prompt_tokens": len(ids), "new_tokens": len(answers["janus_rt"])}
+    if args.int8:
+        row["weights"] = "int8 (LLM projections)"
     pf_flops = prefill_flops(model, len(ids))
     for name in impls:
         ttft = statistics.median(r[0] for r in runs[name])
@@ -191,6 +201,8 @@ def build_parser():
     ap.add_argument("--new-tokens", type=int, default=32, help="answer length (greedy; fewer if EOS comes first)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each implementation")
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--int8", action="store_true", help="janus_rt's LLM projections as weight-only int8 (CPU, bf16; "
+                    "transformers keeps bf16 weights, so the answers may differ)")
     ap.add_argument("--json", default=None, help="append the result row to this JSON-lines file")
     return ap
 

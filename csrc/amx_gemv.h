@@ -116,6 +116,7 @@ inline const uint16_t* pack_x(const uint16_t* x, int64_t ldx, int64_t M, int64_t
     uint16_t* d = buf.data() + packed_row(m, K);
     for (int64_t q = 0; q < Q; ++q) std::memcpy(d + q * 1024, x + m * ldx + 32 * q, 64);
   }
+  asm volatile("" ::: "memory");  // read only by tile loads, whose asm names no memory: keep these stores before them
   return buf.data();
 }
 

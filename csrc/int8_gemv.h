@@ -8,7 +8,9 @@
 //
 // Kernels (x packed by gemv::pack_x as for bf16 weights; both need AVX512_BF16, `available`):
 //   AMX (amx::use(K)): amx_gemv.h's strip passes with each B tile (16 k pairs x 16 columns: 512 bytes of Q) widened
-//     into a 1 KiB L1 buffer (int8 -> int32 -> fp32 -> bf16: exact, |q| <= 127) and loaded from there;
+//     into a 1 KiB L1 buffer (int8 -> int32 -> fp32 -> bf16: exact, |q| <= 127) and loaded from there; with more
+//     than 32 rows (a prefill) each strip widened once into a per-thread bf16 copy that amx_gemv.h's strip passes
+//     run every group of 32 rows over;
 //   else: each K tile of a strip widened into a per-thread bf16 copy (64 KiB), which packed_gemv.h's AVX512-BF16
 //     row blocks then run over.
 // Q * x products are exact in fp32 (8 + 8 significant bits) and summed in k order in one fp32 accumulator per
@@ -92,6 +94,10 @@ inline void widen(const int8_t* src, uint16_t* dst, int64_t n) {
 #endif
 
 #if JR_HAVE_AMX
+// GCC's _tile_loadd is an asm with no memory operand: without this the compiler may sink or drop the stores that
+// fill a buffer only tile loads read (seen in a standalone copy of this loop at -O3). Between widening and loading.
+inline void stores_before_tile_loads() { asm volatile("" ::: "memory"); }
+
 // Steps g .. g + 15 of run v of the strip at ws (KS steps): 512 bytes in one piece (g a multiple of 16).
 inline const int8_t* steps_at(const int8_t* ws, int64_t KS, int v, int64_t g) {
   const int64_t kt = g / kKT * kKT;
@@ -103,6 +109,7 @@ inline void strip_16(const int8_t* ws, const amx::XTiles& xt, int64_t KS, float*
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
   for (int64_t g = 0; g < KS; g += 16) {
     for (int v = 0; v < 4; ++v) widen(steps_at(ws, KS, v, g), bt + 512 * v, 16);
+    stores_before_tile_loads();
     _tile_loadd(4, xt.a0(g / 16), amx::XTiles::kStride);
     _tile_loadd(5, bt, 64);
     _tile_dpbf16ps(0, 4, 5);
@@ -125,6 +132,7 @@ inline void strip_32(const int8_t* ws, const amx::XTiles& xt, int64_t KS, float*
     for (int64_t g = 0; g < KS; g += 16) {
       widen(steps_at(ws, KS, va, g), bt, 16);
       widen(steps_at(ws, KS, vb, g), bt + 512, 16);
+      stores_before_tile_loads();
       _tile_loadd(4, xt.a0(g / 16), amx::XTiles::kStride);
       _tile_loadd(5, xt.a1(g / 16), amx::XTiles::kStride);
       _tile_loadd(6, bt, 64);
@@ -158,7 +166,7 @@ inline void gemv_amx(const int8_t* wp, const uint16_t* x, int64_t ldx, const flo
   for (int64_t s = 0; s < strips; ++s) {
     const int8_t* ws = wp + s * KS * kSE;
     const int64_t n0 = s * kS, nn = std::min(kS, N - n0);
-    if (groups > 1) widen(ws, wide.data(), KS * kSE / 32);
+    if (groups > 1) widen(ws, wide.data(), KS * kSE / 32), stores_before_tile_loads();
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t m0 = 32 * g, rows = std::min<int64_t>(32, M - m0);
       const int r0 = int(std::min<int64_t>(16, rows)), r1 = int(rows - r0);

@@ -460,12 +460,12 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row (per output channel) int8 of a weight [N, K]: (q int8 [N, K], scale fp32 [N]) with
     scale[n] = max_k |w[n, k]| / 127 and q = round(w / scale) in [-127, 127], so w ~ q * scale[:, None] with an
     error of at most scale / 2 per element (a row of zeros: scale 0, q 0). Computed in fp32 from w's values."""
-    _check(isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.is_floating_point(),
-           "weight must be a floating-point [N, K] tensor")
+    _check(isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.is_floating_point()
+           and weight.numel() > 0, "weight must be a non-empty floating-point [N, K] tensor")
     w = weight.detach().to(device="cpu", dtype=torch.float32)
     _check(bool(torch.isfinite(w).all()), "weight has inf or nan entries; int8 needs finite weights")
     scale = w.abs().amax(dim=1) / 127.0
-    q = torch.round(w / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).clamp_(-127, 127)
+    q = torch.round(w / torch.where(scale > 0, scale, 1.0)[:, None]).clamp_(-127, 127)
     return q.to(torch.int8).contiguous(), scale.contiguous()
 
 
@@ -489,6 +489,7 @@ class Int8Weight(PackedWeight):
         _check_tensor(q, "q", (torch.int8,), 2)
         _check_tensor(scale, "scale", (torch.float32,), 1)
         _check(scale.shape[0] == q.shape[0], f"scale has {scale.shape[0]} entries; q has {q.shape[0]} rows")
+        _check(bool(torch.isfinite(scale).all()) and bool((scale >= 0).all()), "scales must be finite and >= 0")
         self = cls.__new__(cls)
         self._pack(q, scale)
         return self
@@ -532,6 +533,8 @@ def mlp_gelu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
     dt = x.dtype
     packed = isinstance(w1, PackedWeight)
     _check(packed == isinstance(w2, PackedWeight), "w1 and w2 must both be PackedWeight or both tensors")
+    _check(not isinstance(w1, Int8Weight) and not isinstance(w2, Int8Weight),
+           "mlp_gelu runs the bf16 / fp32 packed GEMV; Int8Weight is not one of its weights")
     if packed:
         _check(w1.dtype == dt and w2.dtype == dt, f"packed weights are {w1.dtype} / {w2.dtype}; x is {dt}")
         (H, K), N = (w1.N, w1.K), w2.N

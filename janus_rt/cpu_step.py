@@ -191,6 +191,8 @@ class ImageStep:
                                                    ("gen_head", gen_head, stack.C, None)):
             _check(isinstance(w1, PackedWeight) == isinstance(w2, PackedWeight) == stack.packed,
                    f"{name}: weights must be PackedWeight exactly when the stack is packed")
+            _check(not isinstance(w1, Int8Weight) and not isinstance(w2, Int8Weight),
+                   f"{name}: the adaptors run the bf16 / fp32 packed GEMV; an Int8Weight cannot be one")
             (H, K), (N, H2) = ((w1.N, w1.K), (w2.N, w2.K)) if stack.packed else (w1.shape, w2.shape)
             for t in (w1, w2) if not stack.packed else ():
                 _check_tensor(t, name + " weight", (dt,), 2)

@@ -182,3 +182,26 @@ def test_serve_int8_holds_the_model_int8():
     finally:
         srv.server_close()
         srv.bg.close()
+
+
+def test_int8_weights_are_refused_where_only_bf16_packed_weights_go():
+    """mlp_gelu (and so the image step's adaptors) runs the bf16 / fp32 packed GEMV: an Int8Weight there is an error,
+    not int8 bytes read as bf16."""
+    g = torch.Generator().manual_seed(0)
+    w1, w2 = cpu_ops.Int8Weight(torch.randn(128, 64, generator=g)), cpu_ops.Int8Weight(torch.randn(32, 128, generator=g))
+    with pytest.raises(ValueError, match="Int8Weight"):
+        cpu_ops.mlp_gelu(torch.randn(2, 64).bfloat16(), w1, None, w2, None)
+
+
+def test_quantize_int8_tiny_rows_and_bad_scales():
+    """Rows far below fp32's normal range keep the error bound; from_quantized refuses non-finite or negative
+    scales; an empty weight is a ValueError."""
+    w = torch.tensor([[1e-37, -5e-38, 3e-38, 0.0], [1e-40, 0.0, -1e-40, 2e-41]])
+    q, s = cpu_ops.quantize_int8(w)
+    assert int(q[0, 0]) == 127 and int(q[1].abs().max()) == 127
+    assert bool(((q.double() * s.double()[:, None] - w.double()).abs() <= s.double()[:, None] / 2 * 1.01).all())
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="scales"):
+            cpu_ops.Int8Weight.from_quantized(torch.ones(2, 4, dtype=torch.int8), torch.tensor([1.0, bad]))
+    with pytest.raises(ValueError, match="non-empty"):
+        cpu_ops.Int8Weight(torch.randn(4, 0))
