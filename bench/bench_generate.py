@@ -8,9 +8,11 @@ Same as `janus-rt bench`; see janus_rt/engine/benchmark.py.
 """
 import argparse
 
-from janus_rt.engine.benchmark import add_bench_args, main
+from janus_rt.cli import cmd_bench, run_reporting_usage_errors
+from janus_rt.engine.benchmark import add_bench_args
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_bench_args(ap)
-    main(ap.parse_args())
+    ap.set_defaults(cmd="bench")
+    run_reporting_usage_errors("bench", cmd_bench, ap.parse_args())  # janus-rt bench's checks and error lines

@@ -168,8 +168,20 @@ def _common_checks(args):
             (cuda or args.dtype is None or DTYPES[args.dtype] != torch.float16,
              "--dtype fp16 needs a GPU; on the CPU use fp32 or bf16"),
             (args.kv_cache_gb is None or args.kv_cache_gb > 0, f"--kv-cache-gb must be > 0, got {args.kv_cache_gb}"),
-            (not args.int8 or not cuda, "--int8 is the CPU's int8 GEMV; on a GPU leave it out"),
-            (not args.int8 or args.dtype in (None, "bf16"), f"--int8 takes bf16 activations, not --dtype {args.dtype}")]
+            *_int8_checks(args, cuda)]
+
+
+def _int8_checks(args, cuda: bool):
+    """--int8's checks (generate, understand, serve, bench), before any model loads."""
+    from janus_rt.engine.cpu_decode import packed_setting
+
+    if not args.int8:
+        return []
+    return [(not cuda, "--int8 is the CPU's int8 GEMV; on a GPU leave it out"),
+            (args.dtype is None or DTYPES[args.dtype] == torch.bfloat16,
+             f"--int8 takes bf16 activations, not --dtype {args.dtype}"),
+            (packed_setting() is not False, "--int8: JANUS_RT_PACKED=0 turns off the packed GEMVs, which int8 "
+                                            "weights run on")]
 
 
 def _out_problem(path: str) -> str | None:
@@ -245,7 +257,8 @@ def cmd_generate(args):
                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                       greedy=args.greedy, out_dir=args.out, engine=eng, keep_images=False,
                                       info={"model": _model_label(args.model), "dtype": args.dtype,
-                                            "device": args.device}, written=written)
+                                            "device": args.device, **({"weights": "int8"} if args.int8 else {})},
+                                      written=written)
     except KeyboardInterrupt:  # each prompt's PNGs are written as it finishes: say what is there
         print(f"interrupted: {len(written)} of {len(prompts) * args.n} image(s) written to {args.out}/ (grid.png not "
               f"written)", file=sys.stderr)
@@ -379,8 +392,7 @@ def cmd_bench(args):
                 (args.n is None or args.n >= 1, f"-n must be >= 1, got {args.n}"),
                 (args.tokens >= 1, f"--tokens must be >= 1, got {args.tokens}"),
                 (args.repeats >= 1, f"--repeats must be >= 1, got {args.repeats}"),
-                (not args.int8 or not str(args.device).startswith("cuda"), "--int8 is the CPU's int8 GEMV"),
-                (not args.int8 or args.dtype in (None, "bf16"), f"--int8 takes bf16 activations, not --dtype {args.dtype}"))
+                *_int8_checks(args, str(args.device).startswith("cuda")))
     bench_main(args)
 
 

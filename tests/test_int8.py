@@ -157,15 +157,47 @@ def test_pack_in_place_int8_and_what_it_refuses(monkeypatch):
         pack_in_place(Janus.from_preset("tiny", seed=0, dtype=torch.bfloat16), int8=True)
 
 
-def test_cli_int8(tmp_path, capsys):
-    """`janus-rt generate --int8` quantizes (bf16 implied) and says so; --int8 with fp32 is refused up front."""
+def test_cli_int8(tmp_path, capsys, monkeypatch):
+    """`janus-rt generate --int8` quantizes (bf16 implied; --dtype bfloat16 too) and says so, and its PNGs say int8;
+    --int8 with fp32 or with JANUS_RT_PACKED=0 is refused up front."""
     from janus_rt import cli
+    from janus_rt.processing import png_parameters
 
     cli.main(["generate", "--model", "tiny", "--int8", "-n", "1", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert "weight-only int8" in err and (tmp_path / "o" / "img_00_00.png").exists()
+    assert "weight-only int8" in err and png_parameters(tmp_path / "o" / "img_00_00.png")["weights"] == "int8"
+    cli.main(["generate", "--model", "tiny", "--dtype", "bfloat16", "--int8", "-n", "1", "--out", str(tmp_path / "b")])
+    cli.main(["generate", "--model", "tiny", "--dtype", "bf16", "-n", "1", "--out", str(tmp_path / "c")])
+    assert "weights" not in png_parameters(tmp_path / "c" / "img_00_00.png")
     with pytest.raises(SystemExit, match="--int8 takes bf16"):
         cli.main(["generate", "--model", "tiny", "--int8", "--dtype", "fp32", "--out", str(tmp_path / "p")])
+    monkeypatch.setenv("JANUS_RT_PACKED", "0")
+    with pytest.raises(SystemExit, match="JANUS_RT_PACKED=0"):
+        cli.main(["generate", "--model", "tiny", "--int8", "--out", str(tmp_path / "q")])
+
+
+def test_a_weight_that_is_not_finite_leaves_the_model_as_it_was():
+    """pack_for_cpu_(int8=True) checks every projection before it replaces any: a non-finite weight is named in the
+    error and the model keeps its bf16 projections (the CLI's pack_in_place says it as a UsageError)."""
+    model = Janus.from_preset("tiny", seed=0, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.llm.layers[-1].mlp.down_proj.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.down_proj\.weight has inf or nan"):
+        model.pack_for_cpu_(int8=True)
+    assert not is_int8(model) and not model.is_packed
+    with pytest.raises(UsageError, match="--int8: .*inf or nan"):
+        pack_in_place(model, int8=True)
+
+
+def test_int8_refuses_a_model_held_for_onednn():
+    from janus_rt.models.packed_linear import onednn_available, onednn_pack_llm_
+
+    model = Janus.from_preset("tiny", seed=0, dtype=torch.bfloat16)
+    if not onednn_available(model):
+        pytest.skip("torch without oneDNN's prepacked linear")
+    onednn_pack_llm_(model)
+    with pytest.raises(ValueError, match="oneDNN"):
+        model.pack_for_cpu_(int8=True)
 
 
 def test_serve_int8_holds_the_model_int8():

@@ -31,7 +31,7 @@ def add_bench_args(p):
     p.add_argument("-n", type=int, default=None, help="images per prompt (default: the shape's)")
     p.add_argument("--tokens", type=int, default=576, help="image tokens per image (576 = a full image)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="default: the shape's (small: fp32; 1b, 7b: bf16)")
+                   help="default: the shape's (small: fp32; 1b, 7b: bf16); bf16 with --int8")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--repeats", type=int, default=2, help="alternating runs of each implementation")
     p.add_argument("--warmup-tokens", type=int, default=16, metavar="W",
@@ -50,8 +50,9 @@ def add_bench_args(p):
                    help="also trace three decode steps with torch.profiler (DIR/trace.json for Perfetto, op table) "
                         "and time the phases inside the csrc decoder layers (table + DIR/phases.png)")
     p.add_argument("--int8", action="store_true",
-                   help="CPU: janus_rt's LLM projections as weight-only int8 (per-row scales, bf16 activations; "
-                        "transformers keeps the bf16 weights, so its tokens are no longer the same)")
+                   help="CPU: janus_rt's LLM projections as weight-only int8 (per-row scales, bf16 activations, "
+                        "implies --dtype bf16; transformers keeps the bf16 weights, so its tokens are no longer the "
+                        "same)")
     p.add_argument("--json", default=None, help="append the result row to this JSON-lines file")
 
 

@@ -63,9 +63,12 @@ def pack_in_place(model, always: bool = False, int8: bool = False) -> str | None
             return None
         before = sum(getattr(getattr(l, part), name).weight.numel() for l in model.llm.layers
                      for part, name in PROJECTIONS) * model.dtype.itemsize
-        model.pack_for_cpu_(int8=True)
+        try:
+            model.pack_for_cpu_(int8=True)
+        except ValueError as e:  # what the checks above cannot see: a weight that is not finite
+            raise UsageError(f"--int8: {e}") from None
         after = packed_weight_nbytes(model.llm)
-        size = lambda b: f"{b / 2**30:.2f} GB" if b >= 2**30 else f"{b / 2**20:.1f} MB"
+        size = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
         return (f"quantized the LLM's projections in place to weight-only int8 with per-row scales ({size(before)} -> "
                 f"{size(after)}; activations stay bf16; the model is now for CPU inference only)")
 

@@ -181,9 +181,16 @@ def pack_llm_(model, int8: bool = False):
     why = can_pack(model) or (can_quantize(model) if int8 else None)
     if why:
         raise ValueError(f"cannot {'quantize' if int8 else 'pack'} the model for the CPU: {why}")
-    if is_packed(model) and is_int8(model) != int8:
-        held = "int8" if is_int8(model) else "packed bf16"
+    if (is_packed(model) and is_int8(model) != int8) or is_onednn_packed(model):
+        held = "for oneDNN" if is_onednn_packed(model) else "int8" if is_int8(model) else "packed bf16"
         raise ValueError(f"the LLM's projections are already held {held} (in place); load the model again")
+    if int8:  # every weight checked first: a bad one must not leave the model half quantized
+        for i, l in enumerate(model.llm.layers):
+            for part, name in PROJECTIONS:
+                m = getattr(getattr(l, part), name)
+                if isinstance(m, nn.Linear) and not bool(torch.isfinite(m.weight).all()):
+                    raise ValueError(f"cannot quantize the model: llm.layers.{i}.{part}.{name}.weight has inf or nan "
+                                     "entries (int8 needs finite weights)")
     _replace_projections(model, Int8Linear if int8 else PackedLinear)
     if lm_head_packable(model) and isinstance(model.lm_head, nn.Linear):
         model.lm_head = PackedLinear(model.lm_head)
