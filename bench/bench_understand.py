@@ -117,7 +117,13 @@ def main(args) -> dict:
     from janus_rt.cli import load_model, resolve_dtype
 
     device = args.device
-    dtype = resolve_dtype(args.dtype or ("fp32" if args.preset == "tiny" else "bf16"))
+    dtype = resolve_dtype(args.dtype or ("fp32" if args.preset == "tiny" and not args.int8 else "bf16"))
+    if args.int8:  # --int8's checks before anything is built (janus-rt's own)
+        from janus_rt.cli import _check_args, _int8_checks
+
+        args.cmd = "bench_understand --int8"
+        _check_args(args, *_int8_checks(argparse.Namespace(int8=True, dtype=str(dtype).split(".")[-1]),
+                                        str(device).startswith("cuda")))
     if args.model:
         model, _, what = load_model(args.model, device, dtype)
     else:

@@ -95,7 +95,8 @@ inline void widen(const int8_t* src, uint16_t* dst, int64_t n) {
 
 #if JR_HAVE_AMX
 // GCC's _tile_loadd is an asm with no memory operand: without this the compiler may sink or drop the stores that
-// fill a buffer only tile loads read (seen in a standalone copy of this loop at -O3). Between widening and loading.
+// fill a buffer only tile loads read (seen in a standalone copy of this loop at -O3), or hoist the next step's
+// stores above this step's loads. Called after widening and before the next widening.
 inline void stores_before_tile_loads() { asm volatile("" ::: "memory"); }
 
 // Steps g .. g + 15 of run v of the strip at ws (KS steps): 512 bytes in one piece (g a multiple of 16).
@@ -108,6 +109,7 @@ inline const int8_t* steps_at(const int8_t* ws, int64_t KS, int v, int64_t g) {
 inline void strip_16(const int8_t* ws, const amx::XTiles& xt, int64_t KS, float* c, uint16_t* bt) {
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
   for (int64_t g = 0; g < KS; g += 16) {
+    stores_before_tile_loads();  // (the last step's tile loads stay before these stores)
     for (int v = 0; v < 4; ++v) widen(steps_at(ws, KS, v, g), bt + 512 * v, 16);
     stores_before_tile_loads();
     _tile_loadd(4, xt.a0(g / 16), amx::XTiles::kStride);
@@ -130,6 +132,7 @@ inline void strip_32(const int8_t* ws, const amx::XTiles& xt, int64_t KS, float*
     const int va = 2 * half, vb = 2 * half + 1;
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int64_t g = 0; g < KS; g += 16) {
+      stores_before_tile_loads();  // (the last step's tile loads stay before these stores)
       widen(steps_at(ws, KS, va, g), bt, 16);
       widen(steps_at(ws, KS, vb, g), bt + 512, 16);
       stores_before_tile_loads();
@@ -166,7 +169,7 @@ inline void gemv_amx(const int8_t* wp, const uint16_t* x, int64_t ldx, const flo
   for (int64_t s = 0; s < strips; ++s) {
     const int8_t* ws = wp + s * KS * kSE;
     const int64_t n0 = s * kS, nn = std::min(kS, N - n0);
-    if (groups > 1) widen(ws, wide.data(), KS * kSE / 32), stores_before_tile_loads();
+    if (groups > 1) stores_before_tile_loads(), widen(ws, wide.data(), KS * kSE / 32), stores_before_tile_loads();
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t m0 = 32 * g, rows = std::min<int64_t>(32, M - m0);
       const int r0 = int(std::min<int64_t>(16, rows)), r1 = int(rows - r0);

@@ -173,15 +173,20 @@ def _common_checks(args):
 
 def _int8_checks(args, cuda: bool):
     """--int8's checks (generate, understand, serve, bench), before any model loads."""
+    from janus_rt import cpu_ops
     from janus_rt.engine.cpu_decode import packed_setting
 
     if not args.int8:
         return []
+    try:
+        packed_off, why = packed_setting() is False, "JANUS_RT_PACKED=0 turns off the packed GEMVs, which int8 runs on"
+    except ValueError as e:  # JANUS_RT_PACKED set to something else
+        packed_off, why = True, str(e)
     return [(not cuda, "--int8 is the CPU's int8 GEMV; on a GPU leave it out"),
+            (cpu_ops.int8_available(), "--int8: this build has no int8 GEMV (it needs a CPU with AVX512_BF16)"),
             (args.dtype is None or DTYPES[args.dtype] == torch.bfloat16,
              f"--int8 takes bf16 activations, not --dtype {args.dtype}"),
-            (packed_setting() is not False, "--int8: JANUS_RT_PACKED=0 turns off the packed GEMVs, which int8 "
-                                            "weights run on")]
+            (not packed_off, f"--int8: {why}")]
 
 
 def _out_problem(path: str) -> str | None:

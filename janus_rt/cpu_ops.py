@@ -459,7 +459,9 @@ def int8_available() -> bool:
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row (per output channel) int8 of a weight [N, K]: (q int8 [N, K], scale fp32 [N]) with
     scale[n] = max_k |w[n, k]| / 127 and q = round(w / scale) in [-127, 127], so w ~ q * scale[:, None] with an
-    error of at most scale / 2 per element (a row of zeros: scale 0, q 0). Computed in fp32 from w's values."""
+    error of at most scale / 2 per element (a row of zeros: scale 0, q 0). Computed in fp32 from w's values. (For a
+    row whose scale falls below fp32's normal range, max |w| < ~1.5e-36, the scale itself is rounded to a subnormal
+    and the bound holds only to that rounding; bf16 weights, --int8's, stay within it.)"""
     _check(isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.is_floating_point()
            and weight.numel() > 0, "weight must be a non-empty floating-point [N, K] tensor")
     w = weight.detach().to(device="cpu", dtype=torch.float32)

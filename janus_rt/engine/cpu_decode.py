@@ -88,7 +88,7 @@ def pack_in_place(model, always: bool = False, int8: bool = False) -> str | None
     if fits and not always:
         return None
     model.pack_for_cpu_()
-    size = f"{need / 2**30:.1f} GB" if need >= 2**30 else f"{need / 2**20:.1f} MB"
+    size = f"{need / 2**30:.1f} GiB" if need >= 2**30 else f"{need / 2**20:.1f} MiB"
     why = f"saves a {size} copy" if fits else f"a {size} copy would not fit in half the free memory"
     return (f"packed the LLM's projections in place for the CPU's packed GEMV ({why}; the model is now for CPU "
             "inference only)")

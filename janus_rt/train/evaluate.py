@@ -23,6 +23,7 @@ import time
 import numpy as np
 import torch
 
+from janus_rt.errors import UsageError
 from janus_rt.processing import encode_generation_prompt, to_pil
 from janus_rt.train.synthetic import caption_color_match, caption_colors, count_objects, make_synthetic
 
@@ -87,8 +88,10 @@ def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32, int8
     else:
         model = Janus.from_pretrained(spec, dtype=dtype)
         tok = JanusTokenizer.from_pretrained(spec, defaults=model.cfg.tokens)
-    if int8:
-        model.pack_for_cpu_(int8=True)
+    if int8:  # as --int8 of the CLI (its checks: JANUS_RT_PACKED, finite weights)
+        from janus_rt.engine.cpu_decode import pack_in_place
+
+        pack_in_place(model, int8=True)
     return model, tok
 
 
@@ -115,7 +118,10 @@ def main(argv=None) -> list[dict]:
     captions = heldout_captions(a.n, a.caption_seed)
     rows = []
     for spec in a.model:
-        model, tok = load_model_and_tokenizer(spec, dtype, a.int8)
+        try:
+            model, tok = load_model_and_tokenizer(spec, dtype, a.int8)
+        except UsageError as e:
+            p.error(str(e))
         t0 = time.perf_counter()
         both = caption_scores(model, tok, captions, a.n_per_caption, a.seed, a.cfg, a.temperature)
         scores = both["color_match"]
