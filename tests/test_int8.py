@@ -237,3 +237,22 @@ def test_quantize_int8_tiny_rows_and_bad_scales():
             cpu_ops.Int8Weight.from_quantized(torch.ones(2, 4, dtype=torch.int8), torch.tensor([1.0, bad]))
     with pytest.raises(ValueError, match="non-empty"):
         cpu_ops.Int8Weight(torch.randn(4, 0))
+
+
+def test_bench_understand_int8(tmp_path):
+    """bench/bench_understand.py --int8 on the tiny preset (bf16 implied): the row says int8, and its decode roofline
+    counts the int8 projections at a byte each (fewer bytes than the same model in bf16)."""
+    import json
+
+    import bench_scripts
+
+    bu = bench_scripts.load("bench_understand")
+    out = tmp_path / "rows.jsonl"
+    row = bu.main(bu.build_parser().parse_args(["--preset", "tiny", "--device", "cpu", "--new-tokens", "4",
+                                                "--repeats", "1", "--int8", "--no-transformers", "--json", str(out)]))
+    assert json.loads(out.read_text().splitlines()[-1]) == row
+    assert row["weights"] == "int8 (LLM projections)" and row["dtype"] == "bfloat16"
+    ref = Janus.from_preset("tiny", seed=0, dtype=torch.bfloat16)
+    q8 = Janus.from_preset("tiny", seed=0, dtype=torch.bfloat16).pack_for_cpu_(int8=True)
+    (b16, f16), (b8, f8) = bu.decode_bytes_flops(ref, 100), bu.decode_bytes_flops(q8, 100)
+    assert f8 == f16 and b8 < b16
