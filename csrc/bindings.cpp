@@ -20,7 +20,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("paged_decode_attention", &jr::paged_decode_attention, release(), "o = softmax(q k^T * scale) v, paged KV",
         py::arg("q"), py::arg("q_dtype"), py::arg("k_cache"), py::arg("v_cache"), py::arg("kv_dtype"),
         py::arg("block_tables"), py::arg("context_lens"), py::arg("o"), py::arg("B"), py::arg("H"), py::arg("Hkv"),
-        py::arg("D"), py::arg("num_blocks"), py::arg("block_size"), py::arg("max_blocks"), py::arg("sm_scale"));
+        py::arg("D"), py::arg("num_blocks"), py::arg("block_size"), py::arg("max_blocks"), py::arg("sm_scale"),
+        py::arg("k_scale") = 0, py::arg("v_scale") = 0);
   m.def("kv_store", &jr::kv_store, release(), "cache rows[slot_mapping[i]] = k[i], v[i]; slot < 0 skipped",
         py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"), py::arg("N"),
         py::arg("row_elems"), py::arg("elem_size"), py::arg("num_slots"));
@@ -36,7 +37,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("block_tables"), py::arg("context_lens"), py::arg("cos"), py::arg("sin"), py::arg("R"), py::arg("C"),
         py::arg("H"), py::arg("I"), py::arg("num_blocks"), py::arg("block_size"), py::arg("max_blocks"),
         py::arg("eps"), py::arg("sm_scale"), py::arg("final_norm"), py::arg("out"), py::arg("final_eps"),
-        py::arg("packed"));
+        py::arg("packed"), py::arg("k_scale") = 0, py::arg("v_scale") = 0);
   m.def("decode_phase_timing", &jr::decode_phase_timing, "time decode_layer's phases (thread 0, after each barrier)",
         py::arg("on"));
   m.def("decode_phase_count", &jr::decode_phase_count, "number of decode_layer phases");

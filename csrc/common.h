@@ -13,6 +13,8 @@ namespace jr {
 enum DType : int { kF32 = 0, kBF16 = 1 };
 // The packed ops' weight code for int8 weights with a fp32 scale per output row and bf16 x (int8_gemv.h).
 constexpr int kInt8W = 2;
+// The KV cache code for int8 elements with one fp32 scale per (token, head) beside them (kv_int8.h).
+constexpr int kInt8KV = 3;
 
 // pybind11 turns std::invalid_argument into ValueError, so a bad size from Python reads like the accessor's own checks.
 #define JR_CHECK(cond, msg)                                                        \
@@ -39,6 +41,7 @@ inline uint16_t float_to_bf16(float f) {
 
 inline float to_float(float x) { return x; }
 inline float to_float(uint16_t x) { return bf16_to_float(x); }
+inline float to_float(int8_t x) { return float(x); }
 
 inline void from_float(float x, float* dst) { *dst = x; }
 inline void from_float(float x, uint16_t* dst) { *dst = float_to_bf16(x); }

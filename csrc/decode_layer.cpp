@@ -6,7 +6,8 @@
 // Weights [out, in] in T (with `packed` 1: qkv, o, gate_up and down in packed_gemv.h's strip layout instead, packed
 // once by cpu_step.DecodeStack; bf16 on AVX512_BF16 CPUs only; `packed` 2: those four int8 with row scales in
 // int8_gemv.h's layout, T bf16), caches [num_blocks, block_size, H, D] in T, T = fp32 or
-// bf16; cos/sin fp32 [R, D] (the rotary tables of each row's position, already rounded to T). MHA only (Janus-Pro).
+// bf16, or int8 with fp32 scales k_scale, v_scale [num_blocks, block_size, H] (kv_int8.h: the new K, V rows quantized
+// from the values the T cache would hold); cos/sin fp32 [R, D] (the rotary tables of each row's position, already rounded to T). MHA only (Janus-Pro).
 //
 // Why one call: on the 2-core CPU a decode step of the small model spent about as long in the ~15 small torch ops
 // and Python around each layer as in its four GEMVs. Here every phase is an `omp for` of the same team, so a
@@ -26,6 +27,7 @@
 #include "common.h"
 #include "gemv.h"
 #include "int8_gemv.h"
+#include "kv_int8.h"
 #include "packed_gemv.h"
 #include "paged_attention.h"
 #include "rms_norm.h"
@@ -77,7 +79,8 @@ inline void add_residual(T* h, float* y, int64_t C) {
 template <typename T>
 struct Layer {
   const T *in_norm, *qkv, *o, *post_norm, *gate_up, *down;
-  T *k_cache, *v_cache;
+  void *k_cache, *v_cache;  // T, or int8 where k_scale is set
+  float *k_scale, *v_scale;  // the int8 cache's scales (null: a T cache)
   const int64_t* slots;
   const int32_t *block_tables, *context_lens;
   const float *cos, *sin;
@@ -156,6 +159,7 @@ void run_layer(T* h, const Layer<T>& L) {
     clock.mark(kQkv);
     // RoPE on q and k; k and v into the cache
     std::vector<float> tmp(static_cast<size_t>(D));  // this thread's rope_head scratch
+    std::vector<T> krow(L.k_scale ? size_t(D) : 0);    // int8 cache: the rotated k head in T, before quantizing
 #pragma omp for schedule(static)
     for (int64_t rh = 0; rh < R * H; ++rh) {
       const int64_t r = rh / H, hd = rh % H;
@@ -167,15 +171,26 @@ void run_layer(T* h, const Layer<T>& L) {
       act::round_to<T>(kh, D);
       rotary::rope_head(qh, L.cos + r * D, L.sin + r * D, &q[r * C + hd * D], D, tmp.data());
       const int64_t s = L.slots[r];
-      if (s >= 0 && s < L.num_slots) {  // padding rows (slot < 0) write nothing, as kv_store
-        rotary::rope_head(kh, L.cos + r * D, L.sin + r * D, L.k_cache + (s * H + hd) * D, D, tmp.data());
+      if (s >= 0 && s < L.num_slots && L.k_scale) {  // int8: quantize the values a T cache would hold
+        rotary::rope_head(kh, L.cos + r * D, L.sin + r * D, krow.data(), D, tmp.data());  // tmp: k's rounded values
+        kv8::quantize_head(tmp.data(), static_cast<int8_t*>(L.k_cache) + (s * H + hd) * D, L.k_scale + s * H + hd, D);
         act::round_to<T>(vh, D);
-        act::store_values(vh, L.v_cache + (s * H + hd) * D, D);
+        kv8::quantize_head(vh, static_cast<int8_t*>(L.v_cache) + (s * H + hd) * D, L.v_scale + s * H + hd, D);
+      } else if (s >= 0 && s < L.num_slots) {  // padding rows (slot < 0) write nothing, as kv_store
+        rotary::rope_head(kh, L.cos + r * D, L.sin + r * D, static_cast<T*>(L.k_cache) + (s * H + hd) * D, D,
+                          tmp.data());
+        act::round_to<T>(vh, D);
+        act::store_values(vh, static_cast<T*>(L.v_cache) + (s * H + hd) * D, D);
       }
     }
     clock.mark(kRopeStore);
-    attn::attend_for(q, L.k_cache, L.v_cache, L.block_tables, L.context_lens, o, R, H, H, D,
-                     L.block_size, L.max_blocks, L.sm_scale, plan);
+    if (L.k_scale)
+      attn::attend_for(q, static_cast<const int8_t*>(L.k_cache), static_cast<const int8_t*>(L.v_cache),
+                       L.block_tables, L.context_lens, o, R, H, H, D, L.block_size, L.max_blocks, L.sm_scale, plan,
+                       L.k_scale, L.v_scale);
+    else
+      attn::attend_for(q, static_cast<const T*>(L.k_cache), static_cast<const T*>(L.v_cache), L.block_tables,
+                       L.context_lens, o, R, H, H, D, L.block_size, L.max_blocks, L.sm_scale, plan);
     clock.mark(kAttention);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) gemv::pack_x<T>(&o[r * C], &xc[r * ldc], 1, C, ldc);
@@ -248,7 +263,8 @@ void decode_layer(std::uintptr_t h, int dtype, std::uintptr_t in_norm, std::uint
                   std::uintptr_t v_cache, std::uintptr_t slot_mapping, std::uintptr_t block_tables,
                   std::uintptr_t context_lens, std::uintptr_t cos, std::uintptr_t sin, int64_t R, int64_t C,
                   int64_t H, int64_t I, int64_t num_blocks, int64_t block_size, int64_t max_blocks, double eps,
-                  double sm_scale, std::uintptr_t final_norm, std::uintptr_t out, double final_eps, int packed) {
+                  double sm_scale, std::uintptr_t final_norm, std::uintptr_t out, double final_eps, int packed,
+                  std::uintptr_t k_scale, std::uintptr_t v_scale) {
   JR_CHECK(R >= 1 && C >= 1 && H >= 1 && I >= 1, "need R, C, H, I >= 1");
   JR_CHECK(C % H == 0 && (C / H) % 2 == 0, "C must be H * D with an even head_dim D");
   JR_CHECK(num_blocks >= 1 && block_size >= 1 && max_blocks >= 1, "num_blocks, block_size, max_blocks must be >= 1");
@@ -262,11 +278,13 @@ void decode_layer(std::uintptr_t h, int dtype, std::uintptr_t in_norm, std::uint
   JR_CHECK(!packed || dtype == kF32 || (simd::kHaveBf16Dot && C % 2 == 0 && I % 2 == 0),
            "packed bf16 weights need an AVX512_BF16 build and even C and I");
   JR_CHECK(packed != kInt8W || (dtype == kBF16 && int8w::available()), "int8 weights need bf16 x and AVX512_BF16");
+  JR_CHECK((k_scale != 0) == (v_scale != 0), "an int8 cache needs both k_scale and v_scale");
   attn::check_tables(bt, cl, R, num_blocks, block_size, max_blocks);
   auto run = [&](auto* hp) {
     using T = std::remove_pointer_t<decltype(hp)>;
     Layer<T> L{ptr<const T>(in_norm), ptr<const T>(qkv), ptr<const T>(o), ptr<const T>(post_norm),
-               ptr<const T>(gate_up), ptr<const T>(down), ptr<T>(k_cache), ptr<T>(v_cache),
+               ptr<const T>(gate_up), ptr<const T>(down), ptr<void>(k_cache), ptr<void>(v_cache),
+               ptr<float>(k_scale), ptr<float>(v_scale),
                ptr<const int64_t>(slot_mapping), bt, cl, ptr<const float>(cos), ptr<const float>(sin),
                R, C, H, C / H, I, num_blocks * block_size, block_size, max_blocks, float(eps), float(sm_scale),
                ptr<const T>(final_norm), ptr<T>(out), float(final_eps), packed};

@@ -7,8 +7,8 @@
 // shape the ~15 wrapper calls per step, each from cold caches after the step's weight stream, took ~0.1-0.2 ms of a
 // ~6 ms step (bench/RESULTS.md).
 //   plan int64 [kPlanLen] (below): the batch's sizes, buffers and weights as integers, built once per batch by
-//   cpu_step.ImageStep; layers int64 [L, 8]: each layer's in_norm, qkv, o, post_norm, gate_up, down, k_cache, v_cache
-//   (cpu_step.DecodeStack). Per call: tokens int64 [n] (the first step's inputs); positions int64 [k, R]; lens int32
+//   cpu_step.ImageStep; layers int64 [L, 10]: each layer's in_norm, qkv, o, post_norm, gate_up, down, k_cache, v_cache,
+//   k_scale, v_scale (0, 0 unless the cache is int8; cpu_step.DecodeStack). Per call: tokens int64 [n] (the first step's inputs); positions int64 [k, R]; lens int32
 //   [k, R] (positions + 1); slots int64 [k, R]; block_tables int32 [R, max_blocks] covering every step's slots;
 //   seeds int64 [k, n] -> out int64 [k, n], step j's sampled tokens.
 #include <cstdint>
@@ -54,13 +54,14 @@ void image_steps(std::uintptr_t plan, std::uintptr_t layers, int64_t L, int64_t 
     gather_rows(u(kCos), kF32, positions + 8 * R * j, u(kBufCos), kF32, R, D, p[kRopePositions]);
     gather_rows(u(kSin), kF32, positions + 8 * R * j, u(kBufSin), kF32, R, D, p[kRopePositions]);
     for (int64_t l = 0; l < L; ++l) {
-      const int64_t* w = lay + 8 * l;
+      const int64_t* w = lay + 10 * l;
       const bool last = l == L - 1;  // the final norm into the out buffer
       decode_layer(u(kBufH), dt, std::uintptr_t(w[0]), std::uintptr_t(w[1]), std::uintptr_t(w[2]),
                    std::uintptr_t(w[3]), std::uintptr_t(w[4]), std::uintptr_t(w[5]), std::uintptr_t(w[6]),
                    std::uintptr_t(w[7]), slots + 8 * R * j, block_tables, lens + 4 * R * j, u(kBufCos), u(kBufSin), R,
                    C, p[kHeads], p[kInter], p[kNumBlocks], p[kBlockSize], max_blocks, eps, sm_scale,
-                   last ? u(kFinalNorm) : 0, last ? u(kBufOut) : 0, final_eps, packed);
+                   last ? u(kFinalNorm) : 0, last ? u(kBufOut) : 0, final_eps, packed, std::uintptr_t(w[8]),
+                   std::uintptr_t(w[9]));
     }
     mlp_gelu(u(kBufOut), u(kHeadW1), u(kHeadB1), u(kHeadW2), u(kHeadB2), u(kBufLogits), dt, R, C, p[kHeadHidden], V,
              packed != 0, true);

@@ -11,7 +11,8 @@ using ptr_t = std::uintptr_t;
 void vq_nearest(ptr_t z, ptr_t codebook, ptr_t out, int64_t N, int64_t K, int64_t D);
 void paged_decode_attention(ptr_t q, int q_dtype, ptr_t k_cache, ptr_t v_cache, int kv_dtype, ptr_t block_tables,
                             ptr_t context_lens, ptr_t o, int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                            int64_t num_blocks, int64_t block_size, int64_t max_blocks, double sm_scale);
+                            int64_t num_blocks, int64_t block_size, int64_t max_blocks, double sm_scale,
+                            ptr_t k_scale, ptr_t v_scale);
 void kv_store(ptr_t k, ptr_t v, ptr_t k_cache, ptr_t v_cache, ptr_t slot_mapping, int64_t N, int64_t row_elems,
               int64_t elem_size, int64_t num_slots);
 void cfg_sample(ptr_t cond, ptr_t uncond, ptr_t cfg_weight, ptr_t temperature, ptr_t top_k, ptr_t top_p,
@@ -22,7 +23,7 @@ void decode_layer(ptr_t h, int dtype, ptr_t in_norm, ptr_t qkv, ptr_t o, ptr_t p
                   ptr_t k_cache, ptr_t v_cache, ptr_t slot_mapping, ptr_t block_tables, ptr_t context_lens, ptr_t cos,
                   ptr_t sin, int64_t R, int64_t C, int64_t H, int64_t I, int64_t num_blocks, int64_t block_size,
                   int64_t max_blocks, double eps, double sm_scale, ptr_t final_norm, ptr_t out, double final_eps,
-                  int packed);
+                  int packed, ptr_t k_scale, ptr_t v_scale);
 void decode_phase_timing(bool on);
 int decode_phase_count();
 const char* decode_phase_name(int i);

@@ -2,7 +2,10 @@
 // Used by paged_decode_attention.cpp (the op) and decode_layer.cpp (inside its one parallel region).
 //   q [B, H, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables int32 [B, max_blocks];
 //   context_lens int32 [B]; o [B, H, D] = softmax(q k^T * sm_scale) v over the first context_lens[b] tokens.
-// q/o fp32 or bf16, caches fp32 or bf16, all math in fp32. Query head h reads kv head h / (H / Hkv).
+// q/o fp32 or bf16, caches fp32, bf16 or int8 (with k_scale, v_scale [num_blocks, block_size, Hkv] fp32: kv_int8.h),
+// all math in fp32. Query head h reads kv head h / (H / Hkv). An int8 cache's scales are applied to a block's
+// scores (s = sm_scale * (q . k) * k_scale) and to its softmax weights before the V pass (p * v_scale), so the
+// loops over D run on the int8 values as they do on bf16 ones, at half the bytes.
 // An online softmax per query head rescales its accumulator once per cache block. V is accumulated for 16
 // vectors of the task's output row at a time over the block's tokens (each token's V read as long runs; fp32 small
 // shape +4-10 %, Janus-Pro-1B dims bf16 +8-12 %, fp32 +5 % from DRAM, bit-identical: bench/RESULTS.md 2026-12-03).
@@ -369,7 +372,8 @@ inline void merge_parts(Slot slot, int64_t parts, int64_t nh, int64_t hq_max, in
 // outside one; every thread passes the same plan (make_plan(...) of this call).
 template <typename TQ, typename TKV>
 void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, const int32_t* cl, TQ* o, int64_t B,
-                int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, float sm_scale, Plan& plan) {
+                int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, float sm_scale, Plan& plan,
+                const float* ks = nullptr, const float* vs = nullptr) {
   const int64_t G = H / Hkv, chunks = plan.chunks;
   const int64_t hk_per = (Hkv + chunks - 1) / chunks;
   const int64_t row = Hkv * D;  // elements per cached token
@@ -469,6 +473,10 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
         for (; t < n; ++t)
           for (int64_t h = 0; h < nh; ++h)
             s[h * bs + t] = dot(&qf[h * D], kc + base + t * row + off[h], D) * sm_scale;
+        const int64_t sbase = base / row * Hkv;  // the block's scales (int8 cache): token t, kv head hk at t * Hkv + hk
+        if (ks)
+          for (int64_t h = 0; h < nh; ++h)
+            for (int64_t u = 0; u < n; ++u) s[h * bs + u] *= ks[sbase + u * Hkv + hk0 + h / G];
         for (int64_t h = 0; h < nh; ++h) {
           float mb = m[h];
           for (int64_t t = 0; t < n; ++t) mb = std::max(mb, s[h * bs + t]);
@@ -477,6 +485,8 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
           l[h] *= alpha;
           m[h] = mb;
           l[h] += exp_sub_sum(&s[h * bs], n, mb);
+          if (vs)
+            for (int64_t u = 0; u < n; ++u) s[h * bs + u] *= vs[sbase + u * Hkv + hk0 + h / G];
           if (!rows_v) accumulate_v(&acc[h * D], &s[h * bs], vc + base + off[h], row, n, D);
         }
         if (rows_v) accumulate_v_rows(acc.data(), s.data(), bs, 1, vc + base + off[0], row, n, nh * D, D);

@@ -84,6 +84,13 @@ inline vf load_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 // 2*kWidth bf16 read as kWidth 32-bit words: the low half of each word is the even element, the high half the odd.
+// kWidth int8 -> fp32 (exact); and back: lanes holding whole numbers in [-128, 127] stored as int8.
+inline vf load_i8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline void store_i8(int8_t* p, vf a) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a)));
+}
 inline void load_bf16_pairs(const uint16_t* p, vf& even, vf& odd) {
   __m512i w = _mm512_loadu_si512(p);
   even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
@@ -137,6 +144,14 @@ inline vf load_bf16(const uint16_t* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+inline vf load_i8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline void store_i8(int8_t* p, vf a) {
+  alignas(32) int32_t w[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(w), _mm256_cvtps_epi32(a));
+  for (int i = 0; i < 8; ++i) p[i] = int8_t(w[i]);
+}
 inline void load_bf16_pairs(const uint16_t* p, vf& even, vf& odd) {
   __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
@@ -177,6 +192,8 @@ inline vf load_bf16(const uint16_t* p) {
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
+inline vf load_i8(const int8_t* p) { return float(*p); }
+inline void store_i8(int8_t* p, vf a) { *p = int8_t(a); }
 inline void load_bf16_pairs(const uint16_t* p, vf& even, vf& odd) {
   uint32_t w, e, o;
   std::memcpy(&w, p, sizeof(w));
@@ -237,6 +254,7 @@ inline void store_partial(float* p, vf v, int64_t r) {
 // Load kWidth elements of either element type as fp32.
 inline vf load_as_float(const float* p) { return load(p); }
 inline vf load_as_float(const uint16_t* p) { return load_bf16(p); }
+inline vf load_as_float(const int8_t* p) { return load_i8(p); }
 
 // dst[0:n] = src[0:n] as fp32, a vector at a time (bf16 widened exactly; fp32 copied).
 template <typename T>

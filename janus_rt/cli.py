@@ -82,6 +82,10 @@ def _common(p, seed_help: str = "sampling seed (and a preset's random weights)",
     p.add_argument("--int8", action="store_true",
                    help="CPU: hold the LLM's projections as weight-only int8 (per-row scales; bf16 activations): half "
                         "the memory and faster decode steps, at the quantization's error (implies --dtype bf16)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8"),
+                   help="CPU: int8 holds each cached K/V head as int8 with an fp32 scale (about half the KV bytes a "
+                        "decode step reads, twice the tokens a --kv-cache-gb holds), at the quantization's error; "
+                        "auto: the model's dtype")
 
 
 def _dtype(args):
@@ -168,7 +172,18 @@ def _common_checks(args):
             (cuda or args.dtype is None or DTYPES[args.dtype] != torch.float16,
              "--dtype fp16 needs a GPU; on the CPU use fp32 or bf16"),
             (args.kv_cache_gb is None or args.kv_cache_gb > 0, f"--kv-cache-gb must be > 0, got {args.kv_cache_gb}"),
-            *_int8_checks(args, cuda)]
+            *_int8_checks(args, cuda), *_kv_checks(args, cuda)]
+
+
+def _kv_dtype(args) -> str:
+    """--kv-cache-dtype ("auto" where a caller's namespace predates the flag)."""
+    return getattr(args, "kv_cache_dtype", "auto")
+
+
+def _kv_checks(args, cuda: bool):
+    """--kv-cache-dtype's checks, before any model loads."""
+    return [(_kv_dtype(args) == "auto" or not cuda,
+             "--kv-cache-dtype int8 is the CPU's (csrc kernels); on a GPU leave it out")]
 
 
 def _int8_checks(args, cuda: bool):
@@ -252,17 +267,19 @@ def cmd_generate(args):
     retain_freed_memory()  # after the weights are in place: the originals packing freed must go back to the OS
     prompts = args.prompts
     if args.kv_cache_gb is not None:
-        eng = Engine(model, kv_cache_gb=args.kv_cache_gb, cuda_graphs=args.cuda_graphs)
+        eng = Engine(model, kv_cache_gb=args.kv_cache_gb, cuda_graphs=args.cuda_graphs,
+                     kv_cache_dtype=_kv_dtype(args))
     else:
         shapes = [(len(encode_generation_prompt(tok, p)), args.n) for p in prompts]
-        eng = Engine.for_requests(model, shapes, cuda_graphs=args.cuda_graphs)
+        eng = Engine.for_requests(model, shapes, cuda_graphs=args.cuda_graphs, kv_cache_dtype=_kv_dtype(args))
     t0, written = time.perf_counter(), []
     try:
         images, eng = generate_images(model, tok, prompts, n=args.n, cfg_weight=args.cfg,
                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                       greedy=args.greedy, out_dir=args.out, engine=eng, keep_images=False,
                                       info={"model": _model_label(args.model), "dtype": args.dtype,
-                                            "device": args.device, **({"weights": "int8"} if args.int8 else {})},
+                                            "device": args.device, **({"weights": "int8"} if args.int8 else {}),
+                                            **({"kv_cache": "int8"} if eng.cache.quantized else {})},
                                       written=written)
     except KeyboardInterrupt:  # each prompt's PNGs are written as it finishes: say what is there
         print(f"interrupted: {len(written)} of {len(prompts) * args.n} image(s) written to {args.out}/ (grid.png not "
@@ -314,9 +331,9 @@ def cmd_understand(args):
     ids = encode_understanding_prompt(tok, args.question, num_images=len(images), num_image_tokens=n_img)
     t0 = time.perf_counter()
     if args.kv_cache_gb is not None:  # (on the CPU, making an engine packs the decoder weights)
-        eng = Engine(model, kv_cache_gb=args.kv_cache_gb)
+        eng = Engine(model, kv_cache_gb=args.kv_cache_gb, kv_cache_dtype=_kv_dtype(args))
     else:
-        eng = Engine.for_requests(model, [(len(ids) + args.max_new_tokens, 0)])
+        eng = Engine.for_requests(model, [(len(ids) + args.max_new_tokens, 0)], kv_cache_dtype=_kv_dtype(args))
     t1 = time.perf_counter()
     params = SamplingParams(temperature=max(args.temperature, 1e-6), greedy=args.temperature == 0,
                             top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed)
@@ -348,9 +365,9 @@ def make_server(args):
     _pack_in_place(model, int8=args.int8)  # only where the engine's copy would not fit (or --int8)
     retain_freed_memory()  # after the weights are in place
     if args.kv_cache_gb is not None:
-        eng = Engine(model, kv_cache_gb=args.kv_cache_gb)
+        eng = Engine(model, kv_cache_gb=args.kv_cache_gb, kv_cache_dtype=_kv_dtype(args))
     else:
-        eng = Engine(model, memory_fraction=args.memory_fraction)
+        eng = Engine(model, memory_fraction=args.memory_fraction, kv_cache_dtype=_kv_dtype(args))
     try:
         return JanusServer((args.host, args.port), model, tok, eng, label=_model_label(args.model),
                            default_cfg=_default_cfg(args.model)), what
@@ -397,7 +414,8 @@ def cmd_bench(args):
                 (args.n is None or args.n >= 1, f"-n must be >= 1, got {args.n}"),
                 (args.tokens >= 1, f"--tokens must be >= 1, got {args.tokens}"),
                 (args.repeats >= 1, f"--repeats must be >= 1, got {args.repeats}"),
-                *_int8_checks(args, str(args.device).startswith("cuda")))
+                *_int8_checks(args, str(args.device).startswith("cuda")),
+                *_kv_checks(args, str(args.device).startswith("cuda")))
     bench_main(args)
 
 

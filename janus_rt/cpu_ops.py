@@ -21,6 +21,7 @@ except ImportError:  # extension not built: available() is False and every op ra
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
 _INT8_CODE = 2  # the packed ops' code for int8 weights with fp32 row scales and bf16 x (csrc/int8_gemv.h)
+_KV_INT8_CODE = 3  # the cache code for an int8 KV cache with fp32 scales (csrc/kv_int8.h)
 
 
 def available() -> bool:
@@ -148,16 +149,27 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     sm_scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode token per sequence against a paged KV cache.
 
-    q: [B, H, D] fp32 or bf16; k_cache, v_cache: [num_blocks, block_size, Hkv, D] fp32 or bf16 (H % Hkv == 0);
+    q: [B, H, D] fp32 or bf16; k_cache, v_cache: [num_blocks, block_size, Hkv, D] fp32 or bf16 (H % Hkv == 0), or
+    int8 with k_scale, v_scale fp32 [num_blocks, block_size, Hkv] (engine/kv_quant.py's format);
     block_tables: int32 [B, max_blocks]; context_lens: int32 [B]; sm_scale defaults to D^-0.5.
     Returns o: [B, H, D] in q's dtype (fp32 accumulation); a sequence with context_len 0 gets zeros.
     """
     _check_tensor(q, "q", _FP, 3)
-    _check_tensor(k_cache, "k_cache", _FP, 4)
-    _check_tensor(v_cache, "v_cache", _FP, 4)
+    _check_tensor(k_cache, "k_cache", _FP + (torch.int8,), 4)
+    _check_tensor(v_cache, "v_cache", _FP + (torch.int8,), 4)
+    int8 = k_cache.dtype == torch.int8
+    _check((k_scale is not None) == int8 == (v_scale is not None),
+           "k_scale and v_scale are given exactly when the caches are int8")
+    if int8:
+        for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+            _check_tensor(t, name, (torch.float32,), 3)
+            _check(tuple(t.shape) == tuple(k_cache.shape[:3]), f"{name} {tuple(t.shape)} must be the cache's "
+                                                              f"[num_blocks, block_size, Hkv] {tuple(k_cache.shape[:3])}")
     _check_tensor(block_tables, "block_tables", (torch.int32,), 2)
     _check_tensor(context_lens, "context_lens", (torch.int32,), 1)
     B, H, D = q.shape
@@ -172,9 +184,10 @@ def paged_decode_attention(
     scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
     o = torch.empty_like(q)
     _ext().paged_decode_attention(
-        q.data_ptr(), _DTYPE_CODE[q.dtype], k_cache.data_ptr(), v_cache.data_ptr(), _DTYPE_CODE[k_cache.dtype],
-        block_tables.data_ptr(), context_lens.data_ptr(), o.data_ptr(),
-        B, H, hkv, D, num_blocks, block_size, block_tables.shape[1], scale,
+        q.data_ptr(), _DTYPE_CODE[q.dtype], k_cache.data_ptr(), v_cache.data_ptr(),
+        _KV_INT8_CODE if int8 else _DTYPE_CODE[k_cache.dtype], block_tables.data_ptr(), context_lens.data_ptr(),
+        o.data_ptr(), B, H, hkv, D, num_blocks, block_size, block_tables.shape[1], scale,
+        k_scale.data_ptr() if int8 else 0, v_scale.data_ptr() if int8 else 0,
     )
     return o
 

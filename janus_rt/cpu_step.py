@@ -29,6 +29,8 @@ class DecodeStack:
     Built once from each layer's weights (in_norm [C], qkv [3C, C], o_proj [C, C], post_norm [C], gate_up [2I, C],
     down [C, I]) and its paged caches k_cache, v_cache [num_blocks, block_size, H, D] with H * D = C, all one dtype
     (fp32 or bf16), MHA; they are checked here once and held (the stack reads them by address on every call).
+    An int8 KV cache comes as (k_cache, v_cache, k_scale, v_scale) per layer: int8 caches, fp32 scales
+    [num_blocks, block_size, H] (engine/kv_quant.py; `self.kv_int8`).
     Calling it checks only the step's tensors, then runs every layer:
         stack(h, slot_mapping, block_tables, context_lens, cos, sin, out=None)
     h: [R, C] residual stream, updated in place (h <- h + attn(norm(h)); h <- h + mlp(norm(h)) per layer, the
@@ -48,20 +50,24 @@ class DecodeStack:
     def __init__(self, layers, caches, eps: float, final_norm=None, final_eps: float | None = None,
                  packed: bool | None = None):
         _check(len(layers) == len(caches) and len(layers) >= 1, "need one (k_cache, v_cache) pair per layer")
+        self.kv_int8 = len(caches[0]) == 4
+        _check(all(len(c) == (4 if self.kv_int8 else 2) for c in caches),
+               "caches: (k_cache, v_cache) per layer, or (k_cache, v_cache, k_scale, v_scale) for all (int8)")
         in_norm = layers[0][0]
         _check_tensor(in_norm, "in_norm", _FP, 1)
         self.dtype, self.C = in_norm.dtype, in_norm.shape[0]
         C, dt = self.C, self.dtype
         self.inter = layers[0][5].shape[-1]
         k0 = caches[0][0]
-        _check_tensor(k0, "k_cache", (dt,), 4)
+        kv_dt = torch.int8 if self.kv_int8 else dt
+        _check_tensor(k0, "k_cache", (kv_dt,), 4)
         self.num_blocks, self.block_size, self.H, self.D = k0.shape
         _check(self.H * self.D == C and self.D % 2 == 0,
                f"cache heads {self.H} x head_dim {self.D} must be C = {C} with an even head_dim")
         shapes = ((C,), (3 * C, C), (C, C), (C,), (2 * self.inter, C), (C, self.inter))
         names = ("in_norm", "qkv", "o_proj", "post_norm", "gate_up", "down")
         self._held, self._ptrs = [], []
-        for i, (ws, (kc, vc)) in enumerate(zip(layers, caches)):
+        for i, (ws, (kc, vc, *scales)) in enumerate(zip(layers, caches)):
             _check(len(ws) == 6, f"layer {i}: expected 6 weights {names}")
             for name, t, shape in zip(names, ws, shapes):
                 if isinstance(t, PackedWeight):  # already packed (Janus.pack_for_cpu_): held as it is
@@ -71,8 +77,11 @@ class DecodeStack:
                     _check_tensor(t, f"layer {i} {name}", (dt,), len(shape))
                 _check(tuple(t.shape) == shape, f"layer {i} {name} has shape {tuple(t.shape)}; expected {shape}")
             for name, t in (("k_cache", kc), ("v_cache", vc)):
-                _check_tensor(t, f"layer {i} {name}", (dt,), 4)
+                _check_tensor(t, f"layer {i} {name}", (kv_dt,), 4)
                 _check(t.shape == k0.shape, f"layer {i} {name} {tuple(t.shape)} != {tuple(k0.shape)}")
+            for name, t in zip(("k_scale", "v_scale"), scales):
+                _check_tensor(t, f"layer {i} {name}", (torch.float32,), 3)
+                _check(t.shape == k0.shape[:3], f"layer {i} {name} {tuple(t.shape)} != {tuple(k0.shape[:3])}")
         prepacked = [isinstance(t, PackedWeight) for ws in layers for t in ws]
         if any(prepacked):
             _check(sum(prepacked) == 4 * len(layers), "pass every layer's four matrices packed, or none of them")
@@ -86,13 +95,14 @@ class DecodeStack:
         _check(not self.int8 or sum(int8) == 4 * len(layers), "pass every layer's four matrices as Int8Weight, or none")
         # decode_layer's weight layout: 0 [N, K], 1 packed, 2 int8 (csrc/int8_gemv.h)
         self.weights_code = _INT8_CODE if self.int8 else int(self.packed)
-        for ws, (kc, vc) in zip(layers, caches):
+        for ws, (kc, vc, *scales) in zip(layers, caches):
             if self.packed:  # the four matrices (qkv, o_proj, gate_up, down) as packed copies (made here, or given)
                 ws = tuple(t.data if isinstance(t, PackedWeight) else PackedWeight(t).data if t.dim() == 2 else t
                            for t in ws)
-            self._held.append((*ws, kc, vc))
-            self._ptrs.append(tuple(t.data_ptr() for t in (*ws, kc, vc)))
-        self._layer_table = _array("q", [x for p in self._ptrs for x in p])  # [L, 8] for csrc image_steps
+            self._held.append((*ws, kc, vc, *scales))
+            sp = tuple(t.data_ptr() for t in scales) if scales else (0, 0)
+            self._ptrs.append(tuple(t.data_ptr() for t in (*ws, kc, vc)) + sp)  # 0, 0: not int8
+        self._layer_table = _array("q", [x for p in self._ptrs for x in p])  # [L, 10] for csrc image_steps
         self.eps = float(eps)
         self.final_norm = final_norm
         self.final_eps = self.eps if final_eps is None else float(final_eps)
@@ -141,7 +151,7 @@ class DecodeStack:
         last = len(self._ptrs) - 1
         for i, p in enumerate(self._ptrs):  # the C++ side re-checks the block tables against num_blocks every layer
             fin = (self.final_norm.data_ptr(), out) if i == last and out else (0, 0)
-            ext.decode_layer(h, code, *p, *step, *fin, self.final_eps, self.weights_code)
+            ext.decode_layer(h, code, *p[:8], *step, *fin, self.final_eps, self.weights_code, *p[8:])
 
 
 class ImageStep:

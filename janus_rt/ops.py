@@ -259,8 +259,22 @@ def rope_kv_store(q, k, v, positions, theta: float, k_cache, v_cache, slot_mappi
 TRITON_PAGED_ATTENTION = os.environ.get("JANUS_RT_PAGED_ATTENTION", "block")
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens):
-    """q: [B, H, D] against the paged caches; block_tables int32 [B, max_blocks]; context_lens int32 [B]."""
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, k_scale=None, v_scale=None):
+    """q: [B, H, D] against the paged caches; block_tables int32 [B, max_blocks]; context_lens int32 [B].
+    An int8 cache comes with its scales k_scale, v_scale [num_blocks, block_size, H] (engine/kv_quant.py): csrc on
+    the CPU, else the PyTorch reference; not on the triton backend."""
+    if k_scale is not None:
+        if _backend == "triton":
+            raise ValueError("the int8 KV cache has no Triton kernel: it runs on the CPU (csrc) or the torch backend")
+        if _use_cpu_kernels(q):
+            from janus_rt import cpu_ops
+
+            with _scope("janus_rt::cpu_paged_decode_attention"):
+                return cpu_ops.paged_decode_attention(q.contiguous(), k_cache, v_cache, block_tables, context_lens,
+                                                      1.0 / math.sqrt(q.shape[-1]), k_scale, v_scale)
+        from janus_rt.engine.kv_quant import paged_decode_attention_int8_ref
+
+        return paged_decode_attention_int8_ref(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens)
     if _backend == "triton":
         return _kernels().paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
                                                  variant=TRITON_PAGED_ATTENTION)

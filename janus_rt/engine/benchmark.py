@@ -53,6 +53,9 @@ def add_bench_args(p):
                    help="CPU: janus_rt's LLM projections as weight-only int8 (per-row scales, bf16 activations, "
                         "implies --dtype bf16; transformers keeps the bf16 weights, so its tokens are no longer the "
                         "same)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8"),
+                   help="CPU: int8 stores each cached K/V head as int8 with an fp32 scale (about half the bytes a "
+                        "decode step reads from the cache); auto: the model's dtype")
     p.add_argument("--json", default=None, help="append the result row to this JSON-lines file")
 
 
@@ -89,24 +92,25 @@ def transformers_baseline(model, device):
 
 
 # ---- the two implementations -----------------------------------------------------------------------------------
-def bench_engine(model, prompt_len, n, cuda_graphs=False, layerwise=False, steps_per_call=8):
+def bench_engine(model, prompt_len, n, cuda_graphs=False, layerwise=False, steps_per_call=8, kv_cache_dtype=None):
     """An engine sized for one image request of n images of a prompt_len-token prompt; layerwise: no csrc decoder
-    on the CPU; steps_per_call: Engine's max_steps_per_call. Built once and reused for every run, as a server holds
-    one (its set-up: the KV pool, on a GPU the CUDA graphs' capture, is timed apart)."""
+    on the CPU; steps_per_call: Engine's max_steps_per_call; kv_cache_dtype: Engine's. Built once and reused for
+    every run, as a server holds one (its set-up: the KV pool, on a GPU the CUDA graphs' capture, is timed apart)."""
     from janus_rt.engine import Engine
 
     eng = Engine.for_requests(model, [(prompt_len, n)], block_size=BLOCK_SIZE, cuda_graphs=cuda_graphs,
-                              max_steps_per_call=steps_per_call)
+                              max_steps_per_call=steps_per_call, kv_cache_dtype=kv_cache_dtype)
     if layerwise:
         eng.runner.fused_cpu_decode = False
     return eng
 
 
-def image_engine(model, prompt, n, tokens=None, cuda_graphs=False, layerwise=False, steps_per_call=8):
+def image_engine(model, prompt, n, tokens=None, cuda_graphs=False, layerwise=False, steps_per_call=8,
+                 kv_cache_dtype=None):
     """A bench_engine holding one image request (n images of `prompt`, `tokens` each)."""
     from janus_rt.engine import SamplingParams
 
-    eng = bench_engine(model, len(prompt), n, cuda_graphs, layerwise, steps_per_call)
+    eng = bench_engine(model, len(prompt), n, cuda_graphs, layerwise, steps_per_call, kv_cache_dtype)
     eng.add_image_request(prompt, n=n, params=SamplingParams(seed=0), num_tokens=tokens)
     return eng
 
@@ -131,7 +135,7 @@ def run_janus_rt(eng, prompt, n, tokens):
         if eng.runner.uses_cpu_decoder():
             stack = eng.runner.cpu_decoder.stack
             path = ("decode_layer, int8 GEMV" if stack.int8 else "decode_layer, packed GEMV" if stack.packed
-                    else "decode_layer")
+                    else "decode_layer") + (", int8 KV cache" if stack.kv_int8 else "")
     return dt, 1e3 * (eng.stats.decode_s - s0) / max(eng.stats.decode_steps - n0, 1), path
 
 
@@ -229,7 +233,8 @@ def main(args):
     # with --repeats 1 the median of two runs is their mean.
     sync(device)
     t0 = time.perf_counter()
-    eng = bench_engine(model, len(prompt), n, args.cuda_graphs, args.layerwise, args.steps_per_call)
+    eng = bench_engine(model, len(prompt), n, args.cuda_graphs, args.layerwise, args.steps_per_call,
+                       args.kv_cache_dtype)
     sync(device)
     setup_s = time.perf_counter() - t0
     warm = min(args.warmup_tokens, args.tokens)
@@ -275,7 +280,8 @@ def main(args):
     # the n cond rows share the prompt's whole blocks and the n uncond rows the unconditional prompt's (each row
     # copies the partly filled last block on its first write), so a step reads those blocks once per group
     shared = (2, len(prompt) // BLOCK_SIZE * BLOCK_SIZE)
-    nbytes, flops = decode_step_bytes_flops(model, 2 * n, len(prompt) + args.tokens // 2, shared=shared)
+    nbytes, flops = decode_step_bytes_flops(model, 2 * n, len(prompt) + args.tokens // 2, shared=shared,
+                                            kv_dtype=eng.cache.dtype)
     roof = lambda bw_gbs: 1e3 * max(nbytes / (bw_gbs * 1e9), flops / (peak * 1e9))  # ms per step
     l3 = _l3_bytes() if model.device.type == "cpu" else 0
     if nbytes < l3:
@@ -299,6 +305,8 @@ def main(args):
     }
     if args.int8:
         row["weights"] = "int8 (LLM projections)"
+    if eng.cache.quantized:
+        row["kv_cache"] = "int8 (+ fp32 scale a head)"
     if cpu_path:
         row["cpu_decode"] = cpu_path + (" (packed in place)" if packed_note else "")
     if theirs:
@@ -322,5 +330,5 @@ def main(args):
         from janus_rt.engine.profile import profile_decode_step
 
         profile_decode_step(model, prompt, n, Path(args.profile), args.layerwise, phase_warmup=args.tokens // 2,
-                            steps_per_call=args.steps_per_call)
+                            steps_per_call=args.steps_per_call, kv_cache_dtype=args.kv_cache_dtype)
     return row

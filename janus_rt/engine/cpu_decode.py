@@ -20,13 +20,14 @@ from janus_rt.models.packed_linear import lm_head_packable
 
 
 def supported(model, cache) -> bool:
-    """fp32 or bf16 MHA model on the CPU, cache in the model's dtype, extension built; and the csrc GEMVs are the
-    faster projections here (cpu_ops.torch_matmul_preferred), or the model's weights are packed for them."""
+    """fp32 or bf16 MHA model on the CPU, cache in the model's dtype (or int8), extension built; and the csrc GEMVs
+    are the faster projections here (cpu_ops.torch_matmul_preferred), or the model's weights are packed for them."""
     from janus_rt.models.packed_linear import is_onednn_packed, is_packed
 
     c = model.cfg.llm
     return (cpu_ops.available() and model.device.type == "cpu" and model.dtype in (torch.float32, torch.bfloat16)
-            and cache.dtype == model.dtype and c.num_kv_heads == c.num_heads and not is_onednn_packed(model)
+            and (cache.dtype == model.dtype or cache.quantized) and c.num_kv_heads == c.num_heads
+            and not is_onednn_packed(model)
             and (is_packed(model) or not cpu_ops.torch_matmul_preferred(model.dtype, c.hidden_size)))
 
 
@@ -105,7 +106,8 @@ class CpuDecoder:
         self.cos, self.sin = self._rope(torch.arange(max_positions))
         weights = [(l.input_norm.weight, l.attn.qkv_proj.weight, l.attn.o_proj.weight, l.post_attn_norm.weight,
                     l.mlp.gate_up_proj.weight, l.mlp.down_proj.weight) for l in llm.layers]
-        caches = [(cache.k_cache(i), cache.v_cache(i)) for i in range(len(llm.layers))]
+        caches = [(cache.k_cache(i), cache.v_cache(i)) + ((cache.k_scale(i), cache.v_scale(i)) if cache.quantized
+                                                           else ()) for i in range(len(llm.layers))]
         with torch.inference_mode():
             raw = lambda w: w.detach() if isinstance(w, torch.Tensor) else w  # (PackedWeight: pack_for_cpu_)
             self.stack = cpu_step.DecodeStack([tuple(raw(w) for w in ws) for ws in weights], caches,

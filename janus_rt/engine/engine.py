@@ -37,10 +37,23 @@ class EngineStats:
         return 1e3 * self.decode_s / max(self.decode_steps, 1)
 
 
+def kv_cache_dtype_of(name: str | torch.dtype | None, model_dtype: torch.dtype, device) -> torch.dtype:
+    """The KV cache dtype an engine allocates: None or "auto" = the model's; "int8" (or torch.int8) = int8 rows with
+    fp32 scales, on the CPU only (csrc kernels; the torch backend's reference elsewhere in tests)."""
+    if name is None or name == "auto" or name == model_dtype:
+        return model_dtype
+    if name in ("int8", torch.int8):
+        if torch.device(device).type != "cpu":
+            raise UsageError(f"the int8 KV cache runs on the CPU only (csrc kernels); the model is on {device}")
+        return torch.int8
+    raise UsageError(f"kv_cache_dtype must be 'auto' or 'int8', got {name!r}")
+
+
 class Engine:
     def __init__(self, model, kv_cache_gb: float | None = None, memory_fraction: float | None = None,
                  block_size: int = 16, backend: str | None = None, max_num_rows: int = 256,
-                 cuda_graphs: bool = False, max_num_blocks: int | None = None, max_steps_per_call: int = 8):
+                 cuda_graphs: bool = False, max_num_blocks: int | None = None, max_steps_per_call: int = 8,
+                 kv_cache_dtype: str | torch.dtype | None = None):
         cfg = model.cfg.llm
         if max_steps_per_call < 1:
             raise ValueError(f"max_steps_per_call must be >= 1, got {max_steps_per_call}")
@@ -52,8 +65,10 @@ class Engine:
         self.backend = backend or default_backend(device)
         if kv_cache_gb is None and memory_fraction is None:
             memory_fraction = 0.3
+        # the KV cache's element type: the model's (default, "auto") or "int8" (CPU: rows + scales, kv_quant.py)
+        kv_dtype = kv_cache_dtype_of(kv_cache_dtype, model.dtype, device)
         self.cache = KVCache.from_budget(
-            cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, model.dtype, device,
+            cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype, device,
             budget_bytes=None if kv_cache_gb is None else int(kv_cache_gb * 2**30),
             memory_fraction=memory_fraction if kv_cache_gb is None else None, max_num_blocks=max_num_blocks)
         self.bm = BlockManager(self.cache.num_blocks, block_size)

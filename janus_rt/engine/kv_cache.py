@@ -4,6 +4,9 @@ data: [num_layers, 2, num_blocks, block_size, H, D]. k_cache(l) = data[l, 0] and
 contiguous [num_blocks, block_size, H, D] views, so flat slot s = block * block_size + offset (as handed out
 by block_manager.BlockManager) is row s of k_cache(l).view(-1, H, D). Which blocks belong to which sequence
 is the block manager's business, not this file's.
+
+dtype torch.int8 (`--kv-cache-dtype int8`, CPU): data holds each (token, head) row as int8 and `scales`
+[num_layers, 2, num_blocks, block_size, H] fp32 its scale (engine/kv_quant.py), about half the bytes of bf16.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from collections.abc import Iterable
 import torch
 
 from janus_rt import cpu_ops
+from janus_rt.engine.kv_quant import quantize_kv
 from janus_rt.errors import UsageError
 
 
@@ -48,6 +52,9 @@ class KVCache:
             self.data = cpu_ops.empty_huge(shape, dtype).zero_()
         else:
             self.data = torch.zeros(shape, dtype=dtype, device=device)
+        # int8: each row's fp32 scale, [L, 2, N, bs, H] (None for a float cache)
+        self.scales = (torch.zeros(shape[:-1], dtype=torch.float32, device=device) if dtype == torch.int8
+                       else None)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -58,13 +65,19 @@ class KVCache:
         return self.data.device
 
     @property
+    def quantized(self) -> bool:
+        """Whether the cache holds int8 rows with scales (else the model-dtype rows themselves)."""
+        return self.scales is not None
+
+    @property
     def bytes_per_block(self) -> int:
         """Bytes one block id costs: its K and V rows in every layer."""
         return self.block_bytes(self.num_layers, self.block_size, self.num_heads, self.head_dim, self.dtype)
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        extra = 0 if self.scales is None else self.scales.numel() * self.scales.element_size()
+        return self.data.numel() * self.data.element_size() + extra
 
     def k_cache(self, layer: int) -> torch.Tensor:
         """[num_blocks, block_size, H, D] view of layer `layer`'s keys."""
@@ -73,6 +86,19 @@ class KVCache:
     def v_cache(self, layer: int) -> torch.Tensor:
         """[num_blocks, block_size, H, D] view of layer `layer`'s values."""
         return self.data[layer, 1]
+
+    def k_scale(self, layer: int) -> torch.Tensor:
+        """int8 cache: [num_blocks, block_size, H] fp32 view of layer `layer`'s key scales."""
+        return self._scales()[layer, 0]
+
+    def v_scale(self, layer: int) -> torch.Tensor:
+        """int8 cache: [num_blocks, block_size, H] fp32 view of layer `layer`'s value scales."""
+        return self._scales()[layer, 1]
+
+    def _scales(self) -> torch.Tensor:
+        if self.scales is None:
+            raise ValueError(f"a {self.dtype} KV cache has no scales (only an int8 cache does)")
+        return self.scales
 
     def copy_blocks(self, pairs: Iterable[tuple[int, int]]) -> None:
         """Copy-on-write: for each (src, dst), block dst := block src in every layer, K and V.
@@ -91,42 +117,70 @@ class KVCache:
         src_t = torch.tensor(src, dtype=torch.long, device=self.device)
         dst_t = torch.tensor(dst, dtype=torch.long, device=self.device)
         self.data.index_copy_(2, dst_t, self.data.index_select(2, src_t))
+        if self.scales is not None:
+            self.scales.index_copy_(2, dst_t, self.scales.index_select(2, src_t))
 
     def _by_slot(self) -> torch.Tensor:
         """data as [L, 2, num_blocks * block_size, H, D]: dimension 2 indexed by flat slot."""
         return self.data.view(self.num_layers, 2, self.num_blocks * self.block_size, self.num_heads, self.head_dim)
 
+    def _scales_by_slot(self) -> torch.Tensor:
+        return self._scales().view(self.num_layers, 2, self.num_blocks * self.block_size, self.num_heads)
+
     def read_slots(self, slots: list[int]) -> torch.Tensor:
         """K and V of every layer at these flat slots, copied out to host memory: [L, 2, T, H, D] (a preempted
-        sequence's cache, kept while its blocks serve others; write_slots puts it back)."""
+        sequence's cache, kept while its blocks serve others; write_slots puts it back). An int8 cache gives
+        int8 [L, 2, T, H, D + 4]: each head's D values, then its fp32 scale's 4 bytes (exact both ways)."""
         idx = torch.tensor(slots, dtype=torch.long, device=self.device)
-        return self._by_slot().index_select(2, idx).cpu()
+        kv = self._by_slot().index_select(2, idx)
+        if self.scales is not None:
+            sc = self._scales_by_slot().index_select(2, idx).contiguous()  # [L, 2, T, H]
+            kv = torch.cat([kv, sc[..., None].view(torch.int8)], dim=-1)
+        return kv.cpu()
 
     def write_slots(self, slots: list[int], kv: torch.Tensor) -> None:
-        """The inverse of read_slots: every layer's K and V at these flat slots := kv [L, 2, T, H, D]."""
-        shape = (self.num_layers, 2, len(slots), self.num_heads, self.head_dim)
-        if tuple(kv.shape) != shape:
-            raise ValueError(f"write_slots: kv {list(shape)} expected, got {list(kv.shape)}")
+        """The inverse of read_slots: every layer's K and V at these flat slots := kv [L, 2, T, H, D] (int8
+        cache: [L, 2, T, H, D + 4] as read_slots gives)."""
+        width = self.head_dim + (4 if self.scales is not None else 0)
+        shape = (self.num_layers, 2, len(slots), self.num_heads, width)
+        if tuple(kv.shape) != shape or (self.scales is not None and kv.dtype != torch.int8):
+            raise ValueError(f"write_slots: kv {list(shape)} expected, got {list(kv.shape)} {kv.dtype}")
         idx = torch.tensor(slots, dtype=torch.long, device=self.device)
-        self._by_slot().index_copy_(2, idx, kv.to(device=self.device, dtype=self.dtype))
+        kv = kv.to(device=self.device)
+        if self.scales is not None:
+            sc = kv[..., self.head_dim:].contiguous().view(torch.float32)[..., 0]  # [L, 2, T, H]
+            self._scales_by_slot().index_copy_(2, idx, sc)
+            kv = kv[..., :self.head_dim]
+        self._by_slot().index_copy_(2, idx, kv.to(dtype=self.dtype))
 
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Plain-PyTorch KV write: row slots[t] of layer `layer` := k[t], v[t].
 
-        slots: [T] int64 flat slots; k, v: [T, H, D] in the cache's dtype, on its device.
+        slots: [T] int64 flat slots; k, v: [T, H, D] in the cache's dtype, on its device (an int8 cache: in the
+        model's dtype, quantized here by kv_quant.quantize_kv; slots < 0 write nothing, as ops.kv_store).
         """
         shape = (slots.shape[0], self.num_heads, self.head_dim)
         if slots.dim() != 1 or k.shape != shape or v.shape != shape:
             raise ValueError(f"store: slots [T], k and v {list(shape)} expected; got slots {list(slots.shape)}, "
                              f"k {list(k.shape)}, v {list(v.shape)}")
         rows = self.num_blocks * self.block_size
+        if self.scales is not None:
+            keep = (slots >= 0) & (slots < rows)
+            slots, k, v = slots[keep], k[keep], v[keep]
+            for i, x in ((0, k), (1, v)):
+                q, sc = quantize_kv(x)
+                self.data[layer, i].view(rows, self.num_heads, self.head_dim).index_copy_(0, slots, q)
+                self.scales[layer, i].view(rows, self.num_heads).index_copy_(0, slots, sc)
+            return
         self.k_cache(layer).view(rows, self.num_heads, self.head_dim).index_copy_(0, slots, k)
         self.v_cache(layer).view(rows, self.num_heads, self.head_dim).index_copy_(0, slots, v)
 
     @staticmethod
     def block_bytes(num_layers: int, block_size: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        """Bytes per block: num_layers * 2 (K, V) * block_size * num_heads * head_dim * itemsize."""
-        return num_layers * 2 * block_size * num_heads * head_dim * dtype.itemsize
+        """Bytes per block: num_layers * 2 (K, V) * block_size * num_heads * head_dim * itemsize (int8: + a 4-byte
+        scale per head)."""
+        per_head = head_dim + 4 if dtype == torch.int8 else head_dim * dtype.itemsize
+        return num_layers * 2 * block_size * num_heads * per_head
 
     @classmethod
     def num_blocks_for_budget(cls, budget_bytes: int, num_layers: int, block_size: int, num_heads: int,

@@ -11,13 +11,14 @@ from janus_rt.engine import benchmark
 
 
 def profile_decode_step(model, prompt, n, out: Path, layerwise: bool = False, steps: int = 3, phase_warmup: int = 4,
-                        steps_per_call: int = 8):
+                        steps_per_call: int = 8, kv_cache_dtype=None):
     """Trace `steps` decode steps (after a few warm-up steps, and one more under the profiler whose record is
     dropped: the first step after the profiler starts pays for waking the OpenMP threads and the profiler's own
     set-up, ~1 ms on a 2-core CPU) and print the per-op time breakdown, totals over those steps."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    eng = benchmark.image_engine(model, prompt, n, layerwise=layerwise, steps_per_call=steps_per_call)
+    eng = benchmark.image_engine(model, prompt, n, layerwise=layerwise, steps_per_call=steps_per_call,
+                                 kv_cache_dtype=kv_cache_dtype)
     for _ in range(4):
         if eng.has_work():
             eng.step()
@@ -47,7 +48,7 @@ def profile_decode_step(model, prompt, n, out: Path, layerwise: bool = False, st
     del eng, prof  # the phase timing's engine sizes its KV pool from the free memory: this one's pool goes first
     gc.collect()
     phases = decode_phase_times(model, prompt, n, layerwise=layerwise, warmup=phase_warmup,
-                                steps_per_call=steps_per_call)
+                                steps_per_call=steps_per_call, kv_cache_dtype=kv_cache_dtype)
     if phases:
         print(format_phase_table(phases))
         dtype = str(model.dtype).split(".")[-1]
@@ -56,18 +57,18 @@ def profile_decode_step(model, prompt, n, out: Path, layerwise: bool = False, st
 
 
 def decode_phase_times(model, prompt, n, steps: int = 8, layerwise: bool = False, warmup: int = 4,
-                       steps_per_call: int = 8) -> dict | None:
+                       steps_per_call: int = 8, kv_cache_dtype=None) -> dict | None:
     """Inside the csrc decoder layers: time each phase (cpu_step.decode_phase_timing) over `steps` decode steps of a
     fresh engine after `warmup` steps (`janus-rt bench --profile`: half its --tokens, the benchmark's mean context;
     no profiler running). Returns {steps, rows, context (mean tokens per row), calls, ms_per_step, phases: [{name,
     us_per_layer, pct_of_step, bytes_per_layer, gbs}], rest_ms_per_step}: bytes are a projection's weights, or for
     attention the K/V of every row's context (None for the other phases). None where the step does not run through
     the csrc decoder."""
-    from janus_rt import cpu_step
+    from janus_rt import cpu_ops, cpu_step
 
     if model.device.type != "cpu" or layerwise:
         return None
-    eng = benchmark.image_engine(model, prompt, n, steps_per_call=steps_per_call)
+    eng = benchmark.image_engine(model, prompt, n, steps_per_call=steps_per_call, kv_cache_dtype=kv_cache_dtype)
     if not eng.runner.uses_cpu_decoder():
         return None
     eng.step()  # prefill
@@ -89,12 +90,14 @@ def decode_phase_times(model, prompt, n, steps: int = 8, layerwise: bool = False
     if not done or not calls:
         return None
     layer = model.llm.layers[0]  # a projection phase reads its weight once per layer call
-    nbytes = {name: w.weight.numel() * isz for name, w in (
+    # a projection's bytes as held (Int8Weight: a byte a value and a scale a row)
+    held = lambda w: w.nbytes(w.N, w.K) if isinstance(w, cpu_ops.Int8Weight) else w.numel() * isz
+    nbytes = {name: held(w.weight) for name, w in (
         ("qkv_proj", layer.attn.qkv_proj), ("o_proj", layer.attn.o_proj), ("gate_up_proj", layer.mlp.gate_up_proj),
         ("down_proj", layer.mlp.down_proj))}
     # what the attention kernel reads: every row its whole context (the roofline counts blocks that rows share once,
     # roofline.decode_step_bytes_flops; here the rate of the kernel's own reads)
-    nbytes["attention"] = kv_tokens / done * 2 * c.num_kv_heads * c.head_dim * isz
+    nbytes["attention"] = kv_tokens / done * eng.cache.bytes_per_block / (c.num_layers * eng.cache.block_size)
     phases = []
     for name, sec in timed["seconds"].items():
         per = sec / calls

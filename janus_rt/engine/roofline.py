@@ -100,12 +100,15 @@ def peak_memory_gb(device) -> float:
     return float("nan")
 
 
-def decode_step_bytes_flops(model, rows: int, context: int, shared: tuple[int, int] = (0, 0)) -> tuple[float, float]:
+def decode_step_bytes_flops(model, rows: int, context: int, shared: tuple[int, int] = (0, 0),
+                            kv_dtype: torch.dtype | None = None) -> tuple[float, float]:
     """Bytes a decode step must read (LLM + gen head/aligner weights once, plus the KV cache it attends over) and its
     FLOPs, for `rows` rows of `context` cached tokens each. shared = (groups, tokens): the first `tokens` of every row
     sit in blocks that `groups` sets of rows share (an image request's cond and uncond prompts: 2 groups; whole
     blocks only), so they are stored, and must be read, once per group rather than once per row. FLOPs count every
-    row's full context."""
+    row's full context. kv_dtype: the cache's (default the model's; torch.int8: a byte a value + a 4-byte scale a
+    head, kv_cache.KVCache.block_bytes)."""
+    from janus_rt.engine.kv_cache import KVCache
     from janus_rt.models.packed_linear import packed_weight_nbytes, packed_weight_numel
 
     isz = model.dtype.itemsize
@@ -115,7 +118,7 @@ def decode_step_bytes_flops(model, rows: int, context: int, shared: tuple[int, i
     c = model.cfg.llm
     groups, prompt = shared
     kv_tokens = rows * context - (rows - groups) * prompt if groups else rows * context
-    kv = kv_tokens * c.num_layers * 2 * c.num_kv_heads * c.head_dim * isz
+    kv = kv_tokens * KVCache.block_bytes(c.num_layers, 1, c.num_kv_heads, c.head_dim, kv_dtype or model.dtype)
     weights = llm + packed_weight_numel(model.llm) + heads
     flops = 2 * weights * rows + rows * context * c.num_layers * 4 * c.num_heads * c.head_dim
     return (llm + heads) * isz + held + kv, flops

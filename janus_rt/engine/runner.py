@@ -23,7 +23,10 @@ class PrefillKV:
 
     def attend(self, layer: int, q, k, v):
         # q, k, v: [1, total, H, D] (all packed sequences start at position 0)
-        ops.kv_store(k[0], v[0], self.cache.k_cache(layer), self.cache.v_cache(layer), self.slot_mapping)
+        if self.cache.quantized:  # int8: quantized rows and scales (the attention below uses k, v as they are)
+            self.cache.store(layer, self.slot_mapping, k[0], v[0])
+        else:
+            ops.kv_store(k[0], v[0], self.cache.k_cache(layer), self.cache.v_cache(layer), self.slot_mapping)
         return ops.attention_varlen(q[0], k[0], v[0], self.cu_seqlens, self.max_seqlen, causal=True)[None]
 
 
@@ -36,6 +39,11 @@ class DecodeKV:
         # q, k, v: [R, 1, H, D], q and k not yet rotated (positions [R, 1]): RoPE and the KV store as one op (one
         # launch on the triton backend), then paged attention
         kc, vc = self.cache.k_cache(layer), self.cache.v_cache(layer)
+        if self.cache.quantized:  # int8 cache: RoPE, the quantized store, attention over int8 rows and scales
+            q, k = ops.rope(q[:, 0], k[:, 0], positions[:, 0], theta)
+            self.cache.store(layer, self.slot_mapping, k, v[:, 0].contiguous())
+            return ops.paged_decode_attention(q, kc, vc, self.block_tables, self.context_lens,
+                                              self.cache.k_scale(layer), self.cache.v_scale(layer))[:, None]
         q = ops.rope_kv_store(q[:, 0], k[:, 0], v[:, 0], positions[:, 0], theta, kc, vc, self.slot_mapping)
         return ops.paged_decode_attention(q, kc, vc, self.block_tables, self.context_lens)[:, None]
 

@@ -38,16 +38,22 @@ def heldout_captions(n: int, seed: int = 12345) -> list[str]:
 
 @torch.no_grad()
 def generate_images(model, tokenizer, caption: str, n: int, seed: int, cfg_weight: float = 5.0,
-                    temperature: float = 1.0) -> list:
-    """n PIL images for one caption: tokens [n, N] -> pixels [n, 3, S, S] -> RGB."""
+                    temperature: float = 1.0, kv_cache_dtype=None) -> list:
+    """n PIL images for one caption: tokens [n, N] -> pixels [n, 3, S, S] -> RGB. kv_cache_dtype: the engine's
+    (None: the model's; "int8")."""
+    from janus_rt.engine import Engine
+
     prompt_ids = encode_generation_prompt(tokenizer, caption)
+    kw = {} if kv_cache_dtype is None else {
+        "engine": Engine.for_requests(model, [(len(prompt_ids), n)], kv_cache_dtype=kv_cache_dtype)}
     tokens = model.generate_image_tokens(prompt_ids, n=n, seed=seed, cfg_weight=cfg_weight,
-                                         temperature=temperature)
+                                         temperature=temperature, **kw)
     return to_pil(model.decode_image_tokens(torch.as_tensor(tokens, dtype=torch.long)))
 
 
 def caption_scores(model, tokenizer, captions: list[str], n_per_caption: int = 4, seed: int = 0,
-                   cfg_weight: float = 5.0, temperature: float = 1.0) -> dict[str, list[list[float]]]:
+                   cfg_weight: float = 5.0, temperature: float = 1.0,
+                   kv_cache_dtype=None) -> dict[str, list[list[float]]]:
     """Per-image scores [len(captions)][n_per_caption] under "color_match" (caption_color_match) and "one_object"
     (1.0 where the caption's shape colour forms exactly one object); caption i samples with seed + i."""
     if n_per_caption < 1:
@@ -57,7 +63,8 @@ def caption_scores(model, tokenizer, captions: list[str], n_per_caption: int = 4
             raise ValueError(f"caption names no palette colour: {caption!r}")
     out = {"color_match": [], "one_object": []}
     for i, caption in enumerate(captions):
-        imgs = generate_images(model, tokenizer, caption, n_per_caption, seed + i, cfg_weight, temperature)
+        imgs = generate_images(model, tokenizer, caption, n_per_caption, seed + i, cfg_weight, temperature,
+                               kv_cache_dtype)
         out["color_match"].append([caption_color_match(im, caption) for im in imgs])
         out["one_object"].append([float(count_objects(im, caption_colors(caption)[0]) == 1) for im in imgs])
     return out
@@ -109,6 +116,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="the models' dtype")
     p.add_argument("--int8", action="store_true", help="the LLM's projections as weight-only int8 (needs bf16)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8"),
+                   help="the engine's KV cache (int8: rows + fp32 scales, CPU)")
     a = p.parse_args(argv)
     if a.int8 and a.dtype != "bf16":
         p.error("--int8 needs --dtype bf16")
@@ -123,12 +132,14 @@ def main(argv=None) -> list[dict]:
         except UsageError as e:
             p.error(str(e))
         t0 = time.perf_counter()
-        both = caption_scores(model, tok, captions, a.n_per_caption, a.seed, a.cfg, a.temperature)
+        both = caption_scores(model, tok, captions, a.n_per_caption, a.seed, a.cfg, a.temperature,
+                              None if a.kv_cache_dtype == "auto" else a.kv_cache_dtype)
         scores = both["color_match"]
         per_caption = np.mean(scores, axis=1)  # [n]; captions are the independent units
         n = len(per_caption)
         sem = round(float(np.std(per_caption, ddof=1)) / n**0.5, 4) if n > 1 else None
-        row = {"model": spec, "dtype": a.dtype, "int8": a.int8, "color_match": round(float(np.mean(scores)), 4), "stderr": sem,
+        row = {"model": spec, "dtype": a.dtype, "int8": a.int8, "kv_cache": a.kv_cache_dtype,
+               "color_match": round(float(np.mean(scores)), 4), "stderr": sem,
                "one_object": round(float(np.mean(both["one_object"])), 4),
                "captions": len(captions), "n_per_caption": a.n_per_caption, "cfg": a.cfg,
                "temperature": a.temperature, "seed": a.seed, "seconds": round(time.perf_counter() - t0, 1)}
