@@ -2,7 +2,8 @@
 
 vq_nearest: one image's 576 latents against the 16384 x 8 codebook. paged_decode_attention: 16 heads of 128,
 block 16, ~600 cached tokens (prompt + 576 image tokens), CFG batch of 2 and a batch of 16 (GB/s of K/V read;
-torch's SDPA on contiguous K/V is the "no paging" floor). kv_store: one decode step and one prefill.
+torch's SDPA on contiguous K/V is the "no paging" floor), fp32 and bf16 caches and the int8 cache (rows + a scale a
+head, `--kv-cache-dtype int8`; against the bf16 cache's time, bytes counted as held). kv_store: one decode step and one prefill.
 cfg_sample: image vocab 16384 with CFG, text vocab 102400 with top-p. mlp_gelu: the gen head (2048 -> 2048 -> 16384)
 for 32 rows in bf16, and the small benchmark shape's (512 -> 512 -> 16384, 8 rows, fp32).
 
@@ -50,6 +51,7 @@ def bench_vq() -> list[dict]:
 
 
 def bench_paged_attention() -> list[dict]:
+    from janus_rt.engine.kv_quant import quantize_kv
     from janus_rt.kernels.paged_attention import paged_decode_attention_ref
 
     rows = []
@@ -71,6 +73,12 @@ def bench_paged_attention() -> list[dict]:
             name = f"B{B} H{H} D{D} ctx{ctx} {str(dtype)[6:]}"
             rows.append(_row("paged_decode_attention", name, ours, ref, "ref (gather+softmax)", nbytes))
             rows.append(_row("paged_decode_attention", name, ours, sdpa, "SDPA contiguous", nbytes))
+            if dtype == torch.bfloat16:  # the same rows as an int8 cache, against this bf16 cache's time
+                (kq, ks), (vq, vs) = quantize_kv(k_cache), quantize_kv(v_cache)
+                int8 = best_time(lambda: cpu_ops.paged_decode_attention(q, kq, vq, block_tables, context_lens,
+                                                                        None, ks, vs))
+                rows.append(_row("paged_decode_attention", f"B{B} H{H} D{D} ctx{ctx} int8 KV, bf16 q", int8, ours,
+                                 "the bf16 cache", 2 * B * ctx * H * (D + 4)))
     return rows
 
 

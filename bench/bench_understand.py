@@ -49,17 +49,19 @@ def prefill_flops(model, prompt_len: int) -> float:
     return vis_flops + llm_flops + 2 * model.lm_head.weight.numel()
 
 
-def decode_bytes_flops(model, context: int) -> tuple[float, float]:
+def decode_bytes_flops(model, context: int, kv_dtype: torch.dtype | None = None) -> tuple[float, float]:
     """One text row's decode step: the LLM's weights (not the embedding) and the LM head read once, plus the row's
     K/V over `context` cached tokens; FLOPs alike. Projections held in place (packed, or int8: a byte a weight)
-    count as what they hold."""
+    count as what they hold; the K/V as the cache holds it (kv_dtype, default the model's; int8: + a scale a head)."""
+    from janus_rt.engine.kv_cache import KVCache
     from janus_rt.models.packed_linear import packed_weight_nbytes, packed_weight_numel
 
     c, isz = model.cfg.llm, model.dtype.itemsize
     w = sum(p.numel() for n, p in model.llm.named_parameters() if "embed_tokens" not in n) + model.lm_head.weight.numel()
     held, held_bytes = packed_weight_numel(model.llm), packed_weight_nbytes(model.llm)
     kv = context * c.num_layers * 2 * c.num_kv_heads * c.head_dim
-    return (w + kv) * isz + held_bytes, 2 * (w + held) + 2 * kv
+    kv_bytes = context * KVCache.block_bytes(c.num_layers, 1, c.num_kv_heads, c.head_dim, kv_dtype or model.dtype)
+    return w * isz + kv_bytes + held_bytes, 2 * (w + held) + 2 * kv
 
 
 def run_janus_rt(model, engine, ids, pixels, new_tokens: int) -> tuple[float, float, float, list[int]]:
@@ -145,7 +147,8 @@ def main(args) -> dict:
     # one engine for all of our runs, as a server holds one (making it packs the decoder weights: seconds at 1B)
     from janus_rt.engine import Engine
 
-    engine = Engine.for_requests(model, [(len(ids) + args.new_tokens, 0)])
+    engine = Engine.for_requests(model, [(len(ids) + args.new_tokens, 0)],
+                                 kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
     impls = {"janus_rt": lambda n: run_janus_rt(model, engine, ids, pixels, n)}
     if ref is not None:
         impls["transformers"] = lambda n: run_transformers(ref, model, ids, pixels, n)
@@ -163,6 +166,8 @@ def main(args) -> dict:
            "prompt_tokens": len(ids), "new_tokens": len(answers["janus_rt"])}
     if args.int8:
         row["weights"] = "int8 (LLM projections)"
+    if engine.cache.quantized:
+        row["kv_cache"] = "int8 (+ fp32 scale a head)"
     pf_flops = prefill_flops(model, len(ids))
     for name in impls:
         ttft = statistics.median(r[0] for r in runs[name])
@@ -175,7 +180,7 @@ def main(args) -> dict:
     # the decode step's roofline against the fastest bandwidth probe of the benchmark (a slow moment's probe would
     # flatter the fraction)
     best_bw = max(bw, *run_bw)
-    nbytes, flops = decode_bytes_flops(model, len(ids) + row["new_tokens"] // 2)
+    nbytes, flops = decode_bytes_flops(model, len(ids) + row["new_tokens"] // 2, engine.cache.dtype)
     roof_ms = 1e3 * max(nbytes / (best_bw * 1e9), flops / (peak * 1e9))
     row.update({"decode_roofline_ms": round(roof_ms, 2),
                 "decode_roofline_fraction": round(roof_ms / row["janus_rt_decode_ms_token"], 3),
@@ -209,6 +214,8 @@ def build_parser():
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--int8", action="store_true", help="janus_rt's LLM projections as weight-only int8 (CPU, bf16; "
                     "transformers keeps bf16 weights, so the answers may differ)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8"),
+                    help="janus_rt's KV cache (int8: rows + an fp32 scale a head; CPU)")
     ap.add_argument("--json", default=None, help="append the result row to this JSON-lines file")
     return ap
 

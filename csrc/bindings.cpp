@@ -22,6 +22,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("block_tables"), py::arg("context_lens"), py::arg("o"), py::arg("B"), py::arg("H"), py::arg("Hkv"),
         py::arg("D"), py::arg("num_blocks"), py::arg("block_size"), py::arg("max_blocks"), py::arg("sm_scale"),
         py::arg("k_scale") = 0, py::arg("v_scale") = 0);
+  m.def("kv_quantize", &jr::kv_quantize, release(), "rows -> int8 rows and fp32 scales (the int8 KV cache's)",
+        py::arg("x"), py::arg("dtype"), py::arg("q"), py::arg("scale"), py::arg("rows"), py::arg("D"));
   m.def("kv_store", &jr::kv_store, release(), "cache rows[slot_mapping[i]] = k[i], v[i]; slot < 0 skipped",
         py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"), py::arg("N"),
         py::arg("row_elems"), py::arg("elem_size"), py::arg("num_slots"));
@@ -80,7 +82,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("image_steps", &jr::image_steps, release(), "k decode steps of image rows (cpu_step.ImageStep.steps)",
         py::arg("plan"), py::arg("layers"), py::arg("L"), py::arg("k"), py::arg("tokens"), py::arg("positions"),
         py::arg("lens"), py::arg("slots"), py::arg("block_tables"), py::arg("max_blocks"), py::arg("seeds"),
-        py::arg("out"), py::arg("eps"), py::arg("final_eps"), py::arg("sm_scale"));
+        py::arg("out"), py::arg("eps"), py::arg("final_eps"), py::arg("sm_scale"), py::arg("layer_stride") = 8);
   m.def("image_steps_plan_len", &jr::image_steps_plan_len, "entries of image_steps' plan");
   m.def("stream_sum", &jr::stream_sum, release(), "sum of n fp32 at read bandwidth (the bench roofline probe)",
         py::arg("x"), py::arg("n"));

@@ -7,8 +7,9 @@
 // shape the ~15 wrapper calls per step, each from cold caches after the step's weight stream, took ~0.1-0.2 ms of a
 // ~6 ms step (bench/RESULTS.md).
 //   plan int64 [kPlanLen] (below): the batch's sizes, buffers and weights as integers, built once per batch by
-//   cpu_step.ImageStep; layers int64 [L, 10]: each layer's in_norm, qkv, o, post_norm, gate_up, down, k_cache, v_cache,
-//   k_scale, v_scale (0, 0 unless the cache is int8; cpu_step.DecodeStack). Per call: tokens int64 [n] (the first step's inputs); positions int64 [k, R]; lens int32
+//   cpu_step.ImageStep; layers int64 [L, layer_stride]: each layer's in_norm, qkv, o, post_norm, gate_up, down, k_cache,
+//   v_cache, and with layer_stride 10 an int8 cache's k_scale, v_scale (cpu_step.DecodeStack; 8, the default, is the
+//   table older builds read). Per call: tokens int64 [n] (the first step's inputs); positions int64 [k, R]; lens int32
 //   [k, R] (positions + 1); slots int64 [k, R]; block_tables int32 [R, max_blocks] covering every step's slots;
 //   seeds int64 [k, n] -> out int64 [k, n], step j's sampled tokens.
 #include <cstdint>
@@ -36,9 +37,10 @@ int64_t image_steps_plan_len() { return kPlanLen; }
 void image_steps(std::uintptr_t plan, std::uintptr_t layers, int64_t L, int64_t k, std::uintptr_t tokens,
                  std::uintptr_t positions, std::uintptr_t lens, std::uintptr_t slots, std::uintptr_t block_tables,
                  int64_t max_blocks, std::uintptr_t seeds, std::uintptr_t out, double eps, double final_eps,
-                 double sm_scale) {
+                 double sm_scale, int64_t layer_stride) {
   JR_CHECK(plan && layers && tokens && positions && lens && slots && block_tables && seeds && out, "null pointer");
   JR_CHECK(L >= 1 && k >= 1 && max_blocks >= 1, "need L, k, max_blocks >= 1");
+  JR_CHECK(layer_stride == 8 || layer_stride == 10, "layer_stride must be 8, or 10 with an int8 cache's scales");
   const int64_t* p = ptr<const int64_t>(plan);
   const int64_t* lay = ptr<const int64_t>(layers);
   const int dt = int(p[kDtype]);
@@ -54,14 +56,15 @@ void image_steps(std::uintptr_t plan, std::uintptr_t layers, int64_t L, int64_t 
     gather_rows(u(kCos), kF32, positions + 8 * R * j, u(kBufCos), kF32, R, D, p[kRopePositions]);
     gather_rows(u(kSin), kF32, positions + 8 * R * j, u(kBufSin), kF32, R, D, p[kRopePositions]);
     for (int64_t l = 0; l < L; ++l) {
-      const int64_t* w = lay + 10 * l;
+      const int64_t* w = lay + layer_stride * l;
+      const std::uintptr_t ks = layer_stride == 10 ? std::uintptr_t(w[8]) : 0;
+      const std::uintptr_t vs = layer_stride == 10 ? std::uintptr_t(w[9]) : 0;
       const bool last = l == L - 1;  // the final norm into the out buffer
       decode_layer(u(kBufH), dt, std::uintptr_t(w[0]), std::uintptr_t(w[1]), std::uintptr_t(w[2]),
                    std::uintptr_t(w[3]), std::uintptr_t(w[4]), std::uintptr_t(w[5]), std::uintptr_t(w[6]),
                    std::uintptr_t(w[7]), slots + 8 * R * j, block_tables, lens + 4 * R * j, u(kBufCos), u(kBufSin), R,
                    C, p[kHeads], p[kInter], p[kNumBlocks], p[kBlockSize], max_blocks, eps, sm_scale,
-                   last ? u(kFinalNorm) : 0, last ? u(kBufOut) : 0, final_eps, packed, std::uintptr_t(w[8]),
-                   std::uintptr_t(w[9]));
+                   last ? u(kFinalNorm) : 0, last ? u(kBufOut) : 0, final_eps, packed, ks, vs);
     }
     mlp_gelu(u(kBufOut), u(kHeadW1), u(kHeadB1), u(kHeadW2), u(kHeadB2), u(kBufLogits), dt, R, C, p[kHeadHidden], V,
              packed != 0, true);

@@ -10,27 +10,34 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "simd.h"
 
 namespace jr::kv8 {
 
-// q[0:D], *scale = x[0:D] quantized (x fp32, finite).
+// q[0:D], *scale = x[0:D] quantized (x fp32). A head holding a NaN or an infinity: scale NaN, q = 0 (it reads back
+// as NaN, as the float rows would; quantize_kv's rule).
 inline void quantize_head(const float* x, int8_t* q, float* scale, int64_t D) {
   using namespace simd;
   int64_t d = 0;
-  vf m = zero();
-  for (; d + kWidth <= D; d += kWidth) m = max(m, abs(load(x + d)));
-  float amax = 0.0f;
-  {
-    alignas(64) float lanes[kWidth];
-    store(lanes, m);
-    for (int i = 0; i < kWidth; ++i) amax = std::max(amax, lanes[i]);
+  vf m = zero(), z = zero();  // z: the sum of x * 0, NaN exactly where some x is not finite
+  for (; d + kWidth <= D; d += kWidth) {
+    const vf v = load(x + d);
+    m = max(m, abs(v));
+    z = add(z, mul(v, zero()));
   }
-  for (; d < D; ++d) amax = std::max(amax, std::fabs(x[d]));
-  const float s = amax * (1.0f / 127.0f);
+  float amax = 0.0f, zs = 0.0f;
+  {
+    alignas(64) float lanes[kWidth], zl[kWidth];
+    store(lanes, m);
+    store(zl, z);
+    for (int i = 0; i < kWidth; ++i) amax = std::max(amax, lanes[i]), zs += zl[i];
+  }
+  for (; d < D; ++d) amax = std::max(amax, std::fabs(x[d])), zs += x[d] * 0.0f;
+  const float s = zs == 0.0f ? amax * (1.0f / 127.0f) : std::numeric_limits<float>::quiet_NaN();
   *scale = s;
-  if (!(s > 0.0f)) {
+  if (!(s > 0.0f)) {  // all zero, or not finite
     std::fill(q, q + D, int8_t(0));
     return;
   }

@@ -13,6 +13,7 @@ void paged_decode_attention(ptr_t q, int q_dtype, ptr_t k_cache, ptr_t v_cache, 
                             ptr_t context_lens, ptr_t o, int64_t B, int64_t H, int64_t Hkv, int64_t D,
                             int64_t num_blocks, int64_t block_size, int64_t max_blocks, double sm_scale,
                             ptr_t k_scale, ptr_t v_scale);
+void kv_quantize(ptr_t x, int dtype, ptr_t q, ptr_t scale, int64_t rows, int64_t D);
 void kv_store(ptr_t k, ptr_t v, ptr_t k_cache, ptr_t v_cache, ptr_t slot_mapping, int64_t N, int64_t row_elems,
               int64_t elem_size, int64_t num_slots);
 void cfg_sample(ptr_t cond, ptr_t uncond, ptr_t cfg_weight, ptr_t temperature, ptr_t top_k, ptr_t top_p,
@@ -46,7 +47,7 @@ void rms_norm(ptr_t x, int64_t ldx, ptr_t residual, int64_t ldr, ptr_t weight, p
 void rope(ptr_t x, int64_t ldx, ptr_t cos, ptr_t sin, ptr_t out, int64_t R, int64_t H, int64_t D, int dtype);
 void image_steps(ptr_t plan, ptr_t layers, int64_t L, int64_t k, ptr_t tokens, ptr_t positions, ptr_t lens, ptr_t slots,
                  ptr_t block_tables, int64_t max_blocks, ptr_t seeds, ptr_t out, double eps, double final_eps,
-                 double sm_scale);
+                 double sm_scale, int64_t layer_stride);
 int64_t image_steps_plan_len();
 double stream_sum(ptr_t x, int64_t n);
 const char* simd_isa();

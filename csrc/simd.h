@@ -83,7 +83,6 @@ inline vf load_bf16(const uint16_t* p) {
   __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-// 2*kWidth bf16 read as kWidth 32-bit words: the low half of each word is the even element, the high half the odd.
 // kWidth int8 -> fp32 (exact); and back: lanes holding whole numbers in [-128, 127] stored as int8.
 inline vf load_i8(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
@@ -91,6 +90,7 @@ inline vf load_i8(const int8_t* p) {
 inline void store_i8(int8_t* p, vf a) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a)));
 }
+// 2*kWidth bf16 read as kWidth 32-bit words: the low half of each word is the even element, the high half the odd.
 inline void load_bf16_pairs(const uint16_t* p, vf& even, vf& odd) {
   __m512i w = _mm512_loadu_si512(p);
   even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));

@@ -192,6 +192,18 @@ def paged_decode_attention(
     return o
 
 
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] fp32 or bf16 -> (q int8 [..., D], scale fp32 [...]): the int8 KV cache's rows (csrc/kv_int8.h),
+    bit-identical to engine/kv_quant.quantize_kv, the PyTorch reference."""
+    _check_tensor(x, "x", _FP)
+    _check(x.dim() >= 1 and x.shape[-1] >= 1, "x needs a last dimension of at least one element")
+    q = torch.empty(x.shape, dtype=torch.int8)
+    scale = torch.empty(x.shape[:-1], dtype=torch.float32)
+    _ext().kv_quantize(x.data_ptr(), _DTYPE_CODE[x.dtype], q.data_ptr(), scale.data_ptr(), x.numel() // x.shape[-1],
+                       x.shape[-1])
+    return q, scale
+
+
 def kv_store(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:

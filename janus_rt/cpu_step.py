@@ -100,9 +100,9 @@ class DecodeStack:
                 ws = tuple(t.data if isinstance(t, PackedWeight) else PackedWeight(t).data if t.dim() == 2 else t
                            for t in ws)
             self._held.append((*ws, kc, vc, *scales))
-            sp = tuple(t.data_ptr() for t in scales) if scales else (0, 0)
-            self._ptrs.append(tuple(t.data_ptr() for t in (*ws, kc, vc)) + sp)  # 0, 0: not int8
-        self._layer_table = _array("q", [x for p in self._ptrs for x in p])  # [L, 10] for csrc image_steps
+            self._ptrs.append(tuple(t.data_ptr() for t in (*ws, kc, vc, *scales)))  # (+ k_scale, v_scale: int8)
+        # [L, 8] for csrc image_steps ([L, 10] with an int8 cache's scales; an older build, bench_ab's A side, reads 8)
+        self._layer_table = _array("q", [x for p in self._ptrs for x in p])
         self.eps = float(eps)
         self.final_norm = final_norm
         self.final_eps = self.eps if final_eps is None else float(final_eps)
@@ -151,7 +151,7 @@ class DecodeStack:
         last = len(self._ptrs) - 1
         for i, p in enumerate(self._ptrs):  # the C++ side re-checks the block tables against num_blocks every layer
             fin = (self.final_norm.data_ptr(), out) if i == last and out else (0, 0)
-            ext.decode_layer(h, code, *p[:8], *step, *fin, self.final_eps, self.weights_code, *p[8:])
+            ext.decode_layer(h, code, *p[:8], *step, *fin, self.final_eps, self.weights_code, *p[8:])  # (scales)
 
 
 class ImageStep:
@@ -306,7 +306,8 @@ class ImageStep:
         st = self.stack
         if not (self.loop_in_python or torch.autograd._profiler_enabled()):  # the k steps in one csrc call
             ext.image_steps(plan.buffer_info()[0], st._layer_table.buffer_info()[0], len(st._ptrs), k, tok_p, pos_p,
-                            lens_p, sl_p, bt_p, width, sd_p, out_p, st.eps, st.final_eps, 1.0 / math.sqrt(st.D))
+                            lens_p, sl_p, bt_p, width, sd_p, out_p, st.eps, st.final_eps, 1.0 / math.sqrt(st.D),
+                            *((len(st._ptrs[0]),) if st.kv_int8 else ()))  # the table's width: 10 with scales
             res = out.tolist()
             return [res[j * n:(j + 1) * n] for j in range(k)]
         # the same calls one by one: under torch.profiler (`janus-rt bench --profile`), each in its named range

@@ -327,3 +327,59 @@ def test_evaluate_runs_on_an_int8_cache(monkeypatch):
                           "--kv-cache-dtype", "int8"])
     assert rows[0]["kv_cache"] == "int8" and 0.0 <= rows[0]["color_match"] <= 1.0
     assert len(made) == 2 and all(e.cache.quantized for e in made)
+
+
+@needs_csrc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [1, 7, 16, 20, 128, 130])
+def test_csrc_quantizer_is_the_reference_bit_for_bit(dtype, D):
+    """csrc/kv_int8.h (cpu_ops.quantize_kv: the code decode_layer runs on a step's rows, and the prefill's store)
+    against kv_quant.quantize_kv on many rows: values at every scale, exact ties (x / s = k + 0.5), all-zero heads,
+    subnormal and huge maxima, and heads with a NaN or an infinity (scale NaN, q = 0 on both sides)."""
+    g = torch.Generator().manual_seed(D)
+    n = 4000
+    x = torch.randn(n, D, generator=g) * torch.exp(torch.randn(n, 1, generator=g) * 4)
+    ties = torch.randint(-126, 126, (200, D), generator=g).float() + 0.5  # with the max at 127: x / s = k + 0.5
+    ties[:, 0] = 127
+    x = torch.cat([x, ties * 0.37, torch.zeros(3, D), torch.full((2, D), 1e-40), torch.full((2, D), -3e38)])
+    special = torch.randn(4, D, generator=g)
+    special[0, D // 2], special[1, 0], special[2, -1], special[3, D // 3] = float("nan"), float("inf"), -float("inf"), 0
+    x = torch.cat([x, special]).to(dtype)
+    got_q, got_s = cpu_ops.quantize_kv(x)
+    want_q, want_s = quantize_kv(x)
+    assert torch.equal(got_q, want_q)
+    assert torch.equal(got_s, want_s) or torch.allclose(got_s, want_s, rtol=0, atol=0, equal_nan=True)
+    assert bool(got_s[-4:-1].isnan().all()) and not bool(got_s[-1].isnan()) and int(got_q[-4:-1].abs().sum()) == 0
+    if D > 1:  # ties exist only where x / s can land on k + 0.5
+        assert bool(((x[n:n + 200].float() / want_s[n:n + 200, None]).frac().abs() == 0.5).any())
+    rows = x.reshape(-1, 2, D) if x.shape[0] % 2 == 0 else x[:-1].reshape(-1, 2, D)  # [..., D] of any rank
+    assert torch.equal(cpu_ops.quantize_kv(rows)[0], quantize_kv(rows)[0])
+
+
+def test_reference_attention_handles_gqa_itself():
+    """kv_quant's reference reads cache head h // (H / Hkv) on its own: equal to the float reference on the
+    dequantized caches with the heads repeated."""
+    from janus_rt.kernels.paged_attention import paged_decode_attention_ref
+
+    kq, vq, ks, vs, bt, cl = _int8_paged(2, 2, 32, 16, [20, 7], seed=3)
+    q = torch.randn(2, 8, 32)
+    got = paged_decode_attention_int8_ref(q, kq, vq, ks, vs, bt, cl)
+    rep = lambda c, s: dequantize_kv(c, s).repeat_interleave(4, 2)
+    assert rel_err(got, paged_decode_attention_ref(q, rep(kq, ks), rep(vq, vs), bt, cl)) <= 1e-6
+    with pytest.raises(ValueError, match="multiple"):
+        paged_decode_attention_int8_ref(torch.randn(2, 3, 32), kq, vq, ks, vs, bt, cl)
+
+
+def test_bench_understand_int8_cache(tmp_path):
+    """bench/bench_understand.py --kv-cache-dtype int8: the engine's cache is int8, the row says so, and the decode
+    roofline counts the K/V at a byte a value plus a scale a head."""
+    import bench_scripts
+
+    bu = bench_scripts.load("bench_understand")
+    row = bu.main(bu.build_parser().parse_args(["--preset", "tiny", "--device", "cpu", "--new-tokens", "3",
+                                                "--repeats", "1", "--kv-cache-dtype", "int8", "--no-transformers"]))
+    assert row["kv_cache"].startswith("int8") and row["new_tokens"] >= 1
+    model = Janus.from_preset("tiny", seed=0)
+    c = model.cfg.llm
+    (b32, f32), (b8, f8) = bu.decode_bytes_flops(model, 100), bu.decode_bytes_flops(model, 100, torch.int8)
+    assert f8 == f32 and b32 - b8 == 100 * c.num_layers * 2 * c.num_kv_heads * (4 * c.head_dim - c.head_dim - 4)

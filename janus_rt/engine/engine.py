@@ -180,7 +180,7 @@ class Engine:
         rows = req.row_ids()
         slots = [self.bm.slots(rid) for rid in rows]
         with torch.inference_mode():
-            kv = self.cache.read_slots([s for row in slots for s in row])  # [L, 2, sum T, H, D]
+            kv = self.cache.read_slots([s for row in slots for s in row])  # [L, 2, sum T, H, D (int8: D + 4)]
         req.swapped = dict(zip(rows, kv.split([len(row) for row in slots], dim=2)))
 
     def _swap_in(self, req: Request) -> None:

@@ -168,7 +168,9 @@ class KVCache:
             keep = (slots >= 0) & (slots < rows)
             slots, k, v = slots[keep], k[keep], v[keep]
             for i, x in ((0, k), (1, v)):
-                q, sc = quantize_kv(x)
+                # csrc where it runs (the same bytes as the reference, tested; a 1B prefill's 24 layers faster)
+                fast = cpu_ops.available() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+                q, sc = cpu_ops.quantize_kv(x.contiguous()) if fast else quantize_kv(x)
                 self.data[layer, i].view(rows, self.num_heads, self.head_dim).index_copy_(0, slots, q)
                 self.scales[layer, i].view(rows, self.num_heads).index_copy_(0, slots, sc)
             return

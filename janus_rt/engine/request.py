@@ -71,7 +71,8 @@ class Request:
     finished: bool = False
     aborted: bool = False  # Engine.abort: dropped before finishing, its tokens so far kept
     preempted: bool = False  # waiting after a preemption: its rows' K/V comes back from `swapped`, blocks unshared
-    swapped: dict | None = None  # preempted: row id -> its K/V [L, 2, T, H, D] in host memory (KVCache.read_slots)
+    # preempted: row id -> its K/V [L, 2, T, H, D] in host memory (KVCache.read_slots; an int8 cache: D + 4 wide)
+    swapped: dict | None = None
     logits: list = field(default_factory=list)  # per step (cond [n, V], uncond [n, V]) when the engine records
     # time.perf_counter() when it was made (added), when its first token(s) and its last were sampled
     arrival_time: float = field(default_factory=time.perf_counter)
