@@ -2,7 +2,8 @@
 // with s = max|x| * fp32(1/127) and q = round-half-even(x / s) (s = 0 and q = 0 for an all-zero head). The same
 // operations as the PyTorch reference (engine/kv_quant.py: quantize_kv), so both write the same bytes: one fp32
 // multiply for s (torch turns a division by a Python number into a multiply by its reciprocal: so does this), an
-// fp32 division per value, ties to even. Used by decode_layer (the decode step's new K and V) and, through that reference, the prefill's store.
+// fp32 division per value, ties to even. Used by decode_layer (the decode step's new K and V) and the kv_quantize op
+// (kv_quantize.cpp: the prefill's store, kv_cache.KVCache.store).
 // Caches [num_blocks, block_size, H, D] int8 and scales [num_blocks, block_size, H] fp32; the attention
 // (paged_attention.h) folds the scales into the scores (K) and the softmax weights (V).
 #pragma once

@@ -197,8 +197,10 @@ inline void accumulate_v_rows(float* acc, const float* p, int64_t ph, int64_t pt
 // exp(x) for x <= 0 (softmax after the max is subtracted), 8 lanes: Cephes' expf (range reduction by ln 2 in two
 // parts, degree-5 polynomial, 2^n through the exponent bits), ~2 ulp. Below -87.3 (where 2^n would leave the
 // normal range) it returns exp(-87.3) ~ 1e-38 instead of a smaller number: nothing next to a softmax sum >= 1.
+// A NaN stays NaN (maxps returns its second operand when one is NaN), so a NaN score poisons its row's output, as
+// std::exp and torch's softmax do, instead of weighing ~1e-38.
 inline __m256 exp_neg(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), x);
   const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
   x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
   x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);

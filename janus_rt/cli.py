@@ -84,9 +84,9 @@ def _common(p, seed_help: str = "sampling seed (and a preset's random weights)",
                         "the memory, and faster decode steps on CPUs with AMX (slower without: measured on Zen 5), "
                         "at the quantization's error (implies --dtype bf16)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8"),
-                   help="CPU: int8 holds each cached K/V head as int8 with an fp32 scale (a bf16 cache's bytes x "
-                        "0.52, fp32's x 0.26: fewer bytes a decode step reads, more tokens a --kv-cache-gb holds), at "
-                        "the quantization's error; auto: the model's dtype")
+                   help="CPU: int8 holds each cached K/V head as int8 with an fp32 scale (Janus-Pro's 128-wide heads: "
+                        "a bf16 cache's bytes x 0.52, fp32's x 0.26: fewer bytes a decode step reads, more tokens a "
+                        "--kv-cache-gb holds), at the quantization's error; auto: the model's dtype")
 
 
 def _dtype(args):

@@ -160,7 +160,7 @@ def test_pack_in_place_int8_and_what_it_refuses(monkeypatch):
     for amx in (True, False):
         monkeypatch.setattr(cpu_ops, "amx_available", lambda: amx)
         said = pack_in_place(Janus.from_preset("tiny", seed=0, dtype=torch.bfloat16), int8=True)
-        assert ("no AMX" in said and "not time" in said) == (not amx), said
+        assert ("without AMX" in said and "not time" in said) == (not amx), said
 
 
 def test_cli_int8(tmp_path, capsys, monkeypatch):

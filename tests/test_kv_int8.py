@@ -383,3 +383,30 @@ def test_bench_understand_int8_cache(tmp_path):
     c = model.cfg.llm
     (b32, f32), (b8, f8) = bu.decode_bytes_flops(model, 100), bu.decode_bytes_flops(model, 100, torch.int8)
     assert f8 == f32 and b32 - b8 == 100 * c.num_layers * 2 * c.num_kv_heads * (4 * c.head_dim - c.head_dim - 4)
+
+
+@needs_csrc
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("ctx", [40, 7])  # 8-token vector scoring and exp; the scalar tail
+def test_a_non_finite_cached_value_poisons_its_heads_output_not_others(bad, ctx):
+    """A NaN or +inf in one cached K value: that row's query head reads NaN (float cache: its score; int8 cache: the
+    head's scale is NaN), every other head and row stays finite, on both caches and the reference. (The vector exp
+    had dropped a NaN score to weight ~1e-38, hiding it.)"""
+    g = torch.Generator().manual_seed(11)
+    B, H, D, bs = 3, 4, 32, 16
+    nblk = -(-ctx // bs)
+    k = torch.randn(B * nblk, bs, H, D, generator=g)
+    v = torch.randn(B * nblk, bs, H, D, generator=g)
+    bt = torch.arange(B * nblk, dtype=torch.int32).reshape(B, nblk)
+    cl = torch.full((B,), ctx, dtype=torch.int32)
+    q = torch.rand(B, H, D, generator=g) + 0.1  # positive: a +inf key scores +inf
+    k[bt[1, 0], 3, 2, 5] = bad  # row 1, token 3, head 2
+    (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+    outs = [cpu_ops.paged_decode_attention(q, k, v, bt, cl), cpu_ops.paged_decode_attention(q, kq, vq, bt, cl, None,
+                                                                                             ks, vs),
+            paged_decode_attention_int8_ref(q, kq, vq, ks, vs, bt, cl)]
+    for o in outs:
+        nan = o.isnan().any(-1)  # [B, H]
+        want = torch.zeros(B, H, dtype=torch.bool)
+        want[1, 2] = True
+        assert torch.equal(nan, want) and bool(torch.isfinite(o[~want]).all())

@@ -54,8 +54,8 @@ def add_bench_args(p):
                         "implies --dtype bf16; transformers keeps the bf16 weights, so its tokens are no longer the "
                         "same)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8"),
-                   help="CPU: int8 stores each cached K/V head as int8 with an fp32 scale (a bf16 cache's bytes x "
-                        "0.52, fp32's x 0.26); auto: the model's dtype")
+                   help="CPU: int8 stores each cached K/V head as int8 with an fp32 scale (128-wide heads: a bf16 "
+                        "cache's bytes x 0.52, fp32's x 0.26); auto: the model's dtype")
     p.add_argument("--json", default=None, help="append the result row to this JSON-lines file")
 
 

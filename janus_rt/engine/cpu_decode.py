@@ -70,9 +70,9 @@ def pack_in_place(model, always: bool = False, int8: bool = False) -> str | None
             raise UsageError(f"--int8: {e}") from None
         after = packed_weight_nbytes(model.llm)
         size = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
-        slower = ("" if cpu_ops.amx_available() else "; this CPU has no AMX: the int8 GEMV widens to bf16 in vector "
-                  "registers, measured slower than bf16 weights on a Zen 5 host (bench/RESULTS.md), so int8 saves "
-                  "memory here, not time")
+        slower = ("" if cpu_ops.amx_available() else "; the int8 GEMV runs without AMX here (none on this CPU, or "
+                  "turned off): it widens to bf16 in vector registers, measured slower than bf16 weights on a Zen 5 "
+                  "host (bench/RESULTS.md), so int8 saves memory here, not time")
         return (f"quantized the LLM's projections in place to weight-only int8 with per-row scales ({size(before)} -> "
                 f"{size(after)}; activations stay bf16; the model is now for CPU inference only{slower})")
 

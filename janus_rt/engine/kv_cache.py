@@ -157,7 +157,8 @@ class KVCache:
         """Plain-PyTorch KV write: row slots[t] of layer `layer` := k[t], v[t].
 
         slots: [T] int64 flat slots; k, v: [T, H, D] in the cache's dtype, on its device (an int8 cache: in the
-        model's dtype, quantized here by kv_quant.quantize_kv; slots < 0 write nothing, as ops.kv_store).
+        model's dtype, quantized here: cpu_ops.quantize_kv, or its reference kv_quant.quantize_kv without the
+        extension, the same bytes; slots < 0 write nothing, as ops.kv_store).
         """
         shape = (slots.shape[0], self.num_heads, self.head_dim)
         if slots.dim() != 1 or k.shape != shape or v.shape != shape:

@@ -1,5 +1,6 @@
 """The int8 KV cache's numbers, in plain PyTorch: the reference for csrc/kv_int8.h and the int8 path of
-csrc/paged_attention.h, and what the prefill (and any path without the extension) stores and reads.
+csrc/paged_attention.h, and what a path without the extension stores and reads (with it, the prefill's store runs
+the csrc quantizer, cpu_ops.quantize_kv: the same bytes).
 
 Each cached (token, head) row of D values x is held as D int8 values q and one fp32 scale s, x ~ q * s:
 s = max|x| * fp32(1/127), q = round-half-even(x / s) (fp32 division) in [-127, 127]; a row of zeros has s = 0, q = 0.
@@ -16,7 +17,8 @@ import torch
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] (any float dtype) -> (q int8 [..., D], scale fp32 [...]), csrc/kv_int8.h's operations. A head with
-    a NaN or an infinity gets scale NaN and q = 0: it reads back as NaN, as a float cache's would (not hidden)."""
+    a NaN or an infinity gets scale NaN and q = 0: the attention over it gives NaN for that head (not hidden; a
+    float cache's NaN does the same)."""
     xf = x.float()
     scale = xf.abs().amax(dim=-1) * (1.0 / 127)
     bad = ~torch.isfinite(xf).all(dim=-1)
