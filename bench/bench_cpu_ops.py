@@ -3,7 +3,8 @@
 vq_nearest: one image's 576 latents against the 16384 x 8 codebook. paged_decode_attention: 16 heads of 128,
 block 16, ~600 cached tokens (prompt + 576 image tokens), CFG batch of 2 and a batch of 16 (GB/s of K/V read;
 torch's SDPA on contiguous K/V is the "no paging" floor), fp32 and bf16 caches and the int8 cache (rows + a scale a
-head, `--kv-cache-dtype int8`; against the bf16 cache's time, bytes counted as held). kv_store: one decode step and one prefill.
+head, `--kv-cache-dtype int8`; against the bf16 cache's time, bytes counted as held). kv_store: one decode step and
+one prefill.
 cfg_sample: image vocab 16384 with CFG, text vocab 102400 with top-p. mlp_gelu: the gen head (2048 -> 2048 -> 16384)
 for 32 rows in bf16, and the small benchmark shape's (512 -> 512 -> 16384, 8 rows, fp32).
 

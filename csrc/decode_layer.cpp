@@ -7,7 +7,8 @@
 // once by cpu_step.DecodeStack; bf16 on AVX512_BF16 CPUs only; `packed` 2: those four int8 with row scales in
 // int8_gemv.h's layout, T bf16), caches [num_blocks, block_size, H, D] in T, T = fp32 or
 // bf16, or int8 with fp32 scales k_scale, v_scale [num_blocks, block_size, H] (kv_int8.h: the new K, V rows quantized
-// from the values the T cache would hold); cos/sin fp32 [R, D] (the rotary tables of each row's position, already rounded to T). MHA only (Janus-Pro).
+// from the values the T cache would hold); cos/sin fp32 [R, D] (the rotary tables of each row's position, already
+// rounded to T). MHA only (Janus-Pro).
 //
 // Why one call: on the 2-core CPU a decode step of the small model spent about as long in the ~15 small torch ops
 // and Python around each layer as in its four GEMVs. Here every phase is an `omp for` of the same team, so a

@@ -7,10 +7,10 @@
 // shape the ~15 wrapper calls per step, each from cold caches after the step's weight stream, took ~0.1-0.2 ms of a
 // ~6 ms step (bench/RESULTS.md).
 //   plan int64 [kPlanLen] (below): the batch's sizes, buffers and weights as integers, built once per batch by
-//   cpu_step.ImageStep; layers int64 [L, layer_stride]: each layer's in_norm, qkv, o, post_norm, gate_up, down, k_cache,
-//   v_cache, and with layer_stride 10 an int8 cache's k_scale, v_scale (cpu_step.DecodeStack; 8, the default, is the
-//   table older builds read). Per call: tokens int64 [n] (the first step's inputs); positions int64 [k, R]; lens int32
-//   [k, R] (positions + 1); slots int64 [k, R]; block_tables int32 [R, max_blocks] covering every step's slots;
+//   cpu_step.ImageStep; layers int64 [L, layer_stride]: each layer's in_norm, qkv, o, post_norm, gate_up, down,
+//   k_cache, v_cache, and with layer_stride 10 an int8 cache's k_scale, v_scale (cpu_step.DecodeStack; 8, the default,
+//   is the table older builds read). Per call: tokens int64 [n] (the first step's inputs); positions int64 [k, R];
+//   lens int32 [k, R] (positions + 1); slots int64 [k, R]; block_tables int32 [R, max_blocks] covering every step's slots;
 //   seeds int64 [k, n] -> out int64 [k, n], step j's sampled tokens.
 #include <cstdint>
 

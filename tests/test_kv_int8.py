@@ -197,7 +197,8 @@ def test_decode_layer_int8_cache(dtype, packed, monkeypatch):
         cpu_step.DecodeStack([(layer.input_norm.weight, layer.attn.qkv_proj.weight, layer.attn.o_proj.weight,
                                layer.post_attn_norm.weight, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)],
                              [(int8[1].k_cache(0), int8[1].v_cache(0), int8[1].k_scale(0), int8[1].v_scale(0))],
-                             layer.input_norm.eps, packed=packed)(out, slots, tables, (pos + 1).to(torch.int32), cos, sin)
+                             layer.input_norm.eps, packed=packed)(out, slots, tables, (pos + 1).to(torch.int32), cos,
+                                                                  sin)
     want_q, want_s = quantize_kv(float_cache.data)  # the torch path: its float rows, quantized
     assert torch.equal(int8[0].data, want_q) and torch.equal(int8[0].scales, want_s)
     csrc_float = _float_cache(cache)
@@ -206,7 +207,8 @@ def test_decode_layer_int8_cache(dtype, packed, monkeypatch):
     assert torch.equal(int8[1].data, want_q) and torch.equal(int8[1].scales, want_s)
     new = torch.zeros(cache.num_blocks * cache.block_size, dtype=torch.bool)
     new[slots] = True
-    assert not torch.equal(int8[1].k_cache(0).reshape(-1, 3, d)[new], quantize_kv(cache.data)[0][0, 0].reshape(-1, 3, d)[new])
+    before = quantize_kv(cache.data)[0][0, 0].reshape(-1, 3, d)
+    assert not torch.equal(int8[1].k_cache(0).reshape(-1, 3, d)[new], before[new])  # the step's rows were written
     tol = 1e-5 if dtype == torch.float32 else 2**-7
     assert max_err(out, ref) <= tol * ref.abs().max()
     # and the int8 cache moves the output away from the float cache's by about the quantization's error only
