@@ -412,3 +412,30 @@ def test_a_non_finite_cached_value_poisons_its_heads_output_not_others(bad, ctx)
         want = torch.zeros(B, H, dtype=torch.bool)
         want[1, 2] = True
         assert torch.equal(nan, want) and bool(torch.isfinite(o[~want]).all())
+
+
+def test_serve_and_understand_take_the_int8_cache(tmp_path, capsys, monkeypatch):
+    """`janus-rt serve --kv-cache-dtype int8`: the server's engine holds an int8 cache; `understand` answers on one."""
+    import argparse
+
+    from PIL import Image
+
+    from janus_rt.cli import make_server
+
+    args = argparse.Namespace(model="tiny", device="cpu", dtype=None, seed=0, kv_cache_gb=0.01, host="127.0.0.1",
+                              port=0, memory_fraction=0.3, int8=False, kv_cache_dtype="int8")
+    srv, _ = make_server(args)
+    try:
+        assert srv.bg.engine.cache.quantized
+    finally:
+        srv.server_close()
+        srv.bg.close()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
+    made = []
+    real = Engine.for_requests.__func__
+    monkeypatch.setattr(Engine, "for_requests",
+                        classmethod(lambda cls, *a, **k: made.append(real(cls, *a, **k)) or made[-1]))
+    main(["understand", "--model", "tiny", "--image", str(tmp_path / "red.png"), "--question", "colour?",
+          "--max-new-tokens", "3", "--kv-cache-dtype", "int8"])
+    assert "tokens in" in capsys.readouterr().err
+    assert len(made) == 1 and made[0].cache.quantized
