@@ -607,7 +607,8 @@ def test_bench_understand_runs_against_transformers(tmp_path):
     assert row["prompt_tokens"] == 1 + 40 + 2 + 20 + Janus.from_preset("tiny").cfg.vision.num_patches
     for name in ("janus_rt", "transformers"):
         assert row[f"{name}_first_token_s"] > 0 and row[f"{name}_decode_ms_token"] > 0
-        assert row[f"{name}_total_s"] > row[f"{name}_first_token_s"]
+        # (the row rounds seconds to 1 ms: the tiny model's whole answer can tie its first token, 0.004 = 0.004)
+        assert row[f"{name}_total_s"] >= row[f"{name}_first_token_s"]
     assert row["decode_roofline_ms"] > 0 and row["decode_roofline_fraction"] > 0
 
 
