@@ -292,7 +292,7 @@ def main(args):
     fractions = [roof(b) / ms for b, (_, ms) in zip(run_bw, ours)]
     row = {
         "date": time.strftime("%Y-%m-%d"), "device": dev_name, "model": what, "dtype": str(dtype).split(".")[-1],
-        "n": n, "tokens": args.tokens, "janus_rt_s": round(t_ours, 3), "janus_rt_setup_s": round(setup_s, 3),
+        "n": n, "tokens": args.tokens, "janus_rt_s": round(t_ours, 3), "janus_rt_setup_s": round(setup_s, 4),
         "janus_rt_tok_s": round(n * args.tokens / t_ours, 1), "janus_rt_ms_step": round(ms_ours, 2),
         "janus_rt_ms_steps": [round(x[1], 2) for x in ours], "warmup_tokens": warm,
         "janus_rt_peak_gb": round(our_peak, 2), "roofline_ms_step": round(roof(statistics.median(run_bw)), 2),
