@@ -232,6 +232,19 @@ def kv_store(k, v, k_cache, v_cache, slot_mapping):
     return kv_store_ref(k, v, k_cache, v_cache, slot_mapping)
 
 
+def quantize_kv(x):
+    """x [..., D] -> (int8 [..., D], fp32 scale [...]): rows as the int8 KV cache holds them. The cpu backend runs
+    csrc/kv_int8.h (fp32 / bf16 CPU tensors), the others engine/kv_quant.py's reference: the same bytes."""
+    if _use_cpu_kernels(x) and x.dtype in (torch.float32, torch.bfloat16):
+        from janus_rt import cpu_ops
+
+        with _scope("janus_rt::cpu_kv_quantize"):
+            return cpu_ops.quantize_kv(x.contiguous())
+    from janus_rt.engine.kv_quant import quantize_kv as quantize_kv_ref
+
+    return quantize_kv_ref(x)
+
+
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, causal: bool):
     """Packed sequences, no attention across them. q, k, v: [total, H, D]; cu_seqlens: int32 [n + 1]."""
     if _backend == "triton":

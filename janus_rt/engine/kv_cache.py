@@ -14,8 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
-from janus_rt import cpu_ops
-from janus_rt.engine.kv_quant import quantize_kv
+from janus_rt import cpu_ops, ops
 from janus_rt.errors import UsageError
 
 
@@ -157,8 +156,7 @@ class KVCache:
         """Plain-PyTorch KV write: row slots[t] of layer `layer` := k[t], v[t].
 
         slots: [T] int64 flat slots; k, v: [T, H, D] in the cache's dtype, on its device (an int8 cache: in the
-        model's dtype, quantized here: cpu_ops.quantize_kv, or its reference kv_quant.quantize_kv without the
-        extension, the same bytes; slots < 0 write nothing, as ops.kv_store).
+        model's dtype, quantized here by ops.quantize_kv; slots < 0 write nothing, as ops.kv_store).
         """
         shape = (slots.shape[0], self.num_heads, self.head_dim)
         if slots.dim() != 1 or k.shape != shape or v.shape != shape:
@@ -169,9 +167,7 @@ class KVCache:
             keep = (slots >= 0) & (slots < rows)
             slots, k, v = slots[keep], k[keep], v[keep]
             for i, x in ((0, k), (1, v)):
-                # csrc where it runs (the same bytes as the reference, tested; a 1B prefill's 24 layers faster)
-                fast = cpu_ops.available() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-                q, sc = cpu_ops.quantize_kv(x.contiguous()) if fast else quantize_kv(x)
+                q, sc = ops.quantize_kv(x)
                 self.data[layer, i].view(rows, self.num_heads, self.head_dim).index_copy_(0, slots, q)
                 self.scales[layer, i].view(rows, self.num_heads).index_copy_(0, slots, sc)
             return

@@ -1,6 +1,6 @@
 """The int8 KV cache's numbers, in plain PyTorch: the reference for csrc/kv_int8.h and the int8 path of
-csrc/paged_attention.h, and what a path without the extension stores and reads (with it, the prefill's store runs
-the csrc quantizer, cpu_ops.quantize_kv: the same bytes).
+csrc/paged_attention.h, and what a path without the extension stores and reads (ops.quantize_kv runs the csrc
+quantizer on the cpu backend: the same bytes).
 
 Each cached (token, head) row of D values x is held as D int8 values q and one fp32 scale s, x ~ q * s:
 s = max|x| * fp32(1/127), q = round-half-even(x / s) (fp32 division) in [-127, 127]; a row of zeros has s = 0, q = 0.
