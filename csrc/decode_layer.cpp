@@ -172,16 +172,17 @@ void run_layer(T* h, const Layer<T>& L) {
       act::round_to<T>(kh, D);
       rotary::rope_head(qh, L.cos + r * D, L.sin + r * D, &q[r * C + hd * D], D, tmp.data());
       const int64_t s = L.slots[r];
-      if (s >= 0 && s < L.num_slots && L.k_scale) {  // int8: quantize the values a T cache would hold
-        rotary::rope_head(kh, L.cos + r * D, L.sin + r * D, krow.data(), D, tmp.data());  // tmp: k's rounded values
-        kv8::quantize_head(tmp.data(), static_cast<int8_t*>(L.k_cache) + (s * H + hd) * D, L.k_scale + s * H + hd, D);
+      if (s >= 0 && s < L.num_slots) {  // padding rows (slot < 0) write nothing, as kv_store
+        const int64_t at = (s * H + hd) * D;
         act::round_to<T>(vh, D);
-        kv8::quantize_head(vh, static_cast<int8_t*>(L.v_cache) + (s * H + hd) * D, L.v_scale + s * H + hd, D);
-      } else if (s >= 0 && s < L.num_slots) {  // padding rows (slot < 0) write nothing, as kv_store
-        rotary::rope_head(kh, L.cos + r * D, L.sin + r * D, static_cast<T*>(L.k_cache) + (s * H + hd) * D, D,
-                          tmp.data());
-        act::round_to<T>(vh, D);
-        act::store_values(vh, static_cast<T*>(L.v_cache) + (s * H + hd) * D, D);
+        if (L.k_scale) {  // int8: quantize the values a T cache would hold (tmp: k's rounded values after RoPE)
+          rotary::rope_head(kh, L.cos + r * D, L.sin + r * D, krow.data(), D, tmp.data());
+          kv8::quantize_head(tmp.data(), static_cast<int8_t*>(L.k_cache) + at, L.k_scale + s * H + hd, D);
+          kv8::quantize_head(vh, static_cast<int8_t*>(L.v_cache) + at, L.v_scale + s * H + hd, D);
+        } else {
+          rotary::rope_head(kh, L.cos + r * D, L.sin + r * D, static_cast<T*>(L.k_cache) + at, D, tmp.data());
+          act::store_values(vh, static_cast<T*>(L.v_cache) + at, D);
+        }
       }
     }
     clock.mark(kRopeStore);

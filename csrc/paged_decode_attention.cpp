@@ -48,7 +48,7 @@ void paged_decode_attention(std::uintptr_t q, int q_dtype, std::uintptr_t k_cach
   JR_CHECK(num_blocks >= 1 && block_size >= 1 && max_blocks >= 1, "num_blocks, block_size, max_blocks must be >= 1");
   JR_CHECK(q_dtype == kF32 || q_dtype == kBF16, "q dtype must be fp32 or bf16");
   JR_CHECK(kv_dtype == kF32 || kv_dtype == kBF16 || kv_dtype == kInt8KV, "cache dtype must be fp32, bf16 or int8");
-  JR_CHECK((kv_dtype == kInt8KV) == (k_scale && v_scale) && (k_scale != 0) == (v_scale != 0),
+  JR_CHECK((k_scale != 0) == (kv_dtype == kInt8KV) && (v_scale != 0) == (kv_dtype == kInt8KV),
            "an int8 cache needs both scale pointers, and only an int8 cache takes them");
   const float* ks = ptr<const float>(k_scale);
   const float* vs = ptr<const float>(v_scale);
