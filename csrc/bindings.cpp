@@ -59,6 +59,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("w"), py::arg("wp"), py::arg("N"), py::arg("K"), py::arg("dtype"));
   m.def("pack_int8", &jr::pack_int8, release(), "wp = int8 Q [N, K] and its fp32 row scales in the int8 GEMV's layout",
         py::arg("q"), py::arg("scales"), py::arg("wp"), py::arg("N"), py::arg("K"));
+  m.def("pack_w8a8", &jr::pack_w8a8, release(), "wp = int8 Q [N, K] (offset by 128) and its fp32 row scales in the "
+        "W8A8 GEMV's layout", py::arg("q"), py::arg("scales"), py::arg("wp"), py::arg("N"), py::arg("K"));
   m.def("linear_packed", &jr::linear_packed, release(), "y[M, N] = x[M, K] @ W^T (+ bias), W packed, x in W's dtype",
         py::arg("x"), py::arg("wp"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("N"), py::arg("K"),
         py::arg("dtype"));

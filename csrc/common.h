@@ -15,6 +15,9 @@ enum DType : int { kF32 = 0, kBF16 = 1 };
 constexpr int kInt8W = 2;
 // The KV cache code for int8 elements with one fp32 scale per (token, head) beside them (kv_int8.h).
 constexpr int kInt8KV = 3;
+// The packed ops' weight code for W8A8: kInt8W's weights (offset by 128) with x quantized to int8 per row and group
+// of 512 columns (w8a8_gemv.h, AVX512-VNNI).
+constexpr int kW8A8 = 4;
 
 // pybind11 turns std::invalid_argument into ValueError, so a bad size from Python reads like the accessor's own checks.
 #define JR_CHECK(cond, msg)                                                        \

@@ -5,7 +5,7 @@
 //   and for the model's last layer (final_norm not null) also out [R, C] (T) = RMSNorm(h) with final_norm
 // Weights [out, in] in T (with `packed` 1: qkv, o, gate_up and down in packed_gemv.h's strip layout instead, packed
 // once by cpu_step.DecodeStack; bf16 on AVX512_BF16 CPUs only; `packed` 2: those four int8 with row scales in
-// int8_gemv.h's layout, T bf16), caches [num_blocks, block_size, H, D] in T, T = fp32 or
+// int8_gemv.h's layout, T bf16; `packed` 4: W8A8, w8a8_gemv.h, T bf16), caches [num_blocks, block_size, H, D] in T, T = fp32 or
 // bf16, or int8 with fp32 scales k_scale, v_scale [num_blocks, block_size, H] (kv_int8.h: the new K, V rows quantized
 // from the values the T cache would hold); cos/sin fp32 [R, D] (the rotary tables of each row's position, already
 // rounded to T). MHA only (Janus-Pro).
@@ -28,6 +28,7 @@
 #include "common.h"
 #include "gemv.h"
 #include "int8_gemv.h"
+#include "w8a8_gemv.h"
 #include "kv_int8.h"
 #include "packed_gemv.h"
 #include "paged_attention.h"
@@ -90,7 +91,8 @@ struct Layer {
   const T* final_norm;  // the model's last layer: out = RMSNorm(h) with this weight (null for other layers)
   T* out;
   float final_eps;
-  int packed;  // qkv, o, gate_up, down: 0 [N, K] in T, 1 packed (packed_gemv.h), 2 int8 packed (int8_gemv.h)
+  int packed;  // qkv, o, gate_up, down: 0 [N, K] in T, 1 packed (packed_gemv.h), 2 int8 packed (int8_gemv.h),
+              // 4 W8A8 (w8a8_gemv.h)
 };
 
 // y [R, N] = xp @ W^T for one of the layer's weights, through the GEMV its layout needs (inside the region).
@@ -100,6 +102,9 @@ inline void layer_gemv(const Layer<T>& L, const T* w, const gemv::xpack_t<T>* xp
   if constexpr (int8w::available() && std::is_same_v<T, uint16_t>) {
     if (L.packed == kInt8W)
       return int8w::gemv_for(reinterpret_cast<const int8_t*>(w), xp, ldx, nullptr, y, L.R, N, K);
+  }
+  if constexpr (w8a8::available() && std::is_same_v<T, uint16_t> && std::is_same_v<gemv::xpack_t<T>, uint16_t>) {
+    if (L.packed == kW8A8) return w8a8::gemv_for(reinterpret_cast<const uint8_t*>(w), xp, ldx, nullptr, y, L.R, N, K);
   }
   packed::gemv_for_layout(L.packed != 0, w, xp, ldx, nullptr, y, L.R, N, K);
 }
@@ -276,10 +281,12 @@ void decode_layer(std::uintptr_t h, int dtype, std::uintptr_t in_norm, std::uint
   const int32_t* bt = ptr<const int32_t>(block_tables);
   const int32_t* cl = ptr<const int32_t>(context_lens);
   JR_CHECK(!final_norm || out, "final_norm needs an output pointer");
-  JR_CHECK(packed >= 0 && packed <= kInt8W, "packed must be 0, 1 or 2 (int8)");
+  JR_CHECK((packed >= 0 && packed <= kInt8W) || packed == kW8A8, "packed must be 0, 1, 2 (int8) or 4 (W8A8)");
   JR_CHECK(!packed || dtype == kF32 || (simd::kHaveBf16Dot && C % 2 == 0 && I % 2 == 0),
            "packed bf16 weights need an AVX512_BF16 build and even C and I");
   JR_CHECK(packed != kInt8W || (dtype == kBF16 && int8w::available()), "int8 weights need bf16 x and AVX512_BF16");
+  JR_CHECK(packed != kW8A8 || (dtype == kBF16 && w8a8::available() && simd::kHaveBf16Dot),
+           "W8A8 weights need bf16 x, AVX512_VNNI and AVX512_BF16");
   JR_CHECK((k_scale != 0) == (v_scale != 0), "an int8 cache needs both k_scale and v_scale");
   attn::check_tables(bt, cl, R, num_blocks, block_size, max_blocks);
   auto run = [&](auto* hp) {

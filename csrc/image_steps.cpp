@@ -44,7 +44,7 @@ void image_steps(std::uintptr_t plan, std::uintptr_t layers, int64_t L, int64_t 
   const int64_t* p = ptr<const int64_t>(plan);
   const int64_t* lay = ptr<const int64_t>(layers);
   const int dt = int(p[kDtype]);
-  const int packed = int(p[kPacked]);  // the layers' (2: int8); the adaptors' are packed bf16 then
+  const int packed = int(p[kPacked]);  // the layers' (2: int8, 4: W8A8); the adaptors' are packed bf16 then
   const int64_t R = p[kRows], n = p[kImages], C = p[kHidden], D = p[kHeadDim], V = p[kVocab];
   auto u = [&](Plan i) { return std::uintptr_t(p[i]); };
   for (int64_t j = 0; j < k; ++j) {

@@ -41,6 +41,7 @@ std::tuple<int64_t, int64_t, int64_t> packed_layout(int dtype);  // (columns a s
 void pack_weight(ptr_t w, ptr_t wp, int64_t N, int64_t K, int dtype);
 void linear_packed(ptr_t x, ptr_t wp, ptr_t bias, ptr_t y, int64_t M, int64_t N, int64_t K, int dtype);
 void pack_int8(ptr_t q, ptr_t scales, ptr_t wp, int64_t N, int64_t K);
+void pack_w8a8(ptr_t q, ptr_t scales, ptr_t wp, int64_t N, int64_t K);
 void swiglu(ptr_t gate, int64_t ldg, ptr_t up, int64_t ldu, ptr_t out, int64_t R, int64_t n, int dtype);
 void rms_norm(ptr_t x, int64_t ldx, ptr_t residual, int64_t ldr, ptr_t weight, ptr_t out, ptr_t h_out, int64_t R,
               int64_t C, double eps, int dtype);

@@ -12,6 +12,8 @@ import torch
 
 from janus_rt.errors import UsageError
 
+INT8_MODES = ("weights", "w8a8")  # --int8's values: models.packed_linear.INT8_MODES (not imported at start-up)
+
 # The embedded default: the tiny preset trained by janus_rt on its synthetic shapes (see its README); offline.
 DEFAULT_MODEL = str(Path(__file__).parent / "assets" / "tiny-shapes")
 
@@ -79,10 +81,12 @@ def _common(p, seed_help: str = "sampling seed (and a preset's random weights)",
                         "(Janus-Pro's published weights), else fp32 (fp16: GPU only)")
     p.add_argument("--seed", type=int, default=0, help=seed_help)
     p.add_argument("--kv-cache-gb", type=float, default=None, help=kv_help)
-    p.add_argument("--int8", action="store_true",
-                   help="CPU: hold the LLM's projections as weight-only int8 (per-row scales; bf16 activations): half "
-                        "the memory, and faster decode steps on CPUs with AMX (slower without: measured on Zen 5), "
-                        "at the quantization's error (implies --dtype bf16)")
+    p.add_argument("--int8", nargs="?", const="weights", default=None, choices=INT8_MODES,
+                   help="CPU: hold the LLM's projections as int8 (per-row scales; implies --dtype bf16), at the "
+                        "quantization's error. --int8 (weights): bf16 activations; half the memory, faster decode "
+                        "steps on CPUs with AMX (slower without: measured on Zen 5). --int8 w8a8: the activations too "
+                        "rounded to int8 per row and group of 512 in each GEMV (AVX512-VNNI): faster decode steps on "
+                        "CPUs without AMX (Zen 4/5), at both roundings' error")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8"),
                    help="CPU: int8 holds each cached K/V head as int8 with an fp32 scale (Janus-Pro's 128-wide heads: "
                         "a bf16 cache's bytes x 0.52, fp32's x 0.26: fewer bytes a decode step reads, more tokens a "
@@ -187,6 +191,11 @@ def _kv_checks(args, cuda: bool):
              "--kv-cache-dtype int8 is the CPU's (csrc kernels); on a GPU leave it out")]
 
 
+def _weights_label(args) -> str:
+    """What --int8 held the LLM's projections as, for the PNGs' info."""
+    return "int8 weights, int8 activations (W8A8)" if args.int8 == "w8a8" else "int8"
+
+
 def _int8_checks(args, cuda: bool):
     """--int8's checks (generate, understand, serve, bench), before any model loads."""
     from janus_rt import cpu_ops
@@ -194,12 +203,15 @@ def _int8_checks(args, cuda: bool):
 
     if not args.int8:
         return []
+    w8a8 = args.int8 == "w8a8"
     try:
         packed_off, why = packed_setting() is False, "JANUS_RT_PACKED=0 turns off the packed GEMVs, which int8 runs on"
     except ValueError as e:  # JANUS_RT_PACKED set to something else
         packed_off, why = True, str(e)
     return [(not cuda, "--int8 is the CPU's int8 GEMV; on a GPU leave it out"),
             (cpu_ops.int8_available(), "--int8: this build has no int8 GEMV (it needs a CPU with AVX512_BF16)"),
+            (not w8a8 or cpu_ops.w8a8_available(),
+             "--int8 w8a8: this build has no W8A8 GEMV (it needs a CPU with AVX512_VNNI); try --int8"),
             (args.dtype is None or DTYPES[args.dtype] == torch.bfloat16,
              f"--int8 takes bf16 activations, not --dtype {args.dtype}"),
             (not packed_off, f"--int8: {why}")]
@@ -279,7 +291,7 @@ def cmd_generate(args):
                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                       greedy=args.greedy, out_dir=args.out, engine=eng, keep_images=False,
                                       info={"model": _model_label(args.model), "dtype": args.dtype,
-                                            "device": args.device, **({"weights": "int8"} if args.int8 else {}),
+                                            "device": args.device, **({"weights": _weights_label(args)} if args.int8 else {}),
                                             **({"kv_cache": "int8"} if eng.cache.quantized else {})},
                                       written=written)
     except KeyboardInterrupt:  # each prompt's PNGs are written as it finishes: say what is there

@@ -21,6 +21,8 @@ except ImportError:  # extension not built: available() is False and every op ra
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
 _INT8_CODE = 2  # the packed ops' code for int8 weights with fp32 row scales and bf16 x (csrc/int8_gemv.h)
+_W8A8_CODE = 4  # ... for those weights with x quantized to int8 per row and group in the call (csrc/w8a8_gemv.h)
+W8A8_GROUP = 512  # W8A8: columns of x per quantization group (one scale each)
 _KV_INT8_CODE = 3  # the cache code for an int8 KV cache with fp32 scales (csrc/kv_int8.h)
 
 
@@ -507,6 +509,9 @@ class Int8Weight(PackedWeight):
     row of y is bit-identical whatever the number of rows of x. `dtype` is x's (bf16), as the model's. K even.
     Needs int8_available()."""
 
+    code = _INT8_CODE  # the packed ops' weight code
+    activations = "bf16"
+
     def __init__(self, weight: torch.Tensor):
         q, scale = quantize_int8(weight)
         self._pack(q, scale)
@@ -526,13 +531,13 @@ class Int8Weight(PackedWeight):
         self.N, self.K = q.shape
         _check(self.N >= 1 and self.K >= 2 and self.K % 2 == 0, f"weight {tuple(q.shape)} needs N >= 1 and an even K")
         self.dtype = torch.bfloat16
-        self.data = empty_huge(_C.packed_size(self.N, self.K, _INT8_CODE), torch.int8)  # streamed every step
+        self.data = empty_huge(_C.packed_size(self.N, self.K, self.code), torch.int8)  # streamed every step
         _C.pack_int8(q.data_ptr(), scale.data_ptr(), self.data.data_ptr(), self.N, self.K)
 
-    @staticmethod
-    def nbytes(N: int, K: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    @classmethod
+    def nbytes(cls, N: int, K: int, dtype: torch.dtype = torch.bfloat16) -> int:
         """Bytes of the int8 copy of an [N, K] weight (its scales included)."""
-        return _C.packed_size(N, K, _INT8_CODE)
+        return _C.packed_size(N, K, cls.code)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         _check_tensor(x, "x", (torch.bfloat16,))
@@ -544,8 +549,67 @@ class Int8Weight(PackedWeight):
         y = torch.empty(*x.shape[:-1], self.N, dtype=torch.float32)
         if M:
             _C.linear_packed(x.data_ptr(), self.data.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                             y.data_ptr(), M, self.N, self.K, _INT8_CODE)
+                             y.data_ptr(), M, self.N, self.K, self.code)
         return y
+
+
+def w8a8_available() -> bool:
+    """True when the extension has the W8A8 GEMV (W8A8Weight; csrc/w8a8_gemv.h): a build for a CPU with AVX512_VNNI
+    (and AVX512_BF16, which the bf16 model around it needs)."""
+    return available() and bool(_C.packed_available(_W8A8_CODE)) and bool(_C.packed_available(1))
+
+
+def quantize_activations(x: torch.Tensor, group: int = W8A8_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (any float dtype) quantized per row and per group of `group` columns, as the W8A8 GEMV does before
+    its products: (codes int8 [M, K], scales fp32 [M, ceil(K / group)]), each group by engine.kv_quant.quantize_kv's
+    rule (s = max|x| * fp32(1/127), codes round-half-even(x / s) in [-127, 127]; a group with a NaN or an infinity:
+    s NaN, codes 0)."""
+    from janus_rt.engine.kv_quant import quantize_kv
+
+    M, K = x.shape
+    ng = -(-K // group)
+    xf = torch.nn.functional.pad(x.float(), (0, ng * group - K))  # zeros change neither a group's max nor codes
+    q, s = quantize_kv(xf.view(M, ng, group))
+    return q.view(M, ng * group)[:, :K].contiguous(), s
+
+
+def w8a8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                   group: int = W8A8_GROUP) -> torch.Tensor:
+    """The W8A8 GEMV's numbers in plain PyTorch: x [M, K] bf16, (q int8 [N, K], scale fp32 [N]) as quantize_int8
+    gives them -> y fp32 [M, N]. x is quantized by quantize_activations; per group g the integer dot products
+    acc_g = codes_g @ q_g^T are exact (here in float64; |acc| <= 512 * 127 * 127 < 2^24), then in fp32, each operation rounded once:
+    c = acc_0 * sx_0, c = c + acc_g * sx_g for g = 1, 2, ...; y = c * scale (+ bias). csrc/w8a8_gemv.h does the same
+    operations, so its y is bit-identical to this."""
+    M, K = x.shape
+    codes, sx = quantize_activations(x, group)
+    c = None
+    for g in range(sx.shape[1]):
+        cols = slice(g * group, min(K, (g + 1) * group))
+        acc = (codes[:, cols].double() @ q[:, cols].double().T).float()  # integers below 2^24: exact in fp32
+        f = acc * sx[:, g:g + 1]
+        c = f if c is None else c + f
+    y = c * scale.float()
+    return y if bias is None else y + bias.float()
+
+
+class W8A8Weight(Int8Weight):
+    """An Int8Weight (the same per-row int8 weights) whose GEMV also quantizes x, per row and per group of 512
+    columns (quantize_activations), and multiplies int8 by int8 with AVX512-VNNI's VPDPBUSD (csrc/w8a8_gemv.h):
+    twice the multiplies per instruction of the bf16 dot product that a weight-only int8 GEMV widens its weights
+    for, so faster where the decode step's projections are bound by multiplies rather than bytes (many rows of x on a
+    CPU without AMX). x's rounding to 8 bits per group comes on top of the weights' (w8a8_reference: bit-identical).
+    Each row of y depends on that row of x only. K any size >= 1. Needs w8a8_available()."""
+
+    code = _W8A8_CODE
+    activations = "int8"
+
+    def _pack(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        _check(w8a8_available(), "the W8A8 GEMV needs an extension built for a CPU with AVX512_VNNI and AVX512_BF16")
+        self.N, self.K = q.shape
+        _check(self.N >= 1 and self.K >= 1, f"weight {tuple(q.shape)} needs N >= 1 and K >= 1")
+        self.dtype = torch.bfloat16
+        self.data = empty_huge(_C.packed_size(self.N, self.K, self.code), torch.int8)  # (unsigned bytes: q + 128)
+        _C.pack_w8a8(q.contiguous().data_ptr(), scale.contiguous().data_ptr(), self.data.data_ptr(), self.N, self.K)
 
 
 def mlp_gelu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,

@@ -19,7 +19,7 @@ from array import array as _array
 import torch
 
 from janus_rt import cpu_ops
-from janus_rt.cpu_ops import (_DTYPE_CODE, _FP, _INT8_CODE, Int8Weight, PackedWeight, _check, _check_tensor, packable,
+from janus_rt.cpu_ops import (_DTYPE_CODE, _FP, _W8A8_CODE, Int8Weight, PackedWeight, _check, _check_tensor, packable,
                               packed_copy_fits)
 
 
@@ -44,7 +44,8 @@ class DecodeStack:
     now (they are as large as those weights; the originals stay with the model); True = required (ValueError if
     impossible); False = never. `self.packed` says what was chosen. The four matrices may also come as PackedWeight
     (a model packed in place, Janus.pack_for_cpu_): held as they are, no copy, packed GEMV; or all as Int8Weight (a
-    bf16 model quantized in place, Janus.pack_for_cpu_(int8=True)): the int8 GEMV (`self.int8`).
+    bf16 model quantized in place, Janus.pack_for_cpu_(int8=True)): the int8 GEMV (`self.int8`); or all as W8A8Weight
+    (int8="w8a8"): the W8A8 GEMV (`self.int8` and `self.w8a8`).
     """
 
     def __init__(self, layers, caches, eps: float, final_norm=None, final_eps: float | None = None,
@@ -90,11 +91,13 @@ class DecodeStack:
             self.packed = True
         else:
             self.packed = self._choose_packed(packed, layers, shapes)
-        int8 = [isinstance(t, Int8Weight) for ws in layers for t in ws]
-        self.int8 = any(int8)
-        _check(not self.int8 or sum(int8) == 4 * len(layers), "pass every layer's four matrices as Int8Weight, or none")
-        # decode_layer's weight layout: 0 [N, K], 1 packed, 2 int8 (csrc/int8_gemv.h)
-        self.weights_code = _INT8_CODE if self.int8 else int(self.packed)
+        int8 = [type(t) for ws in layers for t in ws if isinstance(t, Int8Weight)]
+        self.int8 = bool(int8)
+        _check(not self.int8 or (len(int8) == 4 * len(layers) and len(set(int8)) == 1),
+               "pass every layer's four matrices as Int8Weight (or all as W8A8Weight), or none")
+        # decode_layer's weight layout: 0 [N, K], 1 packed, 2 int8 (csrc/int8_gemv.h), 4 W8A8 (csrc/w8a8_gemv.h)
+        self.weights_code = int8[0].code if self.int8 else int(self.packed)
+        self.w8a8 = self.weights_code == _W8A8_CODE
         for ws, (kc, vc, *scales) in zip(layers, caches):
             if self.packed:  # the four matrices (qkv, o_proj, gate_up, down) as packed copies (made here, or given)
                 ws = tuple(t.data if isinstance(t, PackedWeight) else PackedWeight(t).data if t.dim() == 2 else t

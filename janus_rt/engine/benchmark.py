@@ -49,10 +49,11 @@ def add_bench_args(p):
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also trace three decode steps with torch.profiler (DIR/trace.json for Perfetto, op table) "
                         "and time the phases inside the csrc decoder layers (table + DIR/phases.png)")
-    p.add_argument("--int8", action="store_true",
-                   help="CPU: janus_rt's LLM projections as weight-only int8 (per-row scales, bf16 activations, "
-                        "implies --dtype bf16; transformers keeps the bf16 weights, so its tokens are no longer the "
-                        "same)")
+    p.add_argument("--int8", nargs="?", const="weights", default=None, choices=("weights", "w8a8"),
+                   help="CPU: janus_rt's LLM projections as int8 (per-row scales; implies --dtype bf16; transformers "
+                        "keeps the bf16 weights, so its tokens are no longer the same): --int8 (weights) with bf16 "
+                        "activations, --int8 w8a8 with activations rounded to int8 per row and group of 512 too "
+                        "(AVX512-VNNI)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8"),
                    help="CPU: int8 stores each cached K/V head as int8 with an fp32 scale (128-wide heads: a bf16 "
                         "cache's bytes x 0.52, fp32's x 0.26); auto: the model's dtype")
@@ -134,7 +135,7 @@ def run_janus_rt(eng, prompt, n, tokens):
         path = "layerwise"
         if eng.runner.uses_cpu_decoder():
             stack = eng.runner.cpu_decoder.stack
-            path = ("decode_layer, int8 GEMV" if stack.int8 else "decode_layer, packed GEMV" if stack.packed
+            path = ("decode_layer, W8A8 GEMV" if stack.w8a8 else "decode_layer, int8 GEMV" if stack.int8 else "decode_layer, packed GEMV" if stack.packed
                     else "decode_layer") + (", int8 KV cache" if stack.kv_int8 else "")
     return dt, 1e3 * (eng.stats.decode_s - s0) / max(eng.stats.decode_steps - n0, 1), path
 
@@ -304,7 +305,8 @@ def main(args):
         "matmul_gflops": round(peak, 1), "step_mib": round(nbytes / 2**20, 1), "steps_per_call": args.steps_per_call,
     }
     if args.int8:
-        row["weights"] = "int8 (LLM projections)"
+        row["weights"] = ("int8 weights and activations (W8A8, LLM projections)" if args.int8 == "w8a8"
+                          else "int8 (LLM projections)")
     if eng.cache.quantized:
         row["kv_cache"] = "int8 (+ fp32 scale a head)"
     if cpu_path:

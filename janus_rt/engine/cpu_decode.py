@@ -40,39 +40,46 @@ def packed_setting() -> bool | None:
     return {"0": False, "1": True}.get(v)
 
 
-def pack_in_place(model, always: bool = False, int8: bool = False) -> str | None:
+def pack_in_place(model, always: bool = False, int8: bool | str = False) -> str | None:
     """For callers that own `model` (the CLI): hold its LLM projections only in the packed GEMV's layout
     (Janus.pack_for_cpu_) instead of letting the engine copy them, when the engine would run the packed GEMV
     (CPU, this build and dtype have it, JANUS_RT_PACKED not 0) and either `always` or the copy would not fit
-    (cpu_ops.packed_copy_fits, DecodeStack's rule). int8: quantize them to weight-only int8 in place, always
-    (UsageError saying why where it cannot). Returns a line saying what it did, or None."""
-    from janus_rt.models.packed_linear import (PROJECTIONS, can_pack, can_quantize, is_int8, is_onednn_packed,
-                                               is_packed, onednn_available, onednn_pack_llm_, packed_nbytes,
-                                               packed_weight_nbytes)
+    (cpu_ops.packed_copy_fits, DecodeStack's rule). int8 (True or "weights"; "w8a8"): quantize them to int8 in place,
+    always (UsageError saying why where it cannot). Returns a line saying what it did, or None."""
+    from janus_rt.models.packed_linear import (PROJECTIONS, can_pack, can_quantize, int8_kind, int8_mode,
+                                               is_onednn_packed, is_packed, onednn_available, onednn_pack_llm_,
+                                               packed_nbytes, packed_weight_nbytes)
 
-    if int8:
+    mode = int8_mode(int8)
+    if mode:
         from janus_rt.errors import UsageError
 
-        why = can_quantize(model) or can_pack(model)
+        flag = "--int8" if mode == "weights" else "--int8 w8a8"
+        why = can_quantize(model, mode) or can_pack(model)
         if not why and packed_setting() is False:
             why = "JANUS_RT_PACKED=0 turns off the packed GEMVs, which int8 weights run on"
-        if not why and (is_onednn_packed(model) or (is_packed(model) and not is_int8(model))):
+        if not why and (is_onednn_packed(model) or (is_packed(model) and int8_kind(model) != mode)):
             why = "the projections are already held in another layout (in place); load the model again"
         if why:
-            raise UsageError(f"--int8: {why}")
-        if is_int8(model):
+            raise UsageError(f"{flag}: {why}")
+        if int8_kind(model) == mode:
             return None
         before = sum(getattr(getattr(l, part), name).weight.numel() for l in model.llm.layers
                      for part, name in PROJECTIONS) * model.dtype.itemsize
         try:
-            model.pack_for_cpu_(int8=True)
+            model.pack_for_cpu_(int8=mode)
         except ValueError as e:  # what the checks above cannot see: a weight that is not finite
-            raise UsageError(f"--int8: {e}") from None
+            raise UsageError(f"{flag}: {e}") from None
         after = packed_weight_nbytes(model.llm)
         size = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+        if mode == "w8a8":
+            return (f"quantized the LLM's projections in place to int8 with per-row scales ({size(before)} -> "
+                    f"{size(after)}), and each GEMV rounds its activations to int8 per row and group of "
+                    f"{cpu_ops.W8A8_GROUP} (W8A8, AVX512-VNNI): both roundings change the results; the model is now "
+                    "for CPU inference only")
         slower = ("" if cpu_ops.amx_available() else "; the int8 GEMV runs without AMX here (none on this CPU, or "
                   "turned off): it widens to bf16 in vector registers, measured slower than bf16 weights on a Zen 5 "
-                  "host (bench/RESULTS.md), so int8 saves memory here, not time")
+                  "host (bench/RESULTS.md), so int8 saves memory here, not time (--int8 w8a8 is faster there)")
         return (f"quantized the LLM's projections in place to weight-only int8 with per-row scales ({size(before)} -> "
                 f"{size(after)}; activations stay bf16; the model is now for CPU inference only{slower})")
 

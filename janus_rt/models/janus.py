@@ -181,14 +181,15 @@ class Janus(nn.Module):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values()) + packed_weight_numel(self)
 
     # ---- CPU inference ----------------------------------------------------------------------------------------
-    def pack_for_cpu_(self, int8: bool = False) -> "Janus":
+    def pack_for_cpu_(self, int8: bool | str = False) -> "Janus":
         """Hold the LLM's qkv, o, gate_up and down projections (and an untied LM head) only in the CPU packed
         GEMV's layout, in place of the originals (janus_rt.models.packed_linear): the CPU engine then runs its fast
         decode step without a second copy of those weights (-2.4 GB at Janus-Pro-1B bf16; what lets 7B run it on a
         24 GB machine), and a new engine no longer repacks them. Inference on the CPU only from then on (no
         training, saving, or move to a GPU). Raises ValueError where this build or dtype has no packed GEMV.
         int8: hold the four projections as weight-only int8 with per-row scales instead (bf16 models; half the bytes
-        a decode step streams, and the quantization's error). Returns self."""
+        a decode step streams, and the quantization's error); int8="w8a8": those int8 weights with x quantized to
+        int8 per row and group of 512 in each GEMV (AVX512-VNNI; x's rounding on top). Returns self."""
         from janus_rt.models.packed_linear import pack_llm_
 
         return pack_llm_(self, int8=int8)

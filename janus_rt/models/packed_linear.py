@@ -12,6 +12,9 @@ the CPU only (no gradients, no state_dict of those weights, no move to another d
 `pack_llm_(model, int8=True)` holds those four projections as weight-only int8 instead (`Int8Linear`: symmetric
 per-output-row scales, cpu_ops.quantize_int8; bf16 activations as before): half the bytes each decode step streams and
 half the memory, at the price of the quantization error (no longer the checkpoint's exact weights).
+`pack_llm_(model, int8="w8a8")` holds the same int8 weights for the W8A8 GEMV (`W8A8Linear`, cpu_ops.W8A8Weight):
+each call also rounds x to int8 per row and group of 512 columns and multiplies int8 by int8 (AVX512-VNNI), faster
+where the decode step is bound by multiplies (many rows, no AMX), at x's rounding on top of the weights'.
 """
 from __future__ import annotations
 
@@ -58,6 +61,27 @@ class Int8Linear(PackedLinear):
     hold, layout = cpu_ops.Int8Weight, "int8 packed"
 
 
+class W8A8Linear(Int8Linear):
+    """An Int8Linear whose weight is a cpu_ops.W8A8Weight (the same int8 weights; x quantized to int8 per row and
+    group of 512 in each call): x's dtype out."""
+
+    hold, layout = cpu_ops.W8A8Weight, "W8A8 packed"
+
+
+INT8_MODES = ("weights", "w8a8")  # pack_llm_'s int8: weight-only int8, or int8 weights and activations
+
+
+def int8_mode(int8) -> str | None:
+    """pack_llm_'s int8 argument as None (not int8), "weights" (True too) or "w8a8"; ValueError otherwise."""
+    if int8 is None or int8 is False:
+        return None
+    if int8 is True:
+        return "weights"
+    if int8 not in INT8_MODES:
+        raise ValueError(f"int8 must be False, True, or one of {INT8_MODES}; got {int8!r}")
+    return int8
+
+
 def can_pack(model) -> str | None:
     """Why `model`'s LLM cannot be packed in place (None: it can)."""
     if model.device.type != "cpu":
@@ -94,22 +118,29 @@ def is_packed(model) -> bool:
 
 
 def is_int8(model) -> bool:
-    """Whether the LLM's projections are Int8Linear (pack_llm_(model, int8=True) ran)."""
+    """Whether the LLM's projections are Int8Linear (pack_llm_(model, int8=True or "w8a8") ran)."""
     return _projections_are(model, Int8Linear)
 
 
-def can_quantize(model) -> str | None:
-    """Why `model`'s LLM projections cannot be held as int8 (None: they can)."""
+def int8_kind(model) -> str | None:
+    """How the LLM's projections are held int8: "weights" (Int8Linear), "w8a8" (W8A8Linear), or None."""
+    return "w8a8" if _projections_are(model, W8A8Linear) else "weights" if is_int8(model) else None
+
+
+def can_quantize(model, mode: str = "weights") -> str | None:
+    """Why `model`'s LLM projections cannot be held as int8 for `mode` ("weights", "w8a8"; None: they can)."""
     if model.device.type != "cpu":
         return f"the model is on {model.device}; the int8 GEMV is the CPU's"
     if not cpu_ops.available():
         return "the C++ extension janus_rt._C is not built"
+    if mode == "w8a8" and not cpu_ops.w8a8_available():
+        return "this build has no W8A8 GEMV (it needs a CPU with AVX512_VNNI and AVX512_BF16)"
     if not cpu_ops.int8_available():
         return "this build has no int8 GEMV (it needs a CPU with AVX512_BF16)"
     if model.dtype != torch.bfloat16:
         return f"the int8 GEMV takes bf16 activations; the model is {model.dtype} (load it with --dtype bf16)"
     c = model.cfg.llm
-    if (c.hidden_size % 2) or (c.intermediate_size % 2) or (c.num_heads * c.head_dim) % 2:
+    if mode == "weights" and ((c.hidden_size % 2) or (c.intermediate_size % 2) or (c.num_heads * c.head_dim) % 2):
         return "int8 weights need even in-features (k pairs)"
     return None
 
@@ -172,26 +203,29 @@ def packed_nbytes(model) -> int:
 
 
 @torch.no_grad()
-def pack_llm_(model, int8: bool = False):
+def pack_llm_(model, int8: bool | str = False):
     """Replace each decoder layer's qkv, o, gate_up and down projections of `model` (a Janus on the CPU) by a
-    PackedLinear (int8: an Int8Linear), layer by layer, so at most one layer's four matrices exist twice at a time,
+    PackedLinear (int8 True or "weights": an Int8Linear; "w8a8": a W8A8Linear), layer by layer, so at most one layer's four matrices exist twice at a time,
     and the LM head too where it is its own weight (not tied to the embedding; packed bf16 either way: it reads only
     text rows' logits); returns the model. Raises ValueError (saying why) where it cannot; a no-op for what is
     already packed the same way."""
-    why = can_pack(model) or (can_quantize(model) if int8 else None)
+    mode = int8_mode(int8)
+    why = can_pack(model) or (can_quantize(model, mode) if mode else None)
     if why:
-        raise ValueError(f"cannot {'quantize' if int8 else 'pack'} the model for the CPU: {why}")
-    if (is_packed(model) and is_int8(model) != int8) or is_onednn_packed(model):
-        held = "for oneDNN" if is_onednn_packed(model) else "int8" if is_int8(model) else "packed bf16"
+        raise ValueError(f"cannot {'quantize' if mode else 'pack'} the model for the CPU: {why}")
+    if (is_packed(model) and int8_kind(model) != mode) or is_onednn_packed(model):
+        kind = int8_kind(model)
+        held = ("for oneDNN" if is_onednn_packed(model) else "W8A8" if kind == "w8a8" else "int8" if kind
+                else "packed bf16")
         raise ValueError(f"the LLM's projections are already held {held} (in place); load the model again")
-    if int8:  # every weight checked first: a bad one must not leave the model half quantized
+    if mode:  # every weight checked first: a bad one must not leave the model half quantized
         for i, l in enumerate(model.llm.layers):
             for part, name in PROJECTIONS:
                 m = getattr(getattr(l, part), name)
                 if isinstance(m, nn.Linear) and not bool(torch.isfinite(m.weight).all()):
                     raise ValueError(f"cannot quantize the model: llm.layers.{i}.{part}.{name}.weight has inf or nan "
                                      "entries (int8 needs finite weights)")
-    _replace_projections(model, Int8Linear if int8 else PackedLinear)
+    _replace_projections(model, {None: PackedLinear, "weights": Int8Linear, "w8a8": W8A8Linear}[mode])
     if lm_head_packable(model) and isinstance(model.lm_head, nn.Linear):
         model.lm_head = PackedLinear(model.lm_head)
     return model
@@ -212,7 +246,7 @@ def packed_weight_numel(module) -> int:
 
 def packed_weight_nbytes(module) -> int:
     """Bytes a decode step reads of those weights: their elements at the model dtype's size, Int8Linear's at one
-    byte (its scales, 4 bytes a row, included)."""
+    byte (its scales, 4 bytes a row, included; W8A8Linear's alike)."""
     return sum(m.weight.N * m.weight.K + 4 * m.weight.N if isinstance(m, Int8Linear) else
                m.weight.numel() * m.weight.dtype.itemsize
                for m in module.modules() if isinstance(m, (PackedLinear, OneDNNLinear)))

@@ -83,9 +83,10 @@ def color_match_score(model, tokenizer, captions: list[str], n_per_caption: int 
     return float(np.mean(scores))
 
 
-def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32, int8: bool = False):
+def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32, int8: bool | str = False):
     """A checkpoint folder (any layout janus_rt loads) or the name `tiny` (random weights, byte tokenizer), in
-    `dtype`; int8: its LLM projections then held as weight-only int8 (Janus.pack_for_cpu_(int8=True); bf16)."""
+    `dtype`; int8 (True or "weights"; "w8a8"): its LLM projections then held as int8 (Janus.pack_for_cpu_(int8);
+    bf16)."""
     from janus_rt.models.janus import Janus
     from janus_rt.tokenizer import JanusTokenizer
 
@@ -98,7 +99,7 @@ def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32, int8
     if int8:  # as --int8 of the CLI (its checks: JANUS_RT_PACKED, finite weights)
         from janus_rt.engine.cpu_decode import pack_in_place
 
-        pack_in_place(model, int8=True)
+        pack_in_place(model, int8=int8)
     return model, tok
 
 
@@ -115,7 +116,9 @@ def main(argv=None) -> list[dict]:
                    "of held-out ground-truth images: the most a generator can reach through this VQ")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="the models' dtype")
-    p.add_argument("--int8", action="store_true", help="the LLM's projections as weight-only int8 (needs bf16)")
+    p.add_argument("--int8", nargs="?", const="weights", default=None, choices=("weights", "w8a8"),
+                   help="the LLM's projections as int8 (needs bf16): --int8 weight-only, --int8 w8a8 with int8 "
+                        "activations too")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8"),
                    help="the engine's KV cache (int8: rows + fp32 scales, CPU)")
     a = p.parse_args(argv)

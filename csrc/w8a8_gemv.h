@@ -1,0 +1,229 @@
+// The int8 x int8 GEMV (W8A8): y [M, N] fp32 = (x [M, K] @ W^T) with W ~ Q [N, K] * sw [N] (int8, one fp32 scale per
+// output row: the weights --int8 holds) and x ~ X8 * sx, x quantized to int8 on the fly per row and per group of kG
+// = 512 columns (one scale per group, kv_int8.h's quantizer: s = max|x| * fp32(1/127), X8 = round-half-even(x / s)).
+// For CPUs with AVX512-VNNI and no AMX (Zen 4/5): a weight-only int8 GEMV widens Q to bf16 for VDPBF16PS (32 MACs an
+// instruction), where VPDPBUSD takes the int8 bytes as they are (64 MACs an instruction). Measured on the 2-core
+// Zen 5 VM (2026-12-05, one core, independent chains): 8.95 G VPDPBUSD/s (573 GMAC/s) vs 8.25 G VDPBF16PS/s (264).
+// The price: x is rounded to 8 bits per group (error <= max|x_group| / 254 per value) on top of W's rounding.
+// Measured on that host, the 96 projections of the 1B LLM from DRAM, 2 threads, ms a pass (bf16 packed / weight-only
+// int8 / this): 32 rows 83 / 130 / 60, 2 rows 44 / 59 / 27-35 (bench/RESULTS.md, twenty-seventh session).
+//
+// Register blocks: on Zen 5 a VPDPBUSD stream runs at about half rate once more than 12 accumulators are live (a
+// register-only loop, 2026-12-05: 8 or 12 independent chains 8.3-8.7 G/s, 16, 20 or 24 chains 4.5-5.0 G/s; VDPBF16PS
+// keeps 8.4 G/s at 24), so 4 to 6 rows of x run as two passes of 2 vectors over the tile (<= 12 accumulators: 32 rows
+// 64 -> 60 ms; one pass of 6 x 4, as the bf16 kernel does, ~80). The next tile is prefetched during the passes from
+// 3 rows of x on (without: 93 ms at 32 rows).
+//
+// VPDPBUSD multiplies unsigned bytes by signed ones, so the weights are stored offset by 128 (U = Q + 128 in
+// [1, 255]) and x's codes X8 stay signed: per group g of row m and column n,
+//   sum_k U[n, k] X8[m, k] - 128 sum_k X8[m, k] = sum_k Q[n, k] X8[m, k]      (exact in int32: |.| < 2^25)
+// the correction one number per (row, group), independent of n. Then, in fp32, group by group in k order:
+//   c = fp32(acc_0) * sx_0;  c = c + fp32(acc_g) * sx_g;  ...;  y = c * sw[n] (+ bias[n])
+// each a single rounding (no fused multiply-add: the build has -ffp-contract=off), the same operations as
+// cpu_ops.w8a8_reference, so y is bit-identical to it and to itself for any M (a row's numbers depend on that row
+// only).
+//
+// Layout (packed_bytes(N, K) bytes, written by pack()): K padded to KP, a multiple of 4 (pad columns hold U = 128,
+// x's pad codes are 0); strips of kS = 64 output columns, each KP / 4 steps of 4 k (a quad, VPDPBUSD's group) x 64
+// columns = 256 bytes; a strip cut into K tiles of kKT = 128 steps (32 KiB: one activation group), and inside a tile
+// the 4 runs of 16 columns one after the other (run v: kn steps x 64 bytes, byte (j % 16) * 4 + k % 4 of a step),
+// so one 64-byte load is step p of 16 columns; then, 64-byte aligned, the scales sw padded to whole strips (zeros).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+#include "kv_int8.h"
+#include "simd.h"
+
+// Rows of x from which a tile's block passes prefetch the next tile (software prefetch); below, none.
+#ifndef JR_W8A8_PF_MIN_ROWS
+#define JR_W8A8_PF_MIN_ROWS 3
+#endif
+
+namespace jr::w8a8 {
+
+constexpr int64_t kS = 64;         // output columns a strip
+constexpr int64_t kE = 4;          // k a step (VPDPBUSD's quad)
+constexpr int64_t kSE = kS * kE;   // bytes a step
+constexpr int64_t kKT = 128;       // steps a K tile
+constexpr int64_t kG = kKT * kE;   // x's quantization group: 512 columns, one K tile
+constexpr int kMB = 6;             // rows of x a register block
+constexpr int kMaxAcc = 12;        // accumulators a pass (see block_tail): 6 rows run as two passes of 6 x 2
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+constexpr bool available() { return true; }
+#else
+constexpr bool available() { return false; }
+#endif
+
+inline int64_t kpad(int64_t K) { return (K + kE - 1) / kE * kE; }
+inline int64_t num_strips(int64_t N) { return (N + kS - 1) / kS; }
+inline int64_t padded_rows(int64_t N) { return num_strips(N) * kS; }
+inline int64_t groups(int64_t K) { return (K + kG - 1) / kG; }
+inline int64_t scales_offset(int64_t N, int64_t K) { return (padded_rows(N) * kpad(K) + 63) / 64 * 64; }
+inline int64_t packed_bytes(int64_t N, int64_t K) { return scales_offset(N, K) + 4 * padded_rows(N); }
+inline const float* scales(const uint8_t* wp, int64_t N, int64_t K) {
+  return reinterpret_cast<const float*>(wp + scales_offset(N, K));
+}
+
+// wp (packed_bytes(N, K)) = q [N, K] int8 (in [-127, 127]) offset to U = q + 128 in the layout above, and the scales
+// s [N] after it. Runs its own parallel region.
+inline void pack(const int8_t* q, const float* s, uint8_t* wp, int64_t N, int64_t K) {
+  const int64_t KS = kpad(K) / kE, strips = num_strips(N);
+#pragma omp parallel for schedule(static)
+  for (int64_t st = 0; st < strips; ++st)
+    for (int64_t j = 0; j < kS; ++j) {
+      const int64_t n = st * kS + j;
+      const int8_t* src = n < N ? q + n * K : nullptr;
+      for (int64_t k0 = 0; k0 < KS; k0 += kKT) {
+        const int64_t kn = std::min(kKT, KS - k0);
+        uint8_t* d = wp + st * KS * kSE + k0 * kSE + (j / 16) * kn * 64 + (j % 16) * 4;
+        for (int64_t p = 0; p < kn; ++p)
+          for (int64_t e = 0; e < kE; ++e) {
+            const int64_t k = (k0 + p) * kE + e;
+            d[p * 64 + e] = uint8_t(128 + (src && k < K ? int(src[k]) : 0));
+          }
+      }
+    }
+  float* sp = reinterpret_cast<float*>(wp + scales_offset(N, K));
+  for (int64_t n = 0; n < padded_rows(N); ++n) sp[n] = n < N ? s[n] : 0.0f;
+  std::memset(wp + padded_rows(N) * kpad(K), 0, size_t(scales_offset(N, K) - padded_rows(N) * kpad(K)));
+}
+
+// x [M, ldx] bf16 quantized per row and group: codes q [M, ldq] (ldq >= KP; columns K .. KP - 1 zero), the group
+// scales sx [M, ng] and corrections comp [M, ng] = 128 * sum of the group's codes. A group holding a NaN or an
+// infinity gets sx NaN and codes 0 (kv8::quantize_head), so its row of y is NaN.
+struct QuantizedX {
+  int64_t ldq = 0, ng = 0;
+  std::vector<int8_t> q;
+  std::vector<float> sx;
+  std::vector<int32_t> comp;
+  void run(const uint16_t* x, int64_t ldx, int64_t M, int64_t K) {
+    ldq = (kpad(K) + 63) / 64 * 64, ng = groups(K);
+    if (int64_t(q.size()) < M * ldq) q.resize(size_t(M * ldq));
+    if (int64_t(sx.size()) < M * ng) sx.resize(size_t(M * ng)), comp.resize(size_t(M * ng));
+    alignas(64) float xf[kG];
+    for (int64_t m = 0; m < M; ++m) {
+      int8_t* qm = q.data() + m * ldq;
+      for (int64_t g = 0; g < ng; ++g) {
+        const int64_t k0 = g * kG, n = std::min(kG, K - k0);
+        simd::widen(x + m * ldx + k0, xf, n);
+        kv8::quantize_head(xf, qm + k0, &sx[size_t(m * ng + g)], n);
+        int32_t sum = 0;
+        for (int64_t k = 0; k < n; ++k) sum += qm[k0 + k];
+        comp[size_t(m * ng + g)] = 128 * sum;
+      }
+      std::fill(qm + K, qm + ldq, int8_t(0));
+    }
+  }
+};
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+// MB rows of x against one strip's K tile (kn steps; the codes xq at the tile's first k, row stride ldq; this
+// group's corrections and scales at comp, sx, row stride ldg): c [MB, kS] = (first ? 0 + : c +) fp32(acc) * sx.
+// Meanwhile lpk lines of [pf, pe) are prefetched per step.
+template <int MB, int NV>
+inline void block(const uint8_t* tile, int64_t kn, const int8_t* xq, int64_t ldq, const int32_t* comp,
+                  const float* sx, int64_t ldg, float* c, bool first, const char* pf, const char* pe, int lpk, int v0) {
+  const uint8_t* wv[NV];
+  for (int v = 0; v < NV; ++v) wv[v] = tile + (v0 + v) * kn * 64;
+  __m512 acc[MB][NV];  // int32 lanes (held as __m512: GCC kept an __m512i array of this size in memory)
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < kn; ++p) {
+    for (int l = 0; l < lpk; ++l, pf += 64)
+      if (pf < pe) __builtin_prefetch(pf, 0, 3);
+    __m512i w[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(wv[v] + p * 64);
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) {
+      int32_t quad;
+      std::memcpy(&quad, xq + m * ldq + 4 * p, sizeof(quad));
+      const __m512i xb = _mm512_set1_epi32(quad);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[m][v] = (__m512)_mm512_dpbusd_epi32((__m512i)acc[m][v], w[v], xb);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m) {
+    const __m512i cm = _mm512_set1_epi32(comp[m * ldg]);
+    const __m512 sm = _mm512_set1_ps(sx[m * ldg]);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32((__m512i)acc[m][v], cm)), sm);
+      float* cv = c + m * kS + (v0 + v) * 16;
+      _mm512_storeu_ps(cv, first ? f : _mm512_add_ps(_mm512_loadu_ps(cv), f));
+    }
+  }
+}
+
+template <int R>
+inline void block_tail(int mb, const uint8_t* tile, int64_t kn, const int8_t* xq, int64_t ldq, const int32_t* comp,
+                       const float* sx, int64_t ldg, float* c, bool first, const char* pf, const char* pe, int lpk) {
+  if constexpr (R >= 1) {
+    if (mb == R) {
+      if constexpr (R * 4 <= kMaxAcc) {
+        block<R, 4>(tile, kn, xq, ldq, comp, sx, ldg, c, first, pf, pe, lpk, 0);
+      } else {  // two passes over the tile, vectors 0-1 then 2-3, each prefetching half of the share
+        const char* mid = pf + ((pe - pf) / 128) * 64;
+        block<R, 2>(tile, kn, xq, ldq, comp, sx, ldg, c, first, pf, mid, (lpk + 1) / 2, 0);
+        block<R, 2>(tile, kn, xq, ldq, comp, sx, ldg, c, first, mid, pe, (lpk + 1) / 2, 2);
+      }
+    }
+    else block_tail<R - 1>(mb, tile, kn, xq, ldq, comp, sx, ldg, c, first, pf, pe, lpk);
+  }
+}
+#endif
+
+// Inside an OpenMP parallel region (an orphaned `omp for`, ending with the team's barrier) or outside one, as
+// packed::gemv_for: y [M, N] fp32 = W8A8(x, W) + bias, wp = pack(Q, sw), x [M, ldx] bf16 (gemv::pack_x: plain rows).
+// Every thread quantizes all of x for itself (no barrier; ~1-2 % of a 1B decode step). Callers check available().
+inline void gemv_for(const uint8_t* wp, const uint16_t* x, int64_t ldx, const float* bias, float* y, int64_t M,
+                     int64_t N, int64_t K) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+  const int64_t KS = kpad(K) / kE, strips = num_strips(N);
+  const float* sw = scales(wp, N, K);
+  const char* end = reinterpret_cast<const char*>(wp + padded_rows(N) * kpad(K));
+  static thread_local QuantizedX xq;
+  xq.run(x, ldx, M, K);
+  const int64_t ldq = xq.ldq, ng = xq.ng;
+  // row blocks of as even a size as can be (32 rows: 6, 6, 5, 5, 5, 5), as packed_gemv.h
+  const int64_t passes = (M + kMB - 1) / kMB, mb_lo = M / passes, n_hi = M % passes;
+  std::vector<float> c(static_cast<size_t>(M * kS));
+#pragma omp for schedule(guided, 1)
+  for (int64_t s = 0; s < strips; ++s) {
+    const uint8_t* ws = wp + s * KS * kSE;
+    for (int64_t k0 = 0, g = 0; k0 < KS; k0 += kKT, ++g) {
+      const int64_t kn = std::min(kKT, KS - k0);
+      const uint8_t* tile = ws + k0 * kSE;
+      // the next tile's lines (the strip's next or the next strip's first), one share per row block, from 3 rows
+      // of x on (as packed_gemv.h: with fewer the hardware prefetchers alone stream faster)
+      const char* next = reinterpret_cast<const char*>(tile + kn * kSE);
+      const int64_t lines = std::min<int64_t>(kKT * kSE, std::max<int64_t>(0, end - next)) / 64;
+      const int64_t share = (lines + passes - 1) / passes;
+      const int lpk = M >= JR_W8A8_PF_MIN_ROWS ? int((share + kn - 1) / kn) : 0;
+      for (int64_t m0 = 0, j = 0; j < passes; m0 += mb_lo + (j < n_hi), ++j) {
+        const int mb = int(mb_lo + (j < n_hi));
+        const char* pf = next + j * share * 64;
+        const char* pe = next + std::min(lines, (j + 1) * share) * 64;
+        block_tail<kMB>(mb, tile, kn, xq.q.data() + m0 * ldq + k0 * kE, ldq, xq.comp.data() + m0 * ng + g,
+                        xq.sx.data() + m0 * ng + g, ng, c.data() + m0 * kS, k0 == 0, pf, pe, lpk);
+      }
+    }
+    const int64_t n0 = s * kS, nn = std::min(kS, N - n0);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < nn; ++j) y[m * N + n0 + j] = c[m * kS + j] * sw[n0 + j] + (bias ? bias[n0 + j] : 0.0f);
+  }
+#else
+  (void)wp, (void)x, (void)ldx, (void)bias, (void)y, (void)M, (void)N, (void)K;
+#endif
+}
+
+}  // namespace jr::w8a8

@@ -1,0 +1,201 @@
+"""W8A8 on the CPU (`--int8 w8a8`: cpu_ops.W8A8Weight, csrc/w8a8_gemv.h, Janus.pack_for_cpu_(int8="w8a8")): the
+activations' quantizer (per row and group of 512), the GEMV bit-identical to its PyTorch reference at odd shapes and
+for any number of rows, its error against the float product, and the engine and CLI end to end."""
+import pytest
+import torch
+
+from janus_rt import Janus, cpu_ops
+from janus_rt.cpu_step import DecodeStack
+from janus_rt.engine import Engine, SamplingParams
+from janus_rt.engine.cpu_decode import pack_in_place
+from janus_rt.errors import UsageError
+from janus_rt.models.packed_linear import W8A8Linear, int8_kind, int8_mode
+from tolerances import max_err
+
+needs_w8a8 = pytest.mark.skipif(not cpu_ops.w8a8_available(),
+                                reason="no W8A8 GEMV: extension not built, or a CPU without AVX512_VNNI/AVX512_BF16")
+G = cpu_ops.W8A8_GROUP
+
+
+# ---- the activations' quantizer (plain PyTorch: runs everywhere) ----------------------------------------------------
+def test_quantize_activations_groups_and_bound():
+    g = torch.Generator().manual_seed(0)
+    M, K = 5, 2 * G + 37  # two whole groups and a partial one
+    x = (torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 4).bfloat16()
+    x[1, G:2 * G] = 0.0  # an all-zero group
+    x[2, 5] = 300.0  # an outlier: only its own group's step grows
+    q, s = cpu_ops.quantize_activations(x)
+    assert q.dtype == torch.int8 and q.shape == (M, K) and s.dtype == torch.float32 and s.shape == (M, 3)
+    xf = x.float()
+    for gi in range(3):
+        cols = slice(gi * G, min(K, (gi + 1) * G))
+        step = s[:, gi:gi + 1]
+        assert bool(((q[:, cols].double() * step.double() - xf[:, cols].double()).abs() <= step * (0.5 + 1e-6)).all())
+        live = s[:, gi] > 0
+        assert bool((q[:, cols].abs().amax(dim=1)[live] == 127).all())  # each group uses its range
+    assert s[1, 1] == 0 and bool((q[1, G:2 * G] == 0).all())
+    assert s[2, 0] > 10 * s[2, 1]  # the outlier's group only
+    y = x.clone()
+    y[0, G + 3] = 1e3  # a change in group 1 leaves group 0's codes and scale alone
+    q2, s2 = cpu_ops.quantize_activations(y)
+    assert torch.equal(q2[:, :G], q[:, :G]) and torch.equal(s2[:, 0], s[:, 0]) and s2[0, 1] != s[0, 1]
+    bad = x.clone()
+    bad[3, 2 * G + 1] = float("inf")
+    qb, sb = cpu_ops.quantize_activations(bad)
+    assert torch.isnan(sb[3, 2]) and bool((qb[3, 2 * G:] == 0).all()) and torch.equal(sb[3, :2], s[3, :2])
+
+
+def test_int8_mode_values():
+    assert [int8_mode(v) for v in (None, False, True, "weights", "w8a8")] == [None, None, "weights", "weights", "w8a8"]
+    with pytest.raises(ValueError, match="int8 must be"):
+        int8_mode("int4")
+
+
+# ---- the GEMV --------------------------------------------------------------------------------------------------------
+@needs_w8a8
+@pytest.mark.parametrize("M,N,K", [(1, 64, 32), (2, 100, 65), (3, 5, 3), (7, 130, 600), (16, 64, 512), (17, 200, 1030),
+                                   (32, 70, 2048), (33, 129, 513), (70, 64, 96)])
+def test_w8a8_is_its_reference_bit_for_bit(M, N, K):
+    """y is w8a8_reference's y exactly (padded K, partial strips and groups, every row-block size), each row the
+    same alone as in the batch, and within the two roundings' bound of x @ W^T."""
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    w = torch.randn(N, K, generator=g)
+    x = (torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 3).bfloat16()
+    bias = torch.randn(N, generator=g) if M % 2 else None
+    ww = cpu_ops.W8A8Weight(w)
+    q, s = cpu_ops.quantize_int8(w)
+    y = ww(x, bias)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    assert torch.equal(y, cpu_ops.w8a8_reference(x, q, s, bias))
+    for m in {0, M // 2, M - 1}:
+        assert torch.equal(ww(x[m:m + 1], bias)[0], y[m])
+    # |y - x W^T| <= |x| |W - Q s| + |x - X8 sx| |Q s| (+ fp32 rounding)
+    codes, sx = cpu_ops.quantize_activations(x)
+    xd, wq = x.double(), q.double() * s.double()[:, None]
+    xq = codes.double() * sx.double().repeat_interleave(G, dim=1)[:, :K]
+    exact = xd @ w.double().T + (0 if bias is None else bias.double())
+    bound = xd.abs() @ (w.double() - wq).abs().T + (xd - xq).abs() @ wq.abs().T
+    assert bool(((y.double() - exact).abs() <= bound * 1.001 + 1e-5 * (xd.abs() @ wq.abs().T) + 1e-5).all())
+
+
+@needs_w8a8
+def test_w8a8_non_finite_x_poisons_its_row_only():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(70, 600, generator=g)
+    x = torch.randn(4, 600, generator=g).bfloat16()
+    ww = cpu_ops.W8A8Weight(w)
+    clean = ww(x)
+    for bad in (float("inf"), float("nan")):
+        xb = x.clone()
+        xb[2, 550] = bad  # in the second group
+        y = ww(xb)
+        assert bool(torch.isnan(y[2]).all())
+        assert torch.equal(y[[0, 1, 3]], clean[[0, 1, 3]])
+
+
+@needs_w8a8
+def test_w8a8_weight_checks_and_sizes():
+    w = torch.randn(10, 6)
+    q, s = cpu_ops.quantize_int8(w)
+    a, b = cpu_ops.W8A8Weight(w), cpu_ops.W8A8Weight.from_quantized(q, s)
+    x = torch.randn(3, 6).bfloat16()
+    assert torch.equal(a(x), b(x)) and a.activations == "int8" and cpu_ops.Int8Weight(w).activations == "bf16"
+    assert a.data.numel() == cpu_ops.W8A8Weight.nbytes(10, 6) == 64 * 8 + 4 * 64  # a strip, K padded to 8, scales
+    with pytest.raises(ValueError, match="bfloat16"):
+        a(torch.randn(3, 6))
+    with pytest.raises(ValueError, match="end in K"):
+        a(torch.randn(3, 5).bfloat16())
+
+
+# ---- the model, the engine and the CLI -------------------------------------------------------------------------------
+def _two_requests(model, fused=True):
+    t = model.cfg.tokens
+    ids = [t.bos_id, 5, 9, 30, 7, t.boi_id]
+    eng = Engine.for_requests(model, [(len(ids), 2), (len(ids) + 3, 1)])
+    eng.runner.fused_cpu_decode = fused and eng.runner.fused_cpu_decode
+    eng.record_logits = True
+    a = eng.add_image_request(ids, n=2, params=SamplingParams(greedy=True), num_tokens=24)
+    b = eng.add_image_request(ids[:-1] + [3, 4, 5, t.boi_id], n=1, params=SamplingParams(seed=2), num_tokens=20)
+    eng.run()
+    return eng, (a, b)
+
+
+@needs_w8a8
+def test_engine_w8a8_csrc_step_is_the_layer_by_layer_path(monkeypatch):
+    """A W8A8 model through the engine: the csrc decode step (W8A8 GEMV inside decode_layer, image steps several a
+    call) gives the layer-by-layer path's tokens (its projections: the same GEMV through ops.linear) and logits up to
+    bf16 rounding; against the weight-only int8 model, logits within the activations' rounding, not equal."""
+    monkeypatch.setenv("JANUS_RT_CPU_MATMUL", "csrc")
+    model = Janus.from_preset("tiny", seed=4, dtype=torch.bfloat16).pack_for_cpu_(int8="w8a8")
+    assert int8_kind(model) == "w8a8" and isinstance(model.llm.layers[1].attn.qkv_proj, W8A8Linear)
+    eng, fused = _two_requests(model)
+    stack = eng.runner.cpu_decoder.stack
+    assert eng.runner.uses_cpu_decoder() and stack.w8a8 and stack.int8 and stack.weights_code == 4
+    assert eng.runner.cpu_decoder.image_step_runner is not None
+    _, layerwise = _two_requests(model, fused=False)
+    weights_only = Janus.from_preset("tiny", seed=4, dtype=torch.bfloat16).pack_for_cpu_(int8=True)
+    assert int8_kind(weights_only) == "weights"
+    _, w8 = _two_requests(weights_only)
+    logits = lambda r: torch.stack([c for c, _ in r.logits])
+    for x, y, z in zip(fused, layerwise, w8):
+        assert x.tokens == y.tokens
+        assert max_err(logits(x), logits(y)) <= 2**-7 * logits(y).abs().max()
+        first = lambda r: logits(r)[:1]  # the first step's logits: the same prompt, no sampled token in between
+        assert 0 < max_err(first(x), first(z)) <= 0.1 * first(z).abs().max()
+
+
+@needs_w8a8
+def test_decode_stack_refuses_a_mix_of_int8_kinds():
+    model = Janus.from_preset("tiny", seed=0, dtype=torch.bfloat16)
+    l = model.llm.layers[0]
+    c = model.cfg.llm
+    kc = torch.zeros(4, 16, c.num_heads, c.head_dim, dtype=torch.bfloat16)
+    ws = (l.input_norm.weight.detach(), cpu_ops.W8A8Weight(l.attn.qkv_proj.weight),
+          cpu_ops.Int8Weight(l.attn.o_proj.weight), l.post_attn_norm.weight.detach(),
+          cpu_ops.W8A8Weight(l.mlp.gate_up_proj.weight), cpu_ops.W8A8Weight(l.mlp.down_proj.weight))
+    with pytest.raises(ValueError, match="W8A8Weight"):
+        DecodeStack([ws], [(kc, kc.clone())], 1e-6)
+
+
+@needs_w8a8
+def test_pack_in_place_w8a8_and_what_it_refuses():
+    model = Janus.from_preset("tiny", seed=0, dtype=torch.bfloat16)
+    said = pack_in_place(model, int8="w8a8")
+    assert int8_kind(model) == "w8a8" and "W8A8" in said and " -> " in said
+    assert pack_in_place(model, int8="w8a8") is None  # already held so
+    with pytest.raises(UsageError, match="--int8: .*another layout"):
+        pack_in_place(model, int8=True)
+    with pytest.raises(ValueError, match="already held W8A8"):
+        model.pack_for_cpu_(int8=True)
+    held = Janus.from_preset("tiny", seed=0, dtype=torch.bfloat16).pack_for_cpu_(int8=True)
+    with pytest.raises(UsageError, match="--int8 w8a8: .*another layout"):
+        pack_in_place(held, int8="w8a8")
+    with pytest.raises(UsageError, match="--int8 w8a8: .*bf16"):
+        pack_in_place(Janus.from_preset("tiny", seed=0), int8="w8a8")
+
+
+@needs_w8a8
+def test_cli_int8_w8a8(tmp_path, capsys, monkeypatch):
+    """`--int8 w8a8` quantizes weights and activations and says so (PNG info too); `--int8` alone stays
+    weight-only; a build without the W8A8 GEMV is refused up front."""
+    from janus_rt import cli
+    from janus_rt.processing import png_parameters
+
+    cli.main(["generate", "--model", "tiny", "--int8", "w8a8", "-n", "1", "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert "W8A8" in err and "activations" in err
+    assert "W8A8" in png_parameters(tmp_path / "a" / "img_00_00.png")["weights"]
+    cli.main(["generate", "--model", "tiny", "--int8", "-n", "1", "--out", str(tmp_path / "b")])
+    assert png_parameters(tmp_path / "b" / "img_00_00.png")["weights"] == "int8"
+    monkeypatch.setattr(cpu_ops, "w8a8_available", lambda: False)
+    with pytest.raises(SystemExit, match="no W8A8 GEMV"):
+        cli.main(["generate", "--model", "tiny", "--int8", "w8a8", "--out", str(tmp_path / "c")])
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        cli.main(["generate", "--model", "tiny", "--int8", "int4", "--out", str(tmp_path / "d")])
+
+
+def test_cli_int8_modes_match_the_models():
+    from janus_rt import cli
+    from janus_rt.models.packed_linear import INT8_MODES
+
+    assert cli.INT8_MODES == INT8_MODES
