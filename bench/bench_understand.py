@@ -124,7 +124,7 @@ def main(args) -> dict:
         from janus_rt.cli import _check_args, _int8_checks
 
         args.cmd = "bench_understand --int8"
-        _check_args(args, *_int8_checks(argparse.Namespace(int8=True, dtype=str(dtype).split(".")[-1]),
+        _check_args(args, *_int8_checks(argparse.Namespace(int8=args.int8, dtype=str(dtype).split(".")[-1]),
                                         str(device).startswith("cuda")))
     if args.model:
         model, _, what = load_model(args.model, device, dtype)
@@ -143,7 +143,7 @@ def main(args) -> dict:
     if args.int8:  # after the baseline took its copy of the bf16 weights
         from janus_rt.engine.cpu_decode import pack_in_place
 
-        print(f"# {pack_in_place(model, int8=True)}", flush=True)
+        print(f"# {pack_in_place(model, int8=args.int8)}", flush=True)
     # one engine for all of our runs, as a server holds one (making it packs the decoder weights: seconds at 1B)
     from janus_rt.engine import Engine
 
@@ -165,7 +165,8 @@ def main(args) -> dict:
     row = {"date": time.strftime("%Y-%m-%d"), "device": dev_name, "model": what, "dtype": str(dtype).split(".")[-1],
            "prompt_tokens": len(ids), "new_tokens": len(answers["janus_rt"])}
     if args.int8:
-        row["weights"] = "int8 (LLM projections)"
+        row["weights"] = ("int8 weights and activations (W8A8, LLM projections)" if args.int8 == "w8a8"
+                          else "int8 (LLM projections)")
     if engine.cache.quantized:
         row["kv_cache"] = "int8 (+ fp32 scale a head)"
     pf_flops = prefill_flops(model, len(ids))
@@ -212,8 +213,9 @@ def build_parser():
     ap.add_argument("--new-tokens", type=int, default=32, help="answer length (greedy; fewer if EOS comes first)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each implementation")
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
-    ap.add_argument("--int8", action="store_true", help="janus_rt's LLM projections as weight-only int8 (CPU, bf16; "
-                    "transformers keeps bf16 weights, so the answers may differ)")
+    ap.add_argument("--int8", nargs="?", const="weights", default=None, choices=("weights", "w8a8"),
+                    help="janus_rt's LLM projections as int8 (CPU, bf16; transformers keeps bf16 weights, so the "
+                         "answers may differ): --int8 weight-only, --int8 w8a8 with int8 activations too")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8"),
                     help="janus_rt's KV cache (int8: rows + an fp32 scale a head; CPU)")
     ap.add_argument("--json", default=None, help="append the result row to this JSON-lines file")

@@ -199,3 +199,27 @@ def test_cli_int8_modes_match_the_models():
     from janus_rt.models.packed_linear import INT8_MODES
 
     assert cli.INT8_MODES == INT8_MODES
+
+
+@needs_w8a8
+def test_bench_and_bench_understand_int8_w8a8(tmp_path):
+    """`janus-rt bench --int8 w8a8` and bench/bench_understand.py --int8 w8a8 run the W8A8 decode step and say so in
+    their rows; their rooflines count the int8 projections at a byte each."""
+    import json
+
+    import bench_scripts
+    from janus_rt.cli import main
+
+    out = tmp_path / "rows.jsonl"
+    main(["bench", "--model", "tiny", "--device", "cpu", "--tokens", "4", "--repeats", "1", "--no-transformers",
+          "--int8", "w8a8", "--json", str(out)])
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert "W8A8" in row["weights"] and row["cpu_decode"].startswith("decode_layer, W8A8 GEMV")
+    bu = bench_scripts.load("bench_understand")
+    row = bu.main(bu.build_parser().parse_args(["--preset", "tiny", "--device", "cpu", "--new-tokens", "4",
+                                                "--repeats", "1", "--int8", "w8a8", "--no-transformers"]))
+    assert "W8A8" in row["weights"] and row["dtype"] == "bfloat16"
+    ref = Janus.from_preset("tiny", seed=0, dtype=torch.bfloat16)
+    w8 = Janus.from_preset("tiny", seed=0, dtype=torch.bfloat16).pack_for_cpu_(int8="w8a8")
+    (b16, f16), (b8, f8) = bu.decode_bytes_flops(ref, 100), bu.decode_bytes_flops(w8, 100)
+    assert f8 == f16 and b8 < b16
