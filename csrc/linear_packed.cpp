@@ -92,8 +92,14 @@ void linear_packed(std::uintptr_t x, std::uintptr_t wp, std::uintptr_t bias, std
       const int64_t ldx = gemv::x_stride(K);
       std::vector<uint16_t> xp(static_cast<size_t>(M * ldx));
       gemv::pack_x<uint16_t>(ptr<const uint16_t>(x), xp.data(), M, K, ldx);
+      w8a8::QuantizedX xq;  // x quantized once by the team (a prefill's rows), freed with this call
+      xq.shape(M, K);
 #pragma omp parallel if (N * K >= (int64_t(1) << 16))
-      w8a8::gemv_for(ptr<const uint8_t>(wp), xp.data(), ldx, ptr<const float>(bias), ptr<float>(y), M, N, K);
+      {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; ++m) xq.rows(xp.data(), ldx, K, m, m + 1);
+        w8a8::gemv_for(ptr<const uint8_t>(wp), xp.data(), ldx, ptr<const float>(bias), ptr<float>(y), M, N, K, &xq);
+      }
     }
   } else if (dtype == kInt8W) {
     if constexpr (int8w::available()) {

@@ -102,12 +102,17 @@ struct QuantizedX {
   std::vector<int8_t> q;
   std::vector<float> sx;
   std::vector<int32_t> comp;
-  void run(const uint16_t* x, int64_t ldx, int64_t M, int64_t K) {
+  // room for M rows of K columns (grows only)
+  void shape(int64_t M, int64_t K) {
     ldq = (kpad(K) + 63) / 64 * 64, ng = groups(K);
     if (int64_t(q.size()) < M * ldq) q.resize(size_t(M * ldq));
     if (int64_t(sx.size()) < M * ng) sx.resize(size_t(M * ng)), comp.resize(size_t(M * ng));
+  }
+  void run(const uint16_t* x, int64_t ldx, int64_t M, int64_t K) { shape(M, K), rows(x, ldx, K, 0, M); }
+  // rows [m0, m1) of x (after shape(M >= m1, K))
+  void rows(const uint16_t* x, int64_t ldx, int64_t K, int64_t m0, int64_t m1) {
     alignas(64) float xf[kG];
-    for (int64_t m = 0; m < M; ++m) {
+    for (int64_t m = m0; m < m1; ++m) {
       int8_t* qm = q.data() + m * ldq;
       for (int64_t g = 0; g < ng; ++g) {
         const int64_t k0 = g * kG, n = std::min(kG, K - k0);
@@ -184,15 +189,18 @@ inline void block_tail(int mb, const uint8_t* tile, int64_t kn, const int8_t* xq
 
 // Inside an OpenMP parallel region (an orphaned `omp for`, ending with the team's barrier) or outside one, as
 // packed::gemv_for: y [M, N] fp32 = W8A8(x, W) + bias, wp = pack(Q, sw), x [M, ldx] bf16 (gemv::pack_x: plain rows).
-// Every thread quantizes all of x for itself (no barrier; ~1-2 % of a 1B decode step). Callers check available().
+// x quantized: `pre` (QuantizedX of this x, made by the caller: linear_packed's many rows, quantized once by the
+// team), or else by every thread for itself into a thread-local buffer (decode_layer's few rows: no barrier; ~1-2 %
+// of a 1B decode step). Callers check available().
 inline void gemv_for(const uint8_t* wp, const uint16_t* x, int64_t ldx, const float* bias, float* y, int64_t M,
-                     int64_t N, int64_t K) {
+                     int64_t N, int64_t K, const QuantizedX* pre = nullptr) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
   const int64_t KS = kpad(K) / kE, strips = num_strips(N);
   const float* sw = scales(wp, N, K);
   const char* end = reinterpret_cast<const char*>(wp + padded_rows(N) * kpad(K));
-  static thread_local QuantizedX xq;
-  xq.run(x, ldx, M, K);
+  static thread_local QuantizedX own;
+  if (!pre) own.run(x, ldx, M, K);
+  const QuantizedX& xq = pre ? *pre : own;
   const int64_t ldq = xq.ldq, ng = xq.ng;
   // row blocks of as even a size as can be (32 rows: 6, 6, 5, 5, 5, 5), as packed_gemv.h
   const int64_t passes = (M + kMB - 1) / kMB, mb_lo = M / passes, n_hi = M % passes;
@@ -219,7 +227,10 @@ inline void gemv_for(const uint8_t* wp, const uint16_t* x, int64_t ldx, const fl
     }
     const int64_t n0 = s * kS, nn = std::min(kS, N - n0);
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t j = 0; j < nn; ++j) y[m * N + n0 + j] = c[m * kS + j] * sw[n0 + j] + (bias ? bias[n0 + j] : 0.0f);
+      for (int64_t j = 0; j < nn; ++j) {  // (no + 0.0f without a bias: it would turn a -0 into +0)
+        const float v = c[m * kS + j] * sw[n0 + j];
+        y[m * N + n0 + j] = bias ? v + bias[n0 + j] : v;
+      }
   }
 #else
   (void)wp, (void)x, (void)ldx, (void)bias, (void)y, (void)M, (void)N, (void)K;

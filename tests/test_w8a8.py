@@ -17,6 +17,11 @@ needs_w8a8 = pytest.mark.skipif(not cpu_ops.w8a8_available(),
 G = cpu_ops.W8A8_GROUP
 
 
+def bitwise(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same fp32 bits (torch.equal takes -0 for +0)."""
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
 # ---- the activations' quantizer (plain PyTorch: runs everywhere) ----------------------------------------------------
 def test_quantize_activations_groups_and_bound():
     g = torch.Generator().manual_seed(0)
@@ -54,7 +59,7 @@ def test_int8_mode_values():
 # ---- the GEMV --------------------------------------------------------------------------------------------------------
 @needs_w8a8
 @pytest.mark.parametrize("M,N,K", [(1, 64, 32), (2, 100, 65), (3, 5, 3), (7, 130, 600), (16, 64, 512), (17, 200, 1030),
-                                   (32, 70, 2048), (33, 129, 513), (70, 64, 96)])
+                                   (32, 70, 2048), (33, 129, 513), (70, 64, 96), (4, 63, 1), (300, 65, 1025)])
 def test_w8a8_is_its_reference_bit_for_bit(M, N, K):
     """y is w8a8_reference's y exactly (padded K, partial strips and groups, every row-block size), each row the
     same alone as in the batch, and within the two roundings' bound of x @ W^T."""
@@ -66,9 +71,9 @@ def test_w8a8_is_its_reference_bit_for_bit(M, N, K):
     q, s = cpu_ops.quantize_int8(w)
     y = ww(x, bias)
     assert y.dtype == torch.float32 and y.shape == (M, N)
-    assert torch.equal(y, cpu_ops.w8a8_reference(x, q, s, bias))
+    assert bitwise(y, cpu_ops.w8a8_reference(x, q, s, bias))
     for m in {0, M // 2, M - 1}:
-        assert torch.equal(ww(x[m:m + 1], bias)[0], y[m])
+        assert bitwise(ww(x[m:m + 1], bias)[0], y[m])
     # |y - x W^T| <= |x| |W - Q s| + |x - X8 sx| |Q s| (+ fp32 rounding)
     codes, sx = cpu_ops.quantize_activations(x)
     xd, wq = x.double(), q.double() * s.double()[:, None]
@@ -76,6 +81,34 @@ def test_w8a8_is_its_reference_bit_for_bit(M, N, K):
     exact = xd @ w.double().T + (0 if bias is None else bias.double())
     bound = xd.abs() @ (w.double() - wq).abs().T + (xd - xq).abs() @ wq.abs().T
     assert bool(((y.double() - exact).abs() <= bound * 1.001 + 1e-5 * (xd.abs() @ wq.abs().T) + 1e-5).all())
+
+
+@needs_w8a8
+def test_w8a8_special_values_bit_for_bit():
+    """Rows and groups of zeros, a weight row of zeros, huge and subnormal x, codes landing on exact .5 ties, and a
+    product that underflows to -0: the reference's bits, sign of zero included (no bias: nothing added)."""
+    g = torch.Generator().manual_seed(7)
+    N, K = 65, 1030
+    w = torch.randn(N, K, generator=g)
+    w[3] = 0.0
+    x = torch.randn(9, K, generator=g)
+    x[0] = 0.0  # a row of zeros
+    x[1, G:2 * G] = 0.0  # a group of zeros
+    x[2] *= 1e30  # huge (bf16 holds it)
+    x[3] *= 1e-39  # subnormal in fp32, and their bf16 roundings
+    x[4, :G] = torch.arange(G) % 9 - 4.0  # max 4 -> step 4/127: k/2 * step lands on ties
+    x[4, 0] = 127.0 / 2 * (4.0 / 127)
+    x = x.bfloat16()
+    q, s = cpu_ops.quantize_int8(w)
+    ww = cpu_ops.W8A8Weight.from_quantized(q, s)
+    assert bitwise(ww(x), cpu_ops.w8a8_reference(x, q, s))
+    tiny = torch.full((1, 8), 2.0**-40)  # one weight row whose product with a tiny negative x underflows
+    xt = torch.zeros(1, 8)
+    xt[0, 0] = -(2.0**-120)
+    qt, st = cpu_ops.quantize_int8(tiny)
+    y = cpu_ops.W8A8Weight.from_quantized(qt, st)(xt.bfloat16())
+    want = cpu_ops.w8a8_reference(xt.bfloat16(), qt, st)
+    assert bitwise(y, want) and torch.signbit(want).all()
 
 
 @needs_w8a8

@@ -73,9 +73,9 @@ INT8_MODES = ("weights", "w8a8")  # pack_llm_'s int8: weight-only int8, or int8 
 
 def int8_mode(int8) -> str | None:
     """pack_llm_'s int8 argument as None (not int8), "weights" (True too) or "w8a8"; ValueError otherwise."""
-    if int8 is None or int8 is False:
+    if not int8:  # None, False (any false value, as before the modes)
         return None
-    if int8 is True:
+    if not isinstance(int8, str):  # True (any true value but a string)
         return "weights"
     if int8 not in INT8_MODES:
         raise ValueError(f"int8 must be False, True, or one of {INT8_MODES}; got {int8!r}")

@@ -141,7 +141,8 @@ def main(argv=None) -> list[dict]:
         per_caption = np.mean(scores, axis=1)  # [n]; captions are the independent units
         n = len(per_caption)
         sem = round(float(np.std(per_caption, ddof=1)) / n**0.5, 4) if n > 1 else None
-        row = {"model": spec, "dtype": a.dtype, "int8": a.int8, "kv_cache": a.kv_cache_dtype,
+        row = {"model": spec, "dtype": a.dtype, "int8": bool(a.int8), **({"int8_mode": a.int8} if a.int8 else {}),
+               "kv_cache": a.kv_cache_dtype,
                "color_match": round(float(np.mean(scores)), 4), "stderr": sem,
                "one_object": round(float(np.mean(both["one_object"])), 4),
                "captions": len(captions), "n_per_caption": a.n_per_caption, "cfg": a.cfg,
