@@ -6,17 +6,18 @@
 // Zen 5 VM (2026-12-05, one core, independent chains): 8.95 G VPDPBUSD/s (573 GMAC/s) vs 8.25 G VDPBF16PS/s (264).
 // The price: x is rounded to 8 bits per group (error <= max|x_group| / 254 per value) on top of W's rounding.
 // Measured on that host, the 96 projections of the 1B LLM from DRAM, 2 threads, ms a pass (bf16 packed / weight-only
-// int8 / this): 32 rows 83 / 130 / 60, 2 rows 44 / 59 / 27-35 (bench/RESULTS.md, twenty-seventh session).
+// int8 / this): 32 rows 80-81 / ~130 / 43-46, 2 rows 42-44 / ~59 / 21-22 (bench/RESULTS.md, twenty-seventh session).
 //
-// Register blocks: on Zen 5 a VPDPBUSD stream runs at about half rate once more than 12 accumulators are live (a
-// register-only loop, 2026-12-05: 8 or 12 independent chains 8.3-8.7 G/s, 16, 20 or 24 chains 4.5-5.0 G/s; VDPBF16PS
-// keeps 8.4 G/s at 24), so 4 to 6 rows of x run as two passes of 2 vectors over the tile (<= 12 accumulators: 32 rows
-// 64 -> 60 ms; one pass of 6 x 4, as the bf16 kernel does, ~80). The next tile is prefetched during the passes from
-// 3 rows of x on (without: 93 ms at 32 rows).
+// The accumulators: written with the intrinsic (acc = _mm512_dpbusd_epi32(acc, u, x)), GCC 12 copied each one to
+// another register and back around every VPDPBUSD of the loop (the instruction overwrites its accumulator operand),
+// which halved the rate: one core, a register-only loop of 16-24 independent chains 4.5-5.0 G/s against 8.9-9.0 with
+// the accumulate as inline asm tied in place ("+v"); as arrays GCC also spilled them. So: 6 rows x 4 vectors = 24
+// named accumulators, each VPDPBUSD an asm statement (the 96 projections at 32 rows: 60 ms with 6 x 2 passes of the
+// intrinsic, 43-46 now). The next tile is prefetched during the row blocks from 3 rows of x on (without: 93 ms).
 //
 // VPDPBUSD multiplies unsigned bytes by signed ones, so the weights are stored offset by 128 (U = Q + 128 in
 // [1, 255]) and x's codes X8 stay signed: per group g of row m and column n,
-//   sum_k U[n, k] X8[m, k] - 128 sum_k X8[m, k] = sum_k Q[n, k] X8[m, k]      (exact in int32: |.| < 2^25)
+//   sum_k U[n, k] X8[m, k] - 128 sum_k X8[m, k] = sum_k Q[n, k] X8[m, k]      (exact in int32: |.| < 2^24)
 // the correction one number per (row, group), independent of n. Then, in fp32, group by group in k order:
 //   c = fp32(acc_0) * sx_0;  c = c + fp32(acc_g) * sx_g;  ...;  y = c * sw[n] (+ bias[n])
 // each a single rounding (no fused multiply-add: the build has -ffp-contract=off), the same operations as
@@ -51,8 +52,7 @@ constexpr int64_t kE = 4;          // k a step (VPDPBUSD's quad)
 constexpr int64_t kSE = kS * kE;   // bytes a step
 constexpr int64_t kKT = 128;       // steps a K tile
 constexpr int64_t kG = kKT * kE;   // x's quantization group: 512 columns, one K tile
-constexpr int kMB = 6;             // rows of x a register block
-constexpr int kMaxAcc = 12;        // accumulators a pass (see block_tail): 6 rows run as two passes of 6 x 2
+constexpr int kMB = 6;             // rows of x a register block: 6 x 4 = 24 int32 accumulators
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
 constexpr bool available() { return true; }
@@ -128,60 +128,61 @@ struct QuantizedX {
 };
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
-// MB rows of x against one strip's K tile (kn steps; the codes xq at the tile's first k, row stride ldq; this
+// MB <= 6 rows of x against one strip's K tile (kn steps; the codes xq at the tile's first k, row stride ldq; this
 // group's corrections and scales at comp, sx, row stride ldg): c [MB, kS] = (first ? 0 + : c +) fp32(acc) * sx.
-// Meanwhile lpk lines of [pf, pe) are prefetched per step.
-template <int MB, int NV>
+// Meanwhile lpk lines of [pf, pe) are prefetched per step. The 24 accumulators: named variables updated in place by
+// dpbusd (see the top).
+// acc += VPDPBUSD(u, x) in place: with the intrinsic GCC copied each accumulator to another register and back around
+// every VPDPBUSD of the loop (the instruction overwrites its accumulator), which halved the rate; the asm's "+v" ties
+// the accumulator to its register.
+inline void dpbusd(__m512i& acc, __m512i u, __m512i x) {
+  asm("vpdpbusd %[x], %[u], %[acc]" : [acc] "+v"(acc) : [u] "v"(u), [x] "v"(x));
+}
+#define JR_W8A8_ROW(r)                                                                 \
+  if constexpr (MB > r) {                                                              \
+    int32_t quad;                                                                      \
+    std::memcpy(&quad, xq + r * ldq + 4 * p, sizeof(quad));                            \
+    const __m512i xb = _mm512_set1_epi32(quad);                                        \
+    dpbusd(a##r##0, w0, xb), dpbusd(a##r##1, w1, xb);                                  \
+    dpbusd(a##r##2, w2, xb), dpbusd(a##r##3, w3, xb);                                  \
+  }
+#define JR_W8A8_OUT(r)                                                                 \
+  if constexpr (MB > r) {                                                              \
+    const __m512i cm = _mm512_set1_epi32(comp[r * ldg]);                               \
+    const __m512 sm = _mm512_set1_ps(sx[r * ldg]);                                     \
+    out(c + r * kS, a##r##0, cm, sm), out(c + r * kS + 16, a##r##1, cm, sm);           \
+    out(c + r * kS + 32, a##r##2, cm, sm), out(c + r * kS + 48, a##r##3, cm, sm);      \
+  }
+template <int MB>
 inline void block(const uint8_t* tile, int64_t kn, const int8_t* xq, int64_t ldq, const int32_t* comp,
-                  const float* sx, int64_t ldg, float* c, bool first, const char* pf, const char* pe, int lpk, int v0) {
-  const uint8_t* wv[NV];
-  for (int v = 0; v < NV; ++v) wv[v] = tile + (v0 + v) * kn * 64;
-  __m512 acc[MB][NV];  // int32 lanes (held as __m512: GCC kept an __m512i array of this size in memory)
-#pragma GCC unroll 8
-  for (int m = 0; m < MB; ++m)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+                  const float* sx, int64_t ldg, float* c, bool first, const char* pf, const char* pe, int lpk) {
+  static_assert(MB >= 1 && MB <= 6, "1 to 6 rows a block");
+  const uint8_t *w0p = tile, *w1p = tile + kn * 64, *w2p = tile + 2 * kn * 64, *w3p = tile + 3 * kn * 64;
+  const __m512i z = _mm512_setzero_si512();
+  __m512i a00 = z, a01 = z, a02 = z, a03 = z, a10 = z, a11 = z, a12 = z, a13 = z, a20 = z, a21 = z, a22 = z, a23 = z;
+  __m512i a30 = z, a31 = z, a32 = z, a33 = z, a40 = z, a41 = z, a42 = z, a43 = z, a50 = z, a51 = z, a52 = z, a53 = z;
   for (int64_t p = 0; p < kn; ++p) {
     for (int l = 0; l < lpk; ++l, pf += 64)
       if (pf < pe) __builtin_prefetch(pf, 0, 3);
-    __m512i w[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(wv[v] + p * 64);
-#pragma GCC unroll 8
-    for (int m = 0; m < MB; ++m) {
-      int32_t quad;
-      std::memcpy(&quad, xq + m * ldq + 4 * p, sizeof(quad));
-      const __m512i xb = _mm512_set1_epi32(quad);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[m][v] = (__m512)_mm512_dpbusd_epi32((__m512i)acc[m][v], w[v], xb);
-    }
+    const __m512i w0 = _mm512_loadu_si512(w0p + p * 64), w1 = _mm512_loadu_si512(w1p + p * 64);
+    const __m512i w2 = _mm512_loadu_si512(w2p + p * 64), w3 = _mm512_loadu_si512(w3p + p * 64);
+    JR_W8A8_ROW(0) JR_W8A8_ROW(1) JR_W8A8_ROW(2) JR_W8A8_ROW(3) JR_W8A8_ROW(4) JR_W8A8_ROW(5)
   }
-#pragma GCC unroll 8
-  for (int m = 0; m < MB; ++m) {
-    const __m512i cm = _mm512_set1_epi32(comp[m * ldg]);
-    const __m512 sm = _mm512_set1_ps(sx[m * ldg]);
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32((__m512i)acc[m][v], cm)), sm);
-      float* cv = c + m * kS + (v0 + v) * 16;
-      _mm512_storeu_ps(cv, first ? f : _mm512_add_ps(_mm512_loadu_ps(cv), f));
-    }
-  }
+  // c (16 lanes) = (first ? 0 + : c +) fp32(acc - cm) * sm: the group's exact sum, scaled, added in k order
+  auto out = [first](float* cv, __m512i acc, __m512i cm, __m512 sm) {
+    const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, cm)), sm);
+    _mm512_storeu_ps(cv, first ? f : _mm512_add_ps(_mm512_loadu_ps(cv), f));
+  };
+  JR_W8A8_OUT(0) JR_W8A8_OUT(1) JR_W8A8_OUT(2) JR_W8A8_OUT(3) JR_W8A8_OUT(4) JR_W8A8_OUT(5)
 }
+#undef JR_W8A8_ROW
+#undef JR_W8A8_OUT
 
 template <int R>
 inline void block_tail(int mb, const uint8_t* tile, int64_t kn, const int8_t* xq, int64_t ldq, const int32_t* comp,
                        const float* sx, int64_t ldg, float* c, bool first, const char* pf, const char* pe, int lpk) {
   if constexpr (R >= 1) {
-    if (mb == R) {
-      if constexpr (R * 4 <= kMaxAcc) {
-        block<R, 4>(tile, kn, xq, ldq, comp, sx, ldg, c, first, pf, pe, lpk, 0);
-      } else {  // two passes over the tile, vectors 0-1 then 2-3, each prefetching half of the share
-        const char* mid = pf + ((pe - pf) / 128) * 64;
-        block<R, 2>(tile, kn, xq, ldq, comp, sx, ldg, c, first, pf, mid, (lpk + 1) / 2, 0);
-        block<R, 2>(tile, kn, xq, ldq, comp, sx, ldg, c, first, mid, pe, (lpk + 1) / 2, 2);
-      }
-    }
+    if (mb == R) block<R>(tile, kn, xq, ldq, comp, sx, ldg, c, first, pf, pe, lpk);
     else block_tail<R - 1>(mb, tile, kn, xq, ldq, comp, sx, ldg, c, first, pf, pe, lpk);
   }
 }

@@ -227,6 +227,17 @@ def test_cli_int8_w8a8(tmp_path, capsys, monkeypatch):
         cli.main(["generate", "--model", "tiny", "--int8", "int4", "--out", str(tmp_path / "d")])
 
 
+def test_projection_flops_counts_the_four_projections():
+    from janus_rt.engine.roofline import decode_step_bytes_flops, projection_flops
+
+    model = Janus.from_preset("tiny", seed=0)
+    c = model.cfg.llm
+    qkv, o = c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, c.num_heads * c.head_dim * c.hidden_size
+    per_layer = qkv + o + c.hidden_size * 2 * c.intermediate_size + c.intermediate_size * c.hidden_size
+    assert projection_flops(model, 6) == 2 * 6 * c.num_layers * per_layer
+    assert projection_flops(model, 6) < decode_step_bytes_flops(model, 6, 10)[1]
+
+
 def test_cli_int8_modes_match_the_models():
     from janus_rt import cli
     from janus_rt.models.packed_linear import INT8_MODES
@@ -248,6 +259,7 @@ def test_bench_and_bench_understand_int8_w8a8(tmp_path):
           "--int8", "w8a8", "--json", str(out)])
     row = json.loads(out.read_text().splitlines()[-1])
     assert "W8A8" in row["weights"] and row["cpu_decode"].startswith("decode_layer, W8A8 GEMV")
+    assert row["int8_matmul_gops"] > 0  # its roofline holds the projections to the int8 matmul peak
     bu = bench_scripts.load("bench_understand")
     row = bu.main(bu.build_parser().parse_args(["--preset", "tiny", "--device", "cpu", "--new-tokens", "4",
                                                 "--repeats", "1", "--int8", "w8a8", "--no-transformers"]))

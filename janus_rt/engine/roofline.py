@@ -100,6 +100,40 @@ def peak_memory_gb(device) -> float:
     return float("nan")
 
 
+def measure_int8_matmul_gops(device) -> float:
+    """The CPU's int8 matmul peak (GOP/s, a multiply-add = 2): torch._int_mm on n x n int8 (oneDNN's VNNI / AMX
+    kernels), best of three; what W8A8's projections (--int8 w8a8) are held to. 0.0 where this torch has none."""
+    if torch.device(device).type != "cpu" or not hasattr(torch, "_int_mm"):
+        return 0.0
+    n = 2048
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (n, n), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (n, n), dtype=torch.int8, generator=g)
+    try:
+        torch._int_mm(a, b)
+    except RuntimeError:
+        return 0.0
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        torch._int_mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def projection_flops(model, rows: int) -> float:
+    """FLOPs of a decode step's LLM projections (qkv, o, gate_up, down; 2 a weight a row) for `rows` rows: the
+    part of decode_step_bytes_flops' FLOPs that W8A8 does as int8."""
+    from janus_rt.models.packed_linear import PROJECTIONS
+
+    n = 0
+    for l in model.llm.layers:
+        for part, name in PROJECTIONS:
+            m = getattr(getattr(l, part), name)
+            n += m.in_features * m.out_features
+    return 2.0 * n * rows
+
+
 def decode_step_bytes_flops(model, rows: int, context: int, shared: tuple[int, int] = (0, 0),
                             kv_dtype: torch.dtype | None = None) -> tuple[float, float]:
     """Bytes a decode step must read (LLM + gen head/aligner weights once, plus the KV cache it attends over) and its
