@@ -8,12 +8,14 @@
 // Measured on that host, the 96 projections of the 1B LLM from DRAM, 2 threads, ms a pass (bf16 packed / weight-only
 // int8 / this): 32 rows 80-81 / ~130 / 43-46, 2 rows 42-44 / ~59 / 21-22 (bench/RESULTS.md, twenty-seventh session).
 //
-// The accumulators: written with the intrinsic (acc = _mm512_dpbusd_epi32(acc, u, x)), GCC 12 copied each one to
-// another register and back around every VPDPBUSD of the loop (the instruction overwrites its accumulator operand),
-// which halved the rate: one core, a register-only loop of 16-24 independent chains 4.5-5.0 G/s against 8.9-9.0 with
-// the accumulate as inline asm tied in place ("+v"); as arrays GCC also spilled them. So: 6 rows x 4 vectors = 24
-// named accumulators, each VPDPBUSD an asm statement (the 96 projections at 32 rows: 60 ms with 6 x 2 passes of the
-// intrinsic, 43-46 now). The next tile is prefetched during the row blocks from 3 rows of x on (without: 93 ms).
+// The accumulators: with the intrinsic (acc = _mm512_dpbusd_epi32(acc, u, x)) GCC 12 moved accumulators to other
+// registers and back around the VPDPBUSDs of a loop (the instruction overwrites its accumulator operand). Measured
+// on one core (bench/vpdpbusd_chains.cpp, 2026-12-06): a register-only loop of 16-24 independent chains ran at
+// 4.5-5.0 G/s written with the intrinsic and 8.9-9.0 G/s with the accumulate as inline asm tied in place ("+v");
+// that the moves alone cost the difference is an inference (with the intrinsic 8-12 chains reached 8.3-8.7 G/s,
+// copies and all). As arrays GCC also spilled them. So: 6 rows x 4 vectors = 24 named accumulators, each row's four
+// VPDPBUSDs one asm statement (the 96 projections at 32 rows: 60 ms with 6 x 2 passes of the intrinsic, 43-46 now).
+// The next tile is prefetched during the row blocks from 3 rows of x on (without, in the first version: 93 ms).
 //
 // VPDPBUSD multiplies unsigned bytes by signed ones, so the weights are stored offset by 128 (U = Q + 128 in
 // [1, 255]) and x's codes X8 stay signed: per group g of row m and column n,
@@ -132,19 +134,25 @@ struct QuantizedX {
 // group's corrections and scales at comp, sx, row stride ldg): c [MB, kS] = (first ? 0 + : c +) fp32(acc) * sx.
 // Meanwhile lpk lines of [pf, pe) are prefetched per step. The 24 accumulators: named variables updated in place by
 // dpbusd (see the top).
-// acc += VPDPBUSD(u, x) in place: with the intrinsic GCC copied each accumulator to another register and back around
-// every VPDPBUSD of the loop (the instruction overwrites its accumulator), which halved the rate; the asm's "+v" ties
-// the accumulator to its register.
-inline void dpbusd(__m512i& acc, __m512i u, __m512i x) {
-  asm("vpdpbusd %[x], %[u], %[acc]" : [acc] "+v"(acc) : [u] "v"(u), [x] "v"(x));
+// One row's step: a0..a3 += VPDPBUSD(u0..u3, x), in place, as one asm statement (AT&T | Intel operand order). With
+// the intrinsic GCC 12 moved accumulators to other registers and back around the VPDPBUSDs (the instruction
+// overwrites its accumulator); one asm per VPDPBUSD still left such moves in the 4- and 5-row blocks (review,
+// 2026-12-06); tied "+v" operands of one statement per row leave none.
+inline void dpbusd4(__m512i& a0, __m512i& a1, __m512i& a2, __m512i& a3, __m512i u0, __m512i u1, __m512i u2,
+                    __m512i u3, __m512i x) {
+  asm("{vpdpbusd %[x], %[u0], %[a0]|vpdpbusd %[a0], %[u0], %[x]}\n\t"
+      "{vpdpbusd %[x], %[u1], %[a1]|vpdpbusd %[a1], %[u1], %[x]}\n\t"
+      "{vpdpbusd %[x], %[u2], %[a2]|vpdpbusd %[a2], %[u2], %[x]}\n\t"
+      "{vpdpbusd %[x], %[u3], %[a3]|vpdpbusd %[a3], %[u3], %[x]}"
+      : [a0] "+v"(a0), [a1] "+v"(a1), [a2] "+v"(a2), [a3] "+v"(a3)
+      : [u0] "v"(u0), [u1] "v"(u1), [u2] "v"(u2), [u3] "v"(u3), [x] "v"(x));
 }
 #define JR_W8A8_ROW(r)                                                                 \
   if constexpr (MB > r) {                                                              \
     int32_t quad;                                                                      \
     std::memcpy(&quad, xq + r * ldq + 4 * p, sizeof(quad));                            \
     const __m512i xb = _mm512_set1_epi32(quad);                                        \
-    dpbusd(a##r##0, w0, xb), dpbusd(a##r##1, w1, xb);                                  \
-    dpbusd(a##r##2, w2, xb), dpbusd(a##r##3, w3, xb);                                  \
+    dpbusd4(a##r##0, a##r##1, a##r##2, a##r##3, w0, w1, w2, w3, xb);                   \
   }
 #define JR_W8A8_OUT(r)                                                                 \
   if constexpr (MB > r) {                                                              \

@@ -204,6 +204,7 @@ def main(args):
     prompt = [model.cfg.tokens.bos_id] + list(range(100, 118)) + [model.cfg.tokens.boi_id]
     bw = measure_bandwidth_gbs(device)
     peak = measure_matmul_gflops(device, dtype)
+    int8_peak = measure_int8_matmul_gops(device) if args.int8 == "w8a8" else 0.0  # (probed after the runs too)
     dev_name = device_name(device)
     print(f"# {dev_name}: read bandwidth {bw:.1f} GB/s, matmul peak {peak:.0f} GFLOP/s; model: {what}, {dtype}; "
           f"n={n}, {args.tokens} tokens/image", flush=True)
@@ -286,7 +287,8 @@ def main(args):
     nbytes, flops = decode_step_bytes_flops(model, 2 * n, len(prompt) + args.tokens // 2, shared=shared,
                                             kv_dtype=eng.cache.dtype)
     # W8A8: the projections' multiply-adds are int8 ones, held to the int8 matmul peak; the rest to the model's
-    int8_peak = measure_int8_matmul_gops(device) if int8_kind(model) == "w8a8" else 0.0
+    # (the larger of the probes before and after the runs, as for the bf16 peak)
+    int8_peak = max(int8_peak, measure_int8_matmul_gops(device)) if int8_kind(model) == "w8a8" else 0.0
     proj = projection_flops(model, 2 * n) if int8_peak > 0 else 0.0
     compute_s = (flops - proj) / (peak * 1e9) + (proj / (int8_peak * 1e9) if proj else 0.0)
     if int8_peak:
