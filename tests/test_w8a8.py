@@ -268,3 +268,20 @@ def test_bench_and_bench_understand_int8_w8a8(tmp_path):
     w8 = Janus.from_preset("tiny", seed=0, dtype=torch.bfloat16).pack_for_cpu_(int8="w8a8")
     (b16, f16), (b8, f8) = bu.decode_bytes_flops(ref, 100), bu.decode_bytes_flops(w8, 100)
     assert f8 == f16 and b8 < b16
+
+
+@needs_w8a8
+def test_serve_int8_w8a8_holds_the_model_w8a8():
+    """`janus-rt serve --int8 w8a8`: the server's model (and so its engine) runs the W8A8 projections."""
+    import argparse
+
+    from janus_rt.cli import make_server
+
+    args = argparse.Namespace(model="tiny", device="cpu", dtype=None, seed=0, kv_cache_gb=0.01, host="127.0.0.1",
+                              port=0, memory_fraction=0.3, int8="w8a8")
+    srv, _ = make_server(args)
+    try:
+        assert int8_kind(srv.model) == "w8a8" and srv.bg.engine.runner.cpu_decoder.stack.w8a8
+    finally:
+        srv.server_close()
+        srv.bg.close()
