@@ -36,12 +36,20 @@ void check_sizes(int dtype, int64_t N, int64_t K) {
   JR_CHECK(dtype == kF32 || K % 2 == 0, "bf16 needs an even K");
 }
 
+// x [M, K] as the layer's buffer holds it (gemv::pack_x<WT>, rows gemv::x_stride(K) apart).
+template <typename WT>
+std::vector<WT> packed_rows(const WT* x, int64_t M, int64_t K) {
+  const int64_t ldx = gemv::x_stride(K);
+  std::vector<WT> xp(static_cast<size_t>(M * ldx));
+  gemv::pack_x<WT>(x, xp.data(), M, K, ldx);
+  return xp;
+}
+
 template <typename WT>
 void linear_packed_impl(const WT* x, const WT* wp, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
   if constexpr (packed::available<WT>()) {
     const int64_t ldx = gemv::x_stride(K);
-    std::vector<WT> xp(static_cast<size_t>(M * ldx));  // x as the layer's buffer holds it
-    gemv::pack_x<WT>(x, xp.data(), M, K, ldx);
+    const std::vector<WT> xp = packed_rows(x, M, K);
 #pragma omp parallel if (N * K >= (int64_t(1) << 16))
     packed::gemv_for(wp, xp.data(), ldx, bias, y, M, N, K);
   }
@@ -90,8 +98,7 @@ void linear_packed(std::uintptr_t x, std::uintptr_t wp, std::uintptr_t bias, std
   if (dtype == kW8A8) {
     if constexpr (w8a8::available()) {
       const int64_t ldx = gemv::x_stride(K);
-      std::vector<uint16_t> xp(static_cast<size_t>(M * ldx));
-      gemv::pack_x<uint16_t>(ptr<const uint16_t>(x), xp.data(), M, K, ldx);
+      const std::vector<uint16_t> xp = packed_rows(ptr<const uint16_t>(x), M, K);
       w8a8::QuantizedX xq;  // x quantized once by the team (a prefill's rows), freed with this call
       xq.shape(M, K);
 #pragma omp parallel if (N * K >= (int64_t(1) << 16))
@@ -104,8 +111,7 @@ void linear_packed(std::uintptr_t x, std::uintptr_t wp, std::uintptr_t bias, std
   } else if (dtype == kInt8W) {
     if constexpr (int8w::available()) {
       const int64_t ldx = gemv::x_stride(K);
-      std::vector<uint16_t> xp(static_cast<size_t>(M * ldx));
-      gemv::pack_x<uint16_t>(ptr<const uint16_t>(x), xp.data(), M, K, ldx);
+      const std::vector<uint16_t> xp = packed_rows(ptr<const uint16_t>(x), M, K);
 #pragma omp parallel if (N * K >= (int64_t(1) << 16))
       int8w::gemv_for(ptr<const int8_t>(wp), xp.data(), ldx, ptr<const float>(bias), ptr<float>(y), M, N, K);
     }

@@ -194,18 +194,14 @@ void gemv_for(const WT* wp, const WT* x, int64_t ldx, const float* bias, float* 
       const int64_t kn = std::min(KT, KS - k0);
       const WT* tile = ws + k0 * SE;
       // the next tile's cache lines, one share per row block
-      const char* next = reinterpret_cast<const char*>(tile + kn * SE);
-      const int64_t lines = std::min<int64_t>(KT * SE * sizeof(WT), std::max<int64_t>(0, end - next)) / 64;
-      const int64_t share = (lines + passes - 1) / passes;
-      const int lpk = M >= JR_PACKED_PF_MIN_ROWS ? int((share + kn - 1) / kn) : 0;
+      const NextTile nt(reinterpret_cast<const char*>(tile + kn * SE), end, KT * SE * sizeof(WT), passes, kn,
+                        M >= JR_PACKED_PF_MIN_ROWS);
       for (int64_t m0 = 0, j = 0; j < passes; m0 += mb_lo + (j < n_hi), ++j) {
         const int mb = int(mb_lo + (j < n_hi));
-        const char* pf = next + j * share * 64;
-        const char* pe = next + std::min(lines, (j + 1) * share) * 64;
         const WT* xs = x + m0 * ldx + E * k0;
         float* cs = c.data() + m0 * S;
-        if (few) row_block<WT, kLocFew>(mb, tile, xs, ldx, kn, cs, k0 == 0, pf, pe, lpk);
-        else row_block<WT, kLocMany>(mb, tile, xs, ldx, kn, cs, k0 == 0, pf, pe, lpk);
+        if (few) row_block<WT, kLocFew>(mb, tile, xs, ldx, kn, cs, k0 == 0, nt.begin(j), nt.end(j), nt.lpk);
+        else row_block<WT, kLocMany>(mb, tile, xs, ldx, kn, cs, k0 == 0, nt.begin(j), nt.end(j), nt.lpk);
       }
     }
     const int64_t n0 = s * S, nn = std::min(S, N - n0);

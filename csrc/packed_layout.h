@@ -75,6 +75,21 @@ inline const WT* vec_at(const WT* tile, int64_t kn, int v) {
 }
 
 inline int64_t num_strips(int64_t N, int64_t S) { return (N + S - 1) / S; }
+
+// The next tile's cache lines (the strip's next tile or the next strip's first: [next, end) capped at tile_bytes),
+// dealt out to a tile's `passes` row blocks: block j prefetches [begin(j), end(j)), lpk lines a step of the tile's kn
+// steps, so the weight stream is read at an even rate; lpk 0 (no prefetch) unless `on`. packed_gemv.h and
+// w8a8_gemv.h.
+struct NextTile {
+  const char* next;
+  int64_t lines, share;
+  int lpk;
+  NextTile(const char* next_, const char* end_, int64_t tile_bytes, int64_t passes, int64_t kn, bool on)
+      : next(next_), lines(std::min<int64_t>(tile_bytes, std::max<int64_t>(0, end_ - next_)) / 64),
+        share((lines + passes - 1) / passes), lpk(on ? int((share + kn - 1) / kn) : 0) {}
+  const char* begin(int64_t j) const { return next + j * share * 64; }
+  const char* end(int64_t j) const { return next + std::min(lines, (j + 1) * share) * 64; }
+};
 // Elements of the packed W [N, K] (bf16: K even).
 template <typename WT>
 int64_t packed_size(int64_t N, int64_t K) {

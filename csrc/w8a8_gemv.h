@@ -40,6 +40,7 @@
 
 #include "common.h"
 #include "kv_int8.h"
+#include "packed_layout.h"
 #include "simd.h"
 
 // Rows of x from which a tile's block passes prefetch the next tile (software prefetch); below, none.
@@ -63,8 +64,7 @@ constexpr bool available() { return false; }
 #endif
 
 inline int64_t kpad(int64_t K) { return (K + kE - 1) / kE * kE; }
-inline int64_t num_strips(int64_t N) { return (N + kS - 1) / kS; }
-inline int64_t padded_rows(int64_t N) { return num_strips(N) * kS; }
+inline int64_t padded_rows(int64_t N) { return packed::num_strips(N, kS) * kS; }
 inline int64_t groups(int64_t K) { return (K + kG - 1) / kG; }
 inline int64_t scales_offset(int64_t N, int64_t K) { return (padded_rows(N) * kpad(K) + 63) / 64 * 64; }
 inline int64_t packed_bytes(int64_t N, int64_t K) { return scales_offset(N, K) + 4 * padded_rows(N); }
@@ -75,7 +75,7 @@ inline const float* scales(const uint8_t* wp, int64_t N, int64_t K) {
 // wp (packed_bytes(N, K)) = q [N, K] int8 (in [-127, 127]) offset to U = q + 128 in the layout above, and the scales
 // s [N] after it. Runs its own parallel region.
 inline void pack(const int8_t* q, const float* s, uint8_t* wp, int64_t N, int64_t K) {
-  const int64_t KS = kpad(K) / kE, strips = num_strips(N);
+  const int64_t KS = kpad(K) / kE, strips = packed::num_strips(N, kS);
 #pragma omp parallel for schedule(static)
   for (int64_t st = 0; st < strips; ++st)
     for (int64_t j = 0; j < kS; ++j) {
@@ -130,10 +130,6 @@ struct QuantizedX {
 };
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
-// MB <= 6 rows of x against one strip's K tile (kn steps; the codes xq at the tile's first k, row stride ldq; this
-// group's corrections and scales at comp, sx, row stride ldg): c [MB, kS] = (first ? 0 + : c +) fp32(acc) * sx.
-// Meanwhile lpk lines of [pf, pe) are prefetched per step. The 24 accumulators: named variables updated in place by
-// dpbusd (see the top).
 // One row's step: a0..a3 += VPDPBUSD(u0..u3, x), in place, as one asm statement (AT&T | Intel operand order). With
 // the intrinsic GCC 12 moved accumulators to other registers and back around the VPDPBUSDs (the instruction
 // overwrites its accumulator); one asm per VPDPBUSD still left such moves in the 4- and 5-row blocks (review,
@@ -147,6 +143,10 @@ inline void dpbusd4(__m512i& a0, __m512i& a1, __m512i& a2, __m512i& a3, __m512i 
       : [a0] "+v"(a0), [a1] "+v"(a1), [a2] "+v"(a2), [a3] "+v"(a3)
       : [u0] "v"(u0), [u1] "v"(u1), [u2] "v"(u2), [u3] "v"(u3), [x] "v"(x));
 }
+// MB <= 6 rows of x against one strip's K tile (kn steps; the codes xq at the tile's first k, row stride ldq; this
+// group's corrections and scales at comp, sx, row stride ldg): c [MB, kS] = (first ? 0 + : c +) fp32(acc) * sx.
+// Meanwhile lpk lines of [pf, pe) are prefetched per step. The 24 accumulators: named variables updated in place by
+// dpbusd4 (see the top).
 #define JR_W8A8_ROW(r)                                                                 \
   if constexpr (MB > r) {                                                              \
     int32_t quad;                                                                      \
@@ -204,7 +204,7 @@ inline void block_tail(int mb, const uint8_t* tile, int64_t kn, const int8_t* xq
 inline void gemv_for(const uint8_t* wp, const uint16_t* x, int64_t ldx, const float* bias, float* y, int64_t M,
                      int64_t N, int64_t K, const QuantizedX* pre = nullptr) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
-  const int64_t KS = kpad(K) / kE, strips = num_strips(N);
+  const int64_t KS = kpad(K) / kE, strips = packed::num_strips(N, kS);
   const float* sw = scales(wp, N, K);
   const char* end = reinterpret_cast<const char*>(wp + padded_rows(N) * kpad(K));
   static thread_local QuantizedX own;
@@ -220,18 +220,14 @@ inline void gemv_for(const uint8_t* wp, const uint16_t* x, int64_t ldx, const fl
     for (int64_t k0 = 0, g = 0; k0 < KS; k0 += kKT, ++g) {
       const int64_t kn = std::min(kKT, KS - k0);
       const uint8_t* tile = ws + k0 * kSE;
-      // the next tile's lines (the strip's next or the next strip's first), one share per row block, from 3 rows
-      // of x on (as packed_gemv.h: with fewer the hardware prefetchers alone stream faster)
-      const char* next = reinterpret_cast<const char*>(tile + kn * kSE);
-      const int64_t lines = std::min<int64_t>(kKT * kSE, std::max<int64_t>(0, end - next)) / 64;
-      const int64_t share = (lines + passes - 1) / passes;
-      const int lpk = M >= JR_W8A8_PF_MIN_ROWS ? int((share + kn - 1) / kn) : 0;
+      // the next tile's lines, one share per row block, from 3 rows of x on (as packed_gemv.h: with fewer the
+      // hardware prefetchers alone stream faster)
+      const packed::NextTile nt(reinterpret_cast<const char*>(tile + kn * kSE), end, kKT * kSE, passes, kn,
+                                M >= JR_W8A8_PF_MIN_ROWS);
       for (int64_t m0 = 0, j = 0; j < passes; m0 += mb_lo + (j < n_hi), ++j) {
         const int mb = int(mb_lo + (j < n_hi));
-        const char* pf = next + j * share * 64;
-        const char* pe = next + std::min(lines, (j + 1) * share) * 64;
         block_tail<kMB>(mb, tile, kn, xq.q.data() + m0 * ldq + k0 * kE, ldq, xq.comp.data() + m0 * ng + g,
-                        xq.sx.data() + m0 * ng + g, ng, c.data() + m0 * kS, k0 == 0, pf, pe, lpk);
+                        xq.sx.data() + m0 * ng + g, ng, c.data() + m0 * kS, k0 == 0, nt.begin(j), nt.end(j), nt.lpk);
       }
     }
     const int64_t n0 = s * kS, nn = std::min(kS, N - n0);
