@@ -165,8 +165,9 @@ def main(args) -> dict:
     row = {"date": time.strftime("%Y-%m-%d"), "device": dev_name, "model": what, "dtype": str(dtype).split(".")[-1],
            "prompt_tokens": len(ids), "new_tokens": len(answers["janus_rt"])}
     if args.int8:
-        row["weights"] = ("int8 weights and activations (W8A8, LLM projections)" if args.int8 == "w8a8"
-                          else "int8 (LLM projections)")
+        from janus_rt.engine.benchmark import weights_label
+
+        row["weights"] = weights_label(args.int8)
     if engine.cache.quantized:
         row["kv_cache"] = "int8 (+ fp32 scale a head)"
     pf_flops = prefill_flops(model, len(ids))
@@ -205,6 +206,8 @@ def main(args) -> dict:
 
 
 def build_parser():
+    from janus_rt.cli import INT8_MODES
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint folder (default: random weights at --preset)")
     ap.add_argument("--preset", default="janus-pro-1b", choices=["tiny", "janus-pro-1b", "janus-pro-7b"])
@@ -213,7 +216,7 @@ def build_parser():
     ap.add_argument("--new-tokens", type=int, default=32, help="answer length (greedy; fewer if EOS comes first)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each implementation")
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
-    ap.add_argument("--int8", nargs="?", const="weights", default=None, choices=("weights", "w8a8"),
+    ap.add_argument("--int8", nargs="?", const="weights", default=None, choices=INT8_MODES,
                     help="janus_rt's LLM projections as int8 (CPU, bf16; transformers keeps bf16 weights, so the "
                          "answers may differ): --int8 weight-only, --int8 w8a8 with int8 activations too")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8"),

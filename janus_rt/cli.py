@@ -291,7 +291,8 @@ def cmd_generate(args):
                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                       greedy=args.greedy, out_dir=args.out, engine=eng, keep_images=False,
                                       info={"model": _model_label(args.model), "dtype": args.dtype,
-                                            "device": args.device, **({"weights": _weights_label(args)} if args.int8 else {}),
+                                            "device": args.device,
+                                            **({"weights": _weights_label(args)} if args.int8 else {}),
                                             **({"kv_cache": "int8"} if eng.cache.quantized else {})},
                                       written=written)
     except KeyboardInterrupt:  # each prompt's PNGs are written as it finishes: say what is there

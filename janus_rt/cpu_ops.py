@@ -511,6 +511,8 @@ class Int8Weight(PackedWeight):
 
     code = _INT8_CODE  # the packed ops' weight code
     activations = "bf16"
+    _needs = "the int8 GEMV needs an extension built for a CPU with AVX512_BF16"
+    _k_step = 2  # K a multiple of this (k pairs)
 
     def __init__(self, weight: torch.Tensor):
         q, scale = quantize_int8(weight)
@@ -526,13 +528,20 @@ class Int8Weight(PackedWeight):
         self._pack(q, scale)
         return self
 
+    @staticmethod
+    def _available() -> bool:
+        return int8_available()
+
     def _pack(self, q: torch.Tensor, scale: torch.Tensor) -> None:
-        _check(int8_available(), "the int8 GEMV needs an extension built for a CPU with AVX512_BF16")
+        _check(self._available(), self._needs)
         self.N, self.K = q.shape
-        _check(self.N >= 1 and self.K >= 2 and self.K % 2 == 0, f"weight {tuple(q.shape)} needs N >= 1 and an even K")
+        step = self._k_step
+        _check(self.N >= 1 and self.K >= step and self.K % step == 0,
+               f"weight {tuple(q.shape)} needs N >= 1 and " + ("an even K" if step == 2 else "K >= 1"))
         self.dtype = torch.bfloat16
         self.data = empty_huge(_C.packed_size(self.N, self.K, self.code), torch.int8)  # streamed every step
-        _C.pack_int8(q.data_ptr(), scale.data_ptr(), self.data.data_ptr(), self.N, self.K)
+        pack = _C.pack_w8a8 if self.code == _W8A8_CODE else _C.pack_int8
+        pack(q.data_ptr(), scale.data_ptr(), self.data.data_ptr(), self.N, self.K)
 
     @classmethod
     def nbytes(cls, N: int, K: int, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -577,9 +586,9 @@ def w8a8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: 
                    group: int = W8A8_GROUP) -> torch.Tensor:
     """The W8A8 GEMV's numbers in plain PyTorch: x [M, K] bf16, (q int8 [N, K], scale fp32 [N]) as quantize_int8
     gives them -> y fp32 [M, N]. x is quantized by quantize_activations; per group g the integer dot products
-    acc_g = codes_g @ q_g^T are exact (here in float64; |acc| <= 512 * 127 * 127 < 2^24), then in fp32, each operation rounded once:
-    c = acc_0 * sx_0, c = c + acc_g * sx_g for g = 1, 2, ...; y = c * scale (+ bias). csrc/w8a8_gemv.h does the same
-    operations, so its y is bit-identical to this."""
+    acc_g = codes_g @ q_g^T are exact (here in float64; |acc| <= 512 * 127 * 127 < 2^24), then in fp32, each
+    operation rounded once: c = acc_0 * sx_0, c = c + acc_g * sx_g for g = 1, 2, ...; y = c * scale (+ bias).
+    csrc/w8a8_gemv.h does the same operations, so its y is bit-identical to this."""
     M, K = x.shape
     codes, sx = quantize_activations(x, group)
     c = None
@@ -600,16 +609,14 @@ class W8A8Weight(Int8Weight):
     CPU without AMX). x's rounding to 8 bits per group comes on top of the weights' (w8a8_reference: bit-identical).
     Each row of y depends on that row of x only. K any size >= 1. Needs w8a8_available()."""
 
-    code = _W8A8_CODE
+    code = _W8A8_CODE  # (its bytes unsigned: q + 128)
     activations = "int8"
+    _needs = "the W8A8 GEMV needs an extension built for a CPU with AVX512_VNNI and AVX512_BF16"
+    _k_step = 1
 
-    def _pack(self, q: torch.Tensor, scale: torch.Tensor) -> None:
-        _check(w8a8_available(), "the W8A8 GEMV needs an extension built for a CPU with AVX512_VNNI and AVX512_BF16")
-        self.N, self.K = q.shape
-        _check(self.N >= 1 and self.K >= 1, f"weight {tuple(q.shape)} needs N >= 1 and K >= 1")
-        self.dtype = torch.bfloat16
-        self.data = empty_huge(_C.packed_size(self.N, self.K, self.code), torch.int8)  # (unsigned bytes: q + 128)
-        _C.pack_w8a8(q.contiguous().data_ptr(), scale.contiguous().data_ptr(), self.data.data_ptr(), self.N, self.K)
+    @staticmethod
+    def _available() -> bool:
+        return w8a8_available()
 
 
 def mlp_gelu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,

@@ -15,6 +15,7 @@ from janus_rt.engine.kv_cache import KVCache
 from janus_rt.engine.kv_quant import dequantize_kv, paged_decode_attention_int8_ref, quantize_kv
 from janus_rt.engine.roofline import decode_step_bytes_flops
 from janus_rt.errors import UsageError
+from engine_runs import step_logits, two_image_requests
 from tolerances import max_err
 
 needs_csrc = pytest.mark.skipif(not cpu_ops.available(), reason="janus_rt._C not built")
@@ -222,19 +223,6 @@ def _float_cache(cache):
 
 
 # ---- the engine and the CLI -----------------------------------------------------------------------------------------
-def _two_requests(model, kv, fused=True, steps=None):
-    t = model.cfg.tokens
-    ids = [t.bos_id, 5, 9, 30, 7, t.boi_id]
-    eng = Engine.for_requests(model, [(len(ids), 2), (len(ids) + 3, 1)], kv_cache_dtype=kv,
-                              **({"max_steps_per_call": steps} if steps else {}))
-    eng.runner.fused_cpu_decode = fused and eng.runner.fused_cpu_decode
-    eng.record_logits = True
-    a = eng.add_image_request(ids, n=2, params=SamplingParams(greedy=True), num_tokens=24)
-    b = eng.add_image_request(ids[:-1] + [3, 4, 5, t.boi_id], n=1, params=SamplingParams(seed=2), num_tokens=20)
-    eng.run()
-    return eng, (a, b)
-
-
 @needs_csrc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_engine_int8_cache_fused_matches_layer_by_layer(dtype, monkeypatch):
@@ -243,16 +231,15 @@ def test_engine_int8_cache_fused_matches_layer_by_layer(dtype, monkeypatch):
     engine on a cache in the model's dtype, logits within the quantization's error."""
     monkeypatch.setenv("JANUS_RT_CPU_MATMUL", "csrc")
     model = Janus.from_preset("tiny", seed=4, dtype=dtype)
-    eng, fused = _two_requests(model, "int8")
+    eng, fused = two_image_requests(model, "int8")
     assert eng.cache.quantized and eng.runner.uses_cpu_decoder() and eng.runner.cpu_decoder.stack.kv_int8
-    _, layerwise = _two_requests(model, "int8", fused=False)
-    _, plain = _two_requests(model, None)
-    logits = lambda r: torch.stack([c for c, _ in r.logits])
+    _, layerwise = two_image_requests(model, "int8", fused=False)
+    _, plain = two_image_requests(model, None)
     for x, y, z in zip(fused, layerwise, plain):
         assert x.tokens == y.tokens
         tol = 1e-4 if dtype == torch.float32 else 2**-7
-        assert max_err(logits(x), logits(y)) <= tol * logits(y).abs().max()
-        err = max_err(logits(x), logits(z)) / logits(z).abs().max()
+        assert max_err(step_logits(x), step_logits(y)) <= tol * step_logits(y).abs().max()
+        err = max_err(step_logits(x), step_logits(z)) / step_logits(z).abs().max()
         assert 0 < err <= 0.05  # int8 rows are not the float rows, but close
 
 
@@ -265,7 +252,7 @@ def test_image_steps_int8_cache_csrc_loop_matches_python_loop(dtype, monkeypatch
     runs = []
     for in_python in (False, True):
         monkeypatch.setattr(cpu_step.ImageStep, "loop_in_python", in_python)
-        runs.append([r.tokens for r in _two_requests(model, "int8", steps=4)[1]])
+        runs.append([r.tokens for r in two_image_requests(model, "int8", steps=4)[1]])
     assert runs[0] == runs[1]
 
 

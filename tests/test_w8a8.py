@@ -6,10 +6,10 @@ import torch
 
 from janus_rt import Janus, cpu_ops
 from janus_rt.cpu_step import DecodeStack
-from janus_rt.engine import Engine, SamplingParams
 from janus_rt.engine.cpu_decode import pack_in_place
 from janus_rt.errors import UsageError
 from janus_rt.models.packed_linear import W8A8Linear, int8_kind, int8_mode
+from engine_runs import step_logits, two_image_requests
 from tolerances import max_err
 
 needs_w8a8 = pytest.mark.skipif(not cpu_ops.w8a8_available(),
@@ -141,18 +141,6 @@ def test_w8a8_weight_checks_and_sizes():
 
 
 # ---- the model, the engine and the CLI -------------------------------------------------------------------------------
-def _two_requests(model, fused=True):
-    t = model.cfg.tokens
-    ids = [t.bos_id, 5, 9, 30, 7, t.boi_id]
-    eng = Engine.for_requests(model, [(len(ids), 2), (len(ids) + 3, 1)])
-    eng.runner.fused_cpu_decode = fused and eng.runner.fused_cpu_decode
-    eng.record_logits = True
-    a = eng.add_image_request(ids, n=2, params=SamplingParams(greedy=True), num_tokens=24)
-    b = eng.add_image_request(ids[:-1] + [3, 4, 5, t.boi_id], n=1, params=SamplingParams(seed=2), num_tokens=20)
-    eng.run()
-    return eng, (a, b)
-
-
 @needs_w8a8
 def test_engine_w8a8_csrc_step_is_the_layer_by_layer_path(monkeypatch):
     """A W8A8 model through the engine: the csrc decode step (W8A8 GEMV inside decode_layer, image steps several a
@@ -161,19 +149,18 @@ def test_engine_w8a8_csrc_step_is_the_layer_by_layer_path(monkeypatch):
     monkeypatch.setenv("JANUS_RT_CPU_MATMUL", "csrc")
     model = Janus.from_preset("tiny", seed=4, dtype=torch.bfloat16).pack_for_cpu_(int8="w8a8")
     assert int8_kind(model) == "w8a8" and isinstance(model.llm.layers[1].attn.qkv_proj, W8A8Linear)
-    eng, fused = _two_requests(model)
+    eng, fused = two_image_requests(model)
     stack = eng.runner.cpu_decoder.stack
     assert eng.runner.uses_cpu_decoder() and stack.w8a8 and stack.int8 and stack.weights_code == 4
     assert eng.runner.cpu_decoder.image_step_runner is not None
-    _, layerwise = _two_requests(model, fused=False)
+    _, layerwise = two_image_requests(model, fused=False)
     weights_only = Janus.from_preset("tiny", seed=4, dtype=torch.bfloat16).pack_for_cpu_(int8=True)
     assert int8_kind(weights_only) == "weights"
-    _, w8 = _two_requests(weights_only)
-    logits = lambda r: torch.stack([c for c, _ in r.logits])
+    _, w8 = two_image_requests(weights_only)
     for x, y, z in zip(fused, layerwise, w8):
         assert x.tokens == y.tokens
-        assert max_err(logits(x), logits(y)) <= 2**-7 * logits(y).abs().max()
-        first = lambda r: logits(r)[:1]  # the first step's logits: the same prompt, no sampled token in between
+        assert max_err(step_logits(x), step_logits(y)) <= 2**-7 * step_logits(y).abs().max()
+        first = lambda r: step_logits(r)[:1]  # the first step's logits: the same prompt, no sampled token in between
         assert 0 < max_err(first(x), first(z)) <= 0.1 * first(z).abs().max()
 
 

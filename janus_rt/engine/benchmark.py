@@ -15,7 +15,6 @@ import torch
 from janus_rt.engine.roofline import (decode_step_bytes_flops, device_name, measure_bandwidth_gbs,
                                       measure_int8_matmul_gops, measure_matmul_gflops, peak_memory_gb,
                                       projection_flops, reset_peak_memory, sync)
-from janus_rt.models.packed_linear import int8_kind
 
 SHAPES = {
     # name: (LLM hidden, layers, heads, MLP, default dtype, default n)
@@ -25,8 +24,13 @@ SHAPES = {
 }
 
 
+def weights_label(int8: str) -> str:
+    """A result row's "weights" for --int8 (weights, w8a8); bench_understand's rows too."""
+    return "int8 weights and activations (W8A8, LLM projections)" if int8 == "w8a8" else "int8 (LLM projections)"
+
+
 def add_bench_args(p):
-    from janus_rt.cli import DTYPES
+    from janus_rt.cli import DTYPES, INT8_MODES
 
     p.add_argument("--model", default=None, help="checkpoint folder (default: random weights at --shape)")
     p.add_argument("--shape", default="small", choices=sorted(SHAPES), help="LLM shape with random weights")
@@ -51,7 +55,7 @@ def add_bench_args(p):
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also trace three decode steps with torch.profiler (DIR/trace.json for Perfetto, op table) "
                         "and time the phases inside the csrc decoder layers (table + DIR/phases.png)")
-    p.add_argument("--int8", nargs="?", const="weights", default=None, choices=("weights", "w8a8"),
+    p.add_argument("--int8", nargs="?", const="weights", default=None, choices=INT8_MODES,
                    help="CPU: janus_rt's LLM projections as int8 (per-row scales; implies --dtype bf16; transformers "
                         "keeps the bf16 weights, so its tokens are no longer the same): --int8 (weights) with bf16 "
                         "activations, --int8 w8a8 with activations rounded to int8 per row and group of 512 too "
@@ -137,8 +141,8 @@ def run_janus_rt(eng, prompt, n, tokens):
         path = "layerwise"
         if eng.runner.uses_cpu_decoder():
             stack = eng.runner.cpu_decoder.stack
-            path = ("decode_layer, W8A8 GEMV" if stack.w8a8 else "decode_layer, int8 GEMV" if stack.int8 else "decode_layer, packed GEMV" if stack.packed
-                    else "decode_layer") + (", int8 KV cache" if stack.kv_int8 else "")
+            gemv = "W8A8" if stack.w8a8 else "int8" if stack.int8 else "packed" if stack.packed else None
+            path = "decode_layer" + (f", {gemv} GEMV" if gemv else "") + (", int8 KV cache" if stack.kv_int8 else "")
     return dt, 1e3 * (eng.stats.decode_s - s0) / max(eng.stats.decode_steps - n0, 1), path
 
 
@@ -288,7 +292,7 @@ def main(args):
                                             kv_dtype=eng.cache.dtype)
     # W8A8: the projections' multiply-adds are int8 ones, held to the int8 matmul peak; the rest to the model's
     # (the larger of the probes before and after the runs, as for the bf16 peak)
-    int8_peak = max(int8_peak, measure_int8_matmul_gops(device)) if int8_kind(model) == "w8a8" else 0.0
+    int8_peak = max(int8_peak, measure_int8_matmul_gops(device)) if args.int8 == "w8a8" else 0.0
     proj = projection_flops(model, 2 * n) if int8_peak > 0 else 0.0
     compute_s = (flops - proj) / (peak * 1e9) + (proj / (int8_peak * 1e9) if proj else 0.0)
     if int8_peak:
@@ -313,11 +317,11 @@ def main(args):
         "bandwidth_gbs": round(statistics.median(run_bw), 1),
         "best_bandwidth_gbs": round(best_bw, 1),  # the fastest probe of the whole benchmark, and the fraction of
         "roofline_fraction_vs_best": _sig(roof(best_bw) / ms_ours),  # the median step against its roofline
-        "matmul_gflops": round(peak, 1), **({"int8_matmul_gops": round(int8_peak, 1)} if int8_peak else {}), "step_mib": round(nbytes / 2**20, 1), "steps_per_call": args.steps_per_call,
+        "matmul_gflops": round(peak, 1), **({"int8_matmul_gops": round(int8_peak, 1)} if int8_peak else {}),
+        "step_mib": round(nbytes / 2**20, 1), "steps_per_call": args.steps_per_call,
     }
     if args.int8:
-        row["weights"] = ("int8 weights and activations (W8A8, LLM projections)" if args.int8 == "w8a8"
-                          else "int8 (LLM projections)")
+        row["weights"] = weights_label(args.int8)
     if eng.cache.quantized:
         row["kv_cache"] = "int8 (+ fp32 scale a head)"
     if cpu_path:

@@ -65,15 +65,20 @@ def measure_matmul_gflops(device, dtype) -> float:
         a = torch.randn(n, n, device=device, dtype=dt)
         b = torch.randn(n, n, device=device, dtype=dt)
         a @ b
-        best = float("inf")
-        for _ in range(3):
-            sync(device)
-            t = time.perf_counter()
-            a @ b
-            sync(device)
-            best = min(best, time.perf_counter() - t)
-        best_gflops = max(best_gflops, 2 * n**3 / best / 1e9)
+        best_gflops = max(best_gflops, 2 * n**3 / _best_seconds(lambda: a @ b, device) / 1e9)
     return best_gflops
+
+
+def _best_seconds(fn, device, repeats: int = 3) -> float:
+    """The fastest of `repeats` timed calls of fn() (device synced around each)."""
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def sync(device):
@@ -113,12 +118,7 @@ def measure_int8_matmul_gops(device) -> float:
         torch._int_mm(a, b)
     except RuntimeError:
         return 0.0
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        torch._int_mm(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / _best_seconds(lambda: torch._int_mm(a, b), device) / 1e9
 
 
 def projection_flops(model, rows: int) -> float:

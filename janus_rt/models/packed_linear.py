@@ -205,9 +205,9 @@ def packed_nbytes(model) -> int:
 @torch.no_grad()
 def pack_llm_(model, int8: bool | str = False):
     """Replace each decoder layer's qkv, o, gate_up and down projections of `model` (a Janus on the CPU) by a
-    PackedLinear (int8 True or "weights": an Int8Linear; "w8a8": a W8A8Linear), layer by layer, so at most one layer's four matrices exist twice at a time,
-    and the LM head too where it is its own weight (not tied to the embedding; packed bf16 either way: it reads only
-    text rows' logits); returns the model. Raises ValueError (saying why) where it cannot; a no-op for what is
+    PackedLinear (int8 True or "weights": an Int8Linear; "w8a8": a W8A8Linear), layer by layer, so at most one
+    layer's four matrices exist twice at a time, and the LM head too where it is its own weight (not tied to the
+    embedding; packed bf16 either way: it reads only text rows' logits); returns the model. Raises ValueError (saying why) where it cannot; a no-op for what is
     already packed the same way."""
     mode = int8_mode(int8)
     why = can_pack(model) or (can_quantize(model, mode) if mode else None)

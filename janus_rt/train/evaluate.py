@@ -104,6 +104,8 @@ def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32, int8
 
 
 def main(argv=None) -> list[dict]:
+    from janus_rt.cli import INT8_MODES
+
     p = argparse.ArgumentParser(prog="python -m janus_rt.train.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--model", nargs="+", required=True, help="checkpoint folder(s), or `tiny`")
     p.add_argument("--n", type=int, default=32, help="held-out captions")
@@ -116,7 +118,7 @@ def main(argv=None) -> list[dict]:
                    "of held-out ground-truth images: the most a generator can reach through this VQ")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="the models' dtype")
-    p.add_argument("--int8", nargs="?", const="weights", default=None, choices=("weights", "w8a8"),
+    p.add_argument("--int8", nargs="?", const="weights", default=None, choices=INT8_MODES,
                    help="the LLM's projections as int8 (needs bf16): --int8 weight-only, --int8 w8a8 with int8 "
                         "activations too")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8"),
