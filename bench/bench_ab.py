@@ -10,6 +10,7 @@ helps when memory is slow, fast, or both.
     python bench/bench_ab.py --builds .,/tmp/b --op packed_gemv -M 8          # the small shape's weights, fp32
     python bench/bench_ab.py --builds .,/tmp/b --op packed_gemv --shape 1b -M 32 --dtype bf16
     python bench/bench_ab.py --builds .,/tmp/b --op attention --context 308  # the small shape's 8 rows of K/V
+    python bench/bench_ab.py --builds .,/tmp/b --op attention --shape 1b --dtype int8 --rows 32 --context 312
     python bench/bench_ab.py --builds .,/tmp/b --op engine --reps 12  # whole generations; GB/s = roofline bytes
                                                                       # per decode step / measured ms per step
     python bench/bench_ab.py --builds .,/tmp/b --op layers --shape 1b --dtype bf16 --reps 40  # the decoder layers
@@ -76,27 +77,37 @@ def packed_gemv_case(shape: str, M: int, dtype: str, min_bytes: float):
 
 def attention_case(shape: str, rows: int, context: int, dtype: str, min_bytes: float, block_size: int = 16):
     """Paged decode attention over `rows` rows of `context` tokens in 16-token blocks handed out in turn (as the
-    engine's rows grow in step), as many layers' caches as make >= min_bytes."""
+    engine's rows grow in step), as many layers' caches as make >= min_bytes. dtype int8: bf16 q against the int8
+    KV cache (int8 values and an fp32 scale a token and head; bytes counted as held)."""
     C, _, H, _, _, _ = SHAPES[shape]
-    dt, code = DTYPES[dtype]
+    int8 = dtype == "int8"
+    dt, code = DTYPES["bf16" if int8 else dtype]
     D = C // H
     nb = -(-context // block_size)
-    per_layer = 2 * rows * nb * block_size * C * dt.itemsize
+    row_bytes = C + 4 * H if int8 else C * dt.itemsize  # a cached token's K (or V) of one layer
+    per_layer = 2 * rows * nb * block_size * row_bytes
     layers = max(1, -int(-min_bytes // per_layer))
     g = torch.Generator().manual_seed(0)
     tables = torch.tensor([[i * rows + b for i in range(nb)] for b in range(rows)], dtype=torch.int32)
     lens = torch.full((rows,), context, dtype=torch.int32)
-    caches = [(torch.randn(nb * rows, block_size, H, D, generator=g).to(dt),
-               torch.randn(nb * rows, block_size, H, D, generator=g).to(dt)) for _ in range(layers)]
+
+    def cache():  # (values, scales or None)
+        if int8:
+            return (torch.randint(-127, 128, (nb * rows, block_size, H, D), generator=g, dtype=torch.int8),
+                    torch.rand(nb * rows, block_size, H, generator=g) / 64)
+        return torch.randn(nb * rows, block_size, H, D, generator=g).to(dt), None
+
+    caches = [(cache(), cache()) for _ in range(layers)]
     q = torch.randn(rows, H, D, generator=g).to(dt)
     o = torch.empty_like(q)
-    nbytes = layers * 2 * rows * context * C * dt.itemsize
+    nbytes = layers * 2 * rows * context * row_bytes
+    kv_code = cpu_ops._KV_INT8_CODE if int8 else code
 
     def run(mod):
-        for k, v in caches:
-            mod.paged_decode_attention(q.data_ptr(), code, k.data_ptr(), v.data_ptr(), code, tables.data_ptr(),
+        for (k, ks), (v, vs) in caches:
+            mod.paged_decode_attention(q.data_ptr(), code, k.data_ptr(), v.data_ptr(), kv_code, tables.data_ptr(),
                                        lens.data_ptr(), o.data_ptr(), rows, H, H, D, nb * rows, block_size, nb,
-                                       D ** -0.5)
+                                       D ** -0.5, ks.data_ptr() if int8 else 0, vs.data_ptr() if int8 else 0)
         return o
 
     return nbytes, run, f"paged attention, {shape} shape, {layers} layer(s) x {rows} rows x {context} tokens, {dtype}"
@@ -174,6 +185,8 @@ def main(args) -> dict:
     mods = load_builds(args.builds.split(","))
     min_bytes = args.min_mb * 1e6
     step = None  # engine: {"ms": the last run's ms per decode step}
+    if args.dtype == "int8" and args.op != "attention":
+        raise SystemExit("--dtype int8: the int8 KV cache, for --op attention only")
     if args.op == "packed_gemv":
         nbytes, run, what = packed_gemv_case(args.shape, args.M, args.dtype, min_bytes)
     elif args.op == "layers":
@@ -224,7 +237,8 @@ if __name__ == "__main__":
     ap.add_argument("--builds", required=True, help="comma-separated folders, each with a built janus_rt/_C*.so")
     ap.add_argument("--op", choices=["packed_gemv", "attention", "layers", "engine"], default="packed_gemv")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    ap.add_argument("--dtype", choices=sorted(DTYPES) + ["int8"], default="fp32",
+                    help="int8: --op attention only (bf16 q, the int8 KV cache)")
     ap.add_argument("-M", type=int, default=8, help="packed_gemv: rows of x")
     ap.add_argument("--rows", type=int, default=None, help="attention, layers: rows (default: the shape's 2n)")
     ap.add_argument("--context", type=int, default=308, help="attention, layers: cached tokens per row")

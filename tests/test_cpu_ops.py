@@ -636,14 +636,17 @@ def test_bench_ab_smoke():
 
     ab = bench_scripts.load("bench_ab")
     build = pathlib.Path(cpu_ops._C.__file__).parents[1]  # the folder holding the janus_rt/_C*.so in use
-    for op in ("packed_gemv", "attention", "layers", "engine"):  # engine: whole 3-token generations, small shape
-        args = argparse.Namespace(builds=f"{build},{build}", op=op, shape="small", dtype="fp32", M=2, rows=2,
+    cases = [(op, "fp32") for op in ("packed_gemv", "attention", "layers", "engine")] + [("attention", "int8")]
+    for op, dtype in cases:  # engine: whole 3-token generations, small shape; int8: the int8 KV cache
+        args = argparse.Namespace(builds=f"{build},{build}", op=op, shape="small", dtype=dtype, M=2, rows=2,
                                   context=40, reps=4, min_mb=1.0, n=1, tokens=3)
         out = ab.main(args)
         assert list(out["max_abs_diff"].values()) == [0.0]
         for label in ("slowest quarter", "middle half", "fastest quarter"):
             rates = [v for k, v in out[label].items() if k != "stream"]
             assert len(rates) == 2 and all(r > 0 for r in rates)
+    with pytest.raises(SystemExit, match="int8"):
+        ab.main(argparse.Namespace(**{**vars(args), "op": "layers"}))
 
 
 def _mapping_flags(addr: int) -> list[str] | None:
