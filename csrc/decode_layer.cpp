@@ -96,16 +96,22 @@ struct Layer {
 };
 
 // y [R, N] = xp @ W^T for one of the layer's weights, through the GEMV its layout needs (inside the region).
+// W8A8: xq (the team's, shaped for R rows of K columns) first gets xp quantized, a share of the rows per thread.
 template <typename T>
 inline void layer_gemv(const Layer<T>& L, const T* w, const gemv::xpack_t<T>* xp, int64_t ldx, float* y, int64_t N,
-                       int64_t K) {
+                       int64_t K, w8a8::QuantizedX& xq) {
   if constexpr (int8w::available() && std::is_same_v<T, uint16_t>) {
     if (L.packed == kInt8W)
       return int8w::gemv_for(reinterpret_cast<const int8_t*>(w), xp, ldx, nullptr, y, L.R, N, K);
   }
   if constexpr (w8a8::available() && std::is_same_v<T, uint16_t> && std::is_same_v<gemv::xpack_t<T>, uint16_t>) {
-    if (L.packed == kW8A8) return w8a8::gemv_for(reinterpret_cast<const uint8_t*>(w), xp, ldx, nullptr, y, L.R, N, K);
+    if (L.packed == kW8A8) {
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < L.R; ++r) xq.rows(xp, ldx, K, r, r + 1);
+      return w8a8::gemv_for(reinterpret_cast<const uint8_t*>(w), xp, ldx, nullptr, y, L.R, N, K, &xq);
+    }
   }
+  (void)xq;
   packed::gemv_for_layout(L.packed != 0, w, xp, ldx, nullptr, y, L.R, N, K);
 }
 
@@ -113,13 +119,15 @@ inline void layer_gemv(const Layer<T>& L, const T* w, const gemv::xpack_t<T>* xp
 // (or another C, I): allocated afresh, the 1B step's ~2.8 MB per layer call came from new pages (page faults and
 // zeroing) on every call. xc, xi: GEMV inputs of width C and of width I (gemv::pack_x<T>, rows padded to ldc, ldi;
 // pack_x writes a row's first C or I entries only, so the padding stays zero as allocated); y: GEMV output (fp32);
-// row: a normed / activated row before packing; q, o: rotated queries, attention output.
+// row: a normed / activated row before packing; q, o: rotated queries, attention output; xq_c, xq_i: W8A8's
+// quantized xc, xi (shaped on a W8A8 layer's first call).
 template <typename T>
 struct Buffers {
   int64_t rows = 0, C = 0, I = 0;
   std::vector<gemv::xpack_t<T>> xc, xi;
   std::vector<float> y, row;
   std::vector<T> q, o;
+  w8a8::QuantizedX xq_c, xq_i;
 };
 
 template <typename T>
@@ -149,6 +157,7 @@ void run_layer(T* h, const Layer<T>& L) {
   float *const y = buf.y.data(), *const row = buf.row.data();
   T *const q = buf.q.data(), *const o = buf.o.data();
   attn::Plan plan = attn::make_plan(L.context_lens, R, H, H, D, L.block_size, omp_get_max_threads());
+  if (L.packed == kW8A8) buf.xq_c.shape(R, C), buf.xq_i.shape(R, I);  // (grows only)
   double phase_s[kNumPhases] = {};
 #pragma omp parallel
   {
@@ -161,7 +170,7 @@ void run_layer(T* h, const Layer<T>& L) {
       gemv::pack_x<T>(&row[r * C], &xc[r * ldc], 1, C, ldc);
     }
     clock.mark(kInNorm);
-    layer_gemv(L, L.qkv, xc, ldc, y, 3 * C, C);
+    layer_gemv(L, L.qkv, xc, ldc, y, 3 * C, C, buf.xq_c);
     clock.mark(kQkv);
     // RoPE on q and k; k and v into the cache
     std::vector<float> tmp(static_cast<size_t>(D));  // this thread's rope_head scratch
@@ -202,7 +211,7 @@ void run_layer(T* h, const Layer<T>& L) {
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) gemv::pack_x<T>(&o[r * C], &xc[r * ldc], 1, C, ldc);
     clock.mark(kPackO);
-    layer_gemv(L, L.o, xc, ldc, y, C, C);
+    layer_gemv(L, L.o, xc, ldc, y, C, C, buf.xq_c);
     clock.mark(kOProj);
     // h += attention; a = norm(h) -> gate, up
 #pragma omp for schedule(static)
@@ -212,7 +221,7 @@ void run_layer(T* h, const Layer<T>& L) {
       gemv::pack_x<T>(&row[r * C], &xc[r * ldc], 1, C, ldc);
     }
     clock.mark(kPostNorm);
-    layer_gemv(L, L.gate_up, xc, ldc, y, 2 * I, C);
+    layer_gemv(L, L.gate_up, xc, ldc, y, 2 * I, C, buf.xq_c);
     clock.mark(kGateUp);
     // silu(gate) * up -> down
 #pragma omp for schedule(static)
@@ -221,7 +230,7 @@ void run_layer(T* h, const Layer<T>& L) {
       gemv::pack_x<T>(&row[r * I], &xi[r * ldi], 1, I, ldi);
     }
     clock.mark(kSiluMul);
-    layer_gemv(L, L.down, xi, ldi, y, C, I);
+    layer_gemv(L, L.down, xi, ldi, y, C, I, buf.xq_i);
     clock.mark(kDown);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
