@@ -3,7 +3,7 @@
 // bf16 = 4 KiB, 16-token blocks = 64 KiB, rows' blocks interleaved in the pool as the engine hands them out), 32 rows
 // x 20 blocks, 13 layers' caches (~1.1 GB, past any L3), rows handed to the threads dynamically.
 //   g++ -O3 -march=native -fopenmp bench/attention_read_pattern.cpp -o /tmp/arp && /tmp/arp
-// Orders (GB/s of the K and V bytes, best of 6 passes after 2 warm-ups):
+// Orders (GB/s of the K and V bytes, best of 6 passes after 2 warm-ups; every order reads each byte once):
 //   blocks       each block's K front to back, then its V (one stream at a time)
 //   kv_256      a block's K and V front to back together, 256 B of each in turn (two streams)
 //   kv_rows     token t's K row (4 KiB), then its V row, t = 0 .. 15 (two streams, page by page)
@@ -54,6 +54,7 @@ float read_row(const std::string& order, const char* K, const char* V, int r, in
       for (size_t j = 0; j < kBlock; j += 256) a = sum(vb + j, 256, sum(kb + j, 256, a));
     } else if (order == "kv_rows" || order == "kv_rows_next") {
       const char* kk = order == "kv_rows" ? kb : i + 1 < kBlocks ? at(K, i + 1, r) : nullptr;
+      if (order == "kv_rows_next" && i == 0) a = sum(kb, kBlock, a);  // the first block's K, before the overlap
       for (int t = 0; t < kTokens; ++t) {
         if (kk) a = sum(kk + t * kRow, kRow, a);
         a = sum(vb + t * kRow, kRow, a);

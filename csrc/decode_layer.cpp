@@ -108,7 +108,7 @@ inline void layer_gemv(const Layer<T>& L, const T* w, const gemv::xpack_t<T>* xp
     if (L.packed == kW8A8) {
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < L.R; ++r) xq.rows(xp, ldx, K, r, r + 1);
-      return w8a8::gemv_for(reinterpret_cast<const uint8_t*>(w), xp, ldx, nullptr, y, L.R, N, K, &xq);
+      return w8a8::gemv_for(reinterpret_cast<const uint8_t*>(w), xq, nullptr, y, L.R, N, K);
     }
   }
   (void)xq;
@@ -120,7 +120,7 @@ inline void layer_gemv(const Layer<T>& L, const T* w, const gemv::xpack_t<T>* xp
 // zeroing) on every call. xc, xi: GEMV inputs of width C and of width I (gemv::pack_x<T>, rows padded to ldc, ldi;
 // pack_x writes a row's first C or I entries only, so the padding stays zero as allocated); y: GEMV output (fp32);
 // row: a normed / activated row before packing; q, o: rotated queries, attention output; xq_c, xq_i: W8A8's
-// quantized xc, xi (shaped on a W8A8 layer's first call).
+// quantized xc, xi (shaped before each W8A8 layer call's region; they only grow).
 template <typename T>
 struct Buffers {
   int64_t rows = 0, C = 0, I = 0;

@@ -105,7 +105,7 @@ void linear_packed(std::uintptr_t x, std::uintptr_t wp, std::uintptr_t bias, std
       {
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; ++m) xq.rows(xp.data(), ldx, K, m, m + 1);
-        w8a8::gemv_for(ptr<const uint8_t>(wp), xp.data(), ldx, ptr<const float>(bias), ptr<float>(y), M, N, K, &xq);
+        w8a8::gemv_for(ptr<const uint8_t>(wp), xq, ptr<const float>(bias), ptr<float>(y), M, N, K);
       }
     }
   } else if (dtype == kInt8W) {

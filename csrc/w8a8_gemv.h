@@ -110,7 +110,6 @@ struct QuantizedX {
     if (int64_t(q.size()) < M * ldq) q.resize(size_t(M * ldq));
     if (int64_t(sx.size()) < M * ng) sx.resize(size_t(M * ng)), comp.resize(size_t(M * ng));
   }
-  void run(const uint16_t* x, int64_t ldx, int64_t M, int64_t K) { shape(M, K), rows(x, ldx, K, 0, M); }
   // rows [m0, m1) of x (after shape(M >= m1, K))
   void rows(const uint16_t* x, int64_t ldx, int64_t K, int64_t m0, int64_t m1) {
     alignas(64) float xf[kG];
@@ -197,19 +196,15 @@ inline void block_tail(int mb, const uint8_t* tile, int64_t kn, const int8_t* xq
 #endif
 
 // Inside an OpenMP parallel region (an orphaned `omp for`, ending with the team's barrier) or outside one, as
-// packed::gemv_for: y [M, N] fp32 = W8A8(x, W) + bias, wp = pack(Q, sw), x [M, ldx] bf16 (gemv::pack_x: plain rows).
-// x quantized: `pre` (QuantizedX of this x, made by the caller: linear_packed's many rows, quantized once by the
-// team), or else by every thread for itself into a thread-local buffer (decode_layer's few rows: no barrier; ~1-2 %
-// of a 1B decode step). Callers check available().
-inline void gemv_for(const uint8_t* wp, const uint16_t* x, int64_t ldx, const float* bias, float* y, int64_t M,
-                     int64_t N, int64_t K, const QuantizedX* pre = nullptr) {
+// packed::gemv_for: y [M, N] fp32 = W8A8(x, W) + bias, wp = pack(Q, sw), xq = x [M, K] quantized by the caller
+// (QuantizedX; linear_packed and decode_layer quantize it once per call, a share of the rows per thread, before the
+// team's barrier). Callers check available().
+inline void gemv_for(const uint8_t* wp, const QuantizedX& xq, const float* bias, float* y, int64_t M, int64_t N,
+                     int64_t K) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
   const int64_t KS = kpad(K) / kE, strips = packed::num_strips(N, kS);
   const float* sw = scales(wp, N, K);
   const char* end = reinterpret_cast<const char*>(wp + padded_rows(N) * kpad(K));
-  static thread_local QuantizedX own;
-  if (!pre) own.run(x, ldx, M, K);
-  const QuantizedX& xq = pre ? *pre : own;
   const int64_t ldq = xq.ldq, ng = xq.ng;
   // row blocks of as even a size as can be (32 rows: 6, 6, 5, 5, 5, 5), as packed_gemv.h
   const int64_t passes = (M + kMB - 1) / kMB, mb_lo = M / passes, n_hi = M % passes;
@@ -238,7 +233,7 @@ inline void gemv_for(const uint8_t* wp, const uint16_t* x, int64_t ldx, const fl
       }
   }
 #else
-  (void)wp, (void)x, (void)ldx, (void)bias, (void)y, (void)M, (void)N, (void)K;
+  (void)wp, (void)xq, (void)bias, (void)y, (void)M, (void)N, (void)K;
 #endif
 }
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from janus_rt import Janus, cpu_ops
+from janus_rt.config import tiny_config
 from janus_rt.cpu_step import DecodeStack
 from janus_rt.engine.cpu_decode import pack_in_place
 from janus_rt.errors import UsageError
@@ -142,19 +143,22 @@ def test_w8a8_weight_checks_and_sizes():
 
 # ---- the model, the engine and the CLI -------------------------------------------------------------------------------
 @needs_w8a8
-def test_engine_w8a8_csrc_step_is_the_layer_by_layer_path(monkeypatch):
-    """A W8A8 model through the engine: the csrc decode step (W8A8 GEMV inside decode_layer, image steps several a
-    call) gives the layer-by-layer path's tokens (its projections: the same GEMV through ops.linear) and logits up to
-    bf16 rounding; against the weight-only int8 model, logits within the activations' rounding, not equal."""
+@pytest.mark.parametrize("wide", [False, True])
+def test_engine_w8a8_csrc_step_is_the_layer_by_layer_path(monkeypatch, wide):
+    """A W8A8 model through the engine: the csrc decode step (W8A8 GEMV inside decode_layer, x quantized once by the
+    team, image steps several a call) gives the layer-by-layer path's tokens (its projections: the same GEMV through
+    ops.linear) and logits up to bf16 rounding; against the weight-only int8 model, logits within the activations'
+    rounding, not equal. wide: hidden 576 and intermediate 1100, so decode_layer's x has several groups of 512."""
     monkeypatch.setenv("JANUS_RT_CPU_MATMUL", "csrc")
-    model = Janus.from_preset("tiny", seed=4, dtype=torch.bfloat16).pack_for_cpu_(int8="w8a8")
+    cfg = tiny_config(hidden_size=576, intermediate_size=1100) if wide else tiny_config()
+    model = Janus.from_config(cfg, seed=4, dtype=torch.bfloat16).pack_for_cpu_(int8="w8a8")
     assert int8_kind(model) == "w8a8" and isinstance(model.llm.layers[1].attn.qkv_proj, W8A8Linear)
     eng, fused = two_image_requests(model)
     stack = eng.runner.cpu_decoder.stack
     assert eng.runner.uses_cpu_decoder() and stack.w8a8 and stack.int8 and stack.weights_code == 4
     assert eng.runner.cpu_decoder.image_step_runner is not None
     _, layerwise = two_image_requests(model, fused=False)
-    weights_only = Janus.from_preset("tiny", seed=4, dtype=torch.bfloat16).pack_for_cpu_(int8=True)
+    weights_only = Janus.from_config(cfg, seed=4, dtype=torch.bfloat16).pack_for_cpu_(int8=True)
     assert int8_kind(weights_only) == "weights"
     _, w8 = two_image_requests(weights_only)
     for x, y, z in zip(fused, layerwise, w8):
