@@ -88,5 +88,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("image_steps_plan_len", &jr::image_steps_plan_len, "entries of image_steps' plan");
   m.def("stream_sum", &jr::stream_sum, release(), "sum of n fp32 at read bandwidth (the bench roofline probe)",
         py::arg("x"), py::arg("n"));
+  m.def("prefill_attention_available", &jr::prefill_attention_available, "whether this build has prefill_attention");
+  m.def("prefill_attention", &jr::prefill_attention, release(), "o = softmax(q k^T * scale) v, bf16 [B, T, H, D]",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("B"), py::arg("Tq"), py::arg("Tk"), py::arg("H"),
+        py::arg("Hkv"), py::arg("D"), py::arg("causal"), py::arg("scale"));
   m.def("simd_isa", &jr::simd_isa, "vector ISA the kernels were compiled for: avx512, avx2 or scalar");
 }

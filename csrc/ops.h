@@ -51,5 +51,8 @@ void image_steps(ptr_t plan, ptr_t layers, int64_t L, int64_t k, ptr_t tokens, p
                  double sm_scale, int64_t layer_stride);
 int64_t image_steps_plan_len();
 double stream_sum(ptr_t x, int64_t n);
+bool prefill_attention_available();
+void prefill_attention(ptr_t q, ptr_t k, ptr_t v, ptr_t o, int64_t B, int64_t Tq, int64_t Tk, int64_t H, int64_t Hkv,
+                       int64_t D, bool causal, double scale);
 const char* simd_isa();
 }  // namespace jr

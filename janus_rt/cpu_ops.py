@@ -194,6 +194,33 @@ def paged_decode_attention(
     return o
 
 
+def prefill_attention_available() -> bool:
+    """True when the extension has the bf16 prefill attention (csrc/prefill_attention.cpp: AVX512_BF16)."""
+    return available() and bool(_C.prefill_attention_available())
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                      sm_scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v for bf16 q [B, Tq, H, D], k, v [B, Tk, Hkv, D] (H a multiple of Hkv; D a multiple of
+    16 up to 256) -> [B, Tq, H, D] bf16; causal aligned bottom-right (Tq <= Tk). Scores and sums in fp32, the softmax
+    weights rounded to bf16 for the product with v (as torch's CPU flash attention does): ops.attention_torch's result
+    to bf16 rounding (tests/test_cpu_ops.py)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(t, name, (torch.bfloat16,), 4)
+    B, Tq, H, D = q.shape
+    _, Tk, hkv, dk = k.shape
+    _check(v.shape == k.shape and k.shape[0] == B, f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [B, Tk, Hkv, D]"
+           f" with q's B = {B}")
+    _check(dk == D and D % 16 == 0 and 16 <= D <= 256, f"head_dim {D} (k: {dk}) must be a multiple of 16 up to 256")
+    _check(H % hkv == 0, f"q heads {H} must be a multiple of k/v heads {hkv}")
+    _check(not causal or Tq <= Tk, f"causal attention needs Tq <= Tk (got {Tq} > {Tk})")
+    o = torch.empty_like(q)
+    if o.numel():
+        _ext().prefill_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), B, Tq, Tk, H, hkv, D,
+                                 bool(causal), 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale))
+    return o
+
+
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] fp32 or bf16 -> (q int8 [..., D], scale fp32 [...]): the int8 KV cache's rows (csrc/kv_int8.h),
     bit-identical to engine/kv_quant.quantize_kv, the PyTorch reference."""
