@@ -11,7 +11,7 @@
 // Then each task (b, h, 16 queries) runs an online softmax over 16-key blocks, 8 query rows at a time: scores in fp32
 // (exact products, summed in pairs), exp in fp32 (simd::exp), the weights rounded to bf16 for p v (as torch's CPU
 // flash attention does for bf16) while l sums them unrounded, o accumulated in fp32 and rounded to bf16 once.
-// Keys past Tk (the last block's padding) and masked keys get weight 0.
+// Keys past Tk (the last block's padding) and masked keys get weight 0. A row with a NaN or +inf score comes out NaN.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -59,7 +59,8 @@ void repack(const uint16_t* k, const uint16_t* v, int64_t ld, int64_t Tk, int64_
 // Queries [i0, i0 + n) (n <= kRowsAtOnce) of one (b, h): their state m, l [n], acc [n][D] (fp32), and o written at
 // the end by the caller. q rows at q + r * ldq.
 void rows_task(const uint16_t* q, int64_t ldq, int64_t n, int64_t i0, const uint32_t* kp, const uint16_t* vp,
-               int64_t Tk, int64_t D, int64_t shift, bool causal, float scale, float* m, float* l, float* acc) {
+               int64_t Tk, int64_t D, int64_t shift, bool causal, float scale, float* m, float* l, float* acc,
+               bool* poisoned) {
   const int64_t E = D / 2, blocks = (Tk + kKeys - 1) / kKeys;
   // the last key any of these rows sees: causal, row i sees keys <= i + shift
   const int64_t last_key = causal ? std::min(Tk - 1, i0 + n - 1 + shift) : Tk - 1;
@@ -92,6 +93,11 @@ void rows_task(const uint16_t* q, int64_t ldq, int64_t n, int64_t i0, const uint
       const __mmask16 valid = visible >= kKeys ? __mmask16(0xffff) : __mmask16((1u << visible) - 1u);
       const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), valid,
                                            _mm512_mul_ps(s[r], _mm512_set1_ps(scale)));
+      // a NaN or +inf score makes the row NaN, as torch's softmax does (the max and exp below would hide it)
+      const __mmask16 bad = _mm512_mask_cmp_ps_mask(valid, sc, sc, _CMP_UNORD_Q) |
+                            _mm512_mask_cmp_ps_mask(valid, sc, _mm512_set1_ps(std::numeric_limits<float>::infinity()),
+                                                    _CMP_EQ_OQ);
+      if (bad) poisoned[r] = true;
       const float m_new = std::max(m[r], _mm512_reduce_max_ps(sc));
       const float alpha = m_new == m[r] ? 1.0f : std::exp(m[r] - m_new);  // 0 on the row's first block (m = -inf)
       const __m512 p = _mm512_maskz_mov_ps(valid, simd::exp(_mm512_sub_ps(sc, _mm512_set1_ps(m_new))));
@@ -164,6 +170,7 @@ void prefill_attention(std::uintptr_t q_ptr, std::uintptr_t k_ptr, std::uintptr_
     }
     std::vector<float> acc(size_t(kRowsAtOnce * D));
     float m[kRowsAtOnce], l[kRowsAtOnce];
+    bool poisoned[kRowsAtOnce];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < B * H * qblocks; ++task) {
       const int64_t b = task / (H * qblocks), h = task / qblocks % H, qb = task % qblocks;
@@ -172,11 +179,12 @@ void prefill_attention(std::uintptr_t q_ptr, std::uintptr_t k_ptr, std::uintptr_
         const int64_t n = std::min(kRowsAtOnce, Tq - i0);
         std::fill(m, m + n, -std::numeric_limits<float>::infinity());
         std::fill(l, l + n, 0.0f);
+        std::fill(poisoned, poisoned + n, false);
         std::fill(acc.begin(), acc.end(), 0.0f);
         rows_task(q + ((b * Tq + i0) * H + h) * D, H * D, n, i0, kp.data() + bh * Tkp * D / 2, vp.data() + bh * Tkp * D,
-                  Tk, D, Tk - Tq, causal, float(scale), m, l, acc.data());
+                  Tk, D, Tk - Tq, causal, float(scale), m, l, acc.data(), poisoned);
         for (int64_t r = 0; r < n; ++r) {
-          const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+          const float inv = poisoned[r] ? std::numeric_limits<float>::quiet_NaN() : l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
           uint16_t* out = o + ((b * Tq + i0 + r) * H + h) * D;
           for (int64_t d = 0; d < D; ++d) out[d] = float_to_bf16(acc[r * D + d] * inv);
         }

@@ -204,7 +204,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     """softmax(q k^T * scale) v for bf16 q [B, Tq, H, D], k, v [B, Tk, Hkv, D] (H a multiple of Hkv; D a multiple of
     16 up to 256) -> [B, Tq, H, D] bf16; causal aligned bottom-right (Tq <= Tk). Scores and sums in fp32, the softmax
     weights rounded to bf16 for the product with v (as torch's CPU flash attention does): ops.attention_torch's result
-    to bf16 rounding (tests/test_cpu_ops.py)."""
+    to bf16 rounding (tests/test_prefill_attention.py); a row with a NaN or +inf score is NaN, as torch's."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(t, name, (torch.bfloat16,), 4)
     B, Tq, H, D = q.shape

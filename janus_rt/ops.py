@@ -49,7 +49,7 @@ def attention(q, k, v, causal: bool, sm_scale: float | None = None):
     """q: [B, Tq, H, D]; k, v: [B, Tk, H, D] -> [B, Tq, H, D]. Causal is aligned bottom-right (Tq <= Tk)."""
     if _backend == "triton":
         return _kernels().flash_attention(q, k, v, causal=causal, sm_scale=sm_scale)
-    if _use_cpu_prefill_attention(q, k, v, causal):  # bf16 inference on a CPU with AVX512_BF16: 1.8-3.2x torch's
+    if _use_cpu_prefill_attention(q, k, v, causal):  # bf16 inference, AVX512_BF16 without AMX: 2.1-3.2x torch's
         from janus_rt import cpu_ops
 
         with _scope("janus_rt::cpu_prefill_attention"):
@@ -58,13 +58,16 @@ def attention(q, k, v, causal: bool, sm_scale: float | None = None):
 
 
 def _use_cpu_prefill_attention(q, k, v, causal: bool) -> bool:
-    """csrc's bf16 prefill attention for q, k, v where it applies (no gradient wanted, shapes it takes)."""
+    """csrc's bf16 prefill attention for q, k, v where it applies (no gradient wanted, shapes it takes). Not where
+    the GEMV runs on AMX: it was measured on Zen 5 only (bench/RESULTS.md, 2026-12-06), and torch's bf16 kernels use
+    AMX there."""
     if q.dtype != torch.bfloat16 or not _use_cpu_rows(q, k, v):
         return False
     from janus_rt import cpu_ops
 
     D, Tq, Tk = q.shape[-1], q.shape[1], k.shape[1]
-    return (cpu_ops.prefill_attention_available() and q.dim() == 4 and D % 16 == 0 and 16 <= D <= 256
+    return (cpu_ops.prefill_attention_available() and not cpu_ops.amx_available() and q.dim() == 4
+            and D % 16 == 0 and 16 <= D <= 256
             and q.shape[2] % k.shape[2] == 0 and (not causal or Tq <= Tk))
 
 

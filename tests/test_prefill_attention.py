@@ -24,6 +24,7 @@ def _qkv(B, Tq, Tk, H, Hkv, D, seed=0):
     (1, 5, 5, 2, 2, 16, False),      # fewer tokens than a block
     (1, 1, 19, 3, 1, 48, True),      # one query (sees every key), D not a power of two
     (1, 17, 33, 1, 1, 256, False),   # the largest head_dim
+    (1, 33, 33, 2, 2, 80, True),     # D: a 64-wide pass and a 16-wide tail
 ])
 def test_prefill_attention_matches_the_reference(B, Tq, Tk, H, Hkv, D, causal):
     q, k, v = _qkv(B, Tq, Tk, H, Hkv, D)
@@ -48,6 +49,20 @@ def test_prefill_attention_scale_and_rows_alone():
     assert not torch.equal(both, cpu_ops.prefill_attention(q, k, v, True))
 
 
+def test_prefill_attention_non_finite_inputs_poison_their_rows():
+    """A NaN or +inf in q makes its row NaN; a NaN key makes NaN every row that sees it (causal: the rows from its
+    position on), as torch's SDPA; the other rows stay finite and match it."""
+    q, k, v = _qkv(1, 20, 20, 2, 2, 32, seed=3)
+    q[0, 3, 0, 5] = float("nan")
+    q[0, 7, 1, 2] = float("inf")
+    k[0, 12, 1, 0] = float("nan")
+    out = cpu_ops.prefill_attention(q, k, v, True)
+    ref = ops.attention_torch(q.float(), k.float(), v.float(), True)
+    assert torch.equal(out.float().isnan(), ref.isnan())
+    assert out[0, 3, 0].isnan().all() and out[0, 7, 1].isnan().all() and out[0, 12:, 1].isnan().all()
+    assert out[0, :3, 0].isfinite().all() and out[0, 4:, 0].isfinite().all() and out[0, 8:12, 1].isfinite().all()
+
+
 def test_prefill_attention_refuses_what_it_cannot_do():
     q, k, v = _qkv(1, 8, 8, 2, 2, 32)
     with pytest.raises(ValueError, match="dtype"):
@@ -63,11 +78,13 @@ def test_prefill_attention_refuses_what_it_cannot_do():
 
 def test_ops_attention_takes_it_for_bf16_inference_only(monkeypatch):
     """ops.attention (SigLIP, the LLM's prefill through attention_varlen) on the cpu backend: csrc for bf16 without
-    gradients, torch's SDPA for fp32, for tensors that want a gradient, and for head dims it does not take."""
+    gradients, torch's SDPA for fp32, for tensors that want a gradient, for head dims it does not take, and where the
+    GEMV runs on AMX (unmeasured there)."""
     calls = []
     real = cpu_ops.prefill_attention
     monkeypatch.setattr(cpu_ops, "prefill_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setattr(ops, "_backend", "cpu")
+    monkeypatch.setattr(cpu_ops, "amx_available", lambda: False)  # (an AMX host's own setting is tested below)
     q, k, v = _qkv(1, 24, 24, 2, 2, 32)
     out = ops.attention(q, k, v, causal=True)
     assert calls == [1] and torch.equal(out, real(q, k, v, True))
@@ -76,6 +93,9 @@ def test_ops_attention_takes_it_for_bf16_inference_only(monkeypatch):
     ops.attention(q.float(), k.float(), v.float(), causal=True)
     ops.attention(q.requires_grad_(), k, v, causal=True)
     ops.attention(*(t[..., :8].detach() for t in (q, k, v)), causal=True)
+    assert len(calls) == 3
+    monkeypatch.setattr(cpu_ops, "amx_available", lambda: True)
+    ops.attention(*(t.detach() for t in (q, k, v)), causal=True)
     assert len(calls) == 3
 
 
