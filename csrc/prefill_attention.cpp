@@ -1,9 +1,9 @@
 // The `prefill_attention` op: o = softmax(q k^T * scale) v for bf16 q, k, v on AVX512_BF16, the attention of a
 // prefill (SigLIP's 576 patches, the LLM's prompt), where torch's CPU SDPA ran at 108-179 GFLOP/s against a ~1 TFLOP/s
 // bf16 matmul peak (bench/RESULTS.md, 2026-12-06).
-//   q [B, Tq, H, D], k, v [B, Tk, Hkv, D], o [B, Tq, H, D], all bf16 and contiguous; H % Hkv == 0 (query head h reads
-//   kv head h / (H / Hkv)); D a multiple of 16, at most kMaxD. causal: aligned bottom-right (Tq <= Tk): query i sees
-//   keys j <= i + Tk - Tq.
+//   q [B, Tq, H, D], k, v [B, Tk, Hkv, D], o [B, Tq, H, D], all bf16 and contiguous; H % Hkv == 0 (query head h
+//   reads kv head h / (H / Hkv)); D a multiple of 16, at most kPrefillMaxD. causal: aligned bottom-right (Tq <= Tk):
+//   query i sees keys j <= i + Tk - Tq.
 // First each (b, kv head)'s K and V are repacked into the pairs VDPBF16PS multiplies (one instruction: 16 lanes x 2
 // bf16 products added to 16 fp32 sums):
 //   kp [Tk / 16 blocks][D / 2][16 keys] of (k[key][2e], k[key][2e + 1]): a vector scores 16 keys over 2 elements of D;
@@ -26,13 +26,14 @@
 
 namespace jr {
 
+constexpr int64_t kPrefillMaxD = 256;  // head dims up to this (a multiple of 16)
+
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 namespace {
 
 constexpr int64_t kKeys = 16;    // keys a block (one vector of scores)
 constexpr int64_t kQueries = 16;  // queries a task
 constexpr int64_t kRowsAtOnce = 8;  // query rows scored together (independent accumulators)
-constexpr int64_t kMaxD = 256;
 
 inline uint32_t pair(const uint16_t* p) {
   uint32_t v;
@@ -70,7 +71,9 @@ void rows_task(const uint16_t* q, int64_t ldq, int64_t n, int64_t i0, const uint
     __m512 s[kRowsAtOnce];
     for (int64_t r = 0; r < kRowsAtOnce; ++r) s[r] = _mm512_setzero_ps();
     const uint32_t* kv = kp + kb * E * kKeys;
-    const auto qpair = [&](int64_t r, int64_t e) { return (__m512bh)_mm512_set1_epi32(int(pair(q + r * ldq + 2 * e))); };
+    const auto qpair = [&](int64_t r, int64_t e) {
+      return (__m512bh)_mm512_set1_epi32(int(pair(q + r * ldq + 2 * e)));
+    };
     if (n == kRowsAtOnce) {  // (a fixed count keeps the accumulators in registers)
       for (int64_t e = 0; e < E; ++e) {
         const __m512bh kvec = (__m512bh)_mm512_loadu_si512(kv + e * kKeys);
@@ -105,7 +108,8 @@ void rows_task(const uint16_t* q, int64_t ldq, int64_t n, int64_t i0, const uint
       m[r] = m_new;
       float* a = acc + r * D;
       if (alpha != 1.0f)
-        for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(a + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), _mm512_set1_ps(alpha)));
+        for (int64_t d = 0; d < D; d += 16)
+          _mm512_storeu_ps(a + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), _mm512_set1_ps(alpha)));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb[r]), (__m256i)_mm512_cvtneps_pbh(p));
     }
     // acc[r] += sum over the block's keys of p[r][key] v[key]: two keys a VDPBF16PS, 16 elements of D a vector
@@ -146,12 +150,14 @@ bool prefill_attention_available() {
 #endif
 }
 
-void prefill_attention(std::uintptr_t q_ptr, std::uintptr_t k_ptr, std::uintptr_t v_ptr, std::uintptr_t o_ptr, int64_t B,
-                       int64_t Tq, int64_t Tk, int64_t H, int64_t Hkv, int64_t D, bool causal, double scale) {
+void prefill_attention(std::uintptr_t q_ptr, std::uintptr_t k_ptr, std::uintptr_t v_ptr, std::uintptr_t o_ptr,
+                       int64_t B, int64_t Tq, int64_t Tk, int64_t H, int64_t Hkv, int64_t D, bool causal,
+                       double scale) {
   JR_CHECK(prefill_attention_available(), "this build has no bf16 prefill attention (needs AVX512_BF16)");
   JR_CHECK(q_ptr && k_ptr && v_ptr && o_ptr, "null pointer");
-  JR_CHECK(B >= 1 && Tq >= 1 && Tk >= 1 && H >= 1 && Hkv >= 1 && H % Hkv == 0, "need B, Tq, Tk, H, Hkv >= 1, H % Hkv == 0");
-  JR_CHECK(D >= 16 && D % 16 == 0 && D <= 256, "D must be a multiple of 16 up to 256");
+  JR_CHECK(B >= 1 && Tq >= 1 && Tk >= 1 && H >= 1 && Hkv >= 1 && H % Hkv == 0,
+           "need B, Tq, Tk, H, Hkv >= 1, H % Hkv == 0");
+  JR_CHECK(D >= 16 && D % 16 == 0 && D <= kPrefillMaxD, "D must be a multiple of 16 up to 256");
   JR_CHECK(!causal || Tq <= Tk, "causal attention needs Tq <= Tk (aligned bottom-right)");
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
   const uint16_t *q = ptr<const uint16_t>(q_ptr), *k = ptr<const uint16_t>(k_ptr), *v = ptr<const uint16_t>(v_ptr);
