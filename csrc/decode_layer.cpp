@@ -106,8 +106,7 @@ inline void layer_gemv(const Layer<T>& L, const T* w, const gemv::xpack_t<T>* xp
   }
   if constexpr (w8a8::available() && std::is_same_v<T, uint16_t> && std::is_same_v<gemv::xpack_t<T>, uint16_t>) {
     if (L.packed == kW8A8) {
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < L.R; ++r) xq.rows(xp, ldx, K, r, r + 1);
+      xq.rows_for(xp, ldx, K, L.R);
       return w8a8::gemv_for(reinterpret_cast<const uint8_t*>(w), xq, nullptr, y, L.R, N, K);
     }
   }

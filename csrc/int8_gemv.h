@@ -61,24 +61,12 @@ inline const int8_t* run_at(const int8_t* tile, int64_t kn, int v) { return tile
 // wp (packed_bytes(N, K)) = q [N, K] int8 in the layout above, and the scales s [N] after it; K even. Runs its own
 // parallel region.
 inline void pack(const int8_t* q, const float* s, int8_t* wp, int64_t N, int64_t K) {
-  const int64_t KS = K / 2, strips = packed::num_strips(N, kS);
-#pragma omp parallel for schedule(static)
-  for (int64_t st = 0; st < strips; ++st)
-    for (int64_t j = 0; j < kS; ++j) {
-      const int64_t n = st * kS + j;
-      const int8_t* src = n < N ? q + n * K : nullptr;
-      for (int64_t k0 = 0; k0 < KS; k0 += kKT) {
-        const int64_t kn = std::min(kKT, KS - k0);
-        int8_t* d = wp + st * KS * kSE + k0 * kSE + (j / 16) * kn * kRE + (j % 16) * 2;
-        for (int64_t p = 0; p < kn; ++p) {
-          d[p * kRE] = src ? src[2 * (k0 + p)] : 0;
-          d[p * kRE + 1] = src ? src[2 * (k0 + p) + 1] : 0;
-        }
-      }
-    }
-  float* sp = reinterpret_cast<float*>(wp + scales_offset(N, K));
-  for (int64_t n = 0; n < padded_rows(N); ++n) sp[n] = n < N ? s[n] : 0.0f;
-  std::memset(wp + padded_rows(N) * K, 0, size_t(scales_offset(N, K) - padded_rows(N) * K));
+  packed::for_each_step(N, K / 2, kS, kSE, kKT, 16, kRE, 2, [&](int64_t n, int64_t ks, int64_t at) {
+    wp[at] = n < N ? q[n * K + 2 * ks] : 0;
+    wp[at + 1] = n < N ? q[n * K + 2 * ks + 1] : 0;
+  });
+  packed::put_row_scales(reinterpret_cast<uint8_t*>(wp), padded_rows(N) * K, scales_offset(N, K), s, N,
+                         padded_rows(N));
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)

@@ -103,8 +103,7 @@ void linear_packed(std::uintptr_t x, std::uintptr_t wp, std::uintptr_t bias, std
       xq.shape(M, K);
 #pragma omp parallel if (N * K >= (int64_t(1) << 16))
       {
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; ++m) xq.rows(xp.data(), ldx, K, m, m + 1);
+        xq.rows_for(xp.data(), ldx, K, M);
         w8a8::gemv_for(ptr<const uint8_t>(wp), xq, ptr<const float>(bias), ptr<float>(y), M, N, K);
       }
     }

@@ -96,6 +96,31 @@ int64_t packed_size(int64_t N, int64_t K) {
   return num_strips(N, strip<WT>()) * strip<WT>() * K;
 }
 
+// The packed layout's order, for the packers here and in int8_gemv.h and w8a8_gemv.h: put(n, ks, at) for every row n
+// of the whole strips (n >= N: the zero padding) and K step ks < KS, `at` the element offset of row n's step ks.
+// Strips of S columns, SE elements a strip's step, K tiles of KT steps, runs of SR columns, RE elements a run's step,
+// E elements a row's step. Each row is visited front to back; runs its own parallel region over the strips.
+template <typename Put>
+void for_each_step(int64_t N, int64_t KS, int64_t S, int64_t SE, int64_t KT, int64_t SR, int64_t RE, int64_t E,
+                   Put put) {
+  const int64_t strips = num_strips(N, S);
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < strips; ++s)
+    for (int64_t j = 0; j < S; ++j)
+      for (int64_t k0 = 0; k0 < KS; k0 += KT) {
+        const int64_t kn = std::min(KT, KS - k0), at = s * KS * SE + k0 * SE + (j / SR) * kn * RE + (j % SR) * E;
+        for (int64_t p = 0; p < kn; ++p) put(s * S + j, k0 + p, at + p * RE);
+      }
+}
+
+// The row scales after an int8 layout's bytes (int8_gemv.h, w8a8_gemv.h): the gap from `bytes` to the scales at
+// `offset` zeroed, then s [N] and zeros up to `rows`.
+inline void put_row_scales(uint8_t* wp, int64_t bytes, int64_t offset, const float* s, int64_t N, int64_t rows) {
+  std::memset(wp + bytes, 0, size_t(offset - bytes));
+  float* sp = reinterpret_cast<float*>(wp + offset);
+  for (int64_t n = 0; n < rows; ++n) sp[n] = n < N ? s[n] : 0.0f;
+}
+
 // wp (packed_size(N, K) elements) = W [N, K] in the layout above; runs its own parallel region. Each row of W is read
 // front to back (long runs for the hardware prefetcher) and written a step at a time as one 32-bit word (a bf16 pair
 // or one fp32) into its strip, which stays in L2 meanwhile; rows past N are zeros. (The 1B decoder's four bf16
@@ -103,25 +128,14 @@ int64_t packed_size(int64_t N, int64_t K) {
 // most of what is left is the first touch of the new copy's pages, ~24 of the 40 ms per 103 MB.)
 template <typename WT>
 void pack(const WT* w, WT* wp, int64_t N, int64_t K) {
-  constexpr int64_t S = strip<WT>(), E = ek<WT>(), SE = step_elems<WT>(), KT = ktile<WT>(), RE = run_elems<WT>();
-  constexpr int64_t SR = S / runs<WT>();  // columns per run
+  constexpr int64_t E = ek<WT>();
   static_assert(E * sizeof(WT) == sizeof(uint32_t), "a step of one row is one 32-bit word");
-  const int64_t KS = K / E, strips = num_strips(N, S);
-#pragma omp parallel for schedule(static)
-  for (int64_t s = 0; s < strips; ++s)
-    for (int64_t j = 0; j < S; ++j) {
-      const int64_t n = s * S + j;
-      const WT* src = n < N ? w + n * K : nullptr;
-      for (int64_t k0 = 0; k0 < KS; k0 += KT) {
-        const int64_t kn = std::min(KT, KS - k0);
-        uint32_t* d = reinterpret_cast<uint32_t*>(wp + s * KS * SE + k0 * SE + (j / SR) * kn * RE + (j % SR) * E);
-        for (int64_t p = 0; p < kn; ++p) {
-          uint32_t word = 0;
-          if (src) std::memcpy(&word, src + E * (k0 + p), sizeof(uint32_t));
-          d[p * (RE / E)] = word;
-        }
-      }
-    }
+  for_each_step(N, K / E, strip<WT>(), step_elems<WT>(), ktile<WT>(), strip<WT>() / runs<WT>(), run_elems<WT>(), E,
+                [&](int64_t n, int64_t ks, int64_t at) {
+                  uint32_t word = 0;
+                  if (n < N) std::memcpy(&word, w + n * K + E * ks, sizeof(uint32_t));
+                  std::memcpy(wp + at, &word, sizeof(uint32_t));
+                });
 }
 
 }  // namespace jr::packed

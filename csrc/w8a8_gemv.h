@@ -75,25 +75,13 @@ inline const float* scales(const uint8_t* wp, int64_t N, int64_t K) {
 // wp (packed_bytes(N, K)) = q [N, K] int8 (in [-127, 127]) offset to U = q + 128 in the layout above, and the scales
 // s [N] after it. Runs its own parallel region.
 inline void pack(const int8_t* q, const float* s, uint8_t* wp, int64_t N, int64_t K) {
-  const int64_t KS = kpad(K) / kE, strips = packed::num_strips(N, kS);
-#pragma omp parallel for schedule(static)
-  for (int64_t st = 0; st < strips; ++st)
-    for (int64_t j = 0; j < kS; ++j) {
-      const int64_t n = st * kS + j;
-      const int8_t* src = n < N ? q + n * K : nullptr;
-      for (int64_t k0 = 0; k0 < KS; k0 += kKT) {
-        const int64_t kn = std::min(kKT, KS - k0);
-        uint8_t* d = wp + st * KS * kSE + k0 * kSE + (j / 16) * kn * 64 + (j % 16) * 4;
-        for (int64_t p = 0; p < kn; ++p)
-          for (int64_t e = 0; e < kE; ++e) {
-            const int64_t k = (k0 + p) * kE + e;
-            d[p * 64 + e] = uint8_t(128 + (src && k < K ? int(src[k]) : 0));
-          }
-      }
+  packed::for_each_step(N, kpad(K) / kE, kS, kSE, kKT, 16, 64, kE, [&](int64_t n, int64_t ks, int64_t at) {
+    for (int64_t e = 0; e < kE; ++e) {
+      const int64_t k = ks * kE + e;
+      wp[at + e] = uint8_t(128 + (n < N && k < K ? int(q[n * K + k]) : 0));
     }
-  float* sp = reinterpret_cast<float*>(wp + scales_offset(N, K));
-  for (int64_t n = 0; n < padded_rows(N); ++n) sp[n] = n < N ? s[n] : 0.0f;
-  std::memset(wp + padded_rows(N) * kpad(K), 0, size_t(scales_offset(N, K) - padded_rows(N) * kpad(K)));
+  });
+  packed::put_row_scales(wp, padded_rows(N) * kpad(K), scales_offset(N, K), s, N, padded_rows(N));
 }
 
 // x [M, ldx] bf16 quantized per row and group: codes q [M, ldq] (ldq >= KP; columns K .. KP - 1 zero), the group
@@ -109,6 +97,12 @@ struct QuantizedX {
     ldq = (kpad(K) + 63) / 64 * 64, ng = groups(K);
     if (int64_t(q.size()) < M * ldq) q.resize(size_t(M * ldq));
     if (int64_t(sx.size()) < M * ng) sx.resize(size_t(M * ng)), comp.resize(size_t(M * ng));
+  }
+  // Inside a parallel region: rows [0, M) of x, a share of the rows per thread (an orphaned `omp for`, ending with
+  // the team's barrier; after shape(M, K)).
+  void rows_for(const uint16_t* x, int64_t ldx, int64_t K, int64_t M) {
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) rows(x, ldx, K, m, m + 1);
   }
   // rows [m0, m1) of x (after shape(M >= m1, K))
   void rows(const uint16_t* x, int64_t ldx, int64_t K, int64_t m0, int64_t m1) {
