@@ -1,7 +1,24 @@
-"""A small mixed engine run the int8 tests share (test_kv_int8.py, test_w8a8.py)."""
+"""What the int8 tests share (test_kv_int8.py, test_int8.py, test_w8a8.py): a small mixed engine run, and a
+DecodeStack fed a layer of mixed weight kinds."""
+import pytest
 import torch
 
+from janus_rt import Janus
+from janus_rt.cpu_step import DecodeStack
 from janus_rt.engine import Engine, SamplingParams
+
+
+def assert_mix_refused(hold, hold_o, match: str):
+    """DecodeStack refuses a tiny bf16 layer whose qkv, gate_up and down projections are held as hold(weight) and
+    its o projection as hold_o(weight), with a ValueError matching `match`."""
+    model = Janus.from_preset("tiny", seed=0, dtype=torch.bfloat16)
+    l = model.llm.layers[0]
+    c = model.cfg.llm
+    kc = torch.zeros(4, 16, c.num_heads, c.head_dim, dtype=torch.bfloat16)
+    ws = (l.input_norm.weight.detach(), hold(l.attn.qkv_proj.weight), hold_o(l.attn.o_proj.weight),
+          l.post_attn_norm.weight.detach(), hold(l.mlp.gate_up_proj.weight), hold(l.mlp.down_proj.weight))
+    with pytest.raises(ValueError, match=match):
+        DecodeStack([ws], [(kc, kc.clone())], 1e-6)
 
 
 def two_image_requests(model, kv=None, fused=True, steps=None):

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from janus_rt import Janus, cpu_ops
-from janus_rt.cpu_step import DecodeStack
 from janus_rt.engine import Engine
 from janus_rt.engine.cpu_decode import pack_in_place
 from janus_rt.engine.roofline import decode_step_bytes_flops
 from janus_rt.errors import UsageError
 from janus_rt.models.packed_linear import PROJECTIONS, Int8Linear, is_int8
+from engine_runs import assert_mix_refused
 
 pytestmark = pytest.mark.skipif(not cpu_ops.int8_available(),
                                 reason="no int8 GEMV: extension not built, or a CPU without AVX512_BF16")
@@ -125,15 +125,7 @@ def test_int8_model_is_the_bf16_model_where_int8_is_exact(route):
 
 
 def test_decode_stack_takes_all_int8_or_none():
-    model = Janus.from_preset("tiny", seed=0, dtype=torch.bfloat16)
-    l = model.llm.layers[0]
-    c = model.cfg.llm
-    kc = torch.zeros(4, 16, c.num_heads, c.head_dim, dtype=torch.bfloat16)
-    ws = (l.input_norm.weight.detach(), cpu_ops.Int8Weight(l.attn.qkv_proj.weight),
-          cpu_ops.PackedWeight(l.attn.o_proj.weight.detach()), l.post_attn_norm.weight.detach(),
-          cpu_ops.Int8Weight(l.mlp.gate_up_proj.weight), cpu_ops.Int8Weight(l.mlp.down_proj.weight))
-    with pytest.raises(ValueError, match="Int8Weight"):
-        DecodeStack([ws], [(kc, kc.clone())], 1e-6)
+    assert_mix_refused(cpu_ops.Int8Weight, lambda w: cpu_ops.PackedWeight(w.detach()), "Int8Weight")
 
 
 def test_pack_in_place_int8_and_what_it_refuses(monkeypatch):

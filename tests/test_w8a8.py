@@ -6,11 +6,10 @@ import torch
 
 from janus_rt import Janus, cpu_ops
 from janus_rt.config import tiny_config
-from janus_rt.cpu_step import DecodeStack
 from janus_rt.engine.cpu_decode import pack_in_place
 from janus_rt.errors import UsageError
 from janus_rt.models.packed_linear import W8A8Linear, int8_kind, int8_mode
-from engine_runs import step_logits, two_image_requests
+from engine_runs import assert_mix_refused, step_logits, two_image_requests
 from tolerances import max_err
 
 needs_w8a8 = pytest.mark.skipif(not cpu_ops.w8a8_available(),
@@ -170,15 +169,7 @@ def test_engine_w8a8_csrc_step_is_the_layer_by_layer_path(monkeypatch, wide):
 
 @needs_w8a8
 def test_decode_stack_refuses_a_mix_of_int8_kinds():
-    model = Janus.from_preset("tiny", seed=0, dtype=torch.bfloat16)
-    l = model.llm.layers[0]
-    c = model.cfg.llm
-    kc = torch.zeros(4, 16, c.num_heads, c.head_dim, dtype=torch.bfloat16)
-    ws = (l.input_norm.weight.detach(), cpu_ops.W8A8Weight(l.attn.qkv_proj.weight),
-          cpu_ops.Int8Weight(l.attn.o_proj.weight), l.post_attn_norm.weight.detach(),
-          cpu_ops.W8A8Weight(l.mlp.gate_up_proj.weight), cpu_ops.W8A8Weight(l.mlp.down_proj.weight))
-    with pytest.raises(ValueError, match="W8A8Weight"):
-        DecodeStack([ws], [(kc, kc.clone())], 1e-6)
+    assert_mix_refused(cpu_ops.W8A8Weight, cpu_ops.Int8Weight, "W8A8Weight")
 
 
 @needs_w8a8
