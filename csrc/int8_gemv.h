@@ -61,9 +61,13 @@ inline const int8_t* run_at(const int8_t* tile, int64_t kn, int v) { return tile
 // wp (packed_bytes(N, K)) = q [N, K] int8 in the layout above, and the scales s [N] after it; K even. Runs its own
 // parallel region.
 inline void pack(const int8_t* q, const float* s, int8_t* wp, int64_t N, int64_t K) {
-  packed::for_each_step(N, K / 2, kS, kSE, kKT, 16, kRE, 2, [&](int64_t n, int64_t ks, int64_t at) {
-    wp[at] = n < N ? q[n * K + 2 * ks] : 0;
-    wp[at + 1] = n < N ? q[n * K + 2 * ks + 1] : 0;
+  packed::for_each_tile_row(N, K / 2, kS, kSE, kKT, 16, kRE, 2, [&](int64_t n, int64_t k0, int64_t kn, int64_t at) {
+    const int8_t* src = n < N ? q + n * K + 2 * k0 : nullptr;
+    int8_t* d = wp + at;
+    for (int64_t p = 0; p < kn; ++p) {
+      d[p * kRE] = src ? src[2 * p] : 0;
+      d[p * kRE + 1] = src ? src[2 * p + 1] : 0;
+    }
   });
   packed::put_row_scales(reinterpret_cast<uint8_t*>(wp), padded_rows(N) * K, scales_offset(N, K), s, N,
                          padded_rows(N));

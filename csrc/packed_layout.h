@@ -96,20 +96,21 @@ int64_t packed_size(int64_t N, int64_t K) {
   return num_strips(N, strip<WT>()) * strip<WT>() * K;
 }
 
-// The packed layout's order, for the packers here and in int8_gemv.h and w8a8_gemv.h: put(n, ks, at) for every row n
-// of the whole strips (n >= N: the zero padding) and K step ks < KS, `at` the element offset of row n's step ks.
-// Strips of S columns, SE elements a strip's step, K tiles of KT steps, runs of SR columns, RE elements a run's step,
-// E elements a row's step. Each row is visited front to back; runs its own parallel region over the strips.
+// The packed layout's order, for the packers here and in int8_gemv.h and w8a8_gemv.h: put(n, k0, kn, at) for every
+// row n of the whole strips (n >= N: the zero padding) and K tile (steps k0 .. k0 + kn - 1 of KS), `at` the element
+// offset of row n's step k0; its step k0 + p is at at + p * RE. Strips of S columns, SE elements a strip's step, K
+// tiles of KT steps, runs of SR columns, RE elements a run's step, E elements a row's step. Each row is visited front
+// to back; runs its own parallel region over the strips.
 template <typename Put>
-void for_each_step(int64_t N, int64_t KS, int64_t S, int64_t SE, int64_t KT, int64_t SR, int64_t RE, int64_t E,
-                   Put put) {
+void for_each_tile_row(int64_t N, int64_t KS, int64_t S, int64_t SE, int64_t KT, int64_t SR, int64_t RE, int64_t E,
+                       Put put) {
   const int64_t strips = num_strips(N, S);
 #pragma omp parallel for schedule(static)
   for (int64_t s = 0; s < strips; ++s)
     for (int64_t j = 0; j < S; ++j)
       for (int64_t k0 = 0; k0 < KS; k0 += KT) {
-        const int64_t kn = std::min(KT, KS - k0), at = s * KS * SE + k0 * SE + (j / SR) * kn * RE + (j % SR) * E;
-        for (int64_t p = 0; p < kn; ++p) put(s * S + j, k0 + p, at + p * RE);
+        const int64_t kn = std::min(KT, KS - k0);
+        put(s * S + j, k0, kn, s * KS * SE + k0 * SE + (j / SR) * kn * RE + (j % SR) * E);
       }
 }
 
@@ -130,12 +131,17 @@ template <typename WT>
 void pack(const WT* w, WT* wp, int64_t N, int64_t K) {
   constexpr int64_t E = ek<WT>();
   static_assert(E * sizeof(WT) == sizeof(uint32_t), "a step of one row is one 32-bit word");
-  for_each_step(N, K / E, strip<WT>(), step_elems<WT>(), ktile<WT>(), strip<WT>() / runs<WT>(), run_elems<WT>(), E,
-                [&](int64_t n, int64_t ks, int64_t at) {
-                  uint32_t word = 0;
-                  if (n < N) std::memcpy(&word, w + n * K + E * ks, sizeof(uint32_t));
-                  std::memcpy(wp + at, &word, sizeof(uint32_t));
-                });
+  constexpr int64_t RE = run_elems<WT>();
+  for_each_tile_row(N, K / E, strip<WT>(), step_elems<WT>(), ktile<WT>(), strip<WT>() / runs<WT>(), RE, E,
+                    [&](int64_t n, int64_t k0, int64_t kn, int64_t at) {
+                      const WT* src = n < N ? w + n * K + E * k0 : nullptr;
+                      uint32_t* d = reinterpret_cast<uint32_t*>(wp + at);
+                      for (int64_t p = 0; p < kn; ++p) {
+                        uint32_t word = 0;
+                        if (src) std::memcpy(&word, src + E * p, sizeof(uint32_t));
+                        d[p * (RE / E)] = word;
+                      }
+                    });
 }
 
 }  // namespace jr::packed

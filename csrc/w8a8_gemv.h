@@ -75,11 +75,15 @@ inline const float* scales(const uint8_t* wp, int64_t N, int64_t K) {
 // wp (packed_bytes(N, K)) = q [N, K] int8 (in [-127, 127]) offset to U = q + 128 in the layout above, and the scales
 // s [N] after it. Runs its own parallel region.
 inline void pack(const int8_t* q, const float* s, uint8_t* wp, int64_t N, int64_t K) {
-  packed::for_each_step(N, kpad(K) / kE, kS, kSE, kKT, 16, 64, kE, [&](int64_t n, int64_t ks, int64_t at) {
-    for (int64_t e = 0; e < kE; ++e) {
-      const int64_t k = ks * kE + e;
-      wp[at + e] = uint8_t(128 + (n < N && k < K ? int(q[n * K + k]) : 0));
-    }
+  packed::for_each_tile_row(N, kpad(K) / kE, kS, kSE, kKT, 16, 64, kE, [&](int64_t n, int64_t k0, int64_t kn,
+                                                                          int64_t at) {
+    const int8_t* src = n < N ? q + n * K : nullptr;
+    uint8_t* d = wp + at;
+    for (int64_t p = 0; p < kn; ++p)
+      for (int64_t e = 0; e < kE; ++e) {
+        const int64_t k = (k0 + p) * kE + e;
+        d[p * 64 + e] = uint8_t(128 + (src && k < K ? int(src[k]) : 0));
+      }
   });
   packed::put_row_scales(wp, padded_rows(N) * kpad(K), scales_offset(N, K), s, N, padded_rows(N));
 }
