@@ -2,6 +2,7 @@
 stage freezing, atomic checkpoints (janus_rt.train.{step,loop,stages,checkpoint,cli})."""
 import argparse
 import json
+import re
 import shutil
 
 import pytest
@@ -344,3 +345,128 @@ def test_resume_keeps_the_log_through_its_checkpoint(tmp_path, capsys):
     assert log_lines_through(log, 3) == lines[:2]
     assert "kept the 2 lines before an unreadable one" in capsys.readouterr().err
     assert log_lines_through(tmp_path / "none.jsonl", 3) == []
+
+
+# ---- a user's mistakes: one `janus-rt train: ...` line, before any model loads or anything is written ----------------
+def _no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cfg-drop", "2"], r"--cfg-drop must be in [0, 1], got 2.0"),
+    (["--ratios", "und:0,text:0,t2i:0"], "--ratios und:0,text:0,t2i:0: give at least one kind a weight > 0"),
+    (["--ratios", "foo:1"], "--ratios foo:1: unknown kind 'foo' (the kinds: "),
+    (["--ratios", "und:-1,t2i:1"], "--ratios und:-1,t2i:1: weights must be numbers >= 0, got und:-1.0"),
+    (["--beta1", "1.5"], "--beta1 must be in [0, 1), got 1.5"),
+    (["--beta2", "1"], "--beta2 must be in [0, 1), got 1.0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1"),
+    (["--device", "gpu"], "--device 'gpu': expected cpu, cuda or cuda:N"),
+    (["--device", "cuda"], "--device cuda: this torch has no CUDA device"),
+    (["--min-lr-ratio", "5"], "--min-lr-ratio (final lr / peak lr) must be in [0, 1], got 5.0"),
+    (["--warmup", "-5"], "--warmup must be >= 0, got -5"),
+    (["--keep", "-1"], "--keep must be >= 0, got -1"),
+    (["--save-every", "-2"], "--save-every must be >= 0, got -2"),
+    (["--clip", "-1"], "--clip must be >= 0 (0: no clipping), got -1.0"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--threads", "-2"], "--threads must be >= 0, got -2"),
+    (["--seq-len", "1"], "--seq-len must be >= 2, got 1"),
+    (["--synthetic", "-3"], "--synthetic must be >= 1, got -3"),
+])
+def test_bad_flags_are_one_line_errors(flags, message, tmp_path, monkeypatch):
+    import janus_rt.cli as cli
+    from janus_rt.train.cli import main
+
+    monkeypatch.setattr(cli, "load_model", _no_model)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --device cuda: as on a CPU-only torch
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:  # (argparse: the last --synthetic wins)
+        main(["--synthetic", "8", "--steps", "3", "--out", str(out), "--no-progress", *flags])
+    assert str(e.value.code).startswith(f"janus-rt train: {message}"), e.value.code
+    assert not out.exists()
+
+
+def test_mix_without_records_is_a_usage_error(tmp_path):
+    """A --ratios that draws only kinds the manifest has none of (known once it is read)."""
+    from janus_rt.errors import UsageError
+
+    (tmp_path / "m.jsonl").write_text(json.dumps({"kind": "text", "text": "A red square."}) + "\n")
+    with pytest.raises(UsageError, match=r"has no records of the kinds the mix .*t2i.* draws"):
+        train(TrainConfig(out=str(tmp_path / "run"), data=str(tmp_path / "m.jsonl"), ratios={"t2i": 1.0}, **RUN))
+
+
+@pytest.fixture(scope="module")
+def finished_run(synthetic, tmp_path_factory):
+    """A run folder after a 2-step run (--synthetic 8, stage 3, seed 0), its checkpoint at step 2."""
+    out = fresh_run(synthetic, tmp_path_factory.mktemp("finished"), "run")
+    train(TrainConfig(out=str(out), synthetic=8, steps=2, lr=1e-3, **RUN))
+    return out
+
+
+def _files(folder):
+    """Every file under folder: its bytes and mtime."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(synthetic=4), "with --synthetic 8, not --synthetic 4"),
+    (dict(stage=2), "with --stage 3, not --stage 2"),
+    (dict(seed=1), "with --seed 0, not --seed 1"),
+    (dict(synthetic=4, stage=1), "with --synthetic 8 --stage 3, not --synthetic 4 --stage 1"),
+    (dict(ratios={"und": 1.0, "t2i": 1.0}), "with --ratios und:5,text:1,t2i:4, not --ratios und:1,t2i:1"),
+])
+def test_resume_of_another_run_refused_before_out_changes(change, message, finished_run, tmp_path, monkeypatch):
+    """--resume with settings the checkpoint's data cursor or optimizer state cannot continue: a UsageError naming
+    them, before a model loads and before OUT/synthetic (or anything else in OUT) is rewritten."""
+    import janus_rt.cli as cli
+    from janus_rt.errors import UsageError
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    before = _files(out)
+    monkeypatch.setattr(cli, "load_model", _no_model)
+    cfg = dict(RUN, synthetic=8, steps=4, lr=1e-3, resume=True)
+    with pytest.raises(UsageError, match="^--resume: .*step_0000002 was written by a run " + re.escape(message)):
+        train(TrainConfig(out=str(out), **{**cfg, **change}))
+    assert _files(out) == before
+    # another mix of the same kinds continues the data cursor: allowed (checked up to the model load)
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        train(TrainConfig(out=str(out), **{**cfg, "ratios": {"und": 1.0, "text": 1.0, "t2i": 1.0}}))
+
+
+def test_resume_past_steps_says_nothing_to_do(finished_run, tmp_path, monkeypatch, capsys):
+    """--resume of a run already at (or past) --steps: a note, nothing loaded or written."""
+    import janus_rt.cli as cli
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    before = _files(out)
+    monkeypatch.setattr(cli, "load_model", _no_model)
+    for steps in (1, 2):
+        assert train(TrainConfig(out=str(out), synthetic=8, steps=steps, resume=True, **RUN)) == []
+        assert (f"note: --resume: {out / 'checkpoints' / 'step_0000002'} is already at step 2 >= --steps {steps}: "
+                "nothing to do") in capsys.readouterr().err
+    assert _files(out) == before
+
+
+def test_resume_loads_the_checkpoint_not_the_preset(finished_run, tmp_path, capsys):
+    """A resumed run starts from its checkpoint: no 'training from random weights' note for a preset --model."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    logs = train(TrainConfig(out=str(out), synthetic=8, steps=3, lr=1e-3, resume=True, **RUN))
+    assert [r["step"] for r in logs] == [3]
+    err = capsys.readouterr().err
+    assert "random weights" not in err
+    assert f"note: --resume: continuing from {out / 'checkpoints' / 'step_0000002'} (step 2)" in err
+
+
+def test_resume_on_other_data_is_a_usage_error(synthetic, tmp_path):
+    """--data resumed on a manifest whose records changed (the data cursor is a position in the old ones)."""
+    from janus_rt.errors import UsageError
+
+    out = fresh_run(synthetic, tmp_path, "run")
+    manifest = out / "synthetic" / synthetic.name
+    cfg = dict(RUN, data=str(manifest), steps=2, lr=1e-3)
+    train(TrainConfig(out=str(out), **cfg))
+    manifest.write_text("".join(manifest.read_text().splitlines(keepends=True)[:-3]))
+    with pytest.raises(UsageError, match=r"^--resume: .*step_0000002 was written by a run on other data: records"):
+        train(TrainConfig(out=str(out), **{**cfg, "steps": 3, "resume": True}))

@@ -139,7 +139,7 @@ def load(path: str | Path, module: torch.nn.Module, optimizer: torch.optim.Optim
     """Restore model (and optimizer) state from a checkpoint folder into `module` (a PackedLM, possibly
     FSDP2-sharded); every rank reads the files. Returns state.json's contents."""
     path = Path(path)
-    meta = json.loads((path / "state.json").read_text())
+    meta = read_state(path)
     weights = load_file(str(path / "model.safetensors"))
     model = module.model
     if model.cfg.llm.tie_word_embeddings:
@@ -155,6 +155,11 @@ def load(path: str | Path, module: torch.nn.Module, optimizer: torch.optim.Optim
         groups = [{**g, "params": [_PREFIX + p for p in g["params"]]} for g in meta["param_groups"]]
         set_optimizer_state_dict(module, optimizer, {"state": state, "param_groups": groups}, options=opts)
     return meta
+
+
+def read_state(path: str | Path) -> dict:
+    """A checkpoint folder's state.json (step, data cursor, RNG states, run config), without reading any tensor."""
+    return json.loads((Path(path) / "state.json").read_text())
 
 
 def _strip(fqn: str) -> str:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from janus_rt import ops
-from janus_rt.errors import UsageError
+from janus_rt.errors import UsageError, check_device
 from janus_rt.train import checkpoint
 from janus_rt.train.data import KINDS, ManifestDataset
 from janus_rt.train.packing import PackedSampler, prefetch
@@ -97,26 +97,108 @@ def log_lines_through(log_path: Path, step: int) -> list[str]:
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """ValueError for a config that cannot run, before anything loads; and for a fresh run into a folder that holds
-    an earlier run's checkpoints (which it would overwrite and whose log it would extend)."""
+    """UsageError for a config that cannot run (or would run other than asked), before anything loads or is written;
+    for a fresh run into a folder that holds an earlier run's checkpoints (which it would overwrite and whose log it
+    would extend); and for a --resume that cannot continue the checkpoint's run."""
+    if cfg.synthetic < 0:
+        raise UsageError(f"--synthetic must be >= 1, got {cfg.synthetic}")
     if (cfg.synthetic > 0) == bool(cfg.data):
         raise UsageError("give a manifest (--data) or --synthetic N, not both" if cfg.data else
                          "give a manifest (--data) or --synthetic N")
     if cfg.data and not Path(cfg.data).is_file():
         raise UsageError(f"--data {cfg.data!r}: no such file")
-    for name in ("steps", "batch_size", "seq_len", "grad_accum"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if not cfg.lr > 0:
+    for name, least in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("grad_accum", 1), ("warmup", 0),
+                        ("save_every", 0), ("keep", 0), ("threads", 0), ("seed", 0)):
+        if getattr(cfg, name) < least:  # (a negative --keep or --save-every would pass for something else)
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(cfg, name)}")
+    if not 0 < cfg.lr < math.inf:
         raise UsageError(f"--lr must be > 0, got {cfg.lr}")
-    if not cfg.resume and (ck := checkpoint.latest(cfg.out)) is not None:
+    if not 0 <= cfg.min_lr_ratio <= 1:  # (> 1: the cosine would rise above the peak lr)
+        raise UsageError(f"--min-lr-ratio (final lr / peak lr) must be in [0, 1], got {cfg.min_lr_ratio}")
+    if not 0 <= cfg.weight_decay < math.inf:
+        raise UsageError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    for i, beta in enumerate(cfg.betas, 1):
+        if not 0 <= beta < 1:
+            raise UsageError(f"--beta{i} must be in [0, 1), got {beta}")
+    if not cfg.clip >= 0:
+        raise UsageError(f"--clip must be >= 0 (0: no clipping), got {cfg.clip}")
+    if not 0 <= cfg.cfg_drop <= 1:
+        raise UsageError(f"--cfg-drop must be in [0, 1], got {cfg.cfg_drop}")
+    if cfg.ratios is not None:
+        _check_ratios(cfg.ratios)
+    if cfg.device is not None:
+        check_device(cfg.device)
+    ck = checkpoint.latest(cfg.out)
+    if ck is not None and not cfg.resume:
         raise UsageError(f"{cfg.out} holds an earlier run's checkpoints ({ck.name}): pass --resume to continue it, or "
                          f"give another --out")
+    if ck is not None:
+        _check_resume(cfg, ck)
+
+
+def _shown(ratios: dict) -> str:
+    """{"und": 5.0, "t2i": 4.0} -> "und:5,t2i:4" (as --ratios takes it)."""
+    return ",".join(f"{k}:{v:g}" if isinstance(v, (int, float)) else f"{k}:{v!r}" for k, v in ratios.items())
+
+
+def _check_ratios(ratios: dict) -> None:
+    shown = _shown(ratios)
+    unknown = [k for k in ratios if k not in KINDS]
+    if unknown:
+        raise UsageError(f"--ratios {shown}: unknown kind {unknown[0]!r} (the kinds: {', '.join(KINDS)})")
+    bad = [k for k, v in ratios.items() if not 0 <= v < math.inf]
+    if bad:
+        raise UsageError(f"--ratios {shown}: weights must be numbers >= 0, got {bad[0]}:{ratios[bad[0]]}")
+    if not any(v > 0 for v in ratios.values()):
+        raise UsageError(f"--ratios {shown}: give at least one kind a weight > 0")
+
+
+def _mixed_kinds(config: dict) -> list[str]:
+    """The kinds a run's config mixes (positive weight in its --ratios, or its stage's default)."""
+    ratios = config.get("ratios") or RATIOS[config["stage"]]
+    return [k for k in KINDS if ratios.get(k, 0) > 0]
+
+
+def _check_resume(cfg: TrainConfig, ck: Path) -> None:
+    """--resume: UsageError where this run cannot continue checkpoint `ck`'s: another world size (per-rank RNG
+    states), stage (other trainable tensors, so other optimizer state) or data stream (data source, seed, the kinds
+    mixed: what the saved data cursor is a position in). Checked here, before OUT/synthetic is rewritten."""
+    try:
+        meta = checkpoint.read_state(ck)
+    except ValueError as e:
+        raise UsageError(f"--resume: {ck / 'state.json'} is unreadable ({e}); remove {ck} to resume from the "
+                         f"checkpoint before it") from None
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if meta.get("world_size", world) != world:
+        raise UsageError(f"{ck} was written by {meta['world_size']} rank(s); resume with as many (RNG states are "
+                         f"per rank), not {world}")
+    then, now = meta.get("config"), asdict(cfg)
+    if not then:
+        return
+
+    def flags(c: dict, names: list[str]) -> str:
+        shown = {"synthetic": f"--synthetic {c['synthetic']}" if c["synthetic"] else f"--data {c['data']}",
+                 "stage": f"--stage {c['stage']}", "seed": f"--seed {c['seed']}",
+                 "ratios": f"--ratios {_shown(c['ratios'] or RATIOS[c['stage']])}"}
+        return " ".join(shown[n] for n in names)
+
+    differ = [n for n in ("synthetic", "stage", "seed") if n in then and then[n] != now[n]]
+    if not differ and "ratios" in then and _mixed_kinds(then) != _mixed_kinds(now):
+        differ.append("ratios")  # another mix of the same kinds continues the data cursor; other kinds cannot
+    if differ:
+        raise UsageError(f"--resume: {ck} was written by a run with {flags(then, differ)}, not {flags(now, differ)}; "
+                         f"resume with the checkpoint's settings, or give another --out for a new run")
 
 
 def train(cfg: TrainConfig) -> list[dict]:
     """Run (or resume) training; returns the per-step log records (the same on every rank)."""
     check_config(cfg)
+    resume_from = checkpoint.latest(cfg.out) if cfg.resume else None
+    if resume_from is not None and (done := checkpoint.read_state(resume_from)["step"]) >= cfg.steps:
+        if int(os.environ.get("RANK", "0")) == 0:  # (a finished run asked again: not an error, e.g. a re-queued job)
+            print(f"note: --resume: {resume_from} is already at step {done} >= --steps {cfg.steps}: nothing to do "
+                  f"(a larger --steps trains on)", file=sys.stderr)
+        return []
     # ---- distributed and device -------------------------------------------------------------------------------
     own_group = False
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -124,7 +206,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         own_group = True
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(cfg.device) if cfg.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -144,7 +226,9 @@ def train(cfg: TrainConfig) -> list[dict]:
     # ---- model, stage, data -----------------------------------------------------------------------------------
     from janus_rt.cli import load_model  # the CLI's loader: checkpoint folder or preset, plus its tokenizer
 
-    model, tok, _ = load_model(cfg.model, device=str(device), dtype=torch.float32, seed=cfg.seed, for_training=True)
+    # a resumed run starts from its checkpoint, itself a model folder (not from --model: a preset's random weights)
+    model, tok, _ = load_model(str(resume_from or cfg.model), device=str(device), dtype=torch.float32, seed=cfg.seed,
+                               for_training=True)
     if cfg.keep_freed:  # from here on (VQ tokens of the data, every step) the same large blocks are freed and
         from janus_rt.cpu_ops import retain_freed_memory  # allocated again: keep them instead of faulting them in
 
@@ -157,6 +241,8 @@ def train(cfg: TrainConfig) -> list[dict]:
             ds = _dataset(cfg, manifest, model, tok, device)
         barrier()
     ratios = cfg.ratios or RATIOS[cfg.stage]
+    if not any(ratios.get(k, 0) > 0 and ds.indices[k] for k in KINDS):
+        raise UsageError(f"{manifest} has no records of the kinds the mix {ratios} draws (see --ratios)")
     sampler = PackedSampler(ds, cfg.batch_size, cfg.seq_len, ratios, seed=cfg.seed, lookahead=cfg.lookahead)
     model.llm.gradient_checkpointing = cfg.grad_checkpointing
     model.train()
@@ -181,14 +267,17 @@ def train(cfg: TrainConfig) -> list[dict]:
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
 
     step = 0
-    ckpt = checkpoint.latest(out) if cfg.resume else None
+    ckpt = resume_from
     if ckpt is not None:
         meta = checkpoint.load(ckpt, module, optimizer)
-        if meta["world_size"] != world:
-            raise UsageError(f"{ckpt} was written by {meta['world_size']} rank(s); resume with as many (RNG "
-                             f"states are per rank), not {world}")
         step = meta["step"]
+        have = {k: len(ds.indices[k]) for k in sampler.kinds}
+        if meta["data"]["num_records"] != have:  # (the data source and seed were checked before anything loaded)
+            raise UsageError(f"--resume: {ckpt} was written by a run on other data: records per kind "
+                             f"{meta['data']['num_records']}, now {have} in {manifest}")
         sampler.load_state_dict(meta["data"])
+        if rank == 0:
+            print(f"note: --resume: continuing from {ckpt} (step {step})", file=sys.stderr)
         checkpoint.set_rng_state(meta["rng"][rank])
         if cfg.keep_freed:  # the checkpoint's tensors, read and copied in, are not allocated again
             from janus_rt.cpu_ops import release_freed_memory
