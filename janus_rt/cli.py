@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from janus_rt.errors import UsageError
+from janus_rt.errors import UsageError, check_device
 
 INT8_MODES = ("weights", "w8a8")  # --int8's values: models.packed_linear.INT8_MODES (not imported at start-up)
 
@@ -217,12 +217,14 @@ def _int8_checks(args, cuda: bool):
             (not packed_off, f"--int8: {why}")]
 
 
-def _out_problem(path: str) -> str | None:
+def _out_problem(path: str, flag: str = "--out") -> str | None:
     """Why `path` cannot become the output folder, found before any work (and without creating it: a run that fails
     later leaves nothing behind); None where it can. Probes its nearest existing folder with a folder of its own."""
     import tempfile
 
     p = Path(path).absolute()
+    if p.exists() and not p.is_dir():
+        return f"{flag} {path!r} is a file, not a folder"
     if p.is_dir():
         probe_in = p
     else:
@@ -230,11 +232,11 @@ def _out_problem(path: str) -> str | None:
         while not probe_in.exists():
             probe_in = probe_in.parent
         if not probe_in.is_dir():
-            return f"--out {path!r}: cannot create it ({probe_in} is a file)"
+            return f"{flag} {path!r}: cannot create it ({probe_in} is a file)"
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".janus-rt-probe-", dir=probe_in))
     except OSError as e:
-        return f"--out {path!r}: cannot write in {probe_in} ({e.strerror or e})"
+        return f"{flag} {path!r}: cannot write in {probe_in} ({e.strerror or e})"
     return None
 
 
@@ -253,8 +255,8 @@ def cmd_generate(args):
                 (args.cfg is None or (math.isfinite(args.cfg) and abs(args.cfg) <= FP32_MAX),
                  f"--cfg must be a finite number (in fp32), got {args.cfg}"),
                 (all(p.strip() for p in args.prompt or ["x"]), "--prompt is empty"),
-                (not Path(args.out).exists() or Path(args.out).is_dir(),
-                 f"--out {args.out!r} is a file, not a folder"), *_common_checks(args))
+                (args.out.strip() != "", "--out is empty (give a folder; '.' for this one)"),
+                *_common_checks(args))
     if err := _out_problem(args.out):  # before minutes of work
         raise SystemExit(f"janus-rt generate: {err}")
     args.prompts = list(args.prompt or [])
@@ -410,6 +412,7 @@ def cmd_serve(args):
 def cmd_convert(args):
     from janus_rt.loading import convert
 
+    print(f"converting {args.src} -> {args.dst} ({args.dtype}) ...", file=sys.stderr, flush=True)
     dst = convert(args.src, args.dst, dtype=resolve_dtype(args.dtype))
     print(f"wrote {dst} ({args.dtype}; janus_rt's layout: config.json + model.safetensors)")
 
@@ -428,9 +431,32 @@ def cmd_bench(args):
                 (args.n is None or args.n >= 1, f"-n must be >= 1, got {args.n}"),
                 (args.tokens >= 1, f"--tokens must be >= 1, got {args.tokens}"),
                 (args.repeats >= 1, f"--repeats must be >= 1, got {args.repeats}"),
+                (args.tokens <= 576, f"--tokens must be at most 576 (an image's tokens), got {args.tokens}"),
+                (str(args.device).startswith("cuda") or args.dtype is None or DTYPES[args.dtype] != torch.float16,
+                 "--dtype fp16 needs a GPU; on the CPU use fp32 or bf16"),
                 *_int8_checks(args, str(args.device).startswith("cuda")),
                 *_kv_checks(args, str(args.device).startswith("cuda")))
+    # the result files are written after minutes of runs: a path that cannot take them is said first
+    _check_args(args, *[(err is None, err) for err in (_out_problem(args.profile, "--profile") if args.profile
+                                                      else None, _json_problem(args.json))])
     bench_main(args)
+
+
+def _json_problem(path: str | None) -> str | None:
+    """Why --json PATH cannot take the result row (appended at the end of a run), or None."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        return f"--json {path!r} is a folder: give a file to append the result row to"
+    if not p.absolute().parent.is_dir():
+        return f"--json {path!r}: {str(p.absolute().parent)!r} is not an existing folder"
+    try:
+        with open(p, "a"):
+            pass
+    except OSError as e:
+        return f"--json {path!r}: cannot write it ({e.strerror or e})"
+    return None
 
 
 def run_reporting_usage_errors(cmd: str, fn, *args):
@@ -529,7 +555,14 @@ def main(argv=None):
         pass
 
     args = ap.parse_args(argv)
+    run_reporting_usage_errors(args.cmd, _checked_device, args)
     run_reporting_usage_errors(args.cmd, args.fn, args)
+
+
+def _checked_device(args) -> None:
+    """--device (every command that has it) checked before anything loads: cpu, cuda or cuda:N, CUDA present."""
+    if getattr(args, "device", None) is not None:
+        args.device = str(check_device(args.device))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from janus_rt.config import ConfigError, JanusConfig
+from janus_rt.errors import UsageError
 
 
 class CheckpointError(Exception):
@@ -411,11 +412,25 @@ def save_janus(model, out_dir) -> Path:
     return out
 
 
+def check_convert_dst(src: Path, dst: Path) -> None:
+    """UsageError for a DST that convert must not write, before anything loads: SRC itself (the weights would be
+    rewritten in the new dtype before the tokenizer copy failed, a lossy overwrite of the source), a file, or a
+    folder that already holds a checkpoint (model weights or config.json: convert writes a new folder)."""
+    if dst.exists() and not dst.is_dir():
+        raise UsageError(f"DST {str(dst)!r} is a file, not a folder")
+    if dst.is_dir() and src.exists() and dst.resolve() == src.resolve():
+        raise UsageError(f"DST {str(dst)!r} is SRC: convert writes a new folder and leaves SRC as it is")
+    if dst.is_dir() and any((dst / n).exists() for n in ("config.json", "model.safetensors")) or (
+            dst.is_dir() and any(dst.glob("*.safetensors"))):
+        raise UsageError(f"DST {str(dst)!r} already holds a checkpoint: give a new or empty folder")
+
+
 def convert(src, dst, dtype=None) -> Path:
     """`janus-rt convert SRC DST`: any supported layout -> janus_rt's safetensors layout (+ tokenizer files)."""
     import shutil
 
     src, dst = Path(src), Path(dst)
+    check_convert_dst(src, dst)
     model = load_janus(src, dtype=dtype or torch.bfloat16)
     save_janus(model, dst)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",

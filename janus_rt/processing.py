@@ -138,8 +138,8 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, greedy: bool = False, out_dir=None,
                     engine=None, progress: bool = True, max_grid_rows: int = GRID_ROWS,
                     keep_images: bool = True, info: dict | None = None, written: list | None = None):
-    """Text prompts -> PIL images (n per prompt, prompts batched in one engine run; prompt k samples with seed + k).
-    With `out_dir`, also writes img_<prompt>_<i>.png (the decoder's size; each prompt's as soon as its request
+    """Text prompts (a list; a string is one prompt) -> PIL images (n per prompt, prompts batched in one engine run;
+    prompt k samples with seed + k). With `out_dir`, also writes img_<prompt>_<i>.png (the decoder's size; each prompt's as soon as its request
     finishes: a run longer than the KV cache holds at once keeps each wave of prompts it has finished) and at the end
     grid.png (one row per prompt for the first max_grid_rows prompts, 2 px apart; tiles enlarged to >= 128 px a
     side). <prompt> is the prompt's index in `prompts`, 2 digits, more from 101 prompts on. Returns (images per
@@ -152,7 +152,15 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
     from pathlib import Path
 
     from janus_rt.engine import Engine, SamplingParams
+    from janus_rt.engine.engine import check_count
+    from janus_rt.errors import UsageError
 
+    if isinstance(prompts, str):  # one prompt (iterated, a string was a prompt per character)
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise UsageError("no prompts given")
+    check_count("n", n)  # (before an engine is sized from it)
     ids = [encode_generation_prompt(tok, p) for p in prompts]
     eng = engine or Engine.for_requests(model, [(len(i), n) for i in ids])
     reqs = [eng.add_image_request(i, n=n, params=SamplingParams(cfg_weight=cfg_weight, temperature=temperature,

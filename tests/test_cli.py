@@ -311,6 +311,43 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert "RANDOM weights" not in capsys.readouterr().err  # refused before the model loaded
 
 
+def test_bad_device_is_one_line_in_every_command(tmp_path, capsys):
+    """--device gpu / meta / CPU, and cuda on a torch without CUDA: `janus-rt CMD: --device ...` before anything loads,
+    in every command that takes --device (torch's own errors were tracebacks from deep inside a run)."""
+    img = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(img)
+    commands = [["generate", "--out", str(tmp_path / "o")], ["understand", "--image", str(img), "--question", "?"],
+                ["verify", str(tmp_path)], ["bench", "--shape", "small"], ["serve"]]
+    bad = ["gpu", "meta", "CPU"] + ([] if torch.cuda.is_available() else ["cuda", "cuda:1"])
+    for argv in commands:
+        for device in bad:
+            with pytest.raises(SystemExit, match=f"janus-rt {argv[0]}: --device '?{device}'?: "):
+                main(argv + ["--device", device])
+    assert "RANDOM weights" not in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_bench_refuses_what_it_could_not_write_before_running(tmp_path, monkeypatch):
+    """bench's --json and --profile are written after minutes of runs: a folder as --json, a file as --profile, a
+    path under a file, are refused before anything runs; as are --tokens past an image's 576 and --dtype fp16 on the
+    CPU (a traceback from deep in the run before). generate refuses an empty --out (it wrote into the current
+    folder and said '-> /')."""
+    import janus_rt.engine.benchmark as benchmark
+
+    monkeypatch.setattr(benchmark, "main", lambda args: pytest.fail("the benchmark ran"))
+    (tmp_path / "afile").write_text("")
+    cases = [(["--json", str(tmp_path)], "--json .* is a folder"),
+             (["--json", str(tmp_path / "afile" / "x")], "--json .* is not an existing folder"),
+             (["--profile", str(tmp_path / "afile")], "--profile .* is a file, not a folder"),
+             (["--profile", str(tmp_path / "afile" / "sub")], "--profile .*: cannot create it"),
+             (["--tokens", "577"], "--tokens must be at most 576"),
+             (["--dtype", "fp16", "--device", "cpu"], "--dtype fp16 needs a GPU")]
+    for flags, message in cases:
+        with pytest.raises(SystemExit, match=f"janus-rt bench: {message}"):
+            main(["bench", "--shape", "small"] + flags)
+    with pytest.raises(SystemExit, match="janus-rt generate: --out is empty"):
+        main(["generate", "--out", ""])
+
+
 def test_only_usage_errors_are_one_line(tmp_path, monkeypatch):
     """A janus_rt bug (any other ValueError) keeps its traceback; JANUS_RT_DEBUG=1 keeps it for usage errors too;
     `python -m janus_rt.train` says usage errors in one line as `janus-rt train` does."""

@@ -365,6 +365,42 @@ def test_request_too_big_is_a_clear_error(tiny):
         eng.add_image_request(prompt(tiny), n=4)
 
 
+def test_bad_requests_are_refused_before_they_reach_a_step(tiny):
+    """An id past the vocabulary, n or a length that is not an int >= 1, pixel_values that are not [images, 3, S, S]:
+    a UsageError naming it when the request is added (an out-of-vocabulary id used to fail inside the shared step
+    and leave the engine unable to run any request), and the engine still serves the good request beside them."""
+    from janus_rt.errors import UsageError
+    from janus_rt.processing import encode_understanding_prompt
+    from janus_rt.tokenizer import JanusTokenizer
+
+    V, S = tiny.cfg.llm.vocab_size, tiny.cfg.vision.image_size
+    tok = JanusTokenizer.byte_level(V, tiny.cfg.tokens)
+    ids = encode_understanding_prompt(tok, "What colour?", 1, tiny.cfg.vision.num_patches)
+    px = torch.rand(1, 3, S, S) * 2 - 1
+    eng = Engine.for_requests(tiny, [(len(prompt(tiny)), 2)] * 2 + [(len(ids) + 4, 0)])
+    good = eng.add_image_request(prompt(tiny), n=1, params=SamplingParams(greedy=True), num_tokens=3)
+    bad_image = [lambda: eng.add_image_request([tiny.cfg.tokens.bos_id, V, tiny.cfg.tokens.boi_id]),
+                 lambda: eng.add_image_request(prompt(tiny), n=-1), lambda: eng.add_image_request(prompt(tiny), n=2.5),
+                 lambda: eng.add_image_request(prompt(tiny), n=1, num_tokens=0)]
+    for add, message in zip(bad_image, [f"prompt id {V} is outside", "n must be", "n must be", "num_tokens must be"]):
+        with pytest.raises(UsageError, match=message):
+            add()
+    for kw, message in [({"pixel_values": px[0]}, r"\[images, 3"), ({"pixel_values": [px[0]]}, "got list"),
+                        ({"pixel_values": px, "max_new_tokens": 0}, "max_new_tokens must be"),
+                        ({"pixel_values": px, "max_new_tokens": -5}, "max_new_tokens must be")]:
+        with pytest.raises(UsageError, match=message):
+            eng.add_text_request(ids, **kw)
+    with pytest.raises(UsageError, match="outside"):
+        eng.add_text_request([-1] + list(ids), px)
+    eng.run()
+    assert good.finished and len(good.tokens[0]) == 3 and eng.add_image_request(prompt(tiny), n=int(torch.tensor(1)))
+    for call, message in [(lambda: tiny.generate_image_tokens(prompt(tiny), n=0), "n must be"),
+                          (lambda: tiny.generate_image_tokens(prompt(tiny), n=2.5), "n must be"),
+                          (lambda: tiny.generate_text(ids, px, max_new_tokens=0), "max_new_tokens must be")]:
+        with pytest.raises(UsageError, match=message):
+            call()
+
+
 def test_understanding_greedy_matches_full_forward(tiny):
     from janus_rt.processing import encode_understanding_prompt
     from janus_rt.tokenizer import JanusTokenizer

@@ -84,6 +84,24 @@ def test_to_uint8_is_official_rounding():
     assert out[0, 0, :, 0].tolist() == [0, 0, 127, 254, 255, 255]  # truncation, not rounding
 
 
+def test_generate_images_takes_one_string_as_one_prompt():
+    """A string is one prompt (iterated, it was a prompt per character: 12 requests for 'a red circle'); no prompts,
+    or an n that is not an int >= 1, is a UsageError before an engine is sized."""
+    from janus_rt import Janus
+    from janus_rt.errors import UsageError
+    from janus_rt.processing import generate_images
+
+    m = Janus.from_preset("tiny", seed=0)
+    t = JanusTokenizer.byte_level(m.cfg.llm.vocab_size, m.cfg.tokens)
+    out, eng = generate_images(m, t, "a red circle", n=1, progress=False, greedy=True)
+    assert len(out) == 1 and len(out[0]) == 1 and len(eng.finished) == 1
+    assert out[0][0].tobytes() == generate_images(m, t, ["a red circle"], n=1, progress=False,
+                                                  greedy=True)[0][0][0].tobytes()
+    for prompts, n, message in [([], 1, "no prompts"), (["a"], 0, "n must be"), (["a"], 2.5, "n must be")]:
+        with pytest.raises(UsageError, match=message):
+            generate_images(m, t, prompts, n=n, progress=False)
+
+
 def test_generate_images_writes_whole_pngs_only(tmp_path, monkeypatch):
     """Each PNG is written beside its name and renamed into place: a save interrupted part-way (Ctrl-C) leaves
     neither a broken PNG nor the partial file; `written` lists exactly the PNGs that were completed."""

@@ -2,6 +2,7 @@
 cache, with prompt sharing (the n images of a prompt hold its conditional and unconditional KV once)."""
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass
 
@@ -15,6 +16,16 @@ from janus_rt.engine.runner import ModelRunner
 from janus_rt.engine.scheduler import Scheduler
 from janus_rt.errors import UsageError
 from janus_rt.processing import unconditional_ids
+
+
+def check_count(name: str, value) -> None:
+    """UsageError unless value is an int >= 1 (n = 2.5 or -1 used to surface as a misleading cache-size error)."""
+    try:
+        ok = not isinstance(value, bool) and operator.index(value) >= 1  # (ints of numpy and torch pass)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise UsageError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def default_backend(device: torch.device) -> str:
@@ -94,10 +105,13 @@ class Engine:
     def add_image_request(self, prompt_ids, n: int = 1, params: SamplingParams | None = None,
                           num_tokens: int | None = None) -> Request:
         """prompt_ids [T] (BOS ... <begin_of_image>); num_tokens: tokens per image (default: a whole image)."""
+        check_count("n", n)
+        if num_tokens is not None:
+            check_count("num_tokens", num_tokens)
         if n > self.scheduler.max_num_rows // 2:  # (checked before anything is built per image)
             raise UsageError(f"n = {n} images need {2 * n} rows (CFG: 2 an image) but the engine runs at most "
                              f"{self.scheduler.max_num_rows} (max_num_rows)")
-        ids = [int(i) for i in torch.as_tensor(prompt_ids).flatten().tolist()]
+        ids = self._prompt(prompt_ids)
         tok = self.model.cfg.tokens
         req = Request(ids, params or SamplingParams(), kind="image", n=n,
                       max_new_tokens=num_tokens or self.model.cfg.num_image_tokens,
@@ -107,8 +121,16 @@ class Engine:
 
     def add_text_request(self, prompt_ids, pixel_values=None, max_new_tokens: int = 256,
                          params: SamplingParams | None = None) -> Request:
-        ids = [int(i) for i in torch.as_tensor(prompt_ids).flatten().tolist()]
+        ids = self._prompt(prompt_ids)
+        check_count("max_new_tokens", max_new_tokens)
         holes = ids.count(self.model.cfg.tokens.image_id)  # checked here, not in the prefill (a step shared by others)
+        size = self.model.cfg.vision.image_size
+        if pixel_values is not None and (not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4
+                                         or tuple(pixel_values.shape[1:]) != (3, size, size)):
+            got = (list(pixel_values.shape) if isinstance(pixel_values, torch.Tensor)
+                   else type(pixel_values).__name__)
+            raise UsageError(f"pixel_values must be a tensor [images, 3, {size}, {size}] (processing."
+                             f"preprocess_image, stacked), got {got}")
         images = 0 if pixel_values is None else len(pixel_values)
         if holes != images * self.model.cfg.vision.num_patches:
             raise UsageError(f"the prompt holds {holes} image placeholders but {images} image(s) fill "
@@ -118,6 +140,16 @@ class Engine:
                       pixel_values=pixel_values, eos_id=self.model.cfg.tokens.eos_id)
         self.scheduler.add(req)
         return req
+
+    def _prompt(self, prompt_ids) -> list[int]:
+        """prompt_ids as a list of ints, each a token of the model's vocabulary (an id past it failed inside a
+        shared step and broke the engine for every request in it)."""
+        ids = [int(i) for i in torch.as_tensor(prompt_ids).flatten().tolist()]
+        vocab = self.model.cfg.llm.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise UsageError(f"prompt id {bad[0]} is outside the model's vocabulary [0, {vocab})")
+        return ids
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

@@ -23,7 +23,8 @@ class Scheduler:
         need, have = self.worst_case_blocks(req), self.bm.num_blocks
         if need > have:
             gib = lambda blocks: f" ({blocks * self.block_bytes / 2**30:.3g} GiB)" if self.block_bytes else ""
-            smaller = "a lower n" if req.kind == "image" else "fewer images or a shorter answer (max_new_tokens)"
+            smaller = ("a lower n (or fewer tokens per image)" if req.kind == "image"
+                       else "fewer images or a shorter answer (max_new_tokens)")
             raise UsageError(f"request {req.req_id} needs up to {need} KV blocks{gib(need)} but the cache has "
                              f"{have}{gib(have)}: give the cache more memory (--kv-cache-gb) or ask for {smaller}")
         if req.num_rows > self.max_num_rows:
