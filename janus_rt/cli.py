@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from janus_rt.errors import UsageError, check_device
+from janus_rt.errors import UsageError, check_device, check_environment
 
 INT8_MODES = ("weights", "w8a8")  # --int8's values: models.packed_linear.INT8_MODES (not imported at start-up)
 
@@ -323,20 +323,23 @@ def cmd_understand(args):
 
     from janus_rt.cpu_ops import retain_freed_memory
     from janus_rt.engine import Engine, SamplingParams
-    from janus_rt.engine.request import FP32_MAX
+    from janus_rt.engine.request import FP32_MAX, MIN_TEMPERATURE
     from janus_rt.processing import encode_understanding_prompt, preprocess_image
 
     _check_args(args, (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
                 (args.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}"),
-                (args.temperature <= FP32_MAX, f"--temperature must be finite in fp32, got {args.temperature}"),
+                (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature <= FP32_MAX,
+                 f"--temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {FP32_MAX:.3g}], got {args.temperature}"),
                 (args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+                (args.top_p is None or args.temperature > 0,
+                 "--top-p samples, so it needs --temperature > 0 (the default 0 is greedy)"),
                 (args.question.strip(), "--question is empty"), *_common_checks(args))
     images = []
     for path in args.image:  # before loading the model: a wrong path fails at once, with its name
         try:
             with Image.open(path) as im:
                 images.append(im.convert("RGB"))
-        except OSError as e:  # missing file, or not an image PIL can read
+        except (OSError, Image.DecompressionBombError) as e:  # missing, not an image PIL reads, or too large
             raise SystemExit(f"janus-rt understand: --image {path!r}: {e}") from None
     model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)
     # only where the engine's copy would not fit (or --int8): torch's matmul is ~3 % faster for prefills
@@ -351,7 +354,10 @@ def cmd_understand(args):
     else:
         eng = Engine.for_requests(model, [(len(ids) + args.max_new_tokens, 0)], kv_cache_dtype=_kv_dtype(args))
     t1 = time.perf_counter()
-    params = SamplingParams(temperature=max(args.temperature, 1e-6), greedy=args.temperature == 0,
+    if len(ids) + args.max_new_tokens > model.cfg.llm.max_position:
+        print(f"note: the prompt ({len(ids)} tokens) and --max-new-tokens {args.max_new_tokens} run past the "
+              f"model's {model.cfg.llm.max_position} positions: an answer that long may degrade", file=sys.stderr)
+    params = SamplingParams(temperature=args.temperature or 1.0, greedy=args.temperature == 0,
                             top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed)
     req = eng.add_text_request(ids, pixels.to(model.dtype), max_new_tokens=args.max_new_tokens, params=params)
     stream, t_first = tok.stream(), None
@@ -377,6 +383,7 @@ def make_server(args):
     _check_args(args, (0 <= args.port < 65536, f"--port must be 0-65535, got {args.port}"),
                 (0 < args.memory_fraction < 1, f"--memory-fraction must be in (0, 1), got {args.memory_fraction}"),
                 *_common_checks(args))
+    _check_listen(args.host, args.port)  # before a load that takes minutes at 7B
     model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)
     _pack_in_place(model, int8=args.int8)  # only where the engine's copy would not fit (or --int8)
     retain_freed_memory()  # after the weights are in place
@@ -389,6 +396,26 @@ def make_server(args):
                            default_cfg=_default_cfg(args.model)), what
     except OSError as e:  # the port is taken, the address not ours
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+
+
+def _check_listen(host: str, port: int) -> None:
+    """UsageError where (host, port) cannot be listened on now (taken, not this machine's address), probed with a
+    socket set up as the server's (SO_REUSEADDR) and closed again; port 0 (any free one) is not probed."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def cmd_serve(args):
@@ -555,6 +582,7 @@ def main(argv=None):
         pass
 
     args = ap.parse_args(argv)
+    run_reporting_usage_errors(args.cmd, check_environment)
     run_reporting_usage_errors(args.cmd, _checked_device, args)
     run_reporting_usage_errors(args.cmd, args.fn, args)
 

@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from janus_rt.errors import env_switch
+
 try:
     from janus_rt import _C
 except ImportError:  # extension not built: available() is False and every op raises
@@ -64,9 +66,7 @@ def torch_matmul_preferred(dtype: torch.dtype, width: int | None = None) -> bool
     AVX512-BF16 GEMV 498 vs torch 275, then with the AMX GEMV 245; hidden 512 x 8 layers n = 4 4.1 (AVX512-BF16) vs
     12.4 (torch) and the tiny preset 0.07 vs 1.70, where the layer-by-layer step's Python costs more than the matmuls
     save (bench/RESULTS.md)."""
-    v = os.environ.get("JANUS_RT_CPU_MATMUL", "auto").strip().lower()
-    if v not in ("torch", "csrc", "auto", ""):
-        raise ValueError(f"JANUS_RT_CPU_MATMUL={v!r}: expected torch, csrc or auto")
+    v = env_switch("JANUS_RT_CPU_MATMUL")
     if v in ("torch", "csrc"):
         return v == "torch"
     return (dtype == torch.bfloat16 and (width is None or width >= TORCH_MATMUL_MIN_WIDTH)
@@ -729,7 +729,7 @@ def empty_huge(shape, dtype: torch.dtype) -> torch.Tensor:
     touch, the memory is ordinary 4 KiB pages."""
     shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else (int(shape),)
     nbytes = math.prod(shape) * dtype.itemsize
-    if (nbytes < HUGE_PAGE or os.environ.get("JANUS_RT_HUGE_PAGES", "1") == "0"
+    if (nbytes < HUGE_PAGE or env_switch("JANUS_RT_HUGE_PAGES") == "0"
             or not hasattr(mmap, "MADV_HUGEPAGE") or not hasattr(mmap, "MAP_PRIVATE")):
         return torch.empty(shape, dtype=dtype)
     try:
@@ -784,7 +784,7 @@ def release_freed_memory() -> bool:
 def _glibc_malloc_function(name: str, argtypes):
     """glibc's malloc tuning function `name` (int-returning) for the two calls above, or None where they must not or
     cannot act: JANUS_RT_KEEP_FREED=0, not Linux, not glibc."""
-    if os.environ.get("JANUS_RT_KEEP_FREED", "1") == "0" or not sys.platform.startswith("linux"):
+    if env_switch("JANUS_RT_KEEP_FREED") == "0" or not sys.platform.startswith("linux"):
         return None
     import ctypes
 

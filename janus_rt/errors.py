@@ -23,3 +23,29 @@ def check_device(value) -> "torch.device":
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+# janus_rt's environment switches and the values each takes ("" = unset, its default)
+ENV_SWITCHES = {"JANUS_RT_CPU_MATMUL": ("auto", "torch", "csrc"), "JANUS_RT_PACKED": ("auto", "0", "1"),
+                "JANUS_RT_AMX": ("1", "0"), "JANUS_RT_HUGE_PAGES": ("1", "0"), "JANUS_RT_KEEP_FREED": ("1", "0"),
+                "JANUS_RT_PAGED_ATTENTION": ("block", "slots")}
+
+
+def env_switch(name: str) -> str:
+    """The value of janus_rt's environment switch `name` (lower case; its default where unset or empty), or a
+    UsageError for a value it does not take (JANUS_RT_KEEP_FREED=no used to count as on, JANUS_RT_PACKED=maybe was a
+    traceback from inside the engine)."""
+    import os
+
+    choices = ENV_SWITCHES[name]
+    v = os.environ.get(name, "").strip().lower() or choices[0]
+    if v not in choices:
+        shown = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+        raise UsageError(f"{name}={os.environ[name]!r}: expected {shown} (unset: {choices[0]})")
+    return v
+
+
+def check_environment() -> None:
+    """Every switch of ENV_SWITCHES checked at once (the command line, before any work)."""
+    for name in ENV_SWITCHES:
+        env_switch(name)

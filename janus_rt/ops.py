@@ -288,7 +288,8 @@ def rope_kv_store(q, k, v, positions, theta: float, k_cache, v_cache, slot_mappi
 
 # The triton backend's paged decode attention kernel (kernels/paged_attention.py's `variant`): "block" until a GPU has
 # timed "slots" against it (bench/RESULTS.md); JANUS_RT_PAGED_ATTENTION=slots picks the other, for that A/B.
-TRITON_PAGED_ATTENTION = os.environ.get("JANUS_RT_PAGED_ATTENTION", "block")
+TRITON_PAGED_ATTENTION = os.environ.get("JANUS_RT_PAGED_ATTENTION", "").strip().lower() or "block"  # (the CLI
+# checks the value first: errors.env_switch)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, k_scale=None, v_scale=None):

@@ -348,6 +348,21 @@ def test_bench_refuses_what_it_could_not_write_before_running(tmp_path, monkeypa
         main(["generate", "--out", ""])
 
 
+def test_bad_environment_switch_is_one_line(tmp_path, monkeypatch, capsys):
+    """A value a janus_rt environment switch does not take is said in one line before any work, for every switch
+    (JANUS_RT_KEEP_FREED=no and JANUS_RT_AMX=yes used to count as on; JANUS_RT_PACKED=maybe was a traceback)."""
+    from janus_rt.errors import ENV_SWITCHES, env_switch
+
+    for name in ENV_SWITCHES:
+        monkeypatch.setenv(name, "maybe")
+        with pytest.raises(SystemExit, match=f"janus-rt generate: {name}='maybe': expected "):
+            main(["generate", "--out", str(tmp_path / "o")])
+        monkeypatch.setenv(name, ENV_SWITCHES[name][-1].upper())  # any case; the last choice (not the default)
+        assert env_switch(name) == ENV_SWITCHES[name][-1]
+        monkeypatch.delenv(name)
+    assert not (tmp_path / "o").exists() and "embedded" not in capsys.readouterr().err
+
+
 def test_only_usage_errors_are_one_line(tmp_path, monkeypatch):
     """A janus_rt bug (any other ValueError) keeps its traceback; JANUS_RT_DEBUG=1 keeps it for usage errors too;
     `python -m janus_rt.train` says usage errors in one line as `janus-rt train` does."""
@@ -380,12 +395,26 @@ def test_generate_temperature_zero_is_greedy(tmp_path):
     assert all(pixels(a / n) == pixels(b / n) for n in pngs)
 
 
-def test_understand_bad_image_is_a_clear_error(tmp_path):
-    """A missing or unreadable --image stops with its path named, not a traceback from deep inside PIL."""
+def test_understand_bad_image_is_a_clear_error(tmp_path, monkeypatch):
+    """A missing, unreadable or too large (PIL's decompression-bomb limit) --image stops with its path named, not a
+    traceback from deep inside PIL."""
     (tmp_path / "notes.png").write_text("not an image")
-    for bad in (tmp_path / "missing.png", tmp_path / "notes.png"):
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is past twice the limit: PIL refuses it
+    for bad in (tmp_path / "missing.png", tmp_path / "notes.png", tmp_path / "big.png"):
         with pytest.raises(SystemExit, match=f"--image '{bad}'"):
             main(["understand", "--model", "tiny", "--image", str(bad), "--question", "What colour?"])
+
+
+def test_understand_sampling_flags_agree_with_generate(tmp_path):
+    """--top-p without --temperature > 0 (greedy: it would be ignored) and a temperature below generate's floor are
+    refused, as generate refuses them (understand raised 1e-30 to 1e-6 without a word)."""
+    img = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(img)
+    for flags, message in [(["--top-p", "0.5"], "--top-p samples, so it needs --temperature > 0"),
+                           (["--temperature", "1e-30"], r"--temperature must be 0 \(greedy\) or in \[1e-06")]:
+        with pytest.raises(SystemExit, match=message):
+            main(["understand", "--model", "tiny", "--image", str(img), "--question", "?"] + flags)
 
 
 def test_convert_and_verify_official_layout(tmp_path, capsys):

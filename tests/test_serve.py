@@ -187,7 +187,11 @@ def test_a_bad_request_does_not_touch_a_running_one(server):
     assert status == 200 and all(np.array_equal(np.asarray(png(b)), np.asarray(im)) for b, im in zip(got["images"], want[0]))
 
 
-def test_serve_refuses_a_taken_port(server):
+def test_serve_refuses_a_taken_port(server, monkeypatch):
+    """A taken port is said before the model loads (minutes at 7B), not after."""
+    import janus_rt.cli as cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("loaded before the port was checked"))
     with pytest.raises(SystemExit, match="cannot listen on 127.0.0.1"):
         cli_main(["serve", "--model", "tiny", "--port", str(server.server_address[1]), "--kv-cache-gb", "0.01"])
 

@@ -11,11 +11,11 @@ the small benchmark shape.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
 from janus_rt import cpu_ops, cpu_step, ops
+from janus_rt.errors import env_switch
 from janus_rt.models.packed_linear import lm_head_packable
 
 
@@ -34,9 +34,7 @@ def supported(model, cache) -> bool:
 def packed_setting() -> bool | None:
     """JANUS_RT_PACKED: "1" = pack the decoder weights for the packed GEMV (error where impossible), "0" =
     never, unset or "auto" = when possible and memory allows (cpu_step.DecodeStack)."""
-    v = os.environ.get("JANUS_RT_PACKED", "auto").strip().lower()
-    if v not in ("0", "1", "auto", ""):
-        raise ValueError(f"JANUS_RT_PACKED={v!r}: expected 0, 1 or auto")
+    v = env_switch("JANUS_RT_PACKED")
     return {"0": False, "1": True}.get(v)
 
 
