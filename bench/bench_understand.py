@@ -211,7 +211,8 @@ def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint folder (default: random weights at --preset)")
     ap.add_argument("--preset", default="janus-pro-1b", choices=["tiny", "janus-pro-1b", "janus-pro-7b"])
-    ap.add_argument("--dtype", default=None, help="default: bf16 (fp32 for the tiny preset)")
+    ap.add_argument("--dtype", default=None, choices=("fp32", "float32", "bf16", "bfloat16", "fp16", "float16"),
+                    help="default: bf16 (fp32 for the tiny preset)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--new-tokens", type=int, default=32, help="answer length (greedy; fewer if EOS comes first)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each implementation")

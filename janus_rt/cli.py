@@ -1,7 +1,8 @@
-"""janus-rt: generate | understand | convert | verify | bench | train."""
+"""janus-rt: generate | understand | serve | convert | verify | bench | train."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -148,9 +149,20 @@ def _default_cfg(spec: str | None) -> float:
     folder = _checkpoint_folder(spec)
     w = default_guidance(folder) if folder is not None else None
     if w is None:
+        if folder is not None and _has_guidance_field(folder):  # there, but not a finite number: say so
+            print("note: generation_config.json's guidance_scale is not a finite number; --cfg 5 (Janus-Pro's)",
+                  file=sys.stderr)
         return 5.0
     print(f"note: --cfg {w:g}, the checkpoint's guidance_scale (generation_config.json)", file=sys.stderr)
     return w
+
+
+def _has_guidance_field(folder: Path) -> bool:
+    try:
+        d = json.loads((folder / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and "guidance_scale" in d
 
 
 def _pack_in_place(model, always: bool = False, int8: bool = False) -> None:

@@ -155,6 +155,9 @@ def test_cfg_default_follows_the_checkpoint(tmp_path, capsys, monkeypatch):
     (ck / "generation_config.json").write_text('{"guidance_scale": -1}')
     main(["generate", "--model", str(ck), "-n", "1", "--out", str(tmp_path / "o")])
     assert got.pop() == -1.0 and "--cfg -1 < 0 pushes the images away" in capsys.readouterr().err
+    (ck / "generation_config.json").write_text('{"guidance_scale": "high"}')  # not a number: 5, said
+    main(["generate", "--model", str(ck), "-n", "1", "--out", str(tmp_path / "o")])
+    assert got.pop() == 5.0 and "guidance_scale is not a finite number" in capsys.readouterr().err
 
 
 def test_generate_prompts_file(tmp_path, capsys):

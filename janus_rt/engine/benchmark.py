@@ -44,7 +44,8 @@ def add_bench_args(p):
                    help="first an untimed run of each implementation at W tokens per image (Triton's compiles, "
                         "cuBLAS and allocator set-up, the KV pool's first touch); 0: none")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
-    p.add_argument("--cuda-graphs", action="store_true")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="GPU: replay the decode step from CUDA graphs captured per batch-size bucket")
     p.add_argument("--layerwise", action="store_true",
                    help="cpu backend: run the decode step op by op instead of one csrc call per decoder layer "
                         "(slower; its --profile shows every op)")
