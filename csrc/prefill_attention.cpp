@@ -62,7 +62,7 @@ void repack(const uint16_t* k, const uint16_t* v, int64_t ld, int64_t Tk, int64_
 
 // e^x for x <= 0 (a score minus its row's max), to simd::exp's accuracy and bits for x >= -87.3 (the same reduction and
 // polynomial), with 2^n by VSCALEFPS (no overflow to guard against, and smaller x gives denormals or 0); x = -inf
-// gives e^-88 (the caller masks such lanes). A NaN x stays NaN: that is how a NaN or +inf score (+inf: the max is
+// gives e^-88 (the caller masks such lanes, and -inf scores). A NaN x stays NaN: that is how a NaN or +inf score (+inf: the max is
 // +inf, and inf - inf is NaN) reaches its row's sum and output, as torch's softmax makes such a row NaN.
 inline __m512 exp_nonpositive(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(-88.0f), x);  // (max returns its second operand where one is NaN)
@@ -170,8 +170,12 @@ void rows_task(const uint16_t* q, int64_t ldq, int64_t n, int64_t i0, const uint
       const float m_new = std::max(m[r], _mm512_reduce_max_ps(_mm512_max_ps(sc0, sc1)));
       alpha[r] = m_new == m[r] ? 1.0f : std::exp(m[r] - m_new);  // 0 on the row's first block (m = -inf)
       const __m512 mv = _mm512_set1_ps(m_new);
-      const __m512 p0 = _mm512_maskz_mov_ps(v0, exp_nonpositive(_mm512_sub_ps(sc0, mv)));
-      const __m512 p1 = _mm512_maskz_mov_ps(v1, exp_nonpositive(_mm512_sub_ps(sc1, mv)));
+      // weight 0 for masked keys and -inf scores (where m_new is -inf too, sc - m_new would be NaN); NEQ_UQ holds
+      // for NaN, so a NaN score still reaches the row
+      const __mmask16 f0 = _mm512_mask_cmp_ps_mask(v0, sc0, minus_inf, _CMP_NEQ_UQ);
+      const __mmask16 f1 = _mm512_mask_cmp_ps_mask(v1, sc1, minus_inf, _CMP_NEQ_UQ);
+      const __m512 p0 = _mm512_maskz_mov_ps(f0, exp_nonpositive(_mm512_sub_ps(sc0, mv)));
+      const __m512 p1 = _mm512_maskz_mov_ps(f1, exp_nonpositive(_mm512_sub_ps(sc1, mv)));
       _mm512_storeu_ps(l + 16 * r, _mm512_fmadd_ps(_mm512_loadu_ps(l + 16 * r), _mm512_set1_ps(alpha[r]),
                                                    _mm512_add_ps(p0, p1)));
       m[r] = m_new;

@@ -412,16 +412,21 @@ def make_server(args):
 
 def _check_listen(host: str, port: int) -> None:
     """UsageError where (host, port) cannot be listened on now (taken, not this machine's address), probed with a
-    socket set up as the server's (SO_REUSEADDR) and closed again; port 0 (any free one) is not probed."""
+    socket set up as the server's (its address family, SO_REUSEADDR) and closed again; port 0 (any free one) is not
+    probed. host '' is every interface, as for the server."""
     import socket
+
+    from janus_rt.serve import JanusServer
 
     if port == 0:
         return
+    family = JanusServer.address_family
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host or None, port, family=family, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    family, _, _, _, address = infos[0]
+    address = infos[0][4]
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -490,11 +495,8 @@ def _json_problem(path: str | None) -> str | None:
         return f"--json {path!r} is a folder: give a file to append the result row to"
     if not p.absolute().parent.is_dir():
         return f"--json {path!r}: {str(p.absolute().parent)!r} is not an existing folder"
-    try:
-        with open(p, "a"):
-            pass
-    except OSError as e:
-        return f"--json {path!r}: cannot write it ({e.strerror or e})"
+    if not os.access(p if p.exists() else p.absolute().parent, os.W_OK):  # (opening it would create it)
+        return f"--json {path!r}: cannot write it"
     return None
 
 

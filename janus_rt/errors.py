@@ -38,7 +38,7 @@ def env_switch(name: str) -> str:
     import os
 
     choices = ENV_SWITCHES[name]
-    v = os.environ.get(name, "").strip().lower() or choices[0]
+    v = os.environ.get(name, "").lower() or choices[0]  # (not stripped: csrc reads JANUS_RT_AMX as it is)
     if v not in choices:
         shown = ", ".join(choices[:-1]) + f" or {choices[-1]}"
         raise UsageError(f"{name}={os.environ[name]!r}: expected {shown} (unset: {choices[0]})")

@@ -160,7 +160,7 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
     prompts = list(prompts)
     if not prompts:
         raise UsageError("no prompts given")
-    check_count("n", n)  # (before an engine is sized from it)
+    n = check_count("n", n)  # (before an engine is sized from it)
     ids = [encode_generation_prompt(tok, p) for p in prompts]
     eng = engine or Engine.for_requests(model, [(len(i), n) for i in ids])
     reqs = [eng.add_image_request(i, n=n, params=SamplingParams(cfg_weight=cfg_weight, temperature=temperature,

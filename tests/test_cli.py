@@ -349,6 +349,10 @@ def test_bench_refuses_what_it_could_not_write_before_running(tmp_path, monkeypa
             main(["bench", "--shape", "small"] + flags)
     with pytest.raises(SystemExit, match="janus-rt generate: --out is empty"):
         main(["generate", "--out", ""])
+    monkeypatch.setattr(benchmark, "main", lambda args: pytest.fail("the benchmark ran"))
+    with pytest.raises(pytest.fail.Exception, match="the benchmark ran"):  # a good --json passes the checks ...
+        main(["bench", "--shape", "small", "--json", str(tmp_path / "rows.jsonl")])
+    assert not (tmp_path / "rows.jsonl").exists()  # ... which did not create it (a run that fails leaves none)
 
 
 def test_bad_environment_switch_is_one_line(tmp_path, monkeypatch, capsys):
@@ -364,6 +368,12 @@ def test_bad_environment_switch_is_one_line(tmp_path, monkeypatch, capsys):
         assert env_switch(name) == ENV_SWITCHES[name][-1]
         monkeypatch.delenv(name)
     assert not (tmp_path / "o").exists() and "embedded" not in capsys.readouterr().err
+    from janus_rt.train.cli import main as train_main  # the torchrun entry point checks them as first
+
+    monkeypatch.setenv("JANUS_RT_KEEP_FREED", " 0")  # (csrc reads JANUS_RT_AMX unstripped: no spaces anywhere)
+    with pytest.raises(SystemExit, match="janus-rt train: JANUS_RT_KEEP_FREED=' 0': expected"):
+        train_main(["--model", "tiny", "--synthetic", "4", "--steps", "1", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
 
 
 def test_only_usage_errors_are_one_line(tmp_path, monkeypatch):

@@ -393,7 +393,10 @@ def test_bad_requests_are_refused_before_they_reach_a_step(tiny):
     with pytest.raises(UsageError, match="outside"):
         eng.add_text_request([-1] + list(ids), px)
     eng.run()
-    assert good.finished and len(good.tokens[0]) == 3 and eng.add_image_request(prompt(tiny), n=int(torch.tensor(1)))
+    assert good.finished and len(good.tokens[0]) == 3 and eng.add_image_request(prompt(tiny), n=torch.tensor(1))
+    import numpy as np  # numpy's and torch's integers are ints (the engine was sized from them as given)
+
+    assert tiny.generate_image_tokens(prompt(tiny), n=np.int64(2), greedy=True).shape[0] == 2
     for call, message in [(lambda: tiny.generate_image_tokens(prompt(tiny), n=0), "n must be"),
                           (lambda: tiny.generate_image_tokens(prompt(tiny), n=2.5), "n must be"),
                           (lambda: tiny.generate_text(ids, px, max_new_tokens=0), "max_new_tokens must be")]:

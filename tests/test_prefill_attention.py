@@ -104,3 +104,19 @@ def test_bench_prefill_attention_smoke():
 
     rows = bench_scripts.load("bench_prefill_attention").main(1, [("tiny", 1, 20, 2, 32, True)])
     assert len(rows) == 1 and rows[0]["csrc_ms"] > 0 and rows[0]["speedup"] > 0
+
+
+def test_prefill_attention_minus_inf_scores_weigh_nothing():
+    """Keys scoring -inf get weight 0, also where they fill a row's first 32-key block (whose max is then -inf:
+    -inf - -inf made those rows NaN), and a row whose every score is -inf is 0, as torch's."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, T, 1, 32, generator=g).bfloat16() for T in (40, 40, 40))
+    q[..., 0] = 1.0
+    k[0, :32, 0, 0] = -float("inf")  # keys 0-31 score -inf for every query, keys 32-39 finite
+    for causal in (False, True):
+        ref32 = ops.attention_torch(q.float(), k.float(), v.float(), causal)
+        out = cpu_ops.prefill_attention(q, k, v, causal)
+        assert out.isnan().any(-1).sum() == ref32.isnan().any(-1).sum() == 0
+        assert_matches(out, ops.attention_torch(q, k, v, causal), ref32, f"-inf keys 0-31, causal={causal}")
+    k[0, :, 0, 0] = -float("inf")  # every key
+    assert (cpu_ops.prefill_attention(q, k, v, False) == ops.attention_torch(q, k, v, False)).all()

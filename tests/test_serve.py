@@ -2,6 +2,7 @@
 import base64
 import io
 import json
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -194,6 +195,13 @@ def test_serve_refuses_a_taken_port(server, monkeypatch):
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("loaded before the port was checked"))
     with pytest.raises(SystemExit, match="cannot listen on 127.0.0.1"):
         cli_main(["serve", "--model", "tiny", "--port", str(server.server_address[1]), "--kv-cache-gb", "0.01"])
+    with pytest.raises(SystemExit, match="cannot listen on ::1"):  # the server is IPv4: said before loading too
+        cli_main(["serve", "--model", "tiny", "--host", "::1", "--port", "8123"])
+    cli._check_listen("", 0)  # '' (every interface) and port 0 (any free one) pass
+    with socket.socket() as s:  # a port free a moment ago
+        s.bind(("", 0))
+        free = s.getsockname()[1]
+    cli._check_listen("", free)
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])

@@ -18,14 +18,16 @@ from janus_rt.errors import UsageError
 from janus_rt.processing import unconditional_ids
 
 
-def check_count(name: str, value) -> None:
-    """UsageError unless value is an int >= 1 (n = 2.5 or -1 used to surface as a misleading cache-size error)."""
+def check_count(name: str, value) -> int:
+    """value as an int >= 1 (numpy's and torch's integers too), else a UsageError (n = 2.5 or -1 used to surface as a
+    misleading cache-size error)."""
     try:
-        ok = not isinstance(value, bool) and operator.index(value) >= 1  # (ints of numpy and torch pass)
+        v = None if isinstance(value, bool) else operator.index(value)
     except TypeError:
-        ok = False
-    if not ok:
+        v = None
+    if v is None or v < 1:
         raise UsageError(f"{name} must be an int >= 1, got {value!r}")
+    return v
 
 
 def default_backend(device: torch.device) -> str:
@@ -105,9 +107,9 @@ class Engine:
     def add_image_request(self, prompt_ids, n: int = 1, params: SamplingParams | None = None,
                           num_tokens: int | None = None) -> Request:
         """prompt_ids [T] (BOS ... <begin_of_image>); num_tokens: tokens per image (default: a whole image)."""
-        check_count("n", n)
+        n = check_count("n", n)
         if num_tokens is not None:
-            check_count("num_tokens", num_tokens)
+            num_tokens = check_count("num_tokens", num_tokens)
         if n > self.scheduler.max_num_rows // 2:  # (checked before anything is built per image)
             raise UsageError(f"n = {n} images need {2 * n} rows (CFG: 2 an image) but the engine runs at most "
                              f"{self.scheduler.max_num_rows} (max_num_rows)")
@@ -122,7 +124,7 @@ class Engine:
     def add_text_request(self, prompt_ids, pixel_values=None, max_new_tokens: int = 256,
                          params: SamplingParams | None = None) -> Request:
         ids = self._prompt(prompt_ids)
-        check_count("max_new_tokens", max_new_tokens)
+        max_new_tokens = check_count("max_new_tokens", max_new_tokens)
         holes = ids.count(self.model.cfg.tokens.image_id)  # checked here, not in the prefill (a step shared by others)
         size = self.model.cfg.vision.image_size
         if pixel_values is not None and (not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4

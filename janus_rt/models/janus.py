@@ -146,7 +146,7 @@ class Janus(nn.Module):
         from janus_rt.engine import Engine, SamplingParams
         from janus_rt.engine.engine import check_count
 
-        check_count("n", n)  # (before an engine is sized from it)
+        n = check_count("n", n)  # (before an engine is sized from it)
         params = SamplingParams(cfg_weight=cfg_weight, temperature=temperature, top_k=top_k or 0,
                                 top_p=1.0 if top_p is None else top_p, greedy=greedy, seed=seed)
         eng = engine or Engine.for_requests(self, [(len(torch.as_tensor(prompt_ids).flatten()), n)])
@@ -161,7 +161,7 @@ class Janus(nn.Module):
         from janus_rt.engine import Engine, SamplingParams
         from janus_rt.engine.engine import check_count
 
-        check_count("max_new_tokens", max_new_tokens)  # (before an engine is sized from it)
+        max_new_tokens = check_count("max_new_tokens", max_new_tokens)  # (before an engine is sized from it)
         params = SamplingParams(temperature=temperature, top_p=1.0 if top_p is None else top_p, greedy=greedy,
                                 seed=seed)
         t = len(torch.as_tensor(prompt_ids).flatten())

@@ -76,7 +76,10 @@ def run_train(args: argparse.Namespace) -> list[dict]:
 
 def main(argv=None) -> None:
     from janus_rt.cli import run_reporting_usage_errors
+    from janus_rt.errors import check_environment
 
     p = argparse.ArgumentParser(prog="python -m janus_rt.train", description=__doc__)
     add_train_args(p)
-    run_reporting_usage_errors("train", run_train, p.parse_args(argv))
+    args = p.parse_args(argv)
+    run_reporting_usage_errors("train", check_environment)  # (as janus-rt train: before anything loads)
+    run_reporting_usage_errors("train", run_train, args)
