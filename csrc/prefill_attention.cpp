@@ -62,8 +62,9 @@ void repack(const uint16_t* k, const uint16_t* v, int64_t ld, int64_t Tk, int64_
 
 // e^x for x <= 0 (a score minus its row's max), to simd::exp's accuracy and bits for x >= -87.3 (the same reduction and
 // polynomial), with 2^n by VSCALEFPS (no overflow to guard against, and smaller x gives denormals or 0); x = -inf
-// gives e^-88 (the caller masks such lanes, and -inf scores). A NaN x stays NaN: that is how a NaN or +inf score (+inf: the max is
-// +inf, and inf - inf is NaN) reaches its row's sum and output, as torch's softmax makes such a row NaN.
+// gives e^-88 (the caller masks such lanes, and -inf scores). A NaN x stays NaN: that is how a NaN or +inf score
+// (+inf: the max is +inf, and inf - inf is NaN) reaches its row's sum and output, as torch's softmax makes such a
+// row NaN.
 inline __m512 exp_nonpositive(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(-88.0f), x);  // (max returns its second operand where one is NaN)
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -239,7 +240,8 @@ void prefill_attention(std::uintptr_t q_ptr, std::uintptr_t k_ptr, std::uintptr_
                   Tk, D, Tk - Tq, causal, float(scale), m, l, acc.data());
         for (int64_t r = 0; r < n; ++r) {
           const float lr = _mm512_reduce_add_ps(_mm512_loadu_ps(l + 16 * r));
-          const float inv = std::isnan(lr) ? lr : lr > 0.0f ? 1.0f / lr : 0.0f;  // (NaN: a NaN row, see exp_nonpositive)
+          // NaN: a NaN row (see exp_nonpositive); 0: every score -inf, a 0 row as torch's
+          const float inv = std::isnan(lr) ? lr : lr > 0.0f ? 1.0f / lr : 0.0f;
           uint16_t* out = o + ((b * Tq + i0 + r) * H + h) * D;
           for (int64_t d = 0; d < D; ++d) out[d] = float_to_bf16(acc[r * D + d] * inv);
         }

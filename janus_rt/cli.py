@@ -255,13 +255,12 @@ def _out_problem(path: str, flag: str = "--out") -> str | None:
 def cmd_generate(args):
     from janus_rt.cpu_ops import retain_freed_memory
     from janus_rt.engine import Engine
-    from janus_rt.engine.request import FP32_MAX, MIN_TEMPERATURE
+    from janus_rt.engine.request import FP32_MAX
     from janus_rt.processing import GRID_ROWS, encode_generation_prompt, generate_images
 
     _check_args(args, (args.n >= 1, f"-n must be >= 1, got {args.n}"),
                 (args.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}"),
-                (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature <= FP32_MAX,
-                 f"--temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {FP32_MAX:.3g}], got {args.temperature}"),
+                _temperature_check(args.temperature),
                 (args.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {args.top_k}"),
                 (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
                 (args.cfg is None or (math.isfinite(args.cfg) and abs(args.cfg) <= FP32_MAX),
@@ -330,18 +329,24 @@ def cmd_generate(args):
               f"all its tokens {span([r.latency for r in reqs])}")
 
 
+def _temperature_check(t: float):
+    """(ok, message) for --temperature: 0 (greedy) or a sampling temperature within SamplingParams' range."""
+    from janus_rt.engine.request import FP32_MAX, MIN_TEMPERATURE
+
+    return (t == 0 or MIN_TEMPERATURE <= t <= FP32_MAX,
+            f"--temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {FP32_MAX:.3g}], got {t}")
+
+
 def cmd_understand(args):
     from PIL import Image
 
     from janus_rt.cpu_ops import retain_freed_memory
     from janus_rt.engine import Engine, SamplingParams
-    from janus_rt.engine.request import FP32_MAX, MIN_TEMPERATURE
     from janus_rt.processing import encode_understanding_prompt, preprocess_image
 
     _check_args(args, (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
                 (args.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}"),
-                (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature <= FP32_MAX,
-                 f"--temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {FP32_MAX:.3g}], got {args.temperature}"),
+                _temperature_check(args.temperature),
                 (args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
                 (args.top_p is None or args.temperature > 0,
                  "--top-p samples, so it needs --temperature > 0 (the default 0 is greedy)"),
