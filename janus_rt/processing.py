@@ -196,7 +196,8 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
             if not keep_images and k >= max_grid_rows:
                 out[k] = None
 
-    eng.run(progress=progress, desc="image tokens", on_finish=finished)
+    eng.run(progress=progress, desc="image tokens", on_finish=finished,
+            finish_note=f"decoding {n} image(s)" + (", writing PNGs" if d is not None else ""))
     if d is not None:
         rows = out[:max_grid_rows]
         image_grid([im for images in rows for im in images], cols=n, min_side=128, gap=2).save(d / "grid.png")

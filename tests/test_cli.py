@@ -242,12 +242,12 @@ def test_ctrl_c_is_one_line_and_says_what_is_kept(tmp_path, capsys, monkeypatch)
 
     real_run = Engine.run
 
-    def run_then_interrupt(self, progress=False, desc="", on_finish=None):  # after the first request's PNGs
+    def run_then_interrupt(self, progress=False, desc="", on_finish=None, **kw):  # after the first request's PNGs
         def finish(r):
             on_finish(r)
             raise KeyboardInterrupt
 
-        return real_run(self, progress, desc, finish)
+        return real_run(self, progress, desc, finish, **kw)
 
     gen = ["generate", "--model", "tiny", "--prompt", "a", "--prompt", "b", "-n", "2", "--out", str(tmp_path / "g")]
     main(gen)  # a whole run first: its 4 PNGs are not this run's

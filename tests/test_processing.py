@@ -84,7 +84,7 @@ def test_to_uint8_is_official_rounding():
     assert out[0, 0, :, 0].tolist() == [0, 0, 127, 254, 255, 255]  # truncation, not rounding
 
 
-def test_generate_images_takes_one_string_as_one_prompt():
+def test_generate_images_takes_one_string_as_one_prompt(capsys):
     """A string is one prompt (iterated, it was a prompt per character: 12 requests for 'a red circle'); no prompts,
     or an n that is not an int >= 1, is a UsageError before an engine is sized."""
     from janus_rt import Janus
@@ -97,6 +97,8 @@ def test_generate_images_takes_one_string_as_one_prompt():
     assert len(out) == 1 and len(out[0]) == 1 and len(eng.finished) == 1
     assert out[0][0].tobytes() == generate_images(m, t, ["a red circle"], n=1, progress=False,
                                                   greedy=True)[0][0][0].tobytes()
+    generate_images(m, t, "a red circle", n=2, progress=True)  # the bar says what runs after the last token
+    assert "decoding 2 image(s)" in capsys.readouterr().err
     for prompts, n, message in [([], 1, "no prompts"), (["a"], 0, "n must be"), (["a"], 2.5, "n must be")]:
         with pytest.raises(UsageError, match=message):
             generate_images(m, t, prompts, n=n, progress=False)
