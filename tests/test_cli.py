@@ -335,7 +335,11 @@ def test_bench_refuses_what_it_could_not_write_before_running(tmp_path, monkeypa
     CPU (a traceback from deep in the run before). generate refuses an empty --out (it wrote into the current
     folder and said '-> /')."""
     import janus_rt.engine.benchmark as benchmark
+    from janus_rt.cli import DEFAULT_MODEL
 
+    # a checkpoint's own image tokens (the embedded model's 64): checked as it loads, before any probe or run
+    with pytest.raises(SystemExit, match="janus-rt bench: --tokens must be at most 64 \\(this model's"):
+        main(["bench", "--model", DEFAULT_MODEL, "--tokens", "65", "--no-transformers"])
     monkeypatch.setattr(benchmark, "main", lambda args: pytest.fail("the benchmark ran"))
     (tmp_path / "afile").write_text("")
     cases = [(["--json", str(tmp_path)], "--json .* is a folder"),

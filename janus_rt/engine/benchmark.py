@@ -204,6 +204,11 @@ def main(args):
     torch.manual_seed(0)
     if args.model:
         model, _, what = load_model(args.model, device, dtype)
+        if args.tokens > model.cfg.num_image_tokens:  # (the random shapes' 576 is checked before loading)
+            from janus_rt.errors import UsageError
+
+            raise UsageError(f"--tokens must be at most {model.cfg.num_image_tokens} (this model's image tokens), "
+                             f"got {args.tokens}")
     else:
         model, what = bench_model(args.shape, dtype, device), f"random weights, {args.shape} LLM shape"
     prompt = [model.cfg.tokens.bos_id] + list(range(100, 118)) + [model.cfg.tokens.boi_id]
