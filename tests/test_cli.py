@@ -59,6 +59,19 @@ def test_understand(tmp_path, capsys):
     assert (m.group(2) is not None) == (m.group(1) != "1"), err  # a per-token time exactly when a decode step ran
 
 
+def test_understand_notes_an_answer_past_the_models_positions(tmp_path, capsys):
+    """A prompt plus --max-new-tokens past the checkpoint's max_position is run, with a note that says so."""
+    from janus_rt.loading import save_janus
+
+    m = Janus.from_preset("tiny", seed=3)
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    ask = ["understand", "--image", str(tmp_path / "x.png"), "--question", "?", "--max-new-tokens", "2"]
+    for limit, noted in [(4096, False), (m.cfg.vision.num_patches + 4, True)]:
+        m.cfg.llm.max_position = limit
+        main(ask + ["--model", str(save_janus(m, tmp_path / f"p{limit}"))])
+        assert ("run past the model's" in capsys.readouterr().err) == noted
+
+
 def test_understand_prints_the_answer_as_it_comes(tmp_path, capsys, monkeypatch):
     """understand prints the answer a token at a time (before the last step, part of it is out already); all it
     prints is decode(the answer's ids) and a newline."""
