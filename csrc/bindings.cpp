@@ -91,6 +91,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("prefill_attention_available", &jr::prefill_attention_available, "whether this build has prefill_attention");
   m.def("prefill_attention", &jr::prefill_attention, release(), "o = softmax(q k^T * scale) v, bf16 [B, T, H, D]",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("B"), py::arg("Tq"), py::arg("Tk"), py::arg("H"),
-        py::arg("Hkv"), py::arg("D"), py::arg("causal"), py::arg("scale"));
+        py::arg("Hkv"), py::arg("D"), py::arg("causal"), py::arg("scale"), py::arg("q_sb"), py::arg("q_st"),
+        py::arg("k_sb"), py::arg("k_st"), py::arg("v_sb"), py::arg("v_st"));
   m.def("simd_isa", &jr::simd_isa, "vector ISA the kernels were compiled for: avx512, avx2 or scalar");
 }

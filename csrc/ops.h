@@ -53,6 +53,7 @@ int64_t image_steps_plan_len();
 double stream_sum(ptr_t x, int64_t n);
 bool prefill_attention_available();
 void prefill_attention(ptr_t q, ptr_t k, ptr_t v, ptr_t o, int64_t B, int64_t Tq, int64_t Tk, int64_t H, int64_t Hkv,
-                       int64_t D, bool causal, double scale);
+                       int64_t D, bool causal, double scale, int64_t q_sb, int64_t q_st, int64_t k_sb, int64_t k_st,
+                       int64_t v_sb, int64_t v_st);
 const char* simd_isa();
 }  // namespace jr

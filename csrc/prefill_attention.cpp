@@ -1,8 +1,9 @@
 // The `prefill_attention` op: o = softmax(q k^T * scale) v for bf16 q, k, v on AVX512_BF16, the attention of a
 // prefill (SigLIP's 576 patches, the LLM's prompt), where torch's CPU SDPA ran at 108-179 GFLOP/s against a ~1 TFLOP/s
 // bf16 matmul peak (bench/RESULTS.md, 2026-12-06).
-//   q [B, Tq, H, D], k, v [B, Tk, Hkv, D], o [B, Tq, H, D], all bf16 and contiguous; H % Hkv == 0 (query head h
-//   reads kv head h / (H / Hkv)); D a multiple of 16, at most kPrefillMaxD. causal: aligned bottom-right (Tq <= Tk):
+//   q [B, Tq, H, D], k, v [B, Tk, Hkv, D], o [B, Tq, H, D] contiguous, all bf16; q, k, v with any batch and token
+//   strides (q_sb, q_st, ...: elements; a token's heads x D contiguous), so views of a fused qkv projection's output
+//   need no copy; H % Hkv == 0 (query head h reads kv head h / (H / Hkv)); D a multiple of 16, at most kPrefillMaxD. causal: aligned bottom-right (Tq <= Tk):
 //   query i sees keys j <= i + Tk - Tq.
 // First each (b, kv head)'s K and V are repacked into the pairs VDPBF16PS multiplies (one instruction: 16 lanes x 2
 // bf16 products added to 16 fp32 sums):
@@ -19,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include <immintrin.h>
@@ -44,19 +46,20 @@ inline uint32_t pair(const uint16_t* p) {
   return v;
 }
 
-// kp, vp of one (b, kv head): k, v point at its token 0, `ld` elements from one token to the next.
-void repack(const uint16_t* k, const uint16_t* v, int64_t ld, int64_t Tk, int64_t D, uint32_t* kp, uint16_t* vp) {
+// kp, vp of one (b, kv head): k, v point at its token 0, ldk / ldv elements from one token to the next.
+void repack(const uint16_t* k, const uint16_t* v, int64_t ldk, int64_t ldv, int64_t Tk, int64_t D, uint32_t* kp,
+            uint16_t* vp) {
   const int64_t blocks = (Tk + kKeys - 1) / kKeys, E = D / 2;
   for (int64_t kb = 0; kb < blocks; ++kb)
     for (int64_t j = 0; j < kKeys; ++j) {
       const int64_t key = kb * kKeys + j;
-      for (int64_t e = 0; e < E; ++e) kp[(kb * E + e) * kKeys + j] = key < Tk ? pair(k + key * ld + 2 * e) : 0u;
+      for (int64_t e = 0; e < E; ++e) kp[(kb * E + e) * kKeys + j] = key < Tk ? pair(k + key * ldk + 2 * e) : 0u;
     }
   for (int64_t j2 = 0; j2 < blocks * kKeys / 2; ++j2)
     for (int64_t d = 0; d < D; ++d) {
       const int64_t a = 2 * j2, b = a + 1;
-      vp[(j2 * D + d) * 2] = a < Tk ? v[a * ld + d] : uint16_t(0);
-      vp[(j2 * D + d) * 2 + 1] = b < Tk ? v[b * ld + d] : uint16_t(0);
+      vp[(j2 * D + d) * 2] = a < Tk ? v[a * ldv + d] : uint16_t(0);
+      vp[(j2 * D + d) * 2 + 1] = b < Tk ? v[b * ldv + d] : uint16_t(0);
     }
 }
 
@@ -190,6 +193,23 @@ void rows_task(const uint16_t* q, int64_t ldq, int64_t n, int64_t i0, const uint
   }
 }
 
+// The repacked K and V of a call, kept by the calling thread from call to call and grown only when a call needs
+// more: allocated afresh (and zeroed, as a std::vector is), each call of the 1B prompt's 5 MB faulted its pages in
+// anew — in an understanding prefill the 48 calls averaged 3.8 ms where the kernel alone takes ~2.4. Every element
+// a call reads is written by its repack first, so the buffers need no initialising.
+struct Repacked {
+  size_t k_size = 0, v_size = 0;
+  std::unique_ptr<uint32_t[]> kp;
+  std::unique_ptr<uint16_t[]> vp;
+};
+
+Repacked& repacked(size_t k_size, size_t v_size) {
+  thread_local Repacked b;
+  if (k_size > b.k_size) b.kp.reset(new uint32_t[k_size]), b.k_size = k_size;
+  if (v_size > b.v_size) b.vp.reset(new uint16_t[v_size]), b.v_size = v_size;
+  return b;
+}
+
 }  // namespace
 #endif
 
@@ -203,27 +223,31 @@ bool prefill_attention_available() {
 
 void prefill_attention(std::uintptr_t q_ptr, std::uintptr_t k_ptr, std::uintptr_t v_ptr, std::uintptr_t o_ptr,
                        int64_t B, int64_t Tq, int64_t Tk, int64_t H, int64_t Hkv, int64_t D, bool causal,
-                       double scale) {
+                       double scale, int64_t q_sb, int64_t q_st, int64_t k_sb, int64_t k_st, int64_t v_sb,
+                       int64_t v_st) {
   JR_CHECK(prefill_attention_available(), "this build has no bf16 prefill attention (needs AVX512_BF16)");
   JR_CHECK(q_ptr && k_ptr && v_ptr && o_ptr, "null pointer");
   JR_CHECK(B >= 1 && Tq >= 1 && Tk >= 1 && H >= 1 && Hkv >= 1 && H % Hkv == 0,
            "need B, Tq, Tk, H, Hkv >= 1, H % Hkv == 0");
   JR_CHECK(D >= 16 && D % 16 == 0 && D <= kPrefillMaxD, "D must be a multiple of 16 up to 256");
   JR_CHECK(!causal || Tq <= Tk, "causal attention needs Tq <= Tk (aligned bottom-right)");
+  JR_CHECK(q_st >= H * D && k_st >= Hkv * D && v_st >= Hkv * D && q_sb >= 0 && k_sb >= 0 && v_sb >= 0,
+           "token strides must cover a token's heads (each token's heads x D contiguous)");
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
   const uint16_t *q = ptr<const uint16_t>(q_ptr), *k = ptr<const uint16_t>(k_ptr), *v = ptr<const uint16_t>(v_ptr);
   uint16_t* o = ptr<uint16_t>(o_ptr);
   const int64_t G = H / Hkv, blocks = (Tk + kKeys - 1) / kKeys, Tkp = blocks * kKeys;
-  std::vector<uint32_t> kp(size_t(B * Hkv * Tkp * D / 2));
-  std::vector<uint16_t> vp(size_t(B * Hkv * Tkp * D));
+  Repacked& buf = repacked(size_t(B * Hkv * Tkp * D / 2), size_t(B * Hkv * Tkp * D));
+  uint32_t* const kp = buf.kp.get();
+  uint16_t* const vp = buf.vp.get();
   const int64_t qblocks = (Tq + kQueries - 1) / kQueries;
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * Hkv; ++bh) {
       const int64_t b = bh / Hkv, hk = bh % Hkv;
-      repack(k + (b * Tk * Hkv + hk) * D, v + (b * Tk * Hkv + hk) * D, Hkv * D, Tk, D,
-             kp.data() + bh * Tkp * D / 2, vp.data() + bh * Tkp * D);
+      repack(k + b * k_sb + hk * D, v + b * v_sb + hk * D, k_st, v_st, Tk, D, kp + bh * Tkp * D / 2,
+             vp + bh * Tkp * D);
     }
     std::vector<float> acc(size_t(kRowsAtOnce * D));
     float m[kRowsAtOnce], l[kRowsAtOnce * 16];
@@ -236,7 +260,7 @@ void prefill_attention(std::uintptr_t q_ptr, std::uintptr_t k_ptr, std::uintptr_
         std::fill(m, m + n, -std::numeric_limits<float>::infinity());
         std::fill(l, l + 16 * n, 0.0f);
         std::fill(acc.begin(), acc.end(), 0.0f);
-        rows_task(q + ((b * Tq + i0) * H + h) * D, H * D, n, i0, kp.data() + bh * Tkp * D / 2, vp.data() + bh * Tkp * D,
+        rows_task(q + b * q_sb + i0 * q_st + h * D, q_st, n, i0, kp + bh * Tkp * D / 2, vp + bh * Tkp * D,
                   Tk, D, Tk - Tq, causal, float(scale), m, l, acc.data());
         for (int64_t r = 0; r < n; ++r) {
           const float lr = _mm512_reduce_add_ps(_mm512_loadu_ps(l + 16 * r));

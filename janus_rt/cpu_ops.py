@@ -199,6 +199,13 @@ def prefill_attention_available() -> bool:
     return available() and bool(_C.prefill_attention_available())
 
 
+def _token_rows(t: torch.Tensor) -> bool:
+    """t [B, T, H, D] holds each token's H x D values contiguously, tokens apart by at least that (size-1 dims: any
+    stride)."""
+    _, T, H, D = t.shape
+    return t.stride(3) == 1 and (H == 1 or t.stride(2) == D) and (T == 1 or t.stride(1) >= H * D)
+
+
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                       sm_scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v for bf16 q [B, Tq, H, D], k, v [B, Tk, Hkv, D] (H a multiple of Hkv; D a multiple of
@@ -206,8 +213,11 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     weights rounded to bf16 for the product with v (as torch's CPU flash attention does): ops.attention_torch's result
     to bf16 rounding (tests/test_prefill_attention.py); a row with a NaN or +inf score is NaN, as torch's."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(t, name, (torch.bfloat16,), 4)
-    B, Tq, H, D = q.shape
+        _check_tensor(t, name, (torch.bfloat16,), 4, contiguous=False)
+    # each token's heads x D contiguous, any batch and token strides (views of a fused qkv output need no copy)
+    q, k, v = (t if _token_rows(t) else t.contiguous() for t in (q, k, v))
+    st = lambda t: (t.stride(0), t.stride(1) if t.shape[1] > 1 else t.shape[2] * t.shape[3])  # (a size-1 dim's
+    B, Tq, H, D = q.shape                                                                     # stride is arbitrary)
     _, Tk, hkv, dk = k.shape
     _check(v.shape == k.shape and k.shape[0] == B, f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [B, Tk, Hkv, D]"
            f" with q's B = {B}")
@@ -217,7 +227,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     o = torch.empty_like(q)
     if o.numel():
         _ext().prefill_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), B, Tq, Tk, H, hkv, D,
-                                 bool(causal), 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale))
+                                 bool(causal), 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale),
+                                 *st(q), *st(k), *st(v))
     return o
 
 

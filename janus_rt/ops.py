@@ -53,7 +53,7 @@ def attention(q, k, v, causal: bool, sm_scale: float | None = None):
         from janus_rt import cpu_ops
 
         with _scope("janus_rt::cpu_prefill_attention"):
-            return cpu_ops.prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(), causal, sm_scale)
+            return cpu_ops.prefill_attention(q, k, v, causal, sm_scale)  # (strided views taken as they are)
     return attention_torch(q, k, v, causal, sm_scale)
 
 

@@ -120,3 +120,22 @@ def test_prefill_attention_minus_inf_scores_weigh_nothing():
         assert_matches(out, ops.attention_torch(q, k, v, causal), ref32, f"-inf keys 0-31, causal={causal}")
     k[0, :, 0, 0] = -float("inf")  # every key
     assert (cpu_ops.prefill_attention(q, k, v, False) == ops.attention_torch(q, k, v, False)).all()
+
+
+def test_prefill_attention_takes_strided_views_as_they_are():
+    """q, k, v as views of a fused qkv projection's output ([B, T, 3, H, D]: token stride 3 H D) or of a batch-major
+    buffer with a gap between sequences give the bits their contiguous copies give."""
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(2, 37, 3, 4, 32, generator=g).bfloat16()
+    q, k, v = qkv.unbind(2)
+    assert not q.is_contiguous() and cpu_ops._token_rows(q)
+    for causal in (False, True):
+        want = cpu_ops.prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(), causal)
+        assert torch.equal(cpu_ops.prefill_attention(q, k, v, causal), want)
+    big = torch.randn(2, 50, 4, 32, generator=g).bfloat16()
+    kv = big[:, 5:42]  # batch stride 50 tokens, 37 tokens each
+    want = cpu_ops.prefill_attention(q.contiguous(), kv.contiguous(), kv.contiguous(), False)
+    assert torch.equal(cpu_ops.prefill_attention(q, kv, kv, False), want)
+    one = qkv[:, :1, 0]  # one query token: its token stride is never used
+    assert torch.equal(cpu_ops.prefill_attention(one, k, v, True), cpu_ops.prefill_attention(one.contiguous(), k, v,
+                                                                                              True))
