@@ -27,6 +27,7 @@
 #include <omp.h>
 
 #include "common.h"
+#include "simd.h"
 
 namespace jr {
 
@@ -63,25 +64,15 @@ void repack(const uint16_t* k, const uint16_t* v, int64_t ldk, int64_t ldv, int6
     }
 }
 
-// e^x for x <= 0 (a score minus its row's max), to simd::exp's accuracy and bits for x >= -87.3 (the same reduction and
-// polynomial), with 2^n by VSCALEFPS (no overflow to guard against, and smaller x gives denormals or 0); x = -inf
+// e^x for x <= 0 (a score minus its row's max), to simd::exp's accuracy and bits for x >= -87.3 (its reduction and
+// polynomial: simd::exp_round, exp_reduced; vf is __m512 in this AVX-512 code), with 2^n by VSCALEFPS (no overflow to guard against, and smaller x gives denormals or 0); x = -inf
 // gives e^-88 (the caller masks such lanes, and -inf scores). A NaN x stays NaN: that is how a NaN or +inf score
 // (+inf: the max is +inf, and inf - inf is NaN) reaches its row's sum and output, as torch's softmax makes such a
 // row NaN.
 inline __m512 exp_nonpositive(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(-88.0f), x);  // (max returns its second operand where one is NaN)
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), x);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
+  const __m512 n = simd::exp_round(x);
+  return _mm512_scalef_ps(simd::exp_reduced(x, n), n);
 }
 
 // Scores of the kRowsAtOnce rows against one block of keys: s0[r] keys 0-15, s1[r] keys 16-31 (unscaled fp32

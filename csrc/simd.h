@@ -208,9 +208,9 @@ inline void load_bf16_pairs(const uint16_t* p, vf& even, vf& odd) {
 // e^x per lane, ~1-2 ulp over the finite range (Cephes' expf: x = n ln2 + r with ln2 in two parts, a degree-5
 // polynomial in r, 2^n through the exponent bits, as 2^min(n, 127) * 2^(n - min(n, 127)) so that n = 128 works).
 // Below -87.3 it returns e^-87.3 ~ 1e-38 instead of a smaller number or 0; above ln(FLT_MAX) ~ 88.72, inf.
-inline vf exp(vf x) {
-  x = min(max(x, set1(-87.33654475f)), set1(89.0f));
-  const vf n = round_int(mul(x, set1(1.44269504088896341f)));
+// exp's parts: n = round(x / ln 2), and e^r for r = x - n ln 2 (ln 2 in two parts), so that e^x = 2^n e^r.
+inline vf exp_round(vf x) { return round_int(mul(x, set1(1.44269504088896341f))); }
+inline vf exp_reduced(vf x, vf n) {
   vf r = fma(n, set1(-0.693359375f), x);
   r = fma(n, set1(2.12194440e-4f), r);
   vf p = set1(1.9875691500e-4f);
@@ -219,7 +219,13 @@ inline vf exp(vf x) {
   p = fma(p, r, set1(4.1665795894e-2f));
   p = fma(p, r, set1(1.6666665459e-1f));
   p = fma(p, r, set1(5.0000001201e-1f));
-  p = fma(p, mul(r, r), add(r, set1(1.0f)));
+  return fma(p, mul(r, r), add(r, set1(1.0f)));
+}
+
+inline vf exp(vf x) {
+  x = min(max(x, set1(-87.33654475f)), set1(89.0f));
+  const vf n = exp_round(x);
+  const vf p = exp_reduced(x, n);
   const vf n1 = min(n, set1(127.0f));
   return mul(mul(p, pow2i(n1)), pow2i(sub(n, n1)));
 }
