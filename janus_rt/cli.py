@@ -182,14 +182,18 @@ def _check_args(args, *checks) -> None:
             raise SystemExit(f"janus-rt {args.cmd}: {msg}")
 
 
-def _common_checks(args):
-    """The checks of _common's flags (generate, understand)."""
+def _device_checks(args):
+    """The checks of flags that depend on the device (generate, understand, serve, bench): --dtype fp16, --int8,
+    --kv-cache-dtype. (--device itself is checked for every command by main's _checked_device.)"""
     cuda = str(args.device).startswith("cuda")
-    return [(not cuda or torch.cuda.is_available(), f"--device {args.device}: this torch has no CUDA device"),
-            (cuda or args.dtype is None or DTYPES[args.dtype] != torch.float16,
-             "--dtype fp16 needs a GPU; on the CPU use fp32 or bf16"),
-            (args.kv_cache_gb is None or args.kv_cache_gb > 0, f"--kv-cache-gb must be > 0, got {args.kv_cache_gb}"),
-            *_int8_checks(args, cuda), *_kv_checks(args, cuda)]
+    return [(cuda or args.dtype is None or DTYPES[args.dtype] != torch.float16,
+             "--dtype fp16 needs a GPU; on the CPU use fp32 or bf16"), *_int8_checks(args, cuda), *_kv_checks(args, cuda)]
+
+
+def _common_checks(args):
+    """The checks of _common's flags (generate, understand, serve)."""
+    return [(args.kv_cache_gb is None or args.kv_cache_gb > 0, f"--kv-cache-gb must be > 0, got {args.kv_cache_gb}"),
+            *_device_checks(args)]
 
 
 def _kv_dtype(args) -> str:
@@ -482,10 +486,7 @@ def cmd_bench(args):
                 (args.repeats >= 1, f"--repeats must be >= 1, got {args.repeats}"),
                 (args.model is not None or args.tokens <= 576,  # (a checkpoint's own count: after it loads)
                  f"--tokens must be at most 576 (the random shapes' image tokens), got {args.tokens}"),
-                (str(args.device).startswith("cuda") or args.dtype is None or DTYPES[args.dtype] != torch.float16,
-                 "--dtype fp16 needs a GPU; on the CPU use fp32 or bf16"),
-                *_int8_checks(args, str(args.device).startswith("cuda")),
-                *_kv_checks(args, str(args.device).startswith("cuda")))
+                *_device_checks(args))
     # the result files are written after minutes of runs: a path that cannot take them is said first
     _check_args(args, *[(err is None, err) for err in (_out_problem(args.profile, "--profile") if args.profile
                                                       else None, _json_problem(args.json))])
