@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -158,11 +157,10 @@ def _default_cfg(spec: str | None) -> float:
 
 
 def _has_guidance_field(folder: Path) -> bool:
-    try:
-        d = json.loads((folder / "generation_config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(d, dict) and "guidance_scale" in d
+    from janus_rt.loading import _json_object_or_none
+
+    d = _json_object_or_none(folder / "generation_config.json")  # (as default_guidance reads it)
+    return d is not None and "guidance_scale" in d
 
 
 def _pack_in_place(model, always: bool = False, int8: bool = False) -> None:
