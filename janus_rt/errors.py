@@ -1,9 +1,24 @@
 """UsageError: a request the user can fix (a flag's value, a size, a path, a run folder). The command line says it in
-one `janus-rt CMD: ...` line; anything else raised inside janus_rt keeps its traceback (a bug to report)."""
+one `janus-rt CMD: ...` line; anything else raised inside janus_rt keeps its traceback (a bug to report). Beside it,
+the checks of user input that several modules share (counts, --device, the JANUS_RT_* switches)."""
+import operator
+import os
 
 
 class UsageError(ValueError):
     """A ValueError caused by what the caller asked for, not by janus_rt itself."""
+
+
+def check_count(name: str, value) -> int:
+    """value as an int >= 1 (numpy's and torch's integers too), else a UsageError (n = 2.5 or -1 used to surface as a
+    misleading cache-size error)."""
+    try:
+        v = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        v = None
+    if v is None or v < 1:
+        raise UsageError(f"{name} must be an int >= 1, got {value!r}")
+    return v
 
 
 def check_device(value) -> "torch.device":
@@ -35,8 +50,6 @@ def env_switch(name: str) -> str:
     """The value of janus_rt's environment switch `name` (lower case; its default where unset or empty), or a
     UsageError for a value it does not take (JANUS_RT_KEEP_FREED=no used to count as on, JANUS_RT_PACKED=maybe was a
     traceback from inside the engine)."""
-    import os
-
     choices = ENV_SWITCHES[name]
     v = os.environ.get(name, "").lower() or choices[0]  # (not stripped: csrc reads JANUS_RT_AMX as it is)
     if v not in choices:

@@ -152,8 +152,7 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
     from pathlib import Path
 
     from janus_rt.engine import Engine, SamplingParams
-    from janus_rt.engine.engine import check_count
-    from janus_rt.errors import UsageError
+    from janus_rt.errors import UsageError, check_count
 
     if isinstance(prompts, str):  # one prompt (iterated, a string was a prompt per character)
         prompts = [prompts]

@@ -2,7 +2,6 @@
 cache, with prompt sharing (the n images of a prompt hold its conditional and unconditional KV once)."""
 from __future__ import annotations
 
-import operator
 import time
 from dataclasses import dataclass
 
@@ -14,20 +13,8 @@ from janus_rt.engine.kv_cache import KVCache
 from janus_rt.engine.request import Request, SamplingParams
 from janus_rt.engine.runner import ModelRunner
 from janus_rt.engine.scheduler import Scheduler
-from janus_rt.errors import UsageError
+from janus_rt.errors import UsageError, check_count
 from janus_rt.processing import unconditional_ids
-
-
-def check_count(name: str, value) -> int:
-    """value as an int >= 1 (numpy's and torch's integers too), else a UsageError (n = 2.5 or -1 used to surface as a
-    misleading cache-size error)."""
-    try:
-        v = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        v = None
-    if v is None or v < 1:
-        raise UsageError(f"{name} must be an int >= 1, got {value!r}")
-    return v
 
 
 def default_backend(device: torch.device) -> str:

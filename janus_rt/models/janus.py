@@ -144,7 +144,7 @@ class Janus(nn.Module):
         engine: an Engine to run in (else a new one sized for this call; on the CPU making one packs the decoder
         weights, seconds at 1B: hold one engine for many calls)."""
         from janus_rt.engine import Engine, SamplingParams
-        from janus_rt.engine.engine import check_count
+        from janus_rt.errors import check_count
 
         n = check_count("n", n)  # (before an engine is sized from it)
         params = SamplingParams(cfg_weight=cfg_weight, temperature=temperature, top_k=top_k or 0,
@@ -159,7 +159,7 @@ class Janus(nn.Module):
         """Answer tokens (up to and including EOS) for prompt_ids [T] with images spliced at placeholders.
         engine: as generate_image_tokens' (hold one for many questions)."""
         from janus_rt.engine import Engine, SamplingParams
-        from janus_rt.engine.engine import check_count
+        from janus_rt.errors import check_count
 
         max_new_tokens = check_count("max_new_tokens", max_new_tokens)  # (before an engine is sized from it)
         params = SamplingParams(temperature=temperature, top_p=1.0 if top_p is None else top_p, greedy=greedy,
