@@ -12,7 +12,8 @@
 // runs over a tile while it is in L1/L2, the accumulators wait in a per-thread [M, S] fp32 buffer between tiles.
 // While the row blocks run, the next tile in memory (the strip's next one or the next strip's first) is prefetched,
 // spread over the row blocks so that the weight stream is read at an even rate instead of in bursts at each tile's
-// first block — from 3 rows of x on; for 1 or 2 the hardware prefetchers read the stream faster alone.
+// first block — from 3 rows of x on (for 1 or 2 the hardware prefetchers of Zen 4 read the stream faster alone), on
+// Zen 5 from 1 row on for bf16 (prefetch_rule).
 // Against gemv.h's row-block kernel on the unpacked W (bf16, 2-core Zen 5, 2026-12-02, bench/RESULTS.md): ~1.8x at
 // M = 32, ~1.5x at M = 2-8, with W from DRAM.
 // On CPUs with AMX-BF16 (and a build for them), bf16 weights with K a multiple of 32 go to amx_gemv.h instead: the same
@@ -31,6 +32,7 @@
 
 #include "amx_gemv.h"
 #include "common.h"
+#include "cpu_family.h"
 #include "gemv.h"
 #include "packed_layout.h"
 #include "simd.h"
@@ -65,6 +67,22 @@
 #ifndef JR_PACKED_PF_MIN_ROWS
 #define JR_PACKED_PF_MIN_ROWS 3
 #endif
+// Zen 5 (AMD family 0x1A) measured the other way for bf16 (2-core Zen 5 VM, thirtieth session, 2026-12-06, bench_ab,
+// 1B shape, middle half / fastest quarter, GB/s of weights): the next tile prefetched from M = 1 on, M = 2 42.6 /
+// 49.2 -> 48.3 / 59.7 with t1, 49.2 / 67.2 with t0; M = 1 42.3 -> 44.5 (t0); and t0 up to 18 rows too, M = 4 59.8 ->
+// 65.0, M = 8 59.6 -> 68.4, M = 16 40.5 -> 42.2. Whole n = 1 generations (bench_ab --op engine, 128 tokens): 55.3 ->
+// 69.4 GB/s. fp32 at M = 2 alike with and without (75.4 / 75.1), so fp32 keeps the rule above.
+#ifndef JR_PACKED_PF_MIN_ROWS_BF16_ZEN5
+#define JR_PACKED_PF_MIN_ROWS_BF16_ZEN5 1
+#endif
+#ifndef JR_PACKED_PF_LOCALITY_BF16_FEW_ZEN5
+#define JR_PACKED_PF_LOCALITY_BF16_FEW_ZEN5 3
+#endif
+static_assert((JR_PACKED_PF_LOCALITY_BF16_FEW == 2 || JR_PACKED_PF_LOCALITY_BF16_FEW == 3) &&
+                  (JR_PACKED_PF_LOCALITY_BF16 == 2 || JR_PACKED_PF_LOCALITY_BF16 == 3) &&
+                  (JR_PACKED_PF_LOCALITY_F32 == 2 || JR_PACKED_PF_LOCALITY_F32 == 3) &&
+                  (JR_PACKED_PF_LOCALITY_BF16_FEW_ZEN5 == 2 || JR_PACKED_PF_LOCALITY_BF16_FEW_ZEN5 == 3),
+              "the packed GEMV's prefetch localities are 2 (t1) or 3 (t0)");
 
 // A block of 7-8 rows runs as two passes over the tile, vectors 0-1 then 2-3 of each step (8 x 2 accumulators, no
 // spills; the second pass reads the tile from L2) instead of one 8 x 4 pass that spills ~5 accumulators per step.
@@ -86,6 +104,19 @@ constexpr int kW = simd::kWidth;
 template <typename WT>
 constexpr bool available() {
   return std::is_same_v<WT, float> || simd::kHaveBf16Dot;
+}
+
+// The next tile's prefetch on this CPU (see the top): from how many rows of x, and its locality (2 = t1, 3 = t0) up
+// to JR_PACKED_PF_L2_MAX_ROWS_BF16 rows (bf16; fp32: at any M).
+struct PrefetchRule {
+  int64_t min_rows;
+  int few_locality;
+};
+template <typename WT>
+inline PrefetchRule prefetch_rule() {
+  if constexpr (std::is_same_v<WT, float>) return {JR_PACKED_PF_MIN_ROWS, JR_PACKED_PF_LOCALITY_F32};
+  if (cpu::amd_family() >= 0x1A) return {JR_PACKED_PF_MIN_ROWS_BF16_ZEN5, JR_PACKED_PF_LOCALITY_BF16_FEW_ZEN5};
+  return {JR_PACKED_PF_MIN_ROWS, JR_PACKED_PF_LOCALITY_BF16_FEW};
 }
 
 constexpr int kMB = 6;       // x rows per register block: 6 x 4 = 24 accumulators
@@ -181,11 +212,10 @@ void gemv_for(const WT* wp, const WT* x, int64_t ldx, const float* bias, float* 
   // one does for a third of the work).
   const int64_t passes = M <= kMBSmall ? 1 : (M + kMB - 1) / kMB;
   const int64_t mb_lo = M / passes, n_hi = M % passes;  // the first n_hi blocks take mb_lo + 1 rows
-  // the next tile's prefetch locality (see the top): fp32 one; bf16 one for few rows of x, another for more
-  constexpr bool f32 = std::is_same_v<WT, float>;
-  constexpr int kLocFew = f32 ? JR_PACKED_PF_LOCALITY_F32 : JR_PACKED_PF_LOCALITY_BF16_FEW;
-  constexpr int kLocMany = f32 ? JR_PACKED_PF_LOCALITY_F32 : JR_PACKED_PF_LOCALITY_BF16;
-  const bool few = M <= JR_PACKED_PF_L2_MAX_ROWS_BF16;
+  // the next tile's prefetch (see the top): from rule.min_rows rows of x on, with the CPU's locality for few rows
+  const PrefetchRule rule = prefetch_rule<WT>();
+  const bool few = std::is_same_v<WT, float> || M <= JR_PACKED_PF_L2_MAX_ROWS_BF16;
+  const bool to_l1 = (few ? rule.few_locality : JR_PACKED_PF_LOCALITY_BF16) == 3;
   std::vector<float> c(static_cast<size_t>(M * S));
 #pragma omp for schedule(guided, 1)
   for (int64_t s = 0; s < strips; ++s) {
@@ -195,13 +225,13 @@ void gemv_for(const WT* wp, const WT* x, int64_t ldx, const float* bias, float* 
       const WT* tile = ws + k0 * SE;
       // the next tile's cache lines, one share per row block
       const NextTile nt(reinterpret_cast<const char*>(tile + kn * SE), end, KT * SE * sizeof(WT), passes, kn,
-                        M >= JR_PACKED_PF_MIN_ROWS);
+                        M >= rule.min_rows);
       for (int64_t m0 = 0, j = 0; j < passes; m0 += mb_lo + (j < n_hi), ++j) {
         const int mb = int(mb_lo + (j < n_hi));
         const WT* xs = x + m0 * ldx + E * k0;
         float* cs = c.data() + m0 * S;
-        if (few) row_block<WT, kLocFew>(mb, tile, xs, ldx, kn, cs, k0 == 0, nt.begin(j), nt.end(j), nt.lpk);
-        else row_block<WT, kLocMany>(mb, tile, xs, ldx, kn, cs, k0 == 0, nt.begin(j), nt.end(j), nt.lpk);
+        if (to_l1) row_block<WT, 3>(mb, tile, xs, ldx, kn, cs, k0 == 0, nt.begin(j), nt.end(j), nt.lpk);
+        else row_block<WT, 2>(mb, tile, xs, ldx, kn, cs, k0 == 0, nt.begin(j), nt.end(j), nt.lpk);
       }
     }
     const int64_t n0 = s * S, nn = std::min(S, N - n0);

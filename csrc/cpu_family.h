@@ -1,0 +1,29 @@
+// Which x86 CPU this is, for the few kernel tunings that differ between hosts measured (bench/RESULTS.md):
+// amd_family() is AMD's CPUID family (0x19 Zen 3 / Zen 4, 0x1A Zen 5), 0 on other vendors and non-x86 builds.
+#pragma once
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+#include <cstring>
+
+namespace jr::cpu {
+
+inline int amd_family() {
+  static const int family = [] {
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return 0;
+    char vendor[12];
+    std::memcpy(vendor, &b, 4), std::memcpy(vendor + 4, &d, 4), std::memcpy(vendor + 8, &c, 4);
+    if (std::memcmp(vendor, "AuthenticAMD", 12) != 0 || !__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    const int base = int(a >> 8) & 0xf;  // base family 0xf: the extended family adds to it
+    return base == 0xf ? base + (int(a >> 20) & 0xff) : base;
+#else
+    return 0;
+#endif
+  }();
+  return family;
+}
+
+}  // namespace jr::cpu
