@@ -152,14 +152,17 @@ def layers_case(shape: str, rows: int, context: int, dtype: str, block_size: int
                          f"{'packed' if stack.packed else 'unpacked'} GEMV")
 
 
-def engine_case(shape: str, n: int, tokens: int, dtype: str):
-    """The whole image generation of `janus-rt bench` (n images, `tokens` each) on random weights at the shape:
-    run(mod) patches cpu_ops to call that build, runs the engine, and returns the tokens. The rate reported is the
-    roofline's bytes per decode step over the measured ms per step."""
+def engine_case(shape: str, n: int, tokens: int, dtype: str, int8: str | None = None):
+    """The whole image generation of `janus-rt bench` (n images, `tokens` each) on random weights at the shape
+    (int8: its projections packed as `janus-rt bench --int8 weights|w8a8`): run(mod) patches cpu_ops to call that
+    build, runs the engine, and returns the tokens. The rate reported is the roofline's bytes per decode step over the
+    measured ms per step."""
     from janus_rt.engine.benchmark import BLOCK_SIZE, bench_model, image_engine
     from janus_rt.engine.roofline import decode_step_bytes_flops
 
     model = bench_model(shape, DTYPES[dtype][0], "cpu")
+    if int8:
+        model.pack_for_cpu_(int8=int8 if int8 == "w8a8" else True)
     prompt = [model.cfg.tokens.bos_id] + list(range(100, 118)) + [model.cfg.tokens.boi_id]
     step_bytes, _ = decode_step_bytes_flops(model, 2 * n, len(prompt) + tokens // 2,
                                             shared=(2, len(prompt) // BLOCK_SIZE * BLOCK_SIZE))
@@ -176,7 +179,8 @@ def engine_case(shape: str, n: int, tokens: int, dtype: str):
         last["ms"] = eng.stats.ms_per_step
         return torch.tensor([t for r in done.values() for row in r.tokens for t in row], dtype=torch.float32)
 
-    return step_bytes, run, f"engine, {shape} shape, n = {n}, {tokens} tokens, {dtype}", last
+    what = f"engine, {shape} shape, n = {n}, {tokens} tokens, {dtype}" + (f", int8 {int8}" if int8 else "")
+    return step_bytes, run, what, last
 
 
 def main(args) -> dict:
@@ -187,13 +191,15 @@ def main(args) -> dict:
     step = None  # engine: {"ms": the last run's ms per decode step}
     if args.dtype == "int8" and args.op != "attention":
         raise SystemExit("--dtype int8: the int8 KV cache, for --op attention only")
+    if args.int8 and (args.op != "engine" or args.dtype != "bf16"):
+        raise SystemExit("--int8: for --op engine with --dtype bf16 only")
     if args.op == "packed_gemv":
         nbytes, run, what = packed_gemv_case(args.shape, args.M, args.dtype, min_bytes)
     elif args.op == "layers":
         nbytes, run, what = layers_case(args.shape, args.rows or 2 * SHAPES[args.shape][5], args.context, args.dtype)
     elif args.op == "engine":
         nbytes, run, what, step = engine_case(args.shape, args.n or SHAPES[args.shape][5], args.tokens,
-                                              args.dtype)
+                                              args.dtype, args.int8)
     else:
         rows = args.rows or 2 * SHAPES[args.shape][5]
         nbytes, run, what = attention_case(args.shape, rows, args.context, args.dtype, min_bytes)
@@ -222,7 +228,8 @@ def main(args) -> dict:
           f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}")
     print("| memory state | stream GB/s | " + " | ".join(f"{n} GB/s" for n in names) + " |")
     print("|---|---|" + "---|" * len(names))
-    out = {"max_abs_diff": {n: (outputs[n] - outputs[names[0]]).abs().max().item() for n in names[1:]}}
+    out = {"what": what,
+           "max_abs_diff": {n: (outputs[n] - outputs[names[0]]).abs().max().item() for n in names[1:]}}
     for label, idx in bins.items():
         med = {n: statistics.median(rates[n][i] for i in idx) for n in names}
         out[label] = {"stream": statistics.median(st[i] for i in idx), **med}
@@ -244,6 +251,8 @@ if __name__ == "__main__":
     ap.add_argument("--context", type=int, default=308, help="attention, layers: cached tokens per row")
     ap.add_argument("-n", type=int, default=None, help="engine: images (default: the shape's)")
     ap.add_argument("--tokens", type=int, default=576, help="engine: image tokens per image")
+    ap.add_argument("--int8", choices=["weights", "w8a8"], default=None,
+                    help="engine: the projections as int8 weights or W8A8 (as janus-rt bench --int8)")
     ap.add_argument("--reps", type=int, default=400)
     # 1 GB: an Intel Xeon host reported 480 MiB of L3, where 80-170 MB per call ran from cache (bench/RESULTS.md,
     # 2026-12-04: the 1B GEMV at 32 rows 23.5 GB/s vs 18-20 from 2 GB)

@@ -15,7 +15,8 @@
 // that the moves alone cost the difference is an inference (with the intrinsic 8-12 chains reached 8.3-8.7 G/s,
 // copies and all). As arrays GCC also spilled them. So: 6 rows x 4 vectors = 24 named accumulators, each row's four
 // VPDPBUSDs one asm statement (the 96 projections at 32 rows: 60 ms with 6 x 2 passes of the intrinsic, 43-46 now).
-// The next tile is prefetched during the row blocks from 3 rows of x on (without, in the first version: 93 ms).
+// The next tile is prefetched during the row blocks from 3 rows of x on, on Zen 5 from 1 (without, in the first
+// version: 93 ms).
 //
 // VPDPBUSD multiplies unsigned bytes by signed ones, so the weights are stored offset by 128 (U = Q + 128 in
 // [1, 255]) and x's codes X8 stay signed: per group g of row m and column n,
@@ -39,13 +40,19 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu_family.h"
 #include "kv_int8.h"
 #include "packed_layout.h"
 #include "simd.h"
 
-// Rows of x from which a tile's block passes prefetch the next tile (software prefetch); below, none.
+// Rows of x from which a tile's block passes prefetch the next tile (software prefetch); below, none. On Zen 5 (AMD
+// family 0x1A) from 1 row on: whole 1B n = 1 generations (bench_ab --op engine --int8 w8a8, 128 tokens, 2-core Zen 5
+// VM, 2026-12-06) 55.1 -> 62.6 GB/s, as packed_gemv.h's bf16 rule there.
 #ifndef JR_W8A8_PF_MIN_ROWS
 #define JR_W8A8_PF_MIN_ROWS 3
+#endif
+#ifndef JR_W8A8_PF_MIN_ROWS_ZEN5
+#define JR_W8A8_PF_MIN_ROWS_ZEN5 1
 #endif
 
 namespace jr::w8a8 {
@@ -207,16 +214,16 @@ inline void gemv_for(const uint8_t* wp, const QuantizedX& xq, const float* bias,
   // row blocks of as even a size as can be (32 rows: 6, 6, 5, 5, 5, 5), as packed_gemv.h
   const int64_t passes = (M + kMB - 1) / kMB, mb_lo = M / passes, n_hi = M % passes;
   std::vector<float> c(static_cast<size_t>(M * kS));
+  const int64_t pf_rows = cpu::amd_family() >= 0x1A ? JR_W8A8_PF_MIN_ROWS_ZEN5 : JR_W8A8_PF_MIN_ROWS;
 #pragma omp for schedule(guided, 1)
   for (int64_t s = 0; s < strips; ++s) {
     const uint8_t* ws = wp + s * KS * kSE;
     for (int64_t k0 = 0, g = 0; k0 < KS; k0 += kKT, ++g) {
       const int64_t kn = std::min(kKT, KS - k0);
       const uint8_t* tile = ws + k0 * kSE;
-      // the next tile's lines, one share per row block, from 3 rows of x on (as packed_gemv.h: with fewer the
-      // hardware prefetchers alone stream faster)
+      // the next tile's lines, one share per row block, from pf_rows rows of x on (see the top)
       const packed::NextTile nt(reinterpret_cast<const char*>(tile + kn * kSE), end, kKT * kSE, passes, kn,
-                                M >= JR_W8A8_PF_MIN_ROWS);
+                                M >= pf_rows);
       for (int64_t m0 = 0, j = 0; j < passes; m0 += mb_lo + (j < n_hi), ++j) {
         const int mb = int(mb_lo + (j < n_hi));
         block_tail<kMB>(mb, tile, kn, xq.q.data() + m0 * ldq + k0 * kE, ldq, xq.comp.data() + m0 * ng + g,

@@ -630,23 +630,28 @@ def test_gather_rows(src_dtype, dtype):
 
 def test_bench_ab_smoke():
     """bench/bench_ab.py (interleaved A/B of builds) runs its four ops on this build loaded twice: same outputs, a
-    rate per memory-state bin and build."""
+    rate per memory-state bin and build; the engine also with W8A8 projections where this CPU has them."""
     import argparse
     import pathlib
 
     ab = bench_scripts.load("bench_ab")
     build = pathlib.Path(cpu_ops._C.__file__).parents[1]  # the folder holding the janus_rt/_C*.so in use
-    cases = [(op, "fp32") for op in ("packed_gemv", "attention", "layers", "engine")] + [("attention", "int8")]
-    for op, dtype in cases:  # engine: whole 3-token generations, small shape; int8: the int8 KV cache
+    cases = [(op, "fp32", None) for op in ("packed_gemv", "attention", "layers", "engine")] + [
+        ("attention", "int8", None)] + ([("engine", "bf16", "w8a8")] if cpu_ops.w8a8_available() else [])
+    for op, dtype, int8 in cases:  # engine: whole 3-token generations, small shape; int8: the int8 KV cache
         args = argparse.Namespace(builds=f"{build},{build}", op=op, shape="small", dtype=dtype, M=2, rows=2,
-                                  context=40, reps=4, min_mb=1.0, n=1, tokens=3)
+                                  context=40, reps=4, min_mb=1.0, n=1, tokens=3, int8=int8)
         out = ab.main(args)
+        if int8:
+            assert "int8 w8a8" in out["what"]
         assert list(out["max_abs_diff"].values()) == [0.0]
         for label in ("slowest quarter", "middle half", "fastest quarter"):
             rates = [v for k, v in out[label].items() if k != "stream"]
             assert len(rates) == 2 and all(r > 0 for r in rates)
     with pytest.raises(SystemExit, match="int8"):
-        ab.main(argparse.Namespace(**{**vars(args), "op": "layers"}))
+        ab.main(argparse.Namespace(**{**vars(args), "op": "layers", "dtype": "int8", "int8": None}))
+    with pytest.raises(SystemExit, match="--int8"):
+        ab.main(argparse.Namespace(**{**vars(args), "op": "layers", "dtype": "bf16", "int8": "w8a8"}))
 
 
 def _mapping_flags(addr: int) -> list[str] | None:
