@@ -20,8 +20,9 @@
 // Zen 4 host (2026-12-03, ninth session, bench_ab, middle half) the 1B dims in bf16 from DRAM 17.3 -> 20.0 GB/s
 // with t1 instead of t0 (likely: a t0 prefetch holds one of the core's few L1 miss buffers until its line arrives),
 // and 22.5 -> 23.7 in another A/B with the prefetch crossing into the next part; the small shape fp32 16.4 -> 20.9.
-// (Zen 5 not re-measured.) Prefetching 2 or 3 blocks ahead, or spreading the prefetches over the V passes too,
-// gained nothing; NTA was slower.
+// On Zen 5 (AMD family 0x1A) t0 is the faster (2-core Zen 5 VM, thirtieth session, 2026-12-06, bench_ab, 1B dims
+// bf16, 32 rows x 312 tokens, middle half: 42.2 -> 44.2 and 40.8 -> 44.8 GB/s), so there the prefetches go to L1.
+// Prefetching 2 or 3 blocks ahead, or spreading the prefetches over the V passes too, gained nothing; NTA was slower.
 #pragma once
 
 #include <algorithm>
@@ -33,6 +34,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu_family.h"
 #include "simd.h"
 
 namespace jr::attn {
@@ -44,6 +46,9 @@ constexpr int kW = simd::kWidth;
 #endif
 #ifndef JR_ATTN_PF_LOCALITY  // __builtin_prefetch locality of RangePrefetcher: 2 = prefetcht1 (L2), 3 = prefetcht0
 #define JR_ATTN_PF_LOCALITY 2
+#endif
+#ifndef JR_ATTN_PF_LOCALITY_ZEN5  // the same on AMD family 0x1A (see the top)
+#define JR_ATTN_PF_LOCALITY_ZEN5 3
 #endif
 constexpr int64_t kTokenMajorBytes = 2048;  // token-major K scoring for fp32 task rows up to this (see the top)
 
@@ -59,17 +64,19 @@ struct RangePrefetcher {
       start = reinterpret_cast<uintptr_t>(p), cur = start & ~uintptr_t(63), end = tokens > 0 ? start + seg_bytes : 0;
       seg = seg_bytes, stride = stride_bytes, left = std::max<int64_t>(tokens - 1, 0);
     }
+    template <int Loc>
     void step() {
       if (cur >= end) {
         if (left == 0) return;
         --left, start += stride, cur = start & ~uintptr_t(63), end = start + seg;
       }
-      __builtin_prefetch(reinterpret_cast<const char*>(cur), 0, JR_ATTN_PF_LOCALITY);
+      __builtin_prefetch(reinterpret_cast<const char*>(cur), 0, Loc);
       cur += 64;
     }
   };
   Stream a, b;
   int64_t per = 0;
+  bool zen5 = cpu::amd_family() >= 0x1A;  // the locality: JR_ATTN_PF_LOCALITY_ZEN5 there, else JR_ATTN_PF_LOCALITY
   template <typename T>
   void set(const T* pa, int64_t na, const T* pb, int64_t nb, int64_t seg, int64_t row, int64_t calls) {
     const int64_t seg_bytes = seg * int64_t(sizeof(T));
@@ -79,7 +86,10 @@ struct RangePrefetcher {
     per = calls > 0 ? (lines + calls - 1) / calls : 0;
   }
   void issue() {
-    for (int64_t i = 0; i < per; ++i) a.step(), b.step();
+    if (zen5)
+      for (int64_t i = 0; i < per; ++i) a.step<JR_ATTN_PF_LOCALITY_ZEN5>(), b.step<JR_ATTN_PF_LOCALITY_ZEN5>();
+    else
+      for (int64_t i = 0; i < per; ++i) a.step<JR_ATTN_PF_LOCALITY>(), b.step<JR_ATTN_PF_LOCALITY>();
   }
 };
 
