@@ -38,6 +38,18 @@ def simd_isa() -> str:
     return _ext().simd_isa()
 
 
+def amd_family() -> int:
+    """AMD's CPUID family of this CPU as the kernels read it (0x19: Zen 3 / Zen 4, 0x1A: Zen 5), 0 on other vendors."""
+    return _ext().amd_family()
+
+
+def prefetch_rule() -> str:
+    """Which software-prefetch rules the decode kernels take here (csrc/packed_gemv.h, w8a8_gemv.h, paged_attention.h):
+    "zen5" on AMD family 0x1A and later, else "default" (the rules measured on Zen 4). bench/RESULTS.md, thirtieth
+    session, has the measurements."""
+    return "zen5" if amd_family() >= 0x1A else "default"
+
+
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (/proc/cpuinfo; empty where that is not readable)."""
     global _FLAGS

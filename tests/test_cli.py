@@ -525,8 +525,9 @@ def test_bench_json_and_profile(tmp_path, capsys, layerwise):
     # the tiny preset is fp32: as `generate`, the benchmark holds its projections packed only (packed in place)
     if cpu_ops.available():
         assert row["cpu_decode"] == ("layerwise" if layerwise else "decode_layer, packed GEMV") + " (packed in place)"
+        assert row["cpu_prefetch_rule"] == cpu_ops.prefetch_rule()
     else:  # (the lent GPU's session runs the suite without building csrc/)
-        assert row["cpu_decode"] == "layerwise"
+        assert row["cpu_decode"] == "layerwise" and "cpu_prefetch_rule" not in row
     assert (tmp_path / "prof" / "trace.json").stat().st_size > 0
     table = capsys.readouterr().out
     if cpu_ops.available():

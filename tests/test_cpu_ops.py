@@ -29,6 +29,23 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
+# ---- which CPU the prefetch rules see --------------------------------------------------------------------------
+def test_amd_family_matches_cpuinfo():
+    """csrc/cpu_family.h reads AMD's CPUID family (base + extended) as /proc/cpuinfo gives it; 0 on other vendors;
+    prefetch_rule() follows it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    if "vendor_id" not in info or "cpu family" not in info:
+        pytest.skip("/proc/cpuinfo without vendor_id / cpu family (not x86)")
+    want = int(info["cpu family"]) if info["vendor_id"] == "AuthenticAMD" else 0
+    assert cpu_ops.amd_family() == want
+    assert cpu_ops.prefetch_rule() == ("zen5" if want >= 0x1A else "default")
+
+
 # ---- vq_nearest ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("N,K,D", [(1, 100, 8), (7, 16384, 8), (577, 16384, 8), (7, 100, 48), (577, 100, 64)])
 def test_vq_nearest(poison, N, K, D):
