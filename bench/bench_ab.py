@@ -193,6 +193,8 @@ def main(args) -> dict:
         raise SystemExit("--dtype int8: the int8 KV cache, for --op attention only")
     if args.int8 and (args.op != "engine" or args.dtype != "bf16"):
         raise SystemExit("--int8: for --op engine with --dtype bf16 only")
+    if args.int8 and not (cpu_ops.w8a8_available() if args.int8 == "w8a8" else cpu_ops.int8_available()):
+        raise SystemExit(f"--int8 {args.int8}: this CPU or build has no such GEMV")
     if args.op == "packed_gemv":
         nbytes, run, what = packed_gemv_case(args.shape, args.M, args.dtype, min_bytes)
     elif args.op == "layers":
@@ -252,7 +254,8 @@ if __name__ == "__main__":
     ap.add_argument("-n", type=int, default=None, help="engine: images (default: the shape's)")
     ap.add_argument("--tokens", type=int, default=576, help="engine: image tokens per image")
     ap.add_argument("--int8", choices=["weights", "w8a8"], default=None,
-                    help="engine: the projections as int8 weights or W8A8 (as janus-rt bench --int8)")
+                    help="engine: the projections as int8 weights or W8A8 (as janus-rt bench --int8; packed once by this "
+                    "checkout's build, so the builds must agree on that layout)")
     ap.add_argument("--reps", type=int, default=400)
     # 1 GB: an Intel Xeon host reported 480 MiB of L3, where 80-170 MB per call ran from cache (bench/RESULTS.md,
     # 2026-12-04: the 1B GEMV at 32 rows 23.5 GB/s vs 18-20 from 2 GB)

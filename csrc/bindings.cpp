@@ -7,7 +7,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include "cpu_family.h"
 #include "ops.h"
 
 namespace py = pybind11;
@@ -95,5 +94,5 @@ PYBIND11_MODULE(_C, m) {
         py::arg("Hkv"), py::arg("D"), py::arg("causal"), py::arg("scale"), py::arg("q_sb"), py::arg("q_st"),
         py::arg("k_sb"), py::arg("k_st"), py::arg("v_sb"), py::arg("v_st"));
   m.def("simd_isa", &jr::simd_isa, "vector ISA the kernels were compiled for: avx512, avx2 or scalar");
-  m.def("amd_family", [] { return jr::cpu::amd_family(); }, "AMD's CPUID family of this CPU, 0 on other vendors");
+  m.def("prefetch_rules", &jr::prefetch_rules, "the decode kernels' software-prefetch rules on this CPU");
 }

@@ -20,7 +20,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <map>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include <omp.h>
@@ -253,6 +255,16 @@ void run_layer(T* h, const Layer<T>& L) {
 void decode_phase_timing(bool on) { g_timing.store(on, std::memory_order_relaxed); }
 
 int decode_phase_count() { return kNumPhases; }
+
+std::map<std::string, int64_t> prefetch_rules() {
+  const bool bf16 = packed::available<uint16_t>();  // (no packed bf16 GEMV without AVX512_BF16)
+  return {{"amd_family", cpu::amd_family()},
+          {"zen5", packed::zen5_rule<uint16_t>()},
+          {"packed_bf16_min_rows", bf16 ? packed::prefetch_min_rows<uint16_t>() : -1},
+          {"packed_fp32_min_rows", packed::prefetch_min_rows<float>()},
+          {"w8a8_min_rows", w8a8::prefetch_min_rows()},
+          {"attention_locality", attn::prefetch_locality()}};
+}
 
 const char* decode_phase_name(int i) {
   JR_CHECK(i >= 0 && i < kNumPhases, "phase index out of range");

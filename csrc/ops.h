@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <string>
 #include <tuple>
 
 namespace jr {
@@ -56,4 +58,6 @@ void prefill_attention(ptr_t q, ptr_t k, ptr_t v, ptr_t o, int64_t B, int64_t Tq
                        int64_t D, bool causal, double scale, int64_t q_sb, int64_t q_st, int64_t k_sb, int64_t k_st,
                        int64_t v_sb, int64_t v_st);
 const char* simd_isa();
+// The decode kernels' software-prefetch rules as this CPU takes them (packed_gemv.h, w8a8_gemv.h, paged_attention.h).
+std::map<std::string, int64_t> prefetch_rules();
 }  // namespace jr

@@ -45,6 +45,14 @@
 // rows x takes at most 3 row blocks per tile (see gemv_for), from 20 four or more. fp32: t1 at any M (Zen 4, ninth
 // session, bench_ab: small shape M = 8 21.6 -> 23.2 GB/s, whole small fp32 generations 20.0 -> 23.8, where its
 // 32 KiB tiles fill the 32 KiB L1 that t0 prefetched them into; Zen 5, fourth session: t0 / t1 / t2 / NTA alike).
+// (A build's own -DJR_PACKED_PF_LOCALITY_BF16_FEW or -DJR_PACKED_PF_MIN_ROWS, e.g. through JANUS_RT_CXXFLAGS, holds
+// on Zen 5 too unless its _ZEN5 counterpart below is given as well.)
+#if defined(JR_PACKED_PF_LOCALITY_BF16_FEW) && !defined(JR_PACKED_PF_LOCALITY_BF16_FEW_ZEN5)
+#define JR_PACKED_PF_LOCALITY_BF16_FEW_ZEN5 JR_PACKED_PF_LOCALITY_BF16_FEW
+#endif
+#if defined(JR_PACKED_PF_MIN_ROWS) && !defined(JR_PACKED_PF_MIN_ROWS_BF16_ZEN5)
+#define JR_PACKED_PF_MIN_ROWS_BF16_ZEN5 JR_PACKED_PF_MIN_ROWS
+#endif
 #ifndef JR_PACKED_PF_LOCALITY_BF16_FEW  // up to JR_PACKED_PF_L2_MAX_ROWS_BF16 rows
 #define JR_PACKED_PF_LOCALITY_BF16_FEW 2
 #endif
@@ -67,7 +75,7 @@
 #ifndef JR_PACKED_PF_MIN_ROWS
 #define JR_PACKED_PF_MIN_ROWS 3
 #endif
-// Zen 5 (AMD family 0x1A) measured the other way for bf16 (2-core Zen 5 VM, thirtieth session, 2026-12-06, bench_ab,
+// Zen 5 (AMD family 0x1A and later) measured the other way for bf16 (2-core Zen 5 VM, thirtieth session, 2026-12-06, bench_ab,
 // 1B shape, middle half / fastest quarter, GB/s of weights): the next tile prefetched from M = 1 on, M = 2 42.6 /
 // 49.2 -> 48.3 / 59.7 with t1, 49.2 / 67.2 with t0; M = 1 42.3 -> 44.5 (t0); and t0 up to 18 rows too, M = 4 59.8 ->
 // 65.0, M = 8 59.6 -> 68.4, M = 16 40.5 -> 42.2. Whole n = 1 generations (bench_ab --op engine, 128 tokens): 55.3 ->
@@ -78,11 +86,6 @@
 #ifndef JR_PACKED_PF_LOCALITY_BF16_FEW_ZEN5
 #define JR_PACKED_PF_LOCALITY_BF16_FEW_ZEN5 3
 #endif
-static_assert((JR_PACKED_PF_LOCALITY_BF16_FEW == 2 || JR_PACKED_PF_LOCALITY_BF16_FEW == 3) &&
-                  (JR_PACKED_PF_LOCALITY_BF16 == 2 || JR_PACKED_PF_LOCALITY_BF16 == 3) &&
-                  (JR_PACKED_PF_LOCALITY_F32 == 2 || JR_PACKED_PF_LOCALITY_F32 == 3) &&
-                  (JR_PACKED_PF_LOCALITY_BF16_FEW_ZEN5 == 2 || JR_PACKED_PF_LOCALITY_BF16_FEW_ZEN5 == 3),
-              "the packed GEMV's prefetch localities are 2 (t1) or 3 (t0)");
 
 // A block of 7-8 rows runs as two passes over the tile, vectors 0-1 then 2-3 of each step (8 x 2 accumulators, no
 // spills; the second pass reads the tile from L2) instead of one 8 x 4 pass that spills ~5 accumulators per step.
@@ -106,17 +109,15 @@ constexpr bool available() {
   return std::is_same_v<WT, float> || simd::kHaveBf16Dot;
 }
 
-// The next tile's prefetch on this CPU (see the top): from how many rows of x, and its locality (2 = t1, 3 = t0) up
-// to JR_PACKED_PF_L2_MAX_ROWS_BF16 rows (bf16; fp32: at any M).
-struct PrefetchRule {
-  int64_t min_rows;
-  int few_locality;
-};
+// Whether the next tile's prefetch follows Zen 5's rule here (see the top): bf16 weights on AMD family 0x1A and later.
 template <typename WT>
-inline PrefetchRule prefetch_rule() {
-  if constexpr (std::is_same_v<WT, float>) return {JR_PACKED_PF_MIN_ROWS, JR_PACKED_PF_LOCALITY_F32};
-  if (cpu::amd_family() >= 0x1A) return {JR_PACKED_PF_MIN_ROWS_BF16_ZEN5, JR_PACKED_PF_LOCALITY_BF16_FEW_ZEN5};
-  return {JR_PACKED_PF_MIN_ROWS, JR_PACKED_PF_LOCALITY_BF16_FEW};
+inline bool zen5_rule() {
+  return !std::is_same_v<WT, float> && cpu::amd_family() >= 0x1A;
+}
+// The rows of x from which the next tile is prefetched, by that rule.
+template <typename WT>
+inline int64_t prefetch_min_rows() {
+  return zen5_rule<WT>() ? JR_PACKED_PF_MIN_ROWS_BF16_ZEN5 : JR_PACKED_PF_MIN_ROWS;
 }
 
 constexpr int kMB = 6;       // x rows per register block: 6 x 4 = 24 accumulators
@@ -212,10 +213,14 @@ void gemv_for(const WT* wp, const WT* x, int64_t ldx, const float* bias, float* 
   // one does for a third of the work).
   const int64_t passes = M <= kMBSmall ? 1 : (M + kMB - 1) / kMB;
   const int64_t mb_lo = M / passes, n_hi = M % passes;  // the first n_hi blocks take mb_lo + 1 rows
-  // the next tile's prefetch (see the top): from rule.min_rows rows of x on, with the CPU's locality for few rows
-  const PrefetchRule rule = prefetch_rule<WT>();
-  const bool few = std::is_same_v<WT, float> || M <= JR_PACKED_PF_L2_MAX_ROWS_BF16;
-  const bool to_l1 = (few ? rule.few_locality : JR_PACKED_PF_LOCALITY_BF16) == 3;
+  // the next tile's prefetch (see the top): from prefetch_min_rows rows of x on; its locality fp32's, or bf16's for
+  // more rows, or for few rows the CPU's rule's
+  constexpr bool f32 = std::is_same_v<WT, float>;
+  constexpr int kLocMany = f32 ? JR_PACKED_PF_LOCALITY_F32 : JR_PACKED_PF_LOCALITY_BF16;
+  constexpr int kLocFew = f32 ? JR_PACKED_PF_LOCALITY_F32 : JR_PACKED_PF_LOCALITY_BF16_FEW;
+  constexpr int kLocFewZen5 = f32 ? JR_PACKED_PF_LOCALITY_F32 : JR_PACKED_PF_LOCALITY_BF16_FEW_ZEN5;
+  const int64_t pf_rows = prefetch_min_rows<WT>();
+  const int loc_case = f32 || M > JR_PACKED_PF_L2_MAX_ROWS_BF16 ? 0 : zen5_rule<WT>() ? 2 : 1;
   std::vector<float> c(static_cast<size_t>(M * S));
 #pragma omp for schedule(guided, 1)
   for (int64_t s = 0; s < strips; ++s) {
@@ -225,13 +230,15 @@ void gemv_for(const WT* wp, const WT* x, int64_t ldx, const float* bias, float* 
       const WT* tile = ws + k0 * SE;
       // the next tile's cache lines, one share per row block
       const NextTile nt(reinterpret_cast<const char*>(tile + kn * SE), end, KT * SE * sizeof(WT), passes, kn,
-                        M >= rule.min_rows);
+                        M >= pf_rows);
       for (int64_t m0 = 0, j = 0; j < passes; m0 += mb_lo + (j < n_hi), ++j) {
         const int mb = int(mb_lo + (j < n_hi));
         const WT* xs = x + m0 * ldx + E * k0;
         float* cs = c.data() + m0 * S;
-        if (to_l1) row_block<WT, 3>(mb, tile, xs, ldx, kn, cs, k0 == 0, nt.begin(j), nt.end(j), nt.lpk);
-        else row_block<WT, 2>(mb, tile, xs, ldx, kn, cs, k0 == 0, nt.begin(j), nt.end(j), nt.lpk);
+        if (loc_case == 1) row_block<WT, kLocFew>(mb, tile, xs, ldx, kn, cs, k0 == 0, nt.begin(j), nt.end(j), nt.lpk);
+        else if (loc_case == 2)
+          row_block<WT, kLocFewZen5>(mb, tile, xs, ldx, kn, cs, k0 == 0, nt.begin(j), nt.end(j), nt.lpk);
+        else row_block<WT, kLocMany>(mb, tile, xs, ldx, kn, cs, k0 == 0, nt.begin(j), nt.end(j), nt.lpk);
       }
     }
     const int64_t n0 = s * S, nn = std::min(S, N - n0);

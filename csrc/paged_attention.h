@@ -16,12 +16,14 @@
 // small shape (fp32) and +12-19 % at Janus-Pro-1B dims in bf16, where the 8-tokens-per-head K reads otherwise visit
 // 8 pages at a time 256 B each; prefetching the same lines in the order the kernel reads them gained ~0 for bf16.
 // (On the earlier Zen 3 box, 2026-11-25, software prefetch of the next block had left the DRAM rate unchanged.)
-// The prefetches go to L2 (prefetcht1), and the next block may be the first of the row's next part: on the 2-core
-// Zen 4 host (2026-12-03, ninth session, bench_ab, middle half) the 1B dims in bf16 from DRAM 17.3 -> 20.0 GB/s
-// with t1 instead of t0 (likely: a t0 prefetch holds one of the core's few L1 miss buffers until its line arrives),
-// and 22.5 -> 23.7 in another A/B with the prefetch crossing into the next part; the small shape fp32 16.4 -> 20.9.
+// The prefetches go to L2 (prefetcht1; L1 on Zen 5, below), and the next block may be the first of the row's next
+// part: on the 2-core Zen 4 host (2026-12-03, ninth session, bench_ab, middle half) the 1B dims in bf16 from DRAM
+// 17.3 -> 20.0 GB/s with t1 instead of t0 (likely: a t0 prefetch holds one of the core's few L1 miss buffers until
+// its line arrives), and 22.5 -> 23.7 in another A/B with the prefetch crossing into the next part; the small shape
+// fp32 16.4 -> 20.9.
 // On Zen 5 (AMD family 0x1A) t0 is the faster (2-core Zen 5 VM, thirtieth session, 2026-12-06, bench_ab, 1B dims
-// bf16, 32 rows x 312 tokens, middle half: 42.2 -> 44.2 and 40.8 -> 44.8 GB/s), so there the prefetches go to L1.
+// bf16, 32 rows x 312 tokens, middle half: 42.2 -> 44.2 and 40.8 -> 44.8 GB/s when memory was fast, +0-3 % when
+// slow), so there the prefetches go to L1.
 // Prefetching 2 or 3 blocks ahead, or spreading the prefetches over the V passes too, gained nothing; NTA was slower.
 #pragma once
 
@@ -44,13 +46,21 @@ constexpr int kW = simd::kWidth;
 #ifndef JR_ATTN_PART_BLOCKS  // cache blocks per attention task (see make_plan)
 #define JR_ATTN_PART_BLOCKS 8
 #endif
+// (A build's own -DJR_ATTN_PF_LOCALITY holds on Zen 5 too unless -DJR_ATTN_PF_LOCALITY_ZEN5 is given as well.)
+#if defined(JR_ATTN_PF_LOCALITY) && !defined(JR_ATTN_PF_LOCALITY_ZEN5)
+#define JR_ATTN_PF_LOCALITY_ZEN5 JR_ATTN_PF_LOCALITY
+#endif
 #ifndef JR_ATTN_PF_LOCALITY  // __builtin_prefetch locality of RangePrefetcher: 2 = prefetcht1 (L2), 3 = prefetcht0
 #define JR_ATTN_PF_LOCALITY 2
 #endif
-#ifndef JR_ATTN_PF_LOCALITY_ZEN5  // the same on AMD family 0x1A (see the top)
+#ifndef JR_ATTN_PF_LOCALITY_ZEN5  // the same on AMD family 0x1A and later (see the top)
 #define JR_ATTN_PF_LOCALITY_ZEN5 3
 #endif
 constexpr int64_t kTokenMajorBytes = 2048;  // token-major K scoring for fp32 task rows up to this (see the top)
+
+// Whether RangePrefetcher takes Zen 5's locality here: AMD family 0x1A and later (see the top).
+inline bool zen5_rule() { return cpu::amd_family() >= 0x1A; }
+inline int prefetch_locality() { return zen5_rule() ? JR_ATTN_PF_LOCALITY_ZEN5 : JR_ATTN_PF_LOCALITY; }
 
 // Prefetches the task's part of the tokens of two blocks (the next block's K, this block's V: per token `seg`
 // elements at a stride of `row`; one contiguous range where the task reads whole rows) line by line in address
@@ -76,7 +86,7 @@ struct RangePrefetcher {
   };
   Stream a, b;
   int64_t per = 0;
-  bool zen5 = cpu::amd_family() >= 0x1A;  // the locality: JR_ATTN_PF_LOCALITY_ZEN5 there, else JR_ATTN_PF_LOCALITY
+  bool zen5 = zen5_rule();  // the locality: JR_ATTN_PF_LOCALITY_ZEN5 there, else JR_ATTN_PF_LOCALITY
   template <typename T>
   void set(const T* pa, int64_t na, const T* pb, int64_t nb, int64_t seg, int64_t row, int64_t calls) {
     const int64_t seg_bytes = seg * int64_t(sizeof(T));

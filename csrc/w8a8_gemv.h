@@ -48,6 +48,10 @@
 // Rows of x from which a tile's block passes prefetch the next tile (software prefetch); below, none. On Zen 5 (AMD
 // family 0x1A) from 1 row on: whole 1B n = 1 generations (bench_ab --op engine --int8 w8a8, 128 tokens, 2-core Zen 5
 // VM, 2026-12-06) 55.1 -> 62.6 GB/s, as packed_gemv.h's bf16 rule there.
+// (A build's own -DJR_W8A8_PF_MIN_ROWS holds on Zen 5 too unless -DJR_W8A8_PF_MIN_ROWS_ZEN5 is given as well.)
+#if defined(JR_W8A8_PF_MIN_ROWS) && !defined(JR_W8A8_PF_MIN_ROWS_ZEN5)
+#define JR_W8A8_PF_MIN_ROWS_ZEN5 JR_W8A8_PF_MIN_ROWS
+#endif
 #ifndef JR_W8A8_PF_MIN_ROWS
 #define JR_W8A8_PF_MIN_ROWS 3
 #endif
@@ -56,6 +60,11 @@
 #endif
 
 namespace jr::w8a8 {
+
+// The rows of x from which the next tile is prefetched on this CPU (see the top).
+inline int64_t prefetch_min_rows() {
+  return cpu::amd_family() >= 0x1A ? JR_W8A8_PF_MIN_ROWS_ZEN5 : JR_W8A8_PF_MIN_ROWS;
+}
 
 constexpr int64_t kS = 64;         // output columns a strip
 constexpr int64_t kE = 4;          // k a step (VPDPBUSD's quad)
@@ -214,7 +223,7 @@ inline void gemv_for(const uint8_t* wp, const QuantizedX& xq, const float* bias,
   // row blocks of as even a size as can be (32 rows: 6, 6, 5, 5, 5, 5), as packed_gemv.h
   const int64_t passes = (M + kMB - 1) / kMB, mb_lo = M / passes, n_hi = M % passes;
   std::vector<float> c(static_cast<size_t>(M * kS));
-  const int64_t pf_rows = cpu::amd_family() >= 0x1A ? JR_W8A8_PF_MIN_ROWS_ZEN5 : JR_W8A8_PF_MIN_ROWS;
+  const int64_t pf_rows = prefetch_min_rows();
 #pragma omp for schedule(guided, 1)
   for (int64_t s = 0; s < strips; ++s) {
     const uint8_t* ws = wp + s * KS * kSE;

@@ -38,16 +38,18 @@ def simd_isa() -> str:
     return _ext().simd_isa()
 
 
-def amd_family() -> int:
-    """AMD's CPUID family of this CPU as the kernels read it (0x19: Zen 3 / Zen 4, 0x1A: Zen 5), 0 on other vendors."""
-    return _ext().amd_family()
+def prefetch_rules() -> dict[str, int]:
+    """The decode kernels' software-prefetch rules as this CPU takes them (csrc/packed_gemv.h, w8a8_gemv.h,
+    paged_attention.h): amd_family (AMD's CPUID family, 0x19 Zen 3 / Zen 4, 0x1A Zen 5; 0 on other vendors), zen5
+    (1 where the Zen 5 rules apply: AMD family 0x1A and later), the rows of x from which the packed bf16 / fp32 and
+    W8A8 GEMVs prefetch the next weight tile (packed_bf16_min_rows -1 in a build without the bf16 GEMV), and the
+    paged attention's prefetch locality (2 = L2, 3 = L1). bench/RESULTS.md (thirtieth session) has why."""
+    return dict(_ext().prefetch_rules())
 
 
 def prefetch_rule() -> str:
-    """Which software-prefetch rules the decode kernels take here (csrc/packed_gemv.h, w8a8_gemv.h, paged_attention.h):
-    "zen5" on AMD family 0x1A and later, else "default" (the rules measured on Zen 4). bench/RESULTS.md, thirtieth
-    session, has the measurements."""
-    return "zen5" if amd_family() >= 0x1A else "default"
+    """"zen5" where the decode kernels take Zen 5's prefetch rules (prefetch_rules()), else "default" (Zen 4's)."""
+    return "zen5" if prefetch_rules()["zen5"] else "default"
 
 
 def cpu_flags() -> frozenset[str]:

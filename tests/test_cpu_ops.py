@@ -30,20 +30,30 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ---- which CPU the prefetch rules see --------------------------------------------------------------------------
-def test_amd_family_matches_cpuinfo():
-    """csrc/cpu_family.h reads AMD's CPUID family (base + extended) as /proc/cpuinfo gives it; 0 on other vendors;
-    prefetch_rule() follows it."""
+def test_prefetch_rules_follow_the_cpu():
+    """csrc/cpu_family.h reads AMD's CPUID family (base + extended) as /proc/cpuinfo gives it (0 on other vendors), and
+    the kernels take Zen 5's prefetch rules from family 0x1A on, the default (Zen 4's) rules elsewhere, with the values
+    the headers document (unless this build was tuned with -DJR_... flags)."""
     try:
         with open("/proc/cpuinfo") as f:
-            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+            first = f.read().split("\n\n")[0]
     except OSError:
         pytest.skip("no /proc/cpuinfo")
-    info = {k.strip(): v.strip() for k, v in info.items()}
+    info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
     if "vendor_id" not in info or "cpu family" not in info:
         pytest.skip("/proc/cpuinfo without vendor_id / cpu family (not x86)")
-    want = int(info["cpu family"]) if info["vendor_id"] == "AuthenticAMD" else 0
-    assert cpu_ops.amd_family() == want
-    assert cpu_ops.prefetch_rule() == ("zen5" if want >= 0x1A else "default")
+    family = int(info["cpu family"]) if info["vendor_id"] == "AuthenticAMD" else 0
+    rules = cpu_ops.prefetch_rules()
+    assert rules["amd_family"] == family
+    zen5 = family >= 0x1A
+    assert rules["zen5"] == zen5 and cpu_ops.prefetch_rule() == ("zen5" if zen5 else "default")
+    if "-DJR_" in os.environ.get("JANUS_RT_CXXFLAGS", ""):
+        return  # a tuning build: its own values
+    bf16 = cpu_ops.packed_available(torch.bfloat16)
+    assert rules["packed_bf16_min_rows"] == ((1 if zen5 else 3) if bf16 else -1)
+    assert rules["packed_fp32_min_rows"] == 3
+    assert rules["w8a8_min_rows"] == (1 if zen5 else 3)
+    assert rules["attention_locality"] == (3 if zen5 else 2)
 
 
 # ---- vq_nearest ----------------------------------------------------------------------------------------------
@@ -645,7 +655,7 @@ def test_gather_rows(src_dtype, dtype):
         cpu_ops.gather_rows(src, torch.tensor([0, 1], dtype=torch.int32))
 
 
-def test_bench_ab_smoke():
+def test_bench_ab_smoke(monkeypatch):
     """bench/bench_ab.py (interleaved A/B of builds) runs its four ops on this build loaded twice: same outputs, a
     rate per memory-state bin and build; the engine also with W8A8 projections where this CPU has them."""
     import argparse
@@ -669,6 +679,11 @@ def test_bench_ab_smoke():
         ab.main(argparse.Namespace(**{**vars(args), "op": "layers", "dtype": "int8", "int8": None}))
     with pytest.raises(SystemExit, match="--int8"):
         ab.main(argparse.Namespace(**{**vars(args), "op": "layers", "dtype": "bf16", "int8": "w8a8"}))
+    for mode, have in (("weights", "int8_available"), ("w8a8", "w8a8_available")):  # a CPU without that GEMV
+        with monkeypatch.context() as m:
+            m.setattr(cpu_ops, have, lambda: False)
+            with pytest.raises(SystemExit, match=f"--int8 {mode}: this CPU"):
+                ab.main(argparse.Namespace(**{**vars(args), "op": "engine", "dtype": "bf16", "int8": mode}))
 
 
 def _mapping_flags(addr: int) -> list[str] | None:
