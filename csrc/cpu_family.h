@@ -26,4 +26,8 @@ inline int amd_family() {
   return family;
 }
 
+// Whether the kernels take the rules measured on Zen 5 (AMD family 0x1A) rather than their default (Zen 4's); later
+// AMD families too.
+inline bool zen5_or_later() { return amd_family() >= 0x1A; }
+
 }  // namespace jr::cpu

@@ -259,7 +259,7 @@ int decode_phase_count() { return kNumPhases; }
 std::map<std::string, int64_t> prefetch_rules() {
   const bool bf16 = packed::available<uint16_t>();  // (no packed bf16 GEMV without AVX512_BF16)
   return {{"amd_family", cpu::amd_family()},
-          {"zen5", packed::zen5_rule<uint16_t>()},
+          {"zen5", cpu::zen5_or_later()},
           {"packed_bf16_min_rows", bf16 ? packed::prefetch_min_rows<uint16_t>() : -1},
           {"packed_fp32_min_rows", packed::prefetch_min_rows<float>()},
           {"w8a8_min_rows", w8a8::prefetch_min_rows()},

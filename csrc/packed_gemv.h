@@ -13,7 +13,7 @@
 // While the row blocks run, the next tile in memory (the strip's next one or the next strip's first) is prefetched,
 // spread over the row blocks so that the weight stream is read at an even rate instead of in bursts at each tile's
 // first block — from 3 rows of x on (for 1 or 2 the hardware prefetchers of Zen 4 read the stream faster alone), on
-// Zen 5 from 1 row on for bf16 (prefetch_rule).
+// Zen 5 from 1 row on for bf16 (zen5_rule).
 // Against gemv.h's row-block kernel on the unpacked W (bf16, 2-core Zen 5, 2026-12-02, bench/RESULTS.md): ~1.8x at
 // M = 32, ~1.5x at M = 2-8, with W from DRAM.
 // On CPUs with AMX-BF16 (and a build for them), bf16 weights with K a multiple of 32 go to amx_gemv.h instead: the same
@@ -75,11 +75,11 @@
 #ifndef JR_PACKED_PF_MIN_ROWS
 #define JR_PACKED_PF_MIN_ROWS 3
 #endif
-// Zen 5 (AMD family 0x1A and later) measured the other way for bf16 (2-core Zen 5 VM, thirtieth session, 2026-12-06, bench_ab,
-// 1B shape, middle half / fastest quarter, GB/s of weights): the next tile prefetched from M = 1 on, M = 2 42.6 /
-// 49.2 -> 48.3 / 59.7 with t1, 49.2 / 67.2 with t0; M = 1 42.3 -> 44.5 (t0); and t0 up to 18 rows too, M = 4 59.8 ->
-// 65.0, M = 8 59.6 -> 68.4, M = 16 40.5 -> 42.2. Whole n = 1 generations (bench_ab --op engine, 128 tokens): 55.3 ->
-// 69.4 GB/s. fp32 at M = 2 alike with and without (75.4 / 75.1), so fp32 keeps the rule above.
+// Zen 5 (AMD family 0x1A and later) measured the other way for bf16 (2-core Zen 5 VM, thirtieth session, 2026-12-06,
+// bench_ab, 1B shape, middle half / fastest quarter, GB/s of weights): the next tile prefetched from M = 1 on, M = 2
+// 42.6 / 49.2 -> 48.3 / 59.7 with t1, 49.2 / 67.2 with t0; M = 1 42.3 -> 44.5 (t0); and t0 up to 18 rows too, M = 4
+// 59.8 -> 65.0, M = 8 59.6 -> 68.4, M = 16 40.5 -> 42.2. Whole n = 1 generations (bench_ab --op engine, 128
+// tokens): 55.3 -> 69.4 GB/s. fp32 at M = 2 alike with and without (75.4 / 75.1), so fp32 keeps the rule above.
 #ifndef JR_PACKED_PF_MIN_ROWS_BF16_ZEN5
 #define JR_PACKED_PF_MIN_ROWS_BF16_ZEN5 1
 #endif
@@ -112,7 +112,7 @@ constexpr bool available() {
 // Whether the next tile's prefetch follows Zen 5's rule here (see the top): bf16 weights on AMD family 0x1A and later.
 template <typename WT>
 inline bool zen5_rule() {
-  return !std::is_same_v<WT, float> && cpu::amd_family() >= 0x1A;
+  return !std::is_same_v<WT, float> && cpu::zen5_or_later();
 }
 // The rows of x from which the next tile is prefetched, by that rule.
 template <typename WT>

@@ -58,9 +58,8 @@ constexpr int kW = simd::kWidth;
 #endif
 constexpr int64_t kTokenMajorBytes = 2048;  // token-major K scoring for fp32 task rows up to this (see the top)
 
-// Whether RangePrefetcher takes Zen 5's locality here: AMD family 0x1A and later (see the top).
-inline bool zen5_rule() { return cpu::amd_family() >= 0x1A; }
-inline int prefetch_locality() { return zen5_rule() ? JR_ATTN_PF_LOCALITY_ZEN5 : JR_ATTN_PF_LOCALITY; }
+// RangePrefetcher's locality on this CPU (see the top).
+inline int prefetch_locality() { return cpu::zen5_or_later() ? JR_ATTN_PF_LOCALITY_ZEN5 : JR_ATTN_PF_LOCALITY; }
 
 // Prefetches the task's part of the tokens of two blocks (the next block's K, this block's V: per token `seg`
 // elements at a stride of `row`; one contiguous range where the task reads whole rows) line by line in address
@@ -86,7 +85,7 @@ struct RangePrefetcher {
   };
   Stream a, b;
   int64_t per = 0;
-  bool zen5 = zen5_rule();  // the locality: JR_ATTN_PF_LOCALITY_ZEN5 there, else JR_ATTN_PF_LOCALITY
+  bool zen5 = cpu::zen5_or_later();  // the locality: JR_ATTN_PF_LOCALITY_ZEN5 there, else JR_ATTN_PF_LOCALITY
   template <typename T>
   void set(const T* pa, int64_t na, const T* pb, int64_t nb, int64_t seg, int64_t row, int64_t calls) {
     const int64_t seg_bytes = seg * int64_t(sizeof(T));

@@ -63,7 +63,7 @@ namespace jr::w8a8 {
 
 // The rows of x from which the next tile is prefetched on this CPU (see the top).
 inline int64_t prefetch_min_rows() {
-  return cpu::amd_family() >= 0x1A ? JR_W8A8_PF_MIN_ROWS_ZEN5 : JR_W8A8_PF_MIN_ROWS;
+  return cpu::zen5_or_later() ? JR_W8A8_PF_MIN_ROWS_ZEN5 : JR_W8A8_PF_MIN_ROWS;
 }
 
 constexpr int64_t kS = 64;         // output columns a strip
