@@ -254,8 +254,8 @@ if __name__ == "__main__":
     ap.add_argument("-n", type=int, default=None, help="engine: images (default: the shape's)")
     ap.add_argument("--tokens", type=int, default=576, help="engine: image tokens per image")
     ap.add_argument("--int8", choices=["weights", "w8a8"], default=None,
-                    help="engine: the projections as int8 weights or W8A8 (as janus-rt bench --int8; packed once by this "
-                    "checkout's build, so the builds must agree on that layout)")
+                    help="engine: the projections as int8 weights or W8A8 (as janus-rt bench --int8; packed once by "
+                    "this checkout's build, so the builds must agree on that layout)")
     ap.add_argument("--reps", type=int, default=400)
     # 1 GB: an Intel Xeon host reported 480 MiB of L3, where 80-170 MB per call ran from cache (bench/RESULTS.md,
     # 2026-12-04: the 1B GEMV at 32 rows 23.5 GB/s vs 18-20 from 2 GB)

@@ -3,8 +3,8 @@
 // bf16 matmul peak (bench/RESULTS.md, 2026-12-06).
 //   q [B, Tq, H, D], k, v [B, Tk, Hkv, D], o [B, Tq, H, D] contiguous, all bf16; q, k, v with any batch and token
 //   strides (q_sb, q_st, ...: elements; a token's heads x D contiguous), so views of a fused qkv projection's output
-//   need no copy; H % Hkv == 0 (query head h reads kv head h / (H / Hkv)); D a multiple of 16, at most kPrefillMaxD. causal: aligned bottom-right (Tq <= Tk):
-//   query i sees keys j <= i + Tk - Tq.
+//   need no copy; H % Hkv == 0 (query head h reads kv head h / (H / Hkv)); D a multiple of 16, at most kPrefillMaxD.
+//   causal: aligned bottom-right (Tq <= Tk): query i sees keys j <= i + Tk - Tq.
 // First each (b, kv head)'s K and V are repacked into the pairs VDPBF16PS multiplies (one instruction: 16 lanes x 2
 // bf16 products added to 16 fp32 sums):
 //   kp [Tk / 32 blocks][D / 2][32 keys] of (k[key][2e], k[key][2e + 1]): a vector scores 16 keys over 2 elements of D;
@@ -65,10 +65,10 @@ void repack(const uint16_t* k, const uint16_t* v, int64_t ldk, int64_t ldv, int6
 }
 
 // e^x for x <= 0 (a score minus its row's max), to simd::exp's accuracy and bits for x >= -87.3 (its reduction and
-// polynomial: simd::exp_round, exp_reduced; vf is __m512 in this AVX-512 code), with 2^n by VSCALEFPS (no overflow to guard against, and smaller x gives denormals or 0); x = -inf
-// gives e^-88 (the caller masks such lanes, and -inf scores). A NaN x stays NaN: that is how a NaN or +inf score
-// (+inf: the max is +inf, and inf - inf is NaN) reaches its row's sum and output, as torch's softmax makes such a
-// row NaN.
+// polynomial: simd::exp_round, exp_reduced; vf is __m512 in this AVX-512 code), with 2^n by VSCALEFPS (no overflow
+// to guard against, and smaller x gives denormals or 0); x = -inf gives e^-88 (the caller masks such lanes, and -inf
+// scores). A NaN x stays NaN: that is how a NaN or +inf score (+inf: the max is +inf, and inf - inf is NaN) reaches
+// its row's sum and output, as torch's softmax makes such a row NaN.
 inline __m512 exp_nonpositive(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(-88.0f), x);  // (max returns its second operand where one is NaN)
   const __m512 n = simd::exp_round(x);

@@ -185,7 +185,8 @@ def _device_checks(args):
     --kv-cache-dtype. (--device itself is checked for every command by main's _checked_device.)"""
     cuda = str(args.device).startswith("cuda")
     return [(cuda or args.dtype is None or DTYPES[args.dtype] != torch.float16,
-             "--dtype fp16 needs a GPU; on the CPU use fp32 or bf16"), *_int8_checks(args, cuda), *_kv_checks(args, cuda)]
+             "--dtype fp16 needs a GPU; on the CPU use fp32 or bf16"),
+            *_int8_checks(args, cuda), *_kv_checks(args, cuda)]
 
 
 def _common_checks(args):

@@ -420,8 +420,7 @@ def check_convert_dst(src: Path, dst: Path) -> None:
         raise UsageError(f"DST {str(dst)!r} is a file, not a folder")
     if dst.is_dir() and src.exists() and dst.resolve() == src.resolve():
         raise UsageError(f"DST {str(dst)!r} is SRC: convert writes a new folder and leaves SRC as it is")
-    if dst.is_dir() and any((dst / n).exists() for n in ("config.json", "model.safetensors")) or (
-            dst.is_dir() and any(dst.glob("*.safetensors"))):
+    if dst.is_dir() and ((dst / "config.json").exists() or any(dst.glob("*.safetensors"))):
         raise UsageError(f"DST {str(dst)!r} already holds a checkpoint: give a new or empty folder")
 
 

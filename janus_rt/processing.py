@@ -141,8 +141,8 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
     """Text prompts (a list; a string is one prompt) -> PIL images (n per prompt, prompts batched in one engine run;
     prompt k samples with seed + k). With `out_dir`, also writes img_<prompt>_<i>.png (the decoder's size; each
     prompt's as soon as its request finishes: a run longer than the KV cache holds at once keeps each wave of prompts
-    it has finished) and at the end grid.png (one row per prompt for the first max_grid_rows prompts, 2 px apart; tiles enlarged to >= 128 px a
-    side). <prompt> is the prompt's index in `prompts`, 2 digits, more from 101 prompts on. Returns (images per
+    it has finished) and at the end grid.png (one row per prompt for the first max_grid_rows prompts, 2 px apart;
+    tiles enlarged to >= 128 px a side). <prompt> is the prompt's index in `prompts`, 2 digits, more from 101 prompts on. Returns (images per
     prompt, engine); with keep_images=False (and out_dir) the prompts past the grid's get None instead of their
     images, which are on disk (a long list of prompts is not held in memory). Each PNG carries the settings that made
     it as PNG text (`png_parameters`): the prompt, its seed, the image's index, the sampling settings, `info`'s

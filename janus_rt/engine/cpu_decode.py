@@ -11,7 +11,6 @@ the small benchmark shape.
 """
 from __future__ import annotations
 
-
 import torch
 
 from janus_rt import cpu_ops, cpu_step, ops
