@@ -433,6 +433,40 @@ def test_resume_of_another_run_refused_before_out_changes(change, message, finis
         train(TrainConfig(out=str(out), **{**cfg, "ratios": {"und": 1.0, "text": 1.0, "t2i": 1.0}}))
 
 
+def test_resume_with_another_model_refused(finished_run, tmp_path, monkeypatch):
+    """A resumed run continues from its checkpoint's weights: a --model other than the run's own is refused before a
+    model loads or anything in OUT changes; no --model, the same preset, or the run's folder spelled another way
+    continues (here: up to the model load)."""
+    import janus_rt.cli as cli
+    from janus_rt.errors import UsageError
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    monkeypatch.setattr(cli, "load_model", _no_model)
+    cfg = dict(RUN, synthetic=8, steps=4, lr=1e-3, resume=True)
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    before = _files(out)
+    for other in ("small", str(folder)):
+        with pytest.raises(UsageError, match="^" + re.escape(
+                f"--resume: {out / 'checkpoints' / 'step_0000002'} continues a run that started from --model tiny, "
+                f"not --model {other}; resume without --model")):
+            train(TrainConfig(out=str(out), **{**cfg, "model": other}))
+    assert _files(out) == before
+    for same in (None, "tiny"):
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            train(TrainConfig(out=str(out), **{**cfg, "model": same}))
+    # a run started from a folder: the same folder by another path continues, another preset does not
+    state = out / "checkpoints" / "step_0000002" / "state.json"
+    meta = json.loads(state.read_text())
+    meta["config"]["model"] = str(folder)
+    state.write_text(json.dumps(meta))
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        train(TrainConfig(out=str(out), **{**cfg, "model": str(folder / ".." / "weights")}))
+    with pytest.raises(UsageError, match=re.escape(f"started from --model {folder}, not --model tiny")):
+        train(TrainConfig(out=str(out), **{**cfg, "model": "tiny"}))
+
+
 def test_resume_past_steps_says_nothing_to_do(finished_run, tmp_path, monkeypatch, capsys):
     """--resume of a run already at (or past) --steps: a note, nothing loaded or written."""
     import janus_rt.cli as cli
@@ -452,8 +486,10 @@ def test_resume_loads_the_checkpoint_not_the_preset(finished_run, tmp_path, caps
     """A resumed run starts from its checkpoint: no 'training from random weights' note for a preset --model."""
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
-    logs = train(TrainConfig(out=str(out), synthetic=8, steps=3, lr=1e-3, resume=True, **RUN))
+    logs = train(TrainConfig(out=str(out), synthetic=8, steps=3, lr=1e-3, resume=True, **{**RUN, "model": None}))
     assert [r["step"] for r in logs] == [3]
+    state = json.loads((out / "checkpoints" / "step_0000003" / "state.json").read_text())
+    assert state["config"]["model"] == "tiny"  # (no --model: the run's own, recorded as such)
     err = capsys.readouterr().err
     assert "random weights" not in err
     assert f"note: --resume: continuing from {out / 'checkpoints' / 'step_0000002'} (step 2)" in err

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from janus_rt.train.loop import TrainConfig, train
+from janus_rt.train.loop import DEFAULT_MODEL, TrainConfig, train
 
 
 def _ratios(text: str) -> dict[str, float]:
@@ -17,7 +17,8 @@ def _ratios(text: str) -> dict[str, float]:
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     d = TrainConfig(out="")
-    p.add_argument("--model", default=d.model, help="checkpoint folder or preset name (default: %(default)s)")
+    p.add_argument("--model", default=None,
+                   help=f"checkpoint folder or preset name (default: {DEFAULT_MODEL}; with --resume, the run's own)")
     p.add_argument("--data", default=None, help="JSONL manifest (t2i / und / text records)")
     p.add_argument("--synthetic", type=int, default=0, metavar="N",
                    help="write N synthetic images (3N records) to OUT/synthetic and train on them")

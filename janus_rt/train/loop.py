@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,10 +32,13 @@ from janus_rt.train.stages import RATIOS, apply_stage
 from janus_rt.train.step import PackedLM, prepare
 
 
+DEFAULT_MODEL = "tiny"
+
+
 @dataclass
 class TrainConfig:
     out: str                        # run folder: checkpoints/, log.jsonl (synthetic/ with `synthetic`)
-    model: str = "tiny"             # checkpoint folder or preset name
+    model: str | None = None        # checkpoint folder or preset name (None: "tiny", or a --resume's own run's)
     data: str | None = None         # JSONL manifest
     synthetic: int = 0              # > 0: write this many synthetic images (3 records each) to OUT/synthetic
     stage: int = 3
@@ -188,12 +191,36 @@ def _check_resume(cfg: TrainConfig, ck: Path) -> None:
     if differ:
         raise UsageError(f"--resume: {ck} was written by a run with {flags(then, differ)}, not {flags(now, differ)}; "
                          f"resume with the checkpoint's settings, or give another --out for a new run")
+    started = then.get("model") or DEFAULT_MODEL
+    if cfg.model is not None and not _same_model(started, cfg.model):  # (the checkpoint holds the weights)
+        raise UsageError(f"--resume: {ck} continues a run that started from --model {started}, not --model "
+                         f"{cfg.model}; resume without --model (the checkpoint holds the weights), or give another "
+                         f"--out for a new run")
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two --model values name the same checkpoint folder (however spelled) or the same preset."""
+    pa, pb = Path(a), Path(b)
+    if pa.is_dir() and pb.is_dir():
+        return pa.resolve() == pb.resolve()
+    return a == b
+
+
+def _run_model(cfg: TrainConfig, resume_from: Path | None) -> str:
+    """The --model this run stands for: the one given; else a resumed run's own (as its checkpoint recorded it);
+    else the default preset. (Recorded in every checkpoint, and the VQ token cache's tag.)"""
+    if cfg.model is not None:
+        return cfg.model
+    if resume_from is not None:
+        return (checkpoint.read_state(resume_from).get("config") or {}).get("model") or DEFAULT_MODEL
+    return DEFAULT_MODEL
 
 
 def train(cfg: TrainConfig) -> list[dict]:
     """Run (or resume) training; returns the per-step log records (the same on every rank)."""
     check_config(cfg)
     resume_from = checkpoint.latest(cfg.out) if cfg.resume else None
+    cfg = replace(cfg, model=_run_model(cfg, resume_from))
     if resume_from is not None and (done := checkpoint.read_state(resume_from)["step"]) >= cfg.steps:
         if int(os.environ.get("RANK", "0")) == 0:  # (a finished run asked again: not an error, e.g. a re-queued job)
             print(f"note: --resume: {resume_from} is already at step {done} >= --steps {cfg.steps}: nothing to do "
