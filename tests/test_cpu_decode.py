@@ -9,7 +9,7 @@ from janus_rt.engine.kv_cache import KVCache
 from janus_rt.engine.runner import DecodeKV
 from janus_rt.models.llm import DecoderLayer
 from concurrency import in_threads
-from tolerances import max_err
+from tolerances import assert_same_roundings, max_err
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="janus_rt._C not built")
 
@@ -87,9 +87,9 @@ needs_packed = pytest.mark.skipif(not cpu_ops.packed_available(torch.bfloat16),
 @pytest.mark.parametrize("packed", [False, pytest.param(True, marks=needs_packed)])
 @pytest.mark.parametrize("hidden,heads,inter,lens", SHAPES[:2])
 def test_decode_layer_bf16(hidden, heads, inter, lens, packed):
-    """bf16: the same rounding points as the torch path, so its error against an fp32 run of the same layer is
-    within 2x the torch bf16 path's own; and close to the layer-by-layer cpu path it replaces. packed: the four
-    matrices through the packed GEMV (another summation order, the same bound)."""
+    """bf16: the same rounding points as the torch path, so the torch path's values but for rare rounding flips
+    (another summation order), and an error against an fp32 run of the same layer within 2x the torch bf16 path's
+    own. packed: the four matrices through the packed GEMV (another summation order, the same bounds)."""
     cfg, layer, cache, tables, slots, pos, h = _layer_case(torch.bfloat16, hidden, heads, inter, lens)
     caches = [KVCache(1, cache.num_blocks, cache.block_size, heads, cfg.head_dim, dt)
               for dt in (torch.bfloat16, torch.float32)]
@@ -100,6 +100,7 @@ def test_decode_layer_bf16(hidden, heads, inter, lens, packed):
     layer = layer.to(torch.bfloat16)
     out = _fused(cfg, layer, cache, tables, slots, pos, h, packed=packed)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert_same_roundings(out, ref_bf16, "decode_layer")  # (a rounding point dropped is more accurate: caught here)
     assert max_err(out, ref32) <= 2 * max_err(ref_bf16, ref32)
 
 
@@ -191,8 +192,11 @@ def test_decode_stack_final_norm(dtype):
         ref = ops.rms_norm_torch(h, w, 1e-5)
         with pytest.raises(ValueError, match="final_norm"):
             stack(h, slots, tables, lens, cos, sin)
-    tol = 1e-6 if dtype == torch.float32 else 2**-7
-    assert out.dtype == dtype and max_err(out, ref) <= tol * ref.abs().max()
+    assert out.dtype == dtype
+    if dtype == torch.float32:
+        assert max_err(out, ref) <= 1e-6 * ref.abs().max()
+    else:
+        assert_same_roundings(out, ref, "final norm")
 
 
 def test_decode_layer_skips_padding_slots():
@@ -255,9 +259,10 @@ def test_engine_fused_decode_matches_layer_by_layer(dtype):
         c1 = torch.stack([c for c, _ in x.logits])
         c2 = torch.stack([c for c, _ in y.logits])
         # fp32: summation order only. bf16: the csrc step rounds to bf16 where the torch ops do; another summation
-        # order (the packed GEMV's against the unpacked one's) can flip a rounding now and then: 2 bf16 ulp of the
-        # largest logit (measured: identical on AMX, 6.9e-7 with JANUS_RT_AMX=0)
-        tol = 1e-4 if dtype == torch.float32 else 2**-7
+        # order (the packed GEMV's against the unpacked one's) can flip a rounding now and then: 1/8 bf16 ulp of the
+        # largest logit (measured: identical on AMX, 6.9e-7 of it with JANUS_RT_AMX=0 and on Zen 5; k not rounded
+        # before RoPE in the csrc step alone: 8.4e-3)
+        tol = 1e-4 if dtype == torch.float32 else 2**-10
         assert max_err(c1, c2) <= tol * c2.abs().max()
 
 
@@ -295,8 +300,10 @@ def test_cpu_decoder_packed_gen_head(dtype):
         ref = model.gen_head(h).float()
     out = dec.gen_head(h)
     assert out.dtype == dtype
-    tol = 1e-5 if dtype == torch.float32 else 2**-7  # bf16: output rounding, hidden values an ulp apart
-    assert max_err(out.float(), ref) <= tol * ref.abs().max()
+    if dtype == torch.float32:
+        assert max_err(out.float(), ref) <= 1e-5 * ref.abs().max()
+    else:  # the same rounding points (hidden values, output), another summation order
+        assert_same_roundings(out, ref.to(dtype), "gen head")
 
 
 @pytest.mark.parametrize("packed", ["0", "1"])

@@ -16,7 +16,7 @@ from janus_rt.engine.kv_quant import dequantize_kv, paged_decode_attention_int8_
 from janus_rt.engine.roofline import decode_step_bytes_flops
 from janus_rt.errors import UsageError
 from engine_runs import step_logits, two_image_requests
-from tolerances import max_err
+from tolerances import assert_same_roundings, max_err
 
 needs_csrc = pytest.mark.skipif(not cpu_ops.available(), reason="janus_rt._C not built")
 
@@ -210,10 +210,13 @@ def test_decode_layer_int8_cache(dtype, packed, monkeypatch):
     new[slots] = True
     before = quantize_kv(cache.data)[0][0, 0].reshape(-1, 3, d)
     assert not torch.equal(int8[1].k_cache(0).reshape(-1, 3, d)[new], before[new])  # the step's rows were written
-    tol = 1e-5 if dtype == torch.float32 else 2**-7
-    assert max_err(out, ref) <= tol * ref.abs().max()
-    # and the int8 cache moves the output away from the float cache's by about the quantization's error only
-    assert 0 < max_err(out, ref_float) <= 0.05 * ref_float.abs().max()
+    if dtype == torch.float32:
+        assert max_err(out, ref) <= 1e-5 * ref.abs().max()
+    else:  # the torch path's rounding points
+        assert_same_roundings(out, ref, "decode_layer, int8 cache")
+    # and the int8 cache moves the output away from the float cache's by about the quantization's error only (half
+    # a step is 1/254 of a head's largest value; measured 5.0e-3 to 5.8e-3 of the largest output)
+    assert 0 < max_err(out, ref_float) <= 0.01 * ref_float.abs().max()
 
 
 def _float_cache(cache):
@@ -237,7 +240,7 @@ def test_engine_int8_cache_fused_matches_layer_by_layer(dtype, monkeypatch):
     _, plain = two_image_requests(model, None)
     for x, y, z in zip(fused, layerwise, plain):
         assert x.tokens == y.tokens
-        tol = 1e-4 if dtype == torch.float32 else 2**-7
+        tol = 1e-4 if dtype == torch.float32 else 2**-10  # bf16: rare rounding flips (measured 4.4e-5)
         assert max_err(step_logits(x), step_logits(y)) <= tol * step_logits(y).abs().max()
         err = max_err(step_logits(x), step_logits(z)) / step_logits(z).abs().max()
         assert 0 < err <= 0.05  # int8 rows are not the float rows, but close

@@ -162,7 +162,8 @@ def test_engine_w8a8_csrc_step_is_the_layer_by_layer_path(monkeypatch, wide):
     _, w8 = two_image_requests(weights_only)
     for x, y, z in zip(fused, layerwise, w8):
         assert x.tokens == y.tokens
-        assert max_err(step_logits(x), step_logits(y)) <= 2**-7 * step_logits(y).abs().max()
+        # rare rounding flips between the two summation orders (measured 0 and 5.6e-5)
+        assert max_err(step_logits(x), step_logits(y)) <= 2**-10 * step_logits(y).abs().max()
         first = lambda r: step_logits(r)[:1]  # the first step's logits: the same prompt, no sampled token in between
         assert 0 < max_err(first(x), first(z)) <= 0.1 * first(z).abs().max()
 
