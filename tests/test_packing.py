@@ -126,6 +126,27 @@ def test_resume_is_exact(manifest):
         PackedSampler(dataset(manifest), batch_size=2, seq_len=180, seed=5).load_state_dict(state)
 
 
+def test_resume_with_a_smaller_seq_len(manifest):
+    """A state saved at one seq_len loads into a sampler with a smaller one (a resumed run given a smaller
+    --seq-len): the buffered samples it cannot use (truncated to no loss token) are dropped as such draws are, the
+    rest kept in order, and batching goes on."""
+    mix = {"und": 1, "text": 1}  # (a text sample truncated keeps its loss tokens; an und one here does not)
+    a = PackedSampler(dataset(manifest), batch_size=2, seq_len=180, ratios=mix, seed=4)
+    a.next_batch()
+    state = json.loads(json.dumps(a.state_dict()))
+    b = PackedSampler(dataset(manifest), batch_size=2, seq_len=12, ratios=mix, seed=4)
+    with pytest.warns(DataWarning) as caught:  # (and "truncating samples longer")
+        b.load_state_dict(state)
+    assert any("dropping samples with no loss token" in str(w.message) for w in caught)
+    kept = b.state_dict()["buffer"]
+    assert 0 < len(kept) < len(state["buffer"]) and kept == [e for e in state["buffer"] if e in kept]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        batches = [b.next_batch() for _ in range(3)]
+    assert all(x.input_ids.shape == (2, 12) and (x.text_labels != IGNORE).any() for x in batches)
+    assert [d[1:] for d in batches[0].docs[0]][:1] == [tuple(kept[0])]  # the oldest kept sample first
+
+
 def test_overflow_truncate_keeps_whole_images(manifest):
     def turn(q, a):
         return [{"role": "user", "content": "<image_placeholder>\n" + q}, {"role": "assistant", "content": a}]

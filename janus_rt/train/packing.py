@@ -104,7 +104,14 @@ class PackedSampler:
         self._rng.bit_generator.state = state["rng"]
         self._epoch, self._cursor = dict(state["epoch"]), dict(state["cursor"])
         self._draws = int(state["draws"])
-        self._buffer = [(int(i), int(d)) for i, d in state["buffer"]]
+        # the buffered samples, rebuilt from (index, draw) (deterministic); one this sampler cannot use (a resume with
+        # a smaller seq_len: truncated to no loss token, or skipped) is dropped, as _fill drops such a draw
+        self._buffer = []
+        for entry in ((int(i), int(d)) for i, d in state["buffer"]):
+            s = self._build(*entry)
+            if s is not None and len(s) > 0:
+                self._samples[entry[1]] = s
+                self._buffer.append(entry)
 
     # ---- drawing ----------------------------------------------------------------------------------------
     def _order(self, kind: str) -> np.ndarray:
@@ -150,12 +157,6 @@ class PackedSampler:
             self._warned.add(what)
             warnings.warn(msg, DataWarning, stacklevel=4)
 
-    def _get(self, entry: tuple[int, int]) -> Sample:
-        s = self._samples.get(entry[1])
-        if s is None:  # after load_state_dict: rebuild from (index, draw); deterministic
-            s = self._samples[entry[1]] = self._build(*entry)
-        return s
-
     def _fill(self) -> None:
         failures = 0
         while len(self._buffer) < self.lookahead:
@@ -176,12 +177,12 @@ class PackedSampler:
             row, used = [], 0
             while True:
                 self._fill()
-                fit = next((j for j, e in enumerate(self._buffer) if len(self._get(e)) <= self.seq_len - used),
-                           None)
+                room = self.seq_len - used
+                fit = next((j for j, (_, draw) in enumerate(self._buffer) if len(self._samples[draw]) <= room), None)
                 if fit is None:
                     break
                 entry = self._buffer.pop(fit)
-                s = self._samples.pop(entry[1])  # built by _get above
+                s = self._samples.pop(entry[1])
                 row.append((entry, s))
                 used += len(s)
             rows.append(row)
