@@ -495,14 +495,37 @@ def test_resume_loads_the_checkpoint_not_the_preset(finished_run, tmp_path, caps
     assert f"note: --resume: continuing from {out / 'checkpoints' / 'step_0000002'} (step 2)" in err
 
 
-def test_resume_on_other_data_is_a_usage_error(synthetic, tmp_path):
-    """--data resumed on a manifest whose records changed (the data cursor is a position in the old ones)."""
+def test_resume_on_other_data_is_a_usage_error(synthetic, tmp_path, monkeypatch):
+    """--data resumed on a manifest whose contents changed (the data cursor is a position in the old records):
+    refused before a model loads, by the contents recorded in the checkpoint (the same records copied elsewhere
+    continue); a checkpoint without that record (older runs) by the records per kind, once the data is read."""
+    import janus_rt.cli as cli
     from janus_rt.errors import UsageError
 
     out = fresh_run(synthetic, tmp_path, "run")
     manifest = out / "synthetic" / synthetic.name
     cfg = dict(RUN, data=str(manifest), steps=2, lr=1e-3)
     train(TrainConfig(out=str(out), **cfg))
-    manifest.write_text("".join(manifest.read_text().splitlines(keepends=True)[:-3]))
+    text = manifest.read_text()
+    moved = tmp_path / "elsewhere" / "m.jsonl"
+    moved.parent.mkdir()
+    moved.write_text(text)
+    with monkeypatch.context() as m:
+        m.setattr(cli, "load_model", _no_model)
+        with pytest.raises(AssertionError, match="a model was loaded"):  # the same contents: continues
+            train(TrainConfig(out=str(out), **{**cfg, "data": str(moved), "steps": 3, "resume": True}))
+        edited = tmp_path / "edited.jsonl"  # the same records per kind, one caption changed
+        edited.write_text(text.replace("A ", "One ", 1))
+        assert edited.read_text() != text
+        with pytest.raises(UsageError, match=r"^--resume: .*step_0000002 was written by a run on another manifest "
+                                             r"\(.*: other contents than --data .*edited.jsonl\)"):
+            train(TrainConfig(out=str(out), **{**cfg, "data": str(edited), "steps": 3, "resume": True}))
+    manifest.write_text("".join(text.splitlines(keepends=True)[:-3]))
+    with pytest.raises(UsageError, match=r"^--resume: .*step_0000002 was written by a run on another manifest"):
+        train(TrainConfig(out=str(out), **{**cfg, "steps": 3, "resume": True}))
+    state = out / "checkpoints" / "step_0000002" / "state.json"
+    meta = json.loads(state.read_text())
+    del meta["manifest_sha256"]
+    state.write_text(json.dumps(meta))
     with pytest.raises(UsageError, match=r"^--resume: .*step_0000002 was written by a run on other data: records"):
         train(TrainConfig(out=str(out), **{**cfg, "steps": 3, "resume": True}))

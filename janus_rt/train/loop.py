@@ -12,6 +12,7 @@ in the background prefetch thread.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -191,11 +192,24 @@ def _check_resume(cfg: TrainConfig, ck: Path) -> None:
     if differ:
         raise UsageError(f"--resume: {ck} was written by a run with {flags(then, differ)}, not {flags(now, differ)}; "
                          f"resume with the checkpoint's settings, or give another --out for a new run")
+    if cfg.data and meta.get("manifest_sha256") and _sha256(Path(cfg.data)) != meta["manifest_sha256"]:
+        raise UsageError(f"--resume: {ck} was written by a run on another manifest ({then.get('data')}: other "
+                         f"contents than --data {cfg.data}); its data cursor is a position in that one's records: "
+                         f"resume on it, or give another --out for a new run")
     started = then.get("model") or DEFAULT_MODEL
     if cfg.model is not None and not _same_model(started, cfg.model):  # (the checkpoint holds the weights)
         raise UsageError(f"--resume: {ck} continues a run that started from --model {started}, not --model "
                          f"{cfg.model}; resume without --model (the checkpoint holds the weights), or give another "
                          f"--out for a new run")
+
+
+def _sha256(path: Path) -> str:
+    """A manifest's contents, as a resumed run checks them (the same records wherever the file now lies)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -262,6 +276,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         retain_freed_memory()
     trainable = apply_stage(model, cfg.stage)
     manifest = _manifest(cfg, model, rank, barrier)
+    manifest_sha256 = _sha256(manifest)  # (recorded in the checkpoints: a --resume on other contents is refused)
     ds = None
     for turn in (0, 1):  # rank 0 builds the VQ token cache; the others read it after the barrier
         if (rank == 0) == (turn == 0):
@@ -400,7 +415,8 @@ def train(cfg: TrainConfig) -> list[dict]:
                         dist.all_gather_object(rng, checkpoint.rng_state())
                     else:
                         rng = [checkpoint.rng_state()]
-                    state = {"data": data_state, "rng": rng, "world_size": world, "config": asdict(cfg)}
+                    state = {"data": data_state, "rng": rng, "world_size": world, "config": asdict(cfg),
+                             "manifest_sha256": manifest_sha256}
                     path = checkpoint.save(out, step, module, optimizer, state, tok, keep=cfg.keep, rank=rank)
                     if rank == 0:
                         bar.write(f"saved {path}", file=sys.stderr)
