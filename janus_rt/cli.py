@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from janus_rt.errors import UsageError, check_device, check_environment
+from janus_rt.errors import UsageError, check_device, check_environment, folder_problem
 
 INT8_MODES = ("weights", "w8a8")  # --int8's values: models.packed_linear.INT8_MODES (not imported at start-up)
 
@@ -232,29 +232,6 @@ def _int8_checks(args, cuda: bool):
             (not packed_off, f"--int8: {why}")]
 
 
-def _out_problem(path: str, flag: str = "--out") -> str | None:
-    """Why `path` cannot become the output folder, found before any work (and without creating it: a run that fails
-    later leaves nothing behind); None where it can. Probes its nearest existing folder with a folder of its own."""
-    import tempfile
-
-    p = Path(path).absolute()
-    if p.exists() and not p.is_dir():
-        return f"{flag} {path!r} is a file, not a folder"
-    if p.is_dir():
-        probe_in = p
-    else:
-        probe_in = p.parent
-        while not probe_in.exists():
-            probe_in = probe_in.parent
-        if not probe_in.is_dir():
-            return f"{flag} {path!r}: cannot create it ({probe_in} is a file)"
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".janus-rt-probe-", dir=probe_in))
-    except OSError as e:
-        return f"{flag} {path!r}: cannot write in {probe_in} ({e.strerror or e})"
-    return None
-
-
 def cmd_generate(args):
     from janus_rt.cpu_ops import retain_freed_memory
     from janus_rt.engine import Engine
@@ -271,7 +248,7 @@ def cmd_generate(args):
                 (all(p.strip() for p in args.prompt or ["x"]), "--prompt is empty"),
                 (args.out.strip() != "", "--out is empty (give a folder; '.' for this one)"),
                 *_common_checks(args))
-    if err := _out_problem(args.out):  # before minutes of work
+    if err := folder_problem(args.out):  # before minutes of work
         raise SystemExit(f"janus-rt generate: {err}")
     args.prompts = list(args.prompt or [])
     if args.prompts_file is not None:
@@ -487,7 +464,7 @@ def cmd_bench(args):
                  f"--tokens must be at most 576 (the random shapes' image tokens), got {args.tokens}"),
                 *_device_checks(args))
     # the result files are written after minutes of runs: a path that cannot take them is said first
-    _check_args(args, *[(err is None, err) for err in (_out_problem(args.profile, "--profile") if args.profile
+    _check_args(args, *[(err is None, err) for err in (folder_problem(args.profile, "--profile") if args.profile
                                                       else None, _json_problem(args.json))])
     bench_main(args)
 

@@ -1,6 +1,6 @@
 """UsageError: a request the user can fix (a flag's value, a size, a path, a run folder). The command line says it in
 one `janus-rt CMD: ...` line; anything else raised inside janus_rt keeps its traceback (a bug to report). Beside it,
-the checks of user input that several modules share (counts, --device, the JANUS_RT_* switches)."""
+the checks of user input that several modules share (counts, --device, output folders, the JANUS_RT_* switches)."""
 import operator
 import os
 
@@ -44,6 +44,30 @@ def check_device(value) -> "torch.device":
 ENV_SWITCHES = {"JANUS_RT_CPU_MATMUL": ("auto", "torch", "csrc"), "JANUS_RT_PACKED": ("auto", "0", "1"),
                 "JANUS_RT_AMX": ("1", "0"), "JANUS_RT_HUGE_PAGES": ("1", "0"), "JANUS_RT_KEEP_FREED": ("1", "0"),
                 "JANUS_RT_PAGED_ATTENTION": ("block", "slots")}
+
+
+def folder_problem(path: str, flag: str = "--out") -> str | None:
+    """Why `path` cannot become the output folder, found before any work (and without creating it: a run that fails
+    later leaves nothing behind); None where it can. Probes its nearest existing folder with a folder of its own."""
+    import tempfile
+    from pathlib import Path
+
+    p = Path(path).absolute()
+    if p.exists() and not p.is_dir():
+        return f"{flag} {path!r} is a file, not a folder"
+    if p.is_dir():
+        probe_in = p
+    else:
+        probe_in = p.parent
+        while not probe_in.exists():
+            probe_in = probe_in.parent
+        if not probe_in.is_dir():
+            return f"{flag} {path!r}: cannot create it ({probe_in} is a file)"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".janus-rt-probe-", dir=probe_in))
+    except OSError as e:
+        return f"{flag} {path!r}: cannot write in {probe_in} ({e.strerror or e})"
+    return None
 
 
 def env_switch(name: str) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from janus_rt.config import ConfigError, JanusConfig
-from janus_rt.errors import UsageError
+from janus_rt.errors import UsageError, folder_problem
 
 
 class CheckpointError(Exception):
@@ -415,13 +415,16 @@ def save_janus(model, out_dir) -> Path:
 def check_convert_dst(src: Path, dst: Path) -> None:
     """UsageError for a DST that convert must not write, before anything loads: SRC itself (the weights would be
     rewritten in the new dtype before the tokenizer copy failed, a lossy overwrite of the source), a file, or a
-    folder that already holds a checkpoint (model weights or config.json: convert writes a new folder)."""
+    folder that already holds a checkpoint (model weights or config.json: convert writes a new folder), or one that
+    cannot be created or written."""
     if dst.exists() and not dst.is_dir():
         raise UsageError(f"DST {str(dst)!r} is a file, not a folder")
     if dst.is_dir() and src.exists() and dst.resolve() == src.resolve():
         raise UsageError(f"DST {str(dst)!r} is SRC: convert writes a new folder and leaves SRC as it is")
     if dst.is_dir() and ((dst / "config.json").exists() or any(dst.glob("*.safetensors"))):
         raise UsageError(f"DST {str(dst)!r} already holds a checkpoint: give a new or empty folder")
+    if problem := folder_problem(str(dst), "DST"):  # (not writable: found only after minutes of loading at 7B)
+        raise UsageError(problem)
 
 
 def convert(src, dst, dtype=None) -> Path:

@@ -192,15 +192,16 @@ def test_convert(tiny, saved, tmp_path):
 
 def test_convert_refuses_its_source_and_a_checkpoint_folder(saved, tmp_path):
     """convert SRC SRC (any spelling of it) would rewrite SRC's weights in the new dtype; a DST holding a checkpoint
-    would be overwritten; a DST that is a file cannot be written: each is a UsageError before anything loads, and
-    SRC's bytes are unchanged."""
+    would be overwritten; a DST that is a file, or that cannot be created or written, cannot take the result: each is
+    a UsageError before anything loads, and SRC's bytes are unchanged."""
     from janus_rt.errors import UsageError
 
     before = {p.name: p.read_bytes() for p in saved.iterdir()}
     other = convert(saved, tmp_path / "other", dtype=torch.float32)
     (tmp_path / "afile").write_text("")
     for dst, message in [(saved, "is SRC"), (saved / ".." / saved.name, "is SRC"), (other, "already holds"),
-                         (tmp_path / "afile", "is a file")]:
+                         (tmp_path / "afile", "is a file"), (tmp_path / "afile" / "sub", "cannot create it"),
+                         ("/proc/janus-rt-dst", "cannot write in /proc")]:
         with pytest.raises(UsageError, match=message):
             convert(saved, dst, dtype=torch.bfloat16)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before

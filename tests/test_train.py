@@ -371,6 +371,7 @@ def _no_model(*args, **kwargs):
     (["--threads", "-2"], "--threads must be >= 0, got -2"),
     (["--seq-len", "1"], "--seq-len must be >= 2, got 1"),
     (["--synthetic", "-3"], "--synthetic must be >= 1, got -3"),
+    (["--cache-dir", "/proc/janus-rt-cache"], "--cache-dir '/proc/janus-rt-cache': cannot write in /proc"),
 ])
 def test_bad_flags_are_one_line_errors(flags, message, tmp_path, monkeypatch):
     import janus_rt.cli as cli

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from janus_rt import ops
-from janus_rt.errors import UsageError, check_device
+from janus_rt.errors import UsageError, check_device, folder_problem
 from janus_rt.train import checkpoint
 from janus_rt.train.data import KINDS, ManifestDataset
 from janus_rt.train.packing import PackedSampler, prefetch
@@ -132,6 +132,9 @@ def check_config(cfg: TrainConfig) -> None:
         _check_ratios(cfg.ratios)
     if cfg.device is not None:
         check_device(cfg.device)
+    for path, flag in ((cfg.out, "--out"), (cfg.cache_dir, "--cache-dir")):
+        if path and (problem := folder_problem(path, flag)):  # (before a model loads, or OUT is made)
+            raise UsageError(problem)
     ck = checkpoint.latest(cfg.out)
     if ck is not None and not cfg.resume:
         raise UsageError(f"{cfg.out} holds an earlier run's checkpoints ({ck.name}): pass --resume to continue it, or "
