@@ -12,7 +12,10 @@ def case(n, heads, head_dim, num_blocks, block_size, device, dtype, slot_dtype, 
     slots = torch.randperm(num_blocks * block_size, generator=g)[:n]
     slots[::5] = -1                              # padding tokens
     slots[3] = num_blocks * block_size + 7       # past the end: skipped too
-    caches = [torch.randn(num_blocks, block_size, heads, head_dim, generator=g).to(device, dtype) for _ in range(2)]
+    slots[4:5] = num_blocks * block_size         # the first slot past the end: skipped as well (where n > 4)
+    # each cache a view of a buffer one block longer: a write past the cache's end lands in that guard block
+    caches = [torch.randn(num_blocks + 1, block_size, heads, head_dim, generator=g).to(device, dtype)[:num_blocks]
+              for _ in range(2)]
     return kv[:, 0], kv[:, 1], caches, slots.to(device, slot_dtype)
 
 
@@ -23,6 +26,7 @@ def case(n, heads, head_dim, num_blocks, block_size, device, dtype, slot_dtype, 
 def test_exact(dtype, heads, head_dim, block_size, slot_dtype, device):
     k, v, (k_cache, v_cache), slots = case(37, heads, head_dim, 6, block_size, device, dtype, slot_dtype)
     before_k, before_v = k_cache.clone(), v_cache.clone()
+    guard_k, guard_v = k_cache._base[-1].clone(), v_cache._base[-1].clone()
     want_k, want_v = k_cache.clone(), v_cache.clone()
     kv_store_ref(k, v, want_k, want_v, slots)
     assert K.kv_store(k, v, k_cache, v_cache, slots) is None
@@ -34,6 +38,8 @@ def test_exact(dtype, heads, head_dim, block_size, slot_dtype, device):
     written = written.view(k_cache.shape[:2])
     assert valid.numel() > 0 and not torch.equal(k_cache[written], before_k[written])
     assert torch.equal(k_cache[~written], before_k[~written]) and torch.equal(v_cache[~written], before_v[~written])
+    for cache, guard in ((k_cache, guard_k), (v_cache, guard_v)):
+        assert torch.equal(cache._base[-1], guard)  # nothing past the end
 
 
 def test_empty_is_noop(device):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from janus_rt.kernels.rms_norm import rms_norm, rms_norm_ref
-from tolerances import assert_matches, max_err
+from tolerances import assert_matches, assert_same_roundings, max_err
 
 
 pytestmark = pytest.mark.usefixtures("poison")
@@ -39,6 +39,8 @@ def test_rms_norm_matches_ref(device, rows, C, dtype, residual):
     outs32, grads32 = run(rms_norm_ref, up(x), up(w), up(r), 1e-6, dy, dh)
     assert outs[0].shape == x.shape and outs[0].dtype == dtype
     assert_matches(outs[0], outs_lp[0], outs32[0], "y")
+    if dtype != torch.float32:  # LlamaRMSNorm's rounding points (one dropped is more accurate: caught only here)
+        assert_same_roundings(outs[0], outs_lp[0], "y")
     if residual:  # the carried residual stream is x + residual in the input dtype, exactly as torch
         assert torch.equal(outs[1], outs_lp[1])
     for name, a, lp, ref in zip(("dx", "dweight", "dresidual"), grads, grads_lp, grads32):
@@ -73,6 +75,25 @@ def test_rms_norm_mixed_weight_dtype(device):
     y = rms_norm(x, w, 1e-6)
     ref = rms_norm_ref(x, w, 1e-6)
     assert y.dtype == torch.float32 and max_err(y, ref) / ref.abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_eps(device, dtype):
+    """eps inside the root, where it matters: rows of small values (mean square 1e-4) at eps 1e-2 scale by ~1/10 of
+    what eps 0 would give, and an all-zero row stays zero (NaN without eps); the backward's too."""
+    x, w, _ = make(6, 136, dtype, False, seed=3)
+    x = (x.float() * 1e-2).to(dtype)
+    x[2] = 0
+    x, w = x.to(device), w.to(device)
+    g = torch.Generator().manual_seed(4)
+    dy = torch.randn(6, 136, generator=g).to(device)
+    (y,), grads = run(rms_norm, x, w, None, 1e-2, dy, None)
+    (y_lp,), grads_lp = run(rms_norm_ref, x, w, None, 1e-2, dy, None)
+    (y32,), grads32 = run(rms_norm_ref, x.float(), w.float(), None, 1e-2, dy, None)
+    assert torch.equal(y[2], torch.zeros_like(y[2]))
+    assert_matches(y, y_lp, y32, "y")
+    for name, a, lp, ref in zip(("dx", "dweight"), grads, grads_lp, grads32):
+        assert_matches(a, lp, ref, name)
 
 
 def test_rms_norm_misuse_raises(device):

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.usefixtures("poison")
 
 def case(N, Hq, Hk, D, dtype, device, blocks=6, block_size=4, seed=0):
     """q, k, v as views of one qkv buffer (rows at its stride), positions, caches full of noise, and slots: distinct,
-    one padding row (-1) and one past the cache where N allows."""
+    one padding row (-1) and two past the cache (one just past its end) where N allows."""
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(N, (Hq + 2 * Hk) * D, generator=g).to(device, dtype)
     q = qkv[:, :Hq * D].view(N, Hq, D)
@@ -23,6 +23,8 @@ def case(N, Hq, Hk, D, dtype, device, blocks=6, block_size=4, seed=0):
     slots = torch.randperm(blocks * block_size, generator=g)[:N]
     if N >= 3:
         slots[1], slots[2] = -1, blocks * block_size + 5
+    if N >= 5:
+        slots[3] = blocks * block_size  # the first slot past the end (a write there would land in the V cache)
     return q, k, v, pos, cache, slots.to(device)
 
 
