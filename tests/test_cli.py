@@ -605,6 +605,22 @@ def test_bench_packs_in_place(tmp_path, capsys, monkeypatch, packed_env):
         assert "packed the LLM's projections in place" in printed
 
 
+def test_bench_model_takes_the_checkpoints_dtype(tmp_path):
+    """bench --model CKPT runs in the dtype `generate` would (on the CPU a bf16 checkpoint's bf16), not --shape
+    small's fp32; --dtype still wins."""
+    from janus_rt.cli import DEFAULT_MODEL
+    from janus_rt.loading import convert
+
+    ckpt = convert(DEFAULT_MODEL, tmp_path / "bf16", dtype=torch.bfloat16)
+    out = tmp_path / "rows.jsonl"
+    base = ["bench", "--model", str(ckpt), "--device", "cpu", "--tokens", "3", "--repeats", "1", "--no-transformers",
+            "--warmup-tokens", "0", "--json", str(out)]
+    main(base)
+    main(base + ["--dtype", "fp32"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["dtype"], r["n"]) for r in rows] == [("bfloat16", 4), ("float32", 4)]
+
+
 def test_bench_warms_up_each_implementation_untimed(tmp_path, capsys, monkeypatch):
     """`janus-rt bench` first runs each implementation once at --warmup-tokens, outside the numbers (a GPU's first run
     compiles Triton kernels), then the timed alternating runs at --tokens; --warmup-tokens 0 skips it."""

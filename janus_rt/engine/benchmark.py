@@ -34,10 +34,11 @@ def add_bench_args(p):
 
     p.add_argument("--model", default=None, help="checkpoint folder (default: random weights at --shape)")
     p.add_argument("--shape", default="small", choices=sorted(SHAPES), help="LLM shape with random weights")
-    p.add_argument("-n", type=int, default=None, help="images per prompt (default: the shape's)")
+    p.add_argument("-n", type=int, default=None, help="images per prompt (default: the shape's; 4 with --model)")
     p.add_argument("--tokens", type=int, default=576, help="image tokens per image (576 = a full image)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="default: the shape's (small: fp32; 1b, 7b: bf16); bf16 with --int8")
+                   help="default: the shape's (small: fp32; 1b, 7b: bf16); bf16 with --int8; with --model as "
+                        "`janus-rt generate` (bf16 on a GPU, on the CPU the checkpoint's bf16, else fp32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--repeats", type=int, default=2, help="alternating runs of each implementation")
     p.add_argument("--warmup-tokens", type=int, default=16, metavar="W",
@@ -195,12 +196,15 @@ def _l3_bytes() -> int:
 
 
 def main(args):
-    from janus_rt.cli import load_model, resolve_dtype
+    from janus_rt.cli import _dtype, load_model, resolve_dtype
 
     device = args.device
     shape = SHAPES[args.shape]
-    dtype = resolve_dtype(args.dtype or ("bf16" if args.int8 else shape[4]))
-    n = args.n or shape[5]
+    if args.model:  # `janus-rt generate`'s default: bf16 on a GPU or with --int8, on the CPU the checkpoint's bf16
+        dtype = _dtype(args)
+    else:
+        dtype = resolve_dtype(args.dtype or ("bf16" if args.int8 else shape[4]))
+    n = args.n or (4 if args.model else shape[5])  # (4: `janus-rt generate`'s -n)
     torch.manual_seed(0)
     if args.model:
         model, _, what = load_model(args.model, device, dtype)
