@@ -337,6 +337,7 @@ def load_janus(path, device="cpu", dtype=torch.float32, progress: bool | None = 
     if missing:
         raise MissingKeysError(f"{path}: no (or incomplete) data for {missing[:10]}"
                                f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all)")
+    model.guidance_scale = default_guidance(path)  # (generate_images' default; written again by save_janus)
     return model.eval().requires_grad_(False)  # inference; training unfreezes what it trains (apply_stage)
 
 
@@ -393,7 +394,8 @@ def readable_as_umask(path) -> None:
 
 
 def save_janus(model, out_dir) -> Path:
-    """Write janus_rt's own layout: config.json (janus_rt_config) + model.safetensors."""
+    """Write janus_rt's own layout: config.json (janus_rt_config) + model.safetensors (+ generation_config.json with
+    the model's guidance_scale, where it has one)."""
     from safetensors.torch import save_file
 
     from janus_rt.models.packed_linear import require_unpacked
@@ -409,7 +411,15 @@ def save_janus(model, out_dir) -> Path:
     readable_as_umask(tmp)
     os.replace(tmp, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
+    write_guidance(model, out)
     return out
+
+
+def write_guidance(model, folder: Path) -> None:
+    """generation_config.json with the model's recommended CFG weight, where it has one (a model loaded from a
+    checkpoint that carried it): so a saved or fine-tuned copy keeps generating as its source did."""
+    if getattr(model, "guidance_scale", None) is not None:
+        (folder / "generation_config.json").write_text(json.dumps({"guidance_scale": model.guidance_scale}) + "\n")
 
 
 def check_convert_dst(src: Path, dst: Path) -> None:

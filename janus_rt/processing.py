@@ -134,21 +134,22 @@ def png_parameters(path) -> dict:
     return d if isinstance(d, dict) else {}
 
 
-def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: float = 5.0, temperature: float = 1.0,
-                    top_k: int = 0, top_p: float = 1.0, seed: int = 0, greedy: bool = False, out_dir=None,
-                    engine=None, progress: bool = True, max_grid_rows: int = GRID_ROWS,
+def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: float | None = None,
+                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, greedy: bool = False,
+                    out_dir=None, engine=None, progress: bool = True, max_grid_rows: int = GRID_ROWS,
                     keep_images: bool = True, info: dict | None = None, written: list | None = None):
     """Text prompts (a list; a string is one prompt) -> PIL images (n per prompt, prompts batched in one engine run;
-    prompt k samples with seed + k). With `out_dir`, also writes img_<prompt>_<i>.png (the decoder's size; each
-    prompt's as soon as its request finishes: a run longer than the KV cache holds at once keeps each wave of prompts
-    it has finished) and at the end grid.png (one row per prompt for the first max_grid_rows prompts, 2 px apart;
-    tiles enlarged to >= 128 px a side). <prompt> is the prompt's index in `prompts`, 2 digits, more from 101 prompts on. Returns (images per
-    prompt, engine); with keep_images=False (and out_dir) the prompts past the grid's get None instead of their
-    images, which are on disk (a long list of prompts is not held in memory). Each PNG carries the settings that made
-    it as PNG text (`png_parameters`): the prompt, its seed, the image's index, the sampling settings, `info`'s
-    entries (values JSON cannot hold are written as text). The same model, dtype and settings give the same image
-    (on one machine: another CPU's or GPU's kernels may round differently). Each PNG appears whole (written beside
-    it, then renamed) and, once it has, its path is appended to `written` where one is given."""
+    prompt k samples with seed + k; cfg_weight None: the checkpoint's guidance_scale where it has one, else 5, as
+    `janus-rt generate`). With `out_dir`, also writes img_<prompt>_<i>.png (the decoder's size; each prompt's as soon as
+    its request finishes: a run longer than the KV cache holds at once keeps each wave of prompts it has finished) and
+    at the end grid.png (one row per prompt for the first max_grid_rows prompts, 2 px apart; tiles enlarged to >= 128 px
+    a side). <prompt> is the prompt's index in `prompts`, 2 digits, more from 101 prompts on. Returns (images per
+    prompt, engine); with keep_images=False (and out_dir) the prompts past the grid's get None instead of their images,
+    which are on disk (a long list of prompts is not held in memory). Each PNG carries the settings that made it as PNG
+    text (`png_parameters`): the prompt, its seed, the image's index, the sampling settings, `info`'s entries (values
+    JSON cannot hold are written as text). The same model, dtype and settings give the same image (on one machine:
+    another CPU's or GPU's kernels may round differently). Each PNG appears whole (written beside it, then renamed) and,
+    once it has, its path is appended to `written` where one is given."""
     from pathlib import Path
 
     from janus_rt.engine import Engine, SamplingParams
@@ -160,6 +161,9 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
     if not prompts:
         raise UsageError("no prompts given")
     n = check_count("n", n)  # (before an engine is sized from it)
+    if cfg_weight is None:  # as `janus-rt generate`: the checkpoint's guidance_scale, else Janus-Pro's 5
+        w = getattr(model, "guidance_scale", None)
+        cfg_weight = 5.0 if w is None else w
     ids = [encode_generation_prompt(tok, p) for p in prompts]
     eng = engine or Engine.for_requests(model, [(len(i), n) for i in ids])
     reqs = [eng.add_image_request(i, n=n, params=SamplingParams(cfg_weight=cfg_weight, temperature=temperature,

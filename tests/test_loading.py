@@ -170,6 +170,17 @@ def test_stored_dtype(tiny, saved, tmp_path):
     assert stored_dtype(tmp_path / "bad") is None
 
 
+def test_guidance_scale_travels_with_the_model(tiny, saved, tmp_path):
+    """A model loaded from a folder whose generation_config.json recommends a CFG weight carries it
+    (model.guidance_scale), and save_janus writes it into the copy; a preset's or a folder without one: None."""
+    assert tiny.guidance_scale is None and Janus.from_pretrained(saved).guidance_scale is None
+    (saved / "generation_config.json").write_text('{"guidance_scale": 1.5}')
+    m = Janus.from_pretrained(saved)
+    assert m.guidance_scale == 1.5
+    copy = save_janus(m, tmp_path / "copy")
+    assert default_guidance(copy) == 1.5 and Janus.from_pretrained(copy).guidance_scale == 1.5
+
+
 def test_default_guidance(saved):
     """generation_config.json's guidance_scale (transformers' field), else None."""
     assert default_guidance(saved) is None  # save_janus writes no generation config

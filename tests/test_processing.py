@@ -151,6 +151,23 @@ def test_generate_images_keep_images(tmp_path):
             assert saved == full[k][i].tobytes()
 
 
+def test_generate_images_default_cfg_is_the_checkpoints(tmp_path):
+    """cfg_weight not given: the model's guidance_scale (its checkpoint's generation_config.json), else 5, as
+    `janus-rt generate` picks --cfg; the PNGs record the weight used."""
+    from janus_rt import Janus
+    from janus_rt.processing import generate_images, png_parameters
+
+    m = Janus.from_preset("tiny", seed=0)
+    t = JanusTokenizer.byte_level(m.cfg.llm.vocab_size, m.cfg.tokens)
+    for guidance, want in ((None, 5.0), (1.5, 1.5)):
+        m.guidance_scale = guidance
+        out = tmp_path / str(want)
+        images, _ = generate_images(m, t, ["a cat"], n=1, seed=3, out_dir=out, progress=False)
+        assert png_parameters(out / "img_00_00.png")["cfg_weight"] == want
+        given, _ = generate_images(m, t, ["a cat"], n=1, seed=3, cfg_weight=want, progress=False)
+        assert given[0][0].tobytes() == images[0][0].tobytes()
+
+
 def test_pngs_carry_their_parameters(tmp_path):
     """Each PNG generate_images writes names what made it; regenerating from those parameters alone gives the same
     image (the seed written is the prompt's own: seed + its index)."""

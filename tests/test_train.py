@@ -530,3 +530,15 @@ def test_resume_on_other_data_is_a_usage_error(synthetic, tmp_path, monkeypatch)
     state.write_text(json.dumps(meta))
     with pytest.raises(UsageError, match=r"^--resume: .*step_0000002 was written by a run on other data: records"):
         train(TrainConfig(out=str(out), **{**cfg, "steps": 3, "resume": True}))
+
+
+def test_checkpoints_keep_the_source_models_guidance(synthetic, tmp_path):
+    """Fine-tuning a checkpoint that recommends a CFG weight (the embedded model's generation_config.json: 1.5)
+    writes it into every checkpoint, so `janus-rt generate --model CHECKPOINT` keeps sampling as the source did."""
+    from janus_rt.cli import DEFAULT_MODEL
+    from janus_rt.loading import default_guidance
+
+    assert default_guidance(DEFAULT_MODEL) == 1.5
+    out = fresh_run(synthetic, tmp_path, "run")
+    train(TrainConfig(out=str(out), synthetic=8, steps=1, lr=1e-3, **{**RUN, "model": DEFAULT_MODEL}))
+    assert default_guidance(out / "checkpoints" / "step_0000001") == 1.5

@@ -24,6 +24,7 @@ class Janus(nn.Module):
     def __init__(self, cfg: JanusConfig):
         super().__init__()
         self.cfg = cfg
+        self.guidance_scale: float | None = None  # the CFG weight its checkpoint recommends (generation_config.json)
         self.vision = SigLIP(cfg.vision)
         self.aligner = MlpGelu(cfg.aligner)
         self.llm = LLM(cfg.llm)

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from janus_rt.loading import readable_as_umask
+from janus_rt.loading import readable_as_umask, write_guidance
 
 _DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d+)$")
@@ -107,6 +107,7 @@ def save(out: str | Path, step: int, module: torch.nn.Module, optimizer: torch.o
         weights.pop("lm_head.weight", None)
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt", "producer": "janus_rt.train"})
     (tmp / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
+    write_guidance(model, tmp)  # (the source checkpoint's recommended --cfg: the fine-tuned model keeps it)
     if tokenizer is not None:
         tokenizer.save(tmp / "tokenizer.json")
 
