@@ -1,6 +1,7 @@
 """Prompt templates and image pre/post-processing, as the official Janus-Pro processor does them."""
 from __future__ import annotations
 
+import operator
 import os
 
 import numpy as np
@@ -161,6 +162,12 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
     if not prompts:
         raise UsageError("no prompts given")
     n = check_count("n", n)  # (before an engine is sized from it)
+    try:  # every prompt's seed (seed + k) a seed, before any request is added
+        for s in (seed, operator.index(seed) + len(prompts) - 1):
+            SamplingParams(seed=s)
+    except (ValueError, TypeError):
+        raise UsageError(f"seed must be an int with seed + {len(prompts) - 1} (prompt k samples with seed + k) in "
+                         f"[0, 2^64), got {seed!r}") from None
     if cfg_weight is None:  # as `janus-rt generate`: the checkpoint's guidance_scale, else Janus-Pro's 5
         w = getattr(model, "guidance_scale", None)
         cfg_weight = 5.0 if w is None else w

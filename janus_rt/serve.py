@@ -117,8 +117,11 @@ class JanusServer(ThreadingHTTPServer):
         if max_new < 1:
             raise BadRequest(f"max_new_tokens must be >= 1, got {max_new}")
         temperature = _temperature(body, 0.0)
-        params = _sampling(temperature=max(temperature, 1e-6), greedy=temperature == 0,
-                           top_p=_finite(body, "top_p", 1.0), seed=_get(body, "seed", int, 0))
+        top_p = _finite(body, "top_p", 1.0)
+        if temperature == 0 and top_p != 1.0:  # (as `janus-rt understand` refuses --top-p without a temperature)
+            raise BadRequest("top_p samples, so it needs temperature > 0 (0, the default, is greedy)")
+        params = _sampling(temperature=max(temperature, 1e-6), greedy=temperature == 0, top_p=top_p,
+                           seed=_get(body, "seed", int, 0))
         encoded = _get(body, "images", list)
         cfg = self.model.cfg
         cache = self.bg.engine.cache

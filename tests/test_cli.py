@@ -228,7 +228,10 @@ def test_generate_many_prompts_names_and_grid(tmp_path, capsys):
                                            (["--cfg", "1e39"], r"--cfg must be a finite number \(in fp32\)"),
                                            (["--temperature", "1e-7"], r"--temperature must be 0 \(greedy\) or in"),
                                            (["--temperature", "1e39"], r"--temperature must be 0 \(greedy\) or in"),
-                                           (["--prompt", " "], "--prompt is empty")])
+                                           (["--prompt", " "], "--prompt is empty"),
+                                           (["--seed", "-1"], r"--seed must be in \[0, 2\^64\)"),
+                                           (["--prompt", "a", "--prompt", "b", "--seed", str(2**64 - 1)],
+                                            r"--seed must be in \[0, 2\^64\) \(prompt k samples with --seed \+ k\)")])
 def test_generate_bad_flags_are_clear_errors(tmp_path, flags, message):
     with pytest.raises(SystemExit, match="janus-rt generate: " + message):
         main(["generate", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "o")] + flags)

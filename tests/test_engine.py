@@ -834,3 +834,26 @@ def test_cuda_graph_engine_matches_eager_on_gpu():
         out.append((ra.tokens, rb.tokens, eng.stats.decode_steps))
     assert out[1] == out[0] and out[0][2] == 19
     assert len(replays) == 2  # the multi-step graphs really ran (then 3 single steps)
+
+
+def test_seeds_are_64_bit(tiny):
+    """A request's seed is any int in [0, 2^64): below 2^32 its per-image seeds are those of the 32-bit scheme
+    (mix32(seed, image, step): images made before reproduce), from 2^32 on the high word counts too (2^32 used to give
+    seed 0's images); other values are refused."""
+    from janus_rt.engine.request import Request, mix32
+
+    ids = [tiny.cfg.tokens.bos_id, 5, 9, 30, 7, tiny.cfg.tokens.boi_id]
+
+    def tokens(seed):
+        eng = Engine.for_requests(tiny, [(len(ids), 2)])
+        r = eng.add_image_request(ids, n=2, params=SamplingParams(seed=seed), num_tokens=6)
+        eng.run()
+        return r.tokens
+
+    assert Request(ids, SamplingParams(seed=123), n=2).seeds(4) == [mix32(123, 0, 4), mix32(123, 1, 4)]
+    low = tokens(0)
+    assert tokens(2**32) != low and tokens(2**32) != tokens(2**33) and tokens(2**64 - 1) != tokens(2**32 - 1)
+    assert tokens(0) == low
+    for bad in (-1, 2**64, 2.5, True, "3"):
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\^64\)"):
+            SamplingParams(seed=bad)

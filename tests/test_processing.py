@@ -168,6 +168,20 @@ def test_generate_images_default_cfg_is_the_checkpoints(tmp_path):
         assert given[0][0].tobytes() == images[0][0].tobytes()
 
 
+def test_generate_images_refuses_seeds_past_64_bits():
+    """Prompt k samples with seed + k: a seed whose last prompt would pass 2^64 (or a negative one) is refused
+    before any request is added, not by the engine part way through."""
+    from janus_rt import Janus
+    from janus_rt.errors import UsageError
+    from janus_rt.processing import generate_images
+
+    m = Janus.from_preset("tiny", seed=0)
+    t = JanusTokenizer.byte_level(m.cfg.llm.vocab_size, m.cfg.tokens)
+    for seed, prompts in ((2**64 - 1, ["a", "b"]), (-1, ["a"]), (2.5, ["a"])):
+        with pytest.raises(UsageError, match=r"seed must be an int with seed \+ \d+ .* in \[0, 2\^64\)"):
+            generate_images(m, t, prompts, n=1, seed=seed, progress=False)
+
+
 def test_pngs_carry_their_parameters(tmp_path):
     """Each PNG generate_images writes names what made it; regenerating from those parameters alone gives the same
     image (the seed written is the prompt's own: seed + its index)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 import random
 import time
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import torch
 _MASK32 = 0xFFFFFFFF
 MIN_TEMPERATURE = 1e-6  # a sampling temperature below this is refused (greedy is the limit)
 FP32_MAX = 3.4028234663852886e38
+SEED_LIMIT = 2**64  # seeds are 64-bit: each one its own images (they used to wrap at 2^32: 2^32 gave seed 0's)
 
 
 def mix32(*xs: int) -> int:
@@ -47,6 +49,14 @@ class SamplingParams:
             raise ValueError(f"top_k must be in [0, 2^31) (0 = off), got {self.top_k}")
         if self.seed is None:
             self.seed = random.getrandbits(32)
+        else:  # an int (numpy's and torch's integers too) in [0, 2^64)
+            try:
+                seed = None if isinstance(self.seed, bool) else operator.index(self.seed)
+            except TypeError:
+                seed = None
+            if seed is None or not 0 <= seed < SEED_LIMIT:
+                raise ValueError(f"seed must be an int in [0, 2^64), got {self.seed!r}")
+            self.seed = seed
 
 
 _ids = itertools.count()
@@ -99,8 +109,11 @@ class Request:
         return [(self.req_id, "c", i) for i in range(self.n)] + [(self.req_id, "u", i) for i in range(self.n)]
 
     def seeds(self, step: int) -> list[int]:
-        """Per-image 32-bit seeds of one step: independent of the batch the request runs in."""
-        return [mix32(self.params.seed, i, step) for i in range(self.n)]
+        """Per-image 32-bit seeds of one step: independent of the batch the request runs in. A seed of 2^32 or more
+        hashes its high word too (below 2^32 the words are the seed alone, as before 64-bit seeds)."""
+        s = self.params.seed
+        words = (s,) if s <= _MASK32 else (s & _MASK32, s >> 32)
+        return [mix32(*words, i, step) for i in range(self.n)]
 
     @property
     def step(self) -> int:
