@@ -403,16 +403,14 @@ def make_server(args):
 
 def _check_listen(host: str, port: int) -> None:
     """UsageError where (host, port) cannot be listened on now (taken, not this machine's address), probed with a
-    socket set up as the server's (its address family, SO_REUSEADDR) and closed again; port 0 (any free one) is not
-    probed. host '' is every interface, as for the server."""
+    socket set up as the server's (its address family, SO_REUSEADDR) and closed again; port 0 (any free one): the
+    host alone, on a port the system picks. host '' is every interface, as for the server."""
     import socket
 
-    from janus_rt.serve import JanusServer
+    from janus_rt.serve import listen_family
 
-    if port == 0:
-        return
-    family = JanusServer.address_family
     try:
+        family = listen_family(host)
         infos = socket.getaddrinfo(host or None, port, family=family, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
     except OSError as e:
@@ -429,6 +427,7 @@ def _check_listen(host: str, port: int) -> None:
 def cmd_serve(args):
     server, what = make_server(args)
     host, port = server.server_address[:2]
+    host = f"[{host}]" if ":" in host else host  # (an IPv6 address in a URL)
     print(f"{what}: serving on http://{host}:{port} (KV cache {server.bg.engine.cache.num_blocks} blocks of "
           f"{server.bg.engine.cache.block_size} tokens; GET /health, POST /v1/images, /v1/understand; Ctrl-C stops)",
           flush=True)

@@ -53,6 +53,17 @@ class ClientGone(ConnectionError):
     """The client closed its connection while its request ran: the request was aborted, nobody to answer."""
 
 
+def listen_family(host: str) -> int:
+    """The address family a server listening on `host` takes: IPv6 for an IPv6 address or a name that resolves
+    only to one (::1, ::), IPv4 otherwise; '' (every interface) is IPv4's 0.0.0.0, as before. OSError for a name
+    that does not resolve."""
+    if not host:
+        return socket.AF_INET
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    families = {info[0] for info in infos}
+    return socket.AF_INET if socket.AF_INET in families else infos[0][0]
+
+
 class JanusServer(ThreadingHTTPServer):
     """The HTTP server holding the model, its tokenizer and the background engine (close() stops both)."""
 
@@ -61,6 +72,7 @@ class JanusServer(ThreadingHTTPServer):
     request_queue_size = socket.SOMAXCONN  # (the standard 5 dropped connections under a burst of clients)
 
     def __init__(self, address, model, tok, engine: Engine, label: str = "", default_cfg: float = 5.0):
+        self.address_family = listen_family(address[0])  # (read by the socket's creation in super().__init__)
         super().__init__(address, _Handler)
         self.model, self.tok, self.label, self.default_cfg = model, tok, label, default_cfg
         self.bg = BackgroundEngine(engine)

@@ -857,3 +857,14 @@ def test_seeds_are_64_bit(tiny):
     for bad in (-1, 2**64, 2.5, True, "3"):
         with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\^64\)"):
             SamplingParams(seed=bad)
+
+
+def test_default_cache_is_what_its_rows_can_use(tiny):
+    """Sized from a memory fraction (the default), the KV pool holds no more blocks than max_num_rows rows at the
+    model's longest context could use (a small model's default pool took 30 % of RAM); a budget asked for in GB
+    is not capped."""
+    per_row = -(-tiny.cfg.llm.max_position // 16)
+    assert Engine(tiny, max_num_rows=4).cache.num_blocks == 4 * per_row
+    assert Engine(tiny, max_num_rows=4, memory_fraction=0.5).cache.num_blocks == 4 * per_row
+    gb = Engine(tiny, max_num_rows=4, kv_cache_gb=0.05)
+    assert gb.cache.num_blocks > 4 * per_row and gb.cache.num_blocks * gb.cache.bytes_per_block <= 0.05 * 2**30

@@ -198,13 +198,39 @@ def test_serve_refuses_a_taken_port(server, monkeypatch):
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("loaded before the port was checked"))
     with pytest.raises(SystemExit, match="cannot listen on 127.0.0.1"):
         cli_main(["serve", "--model", "tiny", "--port", str(server.server_address[1]), "--kv-cache-gb", "0.01"])
-    with pytest.raises(SystemExit, match="cannot listen on ::1"):  # the server is IPv4: said before loading too
-        cli_main(["serve", "--model", "tiny", "--host", "::1", "--port", "8123"])
+    with pytest.raises(SystemExit, match="cannot listen on 192.0.2.1:0"):  # not this machine's: port 0 is no excuse
+        cli_main(["serve", "--model", "tiny", "--host", "192.0.2.1", "--port", "0", "--kv-cache-gb", "0.01"])
     cli._check_listen("", 0)  # '' (every interface) and port 0 (any free one) pass
     with socket.socket() as s:  # a port free a moment ago
         s.bind(("", 0))
         free = s.getsockname()[1]
     cli._check_listen("", free)
+
+
+def test_serve_on_ipv6():
+    """--host ::1 listens on IPv6 (it was refused: the server was IPv4 only) and answers there."""
+    import argparse
+
+    from janus_rt.cli import make_server
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    args = argparse.Namespace(model="tiny", device="cpu", dtype=None, seed=0, kv_cache_gb=0.01, host="::1",
+                              port=0, memory_fraction=0.3, int8=False)
+    srv, _ = make_server(args)
+    srv.verbose = False
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert srv.address_family == socket.AF_INET6
+        with urllib.request.urlopen(f"http://[::1]:{srv.server_address[1]}/health", timeout=30) as r:
+            assert r.status == 200
+    finally:
+        srv.close()
+        thread.join(timeout=30)
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])

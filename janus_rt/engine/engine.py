@@ -65,6 +65,10 @@ class Engine:
         self.backend = backend or default_backend(device)
         if kv_cache_gb is None and memory_fraction is None:
             memory_fraction = 0.3
+        if kv_cache_gb is None and max_num_blocks is None:  # a fraction of memory, but no more than max_num_rows
+            # rows at the model's longest context can use (a small model's cache took 30 % of RAM, 7.5 GB for 1 M
+            # parameters)
+            max_num_blocks = max_num_rows * -(-cfg.max_position // block_size)
         # the KV cache's element type: the model's (default, "auto") or "int8" (CPU: rows + scales, kv_quant.py)
         kv_dtype = kv_cache_dtype_of(kv_cache_dtype, model.dtype, device)
         self.cache = KVCache.from_budget(
