@@ -1,8 +1,13 @@
 """cfg_sample vs its sort-based reference: greedy, seeded Gumbel samples, top-k / top-p, distribution, seeds."""
+import functools
+import math
+
 import pytest
 import torch
 
 from janus_rt.kernels.sampling import _hash_u32_ref, cfg_sample, cfg_sample_ref, gumbel_ref
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny torch ops: threads only spin (tests/conftest.py)
 
 
 def _h_py(x: int) -> int:
@@ -161,19 +166,151 @@ def test_distribution_matches_softmax(device):
     assert _chi2(counts, torch.softmax(x.double(), 0)) > 18.5  # the check can tell temperatures apart
 
 
-def test_reference_truncated_distribution():
-    """Top-k + top-p draws of the reference (equal to the kernel's above) follow the renormalised softmax."""
-    B, V = 20000, 8
+@pytest.mark.parametrize("impl,B", [("reference", 20000), ("kernel", 96), ("multi-pass kernel", 32)])
+def test_truncated_distribution(impl, B, device, poison):
+    """Top-k + top-p draws follow the renormalised softmax: the reference (many draws), then the kernel's two paths
+    on as many draws as the Triton interpreter allows (their kept sets are checked exactly below)."""
+    V = 8
     l = torch.tensor([2.0, 1.5, 1.0, 0.9, 0.5, 0.0, -1.0, -2.0])
     p = torch.softmax(l.double(), 0)
     # top_k = 6 drops the last two; top_p = 0.8 then keeps the smallest prefix of the renormalised mass >= 0.8
     p6 = p[:6] / p[:6].sum()
     n = int((p6.cumsum(0) < 0.8).sum()) + 1
     kept = p6[:n] / p6[:n].sum()
-    tok = cfg_sample_ref(l.expand(B, V), None, 1.0, 1.0, 6, 0.8, torch.arange(B), False)
-    counts = torch.bincount(tok, minlength=V).double()
+    rows, seeds = l.expand(B, V).contiguous().to(device), torch.arange(B, device=device)
+    if impl == "reference":
+        tok = cfg_sample_ref(rows, None, 1.0, 1.0, 6, 0.8, seeds, False)
+    else:
+        tok = cfg_sample(rows, None, 1.0, 1.0, 6, 0.8, seeds, False, block_v=4 if impl == "multi-pass kernel" else None)
+    counts = torch.bincount(tok.cpu(), minlength=V).double()
     assert counts[n:].sum() == 0
     assert _chi2(counts[:n], kept) < 16.3  # df <= 3 at 99.9%
+
+
+def _kept_set(l: list[float], k: int, p: float) -> set[int]:
+    """The tokens top-k then top-p keep (module docstring, steps 4-5) from a plain float64 sort: independent of the
+    kernels and of cfg_sample_ref."""
+    V = len(l)
+    order = sorted(range(V), key=lambda j: -l[j])
+    keep = [j for j in order if not 0 < k < V or l[j] >= l[order[k - 1]]]
+    if p < 1.0:
+        e = [math.exp(l[j] - l[keep[0]]) for j in keep]
+        cum, cut = 0.0, None
+        for j, ej in zip(keep, e):
+            cum += ej
+            if cut is None and cum >= p * sum(e):
+                cut = l[j]
+        keep = [j for j in keep if l[j] >= cut]
+    return set(keep)
+
+
+def _winner(score: torch.Tensor, group: set[int]) -> torch.Tensor:
+    """score [S, V] -> [S] argmax over the columns in `group`, or -1 where the runner-up is within 1e-3 (a tie that
+    an ulp of log could flip between implementations)."""
+    s = torch.full_like(score, float("-inf"))
+    s[:, sorted(group)] = score[:, sorted(group)]
+    top = s.topk(min(2, score.shape[1]), dim=1)
+    clear = (top.values[:, 0] - top.values[:, -1] > 1e-3) | (len(group) == 1)
+    return torch.where(clear, top.indices[:, 0], -1)
+
+
+_SEED0 = 10**6  # probe seeds are taken from _SEED0 + [0, 2048)
+
+
+@functools.lru_cache
+def _noise(V: int) -> torch.Tensor:
+    """Gumbel noise of the probe seeds, [2048, V] float64."""
+    return gumbel_ref(torch.arange(2048) + _SEED0, V).double()  # [S, V]
+
+
+def _probe_seeds(l: torch.Tensor, kept: set[int]) -> list[int]:
+    """Seeds whose Gumbel-max draws reveal the kept set: for every finite excluded token j one where j would win
+    over kept + {j}, then for every kept token not yet drawn one where it wins over the kept set. A kernel keeping
+    any other set then draws a token outside `kept` or never draws one inside it."""
+    score = l.double() + _noise(l.numel())  # [S, V]
+    in_kept = _winner(score, kept)
+    seeds = []
+    for j in range(l.numel()):
+        if j not in kept and l[j] > float("-inf"):
+            seeds.append(int(((_winner(score, kept | {j}) == j) & (in_kept >= 0)).nonzero()[0]))
+    for i in sorted(kept - set(in_kept[seeds].tolist())):
+        seeds.append(int((in_kept == i).nonzero()[0]))
+    return [s + _SEED0 for s in seeds]
+
+
+_LOGP = torch.tensor([0.30, 0.22, 0.17, 0.13, 0.11, 0.04, 0.02, 0.01]).log()
+_TRUNC = [  # top_k, top_p, cfg_weight, temperature, mask the 0.01 token; cumulative mass .30 .52 .69 .82 .93 .97
+    (3, 1.0, 1.5, 1.3, False),  # the k-th and (k+1)-th largest differ
+    (2, 1.0, 2.0, 1.0, False),  # the 2nd and 3rd largest tie: both kept
+    (0, 0.9, 2.5, 0.7, True),  # masked (-inf) token: renormalised mass .30 .53 .70 .83 .94, keeps 5 (0.81: 4)
+    (6, 0.87, 1.0, 1.0, False),  # renormalised over 6: .31 .54 .71 .85 .96, keeps 5 (0.783 would keep 4)
+]
+
+
+@pytest.mark.parametrize("block_v", [None, 4])
+def test_draws_are_exactly_the_kept_set(block_v, device, poison):
+    """The set of tokens drawn per configuration is exactly the top-k / top-p kept set computed here, on CFG-mixed,
+    tempered logits; block_v=4 splits the V = 8 rows in two blocks of the multi-pass kernel."""
+    gen = torch.Generator().manual_seed(3)
+    rows, cases = [], []
+    for k, p, w, t, masked in _TRUNC:
+        target = _LOGP[torch.randperm(8, generator=gen)]
+        uncond = torch.randn(8, generator=gen)
+        cond = uncond + (target * t - uncond) / w  # l = target up to rounding
+        if k == 2:  # an exact tie: c = u gives x = u
+            tie = (target == _LOGP[1]) | (target == _LOGP[2])
+            cond[tie] = uncond[tie] = _LOGP[1] * t
+        if masked:
+            cond[target == _LOGP[7]] = float("-inf")
+        l = (uncond + w * (cond - uncond)) / t  # fp32, as the kernel computes it
+        kept = _kept_set(l.tolist(), k, p)
+        if p < 1.0:  # the cut is not within rounding of p
+            assert _kept_set(l.tolist(), k, p - 0.005) == kept == _kept_set(l.tolist(), k, p + 0.005)
+        seeds = _probe_seeds(l, kept)
+        cases.append((kept, len(seeds)))
+        rows += [(cond, uncond, w, t, k, p, s) for s in seeds]
+    assert [len(c[0]) for c in cases] == [3, 3, 5, 5]
+    cond, uncond = (torch.stack([r[i] for r in rows]).to(device) for i in (0, 1))
+    w, t, p = (torch.tensor([r[i] for r in rows], device=device) for i in (2, 3, 5))
+    k, seeds = (torch.tensor([r[i] for r in rows], device=device) for i in (4, 6))
+    tok = cfg_sample(cond, uncond, w, t, k, p, seeds, False, block_v=block_v).cpu().tolist()
+    for (kept, n), case in zip(cases, _TRUNC):
+        assert set(tok[:n]) == kept, (case, tok[:n], kept)
+        tok = tok[n:]
+
+
+@pytest.mark.parametrize("block_v", [None, 16])
+def test_top_k_one_is_argmax(block_v, device, poison):
+    """top_k = 1 samples the argmax of the CFG-mixed logits, on seeds where the runner-up would otherwise win."""
+    B, V = 8, 32
+    gen = torch.Generator().manual_seed(4)
+    cond, uncond = torch.randn(B, V, generator=gen), torch.randn(B, V, generator=gen)
+    w, t = torch.linspace(0.5, 2.0, B), torch.linspace(0.7, 1.5, B)
+    x = uncond + w[:, None] * (cond - uncond)
+    score = (x / t[:, None]).double()[:, None, :] + _noise(V)  # [B, S, V]
+    top2 = [set(row.topk(2).indices.tolist()) for row in x / t[:, None]]
+    # per row the first seed where the runner-up would win a Gumbel-max over the top two (a kept k + 1)
+    seeds = [int((_winner(s, top) == min(top, key=lambda j: x[b, j])).nonzero()[0]) + _SEED0
+             for b, (s, top) in enumerate(zip(score, top2))]
+    got = cfg_sample(cond.to(device), uncond.to(device), w.to(device), t.to(device), 1, 1.0,
+                     torch.tensor(seeds, device=device), False, block_v=block_v)
+    assert torch.equal(got.cpu(), x.argmax(dim=1))
+
+
+def test_greedy_ties_across_blocks(device, poison):
+    """Greedy ties resolve to the lowest index, as torch.argmax, within and across the multi-pass kernel's blocks."""
+    V = 40
+    cond, uncond = _rows(5, V, 21)
+    ties = [(5, 20), (17, 33), (2, 18, 35), (30, 31, 39), (8, 9)]
+    for r, idx in enumerate(ties):
+        cond[r, list(idx)] = uncond[r, list(idx)] = 1e4
+    w = torch.tensor([3.0, 0.0, 1.0, 5.0, 2.0])
+    want = [idx[0] for idx in ties]
+    assert (uncond + w[:, None] * (cond - uncond)).argmax(dim=1).tolist() == want
+    cond, uncond, w = cond.to(device), uncond.to(device), w.to(device)
+    for block_v in (None, 16, 8):
+        assert cfg_sample(cond, uncond, w, greedy=True, block_v=block_v).tolist() == want, block_v
+        assert cfg_sample(cond, None, greedy=True, block_v=block_v).tolist() == want, block_v
 
 
 def test_misuse_raises(device):
