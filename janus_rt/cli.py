@@ -278,11 +278,15 @@ def cmd_generate(args):
     _pack_in_place(model, always=True, int8=args.int8)
     retain_freed_memory()  # after the weights are in place: the originals packing freed must go back to the OS
     prompts = args.prompts
+    lengths = [len(encode_generation_prompt(tok, p)) for p in prompts]
+    if max(lengths) + model.cfg.num_image_tokens > model.cfg.llm.max_position:  # (as understand says it)
+        print(f"note: the longest prompt ({max(lengths)} tokens) and its {model.cfg.num_image_tokens} image tokens run "
+              f"past the model's {model.cfg.llm.max_position} positions: its images may degrade", file=sys.stderr)
     if args.kv_cache_gb is not None:
         eng = Engine(model, kv_cache_gb=args.kv_cache_gb, cuda_graphs=args.cuda_graphs,
                      kv_cache_dtype=_kv_dtype(args))
     else:
-        shapes = [(len(encode_generation_prompt(tok, p)), args.n) for p in prompts]
+        shapes = [(t, args.n) for t in lengths]
         eng = Engine.for_requests(model, shapes, cuda_graphs=args.cuda_graphs, kv_cache_dtype=_kv_dtype(args))
     t0, written = time.perf_counter(), []
     try:

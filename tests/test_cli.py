@@ -1,5 +1,6 @@
 """The command line as a user runs it: generate, understand, convert, verify."""
 import json
+import re
 
 import pytest
 import torch
@@ -235,6 +236,19 @@ def test_generate_many_prompts_names_and_grid(tmp_path, capsys):
 def test_generate_bad_flags_are_clear_errors(tmp_path, flags, message):
     with pytest.raises(SystemExit, match="janus-rt generate: " + message):
         main(["generate", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "o")] + flags)
+
+
+def test_generate_says_when_a_prompt_runs_past_the_positions(tmp_path, capsys):
+    """A prompt that, with its image tokens, runs past the model's positions is generated, with a note (as
+    understand notes a long answer); a short one gets none."""
+    from janus_rt.cli import DEFAULT_MODEL
+
+    main(["generate", "--model", DEFAULT_MODEL, "--prompt", "red " * 1100, "-n", "1", "--out", str(tmp_path / "a")])
+    assert re.search(r"note: the longest prompt \(\d+ tokens\) and its \d+ image tokens run past the model's 4096 "
+                     r"positions", capsys.readouterr().err)
+    assert (tmp_path / "a" / "img_00_00.png").exists()
+    main(["generate", "--model", DEFAULT_MODEL, "--prompt", "red", "-n", "1", "--out", str(tmp_path / "b")])
+    assert "positions" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags,message", [(["--steps-per-call", "0"], "--steps-per-call must be >= 1"),
