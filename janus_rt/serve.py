@@ -78,6 +78,13 @@ class JanusServer(ThreadingHTTPServer):
         self.bg = BackgroundEngine(engine)
         self._conns, self._conns_lock = set(), threading.Lock()  # open connections, for stop()
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that reset or dropped its connection (a keep-alive one between requests) is not a failure to
+        print a traceback for; anything else is, as the standard server prints it."""
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
     def close(self) -> None:
         """Stop serving (from another thread than serve_forever's), abort open requests, join the connections."""
         self.shutdown()
@@ -218,7 +225,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"status": "ok", "model": self.server.label})
 
     def do_POST(self):
-        route = {"/v1/images": self.server.images, "/v1/understand": self.server.understand}.get(self.path)
+        route = {"/v1/images": self.server.images,
+                 "/v1/understand": self.server.understand}.get(self.path.split("?")[0])  # (a query is ignored)
         if route is None:
             self.close_connection = True  # (its body is not read)
             return self._send(404, {"error": f"no such path {self.path!r} (POST /v1/images, /v1/understand)"})
@@ -250,11 +258,21 @@ class _Handler(BaseHTTPRequestHandler):
             traceback.print_exc()
             self._send(500, {"error": f"internal error ({type(e).__name__}; the server's log has the traceback)"})
 
-    def _send(self, code: int, obj: dict) -> None:
+    def _not_allowed(self):
+        """PUT, DELETE, PATCH: 405 in JSON (the standard server answers 501 in HTML)."""
+        self.close_connection = True  # (a body is not read)
+        self._send(405, {"error": f"{self.command} is not served (GET /health, POST /v1/images, /v1/understand)"},
+                   {"Allow": "GET, POST"})
+
+    do_PUT = do_DELETE = do_PATCH = _not_allowed
+
+    def _send(self, code: int, obj: dict, headers: dict | None = None) -> None:
         data = json.dumps(obj).encode()
         try:
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Length", str(len(data)))
             if self.close_connection:  # (said, so that a keep-alive client opens a new one)
                 self.send_header("Connection", "close")

@@ -4,6 +4,7 @@ import io
 import json
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -130,6 +131,14 @@ def test_bad_bodies_and_paths(server):
     assert call(server, "/v1/nothing", {"prompt": "x"})[0] == 404
     assert call(server, "/nothing")[0] == 404
     assert call(server, "/health?probe=1")[0] == 200
+    assert call(server, "/v1/images?probe=1", {"prompt": " "}) == (400, {"error": "prompt is empty"})  # routed
+    for method in ("PUT", "DELETE", "PATCH"):  # JSON, as every other answer (the standard server's is HTML 501)
+        req = urllib.request.Request(f"http://127.0.0.1:{server.server_address[1]}/v1/images", method=method,
+                                     data=b"{}")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 405 and e.value.headers["Allow"] == "GET, POST"
+        assert json.loads(e.value.read())["error"].startswith(f"{method} is not served")
     big = Image.new("RGB", (4100, 4100))
     buf = io.BytesIO()
     big.save(buf, format="PNG")
@@ -277,6 +286,22 @@ def test_signal_with_requests_in_flight_exits_cleanly(sig):
     assert p.returncode == 130 and "terminate called" not in err, err[-2000:]
     assert took < 15, took  # the idle connection does not hold the exit up (its 30 s timeout did)
     assert len(got) == 8 and set(got) <= {200, 503} and 503 in got, got
+
+
+def test_a_reset_connection_is_no_traceback(server, capfd):
+    """A keep-alive client that resets its connection between requests is not a server failure: no traceback."""
+    import struct
+
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).split(b"\r\n")[0].endswith(b" 200 OK")  # answered; the connection stays open
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close -> RST
+    deadline = time.monotonic() + 10
+    while server._conns and time.monotonic() < deadline:  # the reset connection's thread has finished
+        time.sleep(0.01)
+    assert not server._conns
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ConnectionResetError" not in err, err
 
 
 def test_a_client_that_leaves_has_its_request_aborted(server, monkeypatch):
