@@ -62,7 +62,8 @@ def load_model(spec: str | None, device: str = "cpu", dtype: torch.dtype = torch
         model = Janus.from_preset(spec, seed=seed, device=device, dtype=dtype)
         tok = JanusTokenizer.byte_level(model.cfg.llm.vocab_size, model.cfg.tokens)
         if for_training:
-            print(f"note: preset {spec!r}: training from random weights (seed {seed})", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # (under torchrun, once)
+                print(f"note: preset {spec!r}: training from random weights (seed {seed})", file=sys.stderr)
         else:
             print(f"note: preset {spec!r} has RANDOM weights (seed {seed}): outputs are noise, not images or "
                   f"answers. Pass --model PATH to a Janus-Pro checkpoint for real results.", file=sys.stderr)

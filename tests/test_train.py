@@ -542,3 +542,13 @@ def test_checkpoints_keep_the_source_models_guidance(synthetic, tmp_path):
     out = fresh_run(synthetic, tmp_path, "run")
     train(TrainConfig(out=str(out), synthetic=8, steps=1, lr=1e-3, **{**RUN, "model": DEFAULT_MODEL}))
     assert default_guidance(out / "checkpoints" / "step_0000001") == 1.5
+
+
+def test_random_weights_note_once_under_torchrun(monkeypatch, capsys):
+    """The 'training from random weights' note is rank 0's alone (every rank printed it)."""
+    from janus_rt.cli import load_model
+
+    for rank, says in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        load_model("tiny", for_training=True)
+        assert ("training from random weights" in capsys.readouterr().err) is says
