@@ -636,33 +636,38 @@ def test_roofline_kv_bytes_match_the_cache(tiny):
     assert flops == decode_step_bytes_flops(tiny, 2 * n, context)[1]  # FLOPs: every row attends its full context
 
 
-ABORTS_SOMETHING = {0, 1, 2, 6, 9}  # seeds whose schedule aborts a request before it finishes
+# what each seed's schedule does, pinned (a change to the draws or to the scheduler that loses one of these shows):
+ABORTS_SOMETHING = {0, 1, 2, 6, 9}  # aborts a request before it finishes
+PREEMPTS = {3, 8}  # preempts a request (8: an understanding one too), its K/V restored later
+MIXES = set(range(10)) - {6}  # decodes text and image rows in one step (6 aborts its text request as it arrives)
+MIXES_IN_PREFILL = {0, 1, 5, 7}  # prefills a text and an image prompt together
 
 
-@pytest.mark.parametrize("seed", range(10))  # seeds 0 and 8 preempt; the row limit makes others wait
+@pytest.mark.parametrize("seed", range(10))  # the row limit and the pool make requests wait; see the sets above
 def test_random_mixed_workload_matches_each_request_alone(tiny, seed):
     """Continuous batching under random schedules: image requests (prompt lengths, n, lengths and sampling settings
-    drawn at random) and understanding requests arriving at random steps, a KV pool small enough that requests wait
-    or are preempted, random block sizes, row limits and steps per call. Every request gets the tokens it gets when
-    run alone; no block leaks."""
+    drawn at random) and understanding requests (a short question, about an image or not) arriving at random steps,
+    a KV pool small enough that requests wait or are preempted, random block sizes, row limits and steps per call.
+    Every request gets the tokens it gets when run alone; no block leaks. The understanding prompts are bare (no chat
+    template), about the size of the image ones, so the two kinds share the pool and so prefill and decode steps (a
+    decode step of both interleaves their embeddings: Engine._interleave)."""
     import random
 
-    from janus_rt.processing import encode_understanding_prompt
-    from janus_rt.tokenizer import JanusTokenizer
-
     rnd = random.Random(seed)
-    tok = JanusTokenizer.byte_level(tiny.cfg.llm.vocab_size, tiny.cfg.tokens)
-    size = tiny.cfg.vision.image_size
+    special, vision = tiny.cfg.tokens, tiny.cfg.vision
     reqs = []  # (arrival step, kind, args)
     for i in range(rnd.randint(4, 6)):
-        if rnd.random() < 0.25:
-            ids = encode_understanding_prompt(tok, "what is this?"[: rnd.randint(4, 13)], 1,
-                                              tiny.cfg.vision.num_patches)
-            g = torch.Generator().manual_seed(seed * 10 + i)
-            pixels = torch.rand(1, 3, size, size, generator=g) * 2 - 1
+        if i == 1 or rnd.random() < 0.35:  # (an understanding request in every seed)
+            question = prompt(tiny, rnd.randint(1, 12), seed=seed * 10 + i)[1:-1]
+            ids, pixels = [special.bos_id] + question, None
+            if rnd.random() < 0.5:  # about an image
+                ids = ([special.bos_id, special.boi_id] + [special.image_id] * vision.num_patches + [special.eoi_id]
+                       + question)
+                g = torch.Generator().manual_seed(seed * 10 + i)
+                pixels = torch.rand(1, 3, vision.image_size, vision.image_size, generator=g) * 2 - 1
             params = SamplingParams(greedy=True) if rnd.random() < 0.5 else SamplingParams(seed=rnd.getrandbits(32),
                                                                                          temperature=0.7)
-            reqs.append((rnd.randint(0, 6), "text", (ids, pixels, rnd.randint(2, 8), params)))
+            reqs.append((rnd.randint(0, 4), "text", (ids, pixels, rnd.randint(3, 12), params)))
         else:
             params = rnd.choice([SamplingParams(greedy=True, cfg_weight=rnd.uniform(1, 6)),
                                  SamplingParams(seed=rnd.getrandbits(32), top_k=rnd.choice([0, 5, 50])),
@@ -689,7 +694,22 @@ def test_random_mixed_workload_matches_each_request_alone(tiny, seed):
     worst = max(probe.scheduler.worst_case_blocks(add(probe, kind, args)) for _, kind, args in reqs)
     # a pool that holds the largest request alone and little more: the others wait, or are preempted and restored
     eng = Engine(tiny, block_size=block_size, max_num_blocks=worst + rnd.randint(0, 2),
-                 max_num_rows=rnd.choice([6, 8, 256]), max_steps_per_call=rnd.choice([1, 3, 8]))
+                 max_num_rows=rnd.choice([7, 8, 256]), max_steps_per_call=rnd.choice([1, 3, 8]))
+    mixed = {"prefill": 0, "decode": 0}  # steps that compute text and image rows together
+    real_prefill, real_decode = eng._prefill, eng._decode
+
+    def count(phase, reqs):
+        mixed[phase] += {r.kind for r in reqs} == {"text", "image"}
+
+    def prefill(reqs):  # (a request back from preemption computes nothing there: its K/V is copied back)
+        count("prefill", [r for r in reqs if not r.preempted])
+        return real_prefill(reqs)
+
+    def decode():  # (what runs once the step's preemptions are done)
+        count("decode", eng.scheduler.running)
+        return real_decode()
+
+    eng._prefill, eng._decode = prefill, decode
     # and some requests aborted at a random step (its own generator: the draws above stay what they were)
     ab = random.Random(seed + 1000)
     abort_at = [ab.randint(arrival, arrival + 12) if ab.random() < 0.3 else None for arrival, _, _ in reqs]
@@ -707,6 +727,9 @@ def test_random_mixed_workload_matches_each_request_alone(tiny, seed):
     for r, want in zip(added, alone):  # an aborted request keeps what it had sampled, the others all of theirs
         assert r.tokens == (want if not r.aborted else [t[: r.step] for t in want])
         assert r.aborted or r.finished
+    assert (mixed["decode"] > 0) == (seed in MIXES), mixed
+    assert (mixed["prefill"] > 0) == (seed in MIXES_IN_PREFILL), mixed
+    assert (eng.scheduler.num_preemptions > 0) == (seed in PREEMPTS), eng.scheduler.num_preemptions
     assert any(r.aborted for r in added) == (seed in ABORTS_SOMETHING)
     assert eng.bm.num_free_blocks == eng.bm.num_blocks
 
