@@ -53,6 +53,9 @@ constexpr const char* kPhaseNames[kNumPhases] = {"layer_setup", "input_norm", "q
                                                  "gate_up_proj", "silu_mul", "down_proj", "residual"};
 std::atomic<bool> g_timing{false};
 std::mutex g_timing_mu;
+// A layer call below this much work (multiply-adds of its four projections over its rows, plus its rows' K and V
+// elements) runs on one thread: ~1e6 is ~10 us of one core's arithmetic, about what the team's barriers cost.
+constexpr int64_t kTeamWork = int64_t(1) << 20;
 double g_phase_s[kNumPhases] = {};
 int64_t g_timed_calls = 0;
 
@@ -160,7 +163,13 @@ void run_layer(T* h, const Layer<T>& L) {
   attn::Plan plan = attn::make_plan(L.context_lens, R, H, H, D, L.block_size, omp_get_max_threads());
   if (L.packed == kW8A8) buf.xq_c.shape(R, C), buf.xq_i.shape(R, I);  // (grows only)
   double phase_s[kNumPhases] = {};
-#pragma omp parallel
+  // A layer this small runs on the calling thread (the same plan and values): the team's dozen barriers a layer cost
+  // more than its work, and far more on a shared machine, where each waits for a descheduled thread (the embedded
+  // model's decode step: 0.06 ms alone, 66-150 ms beside another process's two busy threads).
+  int64_t context = 0;
+  for (int64_t r = 0; r < R; ++r) context += L.context_lens[r];
+  const bool team = R * C * (4 * C + 3 * I) + 2 * C * context >= kTeamWork;
+#pragma omp parallel if (team)
   {
     PhaseClock clock(timed && omp_get_thread_num() == 0 ? phase_s : nullptr, start);
     clock.mark(kSetup);

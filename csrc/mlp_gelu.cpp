@@ -73,7 +73,9 @@ void mlp_gelu_impl(const T* x, const T* w1, const T* b1, const T* w2, const T* b
     std::fill(hp + m * ldh + H, hp + (m + 1) * ldh, gemv::xpack_t<T>{});
   }
   gemv::pack_x<T>(x, xp, M, K, ldk);
-#pragma omp parallel
+  // a small MLP (the embedded model's aligners) on the calling thread: its three barriers cost more than its work,
+  // far more where another process shares the cores (as decode_layer's kTeamWork)
+#pragma omp parallel if (M * (K * H + H * N) >= (int64_t(1) << 20))
   {
     packed::gemv_for_layout(is_packed, w1, xp, ldk, bias1, hid, M, H, K);
 #pragma omp for schedule(static)

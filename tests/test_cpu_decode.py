@@ -62,7 +62,8 @@ def _fused(cfg, layer, cache, tables, slots, pos, h, packed=False):
 
 SHAPES = [(72, 3, 100, [1, 17, 40, 5, 33]),  # head_dim 24, K and N not multiples of the vector width
           (128, 4, 176, [16, 16, 1]),
-          (64, 2, 96, [300, 7])]
+          (64, 2, 96, [300, 7]),
+          (256, 4, 704, [40, 3, 90, 17, 64, 9])]  # the only one past decode_layer's kTeamWork: run by the team
 
 
 @pytest.mark.parametrize("packed", [False, True])  # True: the four matrices through the packed GEMV
@@ -85,7 +86,7 @@ needs_packed = pytest.mark.skipif(not cpu_ops.packed_available(torch.bfloat16),
 
 
 @pytest.mark.parametrize("packed", [False, pytest.param(True, marks=needs_packed)])
-@pytest.mark.parametrize("hidden,heads,inter,lens", SHAPES[:2])
+@pytest.mark.parametrize("hidden,heads,inter,lens", SHAPES[:2] + SHAPES[3:])
 def test_decode_layer_bf16(hidden, heads, inter, lens, packed):
     """bf16: the same rounding points as the torch path, so the torch path's values but for rare rounding flips
     (another summation order), and an error against an fp32 run of the same layer within 2x the torch bf16 path's
@@ -106,20 +107,23 @@ def test_decode_layer_bf16(hidden, heads, inter, lens, packed):
 
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_layer_rows_alone_equal_rows_in_batch(dtype, packed):
+@pytest.mark.parametrize("case", [(72, 3, 100, [1, 17, 40, 5, 33]), (256, 4, 704, [40, 3, 90, 17, 64, 9])])
+def test_decode_layer_rows_alone_equal_rows_in_batch(dtype, packed, case):
     """A row's output (h and its new K/V) does not depend on the other rows of the call, bit for bit: every row,
     run alone, equals the batch's row; also the calls in turn reuse decode_layer's held buffers (grown for 5 rows,
     then 1 row at a time, then a layer of another width, then the first again) without one call's leftovers in
-    another's result."""
+    another's result. The second case's batch is past kTeamWork (run by the team), its rows alone are not (run on
+    the calling thread): the two give the same bits."""
     if packed and not cpu_ops.packed_available(dtype):
         pytest.skip("no packed bf16 GEMV: CPU without AVX512_BF16")
-    first = _layer_case(dtype, 72, 3, 100, [1, 17, 40, 5, 33])
+    hidden, heads, inter, lens = case
+    first = _layer_case(dtype, hidden, heads, inter, lens)
     cfg, layer, cache, tables, slots, pos, h = first
-    batch_cache = KVCache(1, cache.num_blocks, cache.block_size, 3, cfg.head_dim, dtype)
+    batch_cache = KVCache(1, cache.num_blocks, cache.block_size, heads, cfg.head_dim, dtype)
     batch_cache.data.copy_(cache.data)
     batch = _fused(cfg, layer, batch_cache, tables, slots, pos, h, packed=packed)
     for r in range(h.shape[0]):
-        alone_cache = KVCache(1, cache.num_blocks, cache.block_size, 3, cfg.head_dim, dtype)
+        alone_cache = KVCache(1, cache.num_blocks, cache.block_size, heads, cfg.head_dim, dtype)
         alone_cache.data.copy_(cache.data)
         sl = slice(r, r + 1)
         alone = _fused(cfg, layer, alone_cache, tables[sl].contiguous(), slots[sl].contiguous(), pos[sl], h[sl],
@@ -129,7 +133,7 @@ def test_decode_layer_rows_alone_equal_rows_in_batch(dtype, packed):
         assert torch.equal(alone_cache.data[:, :, blk], batch_cache.data[:, :, blk])
     other = _layer_case(dtype, 128, 4, 176, [16, 16, 1])  # another C and I: the buffers are made anew
     _fused(*other[:3], *other[3:], packed=packed)
-    again_cache = KVCache(1, cache.num_blocks, cache.block_size, 3, cfg.head_dim, dtype)
+    again_cache = KVCache(1, cache.num_blocks, cache.block_size, heads, cfg.head_dim, dtype)
     again_cache.data.copy_(cache.data)
     assert torch.equal(_fused(cfg, layer, again_cache, tables, slots, pos, h, packed=packed), batch)
 
