@@ -313,7 +313,10 @@ def test_a_client_that_leaves_has_its_request_aborted(server, monkeypatch):
     eng, aborted = server.bg.engine, []
     real, real_step = eng.abort, eng.step
     monkeypatch.setattr(eng, "abort", lambda req: aborted.append(req) or real(req))
-    monkeypatch.setattr(eng, "step", lambda: time.sleep(0.03) or real_step())  # a request of a few seconds
+    # a request of ~2 s: 64 steps of a token each (the CPU's multi-step decode would take 8 tokens a step, 9 steps of
+    # ~0.03 s, about one of the server's 0.25 s looks at the client: the request could finish before one)
+    monkeypatch.setattr(eng, "max_steps_per_call", 1)
+    monkeypatch.setattr(eng, "step", lambda: time.sleep(0.03) or real_step())
     body = json.dumps({"prompt": "x", "n": 2, "seed": 5}).encode()
     s = socket.create_connection(("127.0.0.1", server.server_address[1]))
     s.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
