@@ -262,6 +262,10 @@ def cmd_generate(args):
         args.prompts += _read_prompts(args.prompts_file)
     if not args.prompts:
         args.prompts = ["a red circle on a blue background"]
+    from janus_rt.engine.request import SEED_LIMIT
+
+    _check_args(args, (args.seed + len(args.prompts) - 1 < SEED_LIMIT,  # (prompts from --prompts-file too)
+                       f"--seed must be in [0, 2^64) (prompt k samples with --seed + k), got {args.seed}"))
     stale = sorted(Path(args.out).glob("img_*_*.png"))
     if stale:
         print(f"note: {args.out}/ already holds {len(stale)} img_*.png; this run overwrites those it writes and "
@@ -554,7 +558,8 @@ def main(argv=None):
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     s.add_argument("--port", type=int, default=8000, help="port (0: any free one, printed)")
     s.add_argument("--memory-fraction", type=float, default=0.3,
-                   help="KV cache as this share of the free memory, unless --kv-cache-gb")
+                   help="KV cache as this share of the free memory (at most what 256 rows at the model's longest "
+                        "context use), unless --kv-cache-gb")
     s.set_defaults(fn=cmd_serve)
 
     c = sub.add_parser("convert", help="any supported layout -> janus_rt's safetensors layout",

@@ -168,6 +168,7 @@ def generate_images(model, tok, prompts: list[str], n: int = 4, cfg_weight: floa
     except (ValueError, TypeError):
         raise UsageError(f"seed must be an int with seed + {len(prompts) - 1} (prompt k samples with seed + k) in "
                          f"[0, 2^64), got {seed!r}") from None
+    seed = operator.index(seed)  # (a numpy int's seed + k would wrap at 2^63)
     if cfg_weight is None:  # as `janus-rt generate`: the checkpoint's guidance_scale, else Janus-Pro's 5
         w = getattr(model, "guidance_scale", None)
         cfg_weight = 5.0 if w is None else w

@@ -238,6 +238,17 @@ def test_generate_bad_flags_are_clear_errors(tmp_path, flags, message):
         main(["generate", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "o")] + flags)
 
 
+def test_generate_seed_range_counts_the_prompts_file(tmp_path, monkeypatch):
+    """--seed + k for the k-th prompt, --prompts-file's prompts counted too: refused before the model loads."""
+    import janus_rt.cli as cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("loaded before --seed was checked"))
+    (tmp_path / "p.txt").write_text("a cat\na dog\n")
+    with pytest.raises(SystemExit, match=r"--seed must be in \[0, 2\^64\) \(prompt k samples with --seed \+ k\)"):
+        main(["generate", "--prompts-file", str(tmp_path / "p.txt"), "--seed", str(2**64 - 1), "--out",
+              str(tmp_path / "o")])
+
+
 def test_generate_says_when_a_prompt_runs_past_the_positions(tmp_path, capsys):
     """A prompt that, with its image tokens, runs past the model's positions is generated, with a note (as
     understand notes a long answer); a short one gets none."""

@@ -581,6 +581,24 @@ def test_mlp_gelu_packed_weights(poison, M, dtype):
         cpu_ops.mlp_gelu(x, cpu_ops.PackedWeight(w1), b1, w2, b2)
 
 
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_mlp_gelu_team_equals_one_thread(dtype, packed):
+    """Past its work threshold (M (K H + H N) >= 2^20) mlp_gelu runs on the team, below on the calling thread: the
+    batch's rows (team) equal each row alone (one thread) bit for bit, packed weights or not."""
+    g = torch.Generator().manual_seed(5)
+    M, K, H, N = 9, 256, 256, 300  # 9 x 142336 multiply-adds: the team; one row: 142336, one thread
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w1 = (torch.randn(H, K, generator=g) / K**0.5).to(dtype)
+    w2 = (torch.randn(N, H, generator=g) / H**0.5).to(dtype)
+    b1, b2 = torch.randn(H, generator=g).to(dtype), torch.randn(N, generator=g).to(dtype)
+    if packed:
+        w1, w2 = cpu_ops.PackedWeight(w1), cpu_ops.PackedWeight(w2)
+    batch = cpu_ops.mlp_gelu(x, w1, b1, w2, b2)
+    for m in range(M):
+        assert torch.equal(cpu_ops.mlp_gelu(x[m:m + 1], w1, b1, w2, b2), batch[m:m + 1])
+
+
 def test_mlp_gelu_from_two_threads_at_once():
     """mlp_gelu's held buffers belong to the calling thread: two Python threads with different shapes at the same
     time get the results each gets alone."""

@@ -294,12 +294,16 @@ def test_a_reset_connection_is_no_traceback(server, capfd):
 
     with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as s:
         s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert s.recv(4096).split(b"\r\n")[0].endswith(b" 200 OK")  # answered; the connection stays open
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
+                answer.split(b"Content-Length: ")[1].split(b"\r\n")[0]):  # the whole answer: the server waits for
+            answer += s.recv(4096)                                          # the next request, not inside a write
+        assert answer.split(b"\r\n")[0].endswith(b" 200 OK")  # answered; the connection stays open
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close -> RST
-    deadline = time.monotonic() + 10
-    while server._conns and time.monotonic() < deadline:  # the reset connection's thread has finished
+    deadline = time.monotonic() + 10  # the connection's thread has finished (handle_error comes after finish())
+    while any(t.is_alive() for t in list(server._threads or [])) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not server._conns
+    assert not server._conns and not any(t.is_alive() for t in list(server._threads or []))
     err = capfd.readouterr().err
     assert "Traceback" not in err and "ConnectionResetError" not in err, err
 

@@ -552,3 +552,35 @@ def test_random_weights_note_once_under_torchrun(monkeypatch, capsys):
         monkeypatch.setenv("RANK", rank)
         load_model("tiny", for_training=True)
         assert ("training from random weights" in capsys.readouterr().err) is says
+
+
+def test_existing_cache_dir_is_not_probed_for_writing(tmp_path, monkeypatch):
+    """An existing --cache-dir may be read-only (a complete token cache is only read): only a folder still to be made
+    is probed, before anything loads."""
+    import janus_rt.train.loop as loop
+    from janus_rt.errors import UsageError
+
+    probed = []
+    monkeypatch.setattr(loop, "folder_problem", lambda path, flag: probed.append(flag) or
+                        (f"{flag} {path!r}: cannot write in it" if flag == "--cache-dir" else None))
+    (tmp_path / "m.jsonl").write_text('{"kind": "text", "text": "A red square."}\n')
+    cfg = dict(RUN, data=str(tmp_path / "m.jsonl"), steps=1)
+    (tmp_path / "cache").mkdir()
+    loop.check_config(TrainConfig(out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), **cfg))
+    assert probed == ["--out"]
+    with pytest.raises(UsageError, match="--cache-dir .*new.*: cannot write in it"):
+        loop.check_config(TrainConfig(out=str(tmp_path / "run"), cache_dir=str(tmp_path / "new"), **cfg))
+
+
+def test_run_model_is_recorded_absolute(tmp_path, monkeypatch):
+    """A --model folder given relative is recorded resolved (a resume from another working folder names it
+    however it likes); a recorded folder no longer there cannot be compared, so it does not refuse one."""
+    import janus_rt.train.loop as loop
+
+    (tmp_path / "ck").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert loop._run_model(TrainConfig(out="x", model="ck"), None) == str(tmp_path / "ck")
+    assert loop._run_model(TrainConfig(out="x", model="tiny"), None) == "tiny"
+    assert loop._same_model(str(tmp_path / "ck"), "ck") and loop._same_model("ck", str(tmp_path / "ck"))
+    assert loop._same_model(str(tmp_path / "moved"), "ck")  # (nothing to compare against)
+    assert not loop._same_model("tiny", "ck") and not loop._same_model(str(tmp_path / "ck"), "tiny")

@@ -132,8 +132,9 @@ def check_config(cfg: TrainConfig) -> None:
         _check_ratios(cfg.ratios)
     if cfg.device is not None:
         check_device(cfg.device)
+    # (before a model loads, or OUT is made; an existing --cache-dir may be read-only: a complete cache is only read)
     for path, flag in ((cfg.out, "--out"), (cfg.cache_dir, "--cache-dir")):
-        if path and (problem := folder_problem(path, flag)):  # (before a model loads, or OUT is made)
+        if path and not (flag == "--cache-dir" and Path(path).is_dir()) and (problem := folder_problem(path, flag)):
             raise UsageError(problem)
     ck = checkpoint.latest(cfg.out)
     if ck is not None and not cfg.resume:
@@ -216,18 +217,21 @@ def _sha256(path: Path) -> str:
 
 
 def _same_model(a: str, b: str) -> bool:
-    """Whether two --model values name the same checkpoint folder (however spelled) or the same preset."""
+    """Whether --model b may continue a run recorded as started from a: the same checkpoint folder (however spelled)
+    or the same preset; True where a is a folder no longer there (moved: nothing to compare against)."""
+    from janus_rt.config import PRESETS
+
     pa, pb = Path(a), Path(b)
     if pa.is_dir() and pb.is_dir():
         return pa.resolve() == pb.resolve()
-    return a == b
+    return a == b or (a not in PRESETS and not pa.exists())
 
 
 def _run_model(cfg: TrainConfig, resume_from: Path | None) -> str:
     """The --model this run stands for: the one given; else a resumed run's own (as its checkpoint recorded it);
     else the default preset. (Recorded in every checkpoint, and the VQ token cache's tag.)"""
-    if cfg.model is not None:
-        return cfg.model
+    if cfg.model is not None:  # (a folder recorded absolute: a resume from another working folder finds it)
+        return str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model
     if resume_from is not None:
         return (checkpoint.read_state(resume_from).get("config") or {}).get("model") or DEFAULT_MODEL
     return DEFAULT_MODEL
