@@ -3,13 +3,14 @@ connection; every request, from any connection, joins the engine's running batch
 
     GET  /health          -> {"status": "ok", "model": ...}
     POST /v1/images       {"prompt": str, "n": 1, "cfg": <the checkpoint's>, "temperature": 1.0, "top_k": 0,
-                           "top_p": 1.0, "greedy": false, "seed": null}
+                           "top_p": 1.0, "greedy": false, "seed": null (random; else an int in [0, 2^64))}
                           -> {"images": [base64 PNG, ...], "seed": int, "time_to_first_token_s": ..., "latency_s": ...}
     POST /v1/understand   {"question": str, "images": [base64 PNG or JPEG, ...], "max_new_tokens": 128,
-                           "temperature": 0.0, "top_p": 1.0, "seed": 0}
+                           "temperature": 0.0 (greedy), "top_p": 1.0 (another needs a temperature > 0), "seed": 0}
                           -> {"answer": str, "tokens": int, "time_to_first_token_s": ..., "latency_s": ...}
 
-A bad request (JSON, a value, too big for the KV cache) gets 400 and {"error": ...}; a failure inside the engine 500
+A bad request (JSON, a value, too big for the KV cache) gets 400 and {"error": ...}, another method than GET or POST
+405 (PUT, DELETE, PATCH; a query string is ignored); a failure inside the engine 500
 (the requests of the step that failed; the server goes on, the traceback in its log). A client that disconnects
 while it waits has its request aborted within a quarter of a second (a client that half-closes its side after
 sending counts as gone). Ctrl-C or SIGTERM: open requests are aborted (their clients get 503),
