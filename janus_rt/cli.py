@@ -194,11 +194,8 @@ def _common_checks(args):
     """The checks of _common's flags (generate, understand, serve)."""
     from janus_rt.engine.request import SEED_LIMIT
 
-    # (generate samples prompt k with --seed + k: all of those must be seeds)
-    last = args.seed + max(len(getattr(args, "prompt", None) or [None]) - 1, 0)
     return [(args.kv_cache_gb is None or args.kv_cache_gb > 0, f"--kv-cache-gb must be > 0, got {args.kv_cache_gb}"),
-            (0 <= args.seed and last < SEED_LIMIT, f"--seed must be in [0, 2^64) (prompt k samples with --seed + k), "
-                                                   f"got {args.seed}"),
+            (0 <= args.seed < SEED_LIMIT, f"--seed must be in [0, 2^64), got {args.seed}"),
             *_device_checks(args)]
 
 

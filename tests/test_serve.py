@@ -1,5 +1,6 @@
 """`janus-rt serve`: the HTTP/JSON endpoints over one BackgroundEngine (the tiny preset, a free port)."""
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -16,21 +17,30 @@ from janus_rt.cli import main as cli_main  # noqa: F401 - the parser that builds
 from janus_rt.processing import generate_images
 
 
-@pytest.fixture(scope="module")
-def server():
+@contextlib.contextmanager
+def serving(host):
+    """`janus-rt serve --model tiny --kv-cache-gb 0.01 --host HOST --port 0`, serving on a thread; closed after."""
     import argparse
 
     from janus_rt.cli import make_server
 
-    args = argparse.Namespace(model="tiny", device="cpu", dtype=None, seed=0, kv_cache_gb=0.01, host="127.0.0.1",
+    args = argparse.Namespace(model="tiny", device="cpu", dtype=None, seed=0, kv_cache_gb=0.01, host=host,
                               port=0, memory_fraction=0.3, int8=False)
     srv, _ = make_server(args)
     srv.verbose = False
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
-    yield srv
-    srv.close()
-    thread.join(timeout=30)
+    try:
+        yield srv
+    finally:
+        srv.close()
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serving("127.0.0.1") as srv:
+        yield srv
 
 
 def call(srv, path, body=None, raw=None):
@@ -218,28 +228,15 @@ def test_serve_refuses_a_taken_port(server, monkeypatch):
 
 def test_serve_on_ipv6():
     """--host ::1 listens on IPv6 (it was refused: the server was IPv4 only) and answers there."""
-    import argparse
-
-    from janus_rt.cli import make_server
-
     try:
         with socket.socket(socket.AF_INET6) as s:
             s.bind(("::1", 0))
     except OSError:
         pytest.skip("no IPv6 loopback on this machine")
-    args = argparse.Namespace(model="tiny", device="cpu", dtype=None, seed=0, kv_cache_gb=0.01, host="::1",
-                              port=0, memory_fraction=0.3, int8=False)
-    srv, _ = make_server(args)
-    srv.verbose = False
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving("::1") as srv:
         assert srv.address_family == socket.AF_INET6
         with urllib.request.urlopen(f"http://[::1]:{srv.server_address[1]}/health", timeout=30) as r:
             assert r.status == 200
-    finally:
-        srv.close()
-        thread.join(timeout=30)
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])

@@ -227,13 +227,13 @@ def _same_model(a: str, b: str) -> bool:
     return a == b or (a not in PRESETS and not pa.exists())
 
 
-def _run_model(cfg: TrainConfig, resume_from: Path | None) -> str:
-    """The --model this run stands for: the one given; else a resumed run's own (as its checkpoint recorded it);
-    else the default preset. (Recorded in every checkpoint, and the VQ token cache's tag.)"""
+def _run_model(cfg: TrainConfig, resumed: dict | None) -> str:
+    """The --model this run stands for: the one given; else a resumed run's own (as its checkpoint's state,
+    `resumed`, recorded it); else the default preset. (Recorded in every checkpoint, and the VQ token cache's tag.)"""
     if cfg.model is not None:  # (a folder recorded absolute: a resume from another working folder finds it)
         return str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model
-    if resume_from is not None:
-        return (checkpoint.read_state(resume_from).get("config") or {}).get("model") or DEFAULT_MODEL
+    if resumed is not None:
+        return (resumed.get("config") or {}).get("model") or DEFAULT_MODEL
     return DEFAULT_MODEL
 
 
@@ -241,8 +241,9 @@ def train(cfg: TrainConfig) -> list[dict]:
     """Run (or resume) training; returns the per-step log records (the same on every rank)."""
     check_config(cfg)
     resume_from = checkpoint.latest(cfg.out) if cfg.resume else None
-    cfg = replace(cfg, model=_run_model(cfg, resume_from))
-    if resume_from is not None and (done := checkpoint.read_state(resume_from)["step"]) >= cfg.steps:
+    resumed = checkpoint.read_state(resume_from) if resume_from is not None else None
+    cfg = replace(cfg, model=_run_model(cfg, resumed))
+    if resumed is not None and (done := resumed["step"]) >= cfg.steps:
         if int(os.environ.get("RANK", "0")) == 0:  # (a finished run asked again: not an error, e.g. a re-queued job)
             print(f"note: --resume: {resume_from} is already at step {done} >= --steps {cfg.steps}: nothing to do "
                   f"(a larger --steps trains on)", file=sys.stderr)
