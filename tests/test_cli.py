@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import bench_scripts
-from janus_rt import Janus
+from janus_rt import Janus, openmp
 from janus_rt.cli import main
 
 
@@ -556,6 +556,7 @@ def test_bench_json_and_profile(tmp_path, capsys, layerwise):
         assert row["cpu_prefetch_rule"] == cpu_ops.prefetch_rule()
     else:  # (the lent GPU's session runs the suite without building csrc/)
         assert row["cpu_decode"] == "layerwise" and "cpu_prefetch_rule" not in row
+    assert row["openmp_wait"] == openmp.wait_policy() != "not applied"
     assert (tmp_path / "prof" / "trace.json").stat().st_size > 0
     table = capsys.readouterr().out
     if cpu_ops.available():

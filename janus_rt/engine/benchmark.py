@@ -336,10 +336,11 @@ def main(args):
         row["kv_cache"] = "int8 (+ fp32 scale a head)"
     if cpu_path:
         row["cpu_decode"] = cpu_path + (" (packed in place)" if packed_note else "")
-        from janus_rt import cpu_ops
+        from janus_rt import cpu_ops, openmp
 
         if cpu_ops.available():  # the csrc kernels' prefetch rules on this CPU
             row["cpu_prefetch_rule"] = cpu_ops.prefetch_rule()
+        row["openmp_wait"] = openmp.wait_policy()  # how the team's threads wait (spin, then sleep)
     if theirs:
         t_hf = statistics.median(x[0] for x in theirs)
         row.update({"transformers_s": round(t_hf, 3), "transformers_tok_s": round(n * args.tokens / t_hf, 1),
