@@ -32,32 +32,37 @@ def decode(bm: BlockManager, reqs: list[Request], steps: int = 1) -> None:
 
 
 def test_the_newest_running_request_is_preempted_and_comes_back_first():
-    bm = BlockManager(num_blocks=7, block_size=4)
+    bm = BlockManager(num_blocks=9, block_size=4)
     s = Scheduler(bm)
-    a, b, c = text(8), text(8), text(8)  # 2 blocks each
+    a, b, c = text(6, max_new=16), text(6, max_new=16), text(6, max_new=16)  # 2 blocks each
     for r in (a, b, c):
         s.add(r)
-    assert s.admit() == [a, b, c] and s.running == [a, b, c]  # 2, then 2 + 1 of 5 free, then 2 + 1 of 3 free
+    assert s.admit() == [a, b, c] and s.running == [a, b, c]  # 2 + 1 of 9 free, 2 + 1 of 6, 2 + 1 of 3
     prefill(bm, a, b, c)
-    assert bm.num_free_blocks == 1  # and each row's blocks are full: a step takes 3 fresh blocks
+    decode(bm, [a, b, c], steps=6)  # 12 tokens each, 3 full blocks: none free, and a step takes 3 fresh blocks
+    assert bm.num_free_blocks == 0
     held = []
 
     def on_preempt(req):  # called while the request still holds its blocks
         held.append((req, all(rid in bm for rid in req.row_ids())))
 
-    assert s.make_room_for_decode(on_preempt) == [c]  # the newest; its 2 blocks make room for the other two rows
+    assert s.make_room_for_decode(on_preempt) == [c]  # the newest; its 3 blocks make room for the other two rows
     assert held == [(c, True)] and c.preempted and c.row_ids()[0] not in bm
     assert s.running == [a, b] and list(s.waiting) == [c] and s.num_preemptions == 1
     assert s.make_room_for_decode(on_preempt) == []  # room enough now
-    decode(bm, [a, b], steps=4)  # 12 tokens each, 3 full blocks: 1 free, 2 needed
+    decode(bm, [a, b], steps=4)  # 16 tokens each, 4 full blocks: 1 free, 2 needed
     d = text(4)
     s.add(d)  # arrives after c was preempted
     assert s.make_room_for_decode(on_preempt) == [b] and s.running == [a] and s.num_preemptions == 2
     assert list(s.waiting) == [b, c, d]  # preempted requests first, in the order they arrived, then new arrivals
-    assert s.admit() == [b]  # a holds 3 blocks: b's 12 tokens (3) and a block of headroom; c's 2 + 1 no longer fit
-    bm.allocate(b.row_ids()[0], 12)  # (the engine copies its K/V back)
-    s.finish(a)
-    assert s.admit() == [c, d] and s.running == [b, c, d] and not s.waiting  # 2 + 1 of 4, then 1 + 1 of 2
+    # of 5 free blocks a's next token takes one (its 16 tokens fill 4), so b's 16 tokens (4) and a block of headroom
+    # do not fit: admitted, b would be preempted again at the next step
+    assert s.admit() == []
+    s.finish(a)  # 9 free: b's 4 + 1, then c's 12 tokens 3 + 1 (0 left); d's 1 + 1 no longer fit
+    assert s.admit() == [b, c] and s.running == [b, c] and list(s.waiting) == [d]
+    bm.allocate(b.row_ids()[0], 16)  # (the engine copies their K/V back)
+    bm.allocate(c.row_ids()[0], 12)
+    assert s.make_room_for_decode(on_preempt) == [] and s.num_preemptions == 2  # each row's fresh block: 2 of 2
 
 
 def test_admission_keeps_a_block_of_headroom_per_row():
@@ -74,9 +79,26 @@ def test_admission_keeps_a_block_of_headroom_per_row():
     s.add(text(1))  # FIFO: nothing behind the head of the queue is admitted before it, though it would fit
     assert s.admit() == [] and len(s.waiting) == 2
     bm.free("other")
-    bm.allocate("other", 4 * 10)  # 8 free: 4 + 4 fit
+    bm.allocate("other", 4 * 10)  # 8 free: 4 + 4, but r's next token takes a fresh block too (its 8 fill 2)
+    assert s.admit() == [] and list(s.waiting)[0] is x
+    bm.free("other")
+    bm.allocate("other", 4 * 9)  # 9 free: 4 + 4 + 1
     assert s.admit()[0] is x
-    assert bm.num_free_blocks == 8  # (admission only decides; the engine's prefill allocates)
+    assert bm.num_free_blocks == 9  # (admission only decides; the engine's prefill allocates)
+
+
+def test_each_admitted_request_keeps_its_own_headroom():
+    """Two requests that each fit with a block of headroom a row, but not both with theirs: only the first is admitted,
+    so the first decode step after their prefills preempts neither."""
+    bm = BlockManager(num_blocks=6, block_size=4)
+    s = Scheduler(bm)
+    a, b = text(8), text(4)  # 2 + 1 and 1 + 1 blocks: 5 of 6 with both headrooms, 4 with a's only
+    bm.allocate("other", 4 * 2)  # 4 free
+    for r in (a, b):
+        s.add(r)
+    assert s.admit() == [a] and list(s.waiting) == [b]
+    prefill(bm, a)
+    assert s.make_room_for_decode(lambda req: None) == []
 
 
 def test_a_request_that_would_run_alone_needs_no_headroom():
@@ -103,8 +125,9 @@ def test_a_preempted_image_request_needs_a_block_per_row_and_headroom():
     bm.free("other")
     used = bm.num_blocks - bm.num_free_blocks
     assert s.blocks_for(x, shared=False) == 4 * 3
-    bm.allocate("other", 4 * (bm.num_blocks - used - (12 + 4) + 1))  # 1 block short of 12 + 4 rows
+    # 12 + 4 rows, and a's next token takes a fresh block (its 12 fill 3)
+    bm.allocate("other", 4 * (bm.num_blocks - used - (12 + 4 + 1) + 1))  # 1 block short
     assert s.admit() == []
     bm.free("other")
-    bm.allocate("other", 4 * (bm.num_blocks - used - (12 + 4)))
+    bm.allocate("other", 4 * (bm.num_blocks - used - (12 + 4 + 1)))
     assert s.admit() == [x]

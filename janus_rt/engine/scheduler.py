@@ -53,10 +53,14 @@ class Scheduler:
         return req.n * per_row
 
     def admit(self) -> list[Request]:
-        """FIFO admission of waiting requests whose prefill fits (plus a block of headroom per row)."""
+        """FIFO admission of waiting requests whose prefill fits, each with a block of headroom per row for its first
+        token, beside what the running rows' next token takes (else the next decode step would preempt a request
+        just admitted: its prefill wasted, its K/V copied out and back)."""
         admitted = []
         rows = sum(r.num_rows for r in self.running)
         free = self.bm.num_free_blocks
+        if self.running:
+            free -= self.bm.append_cost(self.rows()).num_blocks
         while self.waiting:
             req = self.waiting[0]
             need = self.blocks_for(req, shared=not req.preempted)
@@ -65,7 +69,7 @@ class Scheduler:
             if need + (0 if alone else req.num_rows) > free or rows + req.num_rows > self.max_num_rows:
                 break
             self.waiting.popleft()
-            free -= need
+            free -= need + req.num_rows  # (the headroom is this request's: the next one's comes on top)
             rows += req.num_rows
             admitted.append(req)
         self.running.extend(admitted)
