@@ -9,8 +9,8 @@ connection; every request, from any connection, joins the engine's running batch
                            "temperature": 0.0 (greedy), "top_p": 1.0 (another needs a temperature > 0), "seed": 0}
                           -> {"answer": str, "tokens": int, "time_to_first_token_s": ..., "latency_s": ...}
 
-A bad request (JSON, a value, too big for the KV cache) gets 400 and {"error": ...}, another method than GET or POST
-405 (PUT, DELETE, PATCH; a query string is ignored); a failure inside the engine 500
+A bad request (JSON, a value, too big for the KV cache) gets 400 and {"error": ...}, HEAD the headers GET would
+get, another method 405 (PUT, DELETE, PATCH, OPTIONS; a query string is ignored); a failure inside the engine 500
 (the requests of the step that failed; the server goes on, the traceback in its log). A client that disconnects
 while it waits has its request aborted within a quarter of a second (a client that half-closes its side after
 sending counts as gone). Ctrl-C or SIGTERM: open requests are aborted (their clients get 503),
@@ -259,13 +259,15 @@ class _Handler(BaseHTTPRequestHandler):
             traceback.print_exc()
             self._send(500, {"error": f"internal error ({type(e).__name__}; the server's log has the traceback)"})
 
+    do_HEAD = do_GET  # (a load balancer's health check; _send writes the headers only)
+
     def _not_allowed(self):
-        """PUT, DELETE, PATCH: 405 in JSON (the standard server answers 501 in HTML)."""
+        """PUT, DELETE, PATCH, OPTIONS: 405 in JSON (the standard server answers 501 in HTML)."""
         self.close_connection = True  # (a body is not read)
         self._send(405, {"error": f"{self.command} is not served (GET /health, POST /v1/images, /v1/understand)"},
-                   {"Allow": "GET, POST"})
+                   {"Allow": "GET, HEAD, POST"})
 
-    do_PUT = do_DELETE = do_PATCH = _not_allowed
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
     def _send(self, code: int, obj: dict, headers: dict | None = None) -> None:
         data = json.dumps(obj).encode()
@@ -278,7 +280,8 @@ class _Handler(BaseHTTPRequestHandler):
             if self.close_connection:  # (said, so that a keep-alive client opens a new one)
                 self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):  # the client left first: nothing to tell it
             self.close_connection = True
 

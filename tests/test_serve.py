@@ -1,6 +1,7 @@
 """`janus-rt serve`: the HTTP/JSON endpoints over one BackgroundEngine (the tiny preset, a free port)."""
 import base64
 import contextlib
+import http.client
 import io
 import json
 import socket
@@ -142,13 +143,34 @@ def test_bad_bodies_and_paths(server):
     assert call(server, "/nothing")[0] == 404
     assert call(server, "/health?probe=1")[0] == 200
     assert call(server, "/v1/images?probe=1", {"prompt": " "}) == (400, {"error": "prompt is empty"})  # routed
-    for method in ("PUT", "DELETE", "PATCH"):  # JSON, as every other answer (the standard server's is HTML 501)
+    for method in ("PUT", "DELETE", "PATCH", "OPTIONS"):  # JSON, as every other answer (the standard's: HTML 501)
         req = urllib.request.Request(f"http://127.0.0.1:{server.server_address[1]}/v1/images", method=method,
                                      data=b"{}")
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req, timeout=30)
-        assert e.value.code == 405 and e.value.headers["Allow"] == "GET, POST"
+        assert e.value.code == 405 and e.value.headers["Allow"] == "GET, HEAD, POST"
         assert json.loads(e.value.read())["error"].startswith(f"{method} is not served")
+
+
+def test_head_gets_the_headers_of_get_and_no_body(server):
+    """HEAD /health (a load balancer's check) on one kept-alive connection: GET's status and headers, no body, and
+    the connection still in step for the GET after it."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    try:
+        conn.request("HEAD", "/health")
+        head = conn.getresponse()
+        assert head.status == 200 and head.read() == b""
+        conn.request("GET", "/health")
+        got = conn.getresponse()
+        body = got.read()
+        assert got.status == 200 and json.loads(body)["status"] == "ok"
+        assert head.getheader("Content-Length") == got.getheader("Content-Length") == str(len(body))
+        assert head.getheader("Content-Type") == "application/json"
+        conn.request("HEAD", "/nothing")
+        missing = conn.getresponse()
+        assert missing.status == 404 and missing.read() == b""
+    finally:
+        conn.close()
     big = Image.new("RGB", (4100, 4100))
     buf = io.BytesIO()
     big.save(buf, format="PNG")
