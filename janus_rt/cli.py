@@ -439,13 +439,20 @@ def cmd_serve(args):
           flush=True)
     import signal
 
-    def terminate(signum, frame):  # SIGTERM (a supervisor's stop) as Ctrl-C: the same clean shutdown
+    def terminate(signum, frame):  # Ctrl-C or SIGTERM (a supervisor's stop): the same clean shutdown, once
+        stop_listening()
         raise KeyboardInterrupt
 
+    def stop_listening():  # a second signal must not break the shutdown under way (raised inside it, it left threads
+        for sig in (signal.SIGINT, signal.SIGTERM):  # in torch as Python exited: "terminate called ...", SIGABRT)
+            signal.signal(sig, signal.SIG_IGN)
+
+    signal.signal(signal.SIGINT, terminate)
     signal.signal(signal.SIGTERM, terminate)
     try:
         server.serve_forever()
     finally:
+        stop_listening()
         server.stop()  # open requests aborted (their clients told 503), the connections' threads joined
 
 

@@ -14,7 +14,7 @@ get, another method 405 (PUT, DELETE, PATCH, OPTIONS; a query string is ignored)
 (the requests of the step that failed; the server goes on, the traceback in its log). A client that disconnects
 while it waits has its request aborted within a quarter of a second (a client that half-closes its side after
 sending counts as gone). Ctrl-C or SIGTERM: open requests are aborted (their clients get 503),
-the connections' threads finish, the process exits.
+the connections' threads finish, the process exits (further signals meanwhile are ignored).
 """
 from __future__ import annotations
 
