@@ -26,6 +26,7 @@ import os
 import statistics
 import time
 
+import janus_rt  # noqa: F401 - before torch: janus_rt sets libgomp's wait policy as the CLI runs (openmp.py)
 import torch
 
 from janus_rt import cpu_ops, cpu_step, ops

@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import janus_rt  # noqa: F401 - before torch: janus_rt sets libgomp's wait policy as the CLI runs (openmp.py)
 import torch
 
 from janus_rt.engine import BackgroundEngine, Engine, SamplingParams

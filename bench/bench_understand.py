@@ -19,6 +19,7 @@ import json
 import statistics
 import time
 
+import janus_rt  # noqa: F401 - before torch: janus_rt sets libgomp's wait policy as the CLI runs (openmp.py)
 import torch
 
 from janus_rt import Janus
@@ -188,6 +189,10 @@ def main(args) -> dict:
                 "decode_roofline_fraction": round(roof_ms / row["janus_rt_decode_ms_token"], 3),
                 "bandwidth_gbs": [round(b, 1) for b in run_bw], "best_bandwidth_gbs": round(best_bw, 1),
                 "matmul_gflops": round(peak, 1)})
+    if str(device) == "cpu":
+        from janus_rt import openmp
+
+        row["openmp_wait"] = openmp.wait_policy()
     if "transformers" in impls:
         a, b = answers["janus_rt"], answers["transformers"]
         row["same_tokens"] = a == b

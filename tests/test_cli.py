@@ -752,6 +752,7 @@ def test_bench_understand_runs_against_transformers(tmp_path):
         # (the row rounds seconds to 1 ms: the tiny model's whole answer can tie its first token, 0.004 = 0.004)
         assert row[f"{name}_total_s"] >= row[f"{name}_first_token_s"]
     assert row["decode_roofline_ms"] > 0 and row["decode_roofline_fraction"] > 0
+    assert row["openmp_wait"] == openmp.wait_policy()
 
 
 def test_bench_serving_serves_both_ways(tmp_path):
