@@ -11,7 +11,9 @@ Measured (bench/RESULTS.md, thirty-second session): beside one busy process, the
 ms, 1B n = 1 104-167 -> 79-80 ms; alone no slower (small, 1B n = 1 and n = 16 within the host's noise).
 
 `apply()` runs when janus_rt is imported, and sets GOMP_SPINCOUNT only where it can still take effect and where the
-user has set neither it nor OMP_WAIT_POLICY.
+user has set neither it nor OMP_WAIT_POLICY. `settle()` runs once torch is imported: libgomp has read the variable, so
+janus_rt's setting leaves the environment again (a child process starts from the user's: a tool that is not janus_rt
+keeps libgomp's default, and one that imports janus_rt sets it itself and records it as janus_rt's, not the user's).
 """
 from __future__ import annotations
 
@@ -35,6 +37,20 @@ def apply() -> str:
         os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
         _state = f"GOMP_SPINCOUNT={SPINCOUNT} (janus_rt's)"
     return _state
+
+
+def settle() -> None:
+    """After torch's import: take janus_rt's GOMP_SPINCOUNT out of the environment, once libgomp has read it."""
+    if _state.endswith("(janus_rt's)") and os.environ.get("GOMP_SPINCOUNT") == SPINCOUNT and _libgomp_loaded():
+        del os.environ["GOMP_SPINCOUNT"]
+
+
+def _libgomp_loaded() -> bool:
+    try:
+        with open("/proc/self/maps") as f:
+            return "libgomp" in f.read()
+    except OSError:  # (not Linux: left set)
+        return False
 
 
 def wait_policy() -> str:
