@@ -8,13 +8,14 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file
 
 from janus_rt import ops
 from janus_rt.models.janus import Janus
 from janus_rt.processing import preprocess_image
 from janus_rt.tokenizer import JanusTokenizer
-from janus_rt.train import checkpoint
+from janus_rt.train import checkpoint, plot
 from janus_rt.train.cli import add_train_args, run_train
 from janus_rt.train.data import IGNORE, KINDS, ManifestDataset
 from janus_rt.train.loop import TrainConfig, train
@@ -219,6 +220,7 @@ def test_loss_falls_via_cli(synthetic, tmp_path, capsys):
     assert [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()] == logs
     assert [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")] == logs
     assert checkpoint.latest(out).name == "step_0000060"
+    assert Image.open(out / "loss.png").size == (plot.WIDTH, plot.HEIGHT)  # redrawn at the checkpoint
 
     def mean(kind, part):
         vals = [r[f"loss_{kind}"] for r in part if r[f"loss_{kind}"] is not None]

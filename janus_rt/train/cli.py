@@ -25,7 +25,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", type=int, choices=(1, 2, 3), default=d.stage,
                    help="1: adaptors + image head; 2: + LLM; 3: all but the VQ (default: %(default)s)")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--out", required=True, help="run folder: checkpoints/, log.jsonl")
+    p.add_argument("--out", required=True, help="run folder: checkpoints/, log.jsonl, loss.png")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in OUT (without it, an OUT holding checkpoints is "
                         "refused)")

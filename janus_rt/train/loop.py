@@ -38,7 +38,7 @@ DEFAULT_MODEL = "tiny"
 
 @dataclass
 class TrainConfig:
-    out: str                        # run folder: checkpoints/, log.jsonl (synthetic/ with `synthetic`)
+    out: str                        # run folder: checkpoints/, log.jsonl, loss.png (synthetic/ with `synthetic`)
     model: str | None = None        # checkpoint folder or preset name (None: "tiny", or a --resume's own run's)
     data: str | None = None         # JSONL manifest
     synthetic: int = 0              # > 0: write this many synthetic images (3 records each) to OUT/synthetic
@@ -346,6 +346,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     # ---- the loop -------------------------------------------------------------------------------------------------
     from tqdm import tqdm
 
+    from janus_rt.train.plot import plot_run
+
     logs = []
     batches = prefetch(sampler)  # builds micro-batches in a background thread while this one computes
     # a fresh run starts the log; a resumed one keeps the lines up to its checkpoint's step and goes on from there
@@ -427,7 +429,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                              "manifest_sha256": manifest_sha256}
                     path = checkpoint.save(out, step, module, optimizer, state, tok, keep=cfg.keep, rank=rank)
                     if rank == 0:
-                        bar.write(f"saved {path}", file=sys.stderr)
+                        bar.write(f"saved {path}; loss curves: {plot_run(out)}", file=sys.stderr)
     except KeyboardInterrupt:
         if rank == 0:
             bar.close()
