@@ -24,7 +24,8 @@ import torch
 
 from janus_rt import Janus
 from janus_rt.engine.benchmark import transformers_baseline
-from janus_rt.engine.roofline import device_name, measure_bandwidth_gbs, measure_matmul_gflops, sync
+from janus_rt.engine.roofline import (CpuWait, busy_note, device_name, measure_bandwidth_gbs,
+                                      measure_matmul_gflops, sync)
 
 
 def question_ids(model, question_len: int = 20, system_len: int = 40) -> list[int]:
@@ -157,12 +158,15 @@ def main(args) -> dict:
         fn(2)
     runs = {name: [] for name in impls}  # (time to first token, seconds per later token, seconds in all)
     answers, run_bw = {}, []
+    waits = {name: [] for name in impls}  # run delay per second of each timed run (roofline.cpu_wait_s)
     for _ in range(args.repeats):  # alternate so drift hits both alike
         for name, fn in impls.items():
             if name == "janus_rt":
                 run_bw.append(measure_bandwidth_gbs(device))
-            ttft, per, total, answers[name] = fn(args.new_tokens)
+            with CpuWait() as w:
+                ttft, per, total, answers[name] = fn(args.new_tokens)
             runs[name].append((ttft, per, total))
+            waits[name].append(w.per_s)
     row = {"date": time.strftime("%Y-%m-%d"), "device": dev_name, "model": what, "dtype": str(dtype).split(".")[-1],
            "prompt_tokens": len(ids), "new_tokens": len(answers["janus_rt"])}
     if args.int8:
@@ -193,6 +197,11 @@ def main(args) -> dict:
         from janus_rt import openmp
 
         row["openmp_wait"] = openmp.wait_policy()
+    for name, w in waits.items():  # > BUSY_WAIT_PER_S: other processes shared the cores during the timed runs
+        row[f"{name}_cpu_wait_per_s"] = [None if x is None else round(x, 3) for x in w]
+        note = busy_note(name, w)
+        if note:
+            print(f"# {note}", flush=True)
     if "transformers" in impls:
         a, b = answers["janus_rt"], answers["transformers"]
         row["same_tokens"] = a == b

@@ -557,6 +557,8 @@ def test_bench_json_and_profile(tmp_path, capsys, layerwise):
     else:  # (the lent GPU's session runs the suite without building csrc/)
         assert row["cpu_decode"] == "layerwise" and "cpu_prefetch_rule" not in row
     assert row["openmp_wait"] == openmp.wait_policy() != "not applied"
+    for name in ("janus_rt", "transformers"):  # each timed run's wait for a CPU, per second (--repeats 1)
+        assert len(row[f"{name}_cpu_wait_per_s"]) == 1 and row[f"{name}_cpu_wait_per_s"][0] >= 0
     assert (tmp_path / "prof" / "trace.json").stat().st_size > 0
     table = capsys.readouterr().out
     if cpu_ops.available():
@@ -753,6 +755,7 @@ def test_bench_understand_runs_against_transformers(tmp_path):
         assert row[f"{name}_total_s"] >= row[f"{name}_first_token_s"]
     assert row["decode_roofline_ms"] > 0 and row["decode_roofline_fraction"] > 0
     assert row["openmp_wait"] == openmp.wait_policy()
+    assert all(len(row[f"{name}_cpu_wait_per_s"]) == 1 for name in ("janus_rt", "transformers"))
 
 
 def test_bench_serving_serves_both_ways(tmp_path):

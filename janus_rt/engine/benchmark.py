@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from janus_rt.engine.roofline import (decode_step_bytes_flops, device_name, measure_bandwidth_gbs,
-                                      measure_int8_matmul_gops, measure_matmul_gflops, peak_memory_gb,
-                                      projection_flops, reset_peak_memory, sync)
+from janus_rt.engine.roofline import (CpuWait, busy_note, decode_step_bytes_flops, device_name,
+                                      measure_bandwidth_gbs, measure_int8_matmul_gops, measure_matmul_gflops,
+                                      peak_memory_gb, projection_flops, reset_peak_memory, sync)
 
 SHAPES = {
     # name: (LLM hidden, layers, heads, MLP, default dtype, default n)
@@ -262,9 +262,13 @@ def main(args):
             theirs_run(warm)
         print(f"# warm-up: one untimed run of each at {warm} tokens per image", flush=True)
 
+    waits = {"janus_rt": [], "transformers": []}  # run delay per second of each timed run (roofline.cpu_wait_s)
+
     def ours_probed():
         before = measure_bandwidth_gbs(device)
-        out = run_janus_rt(eng, prompt, n, args.tokens)
+        with CpuWait() as w:
+            out = run_janus_rt(eng, prompt, n, args.tokens)
+        waits["janus_rt"].append(w.per_s)
         run_bw.append(max(before, measure_bandwidth_gbs(device)))
         return out
 
@@ -273,7 +277,9 @@ def main(args):
         said = f"# run {i + 1}/{args.repeats}: janus_rt {ours[-1][0]:.2f} s ({ours[-1][1]:.2f} ms/step)"
         if ref is not None:
             reset_peak_memory(device)
-            got = theirs_run(args.tokens)
+            with CpuWait() as w:
+                got = theirs_run(args.tokens)
+            waits["transformers"].append(w.per_s)
             if got is None:
                 theirs = []
                 print(said, flush=True)
@@ -341,6 +347,13 @@ def main(args):
         if cpu_ops.available():  # the csrc kernels' prefetch rules on this CPU
             row["cpu_prefetch_rule"] = cpu_ops.prefetch_rule()
         row["openmp_wait"] = openmp.wait_policy()  # how the team's threads wait (spin, then sleep)
+    # how long each timed run's threads waited for a CPU (s per s): > BUSY_WAIT_PER_S, other processes shared it
+    for name, w in waits.items():
+        if w and (name == "janus_rt" or theirs):
+            row[f"{name}_cpu_wait_per_s"] = [None if x is None else round(x, 3) for x in w]
+            note = busy_note(name, w)
+            if note:
+                print(f"# {note}", flush=True)
     if theirs:
         t_hf = statistics.median(x[0] for x in theirs)
         row.update({"transformers_s": round(t_hf, 3), "transformers_tok_s": round(n * args.tokens / t_hf, 1),

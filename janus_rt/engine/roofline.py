@@ -86,6 +86,53 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def cpu_wait_s() -> float | None:
+    """Seconds this process's threads have spent runnable but waiting for a CPU (Linux schedstat's run delay, summed
+    over its threads; a thread that has exited no longer counts), or None where the kernel does not say. Its growth
+    over a timed run, per second of the run, says whether other processes took the cores the run wanted: ~0.005
+    alone on the 2-core host, 0.63 beside one busy process (2026-12-06)."""
+    total, seen = 0, False
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/schedstat") as f:
+                total += int(f.read().split()[1])
+            seen = True
+        except (OSError, ValueError, IndexError):  # (a thread that ended meanwhile)
+            continue
+    return total / 1e9 if seen else None
+
+
+class CpuWait:
+    """Run delay per second of wall time over a `with` block (cpu_wait_s' growth): .per_s, None where unknown."""
+
+    def __enter__(self):
+        self._w, self._t = cpu_wait_s(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        w, dt = cpu_wait_s(), time.perf_counter() - self._t
+        self.per_s = (w - self._w) / dt if w is not None and self._w is not None and dt > 0 else None
+        return False
+
+
+# above this much run delay per second, a benchmark's times were shared with other processes (alone ~0.005)
+BUSY_WAIT_PER_S = 0.05
+
+
+def busy_note(name: str, per_s: list) -> str | None:
+    """A one-line note where `name`'s timed runs waited for a CPU more than BUSY_WAIT_PER_S, else None."""
+    known = [w for w in per_s if w is not None]
+    if not known or max(known) <= BUSY_WAIT_PER_S:
+        return None
+    whose = name + ("'" if name.endswith("s") else "'s")
+    return (f"note: {whose} threads waited for a CPU up to {max(known):.2f} s per second of its timed runs: other "
+            f"processes shared the cores, so its times are upper bounds")
+
+
 def reset_peak_memory(device):
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
