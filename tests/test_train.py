@@ -208,6 +208,19 @@ def test_cli_keeps_freed_memory_once_the_model_is_loaded(synthetic, tmp_path, mo
     train(TrainConfig(out=str(fresh_run(synthetic, tmp_path, "lib")), synthetic=8, steps=2, batch_size=1, seq_len=512,
                       progress=False))
     assert calls == ["load", "step", "step"]
+
+
+def test_a_plot_that_fails_does_not_end_the_run(synthetic, tmp_path, monkeypatch, capsys):
+    def broken(run):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(plot, "plot_run", broken)
+    logs = train(TrainConfig(out=str(fresh_run(synthetic, tmp_path, "run")), synthetic=8, steps=2, save_every=1,
+                             **RUN))
+    assert [r["step"] for r in logs] == [1, 2]
+    assert "loss curves not drawn: OSError: no space left on device" in capsys.readouterr().err
+
+
 def test_loss_falls_via_cli(synthetic, tmp_path, capsys):
     out = fresh_run(synthetic, tmp_path, "run")
     p = argparse.ArgumentParser()

@@ -63,3 +63,28 @@ def test_plot_a_run_folder_from_the_command_line(tmp_path, capsys):
     assert Image.open(run / "loss.png").size == (plot.WIDTH, plot.HEIGHT)
     with pytest.raises(SystemExit, match="no such file"):
         plot.main([str(tmp_path / "nothing")])
+
+
+def test_tick_labels_tell_a_narrow_range_apart():
+    ticks = plot._ticks(10.11, 10.19)
+    assert plot._labels(ticks) == ["10.12", "10.14", "10.16", "10.18"]  # ("10.1", "10.1", "10.2", "10.2" at .3g)
+    assert plot._labels(plot._ticks(1.3, 8.4)) == ["2", "4", "6", "8"]
+    assert plot._labels(plot._ticks(-0.5, 0.5))[plot._ticks(-0.5, 0.5).index(0.0)] == "0"
+
+
+def test_a_sparse_kind_is_smoothed_over_as_many_steps_as_a_dense_one():
+    dense = [(s, 9 - 8 * s / 5000) for s in range(1, 5001)]
+    sparse = dense[9::10]  # a kind in one step of ten
+    end = plot.moving_mean(dense, 100)[-1][1]
+    assert plot.moving_mean(sparse, 100)[-1][1] == pytest.approx(end, abs=0.02)  # (1.79 over 100 points: 1000 steps)
+
+
+def test_drawn_without_freetype(tmp_path, monkeypatch):
+    """Pillow >= 10.1 built without FreeType: load_default(size=...) raises ImportError; the bitmap font is used."""
+    from PIL import ImageFont
+
+    DeferredError = getattr(pytest.importorskip("PIL._util"), "DeferredError", None)
+    if not hasattr(DeferredError, "new"):
+        pytest.skip("this Pillow has no PIL._util.DeferredError.new")
+    monkeypatch.setattr(ImageFont, "core", DeferredError.new(ImportError("The _imagingft C module is not installed")))
+    assert Image.open(plot.plot_losses(records(), tmp_path / "loss.png")).size == (plot.WIDTH, plot.HEIGHT)

@@ -86,36 +86,47 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def _run_delays() -> dict[str, int] | None:
+    """{thread id: its run delay in ns (Linux schedstat)} over this process's live threads, or None where the kernel
+    does not say."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    out = {}
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/schedstat") as f:
+                out[task] = int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):  # (a thread that ended meanwhile)
+            continue
+    return out or None
+
+
 def cpu_wait_s() -> float | None:
     """Seconds this process's threads have spent runnable but waiting for a CPU (Linux schedstat's run delay, summed
     over its threads; a thread that has exited no longer counts), or None where the kernel does not say. Its growth
     over a timed run, per second of the run, says whether other processes took the cores the run wanted: ~0.005
     alone on the 2-core host, 0.63 beside one busy process (2026-12-06)."""
-    total, seen = 0, False
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return None
-    for task in tasks:
-        try:
-            with open(f"/proc/self/task/{task}/schedstat") as f:
-                total += int(f.read().split()[1])
-            seen = True
-        except (OSError, ValueError, IndexError):  # (a thread that ended meanwhile)
-            continue
-    return total / 1e9 if seen else None
+    d = _run_delays()
+    return None if d is None else sum(d.values()) / 1e9
 
 
 class CpuWait:
-    """Run delay per second of wall time over a `with` block (cpu_wait_s' growth): .per_s, None where unknown."""
+    """Run delay per second of wall time over a `with` block: .per_s, None where unknown. Summed thread by thread
+    over the threads alive at its end (a thread that exits inside the block takes its delay with it: never a
+    negative total, as cpu_wait_s' difference would be)."""
 
     def __enter__(self):
-        self._w, self._t = cpu_wait_s(), time.perf_counter()
+        self._d, self._t = _run_delays(), time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        w, dt = cpu_wait_s(), time.perf_counter() - self._t
-        self.per_s = (w - self._w) / dt if w is not None and self._w is not None and dt > 0 else None
+        d, dt = _run_delays(), time.perf_counter() - self._t
+        if d is None or self._d is None or dt <= 0:
+            self.per_s = None
+        else:  # (max: a thread id reused by a new thread)
+            self.per_s = sum(max(0, v - self._d.get(tid, 0)) for tid, v in d.items()) / 1e9 / dt
         return False
 
 

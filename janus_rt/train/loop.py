@@ -429,7 +429,11 @@ def train(cfg: TrainConfig) -> list[dict]:
                              "manifest_sha256": manifest_sha256}
                     path = checkpoint.save(out, step, module, optimizer, state, tok, keep=cfg.keep, rank=rank)
                     if rank == 0:
-                        bar.write(f"saved {path}; loss curves: {plot_run(out)}", file=sys.stderr)
+                        try:
+                            curves = f"; loss curves: {plot_run(out)}"
+                        except Exception as e:  # noqa: BLE001 (a view of the log: never the end of the run)
+                            curves = f" (loss curves not drawn: {type(e).__name__}: {e})"
+                        bar.write(f"saved {path}{curves}", file=sys.stderr)
     except KeyboardInterrupt:
         if rank == 0:
             bar.close()

@@ -34,13 +34,15 @@ def series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
 
 
 def moving_mean(pts: list[tuple[int, float]], window: int) -> list[tuple[int, float]]:
-    """The mean of each point's last `window` values (fewer at the start)."""
-    out, acc = [], 0.0
+    """The mean of each point's values over its last `window` steps (the points with step > its step - window: fewer
+    at the start, and fewer for a kind that some steps lack, so a sparse kind is not smoothed over more of the run)."""
+    out, acc, j = [], 0.0, 0
     for i, (s, v) in enumerate(pts):
         acc += v
-        if i >= window:
-            acc -= pts[i - window][1]
-        out.append((s, acc / min(i + 1, window)))
+        while pts[j][0] <= s - window:  # (j <= i: pts[i]'s own step is > s - window)
+            acc -= pts[j][1]
+            j += 1
+        out.append((s, acc / (i + 1 - j)))
     return out
 
 
@@ -57,13 +59,28 @@ def _ticks(lo: float, hi: float, n: int = 5, integers: bool = False) -> list[flo
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
+def _labels(ticks: list[float]) -> list[str]:
+    """The ticks' labels, with as many significant digits as their spacing needs (3 at least: 10.12 and 10.14 must
+    not both read 10.1)."""
+    step = ticks[1] - ticks[0] if len(ticks) > 1 else 0.0
+    out = []
+    for v in ticks:
+        if step > 0 and abs(v) < 1e-9 * step:  # (a zero tick off by rounding)
+            v = 0.0
+        digits = 3
+        if v != 0 and step > 0:
+            digits = max(3, math.floor(math.log10(abs(v))) - math.floor(math.log10(step)) + 2)
+        out.append(f"{v:.{digits}g}")
+    return out
+
+
 def plot_losses(records: list[dict], path: str | Path, title: str = "") -> Path:
     """Draw the loss curves of `records` (log.jsonl's dicts) to `path` (PNG). -> the path."""
     from PIL import Image, ImageDraw, ImageFont
 
     try:
         font = ImageFont.load_default(size=13)
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1, or built without FreeType: the fixed bitmap font
         font = ImageFont.load_default()
     data = series(records)
     if not data:
@@ -84,10 +101,11 @@ def plot_losses(records: list[dict], path: str | Path, title: str = "") -> Path:
     img = Image.new("RGB", (WIDTH, HEIGHT), "white")
     d = ImageDraw.Draw(img)
     d.text((LEFT, 12), title or "training loss", fill="black", font=font)
-    for v in _ticks(y0, y1):  # y grid and labels
+    y_ticks = _ticks(y0, y1)
+    for v, label in zip(y_ticks, _labels(y_ticks)):  # y grid and labels
         _, y = px(x0, v)
         d.line([(LEFT, y), (LEFT + pw, y)], fill=(230, 230, 230))
-        d.text((8, y - 7), f"{v:.3g}", fill="dimgray", font=font)
+        d.text((8, y - 7), label, fill="dimgray", font=font)
     for s in _ticks(x0, x1, integers=True):  # x ticks
         x, _ = px(s, y0)
         d.line([(x, TOP + ph), (x, TOP + ph + 5)], fill="gray")
