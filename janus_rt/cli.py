@@ -240,6 +240,7 @@ def cmd_generate(args):
     from janus_rt.cpu_ops import retain_freed_memory
     from janus_rt.engine import Engine
     from janus_rt.engine.request import FP32_MAX
+    from janus_rt.engine.roofline import CpuWait, busy_note
     from janus_rt.processing import GRID_ROWS, encode_generation_prompt, generate_images
 
     _check_args(args, (args.n >= 1, f"-n must be >= 1, got {args.n}"),
@@ -291,20 +292,22 @@ def cmd_generate(args):
         shapes = [(t, args.n) for t in lengths]
         eng = Engine.for_requests(model, shapes, cuda_graphs=args.cuda_graphs, kv_cache_dtype=_kv_dtype(args))
     t0, written = time.perf_counter(), []
-    try:
-        images, eng = generate_images(model, tok, prompts, n=args.n, cfg_weight=args.cfg,
-                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                                      greedy=args.greedy, out_dir=args.out, engine=eng, keep_images=False,
-                                      info={"model": _model_label(args.model), "dtype": args.dtype,
-                                            "device": args.device,
-                                            **({"weights": _weights_label(args)} if args.int8 else {}),
-                                            **({"kv_cache": "int8"} if eng.cache.quantized else {})},
-                                      written=written)
-    except KeyboardInterrupt:  # each prompt's PNGs are written as it finishes: say what is there
-        print(f"interrupted: {len(written)} of {len(prompts) * args.n} image(s) written to {args.out}/ (grid.png not "
-              f"written)", file=sys.stderr)
-        raise
-    dt = time.perf_counter() - t0
+    with CpuWait() as waited:  # (this process's threads' wait for a CPU: other processes taking the cores)
+        try:
+            images, eng = generate_images(model, tok, prompts, n=args.n, cfg_weight=args.cfg,
+                                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                          seed=args.seed, greedy=args.greedy, out_dir=args.out, engine=eng,
+                                          keep_images=False,
+                                          info={"model": _model_label(args.model), "dtype": args.dtype,
+                                                "device": args.device,
+                                                **({"weights": _weights_label(args)} if args.int8 else {}),
+                                                **({"kv_cache": "int8"} if eng.cache.quantized else {})},
+                                          written=written)
+        except KeyboardInterrupt:  # each prompt's PNGs are written as it finishes: say what is there
+            print(f"interrupted: {len(written)} of {len(prompts) * args.n} image(s) written to {args.out}/ "
+                  f"(grid.png not written)", file=sys.stderr)
+            raise
+        dt = time.perf_counter() - t0
     n_tok = len(prompts) * args.n * model.cfg.num_image_tokens
     s = eng.stats
     grid = "grid.png" if len(prompts) <= GRID_ROWS else f"grid.png: the first {GRID_ROWS} prompts"
@@ -312,6 +315,9 @@ def cmd_generate(args):
     print(f"{n_tok} image tokens in {dt:.2f} s (incl. VQ decode): {n_tok / (s.prefill_s + s.decode_s):.1f} tokens/s "
           f"generating, {s.ms_per_step:.2f} ms/decode step ({s.decode_steps} steps), prefill {1e3 * s.prefill_s:.1f} ms, "
           f"backend {eng.backend}, device {args.device}")
+    note = busy_note("janus-rt generate", [waited.per_s]) if args.device == "cpu" else None
+    if note:  # (the times above are then upper bounds)
+        print(note, file=sys.stderr)
     if len(prompts) > 1:  # a queue: how long each prompt waited for its first tokens and for its images
         import statistics
 

@@ -774,3 +774,20 @@ def test_bench_serving_serves_both_ways(tmp_path):
     jobs = bs.workload(Janus.from_preset("tiny"), 50, 2.0, 1, seed=1)
     gaps = [b["arrival"] - a["arrival"] for a, b in zip(jobs, jobs[1:])]
     assert jobs[0]["arrival"] == 0 and min(gaps) >= 0 and 0.25 < sum(gaps) / len(gaps) < 1.0  # mean 1/rate = 0.5 s
+
+
+def test_generate_says_when_other_processes_took_the_cpu(tmp_path, capsys, monkeypatch):
+    """`generate` measures its threads' wait for a CPU around the generation (roofline.CpuWait) and notes a busy
+    machine, since its tokens/s and ms/step are then upper bounds; here the wait is set to 0.9 s a second."""
+    from janus_rt.engine import roofline
+
+    real_exit = roofline.CpuWait.__exit__
+
+    def busy_exit(self, *exc):
+        real_exit(self, *exc)
+        self.per_s = 0.9
+
+    monkeypatch.setattr(roofline.CpuWait, "__exit__", busy_exit)
+    main(["generate", "--model", "tiny", "--prompt", "a red circle", "-n", "1", "--out", str(tmp_path), "--seed", "1"])
+    assert ("note: janus-rt generate's threads waited for a CPU 0.90 s per second of its run: other processes shared "
+            "the cores" in capsys.readouterr().err)

@@ -99,4 +99,5 @@ def test_busy_note_only_past_the_threshold():
     assert busy_note("janus_rt", [None]) is None and busy_note("janus_rt", []) is None
     note = busy_note("transformers", [0.01, 0.63])
     assert note.startswith("note: transformers' threads waited for a CPU up to 0.63 s per second")
-    assert busy_note("janus_rt", [0.2]).startswith("note: janus_rt's threads")
+    assert busy_note("janus_rt", [0.2]).startswith("note: janus_rt's threads waited for a CPU 0.20 s per second of "
+                                                    "its run: other processes")

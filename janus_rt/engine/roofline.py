@@ -140,8 +140,10 @@ def busy_note(name: str, per_s: list) -> str | None:
     if not known or max(known) <= BUSY_WAIT_PER_S:
         return None
     whose = name + ("'" if name.endswith("s") else "'s")
-    return (f"note: {whose} threads waited for a CPU up to {max(known):.2f} s per second of its timed runs: other "
-            f"processes shared the cores, so its times are upper bounds")
+    how = (f"{known[0]:.2f} s per second of its run" if len(per_s) == 1 else
+           f"up to {max(known):.2f} s per second of its timed runs")
+    return (f"note: {whose} threads waited for a CPU {how}: other processes shared the cores, so its times are upper "
+            f"bounds")
 
 
 def reset_peak_memory(device):
