@@ -43,7 +43,8 @@ def check_device(value) -> "torch.device":
 # janus_rt's environment switches and the values each takes ("" = unset, its default)
 ENV_SWITCHES = {"JANUS_RT_CPU_MATMUL": ("auto", "torch", "csrc"), "JANUS_RT_PACKED": ("auto", "0", "1"),
                 "JANUS_RT_AMX": ("1", "0"), "JANUS_RT_HUGE_PAGES": ("1", "0"), "JANUS_RT_KEEP_FREED": ("1", "0"),
-                "JANUS_RT_PAGED_ATTENTION": ("block", "slots"), "JANUS_RT_DEBUG": ("0", "1")}
+                "JANUS_RT_PAGED_ATTENTION": ("block", "slots"), "JANUS_RT_DEBUG": ("0", "1"),
+                "JANUS_RT_ADAPTIVE_THREADS": ("1", "0")}
 
 
 def folder_problem(path: str, flag: str = "--out") -> str | None:

@@ -13,7 +13,8 @@ from janus_rt.engine.kv_cache import KVCache
 from janus_rt.engine.request import Request, SamplingParams
 from janus_rt.engine.runner import ModelRunner
 from janus_rt.engine.scheduler import Scheduler
-from janus_rt.errors import UsageError, check_count
+from janus_rt.engine.threads import TeamGovernor
+from janus_rt.errors import UsageError, check_count, env_switch
 from janus_rt.processing import unconditional_ids
 
 
@@ -84,6 +85,9 @@ class Engine:
         self.step_requests: list[Request] = []  # the requests the latest step() prefilled or decoded
         self.record_logits = False  # tests/debugging: keep each step's (cond, uncond) logits on the request
         self._image_batch = (None, None)  # (the decoding image requests, their per-row tensors): see _image_rows
+        # CPU: one thread instead of the team while other processes take the cores (threads.py); made by the first
+        # decode step, in the thread that steps (its OpenMP team is the one to size); False: not adapted
+        self.governor: TeamGovernor | None | bool = None if device.type == "cpu" else False
 
     @classmethod
     def for_requests(cls, model, shapes: list[tuple[int, int]], block_size: int = 16, **kw) -> "Engine":
@@ -183,14 +187,30 @@ class Engine:
             self.scheduler.make_room_for_decode(on_preempt=self._swap_out)
             if not self.scheduler.running:  # cannot happen for requests that passed add()'s size check
                 raise RuntimeError("KV cache exhausted by a single request")
+            governor = self._governor()
+            if governor:
+                governor.before_step()
             steps = self._decode()
+            if governor:
+                governor.after_step()
             self.stats.decode_s += time.perf_counter() - t0
             self.stats.decode_steps += steps
         done = [r for r in self.scheduler.running if r.finished]
         for r in done:
             self.scheduler.finish(r)
             self.finished[r.req_id] = r
+        if self.governor and not self.scheduler.running:  # (what runs next, e.g. the VQ decoder, gets the team)
+            self.governor.restore()
         return done
+
+    def _governor(self) -> TeamGovernor | bool:
+        """The CPU decode's TeamGovernor, made on first use in the stepping thread; False where it does not apply
+        (not the CPU, one thread, JANUS_RT_ADAPTIVE_THREADS=0)."""
+        if self.governor is None:
+            team = torch.get_num_threads()
+            self.governor = (TeamGovernor(team) if team > 1 and env_switch("JANUS_RT_ADAPTIVE_THREADS") == "1"
+                             else False)
+        return self.governor
 
     def _embed_text(self, ids, pixel_values=None):
         ids_t = torch.tensor(ids, device=self.model.device)[None]

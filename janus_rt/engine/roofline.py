@@ -86,7 +86,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def _run_delays() -> dict[str, int] | None:
+def run_delays() -> dict[str, int] | None:
     """{thread id: its run delay in ns (Linux schedstat)} over this process's live threads, or None where the kernel
     does not say."""
     try:
@@ -108,7 +108,7 @@ def cpu_wait_s() -> float | None:
     over its threads; a thread that has exited no longer counts), or None where the kernel does not say. Its growth
     over a timed run, per second of the run, says whether other processes took the cores the run wanted: ~0.005
     alone on the 2-core host, 0.63 beside one busy process (2026-12-06)."""
-    d = _run_delays()
+    d = run_delays()
     return None if d is None else sum(d.values()) / 1e9
 
 
@@ -118,16 +118,22 @@ class CpuWait:
     negative total, as cpu_wait_s' difference would be)."""
 
     def __enter__(self):
-        self._d, self._t = _run_delays(), time.perf_counter()
+        self._d, self._t = run_delays(), time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        d, dt = _run_delays(), time.perf_counter() - self._t
-        if d is None or self._d is None or dt <= 0:
-            self.per_s = None
-        else:  # (max: a thread id reused by a new thread)
-            self.per_s = sum(max(0, v - self._d.get(tid, 0)) for tid, v in d.items()) / 1e9 / dt
+        waited, dt = waited_s(self._d, run_delays()), time.perf_counter() - self._t
+        self.per_s = waited / dt if waited is not None and dt > 0 else None
         return False
+
+
+def waited_s(before: dict | None, after: dict | None) -> float | None:
+    """Seconds of run delay between two run_delays() snapshots, thread by thread over the threads alive at `after`
+    (a thread that exited in between takes its delay with it: never negative, as a difference of sums could be; max
+    with 0: a thread id reused by a new thread), or None where either is unknown."""
+    if before is None or after is None:
+        return None
+    return sum(max(0, v - before.get(tid, 0)) for tid, v in after.items()) / 1e9
 
 
 # above this much run delay per second, a benchmark's times were shared with other processes (alone ~0.005)
