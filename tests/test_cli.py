@@ -557,6 +557,7 @@ def test_bench_json_and_profile(tmp_path, capsys, layerwise):
     else:  # (the lent GPU's session runs the suite without building csrc/)
         assert row["cpu_decode"] == "layerwise" and "cpu_prefetch_rule" not in row
     assert row["openmp_wait"] == openmp.wait_policy() != "not applied"
+    assert row["cpu_team_switches"] >= 0  # (engine/threads.py: 0 unless other processes took the cores)
     for name in ("janus_rt", "transformers"):  # each timed run's wait for a CPU, per second (--repeats 1)
         assert len(row[f"{name}_cpu_wait_per_s"]) == 1 and row[f"{name}_cpu_wait_per_s"][0] >= 0
     assert (tmp_path / "prof" / "trace.json").stat().st_size > 0

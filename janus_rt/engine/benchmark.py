@@ -347,6 +347,8 @@ def main(args):
         if cpu_ops.available():  # the csrc kernels' prefetch rules on this CPU
             row["cpu_prefetch_rule"] = cpu_ops.prefetch_rule()
         row["openmp_wait"] = openmp.wait_policy()  # how the team's threads wait (spin, then sleep)
+        # team <-> one-thread changes of the decode under contention (engine/threads.py; 0: the team throughout)
+        row["cpu_team_switches"] = eng.governor.switches if eng.governor else 0
     # how long each timed run's threads waited for a CPU (s per s): > BUSY_WAIT_PER_S, other processes shared it
     for name, w in waits.items():
         if w and (name == "janus_rt" or theirs):
