@@ -9,6 +9,8 @@ import time
 import weakref
 from concurrent.futures import Future
 
+import torch
+
 from janus_rt.engine.engine import Engine
 from janus_rt.engine.request import Request, SamplingParams
 
@@ -37,6 +39,9 @@ class BackgroundEngine:
         self._aborts: list[Future] = []
         self._live: dict[int, tuple[Request, Future, object]] = {}  # req_id -> (request, future, on_tokens)
         self._closed, self._cancel, self._error = False, False, None
+        # the engine thread's OpenMP team: this thread's (a new thread takes torch's process-wide last setting, which
+        # another engine's one-thread decode call (engine/threads.py) may hold at that moment)
+        self._team = torch.get_num_threads()
         self._thread = threading.Thread(target=self._loop, name="janus_rt-engine", daemon=True)
         self._thread.start()
         self._at_exit = _close_at_exit(weakref.ref(self))  # (a weak reference: the registry keeps no engine alive)
@@ -102,6 +107,7 @@ class BackgroundEngine:
     # ---- the engine thread -----------------------------------------------------------------------------------
     def _loop(self) -> None:
         eng = self.engine
+        torch.set_num_threads(self._team)
         while True:
             with self._cv:
                 while not (self._pending or self._aborts or self._closed or eng.has_work()):

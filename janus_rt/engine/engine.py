@@ -2,6 +2,7 @@
 cache, with prompt sharing (the n images of a prompt hold its conditional and unconditional KV once)."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -188,28 +189,25 @@ class Engine:
             if not self.scheduler.running:  # cannot happen for requests that passed add()'s size check
                 raise RuntimeError("KV cache exhausted by a single request")
             governor = self._governor()
-            if governor:
-                governor.before_step()
-            steps = self._decode()
-            if governor:
-                governor.after_step()
+            with governor.step() if governor else contextlib.nullcontext():
+                steps = self._decode()
             self.stats.decode_s += time.perf_counter() - t0
             self.stats.decode_steps += steps
         done = [r for r in self.scheduler.running if r.finished]
         for r in done:
             self.scheduler.finish(r)
             self.finished[r.req_id] = r
-        if self.governor and not self.scheduler.running:  # (what runs next, e.g. the VQ decoder, gets the team)
+        if self.governor and not self.scheduler.running:  # (the next request starts on the team)
             self.governor.restore()
         return done
 
     def _governor(self) -> TeamGovernor | bool:
         """The CPU decode's TeamGovernor, made on first use in the stepping thread; False where it does not apply
-        (not the CPU, one thread, JANUS_RT_ADAPTIVE_THREADS=0)."""
+        (not the CPU, JANUS_RT_ADAPTIVE_THREADS=0). A thread on one thread (its step() call reads the count each time)
+        is left alone."""
         if self.governor is None:
-            team = torch.get_num_threads()
-            self.governor = (TeamGovernor(team) if team > 1 and env_switch("JANUS_RT_ADAPTIVE_THREADS") == "1"
-                             else False)
+            self.governor = (TeamGovernor(torch.get_num_threads())
+                             if env_switch("JANUS_RT_ADAPTIVE_THREADS") == "1" else False)
         return self.governor
 
     def _embed_text(self, ids, pixel_values=None):

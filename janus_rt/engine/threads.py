@@ -15,6 +15,7 @@ any number of threads; tests/test_engine.py). `JANUS_RT_ADAPTIVE_THREADS=0` keep
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -23,19 +24,43 @@ from janus_rt.engine.roofline import run_delays, waited_s
 
 
 class TeamGovernor:
-    """Sets the calling thread's OpenMP team size (torch.set_num_threads) between decode steps: `team` threads, or
-    1 while other processes take the cores. before_step() / after_step() around each decode step; restore() puts the
-    team back (the engine calls it when no request is left running, so what runs next, e.g. the VQ decoder, gets
-    the whole team)."""
+    """Decides the CPU decode's team size between decode steps: the calling thread's own count (`team` when it was
+    made), or 1 while other processes take the cores. Each decode call runs inside step(): one thread only for the
+    length of that call, the thread's own count again when it returns or raises, so nothing else (a prefill, the VQ
+    decoder, the next engine, an engine aborted or abandoned mid-run, a failed step) inherits the single thread.
+    restore() starts the next request on the team (the engine calls it when no request is left running)."""
 
     def __init__(self, team: int, window_s: float = 0.25, probe_every_s: float = 2.0, busy_per_s: float = 0.25,
-                 clock=time.perf_counter, delays=run_delays, set_threads=torch.set_num_threads):
+                 clock=time.perf_counter, delays=run_delays, set_threads=torch.set_num_threads,
+                 get_threads=torch.get_num_threads):
         self.team, self.window_s, self.probe_every_s, self.busy_per_s = team, window_s, probe_every_s, busy_per_s
-        self._clock, self._delays, self._set = clock, delays, set_threads
+        self._clock, self._delays, self._set, self._get = clock, delays, set_threads, get_threads
         self.solo = False
         self.switches = 0  # team <-> one thread changes so far (for tests and benchmark rows)
         self._start = self._snap = None  # the current window's start (clock) and run delays
         self._solo_since = 0.0
+
+    @contextlib.contextmanager
+    def step(self):
+        """Around one decode call: on one thread while solo (the thread's count put back however the call ends); the
+        window read after it. A thread already on one thread (the user's torch.set_num_threads(1)) is left alone."""
+        team = self._get()
+        if team <= 1:
+            yield
+            return
+        self.before_step()
+        narrowed = self.solo
+        if narrowed:
+            self._set(1)
+        try:
+            yield
+        except BaseException:
+            self._start = None  # (a window a failed step broke off says nothing)
+            raise
+        finally:
+            if narrowed:
+                self._set(team)
+        self.after_step()
 
     def before_step(self) -> None:
         if self._start is None:
@@ -60,7 +85,6 @@ class TeamGovernor:
             self._use(solo=False)
         self._start = None
 
-    def _use(self, solo: bool) -> None:
-        self._set(1 if solo else self.team)
+    def _use(self, solo: bool) -> None:  # (the next step() call applies it)
         self.solo = solo
         self.switches += 1
