@@ -24,8 +24,8 @@ import torch
 
 from janus_rt import Janus
 from janus_rt.engine.benchmark import transformers_baseline
-from janus_rt.engine.roofline import (CpuWait, busy_note, device_name, measure_bandwidth_gbs,
-                                      measure_matmul_gflops, sync)
+from janus_rt.engine.roofline import (CpuWait, device_name, measure_bandwidth_gbs, measure_matmul_gflops,
+                                      record_cpu_waits, sync)
 
 
 def question_ids(model, question_len: int = 20, system_len: int = 40) -> list[int]:
@@ -158,7 +158,7 @@ def main(args) -> dict:
         fn(2)
     runs = {name: [] for name in impls}  # (time to first token, seconds per later token, seconds in all)
     answers, run_bw = {}, []
-    waits = {name: [] for name in impls}  # run delay per second of each timed run (roofline.cpu_wait_s)
+    waits = {name: [] for name in impls}  # run delay per second of each timed run (roofline.CpuWait)
     for _ in range(args.repeats):  # alternate so drift hits both alike
         for name, fn in impls.items():
             if name == "janus_rt":
@@ -197,11 +197,7 @@ def main(args) -> dict:
         from janus_rt import openmp
 
         row["openmp_wait"] = openmp.wait_policy()
-    for name, w in waits.items():  # > BUSY_WAIT_PER_S: other processes shared the cores during the timed runs
-        row[f"{name}_cpu_wait_per_s"] = [None if x is None else round(x, 3) for x in w]
-        note = busy_note(name, w)
-        if note:
-            print(f"# {note}", flush=True)
+    record_cpu_waits(row, waits)  # (> BUSY_WAIT_PER_S: other processes shared the cores during the timed runs)
     if "transformers" in impls:
         a, b = answers["janus_rt"], answers["transformers"]
         row["same_tokens"] = a == b

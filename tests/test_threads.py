@@ -25,7 +25,7 @@ class Fake:
         self.n = n
 
     def governor(self, **kw):
-        return TeamGovernor(2, clock=lambda: self.t, delays=lambda: {"1": self.delay_ns}, set_threads=self.set,
+        return TeamGovernor(clock=lambda: self.t, delays=lambda: {"1": self.delay_ns}, set_threads=self.set,
                             get_threads=lambda: self.n, **kw)
 
     def step(self, g, seconds, waited_s=0.0):
@@ -103,7 +103,7 @@ def test_a_user_single_thread_is_left_alone():
 
 
 def test_unknown_run_delay_changes_nothing():
-    g = TeamGovernor(2, window_s=0.0, clock=iter(range(100)).__next__, delays=lambda: None,
+    g = TeamGovernor(window_s=0.0, clock=iter(range(100)).__next__, delays=lambda: None,
                      set_threads=lambda n: pytest.fail("set"))
     for _ in range(10):
         g.before_step()
@@ -138,7 +138,7 @@ def test_tokens_do_not_depend_on_the_team_size():
         sizes.append(n)
         torch.set_num_threads(n)
 
-    flip = TeamGovernor(team, window_s=0.0, probe_every_s=0.0, busy_per_s=-1.0, set_threads=set_threads)
+    flip = TeamGovernor(window_s=0.0, probe_every_s=0.0, busy_per_s=-1.0, set_threads=set_threads)
     try:
         got, eng = generate(flip)
         assert got == want
@@ -155,9 +155,9 @@ def _small_engine(**kw):
     return eng, [cfg.tokens.bos_id, 5, 6, 7, cfg.tokens.boi_id]
 
 
-def _busy(team):
+def _busy():
     """A governor that finds the machine busy at every window: one thread from its second decode call on."""
-    return TeamGovernor(team, window_s=0.0, busy_per_s=-1.0, probe_every_s=1e9)
+    return TeamGovernor(window_s=0.0, busy_per_s=-1.0, probe_every_s=1e9)
 
 
 two_threads = pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs two threads")
@@ -176,7 +176,7 @@ def test_no_single_thread_left_behind(team, how):
     """A run that ends while the governor is on one thread (the last request aborted, a step that raised, an engine
     no longer stepped) leaves the stepping thread on its team, and the next engine adapts that team."""
     eng, prompt = _small_engine()
-    eng.governor = _busy(team)
+    eng.governor = _busy()
     req = eng.add_image_request(prompt, n=1, params=SamplingParams(seed=4), num_tokens=50)
     decode, calls = eng._decode, []
 

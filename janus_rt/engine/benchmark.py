@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from janus_rt.engine.roofline import (CpuWait, busy_note, decode_step_bytes_flops, device_name,
-                                      measure_bandwidth_gbs, measure_int8_matmul_gops, measure_matmul_gflops,
-                                      peak_memory_gb, projection_flops, reset_peak_memory, sync)
+from janus_rt.engine.roofline import (CpuWait, decode_step_bytes_flops, device_name, measure_bandwidth_gbs,
+                                      measure_int8_matmul_gops, measure_matmul_gflops, peak_memory_gb,
+                                      projection_flops, record_cpu_waits, reset_peak_memory, sync)
 
 SHAPES = {
     # name: (LLM hidden, layers, heads, MLP, default dtype, default n)
@@ -262,7 +262,7 @@ def main(args):
             theirs_run(warm)
         print(f"# warm-up: one untimed run of each at {warm} tokens per image", flush=True)
 
-    waits = {"janus_rt": [], "transformers": []}  # run delay per second of each timed run (roofline.cpu_wait_s)
+    waits = {"janus_rt": [], "transformers": []}  # run delay per second of each timed run (roofline.CpuWait)
 
     def ours_probed():
         before = measure_bandwidth_gbs(device)
@@ -350,12 +350,7 @@ def main(args):
         # team <-> one-thread changes of the decode under contention (engine/threads.py; 0: the team throughout)
         row["cpu_team_switches"] = eng.governor.switches if eng.governor else 0
     # how long each timed run's threads waited for a CPU (s per s): > BUSY_WAIT_PER_S, other processes shared it
-    for name, w in waits.items():
-        if w and (name == "janus_rt" or theirs):
-            row[f"{name}_cpu_wait_per_s"] = [None if x is None else round(x, 3) for x in w]
-            note = busy_note(name, w)
-            if note:
-                print(f"# {note}", flush=True)
+    record_cpu_waits(row, {name: w for name, w in waits.items() if w and (name == "janus_rt" or theirs)})
     if theirs:
         t_hf = statistics.median(x[0] for x in theirs)
         row.update({"transformers_s": round(t_hf, 3), "transformers_tok_s": round(n * args.tokens / t_hf, 1),

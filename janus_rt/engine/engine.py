@@ -206,8 +206,7 @@ class Engine:
         (not the CPU, JANUS_RT_ADAPTIVE_THREADS=0). A thread on one thread (its step() call reads the count each time)
         is left alone."""
         if self.governor is None:
-            self.governor = (TeamGovernor(torch.get_num_threads())
-                             if env_switch("JANUS_RT_ADAPTIVE_THREADS") == "1" else False)
+            self.governor = TeamGovernor() if env_switch("JANUS_RT_ADAPTIVE_THREADS") == "1" else False
         return self.governor
 
     def _embed_text(self, ids, pixel_values=None):

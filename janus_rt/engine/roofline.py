@@ -103,19 +103,10 @@ def run_delays() -> dict[str, int] | None:
     return out or None
 
 
-def cpu_wait_s() -> float | None:
-    """Seconds this process's threads have spent runnable but waiting for a CPU (Linux schedstat's run delay, summed
-    over its threads; a thread that has exited no longer counts), or None where the kernel does not say. Its growth
-    over a timed run, per second of the run, says whether other processes took the cores the run wanted: ~0.005
-    alone on the 2-core host, 0.63 beside one busy process (2026-12-06)."""
-    d = run_delays()
-    return None if d is None else sum(d.values()) / 1e9
-
-
 class CpuWait:
-    """Run delay per second of wall time over a `with` block: .per_s, None where unknown. Summed thread by thread
-    over the threads alive at its end (a thread that exits inside the block takes its delay with it: never a
-    negative total, as cpu_wait_s' difference would be)."""
+    """Run delay per second of wall time over a `with` block (waited_s between run_delays() at its start and end):
+    .per_s, None where unknown. It says whether other processes took the cores the block wanted: ~0.005 alone on
+    the 2-core host, 0.63 beside one busy process (2026-12-06)."""
 
     def __enter__(self):
         self._d, self._t = run_delays(), time.perf_counter()
@@ -150,6 +141,16 @@ def busy_note(name: str, per_s: list) -> str | None:
            f"up to {max(known):.2f} s per second of its timed runs")
     return (f"note: {whose} threads waited for a CPU {how}: other processes shared the cores, so its times are upper "
             f"bounds")
+
+
+def record_cpu_waits(row: dict, waits: dict) -> None:
+    """row[f"{name}_cpu_wait_per_s"] = each of name's timed runs' CpuWait.per_s (rounded), for each name in `waits`;
+    and busy_note's line printed for a name whose runs waited past BUSY_WAIT_PER_S."""
+    for name, per_s in waits.items():
+        row[f"{name}_cpu_wait_per_s"] = [None if x is None else round(x, 3) for x in per_s]
+        note = busy_note(name, per_s)
+        if note:
+            print(f"# {note}", flush=True)
 
 
 def reset_peak_memory(device):

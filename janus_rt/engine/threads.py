@@ -11,7 +11,7 @@ The signal is this process's threads' run delay (roofline.run_delays: time runna
 windows of at least `window_s` of decode: above `busy_per_s` seconds a second (alone ~0.005, beside one busy process
 0.6-0.8) the decode goes to one thread; every `probe_every_s` it tries the team again for a window and keeps it if
 the wait has gone. Tokens do not depend on the team size (the csrc kernels compute each value in the same order on
-any number of threads; tests/test_engine.py). `JANUS_RT_ADAPTIVE_THREADS=0` keeps the team whatever happens.
+any number of threads; tests/test_threads.py). `JANUS_RT_ADAPTIVE_THREADS=0` keeps the team whatever happens.
 """
 from __future__ import annotations
 
@@ -24,16 +24,16 @@ from janus_rt.engine.roofline import run_delays, waited_s
 
 
 class TeamGovernor:
-    """Decides the CPU decode's team size between decode steps: the calling thread's own count (`team` when it was
-    made), or 1 while other processes take the cores. Each decode call runs inside step(): one thread only for the
+    """Decides the CPU decode's team size between decode steps: the calling thread's own count (read at each
+    step), or 1 while other processes take the cores. Each decode call runs inside step(): one thread only for the
     length of that call, the thread's own count again when it returns or raises, so nothing else (a prefill, the VQ
     decoder, the next engine, an engine aborted or abandoned mid-run, a failed step) inherits the single thread.
     restore() starts the next request on the team (the engine calls it when no request is left running)."""
 
-    def __init__(self, team: int, window_s: float = 0.25, probe_every_s: float = 2.0, busy_per_s: float = 0.25,
+    def __init__(self, window_s: float = 0.25, probe_every_s: float = 2.0, busy_per_s: float = 0.25,
                  clock=time.perf_counter, delays=run_delays, set_threads=torch.set_num_threads,
                  get_threads=torch.get_num_threads):
-        self.team, self.window_s, self.probe_every_s, self.busy_per_s = team, window_s, probe_every_s, busy_per_s
+        self.window_s, self.probe_every_s, self.busy_per_s = window_s, probe_every_s, busy_per_s
         self._clock, self._delays, self._set, self._get = clock, delays, set_threads, get_threads
         self.solo = False
         self.switches = 0  # team <-> one thread changes so far (for tests and benchmark rows)
