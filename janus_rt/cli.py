@@ -239,7 +239,7 @@ def _int8_checks(args, cuda: bool):
 def cmd_generate(args):
     from janus_rt.cpu_ops import retain_freed_memory
     from janus_rt.engine import Engine
-    from janus_rt.engine.request import FP32_MAX
+    from janus_rt.engine.request import FP32_MAX, SEED_LIMIT
     from janus_rt.engine.roofline import CpuWait, busy_note
     from janus_rt.processing import GRID_ROWS, encode_generation_prompt, generate_images
 
@@ -260,8 +260,6 @@ def cmd_generate(args):
         args.prompts += _read_prompts(args.prompts_file)
     if not args.prompts:
         args.prompts = ["a red circle on a blue background"]
-    from janus_rt.engine.request import SEED_LIMIT
-
     _check_args(args, (args.seed + len(args.prompts) - 1 < SEED_LIMIT,  # (prompts from --prompts-file too)
                        f"--seed must be in [0, 2^64) (prompt k samples with --seed + k), got {args.seed}"))
     stale = sorted(Path(args.out).glob("img_*_*.png"))

@@ -35,7 +35,7 @@ def test_the_curve_falls_from_top_left_to_bottom_right(tmp_path):
         box = (plot.LEFT + int(x0 * pw), plot.TOP + int(y0 * ph), plot.LEFT + int(x1 * pw), plot.TOP + int(y1 * ph))
         return colour in {c for _, c in img.crop(box).getcolors(1 << 20)}
 
-    black, orange = plot._RGB["black"], plot._RGB["tab:orange"]
+    black, orange = dict(plot.SERIES)["loss"], dict(plot.SERIES)["loss_und"]
     assert has(black, 0.0, 0.1, 0.0, 0.2) and has(black, 0.9, 1.0, 0.8, 1.0)  # high first, low last
     assert not has(black, 0.9, 1.0, 0.0, 0.5) and not has(black, 0.0, 0.1, 0.5, 1.0)
     assert has(orange, 0.0, 1.0, 0.0, 1.0)  # the steps with an und loss make a line

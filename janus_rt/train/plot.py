@@ -16,8 +16,8 @@ from pathlib import Path
 
 from janus_rt.train.data import KINDS
 
-SERIES = [("loss", "black"), *zip((f"loss_{k}" for k in KINDS), ("tab:blue", "tab:orange", "tab:green"))]
-_RGB = {"black": (0, 0, 0), "tab:blue": (31, 119, 180), "tab:orange": (255, 127, 14), "tab:green": (44, 160, 44)}
+# (log key, line colour): the step's loss in black, each kind's CE in blue, orange, green
+SERIES = [("loss", (0, 0, 0)), *zip((f"loss_{k}" for k in KINDS), ((31, 119, 180), (255, 127, 14), (44, 160, 44)))]
 WIDTH, HEIGHT = 900, 520
 LEFT, RIGHT, TOP, BOTTOM = 70, 170, 40, 50  # plot area margins (the legend sits in the right one)
 
@@ -113,12 +113,10 @@ def plot_losses(records: list[dict], path: str | Path, title: str = "") -> Path:
     d.text((LEFT + pw // 2 - 15, HEIGHT - 20), "step", fill="dimgray", font=font)
     d.rectangle([LEFT, TOP, LEFT + pw, TOP + ph], outline="gray")
     window = max(1, (x1 - x0) // 50)
-    for i, (key, colour) in enumerate(SERIES):
+    for i, (key, rgb) in enumerate(SERIES):
         if key not in data:
             continue
-        rgb = _RGB[colour]
         light = tuple(int(c + (255 - c) * 0.7) for c in rgb)
-
         if window > 1:
             _polyline(d, [px(s, v) for s, v in data[key]], light, 1)
         curve = moving_mean(data[key], window) if window > 1 else data[key]
