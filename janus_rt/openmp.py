@@ -7,8 +7,8 @@ a thread that waits (at a barrier, or for the next parallel region) spins GOMP_S
 When another process holds one of the cores, a thread at one of a decode layer's dozen barriers keeps its own core
 busy waiting for a team-mate that is not running, where a sleeping one would let the kernel run the team-mate there.
 1000 spins (~23 us) still covers a barrier's usual wait when the team has the machine to itself.
-Measured (bench/RESULTS.md, thirty-second session): beside one busy process, the small shape's step 11-15 -> 7.3-7.6
-ms, 1B n = 1 104-167 -> 79-80 ms; alone no slower (small, 1B n = 1 and n = 16 within the host's noise).
+Measured (bench/RESULTS.md, thirty-second session): beside one busy process, the small shape's step 9.8-14.6 ->
+7.3-7.8 ms, 1B n = 1 104-167 -> 79-85 ms; alone no slower (small, 1B n = 1 and n = 16 within the host's noise).
 
 `apply()` runs when janus_rt is imported, and sets GOMP_SPINCOUNT only where it can still take effect and where the
 user has set neither it nor OMP_WAIT_POLICY. `settle()` runs once torch is imported: libgomp has read the variable, so
