@@ -95,4 +95,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("k_sb"), py::arg("k_st"), py::arg("v_sb"), py::arg("v_st"));
   m.def("simd_isa", &jr::simd_isa, "vector ISA the kernels were compiled for: avx512, avx2 or scalar");
   m.def("prefetch_rules", &jr::prefetch_rules, "the decode kernels' software-prefetch rules on this CPU");
+  m.def("set_thread_team", &jr::set_thread_team, "omp_set_num_threads(n): the calling thread's team only",
+        py::arg("n"));
+  m.def("thread_team", &jr::thread_team, "omp_get_max_threads() on the calling thread");
 }

@@ -60,4 +60,7 @@ void prefill_attention(ptr_t q, ptr_t k, ptr_t v, ptr_t o, int64_t B, int64_t Tq
 const char* simd_isa();
 // The decode kernels' software-prefetch rules as this CPU takes them (packed_gemv.h, w8a8_gemv.h, paged_attention.h).
 std::map<std::string, int64_t> prefetch_rules();
+// The calling thread's OpenMP team size (thread_team.cpp): torch's process-wide count left as it is.
+void set_thread_team(int64_t n);
+int64_t thread_team();
 }  // namespace jr

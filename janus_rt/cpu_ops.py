@@ -47,6 +47,20 @@ def prefetch_rules() -> dict[str, int]:
     return dict(_ext().prefetch_rules())
 
 
+def set_thread_team(n: int) -> None:
+    """This thread's OpenMP team only: n threads for the csrc kernels and torch's ops called from this thread, while
+    torch's process-wide count (torch.set_num_threads'; each thread copies it at its first torch op) stays as it is.
+    Where torch does not follow (another OpenMP runtime than the extension's), or without the extension:
+    torch.set_num_threads(n)."""
+    _check(n >= 1, f"a team needs n >= 1 threads, got {n}")
+    torch.get_num_threads()  # (torch's once-per-thread set-up first: it would set this thread's count from its own)
+    if _C is not None:
+        _C.set_thread_team(n)
+        if torch.get_num_threads() == n:
+            return
+    torch.set_num_threads(n)
+
+
 def prefetch_rule() -> str:
     """"zen5" where the decode kernels take Zen 5's prefetch rules (prefetch_rules()), else "default" (Zen 4's)."""
     return "zen5" if prefetch_rules()["zen5"] else "default"

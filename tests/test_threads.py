@@ -136,7 +136,7 @@ def test_tokens_do_not_depend_on_the_team_size():
 
     def set_threads(n):
         sizes.append(n)
-        torch.set_num_threads(n)
+        cpu_ops.set_thread_team(n)
 
     flip = TeamGovernor(window_s=0.0, probe_every_s=0.0, busy_per_s=-1.0, set_threads=set_threads)
     try:
@@ -199,6 +199,42 @@ def test_no_single_thread_left_behind(team, how):
     nxt.add_image_request(prompt, n=1, num_tokens=8)
     nxt.run()
     assert isinstance(nxt.governor, TeamGovernor) and torch.get_num_threads() == team
+
+
+@two_threads
+def test_a_thread_started_during_a_one_thread_call_runs_on_the_team(team):
+    """The one-thread decode call sets the stepping thread's count only: a thread that first uses torch meanwhile (a
+    server's connection thread decoding its images) takes torch's process-wide count, which is still the team."""
+    eng, prompt = _small_engine()
+    eng.governor = _busy()
+    eng.add_image_request(prompt, n=1, params=SamplingParams(seed=4), num_tokens=6)
+    decode, inside, fresh = eng._decode, [], []
+
+    def decode_beside_a_new_thread():
+        inside.append(torch.get_num_threads())
+        t = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        return decode()
+
+    eng._decode = decode_beside_a_new_thread
+    eng.run()
+    assert 1 in inside and len(fresh) == len(inside) and set(fresh) == {team}
+    assert torch.get_num_threads() == team
+
+
+def test_set_thread_team(team, monkeypatch):
+    """cpu_ops.set_thread_team: this thread's count (the extension's OpenMP call, which torch follows), torch's own
+    call without the extension; n < 1 refused."""
+    cpu_ops.set_thread_team(1)
+    assert torch.get_num_threads() == 1
+    cpu_ops.set_thread_team(team)
+    assert torch.get_num_threads() == team
+    with pytest.raises(ValueError, match="n >= 1"):
+        cpu_ops.set_thread_team(0)
+    monkeypatch.setattr(cpu_ops, "_C", None)
+    cpu_ops.set_thread_team(1)
+    assert torch.get_num_threads() == 1
 
 
 def test_the_switch_turns_it_off(monkeypatch):

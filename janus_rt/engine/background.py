@@ -40,7 +40,7 @@ class BackgroundEngine:
         self._live: dict[int, tuple[Request, Future, object]] = {}  # req_id -> (request, future, on_tokens)
         self._closed, self._cancel, self._error = False, False, None
         # the engine thread's OpenMP team: this thread's (a new thread takes torch's process-wide last setting, which
-        # another engine's one-thread decode call (engine/threads.py) may hold at that moment)
+        # another thread's torch.set_num_threads may have changed)
         self._team = torch.get_num_threads()
         self._thread = threading.Thread(target=self._loop, name="janus_rt-engine", daemon=True)
         self._thread.start()

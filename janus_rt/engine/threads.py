@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from janus_rt import cpu_ops
 from janus_rt.engine.roofline import run_delays, waited_s
 
 
@@ -27,11 +28,13 @@ class TeamGovernor:
     """Decides the CPU decode's team size between decode steps: the calling thread's own count (read at each
     step), or 1 while other processes take the cores. Each decode call runs inside step(): one thread only for the
     length of that call, the thread's own count again when it returns or raises, so nothing else (a prefill, the VQ
-    decoder, the next engine, an engine aborted or abandoned mid-run, a failed step) inherits the single thread.
+    decoder, the next engine, an engine aborted or abandoned mid-run, a failed step) inherits the single thread. The
+    count set is the stepping thread's own (cpu_ops.set_thread_team): a thread that first uses torch meanwhile (a
+    server's connection thread) copies torch's process-wide count, which stays the team's.
     restore() starts the next request on the team (the engine calls it when no request is left running)."""
 
     def __init__(self, window_s: float = 0.25, probe_every_s: float = 2.0, busy_per_s: float = 0.25,
-                 clock=time.perf_counter, delays=run_delays, set_threads=torch.set_num_threads,
+                 clock=time.perf_counter, delays=run_delays, set_threads=cpu_ops.set_thread_team,
                  get_threads=torch.get_num_threads):
         self.window_s, self.probe_every_s, self.busy_per_s = window_s, probe_every_s, busy_per_s
         self._clock, self._delays, self._set, self._get = clock, delays, set_threads, get_threads
