@@ -43,6 +43,7 @@ setup(
         "tokenizers>=0.21",  # decoders.DecodeStream
         "Pillow>=10",
         "tqdm",
+        "prometheus_client>=0.17",  # serve's GET /metrics
     ],
     extras_require={"test": ["pytest", "pytest-benchmark", "transformers>=5.0"]},
     entry_points={"console_scripts": ["janus-rt=janus_rt.cli:main"]},

@@ -439,7 +439,7 @@ def cmd_serve(args):
     host, port = server.server_address[:2]
     host = f"[{host}]" if ":" in host else host  # (an IPv6 address in a URL)
     print(f"{what}: serving on http://{host}:{port} (KV cache {server.bg.engine.cache.num_blocks} blocks of "
-          f"{server.bg.engine.cache.block_size} tokens; GET /health, POST /v1/images, /v1/understand; Ctrl-C stops)",
+          f"{server.bg.engine.cache.block_size} tokens; GET /health, /metrics, POST /v1/images, /v1/understand; Ctrl-C stops)",
           flush=True)
     import signal
 

@@ -2,6 +2,8 @@
 connection; every request, from any connection, joins the engine's running batch).
 
     GET  /health          -> {"status": "ok", "model": ...}
+    GET  /metrics         -> Prometheus' text format: responses, latencies, the engine's batch, KV cache and tokens
+                             (janus_rt/metrics.py names each)
     POST /v1/images       {"prompt": str, "n": 1, "cfg": <the checkpoint's>, "temperature": 1.0, "top_k": 0,
                            "top_p": 1.0, "greedy": false, "seed": null (random; else an int in [0, 2^64))}
                           -> {"images": [base64 PNG, ...], "seed": int, "time_to_first_token_s": ..., "latency_s": ...}
@@ -36,6 +38,11 @@ from janus_rt.engine import BackgroundEngine, Engine, SamplingParams
 from janus_rt.errors import UsageError
 from janus_rt.processing import (encode_generation_prompt, encode_understanding_prompt, preprocess_image,
                                  request_images)
+
+try:
+    from janus_rt.metrics import ServerMetrics
+except ImportError:  # prometheus_client missing (a checkout used in place, not installed): no /metrics
+    ServerMetrics = None
 
 MAX_BODY = 64 << 20  # bytes of JSON a request may send (a few images)
 MAX_IMAGE_PIXELS = 4096 * 4096  # an understanding image larger than this is refused before it is decoded
@@ -77,6 +84,7 @@ class JanusServer(ThreadingHTTPServer):
         super().__init__(address, _Handler)
         self.model, self.tok, self.label, self.default_cfg = model, tok, label, default_cfg
         self.bg = BackgroundEngine(engine)
+        self.metrics = ServerMetrics(self.bg.state) if ServerMetrics is not None else None
         self._conns, self._conns_lock = set(), threading.Lock()  # open connections, for stop()
 
     def handle_error(self, request, client_address) -> None:
@@ -125,7 +133,9 @@ class JanusServer(ThreadingHTTPServer):
             buf = io.BytesIO()
             im.save(buf, format="PNG")
             pngs.append(base64.b64encode(buf.getvalue()).decode("ascii"))
-        return dict(images=pngs, seed=seed, **_times(req))
+        if self.metrics is not None:
+            self.metrics.images.inc(len(pngs))
+        return dict(images=pngs, seed=seed, **self._times("/v1/images", req))
 
     def understand(self, body: dict, client_gone=None) -> dict:
         from PIL import Image
@@ -169,7 +179,14 @@ class JanusServer(ThreadingHTTPServer):
         ids = _encode(encode_understanding_prompt, self.tok, question, len(pixels), cfg.vision.num_patches)
         req = self._wait(lambda: self.bg.submit_text(ids, pixels.to(self.model.device, self.model.dtype), max_new,
                                                      params), client_gone)
-        return dict(answer=self.tok.decode(req.tokens[0]), tokens=len(req.tokens[0]), **_times(req))
+        return dict(answer=self.tok.decode(req.tokens[0]), tokens=len(req.tokens[0]),
+                    **self._times("/v1/understand", req))
+
+    def _times(self, endpoint: str, req) -> dict:
+        """A finished request's times, for its answer and the metrics."""
+        if self.metrics is not None:
+            self.metrics.request(endpoint, req.time_to_first_token, req.latency)
+        return dict(time_to_first_token_s=round(req.time_to_first_token, 4), latency_s=round(req.latency, 4))
 
     def _wait(self, submit, client_gone=None):
         """submit() -> the finished request; the engine's refusal as 400, a closing server as 503; where
@@ -218,8 +235,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers:
             self.close_connection = True  # a body this server does not read: never parsed as the next request
-        if self.path.split("?")[0] != "/health":
-            return self._send(404, {"error": f"no such path {self.path!r} (GET /health)"})
+        path = self.path.split("?")[0]
+        if path == "/metrics":
+            metrics = self.server.metrics
+            if metrics is None:
+                return self._send(404, {"error": "no /metrics: prometheus_client is not installed (pip install -e .)"})
+            return self._send(200, *metrics.render())
+        if path != "/health":
+            return self._send(404, {"error": f"no such path {self.path!r} (GET /health, /metrics)"})
         error = self.server.bg.error
         if error is not None:  # the engine thread stopped: a supervisor should restart the server
             return self._send(503, {"status": "error", "error": f"{type(error).__name__}: {error}"})
@@ -264,16 +287,20 @@ class _Handler(BaseHTTPRequestHandler):
     def _not_allowed(self):
         """PUT, DELETE, PATCH, OPTIONS: 405 in JSON (the standard server answers 501 in HTML)."""
         self.close_connection = True  # (a body is not read)
-        self._send(405, {"error": f"{self.command} is not served (GET /health, POST /v1/images, /v1/understand)"},
-                   {"Allow": "GET, HEAD, POST"})
+        self._send(405, {"error": f"{self.command} is not served (GET /health, /metrics, POST /v1/images, "
+                                 "/v1/understand)"}, headers={"Allow": "GET, HEAD, POST"})
 
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
-    def _send(self, code: int, obj: dict, headers: dict | None = None) -> None:
-        data = json.dumps(obj).encode()
+    def _send(self, code: int, obj: dict | bytes, content_type: str = "application/json",
+              headers: dict | None = None) -> None:
+        """The response: obj as JSON, or bytes of content_type."""
+        data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+        if self.server.metrics is not None:
+            self.server.metrics.response(self.path, code)
         try:
             self.send_response(code)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
             self.send_header("Content-Length", str(len(data)))
@@ -342,6 +369,3 @@ def _sampling(**kw) -> SamplingParams:
     except ValueError as e:
         raise BadRequest(str(e)) from None
 
-
-def _times(req) -> dict:
-    return dict(time_to_first_token_s=round(req.time_to_first_token, 4), latency_s=round(req.latency, 4))

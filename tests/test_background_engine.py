@@ -73,6 +73,13 @@ def test_threads_submit_and_stream_and_get_what_each_gets_alone(tiny):
         assert steps == sorted(set(steps)) and steps[-1] == r.step  # grew every time, ended complete
     assert max(queued) >= 3  # requests from several threads in the engine at once
     assert eng.bm.num_free_blocks == eng.bm.num_blocks and not bg._thread.is_alive()
+    st = bg.state()  # (serve's /metrics): every request finished, every token counted once
+    assert st["finished"] == len(jobs) and st["aborted"] == st["failed"] == st["refused"] == 0
+    assert st["image_tokens"] == sum(len(t) * len(t[0]) for (kind, _), t in zip(jobs, alone) if kind == "image")
+    assert st["text_tokens"] == sum(len(t[0]) for (kind, _), t in zip(jobs, alone) if kind == "text")
+    assert st["requests_running"] == st["requests_waiting"] == st["pending"] == st["kv_blocks_used"] == 0
+    assert st["kv_blocks_total"] == 24 and st["decode_steps"] == eng.stats.decode_steps > 0 and not st["running"]
+    assert st["preemptions"] == eng.scheduler.num_preemptions
 
 
 def test_abort_refusal_and_close(tiny):
@@ -86,6 +93,9 @@ def test_abort_refusal_and_close(tiny):
     with pytest.raises(UsageError, match="KV blocks"):
         big.result(timeout=60)
     assert started.wait(timeout=60)
+    st = bg.state()  # (taken at a step boundary while it runs)
+    assert st["running"] and st["requests_running"] == 1 and st["rows_running"] == 4 and st["kv_blocks_used"] > 0
+    assert st["refused"] == 1 and st["image_tokens"] >= 2 * 5 - 2
     bg.abort(long)
     r = long.result(timeout=60)
     assert r.aborted and 5 <= r.step < tiny.cfg.num_image_tokens
@@ -100,6 +110,9 @@ def test_abort_refusal_and_close(tiny):
     with pytest.raises(RuntimeError, match="closed"):
         bg.submit_image(prompt(tiny, 10, seed=5), 1)
     assert bg.engine.bm.num_free_blocks == bg.engine.bm.num_blocks
+    st = bg.state()
+    assert (st["finished"], st["aborted"], st["refused"], st["failed"]) == (1, 2, 1, 0) and not st["running"]
+    assert st["image_tokens"] == 2 * r.step + 4 + slow.result().step
 
 
 def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(tiny):
@@ -147,6 +160,8 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(tiny):
     with pytest.raises(RuntimeError, match="broken bookkeeping"):
         stuck.result(timeout=60)
     assert isinstance(bg.error, RuntimeError)
+    st = bg.state()
+    assert (st["failed"], st["finished"], st["running"]) == (3, 1, False)
     with pytest.raises(RuntimeError, match="stopped on an error"):
         bg.submit_image(prompt(tiny, 10, seed=9), 1)
     bg.close()

@@ -357,3 +357,82 @@ def test_a_client_that_leaves_has_its_request_aborted(server, monkeypatch):
     assert len(aborted) == 1 and aborted[0].aborted and aborted[0].step < eng.model.cfg.num_image_tokens
     assert eng.bm.num_free_blocks == eng.bm.num_blocks
     assert call(server, "/health")[0] == 200
+
+
+def scrape(srv) -> dict:
+    """GET /metrics -> {(sample name, frozenset of its labels): value}, parsed by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.server_address[1]}/metrics", timeout=30) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain; version=")
+        text = r.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics(tmp_path):
+    """GET /metrics (Prometheus' text format) on a server of its own: responses by path and code, each finished
+    request's latency and first-token time, images returned, and the engine's state: nothing running at rest, the
+    tokens each request sampled, requests by outcome, the KV pool emptied again."""
+    pytest.importorskip("prometheus_client")
+    with serving("127.0.0.1") as srv:
+        m = scrape(srv)
+        assert m[("janus_rt_engine_up", frozenset())] == 1
+        assert m[("janus_rt_engine_requests_running", frozenset())] == 0
+        assert m[("janus_rt_engine_kv_cache_blocks", frozenset())] == srv.bg.engine.bm.num_blocks > 0
+        assert m[("janus_rt_images_total", frozenset())] == 0
+        status, out = call(srv, "/v1/images", {"prompt": "a red circle", "n": 2, "seed": 1})
+        assert status == 200 and len(out["images"]) == 2
+        im = io.BytesIO()
+        Image.new("RGB", (8, 8), (0, 200, 0)).save(im, format="PNG")
+        status, answer = call(srv, "/v1/understand", {"question": "What colour?", "max_new_tokens": 4,
+                                                      "images": [base64.b64encode(im.getvalue()).decode()]})
+        assert status == 200
+        assert call(srv, "/v1/images", {"prompt": " "})[0] == 400
+        assert call(srv, "/v1/images", {"prompt": "x", "n": 100})[0] == 400  # refused by the engine: too big
+        assert call(srv, "/nothing")[0] == 404
+        m = scrape(srv)
+
+    def responses(path, code):
+        return m.get(("janus_rt_http_responses_total", frozenset({"path": path, "code": code}.items())), 0)
+
+    assert (responses("/v1/images", "200"), responses("/v1/images", "400"), responses("/v1/understand", "200"),
+            responses("other", "404"), responses("/metrics", "200")) == (1, 2, 1, 1, 1)
+    images = frozenset({"endpoint": "/v1/images"}.items())
+    assert m[("janus_rt_request_latency_seconds_count", images)] == 1
+    assert m[("janus_rt_request_latency_seconds_sum", images)] == pytest.approx(out["latency_s"], abs=1e-4)
+    assert m[("janus_rt_time_to_first_token_seconds_sum", images)] == pytest.approx(out["time_to_first_token_s"],
+                                                                                    abs=1e-4)
+    assert m[("janus_rt_request_latency_seconds_bucket", images | {("le", "+Inf")})] == 1
+    assert m[("janus_rt_request_latency_seconds_count", frozenset({"endpoint": "/v1/understand"}.items()))] == 1
+    assert m[("janus_rt_images_total", frozenset())] == 2
+    tokens = {kind: m[("janus_rt_engine_tokens_total", frozenset({"kind": kind}.items()))] for kind in ("image", "text")}
+    assert tokens == {"image": 2 * srv.model.cfg.num_image_tokens, "text": answer["tokens"]}
+    outcomes = {o: m[("janus_rt_engine_requests_total", frozenset({"outcome": o}.items()))]
+                for o in ("finished", "aborted", "failed", "refused")}
+    assert outcomes == {"finished": 2, "aborted": 0, "failed": 0, "refused": 1}
+    assert m[("janus_rt_engine_kv_cache_blocks_used", frozenset())] == 0
+    assert m[("janus_rt_engine_kv_cache_usage_ratio", frozenset())] == 0
+    assert m[("janus_rt_engine_decode_steps_total", frozenset())] > 0
+
+
+def test_metrics_without_prometheus_client(monkeypatch):
+    """A checkout used in place without prometheus_client (the lent GPU machines'): the server runs, /metrics says why
+    it is missing (404), HEAD /metrics gets GET's headers only."""
+    import janus_rt.serve
+
+    monkeypatch.setattr(janus_rt.serve, "ServerMetrics", None)
+    with serving("127.0.0.1") as srv:
+        status, out = call(srv, "/metrics")
+        assert status == 404 and "prometheus_client is not installed" in out["error"]
+        assert call(srv, "/health")[0] == 200
+    monkeypatch.undo()
+    pytest.importorskip("prometheus_client")
+    with serving("127.0.0.1") as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=30)
+        try:
+            conn.request("HEAD", "/metrics")
+            head = conn.getresponse()
+            assert head.status == 200 and head.read() == b"" and int(head.getheader("Content-Length")) > 1000
+        finally:
+            conn.close()

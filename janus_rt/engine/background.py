@@ -39,6 +39,9 @@ class BackgroundEngine:
         self._aborts: list[Future] = []
         self._live: dict[int, tuple[Request, Future, object]] = {}  # req_id -> (request, future, on_tokens)
         self._closed, self._cancel, self._error = False, False, None
+        # requests resolved so far, by how (state()), and tokens sampled by kind
+        self._counts = dict(finished=0, aborted=0, failed=0, refused=0, image_tokens=0, text_tokens=0)
+        self._snapshot()
         # the engine thread's OpenMP team: this thread's (a new thread takes torch's process-wide last setting, which
         # another thread's torch.set_num_threads may have changed)
         self._team = torch.get_num_threads()
@@ -76,6 +79,18 @@ class BackgroundEngine:
             self._thread.join()
             atexit.unregister(self._at_exit)
 
+    def state(self) -> dict:
+        """What the engine holds and has done, for monitoring (serve's GET /metrics), from any thread: as of the
+        engine thread's last step boundary. requests_running / requests_waiting (a preempted one waits again) and the
+        running batch's rows_running; pending: submitted, not yet taken in; kv_blocks_used / kv_blocks_total;
+        decode_steps, prefill_s, decode_s, preemptions (the engine's totals); finished / aborted / failed / refused:
+        requests resolved so far (refused: too big for the KV cache or bad values); image_tokens / text_tokens:
+        tokens sampled (an image request samples n a step); running: the engine thread has not stopped on an error
+        and close() has not finished."""
+        with self._cv:
+            return dict(self._state, pending=len(self._pending),
+                        running=self._error is None and self._thread.is_alive())
+
     @property
     def closed(self) -> bool:
         """close() was called: submit refuses."""
@@ -106,9 +121,16 @@ class BackgroundEngine:
 
     # ---- the engine thread -----------------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._steps()
+        finally:
+            self._snapshot()  # (what the last steps, a cancel or a failure did)
+
+    def _steps(self) -> None:
         eng = self.engine
         torch.set_num_threads(self._team)
         while True:
+            self._snapshot()
             with self._cv:
                 while not (self._pending or self._aborts or self._closed or eng.has_work()):
                     self._cv.wait()
@@ -126,6 +148,7 @@ class BackgroundEngine:
                     except Exception as e:  # noqa: BLE001 - that step's requests fail; the engine goes on
                         self._fail_running(e)
                         continue
+                    self._count_tokens(before)
                     self._stream(before)
                     for req in finished:
                         if req.req_id in self._live:  # (not when its own callback failed just now)
@@ -137,6 +160,7 @@ class BackgroundEngine:
                 for fut in [f for f, _ in left] + [f for _, f, _ in self._live.values()]:
                     if not fut.done():
                         fut.set_exception(e)
+                        self._counts["failed"] += 1
                 self._live.clear()
                 return
 
@@ -152,6 +176,7 @@ class BackgroundEngine:
                 req = add(*job["args"])
             except Exception as e:  # noqa: BLE001 - the request's own error (too big, bad values), not the engine's
                 fut.set_exception(e)
+                self._counts["refused"] += 1
                 continue
             req.arrival_time = job["submitted"]
             self._live[req.req_id] = (req, fut, job["on_tokens"])
@@ -183,6 +208,22 @@ class BackgroundEngine:
             except Exception as e:  # noqa: BLE001 - that client's failure (a closed connection), not the engine's
                 self._fail(req, e)
 
+    def _count_tokens(self, before: dict) -> None:
+        for rid, (req, _, _) in self._live.items():
+            made = req.step - before.get(rid, 0)
+            self._counts[f"{req.kind}_tokens"] += made * (req.n if req.kind == "image" else 1)
+
+    def _snapshot(self) -> None:
+        """state()'s engine part, taken on the engine thread (the Engine is not read from any other)."""
+        eng = self.engine
+        s, bm = eng.scheduler, eng.bm
+        state = dict(requests_running=len(s.running), requests_waiting=len(s.waiting),
+                     rows_running=sum(r.num_rows for r in s.running), kv_blocks_used=bm.num_blocks - bm.num_free_blocks,
+                     kv_blocks_total=bm.num_blocks, decode_steps=eng.stats.decode_steps, prefill_s=eng.stats.prefill_s,
+                     decode_s=eng.stats.decode_s, preemptions=s.num_preemptions, **self._counts)
+        with self._cv:
+            self._state = state
+
     def _fail(self, req: Request, error: BaseException) -> None:
         """A request that failed: aborted in the engine (its blocks freed; a no-op where it has just finished),
         held neither by the engine nor by this object; its future gets the error."""
@@ -191,12 +232,14 @@ class BackgroundEngine:
         self.engine.finished.pop(req.req_id, None)
         entry = self._live.pop(req.req_id, None)
         if entry is not None:
+            self._counts["failed"] += 1
             entry[1].set_exception(error)
 
     def _resolve(self, req: Request, kept: dict) -> None:
         """A finished or aborted request's future gets it; neither this object nor the engine holds it any longer."""
         _, fut, _ = self._live.pop(req.req_id)
         kept.pop(req.req_id, None)
+        self._counts["aborted" if req.aborted else "finished"] += 1
         fut.set_result(req)
 
 
