@@ -395,18 +395,20 @@ def make_server(args):
 
     _check_args(args, (0 <= args.port < 65536, f"--port must be 0-65535, got {args.port}"),
                 (0 < args.memory_fraction < 1, f"--memory-fraction must be in (0, 1), got {args.memory_fraction}"),
+                (args.max_requests >= 0, f"--max-requests must be >= 0 (0: no limit), got {args.max_requests}"),
                 *_common_checks(args))
+    if args.cuda_graphs and not str(args.device).startswith("cuda"):
+        print("note: --cuda-graphs has no effect on the CPU", file=sys.stderr)
     _check_listen(args.host, args.port)  # before a load that takes minutes at 7B
     model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)
     _pack_in_place(model, int8=args.int8)  # only where the engine's copy would not fit (or --int8)
     retain_freed_memory()  # after the weights are in place
-    if args.kv_cache_gb is not None:
-        eng = Engine(model, kv_cache_gb=args.kv_cache_gb, kv_cache_dtype=_kv_dtype(args))
-    else:
-        eng = Engine(model, memory_fraction=args.memory_fraction, kv_cache_dtype=_kv_dtype(args))
+    size = (dict(kv_cache_gb=args.kv_cache_gb) if args.kv_cache_gb is not None
+            else dict(memory_fraction=args.memory_fraction))
+    eng = Engine(model, **size, kv_cache_dtype=_kv_dtype(args), cuda_graphs=args.cuda_graphs)
     try:
         return JanusServer((args.host, args.port), model, tok, eng, label=_model_label(args.model),
-                           default_cfg=_default_cfg(args.model)), what
+                           default_cfg=_default_cfg(args.model), max_requests=args.max_requests), what
     except OSError as e:  # the port is taken, the address not ours
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
 
@@ -568,6 +570,10 @@ def main(argv=None):
     s.add_argument("--memory-fraction", type=float, default=0.3,
                    help="KV cache as this share of the free memory (at most what 256 rows at the model's longest "
                         "context use), unless --kv-cache-gb")
+    s.add_argument("--max-requests", type=int, default=0,
+                   help="requests open at once (running or waiting for the KV cache), beyond which a new one gets "
+                        "429 at once (0: no limit)")
+    s.add_argument("--cuda-graphs", action="store_true", help="capture the decode step (CUDA only)")
     s.set_defaults(fn=cmd_serve)
 
     c = sub.add_parser("convert", help="any supported layout -> janus_rt's safetensors layout",

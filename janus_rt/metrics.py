@@ -5,6 +5,8 @@
     janus_rt_request_latency_seconds{endpoint}    histogram  submission to the last token, per finished request
     janus_rt_time_to_first_token_seconds{endpoint} histogram  submission to the first token
     janus_rt_images_total                          counter    images returned by /v1/images
+    janus_rt_requests_open                         gauge      requests submitted and not yet answered (serve's
+                                                              --max-requests bounds it)
     janus_rt_engine_*                              the BackgroundEngine's state() at scrape time: requests running /
                                                    waiting / pending, rows running, KV blocks used / total and their
                                                    usage ratio, decode steps, preemptions, prefill and decode seconds,
@@ -13,7 +15,7 @@
 """
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 PATHS = ("/health", "/metrics", "/v1/images", "/v1/understand")  # labelled by name; any other path is "other"
@@ -25,8 +27,9 @@ class ServerMetrics:
     """The counters a server updates from its connections' threads (prometheus_client's are thread-safe), and its
     engine's state read when scraped. render() -> (body, content type)."""
 
-    def __init__(self, state):
-        """state() -> a BackgroundEngine.state() dict (called at each scrape)."""
+    def __init__(self, state, open_requests=lambda: 0):
+        """state() -> a BackgroundEngine.state() dict, open_requests() -> the server's open requests (each called at
+        each scrape)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.responses = Counter("janus_rt_http_responses", "HTTP responses by path and status code", ["path", "code"],
@@ -36,6 +39,8 @@ class ServerMetrics:
         self.first_token = Histogram("janus_rt_time_to_first_token_seconds", "Seconds from a request's submission to "
                                      "its first token (finished requests)", ["endpoint"], buckets=BUCKETS, registry=r)
         self.images = Counter("janus_rt_images", "Images returned by /v1/images", registry=r)
+        Gauge("janus_rt_requests_open", "Requests submitted and not yet answered", registry=r).set_function(
+            open_requests)
         r.register(_EngineCollector(state))
 
     def response(self, path: str, code: int) -> None:

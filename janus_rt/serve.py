@@ -11,12 +11,13 @@ connection; every request, from any connection, joins the engine's running batch
                            "temperature": 0.0 (greedy), "top_p": 1.0 (another needs a temperature > 0), "seed": 0}
                           -> {"answer": str, "tokens": int, "time_to_first_token_s": ..., "latency_s": ...}
 
-A bad request (JSON, a value, too big for the KV cache) gets 400 and {"error": ...}, HEAD the headers GET would
-get, another method 405 (PUT, DELETE, PATCH, OPTIONS; a query string is ignored); a failure inside the engine 500
-(the requests of the step that failed; the server goes on, the traceback in its log). A client that disconnects
-while it waits has its request aborted within a quarter of a second (a client that half-closes its side after
-sending counts as gone). Ctrl-C or SIGTERM: open requests are aborted (their clients get 503),
-the connections' threads finish, the process exits (further signals meanwhile are ignored).
+A bad request (JSON, a value, too big for the KV cache) gets 400 and {"error": ...}, one beyond --max-requests open
+ones 429 (at once, nothing queued), HEAD the headers GET would get, another method 405 (PUT, DELETE, PATCH, OPTIONS;
+a query string is ignored); a failure inside the engine 500 (the requests of the step that failed; the server goes
+on, the traceback in its log). A client that disconnects while it waits has its request aborted within a quarter
+of a second (a client that half-closes its side after sending counts as gone). Ctrl-C or SIGTERM: open requests are
+aborted (their clients get 503), the connections' threads finish, the process exits (further signals meanwhile are
+ignored).
 """
 from __future__ import annotations
 
@@ -57,6 +58,10 @@ class Unavailable(RuntimeError):
     """503: the server is shutting down."""
 
 
+class TooBusy(RuntimeError):
+    """429: --max-requests requests are open already."""
+
+
 class ClientGone(ConnectionError):
     """The client closed its connection while its request ran: the request was aborted, nobody to answer."""
 
@@ -79,13 +84,17 @@ class JanusServer(ThreadingHTTPServer):
     block_on_close = True
     request_queue_size = socket.SOMAXCONN  # (the standard 5 dropped connections under a burst of clients)
 
-    def __init__(self, address, model, tok, engine: Engine, label: str = "", default_cfg: float = 5.0):
+    def __init__(self, address, model, tok, engine: Engine, label: str = "", default_cfg: float = 5.0,
+                 max_requests: int = 0):
         self.address_family = listen_family(address[0])  # (read by the socket's creation in super().__init__)
         super().__init__(address, _Handler)
         self.model, self.tok, self.label, self.default_cfg = model, tok, label, default_cfg
         self.bg = BackgroundEngine(engine)
-        self.metrics = ServerMetrics(self.bg.state) if ServerMetrics is not None else None
         self._conns, self._conns_lock = set(), threading.Lock()  # open connections, for stop()
+        self.max_requests = max_requests  # open requests at most (0: no limit); more get 429
+        self.open_requests = 0  # submitted to the engine and not yet answered (under _conns_lock)
+        self.metrics = (ServerMetrics(self.bg.state, lambda: self.open_requests) if ServerMetrics is not None
+                        else None)
 
     def handle_error(self, request, client_address) -> None:
         """A client that reset or dropped its connection (a keep-alive one between requests) is not a failure to
@@ -189,8 +198,20 @@ class JanusServer(ThreadingHTTPServer):
         return dict(time_to_first_token_s=round(req.time_to_first_token, 4), latency_s=round(req.latency, 4))
 
     def _wait(self, submit, client_gone=None):
-        """submit() -> the finished request; the engine's refusal as 400, a closing server as 503; where
-        client_gone() says the client has left, the request is aborted (ClientGone)."""
+        """submit() -> the finished request; the engine's refusal as 400, a closing server as 503, max_requests
+        open already as 429; where client_gone() says the client has left, the request is aborted (ClientGone)."""
+        with self._conns_lock:
+            if self.max_requests and self.open_requests >= self.max_requests:
+                raise TooBusy(f"{self.open_requests} requests are open, the most this server takes at once "
+                              f"(--max-requests {self.max_requests}); retry later")
+            self.open_requests += 1
+        try:
+            return self._wait_open(submit, client_gone)
+        finally:
+            with self._conns_lock:
+                self.open_requests -= 1
+
+    def _wait_open(self, submit, client_gone):
         try:
             fut = submit()
         except RuntimeError:
@@ -275,6 +296,8 @@ class _Handler(BaseHTTPRequestHandler):
         except Unavailable as e:
             self.close_connection = True
             self._send(503, {"error": str(e)})
+        except TooBusy as e:
+            self._send(429, {"error": str(e)})
         except (TimeoutError, ConnectionError):  # a stalled body, a client gone (ClientGone): nobody to answer
             self.close_connection = True
         except Exception as e:  # noqa: BLE001 - a failure inside: the client hears that much, the log the rest

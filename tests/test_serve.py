@@ -1,4 +1,5 @@
 """`janus-rt serve`: the HTTP/JSON endpoints over one BackgroundEngine (the tiny preset, a free port)."""
+import argparse
 import base64
 import contextlib
 import http.client
@@ -16,17 +17,17 @@ from PIL import Image
 
 from janus_rt.cli import main as cli_main  # noqa: F401 - the parser that builds serve's args
 from janus_rt.processing import generate_images
+from janus_rt.serve import ServerMetrics
 
 
 @contextlib.contextmanager
-def serving(host):
+def serving(host, **kw):
     """`janus-rt serve --model tiny --kv-cache-gb 0.01 --host HOST --port 0`, serving on a thread; closed after."""
-    import argparse
-
     from janus_rt.cli import make_server
 
     args = argparse.Namespace(model="tiny", device="cpu", dtype=None, seed=0, kv_cache_gb=0.01, host=host,
-                              port=0, memory_fraction=0.3, int8=False)
+                              port=0, memory_fraction=0.3, int8=False, max_requests=0, cuda_graphs=False)
+    vars(args).update(kw)
     srv, _ = make_server(args)
     srv.verbose = False
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
@@ -436,3 +437,38 @@ def test_metrics_without_prometheus_client(monkeypatch):
             assert head.status == 200 and head.read() == b"" and int(head.getheader("Content-Length")) > 1000
         finally:
             conn.close()
+
+
+def test_max_requests(capsys):
+    """--max-requests 1: while one request is open (held here inside the engine's step), a second gets 429 at once
+    and nothing of it reaches the engine; once the first is answered the next is served. /metrics counts the open
+    request and the 429. A negative limit is refused before anything loads."""
+    with serving("127.0.0.1", max_requests=1) as srv:
+        eng = srv.bg.engine
+        real_step, entered, release = eng.step, threading.Event(), threading.Event()
+
+        def held_step():
+            entered.set()
+            assert release.wait(timeout=60)
+            return real_step()
+
+        eng.step = held_step
+        first = []
+        t = threading.Thread(target=lambda: first.append(call(srv, "/v1/images", {"prompt": "a", "seed": 1})))
+        t.start()
+        assert entered.wait(timeout=60)
+        status, out = call(srv, "/v1/images", {"prompt": "b", "seed": 2})
+        assert status == 429 and "--max-requests 1" in out["error"], out
+        status, out = call(srv, "/v1/understand", {"question": "q", "images": [PNG_1PX]})
+        assert status == 429
+        if ServerMetrics is not None:
+            assert scrape(srv)[("janus_rt_requests_open", frozenset())] == 1
+        release.set()
+        t.join(timeout=60)
+        eng.step = real_step
+        assert first[0][0] == 200 and srv.open_requests == 0
+        assert call(srv, "/v1/images", {"prompt": "b", "seed": 2})[0] == 200
+        st = srv.bg.state()
+        assert st["finished"] == 2 and st["refused"] == 0  # (the 429s never reached the engine)
+    with pytest.raises(SystemExit, match="janus-rt serve: --max-requests must be >= 0"):
+        cli_main(["serve", "--max-requests", "-1"])

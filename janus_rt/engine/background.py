@@ -129,6 +129,8 @@ class BackgroundEngine:
     def _steps(self) -> None:
         eng = self.engine
         torch.set_num_threads(self._team)
+        if eng.model.device.type == "cuda":  # (a thread's CUDA device is its own: Triton launches on it)
+            torch.cuda.set_device(eng.model.device)
         while True:
             self._snapshot()
             with self._cv:
