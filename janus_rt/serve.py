@@ -11,6 +11,11 @@ connection; every request, from any connection, joins the engine's running batch
                            "temperature": 0.0 (greedy), "top_p": 1.0 (another needs a temperature > 0), "seed": 0}
                           -> {"answer": str, "tokens": int, "time_to_first_token_s": ..., "latency_s": ...}
 
+Either POST with "stream": true answers as server-sent events (text/event-stream, the connection closed after the
+last): `data: {"tokens": k, "of": 576}` after each engine step of an image request (tokens so far per image),
+`data: {"text": ..., "tokens": k}` with the text each step adds to an answer, then the whole answer as above with
+"done": true; a failure once the events have begun is an `event: error` with {"error", "code"}.
+
 A bad request (JSON, a value, too big for the KV cache) gets 400 and {"error": ...}, one beyond --max-requests open
 ones 429 (at once, nothing queued), HEAD the headers GET would get, another method 405 (PUT, DELETE, PATCH, OPTIONS;
 a query string is ignored); a failure inside the engine 500 (the requests of the step that failed; the server goes
@@ -24,7 +29,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import contextlib
 import math
+import queue
 import random
 import select
 import socket
@@ -121,7 +128,8 @@ class JanusServer(ThreadingHTTPServer):
         self.server_close()
 
     # ---- the endpoints (run on the connection's thread; the engine's work on its own) -------------------------
-    def images(self, body: dict, client_gone=None) -> dict:
+    def images(self, body: dict, client_gone=None, events=None) -> dict:
+        """POST /v1/images -> the answer; events(obj) where the client asked for a stream: one a step."""
         prompt = _get(body, "prompt", str)
         if not prompt.strip():
             raise BadRequest("prompt is empty")
@@ -135,8 +143,13 @@ class JanusServer(ThreadingHTTPServer):
                            temperature=temperature if temperature > 0 else 1.0, top_k=_get(body, "top_k", int, 0),
                            top_p=_finite(body, "top_p", 1.0),
                            greedy=_get(body, "greedy", bool, False) or temperature == 0, seed=seed)
-        req = self._wait(lambda: self.bg.submit_image(_encode(encode_generation_prompt, self.tok, prompt), n, params),
-                         client_gone)
+        ids = _encode(encode_generation_prompt, self.tok, prompt)
+        progress = None
+        if events is not None:  # an event a step: tokens sampled so far per image
+            of = self.model.cfg.num_image_tokens
+            progress = (lambda r: r.step, lambda step: events({"tokens": step, "of": of}))
+        req = self._wait(lambda on_tokens: self.bg.submit_image(ids, n, params, on_tokens=on_tokens), client_gone,
+                         progress)
         pngs = []
         for im in request_images(self.model, req):
             buf = io.BytesIO()
@@ -146,7 +159,8 @@ class JanusServer(ThreadingHTTPServer):
             self.metrics.images.inc(len(pngs))
         return dict(images=pngs, seed=seed, **self._times("/v1/images", req))
 
-    def understand(self, body: dict, client_gone=None) -> dict:
+    def understand(self, body: dict, client_gone=None, events=None) -> dict:
+        """POST /v1/understand -> the answer; events(obj) where the client asked for a stream: the text a step adds."""
         from PIL import Image
 
         question = _get(body, "question", str)
@@ -186,8 +200,18 @@ class JanusServer(ThreadingHTTPServer):
                 raise BadRequest(f"images[{i}]: not a PNG, JPEG, WebP or GIF image that can be read") from None
         pixels = torch.stack(pixels)
         ids = _encode(encode_understanding_prompt, self.tok, question, len(pixels), cfg.vision.num_patches)
-        req = self._wait(lambda: self.bg.submit_text(ids, pixels.to(self.model.device, self.model.dtype), max_new,
-                                                     params), client_gone)
+        progress = None
+        if events is not None:
+            text = self.tok.stream()
+
+            def show(tokens):
+                chunk = "".join(text.push(i) for i in tokens[len(text.ids):])
+                events({"text": chunk, "tokens": len(tokens)})
+
+            progress = (lambda r: list(r.tokens[0]), show)
+        pixels = pixels.to(self.model.device, self.model.dtype)
+        req = self._wait(lambda on_tokens: self.bg.submit_text(ids, pixels, max_new, params, on_tokens=on_tokens),
+                         client_gone, progress)
         return dict(answer=self.tok.decode(req.tokens[0]), tokens=len(req.tokens[0]),
                     **self._times("/v1/understand", req))
 
@@ -197,42 +221,62 @@ class JanusServer(ThreadingHTTPServer):
             self.metrics.request(endpoint, req.time_to_first_token, req.latency)
         return dict(time_to_first_token_s=round(req.time_to_first_token, 4), latency_s=round(req.latency, 4))
 
-    def _wait(self, submit, client_gone=None):
-        """submit() -> the finished request; the engine's refusal as 400, a closing server as 503, max_requests
-        open already as 429; where client_gone() says the client has left, the request is aborted (ClientGone)."""
+    @contextlib.contextmanager
+    def request_slot(self):
+        """Around one POST: max_requests open already is 429 (TooBusy), at once."""
         with self._conns_lock:
             if self.max_requests and self.open_requests >= self.max_requests:
                 raise TooBusy(f"{self.open_requests} requests are open, the most this server takes at once "
                               f"(--max-requests {self.max_requests}); retry later")
             self.open_requests += 1
         try:
-            return self._wait_open(submit, client_gone)
+            yield
         finally:
             with self._conns_lock:
                 self.open_requests -= 1
 
-    def _wait_open(self, submit, client_gone):
+    def _wait(self, submit, client_gone=None, progress=None):
+        """submit(on_tokens) -> the finished request; the engine's refusal as 400, a closing server as 503; where
+        client_gone() says the client has left (or a progress event cannot be written), the request is aborted
+        (ClientGone). progress = (snap, show): snap(request) on the engine thread after each step that gave it
+        tokens (a copy of what show needs), show(that copy) here, in order."""
+        steps, done = queue.SimpleQueue(), object()
+        on_tokens = None if progress is None else (lambda r: steps.put(progress[0](r)))
         try:
-            fut = submit()
+            fut = submit(on_tokens)
         except RuntimeError:
             if self.bg.closed:
                 raise Unavailable("the server is shutting down") from None
             raise
+        fut.add_done_callback(lambda _: steps.put(done))  # (after every on_tokens: they run before it resolves)
         try:
             while True:
                 try:
-                    req = fut.result(timeout=0.25)
-                    break
-                except TimeoutError:  # (concurrent.futures' is the built-in one)
+                    item = steps.get(timeout=0.25)
+                except queue.Empty:
                     if client_gone is not None and client_gone():
-                        self.bg.abort(fut)
-                        fut.result()  # (the abort resolves it)
-                        raise ClientGone("the client left; its request was aborted") from None
+                        self._abort(fut)
+                    continue
+                if item is done:
+                    break
+                try:
+                    progress[1](item)
+                except (ConnectionError, TimeoutError):  # the stream's client left
+                    self._abort(fut)
+            req = fut.result()
         except UsageError as e:  # refused by the engine: too big for the KV cache, placeholders in the question
             raise BadRequest(str(e)) from None
         if req.aborted:
             raise Unavailable("the request was aborted: the server is shutting down")
         return req
+
+    def _abort(self, fut):
+        self.bg.abort(fut)
+        try:
+            fut.result()  # (the abort resolves it)
+        except Exception:  # noqa: BLE001 - it failed meanwhile: nobody to tell
+            pass
+        raise ClientGone("the client left; its request was aborted")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -270,6 +314,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"status": "ok", "model": self.server.label})
 
     def do_POST(self):
+        events = None  # a stream's writer, once the body asks for one
         route = {"/v1/images": self.server.images,
                  "/v1/understand": self.server.understand}.get(self.path.split("?")[0])  # (a query is ignored)
         if route is None:
@@ -290,20 +335,36 @@ class _Handler(BaseHTTPRequestHandler):
                 raise BadRequest(f"body is not JSON this server reads: {str(e)[:200]}") from None
             if not isinstance(body, dict):
                 raise BadRequest("body must be a JSON object")
-            self._send(200, route(body, lambda: _peer_closed(self.connection)))
+            events = _Events(self) if _get(body, "stream", bool, False) else None
+            with self.server.request_slot():
+                out = route(body, lambda: _peer_closed(self.connection), events)
+            if events is None:
+                self._send(200, out)
+            else:
+                events(dict(out, done=True))
         except BadRequest as e:
-            self._send(400, {"error": str(e)})
+            self._fail(400, str(e), events)
         except Unavailable as e:
             self.close_connection = True
-            self._send(503, {"error": str(e)})
+            self._fail(503, str(e), events)
         except TooBusy as e:
-            self._send(429, {"error": str(e)})
+            self._fail(429, str(e), events)
         except (TimeoutError, ConnectionError):  # a stalled body, a client gone (ClientGone): nobody to answer
             self.close_connection = True
         except Exception as e:  # noqa: BLE001 - a failure inside: the client hears that much, the log the rest
             print(f"janus-rt serve: {self.command} {self.path} failed:", file=sys.stderr)
             traceback.print_exc()
-            self._send(500, {"error": f"internal error ({type(e).__name__}; the server's log has the traceback)"})
+            self._fail(500, f"internal error ({type(e).__name__}; the server's log has the traceback)", events)
+
+    def _fail(self, code: int, message: str, events=None) -> None:
+        """An error answer: JSON with the code, or, where a stream has begun (its 200 sent), an "error" event."""
+        if events is not None and events.started:
+            try:
+                events({"error": message, "code": code}, event="error")
+            except (ConnectionError, TimeoutError):
+                pass
+        else:
+            self._send(code, {"error": message})
 
     do_HEAD = do_GET  # (a load balancer's health check; _send writes the headers only)
 
@@ -338,6 +399,28 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # one line a request, as the standard server does, but quiet in tests
         if getattr(self.server, "verbose", True):
             super().log_message(fmt, *args)
+
+
+class _Events:
+    """A streamed answer (the body's "stream": true): server-sent events, `data: <JSON>` each, the 200 and its headers
+    sent with the first; the connection closes after the last (no Content-Length)."""
+
+    def __init__(self, handler: _Handler):
+        self.handler, self.started = handler, False
+
+    def __call__(self, obj: dict, event: str | None = None) -> None:
+        h = self.handler
+        if not self.started:
+            self.started = h.close_connection = True
+            if h.server.metrics is not None:
+                h.server.metrics.response(h.path, 200)
+            h.send_response(200)
+            h.send_header("Content-Type", "text/event-stream")
+            h.send_header("Cache-Control", "no-cache")
+            h.send_header("Connection", "close")
+            h.end_headers()
+        h.wfile.write(((f"event: {event}\n" if event else "") + f"data: {json.dumps(obj)}\n\n").encode())
+        h.wfile.flush()
 
 
 def _peer_closed(sock) -> bool:

@@ -472,3 +472,100 @@ def test_max_requests(capsys):
         assert st["finished"] == 2 and st["refused"] == 0  # (the 429s never reached the engine)
     with pytest.raises(SystemExit, match="janus-rt serve: --max-requests must be >= 0"):
         cli_main(["serve", "--max-requests", "-1"])
+
+
+def stream(srv, path, body):
+    """POST with "stream": true -> (status, content type, [(event name or None, JSON), ...]) read until the server
+    closes the connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=60)
+    try:
+        conn.request("POST", path, body=json.dumps(dict(body, stream=True)), headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        raw = r.read().decode()
+    finally:
+        conn.close()
+    if r.status != 200:
+        return r.status, r.getheader("Content-Type"), [(None, json.loads(raw))]
+    events = []
+    for block in raw.split("\n\n")[:-1]:
+        lines = dict(line.split(": ", 1) for line in block.split("\n"))
+        events.append((lines.get("event"), json.loads(lines["data"])))
+    assert raw.endswith("\n\n")
+    return r.status, r.getheader("Content-Type"), events
+
+
+def test_streamed_answers_are_the_plain_ones_step_by_step(server):
+    """"stream": true: an image request's events count its tokens up to the image's, an answer's events carry its text
+    in pieces that add up to the answer; the last event is the plain request's answer (same seed) with done."""
+    body = {"prompt": "a green square", "n": 2, "seed": 5}
+    plain = call(server, "/v1/images", body)[1]
+    status, ctype, events = stream(server, "/v1/images", body)
+    assert status == 200 and ctype == "text/event-stream"
+    *steps, (_, last) = events
+    of = server.model.cfg.num_image_tokens
+    counts = [e["tokens"] for _, e in steps]
+    assert len(steps) >= 2 and counts == sorted(set(counts)) and counts[-1] == of
+    assert all(name is None and e["of"] == of for name, e in steps)
+    assert last["done"] and last["images"] == plain["images"] and last["seed"] == 5
+
+    body = {"question": "What colour?", "max_new_tokens": 6, "images": [PNG_1PX]}
+    plain = call(server, "/v1/understand", body)[1]
+    status, ctype, events = stream(server, "/v1/understand", body)
+    *steps, (_, last) = events
+    assert status == 200 and last["done"] and last["answer"] == plain["answer"] and last["tokens"] == plain["tokens"]
+    assert "".join(e["text"] for _, e in steps) == plain["answer"]
+    assert [e["tokens"] for _, e in steps] == list(range(1, plain["tokens"] + 1))  # (one token a step: no multi-step)
+
+
+def test_a_stream_that_fails_before_its_first_event_is_a_plain_error(server):
+    status, ctype, events = stream(server, "/v1/images", {"prompt": "x", "n": 100})
+    assert status == 400 and ctype == "application/json" and "KV blocks" in events[0][1]["error"]
+    assert call(server, "/v1/images", {"prompt": "x", "stream": "yes"}) == (400, {"error": "'stream' must be bool, "
+                                                                                  "got str"})
+
+
+def test_a_stream_failing_midway_ends_with_an_error_event(server, monkeypatch):
+    """A step failing after the stream's first event: an `event: error` with the 500's message ends it."""
+    eng = server.bg.engine
+    real = eng._decode
+
+    def fail_after_the_first():
+        if eng.stats.decode_steps > 0:
+            raise MemoryError("out of memory in a step")
+        return real()
+
+    eng.stats.decode_steps = 0
+    monkeypatch.setattr(eng, "_decode", fail_after_the_first)
+    status, _, events = stream(server, "/v1/images", {"prompt": "a", "seed": 3})
+    assert status == 200 and events[-1][0] == "error" and events[-1][1]["code"] == 500
+    assert "MemoryError" in events[-1][1]["error"] and events[0][0] is None
+
+
+def test_a_stream_whose_client_leaves_is_aborted():
+    """The client of a stream closes its connection after the first event: its request is aborted, its blocks freed."""
+    with serving("127.0.0.1") as srv:
+        eng = srv.bg.engine
+        real_step, release = eng.step, threading.Event()
+
+        def held_step():  # (the second and later steps wait until the client has left)
+            if eng.stats.decode_steps > 0:
+                assert release.wait(timeout=60)
+            return real_step()
+
+        eng.step = held_step
+        sock = socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=30)
+        body = json.dumps({"prompt": "a", "seed": 1, "stream": True}).encode()
+        sock.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        got = b""
+        while b"data: " not in got:
+            got += sock.recv(4096)
+        assert got.startswith(b"HTTP/1.1 200") and b"text/event-stream" in got
+        sock.close()
+        time.sleep(0.6)  # (the connection's thread finds the client gone while the step is held)
+        release.set()
+        deadline = time.time() + 30
+        while srv.bg.state()["aborted"] < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        st = srv.bg.state()
+        assert st["aborted"] == 1 and st["finished"] == 0 and st["kv_blocks_used"] == 0
