@@ -50,15 +50,43 @@ def prefetch_rules() -> dict[str, int]:
 def set_thread_team(n: int) -> None:
     """This thread's OpenMP team only: n threads for the csrc kernels and torch's ops called from this thread, while
     torch's process-wide count (torch.set_num_threads'; each thread copies it at its first torch op) stays as it is.
-    Where torch does not follow (another OpenMP runtime than the extension's), or without the extension:
+    torch's MKL calls (fp32 GEMM, VML) take MKL's own thread-local count, set here too (as torch.set_num_threads
+    does). Where torch does not follow (another OpenMP runtime than the extension's), or without the extension:
     torch.set_num_threads(n)."""
     _check(n >= 1, f"a team needs n >= 1 threads, got {n}")
     torch.get_num_threads()  # (torch's once-per-thread set-up first: it would set this thread's count from its own)
     if _C is not None:
         _C.set_thread_team(n)
         if torch.get_num_threads() == n:
+            mkl = _mkl_set_num_threads_local()
+            if mkl is not None:
+                mkl(n)
             return
     torch.set_num_threads(n)
+
+
+_MKL_LOCAL = ...
+
+
+def _mkl_set_num_threads_local():
+    """MKL's C call MKL_Set_Num_Threads_Local(int) (the lower-case name is the Fortran one, which takes int *), from
+    torch's CPU library (MKL is linked into it), or None (no MKL)."""
+    global _MKL_LOCAL
+    if _MKL_LOCAL is ...:
+        _MKL_LOCAL = None
+        if torch.backends.mkl.is_available():
+            import ctypes
+            import glob
+
+            for path in glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "*torch_cpu.*")):
+                try:
+                    fn = ctypes.CDLL(path).MKL_Set_Num_Threads_Local
+                except (OSError, AttributeError):
+                    continue
+                fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+                _MKL_LOCAL = fn
+                break
+    return _MKL_LOCAL
 
 
 def prefetch_rule() -> str:

@@ -61,7 +61,7 @@ class _EngineCollector:
     GAUGES = (("requests_running", "Requests in the running batch"),
               ("requests_waiting", "Requests waiting for KV blocks (a preempted one waits again)"),
               ("requests_pending", "Requests submitted, not yet taken in at a step boundary"),
-              ("rows_running", "Rows of the running batch (an image request has 2 a image: CFG)"),
+              ("rows_running", "Rows of the running batch (an image request has 2 an image: CFG)"),
               ("kv_cache_blocks_used", "KV cache blocks in use"),
               ("kv_cache_blocks", "KV cache blocks in the pool"))
     COUNTERS = (("decode_steps", "Decode steps run"), ("preemptions", "Requests preempted for KV blocks"),

@@ -49,7 +49,9 @@ from janus_rt.processing import (encode_generation_prompt, encode_understanding_
 
 try:
     from janus_rt.metrics import ServerMetrics
-except ImportError:  # prometheus_client missing (a checkout used in place, not installed): no /metrics
+except ImportError as e:  # prometheus_client missing (a checkout used in place, not installed): no /metrics
+    if (e.name or "").split(".")[0] != "prometheus_client":
+        raise
     ServerMetrics = None
 
 MAX_BODY = 64 << 20  # bytes of JSON a request may send (a few images)
@@ -254,7 +256,9 @@ class JanusServer(ThreadingHTTPServer):
                 try:
                     item = steps.get(timeout=0.25)
                 except queue.Empty:
-                    if client_gone is not None and client_gone():
+                    # (done after gone: at shutdown stop() shuts the connections' reads only once every future is
+                    # resolved, so a request the shutdown aborted is still answered 503 here)
+                    if client_gone is not None and client_gone() and not fut.done():
                         self._abort(fut)
                     continue
                 if item is done:
@@ -380,8 +384,6 @@ class _Handler(BaseHTTPRequestHandler):
               headers: dict | None = None) -> None:
         """The response: obj as JSON, or bytes of content_type."""
         data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
-        if self.server.metrics is not None:
-            self.server.metrics.response(self.path, code)
         try:
             self.send_response(code)
             self.send_header("Content-Type", content_type)
@@ -395,6 +397,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):  # the client left first: nothing to tell it
             self.close_connection = True
+
+    def send_response(self, code, message=None):
+        """Every response's status line, the standard server's own errors (501, 414, ...) too: counted for /metrics."""
+        if self.server.metrics is not None:
+            self.server.metrics.response(getattr(self, "path", ""), code)
+        super().send_response(code, message)
 
     def log_message(self, fmt, *args):  # one line a request, as the standard server does, but quiet in tests
         if getattr(self.server, "verbose", True):
@@ -412,8 +420,6 @@ class _Events:
         h = self.handler
         if not self.started:
             self.started = h.close_connection = True
-            if h.server.metrics is not None:
-                h.server.metrics.response(h.path, 200)
             h.send_response(200)
             h.send_header("Content-Type", "text/event-stream")
             h.send_header("Cache-Control", "no-cache")

@@ -264,3 +264,81 @@ def test_placeholders_must_match_the_images(tiny):
     with pytest.raises(UsageError, match="image placeholders"):
         eng.add_text_request(ids, None)
     eng.add_text_request(ids, pixels)  # as it should be
+
+
+def test_state_counts_a_request_before_its_future_resolves(tiny):
+    """state() (serve's /metrics) already counts a request when its future resolves: a client that got its answer,
+    or its refusal, and then reads the state sees its own request. Each future's done-callback (run where the future
+    resolves: on the engine thread) reads state() at that moment."""
+    bg = BackgroundEngine(Engine(tiny, block_size=16, max_num_blocks=24, max_steps_per_call=1))
+    seen = {}
+
+    def record(name):
+        return lambda fut: seen.setdefault(name, bg.state())
+
+    with bg._cv:  # (the engine thread takes nothing in before every callback is on)
+        ok = bg.submit_image(prompt(tiny, 10, seed=1), 1, SamplingParams(seed=1), num_tokens=3)
+        big = bg.submit_image(prompt(tiny, 10, seed=2), 8, SamplingParams(seed=2))  # more than 24 blocks
+        ok.add_done_callback(record("ok"))
+        big.add_done_callback(record("big"))
+    assert ok.result(timeout=60).finished and isinstance(big.exception(timeout=60), UsageError)
+    assert seen["big"]["refused"] == 1
+    assert (seen["ok"]["finished"], seen["ok"]["image_tokens"]) == (1, 3)
+    assert seen["ok"]["requests_running"] == seen["ok"]["kv_blocks_used"] == 0
+
+    with bg._cv:
+        gone = bg.submit_image(prompt(tiny, 10, seed=3), 1, SamplingParams(seed=3))
+        gone.add_done_callback(record("gone"))
+        bg.abort(gone)
+    assert gone.result(timeout=60).aborted and seen["gone"]["aborted"] == 1
+
+    bg.engine.abort = lambda req: (_ for _ in ()).throw(RuntimeError("broken bookkeeping"))
+    bg.engine.step = lambda: (_ for _ in ()).throw(MemoryError("a failed step"))
+    with bg._cv:
+        stuck = bg.submit_image(prompt(tiny, 10, seed=4), 1, SamplingParams(seed=4))
+        stuck.add_done_callback(record("stuck"))
+    with pytest.raises(RuntimeError, match="broken bookkeeping"):
+        stuck.result(timeout=60)
+    assert (seen["stuck"]["failed"], seen["stuck"]["running"]) == (1, False)
+    bg.close()
+
+
+def test_state_shows_a_request_while_its_prefill_runs(tiny):
+    """A request the engine thread has taken in is in state() (waiting) while the step that prefills it runs, not
+    missing from pending, waiting and running alike until that step ends."""
+    eng = Engine(tiny, block_size=16, max_num_blocks=64, max_steps_per_call=1)
+    real, inside, go = eng.runner.prefill, threading.Event(), threading.Event()
+
+    def prefill(embeds, slots):
+        inside.set()
+        assert go.wait(timeout=60)
+        return real(embeds, slots)
+
+    eng.runner.prefill = prefill
+    bg = BackgroundEngine(eng)
+    fut = bg.submit_image(prompt(tiny, 10, seed=1), 1, SamplingParams(seed=1), num_tokens=2)
+    assert inside.wait(timeout=60)
+    try:
+        st = bg.state()
+        assert st["pending"] + st["requests_waiting"] + st["requests_running"] == 1, st
+    finally:
+        go.set()
+    assert fut.result(timeout=60).finished
+    bg.close()
+
+
+def test_a_failure_while_taking_requests_in_fails_them_all(tiny):
+    """A failure that escapes the loop while submissions are being taken in (here: KeyboardInterrupt from add) fails
+    every one of them, also those after it in the same batch, instead of leaving their futures open for ever."""
+    bg = BackgroundEngine(Engine(tiny, block_size=16, max_num_blocks=64))
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    bg.engine.add_image_request = interrupted
+    with bg._cv:  # (both taken in by one step boundary)
+        futs = [bg.submit_image(prompt(tiny, 10, seed=k), 1, SamplingParams(seed=k)) for k in range(2)]
+    for f in futs:
+        assert isinstance(f.exception(timeout=10), KeyboardInterrupt)
+    assert bg.state()["failed"] == 2
+    bg.close()

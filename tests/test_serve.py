@@ -569,3 +569,22 @@ def test_a_stream_whose_client_leaves_is_aborted():
             time.sleep(0.05)
         st = srv.bg.state()
         assert st["aborted"] == 1 and st["finished"] == 0 and st["kv_blocks_used"] == 0
+
+
+def test_metrics_count_a_refused_request_at_once():
+    """A client refused by the engine (400) that scrapes /metrics next sees its refusal counted, while another
+    request keeps the engine busy (the state used to be taken only at the next step boundary)."""
+    pytest.importorskip("prometheus_client")
+    from janus_rt.engine import SamplingParams
+    from janus_rt.processing import encode_generation_prompt
+
+    with serving("127.0.0.1") as srv:
+        busy = srv.bg.submit_image(encode_generation_prompt(srv.tok, "a long one"), 1, SamplingParams(seed=1),
+                                   on_tokens=lambda req: time.sleep(0.3))  # (each step ends 0.3 s late)
+        try:
+            assert call(srv, "/v1/images", {"prompt": "x", "n": 100})[0] == 400  # refused by the engine: too big
+            m = scrape(srv)
+            assert m[("janus_rt_engine_requests_total", frozenset({"outcome": "refused"}.items()))] == 1
+        finally:
+            srv.bg.abort(busy)
+            busy.result(timeout=60)

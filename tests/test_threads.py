@@ -237,6 +237,34 @@ def test_set_thread_team(team, monkeypatch):
     assert torch.get_num_threads() == 1
 
 
+def _mkl_threads() -> int | None:
+    """mkl_get_max_threads() on the calling thread, as torch reports it (None: torch without MKL)."""
+    line = [ln for ln in torch.__config__.parallel_info().splitlines() if "mkl_get_max_threads()" in ln]
+    return int(line[0].split(":")[1]) if line else None
+
+
+@two_threads
+def test_set_thread_team_narrows_torchs_mkl_calls_too(team):
+    """torch's MKL calls (fp32 GEMM: F.linear on more than CPU_GEMV_MAX_ROWS rows or JANUS_RT_CPU_MATMUL=torch; VML)
+    take MKL's thread-local count, which torch.set_num_threads sets and omp_set_num_threads does not: a one-thread
+    decode call must narrow it as well, and put it back."""
+    if _mkl_threads() is None:
+        pytest.skip("torch without MKL")
+    got = []
+
+    def stepping_thread():
+        torch.set_num_threads(team)  # (as BackgroundEngine's thread starts)
+        cpu_ops.set_thread_team(1)
+        got.append((torch.get_num_threads(), _mkl_threads()))
+        cpu_ops.set_thread_team(team)
+        got.append((torch.get_num_threads(), _mkl_threads()))
+
+    t = threading.Thread(target=stepping_thread)
+    t.start()
+    t.join()
+    assert got == [(1, 1), (team, team)]
+
+
 def test_the_switch_turns_it_off(monkeypatch):
     eng, prompt = _small_engine()
     eng.add_image_request(prompt, n=1, num_tokens=4)

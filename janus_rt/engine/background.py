@@ -41,6 +41,8 @@ class BackgroundEngine:
         self._closed, self._cancel, self._error = False, False, None
         # requests resolved so far, by how (state()), and tokens sampled by kind
         self._counts = dict(finished=0, aborted=0, failed=0, refused=0, image_tokens=0, text_tokens=0)
+        # futures to resolve once state() counts them (_publish): a client that has its answer sees its request
+        self._settle: dict[Future, tuple[bool, object]] = {}  # future -> (ok, its request or error)
         self._snapshot()
         # the engine thread's OpenMP team: this thread's (a new thread takes torch's process-wide last setting, which
         # another thread's torch.set_num_threads may have changed)
@@ -81,12 +83,13 @@ class BackgroundEngine:
 
     def state(self) -> dict:
         """What the engine holds and has done, for monitoring (serve's GET /metrics), from any thread: as of the
-        engine thread's last step boundary. requests_running / requests_waiting (a preempted one waits again) and the
-        running batch's rows_running; pending: submitted, not yet taken in; kv_blocks_used / kv_blocks_total;
-        decode_steps, prefill_s, decode_s, preemptions (the engine's totals); finished / aborted / failed / refused:
-        requests resolved so far (refused: too big for the KV cache or bad values); image_tokens / text_tokens:
-        tokens sampled (an image request samples n a step); running: the engine thread has not stopped on an error
-        and close() has not finished."""
+        engine thread's last step boundary or taking-in of submissions; a request is counted before its future
+        resolves (a client that has its answer, or its refusal, finds it here). requests_running / requests_waiting
+        (a preempted one waits again) and the running batch's rows_running; pending: submitted, not yet taken in;
+        kv_blocks_used / kv_blocks_total; decode_steps, prefill_s, decode_s, preemptions (the engine's totals);
+        finished / aborted / failed / refused: requests resolved so far (refused: too big for the KV cache or bad
+        values); image_tokens / text_tokens: tokens sampled (an image request samples n a step); running: the engine
+        thread has not stopped on an error and close() has not finished."""
         with self._cv:
             return dict(self._state, pending=len(self._pending),
                         running=self._error is None and self._thread.is_alive())
@@ -124,7 +127,7 @@ class BackgroundEngine:
         try:
             self._steps()
         finally:
-            self._snapshot()  # (what the last steps, a cancel or a failure did)
+            self._publish()  # (what the last steps, a cancel or a failure did)
 
     def _steps(self) -> None:
         eng = self.engine
@@ -132,15 +135,18 @@ class BackgroundEngine:
         if eng.model.device.type == "cuda":  # (a thread's CUDA device is its own: Triton launches on it)
             torch.cuda.set_device(eng.model.device)
         while True:
-            self._snapshot()
-            with self._cv:
-                while not (self._pending or self._aborts or self._closed or eng.has_work()):
-                    self._cv.wait()
-                pending, self._pending = self._pending, []
-                aborts, self._aborts = self._aborts, []
-                stop, cancel = self._closed, self._cancel
+            pending = []
             try:
+                self._publish()
+                with self._cv:
+                    while not (self._pending or self._aborts or self._closed or eng.has_work()):
+                        self._cv.wait()
+                    pending, self._pending = self._pending, []
+                    aborts, self._aborts = self._aborts, []
+                    stop, cancel = self._closed, self._cancel
                 self._take_in(pending, aborts, cancel)
+                if pending or self._settle:  # (taken in, refused, aborted: in state() before the step, however long)
+                    self._publish()
                 if stop and not eng.has_work():
                     return
                 if eng.has_work():
@@ -159,10 +165,15 @@ class BackgroundEngine:
                 with self._cv:
                     self._error = e
                     left, self._pending = self._pending, []
-                for fut in [f for f, _ in left] + [f for _, f, _ in self._live.values()]:
-                    if not fut.done():
-                        fut.set_exception(e)
-                        self._counts["failed"] += 1
+                # (pending: this batch's submissions, also those _take_in had not reached when it failed)
+                futs = dict.fromkeys([f for f, _ in pending + left] + [f for _, f, _ in self._live.values()])
+                for fut in futs:
+                    if fut in self._settle or fut.done():  # (refused or resolved already)
+                        continue
+                    if not fut.running() and not fut.set_running_or_notify_cancel():  # (cancelled by its client)
+                        continue
+                    self._counts["failed"] += 1
+                    self._settle[fut] = (False, e)
                 self._live.clear()
                 return
 
@@ -177,8 +188,8 @@ class BackgroundEngine:
                 add = eng.add_image_request if job["kind"] == "image" else eng.add_text_request
                 req = add(*job["args"])
             except Exception as e:  # noqa: BLE001 - the request's own error (too big, bad values), not the engine's
-                fut.set_exception(e)
                 self._counts["refused"] += 1
+                self._settle[fut] = (False, e)
                 continue
             req.arrival_time = job["submitted"]
             self._live[req.req_id] = (req, fut, job["on_tokens"])
@@ -215,6 +226,15 @@ class BackgroundEngine:
             made = req.step - before.get(rid, 0)
             self._counts[f"{req.kind}_tokens"] += made * (req.n if req.kind == "image" else 1)
 
+    def _publish(self) -> None:
+        """state() as of now, then the futures resolved since the last one (so their clients find them counted)."""
+        try:
+            self._snapshot()
+        finally:
+            settle, self._settle = self._settle, {}
+            for fut, (ok, value) in settle.items():
+                fut.set_result(value) if ok else fut.set_exception(value)
+
     def _snapshot(self) -> None:
         """state()'s engine part, taken on the engine thread (the Engine is not read from any other)."""
         eng = self.engine
@@ -228,21 +248,22 @@ class BackgroundEngine:
 
     def _fail(self, req: Request, error: BaseException) -> None:
         """A request that failed: aborted in the engine (its blocks freed; a no-op where it has just finished),
-        held neither by the engine nor by this object; its future gets the error."""
+        held neither by the engine nor by this object; its future gets the error (at the next _publish)."""
         self.engine.abort(req)
         self.engine.aborted.pop(req.req_id, None)
         self.engine.finished.pop(req.req_id, None)
         entry = self._live.pop(req.req_id, None)
         if entry is not None:
             self._counts["failed"] += 1
-            entry[1].set_exception(error)
+            self._settle[entry[1]] = (False, error)
 
     def _resolve(self, req: Request, kept: dict) -> None:
-        """A finished or aborted request's future gets it; neither this object nor the engine holds it any longer."""
+        """A finished or aborted request's future gets it (at the next _publish); neither this object nor the engine
+        holds it any longer."""
         _, fut, _ = self._live.pop(req.req_id)
         kept.pop(req.req_id, None)
         self._counts["aborted" if req.aborted else "finished"] += 1
-        fut.set_result(req)
+        self._settle[fut] = (True, req)
 
 
 def _close_at_exit(ref):
