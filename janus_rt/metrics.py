@@ -2,6 +2,8 @@
 (prometheus_client, one registry per server).
 
     janus_rt_http_responses_total{path, code}     counter    responses by path (others: "other") and status code
+    janus_rt_http_stream_errors_total{path, code} counter    streams ended by an `event: error` (their status line
+                                                              said 200), by the error's code
     janus_rt_request_latency_seconds{endpoint}    histogram  submission to the last token, per finished request
     janus_rt_time_to_first_token_seconds{endpoint} histogram  submission to the first token
     janus_rt_images_total                          counter    images returned by /v1/images
@@ -34,6 +36,8 @@ class ServerMetrics:
         r = self.registry
         self.responses = Counter("janus_rt_http_responses", "HTTP responses by path and status code", ["path", "code"],
                                  registry=r)
+        self.stream_errors = Counter("janus_rt_http_stream_errors", "Streamed responses (200) that ended with an "
+                                     "error event, by path and the error's code", ["path", "code"], registry=r)
         self.latency = Histogram("janus_rt_request_latency_seconds", "Seconds from a request's submission to its last "
                                  "token (finished requests)", ["endpoint"], buckets=BUCKETS, registry=r)
         self.first_token = Histogram("janus_rt_time_to_first_token_seconds", "Seconds from a request's submission to "
@@ -46,6 +50,10 @@ class ServerMetrics:
     def response(self, path: str, code: int) -> None:
         path = path.split("?")[0]
         self.responses.labels(path if path in PATHS else "other", str(code)).inc()
+
+    def stream_error(self, path: str, code: int) -> None:
+        path = path.split("?")[0]
+        self.stream_errors.labels(path if path in PATHS else "other", str(code)).inc()
 
     def request(self, endpoint: str, time_to_first_token: float, latency: float) -> None:
         self.first_token.labels(endpoint).observe(time_to_first_token)

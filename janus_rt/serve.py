@@ -17,12 +17,12 @@ last): `data: {"tokens": k, "of": 576}` after each engine step of an image reque
 "done": true; a failure once the events have begun is an `event: error` with {"error", "code"}.
 
 A bad request (JSON, a value, too big for the KV cache) gets 400 and {"error": ...}, one beyond --max-requests open
-ones 429 (at once, nothing queued), HEAD the headers GET would get, another method 405 (PUT, DELETE, PATCH, OPTIONS;
-a query string is ignored); a failure inside the engine 500 (the requests of the step that failed; the server goes
-on, the traceback in its log). A client that disconnects while it waits has its request aborted within a quarter
-of a second (a client that half-closes its side after sending counts as gone). Ctrl-C or SIGTERM: open requests are
-aborted (their clients get 503), the connections' threads finish, the process exits (further signals meanwhile are
-ignored).
+ones 429 (at once, nothing queued; Retry-After: 1), HEAD the headers GET would get, another method 405 (PUT, DELETE,
+PATCH, OPTIONS; a query string is ignored); a failure inside the engine 500 (the requests of the step that failed;
+the server goes on, the traceback in its log). A client that disconnects while it waits has its request aborted
+within a quarter of a second (a client that half-closes its side after sending counts as gone). Ctrl-C or SIGTERM:
+open requests are aborted (their clients get 503), the connections' threads finish, the process exits (further
+signals meanwhile are ignored).
 """
 from __future__ import annotations
 
@@ -204,13 +204,21 @@ class JanusServer(ThreadingHTTPServer):
         ids = _encode(encode_understanding_prompt, self.tok, question, len(pixels), cfg.vision.num_patches)
         progress = None
         if events is not None:
-            text = self.tok.stream()
+            text, sent = self.tok.stream(), [0]
 
-            def show(tokens):
-                chunk = "".join(text.push(i) for i in tokens[len(text.ids):])
-                events({"text": chunk, "tokens": len(tokens)})
+            def snap(r):  # (the engine thread: the tokens new since the last step, and whether r has finished)
+                new = r.tokens[0][sent[0]:]
+                sent[0] += len(new)
+                return new, r.finished
 
-            progress = (lambda r: list(r.tokens[0]), show)
+            def show(item):
+                new, finished = item
+                chunk = "".join(text.push(i) for i in new)
+                if finished:  # a character cut at the end (max_new_tokens) is decode's U+FFFD, as in the answer
+                    chunk += text.finish()
+                events({"text": chunk, "tokens": len(text.ids)})
+
+            progress = (snap, show)
         pixels = pixels.to(self.model.device, self.model.dtype)
         req = self._wait(lambda on_tokens: self.bg.submit_text(ids, pixels, max_new, params, on_tokens=on_tokens),
                          client_gone, progress)
@@ -252,6 +260,7 @@ class JanusServer(ThreadingHTTPServer):
             raise
         fut.add_done_callback(lambda _: steps.put(done))  # (after every on_tokens: they run before it resolves)
         try:
+            ok = False
             while True:
                 try:
                     item = steps.get(timeout=0.25)
@@ -267,9 +276,14 @@ class JanusServer(ThreadingHTTPServer):
                     progress[1](item)
                 except (ConnectionError, TimeoutError):  # the stream's client left
                     self._abort(fut)
+            ok = True
             req = fut.result()
         except UsageError as e:  # refused by the engine: too big for the KV cache, placeholders in the question
             raise BadRequest(str(e)) from None
+        finally:
+            if not ok and not fut.done():  # (a progress event failed otherwise): no request left running for nobody
+                with contextlib.suppress(ClientGone):
+                    self._abort(fut)
         if req.aborted:
             raise Unavailable("the request was aborted: the server is shutting down")
         return req
@@ -352,7 +366,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._fail(503, str(e), events)
         except TooBusy as e:
-            self._fail(429, str(e), events)
+            self._fail(429, str(e), events, headers={"Retry-After": "1"})
         except (TimeoutError, ConnectionError):  # a stalled body, a client gone (ClientGone): nobody to answer
             self.close_connection = True
         except Exception as e:  # noqa: BLE001 - a failure inside: the client hears that much, the log the rest
@@ -360,15 +374,18 @@ class _Handler(BaseHTTPRequestHandler):
             traceback.print_exc()
             self._fail(500, f"internal error ({type(e).__name__}; the server's log has the traceback)", events)
 
-    def _fail(self, code: int, message: str, events=None) -> None:
-        """An error answer: JSON with the code, or, where a stream has begun (its 200 sent), an "error" event."""
+    def _fail(self, code: int, message: str, events=None, headers: dict | None = None) -> None:
+        """An error answer: JSON with the code, or, where a stream has begun (its 200 sent), an "error" event (counted
+        for /metrics apart: its status line said 200)."""
         if events is not None and events.started:
+            if self.server.metrics is not None:
+                self.server.metrics.stream_error(self.path, code)
             try:
                 events({"error": message, "code": code}, event="error")
             except (ConnectionError, TimeoutError):
                 pass
         else:
-            self._send(code, {"error": message})
+            self._send(code, {"error": message}, headers=headers)
 
     do_HEAD = do_GET  # (a load balancer's health check; _send writes the headers only)
 

@@ -588,3 +588,107 @@ def test_metrics_count_a_refused_request_at_once():
         finally:
             srv.bg.abort(busy)
             busy.result(timeout=60)
+
+
+def test_a_streamed_answer_cut_inside_a_character_adds_up_to_the_answer(server):
+    """An answer whose last token leaves a UTF-8 character incomplete (max_new_tokens cut it, or a random model's
+    bytes): the streamed text still adds up to the answer (decode's U+FFFD included), as the docstring promises; it
+    lacked the held-back tail (DecodeStream waits for the rest of the character; TextStream.finish was never called)."""
+    for seed in range(8):  # (sampled bytes of the tiny model: most of these end inside a character)
+        body = {"question": "q", "max_new_tokens": 5, "images": [PNG_1PX], "temperature": 1.0, "seed": seed}
+        status, _, events = stream(server, "/v1/understand", body)
+        *steps, (_, last) = events
+        assert status == 200 and last["done"]
+        assert "".join(e["text"] for _, e in steps) == last["answer"], (seed, steps, last)
+        assert [e["tokens"] for _, e in steps][-1] == last["tokens"]
+
+
+def test_a_stream_whose_event_fails_otherwise_has_its_request_aborted():
+    """A progress event that fails with something other than a closed connection (here the text decoder) ends the
+    stream with an error event and aborts the request: it does not run on in the engine for nobody (after its
+    --max-requests slot was given back)."""
+    with serving("127.0.0.1") as srv:
+        eng = srv.bg.engine
+        real_step, release = eng.step, threading.Event()
+
+        def held_step():  # (later decode steps wait until the connection's thread has failed)
+            if eng.stats.decode_steps > 0:
+                assert release.wait(timeout=60)
+            return real_step()
+
+        eng.step = held_step
+        real_stream = srv.tok.stream
+
+        class Failing:
+            def __init__(self):
+                self.inner, self.ids = real_stream(), []
+
+            def push(self, i):
+                if len(self.ids) == 1:
+                    threading.Timer(0.5, release.set).start()
+                    raise RuntimeError("the decoder failed")
+                self.ids.append(i)
+                return self.inner.push(i)
+
+            def finish(self):
+                return self.inner.finish()
+
+        srv.tok.stream = Failing
+        status, _, events = stream(srv, "/v1/understand", {"question": "What colour?", "max_new_tokens": 64,
+                                                           "images": [PNG_1PX]})
+        assert status == 200 and events[-1][0] == "error" and events[-1][1]["code"] == 500
+        deadline = time.time() + 30
+        while srv.bg._live and time.time() < deadline:
+            time.sleep(0.05)
+        st = srv.bg.state()
+        assert st["aborted"] == 1 and st["finished"] == 0 and st["kv_blocks_used"] == 0, st
+
+
+def test_a_failed_stream_is_counted_in_metrics(server, monkeypatch):
+    """A stream that ends with an error event said 200 in its status line: /metrics counts the error apart, or a
+    dashboard of 5xx rates never sees a failure of a streamed request."""
+    if ServerMetrics is None:
+        pytest.skip("no prometheus_client")
+    eng = server.bg.engine
+    real = eng._decode
+
+    def fail_after_the_first():
+        if eng.stats.decode_steps > 0:
+            raise MemoryError("out of memory in a step")
+        return real()
+
+    eng.stats.decode_steps = 0
+    monkeypatch.setattr(eng, "_decode", fail_after_the_first)
+    key = ("janus_rt_http_stream_errors_total", frozenset({"path": "/v1/images", "code": "500"}.items()))
+    before = scrape(server).get(key, 0)
+    status, _, events = stream(server, "/v1/images", {"prompt": "a", "seed": 3})
+    assert status == 200 and events[-1][0] == "error"
+    assert scrape(server).get(key, 0) == before + 1
+
+
+def test_429_says_when_to_retry():
+    """--max-requests' 429 carries Retry-After (RFC 6585: a client's or proxy's back-off reads it)."""
+    with serving("127.0.0.1", max_requests=1) as srv:
+        eng = srv.bg.engine
+        real_step, entered, release = eng.step, threading.Event(), threading.Event()
+
+        def held_step():
+            entered.set()
+            assert release.wait(timeout=60)
+            return real_step()
+
+        eng.step = held_step
+        t = threading.Thread(target=lambda: call(srv, "/v1/images", {"prompt": "a", "seed": 1}))
+        t.start()
+        try:
+            assert entered.wait(timeout=60)
+            conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=30)
+            conn.request("POST", "/v1/images", body=json.dumps({"prompt": "b"}))
+            r = conn.getresponse()
+            r.read()
+            conn.close()
+            assert r.status == 429 and r.getheader("Retry-After", "").isdigit()
+        finally:
+            release.set()
+            t.join(timeout=60)
+            eng.step = real_step
