@@ -14,15 +14,16 @@ connection; every request, from any connection, joins the engine's running batch
 Either POST with "stream": true answers as server-sent events (text/event-stream, the connection closed after the
 last): `data: {"tokens": k, "of": 576}` after each engine step of an image request (tokens so far per image),
 `data: {"text": ..., "tokens": k}` with the text each step adds to an answer, then the whole answer as above with
-"done": true; a failure once the events have begun is an `event: error` with {"error", "code"}.
+"done": true; a failure once the events have begun is an `event: error` with {"error", "code"}. While a request waits
+(KV blocks, a long prefill) a `: keep-alive` comment every 15 s keeps proxies from closing the connection.
 
 A bad request (JSON, a value, too big for the KV cache) gets 400 and {"error": ...}, one beyond --max-requests open
-ones 429 (at once, nothing queued; Retry-After: 1), HEAD the headers GET would get, another method 405 (PUT, DELETE,
-PATCH, OPTIONS; a query string is ignored); a failure inside the engine 500 (the requests of the step that failed;
-the server goes on, the traceback in its log). A client that disconnects while it waits has its request aborted
-within a quarter of a second (a client that half-closes its side after sending counts as gone). Ctrl-C or SIGTERM:
-open requests are aborted (their clients get 503), the connections' threads finish, the process exits (further
-signals meanwhile are ignored).
+ones 429 (at once, its body unread, nothing queued; Retry-After: 1), HEAD the headers GET would get, another method
+405 (PUT, DELETE, PATCH, OPTIONS, and GET or HEAD of a POST path; a query string is ignored); a failure inside the
+engine 500 (the requests of the step that failed; the server goes on, the traceback in its log). A client that
+disconnects while it waits has its request aborted within a quarter of a second (a client that half-closes its side
+after sending counts as gone). Ctrl-C or SIGTERM: open requests are aborted (their clients get 503), the
+connections' threads finish, the process exits (further signals meanwhile are ignored).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import select
 import socket
 import sys
 import threading
+import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -57,6 +59,7 @@ except ImportError as e:  # prometheus_client missing (a checkout used in place,
 MAX_BODY = 64 << 20  # bytes of JSON a request may send (a few images)
 MAX_IMAGE_PIXELS = 4096 * 4096  # an understanding image larger than this is refused before it is decoded
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # what /v1/understand decodes (not every format Pillow knows)
+POST_PATHS = ("/v1/images", "/v1/understand")
 
 
 class BadRequest(ValueError):
@@ -151,7 +154,7 @@ class JanusServer(ThreadingHTTPServer):
             of = self.model.cfg.num_image_tokens
             progress = (lambda r: r.step, lambda step: events({"tokens": step, "of": of}))
         req = self._wait(lambda on_tokens: self.bg.submit_image(ids, n, params, on_tokens=on_tokens), client_gone,
-                         progress)
+                         progress, events and events.idle)
         pngs = []
         for im in request_images(self.model, req):
             buf = io.BytesIO()
@@ -221,7 +224,7 @@ class JanusServer(ThreadingHTTPServer):
             progress = (snap, show)
         pixels = pixels.to(self.model.device, self.model.dtype)
         req = self._wait(lambda on_tokens: self.bg.submit_text(ids, pixels, max_new, params, on_tokens=on_tokens),
-                         client_gone, progress)
+                         client_gone, progress, events and events.idle)
         return dict(answer=self.tok.decode(req.tokens[0]), tokens=len(req.tokens[0]),
                     **self._times("/v1/understand", req))
 
@@ -245,11 +248,12 @@ class JanusServer(ThreadingHTTPServer):
             with self._conns_lock:
                 self.open_requests -= 1
 
-    def _wait(self, submit, client_gone=None, progress=None):
+    def _wait(self, submit, client_gone=None, progress=None, idle=None):
         """submit(on_tokens) -> the finished request; the engine's refusal as 400, a closing server as 503; where
         client_gone() says the client has left (or a progress event cannot be written), the request is aborted
         (ClientGone). progress = (snap, show): snap(request) on the engine thread after each step that gave it
-        tokens (a copy of what show needs), show(that copy) here, in order."""
+        tokens (a copy of what show needs), show(that copy) here, in order; idle() here every quarter of a second
+        without one."""
         steps, done = queue.SimpleQueue(), object()
         on_tokens = None if progress is None else (lambda r: steps.put(progress[0](r)))
         try:
@@ -269,6 +273,11 @@ class JanusServer(ThreadingHTTPServer):
                     # resolved, so a request the shutdown aborted is still answered 503 here)
                     if client_gone is not None and client_gone() and not fut.done():
                         self._abort(fut)
+                    if idle is not None:
+                        try:
+                            idle()
+                        except (ConnectionError, TimeoutError):  # the stream's client left
+                            self._abort(fut)
                     continue
                 if item is done:
                     break
@@ -324,6 +333,9 @@ class _Handler(BaseHTTPRequestHandler):
             if metrics is None:
                 return self._send(404, {"error": "no /metrics: prometheus_client is not installed (pip install -e .)"})
             return self._send(200, *metrics.render())
+        if path in POST_PATHS:
+            return self._send(405, {"error": f"{self.command} {path} is not served: POST it"},
+                              headers={"Allow": "POST"})
         if path != "/health":
             return self._send(404, {"error": f"no such path {self.path!r} (GET /health, /metrics)"})
         error = self.server.bg.error
@@ -333,8 +345,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         events = None  # a stream's writer, once the body asks for one
-        route = {"/v1/images": self.server.images,
-                 "/v1/understand": self.server.understand}.get(self.path.split("?")[0])  # (a query is ignored)
+        route = dict(zip(POST_PATHS, (self.server.images, self.server.understand))).get(
+            self.path.split("?")[0])  # (a query is ignored)
         if route is None:
             self.close_connection = True  # (its body is not read)
             return self._send(404, {"error": f"no such path {self.path!r} (POST /v1/images, /v1/understand)"})
@@ -342,19 +354,19 @@ class _Handler(BaseHTTPRequestHandler):
             if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
                 self.close_connection = True
                 return self._send(411, {"error": "send the body with a Content-Length (no chunked encoding)"})
-            length = self.headers.get("Content-Length", "0").strip()
-            size = int(length) if length.isdigit() else -1  # (digits only: int() would take "1_6" or " +3")
-            if not 0 < size <= MAX_BODY:
-                self.close_connection = True
-                raise BadRequest(f"a JSON body of 1 to {MAX_BODY} bytes with its Content-Length is needed")
-            try:
-                body = json.loads(self.rfile.read(size))
-            except (UnicodeDecodeError, ValueError, RecursionError) as e:  # (JSONDecodeError is a ValueError)
-                raise BadRequest(f"body is not JSON this server reads: {str(e)[:200]}") from None
-            if not isinstance(body, dict):
-                raise BadRequest("body must be a JSON object")
-            events = _Events(self) if _get(body, "stream", bool, False) else None
-            with self.server.request_slot():
+            with self.server.request_slot():  # (before the body is read: a busy server takes no upload)
+                length = self.headers.get("Content-Length", "0").strip()
+                size = int(length) if length.isdigit() else -1  # (digits only: int() would take "1_6" or " +3")
+                if not 0 < size <= MAX_BODY:
+                    self.close_connection = True
+                    raise BadRequest(f"a JSON body of 1 to {MAX_BODY} bytes with its Content-Length is needed")
+                try:
+                    body = json.loads(self.rfile.read(size))
+                except (UnicodeDecodeError, ValueError, RecursionError) as e:  # (JSONDecodeError is a ValueError)
+                    raise BadRequest(f"body is not JSON this server reads: {str(e)[:200]}") from None
+                if not isinstance(body, dict):
+                    raise BadRequest("body must be a JSON object")
+                events = _Events(self) if _get(body, "stream", bool, False) else None
                 out = route(body, lambda: _peer_closed(self.connection), events)
             if events is None:
                 self._send(200, out)
@@ -366,6 +378,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._fail(503, str(e), events)
         except TooBusy as e:
+            self.close_connection = True  # (its body is not read)
             self._fail(429, str(e), events, headers={"Retry-After": "1"})
         except (TimeoutError, ConnectionError):  # a stalled body, a client gone (ClientGone): nobody to answer
             self.close_connection = True
@@ -428,22 +441,36 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Events:
     """A streamed answer (the body's "stream": true): server-sent events, `data: <JSON>` each, the 200 and its headers
-    sent with the first; the connection closes after the last (no Content-Length)."""
+    sent with the first; the connection closes after the last (no Content-Length). idle(): a `: keep-alive` comment
+    where nothing was written for KEEPALIVE_S (a request waiting for KV blocks, a long prefill), so that a proxy does
+    not cut the connection as idle; the first one starts the stream."""
+
+    KEEPALIVE_S = 15.0
 
     def __init__(self, handler: _Handler):
         self.handler, self.started = handler, False
+        self._last = time.monotonic()
 
     def __call__(self, obj: dict, event: str | None = None) -> None:
+        self._write(((f"event: {event}\n" if event else "") + f"data: {json.dumps(obj)}\n\n").encode())
+
+    def idle(self) -> None:
+        if time.monotonic() - self._last >= self.KEEPALIVE_S:
+            self._write(b": keep-alive\n\n")
+
+    def _write(self, data: bytes) -> None:
         h = self.handler
         if not self.started:
             self.started = h.close_connection = True
             h.send_response(200)
             h.send_header("Content-Type", "text/event-stream")
             h.send_header("Cache-Control", "no-cache")
+            h.send_header("X-Accel-Buffering", "no")  # (nginx: pass each event on, do not buffer the stream)
             h.send_header("Connection", "close")
             h.end_headers()
-        h.wfile.write(((f"event: {event}\n" if event else "") + f"data: {json.dumps(obj)}\n\n").encode())
+        h.wfile.write(data)
         h.wfile.flush()
+        self._last = time.monotonic()
 
 
 def _peer_closed(sock) -> bool:

@@ -463,6 +463,11 @@ def test_max_requests(capsys):
         assert status == 429
         if ServerMetrics is not None:
             assert scrape(srv)[("janus_rt_requests_open", frozenset())] == 1
+        # the 429 comes before the body is read: a client that announces a body and sends none has it at once
+        with socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=10) as sock:
+            sock.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+            head = sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 429") and b"Retry-After: 1" in head and b"Connection: close" in head
         release.set()
         t.join(timeout=60)
         eng.step = real_step
@@ -488,6 +493,9 @@ def stream(srv, path, body):
         return r.status, r.getheader("Content-Type"), [(None, json.loads(raw))]
     events = []
     for block in raw.split("\n\n")[:-1]:
+        if block.startswith(":"):  # a comment (keep-alive): no event
+            events.append((":", block[1:].strip()))
+            continue
         lines = dict(line.split(": ", 1) for line in block.split("\n"))
         events.append((lines.get("event"), json.loads(lines["data"])))
     assert raw.endswith("\n\n")
@@ -692,3 +700,42 @@ def test_429_says_when_to_retry():
             release.set()
             t.join(timeout=60)
             eng.step = real_step
+
+
+def test_a_stream_keeps_its_connection_alive_while_it_waits(monkeypatch):
+    """A streamed request that waits (here: its first step held) gets `: keep-alive` comments every KEEPALIVE_S, the
+    first one starting the stream (its headers ask proxies not to buffer it); its events follow as usual. GET of a
+    POST path is 405 with Allow: POST."""
+    import janus_rt.serve
+
+    monkeypatch.setattr(janus_rt.serve._Events, "KEEPALIVE_S", 0.3)
+    with serving("127.0.0.1") as srv:
+        eng = srv.bg.engine
+        real_step = eng.step
+        held = [True]
+
+        def held_step():
+            if held[0]:
+                held[0] = False
+                time.sleep(1.2)
+            return real_step()
+
+        eng.step = held_step
+        status, _, events = stream(srv, "/v1/images", {"prompt": "a", "seed": 1})
+        assert status == 200
+        kinds = [name for name, _ in events]
+        assert kinds[0] == ":" and 2 <= kinds.count(":") <= 4 and events[0][1] == "keep-alive"
+        plain = call(srv, "/v1/images", {"prompt": "a", "seed": 1})[1]
+        assert events[-1][1]["done"] and events[-1][1]["images"] == plain["images"]
+        conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=30)
+        try:
+            conn.request("POST", "/v1/images", body=json.dumps({"prompt": "a", "seed": 1, "stream": True}))
+            r = conn.getresponse()
+            assert r.getheader("X-Accel-Buffering") == "no" and r.getheader("Content-Type") == "text/event-stream"
+            r.read()
+        finally:
+            conn.close()
+        req = urllib.request.Request(f"http://127.0.0.1:{srv.server_address[1]}/v1/images")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 405 and e.value.headers["Allow"] == "POST"
