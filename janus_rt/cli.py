@@ -529,6 +529,14 @@ def run_reporting_usage_errors(cmd: str, fn, *args):
 
 
 def main(argv=None):
+    args = parser().parse_args(argv)
+    run_reporting_usage_errors(args.cmd, check_environment)
+    run_reporting_usage_errors(args.cmd, _checked_device, args)
+    run_reporting_usage_errors(args.cmd, args.fn, args)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The `janus-rt` command line (tests build a command's args with it: every flag at its default)."""
     ap = argparse.ArgumentParser(prog="janus-rt", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     formatter = _HelpFormatter
@@ -606,11 +614,7 @@ def main(argv=None):
         t.set_defaults(fn=run_train)
     except ImportError:  # the training extra is optional
         pass
-
-    args = ap.parse_args(argv)
-    run_reporting_usage_errors(args.cmd, check_environment)
-    run_reporting_usage_errors(args.cmd, _checked_device, args)
-    run_reporting_usage_errors(args.cmd, args.fn, args)
+    return ap
 
 
 def _checked_device(args) -> None:

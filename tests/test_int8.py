@@ -200,12 +200,9 @@ def test_int8_refuses_a_model_held_for_onednn():
 
 def test_serve_int8_holds_the_model_int8():
     """`janus-rt serve --int8`: the server's model (and so its engine) runs the int8 projections."""
-    import argparse
+    from janus_rt.cli import make_server, parser
 
-    from janus_rt.cli import make_server
-
-    args = argparse.Namespace(model="tiny", device="cpu", dtype=None, seed=0, kv_cache_gb=0.01, host="127.0.0.1",
-                              port=0, memory_fraction=0.3, int8=True)
+    args = parser().parse_args(["serve", "--model", "tiny", "--kv-cache-gb", "0.01", "--port", "0", "--int8"])
     srv, _ = make_server(args)
     try:
         assert is_int8(srv.model) and srv.bg.engine.runner.cpu_decoder.stack.int8

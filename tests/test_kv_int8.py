@@ -406,14 +406,11 @@ def test_a_non_finite_cached_value_poisons_its_heads_output_not_others(bad, ctx)
 
 def test_serve_and_understand_take_the_int8_cache(tmp_path, capsys, monkeypatch):
     """`janus-rt serve --kv-cache-dtype int8`: the server's engine holds an int8 cache; `understand` answers on one."""
-    import argparse
-
     from PIL import Image
 
-    from janus_rt.cli import make_server
+    from janus_rt.cli import make_server, parser
 
-    args = argparse.Namespace(model="tiny", device="cpu", dtype=None, seed=0, kv_cache_gb=0.01, host="127.0.0.1",
-                              port=0, memory_fraction=0.3, int8=False, kv_cache_dtype="int8")
+    args = parser().parse_args(["serve", "--model", "tiny", "--kv-cache-gb", "0.01", "--port", "0", "--kv-cache-dtype", "int8"])
     srv, _ = make_server(args)
     try:
         assert srv.bg.engine.cache.quantized

@@ -1,5 +1,4 @@
 """`janus-rt serve`: the HTTP/JSON endpoints over one BackgroundEngine (the tiny preset, a free port)."""
-import argparse
 import base64
 import contextlib
 import http.client
@@ -23,10 +22,9 @@ from janus_rt.serve import ServerMetrics
 @contextlib.contextmanager
 def serving(host, **kw):
     """`janus-rt serve --model tiny --kv-cache-gb 0.01 --host HOST --port 0`, serving on a thread; closed after."""
-    from janus_rt.cli import make_server
+    from janus_rt.cli import make_server, parser
 
-    args = argparse.Namespace(model="tiny", device="cpu", dtype=None, seed=0, kv_cache_gb=0.01, host=host,
-                              port=0, memory_fraction=0.3, int8=False, max_requests=0, cuda_graphs=False)
+    args = parser().parse_args(["serve", "--model", "tiny", "--kv-cache-gb", "0.01", "--host", host, "--port", "0"])
     vars(args).update(kw)
     srv, _ = make_server(args)
     srv.verbose = False

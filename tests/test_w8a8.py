@@ -256,12 +256,9 @@ def test_bench_and_bench_understand_int8_w8a8(tmp_path):
 @needs_w8a8
 def test_serve_int8_w8a8_holds_the_model_w8a8():
     """`janus-rt serve --int8 w8a8`: the server's model (and so its engine) runs the W8A8 projections."""
-    import argparse
+    from janus_rt.cli import make_server, parser
 
-    from janus_rt.cli import make_server
-
-    args = argparse.Namespace(model="tiny", device="cpu", dtype=None, seed=0, kv_cache_gb=0.01, host="127.0.0.1",
-                              port=0, memory_fraction=0.3, int8="w8a8")
+    args = parser().parse_args(["serve", "--model", "tiny", "--kv-cache-gb", "0.01", "--port", "0", "--int8", "w8a8"])
     srv, _ = make_server(args)
     try:
         assert int8_kind(srv.model) == "w8a8" and srv.bg.engine.runner.cpu_decoder.stack.w8a8
