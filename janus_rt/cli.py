@@ -579,8 +579,8 @@ def parser() -> argparse.ArgumentParser:
                    help="KV cache as this share of the free memory (at most what 256 rows at the model's longest "
                         "context use), unless --kv-cache-gb")
     s.add_argument("--max-requests", type=int, default=0,
-                   help="requests open at once (running or waiting for the KV cache), beyond which a new one gets "
-                        "429 at once (0: no limit)")
+                   help="requests open at once (received, not yet answered: waiting for the KV cache, running, "
+                        "their images being decoded), beyond which a new one gets 429 at once (0: no limit)")
     s.add_argument("--cuda-graphs", action="store_true", help="capture the decode step (CUDA only)")
     s.set_defaults(fn=cmd_serve)
 

@@ -15,15 +15,17 @@ Either POST with "stream": true answers as server-sent events (text/event-stream
 last): `data: {"tokens": k, "of": 576}` after each engine step of an image request (tokens so far per image),
 `data: {"text": ..., "tokens": k}` with the text each step adds to an answer, then the whole answer as above with
 "done": true; a failure once the events have begun is an `event: error` with {"error", "code"}. While a request waits
-(KV blocks, a long prefill) a `: keep-alive` comment every 15 s keeps proxies from closing the connection.
+(KV blocks, a long prefill) a `: keep-alive` comment every 15 s keeps proxies from closing the connection; the first
+one begins the events (the 200 is sent), so a refusal by the engine after it (too big for the KV cache, a shutdown's
+503) is such an error event too.
 
 A bad request (JSON, a value, too big for the KV cache) gets 400 and {"error": ...}, one beyond --max-requests open
-ones 429 (at once, its body unread, nothing queued; Retry-After: 1), HEAD the headers GET would get, another method
-405 (PUT, DELETE, PATCH, OPTIONS, and GET or HEAD of a POST path; a query string is ignored); a failure inside the
-engine 500 (the requests of the step that failed; the server goes on, the traceback in its log). A client that
-disconnects while it waits has its request aborted within a quarter of a second (a client that half-closes its side
-after sending counts as gone). Ctrl-C or SIGTERM: open requests are aborted (their clients get 503), the
-connections' threads finish, the process exits (further signals meanwhile are ignored).
+ones 429 (at once, its body not taken in, nothing queued; Retry-After: 1), HEAD the headers GET would get, another
+method 405 (PUT, DELETE, PATCH, OPTIONS, GET or HEAD of a POST path, POST of a GET one; a query string is ignored); a
+failure inside the engine 500 (the requests of the step that failed; the server goes on, the traceback in its log).
+A client that disconnects while it waits has its request aborted within a quarter of a second (a client that
+half-closes its side after sending counts as gone). Ctrl-C or SIGTERM: open requests are aborted (their clients get
+503), the connections' threads finish, the process exits (further signals meanwhile are ignored).
 """
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ MAX_BODY = 64 << 20  # bytes of JSON a request may send (a few images)
 MAX_IMAGE_PIXELS = 4096 * 4096  # an understanding image larger than this is refused before it is decoded
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # what /v1/understand decodes (not every format Pillow knows)
 POST_PATHS = ("/v1/images", "/v1/understand")
+GET_PATHS = ("/health", "/metrics")
+DISCARD_S = 10.0  # s a refused request's unread body is read and dropped for, at most (see _Handler._discard_body)
 
 
 class BadRequest(ValueError):
@@ -104,7 +108,7 @@ class JanusServer(ThreadingHTTPServer):
         self.bg = BackgroundEngine(engine)
         self._conns, self._conns_lock = set(), threading.Lock()  # open connections, for stop()
         self.max_requests = max_requests  # open requests at most (0: no limit); more get 429
-        self.open_requests = 0  # submitted to the engine and not yet answered (under _conns_lock)
+        self.open_requests = 0  # bodies read, not yet answered (under _conns_lock; an upload holds no slot)
         self.metrics = (ServerMetrics(self.bg.state, lambda: self.open_requests) if ServerMetrics is not None
                         else None)
 
@@ -234,13 +238,21 @@ class JanusServer(ThreadingHTTPServer):
             self.metrics.request(endpoint, req.time_to_first_token, req.latency)
         return dict(time_to_first_token_s=round(req.time_to_first_token, 4), latency_s=round(req.latency, 4))
 
+    def check_room(self) -> None:
+        """TooBusy where max_requests are open already (before a body is read; takes no slot)."""
+        with self._conns_lock:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        if self.max_requests and self.open_requests >= self.max_requests:
+            raise TooBusy(f"{self.open_requests} requests are open, the most this server takes at once "
+                          f"(--max-requests {self.max_requests}); retry later")
+
     @contextlib.contextmanager
     def request_slot(self):
-        """Around one POST: max_requests open already is 429 (TooBusy), at once."""
+        """Around one POST's work, once its body is read: max_requests open already is 429 (TooBusy), at once."""
         with self._conns_lock:
-            if self.max_requests and self.open_requests >= self.max_requests:
-                raise TooBusy(f"{self.open_requests} requests are open, the most this server takes at once "
-                              f"(--max-requests {self.max_requests}); retry later")
+            self._check_room()
             self.open_requests += 1
         try:
             yield
@@ -349,24 +361,32 @@ class _Handler(BaseHTTPRequestHandler):
             self.path.split("?")[0])  # (a query is ignored)
         if route is None:
             self.close_connection = True  # (its body is not read)
-            return self._send(404, {"error": f"no such path {self.path!r} (POST /v1/images, /v1/understand)"})
+            if self.path.split("?")[0] in GET_PATHS:
+                self._send(405, {"error": f"POST {self.path.split('?')[0]} is not served: GET it"},
+                           headers={"Allow": "GET, HEAD"})
+            else:
+                self._send(404, {"error": f"no such path {self.path!r} (POST /v1/images, /v1/understand)"})
+            return self._discard_body()
+        unread = True  # (a 429 before the body is read closes the connection)
         try:
             if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
                 self.close_connection = True
                 return self._send(411, {"error": "send the body with a Content-Length (no chunked encoding)"})
-            with self.server.request_slot():  # (before the body is read: a busy server takes no upload)
-                length = self.headers.get("Content-Length", "0").strip()
-                size = int(length) if length.isdigit() else -1  # (digits only: int() would take "1_6" or " +3")
-                if not 0 < size <= MAX_BODY:
-                    self.close_connection = True
-                    raise BadRequest(f"a JSON body of 1 to {MAX_BODY} bytes with its Content-Length is needed")
-                try:
-                    body = json.loads(self.rfile.read(size))
-                except (UnicodeDecodeError, ValueError, RecursionError) as e:  # (JSONDecodeError is a ValueError)
-                    raise BadRequest(f"body is not JSON this server reads: {str(e)[:200]}") from None
-                if not isinstance(body, dict):
-                    raise BadRequest("body must be a JSON object")
-                events = _Events(self) if _get(body, "stream", bool, False) else None
+            self.server.check_room()  # (before the body is read: a busy server takes no upload)
+            length = self.headers.get("Content-Length", "0").strip()
+            size = int(length) if length.isdigit() else -1  # (digits only: int() would take "1_6" or " +3")
+            if not 0 < size <= MAX_BODY:
+                self.close_connection = True
+                raise BadRequest(f"a JSON body of 1 to {MAX_BODY} bytes with its Content-Length is needed")
+            raw, unread = self.rfile.read(size), False  # (outside the slot: a slow upload holds none)
+            try:
+                body = json.loads(raw)
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:  # (JSONDecodeError is a ValueError)
+                raise BadRequest(f"body is not JSON this server reads: {str(e)[:200]}") from None
+            if not isinstance(body, dict):
+                raise BadRequest("body must be a JSON object")
+            events = _Events(self) if _get(body, "stream", bool, False) else None
+            with self.server.request_slot():
                 out = route(body, lambda: _peer_closed(self.connection), events)
             if events is None:
                 self._send(200, out)
@@ -378,8 +398,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._fail(503, str(e), events)
         except TooBusy as e:
-            self.close_connection = True  # (its body is not read)
+            self.close_connection = self.close_connection or unread
             self._fail(429, str(e), events, headers={"Retry-After": "1"})
+            if unread:
+                self._discard_body()
         except (TimeoutError, ConnectionError):  # a stalled body, a client gone (ClientGone): nobody to answer
             self.close_connection = True
         except Exception as e:  # noqa: BLE001 - a failure inside: the client hears that much, the log the rest
@@ -399,6 +421,24 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
         else:
             self._send(code, {"error": message}, headers=headers)
+
+    def _discard_body(self) -> None:
+        """After the answer to a request whose body was not read (the connection closes after it): read and drop
+        that body, up to its Content-Length (MAX_BODY at most) and DISCARD_S. Closing a socket with unread bytes
+        resets the connection, and a client still sending its body (most send it whole before they read) would get
+        that reset (a broken pipe) instead of the answer."""
+        length = self.headers.get("Content-Length", "0").strip()
+        left = int(length) if length.isdigit() and int(length) <= MAX_BODY else 0
+        deadline = time.monotonic() + DISCARD_S
+        try:
+            while left > 0 and (wait := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(wait)
+                chunk = self.rfile.read1(min(left, 1 << 16))
+                if not chunk:  # the client closed (or stop() shut the read side)
+                    break
+                left -= len(chunk)
+        except OSError:  # a reset, the time up
+            pass
 
     do_HEAD = do_GET  # (a load balancer's health check; _send writes the headers only)
 

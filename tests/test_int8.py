@@ -202,7 +202,8 @@ def test_serve_int8_holds_the_model_int8():
     """`janus-rt serve --int8`: the server's model (and so its engine) runs the int8 projections."""
     from janus_rt.cli import make_server, parser
 
-    args = parser().parse_args(["serve", "--model", "tiny", "--kv-cache-gb", "0.01", "--port", "0", "--int8"])
+    args = parser().parse_args(["serve", "--model", "tiny", "--device", "cpu", "--kv-cache-gb", "0.01", "--port", "0",
+                                "--int8"])
     srv, _ = make_server(args)
     try:
         assert is_int8(srv.model) and srv.bg.engine.runner.cpu_decoder.stack.int8

@@ -410,7 +410,8 @@ def test_serve_and_understand_take_the_int8_cache(tmp_path, capsys, monkeypatch)
 
     from janus_rt.cli import make_server, parser
 
-    args = parser().parse_args(["serve", "--model", "tiny", "--kv-cache-gb", "0.01", "--port", "0", "--kv-cache-dtype", "int8"])
+    args = parser().parse_args(["serve", "--model", "tiny", "--device", "cpu", "--kv-cache-gb", "0.01", "--port", "0",
+                                "--kv-cache-dtype", "int8"])
     srv, _ = make_server(args)
     try:
         assert srv.bg.engine.cache.quantized

@@ -14,17 +14,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from janus_rt.cli import main as cli_main  # noqa: F401 - the parser that builds serve's args
+from janus_rt.cli import main as cli_main
 from janus_rt.processing import generate_images
 from janus_rt.serve import ServerMetrics
 
 
 @contextlib.contextmanager
 def serving(host, **kw):
-    """`janus-rt serve --model tiny --kv-cache-gb 0.01 --host HOST --port 0`, serving on a thread; closed after."""
+    """`janus-rt serve --model tiny --device cpu --kv-cache-gb 0.01 --host HOST --port 0`, serving on a thread;
+    closed after. (--device cpu said: its default is cuda where a GPU is.)"""
     from janus_rt.cli import make_server, parser
 
-    args = parser().parse_args(["serve", "--model", "tiny", "--kv-cache-gb", "0.01", "--host", host, "--port", "0"])
+    args = parser().parse_args(["serve", "--model", "tiny", "--device", "cpu", "--kv-cache-gb", "0.01", "--host", host,
+                                "--port", "0"])
     vars(args).update(kw)
     srv, _ = make_server(args)
     srv.verbose = False
@@ -737,3 +739,86 @@ def test_a_stream_keeps_its_connection_alive_while_it_waits(monkeypatch):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req, timeout=30)
         assert e.value.code == 405 and e.value.headers["Allow"] == "POST"
+
+
+def test_serving_is_the_cpus_where_a_gpu_is(monkeypatch):
+    """The tests' server is the CPU's on a GPU machine too (--device defaults to cuda there; the hand-made Namespace
+    these tests had before cli.parser() said cpu)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with serving("127.0.0.1") as srv:
+        assert srv.model.device.type == "cpu"
+
+
+def _held(srv):
+    """The engine's next step held until the returned event is set (entered: it has begun)."""
+    eng = srv.bg.engine
+    real_step, entered, release = eng.step, threading.Event(), threading.Event()
+
+    def held_step():
+        entered.set()
+        assert release.wait(timeout=60)
+        eng.step = real_step
+        return real_step()
+
+    eng.step = held_step
+    return entered, release
+
+
+def test_a_429_reaches_a_client_still_sending_its_body():
+    """A busy server's 429 comes before the body is read, yet a client that sends its whole (large) body before it
+    reads the answer (http.client, urllib, requests) gets that 429, not a connection reset: the unread body is
+    read and dropped before the connection closes."""
+    with serving("127.0.0.1", max_requests=1) as srv:
+        entered, release = _held(srv)
+        t = threading.Thread(target=lambda: call(srv, "/v1/images", {"prompt": "a", "seed": 1}))
+        t.start()
+        try:
+            assert entered.wait(timeout=60)
+            body = json.dumps({"question": "q", "images": [PNG_1PX], "pad": "x" * (16 << 20)}).encode()
+            conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=30)
+            try:
+                conn.request("POST", "/v1/understand", body=body)
+                r = conn.getresponse()
+                assert r.status == 429 and r.getheader("Retry-After") == "1" and b"--max-requests 1" in r.read()
+            finally:
+                conn.close()
+        finally:
+            release.set()
+            t.join(timeout=60)
+
+
+def test_a_slow_upload_holds_no_slot():
+    """--max-requests counts requests whose body has been read: a client still sending its body (here: one byte of
+    a hundred, then nothing) does not make the server refuse others with 429."""
+    with serving("127.0.0.1", max_requests=1) as srv:
+        with socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=10) as sock:
+            sock.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            time.sleep(0.5)
+            status, out = call(srv, "/v1/images", {"prompt": "a", "seed": 1})
+            assert status == 200, out
+
+
+def test_post_of_a_get_path_is_405():
+    """POST /health or /metrics: 405 with Allow: GET, HEAD (as GET or HEAD of a POST path is 405 with Allow: POST);
+    HEAD of a POST path: the 405's headers only, and the connection serves on."""
+    with serving("127.0.0.1") as srv:
+        for path in ("/health", "/metrics?x=1"):
+            conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=30)
+            try:
+                conn.request("POST", path, body=b"{}")
+                r = conn.getresponse()
+                assert r.status == 405 and r.getheader("Allow") == "GET, HEAD", (path, r.status)
+                r.read()
+            finally:
+                conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=30)
+        try:
+            conn.request("HEAD", "/v1/understand")
+            r = conn.getresponse()
+            assert r.status == 405 and r.getheader("Allow") == "POST" and r.read() == b""
+            conn.request("GET", "/health")
+            assert conn.getresponse().status == 200
+        finally:
+            conn.close()

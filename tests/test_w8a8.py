@@ -258,7 +258,8 @@ def test_serve_int8_w8a8_holds_the_model_w8a8():
     """`janus-rt serve --int8 w8a8`: the server's model (and so its engine) runs the W8A8 projections."""
     from janus_rt.cli import make_server, parser
 
-    args = parser().parse_args(["serve", "--model", "tiny", "--kv-cache-gb", "0.01", "--port", "0", "--int8", "w8a8"])
+    args = parser().parse_args(["serve", "--model", "tiny", "--device", "cpu", "--kv-cache-gb", "0.01", "--port", "0",
+                                "--int8", "w8a8"])
     srv, _ = make_server(args)
     try:
         assert int8_kind(srv.model) == "w8a8" and srv.bg.engine.runner.cpu_decoder.stack.w8a8
