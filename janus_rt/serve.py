@@ -20,12 +20,13 @@ one begins the events (the 200 is sent), so a refusal by the engine after it (to
 503) is such an error event too.
 
 A bad request (JSON, a value, too big for the KV cache) gets 400 and {"error": ...}, one beyond --max-requests open
-ones 429 (at once, its body not taken in, nothing queued; Retry-After: 1), HEAD the headers GET would get, another
-method 405 (PUT, DELETE, PATCH, OPTIONS, GET or HEAD of a POST path, POST of a GET one; a query string is ignored); a
-failure inside the engine 500 (the requests of the step that failed; the server goes on, the traceback in its log).
-A client that disconnects while it waits has its request aborted within a quarter of a second (a client that
-half-closes its side after sending counts as gone). Ctrl-C or SIGTERM: open requests are aborted (their clients get
-503), the connections' threads finish, the process exits (further signals meanwhile are ignored).
+ones 429 (at once, its body not taken in, nothing queued, in place of a 100 Continue asked for; Retry-After: 1),
+HEAD the headers GET would get, another method 405 (PUT, DELETE, PATCH, OPTIONS, GET or HEAD of a POST path, POST of
+a GET one; a query string is ignored); a failure inside the engine 500 (the requests of the step that failed; the
+server goes on, the traceback in its log). A client that disconnects while it waits has its request aborted within a
+quarter of a second (a client that half-closes its side after sending counts as gone). Ctrl-C or SIGTERM: open
+requests are aborted (their clients get 503), the connections' threads finish (an answer still being written has
+5 s), the process exits (further signals meanwhile are ignored).
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ MAX_IMAGE_PIXELS = 4096 * 4096  # an understanding image larger than this is ref
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # what /v1/understand decodes (not every format Pillow knows)
 POST_PATHS = ("/v1/images", "/v1/understand")
 GET_PATHS = ("/health", "/metrics")
+STOP_GRACE_S = 5.0  # s a shutdown waits for the answers being written before it cuts their connections
 DISCARD_S = 10.0  # s a refused request's unread body is read and dropped for, at most (see _Handler._discard_body)
 
 
@@ -126,15 +128,24 @@ class JanusServer(ThreadingHTTPServer):
 
     def stop(self) -> None:
         """After serve_forever has returned: open requests aborted (their clients get 503), every connection's read
-        side shut (an idle or slowly sending client does not hold the exit up), the connections' threads joined."""
+        side shut (an idle or slowly sending client does not hold the exit up); after STOP_GRACE_S for the answers
+        under way, both sides of those still open (a client that stopped reading does not hold it up either); the
+        connections' threads joined."""
         self.bg.close(cancel=True)
+        self._shut(socket.SHUT_RD)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while self._conns and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._shut(socket.SHUT_RDWR)
+        self.server_close()
+
+    def _shut(self, how: int) -> None:
         with self._conns_lock:
             for conn in self._conns:
                 try:
-                    conn.shutdown(socket.SHUT_RD)
+                    conn.shutdown(how)
                 except OSError:  # closed meanwhile
                     pass
-        self.server_close()
 
     # ---- the endpoints (run on the connection's thread; the engine's work on its own) -------------------------
     def images(self, body: dict, client_gone=None, events=None) -> dict:
@@ -421,6 +432,18 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
         else:
             self._send(code, {"error": message}, headers=headers)
+
+    def handle_expect_100(self) -> bool:
+        """A client that asks before sending its body (Expect: 100-continue; curl does for large bodies) gets a busy
+        server's 429 instead of 100 Continue, and sends nothing."""
+        if self.command == "POST" and self.path.split("?")[0] in POST_PATHS:
+            try:
+                self.server.check_room()
+            except TooBusy as e:
+                self.close_connection = True
+                self._send(429, {"error": str(e)}, headers={"Retry-After": "1"})
+                return False
+        return super().handle_expect_100()
 
     def _discard_body(self) -> None:
         """After the answer to a request whose body was not read (the connection closes after it): read and drop

@@ -468,13 +468,27 @@ def test_max_requests(capsys):
             sock.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
             head = sock.recv(4096)
         assert head.startswith(b"HTTP/1.1 429") and b"Retry-After: 1" in head and b"Connection: close" in head
+        expect = b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nExpect: 100-continue\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=10) as sock:
+            sock.sendall(expect % 1000)  # (asks before sending its body: told 429 instead of 100 Continue)
+            head = sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 429") and b"100 Continue" not in head
         release.set()
         t.join(timeout=60)
         eng.step = real_step
         assert first[0][0] == 200 and srv.open_requests == 0
         assert call(srv, "/v1/images", {"prompt": "b", "seed": 2})[0] == 200
+        body = json.dumps({"prompt": "c", "seed": 3}).encode()
+        with socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=30) as sock:
+            sock.sendall(expect % len(body))  # (room now: 100 Continue, then the body, then the answer)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue")
+            sock.sendall(body)
+            got = b""
+            while b"\r\n\r\n" not in got:
+                got += sock.recv(4096)
+        assert got.startswith(b"HTTP/1.1 200")
         st = srv.bg.state()
-        assert st["finished"] == 2 and st["refused"] == 0  # (the 429s never reached the engine)
+        assert st["finished"] == 3 and st["refused"] == 0  # (the 429s never reached the engine)
     with pytest.raises(SystemExit, match="janus-rt serve: --max-requests must be >= 0"):
         cli_main(["serve", "--max-requests", "-1"])
 
@@ -822,3 +836,22 @@ def test_post_of_a_get_path_is_405():
             assert conn.getresponse().status == 200
         finally:
             conn.close()
+
+
+def test_a_client_that_stops_reading_does_not_hold_the_shutdown_up(monkeypatch):
+    """A client that stopped reading its (large) answer: the shutdown waits STOP_GRACE_S for it, then cuts the
+    connection, instead of the socket's 30 s timeout."""
+    import janus_rt.serve
+
+    monkeypatch.setattr(janus_rt.serve, "STOP_GRACE_S", 0.5)
+    with serving("127.0.0.1") as srv:
+        monkeypatch.setattr(srv, "images", lambda body, *a: {"images": ["x" * (64 << 20)]})  # (more than buffers hold)
+        sock = socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=30)
+        body = json.dumps({"prompt": "a"}).encode()
+        sock.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.recv(1024)  # (the answer has begun; not one byte more is read)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+    took = time.monotonic() - t0  # (serving() closed the server)
+    sock.close()
+    assert took < 5, took
