@@ -1,7 +1,8 @@
 """`janus-rt serve`: an HTTP/JSON server over one BackgroundEngine (Python's standard library server, a thread per
 connection; every request, from any connection, joins the engine's running batch).
 
-    GET  /health          -> {"status": "ok", "model": ...}
+    GET  /health          -> {"status": "ok", "model": ..., "requests_open": k, "requests_running": k,
+                              "requests_waiting": k, "kv_cache_usage": 0..1} (the engine's load at its last step)
     GET  /metrics         -> Prometheus' text format: responses, latencies, the engine's batch, KV cache and tokens
                              (janus_rt/metrics.py names each)
     POST /v1/images       {"prompt": str, "n": 1, "cfg": <the checkpoint's>, "temperature": 1.0, "top_k": 0,
@@ -364,7 +365,11 @@ class _Handler(BaseHTTPRequestHandler):
         error = self.server.bg.error
         if error is not None:  # the engine thread stopped: a supervisor should restart the server
             return self._send(503, {"status": "error", "error": f"{type(error).__name__}: {error}"})
-        self._send(200, {"status": "ok", "model": self.server.label})
+        st = self.server.bg.state()
+        self._send(200, {"status": "ok", "model": self.server.label, "requests_open": self.server.open_requests,
+                         "requests_running": st["requests_running"],
+                         "requests_waiting": st["requests_waiting"] + st["pending"],
+                         "kv_cache_usage": round(st["kv_blocks_used"] / max(st["kv_blocks_total"], 1), 4)})
 
     def do_POST(self):
         events = None  # a stream's writer, once the body asks for one

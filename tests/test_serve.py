@@ -102,7 +102,8 @@ def test_understand_and_health(server):
     status, out = call(server, "/v1/understand", {"question": "What colour?", "max_new_tokens": 5,
                                                   "images": [base64.b64encode(buf.getvalue()).decode()]})
     assert status == 200 and isinstance(out["answer"], str) and 1 <= out["tokens"] <= 5, out
-    assert call(server, "/health") == (200, {"status": "ok", "model": "tiny (random weights)"})
+    assert call(server, "/health") == (200, {"status": "ok", "model": "tiny (random weights)", "requests_open": 0,
+                                             "requests_running": 0, "requests_waiting": 0, "kv_cache_usage": 0.0})
 
 
 @pytest.mark.parametrize("path,body,message", [
@@ -463,6 +464,8 @@ def test_max_requests(capsys):
         assert status == 429
         if ServerMetrics is not None:
             assert scrape(srv)[("janus_rt_requests_open", frozenset())] == 1
+        health = call(srv, "/health")[1]  # (the held request: open, taken in, not yet admitted by its first step)
+        assert (health["requests_open"], health["requests_running"], health["requests_waiting"]) == (1, 0, 1)
         # the 429 comes before the body is read: a client that announces a body and sends none has it at once
         with socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=10) as sock:
             sock.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
