@@ -13,14 +13,13 @@
                                                    waiting / pending, rows running, KV blocks used / total and their
                                                    usage ratio, decode steps, preemptions, prefill and decode seconds,
                                                    requests resolved by outcome, tokens sampled by kind, and up (0 once
-                                                   the engine thread stopped on an error)
+                                                   the engine thread has stopped: an error, or the server closing)
 """
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-PATHS = ("/health", "/metrics", "/v1/images", "/v1/understand")  # labelled by name; any other path is "other"
 # seconds: a tiny model's image takes ~0.1 s, a 1B one on a 2-core CPU ~1 min, a batch of 7B ones longer
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
@@ -29,9 +28,10 @@ class ServerMetrics:
     """The counters a server updates from its connections' threads (prometheus_client's are thread-safe), and its
     engine's state read when scraped. render() -> (body, content type)."""
 
-    def __init__(self, state, open_requests=lambda: 0):
+    def __init__(self, state, open_requests, paths):
         """state() -> a BackgroundEngine.state() dict, open_requests() -> the server's open requests (each called at
-        each scrape)."""
+        each scrape); paths: those labelled by name (any other is "other")."""
+        self.paths = frozenset(paths)
         self.registry = CollectorRegistry()
         r = self.registry
         self.responses = Counter("janus_rt_http_responses", "HTTP responses by path and status code", ["path", "code"],
@@ -43,17 +43,19 @@ class ServerMetrics:
         self.first_token = Histogram("janus_rt_time_to_first_token_seconds", "Seconds from a request's submission to "
                                      "its first token (finished requests)", ["endpoint"], buckets=BUCKETS, registry=r)
         self.images = Counter("janus_rt_images", "Images returned by /v1/images", registry=r)
-        Gauge("janus_rt_requests_open", "Requests received (bodies read) and not yet answered", registry=r).set_function(
-            open_requests)
+        Gauge("janus_rt_requests_open", "Requests received (bodies read) and not yet answered",
+              registry=r).set_function(open_requests)
         r.register(_EngineCollector(state))
 
     def response(self, path: str, code: int) -> None:
-        path = path.split("?")[0]
-        self.responses.labels(path if path in PATHS else "other", str(code)).inc()
+        self.responses.labels(self._label(path), str(code)).inc()
 
     def stream_error(self, path: str, code: int) -> None:
-        path = path.split("?")[0]
-        self.stream_errors.labels(path if path in PATHS else "other", str(code)).inc()
+        self.stream_errors.labels(self._label(path), str(code)).inc()
+
+    def _label(self, path: str) -> str:
+        path = path.split("?")[0]  # (a query is ignored)
+        return path if path in self.paths else "other"
 
     def request(self, endpoint: str, time_to_first_token: float, latency: float) -> None:
         self.first_token.labels(endpoint).observe(time_to_first_token)

@@ -2,7 +2,8 @@
 connection; every request, from any connection, joins the engine's running batch).
 
     GET  /health          -> {"status": "ok", "model": ..., "requests_open": k, "requests_running": k,
-                              "requests_waiting": k, "kv_cache_usage": 0..1} (the engine's load at its last step)
+                              "requests_waiting": k, "kv_cache_usage": 0..1} (the engine's load at its last step;
+                              waiting: also those submitted and not yet taken in, /metrics' requests_pending)
     GET  /metrics         -> Prometheus' text format: responses, latencies, the engine's batch, KV cache and tokens
                              (janus_rt/metrics.py names each)
     POST /v1/images       {"prompt": str, "n": 1, "cfg": <the checkpoint's>, "temperature": 1.0, "top_k": 0,
@@ -32,9 +33,9 @@ requests are aborted (their clients get 503), the connections' threads finish (a
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
-import contextlib
 import math
 import queue
 import random
@@ -112,8 +113,8 @@ class JanusServer(ThreadingHTTPServer):
         self._conns, self._conns_lock = set(), threading.Lock()  # open connections, for stop()
         self.max_requests = max_requests  # open requests at most (0: no limit); more get 429
         self.open_requests = 0  # bodies read, not yet answered (under _conns_lock; an upload holds no slot)
-        self.metrics = (ServerMetrics(self.bg.state, lambda: self.open_requests) if ServerMetrics is not None
-                        else None)
+        self.metrics = (ServerMetrics(self.bg.state, lambda: self.open_requests, GET_PATHS + POST_PATHS)
+                        if ServerMetrics is not None else None)
 
     def handle_error(self, request, client_address) -> None:
         """A client that reset or dropped its connection (a keep-alive one between requests) is not a failure to
@@ -497,9 +498,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def send_response(self, code, message=None):
-        """Every response's status line, the standard server's own errors (501, 414, ...) too: counted for /metrics."""
+        """Every response's status line, the standard server's own errors (501, 414, ...) too: counted for /metrics
+        (under "other" where the request line was not read as far as its path: self.path is still the previous
+        request's on a kept-alive connection, and command is None or '' until the path is set)."""
         if self.server.metrics is not None:
-            self.server.metrics.response(getattr(self, "path", ""), code)
+            self.server.metrics.response(self.path if getattr(self, "command", None) else "", code)
         super().send_response(code, message)
 
     def log_message(self, fmt, *args):  # one line a request, as the standard server does, but quiet in tests

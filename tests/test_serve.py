@@ -372,7 +372,7 @@ def scrape(srv) -> dict:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def test_metrics(tmp_path):
+def test_metrics():
     """GET /metrics (Prometheus' text format) on a server of its own: responses by path and code, each finished
     request's latency and first-token time, images returned, and the engine's state: nothing running at rest, the
     tokens each request sampled, requests by outcome, the KV pool emptied again."""
@@ -408,7 +408,8 @@ def test_metrics(tmp_path):
     assert m[("janus_rt_request_latency_seconds_bucket", images | {("le", "+Inf")})] == 1
     assert m[("janus_rt_request_latency_seconds_count", frozenset({"endpoint": "/v1/understand"}.items()))] == 1
     assert m[("janus_rt_images_total", frozenset())] == 2
-    tokens = {kind: m[("janus_rt_engine_tokens_total", frozenset({"kind": kind}.items()))] for kind in ("image", "text")}
+    tokens = {kind: m[("janus_rt_engine_tokens_total", frozenset({"kind": kind}.items()))]
+              for kind in ("image", "text")}
     assert tokens == {"image": 2 * srv.model.cfg.num_image_tokens, "text": answer["tokens"]}
     outcomes = {o: m[("janus_rt_engine_requests_total", frozenset({"outcome": o}.items()))]
                 for o in ("finished", "aborted", "failed", "refused")}
@@ -440,20 +441,27 @@ def test_metrics_without_prometheus_client(monkeypatch):
             conn.close()
 
 
-def test_max_requests(capsys):
+def _held(srv):
+    """The engine's next step held until the returned event is set (entered: it has begun)."""
+    eng = srv.bg.engine
+    real_step, entered, release = eng.step, threading.Event(), threading.Event()
+
+    def held_step():
+        entered.set()
+        assert release.wait(timeout=60)
+        eng.step = real_step
+        return real_step()
+
+    eng.step = held_step
+    return entered, release
+
+
+def test_max_requests():
     """--max-requests 1: while one request is open (held here inside the engine's step), a second gets 429 at once
     and nothing of it reaches the engine; once the first is answered the next is served. /metrics counts the open
-    request and the 429. A negative limit is refused before anything loads."""
+    request and the 429s. A negative limit is refused before anything loads."""
     with serving("127.0.0.1", max_requests=1) as srv:
-        eng = srv.bg.engine
-        real_step, entered, release = eng.step, threading.Event(), threading.Event()
-
-        def held_step():
-            entered.set()
-            assert release.wait(timeout=60)
-            return real_step()
-
-        eng.step = held_step
+        entered, release = _held(srv)
         first = []
         t = threading.Thread(target=lambda: first.append(call(srv, "/v1/images", {"prompt": "a", "seed": 1})))
         t.start()
@@ -463,7 +471,10 @@ def test_max_requests(capsys):
         status, out = call(srv, "/v1/understand", {"question": "q", "images": [PNG_1PX]})
         assert status == 429
         if ServerMetrics is not None:
-            assert scrape(srv)[("janus_rt_requests_open", frozenset())] == 1
+            m = scrape(srv)
+            assert m[("janus_rt_requests_open", frozenset())] == 1
+            assert [m[("janus_rt_http_responses_total", frozenset({"path": path, "code": "429"}.items()))]
+                    for path in ("/v1/images", "/v1/understand")] == [1, 1]
         health = call(srv, "/health")[1]  # (the held request: open, taken in, not yet admitted by its first step)
         assert (health["requests_open"], health["requests_running"], health["requests_waiting"]) == (1, 0, 1)
         # the 429 comes before the body is read: a client that announces a body and sends none has it at once
@@ -478,7 +489,6 @@ def test_max_requests(capsys):
         assert head.startswith(b"HTTP/1.1 429") and b"100 Continue" not in head
         release.set()
         t.join(timeout=60)
-        eng.step = real_step
         assert first[0][0] == 200 and srv.open_requests == 0
         assert call(srv, "/v1/images", {"prompt": "b", "seed": 2})[0] == 200
         body = json.dumps({"prompt": "c", "seed": 3}).encode()
@@ -501,7 +511,8 @@ def stream(srv, path, body):
     closes the connection."""
     conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=60)
     try:
-        conn.request("POST", path, body=json.dumps(dict(body, stream=True)), headers={"Content-Type": "application/json"})
+        conn.request("POST", path, body=json.dumps(dict(body, stream=True)),
+                     headers={"Content-Type": "application/json"})
         r = conn.getresponse()
         raw = r.read().decode()
     finally:
@@ -550,7 +561,8 @@ def test_a_stream_that_fails_before_its_first_event_is_a_plain_error(server):
 
 
 def test_a_stream_failing_midway_ends_with_an_error_event(server, monkeypatch):
-    """A step failing after the stream's first event: an `event: error` with the 500's message ends it."""
+    """A step failing after the stream's first event: an `event: error` with the 500's message ends it. Its status
+    line said 200: /metrics counts the error apart, or a dashboard of 5xx rates never sees a streamed failure."""
     eng = server.bg.engine
     real = eng._decode
 
@@ -561,9 +573,13 @@ def test_a_stream_failing_midway_ends_with_an_error_event(server, monkeypatch):
 
     eng.stats.decode_steps = 0
     monkeypatch.setattr(eng, "_decode", fail_after_the_first)
+    key = ("janus_rt_http_stream_errors_total", frozenset({"path": "/v1/images", "code": "500"}.items()))
+    before = scrape(server).get(key, 0) if ServerMetrics is not None else None
     status, _, events = stream(server, "/v1/images", {"prompt": "a", "seed": 3})
     assert status == 200 and events[-1][0] == "error" and events[-1][1]["code"] == 500
     assert "MemoryError" in events[-1][1]["error"] and events[0][0] is None
+    if ServerMetrics is not None:
+        assert scrape(server).get(key, 0) == before + 1
 
 
 def test_a_stream_whose_client_leaves_is_aborted():
@@ -669,56 +685,6 @@ def test_a_stream_whose_event_fails_otherwise_has_its_request_aborted():
         assert st["aborted"] == 1 and st["finished"] == 0 and st["kv_blocks_used"] == 0, st
 
 
-def test_a_failed_stream_is_counted_in_metrics(server, monkeypatch):
-    """A stream that ends with an error event said 200 in its status line: /metrics counts the error apart, or a
-    dashboard of 5xx rates never sees a failure of a streamed request."""
-    if ServerMetrics is None:
-        pytest.skip("no prometheus_client")
-    eng = server.bg.engine
-    real = eng._decode
-
-    def fail_after_the_first():
-        if eng.stats.decode_steps > 0:
-            raise MemoryError("out of memory in a step")
-        return real()
-
-    eng.stats.decode_steps = 0
-    monkeypatch.setattr(eng, "_decode", fail_after_the_first)
-    key = ("janus_rt_http_stream_errors_total", frozenset({"path": "/v1/images", "code": "500"}.items()))
-    before = scrape(server).get(key, 0)
-    status, _, events = stream(server, "/v1/images", {"prompt": "a", "seed": 3})
-    assert status == 200 and events[-1][0] == "error"
-    assert scrape(server).get(key, 0) == before + 1
-
-
-def test_429_says_when_to_retry():
-    """--max-requests' 429 carries Retry-After (RFC 6585: a client's or proxy's back-off reads it)."""
-    with serving("127.0.0.1", max_requests=1) as srv:
-        eng = srv.bg.engine
-        real_step, entered, release = eng.step, threading.Event(), threading.Event()
-
-        def held_step():
-            entered.set()
-            assert release.wait(timeout=60)
-            return real_step()
-
-        eng.step = held_step
-        t = threading.Thread(target=lambda: call(srv, "/v1/images", {"prompt": "a", "seed": 1}))
-        t.start()
-        try:
-            assert entered.wait(timeout=60)
-            conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=30)
-            conn.request("POST", "/v1/images", body=json.dumps({"prompt": "b"}))
-            r = conn.getresponse()
-            r.read()
-            conn.close()
-            assert r.status == 429 and r.getheader("Retry-After", "").isdigit()
-        finally:
-            release.set()
-            t.join(timeout=60)
-            eng.step = real_step
-
-
 def test_a_stream_keeps_its_connection_alive_while_it_waits(monkeypatch):
     """A streamed request that waits (here: its first step held) gets `: keep-alive` comments every KEEPALIVE_S, the
     first one starting the stream (its headers ask proxies not to buffer it); its events follow as usual. GET of a
@@ -766,21 +732,6 @@ def test_serving_is_the_cpus_where_a_gpu_is(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with serving("127.0.0.1") as srv:
         assert srv.model.device.type == "cpu"
-
-
-def _held(srv):
-    """The engine's next step held until the returned event is set (entered: it has begun)."""
-    eng = srv.bg.engine
-    real_step, entered, release = eng.step, threading.Event(), threading.Event()
-
-    def held_step():
-        entered.set()
-        assert release.wait(timeout=60)
-        eng.step = real_step
-        return real_step()
-
-    eng.step = held_step
-    return entered, release
 
 
 def test_a_429_reaches_a_client_still_sending_its_body():
@@ -839,6 +790,26 @@ def test_post_of_a_get_path_is_405():
             assert conn.getresponse().status == 200
         finally:
             conn.close()
+
+
+def test_a_bad_request_line_is_counted_as_other_path():
+    """The standard server's own 400 for a request line it cannot read (here an HTTP version it does not know) is
+    counted under path "other", not under the path of the request before it on the same kept-alive connection."""
+    if ServerMetrics is None:
+        pytest.skip("no prometheus_client")
+
+    def responses(m, path, code):
+        return m.get(("janus_rt_http_responses_total", frozenset({"path": path, "code": code}.items())), 0)
+
+    with serving("127.0.0.1") as srv:
+        with socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=30) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health XTTP/1.1\r\nHost: x\r\n\r\n")
+            got = b""
+            while chunk := sock.recv(4096):  # (both answers: the server closes the connection after its 400)
+                got += chunk
+        assert got.startswith(b"HTTP/1.1 200") and b" 400 " in got
+        m = scrape(srv)
+        assert [responses(m, *key) for key in (("/health", "200"), ("/health", "400"), ("other", "400"))] == [1, 0, 1]
 
 
 def test_a_client_that_stops_reading_does_not_hold_the_shutdown_up(monkeypatch):

@@ -222,6 +222,7 @@ class BackgroundEngine:
                 self._fail(req, e)
 
     def _count_tokens(self, before: dict) -> None:
+        """The tokens the step just run sampled, into state()'s image_tokens / text_tokens."""
         for rid, (req, _, _) in self._live.items():
             made = req.step - before.get(rid, 0)
             self._counts[f"{req.kind}_tokens"] += made * (req.n if req.kind == "image" else 1)
@@ -236,7 +237,8 @@ class BackgroundEngine:
                 fut.set_result(value) if ok else fut.set_exception(value)
 
     def _snapshot(self) -> None:
-        """state()'s engine part, taken on the engine thread (the Engine is not read from any other)."""
+        """state()'s engine part, taken on the engine thread (or in __init__, before it starts): no other thread
+        reads the Engine."""
         eng = self.engine
         s, bm = eng.scheduler, eng.bm
         state = dict(requests_running=len(s.running), requests_waiting=len(s.waiting),
