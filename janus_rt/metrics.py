@@ -93,7 +93,7 @@ class _EngineCollector:
         yield GaugeMetricFamily("janus_rt_engine_kv_cache_usage_ratio", "KV cache blocks in use / in the pool",
                                 value=st["kv_blocks_used"] / max(st["kv_blocks_total"], 1))
         yield GaugeMetricFamily("janus_rt_engine_up", "1 while the engine thread runs (0: stopped on an error or "
-                                "closed; restart the server)", value=int(st["running"]))
+                                "closed; restart the server)", value=int(st["up"]))
         for name, doc in self.COUNTERS:
             yield CounterMetricFamily(f"janus_rt_engine_{name}", doc, value=values[name])
         outcomes = CounterMetricFamily("janus_rt_engine_requests", "Requests resolved, by outcome (refused: too big "

@@ -78,7 +78,7 @@ def test_threads_submit_and_stream_and_get_what_each_gets_alone(tiny):
     assert st["image_tokens"] == sum(len(t) * len(t[0]) for (kind, _), t in zip(jobs, alone) if kind == "image")
     assert st["text_tokens"] == sum(len(t[0]) for (kind, _), t in zip(jobs, alone) if kind == "text")
     assert st["requests_running"] == st["requests_waiting"] == st["pending"] == st["kv_blocks_used"] == 0
-    assert st["kv_blocks_total"] == 24 and st["decode_steps"] == eng.stats.decode_steps > 0 and not st["running"]
+    assert st["kv_blocks_total"] == 24 and st["decode_steps"] == eng.stats.decode_steps > 0 and not st["up"]
     assert st["preemptions"] == eng.scheduler.num_preemptions
 
 
@@ -94,7 +94,7 @@ def test_abort_refusal_and_close(tiny):
         big.result(timeout=60)
     assert started.wait(timeout=60)
     st = bg.state()  # (taken at a step boundary while it runs)
-    assert st["running"] and st["requests_running"] == 1 and st["rows_running"] == 4 and st["kv_blocks_used"] > 0
+    assert st["up"] and st["requests_running"] == 1 and st["rows_running"] == 4 and st["kv_blocks_used"] > 0
     assert st["refused"] == 1 and st["image_tokens"] >= 2 * 5 - 2
     bg.abort(long)
     r = long.result(timeout=60)
@@ -111,7 +111,7 @@ def test_abort_refusal_and_close(tiny):
         bg.submit_image(prompt(tiny, 10, seed=5), 1)
     assert bg.engine.bm.num_free_blocks == bg.engine.bm.num_blocks
     st = bg.state()
-    assert (st["finished"], st["aborted"], st["refused"], st["failed"]) == (1, 2, 1, 0) and not st["running"]
+    assert (st["finished"], st["aborted"], st["refused"], st["failed"]) == (1, 2, 1, 0) and not st["up"]
     assert st["image_tokens"] == 2 * r.step + 4 + slow.result().step
 
 
@@ -161,7 +161,7 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(tiny):
         stuck.result(timeout=60)
     assert isinstance(bg.error, RuntimeError)
     st = bg.state()
-    assert (st["failed"], st["finished"], st["running"]) == (3, 1, False)
+    assert (st["failed"], st["finished"], st["up"]) == (3, 1, False)
     with pytest.raises(RuntimeError, match="stopped on an error"):
         bg.submit_image(prompt(tiny, 10, seed=9), 1)
     bg.close()
@@ -299,7 +299,7 @@ def test_state_counts_a_request_before_its_future_resolves(tiny):
         stuck.add_done_callback(record("stuck"))
     with pytest.raises(RuntimeError, match="broken bookkeeping"):
         stuck.result(timeout=60)
-    assert (seen["stuck"]["failed"], seen["stuck"]["running"]) == (1, False)
+    assert (seen["stuck"]["failed"], seen["stuck"]["up"]) == (1, False)
     bg.close()
 
 

@@ -88,11 +88,11 @@ class BackgroundEngine:
         (a preempted one waits again) and the running batch's rows_running; pending: submitted, not yet taken in;
         kv_blocks_used / kv_blocks_total; decode_steps, prefill_s, decode_s, preemptions (the engine's totals);
         finished / aborted / failed / refused: requests resolved so far (refused: too big for the KV cache or bad
-        values); image_tokens / text_tokens: tokens sampled (an image request samples n a step); running: the engine
-        thread has not stopped on an error and close() has not finished."""
+        values); image_tokens / text_tokens: tokens sampled (an image request samples n a step); up: the engine thread
+        has not stopped on an error and close() has not finished."""
         with self._cv:
             return dict(self._state, pending=len(self._pending),
-                        running=self._error is None and self._thread.is_alive())
+                        up=self._error is None and self._thread.is_alive())
 
     @property
     def closed(self) -> bool:
