@@ -97,5 +97,4 @@ PYBIND11_MODULE(_C, m) {
   m.def("prefetch_rules", &jr::prefetch_rules, "the decode kernels' software-prefetch rules on this CPU");
   m.def("set_thread_team", &jr::set_thread_team, "omp_set_num_threads(n): the calling thread's team only",
         py::arg("n"));
-  m.def("thread_team", &jr::thread_team, "omp_get_max_threads() on the calling thread");
 }

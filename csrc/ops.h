@@ -62,5 +62,4 @@ const char* simd_isa();
 std::map<std::string, int64_t> prefetch_rules();
 // The calling thread's OpenMP team size (thread_team.cpp): torch's process-wide count left as it is.
 void set_thread_team(int64_t n);
-int64_t thread_team();
 }  // namespace jr

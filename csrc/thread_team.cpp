@@ -12,6 +12,4 @@ void set_thread_team(int64_t n) {
   omp_set_num_threads(static_cast<int>(n));
 }
 
-int64_t thread_team() { return omp_get_max_threads(); }
-
 }  // namespace jr

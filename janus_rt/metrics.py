@@ -85,17 +85,14 @@ class _EngineCollector:
 
     def collect(self):
         st = self._state()
-        values = dict(st, requests_pending=st["pending"], kv_cache_blocks_used=st["kv_blocks_used"],
-                      kv_cache_blocks=st["kv_blocks_total"], prefill_seconds=st["prefill_s"],
-                      decode_seconds=st["decode_s"])
         for name, doc in self.GAUGES:
-            yield GaugeMetricFamily(f"janus_rt_engine_{name}", doc, value=values[name])
+            yield GaugeMetricFamily(f"janus_rt_engine_{name}", doc, value=st[name])
         yield GaugeMetricFamily("janus_rt_engine_kv_cache_usage_ratio", "KV cache blocks in use / in the pool",
-                                value=st["kv_blocks_used"] / max(st["kv_blocks_total"], 1))
+                                value=st["kv_cache_usage"])
         yield GaugeMetricFamily("janus_rt_engine_up", "1 while the engine thread runs (0: stopped on an error or "
                                 "closed; restart the server)", value=int(st["up"]))
         for name, doc in self.COUNTERS:
-            yield CounterMetricFamily(f"janus_rt_engine_{name}", doc, value=values[name])
+            yield CounterMetricFamily(f"janus_rt_engine_{name}", doc, value=st[name])
         outcomes = CounterMetricFamily("janus_rt_engine_requests", "Requests resolved, by outcome (refused: too big "
                                        "for the KV cache or bad values)", labels=["outcome"])
         for outcome in ("finished", "aborted", "failed", "refused"):

@@ -369,17 +369,17 @@ class _Handler(BaseHTTPRequestHandler):
         st = self.server.bg.state()
         self._send(200, {"status": "ok", "model": self.server.label, "requests_open": self.server.open_requests,
                          "requests_running": st["requests_running"],
-                         "requests_waiting": st["requests_waiting"] + st["pending"],
-                         "kv_cache_usage": round(st["kv_blocks_used"] / max(st["kv_blocks_total"], 1), 4)})
+                         "requests_waiting": st["requests_waiting"] + st["requests_pending"],
+                         "kv_cache_usage": round(st["kv_cache_usage"], 4)})
 
     def do_POST(self):
         events = None  # a stream's writer, once the body asks for one
-        route = dict(zip(POST_PATHS, (self.server.images, self.server.understand))).get(
-            self.path.split("?")[0])  # (a query is ignored)
+        path = self.path.split("?")[0]  # (a query is ignored)
+        route = dict(zip(POST_PATHS, (self.server.images, self.server.understand))).get(path)
         if route is None:
             self.close_connection = True  # (its body is not read)
-            if self.path.split("?")[0] in GET_PATHS:
-                self._send(405, {"error": f"POST {self.path.split('?')[0]} is not served: GET it"},
+            if path in GET_PATHS:
+                self._send(405, {"error": f"POST {path} is not served: GET it"},
                            headers={"Allow": "GET, HEAD"})
             else:
                 self._send(404, {"error": f"no such path {self.path!r} (POST /v1/images, /v1/understand)"})

@@ -77,8 +77,8 @@ def test_threads_submit_and_stream_and_get_what_each_gets_alone(tiny):
     assert st["finished"] == len(jobs) and st["aborted"] == st["failed"] == st["refused"] == 0
     assert st["image_tokens"] == sum(len(t) * len(t[0]) for (kind, _), t in zip(jobs, alone) if kind == "image")
     assert st["text_tokens"] == sum(len(t[0]) for (kind, _), t in zip(jobs, alone) if kind == "text")
-    assert st["requests_running"] == st["requests_waiting"] == st["pending"] == st["kv_blocks_used"] == 0
-    assert st["kv_blocks_total"] == 24 and st["decode_steps"] == eng.stats.decode_steps > 0 and not st["up"]
+    assert st["requests_running"] == st["requests_waiting"] == st["requests_pending"] == st["kv_cache_blocks_used"] == 0
+    assert st["kv_cache_blocks"] == 24 and st["decode_steps"] == eng.stats.decode_steps > 0 and not st["up"]
     assert st["preemptions"] == eng.scheduler.num_preemptions
 
 
@@ -94,7 +94,7 @@ def test_abort_refusal_and_close(tiny):
         big.result(timeout=60)
     assert started.wait(timeout=60)
     st = bg.state()  # (taken at a step boundary while it runs)
-    assert st["up"] and st["requests_running"] == 1 and st["rows_running"] == 4 and st["kv_blocks_used"] > 0
+    assert st["up"] and st["requests_running"] == 1 and st["rows_running"] == 4 and st["kv_cache_blocks_used"] > 0
     assert st["refused"] == 1 and st["image_tokens"] >= 2 * 5 - 2
     bg.abort(long)
     r = long.result(timeout=60)
@@ -284,7 +284,7 @@ def test_state_counts_a_request_before_its_future_resolves(tiny):
     assert ok.result(timeout=60).finished and isinstance(big.exception(timeout=60), UsageError)
     assert seen["big"]["refused"] == 1
     assert (seen["ok"]["finished"], seen["ok"]["image_tokens"]) == (1, 3)
-    assert seen["ok"]["requests_running"] == seen["ok"]["kv_blocks_used"] == 0
+    assert seen["ok"]["requests_running"] == seen["ok"]["kv_cache_blocks_used"] == 0
 
     with bg._cv:
         gone = bg.submit_image(prompt(tiny, 10, seed=3), 1, SamplingParams(seed=3))
@@ -320,7 +320,7 @@ def test_state_shows_a_request_while_its_prefill_runs(tiny):
     assert inside.wait(timeout=60)
     try:
         st = bg.state()
-        assert st["pending"] + st["requests_waiting"] + st["requests_running"] == 1, st
+        assert st["requests_pending"] + st["requests_waiting"] + st["requests_running"] == 1, st
     finally:
         go.set()
     assert fut.result(timeout=60).finished

@@ -609,7 +609,7 @@ def test_a_stream_whose_client_leaves_is_aborted():
         while srv.bg.state()["aborted"] < 1 and time.time() < deadline:
             time.sleep(0.05)
         st = srv.bg.state()
-        assert st["aborted"] == 1 and st["finished"] == 0 and st["kv_blocks_used"] == 0
+        assert st["aborted"] == 1 and st["finished"] == 0 and st["kv_cache_blocks_used"] == 0
 
 
 def test_metrics_count_a_refused_request_at_once():
@@ -682,7 +682,7 @@ def test_a_stream_whose_event_fails_otherwise_has_its_request_aborted():
         while srv.bg._live and time.time() < deadline:
             time.sleep(0.05)
         st = srv.bg.state()
-        assert st["aborted"] == 1 and st["finished"] == 0 and st["kv_blocks_used"] == 0, st
+        assert st["aborted"] == 1 and st["finished"] == 0 and st["kv_cache_blocks_used"] == 0, st
 
 
 def test_a_stream_keeps_its_connection_alive_while_it_waits(monkeypatch):

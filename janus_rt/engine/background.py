@@ -85,13 +85,14 @@ class BackgroundEngine:
         """What the engine holds and has done, for monitoring (serve's GET /metrics), from any thread: as of the
         engine thread's last step boundary or taking-in of submissions; a request is counted before its future
         resolves (a client that has its answer, or its refusal, finds it here). requests_running / requests_waiting
-        (a preempted one waits again) and the running batch's rows_running; pending: submitted, not yet taken in;
-        kv_blocks_used / kv_blocks_total; decode_steps, prefill_s, decode_s, preemptions (the engine's totals);
+        (a preempted one waits again) and the running batch's rows_running; requests_pending: submitted, not yet
+        taken in; kv_cache_blocks_used / kv_cache_blocks and their kv_cache_usage ratio; decode_steps,
+        prefill_seconds, decode_seconds, preemptions (the engine's totals);
         finished / aborted / failed / refused: requests resolved so far (refused: too big for the KV cache or bad
         values); image_tokens / text_tokens: tokens sampled (an image request samples n a step); up: the engine thread
         has not stopped on an error and close() has not finished."""
         with self._cv:
-            return dict(self._state, pending=len(self._pending),
+            return dict(self._state, requests_pending=len(self._pending),
                         up=self._error is None and self._thread.is_alive())
 
     @property
@@ -241,10 +242,12 @@ class BackgroundEngine:
         reads the Engine."""
         eng = self.engine
         s, bm = eng.scheduler, eng.bm
+        used = bm.num_blocks - bm.num_free_blocks
         state = dict(requests_running=len(s.running), requests_waiting=len(s.waiting),
-                     rows_running=sum(r.num_rows for r in s.running), kv_blocks_used=bm.num_blocks - bm.num_free_blocks,
-                     kv_blocks_total=bm.num_blocks, decode_steps=eng.stats.decode_steps, prefill_s=eng.stats.prefill_s,
-                     decode_s=eng.stats.decode_s, preemptions=s.num_preemptions, **self._counts)
+                     rows_running=sum(r.num_rows for r in s.running), kv_cache_blocks_used=used,
+                     kv_cache_blocks=bm.num_blocks, kv_cache_usage=used / max(bm.num_blocks, 1),
+                     decode_steps=eng.stats.decode_steps, prefill_seconds=eng.stats.prefill_s,
+                     decode_seconds=eng.stats.decode_s, preemptions=s.num_preemptions, **self._counts)
         with self._cv:
             self._state = state
 
