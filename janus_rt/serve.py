@@ -17,9 +17,9 @@ Either POST with "stream": true answers as server-sent events (text/event-stream
 last): `data: {"tokens": k, "of": 576}` after each engine step of an image request (tokens so far per image),
 `data: {"text": ..., "tokens": k}` with the text each step adds to an answer, then the whole answer as above with
 "done": true; a failure once the events have begun is an `event: error` with {"error", "code"}. While a request waits
-(KV blocks, a long prefill) a `: keep-alive` comment every 15 s keeps proxies from closing the connection; the first
-one begins the events (the 200 is sent), so a refusal by the engine after it (too big for the KV cache, a shutdown's
-503) is such an error event too.
+(KV blocks, a long prefill) and while its images decode, a `: keep-alive` comment every 15 s keeps proxies from
+closing the connection; the first one begins the events (the 200 is sent), so a refusal by the engine after it (too
+big for the KV cache, a shutdown's 503) is such an error event too.
 
 A bad request (JSON, a value, too big for the KV cache) gets 400 and {"error": ...}, one beyond --max-requests open
 ones 429 (at once, its body not taken in, nothing queued, in place of a 100 Continue asked for; Retry-After: 1),
@@ -33,6 +33,7 @@ requests are aborted (their clients get 503), the connections' threads finish (a
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import io
 import json
@@ -67,7 +68,7 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # what /v1/understand decodes (n
 POST_PATHS = ("/v1/images", "/v1/understand")
 GET_PATHS = ("/health", "/metrics")
 STOP_GRACE_S = 5.0  # s a shutdown waits for the answers being written before it cuts their connections
-DISCARD_S = 10.0  # s a refused request's unread body is read and dropped for, at most (see _Handler._discard_body)
+DISCARD_S = 10.0  # s an unread request body is read and dropped for, at most, before its connection closes (_linger)
 
 
 class BadRequest(ValueError):
@@ -173,7 +174,7 @@ class JanusServer(ThreadingHTTPServer):
         req = self._wait(lambda on_tokens: self.bg.submit_image(ids, n, params, on_tokens=on_tokens), client_gone,
                          progress, events and events.idle)
         pngs = []
-        for im in request_images(self.model, req):
+        for im in self._decode(req, events and events.idle):
             buf = io.BytesIO()
             im.save(buf, format="PNG")
             pngs.append(base64.b64encode(buf.getvalue()).decode("ascii"))
@@ -244,6 +245,20 @@ class JanusServer(ThreadingHTTPServer):
                          client_gone, progress, events and events.idle)
         return dict(answer=self.tok.decode(req.tokens[0]), tokens=len(req.tokens[0]),
                     **self._times("/v1/understand", req))
+
+    def _decode(self, req, idle=None) -> list:
+        """A finished image request -> its PIL images (the VQ decoder); idle() every quarter of a second meanwhile
+        where a stream is open (the decode runs on a thread of its own then; whole, so its images are the plain
+        answer's)."""
+        if idle is None:
+            return request_images(self.model, req)
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="janus-rt-vq") as pool:
+            fut = pool.submit(request_images, self.model, req)
+            while True:
+                try:
+                    return fut.result(timeout=0.25)
+                except concurrent.futures.TimeoutError:
+                    idle()  # (a client gone: ConnectionError, once the decode is done)
 
     def _times(self, endpoint: str, req) -> dict:
         """A finished request's times, for its answer and the metrics."""
@@ -338,12 +353,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self):
         super().setup()
+        self.body_unread = False  # set where an answer goes out before (or instead of) reading the body
         with self.server._conns_lock:
             self.server._conns.add(self.connection)
 
     def finish(self):
         with self.server._conns_lock:
             self.server._conns.discard(self.connection)
+        if self.body_unread:
+            self._linger()
         try:
             super().finish()
         except OSError:  # the client left first
@@ -351,7 +369,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers:
-            self.close_connection = True  # a body this server does not read: never parsed as the next request
+            self._unread()  # a body this server does not read: never parsed as the next request
         path = self.path.split("?")[0]
         if path == "/metrics":
             metrics = self.server.metrics
@@ -377,23 +395,21 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0]  # (a query is ignored)
         route = dict(zip(POST_PATHS, (self.server.images, self.server.understand))).get(path)
         if route is None:
-            self.close_connection = True  # (its body is not read)
+            self._unread()
             if path in GET_PATHS:
-                self._send(405, {"error": f"POST {path} is not served: GET it"},
-                           headers={"Allow": "GET, HEAD"})
-            else:
-                self._send(404, {"error": f"no such path {self.path!r} (POST /v1/images, /v1/understand)"})
-            return self._discard_body()
+                return self._send(405, {"error": f"POST {path} is not served: GET it"},
+                                  headers={"Allow": "GET, HEAD"})
+            return self._send(404, {"error": f"no such path {self.path!r} (POST /v1/images, /v1/understand)"})
         unread = True  # (a 429 before the body is read closes the connection)
         try:
             if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-                self.close_connection = True
+                self._unread()
                 return self._send(411, {"error": "send the body with a Content-Length (no chunked encoding)"})
             self.server.check_room()  # (before the body is read: a busy server takes no upload)
             length = self.headers.get("Content-Length", "0").strip()
             size = int(length) if length.isdigit() else -1  # (digits only: int() would take "1_6" or " +3")
             if not 0 < size <= MAX_BODY:
-                self.close_connection = True
+                self._unread()
                 raise BadRequest(f"a JSON body of 1 to {MAX_BODY} bytes with its Content-Length is needed")
             raw, unread = self.rfile.read(size), False  # (outside the slot: a slow upload holds none)
             try:
@@ -415,10 +431,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._fail(503, str(e), events)
         except TooBusy as e:
-            self.close_connection = self.close_connection or unread
-            self._fail(429, str(e), events, headers={"Retry-After": "1"})
             if unread:
-                self._discard_body()
+                self._unread()
+            self._fail(429, str(e), events, headers={"Retry-After": "1"})
         except (TimeoutError, ConnectionError):  # a stalled body, a client gone (ClientGone): nobody to answer
             self.close_connection = True
         except Exception as e:  # noqa: BLE001 - a failure inside: the client hears that much, the log the rest
@@ -446,34 +461,41 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 self.server.check_room()
             except TooBusy as e:
-                self.close_connection = True
+                self._unread()  # (a client may send its body all the same)
                 self._send(429, {"error": str(e)}, headers={"Retry-After": "1"})
                 return False
         return super().handle_expect_100()
 
-    def _discard_body(self) -> None:
-        """After the answer to a request whose body was not read (the connection closes after it): read and drop
-        that body, up to its Content-Length (MAX_BODY at most) and DISCARD_S. Closing a socket with unread bytes
-        resets the connection, and a client still sending its body (most send it whole before they read) would get
-        that reset (a broken pipe) instead of the answer."""
-        length = self.headers.get("Content-Length", "0").strip()
-        left = int(length) if length.isdigit() and int(length) <= MAX_BODY else 0
+    def _unread(self) -> None:
+        """This request's body (if it has one) is not read: the connection closes after the answer, lingering."""
+        self.close_connection = self.body_unread = True
+
+    def _linger(self) -> None:
+        """Before a connection whose request body was not read closes: the answer ends (a FIN after it), then the
+        body is read and dropped until the client closes, the Content-Length has come, or DISCARD_S. Closing a
+        socket with unread bytes resets the connection, and a client still sending its body (most send it whole
+        before they read) would get that reset (a broken pipe) instead of the answer."""
+        length = self.headers.get("Content-Length", "").strip()
+        left = int(length) if length.isdigit() else -1  # (-1: until the client closes; a chunked body)
         deadline = time.monotonic() + DISCARD_S
         try:
-            while left > 0 and (wait := deadline - time.monotonic()) > 0:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            while left != 0 and (wait := deadline - time.monotonic()) > 0:
                 self.connection.settimeout(wait)
-                chunk = self.rfile.read1(min(left, 1 << 16))
+                chunk = self.rfile.read1(1 << 16 if left < 0 else min(left, 1 << 16))
                 if not chunk:  # the client closed (or stop() shut the read side)
                     break
-                left -= len(chunk)
-        except OSError:  # a reset, the time up
+                if left > 0:
+                    left -= len(chunk)
+        except (OSError, ValueError):  # a reset, the time up; a file closed by a failure in handle()
             pass
 
     do_HEAD = do_GET  # (a load balancer's health check; _send writes the headers only)
 
     def _not_allowed(self):
         """PUT, DELETE, PATCH, OPTIONS: 405 in JSON (the standard server answers 501 in HTML)."""
-        self.close_connection = True  # (a body is not read)
+        self._unread()
         self._send(405, {"error": f"{self.command} is not served (GET /health, /metrics, POST /v1/images, "
                                  "/v1/understand)"}, headers={"Allow": "GET, HEAD, POST"})
 

@@ -829,3 +829,81 @@ def test_a_client_that_stops_reading_does_not_hold_the_shutdown_up(monkeypatch):
     took = time.monotonic() - t0  # (serving() closed the server)
     sock.close()
     assert took < 5, took
+
+
+def _big_request(srv, method, path, body, headers=None):
+    """http.client sends the whole body (an iterable: chunked) before it reads the answer -> (status, body), or the
+    error a reset gave it."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("case", ["get_with_body", "chunked", "over_max_body"])
+def test_an_answer_before_the_body_reaches_a_client_still_sending_it(server, monkeypatch, case):
+    """Answers this server gives without reading the request's body (a GET with one, a chunked POST's 411, a POST
+    over MAX_BODY's 400) reach a client that sends its whole (large) body before it reads: the connection is closed
+    only once the client has sent it (or DISCARD_S), not reset under it."""
+    from janus_rt import serve
+
+    big = b"x" * (16 << 20)
+    if case == "get_with_body":
+        status, out = _big_request(server, "GET", "/health", big)
+        assert status == 200 and json.loads(out)["status"] == "ok"
+    elif case == "chunked":
+        status, out = _big_request(server, "POST", "/v1/images", iter([big[:1 << 20]] * 16))
+        assert status == 411 and b"Content-Length" in out
+    else:
+        monkeypatch.setattr(serve, "MAX_BODY", 1 << 20)
+        status, out = _big_request(server, "POST", "/v1/images", big)
+        assert status == 400 and b"1048576 bytes" in out
+
+
+def test_a_429_to_expect_100_reaches_a_client_that_sends_its_body_anyway():
+    """A client that asked Expect: 100-continue but sends its body without waiting for the 100 (curl does after a
+    second) still reads the busy server's 429 whole, not a reset."""
+    with serving("127.0.0.1", max_requests=1) as srv:
+        entered, release = _held(srv)
+        t = threading.Thread(target=lambda: call(srv, "/v1/images", {"prompt": "a", "seed": 1}))
+        t.start()
+        try:
+            assert entered.wait(timeout=60)
+            size = 16 << 20
+            with socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=30) as sock:
+                sock.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                             b"Expect: 100-continue\r\n\r\n" % size)
+                sock.sendall(b"x" * size)
+                answer = b""
+                while chunk := sock.recv(1 << 16):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 429") and b"--max-requests 1" in answer, answer[:200]
+        finally:
+            release.set()
+            t.join(timeout=60)
+
+
+def test_a_stream_keeps_its_connection_alive_while_its_images_decode(monkeypatch):
+    """The VQ decode after a stream's last token (about a second an image at 1B on a CPU) is no silence either:
+    `: keep-alive` comments come between the last token event and the answer, whose images are the plain ones."""
+    import janus_rt.serve
+
+    monkeypatch.setattr(janus_rt.serve._Events, "KEEPALIVE_S", 0.3)
+    with serving("127.0.0.1") as srv:
+        real = srv.model.decode_image_tokens
+
+        def slow(*a, **kw):
+            time.sleep(1.2)
+            return real(*a, **kw)
+
+        monkeypatch.setattr(srv.model, "decode_image_tokens", slow)
+        status, _, events = stream(srv, "/v1/images", {"prompt": "a", "seed": 1, "n": 2})
+        assert status == 200
+        last_token = max(i for i, (name, e) in enumerate(events) if name is None and "tokens" in e)
+        assert events[last_token][1]["tokens"] == events[last_token][1]["of"]
+        assert 2 <= [name for name, _ in events[last_token:]].count(":") <= 4
+        plain = call(srv, "/v1/images", {"prompt": "a", "seed": 1, "n": 2})[1]
+        assert events[-1][1]["done"] and events[-1][1]["images"] == plain["images"]
