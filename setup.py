@@ -45,6 +45,7 @@ setup(
         "tqdm",
         "prometheus_client>=0.17",  # serve's GET /metrics
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "transformers>=5.0"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "transformers>=5.0",
+                              "openai>=1.0"]},  # (serve's OpenAI-compatible endpoints, tested through its SDK)
     entry_points={"console_scripts": ["janus-rt=janus_rt.cli:main"]},
 )

@@ -442,7 +442,7 @@ def cmd_serve(args):
     host = f"[{host}]" if ":" in host else host  # (an IPv6 address in a URL)
     print(f"{what}: serving on http://{host}:{port} (KV cache {server.bg.engine.cache.num_blocks} blocks of "
           f"{server.bg.engine.cache.block_size} tokens; GET /health, /metrics, POST /v1/images, /v1/understand; "
-          "Ctrl-C stops)", flush=True)
+          "OpenAI's /v1/chat/completions, /v1/images/generations, /v1/models; Ctrl-C stops)", flush=True)
     import signal
 
     def terminate(signum, frame):  # Ctrl-C or SIGTERM (a supervisor's stop): the same clean shutdown, once

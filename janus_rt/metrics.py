@@ -6,7 +6,7 @@
                                                               said 200), by the error's code
     janus_rt_request_latency_seconds{endpoint}    histogram  submission to the last token, per finished request
     janus_rt_time_to_first_token_seconds{endpoint} histogram  submission to the first token
-    janus_rt_images_total                          counter    images returned by /v1/images
+    janus_rt_images_total                          counter    images returned (/v1/images, /v1/images/generations)
     janus_rt_requests_open                         gauge      requests received (bodies read) and not yet
                                                               answered (serve's --max-requests bounds it)
     janus_rt_engine_*                              the BackgroundEngine's state() at scrape time: requests running /
@@ -42,7 +42,7 @@ class ServerMetrics:
                                  "token (finished requests)", ["endpoint"], buckets=BUCKETS, registry=r)
         self.first_token = Histogram("janus_rt_time_to_first_token_seconds", "Seconds from a request's submission to "
                                      "its first token (finished requests)", ["endpoint"], buckets=BUCKETS, registry=r)
-        self.images = Counter("janus_rt_images", "Images returned by /v1/images", registry=r)
+        self.images = Counter("janus_rt_images", "Images returned (/v1/images, /v1/images/generations)", registry=r)
         Gauge("janus_rt_requests_open", "Requests received (bodies read) and not yet answered",
               registry=r).set_function(open_requests)
         r.register(_EngineCollector(state))

@@ -31,8 +31,33 @@ def encode_generation_prompt(tok, prompt: str) -> list[int]:
 
 def encode_understanding_prompt(tok, question: str, num_images: int = 1, num_image_tokens: int = 576) -> list[int]:
     """BOS + system + user turn, each <image_placeholder> expanded to BOI + N placeholders + EOI."""
-    out = [tok.bos_id]
-    for i in tok.encode(understanding_prompt(question, num_images)):
+    return [tok.bos_id] + _expand(tok, tok.encode(understanding_prompt(question, num_images)), num_image_tokens)
+
+
+def encode_conversation(tok, turns, num_image_tokens: int = 576, system: str = SYSTEM_PROMPT) -> list[int]:
+    """A chat's ids, as the official DeepSeek template (and janus_rt's training data) lay them out:
+    BOS "{system}\n\n<|User|>: {user}\n\n<|Assistant|>: {answer}" EOS "<|User|>: {user}\n\n<|Assistant|>:".
+    turns: [(role, text), ...], "user" and "assistant" alternating, the user's first and last; an image is an
+    <image_placeholder> in a user's text (expanded to BOI + N placeholders + EOI). One user turn is
+    encode_understanding_prompt's ids when its text is "<image_placeholder>\n" per image, then the question."""
+    roles = [role for role, _ in turns]
+    if not roles or roles[::2] != ["user"] * len(roles[::2]) or roles[1::2] != ["assistant"] * len(roles[1::2]) \
+            or roles[-1] != "user":
+        raise ValueError(f"turns must alternate user, assistant, ..., user; got {roles}")
+    out, text = [tok.bos_id], f"{system}\n\n" if system else ""
+    for role, content in turns:
+        if role == "user":
+            text += f"<|User|>: {content}\n\n<|Assistant|>:"
+        else:  # (the answer ends with EOS: the text so far is encoded, the EOS id put after it)
+            out += _expand(tok, tok.encode(f"{text} {content}"), num_image_tokens) + [tok.eos_id]
+            text = ""
+    return out + _expand(tok, tok.encode(text), num_image_tokens)
+
+
+def _expand(tok, ids: list[int], num_image_tokens: int) -> list[int]:
+    """Each <image_placeholder> id -> BOI + num_image_tokens placeholders + EOI."""
+    out = []
+    for i in ids:
         out += [tok.boi_id] + [tok.image_id] * num_image_tokens + [tok.eoi_id] if i == tok.image_id else [i]
     return out
 

@@ -11,7 +11,10 @@ connection; every request, from any connection, joins the engine's running batch
                           -> {"images": [base64 PNG, ...], "seed": int, "time_to_first_token_s": ..., "latency_s": ...}
     POST /v1/understand   {"question": str, "images": [base64 PNG or JPEG, ...], "max_new_tokens": 128,
                            "temperature": 0.0 (greedy), "top_p": 1.0 (another needs a temperature > 0), "seed": 0}
-                          -> {"answer": str, "tokens": int, "time_to_first_token_s": ..., "latency_s": ...}
+                          -> {"answer": str, "tokens": int, "prompt_tokens": int, "finish_reason": "stop" (EOS) or
+                              "length" (max_new_tokens), "time_to_first_token_s": ..., "latency_s": ...}
+    GET  /v1/models, POST /v1/chat/completions, POST /v1/images/generations: OpenAI's API over the two above
+                          (janus_rt/openai_api.py says what each takes), for clients written for it
 
 Either POST with "stream": true answers as server-sent events (text/event-stream, the connection closed after the
 last): `data: {"tokens": k, "of": 576}` after each engine step of an image request (tokens so far per image),
@@ -50,10 +53,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
+from janus_rt import openai_api
 from janus_rt.engine import BackgroundEngine, Engine, SamplingParams
 from janus_rt.errors import UsageError
-from janus_rt.processing import (encode_generation_prompt, encode_understanding_prompt, preprocess_image,
-                                 request_images)
+from janus_rt.processing import (encode_conversation, encode_generation_prompt, encode_understanding_prompt,
+                                 preprocess_image, request_images)
 
 try:
     from janus_rt.metrics import ServerMetrics
@@ -65,8 +69,9 @@ except ImportError as e:  # prometheus_client missing (a checkout used in place,
 MAX_BODY = 64 << 20  # bytes of JSON a request may send (a few images)
 MAX_IMAGE_PIXELS = 4096 * 4096  # an understanding image larger than this is refused before it is decoded
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # what /v1/understand decodes (not every format Pillow knows)
-POST_PATHS = ("/v1/images", "/v1/understand")
-GET_PATHS = ("/health", "/metrics")
+POST_PATHS = ("/v1/images", "/v1/understand", openai_api.IMAGES_PATH, openai_api.CHAT_PATH)
+GET_PATHS = ("/health", "/metrics", openai_api.MODELS_PATH)
+OPENAI_PATHS = (openai_api.IMAGES_PATH, openai_api.CHAT_PATH, openai_api.MODELS_PATH)  # (errors in OpenAI's form)
 STOP_GRACE_S = 5.0  # s a shutdown waits for the answers being written before it cuts their connections
 DISCARD_S = 10.0  # s an unread request body is read and dropped for, at most, before its connection closes (_linger)
 
@@ -151,7 +156,7 @@ class JanusServer(ThreadingHTTPServer):
                     pass
 
     # ---- the endpoints (run on the connection's thread; the engine's work on its own) -------------------------
-    def images(self, body: dict, client_gone=None, events=None) -> dict:
+    def images(self, body: dict, client_gone=None, events=None, endpoint: str = "/v1/images") -> dict:
         """POST /v1/images -> the answer; events(obj) where the client asked for a stream: one a step."""
         prompt = _get(body, "prompt", str)
         if not prompt.strip():
@@ -180,49 +185,77 @@ class JanusServer(ThreadingHTTPServer):
             pngs.append(base64.b64encode(buf.getvalue()).decode("ascii"))
         if self.metrics is not None:
             self.metrics.images.inc(len(pngs))
-        return dict(images=pngs, seed=seed, **self._times("/v1/images", req))
+        return dict(images=pngs, seed=seed, **self._times(endpoint, req))
 
     def understand(self, body: dict, client_gone=None, events=None) -> dict:
         """POST /v1/understand -> the answer; events(obj) where the client asked for a stream: the text a step adds."""
-        from PIL import Image
-
         question = _get(body, "question", str)
         if not question.strip():
             raise BadRequest("question is empty")
-        max_new = _get(body, "max_new_tokens", int, 128)
-        if max_new < 1:
-            raise BadRequest(f"max_new_tokens must be >= 1, got {max_new}")
-        temperature = _temperature(body, 0.0)
-        top_p = _finite(body, "top_p", 1.0)
-        if temperature == 0 and top_p != 1.0:  # (as `janus-rt understand` refuses --top-p without a temperature)
-            raise BadRequest("top_p samples, so it needs temperature > 0 (0, the default, is greedy)")
-        params = _sampling(temperature=max(temperature, 1e-6), greedy=temperature == 0, top_p=top_p,
-                           seed=_get(body, "seed", int, 0))
+        max_new, params = _text_sampling(body)
         encoded = _get(body, "images", list)
-        cfg = self.model.cfg
+        pixels = self._pixels(encoded, "images")
+        ids = _encode(encode_understanding_prompt, self.tok, question, len(encoded), self.model.cfg.vision.num_patches)
+        return self._answer(ids, pixels, max_new, params, client_gone, events, "/v1/understand")
+
+    def chat(self, body: dict, client_gone=None, events=None) -> dict:
+        """POST /v1/chat/completions (openai_api): a conversation, with images or none -> a chat.completion."""
+        try:
+            turns, system, encoded, native = openai_api.chat_request(body)
+        except openai_api.RequestError as e:
+            raise BadRequest(str(e)) from None
+        max_new, params = _text_sampling(native)
+        pixels = self._pixels(encoded, "image_url", least=0) if encoded else None
+        kw = {} if system is None else {"system": system}
+        ids = _encode(lambda *a: encode_conversation(*a, **kw), self.tok, turns, self.model.cfg.vision.num_patches)
+        out = self._answer(ids, pixels, max_new, params, client_gone, events, openai_api.CHAT_PATH)
+        cid, created = (events.id, events.created) if events is not None else (openai_api.chat_id(), int(time.time()))
+        return openai_api.chat_response(out, self.label, cid, created)
+
+    def openai_images(self, body: dict, client_gone=None, events=None) -> dict:
+        """POST /v1/images/generations (openai_api) -> an images.generate answer."""
+        try:
+            native = openai_api.image_request(body, self.model.cfg.vq.image_size)
+        except openai_api.RequestError as e:
+            raise BadRequest(str(e)) from None
+        return openai_api.image_response(self.images(native, client_gone, None, openai_api.IMAGES_PATH))
+
+    def _most_images(self) -> int:
+        """The images one request may hold: what the KV cache could take at all."""
         cache = self.bg.engine.cache
-        most = cache.num_blocks * cache.block_size // cfg.vision.num_patches  # what the KV cache could hold at all
-        if not 1 <= len(encoded) <= most:
-            raise BadRequest(f"images: give 1 to {most} (base64 PNG or JPEG; each takes {cfg.vision.num_patches} "
-                             f"tokens of the KV cache), got {len(encoded)}")
+        return cache.num_blocks * cache.block_size // self.model.cfg.vision.num_patches
+
+    def _pixels(self, encoded: list, where: str, least: int = 1) -> torch.Tensor:
+        """Base64 PNG / JPEG / WebP / GIF images -> the model's input [k, 3, S, S], each decoded, checked and
+        reduced at once (BadRequest naming where[i] for one that is not an image this server reads)."""
+        from PIL import Image
+
+        cfg = self.model.cfg
+        most = self._most_images()
+        if not least <= len(encoded) <= most:
+            raise BadRequest(f"{where}: give {least} to {most} (base64 PNG or JPEG; each takes "
+                             f"{cfg.vision.num_patches} tokens of the KV cache), got {len(encoded)}")
         pixels = []
-        for i, data in enumerate(encoded):  # each decoded, checked and reduced to the model's input at once
+        for i, data in enumerate(encoded):
             try:
                 raw = base64.b64decode(data, validate=True)
             except (ValueError, TypeError):
-                raise BadRequest(f"images[{i}]: not base64 (a base64 PNG or JPEG is needed)") from None
+                raise BadRequest(f"{where}[{i}]: not base64 (a base64 PNG or JPEG is needed)") from None
             try:
                 with Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS) as im:  # (reads the header only)
                     if im.width * im.height > MAX_IMAGE_PIXELS:
-                        raise BadRequest(f"images[{i}]: {im.width}x{im.height} is more than {MAX_IMAGE_PIXELS} "
+                        raise BadRequest(f"{where}[{i}]: {im.width}x{im.height} is more than {MAX_IMAGE_PIXELS} "
                                          f"pixels; send it smaller (the model sees {cfg.vision.image_size} px)")
                     pixels.append(preprocess_image(im.convert("RGB"), cfg.vision.image_size))
             except BadRequest:
                 raise
             except Exception:  # noqa: BLE001 - not an image PIL reads (or a truncated one)
-                raise BadRequest(f"images[{i}]: not a PNG, JPEG, WebP or GIF image that can be read") from None
-        pixels = torch.stack(pixels)
-        ids = _encode(encode_understanding_prompt, self.tok, question, len(pixels), cfg.vision.num_patches)
+                raise BadRequest(f"{where}[{i}]: not a PNG, JPEG, WebP or GIF image that can be read") from None
+        return torch.stack(pixels).to(self.model.device, self.model.dtype)
+
+    def _answer(self, ids, pixels, max_new: int, params, client_gone, events, endpoint: str) -> dict:
+        """A text request through the engine -> {answer, tokens, prompt_tokens, finish_reason, times}; events(obj)
+        where the client asked for a stream: {"text", "tokens"} each step that adds some."""
         progress = None
         if events is not None:
             text, sent = self.tok.stream(), [0]
@@ -240,11 +273,12 @@ class JanusServer(ThreadingHTTPServer):
                 events({"text": chunk, "tokens": len(text.ids)})
 
             progress = (snap, show)
-        pixels = pixels.to(self.model.device, self.model.dtype)
         req = self._wait(lambda on_tokens: self.bg.submit_text(ids, pixels, max_new, params, on_tokens=on_tokens),
                          client_gone, progress, events and events.idle)
-        return dict(answer=self.tok.decode(req.tokens[0]), tokens=len(req.tokens[0]),
-                    **self._times("/v1/understand", req))
+        tokens = req.tokens[0]
+        stopped = bool(tokens) and tokens[-1] == self.model.cfg.tokens.eos_id
+        return dict(answer=self.tok.decode(tokens), tokens=len(tokens), prompt_tokens=len(ids),
+                    finish_reason="stop" if stopped else "length", **self._times(endpoint, req))
 
     def _decode(self, req, idle=None) -> list:
         """A finished image request -> its PIL images (the VQ decoder); idle() every quarter of a second meanwhile
@@ -377,10 +411,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(404, {"error": "no /metrics: prometheus_client is not installed (pip install -e .)"})
             return self._send(200, *metrics.render())
         if path in POST_PATHS:
-            return self._send(405, {"error": f"{self.command} {path} is not served: POST it"},
-                              headers={"Allow": "POST"})
+            return self._fail(405, f"{self.command} {path} is not served: POST it", headers={"Allow": "POST"})
+        if path == openai_api.MODELS_PATH:
+            return self._send(200, openai_api.models(self.server.label))
         if path != "/health":
-            return self._send(404, {"error": f"no such path {self.path!r} (GET /health, /metrics)"})
+            return self._send(404, {"error": f"no such path {self.path!r} (GET {', '.join(GET_PATHS)})"})
         error = self.server.bg.error
         if error is not None:  # the engine thread stopped: a supervisor should restart the server
             return self._send(503, {"status": "error", "error": f"{type(error).__name__}: {error}"})
@@ -393,13 +428,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         events = None  # a stream's writer, once the body asks for one
         path = self.path.split("?")[0]  # (a query is ignored)
-        route = dict(zip(POST_PATHS, (self.server.images, self.server.understand))).get(path)
+        srv = self.server
+        route, stream = {"/v1/images": (srv.images, _Events), "/v1/understand": (srv.understand, _Events),
+                         openai_api.IMAGES_PATH: (srv.openai_images, _Events),
+                         openai_api.CHAT_PATH: (srv.chat, _ChatEvents)}.get(path, (None, None))
         if route is None:
             self._unread()
             if path in GET_PATHS:
-                return self._send(405, {"error": f"POST {path} is not served: GET it"},
-                                  headers={"Allow": "GET, HEAD"})
-            return self._send(404, {"error": f"no such path {self.path!r} (POST /v1/images, /v1/understand)"})
+                return self._fail(405, f"POST {path} is not served: GET it", headers={"Allow": "GET, HEAD"})
+            return self._send(404, {"error": f"no such path {self.path!r} (POST {', '.join(POST_PATHS)})"})
         unread = True  # (a 429 before the body is read closes the connection)
         try:
             if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -418,7 +455,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise BadRequest(f"body is not JSON this server reads: {str(e)[:200]}") from None
             if not isinstance(body, dict):
                 raise BadRequest("body must be a JSON object")
-            events = _Events(self) if _get(body, "stream", bool, False) else None
+            events = stream(self, body) if _get(body, "stream", bool, False) else None
             with self.server.request_slot():
                 out = route(body, lambda: _peer_closed(self.connection), events)
             if events is None:
@@ -451,6 +488,8 @@ class _Handler(BaseHTTPRequestHandler):
                 events({"error": message, "code": code}, event="error")
             except (ConnectionError, TimeoutError):
                 pass
+        elif self.path.split("?")[0] in OPENAI_PATHS:
+            self._send(code, openai_api.error_body(code, message), headers=headers)
         else:
             self._send(code, {"error": message}, headers=headers)
 
@@ -462,7 +501,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.server.check_room()
             except TooBusy as e:
                 self._unread()  # (a client may send its body all the same)
-                self._send(429, {"error": str(e)}, headers={"Retry-After": "1"})
+                self._fail(429, str(e), headers={"Retry-After": "1"})
                 return False
         return super().handle_expect_100()
 
@@ -496,8 +535,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _not_allowed(self):
         """PUT, DELETE, PATCH, OPTIONS: 405 in JSON (the standard server answers 501 in HTML)."""
         self._unread()
-        self._send(405, {"error": f"{self.command} is not served (GET /health, /metrics, POST /v1/images, "
-                                 "/v1/understand)"}, headers={"Allow": "GET, HEAD, POST"})
+        self._fail(405, f"{self.command} is not served (GET {', '.join(GET_PATHS)}; POST {', '.join(POST_PATHS)})",
+                   headers={"Allow": "GET, HEAD, POST"})
 
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
@@ -540,7 +579,7 @@ class _Events:
 
     KEEPALIVE_S = 15.0
 
-    def __init__(self, handler: _Handler):
+    def __init__(self, handler: _Handler, body: dict | None = None):
         self.handler, self.started = handler, False
         self._last = time.monotonic()
 
@@ -564,6 +603,40 @@ class _Events:
         h.wfile.write(data)
         h.wfile.flush()
         self._last = time.monotonic()
+
+
+class _ChatEvents(_Events):
+    """/v1/chat/completions' stream in OpenAI's form: chat.completion.chunk events (the role, then each step's text),
+    the last with the finish_reason, then (stream_options.include_usage) one with the usage, then `data: [DONE]`; a
+    failure once begun is `data: {"error": {...}}`. Takes /v1/understand's events: {"text"} each step, the answer
+    with "done", {"error", "code"} as event "error"."""
+
+    def __init__(self, handler: _Handler, body: dict | None = None):
+        super().__init__(handler)
+        self.id, self.created, self.model = openai_api.chat_id(), int(time.time()), handler.server.label
+        options = (body or {}).get("stream_options")
+        self.include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        self._role_sent = False
+
+    def __call__(self, obj: dict, event: str | None = None) -> None:
+        if event == "error":
+            return self._data(openai_api.error_body(obj["code"], obj["error"]))
+        if obj.get("done"):
+            self._delta({}, obj["choices"][0]["finish_reason"])
+            if self.include_usage:
+                self._data(dict(openai_api.chat_chunk(self.id, self.created, self.model, {}), choices=[],
+                                usage=obj["usage"]))
+            return self._write(b"data: [DONE]\n\n")
+        if obj["text"] or not self._role_sent:
+            self._delta({"content": obj["text"]})
+
+    def _delta(self, delta: dict, finish_reason: str | None = None) -> None:
+        if not self._role_sent:
+            delta, self._role_sent = {"role": "assistant", **delta}, True
+        self._data(openai_api.chat_chunk(self.id, self.created, self.model, delta, finish_reason))
+
+    def _data(self, obj: dict) -> None:
+        self._write(f"data: {json.dumps(obj)}\n\n".encode())
 
 
 def _peer_closed(sock) -> bool:
@@ -601,6 +674,19 @@ def _finite(body: dict, key: str, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise BadRequest(f"{key!r} must be a finite number, got {value!r}")
     return float(value)
+
+
+def _text_sampling(body: dict) -> tuple[int, SamplingParams]:
+    """/v1/understand's "max_new_tokens", "temperature" (0, greedy), "top_p", "seed" -> (max_new_tokens, params)."""
+    max_new = _get(body, "max_new_tokens", int, 128)
+    if max_new < 1:
+        raise BadRequest(f"max_new_tokens must be >= 1, got {max_new}")
+    temperature = _temperature(body, 0.0)
+    top_p = _finite(body, "top_p", 1.0)
+    if temperature == 0 and top_p != 1.0:  # (as `janus-rt understand` refuses --top-p without a temperature)
+        raise BadRequest("top_p samples, so it needs temperature > 0 (0, the default, is greedy)")
+    return max_new, _sampling(temperature=max(temperature, 1e-6), greedy=temperature == 0, top_p=top_p,
+                              seed=_get(body, "seed", int, 0))
 
 
 def _temperature(body: dict, default: float) -> float:

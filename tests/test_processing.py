@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from janus_rt.config import TokenConfig
-from janus_rt.processing import (SYSTEM_PROMPT, encode_generation_prompt, encode_understanding_prompt,
-                                 generation_prompt, preprocess_image, to_uint8, unconditional_ids)
+from janus_rt.processing import (SYSTEM_PROMPT, encode_conversation, encode_generation_prompt,
+                                 encode_understanding_prompt, generation_prompt, preprocess_image, to_uint8,
+                                 unconditional_ids)
 from janus_rt.tokenizer import JanusTokenizer
 
 TOK = TokenConfig(bos_id=1000, eos_id=1001, pad_id=1002, boi_id=1003, eoi_id=1004, image_id=1005)
@@ -26,6 +27,30 @@ def test_generation_prompt_ids():
     assert t.decode(ids[1:-1]) == "<|User|>: a cat\n\n<|Assistant|>:"
     u = unconditional_ids(ids, TOK.pad_id).tolist()
     assert u[0] == TOK.bos_id and u[-1] == TOK.boi_id and set(u[1:-1]) == {TOK.pad_id} and len(u) == len(ids)
+
+
+def test_a_conversation_is_the_official_template():
+    """One user turn with its images first is encode_understanding_prompt's ids; more turns follow the DeepSeek
+    template (each answer, after a space, closed by EOS, the next user turn straight after), images expanded in the
+    turn that holds them; a system prompt replaces the default one (none: no system part); turns that do not
+    alternate user, assistant, ..., user are refused."""
+    t = tok()
+    one = encode_conversation(t, [("user", "<image_placeholder>\n" * 2 + "What is it?")], num_image_tokens=5)
+    assert one == encode_understanding_prompt(t, "What is it?", num_images=2, num_image_tokens=5)
+    turns = [("user", "<image_placeholder>\nWhat is it?"), ("assistant", "A cat."), ("user", "And its colour?")]
+    ids = encode_conversation(t, turns, num_image_tokens=3, system="Be brief.")
+    e = ids.index(TOK.eos_id)
+    assert ids[0] == TOK.bos_id and ids.count(TOK.eos_id) == 1 and ids.count(TOK.image_id) == 3
+    i = ids.index(TOK.boi_id)
+    assert ids[i : i + 5] == [TOK.boi_id] + [TOK.image_id] * 3 + [TOK.eoi_id]
+    assert t.decode(ids[1:i]) == "Be brief.\n\n<|User|>: "
+    assert t.decode(ids[i + 5 : e]) == "\nWhat is it?\n\n<|Assistant|>: A cat."
+    assert t.decode(ids[e + 1 :]) == "<|User|>: And its colour?\n\n<|Assistant|>:"
+    assert t.decode(encode_conversation(t, [("user", "hi")], system="")[1:]) == "<|User|>: hi\n\n<|Assistant|>:"
+    for bad in ([], [("assistant", "a")], [("user", "a"), ("assistant", "b")], [("user", "a"), ("user", "b")],
+                [("system", "a"), ("user", "b")]):
+        with pytest.raises(ValueError, match="alternate"):
+            encode_conversation(t, bad)
 
 
 def test_understanding_prompt_expands_placeholders():
