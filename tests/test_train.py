@@ -599,3 +599,75 @@ def test_run_model_is_recorded_absolute(tmp_path, monkeypatch):
     assert loop._same_model(str(tmp_path / "ck"), "ck") and loop._same_model("ck", str(tmp_path / "ck"))
     assert loop._same_model(str(tmp_path / "moved"), "ck")  # (nothing to compare against)
     assert not loop._same_model("tiny", "ck") and not loop._same_model(str(tmp_path / "ck"), "tiny")
+
+
+def _model_folder(path, seed):
+    """A tiny Janus written as a --model folder (weights of preset seed `seed`, byte-level tokenizer)."""
+    from janus_rt.loading import save_janus
+
+    model = Janus.from_preset("tiny", seed=seed)
+    out = save_janus(model, path)
+    JanusTokenizer.byte_level(model.cfg.llm.vocab_size, model.cfg.tokens).save(out / "tokenizer.json")
+    return model
+
+
+def _train_once(out, folder, manifest):
+    train(TrainConfig(out=str(out), model=str(folder), data=str(manifest), steps=1, batch_size=1, seq_len=256,
+                      threads=1, progress=False))
+
+
+def test_token_cache_follows_the_vq_weights(tmp_path):
+    """The VQ token cache is keyed by the encoder's weights, not only by --model's path: a model folder rewritten in
+    place (another vq_pretrain run into the same --out) gets its own codes, not the old encoder's."""
+    from janus_rt.train.data import load_gen_image
+    from janus_rt.train.loop import _dataset
+
+    manifest = make_synthetic(tmp_path / "data", n=3, image_size=32, seed=0)
+    folder = tmp_path / "vq_model"
+    for i, seed in enumerate((0, 1)):
+        model = _model_folder(folder, seed)
+        _train_once(tmp_path / f"run{i}", folder, manifest)  # builds (or reuses) the cache next to the manifest
+        tok = JanusTokenizer.byte_level(model.cfg.llm.vocab_size, model.cfg.tokens)
+        cached = _dataset(TrainConfig(out="", model=str(folder.resolve()), data=str(manifest)), manifest, model, tok,
+                          "cpu")  # what a run on this folder trains on
+        pixels = torch.stack([load_gen_image(r.images[0], model.cfg.vq.image_size)
+                              for r in cached.records if r.kind == "t2i"])
+        assert torch.equal(cached.image_tokens.long(), model.encode_images(pixels).long()), f"VQ seed {seed}: stale"
+
+
+def test_token_cache_build_says_so(tmp_path, capsys):
+    """Encoding every generation image with the VQ (hours for a large set on the 7B's) is the one long step before
+    the first training step: it says what it does on stderr, with progress; a run that reads the cache says nothing."""
+    manifest = make_synthetic(tmp_path / "data", n=3, image_size=32, seed=0)
+    _model_folder(tmp_path / "m", 0)
+    _train_once(tmp_path / "run0", tmp_path / "m", manifest)
+    err = capsys.readouterr().err
+    assert "encoding 3 generation images with the VQ" in err and "3 images encoded in" in err
+    _train_once(tmp_path / "run1", tmp_path / "m", manifest)
+    assert "encod" not in capsys.readouterr().err
+
+
+def test_image_tag_in_a_caption_or_text_is_a_skipped_record(tiny, tmp_path):
+    """The tokenizer reads a literal <image_placeholder> as the placeholder id; in a text record or a t2i caption it
+    would be one more place the forward splices SigLIP features into (it raised mid-run once such a document shared a
+    micro-batch with an understanding one). Such records are skipped and reported, like any bad record."""
+    import warnings
+
+    model, tok = tiny
+    Image.new("RGB", (32, 32), (220, 30, 30)).save(tmp_path / "img.png")
+    records = [{"kind": "und", "image": "img.png", "conversation": [
+                   {"role": "user", "content": "<image_placeholder>\nColour?"},
+                   {"role": "assistant", "content": "Red."}]},
+               {"kind": "text", "text": "Janus marks an image with <image_placeholder> in its prompts."},
+               {"kind": "t2i", "caption": "a red <image_placeholder>", "image": "img.png"},
+               {"kind": "text", "text": "A red square."}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = dataset(tmp_path / "m.jsonl", model, tok, system_prompt="", cfg_drop=0.0)
+    samples = [((i, i), ds.sample(i, i)) for i in range(len(ds))]  # every record, packed in one row
+    mb = prepare(collate([samples], sum(len(s) for _, s in samples), tok.pad_id), tok.image_id, tok.pad_id)
+    with torch.no_grad():
+        assert torch.isfinite(PackedLM(model)(mb)).all()
+    assert sorted(line for _, line, _ in ds.skipped) == [2, 3]
+    assert all("<image_placeholder> in the" in reason for _, _, reason in ds.skipped)

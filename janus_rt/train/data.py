@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,14 @@ def _text(obj: dict, field: str) -> str:
     return value
 
 
+def _no_tag(value: str, field: str) -> str:
+    """A caption or text without IMAGE_TAG: the tokenizer reads it as the image placeholder id, which only an
+    understanding image's block may hold (the training forward splices SigLIP features at every one of them)."""
+    if IMAGE_TAG in value:
+        raise _Bad(f"{IMAGE_TAG} in the {field} (only understanding records' user turns hold images)")
+    return value
+
+
 def _turns(conv) -> tuple[tuple[str, str], ...]:
     if not isinstance(conv, list) or not conv:
         raise _Bad("conversation must be a non-empty list")
@@ -133,7 +142,7 @@ def parse_record(obj, line: int, base: Path) -> Record:
         raise _Bad("record is not a JSON object")
     kind = obj.get("kind")
     if kind == "t2i":
-        caption = _text(obj, "caption")
+        caption = _no_tag(_text(obj, "caption"), "caption")
         return Record("t2i", line, images=(_image(obj.get("image"), base),), caption=caption)
     if kind == "und":
         turns = _turns(obj.get("conversation"))
@@ -144,7 +153,7 @@ def parse_record(obj, line: int, base: Path) -> Record:
             raise _Bad(f"{n_tags} {IMAGE_TAG} tag(s) for {len(images)} image(s)")
         return Record("und", line, images=images, turns=turns)
     if kind == "text":
-        return Record("text", line, text=_text(obj, "text"))
+        return Record("text", line, text=_no_tag(_text(obj, "text"), "text"))
     raise _Bad(f"unknown kind {kind!r} (expected one of {KINDS})")
 
 
@@ -200,7 +209,7 @@ def _cache_key(manifest: Path, items, image_size: int, num_image_tokens: int, ca
 def load_or_encode(manifest: Path, items: list[tuple[int, Path]], encode_fn: Callable | None,
                    load_fn: Callable[[Path], torch.Tensor], *, image_size: int, num_image_tokens: int,
                    cache_dir: str | Path | None = None, cache_tag: str = "", batch_size: int = 16,
-                   shard_size: int = 4096):
+                   shard_size: int = 4096, log: Callable[[str], None] | None = None, log_every: float = 30.0):
     """Image tokens for the generation records `items` = [(manifest line, image path)], from the cache when
     it matches, else by running encode_fn once over all images and writing the cache.
 
@@ -209,6 +218,8 @@ def load_or_encode(manifest: Path, items: list[tuple[int, Path]], encode_fn: Cal
     key hashes the manifest bytes, image_size, num_image_tokens, cache_tag and each image's size and mtime,
     so any change rebuilds it; older `{stem}.tok-*` files are removed then. Build it on one process before
     starting several that share the folder.
+    log: called with a line when encoding starts, every `log_every` seconds while it runs (images done, rate),
+    and when it ends (the encoder runs over every generation image once: hours for a large set on a large VQ).
     Returns (tokens int32 [n, N], {line: row}, failed [(line, reason)] for images that did not decode).
     """
     none = torch.zeros(0, num_image_tokens, dtype=torch.int32)
@@ -228,6 +239,10 @@ def load_or_encode(manifest: Path, items: list[tuple[int, Path]], encode_fn: Cal
         raise ValueError(f"no image-token cache for {manifest} in {cache} and no encode_fn to build it")
 
     chunks, lines, failed, batch, batch_lines = [], [], [], [], []
+    t0 = last = time.monotonic()
+    if log is not None:
+        log(f"{manifest}: encoding {len(items)} generation images with the VQ into the token cache {cache} "
+            f"(once; later runs read it)")
 
     def run():
         with torch.no_grad():
@@ -250,6 +265,10 @@ def load_or_encode(manifest: Path, items: list[tuple[int, Path]], encode_fn: Cal
         batch_lines.append(line)
         if len(batch) == batch_size:
             run()
+            if log is not None and time.monotonic() - last >= log_every:
+                last = time.monotonic()
+                done = len(lines) + len(failed)
+                log(f"  {done}/{len(items)} images encoded ({done / (last - t0):.1f} images/s)")
     if batch:
         run()
     tokens = torch.cat([none] + chunks)
@@ -268,6 +287,9 @@ def load_or_encode(manifest: Path, items: list[tuple[int, Path]], encode_fn: Cal
     tmp.write_text(json.dumps({"manifest": str(manifest), "num_images": len(tokens), "shards": names,
                                "failed": failed}))
     os.replace(tmp, index)  # the index appears only once every shard is written
+    if log is not None:
+        log(f"{manifest}: {len(tokens)} images encoded in {time.monotonic() - t0:.1f} s"
+            + (f" ({len(failed)} did not decode)" if failed else ""))
     return tokens, {line: row for row, line in enumerate(lines)}, failed
 
 
@@ -279,6 +301,7 @@ class ManifestDataset:
     encode_fn: pixels float [B, 3, S, S] in [-1, 1] -> int [B, num_image_tokens] (only called when the token
          cache is missing or stale). preprocess_fn: PIL.Image -> float [3, S', S'] (understanding tower).
     image_size: side S the generation images are centre-cropped and resized to before encode_fn.
+    log: progress lines of a token-cache build (see `load_or_encode`).
     cache_dir: where the token shards live (default: <manifest folder>/.janus_cache). cache_tag: any string
          naming the VQ encoder, part of the cache key.
     cfg_drop: probability that a t2i sample becomes the unconditional form (every prompt token but BOS and
@@ -289,7 +312,7 @@ class ManifestDataset:
                  encode_fn: Callable | None = None, preprocess_fn: Callable | None = None, *,
                  image_size: int = 384, cache_dir: str | Path | None = None, cache_tag: str = "",
                  cfg_drop: float = 0.1, seed: int = 0, system_prompt: str = SYSTEM_PROMPT,
-                 encode_batch_size: int = 16, shard_size: int = 4096):
+                 encode_batch_size: int = 16, shard_size: int = 4096, log: Callable[[str], None] | None = None):
         missing = [a for a in _TOKEN_ATTRS if not isinstance(getattr(tok, a, None), int)]
         if missing or not callable(getattr(tok, "encode", None)):
             raise ValueError(f"tokenizer needs encode() and integer ids {_TOKEN_ATTRS}; missing {missing}")
@@ -308,7 +331,7 @@ class ManifestDataset:
             self.manifest, [(r.line, r.images[0]) for r in gen], encode_fn,
             lambda p: load_gen_image(p, image_size), image_size=image_size,
             num_image_tokens=num_image_tokens, cache_dir=cache_dir, cache_tag=cache_tag,
-            batch_size=encode_batch_size, shard_size=shard_size)
+            batch_size=encode_batch_size, shard_size=shard_size, log=log)
         self._token_row = rows  # manifest line -> row of image_tokens [n_t2i, N] int32
         for line, reason in failed:
             report(self.skipped, self.manifest, line, reason)

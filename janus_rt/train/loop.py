@@ -494,6 +494,17 @@ def _manifest(cfg: TrainConfig, model, rank: int, barrier) -> Path:
     return folder / MANIFEST_NAME
 
 
+def vq_fingerprint(model) -> str:
+    """sha256 of the VQ's weights, part of the token cache's key: the cache names its encoder by content, not only
+    by --model (a model folder rewritten in place, e.g. by another vq_pretrain run, must not reuse the old codes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.vq.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
 def _dataset(cfg: TrainConfig, manifest: Path, model, tok, device) -> ManifestDataset:
     from janus_rt.processing import preprocess_image
 
@@ -505,5 +516,6 @@ def _dataset(cfg: TrainConfig, manifest: Path, model, tok, device) -> ManifestDa
 
     return ManifestDataset(manifest, tok, model.cfg.num_image_tokens, encode,
                            lambda im: preprocess_image(im, vision_size), image_size=model.cfg.vq.image_size,
-                           cache_dir=cfg.cache_dir, cache_tag=f"{cfg.model}|seed={cfg.seed}",
-                           cfg_drop=cfg.cfg_drop, seed=cfg.seed)
+                           cache_dir=cfg.cache_dir, cache_tag=f"{cfg.model}|seed={cfg.seed}|vq={vq_fingerprint(model)}",
+                           cfg_drop=cfg.cfg_drop, seed=cfg.seed,
+                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
