@@ -408,7 +408,8 @@ def make_server(args):
     eng = Engine(model, **size, kv_cache_dtype=_kv_dtype(args), cuda_graphs=args.cuda_graphs)
     try:
         return JanusServer((args.host, args.port), model, tok, eng, label=_model_label(args.model),
-                           default_cfg=_default_cfg(args.model), max_requests=args.max_requests), what
+                           default_cfg=_default_cfg(args.model), max_requests=args.max_requests,
+                           api_key=args.api_key), what
     except OSError as e:  # the port is taken, the address not ours
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
 
@@ -582,6 +583,9 @@ def parser() -> argparse.ArgumentParser:
                    help="requests open at once (received, not yet answered: waiting for the KV cache, running, "
                         "their images being decoded), beyond which a new one gets 429 at once (0: no limit)")
     s.add_argument("--cuda-graphs", action="store_true", help="capture the decode step (CUDA only)")
+    s.add_argument("--api-key", default=os.environ.get("JANUS_RT_API_KEY") or None,
+                   help="requests to /v1/... need the header `Authorization: Bearer KEY` (401 without it; "
+                        "/health and /metrics stay open); default: $JANUS_RT_API_KEY, else none needed")
     s.set_defaults(fn=cmd_serve)
 
     c = sub.add_parser("convert", help="any supported layout -> janus_rt's safetensors layout",

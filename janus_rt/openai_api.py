@@ -32,7 +32,7 @@ _CHAT_UNSUPPORTED = {"n": (1,), "tools": ([],), "tool_choice": ("none",), "funct
                      "function_call": ("none",), "logprobs": (False,), "top_logprobs": (0,), "logit_bias": ({},), "stop": ([], ""),
                      "frequency_penalty": (0,), "presence_penalty": (0,), "audio": (), "modalities": (["text"],),
                      "prediction": ()}
-_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
                 411: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
 
 

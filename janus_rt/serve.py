@@ -24,11 +24,12 @@ last): `data: {"tokens": k, "of": 576}` after each engine step of an image reque
 closing the connection; the first one begins the events (the 200 is sent), so a refusal by the engine after it (too
 big for the KV cache, a shutdown's 503) is such an error event too.
 
-A bad request (JSON, a value, too big for the KV cache) gets 400 and {"error": ...}, one beyond --max-requests open
-ones 429 (at once, its body not taken in, nothing queued, in place of a 100 Continue asked for; Retry-After: 1),
-HEAD the headers GET would get, another method 405 (PUT, DELETE, PATCH, OPTIONS, GET or HEAD of a POST path, POST of
-a GET one; a query string is ignored); a failure inside the engine 500 (the requests of the step that failed; the
-server goes on, the traceback in its log). A client that disconnects while it waits has its request aborted within a
+Under --api-key a /v1/ request without `Authorization: Bearer <key>` gets 401 (before its body is read; /health and
+/metrics need no key). A bad request (JSON, a value, too big for the KV cache) gets 400 and {"error": ...}, one
+beyond --max-requests open ones 429 (at once, its body not taken in, nothing queued, in place of a 100 Continue asked
+for; Retry-After: 1), HEAD the headers GET would get, another method 405 (PUT, DELETE, PATCH, OPTIONS, GET or HEAD of
+a POST path, POST of a GET one; a query string is ignored); a failure inside the engine 500 (the requests of the
+step that failed; the server goes on, the traceback in its log). A client that disconnects while it waits has its request aborted within a
 quarter of a second (a client that half-closes its side after sending counts as gone). Ctrl-C or SIGTERM: open
 requests are aborted (their clients get 503), the connections' threads finish (an answer still being written has
 5 s), the process exits (further signals meanwhile are ignored).
@@ -38,6 +39,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextlib
+import hmac
 import io
 import json
 import math
@@ -111,13 +113,14 @@ class JanusServer(ThreadingHTTPServer):
     request_queue_size = socket.SOMAXCONN  # (the standard 5 dropped connections under a burst of clients)
 
     def __init__(self, address, model, tok, engine: Engine, label: str = "", default_cfg: float = 5.0,
-                 max_requests: int = 0):
+                 max_requests: int = 0, api_key: str | None = None):
         self.address_family = listen_family(address[0])  # (read by the socket's creation in super().__init__)
         super().__init__(address, _Handler)
         self.model, self.tok, self.label, self.default_cfg = model, tok, label, default_cfg
         self.bg = BackgroundEngine(engine)
         self._conns, self._conns_lock = set(), threading.Lock()  # open connections, for stop()
         self.max_requests = max_requests  # open requests at most (0: no limit); more get 429
+        self.api_key = api_key  # what /v1/... requests must bring as `Authorization: Bearer <key>` (None: nothing)
         self.open_requests = 0  # bodies read, not yet answered (under _conns_lock; an upload holds no slot)
         self.metrics = (ServerMetrics(self.bg.state, lambda: self.open_requests, GET_PATHS + POST_PATHS)
                         if ServerMetrics is not None else None)
@@ -405,6 +408,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers:
             self._unread()  # a body this server does not read: never parsed as the next request
         path = self.path.split("?")[0]
+        if not self._authorized(path):
+            return
         if path == "/metrics":
             metrics = self.server.metrics
             if metrics is None:
@@ -428,6 +433,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         events = None  # a stream's writer, once the body asks for one
         path = self.path.split("?")[0]  # (a query is ignored)
+        if not self._authorized(path):
+            return self._unread()
         srv = self.server
         route, stream = {"/v1/images": (srv.images, _Events), "/v1/understand": (srv.understand, _Events),
                          openai_api.IMAGES_PATH: (srv.openai_images, _Events),
@@ -497,6 +504,9 @@ class _Handler(BaseHTTPRequestHandler):
         """A client that asks before sending its body (Expect: 100-continue; curl does for large bodies) gets a busy
         server's 429 instead of 100 Continue, and sends nothing."""
         if self.command == "POST" and self.path.split("?")[0] in POST_PATHS:
+            if not self._authorized(self.path.split("?")[0]):
+                self._unread()
+                return False
             try:
                 self.server.check_room()
             except TooBusy as e:
@@ -504,6 +514,20 @@ class _Handler(BaseHTTPRequestHandler):
                 self._fail(429, str(e), headers={"Retry-After": "1"})
                 return False
         return super().handle_expect_100()
+
+    def _authorized(self, path: str) -> bool:
+        """Whether this request may go on: under --api-key a /v1/ path needs `Authorization: Bearer <key>`; else
+        401 is answered here (with WWW-Authenticate) and False returned."""
+        key = self.server.api_key
+        if not key or not path.startswith("/v1/"):
+            return True
+        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode()):
+            return True
+        self.close_connection = True
+        self._fail(401, "a valid API key is needed: send the header `Authorization: Bearer <key>` (serve's "
+                        "--api-key)", headers={"WWW-Authenticate": "Bearer"})
+        return False
 
     def _unread(self) -> None:
         """This request's body (if it has one) is not read: the connection closes after the answer, lingering."""

@@ -3,6 +3,7 @@ endpoints, in OpenAI's request and answer forms."""
 import base64
 import io
 import json
+import socket
 import urllib.error
 import urllib.request
 
@@ -165,3 +166,39 @@ def test_errors_on_openai_paths_are_openais_form(srv):
     assert status == 400 and "not JSON" in out["error"]["message"] and out["error"]["code"] == 400
     status, out = call(srv, "/v1/understand", raw=b"{not json")
     assert status == 400 and isinstance(out["error"], str)
+
+
+def test_an_api_key_guards_the_v1_paths(monkeypatch):
+    """--api-key (default $JANUS_RT_API_KEY): a /v1/ request without `Authorization: Bearer <key>`, or with another
+    key, gets 401 (OpenAI's AuthenticationError in its SDK; serve's own paths' error form on theirs), before its body
+    is read (an Expect: 100-continue is answered 401); with the key it is served; /health and /metrics stay open."""
+    from janus_rt.cli import parser
+
+    monkeypatch.setenv("JANUS_RT_API_KEY", "from-env")
+    assert parser().parse_args(["serve"]).api_key == "from-env"
+    monkeypatch.delenv("JANUS_RT_API_KEY")
+    assert parser().parse_args(["serve"]).api_key is None
+    with serving("127.0.0.1", api_key="s3cret") as s:
+        port = s.server_address[1]
+        for key in ("wrong", "s3cret2"):
+            c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+            with pytest.raises(openai.AuthenticationError) as e:
+                c.models.list()
+            assert "Authorization: Bearer" in e.value.message
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="s3cret", max_retries=0)
+        assert [m.id for m in c.models.list()] == [s.label]
+        status, out = call(s, "/v1/images", {"prompt": "a", "seed": 1})
+        assert status == 401 and isinstance(out["error"], str)
+        for path in ("/health", "/metrics"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
+                assert r.status == 200
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/images", data=json.dumps({"prompt": "a"}).encode(),
+                                     headers={"Authorization": "Bearer s3cret"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 200 and len(json.loads(r.read())["images"]) == 1
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(1 << 16):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 401") and b"WWW-Authenticate: Bearer" in answer, answer[:200]
