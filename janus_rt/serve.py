@@ -29,10 +29,10 @@ Under --api-key a /v1/ request without `Authorization: Bearer <key>` gets 401 (b
 beyond --max-requests open ones 429 (at once, its body not taken in, nothing queued, in place of a 100 Continue asked
 for; Retry-After: 1), HEAD the headers GET would get, another method 405 (PUT, DELETE, PATCH, OPTIONS, GET or HEAD of
 a POST path, POST of a GET one; a query string is ignored); a failure inside the engine 500 (the requests of the
-step that failed; the server goes on, the traceback in its log). A client that disconnects while it waits has its request aborted within a
-quarter of a second (a client that half-closes its side after sending counts as gone). Ctrl-C or SIGTERM: open
-requests are aborted (their clients get 503), the connections' threads finish (an answer still being written has
-5 s), the process exits (further signals meanwhile are ignored).
+step that failed; the server goes on, the traceback in its log). A client that disconnects while it waits has its
+request aborted within a quarter of a second (a client that half-closes its side after sending counts as gone).
+Ctrl-C or SIGTERM: open requests are aborted (their clients get 503), the connections' threads finish (an answer
+still being written has 5 s), the process exits (further signals meanwhile are ignored).
 """
 from __future__ import annotations
 
