@@ -89,6 +89,14 @@ def test_pretrain_rejects_wrong_image_size():
         vq_pretrain.pretrain_vq(_small_vq(), torch.zeros(4, 3, 32, 32), steps=1)
 
 
+def test_cli_names_a_missing_manifest(tmp_path, capsys):
+    """--data that does not exist: a one-line usage error before anything is built, not a traceback."""
+    with pytest.raises(SystemExit) as e:
+        vq_pretrain.main(["--out", str(tmp_path / "o"), "--data", str(tmp_path / "missing.jsonl"), "--steps", "1"])
+    assert e.value.code == 2 and "missing.jsonl: no such manifest or folder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_pretrain_from_a_manifest_folder_trains_only_the_vq(tmp_path):
     from janus_rt.models.janus import Janus
     from janus_rt.train.synthetic import make_synthetic

@@ -252,6 +252,8 @@ def main(argv=None) -> dict:
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a = p.parse_args(argv)
+    if a.data and not Path(a.data).exists():
+        p.error(f"--data {a.data}: no such manifest or folder")
     if a.threads:
         torch.set_num_threads(a.threads)
 
