@@ -2,9 +2,10 @@
 chat front ends) use the server unchanged. Translation only: the work is serve's own endpoints'.
 
     GET  /v1/models              -> {"object": "list", "data": [{"id": <the served model>, "object": "model", ...}]}
-    POST /v1/chat/completions    understanding: {"messages": [...], "max_completion_tokens" (or "max_tokens"): 128,
-                                 "temperature": 0 (greedy, Janus' own default; OpenAI's is 1), "top_p": 1,
-                                 "seed": 0, "stream": false, "stream_options": {"include_usage": false}}
+    POST /v1/chat/completions    understanding: {"messages": [...], "max_completion_tokens" (or "max_tokens"): the
+                                 room left in the context and the KV cache, "temperature": 0 (greedy, Janus' own
+                                 default; OpenAI's is 1), "top_p": 1, "seed": 0, "stream": false,
+                                 "stream_options": {"include_usage": false}}
                                  -> a chat.completion, or chat.completion.chunk events then `data: [DONE]`
     POST /v1/images/generations  generation: {"prompt", "n": 1, "size": the model's ("384x384") or "auto",
                                  "response_format": "b64_json"} and /v1/images' own "seed", "cfg", "temperature",
@@ -13,9 +14,11 @@ chat front ends) use the server unchanged. Translation only: the work is serve's
 Messages: "system" (or "developer") ones first, in place of Janus' system prompt; then "user" and "assistant" turns,
 a user's last (consecutive messages of one role are joined by a newline). A user's content is a string or a list of
 parts, {"type": "text", "text": ...} and {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
-each image where it stands (data URLs only: the server fetches nothing). "model", "user", "quality", "style" and
-other fields that change nothing here are ignored; what this model cannot do as asked (n > 1 choices, tools,
-logprobs, stop sequences, penalties, a size other than its own, image URLs, other output formats) is a 400 naming it.
+each image where it stands (data URLs only: the server fetches nothing); an assistant's a string, text or refusal
+parts, or null. As the official processor, each message is stripped of surrounding whitespace. "model", "user",
+"quality", "style" and other fields that change nothing here are ignored; what this model cannot do as asked (n > 1
+choices, tools, logprobs, stop sequences, penalties, a size other than its own, image URLs, other output formats) is
+a 400 naming it.
 Errors on these paths are OpenAI's {"error": {"message", "type", "param", "code"}}.
 """
 from __future__ import annotations
@@ -29,11 +32,12 @@ IMAGE_TAG = "<image_placeholder>"
 
 # chat fields this server cannot honour -> the values that ask for nothing (anything else is refused)
 _CHAT_UNSUPPORTED = {"n": (1,), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
-                     "function_call": ("none",), "logprobs": (False,), "top_logprobs": (0,), "logit_bias": ({},), "stop": ([], ""),
-                     "frequency_penalty": (0,), "presence_penalty": (0,), "audio": (), "modalities": (["text"],),
-                     "prediction": ()}
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
-                411: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+                     "function_call": ("none",), "logprobs": (False,), "top_logprobs": (0,), "logit_bias": ({},),
+                     "stop": ([], ""), "frequency_penalty": (0,), "presence_penalty": (0,), "audio": (),
+                     "modalities": (["text"],), "prediction": ()}
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                405: "invalid_request_error", 411: "invalid_request_error", 429: "rate_limit_error",
+                503: "service_unavailable"}
 
 
 class RequestError(ValueError):
@@ -41,8 +45,9 @@ class RequestError(ValueError):
 
 
 def error_body(code: int, message: str) -> dict:
+    """OpenAI's error form (its "code" a string or null, as OpenAI's: the HTTP status says the rest)."""
     return {"error": {"message": message, "type": _ERROR_TYPES.get(code, "server_error"), "param": None,
-                      "code": code}}
+                      "code": "invalid_api_key" if code == 401 else None}}
 
 
 def models(label: str) -> dict:
@@ -94,7 +99,10 @@ def chat_request(body: dict) -> tuple[list[tuple[str, str]], str | None, list[st
                 raise RequestError(f"messages[{i}]: a {role} message must come before the conversation's turns")
             system.append(_text(m.get("content"), f"messages[{i}]", images=None))
         elif role in ("user", "assistant"):
-            text = _text(m.get("content"), f"messages[{i}]", images if role == "user" else None)
+            content = m.get("content")
+            if role == "assistant" and content is None:  # (an assistant turn that called tools: no text)
+                content = ""
+            text = _text(content, f"messages[{i}]", images if role == "user" else None)
             if turns and turns[-1][0] == role:
                 turns[-1] = (role, turns[-1][1] + "\n" + text)
             else:
@@ -126,7 +134,9 @@ def _text(content, where: str, images: list | None) -> str:
     out = []
     for j, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
+        if kind == "refusal" and images is None and isinstance(part.get("refusal"), str):  # (an assistant's)
+            out.append(part["refusal"])
+        elif kind == "text" and isinstance(part.get("text"), str):
             if IMAGE_TAG in part["text"]:
                 raise RequestError(f"{where}.content[{j}]: the text holds {IMAGE_TAG} (send images as image_url)")
             out.append(part["text"])

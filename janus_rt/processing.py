@@ -39,13 +39,17 @@ def encode_conversation(tok, turns, num_image_tokens: int = 576, system: str = S
     BOS "{system}\n\n<|User|>: {user}\n\n<|Assistant|>: {answer}" EOS "<|User|>: {user}\n\n<|Assistant|>:".
     turns: [(role, text), ...], "user" and "assistant" alternating, the user's first and last; an image is an
     <image_placeholder> in a user's text (expanded to BOI + N placeholders + EOI). One user turn is
-    encode_understanding_prompt's ids when its text is "<image_placeholder>\n" per image, then the question."""
+    encode_understanding_prompt's ids when its text is "<image_placeholder>\n" per image, then the question.
+    Each turn's text is stripped, and the system prompt's start, as the official processor strips each message and
+    the whole prompt (an earlier answer sent back with its leading space is "<|Assistant|>: text", not two spaces; a
+    turn that ends with its image has no third newline)."""
     roles = [role for role, _ in turns]
     if not roles or roles[::2] != ["user"] * len(roles[::2]) or roles[1::2] != ["assistant"] * len(roles[1::2]) \
             or roles[-1] != "user":
         raise ValueError(f"turns must alternate user, assistant, ..., user; got {roles}")
-    out, text = [tok.bos_id], f"{system}\n\n" if system else ""
+    out, text = [tok.bos_id], f"{system}\n\n".lstrip() if system else ""
     for role, content in turns:
+        content = content.strip()
         if role == "user":
             text += f"<|User|>: {content}\n\n<|Assistant|>:"
         else:  # (the answer ends with EOS: the text so far is encoded, the EOS id put after it)

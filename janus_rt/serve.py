@@ -207,10 +207,14 @@ class JanusServer(ThreadingHTTPServer):
             turns, system, encoded, native = openai_api.chat_request(body)
         except openai_api.RequestError as e:
             raise BadRequest(str(e)) from None
-        max_new, params = _text_sampling(native)
-        pixels = self._pixels(encoded, "image_url", least=0) if encoded else None
         kw = {} if system is None else {"system": system}
         ids = _encode(lambda *a: encode_conversation(*a, **kw), self.tok, turns, self.model.cfg.vision.num_patches)
+        if native["max_new_tokens"] is None:  # (as OpenAI's: the room left, in the context and in the KV cache)
+            cache = self.bg.engine.cache
+            room = min(self.model.cfg.llm.max_position, cache.num_blocks * cache.block_size) - len(ids)
+            native["max_new_tokens"] = max(room, 1)
+        max_new, params = _text_sampling(native)
+        pixels = self._pixels(encoded, "image_url", least=0) if encoded else None
         out = self._answer(ids, pixels, max_new, params, client_gone, events, openai_api.CHAT_PATH)
         cid, created = (events.id, events.created) if events is not None else (openai_api.chat_id(), int(time.time()))
         return openai_api.chat_response(out, self.label, cid, created)
@@ -395,10 +399,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.server._conns.add(self.connection)
 
     def finish(self):
-        with self.server._conns_lock:
-            self.server._conns.discard(self.connection)
-        if self.body_unread:
-            self._linger()
+        try:
+            if self.body_unread:  # (still in _conns: stop() shuts its read side, which ends the linger at once)
+                self._linger()
+        finally:
+            with self.server._conns_lock:
+                self.server._conns.discard(self.connection)
         try:
             super().finish()
         except OSError:  # the client left first
@@ -448,7 +454,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
                 self._unread()
-                return self._send(411, {"error": "send the body with a Content-Length (no chunked encoding)"})
+                return self._fail(411, "send the body with a Content-Length (no chunked encoding)")
             self.server.check_room()  # (before the body is read: a busy server takes no upload)
             length = self.headers.get("Content-Length", "0").strip()
             size = int(length) if length.isdigit() else -1  # (digits only: int() would take "1_6" or " +3")

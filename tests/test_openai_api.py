@@ -114,6 +114,23 @@ def test_a_conversation_reaches_the_engine_in_the_official_template(srv, monkeyp
     assert got[-1] == (encode_conversation(srv.tok, turns, n, system="Answer in one word."), 2)
     c.chat.completions.create(model=srv.label, messages=[{"role": "user", "content": "Hello"}], max_tokens=4)
     assert got[-1] == (encode_conversation(srv.tok, [("user", "Hello")], n), None)
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None},
+            {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]}, {"role": "user", "content": "?"}]
+    c.chat.completions.create(model=srv.label, messages=msgs, max_tokens=4)  # (null and refusal: an assistant's)
+    assert got[-1][0] == encode_conversation(srv.tok, [("user", "Hi"), ("assistant", "\nNo."), ("user", "?")], n)
+
+
+def test_without_max_tokens_an_answer_has_the_room_left(srv, monkeypatch):
+    """No max_tokens / max_completion_tokens: the answer may run to the room left in the context and the KV cache
+    (as OpenAI's and vLLM's), not to /v1/understand's default of 128."""
+    got = []
+    real = srv.bg.submit_text
+    monkeypatch.setattr(srv.bg, "submit_text", lambda ids, px, max_new, *a, **kw: got.append((len(ids), max_new))
+                        or real(ids, px, max_new, *a, **kw))
+    r = client(srv).chat.completions.create(model=srv.label, messages=[{"role": "user", "content": "Hello"}])
+    cache = srv.bg.engine.cache
+    room = min(srv.model.cfg.llm.max_position, cache.num_blocks * cache.block_size)
+    assert got[-1][1] == room - got[-1][0] > 128 and r.choices[0].finish_reason == "stop"
 
 
 @pytest.mark.parametrize("kw, says", [
@@ -143,7 +160,7 @@ def test_chat_refuses_what_it_cannot_do(srv, kw, says):
         return
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model=srv.label, **kw)
-    assert says in e.value.message and e.value.body["type"] == "invalid_request_error" and e.value.body["code"] == 400
+    assert says in e.value.message and e.value.body["type"] == "invalid_request_error" and e.value.body["code"] is None
 
 
 @pytest.mark.parametrize("kw, says", [(dict(size="1024x1024"), "size"), (dict(response_format="url"), "b64_json"),
@@ -163,7 +180,7 @@ def test_errors_on_openai_paths_are_openais_form(srv):
     err = json.loads(e.value.read())["error"]
     assert e.value.code == 405 and "POST it" in err["message"] and err["type"] == "invalid_request_error"
     status, out = call(srv, "/v1/chat/completions", raw=b"{not json")
-    assert status == 400 and "not JSON" in out["error"]["message"] and out["error"]["code"] == 400
+    assert status == 400 and "not JSON" in out["error"]["message"] and out["error"]["param"] is None
     status, out = call(srv, "/v1/understand", raw=b"{not json")
     assert status == 400 and isinstance(out["error"], str)
 
@@ -184,7 +201,7 @@ def test_an_api_key_guards_the_v1_paths(monkeypatch):
             c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
             with pytest.raises(openai.AuthenticationError) as e:
                 c.models.list()
-            assert "Authorization: Bearer" in e.value.message
+            assert "Authorization: Bearer" in e.value.message and e.value.code == "invalid_api_key"
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="s3cret", max_retries=0)
         assert [m.id for m in c.models.list()] == [s.label]
         status, out = call(s, "/v1/images", {"prompt": "a", "seed": 1})
@@ -202,3 +219,19 @@ def test_an_api_key_guards_the_v1_paths(monkeypatch):
             while chunk := sock.recv(1 << 16):
                 answer += chunk
         assert answer.startswith(b"HTTP/1.1 401") and b"WWW-Authenticate: Bearer" in answer, answer[:200]
+
+
+def test_a_chunked_body_on_an_openai_path_is_refused_in_openais_form(srv):
+    """The 411 for a chunked body is an error on these paths too: {"error": {"message", "type", "param", "code"}}."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=30)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=iter([b'{"messages": []}']),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        status, out = r.status, json.loads(r.read())
+    finally:
+        conn.close()
+    assert status == 411 and "Content-Length" in out["error"]["message"]
+    assert out["error"]["type"] == "invalid_request_error" and out["error"]["code"] is None

@@ -53,6 +53,24 @@ def test_a_conversation_is_the_official_template():
             encode_conversation(t, bad)
 
 
+def test_a_conversation_strips_each_message_as_the_official_processor_does():
+    """The official processor strips each message's content and the whole prompt: an earlier answer sent back as the
+    server gave it (its leading space) is "<|Assistant|>: A cat." with one space, a user turn that ends with its
+    image has two newlines after it (not three), a system prompt's leading space goes."""
+    t = tok()
+    sent = [("user", " <image_placeholder>\nWhat is it? "), ("assistant", " A cat.\n"),
+            ("user", "And this one?\n<image_placeholder>\n")]
+    clean = [("user", "<image_placeholder>\nWhat is it?"), ("assistant", "A cat."),
+             ("user", "And this one?\n<image_placeholder>")]
+    ids = encode_conversation(t, sent, num_image_tokens=3, system=" Be brief.")
+    assert ids == encode_conversation(t, clean, num_image_tokens=3, system="Be brief.")
+    e = ids.index(TOK.eos_id)
+    assert t.decode(ids[1:ids.index(TOK.boi_id)]) == "Be brief.\n\n<|User|>: "
+    assert t.decode(ids[:e]).endswith("\n\n<|Assistant|>: A cat.")
+    last_eoi = len(ids) - 1 - ids[::-1].index(TOK.eoi_id)
+    assert ids[last_eoi + 1:] == t.encode("\n\n<|Assistant|>:")
+
+
 def test_understanding_prompt_expands_placeholders():
     t = tok()
     ids = encode_understanding_prompt(t, "What is it?", num_images=2, num_image_tokens=5)

@@ -907,3 +907,23 @@ def test_a_stream_keeps_its_connection_alive_while_its_images_decode(monkeypatch
         assert 2 <= [name for name, _ in events[last_token:]].count(":") <= 4
         plain = call(srv, "/v1/images", {"prompt": "a", "seed": 1, "n": 2})[1]
         assert events[-1][1]["done"] and events[-1][1]["images"] == plain["images"]
+
+
+@pytest.mark.parametrize("request_head", [
+    b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10,  # (a 404, its body not all sent)
+    b"POST /v1/images HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",  # (a 411)
+])
+def test_a_lingering_connection_does_not_hold_the_shutdown_up(request_head):
+    """A client that keeps its connection open after an answer given without reading its body: the linger (up to
+    DISCARD_S) ends when the server stops, as an idle connection's wait does."""
+    with serving("127.0.0.1") as srv:
+        sock = socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=30)
+        sock.sendall(request_head)
+        answer = b""
+        while chunk := sock.recv(4096):  # (the answer, then the FIN the linger begins with)
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 4"), answer[:100]
+        t0 = time.monotonic()
+    took = time.monotonic() - t0  # (serving() closed the server)
+    sock.close()
+    assert took < 5, took
