@@ -404,6 +404,73 @@ def test_bad_requests_are_refused_before_they_reach_a_step(tiny):
             call()
 
 
+def test_a_prompt_prefilled_beside_others_computes_what_it_does_alone(tiny):
+    """A request's prefill does not depend on the prompts admitted in the same step: its prompt K/V and first logits
+    are bit for bit those of its prefill alone. (The admitted prompts ran as one packed forward: a 10-token image prompt
+    alone (20 rows, cond + uncond) took the cpu backend's csrc GEMV, beside a 16-token question (36 rows) torch's
+    matmul, whose last bits differ; an int8 KV cache then quantized some of those rows differently and the image's
+    44th token changed.)"""
+    t = tiny.cfg.tokens
+    image, question = prompt(tiny, 8, seed=316601), [t.bos_id] + prompt(tiny, 15, seed=316600)[1:-1]
+    params = SamplingParams(seed=12835817656143540146, top_k=5)
+
+    def run(beside: bool, kv=None, block_size=16, num_tokens=2):
+        eng = Engine(tiny, block_size=block_size, max_num_blocks=512, kv_cache_dtype=kv)
+        eng.record_logits = kv is None
+        req = eng.add_image_request(image, 1, params, num_tokens=num_tokens)
+        if beside:
+            eng.add_text_request(question, max_new_tokens=1)
+        eng.step()  # the prefill: of both prompts at once where beside
+        kv_rows = [eng.cache.read_slots(eng.bm.slots(rid)) for rid in req.row_ids()]
+        eng.run()
+        return req, kv_rows
+
+    (alone, kv_alone), (beside, kv_beside) = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(kv_alone, kv_beside))
+    assert all(torch.equal(alone.logits[0][i], beside.logits[0][i]) for i in (0, 1))
+    if cpu_ops.available():  # the int8 cache's tokens, end to end
+        assert run(False, "int8", 4, 64)[0].tokens == run(True, "int8", 4, 64)[0].tokens
+
+
+def test_a_decode_step_beside_many_rows_computes_what_it_does_alone(tiny):
+    """An image's logits and K/V in a decode step of more than CPU_GEMV_MAX_ROWS rows (and images) are bit for bit
+    those of its run alone: the gen head and the gen aligner took torch's matmul for a batch of more than 32 rows
+    (the csrc GEMV's last bits otherwise), so a request's logits changed beside 16 other images and its K/V beside 32."""
+    a, b = prompt(tiny, 6, seed=1), prompt(tiny, 9, seed=2)
+
+    def run(others: int):
+        eng = Engine(tiny, block_size=16, max_num_blocks=1024, max_steps_per_call=1)
+        eng.record_logits = True  # (the step op by op: the csrc image step takes 32 rows at most)
+        req = eng.add_image_request(a, 1, SamplingParams(seed=1), num_tokens=8)
+        if others:
+            eng.add_image_request(b, others, SamplingParams(seed=9), num_tokens=8)
+        for _ in range(6):
+            eng.step()
+        return req, eng.cache.read_slots(eng.bm.slots(req.row_ids()[0]))
+
+    alone, kv_alone = run(0)
+    for others in (16, 32):  # 34 rows; 66 rows and 33 images
+        beside, kv_beside = run(others)
+        assert torch.equal(kv_alone, kv_beside), others
+        assert all(torch.equal(x, y) for s, t in zip(alone.logits, beside.logits) for x, y in zip(s, t)), others
+
+
+def test_empty_prompt_is_refused_before_it_reaches_a_step(tiny):
+    """An empty prompt is a UsageError when it is added (an empty understanding prompt was taken in and then failed
+    the prefill step it shared, failing the image request admitted beside it), and the good request runs."""
+    from janus_rt.errors import UsageError
+
+    eng = Engine.for_requests(tiny, [(len(prompt(tiny)), 1), (8, 0)])
+    good = eng.add_image_request(prompt(tiny), n=1, params=SamplingParams(greedy=True), num_tokens=3)
+    for empty in ([], torch.tensor([], dtype=torch.long)):
+        with pytest.raises(UsageError, match="empty"):
+            eng.add_text_request(empty, max_new_tokens=4)
+        with pytest.raises(UsageError, match="empty"):
+            eng.add_image_request(empty)
+    eng.run()
+    assert good.finished and len(good.tokens[0]) == 3 and not eng.aborted
+
+
 def test_understanding_greedy_matches_full_forward(tiny):
     from janus_rt.processing import encode_understanding_prompt
     from janus_rt.tokenizer import JanusTokenizer

@@ -161,10 +161,15 @@ class CpuDecoder:
                     cpu_ops.PackedWeight(m.fc2.weight.detach()), m.fc2.bias.detach())
 
     def _adaptor(self, module, packed, x):
-        if packed is None or x.shape[0] > ops.CPU_GEMV_MAX_ROWS or x.dtype != self.model.dtype:
+        if x.dtype != self.model.dtype:
             return module(x)
+        # in pieces of at most CPU_GEMV_MAX_ROWS rows, each through the csrc GEMV (packed, or module's ops.mlp_gelu): a
+        # row's values then do not depend on how many rows the step has (a batch of more than 32 rows went to torch's
+        # matmul, whose last bits differ: an image's logits, and with 33 images or more its next K/V, changed with the
+        # batch beside it)
+        run = module if packed is None else lambda part: cpu_ops.mlp_gelu(part.contiguous(), *packed)
         with ops._scope("janus_rt::cpu_mlp_gelu"):
-            return cpu_ops.mlp_gelu(x.contiguous(), *packed).to(x.dtype)
+            return torch.cat([run(part) for part in x.split(ops.CPU_GEMV_MAX_ROWS)]).to(x.dtype)
 
     @torch.inference_mode()
     def gen_head(self, h):

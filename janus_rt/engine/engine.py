@@ -140,9 +140,11 @@ class Engine:
         return req
 
     def _prompt(self, prompt_ids) -> list[int]:
-        """prompt_ids as a list of ints, each a token of the model's vocabulary (an id past it failed inside a
-        shared step and broke the engine for every request in it)."""
+        """prompt_ids as a list of ints, at least one, each a token of the model's vocabulary (an id past it, or no
+        token at all, failed inside a shared step and broke the engine for every request in it)."""
         ids = [int(i) for i in torch.as_tensor(prompt_ids).flatten().tolist()]
+        if not ids:  # (an empty prompt failed the prefill step it was in, and every request prefilled beside it)
+            raise UsageError("the prompt is empty: it needs at least one token (BOS)")
         vocab = self.model.cfg.llm.vocab_size
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
@@ -252,17 +254,24 @@ class Engine:
                     fresh.append(req)
         for sid, e in seqs:
             self.bm.allocate(sid, e.shape[0])
-        last = {}
-        if seqs:
-            h = self.runner.prefill([e for _, e in seqs], [self.bm.slots(sid) for sid, _ in seqs])
-            last = {sid: h[i] for i, (sid, _) in enumerate(seqs)}
+        # each request's prompts in a forward of their own, and its heads on its own rows: what a request computes
+        # must not depend on what was admitted beside it (one packed forward of every admitted prompt crossed the cpu
+        # backend's GEMV/matmul switch at CPU_GEMV_MAX_ROWS tokens, so a prompt's K/V and first logits differed in the
+        # last bits from its prefill alone; an int8 KV cache then rounded some rows to another step, and tokens
+        # changed)
+        last, groups = {}, {}
+        for sid, e in seqs:
+            groups.setdefault(sid[0], []).append((sid, e))
+        for group in groups.values():
+            h = self.runner.prefill([e for _, e in group], [self.bm.slots(sid) for sid, _ in group])
+            last.update({sid: h[i] for i, (sid, _) in enumerate(group)})
         for req in reqs:
             req.preempted = False
         image_reqs = [r for r in fresh if r.kind == "image"]
         if image_reqs:
             with ops.use_backend(self.backend):
-                cond = self.model.gen_head(torch.stack([last[(r.req_id, "pc")] for r in image_reqs])).float()
-                uncond = self.model.gen_head(torch.stack([last[(r.req_id, "pu")] for r in image_reqs])).float()
+                head = lambda part: torch.cat([self.model.gen_head(last[(r.req_id, part)][None]) for r in image_reqs])
+                cond, uncond = head("pc").float(), head("pu").float()
             idx = torch.tensor([i for i, r in enumerate(image_reqs) for _ in range(r.n)], device=cond.device)
             self._sample_images(image_reqs, cond[idx], uncond[idx])
             for r in image_reqs:  # the n images share the two prompts' blocks
@@ -277,8 +286,7 @@ class Engine:
         text_reqs = [r for r in fresh if r.kind == "text"]
         if text_reqs:
             with ops.use_backend(self.backend):
-                h_text = torch.stack([last[(r.req_id, "t", 0)] for r in text_reqs])
-                logits = self._lm_head(h_text).float()
+                logits = torch.cat([self._lm_head(last[(r.req_id, "t", 0)][None]) for r in text_reqs]).float()
             self._sample_text(text_reqs, logits)
 
     @torch.inference_mode()
