@@ -71,8 +71,8 @@ def _flash_attention_fwd_kernel(
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     start_m = tl.program_id(0)
-    b = (tl.program_id(1) // num_heads).to(tl.int64)
-    h = (tl.program_id(1) % num_heads).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     row0, len_q, len_k = _seq_range(cu_seqlens_ptr, b, seqlen_q, seqlen_k, VARLEN)
     if start_m * BLOCK_M >= len_q:
         return
@@ -121,8 +121,8 @@ def _flash_attention_bwd_preprocess_kernel(
         VARLEN: tl.constexpr):
     # delta[row] = sum_d o * do  (o and do share q's contiguous layout)
     start_m = tl.program_id(0)
-    b = (tl.program_id(1) // num_heads).to(tl.int64)
-    h = (tl.program_id(1) % num_heads).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     row0, len_q, _ = _seq_range(cu_seqlens_ptr, b, seqlen_q, seqlen_q, VARLEN)
     if start_m * BLOCK_M >= len_q:
         return
@@ -144,8 +144,8 @@ def _flash_attention_bwd_dkdv_kernel(
         CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     # one key block per program; loops over the query blocks that see it. q/do/dq share one layout, k/v/dk/dv another.
     start_n = tl.program_id(0)
-    b = (tl.program_id(1) // num_heads).to(tl.int64)
-    h = (tl.program_id(1) % num_heads).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     row0, len_q, len_k = _seq_range(cu_seqlens_ptr, b, seqlen_q, seqlen_k, VARLEN)
     if start_n * BLOCK_N >= len_k:
         return
@@ -205,8 +205,8 @@ def _flash_attention_bwd_dq_kernel(
         CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     # one query block per program; loops over the key blocks it sees
     start_m = tl.program_id(0)
-    b = (tl.program_id(1) // num_heads).to(tl.int64)
-    h = (tl.program_id(1) % num_heads).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     row0, len_q, len_k = _seq_range(cu_seqlens_ptr, b, seqlen_q, seqlen_k, VARLEN)
     if start_m * BLOCK_M >= len_q:
         return
@@ -288,6 +288,9 @@ class _Layout:
         self.heads, self.head_dim = q.shape[-2], q.shape[-1]
         self.block_d = max(16, next_pow2(self.head_dim))
         self.cu_seqlens = cu_seqlens if self.varlen else q  # a dense batch never reads it: any pointer will do
+        # grid (query blocks, heads, sequences): CUDA takes at most 65535 in grid dims y and z
+        check(self.heads <= 65535 and self.batch <= 65535,
+              f"at most 65535 heads and 65535 sequences (documents) a call, got {self.heads} and {self.batch}")
 
     def strides(self, x):  # (batch, token, head)
         return (0, x.stride(0), x.stride(1)) if self.varlen else (x.stride(0), x.stride(1), x.stride(2))
@@ -299,8 +302,8 @@ def _attention_fwd(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale):
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(lay.lse_shape, dtype=torch.float32, device=q.device)
     block_m, block_n, num_warps, num_stages = _config(_FWD_CONFIGS, lay.block_d, q.dtype)
-    grid = (triton.cdiv(lay.seqlen_q, block_m), lay.batch * lay.heads)
-    if grid[0] * grid[1] == 0:
+    grid = (triton.cdiv(lay.seqlen_q, block_m), lay.heads, lay.batch)  # (CUDA caps grid y and z at 65535)
+    if grid[0] * grid[1] * grid[2] == 0:
         return o, lse
     _flash_attention_fwd_kernel[grid](
         q, k, v, o, lse, lay.cu_seqlens, *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(o),
@@ -319,18 +322,18 @@ def _attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, sm_scale
     block_m, block_n, num_warps, num_stages = _config(_BWD_CONFIGS, lay.block_d, q.dtype)
     if lay.batch * lay.heads == 0 or q.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    bh = lay.batch * lay.heads
+    bh = (lay.heads, lay.batch)
     common = dict(HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, CAUSAL=causal, VARLEN=lay.varlen,
                   **_kernel_flags(q.dtype), num_warps=num_warps, num_stages=num_stages)
-    _flash_attention_bwd_preprocess_kernel[(triton.cdiv(lay.seqlen_q, 32), bh)](
+    _flash_attention_bwd_preprocess_kernel[(triton.cdiv(lay.seqlen_q, 32), *bh)](
         o, do, delta, lay.cu_seqlens, *lay.strides(q), *lay.lse_strides, lay.heads, lay.seqlen_q,
         HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, BLOCK_M=32, VARLEN=lay.varlen)
     args = (*lay.strides(q), *lay.strides(k), *lay.lse_strides, lay.heads, lay.seqlen_q, lay.seqlen_k, sm_scale,
             sm_scale * _LOG2E)
-    _flash_attention_bwd_dkdv_kernel[(triton.cdiv(lay.seqlen_k, block_n), bh)](
+    _flash_attention_bwd_dkdv_kernel[(triton.cdiv(lay.seqlen_k, block_n), *bh)](
         q, k, v, do, lse, delta, dk, dv, lay.cu_seqlens, *args, BLOCK_M=block_m, BLOCK_N=block_n, **common)
     # the dq pass walks query blocks of the dkdv pass's key-block size, and vice versa
-    _flash_attention_bwd_dq_kernel[(triton.cdiv(lay.seqlen_q, block_n), bh)](
+    _flash_attention_bwd_dq_kernel[(triton.cdiv(lay.seqlen_q, block_n), *bh)](
         q, k, v, do, lse, delta, dq, lay.cu_seqlens, *args, BLOCK_M=block_n, BLOCK_N=block_m, **common)
     return dq, dk, dv
 

@@ -61,7 +61,7 @@ def _lce_fwd_kernel(logits_ptr, targets_ptr, loss_ptr, scale_ptr, V, stride_l, i
 def _chunk_size(N: int) -> int:
     # At most _MAX_CHUNKS chunks: grad_weight is accumulated in the weight's dtype (one rounding per chunk, so
     # bf16 error grows with the chunk count), and a chunk stays <= 1/_MAX_CHUNKS of the full logits.
-    return min(N, 64 * triton.cdiv(triton.cdiv(N, _MAX_CHUNKS), 64))
+    return max(1, min(N, 64 * triton.cdiv(triton.cdiv(N, _MAX_CHUNKS), 64)))  # >= 1: N = 0 is a zero-step loop
 
 
 def _lce_chunks(hidden, weight, bias, targets, ignore_index, scale, grads, chunk_size):

@@ -179,3 +179,30 @@ def test_misuse_raises(device):
         with pytest.raises(ValueError):
             call()
             pytest.fail(f"case {i} did not raise")
+
+
+def test_grid_keeps_heads_and_sequences_within_cuda_limits(device, monkeypatch):
+    """CUDA caps grid dims y and z at 65535: a launch with B * H (or documents * H) > 65535 programs in one of them
+    fails on a GPU ('invalid argument'; the interpreter has no such limit). 4097 sequences x 16 heads = 65552."""
+    from janus_rt.kernels import attention as A
+
+    grids = []
+
+    class Record:  # stands in for a kernel: records its grid, runs nothing
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return lambda *a, **kw: None
+
+    for name in ("_flash_attention_fwd_kernel", "_flash_attention_bwd_preprocess_kernel",
+                 "_flash_attention_bwd_dkdv_kernel", "_flash_attention_bwd_dq_kernel"):
+        monkeypatch.setattr(A, name, Record())
+    q = torch.zeros(4097, 1, 16, 16, device=device)
+    o, lse = A._attention_fwd(q, q, q, None, 0, True, 0.25)
+    A._attention_bwd(o, q, q, q, o, lse, None, 0, True, 0.25)
+    packed = q[:, 0]  # 4097 one-token documents
+    cu = torch.arange(4098, dtype=torch.int32, device=device)
+    o, lse = A._attention_fwd(packed, packed, packed, cu, 1, True, 0.25)
+    A._attention_bwd(o, packed, packed, packed, o, lse, cu, 1, True, 0.25)
+    assert len(grids) == 8
+    for grid in grids:
+        assert all(n <= 65535 for n in grid[1:]), grid

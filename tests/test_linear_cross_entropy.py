@@ -94,3 +94,21 @@ def test_misuse_raises(device):
         linear_cross_entropy(hidden, weight, targets[:3])
     with pytest.raises(ValueError, match="reduction"):
         linear_cross_entropy(hidden, weight, targets, reduction="max")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_rows(reduction, device):
+    """N = 0 (a micro-batch without targets of a kind): PyTorch's answer (mean nan, sum 0, none empty), zero grads."""
+    hidden = torch.zeros(0, 16, device=device, requires_grad=True)
+    weight = torch.randn(37, 16, device=device, requires_grad=True)
+    bias = torch.randn(37, device=device, requires_grad=True)
+    targets = torch.zeros(0, dtype=torch.int64, device=device)
+    with torch.no_grad():
+        got = linear_cross_entropy(hidden, weight, targets, bias, reduction=reduction)
+    ref = linear_cross_entropy_ref(hidden, weight, targets, bias, reduction=reduction)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref.detach(), equal_nan=True)
+    loss = linear_cross_entropy(hidden, weight, targets, bias, reduction=reduction)
+    grads = torch.autograd.grad(loss.sum(), (hidden, weight, bias))
+    assert grads[0].shape == (0, 16)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads[1:])
