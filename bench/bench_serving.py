@@ -132,8 +132,17 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.requests < 1 or args.rate <= 0 or args.n < 1 or args.tokens < 1:
         p.error("--requests, -n and --tokens must be >= 1, --rate > 0")
+    from janus_rt.cli import _json_problem
+    from janus_rt.errors import folder_problem
 
     dtype = resolve_dtype(args.dtype or SHAPES[args.shape][4])
+    for problem in ((args.tokens > 576 and f"--tokens must be at most 576 (the shapes' image tokens), "
+                                           f"got {args.tokens}"),
+                    (dtype == torch.float16 and not args.device.startswith("cuda")
+                     and "--dtype fp16 needs a GPU; on the CPU use fp32 or bf16"),
+                    folder_problem(args.out), _json_problem(args.json)):  # (before the runs, not after them)
+        if problem:
+            p.error(problem)
     model = bench_model(args.shape, dtype, torch.device(args.device))
     if args.device == "cpu":  # as janus-rt generate and bench hold it: the projections packed in place
         from janus_rt.engine.cpu_decode import pack_in_place

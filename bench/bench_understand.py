@@ -122,6 +122,13 @@ def main(args) -> dict:
 
     device = args.device
     dtype = resolve_dtype(args.dtype or ("fp32" if args.preset == "tiny" and not args.int8 else "bf16"))
+    for ok, why in ((args.new_tokens >= 1, f"--new-tokens must be >= 1, got {args.new_tokens}"),
+                    (args.repeats >= 1, f"--repeats must be >= 1, got {args.repeats}"),
+                    # (torch's fp16 matmul on a CPU: the probe alone ran for minutes at the tiny preset)
+                    (dtype != torch.float16 or str(device).startswith("cuda"),
+                     "--dtype fp16 needs a GPU; on the CPU use fp32 or bf16")):
+        if not ok:
+            raise SystemExit(f"bench_understand: {why}")
     if args.int8:  # --int8's checks before anything is built (janus-rt's own)
         from janus_rt.cli import _check_args, _int8_checks
 

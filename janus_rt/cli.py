@@ -236,6 +236,15 @@ def _int8_checks(args, cuda: bool):
             (not packed_off, f"--int8: {why}")]
 
 
+def _n_limit_check(n: int) -> tuple[bool, str]:
+    """-n's upper bound, known before the model loads: each image runs as 2 rows (CFG) of the engine's at most
+    MAX_NUM_ROWS (the engine would refuse it only after the load, minutes at 7B)."""
+    from janus_rt.engine.engine import MAX_NUM_ROWS
+
+    return (n <= MAX_NUM_ROWS // 2, f"-n must be at most {MAX_NUM_ROWS // 2} (each image takes 2 of the engine's "
+                                    f"{MAX_NUM_ROWS} rows with CFG), got {n}")
+
+
 def cmd_generate(args):
     from janus_rt.cpu_ops import retain_freed_memory
     from janus_rt.engine import Engine
@@ -243,7 +252,7 @@ def cmd_generate(args):
     from janus_rt.engine.roofline import CpuWait, busy_note
     from janus_rt.processing import GRID_ROWS, encode_generation_prompt, generate_images
 
-    _check_args(args, (args.n >= 1, f"-n must be >= 1, got {args.n}"),
+    _check_args(args, (args.n >= 1, f"-n must be >= 1, got {args.n}"), _n_limit_check(args.n),
                 (args.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}"),
                 _temperature_check(args.temperature),
                 (args.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {args.top_k}"),
@@ -483,11 +492,15 @@ def cmd_bench(args):
 
     _check_args(args, (args.steps_per_call >= 1, f"--steps-per-call must be >= 1, got {args.steps_per_call}"),
                 (args.n is None or args.n >= 1, f"-n must be >= 1, got {args.n}"),
+                _n_limit_check(args.n or 1),
+                (args.warmup_tokens >= 0, f"--warmup-tokens must be >= 0 (0: none), got {args.warmup_tokens}"),
                 (args.tokens >= 1, f"--tokens must be >= 1, got {args.tokens}"),
                 (args.repeats >= 1, f"--repeats must be >= 1, got {args.repeats}"),
                 (args.model is not None or args.tokens <= 576,  # (a checkpoint's own count: after it loads)
                  f"--tokens must be at most 576 (the random shapes' image tokens), got {args.tokens}"),
                 *_device_checks(args))
+    if args.cuda_graphs and not str(args.device).startswith("cuda"):
+        print("note: --cuda-graphs has no effect on the CPU", file=sys.stderr)
     # the result files are written after minutes of runs: a path that cannot take them is said first
     _check_args(args, *[(err is None, err) for err in (folder_problem(args.profile, "--profile") if args.profile
                                                       else None, _json_problem(args.json))])

@@ -270,6 +270,48 @@ def test_bench_bad_flags_are_clear_errors(flags, message):
         main(["bench", "--model", "tiny", "--device", "cpu", "--no-transformers"] + flags)
 
 
+@pytest.mark.parametrize("cmd", [["generate", "--prompt", "x"], ["bench", "--no-transformers"]])
+def test_n_past_the_engines_rows_is_refused_before_the_model_loads(cmd, tmp_path, monkeypatch):
+    """-n 129 needs 258 rows (CFG) of the engine's 256: said before the load (minutes at 7B), not after it."""
+    import janus_rt.cli as cli
+    import janus_rt.engine.benchmark as benchmark
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("loaded before -n was checked"))
+    monkeypatch.setattr(benchmark, "main", lambda *a, **k: pytest.fail("ran before -n was checked"))
+    with pytest.raises(SystemExit, match=rf"janus-rt {cmd[0]}: -n must be at most 128 \(each image takes 2 of the "):
+        main([*cmd, "--model", "tiny", "--device", "cpu", "-n", "129", "--out", str(tmp_path / "o")]
+             if cmd[0] == "generate" else [*cmd, "--model", "tiny", "--device", "cpu", "-n", "129"])
+
+
+def test_bench_negative_warmup_tokens_is_refused(monkeypatch):
+    import janus_rt.engine.benchmark as benchmark
+
+    monkeypatch.setattr(benchmark, "main", lambda *a, **k: pytest.fail("ran with --warmup-tokens -1"))
+    with pytest.raises(SystemExit, match=r"janus-rt bench: --warmup-tokens must be >= 0 \(0: none\), got -1"):
+        main(["bench", "--model", "tiny", "--device", "cpu", "--no-transformers", "--warmup-tokens", "-1"])
+
+
+def test_bench_cuda_graphs_on_the_cpu_is_noted(monkeypatch, capsys):
+    """As generate and serve say it: --cuda-graphs does nothing on the CPU."""
+    import janus_rt.engine.benchmark as benchmark
+
+    monkeypatch.setattr(benchmark, "main", lambda *a, **k: None)
+    main(["bench", "--model", "tiny", "--device", "cpu", "--no-transformers", "--cuda-graphs"])
+    assert "note: --cuda-graphs has no effect on the CPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [(["--new-tokens", "0"], "--new-tokens must be >= 1, got 0"),
+                                           (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+                                           (["--dtype", "fp16"], "--dtype fp16 needs a GPU")])
+def test_bench_understand_bad_flags_are_one_line(flags, message, monkeypatch):
+    """A bad value is said at once: not a KV-cache error (--new-tokens 0), a KeyError after the runs (--repeats 0),
+    or minutes inside torch's fp16 matmul probe on the CPU (--dtype fp16)."""
+    bu = bench_scripts.load("bench_understand")
+    monkeypatch.setattr(bu.Janus, "from_preset", lambda *a, **k: pytest.fail("built before the flags were checked"))
+    with pytest.raises(SystemExit, match="bench_understand: " + re.escape(message)):
+        bu.main(bu.build_parser().parse_args(["--preset", "tiny", "--device", "cpu", "--no-transformers", *flags]))
+
+
 def test_generate_out_that_is_a_file_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match="is a file, not a folder"):
@@ -775,6 +817,23 @@ def test_bench_serving_serves_both_ways(tmp_path):
     jobs = bs.workload(Janus.from_preset("tiny"), 50, 2.0, 1, seed=1)
     gaps = [b["arrival"] - a["arrival"] for a, b in zip(jobs, jobs[1:])]
     assert jobs[0]["arrival"] == 0 and min(gaps) >= 0 and 0.25 < sum(gaps) / len(gaps) < 1.0  # mean 1/rate = 0.5 s
+
+
+@pytest.mark.parametrize("flags, says", [(["--tokens", "1000"], "--tokens must be at most 576"),
+                                         (["--dtype", "fp16", "--device", "cpu"], "fp16 needs a GPU"),
+                                         (["--out", "FILE"], "is a file, not a folder"),
+                                         (["--json", "DIR"], "is a folder")])
+def test_bench_serving_refuses_bad_flags_before_it_builds(tmp_path, capsys, monkeypatch, flags, says):
+    """bench_serving.py's flags are checked before the model is built and the runs made (a file as --out failed only
+    after the whole run, its results lost)."""
+    bs = bench_scripts.load("bench_serving")
+    monkeypatch.setattr(bs, "bench_model", lambda *a: pytest.fail("built the model"))
+    (tmp_path / "FILE").write_text("x")
+    (tmp_path / "DIR").mkdir()
+    flags = [str(tmp_path / f) if f in ("FILE", "DIR") else f for f in flags]
+    with pytest.raises(SystemExit) as e:
+        bs.main(flags)
+    assert e.value.code == 2 and says in capsys.readouterr().err
 
 
 def test_generate_says_when_other_processes_took_the_cpu(tmp_path, capsys, monkeypatch):

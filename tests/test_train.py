@@ -4,6 +4,7 @@ import argparse
 import json
 import re
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -408,6 +409,28 @@ def test_mix_without_records_is_a_usage_error(tmp_path):
     (tmp_path / "m.jsonl").write_text(json.dumps({"kind": "text", "text": "A red square."}) + "\n")
     with pytest.raises(UsageError, match=r"has no records of the kinds the mix .*t2i.* draws"):
         train(TrainConfig(out=str(tmp_path / "run"), data=str(tmp_path / "m.jsonl"), ratios={"t2i": 1.0}, **RUN))
+
+
+@pytest.mark.parametrize("lines", [[], ["not json", json.dumps({"kind": "t2i", "caption": "x", "image": "no.png"})]])
+def test_manifest_without_usable_records_says_so(lines, tmp_path):
+    """An empty manifest, or one whose every record was skipped, is said as such (not blamed on --ratios)."""
+    from janus_rt.errors import UsageError
+
+    (tmp_path / "m.jsonl").write_text("".join(line + "\n" for line in lines))
+    why = r" \(it is empty\)" if not lines else r": all 2 were skipped \(the warnings above say why\)"
+    with warnings.catch_warnings(record=True) as said:  # (each skipped record's DataWarning, and a summary)
+        warnings.simplefilter("always")
+        with pytest.raises(UsageError, match=r"m\.jsonl has no usable records" + why):
+            train(TrainConfig(out=str(tmp_path / "run"), data=str(tmp_path / "m.jsonl"), **RUN))
+    assert len(said) == (3 if lines else 0)
+
+
+def test_data_that_is_a_folder_is_said_so(tmp_path):
+    from janus_rt.errors import UsageError
+    from janus_rt.train import loop
+
+    with pytest.raises(UsageError, match=r"--data .* is a folder: give its JSONL manifest file"):
+        loop.check_config(TrainConfig(out=str(tmp_path / "run"), data=str(tmp_path), **RUN))
 
 
 @pytest.fixture(scope="module")

@@ -63,6 +63,9 @@ def test_plot_a_run_folder_from_the_command_line(tmp_path, capsys):
     assert Image.open(run / "loss.png").size == (plot.WIDTH, plot.HEIGHT)
     with pytest.raises(SystemExit, match="no such file"):
         plot.main([str(tmp_path / "nothing")])
+    (run / "loss.png").unlink()
+    plot.main([str(run / "log.jsonl")])  # the log itself: the same run
+    assert capsys.readouterr().out.strip() == str(run / "loss.png") and (run / "loss.png").exists()
 
 
 def test_tick_labels_tell_a_narrow_range_apart():

@@ -18,6 +18,8 @@ from janus_rt.engine.threads import TeamGovernor
 from janus_rt.errors import UsageError, check_count, env_switch
 from janus_rt.processing import unconditional_ids
 
+MAX_NUM_ROWS = 256  # Engine's default max_num_rows: rows one step runs (an image takes 2 with CFG)
+
 
 def default_backend(device: torch.device) -> str:
     if device.type == "cuda":
@@ -53,7 +55,7 @@ def kv_cache_dtype_of(name: str | torch.dtype | None, model_dtype: torch.dtype, 
 
 class Engine:
     def __init__(self, model, kv_cache_gb: float | None = None, memory_fraction: float | None = None,
-                 block_size: int = 16, backend: str | None = None, max_num_rows: int = 256,
+                 block_size: int = 16, backend: str | None = None, max_num_rows: int = MAX_NUM_ROWS,
                  cuda_graphs: bool = False, max_num_blocks: int | None = None, max_steps_per_call: int = 8,
                  kv_cache_dtype: str | torch.dtype | None = None):
         cfg = model.cfg.llm

@@ -109,6 +109,8 @@ def check_config(cfg: TrainConfig) -> None:
     if (cfg.synthetic > 0) == bool(cfg.data):
         raise UsageError("give a manifest (--data) or --synthetic N, not both" if cfg.data else
                          "give a manifest (--data) or --synthetic N")
+    if cfg.data and Path(cfg.data).is_dir():
+        raise UsageError(f"--data {cfg.data!r} is a folder: give its JSONL manifest file")
     if cfg.data and not Path(cfg.data).is_file():
         raise UsageError(f"--data {cfg.data!r}: no such file")
     for name, least in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("grad_accum", 1), ("warmup", 0),
@@ -291,6 +293,9 @@ def train(cfg: TrainConfig) -> list[dict]:
             ds = _dataset(cfg, manifest, model, tok, device)
         barrier()
     ratios = cfg.ratios or RATIOS[cfg.stage]
+    if not ds.records:  # (not the mix's fault: say why, not --ratios)
+        raise UsageError(f"{manifest} has no usable records" + (
+            f": all {len(ds.skipped)} were skipped (the warnings above say why)" if ds.skipped else " (it is empty)"))
     if not any(ratios.get(k, 0) > 0 and ds.indices[k] for k in KINDS):
         raise UsageError(f"{manifest} has no records of the kinds the mix {ratios} draws (see --ratios)")
     sampler = PackedSampler(ds, cfg.batch_size, cfg.seq_len, ratios, seed=cfg.seed, lookahead=cfg.lookahead)

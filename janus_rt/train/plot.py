@@ -158,6 +158,8 @@ def main(argv=None) -> None:
                                 description="Draw a training run's loss curves (RUN/log.jsonl -> RUN/loss.png).")
     p.add_argument("run", help="the run folder (janus-rt train --out)")
     args = p.parse_args(argv)
+    if Path(args.run).is_file() and Path(args.run).name == "log.jsonl":  # the log itself: its folder is the run
+        args.run = str(Path(args.run).parent)
     log = Path(args.run) / "log.jsonl"
     if not log.is_file():
         raise SystemExit(f"{log}: no such file (give the folder a `janus-rt train --out` wrote)")
