@@ -282,13 +282,22 @@ class JanusConfig:
 
     @classmethod
     def from_checkpoint_dict(cls, d: dict, generation_config: dict | None = None) -> "JanusConfig":
-        """Detect the layout of a config.json and parse it."""
-        if "janus_rt_config" in d:
-            return cls.from_dict(d)
-        if "text_config" in d:
-            return cls.from_hf_dict(d, generation_config)
-        if "language_config" in d:
-            return cls.from_official_dict(d)
+        """Detect the layout of a config.json and parse it. A field of the wrong kind (a sub-config that is null or
+        a list, an unknown or missing janus_rt field) is a ConfigError naming what was wrong, not a bare
+        TypeError / AttributeError / KeyError."""
+        try:
+            if "janus_rt_config" in d:
+                return cls.from_dict(d)
+            if "text_config" in d:
+                return cls.from_hf_dict(d, generation_config)
+            if "language_config" in d:
+                return cls.from_official_dict(d)
+        except ConfigError:
+            raise
+        except KeyError as e:
+            raise ConfigError(f"config.json lacks field {e}") from None
+        except (TypeError, AttributeError, ValueError) as e:
+            raise ConfigError(f"malformed config.json: a field has the wrong type ({type(e).__name__}: {e})") from None
         raise ConfigError("unknown config.json: neither text_config (transformers), language_config (official) "
                           "nor janus_rt_config (janus_rt) present")
 
@@ -313,7 +322,8 @@ def _rope_theta(t: dict) -> float:
     rp = t.get("rope_parameters") or {}
     if rp.get("rope_type", "default") not in ("default", None):
         raise ConfigError(f"rope type {rp['rope_type']!r} is not supported (Janus-Pro uses plain RoPE)")
-    if (t.get("rope_scaling") or {}).get("type") not in (None, "default"):
+    rs = t.get("rope_scaling") or {}
+    if rs.get("rope_type", rs.get("type")) not in (None, "default"):  # ("type" before transformers 4.45)
         raise ConfigError("rope_scaling is not supported (Janus-Pro uses plain RoPE)")
     return float(rp.get("rope_theta", t.get("rope_theta", 10000.0)))
 

@@ -323,8 +323,22 @@ def load_janus(path, device="cpu", dtype=torch.float32, progress: bool | None = 
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, unit_divisor=1024)
+    untied = False
+
+    def untie():
+        """The config ties lm_head to the embedding, but the checkpoint stores a head of its own (transformers 5
+        writes tie_word_embeddings: true at the top of a config that lacked it, and keeps the stored head where it
+        differs from the embedding): the stored head is the model's (tied again below where the two are equal)."""
+        nonlocal untied
+        model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.llm.embed_tokens.weight),
+                                                  requires_grad=False)
+        cfg.llm.tie_word_embeddings = False
+        params["lm_head.weight"] = model.lm_head.weight
+        filled["lm_head.weight"] = 0
+        untied = True
+
     try:
-        _fill(cfg, layout, files, params, filled, unexpected, bar)
+        _fill(cfg, layout, files, params, filled, unexpected, bar, untie)
     finally:
         if bar is not None:
             bar.close()
@@ -337,14 +351,20 @@ def load_janus(path, device="cpu", dtype=torch.float32, progress: bool | None = 
     if missing:
         raise MissingKeysError(f"{path}: no (or incomplete) data for {missing[:10]}"
                                f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all)")
+    if untied and torch.equal(model.lm_head.weight, model.llm.embed_tokens.weight):
+        cfg.llm.tie_word_embeddings = True  # the stored head is the embedding: tied, as the config says
+        model.tie_weights_()
     model.guidance_scale = default_guidance(path)  # (generate_images' default; written again by save_janus)
     return model.eval().requires_grad_(False)  # inference; training unfreezes what it trains (apply_stage)
 
 
-def _fill(cfg, layout, files, params, filled, unexpected, bar) -> None:
+def _fill(cfg, layout, files, params, filled, unexpected, bar, untie=None) -> None:
     """load_janus' copy loop: each file's tensors renamed and copied into `params`, counted in `filled`; keys with
     no place go to `unexpected`. The bar advances by each tensor's bytes as it is copied, and by the rest of the
-    file's size (header, tensors skipped) when the file is done."""
+    file's size (header, tensors skipped) when the file is done. A tensor (or fused part) stored twice is an error:
+    counted twice, it could stand in for a missing one of the same size. untie: called for a stored lm_head where
+    the config ties it (None: the stored head is skipped)."""
+    seen: dict[tuple[str, str | None], str] = {}
     for f in files:
         read, size = 0, f.stat().st_size if bar is not None else 0
         for key, src in iter_tensors(f):
@@ -356,10 +376,16 @@ def _fill(cfg, layout, files, params, filled, unexpected, bar) -> None:
             if name == "":
                 continue
             if name == "lm_head.weight" and cfg.llm.tie_word_embeddings:
-                continue  # tied: the stored copy is the embedding (transformers ignores it the same way)
+                if untie is None:
+                    continue
+                untie()
             if name not in params:
                 unexpected.append(f"{f.name}:{key}")
                 continue
+            if (name, part) in seen:
+                raise CorruptCheckpointError(f"{f}: tensor {key} is stored twice (also as {seen[name, part]}): "
+                                             "the checkpoint's files overlap")
+            seen[name, part] = f"{f.name}:{key}"
             dst = params[name].data
             if part is not None:
                 start, length = _part_slice(name, part, cfg)

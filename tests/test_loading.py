@@ -353,3 +353,80 @@ def test_saved_weights_get_the_users_file_mode(tiny, tmp_path):
     finally:
         os.umask(umask)
     assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def _set_config(folder, fn):
+    d = json.loads((folder / "config.json").read_text())
+    fn(d)
+    (folder / "config.json").write_text(json.dumps(d))
+
+
+def test_stored_head_wins_over_a_tying_config(tiny, saved):
+    """A config that ties lm_head to the embedding beside weights that store a different head (transformers 5
+    writes tie_word_embeddings: true at the top of a re-saved Janus-Pro config that lacked the field, and keeps the
+    stored head, untied): the stored head is loaded (it was dropped, text logits ~100% off)."""
+    _set_config(saved, lambda d: d["janus_rt_config"]["llm"].__setitem__("tie_word_embeddings", True))
+    m = Janus.from_pretrained(saved)
+    assert not m.cfg.llm.tie_word_embeddings and m.lm_head.weight is not m.llm.embed_tokens.weight
+    assert same_weights(m, tiny)
+
+
+def test_stored_head_equal_to_the_embedding_stays_tied(tiny, saved):
+    _set_config(saved, lambda d: d["janus_rt_config"]["llm"].__setitem__("tie_word_embeddings", True))
+    _edit(saved, lambda sd: sd.__setitem__("lm_head.weight", sd["llm.embed_tokens.weight"].clone()))
+    m = Janus.from_pretrained(saved)
+    assert m.cfg.llm.tie_word_embeddings and m.lm_head.weight is m.llm.embed_tokens.weight
+    assert torch.equal(m.llm.embed_tokens.weight, tiny.llm.embed_tokens.weight)
+
+
+def test_tensor_stored_twice(tmp_path):
+    """Shards that overlap are refused: a fused part stored twice counted as the missing part beside it (q twice,
+    no k: the model loaded with k's rows never written, NaN and garbage)."""
+    pytest.importorskip("transformers")
+    from hf_reference import SMALL_CONFIGS, hf_model, write_hf
+
+    c = SMALL_CONFIGS["a"]
+    d = write_hf(hf_model(c, seed=5), tmp_path / "hf", c)
+    sd = load_file(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    q = "model.language_model.layers.0.self_attn.q_proj.weight"
+    del sd["model.language_model.layers.0.self_attn.k_proj.weight"]
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2] + [q],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:] + [q]}
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in set(ks)}, d / name)
+    wm = {k: name for name, ks in shards.items() for k in ks}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    with pytest.raises(CorruptCheckpointError, match="q_proj.weight is stored twice"):
+        Janus.from_pretrained(d)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["janus_rt_config"].pop("vq"), "lacks field 'vq'"),
+    (lambda d: d["janus_rt_config"]["llm"].__setitem__("future_field", 1), "unexpected keyword"),
+    (lambda d: d.__setitem__("janus_rt_config", None), "wrong type"),
+    (lambda d: d.__setitem__("text_config", None), "wrong type"),
+    (lambda d: d.__setitem__("language_config", {}) or d.__setitem__("vision_config", None), "wrong type"),
+])
+def test_malformed_config_is_a_config_error(saved, edit, message):
+    """A config.json whose fields have the wrong shape is a ConfigError naming the file (the CLI's message), not a
+    TypeError / AttributeError / KeyError traceback."""
+    _set_config(saved, lambda d: (edit(d), d.pop("janus_rt_config") if "text_config" in d or "language_config" in d
+                                  else None))
+    with pytest.raises(ConfigError, match=f"config.json: .*{message}"):
+        Janus.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 4.0}, {"type": "dynamic", "factor": 2.0},
+                                     {"rope_type": "llama3", "factor": 8.0}])
+def test_rope_scaling_refused_under_either_key(scaling):
+    """rope_scaling under its current key (`rope_type`, transformers >= 4.45) is refused as under the old one
+    (`type`): it was read as plain RoPE."""
+    from janus_rt.config import JanusConfig
+
+    t = {"vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+         "intermediate_size": 96, "rope_scaling": scaling}
+    with pytest.raises(ConfigError, match="rope_scaling"):
+        JanusConfig.from_hf_dict({"text_config": t, "vision_config": {"hidden_size": 64, "projection_dim": 64},
+                                  "vq_config": {"projection_dim": 64, "image_token_embed_dim": 64}})
