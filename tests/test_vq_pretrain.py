@@ -176,7 +176,7 @@ def test_caption_without_colour_is_rejected(tok):
         evaluate.color_match_score(FakeModel(tok), tok, ["a circle"], 1)
 
 
-def test_cli_checkpoint_round_trip_and_real_model_score(tmp_path, captions):
+def test_cli_checkpoint_round_trip_and_real_model_score(tmp_path, captions, capsys):
     """vq_pretrain's CLI writes a loadable tiny checkpoint whose VQ is the trained one; evaluate scores it
     deterministically for a seed through the real generation path."""
     from janus_rt.models.janus import Janus
@@ -197,6 +197,7 @@ def test_cli_checkpoint_round_trip_and_real_model_score(tmp_path, captions):
     a = evaluate.color_match_scores(model, tk, captions[:2], n_per_caption=2, seed=5, cfg_weight=3.0)
     b = evaluate.color_match_scores(model, tk, captions[:2], n_per_caption=2, seed=5, cfg_weight=3.0)
     assert a == b and all(0.0 <= s <= 1.0 for row in a for s in row)
+    capsys.readouterr()
     rows = evaluate.main(["--model", str(out), "--n", "2", "--n-per-caption", "1", "--vq-ceiling"])
-    assert rows[0]["captions"] == 2
+    assert rows[0]["captions"] == 2 and "2/2" in capsys.readouterr().err  # (the captions' progress bar)
     assert 0.0 <= rows[0]["color_match"] <= 1.0 and 0.0 <= rows[0]["vq_ceiling"] <= 1.0

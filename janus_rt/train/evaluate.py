@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 
@@ -52,17 +53,21 @@ def generate_images(model, tokenizer, caption: str, n: int, seed: int, cfg_weigh
 
 
 def caption_scores(model, tokenizer, captions: list[str], n_per_caption: int = 4, seed: int = 0,
-                   cfg_weight: float = 5.0, temperature: float = 1.0,
-                   kv_cache_dtype=None) -> dict[str, list[list[float]]]:
+                   cfg_weight: float = 5.0, temperature: float = 1.0, kv_cache_dtype=None,
+                   progress: str | None = None) -> dict[str, list[list[float]]]:
     """Per-image scores [len(captions)][n_per_caption] under "color_match" (caption_color_match) and "one_object"
-    (1.0 where the caption's shape colour forms exactly one object); caption i samples with seed + i."""
+    (1.0 where the caption's shape colour forms exactly one object); caption i samples with seed + i. progress: a
+    progress bar on stderr, a caption a tick, with this label (None: none)."""
+    from tqdm import tqdm
+
     if n_per_caption < 1:
         raise ValueError(f"n_per_caption must be >= 1, got {n_per_caption}")
     for caption in captions:
         if not caption_colors(caption):
             raise ValueError(f"caption names no palette colour: {caption!r}")
     out = {"color_match": [], "one_object": []}
-    for i, caption in enumerate(captions):
+    for i, caption in enumerate(tqdm(captions, desc=progress, unit="caption", disable=progress is None,
+                                     file=sys.stderr)):
         imgs = generate_images(model, tokenizer, caption, n_per_caption, seed + i, cfg_weight, temperature,
                                kv_cache_dtype)
         out["color_match"].append([caption_color_match(im, caption) for im in imgs])
@@ -138,7 +143,7 @@ def main(argv=None) -> list[dict]:
             p.error(str(e))
         t0 = time.perf_counter()
         both = caption_scores(model, tok, captions, a.n_per_caption, a.seed, a.cfg, a.temperature,
-                              None if a.kv_cache_dtype == "auto" else a.kv_cache_dtype)
+                              None if a.kv_cache_dtype == "auto" else a.kv_cache_dtype, progress=spec)
         scores = both["color_match"]
         per_caption = np.mean(scores, axis=1)  # [n]; captions are the independent units
         n = len(per_caption)
