@@ -405,6 +405,9 @@ def make_server(args):
     _check_args(args, (0 <= args.port < 65536, f"--port must be 0-65535, got {args.port}"),
                 (0 < args.memory_fraction < 1, f"--memory-fraction must be in (0, 1), got {args.memory_fraction}"),
                 (args.max_requests >= 0, f"--max-requests must be >= 0 (0: no limit), got {args.max_requests}"),
+                (args.api_key is None or (args.api_key != "" and args.api_key == args.api_key.strip()),
+                 "--api-key (or $JANUS_RT_API_KEY) is empty or has spaces around it (an empty key left /v1/ open, "
+                 "a padded one matched no request)"),
                 *_common_checks(args))
     if args.cuda_graphs and not str(args.device).startswith("cuda"):
         print("note: --cuda-graphs has no effect on the CPU", file=sys.stderr)

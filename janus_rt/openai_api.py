@@ -134,12 +134,11 @@ def _text(content, where: str, images: list | None) -> str:
     out = []
     for j, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "refusal" and images is None and isinstance(part.get("refusal"), str):  # (an assistant's)
-            out.append(part["refusal"])
-        elif kind == "text" and isinstance(part.get("text"), str):
-            if IMAGE_TAG in part["text"]:
+        if ((kind == "text" or kind == "refusal" and images is None)  # (a refusal: an assistant's)
+                and isinstance(part.get(kind), str)):
+            if IMAGE_TAG in part[kind]:
                 raise RequestError(f"{where}.content[{j}]: the text holds {IMAGE_TAG} (send images as image_url)")
-            out.append(part["text"])
+            out.append(part[kind])
         elif kind == "image_url" and images is not None:
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url

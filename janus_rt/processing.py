@@ -30,8 +30,10 @@ def encode_generation_prompt(tok, prompt: str) -> list[int]:
 
 
 def encode_understanding_prompt(tok, question: str, num_images: int = 1, num_image_tokens: int = 576) -> list[int]:
-    """BOS + system + user turn, each <image_placeholder> expanded to BOI + N placeholders + EOI."""
-    return [tok.bos_id] + _expand(tok, tok.encode(understanding_prompt(question, num_images)), num_image_tokens)
+    """BOS + system + user turn, each <image_placeholder> expanded to BOI + N placeholders + EOI; the question stripped
+    of surrounding whitespace, as the official processor strips each message."""
+    return [tok.bos_id] + _expand(tok, tok.encode(understanding_prompt(question.strip(), num_images)),
+                                  num_image_tokens)
 
 
 def encode_conversation(tok, turns, num_image_tokens: int = 576, system: str = SYSTEM_PROMPT) -> list[int]:

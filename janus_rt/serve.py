@@ -210,8 +210,7 @@ class JanusServer(ThreadingHTTPServer):
         kw = {} if system is None else {"system": system}
         ids = _encode(lambda *a: encode_conversation(*a, **kw), self.tok, turns, self.model.cfg.vision.num_patches)
         if native["max_new_tokens"] is None:  # (as OpenAI's: the room left, in the context and in the KV cache)
-            cache = self.bg.engine.cache
-            room = min(self.model.cfg.llm.max_position, cache.num_blocks * cache.block_size) - len(ids)
+            room = min(self.model.cfg.llm.max_position, self._kv_tokens()) - len(ids)
             native["max_new_tokens"] = max(room, 1)
         max_new, params = _text_sampling(native)
         pixels = self._pixels(encoded, "image_url", least=0) if encoded else None
@@ -227,10 +226,14 @@ class JanusServer(ThreadingHTTPServer):
             raise BadRequest(str(e)) from None
         return openai_api.image_response(self.images(native, client_gone, None, openai_api.IMAGES_PATH))
 
+    def _kv_tokens(self) -> int:
+        """The tokens the KV cache holds at most (one request alone)."""
+        cache = self.bg.engine.cache
+        return cache.num_blocks * cache.block_size
+
     def _most_images(self) -> int:
         """The images one request may hold: what the KV cache could take at all."""
-        cache = self.bg.engine.cache
-        return cache.num_blocks * cache.block_size // self.model.cfg.vision.num_patches
+        return self._kv_tokens() // self.model.cfg.vision.num_patches
 
     def _pixels(self, encoded: list, where: str, least: int = 1) -> torch.Tensor:
         """Base64 PNG / JPEG / WebP / GIF images -> the model's input [k, 3, S, S], each decoded, checked and
@@ -442,8 +445,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorized(path):
             return self._unread()
         srv = self.server
-        route, stream = {"/v1/images": (srv.images, _Events), "/v1/understand": (srv.understand, _Events),
-                         openai_api.IMAGES_PATH: (srv.openai_images, _Events),
+        plain = lambda handler, body: _Events(handler)  # (stream(handler, body): the stream's writer)
+        route, stream = {"/v1/images": (srv.images, plain), "/v1/understand": (srv.understand, plain),
+                         openai_api.IMAGES_PATH: (srv.openai_images, plain),
                          openai_api.CHAT_PATH: (srv.chat, _ChatEvents)}.get(path, (None, None))
         if route is None:
             self._unread()
@@ -507,8 +511,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(code, {"error": message}, headers=headers)
 
     def handle_expect_100(self) -> bool:
-        """A client that asks before sending its body (Expect: 100-continue; curl does for large bodies) gets a busy
-        server's 429 instead of 100 Continue, and sends nothing."""
+        """A client that asks before sending its body (Expect: 100-continue; curl does for large bodies) gets 401
+        without the --api-key, or a busy server's 429, instead of 100 Continue, and sends nothing."""
         if self.command == "POST" and self.path.split("?")[0] in POST_PATHS:
             if not self._authorized(self.path.split("?")[0]):
                 self._unread()
@@ -543,9 +547,13 @@ class _Handler(BaseHTTPRequestHandler):
         """Before a connection whose request body was not read closes: the answer ends (a FIN after it), then the
         body is read and dropped until the client closes, the Content-Length has come, or DISCARD_S. Closing a
         socket with unread bytes resets the connection, and a client still sending its body (most send it whole
-        before they read) would get that reset (a broken pipe) instead of the answer."""
+        before they read) would get that reset (a broken pipe) instead of the answer. A request with neither
+        Content-Length nor Transfer-Encoding has no body (RFC 9112 6.3): nothing is waited for."""
         length = self.headers.get("Content-Length", "").strip()
-        left = int(length) if length.isdigit() else -1  # (-1: until the client closes; a chunked body)
+        if length.isdigit():
+            left = int(length)
+        else:  # -1: until the client closes (a chunked body, a Content-Length that is no number)
+            left = -1 if "Content-Length" in self.headers or "Transfer-Encoding" in self.headers else 0
         deadline = time.monotonic() + DISCARD_S
         try:
             self.wfile.flush()
@@ -609,7 +617,7 @@ class _Events:
 
     KEEPALIVE_S = 15.0
 
-    def __init__(self, handler: _Handler, body: dict | None = None):
+    def __init__(self, handler: _Handler):
         self.handler, self.started = handler, False
         self._last = time.monotonic()
 
@@ -641,10 +649,10 @@ class _ChatEvents(_Events):
     failure once begun is `data: {"error": {...}}`. Takes /v1/understand's events: {"text"} each step, the answer
     with "done", {"error", "code"} as event "error"."""
 
-    def __init__(self, handler: _Handler, body: dict | None = None):
+    def __init__(self, handler: _Handler, body: dict):
         super().__init__(handler)
         self.id, self.created, self.model = openai_api.chat_id(), int(time.time()), handler.server.label
-        options = (body or {}).get("stream_options")
+        options = body.get("stream_options")
         self.include_usage = isinstance(options, dict) and options.get("include_usage") is True
         self._role_sent = False
 

@@ -67,7 +67,7 @@ def _flash_attention_fwd_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_seqlens_ptr,
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
-        num_heads, seqlen_q, seqlen_k, qk_scale,
+        seqlen_q, seqlen_k, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     start_m = tl.program_id(0)
@@ -117,7 +117,7 @@ def _flash_attention_fwd_kernel(
 @triton.jit
 def _flash_attention_bwd_preprocess_kernel(
         o_ptr, do_ptr, delta_ptr, cu_seqlens_ptr, stride_qb, stride_qt, stride_qh, stride_lb, stride_lh,
-        num_heads, seqlen_q, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+        seqlen_q, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
         VARLEN: tl.constexpr):
     # delta[row] = sum_d o * do  (o and do share q's contiguous layout)
     start_m = tl.program_id(0)
@@ -139,7 +139,7 @@ def _flash_attention_bwd_preprocess_kernel(
 def _flash_attention_bwd_dkdv_kernel(
         q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_seqlens_ptr,
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_lb, stride_lh,
-        num_heads, seqlen_q, seqlen_k, sm_scale, qk_scale,
+        seqlen_q, seqlen_k, sm_scale, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     # one key block per program; loops over the query blocks that see it. q/do/dq share one layout, k/v/dk/dv another.
@@ -200,7 +200,7 @@ def _flash_attention_bwd_dkdv_kernel(
 def _flash_attention_bwd_dq_kernel(
         q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_seqlens_ptr,
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_lb, stride_lh,
-        num_heads, seqlen_q, seqlen_k, sm_scale, qk_scale,
+        seqlen_q, seqlen_k, sm_scale, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     # one query block per program; loops over the key blocks it sees
@@ -307,7 +307,7 @@ def _attention_fwd(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale):
         return o, lse
     _flash_attention_fwd_kernel[grid](
         q, k, v, o, lse, lay.cu_seqlens, *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(o),
-        *lay.lse_strides, lay.heads, lay.seqlen_q, lay.seqlen_k, sm_scale * _LOG2E,
+        *lay.lse_strides, lay.seqlen_q, lay.seqlen_k, sm_scale * _LOG2E,
         HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
         VARLEN=lay.varlen, **_kernel_flags(q.dtype), num_warps=num_warps, num_stages=num_stages)
     return o, lse
@@ -326,10 +326,9 @@ def _attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, sm_scale
     common = dict(HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, CAUSAL=causal, VARLEN=lay.varlen,
                   **_kernel_flags(q.dtype), num_warps=num_warps, num_stages=num_stages)
     _flash_attention_bwd_preprocess_kernel[(triton.cdiv(lay.seqlen_q, 32), *bh)](
-        o, do, delta, lay.cu_seqlens, *lay.strides(q), *lay.lse_strides, lay.heads, lay.seqlen_q,
+        o, do, delta, lay.cu_seqlens, *lay.strides(q), *lay.lse_strides, lay.seqlen_q,
         HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, BLOCK_M=32, VARLEN=lay.varlen)
-    args = (*lay.strides(q), *lay.strides(k), *lay.lse_strides, lay.heads, lay.seqlen_q, lay.seqlen_k, sm_scale,
-            sm_scale * _LOG2E)
+    args = (*lay.strides(q), *lay.strides(k), *lay.lse_strides, lay.seqlen_q, lay.seqlen_k, sm_scale, sm_scale * _LOG2E)
     _flash_attention_bwd_dkdv_kernel[(triton.cdiv(lay.seqlen_k, block_n), *bh)](
         q, k, v, do, lse, delta, dk, dv, lay.cu_seqlens, *args, BLOCK_M=block_m, BLOCK_N=block_n, **common)
     # the dq pass walks query blocks of the dkdv pass's key-block size, and vice versa

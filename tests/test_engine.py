@@ -435,7 +435,8 @@ def test_a_prompt_prefilled_beside_others_computes_what_it_does_alone(tiny):
 def test_a_decode_step_beside_many_rows_computes_what_it_does_alone(tiny):
     """An image's logits and K/V in a decode step of more than CPU_GEMV_MAX_ROWS rows (and images) are bit for bit
     those of its run alone: the gen head and the gen aligner took torch's matmul for a batch of more than 32 rows
-    (the csrc GEMV's last bits otherwise), so a request's logits changed beside 16 other images and its K/V beside 32."""
+    (the csrc GEMV's last bits otherwise), so a request's logits changed beside 16 other images and its K/V beside
+    32."""
     a, b = prompt(tiny, 6, seed=1), prompt(tiny, 9, seed=2)
 
     def run(others: int):

@@ -149,6 +149,9 @@ def test_without_max_tokens_an_answer_has_the_room_left(srv, monkeypatch):
                                                   "image_url": {"url": "https://x/y.png"}}]}]), "data URL"),
     (dict(messages=[{"role": "user", "content": [image_part("not base64!")]}]), "image_url[0]: not base64"),
     (dict(messages=[{"role": "user", "content": "quoting <image_placeholder>"}]), "holds <image_placeholder>"),
+    (dict(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": [
+        {"type": "refusal", "refusal": "no <image_placeholder>"}]}, {"role": "user", "content": "?"}]),
+     "messages[1].content[0]: the text holds <image_placeholder>"),  # (a refusal part is text too)
     (dict(messages=[{"role": "user", "content": "hi"}], temperature=0, top_p=0.5), None),  # (top_p left to greedy)
 ])
 def test_chat_refuses_what_it_cannot_do(srv, kw, says):

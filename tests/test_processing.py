@@ -37,6 +37,7 @@ def test_a_conversation_is_the_official_template():
     t = tok()
     one = encode_conversation(t, [("user", "<image_placeholder>\n" * 2 + "What is it?")], num_image_tokens=5)
     assert one == encode_understanding_prompt(t, "What is it?", num_images=2, num_image_tokens=5)
+    assert one == encode_understanding_prompt(t, " What is it?\n", num_images=2, num_image_tokens=5)  # (stripped)
     turns = [("user", "<image_placeholder>\nWhat is it?"), ("assistant", "A cat."), ("user", "And its colour?")]
     ids = encode_conversation(t, turns, num_image_tokens=3, system="Be brief.")
     e = ids.index(TOK.eos_id)

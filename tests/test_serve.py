@@ -927,3 +927,36 @@ def test_a_lingering_connection_does_not_hold_the_shutdown_up(request_head):
     took = time.monotonic() - t0  # (serving() closed the server)
     sock.close()
     assert took < 5, took
+
+
+@pytest.mark.parametrize("request_head", [
+    b"OPTIONS /v1/images HTTP/1.1\r\nHost: x\r\n\r\n",  # (a browser's CORS preflight: 405)
+    b"POST /nope HTTP/1.1\r\nHost: x\r\n\r\n",  # (a 404)
+    b"POST /v1/images HTTP/1.1\r\nHost: x\r\n\r\n",  # (no Content-Length: 400)
+])
+def test_a_refused_request_without_a_body_does_not_linger(server, request_head):
+    """A request with neither Content-Length nor Transfer-Encoding has no body (RFC 9112 6.3): once it is answered
+    its connection ends at once, not after DISCARD_S of waiting for a body that never comes (a thread and a
+    connection held 10 s for each such request while the client keeps its socket open)."""
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as sock:
+        sock.sendall(request_head)
+        answer = b""
+        while chunk := sock.recv(4096):  # (the answer, then the server's FIN; the socket stays open here)
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 4"), answer[:100]
+        deadline = time.monotonic() + 3
+        while server._conns and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not server._conns, "the connection lingered for a body it does not have"
+
+
+@pytest.mark.parametrize("key", ["", " s3cret", "s3cret\n"])
+def test_an_empty_or_padded_api_key_is_refused_before_the_load(monkeypatch, key):
+    """`--api-key "$KEY"` with KEY unset must not serve /v1/ to everyone (an empty key turned the check off), and a key
+    with spaces around it could never match (the header's token is stripped): both refused before the model loads."""
+    import janus_rt.cli as cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("loaded with a bad --api-key"))
+    args = cli.parser().parse_args(["serve", "--model", "tiny", "--device", "cpu", "--port", "0", "--api-key", key])
+    with pytest.raises(SystemExit, match=r"janus-rt serve: --api-key \(or \$JANUS_RT_API_KEY\) is empty or has"):
+        cli.make_server(args)

@@ -674,8 +674,6 @@ def test_image_tag_in_a_caption_or_text_is_a_skipped_record(tiny, tmp_path):
     """The tokenizer reads a literal <image_placeholder> as the placeholder id; in a text record or a t2i caption it
     would be one more place the forward splices SigLIP features into (it raised mid-run once such a document shared a
     micro-batch with an understanding one). Such records are skipped and reported, like any bad record."""
-    import warnings
-
     model, tok = tiny
     Image.new("RGB", (32, 32), (220, 30, 30)).save(tmp_path / "img.png")
     records = [{"kind": "und", "image": "img.png", "conversation": [
