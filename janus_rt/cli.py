@@ -57,6 +57,10 @@ def load_model(spec: str | None, device: str = "cpu", dtype: torch.dtype = torch
         except FileNotFoundError:
             print(f"note: {spec} has no tokenizer.json; using a byte-level tokenizer", file=sys.stderr)
             tok = JanusTokenizer.byte_level(model.cfg.llm.vocab_size, model.cfg.tokens)
+        top, vocab = max(tok.tok.get_vocab(with_added_tokens=True).values()), model.cfg.llm.vocab_size
+        if top >= vocab:  # (else every prompt holding such a token is refused, one request at a time)
+            raise UsageError(f"{spec}: tokenizer.json has token id {top}, past the model's vocabulary of {vocab}: "
+                             "a tokenizer from another checkpoint?")
         return model, tok, f"checkpoint {spec}"
     if spec in PRESETS:
         model = Janus.from_preset(spec, seed=seed, device=device, dtype=dtype)

@@ -851,3 +851,23 @@ def test_generate_says_when_other_processes_took_the_cpu(tmp_path, capsys, monke
     main(["generate", "--model", "tiny", "--prompt", "a red circle", "-n", "1", "--out", str(tmp_path), "--seed", "1"])
     assert ("note: janus-rt generate's threads waited for a CPU 0.90 s per second of its run: other processes shared "
             "the cores" in capsys.readouterr().err)
+
+
+def test_a_tokenizer_past_the_models_vocabulary_is_refused_at_load(tmp_path):
+    """A checkpoint folder whose tokenizer.json has ids past the model's embedding (another checkpoint's tokenizer):
+    a UsageError when it loads, not a refusal of every request that holds such a token later."""
+    from dataclasses import replace
+
+    from janus_rt.cli import load_model
+    from janus_rt.errors import UsageError
+    from janus_rt.loading import save_janus
+    from janus_rt.tokenizer import JanusTokenizer
+
+    model = Janus.from_preset("tiny", seed=0)
+    out = save_janus(model, tmp_path / "ck")
+    vocab = model.cfg.llm.vocab_size
+    JanusTokenizer.byte_level(vocab, model.cfg.tokens).save(out / "tokenizer.json")
+    assert load_model(str(out), "cpu", torch.float32)[1].eos_id == model.cfg.tokens.eos_id
+    JanusTokenizer.byte_level(vocab + 64, replace(model.cfg.tokens, eos_id=vocab + 10)).save(out / "tokenizer.json")
+    with pytest.raises(UsageError, match=f"token id {vocab + 10}, past the model's vocabulary of {vocab}"):
+        load_model(str(out), "cpu", torch.float32)
