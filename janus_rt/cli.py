@@ -146,18 +146,19 @@ def _read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def _default_cfg(spec: str | None) -> float:
-    """--cfg's default: the checkpoint folder's guidance_scale (said in a note), else 5.0 (Janus-Pro's official)."""
+def _default_cfg(spec: str | None, what: str = "--cfg") -> float:
+    """--cfg's default (what: the name the note gives it): the checkpoint folder's guidance_scale (said in a note),
+    else 5.0 (Janus-Pro's official)."""
     from janus_rt.loading import default_guidance
 
     folder = _checkpoint_folder(spec)
     w = default_guidance(folder) if folder is not None else None
     if w is None:
         if folder is not None and _has_guidance_field(folder):  # there, but not a finite number: say so
-            print("note: generation_config.json's guidance_scale is not a finite number; --cfg 5 (Janus-Pro's)",
+            print(f"note: generation_config.json's guidance_scale is not a finite number; {what} 5 (Janus-Pro's)",
                   file=sys.stderr)
         return 5.0
-    print(f"note: --cfg {w:g}, the checkpoint's guidance_scale (generation_config.json)", file=sys.stderr)
+    print(f"note: {what} {w:g}, the checkpoint's guidance_scale (generation_config.json)", file=sys.stderr)
     return w
 
 
@@ -424,7 +425,8 @@ def make_server(args):
     eng = Engine(model, **size, kv_cache_dtype=_kv_dtype(args), cuda_graphs=args.cuda_graphs)
     try:
         return JanusServer((args.host, args.port), model, tok, eng, label=_model_label(args.model),
-                           default_cfg=_default_cfg(args.model), max_requests=args.max_requests,
+                           default_cfg=_default_cfg(args.model, "requests' default \"cfg\""),
+                           max_requests=args.max_requests,
                            api_key=args.api_key), what
     except OSError as e:  # the port is taken, the address not ours
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None

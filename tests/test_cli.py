@@ -172,6 +172,11 @@ def test_cfg_default_follows_the_checkpoint(tmp_path, capsys, monkeypatch):
     (ck / "generation_config.json").write_text('{"guidance_scale": "high"}')  # not a number: 5, said
     main(["generate", "--model", str(ck), "-n", "1", "--out", str(tmp_path / "o")])
     assert got.pop() == 5.0 and "guidance_scale is not a finite number" in capsys.readouterr().err
+    from janus_rt.cli import make_server, parser  # serve: the requests' default, named as serve takes it
+
+    srv, _ = make_server(parser().parse_args(["serve", "--device", "cpu", "--kv-cache-gb", "0.01", "--port", "0"]))
+    srv.stop()
+    assert srv.default_cfg == 1.5 and 'note: requests\' default "cfg" 1.5' in capsys.readouterr().err
 
 
 def test_generate_prompts_file(tmp_path, capsys):
