@@ -492,3 +492,18 @@ def test_image_steps_csrc_loop_matches_python_loop(dtype, monkeypatch):
         assert max(calls) == 8
         runs.append([r.tokens for r in reqs])
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unpacked_lm_head_logits_do_not_depend_on_the_rows_beside(monkeypatch, dtype):
+    """The CPU decoder's LM head unpacked (JANUS_RT_PACKED=0, or a packed copy that does not fit): a text row's
+    logits beside 39 others are bit for bit its logits alone (above 32 rows ops.linear took torch's matmul, whose
+    fp32 last bits differ: a text request's logits depended on how many text requests shared its step)."""
+    monkeypatch.setenv("JANUS_RT_PACKED", "0")
+    model = Janus.from_preset("tiny", seed=0, dtype=dtype)
+    dec = Engine(model, block_size=16, max_num_blocks=64).runner.cpu_decoder
+    assert dec.lm_head_packed is None
+    h = torch.randn(40, model.cfg.llm.hidden_size, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with ops.use_backend("cpu"):
+        alone, beside = dec.lm_head(h[:1]), dec.lm_head(h)
+    assert torch.equal(alone[0], beside[0]) and beside.shape == (40, model.cfg.llm.vocab_size)

@@ -147,8 +147,12 @@ class CpuDecoder:
 
     @torch.inference_mode()
     def lm_head(self, h):
-        """model.lm_head's logits for h [R, C] (h's dtype), through the packed copy where there is one."""
-        return ops.linear(h, self.lm_head_packed if self.lm_head_packed is not None else self.model.lm_head.weight)
+        """model.lm_head's logits for h [R, C] (h's dtype), through the packed copy where there is one; else in pieces
+        of at most CPU_GEMV_MAX_ROWS rows through the csrc GEMV, so that a row's logits do not depend on the rows
+        beside it (torch's matmul, which ops.linear takes above that, differs in the last bits)."""
+        if self.lm_head_packed is not None:
+            return ops.linear(h, self.lm_head_packed)
+        return torch.cat([ops.linear(part, self.model.lm_head.weight) for part in h.split(ops.CPU_GEMV_MAX_ROWS)])
 
     def _pack_adaptor(self, m):
         """(fc1 packed, fc1 bias, fc2 packed, fc2 bias) of a Linear -> GELU -> Linear adaptor, or None when the
