@@ -241,6 +241,12 @@ def _int8_checks(args, cuda: bool):
             (not packed_off, f"--int8: {why}")]
 
 
+def _cuda_graphs_note(args) -> None:
+    """--cuda-graphs (generate, serve, bench) where the device is not a GPU: said, not refused."""
+    if args.cuda_graphs and not str(args.device).startswith("cuda"):
+        print("note: --cuda-graphs has no effect on the CPU", file=sys.stderr)
+
+
 def _n_limit_check(n: int) -> tuple[bool, str]:
     """-n's upper bound, known before the model loads: each image runs as 2 rows (CFG) of the engine's at most
     MAX_NUM_ROWS (the engine would refuse it only after the load, minutes at 7B)."""
@@ -280,8 +286,7 @@ def cmd_generate(args):
     if stale:
         print(f"note: {args.out}/ already holds {len(stale)} img_*.png; this run overwrites those it writes and "
               f"grid.png shows only this run's", file=sys.stderr)
-    if args.cuda_graphs and not str(args.device).startswith("cuda"):
-        print("note: --cuda-graphs has no effect on the CPU", file=sys.stderr)
+    _cuda_graphs_note(args)
     if args.temperature == 0:
         args.greedy = True
     model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)
@@ -414,8 +419,7 @@ def make_server(args):
                  "--api-key (or $JANUS_RT_API_KEY) is empty or has spaces around it (an empty key left /v1/ open, "
                  "a padded one matched no request)"),
                 *_common_checks(args))
-    if args.cuda_graphs and not str(args.device).startswith("cuda"):
-        print("note: --cuda-graphs has no effect on the CPU", file=sys.stderr)
+    _cuda_graphs_note(args)
     _check_listen(args.host, args.port)  # before a load that takes minutes at 7B
     model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)
     _pack_in_place(model, int8=args.int8)  # only where the engine's copy would not fit (or --int8)
@@ -508,8 +512,7 @@ def cmd_bench(args):
                 (args.model is not None or args.tokens <= 576,  # (a checkpoint's own count: after it loads)
                  f"--tokens must be at most 576 (the random shapes' image tokens), got {args.tokens}"),
                 *_device_checks(args))
-    if args.cuda_graphs and not str(args.device).startswith("cuda"):
-        print("note: --cuda-graphs has no effect on the CPU", file=sys.stderr)
+    _cuda_graphs_note(args)
     # the result files are written after minutes of runs: a path that cannot take them is said first
     _check_args(args, *[(err is None, err) for err in (folder_problem(args.profile, "--profile") if args.profile
                                                       else None, _json_problem(args.json))])

@@ -213,7 +213,7 @@ class JanusServer(ThreadingHTTPServer):
             room = min(self.model.cfg.llm.max_position, self._kv_tokens()) - len(ids)
             native["max_new_tokens"] = max(room, 1)
         max_new, params = _text_sampling(native)
-        pixels = self._pixels(encoded, "image_url", least=0) if encoded else None
+        pixels = self._pixels(encoded, "image_url") if encoded else None
         out = self._answer(ids, pixels, max_new, params, client_gone, events, openai_api.CHAT_PATH)
         cid, created = (events.id, events.created) if events is not None else (openai_api.chat_id(), int(time.time()))
         return openai_api.chat_response(out, self.label, cid, created)
@@ -235,15 +235,15 @@ class JanusServer(ThreadingHTTPServer):
         """The images one request may hold: what the KV cache could take at all."""
         return self._kv_tokens() // self.model.cfg.vision.num_patches
 
-    def _pixels(self, encoded: list, where: str, least: int = 1) -> torch.Tensor:
+    def _pixels(self, encoded: list, where: str) -> torch.Tensor:
         """Base64 PNG / JPEG / WebP / GIF images -> the model's input [k, 3, S, S], each decoded, checked and
         reduced at once (BadRequest naming where[i] for one that is not an image this server reads)."""
         from PIL import Image
 
         cfg = self.model.cfg
         most = self._most_images()
-        if not least <= len(encoded) <= most:
-            raise BadRequest(f"{where}: give {least} to {most} (base64 PNG or JPEG; each takes "
+        if not 1 <= len(encoded) <= most:
+            raise BadRequest(f"{where}: give 1 to {most} (base64 PNG or JPEG; each takes "
                              f"{cfg.vision.num_patches} tokens of the KV cache), got {len(encoded)}")
         pixels = []
         for i, data in enumerate(encoded):
@@ -416,7 +416,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers:
             self._unread()  # a body this server does not read: never parsed as the next request
-        path = self.path.split("?")[0]
+        path = self.route
         if not self._authorized(path):
             return
         if path == "/metrics":
@@ -441,7 +441,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         events = None  # a stream's writer, once the body asks for one
-        path = self.path.split("?")[0]  # (a query is ignored)
+        path = self.route
         if not self._authorized(path):
             return self._unread()
         srv = self.server
@@ -505,7 +505,7 @@ class _Handler(BaseHTTPRequestHandler):
                 events({"error": message, "code": code}, event="error")
             except (ConnectionError, TimeoutError):
                 pass
-        elif self.path.split("?")[0] in OPENAI_PATHS:
+        elif self.route in OPENAI_PATHS:
             self._send(code, openai_api.error_body(code, message), headers=headers)
         else:
             self._send(code, {"error": message}, headers=headers)
@@ -513,8 +513,8 @@ class _Handler(BaseHTTPRequestHandler):
     def handle_expect_100(self) -> bool:
         """A client that asks before sending its body (Expect: 100-continue; curl does for large bodies) gets 401
         without the --api-key, or a busy server's 429, instead of 100 Continue, and sends nothing."""
-        if self.command == "POST" and self.path.split("?")[0] in POST_PATHS:
-            if not self._authorized(self.path.split("?")[0]):
+        if self.command == "POST" and self.route in POST_PATHS:
+            if not self._authorized(self.route):
                 self._unread()
                 return False
             try:
@@ -524,6 +524,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self._fail(429, str(e), headers={"Retry-After": "1"})
                 return False
         return super().handle_expect_100()
+
+    @property
+    def route(self) -> str:
+        """The request's path without its query (a query is ignored)."""
+        return self.path.split("?")[0]
 
     def _authorized(self, path: str) -> bool:
         """Whether this request may go on: under --api-key a /v1/ path needs `Authorization: Bearer <key>`; else

@@ -102,6 +102,13 @@ def pack_in_place(model, always: bool = False, int8: bool | str = False) -> str 
             "inference only)")
 
 
+def _in_gemv_pieces(fn, x):
+    """fn over x [R, C] in pieces of at most ops.CPU_GEMV_MAX_ROWS rows, each through the csrc GEMV, concatenated: a
+    row's values then do not depend on how many rows the step has (above that count ops.linear and ops.mlp_gelu take
+    torch's matmul, whose last bits differ)."""
+    return torch.cat([fn(part) for part in x.split(ops.CPU_GEMV_MAX_ROWS)])
+
+
 class CpuDecoder:
     """The LLM forward for one new token per row over the engine's paged cache, on the CPU."""
 
@@ -147,12 +154,11 @@ class CpuDecoder:
 
     @torch.inference_mode()
     def lm_head(self, h):
-        """model.lm_head's logits for h [R, C] (h's dtype), through the packed copy where there is one; else in pieces
-        of at most CPU_GEMV_MAX_ROWS rows through the csrc GEMV, so that a row's logits do not depend on the rows
-        beside it (torch's matmul, which ops.linear takes above that, differs in the last bits)."""
+        """model.lm_head's logits for h [R, C] (h's dtype), through the packed copy where there is one (the packed
+        GEMV at any row count), else _in_gemv_pieces."""
         if self.lm_head_packed is not None:
             return ops.linear(h, self.lm_head_packed)
-        return torch.cat([ops.linear(part, self.model.lm_head.weight) for part in h.split(ops.CPU_GEMV_MAX_ROWS)])
+        return _in_gemv_pieces(lambda part: ops.linear(part, self.model.lm_head.weight), h)
 
     def _pack_adaptor(self, m):
         """(fc1 packed, fc1 bias, fc2 packed, fc2 bias) of a Linear -> GELU -> Linear adaptor, or None when the
@@ -167,13 +173,11 @@ class CpuDecoder:
     def _adaptor(self, module, packed, x):
         if x.dtype != self.model.dtype:
             return module(x)
-        # in pieces of at most CPU_GEMV_MAX_ROWS rows, each through the csrc GEMV (packed, or module's ops.mlp_gelu): a
-        # row's values then do not depend on how many rows the step has (a batch of more than 32 rows went to torch's
-        # matmul, whose last bits differ: an image's logits, and with 33 images or more its next K/V, changed with the
-        # batch beside it)
+        # (packed, or module's ops.mlp_gelu; an image's logits, and with 33 images or more its next K/V, changed
+        # with the batch beside it before the pieces)
         run = module if packed is None else lambda part: cpu_ops.mlp_gelu(part.contiguous(), *packed)
         with ops._scope("janus_rt::cpu_mlp_gelu"):
-            return torch.cat([run(part) for part in x.split(ops.CPU_GEMV_MAX_ROWS)]).to(x.dtype)
+            return _in_gemv_pieces(run, x).to(x.dtype)
 
     @torch.inference_mode()
     def gen_head(self, h):

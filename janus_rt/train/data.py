@@ -39,14 +39,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from janus_rt.processing import SYSTEM_PROMPT  # (the official understanding prompt's, as inference uses it)
+from janus_rt.tokenizer import SPECIAL_TOKENS
 
 IGNORE = -100
 KINDS = ("t2i", "und", "text")
-IMAGE_TAG = "<image_placeholder>"
-SYSTEM_PROMPT = (
-    "You are a helpful language and vision assistant. You are able to understand the visual content that the "
-    "user provides, and assist the user with a variety of tasks using natural language."
-)
+IMAGE_TAG = SPECIAL_TOKENS["image_id"]  # "<image_placeholder>"
 _ROLES = {"user": "user", "<|User|>": "user", "assistant": "assistant", "<|Assistant|>": "assistant"}
 _TOKEN_ATTRS = ("bos_id", "eos_id", "pad_id", "boi_id", "eoi_id", "image_id")
 
