@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 from PIL import Image
-from test_serve import PNG_1PX, call, serving
+from test_serve import PNG_1PX, call, read_to_close, serving
 
 from janus_rt.processing import encode_conversation
 
@@ -218,9 +218,7 @@ def test_an_api_key_guards_the_v1_paths(monkeypatch):
             assert r.status == 200 and len(json.loads(r.read())["images"]) == 1
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             sock.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n")
-            answer = b""
-            while chunk := sock.recv(1 << 16):
-                answer += chunk
+            answer = read_to_close(sock)
         assert answer.startswith(b"HTTP/1.1 401") and b"WWW-Authenticate: Bearer" in answer, answer[:200]
 
 

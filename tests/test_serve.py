@@ -734,27 +734,43 @@ def test_serving_is_the_cpus_where_a_gpu_is(monkeypatch):
         assert srv.model.device.type == "cpu"
 
 
-def test_a_429_reaches_a_client_still_sending_its_body():
-    """A busy server's 429 comes before the body is read, yet a client that sends its whole (large) body before it
-    reads the answer (http.client, urllib, requests) gets that 429, not a connection reset: the unread body is
-    read and dropped before the connection closes."""
+@contextlib.contextmanager
+def busy_server():
+    """A server under --max-requests 1 with its one request open (held inside the engine's step) while the block
+    runs; released and answered after."""
     with serving("127.0.0.1", max_requests=1) as srv:
         entered, release = _held(srv)
         t = threading.Thread(target=lambda: call(srv, "/v1/images", {"prompt": "a", "seed": 1}))
         t.start()
         try:
             assert entered.wait(timeout=60)
-            body = json.dumps({"question": "q", "images": [PNG_1PX], "pad": "x" * (16 << 20)}).encode()
-            conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=30)
-            try:
-                conn.request("POST", "/v1/understand", body=body)
-                r = conn.getresponse()
-                assert r.status == 429 and r.getheader("Retry-After") == "1" and b"--max-requests 1" in r.read()
-            finally:
-                conn.close()
+            yield srv
         finally:
             release.set()
             t.join(timeout=60)
+
+
+def read_to_close(sock, size: int = 1 << 16) -> bytes:
+    """Everything the server sends on sock until it closes its side."""
+    got = b""
+    while chunk := sock.recv(size):
+        got += chunk
+    return got
+
+
+def test_a_429_reaches_a_client_still_sending_its_body():
+    """A busy server's 429 comes before the body is read, yet a client that sends its whole (large) body before it
+    reads the answer (http.client, urllib, requests) gets that 429, not a connection reset: the unread body is
+    read and dropped before the connection closes."""
+    with busy_server() as srv:
+        body = json.dumps({"question": "q", "images": [PNG_1PX], "pad": "x" * (16 << 20)}).encode()
+        conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=30)
+        try:
+            conn.request("POST", "/v1/understand", body=body)
+            r = conn.getresponse()
+            assert r.status == 429 and r.getheader("Retry-After") == "1" and b"--max-requests 1" in r.read()
+        finally:
+            conn.close()
 
 
 def test_a_slow_upload_holds_no_slot():
@@ -804,9 +820,7 @@ def test_a_bad_request_line_is_counted_as_other_path():
     with serving("127.0.0.1") as srv:
         with socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=30) as sock:
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health XTTP/1.1\r\nHost: x\r\n\r\n")
-            got = b""
-            while chunk := sock.recv(4096):  # (both answers: the server closes the connection after its 400)
-                got += chunk
+            got = read_to_close(sock)  # (both answers: the server closes the connection after its 400)
         assert got.startswith(b"HTTP/1.1 200") and b" 400 " in got
         m = scrape(srv)
         assert [responses(m, *key) for key in (("/health", "200"), ("/health", "400"), ("other", "400"))] == [1, 0, 1]
@@ -866,24 +880,14 @@ def test_an_answer_before_the_body_reaches_a_client_still_sending_it(server, mon
 def test_a_429_to_expect_100_reaches_a_client_that_sends_its_body_anyway():
     """A client that asked Expect: 100-continue but sends its body without waiting for the 100 (curl does after a
     second) still reads the busy server's 429 whole, not a reset."""
-    with serving("127.0.0.1", max_requests=1) as srv:
-        entered, release = _held(srv)
-        t = threading.Thread(target=lambda: call(srv, "/v1/images", {"prompt": "a", "seed": 1}))
-        t.start()
-        try:
-            assert entered.wait(timeout=60)
-            size = 16 << 20
-            with socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=30) as sock:
-                sock.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
-                             b"Expect: 100-continue\r\n\r\n" % size)
-                sock.sendall(b"x" * size)
-                answer = b""
-                while chunk := sock.recv(1 << 16):
-                    answer += chunk
-            assert answer.startswith(b"HTTP/1.1 429") and b"--max-requests 1" in answer, answer[:200]
-        finally:
-            release.set()
-            t.join(timeout=60)
+    with busy_server() as srv:
+        size = 16 << 20
+        with socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=30) as sock:
+            sock.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                         b"Expect: 100-continue\r\n\r\n" % size)
+            sock.sendall(b"x" * size)
+            answer = read_to_close(sock)
+        assert answer.startswith(b"HTTP/1.1 429") and b"--max-requests 1" in answer, answer[:200]
 
 
 def test_a_stream_keeps_its_connection_alive_while_its_images_decode(monkeypatch):
@@ -919,9 +923,7 @@ def test_a_lingering_connection_does_not_hold_the_shutdown_up(request_head):
     with serving("127.0.0.1") as srv:
         sock = socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=30)
         sock.sendall(request_head)
-        answer = b""
-        while chunk := sock.recv(4096):  # (the answer, then the FIN the linger begins with)
-            answer += chunk
+        answer = read_to_close(sock)  # (the answer, then the FIN the linger begins with)
         assert answer.startswith(b"HTTP/1.1 4"), answer[:100]
         t0 = time.monotonic()
     took = time.monotonic() - t0  # (serving() closed the server)
@@ -940,9 +942,7 @@ def test_a_refused_request_without_a_body_does_not_linger(server, request_head):
     connection held 10 s for each such request while the client keeps its socket open)."""
     with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as sock:
         sock.sendall(request_head)
-        answer = b""
-        while chunk := sock.recv(4096):  # (the answer, then the server's FIN; the socket stays open here)
-            answer += chunk
+        answer = read_to_close(sock)  # (the answer, then the server's FIN; the socket stays open here)
         assert answer.startswith(b"HTTP/1.1 4"), answer[:100]
         deadline = time.monotonic() + 3
         while server._conns and time.monotonic() < deadline:
