@@ -27,10 +27,9 @@ import re
 import time
 import uuid
 
-from janus_rt.tokenizer import SPECIAL_TOKENS
+from janus_rt.processing import IMAGE_TAG
 
 CHAT_PATH, IMAGES_PATH, MODELS_PATH = "/v1/chat/completions", "/v1/images/generations", "/v1/models"
-IMAGE_TAG = SPECIAL_TOKENS["image_id"]  # "<image_placeholder>"
 
 # chat fields this server cannot honour -> the values that ask for nothing (anything else is refused)
 _CHAT_UNSUPPORTED = {"n": (1,), "tools": ([],), "tool_choice": ("none",), "functions": ([],),

@@ -7,6 +7,10 @@ import os
 import numpy as np
 import torch
 
+from janus_rt.tokenizer import SPECIAL_TOKENS
+
+IMAGE_TAG = SPECIAL_TOKENS["image_id"]  # "<image_placeholder>": where an understanding prompt's image goes
+
 SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that the "
     "user provides, and assist the user with a variety of tasks using natural language."
@@ -20,7 +24,7 @@ def generation_prompt(prompt: str) -> str:
 
 def understanding_prompt(question: str, num_images: int = 1) -> str:
     """System prompt + one user turn whose images come first (one <image_placeholder> each)."""
-    images = "<image_placeholder>\n" * num_images
+    images = f"{IMAGE_TAG}\n" * num_images
     return f"{SYSTEM_PROMPT}\n\n<|User|>: {images}{question}\n\n<|Assistant|>:"
 
 
@@ -32,39 +36,61 @@ def encode_generation_prompt(tok, prompt: str) -> list[int]:
 def encode_understanding_prompt(tok, question: str, num_images: int = 1, num_image_tokens: int = 576) -> list[int]:
     """BOS + system + user turn, each <image_placeholder> expanded to BOI + N placeholders + EOI; the question stripped
     of surrounding whitespace, as the official processor strips each message."""
-    return [tok.bos_id] + _expand(tok, tok.encode(understanding_prompt(question.strip(), num_images)),
-                                  num_image_tokens)
+    return [tok.bos_id] + encode_with_images(tok, understanding_prompt(question.strip(), num_images), num_image_tokens)
 
 
 def encode_conversation(tok, turns, num_image_tokens: int = 576, system: str = SYSTEM_PROMPT) -> list[int]:
-    """A chat's ids, as the official DeepSeek template (and janus_rt's training data) lay them out:
-    BOS "{system}\n\n<|User|>: {user}\n\n<|Assistant|>: {answer}" EOS "<|User|>: {user}\n\n<|Assistant|>:".
-    turns: [(role, text), ...], "user" and "assistant" alternating, the user's first and last; an image is an
-    <image_placeholder> in a user's text (expanded to BOI + N placeholders + EOI). One user turn is
-    encode_understanding_prompt's ids when its text is "<image_placeholder>\n" per image, then the question.
-    Each turn's text is stripped, and the system prompt's start, as the official processor strips each message and
-    the whole prompt (an earlier answer sent back with its leading space is "<|Assistant|>: text", not two spaces; a
-    turn that ends with its image has no third newline)."""
+    """A chat's ids, as the official DeepSeek template lays them out (encode_chat); turns alternate user and
+    assistant and end with the user's, the ids ending "<|Assistant|>:" for the answer to follow. One user turn is
+    encode_understanding_prompt's ids when its text is "<image_placeholder>\n" per image, then the question."""
+    if not turns or turns[-1][0] != "user":
+        raise ValueError(f"turns must alternate user, assistant, ..., user; got {[role for role, _ in turns]}")
+    return encode_chat(tok, turns, num_image_tokens, system)[0]
+
+
+def encode_chat(tok, turns, num_image_tokens: int = 576, system: str = SYSTEM_PROMPT) -> tuple[list[int], list[bool]]:
+    """A chat's ids and which of them are answers (each assistant turn's text and its EOS: training's loss tokens),
+    in the official DeepSeek template:
+        BOS "{system}\n\n<|User|>: {user}\n\n<|Assistant|>:" " {answer}" EOS "<|User|>: {user}\n\n<|Assistant|>:" ...
+    turns: [(role, text), ...], "user" and "assistant" alternating from the user's; ending with an assistant turn
+    (a training record) or a user turn (a prompt). An image is an <image_placeholder> in a user's text (expanded to
+    BOI + N placeholders + EOI). Each turn's text is stripped, and the system prompt's start, as the official
+    processor strips each message and the whole prompt (an earlier answer sent back with its leading space is
+    "<|Assistant|>: text", not two spaces; a turn that ends with its image has no third newline). An answer is
+    encoded apart from the prompt before it, as the model generates it after "<|Assistant|>:"; DeepSeek's
+    pre-tokenizer (and GPT-2's) splits at that space anyway, so these are the whole string's ids (tested)."""
     roles = [role for role, _ in turns]
-    if not roles or roles[::2] != ["user"] * len(roles[::2]) or roles[1::2] != ["assistant"] * len(roles[1::2]) \
-            or roles[-1] != "user":
-        raise ValueError(f"turns must alternate user, assistant, ..., user; got {roles}")
-    out, text = [tok.bos_id], f"{system}\n\n".lstrip() if system else ""
+    if not roles or roles[::2] != ["user"] * len(roles[::2]) or roles[1::2] != ["assistant"] * len(roles[1::2]):
+        raise ValueError(f"turns must alternate user, assistant, ...; got {roles}")
+    ids, answer = [tok.bos_id], [False]
+    text = f"{system}\n\n".lstrip() if system else ""  # prompt text not yet encoded
+
+    def add(new: list[int], is_answer: bool):
+        ids.extend(new)
+        answer.extend([is_answer] * len(new))
+
     for role, content in turns:
         content = content.strip()
         if role == "user":
             text += f"<|User|>: {content}\n\n<|Assistant|>:"
-        else:  # (the answer ends with EOS: the text so far is encoded, the EOS id put after it)
-            out += _expand(tok, tok.encode(f"{text} {content}"), num_image_tokens) + [tok.eos_id]
+        else:
+            if IMAGE_TAG in content:
+                raise ValueError(f"an assistant turn holds {IMAGE_TAG} (only user turns hold images)")
+            add(encode_with_images(tok, text, num_image_tokens), False)
+            add(tok.encode(f" {content}") + [tok.eos_id], True)
             text = ""
-    return out + _expand(tok, tok.encode(text), num_image_tokens)
+    if text:
+        add(encode_with_images(tok, text, num_image_tokens), False)
+    return ids, answer
 
 
-def _expand(tok, ids: list[int], num_image_tokens: int) -> list[int]:
-    """Each <image_placeholder> id -> BOI + num_image_tokens placeholders + EOI."""
-    out = []
-    for i in ids:
-        out += [tok.boi_id] + [tok.image_id] * num_image_tokens + [tok.eoi_id] if i == tok.image_id else [i]
+def encode_with_images(tok, text: str, num_image_tokens: int) -> list[int]:
+    """text's ids, each <image_placeholder> in it BOI + num_image_tokens placeholder ids + EOI; the text between
+    the tags encoded apart, as a tokenizer that holds the tag as a special token splits there too."""
+    first, *rest = text.split(IMAGE_TAG)
+    out = tok.encode(first)
+    for piece in rest:
+        out += [tok.boi_id] + [tok.image_id] * num_image_tokens + [tok.eoi_id] + tok.encode(piece)
     return out
 
 

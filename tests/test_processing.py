@@ -10,7 +10,7 @@ from janus_rt.config import TokenConfig
 from janus_rt.processing import (SYSTEM_PROMPT, encode_conversation, encode_generation_prompt,
                                  encode_understanding_prompt, generation_prompt, preprocess_image, to_uint8,
                                  unconditional_ids)
-from janus_rt.tokenizer import JanusTokenizer
+from janus_rt.tokenizer import SPECIAL_TOKENS, JanusTokenizer
 
 TOK = TokenConfig(bos_id=1000, eos_id=1001, pad_id=1002, boi_id=1003, eoi_id=1004, image_id=1005)
 
@@ -70,6 +70,84 @@ def test_a_conversation_strips_each_message_as_the_official_processor_does():
     assert t.decode(ids[:e]).endswith("\n\n<|Assistant|>: A cat.")
     last_eoi = len(ids) - 1 - ids[::-1].index(TOK.eoi_id)
     assert ids[last_eoi + 1:] == t.encode("\n\n<|Assistant|>:")
+
+
+def bpe_tokenizer(pre_tokenizer: str) -> JanusTokenizer:
+    """A byte-level BPE with merges (trained here on template-like text; the byte-level test tokenizer above has
+    none, so no piece boundary could change its ids), pre-tokenized as GPT-2 ("gpt2") or as DeepSeek LLM's
+    tokenizer.json does ("deepseek": its Split regexes, shortened to ASCII letters, then bytes)."""
+    import random
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from janus_rt.tokenizer import special_ids
+
+    tok = Tokenizer(models.BPE())
+    if pre_tokenizer == "gpt2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        splits = [r"[\r\n]", r"\s?[A-Za-z]+", r"\s?[!-/:-~]+", r"\s+$", r"\p{N}+"]
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(r), "isolated") for r in splits]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    rng = random.Random(0)
+    words = ["a", "cat", "red", "What", "is", "it", "colour", "shape", "star", "Yes", "no", "2", "42", "!", "?", ":",
+             "...", "'s", "\n", "<|User|>:", "<|Assistant|>:"]
+    corpus = [SYSTEM_PROMPT] + [" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)]
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=list(SPECIAL_TOKENS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return JanusTokenizer(tok, special_ids(tok))
+
+
+@pytest.mark.parametrize("pre_tokenizer", ["gpt2", "deepseek"])
+def test_a_chat_is_the_whole_template_encoded_at_once(pre_tokenizer):
+    """encode_chat encodes each answer apart from the prompt before it (training marks those ids for its loss) and
+    the text between images apart; with a BPE whose merges could cross those places, its ids are still those of the
+    whole templated string encoded at once (special tokens split it, as the official processor's tokenizer does),
+    for answers that start with letters, digits, punctuation, quotes or other scripts, and images anywhere in user
+    turns. Its mask marks exactly each answer's ids and EOS."""
+    import random
+
+    from janus_rt.processing import encode_chat
+
+    t = bpe_tokenizer(pre_tokenizer)
+    assert len(t.encode("<|User|>: What is it?")) < len("<|User|>: What is it?")  # (merges, or the test is void)
+    rng = random.Random(1)
+    pieces = ["What", " is", "it", "?", " a cat", "42", " 7", "!", "...", "'s", "\n", " ", "colour:", "Yes.", "é",
+              "中文", "<image_placeholder>", "\t", ":", " <|User|>"]
+    eos, img = SPECIAL_TOKENS["eos_id"], "<image_placeholder>"
+    for case in range(200):
+        turns = []
+        for k in range(rng.choice([1, 2, 3]) * 2):
+            text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 6)))
+            if k % 2:
+                text = text.replace(img, "x")
+            turns.append(("user" if k % 2 == 0 else "assistant", text))
+        if rng.random() < 0.5:
+            turns.pop()  # a prompt: ends with the user's turn
+        system = rng.choice([SYSTEM_PROMPT, "", "Be brief."])
+        whole = f"{system}\n\n" if system else ""
+        for role, text in turns:
+            text = text.strip()
+            whole += f"<|User|>: {text}\n\n<|Assistant|>:" if role == "user" else f" {text}{eos}"
+        want = []
+        for i in [t.bos_id] + t.encode(whole):
+            want += [t.boi_id] + [t.image_id] * 3 + [t.eoi_id] if i == t.image_id else [i]
+        ids, answer = encode_chat(t, turns, num_image_tokens=3, system=system)
+        assert ids == want, (case, turns)
+        marked, expect = [i for i, a in zip(ids, answer) if a], []
+        for role, text in turns:
+            if role == "assistant":
+                expect += t.encode(" " + text.strip()) + [t.eos_id]
+        assert marked == expect and len(answer) == len(ids)
+        if turns[-1][0] == "user":
+            assert encode_conversation(t, turns, num_image_tokens=3, system=system) == ids
+    with pytest.raises(ValueError, match="assistant turn holds"):
+        encode_chat(t, [("user", "hi"), ("assistant", f"see {img}")])
+    with pytest.raises(ValueError, match="alternate"):
+        encode_conversation(t, [("user", "hi"), ("assistant", "ok")])
 
 
 def test_understanding_prompt_expands_placeholders():

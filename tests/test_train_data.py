@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from janus_rt.processing import encode_conversation
 from janus_rt.train.data import (IGNORE, SYSTEM_PROMPT, DataWarning, ManifestDataset, read_manifest)
 from janus_rt.train.synthetic import (PALETTE, QUESTIONS, caption_color_match, caption_colors, count_objects,
                                       dominant_colors, make_synthetic)
@@ -274,6 +275,28 @@ def test_und_layout(one_of_each):
 
     s = make_ds(one_of_each, system_prompt="")[1]
     assert s.input_ids.tolist()[:12] == [1] + enc("<|User|>: ") + [4]
+
+
+def test_und_ids_are_what_inference_prompts_with(tmp_path):
+    """Training and serving lay a conversation out alike (processing.encode_chat): the ids before a record's last
+    answer are encode_conversation's prompt for its turns so far, stripped as the official processor strips each
+    message (whitespace around a turn, as manifests often hold, changes nothing)."""
+    make_synthetic(tmp_path, n=2, image_size=16, seed=0)
+    conv = [{"role": "user", "content": " <image_placeholder>\nWhat shape? "},
+            {"role": "assistant", "content": " A star.\n"},
+            {"role": "user", "content": "And this?\n<image_placeholder>\n"},
+            {"role": "assistant", "content": "Red. "}]
+    clean = [{"role": m["role"], "content": m["content"].strip()} for m in conv]
+    images = ["images/000000.png", "images/000001.png"]
+    m = write_manifest(tmp_path / "m.jsonl", [{"kind": "und", "image": images, "conversation": c}
+                                             for c in (conv, clean)])
+    ds = make_ds(m)
+    s = ds[0]
+    assert torch.equal(s.input_ids, ds[1].input_ids) and torch.equal(s.text_labels, ds[1].text_labels)
+    turns = [(c["role"], c["content"]) for c in conv]
+    prompt = encode_conversation(FakeTok(), turns[:3], num_image_tokens=N)
+    assert s.input_ids.tolist() == prompt + enc(" Red.") + [2]
+    assert s.text_labels.tolist()[len(prompt) - 1:] == enc(" Red.") + [2, IGNORE]
 
 
 def test_text_layout(one_of_each):

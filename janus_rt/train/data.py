@@ -18,6 +18,8 @@ understanding images go through `preprocess_fn` when their sample is built.
 Sample layouts follow the official prompt formats (every sequence starts with BOS):
     t2i:  BOS "<|User|>: {caption}\\n\\n<|Assistant|>:" BOI  img_0 .. img_{N-1}  EOI
     und:  BOS "{system}\\n\\n<|User|>: " [BOI image_id*N EOI] "\\n{question}\\n\\n<|Assistant|>:" " {answer}" EOS ...
+          (processing.encode_chat: the layout inference prompts with, each turn stripped as the official processor
+          strips each message)
     text: BOS "{text}" EOS
 Labels are already shifted: label[t] is the token at t+1 when t+1 is a loss token, else IGNORE. t2i puts its
 targets in `image_labels` (positions BOI .. img_{N-2} predict img_0 .. img_{N-1} through the gen head; EOI is
@@ -39,12 +41,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from janus_rt.processing import SYSTEM_PROMPT  # (the official understanding prompt's, as inference uses it)
-from janus_rt.tokenizer import SPECIAL_TOKENS
+from janus_rt.processing import IMAGE_TAG, SYSTEM_PROMPT, encode_chat, encode_generation_prompt  # (as inference)
 
 IGNORE = -100
 KINDS = ("t2i", "und", "text")
-IMAGE_TAG = SPECIAL_TOKENS["image_id"]  # "<image_placeholder>"
 _ROLES = {"user": "user", "<|User|>": "user", "assistant": "assistant", "<|Assistant|>": "assistant"}
 _TOKEN_ATTRS = ("bos_id", "eos_id", "pad_id", "boi_id", "eoi_id", "image_id")
 
@@ -357,7 +357,7 @@ class ManifestDataset:
 
     def _t2i(self, i: int, rec: Record, uncond: bool) -> Sample:
         t, n = self.tok, self.num_image_tokens
-        prompt = [t.bos_id] + t.encode(f"<|User|>: {rec.caption}\n\n<|Assistant|>:") + [t.boi_id]
+        prompt = encode_generation_prompt(t, rec.caption)  # BOS, the template, BOI
         if uncond:  # the CFG unconditional row: prompt[1:-1] -> pad
             prompt = [prompt[0]] + [t.pad_id] * (len(prompt) - 2) + [prompt[-1]]
         img = self.image_tokens[self._token_row[rec.line]].long()  # [N]
@@ -370,34 +370,7 @@ class ManifestDataset:
         return Sample(ids, is_gen, torch.full_like(ids, IGNORE), image_labels, None, "t2i", i)
 
     def _und(self, i: int, rec: Record) -> Sample | None:
-        t, n = self.tok, self.num_image_tokens
-        ids, loss = [t.bos_id], [False]
-        pending = [self.system_prompt + "\n\n"] if self.system_prompt else []  # prompt text not yet encoded
-
-        def flush():
-            text = "".join(pending)
-            if text:
-                enc = t.encode(text)
-                ids.extend(enc)
-                loss.extend([False] * len(enc))
-            pending.clear()
-
-        for role, content in rec.turns:
-            if role == "user":
-                first, *rest = content.split(IMAGE_TAG)
-                pending.append("<|User|>: " + first)
-                for piece in rest:
-                    flush()
-                    ids.extend([t.boi_id] + [t.image_id] * n + [t.eoi_id])
-                    loss.extend([False] * (n + 2))
-                    pending.append(piece)
-                pending.append("\n\n")
-            else:
-                pending.append("<|Assistant|>:")
-                flush()
-                answer = t.encode(" " + content) + [t.eos_id]
-                ids.extend(answer)
-                loss.extend([True] * len(answer))
+        ids, loss = encode_chat(self.tok, rec.turns, self.num_image_tokens, self.system_prompt)
         try:
             pixels = torch.stack([self._preprocess(p) for p in rec.images])  # [n_img, 3, S, S]
         except Exception as e:
