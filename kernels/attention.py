@@ -54,8 +54,9 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
                 valid = valid & (offs_n[None, :] <= offs_m[:, None] + shift)
             qk = tl.where(valid, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row's scores so far all -inf: alpha = p = 0
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
@@ -92,8 +93,7 @@ def _flash_attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # Key blocks [0, n_full) need no mask for any row of this query block; [n_full, hi) are masked. Every row
-    # sees key 0 in the first block it visits, so m_i is finite after the first step.
+    # Key blocks [0, n_full) need no mask for any row of this query block; [n_full, hi) are masked.
     if CAUSAL:
         hi = tl.minimum(len_k, start_m * BLOCK_M + BLOCK_M + shift)
         n_full = tl.minimum(len_k, start_m * BLOCK_M + shift + 1) // BLOCK_N * BLOCK_N

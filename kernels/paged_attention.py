@@ -94,14 +94,15 @@ def _paged_decode_attention_fwd_kernel(
     m_i = float("-inf")
     l_i = 0.0
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):  # the first step holds token `lo`, so m_i turns finite at once
+    for start in range(lo, hi, BLOCK_N):
         n_mask, k, v = _load_step(k_head, v_head, table, start, hi, offs_d, d_mask, stride_kb, stride_ks, stride_vb,
                                   stride_vs, BLOCK_N, PAGE_SIZE)
         s = tl.sum(k.to(tl.float32) * q[None, :], 1)  # [BLOCK_N]
         s = tl.where(n_mask, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # every score so far -inf: alpha = p = 0, not NaN
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         l_i = l_i * alpha + tl.sum(p, 0)
         m_i = m_new

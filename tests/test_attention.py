@@ -50,6 +50,22 @@ def test_forward_fp32(b, tq, tk, h, d, causal, device):
     assert rel_err(out, flash_attention_ref(q, k, v, causal)) <= 1e-4
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_keys_scoring_minus_inf_weigh_nothing(causal, device):
+    # Keys that score -inf (-inf keys against a positive q; only non-finite inputs do this) weigh 0 as in torch's
+    # softmax, also when a row's first key blocks score nothing else (exp2(-inf - -inf) had made such rows NaN); a
+    # causal row that sees only such keys is NaN in both.
+    q, k, v = qkv(1, 100, 100, 2, 64, device)
+    q = q.abs() + 0.1
+    k[:, :70] = float("-inf")  # more than the first key block at any BLOCK_N the kernel picks
+    out, ref = K.flash_attention(q, k, v, causal), flash_attention_ref(q, k, v, causal)
+    seen = slice(70, None) if causal else slice(None)
+    assert ref[:, seen].isfinite().all() and out[:, seen].isfinite().all()
+    assert rel_err(out[:, seen], ref[:, seen]) <= 1e-4
+    if causal:
+        assert ref[:, :70].isnan().all() and out[:, :70].isnan().all()
+
+
 def test_forward_strided_views_and_scale(device):
     # q, k, v as views into one fused [B, T, 3, H, D] projection output
     g = torch.Generator().manual_seed(1)

@@ -71,6 +71,23 @@ def test_many_empty_splits_and_zero_context(num_splits, variant, device):
 
 
 @pytest.mark.parametrize("variant", ["block", "slots"])
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_keys_scoring_minus_inf_weigh_nothing(num_splits, variant, device):
+    # A row whose first tokens score -inf (keys of -inf against a positive q; only non-finite inputs do this): those
+    # tokens weigh 0 as in torch's softmax, whichever step or split holds them; the "block" kernel's first step
+    # scoring all -inf had made its row NaN (exp2(-inf - -inf)).
+    q, kc, vc, tables, lens = paged_case([100, 40], 2, 64, 16, device)
+    q = q.abs() + 0.1
+    for b in range(2):
+        for t in range(36):  # the first 36 tokens of each row: more than one 16- or 32-token step of them
+            kc[tables[b, t // 16], t % 16] = float("-inf")
+    ref = paged_decode_attention_ref(q, kc, vc, tables, lens)
+    assert ref.isfinite().all()
+    out = K.paged_decode_attention(q, kc, vc, tables, lens, num_splits=num_splits, variant=variant, block_n=16)
+    assert abs_err(out, ref) / ref.abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("variant", ["block", "slots"])
 @pytest.mark.parametrize("num_splits", [3, None])
 def test_wide_tables_split_rows_as_exact_ones(num_splits, variant, device, monkeypatch):
     # The engine's CUDA graphs hold tables sized for the longest sequence (max_model_len), far wider than the
