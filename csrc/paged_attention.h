@@ -455,23 +455,26 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
           for (int64_t h = 0; h < nh; h += 8) {
             __m256 mb = _mm256_loadu_ps(&m[h]);
             for (int64_t u = 0; u < n; ++u) mb = _mm256_max_ps(mb, _mm256_loadu_ps(&s[u * nh + h]));
+            const __m256 mz = _mm256_andnot_ps(  // as the per-head path's mz: -inf lanes subtract 0
+                _mm256_cmp_ps(mb, _mm256_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ), mb);
             __m256 lane[8];  // lane[k] = exp_sub_sum's accumulator lane k: the sum over tokens u = k mod 8, u < n8
             for (int k = 0; k < 8; ++k) lane[k] = _mm256_setzero_ps();
             for (int64_t u = 0; u < n8; ++u) {
-              const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(&s[u * nh + h]), mb));
+              const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(&s[u * nh + h]), mz));
               _mm256_storeu_ps(&s[u * nh + h], e);
               lane[u % 8] = _mm256_add_ps(lane[u % 8], e);
             }
             const __m256 sum = _mm256_add_ps(  // hsum8's tree: ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7))
                 _mm256_add_ps(_mm256_add_ps(lane[0], lane[4]), _mm256_add_ps(lane[2], lane[6])),
                 _mm256_add_ps(_mm256_add_ps(lane[1], lane[5]), _mm256_add_ps(lane[3], lane[7])));
-            alignas(32) float mbs[8], sums[8];
+            alignas(32) float mbs[8], mzs[8], sums[8];
             _mm256_store_ps(mbs, mb);
+            _mm256_store_ps(mzs, mz);
             _mm256_store_ps(sums, sum);
             for (int64_t j = 0; j < 8; ++j) {
               float sum_j = sums[j];
-              for (int64_t u = n8; u < n; ++u) sum_j += (s[u * nh + h + j] = std::exp(s[u * nh + h + j] - mbs[j]));
-              const float alpha = std::exp(m[h + j] - mbs[j]);  // 0 on the first block (m = -inf)
+              for (int64_t u = n8; u < n; ++u) sum_j += (s[u * nh + h + j] = std::exp(s[u * nh + h + j] - mzs[j]));
+              const float alpha = std::exp(m[h + j] - mzs[j]);  // 0 on the first block (m = -inf)
               scale(&acc[(h + j) * D], alpha, D);
               l[h + j] *= alpha;
               l[h + j] += sum_j;
@@ -501,11 +504,14 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
         for (int64_t h = 0; h < nh; ++h) {
           float mb = m[h];
           for (int64_t t = 0; t < n; ++t) mb = std::max(mb, s[h * bs + t]);
-          const float alpha = std::exp(m[h] - mb);  // 0 on the first block (m = -inf)
+          // the max subtracted: mb, or 0 while every score so far is -inf (keys of -inf: only non-finite inputs),
+          // which weighs those scores ~0 instead of exp(-inf - -inf) = NaN
+          const float mz = mb == -std::numeric_limits<float>::infinity() ? 0.0f : mb;
+          const float alpha = std::exp(m[h] - mz);  // 0 on the first block (m = -inf)
           scale(&acc[h * D], alpha, D);
           l[h] *= alpha;
           m[h] = mb;
-          l[h] += exp_sub_sum(&s[h * bs], n, mb);
+          l[h] += exp_sub_sum(&s[h * bs], n, mz);
           if (vs)
             for (int64_t u = 0; u < n; ++u) s[h * bs + u] *= vs[sbase + u * Hkv + hk0 + h / G];
           if (!rows_v) accumulate_v(&acc[h * D], &s[h * bs], vc + base + off[h], row, n, D);

@@ -119,6 +119,25 @@ def test_paged_decode_attention_row_paths(poison, H, D, cache_dtype):
     assert bool((o[cl == 0] == 0).all())
 
 
+@pytest.mark.parametrize("H,D,cache_dtype", [(8, 64, torch.float32), (8, 64, torch.bfloat16), (4, 48, torch.float32)])
+def test_paged_decode_attention_keys_scoring_minus_inf_weigh_nothing(poison, H, D, cache_dtype):
+    # Keys of -inf against a positive q (only non-finite inputs score -inf) weigh 0, as in torch's softmax, also when
+    # they fill a row's first blocks or a whole context part (exp(-inf - -inf) had made the row NaN), on the
+    # token-major scoring (fp32, 8 x 64) and the per-head one, a row alone (head chunks, a task per part) and batched.
+    lens = [100, 40, 300, 37]
+    q, kc, vc, bt, cl = _paged_setup(len(lens), H, D, 16, lens, cache_dtype, seed=5)
+    q = q.abs() + 0.1
+    for b, n in enumerate([36, 40, 200, 3]):  # row 1: -inf up to its last token but for none; row 2: whole parts
+        for t in range(min(n, lens[b] - 1)):
+            kc[bt[b, t // 16], t % 16] = float("-inf")
+    ref = paged_decode_attention_ref(q, kc.float(), vc.float(), bt, cl)
+    assert bool(ref.isfinite().all())
+    assert rel_err(cpu_ops.paged_decode_attention(q, kc, vc, bt, cl), ref) <= 1e-5
+    for b in range(len(lens)):
+        alone = cpu_ops.paged_decode_attention(q[b:b + 1], kc, vc, bt[b:b + 1], cl[b:b + 1])
+        assert rel_err(alone, ref[b:b + 1]) <= 1e-5
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_paged_decode_attention_batch_invariant(poison, cache_dtype):
     # A batch of 16 rows runs each row's 8 heads and all its context parts as one task (token-major scoring for
