@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from janus_rt.config import VQConfig
+from janus_rt.errors import UsageError
 from janus_rt.models.vq import VQModel
 from janus_rt.tokenizer import JanusTokenizer
 from janus_rt.train import evaluate, vq_pretrain
@@ -201,3 +202,33 @@ def test_cli_checkpoint_round_trip_and_real_model_score(tmp_path, captions, caps
     rows = evaluate.main(["--model", str(out), "--n", "2", "--n-per-caption", "1", "--vq-ceiling"])
     assert rows[0]["captions"] == 2 and "2/2" in capsys.readouterr().err  # (the captions' progress bar)
     assert 0.0 <= rows[0]["color_match"] <= 1.0 and 0.0 <= rows[0]["vq_ceiling"] <= 1.0
+
+
+def test_captions_unseen_in_training(tmp_path, capsys):
+    """The synthetic caption space is small (a training set of thousands holds most captions another seed draws):
+    heldout_captions can skip a training set's captions, read from its manifests or from `train --synthetic N
+    --seed S`'s (make_synthetic's captions, at any image size); without exclude it draws as before."""
+    from janus_rt.train.synthetic import make_synthetic
+
+    trained = evaluate.training_captions(synthetic=[(2000, 0)])
+    drawn = evaluate.heldout_captions(40, seed=7)
+    assert drawn == [json.loads(line)["caption"] for line in
+                     make_synthetic(tmp_path / "s", n=40, image_size=8, seed=7).read_text().splitlines()[0::3]]
+    assert sum(c in trained for c in drawn) > 20  # (why the option exists)
+    unseen = evaluate.heldout_captions(40, seed=7, exclude=trained)
+    assert len(set(unseen)) > 1 and not set(unseen) & trained
+    assert unseen == evaluate.heldout_captions(40, seed=7, exclude=trained)  # deterministic
+    manifest = make_synthetic(tmp_path / "m", n=50, image_size=32, seed=4)
+    with open(manifest, "a") as f:
+        f.write("not json\n\n" + json.dumps({"kind": "text", "text": "a red circle on a blue background"}) + "\n")
+    assert evaluate.training_captions([manifest]) == set(evaluate.heldout_captions(50, seed=4))
+    with pytest.raises(UsageError, match="not among the"):  # (all of the first 256 draws excluded)
+        evaluate.heldout_captions(1, seed=7, exclude=evaluate.heldout_captions(256, seed=7))
+    rows = evaluate.main(["--model", "tiny", "--n", "2", "--n-per-caption", "1", "--exclude-manifest", str(manifest),
+                          "--exclude-synthetic", "300:1"])
+    assert rows[0]["excluded_captions"] == len(evaluate.training_captions([manifest], [(300, 1)]))
+    for bad, message in ((["--exclude-synthetic", "300"], "N:SEED"), (["--exclude-manifest", str(tmp_path / "no")],
+                                                                       "No such file"), (["--n", "0"], "--n must")):
+        with pytest.raises(SystemExit):
+            evaluate.main(["--model", "tiny", "--n-per-caption", "1", *bad])
+        assert message in capsys.readouterr().err

@@ -29,12 +29,44 @@ from janus_rt.processing import encode_generation_prompt, to_pil
 from janus_rt.train.synthetic import caption_color_match, caption_colors, count_objects, make_synthetic
 
 
-def heldout_captions(n: int, seed: int = 12345) -> list[str]:
-    """n synthetic t2i captions drawn exactly as `make_synthetic` draws them (its images are not used)."""
-    with tempfile.TemporaryDirectory() as d:
-        manifest = make_synthetic(d, n=n, image_size=8, seed=seed)  # 8 px: the images are thrown away
-        records = [json.loads(line) for line in manifest.read_text().splitlines()]
-    return [r["caption"] for r in records if r["kind"] == "t2i"]
+def heldout_captions(n: int, seed: int = 12345, exclude=()) -> list[str]:
+    """n synthetic t2i captions drawn exactly as `make_synthetic` draws them (its images are not used), skipping any
+    in `exclude` (a training set's captions: the synthetic caption space is small, ~2,800 captions and 132 colour
+    pairs, so most captions drawn with another seed also occur in a large training set). Without exclude: the
+    first n of make_synthetic(n, seed)."""
+    exclude, draws = set(exclude), n
+    while True:
+        with tempfile.TemporaryDirectory() as d:
+            manifest = make_synthetic(d, n=draws, image_size=8, seed=seed)  # 8 px: the images are thrown away
+            records = [json.loads(line) for line in manifest.read_text().splitlines()]
+        captions = [r["caption"] for r in records if r["kind"] == "t2i" and r["caption"] not in exclude][:n]
+        if len(captions) == n:
+            return captions
+        if draws >= 256 * n:
+            raise UsageError(f"only {len(captions)} of {draws} synthetic captions (seed {seed}) are not among the "
+                             f"{len(exclude)} excluded; ask for fewer than {n}")
+        draws *= 4
+
+
+def training_captions(manifests=(), synthetic=()) -> set[str]:
+    """The t2i captions of JSONL manifests and of `janus-rt train --synthetic N --seed S` runs ((N, S) pairs: the
+    captions make_synthetic(N, seed=S) writes, whatever the image size)."""
+    out = set()
+    for path in manifests:
+        try:
+            lines = open(path, encoding="utf-8").read().splitlines()
+        except OSError as e:
+            raise UsageError(f"{path}: {e.strerror or e}") from None
+        for line in lines:
+            try:
+                rec = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                continue  # (train skips such lines too)
+            if isinstance(rec, dict) and rec.get("kind") == "t2i" and isinstance(rec.get("caption"), str):
+                out.add(rec["caption"])
+    for n, seed in synthetic:
+        out.update(heldout_captions(n, seed))
+    return out
 
 
 @torch.no_grad()
@@ -113,10 +145,15 @@ def main(argv=None) -> list[dict]:
 
     p = argparse.ArgumentParser(prog="python -m janus_rt.train.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--model", nargs="+", required=True, help="checkpoint folder(s), or `tiny`")
-    p.add_argument("--n", type=int, default=32, help="held-out captions")
+    p.add_argument("--n", type=int, default=32, help="captions, drawn as the synthetic set's with --caption-seed")
     p.add_argument("--n-per-caption", type=int, default=4, help="images generated per caption")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (caption i uses seed + i)")
-    p.add_argument("--caption-seed", type=int, default=12345, help="seed of the held-out synthetic captions")
+    p.add_argument("--caption-seed", type=int, default=12345, help="seed of the synthetic captions")
+    p.add_argument("--exclude-manifest", nargs="+", default=[], metavar="JSONL",
+                   help="draw only captions that no t2i record of these training manifests holds (the synthetic "
+                        "caption space is small: most captions drawn with another seed were also trained on)")
+    p.add_argument("--exclude-synthetic", nargs="+", default=[], metavar="N:SEED",
+                   help="likewise for the captions of `janus-rt train --synthetic N --seed SEED` runs")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--vq-ceiling", action="store_true", help="also score the VQ round trip decode(encode(x)) "
@@ -134,7 +171,19 @@ def main(argv=None) -> list[dict]:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     if a.threads:
         torch.set_num_threads(a.threads)
-    captions = heldout_captions(a.n, a.caption_seed)
+    if a.n < 1:
+        p.error(f"--n must be >= 1, got {a.n}")
+    synthetic = []
+    for spec in a.exclude_synthetic:
+        n, _, seed = spec.partition(":")
+        if not (n.isdigit() and int(n) >= 1 and seed.lstrip("-").isdigit()):
+            p.error(f"--exclude-synthetic takes N:SEED (N >= 1), got {spec!r}")
+        synthetic.append((int(n), int(seed)))
+    try:
+        trained = training_captions(a.exclude_manifest, synthetic)
+        captions = heldout_captions(a.n, a.caption_seed, trained)
+    except UsageError as e:
+        p.error(str(e))
     rows = []
     for spec in a.model:
         try:
@@ -152,7 +201,8 @@ def main(argv=None) -> list[dict]:
                "kv_cache": a.kv_cache_dtype,
                "color_match": round(float(np.mean(scores)), 4), "stderr": sem,
                "one_object": round(float(np.mean(both["one_object"])), 4),
-               "captions": len(captions), "n_per_caption": a.n_per_caption, "cfg": a.cfg,
+               "captions": len(captions), "excluded_captions": len(trained), "n_per_caption": a.n_per_caption,
+               "cfg": a.cfg,
                "temperature": a.temperature, "seed": a.seed, "seconds": round(time.perf_counter() - t0, 1)}
         if a.vq_ceiling:
             from janus_rt.train.vq_pretrain import recon_color_match, synthetic_images
