@@ -178,7 +178,9 @@ inline vf round_int(vf a) { return __builtin_nearbyintf(a); }
 inline vf abs(vf a) { return __builtin_fabsf(a); }
 inline vf copysign(vf mag, vf sgn) { return __builtin_copysignf(mag, sgn); }
 inline vf pow2i(vf n) {
-  const uint32_t bits = uint32_t(int32_t(n) + 127) << 23;
+  // n is NaN where exp's argument was (int32_t(NaN) is undefined; the vector builds' conversion gives INT_MIN): any
+  // bits do then, the polynomial the result is multiplied by is NaN already
+  const uint32_t bits = uint32_t((n == n ? int32_t(n) : 0) + 127) << 23;
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;

@@ -280,7 +280,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     _check(dk == D and D % 16 == 0 and 16 <= D <= 256, f"head_dim {D} (k: {dk}) must be a multiple of 16 up to 256")
     _check(H % hkv == 0, f"q heads {H} must be a multiple of k/v heads {hkv}")
     _check(not causal or Tq <= Tk, f"causal attention needs Tq <= Tk (got {Tq} > {Tk})")
-    o = torch.empty_like(q)
+    # contiguous [B, Tq, H, D], the layout the kernel writes (empty_like would copy a dense permuted q's strides)
+    o = torch.empty(q.shape, dtype=q.dtype)
     if o.numel():
         _ext().prefill_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), B, Tq, Tk, H, hkv, D,
                                  bool(causal), 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale),

@@ -139,3 +139,19 @@ def test_prefill_attention_takes_strided_views_as_they_are():
     one = qkv[:, :1, 0]  # one query token: its token stride is never used
     assert torch.equal(cpu_ops.prefill_attention(one, k, v, True), cpu_ops.prefill_attention(one.contiguous(), k, v,
                                                                                               True))
+
+
+def test_prefill_attention_output_is_contiguous_for_a_dense_permuted_q():
+    """A q whose tokens' heads are contiguous but whose batch and token dims are swapped in memory (a [T, B, H, D]
+    buffer seen as [B, T, H, D]: dense, not contiguous) is taken as it is; the result is still [B, Tq, H, D] in the
+    layout the kernel writes (torch.empty_like would have copied q's permuted strides, and the rows landed at the wrong
+    batch and token)."""
+    g = torch.Generator().manual_seed(3)
+    B, T, H, D = 2, 5, 3, 32
+    q = torch.randn(T, B, H, D, generator=g).bfloat16().transpose(0, 1)
+    k, v = (torch.randn(B, T, H, D, generator=g).bfloat16() for _ in range(2))
+    assert not q.is_contiguous() and cpu_ops._token_rows(q)
+    for causal in (False, True):
+        out = cpu_ops.prefill_attention(q, k, v, causal)
+        assert out.is_contiguous()
+        assert torch.equal(out, cpu_ops.prefill_attention(q.contiguous(), k, v, causal))
