@@ -677,9 +677,10 @@ def test_stream_sum():
     g = torch.Generator().manual_seed(0)
     for n in (0, 37, 1000003, (1 << 21) + 5):  # below and above the threading threshold, ragged tails
         x = torch.randn(n, generator=g)
-        # fp32 partial sums: measured 6e-4 / 4e-3 at the two large sizes, ~1e-9 of sum|x|; one element (|x| ~ 0.8)
-        # left out or counted twice is ~1e-6 of it
-        assert abs(cpu_ops.stream_sum(x) - x.double().sum().item()) <= 1e-8 * max(1.0, x.abs().sum().item())
+        # fp32 partial sums: measured ~1e-9 of sum|x| at the two large sizes (AVX-512), 1.0e-8 / 1.6e-9 and 2.1e-8 at
+        # n = 37 in the portable build's scalar streams; one element (|x| ~ 0.8) left out or counted twice is >= 4.8e-7
+        # of it at the largest size
+        assert abs(cpu_ops.stream_sum(x) - x.double().sum().item()) <= 1e-7 * max(1.0, x.abs().sum().item())
 
 
 @pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
