@@ -227,8 +227,8 @@ def test_captions_unseen_in_training(tmp_path, capsys):
     rows = evaluate.main(["--model", "tiny", "--n", "2", "--n-per-caption", "1", "--exclude-manifest", str(manifest),
                           "--exclude-synthetic", "300:1"])
     assert rows[0]["excluded_captions"] == len(evaluate.training_captions([manifest], [(300, 1)]))
-    for bad, message in ((["--exclude-synthetic", "300"], "N:SEED"), (["--exclude-manifest", str(tmp_path / "no")],
-                                                                       "No such file"), (["--n", "0"], "--n must")):
+    for bad, message in ((["--exclude-synthetic", "300"], "N:SEED"), (["--exclude-synthetic", "300:-1"], "N:SEED"),
+                         (["--exclude-manifest", str(tmp_path / "no")], "No such file"), (["--n", "0"], "--n must")):
         with pytest.raises(SystemExit):
             evaluate.main(["--model", "tiny", "--n-per-caption", "1", *bad])
         assert message in capsys.readouterr().err

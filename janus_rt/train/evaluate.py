@@ -176,8 +176,8 @@ def main(argv=None) -> list[dict]:
     synthetic = []
     for spec in a.exclude_synthetic:
         n, _, seed = spec.partition(":")
-        if not (n.isdigit() and int(n) >= 1 and seed.lstrip("-").isdigit()):
-            p.error(f"--exclude-synthetic takes N:SEED (N >= 1), got {spec!r}")
+        if not (n.isdigit() and int(n) >= 1 and seed.isdigit()):
+            p.error(f"--exclude-synthetic takes N:SEED (N >= 1, SEED >= 0), got {spec!r}")
         synthetic.append((int(n), int(seed)))
     try:
         trained = training_captions(a.exclude_manifest, synthetic)
