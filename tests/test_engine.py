@@ -927,6 +927,30 @@ def test_cuda_graph_engine_matches_eager_on_gpu():
     assert len(replays) == 2  # the multi-step graphs really ran (then 3 single steps)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_request_on_the_gpu_gets_its_tokens_alone_or_batched(dtype, graphs):
+    """Issue 4's "a seed makes a request's images reproducible whatever else is in the batch", on a GPU: each
+    request alone and all three in one engine give the same tokens (seeded, top-k, greedy). Never run yet (written
+    without a GPU). Where it fails, the rows' values depend on the batch: cuBLAS picks its GEMM by the row count (the
+    graphs' bucket), and paged attention's automatic split count follows the batch size."""
+    model = Janus.from_preset("tiny", seed=3, dtype=dtype).to("cuda")
+    reqs = [(prompt(model, 8, seed=1), 3, SamplingParams(seed=5, top_k=50)),
+            (prompt(model, 11, seed=2), 2, SamplingParams(greedy=True)),
+            (prompt(model, 5, seed=3), 1, SamplingParams(seed=9, temperature=0.8))]
+
+    def run(which):
+        eng = Engine.for_requests(model, [(len(reqs[i][0]), reqs[i][1]) for i in which], cuda_graphs=graphs)
+        rs = [eng.add_image_request(reqs[i][0], reqs[i][1], reqs[i][2], num_tokens=24) for i in which]
+        eng.run()
+        return [r.tokens for r in rs]
+
+    together = run([0, 1, 2])
+    for i in range(3):
+        assert run([i])[0] == together[i], f"request {i} ({reqs[i][1]} images) differs alone and batched"
+
+
 def test_seeds_are_64_bit(tiny):
     """A request's seed is any int in [0, 2^64): below 2^32 its per-image seeds are those of the 32-bit scheme
     (mix32(seed, image, step): images made before reproduce), from 2^32 on the high word counts too (2^32 used to give
