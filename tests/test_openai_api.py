@@ -39,6 +39,10 @@ def image_part(b64):
 
 def test_models_lists_the_served_model(srv):
     assert [m.id for m in client(srv).models.list()] == [srv.label]
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.server_address[1]}/v1/models", timeout=30) as r:
+        out = json.loads(r.read())
+    assert out["object"] == "list" and [(m["id"], m["object"]) for m in out["data"]] == [(srv.label, "model")]
+    assert isinstance(out["data"][0]["owned_by"], str) and isinstance(out["data"][0]["created"], int)
 
 
 def test_images_generate_is_serves_images(srv):
@@ -236,3 +240,210 @@ def test_a_chunked_body_on_an_openai_path_is_refused_in_openais_form(srv):
         conn.close()
     assert status == 411 and "Content-Length" in out["error"]["message"]
     assert out["error"]["type"] == "invalid_request_error" and out["error"]["code"] is None
+
+
+def test_chat_sampling_fields_reach_the_engine(srv, monkeypatch):
+    """temperature, top_p and seed are passed on as asked (a temperature > 0 samples; none or 0 is greedy, seed 0);
+    max_completion_tokens (the SDK's current name) is honoured, and wins over the deprecated max_tokens."""
+    got = []
+    real = srv.bg.submit_text
+    monkeypatch.setattr(srv.bg, "submit_text", lambda ids, px, max_new, params, *a, **kw: got.append((max_new, params))
+                        or real(ids, px, max_new, params, *a, **kw))
+    c, msgs = client(srv), [{"role": "user", "content": "Hello"}]
+    c.chat.completions.create(model=srv.label, messages=msgs, temperature=0.7, top_p=0.9, seed=5, max_tokens=3)
+    max_new, p = got[-1]
+    assert (max_new, p.greedy, p.temperature, p.top_p, p.seed) == (3, False, pytest.approx(0.7), 0.9, 5)
+    c.chat.completions.create(model=srv.label, messages=msgs, max_completion_tokens=2, max_tokens=7)
+    max_new, p = got[-1]
+    assert (max_new, p.greedy, p.top_p, p.seed) == (2, True, 1.0, 0)
+    a = c.chat.completions.create(model=srv.label, messages=msgs, temperature=1.5, seed=11, max_tokens=8)
+    b = c.chat.completions.create(model=srv.label, messages=msgs, temperature=1.5, seed=11, max_tokens=8)
+    assert a.choices[0].message.content == b.choices[0].message.content and got[-1][1].seed == 11
+
+
+def _post_raw(srv, path, body):
+    """POST body as JSON -> (status, headers, the raw answer text)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=60)
+    try:
+        conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, r, r.read().decode()
+    finally:
+        conn.close()
+
+
+def _sse_data(raw):
+    """An event stream's `data:` payloads, in order (comments skipped)."""
+    assert raw.endswith("\n\n"), raw[-200:]
+    return [line[len("data: "):] for block in raw.split("\n\n")[:-1] for line in block.split("\n")
+            if line.startswith("data: ")]
+
+
+def test_chat_answers_on_the_wire(srv):
+    """What clients that do not use the SDK read: a chat.completion naming the served model, a fresh id and the time
+    it was made; a stream of chat.completion.chunk data lines, each with a choice (no usage chunk unless
+    stream_options.include_usage asks for it), ended by `data: [DONE]`."""
+    import time
+
+    body = {"model": "x", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3}
+    answers = [json.loads(_post_raw(srv, "/v1/chat/completions", body)[2]) for _ in range(2)]
+    for a in answers:
+        assert a["object"] == "chat.completion" and a["model"] == srv.label and a["id"].startswith("chatcmpl-")
+        assert abs(a["created"] - time.time()) < 60 and a["choices"][0]["logprobs"] is None
+    assert answers[0]["id"] != answers[1]["id"]
+    for options in (None, {"include_usage": False}):
+        status, r, raw = _post_raw(srv, "/v1/chat/completions", dict(body, stream=True, stream_options=options))
+        assert status == 200 and r.getheader("Content-Type") == "text/event-stream"
+        *chunks, done = _sse_data(raw)
+        assert done == "[DONE]" and len(chunks) >= 2
+        chunks = [json.loads(c) for c in chunks]
+        assert all(c["choices"] and "usage" not in c for c in chunks)
+        assert all(c["object"] == "chat.completion.chunk" and c["model"] == srv.label
+                   and abs(c["created"] - time.time()) < 60 for c in chunks)
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == answers[0]["choices"][0][
+            "message"]["content"]
+    *_, usage, done = _sse_data(_post_raw(srv, "/v1/chat/completions",
+                                          dict(body, stream=True, stream_options={"include_usage": True}))[2])
+    assert done == "[DONE]" and json.loads(usage)["usage"] == answers[0]["usage"]
+
+
+def test_a_chat_stream_failing_midway_ends_with_an_openai_error(srv, monkeypatch):
+    """A step failing once the stream has begun: its last data line is an error in OpenAI's form (which the SDK raises
+    as an APIError), not serve's own {"error": message} event."""
+    eng = srv.bg.engine
+    real = eng._decode
+
+    def fail_after_the_first():
+        if eng.stats.decode_steps > 0:
+            raise MemoryError("out of memory in a step")
+        return real()
+
+    eng.stats.decode_steps = 0
+    monkeypatch.setattr(eng, "_decode", fail_after_the_first)
+    status, _, raw = _post_raw(srv, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                             "max_tokens": 8, "stream": True})
+    data = _sse_data(raw)
+    assert status == 200 and json.loads(data[0])["choices"][0]["delta"]["role"] == "assistant"
+    err = json.loads(data[-1])["error"]
+    assert "MemoryError" in err["message"] and err["type"] == "server_error" and err["code"] is None
+    eng.stats.decode_steps = 0
+    with pytest.raises(openai.APIError, match="MemoryError"):
+        list(client(srv).chat.completions.create(model=srv.label, messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=8, stream=True))
+
+
+def test_an_api_key_is_matched_whole_on_every_v1_path():
+    """Under --api-key every /v1/ path (serve's own and OpenAI's) wants the whole key: none, an empty one, a prefix of
+    it, a longer one or another scheme is 401; the scheme's case does not matter (RFC 9110)."""
+    with serving("127.0.0.1", api_key="s3cret") as s:
+        port = s.server_address[1]
+
+        def status(method, path, auth):
+            req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                         data=b"{}" if method == "POST" else None,
+                                         headers={} if auth is None else {"Authorization": auth})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        for auth in (None, "Bearer ", "Bearer s3cre", "Bearer s", "Bearer s3cret2", "Basic s3cret", "s3cret"):
+            assert status("GET", "/v1/models", auth) == 401, auth
+        for path in ("/v1/understand", "/v1/images", "/v1/chat/completions", "/v1/images/generations"):
+            assert status("POST", path, None) == 401, path
+            assert status("POST", path, "Bearer s3cre") == 401, path
+            assert status("POST", path, "Bearer s3cret") == 400, path  # (let in: "{}" is then refused)
+        assert status("GET", "/v1/models", "bearer s3cret") == status("GET", "/v1/models", "Bearer  s3cret ") == 200
+        import http.client  # a client that sends its whole (large) body before it reads gets the 401, not a reset
+
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            conn.request("POST", "/v1/chat/completions", body=b"x" * (16 << 20), headers={"Authorization": "Bearer x"})
+            r = conn.getresponse()
+            assert r.status == 401 and json.loads(r.read())["error"]["code"] == "invalid_api_key"
+        finally:
+            conn.close()
+
+
+def test_a_busy_server_is_a_rate_limit_in_openais_form():
+    """--max-requests reached: a chat completion is OpenAI's 429 (the SDK's RateLimitError), its body OpenAI's error
+    form with Retry-After."""
+    from test_serve import busy_server
+
+    with busy_server() as s:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{s.server_address[1]}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.RateLimitError) as e:
+            c.chat.completions.create(model=s.label, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert "--max-requests 1" in e.value.message and e.value.body["type"] == "rate_limit_error"
+        assert e.value.response.headers["Retry-After"] == "1"
+
+
+def test_the_metrics_count_the_openai_paths_as_theirs(srv):
+    """A chat completion and an images.generate are timed under their own endpoints in /metrics."""
+    pytest.importorskip("prometheus_client")
+    from test_serve import scrape
+
+    def count(endpoint):
+        return scrape(srv).get(("janus_rt_request_latency_seconds_count", frozenset({"endpoint": endpoint}.items())), 0)
+
+    before = {p: count(p) for p in ("/v1/chat/completions", "/v1/images/generations", "/v1/understand", "/v1/images")}
+    client(srv).chat.completions.create(model=srv.label, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    client(srv).images.generate(prompt="a", extra_body={"seed": 1})
+    after = {p: count(p) for p in before}
+    assert [after[p] - before[p] for p in before] == [1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("logit_bias", {"1": 5}), ("presence_penalty", 0.5), ("frequency_penalty", -0.5), ("top_logprobs", 2),
+    ("tool_choice", "auto"), ("functions", [{"name": "f"}]), ("function_call", "auto"), ("audio", {"voice": "x"}),
+    ("modalities", ["text", "audio"]), ("prediction", {"type": "content", "content": "x"}), ("stop", "\n"),
+    ("response_format", {"type": "json_schema", "json_schema": {}}), ("max_tokens", True),
+])
+def test_chat_request_refuses_each_field_it_cannot_honour(field, value):
+    """Each of them, set to a value that asks for something, is a RequestError naming it (none is ignored)."""
+    from janus_rt.openai_api import RequestError, chat_request
+
+    with pytest.raises(RequestError, match=field):
+        chat_request({"messages": [{"role": "user", "content": "hi"}], field: value})
+
+
+def test_chat_request_takes_what_asks_for_nothing():
+    """null (as many clients send every field), OpenAI's defaults and {"type": "text"} are no request at all; system
+    and developer messages are both the system prompt, joined by a newline; a conversation must open with the user's
+    turn; refusal parts are an assistant's only, and a data URL must hold an image."""
+    from janus_rt.openai_api import _CHAT_UNSUPPORTED, RequestError, chat_request
+
+    user = [{"role": "user", "content": "hi"}]
+    nulls = dict.fromkeys(list(_CHAT_UNSUPPORTED) + ["response_format", "max_tokens", "max_completion_tokens"])
+    defaults = {"n": 1, "stop": [], "tools": [], "tool_choice": "none", "logprobs": False, "top_logprobs": 0,
+                "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0, "response_format": {"type": "text"}}
+    for extra in (nulls, defaults):
+        assert chat_request({"messages": user, **extra}) == ([("user", "hi")], None, [], {
+            "max_new_tokens": None, "temperature": None, "seed": None})
+    msgs = [{"role": "developer", "content": "Be brief."}, {"role": "system", "content": "Use English."}] + user
+    assert chat_request({"messages": msgs})[1] == "Be brief.\nUse English."
+    for msgs, says in (([{"role": "assistant", "content": "a"}] + user, "begin and end with a user"),
+                       ([{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}], "parts are"),
+                       ([{"role": "user", "content": [{"type": "image_url", "image_url": {
+                           "url": "data:text/plain;base64,aGk="}}]}], "data URL")):
+        with pytest.raises(RequestError, match=says):
+            chat_request({"messages": msgs})
+
+
+def test_image_request_and_response():
+    """images.generate fields this server cannot honour (another output format, partial images) are refused; the
+    answer carries the creation time and the seed used (so an image can be drawn again)."""
+    import time
+
+    from janus_rt.openai_api import RequestError, image_request, image_response
+
+    for field, value in (("output_format", "jpeg"), ("partial_images", 2), ("size", "384x768")):
+        with pytest.raises(RequestError, match=field):
+            image_request({"prompt": "a", field: value}, 384)
+    assert image_request({"prompt": "a", "output_format": "png", "size": "384x384", "seed": 3}, 384)["seed"] == 3
+    out = image_response({"images": ["QQ=="], "seed": 7})
+    assert out["data"] == [{"b64_json": "QQ=="}] and out["seed"] == 7 and abs(out["created"] - time.time()) < 60

@@ -351,3 +351,34 @@ def test_image_grid_layout():
     assert image_grid(ims[:1], min_side=16).size == (30, 30)  # already large enough: unchanged
     wide = [Image.new("RGB", (64, 16), (0, 0, 200))] * 2  # the short side sets the factor: 16 -> x8 = 128
     assert image_grid(wide, cols=1, min_side=128).size == (512, 256)
+
+
+def test_preprocess_is_the_official_recipe():
+    """Any PIL mode (grey, RGBA, palette) is read as RGB; the long side goes to S and the short one to int(S * short /
+    long) (truncated, at least min_size), bicubic; centred on the grey square with the odd pixel after it; then
+    /255, (x - 0.5) / 0.5. Pinned against that recipe written out with PIL for a noise image of each orientation."""
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (130, 200, 3), dtype=np.uint8))  # 200 x 130: 64 x 41, 23 rows to pad
+
+    def recipe(img, size, box, at):
+        canvas = Image.new("RGB", (size, size), (127, 127, 127))
+        canvas.paste(img.convert("RGB").resize(box, Image.BICUBIC), at)
+        return (torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1) - 0.5) / 0.5
+
+    assert torch.equal(preprocess_image(noise, 64), recipe(noise, 64, (64, 41), (0, 11)))
+    tall = noise.transpose(Image.Transpose.TRANSPOSE)
+    assert torch.equal(preprocess_image(tall, 64), recipe(tall, 64, (41, 64), (11, 0)))
+    for mode in ("L", "RGBA", "P"):
+        im = noise.convert(mode)
+        assert torch.equal(preprocess_image(im, 64), preprocess_image(im.convert("RGB"), 64)), mode
+    thin = Image.new("RGB", (400, 2), (255, 0, 0))  # 64 x 0 -> 64 x 14 rows (min_size), rows 25..38
+    x = preprocess_image(thin, 64)
+    assert torch.equal(x[:, 25:39], torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 14, 64))
+    assert (x[:, :25] != x[:, 25:26]).all() and (x[:, 39:] != x[:, 25:26]).all()
+
+
+def test_unconditional_rows_of_a_batch():
+    """unconditional_ids of a [B, T] batch pads each row's middle, keeping each row's BOS and <begin_of_image>."""
+    ids = torch.tensor([[1, 5, 6, 7, 9], [1, 8, 8, 8, 9]])
+    assert unconditional_ids(ids, 0).tolist() == [[1, 0, 0, 0, 9], [1, 0, 0, 0, 9]]
+    assert ids[0, 1] == 5  # (a copy: the prompt's ids are untouched)

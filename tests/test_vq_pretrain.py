@@ -232,3 +232,48 @@ def test_captions_unseen_in_training(tmp_path, capsys):
         with pytest.raises(SystemExit):
             evaluate.main(["--model", "tiny", "--n-per-caption", "1", *bad])
         assert message in capsys.readouterr().err
+
+
+def test_cli_scores_the_captions_and_settings_it_was_given(monkeypatch, capsys):
+    """evaluate's CLI hands caption_scores the held-out captions of --caption-seed without the excluded ones, and
+    --n-per-caption, --seed, --cfg, --temperature as given; its row's color_match is the mean over every image, its
+    stderr the captions' (mean per caption, ddof 1, / sqrt(n)), one_object the mean of those scores."""
+    calls = []
+
+    def fake_scores(model, tok, captions, n_per_caption, seed, cfg_weight, temperature, kv_cache_dtype, progress):
+        calls.append((captions, n_per_caption, seed, cfg_weight, temperature))
+        per_caption = [[1.0, 0.5], [0.0, 0.0], [0.5, 0.5]]
+        return {"color_match": per_caption, "one_object": [[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]}
+
+    monkeypatch.setattr(evaluate, "caption_scores", fake_scores)
+    monkeypatch.setattr(evaluate, "load_model_and_tokenizer", lambda *a: (None, None))
+    trained = evaluate.heldout_captions(20, seed=9)
+    rows = evaluate.main(["--model", "tiny", "--n", "3", "--n-per-caption", "2", "--seed", "4", "--cfg", "2.5",
+                          "--temperature", "0.8", "--caption-seed", "9", "--exclude-synthetic", "20:9"])
+    captions, *settings = calls[0]
+    assert captions == evaluate.heldout_captions(3, seed=9, exclude=trained) and not set(captions) & set(trained)
+    assert settings == [2, 4, 2.5, 0.8]
+    means = np.array([0.75, 0.0, 0.5])
+    assert rows[0]["color_match"] == round(means.mean(), 4) and rows[0]["one_object"] == 0.5
+    assert rows[0]["stderr"] == round(means.std(ddof=1) / 3**0.5, 4)
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == rows[0]
+    for bad in (["--exclude-synthetic", "0:5"], ["--int8"]):
+        with pytest.raises(SystemExit):
+            evaluate.main(["--model", "tiny", *bad])
+
+
+def test_caption_i_samples_with_seed_plus_i(tok, captions):
+    """caption_scores draws caption i's images with seed + i (each caption its own images, the run reproducible from
+    --seed), with the cfg weight and temperature given; n_per_caption < 1 is refused (an empty mean is no score)."""
+    seen = []
+
+    class Recording(FakeModel):
+        def generate_image_tokens(self, prompt_ids, n=1, seed=None, cfg_weight=5.0, temperature=1.0):
+            seen.append((n, seed, cfg_weight, temperature))
+            return super().generate_image_tokens(prompt_ids, n, seed, cfg_weight, temperature)
+
+    evaluate.caption_scores(Recording(tok), tok, captions[:3], n_per_caption=2, seed=5, cfg_weight=2.0,
+                            temperature=0.5)
+    assert seen == [(2, 5, 2.0, 0.5), (2, 6, 2.0, 0.5), (2, 7, 2.0, 0.5)]
+    with pytest.raises(ValueError, match="n_per_caption"):
+        evaluate.caption_scores(Recording(tok), tok, captions[:1], n_per_caption=0)
