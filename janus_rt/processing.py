@@ -18,8 +18,9 @@ SYSTEM_PROMPT = (
 
 
 def generation_prompt(prompt: str) -> str:
-    """Text-to-image prompt (no system prompt); the caller appends <begin_of_image>."""
-    return f"<|User|>: {prompt}\n\n<|Assistant|>:"
+    """Text-to-image prompt (no system prompt); the caller appends <begin_of_image>. The prompt is stripped, as the
+    official processor strips each message (its generation code templates the prompt as a user turn)."""
+    return f"<|User|>: {prompt.strip()}\n\n<|Assistant|>:"
 
 
 def understanding_prompt(question: str, num_images: int = 1) -> str:

@@ -25,6 +25,7 @@ def test_generation_prompt_ids():
     assert generation_prompt("a cat") == "<|User|>: a cat\n\n<|Assistant|>:"
     assert ids[0] == TOK.bos_id and ids[-1] == TOK.boi_id
     assert t.decode(ids[1:-1]) == "<|User|>: a cat\n\n<|Assistant|>:"
+    assert encode_generation_prompt(t, " a cat\n") == ids  # stripped, as the official processor strips a message
     u = unconditional_ids(ids, TOK.pad_id).tolist()
     assert u[0] == TOK.bos_id and u[-1] == TOK.boi_id and set(u[1:-1]) == {TOK.pad_id} and len(u) == len(ids)
 
