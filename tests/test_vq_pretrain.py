@@ -234,6 +234,19 @@ def test_captions_unseen_in_training(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_a_manifest_caption_with_spaces_around_it_is_excluded(tmp_path):
+    """Training prompts with a caption stripped (encode_generation_prompt, as the official processor), so " x\n" in a
+    manifest trained "x": evaluate must not score "x" as a caption it never saw."""
+    drawn = evaluate.heldout_captions(6, seed=7)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"kind": "t2i", "caption": f" {c}\n", "image": "x.png"}) + "\n"
+                                for c in drawn))
+    trained = evaluate.training_captions([manifest])
+    assert set(drawn) <= trained
+    assert not set(evaluate.heldout_captions(6, seed=7, exclude=trained)) & set(drawn)
+    assert not set(evaluate.heldout_captions(6, seed=7, exclude=[f" {c}" for c in drawn])) & set(drawn)
+
+
 def test_cli_scores_the_captions_and_settings_it_was_given(monkeypatch, capsys):
     """evaluate's CLI hands caption_scores the held-out captions of --caption-seed without the excluded ones, and
     --n-per-caption, --seed, --cfg, --temperature as given; its row's color_match is the mean over every image, its

@@ -34,7 +34,7 @@ def heldout_captions(n: int, seed: int = 12345, exclude=()) -> list[str]:
     in `exclude` (a training set's captions: the synthetic caption space is small, ~2,800 captions and 132 colour
     pairs, so most captions drawn with another seed also occur in a large training set). Without exclude: the
     first n of make_synthetic(n, seed)."""
-    exclude, draws = set(exclude), n
+    exclude, draws = {c.strip() for c in exclude}, n  # (stripped: training and evaluate prompt with it stripped)
     while True:
         with tempfile.TemporaryDirectory() as d:
             manifest = make_synthetic(d, n=draws, image_size=8, seed=seed)  # 8 px: the images are thrown away
@@ -63,7 +63,7 @@ def training_captions(manifests=(), synthetic=()) -> set[str]:
             except json.JSONDecodeError:
                 continue  # (train skips such lines too)
             if isinstance(rec, dict) and rec.get("kind") == "t2i" and isinstance(rec.get("caption"), str):
-                out.add(rec["caption"])
+                out.add(rec["caption"].strip())  # the caption training prompts with (encode_generation_prompt)
     for n, seed in synthetic:
         out.update(heldout_captions(n, seed))
     return out
