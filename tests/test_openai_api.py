@@ -375,11 +375,13 @@ def test_a_busy_server_is_a_rate_limit_in_openais_form():
     from test_serve import busy_server
 
     with busy_server() as s:
-        c = openai.OpenAI(base_url=f"http://127.0.0.1:{s.server_address[1]}/v1", api_key="unused", max_retries=0)
-        with pytest.raises(openai.RateLimitError) as e:
-            c.chat.completions.create(model=s.label, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-        assert "--max-requests 1" in e.value.message and e.value.body["type"] == "rate_limit_error"
-        assert e.value.response.headers["Retry-After"] == "1"
+        for query in ({}, {"api-version": "1"}):  # (a query string, as some clients add, changes nothing)
+            c = openai.OpenAI(base_url=f"http://127.0.0.1:{s.server_address[1]}/v1", api_key="unused", max_retries=0,
+                              default_query=query)
+            with pytest.raises(openai.RateLimitError) as e:
+                c.chat.completions.create(model=s.label, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+            assert "--max-requests 1" in e.value.message and e.value.body["type"] == "rate_limit_error"
+            assert e.value.response.headers["Retry-After"] == "1"
 
 
 def test_the_metrics_count_the_openai_paths_as_theirs(srv):
