@@ -313,23 +313,16 @@ def test_chat_answers_on_the_wire(srv):
 def test_a_chat_stream_failing_midway_ends_with_an_openai_error(srv, monkeypatch):
     """A step failing once the stream has begun: its last data line is an error in OpenAI's form (which the SDK raises
     as an APIError), not serve's own {"error": message} event."""
-    eng = srv.bg.engine
-    real = eng._decode
+    from test_serve import fail_after_the_first_step
 
-    def fail_after_the_first():
-        if eng.stats.decode_steps > 0:
-            raise MemoryError("out of memory in a step")
-        return real()
-
-    eng.stats.decode_steps = 0
-    monkeypatch.setattr(eng, "_decode", fail_after_the_first)
+    fail_after_the_first_step(srv, monkeypatch)
     status, _, raw = _post_raw(srv, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
                                                              "max_tokens": 8, "stream": True})
     data = _sse_data(raw)
     assert status == 200 and json.loads(data[0])["choices"][0]["delta"]["role"] == "assistant"
     err = json.loads(data[-1])["error"]
     assert "MemoryError" in err["message"] and err["type"] == "server_error" and err["code"] is None
-    eng.stats.decode_steps = 0
+    srv.bg.engine.stats.decode_steps = 0  # (fails again after one step)
     with pytest.raises(openai.APIError, match="MemoryError"):
         list(client(srv).chat.completions.create(model=srv.label, messages=[{"role": "user", "content": "Hi"}],
                                                  max_tokens=8, stream=True))

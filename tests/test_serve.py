@@ -560,9 +560,8 @@ def test_a_stream_that_fails_before_its_first_event_is_a_plain_error(server):
                                                                                   "got str"})
 
 
-def test_a_stream_failing_midway_ends_with_an_error_event(server, monkeypatch):
-    """A step failing after the stream's first event: an `event: error` with the 500's message ends it. Its status
-    line said 200: /metrics counts the error apart, or a dashboard of 5xx rates never sees a streamed failure."""
+def fail_after_the_first_step(server, monkeypatch):
+    """The server's engine fails every decode step after its first (a MemoryError), so a stream fails midway."""
     eng = server.bg.engine
     real = eng._decode
 
@@ -573,6 +572,12 @@ def test_a_stream_failing_midway_ends_with_an_error_event(server, monkeypatch):
 
     eng.stats.decode_steps = 0
     monkeypatch.setattr(eng, "_decode", fail_after_the_first)
+
+
+def test_a_stream_failing_midway_ends_with_an_error_event(server, monkeypatch):
+    """A step failing after the stream's first event: an `event: error` with the 500's message ends it. Its status
+    line said 200: /metrics counts the error apart, or a dashboard of 5xx rates never sees a streamed failure."""
+    fail_after_the_first_step(server, monkeypatch)
     key = ("janus_rt_http_stream_errors_total", frozenset({"path": "/v1/images", "code": "500"}.items()))
     before = scrape(server).get(key, 0) if ServerMetrics is not None else None
     status, _, events = stream(server, "/v1/images", {"prompt": "a", "seed": 3})
