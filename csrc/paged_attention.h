@@ -167,8 +167,8 @@ inline void accumulate_v_pass(float* acc, const float* p, int64_t ph, int64_t pt
     // bf16 V widened 32 elements at a time by a shift (even elements) and an AND (odd ones) instead of 16 at a time
     // by a lane-crossing vpmovzxwd: accumulator pair (2 i, 2 i + 1), elements 32 i .. 32 i + 31, is held as its even
     // and odd elements for the pass, two permutes in and two out, so acc stays in element order and every element
-    // gets the same FMAs in the same order (the same bits). Zen 4 (512-bit shuffles on 256-bit units), V alone,
-    // 8 rows x 308 tokens from L3: +10 % (bench/RESULTS.md, thirty-sixth session).
+    // gets the same FMAs in the same order (the same bits). Zen 4 (512-bit shuffles on 256-bit units), 1B dims:
+    // +7-11 % from L3, +2.5 % from DRAM (bench/RESULTS.md, thirty-sixth session).
     const __m512i even_of = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odd_of = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     const __m512i lo_of = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
