@@ -151,6 +151,22 @@ def test_paged_decode_attention_batch_invariant(poison, cache_dtype):
         assert torch.equal(alone[0], batch[b]), f"row {b} (context {lens[b]}) differs alone and in the batch"
 
 
+@pytest.mark.parametrize("H,Hkv,D", [(16, 16, 128), (8, 8, 64), (8, 8, 32), (2, 2, 256), (3, 3, 48), (8, 2, 64)])
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention_bf16_cache_reads_exactly(poison, H, Hkv, D, q_dtype):
+    # A bf16 cache gives the bits an fp32 cache holding the same values gives: its K and V are widened exactly and
+    # then take the same FMAs in the same order. Pins the AVX-512 V pass that widens 32 bf16 at a time into even /
+    # odd halves of its accumulators (paged_attention.h accumulate_v_pass): heads of 8, 4, 2 and 16 vectors; 3 x 48
+    # and GQA take the other loops. Batches with whole-row tasks and a row alone (head chunks, a task per part).
+    lens = [45, 1, 16, 300, 129, 0, 17, 64]
+    _, kc, vc, bt, cl = _paged_setup(len(lens), Hkv, D, 16, lens, torch.bfloat16, seed=6)
+    q = torch.randn(len(lens), H, D, generator=torch.Generator().manual_seed(7)).to(q_dtype)
+    for rows in (slice(None), slice(3, 4)):
+        a = cpu_ops.paged_decode_attention(q[rows], kc, vc, bt[rows], cl[rows])
+        b = cpu_ops.paged_decode_attention(q[rows], kc.float(), vc.float(), bt[rows], cl[rows])
+        assert torch.equal(a, b)
+
+
 def test_paged_decode_attention_bf16(poison):
     q, kc, vc, bt, cl = _paged_setup(3, 4, 64, 16, [1, 17, 45], torch.bfloat16, seed=1)
     q = q.bfloat16()
