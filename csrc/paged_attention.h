@@ -162,58 +162,59 @@ constexpr int kSeg = kW >= 16 ? 16 : 8;  // AVX-512: 16 of 32 registers; AVX2 8 
 template <int VPH, typename T>
 inline void accumulate_v_pass(float* acc, const float* p, int64_t ph, int64_t pt, const T* v, int64_t ldv, int64_t n) {
   constexpr int NH = kSeg / VPH;
+  // kPairs: bf16 V widened 32 elements at a time by a shift (even elements) and an AND (odd ones) instead of 16 at a
+  // time by a lane-crossing vpmovzxwd; for the pass, a[2 i] and a[2 i + 1] hold the even and odd elements of acc's
+  // elements 32 i .. 32 i + 31 (two permutes in, two out), so acc stays in element order and every element gets the
+  // same FMAs in the same order (the same bits). Zen 4 (512-bit shuffles on 256-bit units), 1B dims: +7-11 % from
+  // L3, +2.5 % from DRAM (bench/RESULTS.md, thirty-sixth session).
 #if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, uint16_t> && VPH % 2 == 0) {
-    // bf16 V widened 32 elements at a time by a shift (even elements) and an AND (odd ones) instead of 16 at a time
-    // by a lane-crossing vpmovzxwd: accumulator pair (2 i, 2 i + 1), elements 32 i .. 32 i + 31, is held as its even
-    // and odd elements for the pass, two permutes in and two out, so acc stays in element order and every element
-    // gets the same FMAs in the same order (the same bits). Zen 4 (512-bit shuffles on 256-bit units), 1B dims:
-    // +7-11 % from L3, +2.5 % from DRAM (bench/RESULTS.md, thirty-sixth session).
-    const __m512i even_of = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    const __m512i odd_of = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-    const __m512i lo_of = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __m512i hi_of = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-    vf e[kSeg / 2], o[kSeg / 2];
-#pragma GCC unroll 16
-    for (int i = 0; i < kSeg / 2; ++i) {
-      const vf lo = simd::load(acc + 2 * i * kW), hi = simd::load(acc + (2 * i + 1) * kW);
-      e[i] = _mm512_permutex2var_ps(lo, even_of, hi), o[i] = _mm512_permutex2var_ps(lo, odd_of, hi);
-    }
-    for (int64_t t = 0; t < n; ++t) {
-      const T* vt = v + t * ldv;
-#pragma GCC unroll 16
-      for (int h = 0; h < NH; ++h) {
-        const vf w = simd::set1(p[h * ph + t * pt]);
-#pragma GCC unroll 16
-        for (int k = 0; k < VPH / 2; ++k) {
-          const int i = h * VPH / 2 + k;
-          vf ve, vo;
-          simd::load_bf16_pairs(vt + 2 * i * kW, ve, vo);
-          e[i] = simd::fma(w, ve, e[i]), o[i] = simd::fma(w, vo, o[i]);
-        }
-      }
-    }
-#pragma GCC unroll 16
-    for (int i = 0; i < kSeg / 2; ++i) {
-      simd::store(acc + 2 * i * kW, _mm512_permutex2var_ps(e[i], lo_of, o[i]));
-      simd::store(acc + (2 * i + 1) * kW, _mm512_permutex2var_ps(e[i], hi_of, o[i]));
-    }
-    return;
-  }
+  constexpr bool kPairs = std::is_same_v<T, uint16_t> && VPH % 2 == 0;
+  const __m512i even_of = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd_of = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  const __m512i lo_of = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi_of = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+#else
+  constexpr bool kPairs = false;
 #endif
   vf a[kSeg];
 #pragma GCC unroll 16
   for (int j = 0; j < kSeg; ++j) a[j] = simd::load(acc + j * kW);
+#if defined(__AVX512F__)
+  if constexpr (kPairs) {
+#pragma GCC unroll 16
+    for (int j = 0; j < kSeg; j += 2) {
+      const vf lo = a[j], hi = a[j + 1];
+      a[j] = _mm512_permutex2var_ps(lo, even_of, hi), a[j + 1] = _mm512_permutex2var_ps(lo, odd_of, hi);
+    }
+  }
+#endif
   for (int64_t t = 0; t < n; ++t) {
     const T* vt = v + t * ldv;
 #pragma GCC unroll 16
     for (int h = 0; h < NH; ++h) {
       const vf w = simd::set1(p[h * ph + t * pt]);
+      if constexpr (kPairs) {
 #pragma GCC unroll 16
-      for (int k = 0; k < VPH; ++k)
-        a[h * VPH + k] = simd::fma(w, simd::load_as_float(vt + (h * VPH + k) * kW), a[h * VPH + k]);
+        for (int j = h * VPH; j < (h + 1) * VPH; j += 2) {
+          vf ve, vo;
+          simd::load_bf16_pairs(vt + j * kW, ve, vo);
+          a[j] = simd::fma(w, ve, a[j]), a[j + 1] = simd::fma(w, vo, a[j + 1]);
+        }
+      } else {
+#pragma GCC unroll 16
+        for (int j = h * VPH; j < (h + 1) * VPH; ++j) a[j] = simd::fma(w, simd::load_as_float(vt + j * kW), a[j]);
+      }
     }
   }
+#if defined(__AVX512F__)
+  if constexpr (kPairs) {
+#pragma GCC unroll 16
+    for (int j = 0; j < kSeg; j += 2) {
+      const vf e = a[j], o = a[j + 1];
+      a[j] = _mm512_permutex2var_ps(e, lo_of, o), a[j + 1] = _mm512_permutex2var_ps(e, hi_of, o);
+    }
+  }
+#endif
 #pragma GCC unroll 16
   for (int j = 0; j < kSeg; ++j) simd::store(acc + j * kW, a[j]);
 }
