@@ -153,9 +153,10 @@ def layers_case(shape: str, rows: int, context: int, dtype: str, block_size: int
                          f"{'packed' if stack.packed else 'unpacked'} GEMV")
 
 
-def engine_case(shape: str, n: int, tokens: int, dtype: str, int8: str | None = None):
+def engine_case(shape: str, n: int, tokens: int, dtype: str, int8: str | None = None, kv_cache_dtype: str = "auto"):
     """The whole image generation of `janus-rt bench` (n images, `tokens` each) on random weights at the shape
-    (int8: its projections packed as `janus-rt bench --int8 weights|w8a8`): run(mod) patches cpu_ops to call that
+    (int8: its projections packed as `janus-rt bench --int8 weights|w8a8`; kv_cache_dtype as its --kv-cache-dtype):
+    run(mod) patches cpu_ops to call that
     build, runs the engine, and returns the tokens. The rate reported is the roofline's bytes per decode step over the
     measured ms per step."""
     from janus_rt.engine.benchmark import BLOCK_SIZE, bench_model, image_engine
@@ -166,21 +167,23 @@ def engine_case(shape: str, n: int, tokens: int, dtype: str, int8: str | None = 
         model.pack_for_cpu_(int8=int8 if int8 == "w8a8" else True)
     prompt = [model.cfg.tokens.bos_id] + list(range(100, 118)) + [model.cfg.tokens.boi_id]
     step_bytes, _ = decode_step_bytes_flops(model, 2 * n, len(prompt) + tokens // 2,
-                                            shared=(2, len(prompt) // BLOCK_SIZE * BLOCK_SIZE))
+                                            shared=(2, len(prompt) // BLOCK_SIZE * BLOCK_SIZE),
+                                            kv_dtype=torch.int8 if kv_cache_dtype == "int8" else None)
     real_ext = cpu_ops._ext
     last = {}
 
     def run(mod):
         cpu_ops._ext = lambda: mod
         try:
-            eng = image_engine(model, prompt, n, tokens)
+            eng = image_engine(model, prompt, n, tokens, kv_cache_dtype=kv_cache_dtype)
             done = eng.run()
         finally:
             cpu_ops._ext = real_ext
         last["ms"] = eng.stats.ms_per_step
         return torch.tensor([t for r in done.values() for row in r.tokens for t in row], dtype=torch.float32)
 
-    what = f"engine, {shape} shape, n = {n}, {tokens} tokens, {dtype}" + (f", int8 {int8}" if int8 else "")
+    what = (f"engine, {shape} shape, n = {n}, {tokens} tokens, {dtype}" + (f", int8 {int8}" if int8 else "")
+            + (", int8 KV cache" if kv_cache_dtype == "int8" else ""))
     return step_bytes, run, what, last
 
 
@@ -192,6 +195,8 @@ def main(args) -> dict:
     step = None  # engine: {"ms": the last run's ms per decode step}
     if args.dtype == "int8" and args.op != "attention":
         raise SystemExit("--dtype int8: the int8 KV cache, for --op attention only")
+    if args.kv_cache_dtype != "auto" and args.op != "engine":
+        raise SystemExit("--kv-cache-dtype: for --op engine only (--op attention: --dtype int8)")
     if args.int8 and (args.op != "engine" or args.dtype != "bf16"):
         raise SystemExit("--int8: for --op engine with --dtype bf16 only")
     if args.int8 and not (cpu_ops.w8a8_available() if args.int8 == "w8a8" else cpu_ops.int8_available()):
@@ -202,7 +207,7 @@ def main(args) -> dict:
         nbytes, run, what = layers_case(args.shape, args.rows or 2 * SHAPES[args.shape][5], args.context, args.dtype)
     elif args.op == "engine":
         nbytes, run, what, step = engine_case(args.shape, args.n or SHAPES[args.shape][5], args.tokens,
-                                              args.dtype, args.int8)
+                                              args.dtype, args.int8, args.kv_cache_dtype)
     else:
         rows = args.rows or 2 * SHAPES[args.shape][5]
         nbytes, run, what = attention_case(args.shape, rows, args.context, args.dtype, min_bytes)
@@ -257,6 +262,8 @@ if __name__ == "__main__":
     ap.add_argument("--int8", choices=["weights", "w8a8"], default=None,
                     help="engine: the projections as int8 weights or W8A8 (as janus-rt bench --int8; packed once by "
                     "this checkout's build, so the builds must agree on that layout)")
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
+                    help="engine: the KV cache's type (as janus-rt bench --kv-cache-dtype)")
     ap.add_argument("--reps", type=int, default=400)
     # 1 GB: an Intel Xeon host reported 480 MiB of L3, where 80-170 MB per call ran from cache (bench/RESULTS.md,
     # 2026-12-04: the 1B GEMV at 32 rows 23.5 GB/s vs 18-20 from 2 GB)

@@ -30,4 +30,17 @@ inline int amd_family() {
 // AMD families too.
 inline bool zen5_or_later() { return amd_family() >= 0x1A; }
 
+// Zen 4: AMD family 0x19 with AVX-512 (Zen 3, the same family, has none), for a rule measured there only.
+inline bool zen4() {
+  static const bool z = [] {
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned a, b, c, d;
+    return amd_family() == 0x19 && __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((b >> 16) & 1);
+#else
+    return false;
+#endif
+  }();
+  return z;
+}
+
 }  // namespace jr::cpu

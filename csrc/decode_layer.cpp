@@ -272,7 +272,8 @@ std::map<std::string, int64_t> prefetch_rules() {
           {"packed_bf16_min_rows", bf16 ? packed::prefetch_min_rows<uint16_t>() : -1},
           {"packed_fp32_min_rows", packed::prefetch_min_rows<float>()},
           {"w8a8_min_rows", w8a8::prefetch_min_rows()},
-          {"attention_locality", attn::prefetch_locality()}};
+          {"attention_locality", attn::prefetch_locality()},
+          {"attention_k_during_v", attn::k_during_v()}};
 }
 
 const char* decode_phase_name(int i) {

@@ -25,6 +25,12 @@
 // bf16, 32 rows x 312 tokens, middle half: 42.2 -> 44.2 and 40.8 -> 44.8 GB/s when memory was fast, +0-3 % when
 // slow), so there the prefetches go to L1.
 // Prefetching 2 or 3 blocks ahead, or spreading the prefetches over the V passes too, gained nothing; NTA was slower.
+// On Zen 4 (k_during_v()) the next block's K is prefetched during this block's V pass instead, and this block's V
+// alone during its K scoring, so memory is not idle while the V pass computes (2-core Zen 4 VM, thirty-seventh
+// session, 2026-12-06, bench_ab, 1B dims, middle half, GB/s): the int8 cache from DRAM 32 rows 24.1 -> 27.7, 2 rows
+// 17.7 -> 19.3; bf16 28.0 -> 28.7, from L3 33.7 -> 36.8; small fp32 23.8 -> 24.3 (outputs identical: prefetches only).
+// Unmeasured on Zen 5 and Intel, which keep the interleaved order (the Xeon: next K over the V pass as well, 22.3
+// vs 23.1).
 #pragma once
 
 #include <algorithm>
@@ -56,15 +62,28 @@ constexpr int kW = simd::kWidth;
 #ifndef JR_ATTN_PF_LOCALITY_ZEN5  // the same on AMD family 0x1A and later (see the top)
 #define JR_ATTN_PF_LOCALITY_ZEN5 3
 #endif
+#ifndef JR_ATTN_K_DURING_V  // 1: the next block's K prefetched during this block's V pass, 0: during the K scoring
+#define JR_ATTN_K_DURING_V -1  // with this block's V; -1: by the CPU (1 on Zen 4; see the top)
+#endif
 constexpr int64_t kTokenMajorBytes = 2048;  // token-major K scoring for fp32 task rows up to this (see the top)
 
 // RangePrefetcher's locality on this CPU (see the top).
 inline int prefetch_locality() { return cpu::zen5_or_later() ? JR_ATTN_PF_LOCALITY_ZEN5 : JR_ATTN_PF_LOCALITY; }
 
+// Whether the next block's K is prefetched during this block's V pass on this CPU (see the top).
+inline bool k_during_v() {
+#if JR_ATTN_K_DURING_V >= 0
+  return JR_ATTN_K_DURING_V;
+#else
+  return cpu::zen4();
+#endif
+}
+
 // Prefetches the task's part of the tokens of two blocks (the next block's K, this block's V: per token `seg`
 // elements at a stride of `row`; one contiguous range where the task reads whole rows) line by line in address
 // order, `per` lines of each per issue(), so the lines are requested at an even rate over a block's issue() calls
-// rather than in one burst.
+// rather than in one burst. Or (v_calls > 0) this block's V alone over the K scoring's issue() calls and the next
+// block's K over the V pass's v_calls issue_a() calls.
 struct RangePrefetcher {
   struct Stream {
     uintptr_t start = 0, cur = 0, end = 0;  // this token's segment [start, end) and its next line
@@ -84,21 +103,41 @@ struct RangePrefetcher {
     }
   };
   Stream a, b;
-  int64_t per = 0;
+  int64_t per = 0;      // lines per issue(): of each stream, or of b alone where a_in_v
+  int64_t per_a = 0;    // lines of a per issue_a()
+  bool a_in_v = false;  // stream a (the next block's K) issued by issue_a() during the V pass
   bool zen5 = cpu::zen5_or_later();  // the locality: JR_ATTN_PF_LOCALITY_ZEN5 there, else JR_ATTN_PF_LOCALITY
   template <typename T>
-  void set(const T* pa, int64_t na, const T* pb, int64_t nb, int64_t seg, int64_t row, int64_t calls) {
+  void set(const T* pa, int64_t na, const T* pb, int64_t nb, int64_t seg, int64_t row, int64_t calls,
+           int64_t v_calls = 0) {
     const int64_t seg_bytes = seg * int64_t(sizeof(T));
     a.init(pa, seg_bytes, row * int64_t(sizeof(T)), na);
     b.init(pb, seg_bytes, row * int64_t(sizeof(T)), nb);
-    const int64_t lines = std::max(na, nb) * ((int64_t(reinterpret_cast<uintptr_t>(pb) & 63) + seg_bytes + 63) / 64);
-    per = calls > 0 ? (lines + calls - 1) / calls : 0;
+    const auto lines = [&](const T* p, int64_t tokens) {
+      return tokens * ((int64_t(reinterpret_cast<uintptr_t>(p) & 63) + seg_bytes + 63) / 64);
+    };
+    a_in_v = v_calls > 0;
+    per = calls > 0 ? (lines(pb, a_in_v ? nb : std::max(na, nb)) + calls - 1) / calls : 0;
+    per_a = a_in_v ? (lines(pa, na) + v_calls - 1) / v_calls : 0;
+  }
+  template <int Loc>
+  void steps() {
+    for (int64_t i = 0; i < per; ++i) {
+      if (!a_in_v) a.step<Loc>();
+      b.step<Loc>();
+    }
   }
   void issue() {
     if (zen5)
-      for (int64_t i = 0; i < per; ++i) a.step<JR_ATTN_PF_LOCALITY_ZEN5>(), b.step<JR_ATTN_PF_LOCALITY_ZEN5>();
+      steps<JR_ATTN_PF_LOCALITY_ZEN5>();
     else
-      for (int64_t i = 0; i < per; ++i) a.step<JR_ATTN_PF_LOCALITY>(), b.step<JR_ATTN_PF_LOCALITY>();
+      steps<JR_ATTN_PF_LOCALITY>();
+  }
+  void issue_a() {
+    if (zen5)
+      for (int64_t i = 0; i < per_a; ++i) a.step<JR_ATTN_PF_LOCALITY_ZEN5>();
+    else
+      for (int64_t i = 0; i < per_a; ++i) a.step<JR_ATTN_PF_LOCALITY>();
   }
 };
 
@@ -160,7 +199,8 @@ constexpr int kSeg = kW >= 16 ? 16 : 8;  // AVX-512: 16 of 32 registers; AVX2 8 
 // broadcast of their weight per token (with a run-time VPH the compiler kept 16 weight pointers, spilled to vector
 // registers, and moved one back for every FMA).
 template <int VPH, typename T>
-inline void accumulate_v_pass(float* acc, const float* p, int64_t ph, int64_t pt, const T* v, int64_t ldv, int64_t n) {
+inline void accumulate_v_pass(float* acc, const float* p, int64_t ph, int64_t pt, const T* v, int64_t ldv, int64_t n,
+                              RangePrefetcher* pf) {
   constexpr int NH = kSeg / VPH;
   // kPairs: bf16 V widened 32 elements at a time by a shift (even elements) and an AND (odd ones) instead of 16 at a
   // time by a lane-crossing vpmovzxwd; for the pass, a[2 i] and a[2 i + 1] hold the even and odd elements of acc's
@@ -190,6 +230,7 @@ inline void accumulate_v_pass(float* acc, const float* p, int64_t ph, int64_t pt
 #endif
   for (int64_t t = 0; t < n; ++t) {
     const T* vt = v + t * ldv;
+    if (pf) pf->issue_a();
 #pragma GCC unroll 16
     for (int h = 0; h < NH; ++h) {
       const vf w = simd::set1(p[h * ph + t * pt]);
@@ -219,18 +260,19 @@ inline void accumulate_v_pass(float* acc, const float* p, int64_t ph, int64_t pt
   for (int j = 0; j < kSeg; ++j) simd::store(acc + j * kW, a[j]);
 }
 
+// pf: issue_a() once per token of each pass (kSeg * kW elements of the row a pass), or nullptr.
 template <typename T>
 inline void accumulate_v_rows(float* acc, const float* p, int64_t ph, int64_t pt, const T* v, int64_t ldv, int64_t n,
-                              int64_t W, int64_t D) {
+                              int64_t W, int64_t D, RangePrefetcher* pf = nullptr) {
   const int64_t vph = D / kW;
   for (int64_t e0 = 0; e0 < W; e0 += kSeg * kW) {
     const float* pe = p + e0 / D * ph;  // the pass's first head (vph <= kSeg: passes start at a head)
     switch (vph) {
-      case 1: accumulate_v_pass<1>(acc + e0, pe, ph, pt, v + e0, ldv, n); continue;
-      case 2: accumulate_v_pass<2>(acc + e0, pe, ph, pt, v + e0, ldv, n); continue;
-      case 4: accumulate_v_pass<4>(acc + e0, pe, ph, pt, v + e0, ldv, n); continue;
-      case 8: accumulate_v_pass<8>(acc + e0, pe, ph, pt, v + e0, ldv, n); continue;
-      case 16: if constexpr (kSeg >= 16) { accumulate_v_pass<16>(acc + e0, pe, ph, pt, v + e0, ldv, n); continue; }
+      case 1: accumulate_v_pass<1>(acc + e0, pe, ph, pt, v + e0, ldv, n, pf); continue;
+      case 2: accumulate_v_pass<2>(acc + e0, pe, ph, pt, v + e0, ldv, n, pf); continue;
+      case 4: accumulate_v_pass<4>(acc + e0, pe, ph, pt, v + e0, ldv, n, pf); continue;
+      case 8: accumulate_v_pass<8>(acc + e0, pe, ph, pt, v + e0, ldv, n, pf); continue;
+      case 16: if constexpr (kSeg >= 16) { accumulate_v_pass<16>(acc + e0, pe, ph, pt, v + e0, ldv, n, pf); continue; }
       default: break;
     }
     const float* pj[kSeg];  // other widths: a weight pointer per vector
@@ -239,6 +281,7 @@ inline void accumulate_v_rows(float* acc, const float* p, int64_t ph, int64_t pt
     for (int j = 0; j < kSeg; ++j) pj[j] = p + (e0 + j * kW) / D * ph, a[j] = simd::load(acc + e0 + j * kW);
     for (int64_t t = 0; t < n; ++t) {
       const T* vt = v + t * ldv + e0;
+      if (pf) pf->issue_a();
 #pragma GCC unroll 16
       for (int j = 0; j < kSeg; ++j)
         a[j] = simd::fma(simd::set1(pj[j][t * pt]), simd::load_as_float(vt + j * kW), a[j]);
@@ -454,6 +497,7 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
     for (int64_t h = 0; h < nh; ++h) off[h] = (hk0 + h / G) * D;
     // V for the whole row at once (accumulate_v_rows) where the task's heads are contiguous and fill its vectors
     const bool rows_v = G == 1 && D % kW == 0 && (nh * D) % (kSeg * kW) == 0;
+    const bool k_in_v = rows_v && k_during_v();  // the next block's K prefetched during the V pass
     bool token_major = false;
 #ifdef JR_ATTN_AVX2
     token_major = rows_v && std::is_same_v<TKV, float> && nh % 8 == 0 &&
@@ -473,7 +517,8 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
         {
           const int64_t n_next = (i + 1) * bs < len ? std::min(bs, len - (i + 1) * bs) : 0;
           const TKV* k_next = kc + (n_next ? int64_t(bt[b * max_blocks + i + 1]) * bs * row : 0);
-          pf.set(k_next + off[0], n_next, vc + base + off[0], n, (hk1 - hk0) * D, row, token_major ? n : n / 8 * nh);
+          pf.set(k_next + off[0], n_next, vc + base + off[0], n, (hk1 - hk0) * D, row, token_major ? n : n / 8 * nh,
+                 k_in_v ? n * (nh * D / (kSeg * kW)) : 0);
         }
         int64_t t = 0;
 #ifdef JR_ATTN_AVX2
@@ -521,7 +566,7 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
               m[h + j] = mbs[j];
             }
           }
-          accumulate_v_rows(acc.data(), s.data(), 1, nh, vc + base + off[0], row, n, nh * D, D);
+          accumulate_v_rows(acc.data(), s.data(), 1, nh, vc + base + off[0], row, n, nh * D, D, k_in_v ? &pf : nullptr);
           continue;
         }
         if (D % kW == 0) {
@@ -556,7 +601,8 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
             for (int64_t u = 0; u < n; ++u) s[h * bs + u] *= vs[sbase + u * Hkv + hk0 + h / G];
           if (!rows_v) accumulate_v(&acc[h * D], &s[h * bs], vc + base + off[h], row, n, D);
         }
-        if (rows_v) accumulate_v_rows(acc.data(), s.data(), bs, 1, vc + base + off[0], row, n, nh * D, D);
+        if (rows_v)
+          accumulate_v_rows(acc.data(), s.data(), bs, 1, vc + base + off[0], row, n, nh * D, D, k_in_v ? &pf : nullptr);
       }
       if (parts > 1) {  // this part's state, for the merge
         float* slot = (plan.split ? plan.scratch.data() + task * plan.slot_size()

@@ -42,8 +42,10 @@ def prefetch_rules() -> dict[str, int]:
     """The decode kernels' software-prefetch rules as this CPU takes them (csrc/packed_gemv.h, w8a8_gemv.h,
     paged_attention.h): amd_family (AMD's CPUID family, 0x19 Zen 3 / Zen 4, 0x1A Zen 5; 0 on other vendors), zen5
     (1 where the Zen 5 rules apply: AMD family 0x1A and later), the rows of x from which the packed bf16 / fp32 and
-    W8A8 GEMVs prefetch the next weight tile (packed_bf16_min_rows -1 in a build without the bf16 GEMV), and the
-    paged attention's prefetch locality (2 = L2, 3 = L1). bench/RESULTS.md (thirtieth session) has why."""
+    W8A8 GEMVs prefetch the next weight tile (packed_bf16_min_rows -1 in a build without the bf16 GEMV), the paged
+    attention's prefetch locality (2 = L2, 3 = L1), and whether it prefetches a row's next cache block's K during the
+    V pass (attention_k_during_v 1, Zen 4) or during the K scoring. bench/RESULTS.md (thirtieth and thirty-seventh
+    sessions) has why."""
     return dict(_ext().prefetch_rules())
 
 

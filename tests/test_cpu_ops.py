@@ -33,7 +33,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_prefetch_rules_follow_the_cpu():
     """csrc/cpu_family.h reads AMD's CPUID family (base + extended) as /proc/cpuinfo gives it (0 on other vendors), and
     the kernels take Zen 5's prefetch rules from family 0x1A on, the default (Zen 4's) rules elsewhere, with the values
-    the headers document (unless this build was tuned with -DJR_... flags)."""
+    the headers document (unless this build was tuned with -DJR_... flags); the attention's K-during-V prefetch on Zen 4
+    only (family 0x19 with AVX-512)."""
     try:
         with open("/proc/cpuinfo") as f:
             first = f.read().split("\n\n")[0]
@@ -54,6 +55,8 @@ def test_prefetch_rules_follow_the_cpu():
     assert rules["packed_fp32_min_rows"] == 3
     assert rules["w8a8_min_rows"] == (1 if zen5 else 3)
     assert rules["attention_locality"] == (3 if zen5 else 2)
+    zen4 = family == 0x19 and "avx512f" in info.get("flags", "").split()  # (Zen 3, also 0x19, has no AVX-512)
+    assert rules["attention_k_during_v"] == zen4
 
 
 # ---- vq_nearest ----------------------------------------------------------------------------------------------
@@ -719,26 +722,33 @@ def test_gather_rows(src_dtype, dtype):
 
 def test_bench_ab_smoke(monkeypatch):
     """bench/bench_ab.py (interleaved A/B of builds) runs its four ops on this build loaded twice: same outputs, a
-    rate per memory-state bin and build; the engine also with W8A8 projections where this CPU has them."""
+    rate per memory-state bin and build; the engine also with the int8 KV cache, and with W8A8 projections where this
+    CPU has them."""
     import argparse
     import pathlib
 
     ab = bench_scripts.load("bench_ab")
     build = pathlib.Path(cpu_ops._C.__file__).parents[1]  # the folder holding the janus_rt/_C*.so in use
-    cases = [(op, "fp32", None) for op in ("packed_gemv", "attention", "layers", "engine")] + [
-        ("attention", "int8", None)] + ([("engine", "bf16", "w8a8")] if cpu_ops.w8a8_available() else [])
-    for op, dtype, int8 in cases:  # engine: whole 3-token generations, small shape; int8: the int8 KV cache
+    cases = [(op, "fp32", None, "auto") for op in ("packed_gemv", "attention", "layers", "engine")] + [
+        ("attention", "int8", None, "auto"), ("engine", "fp32", None, "int8")] + (
+        [("engine", "bf16", "w8a8", "auto")] if cpu_ops.w8a8_available() else [])
+    for op, dtype, int8, kv in cases:  # engine: whole 3-token generations, small shape; int8: the int8 KV cache
         args = argparse.Namespace(builds=f"{build},{build}", op=op, shape="small", dtype=dtype, M=2, rows=2,
-                                  context=40, reps=4, min_mb=1.0, n=1, tokens=3, int8=int8)
+                                  context=40, reps=4, min_mb=1.0, n=1, tokens=3, int8=int8, kv_cache_dtype=kv)
         out = ab.main(args)
         if int8:
             assert "int8 w8a8" in out["what"]
+        assert ("int8 KV cache" in out["what"]) == (kv == "int8")
         assert list(out["max_abs_diff"].values()) == [0.0]
         for label in ("slowest quarter", "middle half", "fastest quarter"):
             rates = [v for k, v in out[label].items() if k != "stream"]
             assert len(rates) == 2 and all(r > 0 for r in rates)
+    args.kv_cache_dtype = "auto"  # the misuse below, one at a time
     with pytest.raises(SystemExit, match="int8"):
         ab.main(argparse.Namespace(**{**vars(args), "op": "layers", "dtype": "int8", "int8": None}))
+    with pytest.raises(SystemExit, match="--kv-cache-dtype"):
+        ab.main(argparse.Namespace(**{**vars(args), "op": "attention", "dtype": "fp32", "int8": None,
+                                      "kv_cache_dtype": "int8"}))
     with pytest.raises(SystemExit, match="--int8"):
         ab.main(argparse.Namespace(**{**vars(args), "op": "layers", "dtype": "bf16", "int8": "w8a8"}))
     for mode, have in (("weights", "int8_available"), ("w8a8", "w8a8_available")):  # a CPU without that GEMV
