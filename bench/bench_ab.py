@@ -13,6 +13,8 @@ helps when memory is slow, fast, or both.
     python bench/bench_ab.py --builds .,/tmp/b --op attention --shape 1b --dtype int8 --rows 32 --context 312
     python bench/bench_ab.py --builds .,/tmp/b --op engine --reps 12  # whole generations; GB/s = roofline bytes
                                                                       # per decode step / measured ms per step
+    python bench/bench_ab.py --builds .,/tmp/b --op engine --shape 1b -n 16 --tokens 192 --dtype bf16 --int8 w8a8 \
+        --kv-cache-dtype int8 --reps 4                                # W8A8 projections, the int8 KV cache
     python bench/bench_ab.py --builds .,/tmp/b --op layers --shape 1b --dtype bf16 --reps 40  # the decoder layers
                                              # of one decode step (decode_layer x L); GB/s = weight + K/V bytes
 
@@ -156,9 +158,8 @@ def layers_case(shape: str, rows: int, context: int, dtype: str, block_size: int
 def engine_case(shape: str, n: int, tokens: int, dtype: str, int8: str | None = None, kv_cache_dtype: str = "auto"):
     """The whole image generation of `janus-rt bench` (n images, `tokens` each) on random weights at the shape
     (int8: its projections packed as `janus-rt bench --int8 weights|w8a8`; kv_cache_dtype as its --kv-cache-dtype):
-    run(mod) patches cpu_ops to call that
-    build, runs the engine, and returns the tokens. The rate reported is the roofline's bytes per decode step over the
-    measured ms per step."""
+    run(mod) patches cpu_ops to call that build, runs the engine, and returns the tokens. The rate reported is the
+    roofline's bytes per decode step over the measured ms per step."""
     from janus_rt.engine.benchmark import BLOCK_SIZE, bench_model, image_engine
     from janus_rt.engine.roofline import decode_step_bytes_flops
 
@@ -179,7 +180,7 @@ def engine_case(shape: str, n: int, tokens: int, dtype: str, int8: str | None = 
             done = eng.run()
         finally:
             cpu_ops._ext = real_ext
-        last["ms"] = eng.stats.ms_per_step
+        last["ms"], last["kv_cache_dtype"] = eng.stats.ms_per_step, str(eng.cache.dtype)
         return torch.tensor([t for r in done.values() for row in r.tokens for t in row], dtype=torch.float32)
 
     what = (f"engine, {shape} shape, n = {n}, {tokens} tokens, {dtype}" + (f", int8 {int8}" if int8 else "")
@@ -194,7 +195,8 @@ def main(args) -> dict:
     min_bytes = args.min_mb * 1e6
     step = None  # engine: {"ms": the last run's ms per decode step}
     if args.dtype == "int8" and args.op != "attention":
-        raise SystemExit("--dtype int8: the int8 KV cache, for --op attention only")
+        raise SystemExit("--dtype int8: the int8 KV cache, for --op attention only "
+                         "(--op engine: --kv-cache-dtype int8)")
     if args.kv_cache_dtype != "auto" and args.op != "engine":
         raise SystemExit("--kv-cache-dtype: for --op engine only (--op attention: --dtype int8)")
     if args.int8 and (args.op != "engine" or args.dtype != "bf16"):
@@ -238,6 +240,8 @@ def main(args) -> dict:
     print("|---|---|" + "---|" * len(names))
     out = {"what": what,
            "max_abs_diff": {n: (outputs[n] - outputs[names[0]]).abs().max().item() for n in names[1:]}}
+    if step is not None:
+        out["kv_cache_dtype"] = step["kv_cache_dtype"]  # the engine's, as run
     for label, idx in bins.items():
         med = {n: statistics.median(rates[n][i] for i in idx) for n in names}
         out[label] = {"stream": statistics.median(st[i] for i in idx), **med}

@@ -30,12 +30,16 @@ inline int amd_family() {
 // AMD families too.
 inline bool zen5_or_later() { return amd_family() >= 0x1A; }
 
-// Zen 4: AMD family 0x19 with AVX-512 (Zen 3, the same family, has none), for a rule measured there only.
+// Zen 4: AMD family 0x19 with AVX-512 (Zen 3, the same family, has none), for a rule measured there only. AVX-512
+// as the OS grants it: CPUID's AVX512F bit, and XCR0's SSE, AVX and the three AVX-512 state bits (0xE6) set.
 inline bool zen4() {
   static const bool z = [] {
 #if defined(__x86_64__) || defined(__i386__)
     unsigned a, b, c, d;
-    return amd_family() == 0x19 && __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((b >> 16) & 1);
+    if (amd_family() != 0x19 || !__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return false;  // OSXSAVE
+    unsigned xcr0_lo, xcr0_hi;
+    __asm__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    return (xcr0_lo & 0xE6) == 0xE6 && __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((b >> 16) & 1);
 #else
     return false;
 #endif

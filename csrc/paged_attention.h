@@ -24,7 +24,8 @@
 // On Zen 5 (AMD family 0x1A) t0 is the faster (2-core Zen 5 VM, thirtieth session, 2026-12-06, bench_ab, 1B dims
 // bf16, 32 rows x 312 tokens, middle half: 42.2 -> 44.2 and 40.8 -> 44.8 GB/s when memory was fast, +0-3 % when
 // slow), so there the prefetches go to L1.
-// Prefetching 2 or 3 blocks ahead, or spreading the prefetches over the V passes too, gained nothing; NTA was slower.
+// Prefetching 2 or 3 blocks ahead, or spreading the prefetches over the V passes as well as the K scoring, gained
+// nothing (Zen 5, the Xeon); NTA was slower.
 // On Zen 4 (k_during_v()) the next block's K is prefetched during this block's V pass instead, and this block's V
 // alone during its K scoring, so memory is not idle while the V pass computes (2-core Zen 4 VM, thirty-seventh
 // session, 2026-12-06, bench_ab, 1B dims, middle half, GB/s): the int8 cache from DRAM 32 rows 24.1 -> 27.7, 2 rows
@@ -497,7 +498,10 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
     for (int64_t h = 0; h < nh; ++h) off[h] = (hk0 + h / G) * D;
     // V for the whole row at once (accumulate_v_rows) where the task's heads are contiguous and fill its vectors
     const bool rows_v = G == 1 && D % kW == 0 && (nh * D) % (kSeg * kW) == 0;
-    const bool k_in_v = rows_v && k_during_v();  // the next block's K prefetched during the V pass
+    bool k_in_v = false;  // the next block's K prefetched during the V pass (vector builds: the others prefetch none)
+#ifdef JR_ATTN_AVX2
+    k_in_v = rows_v && k_during_v();
+#endif
     bool token_major = false;
 #ifdef JR_ATTN_AVX2
     token_major = rows_v && std::is_same_v<TKV, float> && nh % 8 == 0 &&

@@ -739,6 +739,8 @@ def test_bench_ab_smoke(monkeypatch):
         if int8:
             assert "int8 w8a8" in out["what"]
         assert ("int8 KV cache" in out["what"]) == (kv == "int8")
+        if op == "engine":  # the engine that ran held that cache
+            assert (out["kv_cache_dtype"] == "torch.int8") == (kv == "int8")
         assert list(out["max_abs_diff"].values()) == [0.0]
         for label in ("slowest quarter", "middle half", "fastest quarter"):
             rates = [v for k, v in out[label].items() if k != "stream"]
