@@ -92,8 +92,10 @@ def _mkl_set_num_threads_local():
 
 
 def prefetch_rule() -> str:
-    """"zen5" where the decode kernels take Zen 5's prefetch rules (prefetch_rules()), else "default" (Zen 4's)."""
-    return "zen5" if prefetch_rules()["zen5"] else "default"
+    """"zen5" where the decode kernels take Zen 5's prefetch rules (prefetch_rules()), "zen4" where they take the
+    default ones plus the paged attention's K-during-V prefetch (Zen 4's), else "default"."""
+    rules = prefetch_rules()
+    return "zen5" if rules["zen5"] else "zen4" if rules["attention_k_during_v"] else "default"
 
 
 def cpu_flags() -> frozenset[str]:
