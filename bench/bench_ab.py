@@ -193,7 +193,7 @@ def main(args) -> dict:
         raise SystemExit("janus_rt._C is not built here: python setup.py build_ext --inplace")
     mods = load_builds(args.builds.split(","))
     min_bytes = args.min_mb * 1e6
-    step = None  # engine: {"ms": the last run's ms per decode step}
+    step = None  # engine: {"ms": the last run's ms per decode step, "kv_cache_dtype": its cache's}
     if args.dtype == "int8" and args.op != "attention":
         raise SystemExit("--dtype int8: the int8 KV cache, for --op attention only "
                          "(--op engine: --kv-cache-dtype int8)")
