@@ -221,13 +221,15 @@ inline void accumulate_v_pass(float* acc, const float* p, int64_t ph, int64_t pt
 #pragma GCC unroll 16
   for (int j = 0; j < kSeg; ++j) a[j] = simd::load(acc + j * kW);
 #if defined(__AVX512F__)
-  if constexpr (kPairs) {
+  // each pair (a[j], a[j + 1]) -> (its elements picked by `first`, by `second`): in, to even / odd; out, back
+  [[maybe_unused]] const auto permute_pairs = [&a](__m512i first, __m512i second) {
 #pragma GCC unroll 16
     for (int j = 0; j < kSeg; j += 2) {
-      const vf lo = a[j], hi = a[j + 1];
-      a[j] = _mm512_permutex2var_ps(lo, even_of, hi), a[j + 1] = _mm512_permutex2var_ps(lo, odd_of, hi);
+      const vf x = a[j], y = a[j + 1];
+      a[j] = _mm512_permutex2var_ps(x, first, y), a[j + 1] = _mm512_permutex2var_ps(x, second, y);
     }
-  }
+  };
+  if constexpr (kPairs) permute_pairs(even_of, odd_of);
 #endif
   for (int64_t t = 0; t < n; ++t) {
     const T* vt = v + t * ldv;
@@ -249,13 +251,7 @@ inline void accumulate_v_pass(float* acc, const float* p, int64_t ph, int64_t pt
     }
   }
 #if defined(__AVX512F__)
-  if constexpr (kPairs) {
-#pragma GCC unroll 16
-    for (int j = 0; j < kSeg; j += 2) {
-      const vf e = a[j], o = a[j + 1];
-      a[j] = _mm512_permutex2var_ps(e, lo_of, o), a[j + 1] = _mm512_permutex2var_ps(e, hi_of, o);
-    }
-  }
+  if constexpr (kPairs) permute_pairs(lo_of, hi_of);
 #endif
 #pragma GCC unroll 16
   for (int j = 0; j < kSeg; ++j) simd::store(acc + j * kW, a[j]);
