@@ -12,8 +12,8 @@
 // runs over a tile while it is in L1/L2, the accumulators wait in a per-thread [M, S] fp32 buffer between tiles.
 // While the row blocks run, the next tile in memory (the strip's next one or the next strip's first) is prefetched,
 // spread over the row blocks so that the weight stream is read at an even rate instead of in bursts at each tile's
-// first block — from 3 rows of x on (for 1 or 2 the hardware prefetchers of Zen 4 read the stream faster alone), on
-// Zen 5 from 1 row on for bf16 (zen5_rule).
+// first block — from 3 rows of x on (for 1 or 2 the hardware prefetchers read the stream faster alone, Zen 4 in
+// 2026-12-03's measurements), for bf16 from 1 row on Zen 5 (zen5_rule) and, since 2026-12-06, on Zen 4.
 // Against gemv.h's row-block kernel on the unpacked W (bf16, 2-core Zen 5, 2026-12-02, bench/RESULTS.md): ~1.8x at
 // M = 32, ~1.5x at M = 2-8, with W from DRAM.
 // On CPUs with AMX-BF16 (and a build for them), bf16 weights with K a multiple of 32 go to amx_gemv.h instead: the same
@@ -53,6 +53,9 @@
 #if defined(JR_PACKED_PF_MIN_ROWS) && !defined(JR_PACKED_PF_MIN_ROWS_BF16_ZEN5)
 #define JR_PACKED_PF_MIN_ROWS_BF16_ZEN5 JR_PACKED_PF_MIN_ROWS
 #endif
+#if defined(JR_PACKED_PF_MIN_ROWS) && !defined(JR_PACKED_PF_MIN_ROWS_BF16_ZEN4)
+#define JR_PACKED_PF_MIN_ROWS_BF16_ZEN4 JR_PACKED_PF_MIN_ROWS
+#endif
 #ifndef JR_PACKED_PF_LOCALITY_BF16_FEW  // up to JR_PACKED_PF_L2_MAX_ROWS_BF16 rows
 #define JR_PACKED_PF_LOCALITY_BF16_FEW 2
 #endif
@@ -86,6 +89,15 @@
 #ifndef JR_PACKED_PF_LOCALITY_BF16_FEW_ZEN5
 #define JR_PACKED_PF_LOCALITY_BF16_FEW_ZEN5 3
 #endif
+// Zen 4 (cpu::zen4()) now measures the same way for bf16, with the default locality (t1) for few rows (2-core Zen 4
+// VM, thirty-eighth session, 2026-12-06, bench_ab --op engine, 1B shape, n = 1 (2 rows), 96 tokens, 24 reps, GB/s of
+// a step's bytes, slowest / middle / fastest quarter of the stream probe, none -> from 1 row: 30.5 / 30.9 / 32.4 ->
+// 31.2 / 32.0 / 32.9, and with the builds' order swapped 27.8 / 28.9 / 28.8 -> 31.1 / 31.1 / 32.6; the GEMV alone at
+// M = 1 alike, 32.0 / 33.1 vs 32.2 / 33.0). fp32 keeps 3 (small shape n = 1: 29.3 / 31.4 / 37.8 -> 30.1 / 29.6 / 34.6).
+// The eleventh session's opposite result (above) was on the code of 2026-12-03.
+#ifndef JR_PACKED_PF_MIN_ROWS_BF16_ZEN4
+#define JR_PACKED_PF_MIN_ROWS_BF16_ZEN4 1
+#endif
 
 // A block of 7-8 rows runs as two passes over the tile, vectors 0-1 then 2-3 of each step (8 x 2 accumulators, no
 // spills; the second pass reads the tile from L2) instead of one 8 x 4 pass that spills ~5 accumulators per step.
@@ -114,10 +126,11 @@ template <typename WT>
 inline bool zen5_rule() {
   return !std::is_same_v<WT, float> && cpu::zen5_or_later();
 }
-// The rows of x from which the next tile is prefetched, by that rule.
+// The rows of x from which the next tile is prefetched on this CPU (see the top).
 template <typename WT>
 inline int64_t prefetch_min_rows() {
-  return zen5_rule<WT>() ? JR_PACKED_PF_MIN_ROWS_BF16_ZEN5 : JR_PACKED_PF_MIN_ROWS;
+  if (zen5_rule<WT>()) return JR_PACKED_PF_MIN_ROWS_BF16_ZEN5;
+  return !std::is_same_v<WT, float> && cpu::zen4() ? JR_PACKED_PF_MIN_ROWS_BF16_ZEN4 : JR_PACKED_PF_MIN_ROWS;
 }
 
 constexpr int kMB = 6;       // x rows per register block: 6 x 4 = 24 accumulators

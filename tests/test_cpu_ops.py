@@ -32,9 +32,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---- which CPU the prefetch rules see --------------------------------------------------------------------------
 def test_prefetch_rules_follow_the_cpu():
     """csrc/cpu_family.h reads AMD's CPUID family (base + extended) as /proc/cpuinfo gives it (0 on other vendors), and
-    the kernels take Zen 5's prefetch rules from family 0x1A on, the default (Zen 4's) rules elsewhere, with the values
-    the headers document (unless this build was tuned with -DJR_... flags); the attention's K-during-V prefetch on Zen 4
-    only (family 0x19 with AVX-512)."""
+    the kernels take Zen 5's prefetch rules from family 0x1A on, the default rules elsewhere, with the values the
+    headers document (unless this build was tuned with -DJR_... flags); on Zen 4 only (family 0x19 with AVX-512): the
+    attention's K-during-V prefetch and the bf16 packed GEMV's prefetch from 1 row."""
     try:
         with open("/proc/cpuinfo") as f:
             first = f.read().split("\n\n")[0]
@@ -51,12 +51,12 @@ def test_prefetch_rules_follow_the_cpu():
     assert cpu_ops.prefetch_rule() == ("zen5" if zen5 else "zen4" if rules["attention_k_during_v"] else "default")
     if "-DJR_" in os.environ.get("JANUS_RT_CXXFLAGS", ""):
         return  # a tuning build: its own values
+    zen4 = family == 0x19 and "avx512f" in info.get("flags", "").split()  # (Zen 3, also 0x19, has no AVX-512)
     bf16 = cpu_ops.packed_available(torch.bfloat16)
-    assert rules["packed_bf16_min_rows"] == ((1 if zen5 else 3) if bf16 else -1)
+    assert rules["packed_bf16_min_rows"] == ((1 if zen5 or zen4 else 3) if bf16 else -1)
     assert rules["packed_fp32_min_rows"] == 3
     assert rules["w8a8_min_rows"] == (1 if zen5 else 3)
     assert rules["attention_locality"] == (3 if zen5 else 2)
-    zen4 = family == 0x19 and "avx512f" in info.get("flags", "").split()  # (Zen 3, also 0x19, has no AVX-512)
     assert rules["attention_k_during_v"] == zen4
 
 
