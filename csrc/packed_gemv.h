@@ -93,7 +93,7 @@
 // VM, thirty-eighth session, 2026-12-06, bench_ab --op engine, 1B shape, n = 1 (2 rows), 96 tokens, 24 reps, GB/s of
 // a step's bytes, slowest / middle / fastest quarter of the stream probe, none -> from 1 row: 30.5 / 30.9 / 32.4 ->
 // 31.2 / 32.0 / 32.9, and with the builds' order swapped 27.8 / 28.9 / 28.8 -> 31.1 / 31.1 / 32.6; the GEMV alone at
-// M = 1 alike, 32.0 / 33.1 vs 32.2 / 33.0). fp32 keeps 3 (small shape n = 1: 29.3 / 31.4 / 37.8 -> 30.1 / 29.6 / 34.6).
+// M = 1 alike, middle half in two runs 32.0 / 33.0 -> 32.2 / 33.1). fp32 keeps 3 (small shape n = 1: 29.3 / 31.4 / 37.8 -> 30.1 / 29.6 / 34.6).
 // The eleventh session's opposite result (above) was on the code of 2026-12-03.
 #ifndef JR_PACKED_PF_MIN_ROWS_BF16_ZEN4
 #define JR_PACKED_PF_MIN_ROWS_BF16_ZEN4 1
