@@ -93,7 +93,8 @@
 // VM, thirty-eighth session, 2026-12-06, bench_ab --op engine, 1B shape, n = 1 (2 rows), 96 tokens, 24 reps, GB/s of
 // a step's bytes, slowest / middle / fastest quarter of the stream probe, none -> from 1 row: 30.5 / 30.9 / 32.4 ->
 // 31.2 / 32.0 / 32.9, and with the builds' order swapped 27.8 / 28.9 / 28.8 -> 31.1 / 31.1 / 32.6; the GEMV alone at
-// M = 1 alike, middle half in two runs 32.0 / 33.0 -> 32.2 / 33.1). fp32 keeps 3 (small shape n = 1: 29.3 / 31.4 / 37.8 -> 30.1 / 29.6 / 34.6).
+// M = 1 alike, middle half in two runs 32.0 / 33.0 -> 32.2 / 33.1). fp32 keeps 3 (small shape n = 1: 29.3 / 31.4 /
+// 37.8 -> 30.1 / 29.6 / 34.6).
 // The eleventh session's opposite result (above) was on the code of 2026-12-03.
 #ifndef JR_PACKED_PF_MIN_ROWS_BF16_ZEN4
 #define JR_PACKED_PF_MIN_ROWS_BF16_ZEN4 1
@@ -129,8 +130,10 @@ inline bool zen5_rule() {
 // The rows of x from which the next tile is prefetched on this CPU (see the top).
 template <typename WT>
 inline int64_t prefetch_min_rows() {
-  if (zen5_rule<WT>()) return JR_PACKED_PF_MIN_ROWS_BF16_ZEN5;
-  return !std::is_same_v<WT, float> && cpu::zen4() ? JR_PACKED_PF_MIN_ROWS_BF16_ZEN4 : JR_PACKED_PF_MIN_ROWS;
+  if (std::is_same_v<WT, float>) return JR_PACKED_PF_MIN_ROWS;
+  return cpu::zen5_or_later() ? JR_PACKED_PF_MIN_ROWS_BF16_ZEN5
+         : cpu::zen4()        ? JR_PACKED_PF_MIN_ROWS_BF16_ZEN4
+                              : JR_PACKED_PF_MIN_ROWS;
 }
 
 constexpr int kMB = 6;       // x rows per register block: 6 x 4 = 24 accumulators
