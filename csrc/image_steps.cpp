@@ -29,6 +29,7 @@ enum Plan : int {
   kBufX, kBufEmb, kBufH, kBufOut, kBufCos, kBufSin, kBufLogits,             // the batch's buffers
   kEmbedRows, kCondRows, kUncondRows,                                       // row maps (int64)
   kCfgWeight, kTemperature, kTopK, kTopP, kGreedy,                          // sampling parameters [n]
+  kAdaptors,                                                                // the adaptors' weights (mlp_gelu's packed)
   kPlanLen
 };
 
@@ -44,14 +45,15 @@ void image_steps(std::uintptr_t plan, std::uintptr_t layers, int64_t L, int64_t 
   const int64_t* p = ptr<const int64_t>(plan);
   const int64_t* lay = ptr<const int64_t>(layers);
   const int dt = int(p[kDtype]);
-  const int packed = int(p[kPacked]);  // the layers' (2: int8, 4: W8A8); the adaptors' are packed bf16 then
+  const int packed = int(p[kPacked]);  // the layers' weights (decode_layer's packed: 0, 1, 2 int8, 4 W8A8)
+  const int adaptors = int(p[kAdaptors]);  // the gen aligner's and gen head's (0, 1, or the layers' int8 kind)
   const int64_t R = p[kRows], n = p[kImages], C = p[kHidden], D = p[kHeadDim], V = p[kVocab];
   auto u = [&](Plan i) { return std::uintptr_t(p[i]); };
   for (int64_t j = 0; j < k; ++j) {
     const std::uintptr_t tok = j == 0 ? tokens : out + 8 * n * (j - 1);  // step j - 1's samples
     gather_rows(u(kGenEmbed), dt, tok, u(kBufX), dt, n, p[kGenEmbedDim], p[kGenEmbedRows]);
     mlp_gelu(u(kBufX), u(kAlignW1), u(kAlignB1), u(kAlignW2), u(kAlignB2), u(kBufEmb), dt, n, p[kGenEmbedDim],
-             p[kAlignHidden], C, packed != 0, true);
+             p[kAlignHidden], C, adaptors, true);
     gather_rows(u(kBufEmb), kF32, u(kEmbedRows), u(kBufH), dt, R, C, n);
     gather_rows(u(kCos), kF32, positions + 8 * R * j, u(kBufCos), kF32, R, D, p[kRopePositions]);
     gather_rows(u(kSin), kF32, positions + 8 * R * j, u(kBufSin), kF32, R, D, p[kRopePositions]);
@@ -67,7 +69,7 @@ void image_steps(std::uintptr_t plan, std::uintptr_t layers, int64_t L, int64_t 
                    last ? u(kFinalNorm) : 0, last ? u(kBufOut) : 0, final_eps, packed, ks, vs);
     }
     mlp_gelu(u(kBufOut), u(kHeadW1), u(kHeadB1), u(kHeadW2), u(kHeadB2), u(kBufLogits), dt, R, C, p[kHeadHidden], V,
-             packed != 0, true);
+             adaptors, true);
     cfg_sample(u(kBufLogits), u(kBufLogits), u(kCfgWeight), u(kTemperature), u(kTopK), u(kTopP), seeds + 8 * n * j,
                u(kGreedy), out + 8 * n * j, n, V, V, V, u(kCondRows), u(kUncondRows), R);
   }

@@ -32,7 +32,7 @@ int decode_phase_count();
 const char* decode_phase_name(int i);
 int64_t decode_phase_read(ptr_t seconds, bool reset);
 void mlp_gelu(ptr_t x, ptr_t w1, ptr_t b1, ptr_t w2, ptr_t b2, ptr_t y, int dtype, int64_t M, int64_t K, int64_t H,
-              int64_t N, bool packed, bool round_out);
+              int64_t N, int packed, bool round_out);
 void gather_rows(ptr_t src, int src_dtype, ptr_t idx, ptr_t dst, int dst_dtype, int64_t n, int64_t cols,
                  int64_t src_rows);
 bool packed_available(int dtype);

@@ -723,15 +723,18 @@ def mlp_gelu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
     """y = GELU(x @ w1^T + b1) @ w2^T + b2 (GELU with erf) for decode-sized x, in one csrc call.
 
     x: [..., K]; w1: [H, K]; b1: [H] or None; w2: [N, H]; b2: [N] or None; all fp32 or all bf16 -> y: fp32 [..., N].
-    w1 and w2 may both be PackedWeight (of x's dtype): then both GEMVs are the packed one.
-    The hidden layer is rounded to x's dtype before and after the GELU, as ops.mlp_gelu's cpu path rounds it.
+    w1 and w2 may both be PackedWeight (of x's dtype): then both GEMVs are the packed one; or both Int8Weight, or
+    both W8A8Weight (x bf16): the int8 GEMV, or the W8A8 one (x and the hidden layer quantized as its call does).
+    The hidden layer is rounded to x's dtype before and after the GELU, as ops.mlp_gelu's cpu path rounds it: y is
+    then the chain ops.linear(F.gelu(ops.linear(x, w1, b1) in x's dtype), w2, b2) gives, up to the GELU's last bit.
     """
     _check_tensor(x, "x", _FP)
     dt = x.dtype
     packed = isinstance(w1, PackedWeight)
     _check(packed == isinstance(w2, PackedWeight), "w1 and w2 must both be PackedWeight or both tensors")
-    _check(not isinstance(w1, Int8Weight) and not isinstance(w2, Int8Weight),
-           "mlp_gelu runs the bf16 / fp32 packed GEMV; Int8Weight is not one of its weights")
+    _check(type(w1) is type(w2) or not (isinstance(w1, Int8Weight) or isinstance(w2, Int8Weight)),
+           f"w1 and w2 must be held alike (int8 kinds too); got {type(w1).__name__} and {type(w2).__name__}")
+    kind = w1.code if isinstance(w1, Int8Weight) else int(packed)  # csrc mlp_gelu's packed: 0, 1, 2 int8, 4 W8A8
     if packed:
         _check(w1.dtype == dt and w2.dtype == dt, f"packed weights are {w1.dtype} / {w2.dtype}; x is {dt}")
         (H, K), N = (w1.N, w1.K), w2.N
@@ -753,7 +756,7 @@ def mlp_gelu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
     if M == 0:
         return y
     _ext().mlp_gelu(x.data_ptr(), w1p.data_ptr(), 0 if b1 is None else b1.data_ptr(), w2p.data_ptr(),
-                    0 if b2 is None else b2.data_ptr(), y.data_ptr(), _DTYPE_CODE[dt], M, K, H, N, packed)
+                    0 if b2 is None else b2.data_ptr(), y.data_ptr(), _DTYPE_CODE[dt], M, K, H, N, kind)
     return y
 
 

@@ -166,7 +166,8 @@ class ImageStep:
 
     Built once: ImageStep(stack, gen_embed, aligner, gen_head, cos, sin): stack a DecodeStack with a final_norm;
     gen_embed [V_img, E] and the adaptors' (w1, b1, w2, b2) (PackedWeight when the stack is packed, else tensors;
-    biases tensors) in the stack's dtype; cos, sin fp32 [P, D], row p = the rotary table of position p as
+    biases tensors) in the stack's dtype (both adaptors' weights held alike: PackedWeight, Int8Weight or
+    W8A8Weight, whatever the stack's projections are); cos, sin fp32 [P, D], row p = the rotary table of position p as
     DecodeStack takes them.
     Called per step, lists of Python ints and tensors held by the caller:
         tokens = step(image_tokens, embed_rows, positions, slots, block_tables, cond_rows, uncond_rows, params, seeds)
@@ -186,7 +187,7 @@ class ImageStep:
             "align_hidden", "head_w1", "head_b1", "head_w2", "head_b2", "head_hidden", "vocab", "cos", "sin",
             "rope_positions", "final_norm", "buf_x", "buf_emb", "buf_h", "buf_out", "buf_cos", "buf_sin",
             "buf_logits", "embed_rows", "cond_rows", "uncond_rows", "cfg_weight", "temperature", "top_k", "top_p",
-            "greedy")
+            "greedy", "adaptors")
     loop_in_python = False  # tests: run steps() as its per-op Python loop (what it does under torch.profiler)
 
     def __init__(self, stack: DecodeStack, gen_embed: torch.Tensor, aligner, gen_head, cos: torch.Tensor,
@@ -199,13 +200,13 @@ class ImageStep:
             _check_tensor(t, name, (torch.float32,), 2)
             _check(t.shape == cos.shape and t.shape[1] == stack.D, f"{name} must be [P, {stack.D}] like cos")
         self.gen_embed, self.cos, self.sin = gen_embed, cos, sin
-        self.adaptors = []
+        self.adaptors, kinds = [], []
         for name, (w1, b1, w2, b2), k_in, n_out in (("aligner", aligner, gen_embed.shape[1], stack.C),
                                                    ("gen_head", gen_head, stack.C, None)):
             _check(isinstance(w1, PackedWeight) == isinstance(w2, PackedWeight) == stack.packed,
                    f"{name}: weights must be PackedWeight exactly when the stack is packed")
-            _check(not isinstance(w1, Int8Weight) and not isinstance(w2, Int8Weight),
-                   f"{name}: the adaptors run the bf16 / fp32 packed GEMV; an Int8Weight cannot be one")
+            _check(type(w1) is type(w2), f"{name}: w1 is a {type(w1).__name__}, w2 a {type(w2).__name__}")
+            kinds.append(w1.code if isinstance(w1, Int8Weight) else int(stack.packed))
             (H, K), (N, H2) = ((w1.N, w1.K), (w2.N, w2.K)) if stack.packed else (w1.shape, w2.shape)
             for t in (w1, w2) if not stack.packed else ():
                 _check_tensor(t, name + " weight", (dt,), 2)
@@ -217,6 +218,11 @@ class ImageStep:
             w1p, w2p = (w1.data, w2.data) if stack.packed else (w1, w2)
             self.adaptors.append(((w1p, b1, w2p, b2), (K, H, N)))
         self.vocab = self.adaptors[1][1][2]
+        _check(kinds[0] == kinds[1], "the aligner and the gen head must be held alike (packed, int8 or W8A8)")
+        self.adaptor_kind = kinds[0]  # csrc mlp_gelu's packed: 0, 1, 2 int8 weights, 4 W8A8
+        _check(self.adaptor_kind in (0, 1) or cpu_ops._ext().image_steps_plan_len() == len(self.PLAN),
+               "this build of janus_rt._C predates int8 adaptors in its image step (it would read them as packed "
+               "bf16): rebuild it")  # (bench_ab's older builds)
         self._bufs: dict = {}
         self._prep: tuple = (None, None, ())  # the last batch: (key, _prepared's tuple, the tensors keyed by id)
         self._code = _DTYPE_CODE[dt]
@@ -264,7 +270,7 @@ class ImageStep:
                     cos=self._cos_ptr, sin=self._sin_ptr, rope_positions=self.cos.shape[0],
                     final_norm=st.final_norm.data_ptr(), buf_x=b["x"], buf_emb=b["emb"], buf_h=b["h"],
                     buf_out=b["out"], buf_cos=b["cos"], buf_sin=b["sin"], buf_logits=b["logits"],
-                    embed_rows=rows[0], cond_rows=rows[1], uncond_rows=rows[2],
+                    embed_rows=rows[0], cond_rows=rows[1], uncond_rows=rows[2], adaptors=self.adaptor_kind,
                     **dict(zip(_SAMPLE_PARAMS, sample)))
         plan = _array("q", [int(plan[name]) for name in self.PLAN])  # csrc/image_steps.cpp's order
         # the entry holds the tensors whose ids make the key: none is freed (and its id reused) while cached
@@ -319,7 +325,7 @@ class ImageStep:
             t_p = tok_p if j == 0 else out_p + 8 * n * (j - 1)
             with scope("janus_rt::cpu_gen_embeds"):
                 ext.gather_rows(emb_w, code, t_p, b["x"], code, n, K, V_img)
-                ext.mlp_gelu(b["x"], w1, b1, w2, b2, b["emb"], code, n, K, H, N, self.stack.packed, True)
+                ext.mlp_gelu(b["x"], w1, b1, w2, b2, b["emb"], code, n, K, H, N, self.adaptor_kind, True)
                 ext.gather_rows(b["emb"], F32, er, b["h"], code, R, N, n)
             with scope("janus_rt::cpu_decode_layers"):
                 ext.gather_rows(self._cos_ptr, F32, pos_p + 8 * R * j, b["cos"], F32, R, D, P)
@@ -327,7 +333,7 @@ class ImageStep:
                 self.stack._run(b["h"], b["out"], sl_p + 8 * R * j, bt_p, lens_p + 4 * R * j, b["cos"], b["sin"], R,
                                 width)
             with scope("janus_rt::cpu_mlp_gelu"):
-                ext.mlp_gelu(b["out"], w1h, b1h, w2h, b2h, b["logits"], code, R, Kh, Hh, Nh, self.stack.packed, True)
+                ext.mlp_gelu(b["out"], w1h, b1h, w2h, b2h, b["logits"], code, R, Kh, Hh, Nh, self.adaptor_kind, True)
             with scope("janus_rt::cpu_cfg_sample"):
                 lg = b["logits"]
                 ext.cfg_sample(lg, lg, cfg_w, temp, top_k, top_p, sd_p + 8 * n * j, greedy, out_p + 8 * n * j, n,

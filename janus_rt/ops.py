@@ -189,10 +189,14 @@ TRITON_MLP_ON_CUDA = False
 
 
 def mlp_gelu(x, w1, b1, w2, b2):
-    """Linear -> GELU (erf) -> Linear: the aligner / gen_aligner / gen_head shape."""
-    if _backend == "triton" and (TRITON_MLP_ON_CUDA or not x.is_cuda):
+    """Linear -> GELU (erf) -> Linear: the aligner / gen_aligner / gen_head shape. w1, w2 may be held for the CPU
+    (cpu_ops.PackedWeight and its int8 kinds: a model packed in place, packed_linear): then the csrc call at any row
+    count, whatever the backend (they are the only copies of those weights)."""
+    held = not isinstance(w1, torch.Tensor)
+    if _backend == "triton" and not held and (TRITON_MLP_ON_CUDA or not x.is_cuda):
         return _kernels().mlp_gelu(x, w1, b1, w2, b2)
-    if _use_cpu_gemv(x) and w1.dtype == w2.dtype == x.dtype and all(b is None or b.dtype == x.dtype for b in (b1, b2)):
+    if ((held and x.device.type == "cpu") or _use_cpu_gemv(x)) and w1.dtype == w2.dtype == x.dtype and all(
+            b is None or b.dtype == x.dtype for b in (b1, b2)):
         from janus_rt import cpu_ops
 
         with _scope("janus_rt::cpu_mlp_gelu"):  # one csrc call: the same rounding points as the two below

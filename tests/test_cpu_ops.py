@@ -620,6 +620,37 @@ def test_mlp_gelu_packed_weights(poison, M, dtype):
         cpu_ops.mlp_gelu(x, cpu_ops.PackedWeight(w1), b1, w2, b2)
 
 
+INT8_KINDS = [
+    pytest.param("Int8Weight", marks=pytest.mark.skipif(not cpu_ops.int8_available(), reason="no int8 GEMV")),
+    pytest.param("W8A8Weight", marks=pytest.mark.skipif(not cpu_ops.w8a8_available(), reason="no W8A8 GEMV"))]
+
+
+@pytest.mark.parametrize("kind", INT8_KINDS)
+@pytest.mark.parametrize("M,K,H,N", [(1, 64, 96, 130), (3, 600, 1030, 70), (7, 8, 2048, 64), (33, 1100, 512, 200)])
+def test_mlp_gelu_int8_weights_are_the_chain_of_their_linears(poison, kind, M, K, H, N):
+    """w1, w2 both Int8Weight or both W8A8Weight (a model held int8: its gen head and gen aligner): one call = the
+    chain ops.mlp_gelu runs without it, each layer that weight's own GEMV (cpu_ops: its linear) with the hidden
+    layer rounded to bf16 before and after the GELU (W8A8: quantized from those bf16 values, per row and group of
+    512, several groups here). The bound is the bf16 tests' (a GELU value rounding to the neighbouring bf16);
+    measured: W8A8 bit-identical, int8 <= 1.9e-6 absolute. Against the bf16 weights' chain: within the
+    quantization's error, not equal. Each row's result does not depend on the rows beside it."""
+    g = torch.Generator().manual_seed(M * K)
+    cls = getattr(cpu_ops, kind)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    w1 = (torch.randn(H, K, generator=g) / K**0.5).bfloat16()
+    w2 = (torch.randn(N, H, generator=g) / H**0.5).bfloat16()
+    b1, b2 = torch.randn(H, generator=g).bfloat16(), torch.randn(N, generator=g).bfloat16()
+    q1, q2 = cls(w1), cls(w2)
+    y = cpu_ops.mlp_gelu(x, q1, b1, q2, b2)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    ref = q2(F.gelu(q1(x, b1.float()).bfloat16()), b2.float())
+    assert rel_err(y, ref) <= 3e-4
+    bf16 = F.linear(F.gelu(F.linear(x.float(), w1.float(), b1.float()).bfloat16()).float(), w2.float(), b2.float())
+    assert 0 < rel_err(y, bf16) <= 0.05
+    for m in range(M):  # each row alone (one thread) = the batch's rows (the team, past its threshold at M = 3, 33)
+        assert torch.equal(cpu_ops.mlp_gelu(x[m:m + 1], q1, b1, q2, b2), y[m:m + 1])
+
+
 @pytest.mark.parametrize("dtype", PACKED_DTYPES)
 @pytest.mark.parametrize("packed", [False, True])
 def test_mlp_gelu_team_equals_one_thread(dtype, packed):

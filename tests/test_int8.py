@@ -9,7 +9,7 @@ from janus_rt.engine import Engine
 from janus_rt.engine.cpu_decode import pack_in_place
 from janus_rt.engine.roofline import decode_step_bytes_flops
 from janus_rt.errors import UsageError
-from janus_rt.models.packed_linear import PROJECTIONS, Int8Linear, is_int8
+from janus_rt.models.packed_linear import GEN_ADAPTORS, PROJECTIONS, Int8Linear, int8_heads, is_int8
 from engine_runs import assert_mix_refused
 
 pytestmark = pytest.mark.skipif(not cpu_ops.int8_available(),
@@ -88,16 +88,17 @@ def test_int8_equals_bf16_on_power_of_two_scales(route):
 
 
 def _pow2_pair(seed: int):
-    """(the tiny preset in bf16 with every LLM projection on a power-of-two int8 grid, packed bf16; the same
-    weights held int8)."""
+    """(the tiny preset in bf16 with every LLM projection, the LM head and the generation adaptors' weights on a
+    power-of-two int8 grid, packed bf16; the same weights held int8)."""
     g = torch.Generator().manual_seed(seed)
     models = [Janus.from_preset("tiny", seed=seed, dtype=torch.bfloat16) for _ in range(2)]
+    linears = lambda m: ([getattr(getattr(l, part), name) for l in m.llm.layers for part, name in PROJECTIONS]
+                         + [getattr(parent, name) for _, parent, name in int8_heads(m, "weights")])
     with torch.no_grad():
-        for layers in zip(*(m.llm.layers for m in models)):
-            for part, name in PROJECTIONS:
-                w = _pow2_rows(getattr(getattr(layers[0], part), name).weight.float(), g).bfloat16()
-                for l in layers:
-                    getattr(getattr(l, part), name).weight.copy_(w)
+        for mods in zip(*(linears(m) for m in models)):
+            w = _pow2_rows(mods[0].weight.float(), g).bfloat16()
+            for m in mods:
+                m.weight.copy_(w)
     return models[0].pack_for_cpu_(), models[1].pack_for_cpu_(int8=True)
 
 
@@ -137,8 +138,10 @@ def test_pack_in_place_int8_and_what_it_refuses(monkeypatch):
     assert is_int8(model) and "int8" in said and " -> " in said
     assert pack_in_place(model, int8=True) is None  # already int8
     (b8, f8), (b16, f16) = decode_step_bytes_flops(model, 8, 300), decode_step_bytes_flops(ref, 8, 300)
-    proj = sum(getattr(getattr(l, p), n).weight.numel() for l in ref.llm.layers for p, n in PROJECTIONS)
-    rows = sum(getattr(getattr(l, p), n).weight.shape[0] for l in ref.llm.layers for p, n in PROJECTIONS)
+    # the projections and the generation adaptors (the image step's; the LM head is not read there)
+    ws = ([getattr(getattr(l, p), n).weight for l in ref.llm.layers for p, n in PROJECTIONS]
+          + [getattr(getattr(ref, a), fc).weight for a in GEN_ADAPTORS for fc in ("fc1", "fc2")])
+    proj, rows = sum(w.numel() for w in ws), sum(w.shape[0] for w in ws)
     assert f8 == f16 and b16 - b8 == proj - 4 * rows  # 2 bytes -> 1 a weight, plus 4 a row of scales
     with pytest.raises(UsageError, match="bf16"):
         pack_in_place(Janus.from_preset("tiny", seed=0), int8=True)
@@ -175,8 +178,8 @@ def test_cli_int8(tmp_path, capsys, monkeypatch):
 
 
 def test_a_weight_that_is_not_finite_leaves_the_model_as_it_was():
-    """pack_for_cpu_(int8=True) checks every projection before it replaces any: a non-finite weight is named in the
-    error and the model keeps its bf16 projections (the CLI's pack_in_place says it as a UsageError)."""
+    """pack_for_cpu_(int8=True) checks every projection (and head) before it replaces any: a non-finite weight is
+    named in the error and the model keeps its bf16 projections (the CLI's pack_in_place says it as a UsageError)."""
     model = Janus.from_preset("tiny", seed=0, dtype=torch.bfloat16)
     with torch.no_grad():
         model.llm.layers[-1].mlp.down_proj.weight[0, 0] = float("inf")
@@ -185,6 +188,12 @@ def test_a_weight_that_is_not_finite_leaves_the_model_as_it_was():
     assert not is_int8(model) and not model.is_packed
     with pytest.raises(UsageError, match="--int8: .*inf or nan"):
         pack_in_place(model, int8=True)
+    model = Janus.from_preset("tiny", seed=0, dtype=torch.bfloat16)  # the same for a head held int8 with them
+    with torch.no_grad():
+        model.gen_head.fc2.weight[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"gen_head\.fc2\.weight has inf or nan"):
+        model.pack_for_cpu_(int8=True)
+    assert not is_int8(model) and not model.is_packed and isinstance(model.lm_head, torch.nn.Linear)
 
 
 def test_int8_refuses_a_model_held_for_onednn():
@@ -212,13 +221,20 @@ def test_serve_int8_holds_the_model_int8():
         srv.bg.close()
 
 
-def test_int8_weights_are_refused_where_only_bf16_packed_weights_go():
-    """mlp_gelu (and so the image step's adaptors) runs the bf16 / fp32 packed GEMV: an Int8Weight there is an error,
-    not int8 bytes read as bf16."""
+def test_mlp_gelu_refuses_weights_held_unlike():
+    """mlp_gelu (and so the image step's adaptors) runs one GEMV for both layers: w1 and w2 held differently (int8
+    and packed bf16, or weight-only int8 and W8A8) and an fp32 x for int8 weights are errors, not bytes of one layout
+    read as another's."""
     g = torch.Generator().manual_seed(0)
-    w1, w2 = cpu_ops.Int8Weight(torch.randn(128, 64, generator=g)), cpu_ops.Int8Weight(torch.randn(32, 128, generator=g))
-    with pytest.raises(ValueError, match="Int8Weight"):
-        cpu_ops.mlp_gelu(torch.randn(2, 64).bfloat16(), w1, None, w2, None)
+    w1, w2 = torch.randn(128, 64, generator=g).bfloat16(), torch.randn(32, 128, generator=g).bfloat16()
+    x = torch.randn(2, 64).bfloat16()
+    with pytest.raises(ValueError, match="held alike"):
+        cpu_ops.mlp_gelu(x, cpu_ops.Int8Weight(w1), None, cpu_ops.PackedWeight(w2), None)
+    if cpu_ops.w8a8_available():
+        with pytest.raises(ValueError, match="held alike"):
+            cpu_ops.mlp_gelu(x, cpu_ops.Int8Weight(w1), None, cpu_ops.W8A8Weight(w2), None)
+    with pytest.raises(ValueError, match="x is torch.float32"):
+        cpu_ops.mlp_gelu(x.float(), cpu_ops.Int8Weight(w1), None, cpu_ops.Int8Weight(w2), None)
 
 
 def test_quantize_int8_tiny_rows_and_bad_scales():

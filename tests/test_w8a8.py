@@ -156,6 +156,11 @@ def test_engine_w8a8_csrc_step_is_the_layer_by_layer_path(monkeypatch, wide):
     stack = eng.runner.cpu_decoder.stack
     assert eng.runner.uses_cpu_decoder() and stack.w8a8 and stack.int8 and stack.weights_code == 4
     assert eng.runner.cpu_decoder.image_step_runner is not None
+    # the generation adaptors and the LM head held W8A8 too, run as they are held (no bf16 copy)
+    assert all(isinstance(m, W8A8Linear) for m in (model.lm_head, model.gen_head.fc1, model.gen_head.fc2,
+                                                   model.gen_aligner.fc1, model.gen_aligner.fc2))
+    assert eng.runner.cpu_decoder.image_step_runner.adaptor_kind == 4
+    assert eng.runner.cpu_decoder.gen_head_packed[2] is model.gen_head.fc2.weight
     _, layerwise = two_image_requests(model, fused=False)
     weights_only = Janus.from_config(cfg, seed=4, dtype=torch.bfloat16).pack_for_cpu_(int8=True)
     assert int8_kind(weights_only) == "weights"

@@ -43,7 +43,7 @@ def pack_in_place(model, always: bool = False, int8: bool | str = False) -> str 
     (CPU, this build and dtype have it, JANUS_RT_PACKED not 0) and either `always` or the copy would not fit
     (cpu_ops.packed_copy_fits, DecodeStack's rule). int8 (True or "weights"; "w8a8"): quantize them to int8 in place,
     always (UsageError saying why where it cannot). Returns a line saying what it did, or None."""
-    from janus_rt.models.packed_linear import (PROJECTIONS, can_pack, can_quantize, int8_kind, int8_mode,
+    from janus_rt.models.packed_linear import (PROJECTIONS, can_pack, can_quantize, int8_heads, int8_kind, int8_mode,
                                                is_onednn_packed, is_packed, onednn_available, onednn_pack_llm_,
                                                packed_nbytes, packed_weight_nbytes)
 
@@ -61,23 +61,28 @@ def pack_in_place(model, always: bool = False, int8: bool | str = False) -> str 
             raise UsageError(f"{flag}: {why}")
         if int8_kind(model) == mode:
             return None
-        before = sum(getattr(getattr(l, part), name).weight.numel() for l in model.llm.layers
-                     for part, name in PROJECTIONS) * model.dtype.itemsize
+        heads = int8_heads(model, mode)  # held the same way
+        before = (sum(getattr(getattr(l, part), name).weight.numel() for l in model.llm.layers
+                      for part, name in PROJECTIONS)
+                  + sum(getattr(parent, name).weight.numel() for _, parent, name in heads)) * model.dtype.itemsize
+        names = {"lm_head": "LM head", "gen_head": "gen head", "gen_aligner": "gen aligner"}
+        parts = ["the LLM's projections"] + list(dict.fromkeys(names[w.split(".")[0]] for w, *_ in heads))
+        what = " and ".join(filter(None, [", ".join(parts[:-1]), parts[-1]]))
         try:
             model.pack_for_cpu_(int8=mode)
         except ValueError as e:  # what the checks above cannot see: a weight that is not finite
             raise UsageError(f"{flag}: {e}") from None
-        after = packed_weight_nbytes(model.llm)
+        after = packed_weight_nbytes(model)  # (all it holds is int8 now: the projections and those heads)
         size = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
         if mode == "w8a8":
-            return (f"quantized the LLM's projections in place to int8 with per-row scales ({size(before)} -> "
+            return (f"quantized {what} in place to int8 with per-row scales ({size(before)} -> "
                     f"{size(after)}), and each GEMV rounds its activations to int8 per row and group of "
                     f"{cpu_ops.W8A8_GROUP} (W8A8, AVX512-VNNI): both roundings change the results; the model is now "
                     "for CPU inference only")
         slower = ("" if cpu_ops.amx_available() else "; the int8 GEMV runs without AMX here (none on this CPU, or "
                   "turned off): it widens to bf16 in vector registers, measured slower than bf16 weights on a Zen 5 "
                   "host (bench/RESULTS.md), so int8 saves memory here, not time (--int8 w8a8 is faster there)")
-        return (f"quantized the LLM's projections in place to weight-only int8 with per-row scales ({size(before)} -> "
+        return (f"quantized {what} in place to weight-only int8 with per-row scales ({size(before)} -> "
                 f"{size(after)}; activations stay bf16; the model is now for CPU inference only{slower})")
 
     if model.device.type != "cpu" or packed_setting() is False or is_packed(model) or is_onednn_packed(model):
@@ -129,7 +134,7 @@ class CpuDecoder:
                                               packed=packed_setting())
 
         # the gen head (Linear -> GELU -> Linear, ~3 % of the 1B step's weights) and the gen aligner (the image
-        # token's embedding -> LLM input) packed alongside the decoder layers
+        # token's embedding -> LLM input) packed alongside the decoder layers (or held int8 as they are)
         self.gen_head_packed = self._pack_adaptor(model.gen_head)
         self.gen_aligner_packed = self._pack_adaptor(model.gen_aligner)
         # the whole decode step of image rows in csrc calls (cpu_step.ImageStep), where the adaptors run alongside
@@ -162,7 +167,10 @@ class CpuDecoder:
 
     def _pack_adaptor(self, m):
         """(fc1 packed, fc1 bias, fc2 packed, fc2 bias) of a Linear -> GELU -> Linear adaptor, or None when the
-        stack runs unpacked (or bf16 with an odd in-size: bf16 packs k pairs)."""
+        stack runs unpacked (or bf16 with an odd in-size: bf16 packs k pairs). Held in place already (a model
+        quantized in place: int8 or W8A8, packed_linear.int8_heads): those weights, no copy."""
+        if isinstance(m.fc1.weight, cpu_ops.PackedWeight) and isinstance(m.fc2.weight, cpu_ops.PackedWeight):
+            return (m.fc1.weight, m.fc1.bias.detach(), m.fc2.weight, m.fc2.bias.detach()) if self.stack.packed else None
         even = m.fc1.in_features % 2 == m.fc2.in_features % 2 == 0
         if not (self.stack.packed and (self.model.dtype == torch.float32 or even)):
             return None

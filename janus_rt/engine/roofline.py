@@ -213,16 +213,18 @@ def decode_step_bytes_flops(model, rows: int, context: int, shared: tuple[int, i
     from janus_rt.models.packed_linear import packed_weight_nbytes, packed_weight_numel
 
     isz = model.dtype.itemsize
-    llm = sum(p.numel() for n, p in model.llm.named_parameters() if "embed_tokens" not in n)
-    held = packed_weight_nbytes(model.llm)  # projections packed in place (Janus.pack_for_cpu_; int8: a byte each)
-    heads = sum(p.numel() for p in model.gen_head.parameters()) + sum(p.numel() for p in model.gen_aligner.parameters())
+    mods = (model.llm, model.gen_head, model.gen_aligner)
+    # parameters at the model dtype's size (the LLM's but its embedding); the weights held in place for the CPU
+    # (Janus.pack_for_cpu_: the projections, and with int8 the adaptors too) as held (int8: a byte each, + scales)
+    params = (sum(p.numel() for n, p in model.llm.named_parameters() if "embed_tokens" not in n)
+              + sum(p.numel() for m in mods[1:] for p in m.parameters()))
+    held, held_bytes = sum(packed_weight_numel(m) for m in mods), sum(packed_weight_nbytes(m) for m in mods)
     c = model.cfg.llm
     groups, prompt = shared
     kv_tokens = rows * context - (rows - groups) * prompt if groups else rows * context
     kv = kv_tokens * KVCache.block_bytes(c.num_layers, 1, c.num_kv_heads, c.head_dim, kv_dtype or model.dtype)
-    weights = llm + packed_weight_numel(model.llm) + heads
-    flops = 2 * weights * rows + rows * context * c.num_layers * 4 * c.num_heads * c.head_dim
-    return (llm + heads) * isz + held + kv, flops
+    flops = 2 * (params + held) * rows + rows * context * c.num_layers * 4 * c.num_heads * c.head_dim
+    return params * isz + held_bytes + kv, flops
 
 
 def device_name(device) -> str:

@@ -192,9 +192,10 @@ class Janus(nn.Module):
         decode step without a second copy of those weights (-2.4 GB at Janus-Pro-1B bf16; what lets 7B run it on a
         24 GB machine), and a new engine no longer repacks them. Inference on the CPU only from then on (no
         training, saving, or move to a GPU). Raises ValueError where this build or dtype has no packed GEMV.
-        int8: hold the four projections as weight-only int8 with per-row scales instead (bf16 models; half the bytes
-        a decode step streams, and the quantization's error); int8="w8a8": those int8 weights with x quantized to
-        int8 per row and group of 512 in each GEMV (AVX512-VNNI; x's rounding on top). Returns self."""
+        int8: hold the four projections (and the LM head, gen head and gen aligner) as weight-only int8 with per-row
+        scales instead (bf16 models; half the bytes a decode step streams, and the quantization's error);
+        int8="w8a8": those int8 weights with x quantized to int8 per row and group of 512 in each GEMV (AVX512-VNNI;
+        x's rounding on top). Returns self."""
         from janus_rt.models.packed_linear import pack_llm_
 
         return pack_llm_(self, int8=int8)
