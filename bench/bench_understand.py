@@ -46,7 +46,11 @@ def prefill_flops(model, prompt_len: int) -> float:
     vis = sum(p.numel() for n, p in model.vision.named_parameters() if p.dim() == 2)  # the matmul weights
     vis += sum(p.numel() for p in model.aligner.parameters() if p.dim() == 2)
     vis_flops = 2 * vis * P + v.num_layers * 4 * P * P * v.width
+    from janus_rt.models.packed_linear import packed_weight_numel
+
+    # (projections held in place, packed or int8, are no parameters: packed_weight_numel counts them)
     llm = sum(p.numel() for n, p in model.llm.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
+    llm += packed_weight_numel(model.llm)
     llm_flops = 2 * llm * prompt_len + c.num_layers * 4 * prompt_len * prompt_len * c.num_heads * c.head_dim
     return vis_flops + llm_flops + 2 * model.lm_head.weight.numel()
 

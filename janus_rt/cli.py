@@ -87,7 +87,7 @@ def _common(p, seed_help: str = "sampling seed (and a preset's random weights)",
     p.add_argument("--seed", type=int, default=0, help=seed_help)
     p.add_argument("--kv-cache-gb", type=float, default=None, help=kv_help)
     p.add_argument("--int8", nargs="?", const="weights", default=None, choices=INT8_MODES,
-                   help="CPU: hold the LLM's projections, its LM head, the gen head and the gen aligner as int8 "
+                   help="CPU: hold the LLM's projections, its (untied) LM head, the gen head and aligner as int8 "
                         "(per-row scales; implies --dtype bf16), at the quantization's error. --int8 (weights): bf16 "
                         "activations; half the memory, faster decode "
                         "steps on CPUs with AMX (slower without: measured on Zen 5). --int8 w8a8: the activations too "

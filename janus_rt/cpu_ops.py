@@ -590,11 +590,17 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     and the bound holds only to that rounding; bf16 weights, --int8's, stay within it.)"""
     _check(isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.is_floating_point()
            and weight.numel() > 0, "weight must be a non-empty floating-point [N, K] tensor")
-    w = weight.detach().to(device="cpu", dtype=torch.float32)
-    _check(bool(torch.isfinite(w).all()), "weight has inf or nan entries; int8 needs finite weights")
-    scale = w.abs().amax(dim=1) / 127.0
-    q = torch.round(w / torch.where(scale > 0, scale, 1.0)[:, None]).clamp_(-127, 127)
-    return q.to(torch.int8).contiguous(), scale.contiguous()
+    _check(bool(torch.isfinite(weight).all()), "weight has inf or nan entries; int8 needs finite weights")
+    N, K = weight.shape
+    q, scale = torch.empty(N, K, dtype=torch.int8), torch.empty(N, dtype=torch.float32)
+    # rows in chunks of ~16 M values: the fp32 temporaries of a whole 7B LM head were ~3 GB (rows are independent)
+    step = max(1, (1 << 24) // K)
+    for r in range(0, N, step):
+        w = weight[r:r + step].detach().to(device="cpu", dtype=torch.float32)
+        s = w.abs().amax(dim=1) / 127.0
+        q[r:r + step] = torch.round(w / torch.where(s > 0, s, 1.0)[:, None]).clamp_(-127, 127)
+        scale[r:r + step] = s
+    return q, scale
 
 
 class Int8Weight(PackedWeight):

@@ -205,7 +205,8 @@ class ImageStep:
                                                    ("gen_head", gen_head, stack.C, None)):
             _check(isinstance(w1, PackedWeight) == isinstance(w2, PackedWeight) == stack.packed,
                    f"{name}: weights must be PackedWeight exactly when the stack is packed")
-            _check(type(w1) is type(w2), f"{name}: w1 is a {type(w1).__name__}, w2 a {type(w2).__name__}")
+            _check(not stack.packed or type(w1) is type(w2),
+                   f"{name}: w1 is a {type(w1).__name__}, w2 a {type(w2).__name__} (held alike or not at all)")
             kinds.append(w1.code if isinstance(w1, Int8Weight) else int(stack.packed))
             (H, K), (N, H2) = ((w1.N, w1.K), (w2.N, w2.K)) if stack.packed else (w1.shape, w2.shape)
             for t in (w1, w2) if not stack.packed else ():

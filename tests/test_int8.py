@@ -252,8 +252,9 @@ def test_quantize_int8_tiny_rows_and_bad_scales():
 
 
 def test_bench_understand_int8(tmp_path):
-    """bench/bench_understand.py --int8 on the tiny preset (bf16 implied): the row says int8, and its decode roofline
-    counts the int8 projections at a byte each (fewer bytes than the same model in bf16)."""
+    """bench/bench_understand.py --int8 on the tiny preset (bf16 implied): the row says int8, its decode roofline
+    counts the int8 projections and LM head at a byte each (+ 4 a row of scales), and its prefill FLOPs are the bf16
+    model's (held weights counted too)."""
     import json
 
     import bench_scripts
@@ -263,8 +264,10 @@ def test_bench_understand_int8(tmp_path):
     row = bu.main(bu.build_parser().parse_args(["--preset", "tiny", "--device", "cpu", "--new-tokens", "4",
                                                 "--repeats", "1", "--int8", "--no-transformers", "--json", str(out)]))
     assert json.loads(out.read_text().splitlines()[-1]) == row
-    assert row["weights"] == "int8 (LLM projections)" and row["dtype"] == "bfloat16"
+    assert row["weights"] == "int8 (LLM projections and heads)" and row["dtype"] == "bfloat16"
     ref = Janus.from_preset("tiny", seed=0, dtype=torch.bfloat16)
     q8 = Janus.from_preset("tiny", seed=0, dtype=torch.bfloat16).pack_for_cpu_(int8=True)
     (b16, f16), (b8, f8) = bu.decode_bytes_flops(ref, 100), bu.decode_bytes_flops(q8, 100)
-    assert f8 == f16 and b8 < b16
+    ws = [getattr(getattr(l, p), n).weight for l in ref.llm.layers for p, n in PROJECTIONS] + [ref.lm_head.weight]
+    assert f8 == f16 and b16 - b8 == sum(w.numel() for w in ws) - 4 * sum(w.shape[0] for w in ws)
+    assert bu.prefill_flops(q8, 100) == bu.prefill_flops(ref, 100)

@@ -215,7 +215,7 @@ def test_cli_int8_w8a8(tmp_path, capsys, monkeypatch):
         cli.main(["generate", "--model", "tiny", "--int8", "int4", "--out", str(tmp_path / "d")])
 
 
-def test_projection_flops_counts_the_four_projections():
+def test_projection_flops_counts_what_runs_int8():
     from janus_rt.engine.roofline import decode_step_bytes_flops, projection_flops
 
     model = Janus.from_preset("tiny", seed=0)
@@ -224,6 +224,12 @@ def test_projection_flops_counts_the_four_projections():
     per_layer = qkv + o + c.hidden_size * 2 * c.intermediate_size + c.intermediate_size * c.hidden_size
     assert projection_flops(model, 6) == 2 * 6 * c.num_layers * per_layer
     assert projection_flops(model, 6) < decode_step_bytes_flops(model, 6, 10)[1]
+    if cpu_ops.w8a8_available():  # held W8A8, the gen head's and gen aligner's linears are int8 multiplies too
+        adaptors = sum(m.in_features * m.out_features for a in (model.gen_head, model.gen_aligner)
+                       for m in (a.fc1, a.fc2))
+        w8 = Janus.from_preset("tiny", seed=0, dtype=torch.bfloat16).pack_for_cpu_(int8="w8a8")
+        assert projection_flops(w8, 6) == 2 * 6 * (c.num_layers * per_layer + adaptors)
+        assert decode_step_bytes_flops(w8, 6, 10)[1] == decode_step_bytes_flops(model, 6, 10)[1]
 
 
 def test_cli_int8_modes_match_the_models():

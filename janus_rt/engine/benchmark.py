@@ -26,7 +26,8 @@ SHAPES = {
 
 def weights_label(int8: str) -> str:
     """A result row's "weights" for --int8 (weights, w8a8); bench_understand's rows too."""
-    return "int8 weights and activations (W8A8, LLM projections)" if int8 == "w8a8" else "int8 (LLM projections)"
+    return ("int8 weights and activations (W8A8, LLM projections and heads)" if int8 == "w8a8"
+            else "int8 (LLM projections and heads)")
 
 
 def add_bench_args(p):

@@ -189,14 +189,18 @@ def measure_int8_matmul_gops(device) -> float:
 
 
 def projection_flops(model, rows: int) -> float:
-    """FLOPs of a decode step's LLM projections (qkv, o, gate_up, down; 2 a weight a row) for `rows` rows: the
-    part of decode_step_bytes_flops' FLOPs that W8A8 does as int8."""
-    from janus_rt.models.packed_linear import PROJECTIONS
+    """FLOPs of a decode step's LLM projections (qkv, o, gate_up, down; 2 a weight a row) for `rows` rows, and of
+    the gen head's and gen aligner's linears where they are held int8 (pack_for_cpu_(int8=...)): the part of
+    decode_step_bytes_flops' FLOPs that W8A8 does as int8."""
+    from janus_rt.models.packed_linear import GEN_ADAPTORS, PROJECTIONS, Int8Linear
 
     n = 0
     for l in model.llm.layers:
         for part, name in PROJECTIONS:
             m = getattr(getattr(l, part), name)
+            n += m.in_features * m.out_features
+    for m in (getattr(getattr(model, a), fc) for a in GEN_ADAPTORS for fc in ("fc1", "fc2")):
+        if isinstance(m, Int8Linear):
             n += m.in_features * m.out_features
     return 2.0 * n * rows
 

@@ -122,8 +122,8 @@ def color_match_score(model, tokenizer, captions: list[str], n_per_caption: int 
 
 def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32, int8: bool | str = False):
     """A checkpoint folder (any layout janus_rt loads) or the name `tiny` (random weights, byte tokenizer), in
-    `dtype`; int8 (True or "weights"; "w8a8"): its LLM projections then held as int8 (Janus.pack_for_cpu_(int8);
-    bf16)."""
+    `dtype`; int8 (True or "weights"; "w8a8"): its LLM projections (and heads) then held as int8
+    (Janus.pack_for_cpu_(int8); bf16)."""
     from janus_rt.models.janus import Janus
     from janus_rt.tokenizer import JanusTokenizer
 
@@ -161,8 +161,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="the models' dtype")
     p.add_argument("--int8", nargs="?", const="weights", default=None, choices=INT8_MODES,
-                   help="the LLM's projections as int8 (needs bf16): --int8 weight-only, --int8 w8a8 with int8 "
-                        "activations too")
+                   help="the LLM's projections and heads as int8 (needs bf16): --int8 weight-only, --int8 w8a8 "
+                        "with int8 activations too")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8"),
                    help="the engine's KV cache (int8: rows + fp32 scales, CPU)")
     a = p.parse_args(argv)
