@@ -9,6 +9,7 @@ helps when memory is slow, fast, or both.
     python setup.py build_ext --inplace                    # build A in the repo, then copy the tree, change, build B:
     python bench/bench_ab.py --builds .,/tmp/b --op packed_gemv -M 8          # the small shape's weights, fp32
     python bench/bench_ab.py --builds .,/tmp/b --op packed_gemv --shape 1b -M 32 --dtype bf16
+    python bench/bench_ab.py --builds .,/tmp/b --op packed_gemv --shape 1b -M 2 --dtype bf16 --int8 w8a8
     python bench/bench_ab.py --builds .,/tmp/b --op attention --context 308  # the small shape's 8 rows of K/V
     python bench/bench_ab.py --builds .,/tmp/b --op attention --shape 1b --dtype int8 --rows 32 --context 312
     python bench/bench_ab.py --builds .,/tmp/b --op engine --reps 12  # whole generations; GB/s = roofline bytes
@@ -53,29 +54,32 @@ def load_builds(folders: list[str]) -> dict:
     return mods
 
 
-def packed_gemv_case(shape: str, M: int, dtype: str, min_bytes: float):
+def packed_gemv_case(shape: str, M: int, dtype: str, min_bytes: float, int8: str | None = None):
     """The shape's four decoder weights per layer (+ the gen head), as many layers as make >= min_bytes (at most the
-    shape's own: main() says where that is less).
+    shape's own: main() says where that is less); int8 "weights" / "w8a8": held as Int8Weight / W8A8Weight (x bf16).
     Returns (bytes read per call, fn(module) running the GEMVs once)."""
     C, L, _, inter, _, _ = SHAPES[shape]
     dt, code = DTYPES[dtype]
+    hold = {None: cpu_ops.PackedWeight, "weights": cpu_ops.Int8Weight, "w8a8": cpu_ops.W8A8Weight}[int8]
+    code = hold.code if int8 else code
     if dtype == "bf16" and not cpu_ops.packed_available(torch.bfloat16):
         raise SystemExit("--dtype bf16: this CPU has no AVX512_BF16 (no packed bf16 GEMV)")
     layer = [(3 * C, C), (C, C), (2 * inter, C), (C, inter)]
-    per_layer = sum(n * k for n, k in layer) * dt.itemsize
+    per_layer = sum(n * k for n, k in layer) * (1 if int8 else dt.itemsize)
     layers = max(1, min(L, -int(-min_bytes // per_layer)))
     g = torch.Generator().manual_seed(0)
-    ws = [cpu_ops.PackedWeight(torch.randn(n, k, generator=g).to(dt)) for n, k in layer * layers + [(16384, C)]]
+    ws = [hold(torch.randn(n, k, generator=g).to(dt)) for n, k in layer * layers + [(16384, C)]]
     xs = {k: torch.randn(M, k, generator=g).to(dt) for _, k in layer}
     ys = {n: torch.empty(M, n) for n, _ in layer + [(16384, C)]}
-    nbytes = sum(w.data.numel() * dt.itemsize for w in ws)
+    nbytes = sum(w.data.numel() * w.data.element_size() for w in ws)
 
     def run(mod):
         for w in ws:
             mod.linear_packed(xs[w.K].data_ptr(), w.data.data_ptr(), 0, ys[w.N].data_ptr(), M, w.N, w.K, code)
         return ys[16384]  # the last call's output
 
-    return nbytes, run, f"packed GEMV, {shape} shape, {layers} layer(s) + gen head, M = {M}, {dtype}"
+    kind = f"{dtype}" + (f" x, {int8} weights" if int8 else "")
+    return nbytes, run, f"packed GEMV, {shape} shape, {layers} layer(s) + gen head, M = {M}, {kind}"
 
 
 def attention_case(shape: str, rows: int, context: int, dtype: str, min_bytes: float, block_size: int = 16):
@@ -199,12 +203,12 @@ def main(args) -> dict:
                          "(--op engine: --kv-cache-dtype int8)")
     if args.kv_cache_dtype != "auto" and args.op != "engine":
         raise SystemExit("--kv-cache-dtype: for --op engine only (--op attention: --dtype int8)")
-    if args.int8 and (args.op != "engine" or args.dtype != "bf16"):
-        raise SystemExit("--int8: for --op engine with --dtype bf16 only")
+    if args.int8 and (args.op not in ("engine", "packed_gemv") or args.dtype != "bf16"):
+        raise SystemExit("--int8: for --op engine or packed_gemv, with --dtype bf16 only")
     if args.int8 and not (cpu_ops.w8a8_available() if args.int8 == "w8a8" else cpu_ops.int8_available()):
         raise SystemExit(f"--int8 {args.int8}: this CPU or build has no such GEMV")
     if args.op == "packed_gemv":
-        nbytes, run, what = packed_gemv_case(args.shape, args.M, args.dtype, min_bytes)
+        nbytes, run, what = packed_gemv_case(args.shape, args.M, args.dtype, min_bytes, args.int8)
     elif args.op == "layers":
         nbytes, run, what = layers_case(args.shape, args.rows or 2 * SHAPES[args.shape][5], args.context, args.dtype)
     elif args.op == "engine":
@@ -264,8 +268,9 @@ if __name__ == "__main__":
     ap.add_argument("-n", type=int, default=None, help="engine: images (default: the shape's)")
     ap.add_argument("--tokens", type=int, default=576, help="engine: image tokens per image")
     ap.add_argument("--int8", choices=["weights", "w8a8"], default=None,
-                    help="engine: the projections as int8 weights or W8A8 (as janus-rt bench --int8; packed once by "
-                    "this checkout's build, so the builds must agree on that layout)")
+                    help="engine, packed_gemv: the projections as int8 weights or W8A8 (as janus-rt bench --int8; "
+                    "packed once by this checkout's build, so the builds must agree on that layout; engine: builds "
+                    "from before 2026-12-07 cannot run its int8 heads)")
     ap.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
                     help="engine: the KV cache's type (as janus-rt bench --kv-cache-dtype)")
     ap.add_argument("--reps", type=int, default=400)

@@ -754,8 +754,8 @@ def test_gather_rows(src_dtype, dtype):
 
 def test_bench_ab_smoke(monkeypatch):
     """bench/bench_ab.py (interleaved A/B of builds) runs its four ops on this build loaded twice: same outputs, a
-    rate per memory-state bin and build; the engine also with the int8 KV cache, and with W8A8 projections where this
-    CPU has them."""
+    rate per memory-state bin and build; the engine also with the int8 KV cache, and it and the GEMV with W8A8
+    weights where this CPU has them."""
     import argparse
     import pathlib
 
@@ -763,13 +763,14 @@ def test_bench_ab_smoke(monkeypatch):
     build = pathlib.Path(cpu_ops._C.__file__).parents[1]  # the folder holding the janus_rt/_C*.so in use
     cases = [(op, "fp32", None, "auto") for op in ("packed_gemv", "attention", "layers", "engine")] + [
         ("attention", "int8", None, "auto"), ("engine", "fp32", None, "int8")] + (
-        [("engine", "bf16", "w8a8", "auto")] if cpu_ops.w8a8_available() else [])
+        [("engine", "bf16", "w8a8", "auto"), ("packed_gemv", "bf16", "w8a8", "auto")] if cpu_ops.w8a8_available()
+        else [])
     for op, dtype, int8, kv in cases:  # engine: whole 3-token generations, small shape; int8: the int8 KV cache
         args = argparse.Namespace(builds=f"{build},{build}", op=op, shape="small", dtype=dtype, M=2, rows=2,
                                   context=40, reps=4, min_mb=1.0, n=1, tokens=3, int8=int8, kv_cache_dtype=kv)
         out = ab.main(args)
         if int8:
-            assert "int8 w8a8" in out["what"]
+            assert ("int8 w8a8" if op == "engine" else "w8a8 weights") in out["what"]
         assert ("int8 KV cache" in out["what"]) == (kv == "int8")
         if op == "engine":  # the engine that ran held that cache
             assert (out["kv_cache_dtype"] == "torch.int8") == (kv == "int8")
