@@ -29,9 +29,16 @@
 //
 // Layout (packed_bytes(N, K) bytes, written by pack()): K padded to KP, a multiple of 4 (pad columns hold U = 128,
 // x's pad codes are 0); strips of kS = 64 output columns, each KP / 4 steps of 4 k (a quad, VPDPBUSD's group) x 64
-// columns = 256 bytes; a strip cut into K tiles of kKT = 128 steps (32 KiB: one activation group), and inside a tile
-// the 4 runs of 16 columns one after the other (run v: kn steps x 64 bytes, byte (j % 16) * 4 + k % 4 of a step),
-// so one 64-byte load is step p of 16 columns; then, 64-byte aligned, the scales sw padded to whole strips (zeros).
+// columns = 256 bytes; a strip cut into K tiles of kKT = 512 steps (128 KiB: 4 activation groups of kGS = 128 steps),
+// and inside a tile the 4 runs of 16 columns one after the other (run v: kn steps x 64 bytes, byte (j % 16) * 4 + k %
+// 4 of a step), so one 64-byte load is step p of 16 columns; then, 64-byte aligned, the scales sw padded to whole
+// strips (zeros). The kernel reads a tile group by group (each group's 4 run segments of 8 KiB, every row block of
+// x), so a tile is 4 streams of up to 32 KiB. Tiles of one group (32 KiB, 8 KiB runs: the first version) left the
+// GEMV at 1-2 rows well below the memory's rate. 1B decoder weights from DRAM, 2 threads, Zen 4 (2026-12-07, each
+// layout packed by its own build, runs interleaved; bench/RESULTS.md, thirty-ninth session), GB/s, one group a tile
+// -> four: M = 1 33.7-34.5 -> 48.6-49.2 (stream probe 46-51), M = 2 27.1-29.6 -> 32.3-33.5 (probe 31-34), M = 32
+// 10.6-10.7 -> 10.7-10.8 (bound by VPDPBUSD). (Trial builds whose groups were as long as their tiles: 256 steps gave
+// less than 512, 1024 as much.)
 #pragma once
 
 #include <algorithm>
@@ -58,6 +65,9 @@
 #ifndef JR_W8A8_PF_MIN_ROWS_ZEN5
 #define JR_W8A8_PF_MIN_ROWS_ZEN5 1
 #endif
+#ifndef JR_W8A8_PF_LOCALITY  // the next tile's prefetch: __builtin_prefetch's locality (3: to L1)
+#define JR_W8A8_PF_LOCALITY 3
+#endif
 
 namespace jr::w8a8 {
 
@@ -69,8 +79,13 @@ inline int64_t prefetch_min_rows() {
 constexpr int64_t kS = 64;         // output columns a strip
 constexpr int64_t kE = 4;          // k a step (VPDPBUSD's quad)
 constexpr int64_t kSE = kS * kE;   // bytes a step
-constexpr int64_t kKT = 128;       // steps a K tile
-constexpr int64_t kG = kKT * kE;   // x's quantization group: 512 columns, one K tile
+#ifndef JR_W8A8_KT  // steps a K tile (a multiple of kGS; see the top)
+#define JR_W8A8_KT 512
+#endif
+constexpr int64_t kGS = 128;       // steps an activation group
+constexpr int64_t kG = kGS * kE;   // x's quantization group: 512 columns
+constexpr int64_t kKT = JR_W8A8_KT;  // steps a K tile: 512 = 128 KiB, 4 groups
+static_assert(kKT % kGS == 0, "a K tile holds whole activation groups");
 constexpr int kMB = 6;             // rows of x a register block: 6 x 4 = 24 int32 accumulators
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
@@ -156,8 +171,9 @@ inline void dpbusd4(__m512i& a0, __m512i& a1, __m512i& a2, __m512i& a3, __m512i 
       : [a0] "+v"(a0), [a1] "+v"(a1), [a2] "+v"(a2), [a3] "+v"(a3)
       : [u0] "v"(u0), [u1] "v"(u1), [u2] "v"(u2), [u3] "v"(u3), [x] "v"(x));
 }
-// MB <= 6 rows of x against one strip's K tile (kn steps; the codes xq at the tile's first k, row stride ldq; this
-// group's corrections and scales at comp, sx, row stride ldg): c [MB, kS] = (first ? 0 + : c +) fp32(acc) * sx.
+// MB <= 6 rows of x against kn <= kGS steps of one activation group in a strip's K tile (tile: run 0 at the group's
+// first step, the runs rs bytes apart; the codes xq at the group's first k, row stride ldq; this group's corrections
+// and scales at comp, sx, row stride ldg): c [MB, kS] = (first ? 0 + : c +) fp32(acc) * sx.
 // Meanwhile lpk lines of [pf, pe) are prefetched per step. The 24 accumulators: named variables updated in place by
 // dpbusd4 (see the top).
 #define JR_W8A8_ROW(r)                                                                 \
@@ -175,16 +191,16 @@ inline void dpbusd4(__m512i& a0, __m512i& a1, __m512i& a2, __m512i& a3, __m512i 
     out(c + r * kS + 32, a##r##2, cm, sm), out(c + r * kS + 48, a##r##3, cm, sm);      \
   }
 template <int MB>
-inline void block(const uint8_t* tile, int64_t kn, const int8_t* xq, int64_t ldq, const int32_t* comp,
+inline void block(const uint8_t* tile, int64_t rs, int64_t kn, const int8_t* xq, int64_t ldq, const int32_t* comp,
                   const float* sx, int64_t ldg, float* c, bool first, const char* pf, const char* pe, int lpk) {
   static_assert(MB >= 1 && MB <= 6, "1 to 6 rows a block");
-  const uint8_t *w0p = tile, *w1p = tile + kn * 64, *w2p = tile + 2 * kn * 64, *w3p = tile + 3 * kn * 64;
+  const uint8_t *w0p = tile, *w1p = tile + rs, *w2p = tile + 2 * rs, *w3p = tile + 3 * rs;
   const __m512i z = _mm512_setzero_si512();
   __m512i a00 = z, a01 = z, a02 = z, a03 = z, a10 = z, a11 = z, a12 = z, a13 = z, a20 = z, a21 = z, a22 = z, a23 = z;
   __m512i a30 = z, a31 = z, a32 = z, a33 = z, a40 = z, a41 = z, a42 = z, a43 = z, a50 = z, a51 = z, a52 = z, a53 = z;
   for (int64_t p = 0; p < kn; ++p) {
     for (int l = 0; l < lpk; ++l, pf += 64)
-      if (pf < pe) __builtin_prefetch(pf, 0, 3);
+      if (pf < pe) __builtin_prefetch(pf, 0, JR_W8A8_PF_LOCALITY);
     const __m512i w0 = _mm512_loadu_si512(w0p + p * 64), w1 = _mm512_loadu_si512(w1p + p * 64);
     const __m512i w2 = _mm512_loadu_si512(w2p + p * 64), w3 = _mm512_loadu_si512(w3p + p * 64);
     JR_W8A8_ROW(0) JR_W8A8_ROW(1) JR_W8A8_ROW(2) JR_W8A8_ROW(3) JR_W8A8_ROW(4) JR_W8A8_ROW(5)
@@ -200,11 +216,12 @@ inline void block(const uint8_t* tile, int64_t kn, const int8_t* xq, int64_t ldq
 #undef JR_W8A8_OUT
 
 template <int R>
-inline void block_tail(int mb, const uint8_t* tile, int64_t kn, const int8_t* xq, int64_t ldq, const int32_t* comp,
-                       const float* sx, int64_t ldg, float* c, bool first, const char* pf, const char* pe, int lpk) {
+inline void block_tail(int mb, const uint8_t* tile, int64_t rs, int64_t kn, const int8_t* xq, int64_t ldq,
+                       const int32_t* comp, const float* sx, int64_t ldg, float* c, bool first, const char* pf,
+                       const char* pe, int lpk) {
   if constexpr (R >= 1) {
-    if (mb == R) block<R>(tile, kn, xq, ldq, comp, sx, ldg, c, first, pf, pe, lpk);
-    else block_tail<R - 1>(mb, tile, kn, xq, ldq, comp, sx, ldg, c, first, pf, pe, lpk);
+    if (mb == R) block<R>(tile, rs, kn, xq, ldq, comp, sx, ldg, c, first, pf, pe, lpk);
+    else block_tail<R - 1>(mb, tile, rs, kn, xq, ldq, comp, sx, ldg, c, first, pf, pe, lpk);
   }
 }
 #endif
@@ -227,16 +244,20 @@ inline void gemv_for(const uint8_t* wp, const QuantizedX& xq, const float* bias,
 #pragma omp for schedule(guided, 1)
   for (int64_t s = 0; s < strips; ++s) {
     const uint8_t* ws = wp + s * KS * kSE;
-    for (int64_t k0 = 0, g = 0; k0 < KS; k0 += kKT, ++g) {
-      const int64_t kn = std::min(kKT, KS - k0);
+    for (int64_t k0 = 0; k0 < KS; k0 += kKT) {
+      const int64_t kn = std::min(kKT, KS - k0), rs = kn * 64;  // the tile's steps; its runs' stride
       const uint8_t* tile = ws + k0 * kSE;
-      // the next tile's lines, one share per row block, from pf_rows rows of x on (see the top)
+      // the next tile's lines, one share per row block spread over the tile's steps, from pf_rows rows of x on
       const packed::NextTile nt(reinterpret_cast<const char*>(tile + kn * kSE), end, kKT * kSE, passes, kn,
                                 M >= pf_rows);
-      for (int64_t m0 = 0, j = 0; j < passes; m0 += mb_lo + (j < n_hi), ++j) {
-        const int mb = int(mb_lo + (j < n_hi));
-        block_tail<kMB>(mb, tile, kn, xq.q.data() + m0 * ldq + k0 * kE, ldq, xq.comp.data() + m0 * ng + g,
-                        xq.sx.data() + m0 * ng + g, ng, c.data() + m0 * kS, k0 == 0, nt.begin(j), nt.end(j), nt.lpk);
+      for (int64_t p0 = 0; p0 < kn; p0 += kGS) {  // group by group (in k order), every row block against each
+        const int64_t gn = std::min(kGS, kn - p0), g = (k0 + p0) / kGS;
+        for (int64_t m0 = 0, j = 0; j < passes; m0 += mb_lo + (j < n_hi), ++j) {
+          const int mb = int(mb_lo + (j < n_hi));
+          block_tail<kMB>(mb, tile + p0 * 64, rs, gn, xq.q.data() + m0 * ldq + (k0 + p0) * kE, ldq,
+                          xq.comp.data() + m0 * ng + g, xq.sx.data() + m0 * ng + g, ng, c.data() + m0 * kS,
+                          k0 + p0 == 0, nt.begin(j) + p0 * nt.lpk * 64, nt.end(j), nt.lpk);
+        }
       }
     }
     const int64_t n0 = s * kS, nn = std::min(kS, N - n0);

@@ -59,7 +59,8 @@ def test_int8_mode_values():
 # ---- the GEMV --------------------------------------------------------------------------------------------------------
 @needs_w8a8
 @pytest.mark.parametrize("M,N,K", [(1, 64, 32), (2, 100, 65), (3, 5, 3), (7, 130, 600), (16, 64, 512), (17, 200, 1030),
-                                   (32, 70, 2048), (33, 129, 513), (70, 64, 96), (4, 63, 1), (300, 65, 1025)])
+                                   (32, 70, 2048), (33, 129, 513), (70, 64, 96), (4, 63, 1), (300, 65, 1025),
+                                   (5, 70, 4100), (13, 64, 5632)])  # 2+ K tiles, a last group of 1 step
 def test_w8a8_is_its_reference_bit_for_bit(M, N, K):
     """y is w8a8_reference's y exactly (padded K, partial strips and groups, every row-block size), each row the
     same alone as in the batch, and within the two roundings' bound of x @ W^T."""
