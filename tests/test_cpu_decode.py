@@ -389,6 +389,31 @@ def test_image_step_falls_back_and_checks():
         step([3], i64(0, 0), [4, 4], [4, 20], [[0], [10**6]], i64(0), i64(1), params, [7])
 
 
+def test_image_step_adaptor_weights():
+    """ImageStep takes an unpacked stack's adaptor weights as any tensors (a Parameter beside a Tensor: each is
+    read by address); with a packed stack both of an adaptor's weights must be held alike (one csrc kind per call)."""
+    model = Janus.from_preset("tiny", seed=0)
+    eng = Engine.for_requests(model, [(8, 1)])
+    dec, llm = eng.runner.cpu_decoder, model.llm
+    ws = [tuple(w.detach() for w in (l.input_norm.weight, l.attn.qkv_proj.weight, l.attn.o_proj.weight,
+                                     l.post_attn_norm.weight, l.mlp.gate_up_proj.weight, l.mlp.down_proj.weight))
+          for l in llm.layers]
+    caches = [(eng.cache.k_cache(i), eng.cache.v_cache(i)) for i in range(len(llm.layers))]
+    stack = cpu_step.DecodeStack(ws, caches, llm.layers[0].input_norm.eps, llm.norm.weight.detach(), llm.norm.eps,
+                                 packed=False)
+    mixed = lambda m: (m.fc1.weight, m.fc1.bias.detach(), m.fc2.weight.detach(), m.fc2.bias.detach())
+    step = cpu_step.ImageStep(stack, model.gen_embed.weight.detach(), mixed(model.gen_aligner), mixed(model.gen_head),
+                              dec.cos, dec.sin)
+    assert step.adaptor_kind == 0
+    if dec.stack.packed and cpu_ops.int8_available():
+        h = model.gen_head
+        unlike = (cpu_ops.PackedWeight(h.fc1.weight.detach()), h.fc1.bias.detach(),
+                  cpu_ops.Int8Weight(h.fc2.weight.detach()), h.fc2.bias.detach())
+        with pytest.raises(ValueError, match="held alike"):
+            cpu_step.ImageStep(dec.stack, model.gen_embed.weight.detach(), dec.gen_aligner_packed, unlike, dec.cos,
+                               dec.sin)
+
+
 def _count_steps_per_call(eng) -> list:
     """Record k of every ImageStep.steps call of the engine's CPU decoder."""
     calls, step = [], eng.runner.cpu_decoder.image_step_runner
