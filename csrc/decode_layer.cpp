@@ -30,8 +30,9 @@
 #include "common.h"
 #include "gemv.h"
 #include "int8_gemv.h"
-#include "w8a8_gemv.h"
+#include "kind_gemv.h"
 #include "kv_int8.h"
+#include "w8a8_gemv.h"
 #include "packed_gemv.h"
 #include "paged_attention.h"
 #include "rms_norm.h"
@@ -105,18 +106,10 @@ struct Layer {
 template <typename T>
 inline void layer_gemv(const Layer<T>& L, const T* w, const gemv::xpack_t<T>* xp, int64_t ldx, float* y, int64_t N,
                        int64_t K, w8a8::QuantizedX& xq) {
-  if constexpr (int8w::available() && std::is_same_v<T, uint16_t>) {
-    if (L.packed == kInt8W)
-      return int8w::gemv_for(reinterpret_cast<const int8_t*>(w), xp, ldx, nullptr, y, L.R, N, K);
+  if constexpr (w8a8::available() && std::is_same_v<gemv::xpack_t<T>, uint16_t>) {
+    if (L.packed == kW8A8) xq.rows_for(xp, ldx, K, L.R);
   }
-  if constexpr (w8a8::available() && std::is_same_v<T, uint16_t> && std::is_same_v<gemv::xpack_t<T>, uint16_t>) {
-    if (L.packed == kW8A8) {
-      xq.rows_for(xp, ldx, K, L.R);
-      return w8a8::gemv_for(reinterpret_cast<const uint8_t*>(w), xq, nullptr, y, L.R, N, K);
-    }
-  }
-  (void)xq;
-  packed::gemv_for_layout(L.packed != 0, w, xp, ldx, nullptr, y, L.R, N, K);
+  gemv_for_kind(L.packed, w, xp, ldx, xq, nullptr, y, L.R, N, K);
 }
 
 // A layer call's buffers, kept by the calling thread from call to call and grown only when a call has more rows

@@ -19,11 +19,9 @@
 
 #include "common.h"
 #include "gemv.h"
-#include "int8_gemv.h"
-#include "packed_gemv.h"
+#include "kind_gemv.h"
 #include "simd.h"
 #include "swiglu.h"
-#include "w8a8_gemv.h"
 
 namespace jr {
 namespace {
@@ -56,23 +54,6 @@ struct Buffers {
   std::vector<float> hid, bias1, bias2;
   w8a8::QuantizedX xq, hq;
 };
-
-// y [M, N] = xp @ W^T + bias through the GEMV of W's layout `kind` (inside the region; W8A8: xq already holds xp
-// quantized).
-template <typename T>
-inline void kind_gemv(int kind, const T* w, const gemv::xpack_t<T>* xp, int64_t ldx, const w8a8::QuantizedX& xq,
-                      const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
-  if constexpr (std::is_same_v<T, uint16_t> && std::is_same_v<gemv::xpack_t<T>, uint16_t>) {
-    if constexpr (int8w::available()) {
-      if (kind == kInt8W) return int8w::gemv_for(reinterpret_cast<const int8_t*>(w), xp, ldx, bias, y, M, N, K);
-    }
-    if constexpr (w8a8::available()) {
-      if (kind == kW8A8) return w8a8::gemv_for(reinterpret_cast<const uint8_t*>(w), xq, bias, y, M, N, K);
-    }
-  }
-  (void)xq;
-  packed::gemv_for_layout(kind != 0, w, xp, ldx, bias, y, M, N, K);
-}
 
 template <typename V>
 inline typename V::value_type* at_least(V& v, int64_t n) {
@@ -107,7 +88,7 @@ void mlp_gelu_impl(const T* x, const T* w1, const T* b1, const T* w2, const T* b
     if constexpr (std::is_same_v<gemv::xpack_t<T>, uint16_t>) {
       if (w8) xq.rows_for(xp, ldk, K, M);
     }
-    kind_gemv(kind, w1, xp, ldk, xq, bias1, hid, M, H, K);
+    gemv_for_kind(kind, w1, xp, ldk, xq, bias1, hid, M, H, K);
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; ++m) {
       float* r = hid + m * H;
@@ -117,7 +98,7 @@ void mlp_gelu_impl(const T* x, const T* w1, const T* b1, const T* w2, const T* b
         if (w8) hq.rows(hp, ldh, H, m, m + 1);  // (this row's, on the thread that wrote it)
       }
     }
-    kind_gemv(kind, w2, hp, ldh, hq, bias2, y, M, N, H);
+    gemv_for_kind(kind, w2, hp, ldh, hq, bias2, y, M, N, H);
     if (std::is_same_v<T, uint16_t> && round_out) {  // y's values rounded to T
 #pragma omp for schedule(static)
       for (int64_t m = 0; m < M; ++m) act::round_to<T>(y + m * N, N);
