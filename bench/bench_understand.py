@@ -58,7 +58,8 @@ def prefill_flops(model, prompt_len: int) -> float:
 def decode_bytes_flops(model, context: int, kv_dtype: torch.dtype | None = None) -> tuple[float, float]:
     """One text row's decode step: the LLM's weights (not the embedding) and the LM head read once, plus the row's
     K/V over `context` cached tokens; FLOPs alike. Projections and an LM head held in place (packed, or int8: a byte
-    a weight) count as what they hold; the K/V as the cache holds it (kv_dtype, default the model's; int8: + a scale a head)."""
+    a weight) count as what they hold; the K/V as the cache holds it (kv_dtype, default the model's; int8: + a scale
+    a head)."""
     from janus_rt.engine.kv_cache import KVCache
     from janus_rt.models.packed_linear import packed_weight_nbytes, packed_weight_numel
 
@@ -243,8 +244,9 @@ def build_parser():
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each implementation")
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--int8", nargs="?", const="weights", default=None, choices=INT8_MODES,
-                    help="janus_rt's LLM projections and LM head as int8 (CPU, bf16; transformers keeps bf16 weights, so the "
-                         "answers may differ): --int8 weight-only, --int8 w8a8 with int8 activations too")
+                    help="janus_rt's LLM projections and LM head as int8 (CPU, bf16; transformers keeps bf16 "
+                         "weights, so the answers may differ): --int8 weight-only, --int8 w8a8 with int8 activations "
+                         "too")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8"),
                     help="janus_rt's KV cache (int8: rows + an fp32 scale a head; CPU)")
     ap.add_argument("--json", default=None, help="append the result row to this JSON-lines file")

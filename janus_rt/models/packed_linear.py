@@ -16,8 +16,8 @@ half the memory, at the price of the quantization error (no longer the checkpoin
 each call also rounds x to int8 per row and group of 512 columns and multiplies int8 by int8 (AVX512-VNNI), faster
 where the decode step is bound by multiplies (many rows, no AMX), at x's rounding on top of the weights'.
 Either int8 mode holds the LM head (untied) and the generation adaptors (gen head, gen aligner: Linear -> GELU ->
-Linear, biases kept; weight-only int8: those whose in-features are even) the same way (int8_heads): at 1B the LM head is 420 MB of bf16 an understanding decode step reads for one
-row, and the gen head 75 MB of every image step.
+Linear, biases kept; weight-only int8: those whose in-features are even) the same way (int8_heads): at 1B the LM
+head is 420 MB of bf16 an understanding decode step reads for one row, and the gen head 75 MB of every image step.
 """
 from __future__ import annotations
 
