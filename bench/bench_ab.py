@@ -20,9 +20,14 @@ helps when memory is slow, fast, or both.
                                              # of one decode step (decode_layer x L); GB/s = weight + K/V bytes
 
 A build is a folder holding janus_rt/_C*.so (its name in the table: the folder's). Inputs are made once with this
-checkout's cpu_ops (PackedWeight's layout), so the builds must agree on that layout.
+checkout's cpu_ops (PackedWeight's layout), so the builds must agree on that layout, unless --pack-per-build
+(packed_gemv, layers): then each build packs its own copy of the same weights, so builds whose layouts differ (K tile
+sizes, say) can be compared; the weights are held once per build.
+
+    python bench/bench_ab.py --builds .,/tmp/b --op packed_gemv --shape 1b -M 32 --dtype bf16 --pack-per-build
 """
 import argparse
+import contextlib
 import glob
 import importlib.util
 import os
@@ -54,10 +59,37 @@ def load_builds(folders: list[str]) -> dict:
     return mods
 
 
-def packed_gemv_case(shape: str, M: int, dtype: str, min_bytes: float, int8: str | None = None):
+@contextlib.contextmanager
+def use_build(mod):
+    """cpu_ops packs and calls through build `mod` inside the block (None: this checkout's build)."""
+    real = cpu_ops._C, cpu_ops._ext
+    if mod is not None:
+        cpu_ops._C, cpu_ops._ext = mod, lambda: mod
+    try:
+        yield
+    finally:
+        cpu_ops._C, cpu_ops._ext = real
+
+
+def per_build(packers, make) -> dict:
+    """{id(build): make() run under that build} for each build in `packers` ([None]: one copy by this checkout's
+    build, for all); get(held, mod) picks a build's."""
+    out = {}
+    for mod in packers:
+        with use_build(mod):
+            out[id(mod)] = make()
+    return out
+
+
+def get(held: dict, mod):
+    return held[id(mod)] if id(mod) in held else held[id(None)]
+
+
+def packed_gemv_case(shape: str, M: int, dtype: str, min_bytes: float, int8: str | None = None, packers=(None,)):
     """The shape's four decoder weights per layer (+ the gen head), as many layers as make >= min_bytes (at most the
-    shape's own: main() says where that is less); int8 "weights" / "w8a8": held as Int8Weight / W8A8Weight (x bf16).
-    Returns (bytes read per call, fn(module) running the GEMVs once)."""
+    shape's own: main() says where that is less); int8 "weights" / "w8a8": held as Int8Weight / W8A8Weight (x bf16);
+    packed by each build in `packers` (per_build). Returns (bytes read per call, fn(module) running the GEMVs
+    once)."""
     C, L, _, inter, _, _ = SHAPES[shape]
     dt, code = DTYPES[dtype]
     hold = {None: cpu_ops.PackedWeight, "weights": cpu_ops.Int8Weight, "w8a8": cpu_ops.W8A8Weight}[int8]
@@ -67,14 +99,19 @@ def packed_gemv_case(shape: str, M: int, dtype: str, min_bytes: float, int8: str
     layer = [(3 * C, C), (C, C), (2 * inter, C), (C, inter)]
     per_layer = sum(n * k for n, k in layer) * (1 if int8 else dt.itemsize)
     layers = max(1, min(L, -int(-min_bytes // per_layer)))
-    g = torch.Generator().manual_seed(0)
-    ws = [hold(torch.randn(n, k, generator=g).to(dt)) for n, k in layer * layers + [(16384, C)]]
+
+    def make():  # the same values for every build
+        g = torch.Generator().manual_seed(0)
+        return [hold(torch.randn(n, k, generator=g).to(dt)) for n, k in layer * layers + [(16384, C)]]
+
+    held = per_build(packers, make)
+    g = torch.Generator().manual_seed(1)
     xs = {k: torch.randn(M, k, generator=g).to(dt) for _, k in layer}
     ys = {n: torch.empty(M, n) for n, _ in layer + [(16384, C)]}
-    nbytes = sum(w.data.numel() * w.data.element_size() for w in ws)
+    nbytes = sum(w.data.numel() * w.data.element_size() for w in next(iter(held.values())))
 
     def run(mod):
-        for w in ws:
+        for w in get(held, mod):
             mod.linear_packed(xs[w.K].data_ptr(), w.data.data_ptr(), 0, ys[w.N].data_ptr(), M, w.N, w.K, code)
         return ys[16384]  # the last call's output
 
@@ -120,10 +157,11 @@ def attention_case(shape: str, rows: int, context: int, dtype: str, min_bytes: f
     return nbytes, run, f"paged attention, {shape} shape, {layers} layer(s) x {rows} rows x {context} tokens, {dtype}"
 
 
-def layers_case(shape: str, rows: int, context: int, dtype: str, block_size: int = 16):
+def layers_case(shape: str, rows: int, context: int, dtype: str, block_size: int = 16, packers=(None,)):
     """The decoder layers of one decode step at the shape (cpu_step.DecodeStack's decode_layer calls, packed where
-    it can be), `rows` rows of `context` cached tokens each (16-token blocks handed out in turn), random weights and
-    K/V. h starts from the same values on every call; the output is h after the last layer."""
+    it can be, by each build in `packers`: per_build), `rows` rows of `context` cached tokens each (16-token blocks
+    handed out in turn), random weights and K/V. h starts from the same values on every call; the output is h after
+    the last layer."""
     C, L, H, inter, _, _ = SHAPES[shape]
     dt, code = DTYPES[dtype]
     D = C // H
@@ -133,7 +171,8 @@ def layers_case(shape: str, rows: int, context: int, dtype: str, block_size: int
     layers = [(rnd(C, scale=0.1) + 1, rnd(3 * C, C, scale=C**-0.5), rnd(C, C, scale=C**-0.5), rnd(C, scale=0.1) + 1,
                rnd(2 * inter, C, scale=C**-0.5), rnd(C, inter, scale=inter**-0.5)) for _ in range(L)]
     caches = [(rnd(nb * rows, block_size, H, D), rnd(nb * rows, block_size, H, D)) for _ in range(L)]
-    stack = cpu_step.DecodeStack(layers, caches, 1e-6)
+    stacks = per_build(packers, lambda: cpu_step.DecodeStack(layers, caches, 1e-6))
+    stack = next(iter(stacks.values()))
     del layers
     tables = torch.tensor([[i * rows + b for i in range(nb)] for b in range(rows)], dtype=torch.int32)
     lens = torch.full((rows,), context, dtype=torch.int32)
@@ -150,7 +189,7 @@ def layers_case(shape: str, rows: int, context: int, dtype: str, block_size: int
         h.copy_(h0)
         cpu_ops._ext = lambda: mod
         try:
-            stack(h, slots, tables, lens, cos, sin)
+            get(stacks, mod)(h, slots, tables, lens, cos, sin)
         finally:
             cpu_ops._ext = real_ext
         return h
@@ -207,10 +246,15 @@ def main(args) -> dict:
         raise SystemExit("--int8: for --op engine or packed_gemv, with --dtype bf16 only")
     if args.int8 and not (cpu_ops.w8a8_available() if args.int8 == "w8a8" else cpu_ops.int8_available()):
         raise SystemExit(f"--int8 {args.int8}: this CPU or build has no such GEMV")
+    pack_per_build = getattr(args, "pack_per_build", False)
+    if pack_per_build and args.op not in ("packed_gemv", "layers"):
+        raise SystemExit("--pack-per-build: for --op packed_gemv or layers only")
+    packers = list(mods.values()) if pack_per_build else [None]
     if args.op == "packed_gemv":
-        nbytes, run, what = packed_gemv_case(args.shape, args.M, args.dtype, min_bytes, args.int8)
+        nbytes, run, what = packed_gemv_case(args.shape, args.M, args.dtype, min_bytes, args.int8, packers)
     elif args.op == "layers":
-        nbytes, run, what = layers_case(args.shape, args.rows or 2 * SHAPES[args.shape][5], args.context, args.dtype)
+        nbytes, run, what = layers_case(args.shape, args.rows or 2 * SHAPES[args.shape][5], args.context, args.dtype,
+                                        packers=packers)
     elif args.op == "engine":
         nbytes, run, what, step = engine_case(args.shape, args.n or SHAPES[args.shape][5], args.tokens,
                                               args.dtype, args.int8, args.kv_cache_dtype)
@@ -220,6 +264,8 @@ def main(args) -> dict:
     if args.op in ("packed_gemv", "layers") and nbytes < min_bytes:  # the shape holds no more than this
         print(f"# note: {nbytes / 1e6:.0f} MB per call, under --min-mb {args.min_mb:.0f}: the shape's weights (and K/V)"
               " are all there is; a last-level cache that large may hold them between calls", flush=True)
+    if pack_per_build:
+        what += ", packed by each build"
     names = list(mods)
     outputs = {name: run(mods[name]).float().clone() for name in names}  # also the warm-up
     stream = torch.ones((512 << 20) // 4).split((64 << 20) // 4)
@@ -269,8 +315,11 @@ if __name__ == "__main__":
     ap.add_argument("--tokens", type=int, default=576, help="engine: image tokens per image")
     ap.add_argument("--int8", choices=["weights", "w8a8"], default=None,
                     help="engine, packed_gemv: the projections as int8 weights or W8A8 (as janus-rt bench --int8; "
-                    "packed once by this checkout's build, so the builds must agree on that layout; engine: builds "
+                    "packed once by this checkout's build unless --pack-per-build; engine: builds "
                     "from before 2026-12-07 cannot run its int8 heads)")
+    ap.add_argument("--pack-per-build", action="store_true",
+                    help="packed_gemv, layers: each build packs its own copy of the weights (builds whose packed "
+                    "layouts differ); default: one copy packed by this checkout's build")
     ap.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
                     help="engine: the KV cache's type (as janus-rt bench --kv-cache-dtype)")
     ap.add_argument("--reps", type=int, default=400)

@@ -78,7 +78,7 @@ inline bool use(int64_t K) { return kBuilt && K % 32 == 0 && switch_().load(std:
 
 constexpr int64_t kS = packed::strip<uint16_t>();       // 64 columns a strip
 constexpr int64_t kSE = packed::step_elems<uint16_t>();  // 128: one step of a strip (k pair x 64 columns)
-constexpr int64_t kKT = packed::ktile<uint16_t>();       // steps per K tile of the layout
+inline int64_t ktile() { return packed::ktile<uint16_t>(); }  // steps per K tile of the layout
 constexpr int64_t kRE = packed::run_elems<uint16_t>();   // 32: one step of one run (16 columns), 64 bytes
 
 // Software prefetch of the weights, every line of each run the loop reads, kPfSteps steps (2 KiB) ahead within the
@@ -152,8 +152,9 @@ inline TileConfig config(int r0, int r1) {
 
 // One strip (ws: its first step, KS = K / 2 steps) against a group of r0 <= 16 rows of x (xt: where its A tiles
 // are): c [16, 64] fp32 (row stride 64) = the group's rows x the strip's 64 columns. Each K tile's four runs are
-// read side by side, a B tile being 16 steps of one run: 1 KiB in one piece.
-inline void strip_16(const uint16_t* ws, const XTiles& xt, int64_t KS, float* c) {
+// read side by side, a B tile being 16 steps of one run: 1 KiB in one piece. kKT: the steps of a K tile (a multiple of
+// 16), the layout's unless the strip is a copy with tiles of its own (int8_gemv.h's widened strips).
+inline void strip_16(const uint16_t* ws, const XTiles& xt, int64_t KS, float* c, int64_t kKT = ktile()) {
   constexpr int64_t sw = 2 * kRE;  // bytes between a B tile's rows
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
   for (int64_t k0 = 0; k0 < KS; k0 += kKT) {
@@ -180,7 +181,7 @@ inline void strip_16(const uint16_t* ws, const XTiles& xt, int64_t KS, float* c)
 // As strip_16 for a group of 16 + r1 rows (r1 <= 16): c [32, 64], rows 16.. = the second block's. Eight tiles hold
 // only half the strip's columns for two row blocks: two passes, columns 0-31 (runs 0 and 1) over the whole strip,
 // then 32-63 (runs 2 and 3), each pass reading only its own runs.
-inline void strip_32(const uint16_t* ws, const XTiles& xt, int64_t KS, float* c) {
+inline void strip_32(const uint16_t* ws, const XTiles& xt, int64_t KS, float* c, int64_t kKT = ktile()) {
   constexpr int64_t sw = 2 * kRE;
   for (int half = 0; half < 2; ++half) {
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);

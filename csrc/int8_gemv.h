@@ -3,7 +3,7 @@
 // DRAM is Q, half the bytes of the bf16 weights; each B tile is widened to bf16 in L1 just before the multiply.
 //
 // Layout: the bf16 strip layout of packed_layout.h with one-byte elements (the same element index for the same
-// W[n, k]: runs of 16 columns x k pairs, K tiles of ktile<uint16_t>() steps), then, 64-byte aligned, the scales
+// W[n, k]: runs of 16 columns x k pairs, K tiles of kKT steps), then, 64-byte aligned, the scales
 // padded to whole strips (zeros past N): packed_bytes(N, K) bytes in all, written by pack().
 //
 // Kernels (x packed by gemv::pack_x as for bf16 weights; both need AVX512_BF16, `available`):
@@ -43,7 +43,9 @@ namespace jr::int8w {
 
 constexpr int64_t kS = packed::strip<uint16_t>();       // 64 columns a strip
 constexpr int64_t kSE = packed::step_elems<uint16_t>();  // 128 elements a step (k pair x 64 columns)
-constexpr int64_t kKT = packed::ktile<uint16_t>();       // steps per K tile (the bf16 layout's)
+// steps per K tile: 256 (32 KiB of int8, widened to 64 KiB of bf16: the bf16 layout's default tile); fixed, unlike
+// the bf16 layout's, which JANUS_RT_BF16_KTILE_KIB may change (the widened copy is this file's working buffer)
+constexpr int64_t kKT = 256;
 constexpr int64_t kRE = packed::run_elems<uint16_t>();   // 32: one step of one run
 
 constexpr bool available() { return simd::kHaveBf16Dot; }
@@ -171,7 +173,8 @@ inline void gemv_amx(const int8_t* wp, const uint16_t* x, int64_t ldx, const flo
         loaded = int(rows);
       }
       const amx::XTiles xt(xp, K, m0);
-      if (groups > 1) r1 == 0 ? amx::strip_16(wide.data(), xt, KS, c) : amx::strip_32(wide.data(), xt, KS, c);
+      if (groups > 1)  // the widened strip keeps this layout's K tiles
+        r1 == 0 ? amx::strip_16(wide.data(), xt, KS, c, kKT) : amx::strip_32(wide.data(), xt, KS, c, kKT);
       else if (r1 == 0) strip_16(ws, xt, KS, c, bt);
       else strip_32(ws, xt, KS, c, bt);
       for (int64_t m = 0; m < rows; ++m)

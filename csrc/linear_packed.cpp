@@ -77,6 +77,7 @@ std::tuple<int64_t, int64_t, int64_t> packed_layout(int dtype) {
   JR_CHECK(dtype == kF32 || dtype == kBF16 || dtype == kInt8W || dtype == kW8A8,
            "dtype must be fp32, bf16, int8 weights (2) or W8A8 (4)");
   if (dtype == kW8A8) return {w8a8::kS, w8a8::kKT, 4};
+  if (dtype == kInt8W) return {int8w::kS, int8w::kKT, 4};
   if (dtype == kF32) return {packed::strip<float>(), packed::ktile<float>(), packed::runs<float>()};
   return {packed::strip<uint16_t>(), packed::ktile<uint16_t>(), packed::runs<uint16_t>()};
 }

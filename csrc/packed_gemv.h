@@ -221,7 +221,8 @@ void gemv_for(const WT* wp, const WT* x, int64_t ldx, const float* bias, float* 
     if (amx::use(K)) return amx::gemv_for(wp, x, ldx, bias, y, M, N, K);
   }
 #endif
-  constexpr int64_t S = strip<WT>(), E = ek<WT>(), SE = step_elems<WT>(), KT = ktile<WT>();
+  constexpr int64_t S = strip<WT>(), E = ek<WT>(), SE = step_elems<WT>();
+  const int64_t KT = ktile<WT>();
   const int64_t KS = K / E, strips = num_strips(N, S);
   const char* end = reinterpret_cast<const char*>(wp + packed_size<WT>(N, K));
   // Row blocks per tile, and their sizes: M <= 8 one block; else ceil(M / 6) blocks of as even a size as can be

@@ -4,8 +4,8 @@
 // W's rows are taken strip<WT>() at a time — 64 output columns on AVX-512 (4 vectors of 16 fp32 lanes) — and each
 // strip is stored step by step, a step being one k (fp32) or one k pair (bf16): a step of a strip is 64 columns x E
 // k = 256 bytes, and one vector (16 columns) of it is exactly a VDPBF16PS / FMA operand (bf16: the (2p, 2p + 1)
-// pairs of 16 rows). A strip is cut into K tiles of ktile<WT>() steps (fp32 32 KiB, bf16 64 KiB) that the AVX-512
-// kernel runs every row block of x over while the tile is in cache.
+// pairs of 16 rows). A strip is cut into K tiles of ktile<WT>() steps (fp32 32 KiB; bf16 64 KiB unless
+// set: ktile_bytes_bf16) that the AVX-512 kernel runs every row block of x over while the tile is in cache.
 //   fp32: the tile's steps one after another: step p at tile + p * 64, vector v 16 v further.
 //   bf16: one run per vector: the tile's columns 0-15 of every step (64 bytes a step), then 16-31, 32-47, 48-63:
 //     wp[s K S + k0 S + v kn 32 + (p - k0) 32 + 2 jj + e] = W[64 s + 16 v + jj, 2 p + e]
@@ -24,13 +24,15 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
 #include "simd.h"
 
-// K tile bytes by weight type (bench/bench_ab.py, 2026-12-03, bench/RESULTS.md): fp32 32 KiB (+2-5 % over 64 KiB from
-// DRAM at M = 2 and 8), bf16 64 KiB (32 KiB: +3 % at M = 2 but -1-6 % at M = 32, the 1B benchmark's rows).
+// K tile bytes of fp32 weights (bench/bench_ab.py, 2026-12-03, bench/RESULTS.md): 32 KiB (+2-5 % over 64 KiB from
+// DRAM at M = 2 and 8); bf16: ktile_bytes_bf16 below.
 #ifndef JR_PACKED_KTILE_BYTES_F32
 #define JR_PACKED_KTILE_BYTES_F32 32768
 #endif
@@ -39,6 +41,26 @@
 #endif
 
 namespace jr::packed {
+
+// K tile bytes of bf16 weights: 64 KiB (Zen 5, 2026-12-03: 32 KiB +3 % at M = 2 but -1-6 % at M = 32, the 1B
+// benchmark's rows; Zen 4, 2026-12-07, 256 KiB: -3-5 % at M = 32, no difference at M = 1-2, weights in huge pages as
+// the engine holds them; bench/RESULTS.md). The AMX route reads the same layout. JANUS_RT_BF16_KTILE_KIB = 4, 8, ...,
+// 1024 sets it for a process (tuning on another CPU; the tests' many-tile layouts): a weight's layout is fixed when
+// it is packed, and packed weights are read by the process that packed them. Another value is reported once and
+// ignored. A build with -DJR_PACKED_KTILE_BYTES_BF16=B (bench_ab's trial builds) takes B unless the variable is set.
+inline int64_t ktile_bytes_bf16() {
+  static const int64_t bytes = [] {
+    if (const char* v = std::getenv("JANUS_RT_BF16_KTILE_KIB"); v && *v && std::strcmp(v, "auto") != 0) {
+      char* end = nullptr;
+      const long kib = std::strtol(v, &end, 10);
+      if (*end == '\0' && kib >= 4 && kib <= 1024 && (kib & (kib - 1)) == 0) return int64_t(kib) << 10;
+      std::fprintf(stderr, "janus_rt: JANUS_RT_BF16_KTILE_KIB=%s ignored (expected auto or a power of two from 4 to "
+                   "1024)\n", v);
+    }
+    return int64_t(JR_PACKED_KTILE_BYTES_BF16);
+  }();
+  return bytes;
+}
 
 template <typename WT>
 constexpr int64_t strip() {  // W rows per strip: 4 vectors of fp32 lanes (bf16: 64 on any build)
@@ -53,8 +75,8 @@ constexpr int64_t step_elems() {  // elements of one step of a strip
   return strip<WT>() * ek<WT>();
 }
 template <typename WT>
-constexpr int64_t ktile() {  // steps per K tile
-  const int64_t bytes = std::is_same_v<WT, float> ? JR_PACKED_KTILE_BYTES_F32 : JR_PACKED_KTILE_BYTES_BF16;
+inline int64_t ktile() {  // steps per K tile (bf16: a multiple of 16, the AMX route's B tiles)
+  const int64_t bytes = std::is_same_v<WT, float> ? JR_PACKED_KTILE_BYTES_F32 : ktile_bytes_bf16();
   return std::max<int64_t>(1, bytes / int64_t(step_elems<WT>() * sizeof(WT)));
 }
 template <typename WT>

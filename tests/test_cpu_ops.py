@@ -381,6 +381,41 @@ def test_linear_packed_rows_do_not_depend_on_the_batch(K, dtype):
         assert torch.equal(pw(x[:M]), alone[:M]), f"M = {M}"
 
 
+@pytest.mark.skipif(not cpu_ops.packed_available(torch.bfloat16), reason="no packed bf16 GEMV in this build")
+@pytest.mark.parametrize("kib", [4, 256])  # 16 steps (most tests' weights then span many K tiles), 1024 steps
+def test_bf16_k_tile_variable(kib):
+    """JANUS_RT_BF16_KTILE_KIB sets the bf16 layout's K tile for a process: the packed GEMV tests (layout, numbers,
+    batch invariance, the AMX route where there is one), the int8 GEMVs (their own tiles, the widened strips on AMX
+    included) and the decode layers pass under it; the tile is the layout's as packed_layout reports it."""
+    import pathlib
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JANUS_RT_BF16_KTILE_KIB": str(kib)}
+    tile = subprocess.run([sys.executable, "-c", "from janus_rt import cpu_ops; print(cpu_ops._C.packed_layout(1)[1])"],
+                          env=env, capture_output=True, text=True, check=True)
+    assert int(tile.stdout) == kib * 1024 // 256 and not tile.stderr
+    tests = pathlib.Path(__file__).parent
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+                          str(tests / "test_cpu_ops.py"), str(tests / "test_int8.py"), str(tests / "test_cpu_decode.py"),
+                          "-k", "linear_packed or pack_weight_layout or int8_linear or decode_layer_bf16 or image_step_matches"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout.splitlines()[-1]
+
+
+def test_bf16_k_tile_variable_refuses_other_values():
+    """A value the variable does not take is reported and the default tile kept (64 KiB: 256 steps)."""
+    import subprocess
+    import sys
+
+    for bad in ("3", "2048", "64k", ""):
+        env = {**os.environ, "JANUS_RT_BF16_KTILE_KIB": bad}
+        out = subprocess.run([sys.executable, "-c", "from janus_rt import cpu_ops; print(cpu_ops._C.packed_layout(1)[1])"],
+                             env=env, capture_output=True, text=True, check=True)
+        assert int(out.stdout) == 256
+        assert ("ignored" in out.stderr) == (bad != ""), out.stderr
+
+
 needs_amx = pytest.mark.skipif(not cpu_ops.amx_available(), reason="no AMX-BF16 route (CPU, build or OS)")
 
 
@@ -755,7 +790,7 @@ def test_gather_rows(src_dtype, dtype):
 def test_bench_ab_smoke(monkeypatch):
     """bench/bench_ab.py (interleaved A/B of builds) runs its four ops on this build loaded twice: same outputs, a
     rate per memory-state bin and build; the engine also with the int8 KV cache, and it and the GEMV with W8A8
-    weights where this CPU has them."""
+    weights where this CPU has them; the GEMV and the layers also packed by each build."""
     import argparse
     import pathlib
 
@@ -778,7 +813,14 @@ def test_bench_ab_smoke(monkeypatch):
         for label in ("slowest quarter", "middle half", "fastest quarter"):
             rates = [v for k, v in out[label].items() if k != "stream"]
             assert len(rates) == 2 and all(r > 0 for r in rates)
+    for op in ("packed_gemv", "layers"):  # each build packing its own copy (layout A/Bs)
+        out = ab.main(argparse.Namespace(**{**vars(args), "op": op, "dtype": "fp32", "int8": None,
+                                            "kv_cache_dtype": "auto", "pack_per_build": True}))
+        assert out["what"].endswith("packed by each build") and list(out["max_abs_diff"].values()) == [0.0]
     args.kv_cache_dtype = "auto"  # the misuse below, one at a time
+    with pytest.raises(SystemExit, match="--pack-per-build"):
+        ab.main(argparse.Namespace(**{**vars(args), "op": "engine", "dtype": "fp32", "int8": None,
+                                      "pack_per_build": True}))
     with pytest.raises(SystemExit, match="int8"):
         ab.main(argparse.Namespace(**{**vars(args), "op": "layers", "dtype": "int8", "int8": None}))
     with pytest.raises(SystemExit, match="--kv-cache-dtype"):
