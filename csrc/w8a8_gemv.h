@@ -34,11 +34,11 @@
 // 4 of a step), so one 64-byte load is step p of 16 columns; then, 64-byte aligned, the scales sw padded to whole
 // strips (zeros). The kernel reads a tile group by group (each group's 4 run segments of 8 KiB, every row block of
 // x), so a tile is 4 streams of up to 32 KiB. Tiles of one group (32 KiB, 8 KiB runs: the first version) left the
-// GEMV at 1-2 rows well below the memory's rate. 1B decoder weights from DRAM, 2 threads, Zen 4 (2026-12-07, each
-// layout packed by its own build, runs interleaved; bench/RESULTS.md, thirty-ninth session), GB/s, one group a tile
-// -> four: M = 1 33.7-34.5 -> 48.6-49.2 (stream probe 46-51), M = 2 27.1-29.6 -> 32.3-33.5 (probe 31-34), M = 32
-// 10.6-10.7 -> 10.7-10.8 (bound by VPDPBUSD). (Trial builds whose groups were as long as their tiles: 256 steps gave
-// less than 512, 1024 as much.)
+// GEMV at 1-2 rows well below the memory's rate. 1B decoder weights from DRAM in 2 MiB pages as the engine holds
+// them, 2 threads, Zen 4 (2026-12-07, fortieth session, bench_ab --pack-per-build; bench/RESULTS.md), GB/s, one group
+// a tile -> four: M = 1 41.4 -> 52.5 (stream probe 47), M = 2 31.8 -> 34.9 (probe 33), M = 32 11.5 -> 11.2 (bound by
+// VPDPBUSD; with 4 KiB pages the thirty-ninth session had measured M = 1 34 -> 49). (Trial builds whose groups were as
+// long as their tiles: 256 steps gave less than 512, 1024 as much.)
 #pragma once
 
 #include <algorithm>
@@ -65,8 +65,20 @@
 #ifndef JR_W8A8_PF_MIN_ROWS_ZEN5
 #define JR_W8A8_PF_MIN_ROWS_ZEN5 1
 #endif
-#ifndef JR_W8A8_PF_LOCALITY  // the next tile's prefetch: __builtin_prefetch's locality (3: to L1)
-#define JR_W8A8_PF_LOCALITY 3
+// The next tile's prefetch: __builtin_prefetch's locality, 2 (prefetcht1: to L2) from JR_W8A8_PF_L2_MIN_ROWS rows of
+// x on, 3 (to L1) below. A tile is 128 KiB, so a line prefetched into L1 waits behind up to 128 KiB of other lines
+// before it is read, and meanwhile pushes the group being multiplied (32 KiB) out of L1; to L2 instead (bench_ab
+// --pack-per-build, 1B decoder weights from 1 GB, 2-core Zen 4, 2026-12-07, GB/s): M = 4 31.3 -> 33.2 (stream probe
+// 34) and 37.5 -> 43.2 (probe 47), M = 8 25.9 -> 32.3-40.2, M = 16 17.9 -> 22.0, M = 32 11.2 -> 11.3. Fewer rows keep
+// L1, as measured on Zen 5 (the only CPU that prefetches there; with the tiles of then, one group long).
+#ifndef JR_W8A8_PF_LOCALITY
+#define JR_W8A8_PF_LOCALITY 2
+#endif
+#ifndef JR_W8A8_PF_LOCALITY_FEW
+#define JR_W8A8_PF_LOCALITY_FEW 3
+#endif
+#ifndef JR_W8A8_PF_L2_MIN_ROWS
+#define JR_W8A8_PF_L2_MIN_ROWS 3
 #endif
 
 namespace jr::w8a8 {
@@ -190,7 +202,7 @@ inline void dpbusd4(__m512i& a0, __m512i& a1, __m512i& a2, __m512i& a3, __m512i 
     out(c + r * kS, a##r##0, cm, sm), out(c + r * kS + 16, a##r##1, cm, sm);           \
     out(c + r * kS + 32, a##r##2, cm, sm), out(c + r * kS + 48, a##r##3, cm, sm);      \
   }
-template <int MB>
+template <int MB, int Loc>
 inline void block(const uint8_t* tile, int64_t rs, int64_t kn, const int8_t* xq, int64_t ldq, const int32_t* comp,
                   const float* sx, int64_t ldg, float* c, bool first, const char* pf, const char* pe, int lpk) {
   static_assert(MB >= 1 && MB <= 6, "1 to 6 rows a block");
@@ -200,7 +212,7 @@ inline void block(const uint8_t* tile, int64_t rs, int64_t kn, const int8_t* xq,
   __m512i a30 = z, a31 = z, a32 = z, a33 = z, a40 = z, a41 = z, a42 = z, a43 = z, a50 = z, a51 = z, a52 = z, a53 = z;
   for (int64_t p = 0; p < kn; ++p) {
     for (int l = 0; l < lpk; ++l, pf += 64)
-      if (pf < pe) __builtin_prefetch(pf, 0, JR_W8A8_PF_LOCALITY);
+      if (pf < pe) __builtin_prefetch(pf, 0, Loc);
     const __m512i w0 = _mm512_loadu_si512(w0p + p * 64), w1 = _mm512_loadu_si512(w1p + p * 64);
     const __m512i w2 = _mm512_loadu_si512(w2p + p * 64), w3 = _mm512_loadu_si512(w3p + p * 64);
     JR_W8A8_ROW(0) JR_W8A8_ROW(1) JR_W8A8_ROW(2) JR_W8A8_ROW(3) JR_W8A8_ROW(4) JR_W8A8_ROW(5)
@@ -215,13 +227,13 @@ inline void block(const uint8_t* tile, int64_t rs, int64_t kn, const int8_t* xq,
 #undef JR_W8A8_ROW
 #undef JR_W8A8_OUT
 
-template <int R>
+template <int R, int Loc>
 inline void block_tail(int mb, const uint8_t* tile, int64_t rs, int64_t kn, const int8_t* xq, int64_t ldq,
                        const int32_t* comp, const float* sx, int64_t ldg, float* c, bool first, const char* pf,
                        const char* pe, int lpk) {
   if constexpr (R >= 1) {
-    if (mb == R) block<R>(tile, rs, kn, xq, ldq, comp, sx, ldg, c, first, pf, pe, lpk);
-    else block_tail<R - 1>(mb, tile, rs, kn, xq, ldq, comp, sx, ldg, c, first, pf, pe, lpk);
+    if (mb == R) block<R, Loc>(tile, rs, kn, xq, ldq, comp, sx, ldg, c, first, pf, pe, lpk);
+    else block_tail<R - 1, Loc>(mb, tile, rs, kn, xq, ldq, comp, sx, ldg, c, first, pf, pe, lpk);
   }
 }
 #endif
@@ -241,6 +253,7 @@ inline void gemv_for(const uint8_t* wp, const QuantizedX& xq, const float* bias,
   const int64_t passes = (M + kMB - 1) / kMB, mb_lo = M / passes, n_hi = M % passes;
   std::vector<float> c(static_cast<size_t>(M * kS));
   const int64_t pf_rows = prefetch_min_rows();
+  const bool l2 = M >= JR_W8A8_PF_L2_MIN_ROWS;  // the prefetch's locality (see the top)
 #pragma omp for schedule(guided, 1)
   for (int64_t s = 0; s < strips; ++s) {
     const uint8_t* ws = wp + s * KS * kSE;
@@ -254,9 +267,15 @@ inline void gemv_for(const uint8_t* wp, const QuantizedX& xq, const float* bias,
         const int64_t gn = std::min(kGS, kn - p0), g = (k0 + p0) / kGS;
         for (int64_t m0 = 0, j = 0; j < passes; m0 += mb_lo + (j < n_hi), ++j) {
           const int mb = int(mb_lo + (j < n_hi));
-          block_tail<kMB>(mb, tile + p0 * 64, rs, gn, xq.q.data() + m0 * ldq + (k0 + p0) * kE, ldq,
-                          xq.comp.data() + m0 * ng + g, xq.sx.data() + m0 * ng + g, ng, c.data() + m0 * kS,
-                          k0 + p0 == 0, nt.begin(j) + p0 * nt.lpk * 64, nt.end(j), nt.lpk);
+          const uint8_t* tg = tile + p0 * 64;
+          const int8_t* xg = xq.q.data() + m0 * ldq + (k0 + p0) * kE;
+          const int32_t* cg = xq.comp.data() + m0 * ng + g;
+          const float* sg = xq.sx.data() + m0 * ng + g;
+          const char* pf = nt.begin(j) + p0 * nt.lpk * 64;
+          if (l2) block_tail<kMB, JR_W8A8_PF_LOCALITY>(mb, tg, rs, gn, xg, ldq, cg, sg, ng, c.data() + m0 * kS,
+                                                       k0 + p0 == 0, pf, nt.end(j), nt.lpk);
+          else block_tail<kMB, JR_W8A8_PF_LOCALITY_FEW>(mb, tg, rs, gn, xg, ldq, cg, sg, ng, c.data() + m0 * kS,
+                                                        k0 + p0 == 0, pf, nt.end(j), nt.lpk);
         }
       }
     }
