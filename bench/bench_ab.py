@@ -171,7 +171,9 @@ def layers_case(shape: str, rows: int, context: int, dtype: str, block_size: int
     layers = [(rnd(C, scale=0.1) + 1, rnd(3 * C, C, scale=C**-0.5), rnd(C, C, scale=C**-0.5), rnd(C, scale=0.1) + 1,
                rnd(2 * inter, C, scale=C**-0.5), rnd(C, inter, scale=inter**-0.5)) for _ in range(L)]
     caches = [(rnd(nb * rows, block_size, H, D), rnd(nb * rows, block_size, H, D)) for _ in range(L)]
-    stacks = per_build(packers, lambda: cpu_step.DecodeStack(layers, caches, 1e-6))
+    # per build: packed by each, whatever memory the copies before it left (else the A/B would not be of layouts)
+    packed = True if packers[0] is not None else None
+    stacks = per_build(packers, lambda: cpu_step.DecodeStack(layers, caches, 1e-6, packed=packed))
     stack = next(iter(stacks.values()))
     del layers
     tables = torch.tensor([[i * rows + b for i in range(nb)] for b in range(rows)], dtype=torch.int32)

@@ -89,7 +89,7 @@ constexpr int64_t kRE = packed::run_elems<uint16_t>();   // 32: one step of one 
 // 24 decoder layers at 32 rows x 312 tokens (`--op layers`) 23.5 -> 24.3. strip_32 only: strip_16's four runs lose
 // with it (M = 16 28.0 -> 27.3, M = 8 28.6 -> 28.1). (The seventeenth session had measured none better than "16
 // KiB ahead", 24.3 vs 24.0: most likely because 16 KiB past a run's current line is another run's, a run of a K
-// tile being 16 KiB, not the next steps of the same run.)
+// tile being 16 KiB at the default tile, not the next steps of the same run.)
 // Written out in strip_32's loop: GCC 12 dropped the prefetches of a helper function once it was inlined there.
 constexpr int64_t kPfSteps = 32;
 
@@ -152,8 +152,8 @@ inline TileConfig config(int r0, int r1) {
 
 // One strip (ws: its first step, KS = K / 2 steps) against a group of r0 <= 16 rows of x (xt: where its A tiles
 // are): c [16, 64] fp32 (row stride 64) = the group's rows x the strip's 64 columns. Each K tile's four runs are
-// read side by side, a B tile being 16 steps of one run: 1 KiB in one piece. kKT: the steps of a K tile (a multiple of
-// 16), the layout's unless the strip is a copy with tiles of its own (int8_gemv.h's widened strips).
+// read side by side, a B tile being 16 steps of one run: 1 KiB in one piece. kKT: the steps of a K tile (a power of
+// two, at least 16), the layout's unless the strip is a copy with tiles of its own (int8_gemv.h's widened strips).
 inline void strip_16(const uint16_t* ws, const XTiles& xt, int64_t KS, float* c, int64_t kKT = ktile()) {
   constexpr int64_t sw = 2 * kRE;  // bytes between a B tile's rows
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
@@ -192,7 +192,7 @@ inline void strip_32(const uint16_t* ws, const XTiles& xt, int64_t KS, float* c,
       for (int64_t p = 0; p < kn; p += 16) {
         const int64_t o = p * kRE;
         if (const int64_t g = k0 + p + kPfSteps; g < KS) {  // g's 16 steps lie in one K tile (g: a multiple of 16)
-          const int64_t kt = g / kKT * kKT, ktn = std::min(kKT, KS - kt);
+          const int64_t kt = g & -kKT, ktn = std::min(kKT, KS - kt);  // (kKT: a power of two)
           const uint16_t* t = ws + kt * kSE;
           const char* pa = reinterpret_cast<const char*>(packed::vec_at(t, ktn, 2 * half) + (g - kt) * kRE);
           const char* pb = reinterpret_cast<const char*>(packed::vec_at(t, ktn, 2 * half + 1) + (g - kt) * kRE);

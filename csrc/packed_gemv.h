@@ -8,8 +8,9 @@
 // bf16 the (2p, 2p+1) pairs of 16 rows of W, exactly a VDPBF16PS operand. The kernel broadcasts x's step (one fp32,
 // or the bf16 pair as a 32-bit word) and runs acc[m][v] += W[step, vector v] * x[m, step] for a 6 x 4 register
 // block (6 rows of x, 4 vectors of W = 24 accumulators), so every lane is one y[m, n] and no horizontal sums remain.
-// Blocking: a strip is cut into K tiles of ktile<WT>() steps (32 KiB fp32, 64 KiB bf16); every row block of x
-// runs over a tile while it is in L1/L2, the accumulators wait in a per-thread [M, S] fp32 buffer between tiles.
+// Blocking: a strip is cut into K tiles of ktile<WT>() steps (32 KiB fp32, 64 KiB bf16 unless set: packed_layout.h);
+// every row block of x runs over a tile while it is in L1/L2, the accumulators wait in a per-thread [M, S] fp32
+// buffer between tiles.
 // While the row blocks run, the next tile in memory (the strip's next one or the next strip's first) is prefetched,
 // spread over the row blocks so that the weight stream is read at an even rate instead of in bursts at each tile's
 // first block — from 3 rows of x on (for 1 or 2 the hardware prefetchers read the stream faster alone, Zen 4 in

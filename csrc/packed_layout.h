@@ -29,6 +29,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include <strings.h>
+
 #include "simd.h"
 
 // K tile bytes of fp32 weights (bench/bench_ab.py, 2026-12-03, bench/RESULTS.md): 32 KiB (+2-5 % over 64 KiB from
@@ -48,12 +50,17 @@ namespace jr::packed {
 // 1024 sets it for a process (tuning on another CPU; the tests' many-tile layouts): a weight's layout is fixed when
 // it is packed, and packed weights are read by the process that packed them. Another value is reported once and
 // ignored. A build with -DJR_PACKED_KTILE_BYTES_BF16=B (bench_ab's trial builds) takes B unless the variable is set.
+// Always a power of two and a multiple of 16 steps (the AMX route's B tiles). The cached value is each loaded
+// build's own (pybind11's build hides the extension's symbols: -fvisibility=hidden), so bench_ab's builds keep their
+// own defaults.
 inline int64_t ktile_bytes_bf16() {
   static const int64_t bytes = [] {
-    if (const char* v = std::getenv("JANUS_RT_BF16_KTILE_KIB"); v && *v && std::strcmp(v, "auto") != 0) {
-      char* end = nullptr;
-      const long kib = std::strtol(v, &end, 10);
-      if (*end == '\0' && kib >= 4 && kib <= 1024 && (kib & (kib - 1)) == 0) return int64_t(kib) << 10;
+    if (const char* v = std::getenv("JANUS_RT_BF16_KTILE_KIB"); v && *v && strcasecmp(v, "auto") != 0) {
+      // exactly the CLI's values (janus_rt/errors.py): digits only, no sign, space or leading zero
+      long kib = v[0] == '0' ? -1 : 0;
+      for (const char* c = v; *c && kib >= 0; ++c)
+        kib = *c >= '0' && *c <= '9' && kib < 100000 ? 10 * kib + (*c - '0') : -1;
+      if (kib >= 4 && kib <= 1024 && (kib & (kib - 1)) == 0) return int64_t(kib) << 10;
       std::fprintf(stderr, "janus_rt: JANUS_RT_BF16_KTILE_KIB=%s ignored (expected auto or a power of two from 4 to "
                    "1024)\n", v);
     }

@@ -45,7 +45,7 @@ ENV_SWITCHES = {"JANUS_RT_CPU_MATMUL": ("auto", "torch", "csrc"), "JANUS_RT_PACK
                 "JANUS_RT_AMX": ("1", "0"), "JANUS_RT_HUGE_PAGES": ("1", "0"), "JANUS_RT_KEEP_FREED": ("1", "0"),
                 "JANUS_RT_PAGED_ATTENTION": ("block", "slots"), "JANUS_RT_DEBUG": ("0", "1"),
                 "JANUS_RT_ADAPTIVE_THREADS": ("1", "0"),
-                # the bf16 packed layout's K tile in KiB (csrc/packed_layout.h reads it; auto: 64)
+                # the bf16 packed layout's K tile in KiB (csrc/packed_layout.h reads it; auto: the build's, 64)
                 "JANUS_RT_BF16_KTILE_KIB": ("auto",) + tuple(str(1 << i) for i in range(2, 11))}
 
 

@@ -381,39 +381,50 @@ def test_linear_packed_rows_do_not_depend_on_the_batch(K, dtype):
         assert torch.equal(pw(x[:M]), alone[:M]), f"M = {M}"
 
 
+def _tile_steps(value: str) -> tuple[list[int], str]:
+    """[K tile steps of the bf16, int8 and fp32 layouts] in a process with JANUS_RT_BF16_KTILE_KIB=value, and its
+    stderr."""
+    import subprocess
+    import sys
+
+    code = "from janus_rt import cpu_ops; print(*(cpu_ops._C.packed_layout(c)[1] for c in (1, 2, 0)))"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "JANUS_RT_BF16_KTILE_KIB": value},
+                         capture_output=True, text=True, check=True)
+    return [int(v) for v in out.stdout.split()], out.stderr
+
+
 @pytest.mark.skipif(not cpu_ops.packed_available(torch.bfloat16), reason="no packed bf16 GEMV in this build")
 @pytest.mark.parametrize("kib", [4, 256])  # 16 steps (most tests' weights then span many K tiles), 1024 steps
 def test_bf16_k_tile_variable(kib):
     """JANUS_RT_BF16_KTILE_KIB sets the bf16 layout's K tile for a process: the packed GEMV tests (layout, numbers,
     batch invariance, the AMX route where there is one), the int8 GEMVs (their own tiles, the widened strips on AMX
-    included) and the decode layers pass under it; the tile is the layout's as packed_layout reports it."""
+    included) and the decode layers pass under it; the tile is the layout's as packed_layout reports it, and the
+    other layouts keep theirs."""
     import pathlib
     import subprocess
     import sys
 
-    env = {**os.environ, "JANUS_RT_BF16_KTILE_KIB": str(kib)}
-    tile = subprocess.run([sys.executable, "-c", "from janus_rt import cpu_ops; print(cpu_ops._C.packed_layout(1)[1])"],
-                          env=env, capture_output=True, text=True, check=True)
-    assert int(tile.stdout) == kib * 1024 // 256 and not tile.stderr
+    default = _tile_steps("")[0]
+    steps, err = _tile_steps(str(kib))
+    assert steps == [kib * 1024 // 256, *default[1:]] and not err
     tests = pathlib.Path(__file__).parent
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-                          str(tests / "test_cpu_ops.py"), str(tests / "test_int8.py"), str(tests / "test_cpu_decode.py"),
-                          "-k", "linear_packed or pack_weight_layout or int8_linear or decode_layer_bf16 or image_step_matches"], env=env, capture_output=True, text=True)
+    picked = "linear_packed or pack_weight_layout or int8_linear or decode_layer_bf16 or image_step_matches"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "-k", picked,
+                          *(str(tests / f) for f in ("test_cpu_ops.py", "test_int8.py", "test_cpu_decode.py"))],
+                         env={**os.environ, "JANUS_RT_BF16_KTILE_KIB": str(kib)}, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout.splitlines()[-1]
 
 
 def test_bf16_k_tile_variable_refuses_other_values():
-    """A value the variable does not take is reported and the default tile kept (64 KiB: 256 steps)."""
-    import subprocess
-    import sys
-
-    for bad in ("3", "2048", "64k", ""):
-        env = {**os.environ, "JANUS_RT_BF16_KTILE_KIB": bad}
-        out = subprocess.run([sys.executable, "-c", "from janus_rt import cpu_ops; print(cpu_ops._C.packed_layout(1)[1])"],
-                             env=env, capture_output=True, text=True, check=True)
-        assert int(out.stdout) == 256
-        assert ("ignored" in out.stderr) == (bad != ""), out.stderr
+    """A value the variable does not take is reported and the default tile kept (64 KiB: 256 steps); unset, empty
+    and auto (any case, as the CLI takes it) are the default, silently."""
+    default, err = _tile_steps("")
+    assert default[:2] == [256, 256] and not err
+    for value in ("3", "2048", "64k", " 64", "+64", "064", "auto", "AUTO"):
+        steps, err = _tile_steps(value)
+        assert steps == default, value
+        assert ("ignored" in err) == (value not in ("auto", "AUTO")), (value, err)
 
 
 needs_amx = pytest.mark.skipif(not cpu_ops.amx_available(), reason="no AMX-BF16 route (CPU, build or OS)")
@@ -813,10 +824,39 @@ def test_bench_ab_smoke(monkeypatch):
         for label in ("slowest quarter", "middle half", "fastest quarter"):
             rates = [v for k, v in out[label].items() if k != "stream"]
             assert len(rates) == 2 and all(r > 0 for r in rates)
-    for op in ("packed_gemv", "layers"):  # each build packing its own copy (layout A/Bs)
-        out = ab.main(argparse.Namespace(**{**vars(args), "op": op, "dtype": "fp32", "int8": None,
-                                            "kv_cache_dtype": "auto", "pack_per_build": True}))
-        assert out["what"].endswith("packed by each build") and list(out["max_abs_diff"].values()) == [0.0]
+    class Counting:  # a build that records the copies it packs and the weights its GEMVs read
+        def __init__(self, mod):
+            self.mod, self.packed, self.read = mod, set(), set()
+
+        def __getattr__(self, name):
+            attr = getattr(self.mod, name)
+            if name.startswith("pack_") or name == "linear_packed":
+                def call(*a):
+                    if name == "linear_packed":
+                        self.read.add(a[1])
+                    else:  # pack_weight(w, wp, ...), pack_int8 / pack_w8a8(q, s, wp, ...)
+                        self.packed.add(a[1 if name == "pack_weight" else 2])
+                    return attr(*a)
+                return call
+            return attr
+
+    real_load, builds = ab.load_builds, []
+
+    def counting_load(folders):
+        mods = {k: Counting(v) for k, v in real_load(folders).items()}
+        builds[:] = mods.values()
+        return mods
+
+    with monkeypatch.context() as m:
+        m.setattr(ab, "load_builds", counting_load)
+        for op in ("packed_gemv", "layers"):  # each build packing its own copy (layout A/Bs)
+            out = ab.main(argparse.Namespace(**{**vars(args), "op": op, "dtype": "fp32", "int8": None,
+                                                "kv_cache_dtype": "auto", "pack_per_build": True}))
+            assert out["what"].endswith("packed by each build") and list(out["max_abs_diff"].values()) == [0.0]
+            a, b = builds
+            assert a.packed and b.packed and not a.packed & b.packed  # two copies, one by each build
+            if op == "packed_gemv":  # and each build's GEMV read its own
+                assert a.read == a.packed and b.read == b.packed
     args.kv_cache_dtype = "auto"  # the misuse below, one at a time
     with pytest.raises(SystemExit, match="--pack-per-build"):
         ab.main(argparse.Namespace(**{**vars(args), "op": "engine", "dtype": "fp32", "int8": None,
