@@ -124,6 +124,9 @@ class JanusServer(ThreadingHTTPServer):
         self.open_requests = 0  # bodies read, not yet answered (under _conns_lock; an upload holds no slot)
         self.metrics = (ServerMetrics(self.bg.state, lambda: self.open_requests, GET_PATHS + POST_PATHS)
                         if ServerMetrics is not None else None)
+        # Text longer than this cannot fit the model's positions (a token spans at most the longest token's
+        # characters), so it is refused before the tokenizer spends seconds on it (bodies may hold 64 MB).
+        self.max_text_chars = model.cfg.llm.max_position * max(map(len, tok.tok.get_vocab()))
 
     def handle_error(self, request, client_address) -> None:
         """A client that reset or dropped its connection (a keep-alive one between requests) is not a failure to
@@ -174,7 +177,8 @@ class JanusServer(ThreadingHTTPServer):
                            temperature=temperature if temperature > 0 else 1.0, top_k=_get(body, "top_k", int, 0),
                            top_p=_finite(body, "top_p", 1.0),
                            greedy=_get(body, "greedy", bool, False) or temperature == 0, seed=seed)
-        ids = _encode(encode_generation_prompt, self.tok, prompt)
+        ids = self._encode(encode_generation_prompt, prompt)
+        self._check_positions(len(ids), self.model.cfg.num_image_tokens, "an image's tokens")
         progress = None
         if events is not None:  # an event a step: tokens sampled so far per image
             of = self.model.cfg.num_image_tokens
@@ -198,7 +202,8 @@ class JanusServer(ThreadingHTTPServer):
         max_new, params = _text_sampling(body)
         encoded = _get(body, "images", list)
         pixels = self._pixels(encoded, "images")
-        ids = _encode(encode_understanding_prompt, self.tok, question, len(encoded), self.model.cfg.vision.num_patches)
+        ids = self._encode(encode_understanding_prompt, question, len(encoded), self.model.cfg.vision.num_patches)
+        self._check_positions(len(ids), max_new, "max_new_tokens")
         return self._answer(ids, pixels, max_new, params, client_gone, events, "/v1/understand")
 
     def chat(self, body: dict, client_gone=None, events=None) -> dict:
@@ -208,11 +213,13 @@ class JanusServer(ThreadingHTTPServer):
         except openai_api.RequestError as e:
             raise BadRequest(str(e)) from None
         kw = {} if system is None else {"system": system}
+        self._check_text_length(sum(len(text) for _, text in turns) + len(system or ""))
         ids = _encode(lambda *a: encode_conversation(*a, **kw), self.tok, turns, self.model.cfg.vision.num_patches)
         if native["max_new_tokens"] is None:  # (as OpenAI's: the room left, in the context and in the KV cache)
             room = min(self.model.cfg.llm.max_position, self._kv_tokens()) - len(ids)
             native["max_new_tokens"] = max(room, 1)
         max_new, params = _text_sampling(native)
+        self._check_positions(len(ids), max_new, "max_tokens")
         pixels = self._pixels(encoded, "image_url") if encoded else None
         out = self._answer(ids, pixels, max_new, params, client_gone, events, openai_api.CHAT_PATH)
         cid, created = (events.id, events.created) if events is not None else (openai_api.chat_id(), int(time.time()))
@@ -225,6 +232,23 @@ class JanusServer(ThreadingHTTPServer):
         except openai_api.RequestError as e:
             raise BadRequest(str(e)) from None
         return openai_api.image_response(self.images(native, client_gone, None, openai_api.IMAGES_PATH))
+
+    def _encode(self, fn, text: str, *args) -> list[int]:
+        """fn(tok, text, *args), the prompt's ids, after _check_text_length."""
+        self._check_text_length(len(text))
+        return _encode(fn, self.tok, text, *args)
+
+    def _check_text_length(self, chars: int) -> None:
+        if chars > self.max_text_chars:
+            most = self.model.cfg.llm.max_position
+            raise BadRequest(f"the text ({chars} characters) is longer than the model's {most} positions can hold")
+
+    def _check_positions(self, prompt: int, new: int, what: str) -> None:
+        """A request whose prompt and answer (or image) pass the model's positions is refused (the model was not
+        trained there: `janus-rt generate` / `understand` warn, a server answers 400, as OpenAI's does)."""
+        most = self.model.cfg.llm.max_position
+        if prompt + new > most:
+            raise BadRequest(f"the prompt's {prompt} tokens and {what} ({new}) pass the model's {most} positions")
 
     def _kv_tokens(self) -> int:
         """The tokens the KV cache holds at most (one request alone)."""
@@ -707,6 +731,8 @@ def _get(body: dict, key: str, kind, default=...):
     value = body[key]
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
         raise BadRequest(f"{key!r} must be {kind.__name__}, got {type(value).__name__}")
+    if kind is int and abs(value) > 2**64:  # (JSON integers have no bound; each field checks its own range after)
+        raise BadRequest(f"{key!r} is out of range")
     return value
 
 
@@ -714,9 +740,17 @@ def _finite(body: dict, key: str, default: float) -> float:
     value = body.get(key, default)
     if value is None:
         value = default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BadRequest(f"{key!r} must be a finite number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(_float(value)):
+        raise BadRequest(f"{key!r} must be a finite number, got {str(value)[:40]}")
     return float(value)
+
+
+def _float(value) -> float:
+    """float(value); an integer past float's range (JSON's have no bound) is inf."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 def _text_sampling(body: dict) -> tuple[int, SamplingParams]:

@@ -10,6 +10,11 @@ from pathlib import Path
 
 from janus_rt.config import TokenConfig
 
+# Characters from which encode() lets other Python threads run while it tokenizes (a server's other connections:
+# tokenizers' encode holds the GIL, ~1 s a MB of text here; encode_batch does not, but marks the process as having
+# used parallelism, so tokenizers warns if it forks later; short texts keep encode).
+LONG_TEXT = 16384
+
 SPECIAL_TOKENS = {
     "bos_id": "<｜begin▁of▁sentence｜>",
     "eos_id": "<｜end▁of▁sentence｜>",
@@ -47,6 +52,8 @@ class JanusTokenizer:
         return cls(build_byte_tokenizer(vocab_size, tokens), tokens)
 
     def encode(self, text: str) -> list[int]:
+        if len(text) > LONG_TEXT:  # (the same ids: encode_batch releases the GIL, encode holds it throughout)
+            return self.tok.encode_batch([text], add_special_tokens=False)[0].ids
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:

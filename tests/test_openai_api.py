@@ -157,6 +157,10 @@ def test_without_max_tokens_an_answer_has_the_room_left(srv, monkeypatch):
         {"type": "refusal", "refusal": "no <image_placeholder>"}]}, {"role": "user", "content": "?"}]),
      "messages[1].content[0]: the text holds <image_placeholder>"),  # (a refusal part is text too)
     (dict(messages=[{"role": "user", "content": "hi"}], temperature=0, top_p=0.5), None),  # (top_p left to greedy)
+    (dict(messages=[{"role": "user", "content": "hi"}], max_tokens=5000), "pass the model's 4096 positions"),
+    (dict(messages=[{"role": "user", "content": "hi " * 1400}]), "pass the model's 4096 positions"),  # no room left
+    (dict(messages=[{"role": "system", "content": "s" * 86100}, {"role": "user", "content": "hi"}]),
+     "longer than the model's 4096 positions can hold"),
 ])
 def test_chat_refuses_what_it_cannot_do(srv, kw, says):
     """What this model cannot do as asked is a 400 in OpenAI's error form naming it, never ignored silently (a

@@ -190,6 +190,17 @@ def test_special_ids_read_from_tokenizer():
     assert vars(got) == vars(TOK)
 
 
+def test_long_texts_encode_to_the_same_ids():
+    """Past LONG_TEXT characters encode() goes through encode_batch (which lets other threads run): the same ids,
+    special tokens and a multi-byte character across the threshold included."""
+    from janus_rt.tokenizer import LONG_TEXT
+
+    t = tok()
+    for text in ("é<image_placeholder>ab 中" * (LONG_TEXT // 8), "x" * (LONG_TEXT + 1), "y" * LONG_TEXT):
+        assert t.encode(text) == t.tok.encode(text, add_special_tokens=False).ids
+    assert len("é<image_placeholder>ab 中" * (LONG_TEXT // 8)) > LONG_TEXT
+
+
 def test_preprocess_pads_to_grey_square():
     img = Image.new("RGB", (200, 100), (255, 0, 0))  # wide: long side -> 64, padded top and bottom
     x = preprocess_image(img, image_size=64)

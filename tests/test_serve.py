@@ -128,7 +128,16 @@ def test_understand_and_health(server):
     ("/v1/images", {"prompt": "\ud800"}, "cannot be tokenized"),
     ("/v1/understand", {"question": "q", "images": []}, "images: give 1 to"),
     ("/v1/understand", {"question": "q", "images": ["aGVsbG8="] * 10**4}, "images: give 1 to"),
-    ("/v1/understand", {"question": "q", "max_new_tokens": 10**6, "images": [PNG_1PX]}, "a shorter answer"),
+    # past the model's positions (the tiny model's 4096; its KV cache here holds 10480 tokens)
+    ("/v1/understand", {"question": "q", "max_new_tokens": 10**6, "images": [PNG_1PX]},
+     "pass the model's 4096 positions"),
+    ("/v1/understand", {"question": "q " * 2100, "images": [PNG_1PX]}, "pass the model's 4096 positions"),
+    ("/v1/images", {"prompt": "word " * 820}, "tokens and an image's tokens (64) pass the model's 4096 positions"),
+    ("/v1/images", {"prompt": "a" * 86017}, "longer than the model's 4096 positions can hold"),  # not tokenized
+    # JSON integers past any range (a 500 before: float() overflowed, or int -> str in a message)
+    ("/v1/images", {"prompt": "x", "cfg": 10**400}, "'cfg' must be a finite number"),
+    ("/v1/images", {"prompt": "x", "n": 10**400}, "'n' is out of range"),
+    ("/v1/understand", {"question": "q", "max_new_tokens": 10**400, "images": [PNG_1PX]}, "out of range"),
     ("/v1/understand", {"question": "q", "images": ["aGVsbG8="], "max_new_tokens": 0}, "max_new_tokens must be"),
 ])
 def test_bad_requests_are_400_and_the_server_goes_on(server, path, body, message):
