@@ -484,6 +484,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._unread()
                 return self._fail(411, "send the body with a Content-Length (no chunked encoding)")
             self.server.check_room()  # (before the body is read: a busy server takes no upload)
+            if len(self.headers.get_all("Content-Length") or ()) > 1:  # (which one a proxy in front read is unknown)
+                self._unread()
+                raise BadRequest("one Content-Length header, not several")
             length = self.headers.get("Content-Length", "0").strip()
             size = int(length) if length.isdigit() else -1  # (digits only: int() would take "1_6" or " +3")
             if not 0 < size <= MAX_BODY:

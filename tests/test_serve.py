@@ -974,3 +974,17 @@ def test_an_empty_or_padded_api_key_is_refused_before_the_load(monkeypatch, key)
     args = cli.parser().parse_args(["serve", "--model", "tiny", "--device", "cpu", "--port", "0", "--api-key", key])
     with pytest.raises(SystemExit, match=r"janus-rt serve: --api-key \(or \$JANUS_RT_API_KEY\) is empty or has"):
         cli.make_server(args)
+
+
+def test_two_content_lengths_are_refused(server):
+    """A POST with two Content-Length headers is a 400 (the first used to be read: a proxy in front that read the
+    other would frame the connection's next request differently); the server goes on."""
+    import socket
+
+    body = json.dumps({"prompt": "x"}).encode()
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as s:
+        s.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {len(body)}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n".encode() + body)
+        answer = read_to_close(s)
+    assert answer.startswith(b"HTTP/1.1 400") and b"one Content-Length header" in answer, answer[:300]
+    assert call(server, "/health")[0] == 200
