@@ -628,6 +628,18 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):  # the client left first: nothing to tell it
             self.close_connection = True
 
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (501 for a method it has no do_ for, 505, 414, 431, a request line it cannot
+        read) as JSON, as every other answer here (the standard's are an HTML page); the connection closes after, as
+        the standard's does."""
+        short, long = self.responses.get(code, ("", ""))
+        message, explain = message or short, explain or long
+        self.log_error("code %d, message %s", code, message)
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # (a request line it could not read: answer with a status line)
+            self.request_version = self.protocol_version
+        self._send(code, {"error": message + (f" ({explain})" if explain and explain != message else "")})
+
     def send_response(self, code, message=None):
         """Every response's status line, the standard server's own errors (501, 414, ...) too: counted for /metrics
         (under "other" where the request line was not read as far as its path: self.path is still the previous

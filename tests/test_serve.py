@@ -988,3 +988,22 @@ def test_two_content_lengths_are_refused(server):
         answer = read_to_close(s)
     assert answer.startswith(b"HTTP/1.1 400") and b"one Content-Length header" in answer, answer[:300]
     assert call(server, "/health")[0] == 200
+
+
+@pytest.mark.parametrize("request_head, code", [
+    (b"TRACE /health HTTP/1.1\r\nHost: x\r\n\r\n", 501),  # a method with no do_TRACE
+    (b"post /v1/images HTTP/1.1\r\nHost: x\r\n\r\n", 501),  # (methods are case-sensitive)
+    (b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    (b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(120)) + b"\r\n", 431),
+    (b'GET /he"alth\\ HTTP/1.1 x\r\n\r\n', 400),  # a request line it cannot read, quotes and a backslash in it
+])
+def test_the_standard_servers_own_errors_are_json(server, request_head, code):
+    """The errors http.server answers by itself are JSON too (an HTML page before), and the server goes on."""
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as s:
+        s.sendall(request_head)
+        got = read_to_close(s)
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % code) and b"Content-Type: application/json" in head, got[:300]
+    assert isinstance(json.loads(body)["error"], str) and b"Connection: close" in head
+    assert call(server, "/health")[0] == 200
