@@ -185,15 +185,11 @@ def layers_case(shape: str, rows: int, context: int, dtype: str, block_size: int
     h = h0.clone()
     weight_bytes = sum(t.numel() for t in stack._held[0][:6]) * dt.itemsize * L
     nbytes = weight_bytes + L * 2 * rows * context * C * dt.itemsize
-    real_ext = cpu_ops._ext
 
     def run(mod):
         h.copy_(h0)
-        cpu_ops._ext = lambda: mod
-        try:
+        with use_build(mod):
             get(stacks, mod)(h, slots, tables, lens, cos, sin)
-        finally:
-            cpu_ops._ext = real_ext
         return h
 
     return nbytes, run, (f"decoder layers, {shape} shape, {L} layers x {rows} rows x {context} tokens, {dtype}, "

@@ -64,12 +64,10 @@ def decode_bytes_flops(model, context: int, kv_dtype: torch.dtype | None = None)
     from janus_rt.models.packed_linear import packed_weight_nbytes, packed_weight_numel
 
     c, isz = model.cfg.llm, model.dtype.itemsize
-    w = sum(p.numel() for n, p in model.llm.named_parameters() if "embed_tokens" not in n)
-    held, held_bytes = packed_weight_numel(model.llm), packed_weight_nbytes(model.llm)
-    if isinstance(model.lm_head.weight, torch.Tensor):
-        w += model.lm_head.weight.numel()
-    else:  # held in place (packed bf16, or int8 with the projections)
-        held, held_bytes = held + packed_weight_numel(model.lm_head), held_bytes + packed_weight_nbytes(model.lm_head)
+    mods = (model.llm, model.lm_head)  # (a held LM head has no parameters: packed_weight_* count it)
+    w = (sum(p.numel() for n, p in model.llm.named_parameters() if "embed_tokens" not in n)
+         + sum(p.numel() for p in model.lm_head.parameters()))
+    held, held_bytes = sum(packed_weight_numel(m) for m in mods), sum(packed_weight_nbytes(m) for m in mods)
     kv = context * c.num_layers * 2 * c.num_kv_heads * c.head_dim
     kv_bytes = context * KVCache.block_bytes(c.num_layers, 1, c.num_kv_heads, c.head_dim, kv_dtype or model.dtype)
     return w * isz + kv_bytes + held_bytes, 2 * (w + held) + 2 * kv
