@@ -153,7 +153,7 @@ void run_layer(T* h, const Layer<T>& L) {
   gemv::xpack_t<T>*const xc = buf.xc.data(), *const xi = buf.xi.data();
   float *const y = buf.y.data(), *const row = buf.row.data();
   T *const q = buf.q.data(), *const o = buf.o.data();
-  attn::Plan plan = attn::make_plan(L.context_lens, R, H, H, D, L.block_size, omp_get_max_threads());
+  attn::Plan plan = attn::make_plan(L.context_lens, R, H, H, D, omp_get_max_threads());
   if (L.packed == kW8A8) buf.xq_c.shape(R, C), buf.xq_i.shape(R, I);  // (grows only)
   double phase_s[kNumPhases] = {};
   // A layer this small runs on the calling thread (the same plan and values): the team's dozen barriers a layer cost

@@ -3,20 +3,25 @@
 //   q [B, H, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables int32 [B, max_blocks];
 //   context_lens int32 [B]; o [B, H, D] = softmax(q k^T * sm_scale) v over the first context_lens[b] tokens.
 // q/o fp32 or bf16, caches fp32, bf16 or int8 (with k_scale, v_scale [num_blocks, block_size, Hkv] fp32: kv_int8.h),
-// all math in fp32. Query head h reads kv head h / (H / Hkv). An int8 cache's scales are applied to a block's
+// all math in fp32. Query head h reads kv head h / (H / Hkv). An int8 cache's scales are applied to a chunk's
 // scores (s = sm_scale * (q . k) * k_scale) and to its softmax weights before the V pass (p * v_scale), so the
 // loops over D run on the int8 values as they do on bf16 ones, at half the bytes.
-// An online softmax per query head rescales its accumulator once per cache block. V is accumulated for 16
-// vectors of the task's output row at a time over the block's tokens (each token's V read as long runs; fp32 small
-// shape +4-10 %, Janus-Pro-1B dims bf16 +8-12 %, fp32 +5 % from DRAM, bit-identical: bench/RESULTS.md 2026-12-03).
+// The context is read in chunks of kChunk (16) tokens at fixed positions, whatever the cache's block size: an online
+// softmax per query head rescales its accumulator once per chunk, so a row's result does not depend on the block
+// size (a chunk across cache blocks, where bs is not a multiple of 16, is copied to staging rows first; with bs a
+// multiple of 16 every chunk is read in place).
+// V is accumulated for 16 vectors of the task's output row at a time over the chunk's tokens (each token's V read as
+// long runs; fp32 small shape +4-10 %, Janus-Pro-1B dims bf16 +8-12 %, fp32 +5 % from DRAM, bit-identical:
+// bench/RESULTS.md 2026-12-03).
 // Narrow fp32 rows (a task's K row <= kTokenMajorBytes) score token by token instead of 8 tokens per head, so
 // K too is read front to back (+7 % more at the small shape; -8 % for 4 KiB bf16 rows, where it is not used).
-// The task's part of the next block's K and of this block's V is prefetched in address order while the block's K is
+// (The measurements below were of 16-token cache blocks, the chunks now.)
+// The task's part of the next chunk's K and of this chunk's V is prefetched in address order while the chunk's K is
 // scored (RangePrefetcher): from DRAM on the 2-core Zen 5 host (2026-12-03, bench_ab) +8-14 % at the
 // small shape (fp32) and +12-19 % at Janus-Pro-1B dims in bf16, where the 8-tokens-per-head K reads otherwise visit
 // 8 pages at a time 256 B each; prefetching the same lines in the order the kernel reads them gained ~0 for bf16.
 // (On the earlier Zen 3 box, 2026-11-25, software prefetch of the next block had left the DRAM rate unchanged.)
-// The prefetches go to L2 (prefetcht1; L1 on Zen 5, below), and the next block may be the first of the row's next
+// The prefetches go to L2 (prefetcht1; L1 on Zen 5, below), and the next chunk may be the first of the row's next
 // part: on the 2-core Zen 4 host (2026-12-03, ninth session, bench_ab, middle half) the 1B dims in bf16 from DRAM
 // 17.3 -> 20.0 GB/s with t1 instead of t0 (likely: a t0 prefetch holds one of the core's few L1 miss buffers until
 // its line arrives), and 22.5 -> 23.7 in another A/B with the prefetch crossing into the next part; the small shape
@@ -24,9 +29,9 @@
 // On Zen 5 (AMD family 0x1A) t0 is the faster (2-core Zen 5 VM, thirtieth session, 2026-12-06, bench_ab, 1B dims
 // bf16, 32 rows x 312 tokens, middle half: 42.2 -> 44.2 and 40.8 -> 44.8 GB/s when memory was fast, +0-3 % when
 // slow), so there the prefetches go to L1.
-// Prefetching 2 or 3 blocks ahead, or spreading the prefetches over the V passes as well as the K scoring, gained
+// Prefetching 2 or 3 chunks ahead, or spreading the prefetches over the V passes as well as the K scoring, gained
 // nothing (Zen 5, the Xeon); NTA was slower.
-// On Zen 4 (k_during_v()) the next block's K is prefetched during this block's V pass instead, and this block's V
+// On Zen 4 (k_during_v()) the next chunk's K is prefetched during this chunk's V pass instead, and this chunk's V
 // alone during its K scoring, so memory is not idle while the V pass computes (2-core Zen 4 VM, thirty-seventh
 // session, 2026-12-06, bench_ab, 1B dims, middle half, GB/s): the int8 cache from DRAM 32 rows 24.1 -> 27.7, 2 rows
 // 17.7 -> 19.3; bf16 28.0 -> 28.7, from L3 33.7 -> 36.8; small fp32 23.8 -> 24.3 (outputs identical: prefetches only).
@@ -50,8 +55,11 @@ namespace jr::attn {
 
 using simd::vf;
 constexpr int kW = simd::kWidth;
-#ifndef JR_ATTN_PART_BLOCKS  // cache blocks per attention task (see make_plan)
-#define JR_ATTN_PART_BLOCKS 8
+#ifndef JR_ATTN_CHUNK  // tokens per online-softmax step (see attend_for)
+#define JR_ATTN_CHUNK 16
+#endif
+#ifndef JR_ATTN_PART_CHUNKS  // chunks per attention part (see make_plan)
+#define JR_ATTN_PART_CHUNKS 8
 #endif
 // (A build's own -DJR_ATTN_PF_LOCALITY holds on Zen 5 too unless -DJR_ATTN_PF_LOCALITY_ZEN5 is given as well.)
 #if defined(JR_ATTN_PF_LOCALITY) && !defined(JR_ATTN_PF_LOCALITY_ZEN5)
@@ -63,15 +71,15 @@ constexpr int kW = simd::kWidth;
 #ifndef JR_ATTN_PF_LOCALITY_ZEN5  // the same on AMD family 0x1A and later (see the top)
 #define JR_ATTN_PF_LOCALITY_ZEN5 3
 #endif
-#ifndef JR_ATTN_K_DURING_V  // 1: the next block's K prefetched during this block's V pass, 0: during the K scoring
-#define JR_ATTN_K_DURING_V -1  // with this block's V; -1: by the CPU (1 on Zen 4; see the top)
+#ifndef JR_ATTN_K_DURING_V  // 1: the next chunk's K prefetched during this chunk's V pass, 0: during the K scoring
+#define JR_ATTN_K_DURING_V -1  // with this chunk's V; -1: by the CPU (1 on Zen 4; see the top)
 #endif
 constexpr int64_t kTokenMajorBytes = 2048;  // token-major K scoring for fp32 task rows up to this (see the top)
 
 // RangePrefetcher's locality on this CPU (see the top).
 inline int prefetch_locality() { return cpu::zen5_or_later() ? JR_ATTN_PF_LOCALITY_ZEN5 : JR_ATTN_PF_LOCALITY; }
 
-// Whether the next block's K is prefetched during this block's V pass on this CPU (see the top).
+// Whether the next chunk's K is prefetched during this chunk's V pass on this CPU (see the top).
 inline bool k_during_v() {
 #if JR_ATTN_K_DURING_V >= 0
   return JR_ATTN_K_DURING_V;
@@ -80,10 +88,10 @@ inline bool k_during_v() {
 #endif
 }
 
-// Prefetches the task's part of the tokens of two blocks (the next block's K, this block's V: per token `seg`
+// Prefetches the task's part of the tokens of two chunks (the next chunk's K, this chunk's V: per token `seg`
 // elements at a stride of `row`; one contiguous range where the task reads whole rows) line by line in address
-// order, `per` lines of each per issue(), so the lines are requested at an even rate over a block's issue() calls
-// rather than in one burst. Or (v_calls > 0) this block's V alone over the K scoring's issue() calls and the next
+// order, `per` lines of each per issue(), so the lines are requested at an even rate over a chunk's issue() calls
+// rather than in one burst. Or (v_calls > 0) this chunk's V alone over the K scoring's issue() calls and the next
 // block's K over the V pass's v_calls issue_a() calls.
 struct RangePrefetcher {
   struct Stream {
@@ -106,7 +114,7 @@ struct RangePrefetcher {
   Stream a, b;
   int64_t per = 0;      // lines per issue(): of each stream, or of b alone where a_in_v
   int64_t per_a = 0;    // lines of a per issue_a()
-  bool a_in_v = false;  // stream a (the next block's K) issued by issue_a() during the V pass
+  bool a_in_v = false;  // stream a (the next chunk's K) issued by issue_a() during the V pass
   bool zen5 = cpu::zen5_or_later();  // the locality: JR_ATTN_PF_LOCALITY_ZEN5 there, else JR_ATTN_PF_LOCALITY
   template <typename T>
   void set(const T* pa, int64_t na, const T* pb, int64_t nb, int64_t seg, int64_t row, int64_t calls,
@@ -190,7 +198,7 @@ inline void accumulate_v(float* acc, const float* p, const T* v, int64_t ldv, in
 }
 
 // The same over a task's whole output row of W = heads * D elements (MHA: the task's heads are contiguous in acc
-// and in the cached row): kSeg vectors of acc stay in registers while the block's n tokens stream by, so each
+// and in the cached row): kSeg vectors of acc stay in registers while the chunk's n tokens stream by, so each
 // token's V is read in runs of kSeg vectors instead of one D-sized piece per head and pass. The weight of token t
 // for head h is p[h * ph + t * pt]. Needs D % kW == 0 and W % (kSeg * kW) == 0; per element the same FMAs in the
 // same order as accumulate_v.
@@ -403,13 +411,13 @@ inline void check_tables(const int32_t* bt, const int32_t* cl, int64_t B, int64_
 // One task = one sequence b, a chunk of kv heads [hk0, hk1) with their query heads [hk0 * G, hk1 * G), and parts of
 // b's context: every cached token is read as one contiguous (hk1 - hk0) * D run instead of D-sized pieces 8 KiB
 // apart. About two tasks per thread from the rows alone (small batches split their heads).
-// A context of more than kPartBlocks cache blocks is computed in parts of kPartBlocks blocks, each part's online
+// A context of more than kPartChunks chunks is computed in parts of kPartChunks chunks, each part's online
 // softmax (m, l, acc) from scratch, merged at the end in part order — always, so a row's result depends only on its own
 // length, never on its batch. Where the rows alone make fewer than kTasksPerThread tasks per thread, each part is its
 // own task (the team then reaches the barrier together: one 300-token row of the small shape was one ~100 us task;
 // parts: attention +6-9 % from DRAM) and attend_for's second loop merges them after the barrier; else a task runs all
 // parts of its row and merges them itself (separate part tasks cost the 1B shape's 32 rows 2-4 %).
-constexpr int64_t kPartBlocks = JR_ATTN_PART_BLOCKS;
+constexpr int64_t kChunk = JR_ATTN_CHUNK, kPartChunks = JR_ATTN_PART_CHUNKS;
 constexpr int64_t kTasksPerThread = 8;
 
 inline int64_t head_chunks(int64_t B, int64_t Hkv, int64_t threads) {
@@ -417,9 +425,10 @@ inline int64_t head_chunks(int64_t B, int64_t Hkv, int64_t threads) {
   return std::min(Hkv, std::max<int64_t>(1, (tasks + B - 1) / std::max<int64_t>(B, 1)));
 }
 
-inline int64_t num_parts(int64_t len, int64_t bs) {
-  const int64_t blocks = (std::max<int64_t>(len, 0) + bs - 1) / bs;
-  return std::max<int64_t>(1, (blocks + kPartBlocks - 1) / kPartBlocks);
+inline int64_t num_chunks(int64_t len) { return (std::max<int64_t>(len, 0) + kChunk - 1) / kChunk; }
+
+inline int64_t num_parts(int64_t len) {
+  return std::max<int64_t>(1, (num_chunks(len) + kPartChunks - 1) / kPartChunks);
 }
 
 // The task list of one call, made before the parallel region (it holds the scratch the team shares).
@@ -432,16 +441,16 @@ struct Plan {
   int64_t slot_size() const { return hq_max * (D + 2); }
 };
 
-inline Plan make_plan(const int32_t* cl, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t threads) {
+inline Plan make_plan(const int32_t* cl, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t threads) {
   Plan p;
   p.chunks = head_chunks(B, Hkv, threads);
   p.hq_max = (Hkv + p.chunks - 1) / p.chunks * (H / Hkv);
   p.D = D;
-  for (int64_t b = 0; b < B; ++b) p.max_parts = std::max(p.max_parts, num_parts(cl[b], bs));
+  for (int64_t b = 0; b < B; ++b) p.max_parts = std::max(p.max_parts, num_parts(cl[b]));
   p.split = p.max_parts > 1 && B * p.chunks < kTasksPerThread * threads;
   for (int64_t b = 0; b < B; ++b) {
     p.row_item.push_back(int64_t(p.item_b.size()));
-    const int64_t items = p.split ? num_parts(cl[b], bs) : 1;
+    const int64_t items = p.split ? num_parts(cl[b]) : 1;
     for (int64_t k = 0; k < items; ++k) p.item_b.push_back(b), p.item_part.push_back(k);
   }
   p.row_item.push_back(int64_t(p.item_b.size()));
@@ -480,21 +489,27 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
   const int64_t row = Hkv * D;  // elements per cached token
   const int64_t hq_max = plan.hq_max;
   std::vector<float> qf(static_cast<size_t>(hq_max * D)), acc(static_cast<size_t>(hq_max * D));
-  std::vector<float> s(static_cast<size_t>(hq_max * bs)), m(static_cast<size_t>(hq_max)), l(m.size());
+  std::vector<float> s(static_cast<size_t>(hq_max * kChunk)), m(static_cast<size_t>(hq_max)), l(m.size());
   std::vector<int64_t> off(static_cast<size_t>(hq_max));  // query head h of the task reads row[off[h] :]
   std::vector<float> local(plan.split ? 0 : size_t(plan.max_parts * plan.slot_size()));  // unsplit: the parts' states
+  // a chunk across cache blocks is copied here first (the task's heads of each token, at the cache's row layout)
+  const bool staged = bs % kChunk != 0;
+  std::vector<TKV> k_st(staged ? size_t(kChunk * row) : 0), v_st(k_st.size());
+  std::vector<float> ks_st(staged && ks ? size_t(kChunk * Hkv) : 0), vs_st(ks_st.size());
+  // flat cache slot of token p of row b (block bt[p / bs], offset p % bs)
+  const auto slot = [&](int64_t b, int64_t p) { return int64_t(bt[b * max_blocks + p / bs]) * bs + p % bs; };
 #pragma omp for schedule(dynamic, 1)
   for (int64_t task = 0; task < plan.tasks(); ++task) {
     const int64_t item = task / chunks, b = plan.item_b[item];
     const int64_t hk0 = task % chunks * hk_per, hk1 = std::min(Hkv, hk0 + hk_per);
     if (hk0 >= hk1) continue;
-    const int64_t h0 = hk0 * G, nh = (hk1 - hk0) * G, len = cl[b], parts = num_parts(len, bs);
+    const int64_t h0 = hk0 * G, nh = (hk1 - hk0) * G, len = cl[b], parts = num_parts(len);
     const int64_t k0 = plan.item_part[item], k1 = plan.split ? k0 + 1 : parts;  // this task's parts
     simd::widen(q + (b * H + h0) * D, qf.data(), nh * D);
     for (int64_t h = 0; h < nh; ++h) off[h] = (hk0 + h / G) * D;
     // V for the whole row at once (accumulate_v_rows) where the task's heads are contiguous and fill its vectors
     const bool rows_v = G == 1 && D % kW == 0 && (nh * D) % (kSeg * kW) == 0;
-    bool k_in_v = false;  // the next block's K prefetched during the V pass (vector builds: the others prefetch none)
+    bool k_in_v = false;  // the next chunk's K prefetched during the V pass (vector builds: the others prefetch none)
 #ifdef JR_ATTN_AVX2
     k_in_v = rows_v && k_during_v();
 #endif
@@ -507,17 +522,40 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.0f);
-      const int64_t i_end = std::min((len + bs - 1) / bs, (part + 1) * kPartBlocks);
-      for (int64_t i = part * kPartBlocks; i < i_end; ++i) {
-        const int64_t n = std::min(bs, len - i * bs);
-        const int64_t base = int64_t(bt[b * max_blocks + i]) * bs * row;  // token t of the block at base + t * row
-        // the row's next block's K (in this part or the next; a part run as its own task may leave the next one to
-        // the other thread) and this block's V, prefetched over the K-scoring calls (see the top)
+      const int64_t i_end = std::min(num_chunks(len), (part + 1) * kPartChunks);
+      for (int64_t i = part * kPartChunks; i < i_end; ++i) {
+        // chunk i: tokens [p0, p0 + n), read in place where they lie in one cache block (always, where bs is a
+        // multiple of kChunk), else copied to the staging rows first; token t's row at kb + t * row, vb + t * row,
+        // an int8 cache's scales at ksb + t * Hkv, vsb + t * Hkv
+        const int64_t p0 = i * kChunk, n = std::min(kChunk, len - p0);
+        const TKV *kb = kc, *vb = vc;
+        const float *ksb = ks, *vsb = vs;
+        if (p0 / bs == (p0 + n - 1) / bs) {
+          const int64_t s0 = slot(b, p0);
+          kb += s0 * row, vb += s0 * row;
+          if (ks) ksb += s0 * Hkv, vsb += s0 * Hkv;
+        } else {
+          const int64_t w = (hk1 - hk0) * D;
+          for (int64_t t = 0; t < n; ++t) {
+            const int64_t st = slot(b, p0 + t);
+            std::copy(kc + st * row + off[0], kc + st * row + off[0] + w, k_st.data() + t * row + off[0]);
+            std::copy(vc + st * row + off[0], vc + st * row + off[0] + w, v_st.data() + t * row + off[0]);
+            if (ks) {
+              std::copy(ks + st * Hkv + hk0, ks + st * Hkv + hk1, ks_st.data() + t * Hkv + hk0);
+              std::copy(vs + st * Hkv + hk0, vs + st * Hkv + hk1, vs_st.data() + t * Hkv + hk0);
+            }
+          }
+          kb = k_st.data(), vb = v_st.data(), ksb = ks_st.data(), vsb = vs_st.data();
+        }
+        // the row's next chunk's K (its tokens in their first block; in this part or the next: a part run as its
+        // own task may leave the next one to the other thread) and this chunk's V, prefetched over the K-scoring
+        // calls (see the top)
         RangePrefetcher pf;
         {
-          const int64_t n_next = (i + 1) * bs < len ? std::min(bs, len - (i + 1) * bs) : 0;
-          const TKV* k_next = kc + (n_next ? int64_t(bt[b * max_blocks + i + 1]) * bs * row : 0);
-          pf.set(k_next + off[0], n_next, vc + base + off[0], n, (hk1 - hk0) * D, row, token_major ? n : n / 8 * nh,
+          const int64_t p1 = p0 + kChunk;
+          const int64_t n_next = p1 < len ? std::min({kChunk, len - p1, bs - p1 % bs}) : 0;
+          const TKV* k_next = kc + (n_next ? slot(b, p1) * row : 0);
+          pf.set(k_next + off[0], n_next, vb + off[0], n, (hk1 - hk0) * D, row, token_major ? n : n / 8 * nh,
                  k_in_v ? n * (nh * D / (kSeg * kW)) : 0);
         }
         int64_t t = 0;
@@ -532,11 +570,11 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
             pf.issue();
             for (int64_t h = 0; h < nh; h += 8)
               _mm256_storeu_ps(&s[t * nh + h],
-                               _mm256_mul_ps(dots8_heads(&qf[h * D], kc + base + t * row, &off[h], D), sc));
+                               _mm256_mul_ps(dots8_heads(&qf[h * D], kb + t * row, &off[h], D), sc));
           }
           for (; t < n; ++t)
             for (int64_t h = 0; h < nh; ++h)
-              s[t * nh + h] = dot(&qf[h * D], kc + base + t * row + off[h], D) * sm_scale;
+              s[t * nh + h] = dot(&qf[h * D], kb + t * row + off[h], D) * sm_scale;
           for (int64_t h = 0; h < nh; h += 8) {
             __m256 mb = _mm256_loadu_ps(&m[h]);
             for (int64_t u = 0; u < n; ++u) mb = _mm256_max_ps(mb, _mm256_loadu_ps(&s[u * nh + h]));
@@ -559,14 +597,14 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
             for (int64_t j = 0; j < 8; ++j) {
               float sum_j = sums[j];
               for (int64_t u = n8; u < n; ++u) sum_j += (s[u * nh + h + j] = std::exp(s[u * nh + h + j] - mzs[j]));
-              const float alpha = std::exp(m[h + j] - mzs[j]);  // 0 on the first block (m = -inf)
+              const float alpha = std::exp(m[h + j] - mzs[j]);  // 0 on the first chunk (m = -inf)
               scale(&acc[(h + j) * D], alpha, D);
               l[h + j] *= alpha;
               l[h + j] += sum_j;
               m[h + j] = mbs[j];
             }
           }
-          accumulate_v_rows(acc.data(), s.data(), 1, nh, vc + base + off[0], row, n, nh * D, D, k_in_v ? &pf : nullptr);
+          accumulate_v_rows(acc.data(), s.data(), 1, nh, vb + off[0], row, n, nh * D, D, k_in_v ? &pf : nullptr);
           continue;
         }
         if (D % kW == 0) {
@@ -574,35 +612,34 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
           for (; t + 8 <= n; t += 8)
             for (int64_t h = 0; h < nh; ++h) {
               pf.issue();
-              const __m256 d8 = dots8(&qf[h * D], kc + base + t * row + off[h], row, D);
-              _mm256_storeu_ps(&s[h * bs + t], _mm256_mul_ps(d8, sc));
+              const __m256 d8 = dots8(&qf[h * D], kb + t * row + off[h], row, D);
+              _mm256_storeu_ps(&s[h * kChunk + t], _mm256_mul_ps(d8, sc));
             }
         }
 #endif
         for (; t < n; ++t)
           for (int64_t h = 0; h < nh; ++h)
-            s[h * bs + t] = dot(&qf[h * D], kc + base + t * row + off[h], D) * sm_scale;
-        const int64_t sbase = base / row * Hkv;  // the block's scales (int8 cache): token t, kv head hk at t * Hkv + hk
+            s[h * kChunk + t] = dot(&qf[h * D], kb + t * row + off[h], D) * sm_scale;
         if (ks)
           for (int64_t h = 0; h < nh; ++h)
-            for (int64_t u = 0; u < n; ++u) s[h * bs + u] *= ks[sbase + u * Hkv + hk0 + h / G];
+            for (int64_t u = 0; u < n; ++u) s[h * kChunk + u] *= ksb[u * Hkv + hk0 + h / G];
         for (int64_t h = 0; h < nh; ++h) {
           float mb = m[h];
-          for (int64_t t = 0; t < n; ++t) mb = std::max(mb, s[h * bs + t]);
+          for (int64_t t = 0; t < n; ++t) mb = std::max(mb, s[h * kChunk + t]);
           // the max subtracted: mb, or 0 while every score so far is -inf (keys of -inf: only non-finite inputs),
           // which weighs those scores ~0 instead of exp(-inf - -inf) = NaN
           const float mz = mb == -std::numeric_limits<float>::infinity() ? 0.0f : mb;
-          const float alpha = std::exp(m[h] - mz);  // 0 on the first block (m = -inf)
+          const float alpha = std::exp(m[h] - mz);  // 0 on the first chunk (m = -inf)
           scale(&acc[h * D], alpha, D);
           l[h] *= alpha;
           m[h] = mb;
-          l[h] += exp_sub_sum(&s[h * bs], n, mz);
+          l[h] += exp_sub_sum(&s[h * kChunk], n, mz);
           if (vs)
-            for (int64_t u = 0; u < n; ++u) s[h * bs + u] *= vs[sbase + u * Hkv + hk0 + h / G];
-          if (!rows_v) accumulate_v(&acc[h * D], &s[h * bs], vc + base + off[h], row, n, D);
+            for (int64_t u = 0; u < n; ++u) s[h * kChunk + u] *= vsb[u * Hkv + hk0 + h / G];
+          if (!rows_v) accumulate_v(&acc[h * D], &s[h * kChunk], vb + off[h], row, n, D);
         }
         if (rows_v)
-          accumulate_v_rows(acc.data(), s.data(), bs, 1, vc + base + off[0], row, n, nh * D, D, k_in_v ? &pf : nullptr);
+          accumulate_v_rows(acc.data(), s.data(), kChunk, 1, vb + off[0], row, n, nh * D, D, k_in_v ? &pf : nullptr);
       }
       if (parts > 1) {  // this part's state, for the merge
         float* slot = (plan.split ? plan.scratch.data() + task * plan.slot_size()

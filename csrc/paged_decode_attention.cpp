@@ -17,7 +17,7 @@ void attend(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, const 
             const float* vs) {
   int64_t work = 0;  // cached elements read, to leave tiny calls on one thread
   for (int64_t b = 0; b < B; ++b) work += int64_t(cl[b]) * Hkv * D;
-  attn::Plan plan = attn::make_plan(cl, B, H, Hkv, D, bs, omp_get_max_threads());
+  attn::Plan plan = attn::make_plan(cl, B, H, Hkv, D, omp_get_max_threads());
 #pragma omp parallel if (work >= (int64_t(1) << 16))
   attn::attend_for(q, kc, vc, bt, cl, o, B, H, Hkv, D, bs, max_blocks, sm_scale, plan, ks, vs);
 }

@@ -155,6 +155,61 @@ def test_paged_decode_attention_batch_invariant(poison, cache_dtype):
         assert torch.equal(alone[0], batch[b]), f"row {b} (context {lens[b]}) differs alone and in the batch"
 
 
+def _paged_layout(rows, block_size, seed):
+    """Per-sequence token rows [n_b, ...] -> a paged cache [num_blocks, block_size, ...] holding them in shuffled
+    blocks, and its block table."""
+    g = torch.Generator().manual_seed(seed)
+    need = [max(1, math.ceil(len(r) / block_size)) for r in rows]
+    width, num_blocks = max(need), sum(need) + 2
+    order = torch.randperm(num_blocks, generator=g).int()
+    cache = torch.zeros(num_blocks, block_size, *rows[0].shape[1:], dtype=rows[0].dtype)
+    bt = torch.zeros(len(rows), width, dtype=torch.int32)
+    used = 0
+    for b, r in enumerate(rows):
+        bt[b, : need[b]] = order[used : used + need[b]]
+        used += need[b]
+        for t in range(len(r)):
+            cache[bt[b, t // block_size], t % block_size] = r[t]
+    return cache, bt
+
+
+@pytest.mark.parametrize("H,Hkv,D,kv", [(8, 8, 64, torch.float32), (8, 8, 64, torch.bfloat16),
+                                        (8, 2, 64, torch.float32), (4, 4, 48, torch.bfloat16), (8, 8, 64, torch.int8),
+                                        (6, 3, 32, torch.int8)])
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention_block_size_invariant(poison, H, Hkv, D, kv, q_dtype):
+    # The same context in caches of any block size gives the same bits: the kernel reads 16-token chunks at fixed
+    # positions (copying those that cross blocks), not cache blocks. Token-major fp32 (8 x 64), GQA, per-head and
+    # whole-row V, int8 rows with their scales; a batch (whole-row tasks) and rows alone (head chunks, part tasks).
+    g = torch.Generator().manual_seed(11)
+    lens = [1, 7, 16, 17, 45, 0, 300, 129]
+    rows = [torch.randn(n, 2, Hkv, D, generator=g) * torch.rand(n, 2, Hkv, 1, generator=g) for n in lens]
+    if kv == torch.int8:
+        from janus_rt.engine.kv_quant import quantize_kv
+
+        quant = [(quantize_kv(r[:, 0]), quantize_kv(r[:, 1])) for r in rows]
+        rows = [torch.stack([kq, vq], 1) for (kq, _), (vq, _) in quant]
+        scales = [torch.stack([ks, vs], 1) for (_, ks), (_, vs) in quant]
+    else:
+        rows = [r.to(kv) for r in rows]
+    q = torch.randn(len(lens), H, D, generator=g).to(q_dtype)
+    cl = torch.tensor(lens, dtype=torch.int32)
+    outs = {}
+    for bs in (16, 1, 2, 3, 5, 24, 32, 48):
+        cache, bt = _paged_layout(rows, bs, seed=bs)
+        sc = _paged_layout(scales, bs, seed=bs)[0] if kv == torch.int8 else None
+        extra = (sc[:, :, 0].contiguous(), sc[:, :, 1].contiguous()) if sc is not None else ()
+        kc, vc = cache[:, :, 0].contiguous(), cache[:, :, 1].contiguous()
+        outs[bs] = [cpu_ops.paged_decode_attention(q, kc, vc, bt, cl, None, *extra)]
+        for b in (6, 4, 0):  # a row alone: 300 tokens in part tasks, then 45 and 1
+            outs[bs].append(cpu_ops.paged_decode_attention(q[b : b + 1], kc, vc, bt[b : b + 1], cl[b : b + 1], None,
+                                                           *extra))
+    for bs, o in outs.items():
+        for i, (x, y) in enumerate(zip(o, outs[16])):
+            assert torch.equal(x, y), f"block size {bs} differs from 16 (call {i})"
+    assert torch.equal(outs[16][1][0], outs[16][0][6])  # and the row alone is the row in the batch
+
+
 @pytest.mark.parametrize("H,Hkv,D", [(16, 16, 128), (8, 8, 64), (8, 8, 32), (2, 2, 256), (3, 3, 48), (8, 2, 64)])
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
 def test_paged_decode_attention_bf16_cache_reads_exactly(poison, H, Hkv, D, q_dtype):
