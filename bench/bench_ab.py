@@ -25,7 +25,13 @@ checkout's cpu_ops (PackedWeight's layout), so the builds must agree on that lay
 sizes, say) can be compared; the weights are held once per build.
 
     python bench/bench_ab.py --builds .,/tmp/b --op packed_gemv --shape 1b -M 32 --dtype bf16 --pack-per-build
+
+--block-sizes (attention, layers, engine) runs each build at each KV block size, a column per pair; one build at
+two block sizes compares the sizes:
+
+    python bench/bench_ab.py --builds . --op engine --shape 1b -n 4 --tokens 96 --dtype bf16 --block-sizes 16,32
 """
+import functools
 import argparse
 import contextlib
 import glob
@@ -85,6 +91,18 @@ def get(held: dict, mod):
     return held[id(mod)] if id(mod) in held else held[id(None)]
 
 
+def paged(rows: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Cached rows [R, context, ...] -> a paged cache [nb * R, block_size, ...] (nb = ceil(context / block_size))
+    where row b's block i is block i * R + b (handed out in turn, as the engine's rows grow in step), in 2 MiB pages
+    as the engine's KV pool (cpu_ops.empty_huge). The same rows at any block size."""
+    R, context, rest = rows.shape[0], rows.shape[1], rows.shape[2:]
+    nb = -(-context // block_size)
+    padded = rows.new_zeros(R, nb * block_size, *rest)
+    padded[:, :context] = rows
+    out = cpu_ops.empty_huge((nb * R, block_size, *rest), rows.dtype)
+    return out.copy_(padded.view(R, nb, block_size, *rest).transpose(0, 1).reshape(nb * R, block_size, *rest))
+
+
 def packed_gemv_case(shape: str, M: int, dtype: str, min_bytes: float, int8: str | None = None, packers=(None,)):
     """The shape's four decoder weights per layer (+ the gen head), as many layers as make >= min_bytes (at most the
     shape's own: main() says where that is less); int8 "weights" / "w8a8": held as Int8Weight / W8A8Weight (x bf16);
@@ -120,16 +138,16 @@ def packed_gemv_case(shape: str, M: int, dtype: str, min_bytes: float, int8: str
 
 
 def attention_case(shape: str, rows: int, context: int, dtype: str, min_bytes: float, block_size: int = 16):
-    """Paged decode attention over `rows` rows of `context` tokens in 16-token blocks handed out in turn (as the
-    engine's rows grow in step), as many layers' caches as make >= min_bytes. dtype int8: bf16 q against the int8
-    KV cache (int8 values and an fp32 scale a token and head; bytes counted as held)."""
+    """Paged decode attention over `rows` rows of `context` tokens (paged(): blocks of `block_size`, the same values
+    at any size), as many layers' caches as make >= min_bytes. dtype int8: bf16 q against the int8 KV cache (int8
+    values and an fp32 scale a token and head; bytes counted as held)."""
     C, _, H, _, _, _ = SHAPES[shape]
     int8 = dtype == "int8"
     dt, code = DTYPES["bf16" if int8 else dtype]
     D = C // H
     nb = -(-context // block_size)
     row_bytes = C + 4 * H if int8 else C * dt.itemsize  # a cached token's K (or V) of one layer
-    per_layer = 2 * rows * nb * block_size * row_bytes
+    per_layer = 2 * rows * context * row_bytes
     layers = max(1, -int(-min_bytes // per_layer))
     g = torch.Generator().manual_seed(0)
     tables = torch.tensor([[i * rows + b for i in range(nb)] for b in range(rows)], dtype=torch.int32)
@@ -137,9 +155,9 @@ def attention_case(shape: str, rows: int, context: int, dtype: str, min_bytes: f
 
     def cache():  # (values, scales or None)
         if int8:
-            return (torch.randint(-127, 128, (nb * rows, block_size, H, D), generator=g, dtype=torch.int8),
-                    torch.rand(nb * rows, block_size, H, generator=g) / 64)
-        return torch.randn(nb * rows, block_size, H, D, generator=g).to(dt), None
+            return (paged(torch.randint(-127, 128, (rows, context, H, D), generator=g, dtype=torch.int8), block_size),
+                    paged(torch.rand(rows, context, H, generator=g) / 64, block_size))
+        return paged(torch.randn(rows, context, H, D, generator=g).to(dt), block_size), None
 
     caches = [(cache(), cache()) for _ in range(layers)]
     q = torch.randn(rows, H, D, generator=g).to(dt)
@@ -154,14 +172,15 @@ def attention_case(shape: str, rows: int, context: int, dtype: str, min_bytes: f
                                        D ** -0.5, ks.data_ptr() if int8 else 0, vs.data_ptr() if int8 else 0)
         return o
 
-    return nbytes, run, f"paged attention, {shape} shape, {layers} layer(s) x {rows} rows x {context} tokens, {dtype}"
+    return nbytes, run, (f"paged attention, {shape} shape, {layers} layer(s) x {rows} rows x {context} tokens, "
+                         f"{dtype}")
 
 
 def layers_case(shape: str, rows: int, context: int, dtype: str, block_size: int = 16, packers=(None,)):
     """The decoder layers of one decode step at the shape (cpu_step.DecodeStack's decode_layer calls, packed where
-    it can be, by each build in `packers`: per_build), `rows` rows of `context` cached tokens each (16-token blocks
-    handed out in turn), random weights and K/V. h starts from the same values on every call; the output is h after
-    the last layer."""
+    it can be, by each build in `packers`: per_build), `rows` rows of `context` cached tokens each (paged(): the same
+    values at any block size), random weights and K/V. h starts from the same values on every call; the output is h
+    after the last layer."""
     C, L, H, inter, _, _ = SHAPES[shape]
     dt, code = DTYPES[dtype]
     D = C // H
@@ -170,7 +189,8 @@ def layers_case(shape: str, rows: int, context: int, dtype: str, block_size: int
     rnd = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(dt)
     layers = [(rnd(C, scale=0.1) + 1, rnd(3 * C, C, scale=C**-0.5), rnd(C, C, scale=C**-0.5), rnd(C, scale=0.1) + 1,
                rnd(2 * inter, C, scale=C**-0.5), rnd(C, inter, scale=inter**-0.5)) for _ in range(L)]
-    caches = [(rnd(nb * rows, block_size, H, D), rnd(nb * rows, block_size, H, D)) for _ in range(L)]
+    caches = [(paged(rnd(rows, context, H, D), block_size), paged(rnd(rows, context, H, D), block_size))
+              for _ in range(L)]
     # per build: packed by each, whatever memory the copies before it left (else the A/B would not be of layouts)
     packed = True if packers[0] is not None else None
     stacks = per_build(packers, lambda: cpu_step.DecodeStack(layers, caches, 1e-6, packed=packed))
@@ -196,20 +216,30 @@ def layers_case(shape: str, rows: int, context: int, dtype: str, block_size: int
                          f"{'packed' if stack.packed else 'unpacked'} GEMV")
 
 
-def engine_case(shape: str, n: int, tokens: int, dtype: str, int8: str | None = None, kv_cache_dtype: str = "auto"):
-    """The whole image generation of `janus-rt bench` (n images, `tokens` each) on random weights at the shape
-    (int8: its projections packed as `janus-rt bench --int8 weights|w8a8`; kv_cache_dtype as its --kv-cache-dtype):
-    run(mod) patches cpu_ops to call that build, runs the engine, and returns the tokens. The rate reported is the
-    roofline's bytes per decode step over the measured ms per step."""
-    from janus_rt.engine.benchmark import BLOCK_SIZE, bench_model, image_engine
-    from janus_rt.engine.roofline import decode_step_bytes_flops
+@functools.lru_cache(maxsize=1)
+def engine_model(shape: str, dtype: str, int8: str | None):
+    """engine_case's model (one for all its block sizes)."""
+    from janus_rt.engine.benchmark import bench_model
 
     model = bench_model(shape, DTYPES[dtype][0], "cpu")
     if int8:
         model.pack_for_cpu_(int8=int8 if int8 == "w8a8" else True)
+    return model
+
+
+def engine_case(shape: str, n: int, tokens: int, dtype: str, int8: str | None = None, kv_cache_dtype: str = "auto",
+                block_size: int = 16):
+    """The whole image generation of `janus-rt bench` (n images, `tokens` each) on random weights at the shape
+    (int8: its projections packed as `janus-rt bench --int8 weights|w8a8`; kv_cache_dtype as its --kv-cache-dtype),
+    in KV blocks of block_size: run(mod) patches cpu_ops to call that build, runs the engine, and returns the tokens.
+    The rate reported is the roofline's bytes per decode step over the measured ms per step."""
+    from janus_rt.engine.benchmark import image_engine
+    from janus_rt.engine.roofline import decode_step_bytes_flops
+
+    model = engine_model(shape, dtype, int8)
     prompt = [model.cfg.tokens.bos_id] + list(range(100, 118)) + [model.cfg.tokens.boi_id]
     step_bytes, _ = decode_step_bytes_flops(model, 2 * n, len(prompt) + tokens // 2,
-                                            shared=(2, len(prompt) // BLOCK_SIZE * BLOCK_SIZE),
+                                            shared=(2, len(prompt) // block_size * block_size),
                                             kv_dtype=torch.int8 if kv_cache_dtype == "int8" else None)
     real_ext = cpu_ops._ext
     last = {}
@@ -217,7 +247,7 @@ def engine_case(shape: str, n: int, tokens: int, dtype: str, int8: str | None = 
     def run(mod):
         cpu_ops._ext = lambda: mod
         try:
-            eng = image_engine(model, prompt, n, tokens, kv_cache_dtype=kv_cache_dtype)
+            eng = image_engine(model, prompt, n, tokens, kv_cache_dtype=kv_cache_dtype, block_size=block_size)
             done = eng.run()
         finally:
             cpu_ops._ext = real_ext
@@ -234,7 +264,6 @@ def main(args) -> dict:
         raise SystemExit("janus_rt._C is not built here: python setup.py build_ext --inplace")
     mods = load_builds(args.builds.split(","))
     min_bytes = args.min_mb * 1e6
-    step = None  # engine: {"ms": the last run's ms per decode step, "kv_cache_dtype": its cache's}
     if args.dtype == "int8" and args.op != "attention":
         raise SystemExit("--dtype int8: the int8 KV cache, for --op attention only "
                          "(--op engine: --kv-cache-dtype int8)")
@@ -248,35 +277,48 @@ def main(args) -> dict:
     if pack_per_build and args.op not in ("packed_gemv", "layers"):
         raise SystemExit("--pack-per-build: for --op packed_gemv or layers only")
     packers = list(mods.values()) if pack_per_build else [None]
-    if args.op == "packed_gemv":
-        nbytes, run, what = packed_gemv_case(args.shape, args.M, args.dtype, min_bytes, args.int8, packers)
-    elif args.op == "layers":
-        nbytes, run, what = layers_case(args.shape, args.rows or 2 * SHAPES[args.shape][5], args.context, args.dtype,
-                                        packers=packers)
-    elif args.op == "engine":
-        nbytes, run, what, step = engine_case(args.shape, args.n or SHAPES[args.shape][5], args.tokens,
-                                              args.dtype, args.int8, args.kv_cache_dtype)
-    else:
-        rows = args.rows or 2 * SHAPES[args.shape][5]
-        nbytes, run, what = attention_case(args.shape, rows, args.context, args.dtype, min_bytes)
+    sizes = [int(b) for b in str(getattr(args, "block_sizes", "16")).split(",")]
+    if len(sizes) > 1 and args.op == "packed_gemv":
+        raise SystemExit("--block-sizes: for --op attention, layers or engine")
+    if any(b < 1 for b in sizes) or len(set(sizes)) < len(sizes):
+        raise SystemExit(f"--block-sizes: distinct sizes >= 1, got {sizes}")
+    columns = {}  # column name -> (build, run, bytes per call, engine's step dict or None)
+    for bs in sizes:
+        step = None  # engine: {"ms": the last run's ms per decode step, "kv_cache_dtype": its cache's}
+        if args.op == "packed_gemv":
+            nbytes, run, what = packed_gemv_case(args.shape, args.M, args.dtype, min_bytes, args.int8, packers)
+        elif args.op == "layers":
+            nbytes, run, what = layers_case(args.shape, args.rows or 2 * SHAPES[args.shape][5], args.context,
+                                            args.dtype, block_size=bs, packers=packers)
+        elif args.op == "engine":
+            nbytes, run, what, step = engine_case(args.shape, args.n or SHAPES[args.shape][5], args.tokens,
+                                                  args.dtype, args.int8, args.kv_cache_dtype, block_size=bs)
+        else:
+            rows = args.rows or 2 * SHAPES[args.shape][5]
+            nbytes, run, what = attention_case(args.shape, rows, args.context, args.dtype, min_bytes, block_size=bs)
+        for name, mod in mods.items():
+            columns[name if len(sizes) == 1 else f"{name} bs {bs}"] = (mod, run, nbytes, step)
+    if args.op != "packed_gemv":
+        what += f", KV block size {' / '.join(map(str, sizes))}"
     if args.op in ("packed_gemv", "layers") and nbytes < min_bytes:  # the shape holds no more than this
         print(f"# note: {nbytes / 1e6:.0f} MB per call, under --min-mb {args.min_mb:.0f}: the shape's weights (and K/V)"
               " are all there is; a last-level cache that large may hold them between calls", flush=True)
     if pack_per_build:
         what += ", packed by each build"
-    names = list(mods)
-    outputs = {name: run(mods[name]).float().clone() for name in names}  # also the warm-up
+    names = list(columns)
+    outputs = {name: columns[name][1](columns[name][0]).float().clone() for name in names}  # also the warm-up
     stream = torch.ones((512 << 20) // 4).split((64 << 20) // 4)
-    rates = {name: [] for name in mods}
+    rates = {name: [] for name in names}
     st = []
     for rep in range(args.reps):
-        for i in range(1 if step is None else 3):  # engine: the first reads after a run are slow (~2-20 GB/s)
+        for i in range(3 if args.op == "engine" else 1):  # engine: the first reads after a run are slow (~2-20 GB/s)
             t = time.perf_counter()
             cpu_ops.stream_sum(stream[(3 * rep + i) % len(stream)])
         st.append((64 << 20) / (time.perf_counter() - t) / 1e9)
         for name in (names if rep % 2 == 0 else names[::-1]):
+            mod, run, nbytes, step = columns[name]
             t = time.perf_counter()
-            run(mods[name])
+            run(mod)
             dt = time.perf_counter() - t if step is None else step["ms"] / 1e3  # engine: per decode step
             rates[name].append(nbytes / dt / 1e9)
     order = sorted(range(len(st)), key=st.__getitem__)
@@ -320,6 +362,8 @@ if __name__ == "__main__":
                     "layouts differ); default: one copy packed by this checkout's build")
     ap.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
                     help="engine: the KV cache's type (as janus-rt bench --kv-cache-dtype)")
+    ap.add_argument("--block-sizes", default="16",
+                    help="attention, layers, engine: comma-separated KV block sizes, each build run at each")
     ap.add_argument("--reps", type=int, default=400)
     # 1 GB: an Intel Xeon host reported 480 MiB of L3, where 80-170 MB per call ran from cache (bench/RESULTS.md,
     # 2026-12-04: the 1B GEMV at 32 rows 23.5 GB/s vs 18-20 from 2 GB)

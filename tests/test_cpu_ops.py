@@ -856,7 +856,8 @@ def test_gather_rows(src_dtype, dtype):
 def test_bench_ab_smoke(monkeypatch):
     """bench/bench_ab.py (interleaved A/B of builds) runs its four ops on this build loaded twice: same outputs, a
     rate per memory-state bin and build; the engine also with the int8 KV cache, and it and the GEMV with W8A8
-    weights where this CPU has them; the GEMV and the layers also packed by each build."""
+    weights where this CPU has them; the GEMV and the layers also packed by each build; the attention, the layers
+    and the engine at two KV block sizes (the same outputs: the same K/V values at either)."""
     import argparse
     import pathlib
 
@@ -912,7 +913,19 @@ def test_bench_ab_smoke(monkeypatch):
             assert a.packed and b.packed and not a.packed & b.packed  # two copies, one by each build
             if op == "packed_gemv":  # and each build's GEMV read its own
                 assert a.read == a.packed and b.read == b.packed
+    for op in ("attention", "layers", "engine"):  # each build at two KV block sizes: the same outputs, four columns
+        out = ab.main(argparse.Namespace(**{**vars(args), "op": op, "dtype": "fp32", "int8": None,
+                                            "kv_cache_dtype": "auto", "block_sizes": "16,5"}))
+        assert "KV block size 16 / 5" in out["what"]
+        assert list(out["max_abs_diff"].values()) == [0.0] * 3
+        assert len([k for k in out["middle half"] if k != "stream"]) == 4
     args.kv_cache_dtype = "auto"  # the misuse below, one at a time
+    with pytest.raises(SystemExit, match="--block-sizes"):
+        ab.main(argparse.Namespace(**{**vars(args), "op": "packed_gemv", "dtype": "fp32", "int8": None,
+                                      "block_sizes": "16,32"}))
+    with pytest.raises(SystemExit, match="--block-sizes"):
+        ab.main(argparse.Namespace(**{**vars(args), "op": "attention", "dtype": "fp32", "int8": None,
+                                      "block_sizes": "16,16"}))
     with pytest.raises(SystemExit, match="--pack-per-build"):
         ab.main(argparse.Namespace(**{**vars(args), "op": "engine", "dtype": "fp32", "int8": None,
                                       "pack_per_build": True}))

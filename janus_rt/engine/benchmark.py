@@ -102,13 +102,15 @@ def transformers_baseline(model, device):
 
 
 # ---- the two implementations -----------------------------------------------------------------------------------
-def bench_engine(model, prompt_len, n, cuda_graphs=False, layerwise=False, steps_per_call=8, kv_cache_dtype=None):
+def bench_engine(model, prompt_len, n, cuda_graphs=False, layerwise=False, steps_per_call=8, kv_cache_dtype=None,
+                 block_size=BLOCK_SIZE):
     """An engine sized for one image request of n images of a prompt_len-token prompt; layerwise: no csrc decoder
-    on the CPU; steps_per_call: Engine's max_steps_per_call; kv_cache_dtype: Engine's. Built once and reused for
-    every run, as a server holds one (its set-up: the KV pool, on a GPU the CUDA graphs' capture, is timed apart)."""
+    on the CPU; steps_per_call: Engine's max_steps_per_call; kv_cache_dtype, block_size: Engine's. Built once and
+    reused for every run, as a server holds one (its set-up: the KV pool, on a GPU the CUDA graphs' capture, is
+    timed apart)."""
     from janus_rt.engine import Engine
 
-    eng = Engine.for_requests(model, [(prompt_len, n)], block_size=BLOCK_SIZE, cuda_graphs=cuda_graphs,
+    eng = Engine.for_requests(model, [(prompt_len, n)], block_size=block_size, cuda_graphs=cuda_graphs,
                               max_steps_per_call=steps_per_call, kv_cache_dtype=kv_cache_dtype)
     if layerwise:
         eng.runner.fused_cpu_decode = False
@@ -116,11 +118,11 @@ def bench_engine(model, prompt_len, n, cuda_graphs=False, layerwise=False, steps
 
 
 def image_engine(model, prompt, n, tokens=None, cuda_graphs=False, layerwise=False, steps_per_call=8,
-                 kv_cache_dtype=None):
+                 kv_cache_dtype=None, block_size=BLOCK_SIZE):
     """A bench_engine holding one image request (n images of `prompt`, `tokens` each)."""
     from janus_rt.engine import SamplingParams
 
-    eng = bench_engine(model, len(prompt), n, cuda_graphs, layerwise, steps_per_call, kv_cache_dtype)
+    eng = bench_engine(model, len(prompt), n, cuda_graphs, layerwise, steps_per_call, kv_cache_dtype, block_size)
     eng.add_image_request(prompt, n=n, params=SamplingParams(seed=0), num_tokens=tokens)
     return eng
 
