@@ -9,7 +9,11 @@
 // The context is read in chunks of kChunk (16) tokens at fixed positions, whatever the cache's block size: an online
 // softmax per query head rescales its accumulator once per chunk, so a row's result does not depend on the block
 // size (a chunk across cache blocks, where bs is not a multiple of 16, is copied to staging rows first; with bs a
-// multiple of 16 every chunk is read in place).
+// multiple of 16 every chunk is read in place). The copies cost (2-core Zen 4, forty-first session, bench_ab
+// --block-sizes, 1B dims bf16, 32 rows x 308 tokens, middle half, GB/s): bs 16 31.9, 24 28.9, 8 22.0, 5 20.4; in
+// another A/B against the kernel before (block by block) bs 8 21.7 vs 31.4, 5 20.2 vs 23.0. Reading the chunks in
+// runs, one per block, through per-token row pointers instead (no copies; bs 8 as fast as before) cost the small
+// shape's fp32 attention 3-5 % at bs 16 in repeated A/Bs, so it was not taken.
 // V is accumulated for 16 vectors of the task's output row at a time over the chunk's tokens (each token's V read as
 // long runs; fp32 small shape +4-10 %, Janus-Pro-1B dims bf16 +8-12 %, fp32 +5 % from DRAM, bit-identical:
 // bench/RESULTS.md 2026-12-03).
