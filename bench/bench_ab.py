@@ -231,8 +231,10 @@ def engine_case(shape: str, n: int, tokens: int, dtype: str, int8: str | None = 
                 block_size: int = 16):
     """The whole image generation of `janus-rt bench` (n images, `tokens` each) on random weights at the shape
     (int8: its projections packed as `janus-rt bench --int8 weights|w8a8`; kv_cache_dtype as its --kv-cache-dtype),
-    in KV blocks of block_size: run(mod) patches cpu_ops to call that build, runs the engine, and returns the tokens.
-    The rate reported is the roofline's bytes per decode step over the measured ms per step."""
+    in KV blocks of block_size: run(mod) builds and runs the engine with cpu_ops on that build (use_build: the
+    engine's packed copies of an unpacked model are that build's too; an int8 model is packed once, by this
+    checkout's) and returns the tokens. The rate reported is the roofline's bytes per decode step over the measured ms
+    per step."""
     from janus_rt.engine.benchmark import image_engine
     from janus_rt.engine.roofline import decode_step_bytes_flops
 
@@ -241,16 +243,12 @@ def engine_case(shape: str, n: int, tokens: int, dtype: str, int8: str | None = 
     step_bytes, _ = decode_step_bytes_flops(model, 2 * n, len(prompt) + tokens // 2,
                                             shared=(2, len(prompt) // block_size * block_size),
                                             kv_dtype=torch.int8 if kv_cache_dtype == "int8" else None)
-    real_ext = cpu_ops._ext
     last = {}
 
     def run(mod):
-        cpu_ops._ext = lambda: mod
-        try:
+        with use_build(mod):  # the engine's own packed copies (an unpacked model's) by that build too
             eng = image_engine(model, prompt, n, tokens, kv_cache_dtype=kv_cache_dtype, block_size=block_size)
             done = eng.run()
-        finally:
-            cpu_ops._ext = real_ext
         last["ms"], last["kv_cache_dtype"] = eng.stats.ms_per_step, str(eng.cache.dtype)
         return torch.tensor([t for r in done.values() for row in r.tokens for t in row], dtype=torch.float32)
 

@@ -913,6 +913,12 @@ def test_bench_ab_smoke(monkeypatch):
             assert a.packed and b.packed and not a.packed & b.packed  # two copies, one by each build
             if op == "packed_gemv":  # and each build's GEMV read its own
                 assert a.read == a.packed and b.read == b.packed
+        for b in builds:
+            b.packed.clear()
+        ab.main(argparse.Namespace(**{**vars(args), "op": "engine", "dtype": "fp32", "int8": None,
+                                      "kv_cache_dtype": "auto", "pack_per_build": False}))
+        a, b = builds  # the engine's own packed copies: by the build that runs it (freed after each run, so the
+        assert a.packed and b.packed  # next engine's may reuse the addresses)
     for op in ("attention", "layers", "engine"):  # each build at two KV block sizes: the same outputs, four columns
         out = ab.main(argparse.Namespace(**{**vars(args), "op": op, "dtype": "fp32", "int8": None,
                                             "kv_cache_dtype": "auto", "block_sizes": "16,5"}))
