@@ -106,6 +106,35 @@ def test_wide_tables_split_rows_as_exact_ones(num_splits, variant, device, monke
 
 
 @pytest.mark.parametrize("variant", ["block", "slots"])
+@pytest.mark.parametrize("want", [1, 2, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_size_does_not_change_the_result(want, dtype, variant, device, monkeypatch):
+    # The same context in pages of 16, 5, 32 or 1 tokens gives the same bits: a program steps BLOCK_N tokens
+    # whatever the page size, and a row's splits follow its own length (min(want, ceil(ctx / 128))), not the
+    # table's width. want: the automatic count's share from the batch (1: no split path; 2, 8: 1-2 splits a row).
+    monkeypatch.setattr(paged_attention, "_auto_num_splits",
+                        lambda b, h, max_context, sms: min(want, -(-max_context // 128)))
+    lens = [1, 40, 250, 129, 0]  # tables of 272, 255, 288, 251 slots: 3, 2, 3, 2 splits of 128 (want 8)
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randn(n, 2, 2, 32, generator=g).to(dtype) for n in lens]  # token, (k, v), head, dim
+    q = torch.randn(len(lens), 2, 32, generator=g).to(device, dtype)
+    cl = torch.tensor(lens, dtype=torch.int32, device=device)
+    outs = {}
+    for bs in (16, 5, 32, 1):
+        width = -(-max(lens) // bs) + 1
+        order = torch.randperm(len(lens) * width + 2, generator=g)
+        cache = torch.zeros(len(order), bs, 2, 2, 32, dtype=dtype)
+        tables = order[: len(lens) * width].view(len(lens), width).int()
+        for b, r in enumerate(rows):
+            for t in range(len(r)):
+                cache[tables[b, t // bs], t % bs] = r[t]
+        kc, vc = (cache[:, :, i].contiguous().to(device) for i in (0, 1))
+        outs[bs] = K.paged_decode_attention(q, kc, vc, tables.to(device), cl, variant=variant)
+    for bs, o in outs.items():
+        assert torch.equal(o, outs[16]), f"page size {bs}"
+
+
+@pytest.mark.parametrize("variant", ["block", "slots"])
 @pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision(dtype, num_splits, variant, device):
