@@ -22,18 +22,19 @@ helps when memory is slow, fast, or both.
 A build is a folder holding janus_rt/_C*.so (its name in the table: the folder's). Inputs are made once with this
 checkout's cpu_ops (PackedWeight's layout), so the builds must agree on that layout, unless --pack-per-build
 (packed_gemv, layers): then each build packs its own copy of the same weights, so builds whose layouts differ (K tile
-sizes, say) can be compared; the weights are held once per build.
+sizes, say) can be compared; the weights are held once per build (and per block size, below).
 
     python bench/bench_ab.py --builds .,/tmp/b --op packed_gemv --shape 1b -M 32 --dtype bf16 --pack-per-build
 
 --block-sizes (attention, layers, engine) runs each build at each KV block size, a column per pair; one build at
-two block sizes compares the sizes:
+two block sizes compares the sizes (the engine's GB/s count each size's own roofline bytes: a bigger block shares
+fewer prompt tokens, so the header gives the bytes per call of each size):
 
     python bench/bench_ab.py --builds . --op engine --shape 1b -n 4 --tokens 96 --dtype bf16 --block-sizes 16,32
 """
-import functools
 import argparse
 import contextlib
+import functools
 import glob
 import importlib.util
 import os
@@ -276,7 +277,7 @@ def main(args) -> dict:
         raise SystemExit("--pack-per-build: for --op packed_gemv or layers only")
     packers = list(mods.values()) if pack_per_build else [None]
     sizes = [int(b) for b in str(getattr(args, "block_sizes", "16")).split(",")]
-    if len(sizes) > 1 and args.op == "packed_gemv":
+    if sizes != [16] and args.op == "packed_gemv":
         raise SystemExit("--block-sizes: for --op attention, layers or engine")
     if any(b < 1 for b in sizes) or len(set(sizes)) < len(sizes):
         raise SystemExit(f"--block-sizes: distinct sizes >= 1, got {sizes}")
@@ -296,6 +297,7 @@ def main(args) -> dict:
             nbytes, run, what = attention_case(args.shape, rows, args.context, args.dtype, min_bytes, block_size=bs)
         for name, mod in mods.items():
             columns[name if len(sizes) == 1 else f"{name} bs {bs}"] = (mod, run, nbytes, step)
+    per_call = " / ".join(dict.fromkeys(f"{c[2] / 1e6:.0f}" for c in columns.values()))  # MB, by block size
     if args.op != "packed_gemv":
         what += f", KV block size {' / '.join(map(str, sizes))}"
     if args.op in ("packed_gemv", "layers") and nbytes < min_bytes:  # the shape holds no more than this
@@ -314,15 +316,15 @@ def main(args) -> dict:
             cpu_ops.stream_sum(stream[(3 * rep + i) % len(stream)])
         st.append((64 << 20) / (time.perf_counter() - t) / 1e9)
         for name in (names if rep % 2 == 0 else names[::-1]):
-            mod, run, nbytes, step = columns[name]
+            col_mod, col_run, col_bytes, col_step = columns[name]
             t = time.perf_counter()
-            run(mod)
-            dt = time.perf_counter() - t if step is None else step["ms"] / 1e3  # engine: per decode step
-            rates[name].append(nbytes / dt / 1e9)
+            col_run(col_mod)
+            dt = time.perf_counter() - t if col_step is None else col_step["ms"] / 1e3  # engine: per decode step
+            rates[name].append(col_bytes / dt / 1e9)
     order = sorted(range(len(st)), key=st.__getitem__)
     q = max(1, len(order) // 4)
     bins = {"slowest quarter": order[:q], "middle half": order[q:-q] or order, "fastest quarter": order[-q:]}
-    print(f"# bench_ab: {what}; {nbytes / 1e6:.0f} MB per call, {args.reps} repetitions, "
+    print(f"# bench_ab: {what}; {per_call} MB per call, {args.reps} repetitions, "
           f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}")
     print("| memory state | stream GB/s | " + " | ".join(f"{n} GB/s" for n in names) + " |")
     print("|---|---|" + "---|" * len(names))

@@ -8,12 +8,13 @@
 // loops over D run on the int8 values as they do on bf16 ones, at half the bytes.
 // The context is read in chunks of kChunk (16) tokens at fixed positions, whatever the cache's block size: an online
 // softmax per query head rescales its accumulator once per chunk, so a row's result does not depend on the block
-// size (a chunk across cache blocks, where bs is not a multiple of 16, is copied to staging rows first; with bs a
-// multiple of 16 every chunk is read in place). The copies cost (2-core Zen 4, forty-first session, bench_ab
-// --block-sizes, 1B dims bf16, 32 rows x 308 tokens, middle half, GB/s): bs 16 31.9, 24 28.9, 8 22.0, 5 20.4; in
-// another A/B against the kernel before (block by block) bs 8 21.7 vs 31.4, 5 20.2 vs 23.0. Reading the chunks in
-// runs, one per block, through per-token row pointers instead (no copies; bs 8 as fast as before) cost the small
-// shape's fp32 attention 3-5 % at bs 16 in repeated A/Bs, so it was not taken.
+// size. A chunk across cache blocks (bs not a multiple of 16) is read in runs, one per block, through per-token row
+// pointers: its tokens get the same arithmetic as in one block. 2-core Zen 4, forty-first session, bench_ab
+// --block-sizes, 32 rows x 308 tokens, middle half, GB/s, bs 16 / 8 / 5: 1B dims bf16 32.1 / 31.8 / 31.8 (summing
+// block by block before: 31.7 / 31.8 / 22.9), int8 28.4 / 28.1 / 27.3 (28.1 / 26.0 / 15.9); the small shape fp32
+// 25.5 / 24.6 / 25.0 (26.7 / 25.5 / 19.3), its 3-5 % loss at bs 16 seen in every repeated A/B (five variants did not
+// remove it; it looks like code placement: changing only the signature of a score kernel that shape never calls cost
+// it ~2 %). Copying such chunks to staging rows instead kept bs 16's code but cost bs 8 31-44 %.
 // V is accumulated for 16 vectors of the task's output row at a time over the chunk's tokens (each token's V read as
 // long runs; fp32 small shape +4-10 %, Janus-Pro-1B dims bf16 +8-12 %, fp32 +5 % from DRAM, bit-identical:
 // bench/RESULTS.md 2026-12-03).
@@ -79,6 +80,7 @@ constexpr int kW = simd::kWidth;
 #define JR_ATTN_K_DURING_V -1  // with this chunk's V; -1: by the CPU (1 on Zen 4; see the top)
 #endif
 constexpr int64_t kTokenMajorBytes = 2048;  // token-major K scoring for fp32 task rows up to this (see the top)
+constexpr int64_t kChunk = JR_ATTN_CHUNK;   // tokens per online-softmax step (see the top)
 
 // RangePrefetcher's locality on this CPU (see the top).
 inline int prefetch_locality() { return cpu::zen5_or_later() ? JR_ATTN_PF_LOCALITY_ZEN5 : JR_ATTN_PF_LOCALITY; }
@@ -92,24 +94,57 @@ inline bool k_during_v() {
 #endif
 }
 
+// Chunk i of a row (its tokens [i * kChunk, i * kChunk + n), none past the row's length): token t's K and V rows at
+// k[t], v[t] (flat cache slot st: kc + st * row, vc + st * row), in `runs` runs of tokens that lie in one cache block,
+// run r = tokens [cut[r], cut[r + 1]) (one run wherever bs is a multiple of kChunk); st0 the first token's slot.
+template <typename TKV>
+struct ChunkRows {
+  const TKV* k[kChunk];
+  const TKV* v[kChunk];
+  int64_t cut[kChunk + 1];
+  int64_t n = 0, runs = 0, st0 = 0;
+  // bt_row: the row's block table; len: its tokens
+  void fill(const TKV* kc, const TKV* vc, const int32_t* bt_row, int64_t bs, int64_t row, int64_t len, int64_t i) {
+    const int64_t p0 = i * kChunk;
+    n = std::max<int64_t>(0, std::min(kChunk, len - p0)), runs = 0;
+    for (int64_t t = 0; t < n; ++runs) {
+      const int64_t p = p0 + t, blk = p / bs, o = p - blk * bs, end = t + std::min(n - t, bs - o);
+      int64_t st = int64_t(bt_row[blk]) * bs + o;
+      if (runs == 0) st0 = st;
+      cut[runs] = t;
+      for (; t < end; ++t, ++st) k[t] = kc + st * row, v[t] = vc + st * row;
+    }
+    cut[runs] = n;
+  }
+};
+
 // Prefetches the task's part of the tokens of two chunks (the next chunk's K, this chunk's V: per token `seg`
-// elements at a stride of `row`; one contiguous range where the task reads whole rows) line by line in address
-// order, `per` lines of each per issue(), so the lines are requested at an even rate over a chunk's issue() calls
-// rather than in one burst. Or (v_calls > 0) this chunk's V alone over the K scoring's issue() calls and the next
-// block's K over the V pass's v_calls issue_a() calls.
+// elements from its row + off) line by line, token after token, `per` lines of each per issue(), so the lines are
+// requested at an even rate over a chunk's issue() calls rather than in one burst. Or (v_calls > 0) this chunk's V
+// alone over the K scoring's issue() calls and the next chunk's K over the V pass's v_calls issue_a() calls.
 struct RangePrefetcher {
   struct Stream {
-    uintptr_t start = 0, cur = 0, end = 0;  // this token's segment [start, end) and its next line
-    int64_t seg = 0, stride = 0, left = 0;  // segment and stride bytes; tokens after this one
-    void init(const void* p, int64_t seg_bytes, int64_t stride_bytes, int64_t tokens) {
-      start = reinterpret_cast<uintptr_t>(p), cur = start & ~uintptr_t(63), end = tokens > 0 ? start + seg_bytes : 0;
-      seg = seg_bytes, stride = stride_bytes, left = std::max<int64_t>(tokens - 1, 0);
+    uintptr_t run_at[kChunk];                 // each run's first segment
+    int64_t run_len[kChunk];                  // and its tokens (segments `stride` bytes apart)
+    uintptr_t start = 0, cur = 0, end = 0;    // this token's segment [start, end) and its next line
+    int64_t seg = 0, stride = 0, left = 0;    // segment and stride bytes; the run's tokens after this one
+    int64_t next = 0, runs = 0;               // the next run; runs
+    template <typename T>
+    void init(const ChunkRows<T>& c, const T* const* rows, int64_t off, int64_t seg_bytes, int64_t stride_bytes) {
+      for (int64_t r = 0; r < c.runs; ++r)
+        run_at[r] = reinterpret_cast<uintptr_t>(rows[c.cut[r]] + off), run_len[r] = c.cut[r + 1] - c.cut[r];
+      start = cur = end = 0, seg = seg_bytes, stride = stride_bytes, left = 0, next = 0, runs = c.runs;
     }
     template <int Loc>
     void step() {
       if (cur >= end) {
-        if (left == 0) return;
-        --left, start += stride, cur = start & ~uintptr_t(63), end = start + seg;
+        if (left > 0)
+          --left, start += stride;
+        else if (next < runs)
+          start = run_at[next], left = run_len[next] - 1, ++next;
+        else
+          return;
+        cur = start & ~uintptr_t(63), end = start + seg;
       }
       __builtin_prefetch(reinterpret_cast<const char*>(cur), 0, Loc);
       cur += 64;
@@ -120,18 +155,20 @@ struct RangePrefetcher {
   int64_t per_a = 0;    // lines of a per issue_a()
   bool a_in_v = false;  // stream a (the next chunk's K) issued by issue_a() during the V pass
   bool zen5 = cpu::zen5_or_later();  // the locality: JR_ATTN_PF_LOCALITY_ZEN5 there, else JR_ATTN_PF_LOCALITY
+  // a: the next chunk's K rows + off, b: this chunk's V rows + off (at least one token), seg elements of each;
+  // row: elements from a token to the next in a cache block
   template <typename T>
-  void set(const T* pa, int64_t na, const T* pb, int64_t nb, int64_t seg, int64_t row, int64_t calls,
+  void set(const ChunkRows<T>& next, const ChunkRows<T>& cur, int64_t off, int64_t seg, int64_t row, int64_t calls,
            int64_t v_calls = 0) {
-    const int64_t seg_bytes = seg * int64_t(sizeof(T));
-    a.init(pa, seg_bytes, row * int64_t(sizeof(T)), na);
-    b.init(pb, seg_bytes, row * int64_t(sizeof(T)), nb);
-    const auto lines = [&](const T* p, int64_t tokens) {
-      return tokens * ((int64_t(reinterpret_cast<uintptr_t>(p) & 63) + seg_bytes + 63) / 64);
+    const int64_t seg_bytes = seg * int64_t(sizeof(T)), na = next.n, nb = cur.n;
+    a.init(next, next.k, off, seg_bytes, row * int64_t(sizeof(T)));
+    b.init(cur, cur.v, off, seg_bytes, row * int64_t(sizeof(T)));
+    const auto lines = [&](uintptr_t p, int64_t tokens) {  // (the first token's alignment for all)
+      return tokens * ((int64_t(p & 63) + seg_bytes + 63) / 64);
     };
     a_in_v = v_calls > 0;
-    per = calls > 0 ? (lines(pb, a_in_v ? nb : std::max(na, nb)) + calls - 1) / calls : 0;
-    per_a = a_in_v ? (lines(pa, na) + v_calls - 1) / v_calls : 0;
+    per = calls > 0 ? (lines(b.run_at[0], a_in_v ? nb : std::max(na, nb)) + calls - 1) / calls : 0;
+    per_a = a_in_v && na > 0 ? (lines(a.run_at[0], na) + v_calls - 1) / v_calls : 0;
   }
   template <int Loc>
   void steps() {
@@ -336,22 +373,36 @@ inline __m256 reduce8(vf b0, vf b1, vf b2, vf b3, vf b4, vf b5, vf b6, vf b7) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-// q . k_j for the 8 keys k + j * ldk over D (a multiple of kWidth) -> [q.k_0, ..., q.k_7]: eight accumulators.
+// q . k_j for 8 keys k_0 ... k_7 over D (a multiple of kWidth) -> [q.k_0, ..., q.k_7]: eight accumulators.
 template <typename T>
-inline __m256 dots8(const float* q, const T* k, int64_t ldk, int64_t D) {
+inline __m256 dots8(const float* q, const T* k0, const T* k1, const T* k2, const T* k3, const T* k4, const T* k5,
+                    const T* k6, const T* k7, int64_t D) {
   vf b0 = simd::zero(), b1 = b0, b2 = b0, b3 = b0, b4 = b0, b5 = b0, b6 = b0, b7 = b0;
   for (int64_t d = 0; d < D; d += kW) {
     const vf qv = simd::load(q + d);
-    b0 = simd::fma(simd::load_as_float(k + d), qv, b0);
-    b1 = simd::fma(simd::load_as_float(k + ldk + d), qv, b1);
-    b2 = simd::fma(simd::load_as_float(k + 2 * ldk + d), qv, b2);
-    b3 = simd::fma(simd::load_as_float(k + 3 * ldk + d), qv, b3);
-    b4 = simd::fma(simd::load_as_float(k + 4 * ldk + d), qv, b4);
-    b5 = simd::fma(simd::load_as_float(k + 5 * ldk + d), qv, b5);
-    b6 = simd::fma(simd::load_as_float(k + 6 * ldk + d), qv, b6);
-    b7 = simd::fma(simd::load_as_float(k + 7 * ldk + d), qv, b7);
+    b0 = simd::fma(simd::load_as_float(k0 + d), qv, b0);
+    b1 = simd::fma(simd::load_as_float(k1 + d), qv, b1);
+    b2 = simd::fma(simd::load_as_float(k2 + d), qv, b2);
+    b3 = simd::fma(simd::load_as_float(k3 + d), qv, b3);
+    b4 = simd::fma(simd::load_as_float(k4 + d), qv, b4);
+    b5 = simd::fma(simd::load_as_float(k5 + d), qv, b5);
+    b6 = simd::fma(simd::load_as_float(k6 + d), qv, b6);
+    b7 = simd::fma(simd::load_as_float(k7 + d), qv, b7);
   }
   return reduce8(b0, b1, b2, b3, b4, b5, b6, b7);
+}
+
+// The 8 keys k + j * ldk (8 tokens of one cache block).
+template <typename T>
+inline __m256 dots8(const float* q, const T* k, int64_t ldk, int64_t D) {
+  return dots8(q, k, k + ldk, k + 2 * ldk, k + 3 * ldk, k + 4 * ldk, k + 5 * ldk, k + 6 * ldk, k + 7 * ldk, D);
+}
+
+// The 8 keys rows[j] + off (8 tokens in any places; the same bits as above for the same keys).
+template <typename T>
+inline __m256 dots8_rows(const float* q, const T* const* rows, int64_t off, int64_t D) {
+  return dots8(q, rows[0] + off, rows[1] + off, rows[2] + off, rows[3] + off, rows[4] + off, rows[5] + off,
+               rows[6] + off, rows[7] + off, D);
 }
 
 // q_h . k_row[off[h] : off[h] + D] for 8 query heads h (q_h = q + h * D) of one cached token -> [s_0, ..., s_7]:
@@ -421,7 +472,7 @@ inline void check_tables(const int32_t* bt, const int32_t* cl, int64_t B, int64_
 // own task (the team then reaches the barrier together: one 300-token row of the small shape was one ~100 us task;
 // parts: attention +6-9 % from DRAM) and attend_for's second loop merges them after the barrier; else a task runs all
 // parts of its row and merges them itself (separate part tasks cost the 1B shape's 32 rows 2-4 %).
-constexpr int64_t kChunk = JR_ATTN_CHUNK, kPartChunks = JR_ATTN_PART_CHUNKS;
+constexpr int64_t kPartChunks = JR_ATTN_PART_CHUNKS;
 constexpr int64_t kTasksPerThread = 8;
 
 inline int64_t head_chunks(int64_t B, int64_t Hkv, int64_t threads) {
@@ -496,12 +547,9 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
   std::vector<float> s(static_cast<size_t>(hq_max * kChunk)), m(static_cast<size_t>(hq_max)), l(m.size());
   std::vector<int64_t> off(static_cast<size_t>(hq_max));  // query head h of the task reads row[off[h] :]
   std::vector<float> local(plan.split ? 0 : size_t(plan.max_parts * plan.slot_size()));  // unsplit: the parts' states
-  // a chunk across cache blocks is copied here first (the task's heads of each token, at the cache's row layout)
-  const bool staged = bs % kChunk != 0;
-  std::vector<TKV> k_st(staged ? size_t(kChunk * row) : 0), v_st(k_st.size());
-  std::vector<float> ks_st(staged && ks ? size_t(kChunk * Hkv) : 0), vs_st(ks_st.size());
-  // flat cache slot of token p of row b (block bt[p / bs], offset p % bs)
-  const auto slot = [&](int64_t b, int64_t p) { return int64_t(bt[b * max_blocks + p / bs]) * bs + p % bs; };
+  // an int8 cache's scales of a chunk across cache blocks, gathered (token t, kv head hk at t * Hkv + hk)
+  std::vector<float> ks_st(bs % kChunk != 0 && ks ? size_t(kChunk * Hkv) : 0), vs_st(ks_st.size());
+  ChunkRows<TKV> rows[2];  // a chunk's and the next one's
 #pragma omp for schedule(dynamic, 1)
   for (int64_t task = 0; task < plan.tasks(); ++task) {
     const int64_t item = task / chunks, b = plan.item_b[item];
@@ -527,41 +575,35 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.0f);
       const int64_t i_end = std::min(num_chunks(len), (part + 1) * kPartChunks);
-      for (int64_t i = part * kPartChunks; i < i_end; ++i) {
-        // chunk i: tokens [p0, p0 + n), read in place where they lie in one cache block (always, where bs is a
-        // multiple of kChunk), else copied to the staging rows first; token t's row at kb + t * row, vb + t * row,
-        // an int8 cache's scales at ksb + t * Hkv, vsb + t * Hkv
-        const int64_t p0 = i * kChunk, n = std::min(kChunk, len - p0);
-        const TKV *kb = kc, *vb = vc;
-        const float *ksb = ks, *vsb = vs;
-        if (p0 / bs == (p0 + n - 1) / bs) {
-          const int64_t s0 = slot(b, p0);
-          kb += s0 * row, vb += s0 * row;
-          if (ks) ksb += s0 * Hkv, vsb += s0 * Hkv;
-        } else {
-          const int64_t w = (hk1 - hk0) * D;
+      ChunkRows<TKV>*cur = &rows[0], *nxt = &rows[1];
+      cur->fill(kc, vc, bt + b * max_blocks, bs, row, len, part * kPartChunks);
+      for (int64_t i = part * kPartChunks; i < i_end; ++i, std::swap(cur, nxt)) {
+        // chunk i (cur) and the next (nxt, none past the row's end); every token gets the same arithmetic whatever
+        // the runs: the scores of 8 tokens are dots8 of 8 rows in any places, the V passes run over the runs in order
+        nxt->fill(kc, vc, bt + b * max_blocks, bs, row, len, i + 1);
+        const int64_t n = cur->n, runs = cur->runs;
+        const TKV* const* kr = cur->k;
+        const TKV* const* vr = cur->v;
+        const float *ksb = ks, *vsb = vs;  // an int8 cache's scales: token t, kv head hk at t * Hkv + hk
+        if (ks && runs == 1) {
+          ksb += cur->st0 * Hkv, vsb += cur->st0 * Hkv;
+        } else if (ks) {
           for (int64_t t = 0; t < n; ++t) {
-            const int64_t st = slot(b, p0 + t);
-            std::copy(kc + st * row + off[0], kc + st * row + off[0] + w, k_st.data() + t * row + off[0]);
-            std::copy(vc + st * row + off[0], vc + st * row + off[0] + w, v_st.data() + t * row + off[0]);
-            if (ks) {
-              std::copy(ks + st * Hkv + hk0, ks + st * Hkv + hk1, ks_st.data() + t * Hkv + hk0);
-              std::copy(vs + st * Hkv + hk0, vs + st * Hkv + hk1, vs_st.data() + t * Hkv + hk0);
-            }
+            const int64_t st = (kr[t] - kc) / row;
+            std::copy(ks + st * Hkv + hk0, ks + st * Hkv + hk1, ks_st.data() + t * Hkv + hk0);
+            std::copy(vs + st * Hkv + hk0, vs + st * Hkv + hk1, vs_st.data() + t * Hkv + hk0);
           }
-          kb = k_st.data(), vb = v_st.data(), ksb = ks_st.data(), vsb = vs_st.data();
+          ksb = ks_st.data(), vsb = vs_st.data();
         }
-        // the row's next chunk's K (its tokens in their first block; in this part or the next: a part run as its
-        // own task may leave the next one to the other thread) and this chunk's V, prefetched over the K-scoring
-        // calls (see the top)
+        // V over the runs: fn(first token, tokens) per run, in token order
+        const auto over_runs = [&](auto fn) {
+          for (int64_t r = 0; r < runs; ++r) fn(cur->cut[r], cur->cut[r + 1] - cur->cut[r]);
+        };
+        // the row's next chunk's K (in this part or the next: a part run as its own task may leave the next one to
+        // the other thread) and this chunk's V, prefetched over the K-scoring calls (see the top)
         RangePrefetcher pf;
-        {
-          const int64_t p1 = p0 + kChunk;
-          const int64_t n_next = p1 < len ? std::min({kChunk, len - p1, bs - p1 % bs}) : 0;
-          const TKV* k_next = kc + (n_next ? slot(b, p1) * row : 0);
-          pf.set(k_next + off[0], n_next, vb + off[0], n, (hk1 - hk0) * D, row, token_major ? n : n / 8 * nh,
-                 k_in_v ? n * (nh * D / (kSeg * kW)) : 0);
-        }
+        pf.set(*nxt, *cur, off[0], (hk1 - hk0) * D, row, token_major ? n : n / 8 * nh,
+               k_in_v ? n * (nh * D / (kSeg * kW)) : 0);
         int64_t t = 0;
 #ifdef JR_ATTN_AVX2
         if (token_major) {
@@ -574,11 +616,11 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
             pf.issue();
             for (int64_t h = 0; h < nh; h += 8)
               _mm256_storeu_ps(&s[t * nh + h],
-                               _mm256_mul_ps(dots8_heads(&qf[h * D], kb + t * row, &off[h], D), sc));
+                               _mm256_mul_ps(dots8_heads(&qf[h * D], kr[t], &off[h], D), sc));
           }
           for (; t < n; ++t)
             for (int64_t h = 0; h < nh; ++h)
-              s[t * nh + h] = dot(&qf[h * D], kb + t * row + off[h], D) * sm_scale;
+              s[t * nh + h] = dot(&qf[h * D], kr[t] + off[h], D) * sm_scale;
           for (int64_t h = 0; h < nh; h += 8) {
             __m256 mb = _mm256_loadu_ps(&m[h]);
             for (int64_t u = 0; u < n; ++u) mb = _mm256_max_ps(mb, _mm256_loadu_ps(&s[u * nh + h]));
@@ -608,7 +650,10 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
               m[h + j] = mbs[j];
             }
           }
-          accumulate_v_rows(acc.data(), s.data(), 1, nh, vb + off[0], row, n, nh * D, D, k_in_v ? &pf : nullptr);
+          over_runs([&](int64_t t0, int64_t m) {
+            accumulate_v_rows(acc.data(), &s[t0 * nh], 1, nh, vr[t0] + off[0], row, m, nh * D, D,
+                              k_in_v ? &pf : nullptr);
+          });
           continue;
         }
         if (D % kW == 0) {
@@ -616,14 +661,15 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
           for (; t + 8 <= n; t += 8)
             for (int64_t h = 0; h < nh; ++h) {
               pf.issue();
-              const __m256 d8 = dots8(&qf[h * D], kb + t * row + off[h], row, D);
+              const __m256 d8 = runs == 1 ? dots8(&qf[h * D], kr[t] + off[h], row, D)
+                                          : dots8_rows(&qf[h * D], &kr[t], off[h], D);
               _mm256_storeu_ps(&s[h * kChunk + t], _mm256_mul_ps(d8, sc));
             }
         }
 #endif
         for (; t < n; ++t)
           for (int64_t h = 0; h < nh; ++h)
-            s[h * kChunk + t] = dot(&qf[h * D], kb + t * row + off[h], D) * sm_scale;
+            s[h * kChunk + t] = dot(&qf[h * D], kr[t] + off[h], D) * sm_scale;
         if (ks)
           for (int64_t h = 0; h < nh; ++h)
             for (int64_t u = 0; u < n; ++u) s[h * kChunk + u] *= ksb[u * Hkv + hk0 + h / G];
@@ -640,17 +686,23 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
           l[h] += exp_sub_sum(&s[h * kChunk], n, mz);
           if (vs)
             for (int64_t u = 0; u < n; ++u) s[h * kChunk + u] *= vsb[u * Hkv + hk0 + h / G];
-          if (!rows_v) accumulate_v(&acc[h * D], &s[h * kChunk], vb + off[h], row, n, D);
+          if (!rows_v)
+            over_runs([&](int64_t t0, int64_t m) {
+              accumulate_v(&acc[h * D], &s[h * kChunk + t0], vr[t0] + off[h], row, m, D);
+            });
         }
         if (rows_v)
-          accumulate_v_rows(acc.data(), s.data(), kChunk, 1, vb + off[0], row, n, nh * D, D, k_in_v ? &pf : nullptr);
+          over_runs([&](int64_t t0, int64_t m) {
+            accumulate_v_rows(acc.data(), &s[t0], kChunk, 1, vr[t0] + off[0], row, m, nh * D, D,
+                              k_in_v ? &pf : nullptr);
+          });
       }
       if (parts > 1) {  // this part's state, for the merge
-        float* slot = (plan.split ? plan.scratch.data() + task * plan.slot_size()
-                                  : local.data() + part * plan.slot_size());
-        std::copy(m.begin(), m.begin() + nh, slot);
-        std::copy(l.begin(), l.begin() + nh, slot + hq_max);
-        std::copy(acc.begin(), acc.begin() + nh * D, slot + 2 * hq_max);
+        float* state = (plan.split ? plan.scratch.data() + task * plan.slot_size()
+                                   : local.data() + part * plan.slot_size());
+        std::copy(m.begin(), m.begin() + nh, state);
+        std::copy(l.begin(), l.begin() + nh, state + hq_max);
+        std::copy(acc.begin(), acc.begin() + nh * D, state + 2 * hq_max);
         continue;
       }
       for (int64_t h = 0; h < nh; ++h) {

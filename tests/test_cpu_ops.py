@@ -928,7 +928,7 @@ def test_bench_ab_smoke(monkeypatch):
     args.kv_cache_dtype = "auto"  # the misuse below, one at a time
     with pytest.raises(SystemExit, match="--block-sizes"):
         ab.main(argparse.Namespace(**{**vars(args), "op": "packed_gemv", "dtype": "fp32", "int8": None,
-                                      "block_sizes": "16,32"}))
+                                      "block_sizes": "32"}))
     with pytest.raises(SystemExit, match="--block-sizes"):
         ab.main(argparse.Namespace(**{**vars(args), "op": "attention", "dtype": "fp32", "int8": None,
                                       "block_sizes": "16,16"}))
