@@ -6,6 +6,8 @@
 // all math in fp32. Query head h reads kv head h / (H / Hkv). An int8 cache's scales are applied to a chunk's
 // scores (s = sm_scale * (q . k) * k_scale) and to its softmax weights before the V pass (p * v_scale), so the
 // loops over D run on the int8 values as they do on bf16 ones, at half the bytes.
+// The bit-identities claimed below (paths, batches, block sizes) assume no FMA contraction of separate multiplies and
+// adds (-ffp-contract=off, as setup.py builds).
 // The context is read in chunks of kChunk (16) tokens at fixed positions, whatever the cache's block size: an online
 // softmax per query head rescales its accumulator once per chunk, so a row's result does not depend on the block
 // size. A chunk across cache blocks (bs not a multiple of 16) is read in runs, one per block, through per-token row
@@ -650,8 +652,8 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
               m[h + j] = mbs[j];
             }
           }
-          over_runs([&](int64_t t0, int64_t m) {
-            accumulate_v_rows(acc.data(), &s[t0 * nh], 1, nh, vr[t0] + off[0], row, m, nh * D, D,
+          over_runs([&](int64_t t0, int64_t nt) {
+            accumulate_v_rows(acc.data(), &s[t0 * nh], 1, nh, vr[t0] + off[0], row, nt, nh * D, D,
                               k_in_v ? &pf : nullptr);
           });
           continue;
@@ -687,13 +689,13 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
           if (vs)
             for (int64_t u = 0; u < n; ++u) s[h * kChunk + u] *= vsb[u * Hkv + hk0 + h / G];
           if (!rows_v)
-            over_runs([&](int64_t t0, int64_t m) {
-              accumulate_v(&acc[h * D], &s[h * kChunk + t0], vr[t0] + off[h], row, m, D);
+            over_runs([&](int64_t t0, int64_t nt) {
+              accumulate_v(&acc[h * D], &s[h * kChunk + t0], vr[t0] + off[h], row, nt, D);
             });
         }
         if (rows_v)
-          over_runs([&](int64_t t0, int64_t m) {
-            accumulate_v_rows(acc.data(), &s[t0], kChunk, 1, vr[t0] + off[0], row, m, nh * D, D,
+          over_runs([&](int64_t t0, int64_t nt) {
+            accumulate_v_rows(acc.data(), &s[t0], kChunk, 1, vr[t0] + off[0], row, nt, nh * D, D,
                               k_in_v ? &pf : nullptr);
           });
       }
