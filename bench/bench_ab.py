@@ -276,7 +276,10 @@ def main(args) -> dict:
     if pack_per_build and args.op not in ("packed_gemv", "layers"):
         raise SystemExit("--pack-per-build: for --op packed_gemv or layers only")
     packers = list(mods.values()) if pack_per_build else [None]
-    sizes = [int(b) for b in str(getattr(args, "block_sizes", "16")).split(",")]
+    try:
+        sizes = [int(b) for b in str(getattr(args, "block_sizes", "16")).split(",")]
+    except ValueError:
+        raise SystemExit(f"--block-sizes: comma-separated integers, got {args.block_sizes!r}") from None
     if sizes != [16] and args.op == "packed_gemv":
         raise SystemExit("--block-sizes: for --op attention, layers or engine")
     if any(b < 1 for b in sizes) or len(set(sizes)) < len(sizes):
