@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import bench_scripts
 from concurrency import in_threads
+from paged_layout import paged_layout
 from tolerances import assert_matches, assert_same_roundings, max_err
 from janus_rt import _C, cpu_ops, ops
 from janus_rt.kernels.kv_store import kv_store_ref
@@ -155,31 +156,13 @@ def test_paged_decode_attention_batch_invariant(poison, cache_dtype):
         assert torch.equal(alone[0], batch[b]), f"row {b} (context {lens[b]}) differs alone and in the batch"
 
 
-def _paged_layout(rows, block_size, seed):
-    """Per-sequence token rows [n_b, ...] -> a paged cache [num_blocks, block_size, ...] holding them in shuffled
-    blocks, and its block table."""
-    g = torch.Generator().manual_seed(seed)
-    need = [max(1, math.ceil(len(r) / block_size)) for r in rows]
-    width, num_blocks = max(need), sum(need) + 2
-    order = torch.randperm(num_blocks, generator=g).int()
-    cache = torch.zeros(num_blocks, block_size, *rows[0].shape[1:], dtype=rows[0].dtype)
-    bt = torch.zeros(len(rows), width, dtype=torch.int32)
-    used = 0
-    for b, r in enumerate(rows):
-        bt[b, : need[b]] = order[used : used + need[b]]
-        used += need[b]
-        for t in range(len(r)):
-            cache[bt[b, t // block_size], t % block_size] = r[t]
-    return cache, bt
-
-
 @pytest.mark.parametrize("H,Hkv,D,kv", [(8, 8, 64, torch.float32), (8, 8, 64, torch.bfloat16),
                                         (8, 2, 64, torch.float32), (4, 4, 48, torch.bfloat16), (8, 8, 64, torch.int8),
                                         (6, 3, 32, torch.int8)])
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
 def test_paged_decode_attention_block_size_invariant(poison, H, Hkv, D, kv, q_dtype):
     # The same context in caches of any block size gives the same bits: the kernel reads 16-token chunks at fixed
-    # positions (copying those that cross blocks), not cache blocks. Token-major fp32 (8 x 64), GQA, per-head and
+    # positions (reading those that cross blocks block by block), not cache blocks. Token-major fp32 (8 x 64), GQA, per-head and
     # whole-row V, int8 rows with their scales; a batch (whole-row tasks) and rows alone (head chunks, part tasks).
     g = torch.Generator().manual_seed(11)
     lens = [1, 7, 16, 17, 45, 0, 300, 129]
@@ -196,8 +179,8 @@ def test_paged_decode_attention_block_size_invariant(poison, H, Hkv, D, kv, q_dt
     cl = torch.tensor(lens, dtype=torch.int32)
     outs = {}
     for bs in (16, 1, 2, 3, 5, 24, 32, 48):
-        cache, bt = _paged_layout(rows, bs, seed=bs)
-        sc = _paged_layout(scales, bs, seed=bs)[0] if kv == torch.int8 else None
+        cache, bt = paged_layout(rows, bs, torch.Generator().manual_seed(bs))
+        sc = paged_layout(scales, bs, torch.Generator().manual_seed(bs))[0] if kv == torch.int8 else None
         extra = (sc[:, :, 0].contiguous(), sc[:, :, 1].contiguous()) if sc is not None else ()
         kc, vc = cache[:, :, 0].contiguous(), cache[:, :, 1].contiguous()
         outs[bs] = [cpu_ops.paged_decode_attention(q, kc, vc, bt, cl, None, *extra)]

@@ -5,6 +5,7 @@ import torch
 from janus_rt import kernels as K
 from janus_rt.kernels import paged_attention
 from janus_rt.kernels.paged_attention import _auto_num_splits, paged_decode_attention_ref
+from paged_layout import paged_layout
 from tolerances import assert_same_roundings
 
 
@@ -121,13 +122,7 @@ def test_block_size_does_not_change_the_result(want, dtype, variant, device, mon
     cl = torch.tensor(lens, dtype=torch.int32, device=device)
     outs = {}
     for bs in (16, 5, 32, 1):
-        width = -(-max(lens) // bs) + 1
-        order = torch.randperm(len(lens) * width + 2, generator=g)
-        cache = torch.zeros(len(order), bs, 2, 2, 32, dtype=dtype)
-        tables = order[: len(lens) * width].view(len(lens), width).int()
-        for b, r in enumerate(rows):
-            for t in range(len(r)):
-                cache[tables[b, t // bs], t % bs] = r[t]
+        cache, tables = paged_layout(rows, bs, g, spare_columns=1)
         kc, vc = (cache[:, :, i].contiguous().to(device) for i in (0, 1))
         outs[bs] = K.paged_decode_attention(q, kc, vc, tables.to(device), cl, variant=variant)
     for bs, o in outs.items():
