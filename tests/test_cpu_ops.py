@@ -162,8 +162,8 @@ def test_paged_decode_attention_batch_invariant(poison, cache_dtype):
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
 def test_paged_decode_attention_block_size_invariant(poison, H, Hkv, D, kv, q_dtype):
     # The same context in caches of any block size gives the same bits: the kernel reads 16-token chunks at fixed
-    # positions (reading those that cross blocks block by block), not cache blocks. Token-major fp32 (8 x 64), GQA, per-head and
-    # whole-row V, int8 rows with their scales; a batch (whole-row tasks) and rows alone (head chunks, part tasks).
+    # positions (those that cross blocks block by block), not cache blocks. Token-major fp32 (8 x 64), GQA, per-head
+    # and whole-row V, int8 rows with their scales; a batch (whole-row tasks) and rows alone (head chunks, part tasks).
     g = torch.Generator().manual_seed(11)
     lens = [1, 7, 16, 17, 45, 0, 300, 129]
     rows = [torch.randn(n, 2, Hkv, D, generator=g) * torch.rand(n, 2, Hkv, 1, generator=g) for n in lens]
