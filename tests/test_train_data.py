@@ -10,8 +10,9 @@ from PIL import Image
 
 from janus_rt.processing import encode_conversation
 from janus_rt.train.data import (IGNORE, SYSTEM_PROMPT, DataWarning, ManifestDataset, read_manifest)
-from janus_rt.train.synthetic import (PALETTE, QUESTIONS, caption_color_match, caption_colors, count_objects,
-                                      dominant_colors, make_synthetic)
+from janus_rt.train.synthetic import (PALETTE, QUESTIONS, SHAPES, caption_color_match, caption_colors, caption_shape,
+                                      classify_shape, count_objects, dominant_colors, draw_shape, make_synthetic,
+                                      shape_ious)
 
 N = 16  # image tokens per image in these tests (576 in the real model)
 
@@ -120,6 +121,43 @@ def test_count_objects():
     assert count_objects(arr, "blue") == 1 and count_objects(arr, "green") == 0
     with pytest.raises(ValueError, match="not a palette colour"):
         count_objects(arr, "teal")
+
+
+def test_classify_shape_finds_draw_shapes_shapes():
+    """Every shape draw_shape draws is found again from its pixels: all at 128 px; at 32 px (the embedded model's
+    images) all but circle / hexagon / pentagon mix-ups, which few pixels barely tell apart."""
+    rng = np.random.default_rng(3)
+    names = list(PALETTE)
+    for size, least in ((128, 1.0), (32, 0.85)):
+        right, confused = 0, set()
+        for i in range(140):
+            shape = list(SHAPES)[i % len(SHAPES)]
+            color, background = (names[j] for j in rng.choice(len(names), 2, replace=False))
+            img, _ = draw_shape(shape, color, background, size, rng)
+            got = classify_shape(img, color)
+            right += got == shape
+            if got != shape:
+                confused.add(frozenset((shape, got)))
+        assert right / 140 >= least, (size, right)
+        assert all(pair <= {"circle", "hexagon", "pentagon"} for pair in confused), confused
+
+
+def test_shape_ious_and_caption_shape():
+    arr = np.empty((40, 40, 3), np.uint8)
+    arr[:] = PALETTE["blue"]
+    arr[10:30, 10:30] = PALETTE["red"]  # an axis-aligned square: draw_shape's "square" (a diamond turned 45 degrees)
+    ious = shape_ious(arr, "red")
+    assert set(ious) == set(SHAPES) and max(ious, key=ious.get) == "square" and ious["square"] > 0.9
+    assert ious["diamond"] < 0.8 and classify_shape(Image.fromarray(arr), "red") == "square"
+    arr[:] = PALETTE["blue"]
+    arr[5:35, 18:22] = PALETTE["red"]  # a bar: no shape fits it well, but something is named
+    assert classify_shape(arr, "red") in SHAPES and max(shape_ious(arr, "red").values()) < 0.6
+    assert shape_ious(arr, "green") == {} and classify_shape(arr, "green") is None  # no such pixels
+    with pytest.raises(ValueError, match="not a palette colour"):
+        shape_ious(arr, "teal")
+    assert caption_shape("a large red Circle on a blue background") == "circle"
+    assert caption_shape("A star and a hexagon are different shapes.") == "star"
+    assert caption_shape("two squares") == "square" and caption_shape("a red thing") is None
 
 
 # ---- manifest validation -----------------------------------------------------------------------------------

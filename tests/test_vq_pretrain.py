@@ -119,8 +119,8 @@ def test_pretrain_from_a_manifest_folder_trains_only_the_vq(tmp_path):
 class FakeModel:
     """Stands in for Janus: 'generates' by drawing the caption with draw_shape (colour_fn may alter it)."""
 
-    def __init__(self, tok, size=32, colour_fn=None, grey=False):
-        self.tok, self.size, self.colour_fn, self.grey = tok, size, colour_fn, grey
+    def __init__(self, tok, size=32, colour_fn=None, grey=False, shape_fn=None):
+        self.tok, self.size, self.colour_fn, self.grey, self.shape_fn = tok, size, colour_fn, grey, shape_fn
         self.store = []
 
     def generate_image_tokens(self, prompt_ids, n=1, seed=None, cfg_weight=5.0, temperature=1.0):
@@ -129,7 +129,8 @@ class FakeModel:
         color, background = caption_colors(caption)
         if self.colour_fn:
             color, background = self.colour_fn(color), self.colour_fn(background)
-        shape = next(s for s in SHAPES if s in caption)
+        shape = next((s for s in SHAPES if s in caption), "circle")  # (a caption naming none: a circle)
+        shape = self.shape_fn(shape) if self.shape_fn else shape
         rng = np.random.default_rng(seed)
         out = []
         for _ in range(n):
@@ -172,6 +173,19 @@ def test_score_fails_for_wrong_colours(tok, captions):
     assert half == [[0.5]]
 
 
+def test_shape_match_finds_the_captions_shape_or_not(tok, captions):
+    """shape_match is 1 where the image holds the caption's shape (draw_shape's own, at 128 px where classify_shape
+    tells all seven apart), 0 where it holds another, nan for a caption that names none."""
+    right = evaluate.caption_scores(FakeModel(tok, size=128), tok, captions, n_per_caption=2)["shape_match"]
+    assert np.array(right).shape == (6, 2) and np.all(np.array(right) == 1.0)
+    shapes = list(SHAPES)
+    other = lambda s: shapes[(shapes.index(s) + 3) % len(shapes)]
+    wrong = evaluate.caption_scores(FakeModel(tok, size=128, shape_fn=other), tok, captions, n_per_caption=2)
+    assert np.all(np.array(wrong["shape_match"]) == 0.0) and np.all(np.array(wrong["color_match"]) == 1.0)
+    no_shape = evaluate.caption_scores(FakeModel(tok, size=128), tok, ["a red thing on a blue background"], 1)
+    assert np.isnan(no_shape["shape_match"]).all() and no_shape["color_match"] == [[1.0]]
+
+
 def test_caption_without_colour_is_rejected(tok):
     with pytest.raises(ValueError, match="names no palette colour"):
         evaluate.color_match_score(FakeModel(tok), tok, ["a circle"], 1)
@@ -202,6 +216,7 @@ def test_cli_checkpoint_round_trip_and_real_model_score(tmp_path, captions, caps
     rows = evaluate.main(["--model", str(out), "--n", "2", "--n-per-caption", "1", "--vq-ceiling"])
     assert rows[0]["captions"] == 2 and "2/2" in capsys.readouterr().err  # (the captions' progress bar)
     assert 0.0 <= rows[0]["color_match"] <= 1.0 and 0.0 <= rows[0]["vq_ceiling"] <= 1.0
+    assert 0.0 <= rows[0]["shape_match"] <= 1.0 and 0.0 <= rows[0]["vq_ceiling_shape"] <= 1.0
 
 
 def test_captions_unseen_in_training(tmp_path, capsys):
@@ -250,13 +265,15 @@ def test_a_manifest_caption_with_spaces_around_it_is_excluded(tmp_path):
 def test_cli_scores_the_captions_and_settings_it_was_given(monkeypatch, capsys):
     """evaluate's CLI hands caption_scores the held-out captions of --caption-seed without the excluded ones, and
     --n-per-caption, --seed, --cfg, --temperature as given; its row's color_match is the mean over every image, its
-    stderr the captions' (mean per caption, ddof 1, / sqrt(n)), one_object the mean of those scores."""
+    stderr the captions' (mean per caption, ddof 1, / sqrt(n)), one_object the mean of those scores, shape_match
+    the mean of those not nan."""
     calls = []
 
     def fake_scores(model, tok, captions, n_per_caption, seed, cfg_weight, temperature, kv_cache_dtype, progress):
         calls.append((captions, n_per_caption, seed, cfg_weight, temperature))
         per_caption = [[1.0, 0.5], [0.0, 0.0], [0.5, 0.5]]
-        return {"color_match": per_caption, "one_object": [[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]}
+        return {"color_match": per_caption, "one_object": [[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]],
+                "shape_match": [[1.0, 0.0], [np.nan, np.nan], [1.0, 1.0]]}
 
     monkeypatch.setattr(evaluate, "caption_scores", fake_scores)
     monkeypatch.setattr(evaluate, "load_model_and_tokenizer", lambda *a: (None, None))
@@ -268,6 +285,7 @@ def test_cli_scores_the_captions_and_settings_it_was_given(monkeypatch, capsys):
     assert settings == [2, 4, 2.5, 0.8]
     means = np.array([0.75, 0.0, 0.5])
     assert rows[0]["color_match"] == round(means.mean(), 4) and rows[0]["one_object"] == 0.5
+    assert rows[0]["shape_match"] == 0.75  # (the captions that name a shape)
     assert rows[0]["stderr"] == round(means.std(ddof=1) / 3**0.5, 4)
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == rows[0]
     for bad in (["--exclude-synthetic", "0:5"], ["--int8"]):

@@ -26,7 +26,8 @@ import torch
 
 from janus_rt.errors import UsageError
 from janus_rt.processing import encode_generation_prompt, to_pil
-from janus_rt.train.synthetic import caption_color_match, caption_colors, count_objects, make_synthetic
+from janus_rt.train.synthetic import (caption_color_match, caption_colors, caption_shape, classify_shape, count_objects,
+                                     make_synthetic)
 
 
 def heldout_captions(n: int, seed: int = 12345, exclude=()) -> list[str]:
@@ -87,9 +88,10 @@ def generate_images(model, tokenizer, caption: str, n: int, seed: int, cfg_weigh
 def caption_scores(model, tokenizer, captions: list[str], n_per_caption: int = 4, seed: int = 0,
                    cfg_weight: float = 5.0, temperature: float = 1.0, kv_cache_dtype=None,
                    progress: str | None = None) -> dict[str, list[list[float]]]:
-    """Per-image scores [len(captions)][n_per_caption] under "color_match" (caption_color_match) and "one_object"
-    (1.0 where the caption's shape colour forms exactly one object); caption i samples with seed + i. progress: a
-    progress bar on stderr, a caption a tick, with this label (None: none)."""
+    """Per-image scores [len(captions)][n_per_caption] under "color_match" (caption_color_match), "one_object"
+    (1.0 where the caption's shape colour forms exactly one object) and "shape_match" (1.0 where classify_shape finds
+    the caption's shape in that colour; nan for a caption that names no shape); caption i samples with seed + i.
+    progress: a progress bar on stderr, a caption a tick, with this label (None: none)."""
     from tqdm import tqdm
 
     if n_per_caption < 1:
@@ -97,13 +99,16 @@ def caption_scores(model, tokenizer, captions: list[str], n_per_caption: int = 4
     for caption in captions:
         if not caption_colors(caption):
             raise ValueError(f"caption names no palette colour: {caption!r}")
-    out = {"color_match": [], "one_object": []}
+    out = {"color_match": [], "one_object": [], "shape_match": []}
     for i, caption in enumerate(tqdm(captions, desc=progress, unit="caption", disable=progress is None,
                                      file=sys.stderr)):
         imgs = generate_images(model, tokenizer, caption, n_per_caption, seed + i, cfg_weight, temperature,
                                kv_cache_dtype)
         out["color_match"].append([caption_color_match(im, caption) for im in imgs])
         out["one_object"].append([float(count_objects(im, caption_colors(caption)[0]) == 1) for im in imgs])
+        shape = caption_shape(caption)
+        out["shape_match"].append([float("nan") if shape is None else
+                                   float(classify_shape(im, caption_colors(caption)[0]) == shape) for im in imgs])
     return out
 
 
@@ -118,6 +123,12 @@ def color_match_score(model, tokenizer, captions: list[str], n_per_caption: int 
     """Mean caption_color_match over len(captions) * n_per_caption generated images, in [0, 1]."""
     scores = color_match_scores(model, tokenizer, captions, n_per_caption, seed, cfg_weight, temperature)
     return float(np.mean(scores))
+
+
+def _mean_or_none(scores) -> float | None:
+    """The mean of the scores that are not nan, rounded (None: there are none)."""
+    vals = [v for row in scores or [] for v in row if not np.isnan(v)]
+    return round(float(np.mean(vals)), 4) if vals else None
 
 
 def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32, int8: bool | str = False):
@@ -201,15 +212,17 @@ def main(argv=None) -> list[dict]:
                "kv_cache": a.kv_cache_dtype,
                "color_match": round(float(np.mean(scores)), 4), "stderr": sem,
                "one_object": round(float(np.mean(both["one_object"])), 4),
+               "shape_match": _mean_or_none(both["shape_match"]),
                "captions": len(captions), "excluded_captions": len(trained), "n_per_caption": a.n_per_caption,
                "cfg": a.cfg,
                "temperature": a.temperature, "seed": a.seed, "seconds": round(time.perf_counter() - t0, 1)}
         if a.vq_ceiling:
-            from janus_rt.train.vq_pretrain import recon_color_match, synthetic_images
+            from janus_rt.train.vq_pretrain import recon_color_match, recon_shape_match, synthetic_images
 
             n_img = len(captions) * a.n_per_caption
             pixels, truth = synthetic_images(n_img, model.cfg.vq.image_size, a.caption_seed)
             row["vq_ceiling"] = round(recon_color_match(model.vq, pixels.to(model.dtype), truth), 4)
+            row["vq_ceiling_shape"] = round(recon_shape_match(model.vq, pixels.to(model.dtype), truth), 4)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows

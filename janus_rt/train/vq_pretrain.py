@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from janus_rt.models.vq import VQModel
 from janus_rt.train.data import load_gen_image, read_manifest
-from janus_rt.train.synthetic import caption_color_match, make_synthetic
+from janus_rt.train.synthetic import caption_color_match, caption_colors, caption_shape, classify_shape, make_synthetic
 
 
 # ---- data -------------------------------------------------------------------------------------------------
@@ -91,6 +91,15 @@ def recon_color_match(vq: VQModel, pixels, captions) -> float:
 
     imgs = to_pil(reconstruct(vq, pixels))
     return float(np.mean([caption_color_match(im, c) for im, c in zip(imgs, captions)]))
+
+
+def recon_shape_match(vq: VQModel, pixels, captions) -> float:
+    """The fraction of round-tripped images in which classify_shape finds their caption's shape in its colour."""
+    from janus_rt.processing import to_pil
+
+    imgs = to_pil(reconstruct(vq, pixels))
+    return float(np.mean([classify_shape(im, caption_colors(c)[0]) == caption_shape(c)
+                          for im, c in zip(imgs, captions)]))
 
 
 # ---- training ---------------------------------------------------------------------------------------------
