@@ -7,7 +7,9 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 
 setup() {
-  # torch pinned to the CPU build on machines without a GPU (an unpinned torch pulls a multi-GB CUDA build)
+  # torch pinned where none is installed: on this project's machines the pin resolves to the CPU build from their
+  # local package index (an unpinned torch pulls a multi-GB CUDA build); on public PyPI add
+  # --index-url https://download.pytorch.org/whl/cpu for the CPU build
   if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q torch==2.13.0
   fi

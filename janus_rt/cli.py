@@ -269,6 +269,10 @@ def cmd_generate(args):
                 _temperature_check(args.temperature),
                 (args.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {args.top_k}"),
                 (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+                (not (args.greedy and args.temperature not in (0.0, 1.0)),
+                 f"--greedy takes the argmax, which no --temperature changes: give one (got {args.temperature})"),
+                (not ((args.greedy or args.temperature == 0) and (args.top_k > 0 or args.top_p < 1)),
+                 "--top-k / --top-p sample, so they need --temperature > 0 and no --greedy"),
                 (args.cfg is None or (math.isfinite(args.cfg) and abs(args.cfg) <= FP32_MAX),
                  f"--cfg must be a finite number (in fp32), got {args.cfg}"),
                 (all(p.strip() for p in args.prompt or ["x"]), "--prompt is empty"),
@@ -510,6 +514,8 @@ def cmd_bench(args):
                 (args.warmup_tokens >= 0, f"--warmup-tokens must be >= 0 (0: none), got {args.warmup_tokens}"),
                 (args.tokens >= 1, f"--tokens must be >= 1, got {args.tokens}"),
                 (args.repeats >= 1, f"--repeats must be >= 1, got {args.repeats}"),
+                (args.model is None or args.shape is None,
+                 f"--shape {args.shape} picks random weights' shapes; --model {args.model} runs its own: give one"),
                 (args.model is not None or args.tokens <= 576,  # (a checkpoint's own count: after it loads)
                  f"--tokens must be at most 576 (the random shapes' image tokens), got {args.tokens}"),
                 *_device_checks(args))
@@ -534,10 +540,11 @@ def _json_problem(path: str | None) -> str | None:
     return None
 
 
-def run_reporting_usage_errors(cmd: str, fn, *args):
+def run_reporting_usage_errors(cmd: str, fn, *args, prog: str | None = None):
     """fn(*args), with what a user's mistake raises (janus_rt's UsageError: a value, a size, a run folder; a missing
-    or broken checkpoint or config; a file that cannot be read or written) said in one `janus-rt CMD: ...` line.
-    Anything else keeps its traceback (a bug), as does everything with JANUS_RT_DEBUG=1."""
+    or broken checkpoint or config; a file that cannot be read or written) said in one `janus-rt CMD: ...` line
+    (`PROG: ...` where prog is given, for a `python -m` tool). Anything else keeps its traceback (a bug), as does
+    everything with JANUS_RT_DEBUG=1."""
     from janus_rt.config import ConfigError
     from janus_rt.loading import CheckpointError
 
@@ -546,12 +553,12 @@ def run_reporting_usage_errors(cmd: str, fn, *args):
     except (UsageError, ConfigError, CheckpointError, OSError) as e:
         if os.environ.get("JANUS_RT_DEBUG") == "1":
             raise
-        raise SystemExit(f"janus-rt {cmd}: {e} (JANUS_RT_DEBUG=1 for the traceback)") from None
+        raise SystemExit(f"{prog or 'janus-rt ' + cmd}: {e} (JANUS_RT_DEBUG=1 for the traceback)") from None
     except KeyboardInterrupt:  # Ctrl-C: no traceback; the shell's code for SIGINT
         if os.environ.get("JANUS_RT_DEBUG") == "1":
             raise
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
-            print(f"janus-rt {cmd}: interrupted", file=sys.stderr)
+            print(f"{prog or 'janus-rt ' + cmd}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
 
 

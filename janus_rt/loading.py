@@ -458,7 +458,7 @@ def check_convert_dst(src: Path, dst: Path) -> None:
     if dst.is_dir() and src.exists() and dst.resolve() == src.resolve():
         raise UsageError(f"DST {str(dst)!r} is SRC: convert writes a new folder and leaves SRC as it is")
     if dst.is_dir() and ((dst / "config.json").exists() or any(dst.glob("*.safetensors"))):
-        raise UsageError(f"DST {str(dst)!r} already holds a checkpoint: give a new or empty folder")
+        raise UsageError(f"DST {str(dst)!r} already holds a checkpoint: give a new folder, or one without a checkpoint")
     if problem := folder_problem(str(dst), "DST"):  # (not writable: found only after minutes of loading at 7B)
         raise UsageError(problem)
 

@@ -235,6 +235,10 @@ def test_generate_many_prompts_names_and_grid(tmp_path, capsys):
                                            (["--temperature", "1e-7"], r"--temperature must be 0 \(greedy\) or in"),
                                            (["--temperature", "1e39"], r"--temperature must be 0 \(greedy\) or in"),
                                            (["--prompt", " "], "--prompt is empty"),
+                                           (["--greedy", "--temperature", "0.7"],
+                                            r"--greedy takes the argmax, which no --temperature changes"),
+                                           (["--greedy", "--top-k", "5"], "--top-k / --top-p sample, so they need"),
+                                           (["--temperature", "0", "--top-p", "0.5"], "--top-k / --top-p sample"),
                                            (["--seed", "-1"], r"--seed must be in \[0, 2\^64\)"),
                                            (["--prompt", "a", "--prompt", "b", "--seed", str(2**64 - 1)],
                                             r"--seed must be in \[0, 2\^64\) \(prompt k samples with --seed \+ k\)")])
@@ -269,7 +273,8 @@ def test_generate_says_when_a_prompt_runs_past_the_positions(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags,message", [(["--steps-per-call", "0"], "--steps-per-call must be >= 1"),
                                            (["--repeats", "0"], "--repeats must be >= 1"),
-                                           (["-n", "0"], "-n must be >= 1"), (["--tokens", "0"], "--tokens must be")])
+                                           (["-n", "0"], "-n must be >= 1"), (["--tokens", "0"], "--tokens must be"),
+                                           (["--shape", "7b"], "--shape 7b picks random weights' shapes; --model")])
 def test_bench_bad_flags_are_clear_errors(flags, message):
     with pytest.raises(SystemExit, match="janus-rt bench: " + message):
         main(["bench", "--model", "tiny", "--device", "cpu", "--no-transformers"] + flags)

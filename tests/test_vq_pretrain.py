@@ -1,5 +1,7 @@
 """VQ tokenizer pre-training (janus_rt.train.vq_pretrain) and the colour-match evaluation (train.evaluate)."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -247,6 +249,37 @@ def test_captions_unseen_in_training(tmp_path, capsys):
         with pytest.raises(SystemExit):
             evaluate.main(["--model", "tiny", "--n-per-caption", "1", *bad])
         assert message in capsys.readouterr().err
+
+
+def test_cli_guidance_weight_defaults_to_the_checkpoints(monkeypatch):
+    """Without --cfg, evaluate scores at the weight the checkpoint recommends (generation_config.json, as `janus-rt
+    generate` takes it; the embedded model's 1.5), else 5; --cfg wins."""
+    import types
+
+    used = []
+    monkeypatch.setattr(evaluate, "caption_scores", lambda m, t, caps, n, seed, cfg, *rest, **kw: used.append(cfg) or
+                        {"color_match": [[1.0]], "one_object": [[1.0]], "shape_match": [[1.0]]})
+    weights = {"a": 1.5, "b": None, "c": 0.0}
+    monkeypatch.setattr(evaluate, "load_model_and_tokenizer",
+                        lambda spec, *a: (types.SimpleNamespace(guidance_scale=weights[spec]), None))
+    rows = evaluate.main(["--model", "a", "b", "c", "--n", "1", "--n-per-caption", "1"])
+    assert used == [1.5, 5.0, 0.0] and [r["cfg"] for r in rows] == used
+    evaluate.main(["--model", "a", "--n", "1", "--n-per-caption", "1", "--cfg", "3"])
+    assert used[-1] == 3.0
+
+
+def test_cli_refuses_bad_values_in_one_line(capsys):
+    """Bad settings are refused before any model loads, a missing checkpoint in one line (no traceback)."""
+    for bad, message in ((["--n-per-caption", "0"], "--n-per-caption must be >= 1"),
+                         (["--temperature", "-1"], "--temperature must be"), (["--temperature", "0"], "--temperature"),
+                         (["--threads", "-3"], "--threads must be >= 0"), (["--cfg", "inf"], "--cfg must be")):
+        with pytest.raises(SystemExit):
+            evaluate.main(["--model", "tiny", "--n", "1", *bad])
+        assert message in capsys.readouterr().err
+    r = subprocess.run([sys.executable, "-m", "janus_rt.train.evaluate", "--model", "/nonexistent/ckpt", "--n", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("python -m janus_rt.train.evaluate: /nonexistent/ckpt"), r.stderr
 
 
 def test_a_manifest_caption_with_spaces_around_it_is_excluded(tmp_path):

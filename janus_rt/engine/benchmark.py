@@ -34,7 +34,8 @@ def add_bench_args(p):
     from janus_rt.cli import DTYPES, INT8_MODES
 
     p.add_argument("--model", default=None, help="checkpoint folder (default: random weights at --shape)")
-    p.add_argument("--shape", default="small", choices=sorted(SHAPES), help="LLM shape with random weights")
+    p.add_argument("--shape", default=None, choices=sorted(SHAPES),
+                   help="LLM shape with random weights (default: small; not with --model, whose shapes it runs)")
     p.add_argument("-n", type=int, default=None, help="images per prompt (default: the shape's; 4 with --model)")
     p.add_argument("--tokens", type=int, default=576, help="image tokens per image (576 = a full image)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
@@ -56,8 +57,9 @@ def add_bench_args(p):
                         "image step, or with --cuda-graphs the 8-step image graph when K >= 8; 1 = a return to "
                         "Python after every step)")
     p.add_argument("--profile", default=None, metavar="DIR",
-                   help="also trace three decode steps with torch.profiler (DIR/trace.json for Perfetto, op table) "
-                        "and time the phases inside the csrc decoder layers (table + DIR/phases.png)")
+                   help="also trace three engine steps (each up to --steps-per-call decode steps) with "
+                        "torch.profiler (DIR/trace.json for Perfetto, op table) and time the phases inside the csrc "
+                        "decoder layers (table + DIR/phases.png)")
     p.add_argument("--int8", nargs="?", const="weights", default=None, choices=INT8_MODES,
                    help="CPU: janus_rt's LLM projections as int8 (per-row scales; implies --dtype bf16; transformers "
                         "keeps the bf16 weights, so its tokens are no longer the same): --int8 (weights) with bf16 "
@@ -202,7 +204,8 @@ def main(args):
     from janus_rt.cli import _dtype, load_model, resolve_dtype
 
     device = args.device
-    shape = SHAPES[args.shape]
+    shape_name = args.shape or "small"
+    shape = SHAPES[shape_name]
     if args.model:  # `janus-rt generate`'s default: bf16 on a GPU or with --int8, on the CPU the checkpoint's bf16
         dtype = _dtype(args)
     else:
@@ -217,7 +220,7 @@ def main(args):
             raise UsageError(f"--tokens must be at most {model.cfg.num_image_tokens} (this model's image tokens), "
                              f"got {args.tokens}")
     else:
-        model, what = bench_model(args.shape, dtype, device), f"random weights, {args.shape} LLM shape"
+        model, what = bench_model(shape_name, dtype, device), f"random weights, {shape_name} LLM shape"
     prompt = [model.cfg.tokens.bos_id] + list(range(100, 118)) + [model.cfg.tokens.boi_id]
     bw = measure_bandwidth_gbs(device)
     peak = measure_matmul_gflops(device, dtype)
