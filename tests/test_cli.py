@@ -164,8 +164,8 @@ def test_cfg_default_follows_the_checkpoint(tmp_path, capsys, monkeypatch):
         main(["generate", "--model", str(ck), "-n", "1", "--out", str(tmp_path / "o")] + flags)
         assert got.pop() == want
         assert (note in capsys.readouterr().err) == (gen is not None and not flags)
-    main(["generate", "-n", "1", "--out", str(tmp_path / "o")])  # the embedded model carries 1.5
-    assert got.pop() == 1.5
+    main(["generate", "-n", "1", "--out", str(tmp_path / "o")])  # the embedded model carries 2
+    assert got.pop() == 2.0
     (ck / "generation_config.json").write_text('{"guidance_scale": -1}')
     main(["generate", "--model", str(ck), "-n", "1", "--out", str(tmp_path / "o")])
     assert got.pop() == -1.0 and "--cfg -1 < 0 pushes the images away" in capsys.readouterr().err
@@ -176,7 +176,7 @@ def test_cfg_default_follows_the_checkpoint(tmp_path, capsys, monkeypatch):
 
     srv, _ = make_server(parser().parse_args(["serve", "--device", "cpu", "--kv-cache-gb", "0.01", "--port", "0"]))
     srv.stop()
-    assert srv.default_cfg == 1.5 and 'note: requests\' default "cfg" 1.5' in capsys.readouterr().err
+    assert srv.default_cfg == 2.0 and 'note: requests\' default "cfg" 2,' in capsys.readouterr().err
 
 
 def test_generate_prompts_file(tmp_path, capsys):

@@ -571,15 +571,15 @@ def test_resume_on_other_data_is_a_usage_error(synthetic, tmp_path, monkeypatch)
 
 
 def test_checkpoints_keep_the_source_models_guidance(synthetic, tmp_path):
-    """Fine-tuning a checkpoint that recommends a CFG weight (the embedded model's generation_config.json: 1.5)
+    """Fine-tuning a checkpoint that recommends a CFG weight (the embedded model's generation_config.json: 2)
     writes it into every checkpoint, so `janus-rt generate --model CHECKPOINT` keeps sampling as the source did."""
     from janus_rt.cli import DEFAULT_MODEL
     from janus_rt.loading import default_guidance
 
-    assert default_guidance(DEFAULT_MODEL) == 1.5
+    assert default_guidance(DEFAULT_MODEL) == 2.0
     out = fresh_run(synthetic, tmp_path, "run")
     train(TrainConfig(out=str(out), synthetic=8, steps=1, lr=1e-3, **{**RUN, "model": DEFAULT_MODEL}))
-    assert default_guidance(out / "checkpoints" / "step_0000001") == 1.5
+    assert default_guidance(out / "checkpoints" / "step_0000001") == 2.0
 
 
 def test_random_weights_note_once_under_torchrun(monkeypatch, capsys):
