@@ -63,16 +63,19 @@ def draw_shape(shape: str, color: str, background: str, size: int, rng: np.rando
                ) -> tuple[Image.Image, str]:
     """One RGB image [size, size] and its size word ("small" | "large")."""
     img = Image.new("RGB", (size, size), PALETTE[background])
-    draw = ImageDraw.Draw(img)
     r = float(rng.uniform(0.25, 0.45)) * size  # circumradius
     cx, cy = (float(rng.uniform(r, size - r)) for _ in range(2))  # fully inside the frame
-    fill = PALETTE[color]
+    _fill_shape(ImageDraw.Draw(img), shape, cx, cy, r, PALETTE[color])
+    return img, ("large" if r > 0.35 * size else "small")
+
+
+def _fill_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+    """Fill one shape of circumradius r centred at (cx, cy) in its fixed rotation."""
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:
         rot = math.pi / 4 if shape == "square" else 0.0  # a square is a diamond turned by 45 degrees
         draw.polygon(_polygon(shape, cx, cy, r, rot), fill=fill)
-    return img, ("large" if r > 0.35 * size else "small")
 
 
 def _a(word: str) -> str:
@@ -219,11 +222,7 @@ def _area_factor(shape: str) -> float:
 def _shape_mask(shape: str, h: int, w: int, cx: float, cy: float, r: float) -> np.ndarray:
     """[h, w] bool: the pixels draw_shape fills for this shape at centre (cx, cy), circumradius r."""
     img = Image.new("L", (w, h), 0)
-    draw = ImageDraw.Draw(img)
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
-    else:
-        draw.polygon(_polygon(shape, cx, cy, r, math.pi / 4 if shape == "square" else 0.0), fill=1)
+    _fill_shape(ImageDraw.Draw(img), shape, cx, cy, r, 1)
     return np.asarray(img, dtype=bool)
 
 
