@@ -110,11 +110,11 @@ def caption_scores(model, tokenizer, captions: list[str], n_per_caption: int = 4
                                      file=sys.stderr)):
         imgs = generate_images(model, tokenizer, caption, n_per_caption, seed + i, cfg_weight, temperature,
                                kv_cache_dtype)
+        color, shape = caption_colors(caption)[0], caption_shape(caption)  # (the shape's colour: named first)
         out["color_match"].append([caption_color_match(im, caption) for im in imgs])
-        out["one_object"].append([float(count_objects(im, caption_colors(caption)[0]) == 1) for im in imgs])
-        shape = caption_shape(caption)
-        out["shape_match"].append([float("nan") if shape is None else
-                                   float(classify_shape(im, caption_colors(caption)[0]) == shape) for im in imgs])
+        out["one_object"].append([float(count_objects(im, color) == 1) for im in imgs])
+        out["shape_match"].append([float("nan") if shape is None else float(classify_shape(im, color) == shape)
+                                   for im in imgs])
     return out
 
 
@@ -240,12 +240,13 @@ def main(argv=None) -> list[dict]:
                "cfg": cfg,
                "temperature": a.temperature, "seed": a.seed, "seconds": round(time.perf_counter() - t0, 1)}
         if a.vq_ceiling:
-            from janus_rt.train.vq_pretrain import recon_color_match, recon_shape_match, synthetic_images
+            from janus_rt.train.vq_pretrain import recon_scores, synthetic_images
 
             n_img = len(captions) * a.n_per_caption
             pixels, truth = synthetic_images(n_img, model.cfg.vq.image_size, a.caption_seed)
-            row["vq_ceiling"] = round(recon_color_match(model.vq, pixels.to(model.dtype), truth), 4)
-            row["vq_ceiling_shape"] = round(recon_shape_match(model.vq, pixels.to(model.dtype), truth), 4)
+            ceiling = recon_scores(model.vq, pixels.to(model.dtype), truth, shape=True)
+            row["vq_ceiling"] = round(ceiling["color_match"], 4)
+            row["vq_ceiling_shape"] = round(ceiling["shape_match"], 4)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows

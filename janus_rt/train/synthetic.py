@@ -169,6 +169,15 @@ def _palette_labels(img, max_side: int) -> np.ndarray:
     return ((px[:, :, None, :] - _PALETTE_RGB) ** 2).sum(-1).argmin(-1)  # [H, W]
 
 
+def _color_mask(img, color: str, max_side: int) -> np.ndarray:
+    """[H, W] bool: the pixels whose nearest palette colour is `color` (a palette name or alias), after
+    _palette_labels' downscaling; ValueError for a name not in the palette."""
+    name = _ALIASES.get(color.lower(), color.lower())
+    if name not in PALETTE:
+        raise ValueError(f"{color!r} is not a palette colour ({', '.join(_PALETTE_NAMES)})")
+    return _palette_labels(img, max_side) == _PALETTE_NAMES.index(name)
+
+
 def dominant_colors(img, k: int | None = None, max_side: int = 64) -> list[tuple[str, float]]:
     """Palette colours of an image by pixel share: [(name, fraction)], largest first.
 
@@ -188,10 +197,7 @@ def count_objects(img, color: str, min_pixels: int = 6, max_side: int = 64) -> i
     is `color`, counting those of at least min_pixels (specks of a blended edge are not objects). A synthetic image
     holds one object of its shape's colour; a generator that scatters the colour in pieces draws several.
     img as dominant_colors takes it (downscaled the same way)."""
-    name = _ALIASES.get(color.lower(), color.lower())
-    if name not in PALETTE:
-        raise ValueError(f"{color!r} is not a palette colour ({', '.join(_PALETTE_NAMES)})")
-    mask = _palette_labels(img, max_side) == _PALETTE_NAMES.index(name)  # [H, W]
+    mask = _color_mask(img, color, max_side)  # [H, W]
     seen = np.zeros_like(mask)
     h, w = mask.shape
     objects = 0
@@ -232,10 +238,7 @@ def shape_ious(img, color: str, max_side: int = 64) -> dict[str, float]:
     Each shape is drawn as draw_shape draws it (its fixed rotation), centred on the colour's pixels' centroid and
     sized to their area, and compared with them by intersection over union. A regular shape's centroid is its centre,
     so a clean synthetic image gives its own shape an IoU near 1. img as dominant_colors takes it."""
-    name = _ALIASES.get(color.lower(), color.lower())
-    if name not in PALETTE:
-        raise ValueError(f"{color!r} is not a palette colour ({', '.join(_PALETTE_NAMES)})")
-    mask = _palette_labels(img, max_side) == _PALETTE_NAMES.index(name)  # [H, W]
+    mask = _color_mask(img, color, max_side)  # [H, W]
     area = int(mask.sum())
     if area < 4:
         return {}

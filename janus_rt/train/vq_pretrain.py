@@ -85,21 +85,22 @@ def reconstruct(vq: VQModel, pixels, batch_size: int = 64):
 
 
 @torch.no_grad()
+def recon_scores(vq: VQModel, pixels, captions, shape: bool = False) -> dict[str, float]:
+    """The round-tripped images' mean caption_color_match against their captions ("color_match") and, with shape,
+    the fraction in which classify_shape finds their caption's shape in its colour ("shape_match"); one round trip."""
+    from janus_rt.processing import to_pil
+
+    imgs = to_pil(reconstruct(vq, pixels))
+    out = {"color_match": float(np.mean([caption_color_match(im, c) for im, c in zip(imgs, captions)]))}
+    if shape:
+        out["shape_match"] = float(np.mean([classify_shape(im, caption_colors(c)[0]) == caption_shape(c)
+                                            for im, c in zip(imgs, captions)]))
+    return out
+
+
 def recon_color_match(vq: VQModel, pixels, captions) -> float:
     """Mean caption_color_match of the round-tripped images against their captions."""
-    from janus_rt.processing import to_pil
-
-    imgs = to_pil(reconstruct(vq, pixels))
-    return float(np.mean([caption_color_match(im, c) for im, c in zip(imgs, captions)]))
-
-
-def recon_shape_match(vq: VQModel, pixels, captions) -> float:
-    """The fraction of round-tripped images in which classify_shape finds their caption's shape in its colour."""
-    from janus_rt.processing import to_pil
-
-    imgs = to_pil(reconstruct(vq, pixels))
-    return float(np.mean([classify_shape(im, caption_colors(c)[0]) == caption_shape(c)
-                          for im, c in zip(imgs, captions)]))
+    return recon_scores(vq, pixels, captions)["color_match"]
 
 
 # ---- training ---------------------------------------------------------------------------------------------
