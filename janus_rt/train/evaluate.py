@@ -6,7 +6,8 @@ the image's top-m palette colours. 1.0 for a ground-truth synthetic image; chanc
 lower (two named colours among 12 palette colours). Also reported: `one_object`, the fraction of images whose
 shape colour forms exactly one object (`count_objects`; 1.0 for ground-truth images), which drops where a
 generator scatters the colour in pieces, and `shape_match`, the fraction in which `classify_shape` finds the
-caption's shape in the caption's colour (0.946 for ground-truth 32 px images, chance 1/7).
+caption's shape in the caption's colour (0.946 for ground-truth 32 px images, chance 1/7). With --understanding N
+it also asks N fresh synthetic images the set's shape, colour and background questions (`understanding_scores`).
 
     python -m janus_rt.train.evaluate --model DIR [DIR ...] --n 32 --n-per-caption 4
 prints one JSON line per model (mean scores, the colour score's standard error over captions; the guidance weight
@@ -131,6 +132,37 @@ def color_match_score(model, tokenizer, captions: list[str], n_per_caption: int 
     return float(np.mean(scores))
 
 
+UND_QUESTIONS = ("shape", "color", "background")  # synthetic.QUESTIONS with one right answer word
+
+
+def understanding_scores(model, tokenizer, n: int, seed: int = 777, max_new_tokens: int = 16,
+                         progress: str | None = None) -> dict[str, list[float]]:
+    """Greedy answers to the synthetic set's shape / colour / background questions about n fresh synthetic images
+    (make_synthetic(n, seed), drawn at the vision tower's size): per image 1.0 where the answer's first shape (or
+    palette colour) word is the right one, under "shape", "color", "background". Chance: 1/7, 1/12, 1/12."""
+    from tqdm import tqdm
+
+    from janus_rt.processing import encode_understanding_prompt
+    from janus_rt.train.synthetic import QUESTIONS
+    from janus_rt.train.vq_pretrain import synthetic_images
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    pixels, captions = synthetic_images(n, model.cfg.vision.image_size, seed)
+    prompts = {k: encode_understanding_prompt(tokenizer, QUESTIONS[k], 1, model.cfg.vision.num_patches)
+               for k in UND_QUESTIONS}
+    out = {k: [] for k in UND_QUESTIONS}
+    for x, caption in zip(tqdm(pixels, desc=progress, unit="image", disable=progress is None, file=sys.stderr),
+                          captions):
+        color, background = caption_colors(caption)
+        for kind, want in (("shape", caption_shape(caption)), ("color", color), ("background", background)):
+            answer = tokenizer.decode(model.generate_text(prompts[kind], x[None].to(model.dtype),
+                                                          max_new_tokens=max_new_tokens))
+            got = caption_shape(answer) if kind == "shape" else (caption_colors(answer) or [None])[0]
+            out[kind].append(float(got == want))
+    return out
+
+
 def _mean_or_none(scores) -> float | None:
     """The mean of the scores that are not nan, rounded (None: there are none)."""
     vals = [v for row in scores or [] for v in row if not np.isnan(v)]
@@ -165,8 +197,8 @@ def main(argv=None) -> list[dict]:
         epilog="Prints one JSON line per model: color_match (mean caption_color_match over every image; stderr: of "
                "the captions' means), one_object (the fraction of images whose shape colour is one object), "
                "shape_match (the fraction in which synthetic.classify_shape finds the caption's shape in its colour; "
-               "chance 1/7), the settings, and with --vq-ceiling vq_ceiling and vq_ceiling_shape (the same scores "
-               "of the VQ's own round trip of ground-truth images).")
+               "chance 1/7), the settings, with --understanding the answers' und_* scores, and with --vq-ceiling "
+               "vq_ceiling and vq_ceiling_shape (the same scores of the VQ's own round trip of ground-truth images).")
     p.add_argument("--model", nargs="+", required=True, help="checkpoint folder(s), or `tiny`")
     p.add_argument("--n", type=int, default=32, help="captions, drawn as the synthetic set's with --caption-seed")
     p.add_argument("--n-per-caption", type=int, default=4, help="images generated per caption")
@@ -183,6 +215,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
     p.add_argument("--vq-ceiling", action="store_true", help="also score the VQ round trip decode(encode(x)) "
                    "of held-out ground-truth images: the most a generator can reach through this VQ")
+    p.add_argument("--understanding", type=int, default=0, metavar="N",
+                   help="also ask N fresh synthetic images (seed --understanding-seed) the shape, colour and "
+                        "background questions, greedy: und_shape, und_color, und_background (chance 1/7, 1/12, 1/12)")
+    p.add_argument("--understanding-seed", type=int, default=777, help="seed of those images")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="the models' dtype")
     p.add_argument("--int8", nargs="?", const="weights", default=None, choices=INT8_MODES,
@@ -198,6 +234,8 @@ def main(argv=None) -> list[dict]:
         p.error(f"--n must be >= 1, got {a.n}")
     if a.n_per_caption < 1:
         p.error(f"--n-per-caption must be >= 1, got {a.n_per_caption}")
+    if a.understanding < 0:
+        p.error(f"--understanding must be >= 0, got {a.understanding}")
     if a.threads < 0:
         p.error(f"--threads must be >= 0, got {a.threads}")
     if not a.temperature > 0 or not math.isfinite(a.temperature):
@@ -247,6 +285,10 @@ def main(argv=None) -> list[dict]:
             ceiling = recon_scores(model.vq, pixels.to(model.dtype), truth, shape=True)
             row["vq_ceiling"] = round(ceiling["color_match"], 4)
             row["vq_ceiling_shape"] = round(ceiling["shape_match"], 4)
+        if a.understanding:
+            und = understanding_scores(model, tok, a.understanding, a.understanding_seed, progress=f"{spec} (und)")
+            row.update({f"und_{k}": round(float(np.mean(v)), 4) for k, v in und.items()})
+            row.update(und_images=a.understanding, und_seed=a.understanding_seed)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
