@@ -1,7 +1,7 @@
 """The embedded default model (janus_rt/assets/tiny-shapes, trained by janus_rt on its synthetic shapes) does what
-it was trained to do, end to end through the engine: its images carry the colours their captions name, and it names
-the colours of an image it is shown; at the guidance weight it carries (generation_config.json) its images hold one
-object each. Random-weight parity tests cannot see a bug that scrambles what a model has
+it was trained to do, end to end through the engine: its images carry the colours and shapes their captions name, and
+it names the colours and the shape of an image it is shown; at the guidance weight it carries (generation_config.json)
+its images hold one object each. Random-weight parity tests cannot see a bug that scrambles what a model has
 learnt (a CFG sign, a swapped conditional row, an image spliced at the wrong place); these scores fall to chance."""
 import numpy as np
 import pytest
@@ -74,3 +74,19 @@ def test_answers_name_the_colours_shown(embedded):
             answer = tok.decode(model.generate_text(ids, x[None], max_new_tokens=8)).lower()
             right[kind] += want in answer
     assert right["background"] >= 0.8 * n and right["color"] >= 0.5 * n, right  # chance 1/12 each
+
+
+def test_answers_name_the_shape_shown(embedded):
+    """Asked what shape an image holds, its greedy answers name the shape shown well above chance (1/7) and above
+    what always giving the draw's most frequent shape would score (measured 0.94 vs 0.22; the model before answered
+    "A star." to every image and fails)."""
+    from collections import Counter
+
+    from janus_rt.train.evaluate import understanding_scores
+
+    model, tok = embedded
+    n = 32
+    right = understanding_scores(model, tok, n, seed=777)["shape"]
+    shapes = [caption_shape(c) for c in synthetic_images(n, model.cfg.vision.image_size, seed=777)[1]]
+    constant_best = Counter(shapes).most_common(1)[0][1] / n
+    assert np.mean(right) >= 0.6 and np.mean(right) - constant_best >= 0.3, (np.mean(right), constant_best)
