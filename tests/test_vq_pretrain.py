@@ -355,7 +355,7 @@ class Answerer:
 
     def generate_text(self, prompt_ids, pixel_values, max_new_tokens=16):
         from janus_rt.processing import to_pil
-        from janus_rt.train.synthetic import QUESTIONS, classify_shape, dominant_colors
+        from janus_rt.train.synthetic import QUESTIONS, classify_shape, describe, dominant_colors
 
         text = self.tok.decode(prompt_ids)
         question = next(q for q in QUESTIONS.values() if f"\n{q}\n\n<|Assistant|>:" in text)
@@ -364,29 +364,32 @@ class Answerer:
             return self.tok.encode(self.constant)
         img = to_pil(pixel_values)[0]
         background, color = [c for c, _ in dominant_colors(img, k=2)]  # the background covers more pixels
-        answer = {"What shape is in the image?": f"A {classify_shape(img, color)}.",
-                  "What colour is the shape?": f"{color}.", "What colour is the background?": f"{background}."}
+        shape = classify_shape(img, color)
+        answer = {"What shape is in the image?": f"A {shape}.", "What colour is the shape?": f"{color}.",
+                  "What colour is the background?": f"{background}.",
+                  "Describe the image.": f"{describe(shape, color, background).capitalize()}."}
         return self.tok.encode(answer[question])
 
 
 def test_understanding_scores_pair_each_image_with_its_answers(tok):
-    """understanding_scores asks each image the three questions and scores an answer by its first shape / colour
-    word: an answerer that reads the pixels scores (near) 1, one that always says "A red circle." scores the
-    frequency of circles and red shapes, and "Blue." the frequency of blue backgrounds."""
+    """understanding_scores asks each image the four questions and scores an answer by its first shape / colour
+    word (describe: the whole sentence): an answerer that reads the pixels scores (near) 1, one that always says
+    "A red circle." scores the frequency of circles and red shapes, and "Blue." the frequency of blue backgrounds."""
     from janus_rt.train.synthetic import QUESTIONS, caption_shape
 
     oracle = Answerer(tok)
     s = evaluate.understanding_scores(oracle, tok, 24, seed=5)
-    assert set(s) == {"shape", "color", "background"} and all(len(v) == 24 for v in s.values())
+    assert set(s) == {"shape", "color", "background", "describe"} and all(len(v) == 24 for v in s.values())
     assert np.mean(s["color"]) == 1.0 and np.mean(s["background"]) == 1.0
     assert np.mean(s["shape"]) >= 0.8, s["shape"]  # classify_shape: 0.946 on 32 px images
-    assert oracle.questions[:3] == [QUESTIONS[k] for k in ("shape", "color", "background")]
+    assert s["describe"] == s["shape"]  # the colours all right: the sentence is right where the shape is
+    assert oracle.questions[:4] == [QUESTIONS[k] for k in ("shape", "color", "background", "describe")]
     captions = vq_pretrain.synthetic_images(24, 32, seed=5)[1]
     circles = [float(caption_shape(c) == "circle") for c in captions]
     red = [float(caption_colors(c)[0] == "red") for c in captions]
     blue_bg = [float(caption_colors(c)[1] == "blue") for c in captions]
     s = evaluate.understanding_scores(Answerer(tok, "A red circle."), tok, 24, seed=5)
-    assert s["shape"] == circles and s["color"] == red and sum(circles) > 0
+    assert s["shape"] == circles and s["color"] == red and sum(circles) > 0 and s["describe"] == [0.0] * 24
     s = evaluate.understanding_scores(Answerer(tok, "Blue."), tok, 24, seed=5)
     assert s["background"] == blue_bg and s["shape"] == [0.0] * 24
     with pytest.raises(ValueError, match="n must be >= 1"):
@@ -397,11 +400,11 @@ def test_cli_adds_the_understanding_scores(monkeypatch):
     monkeypatch.setattr(evaluate, "caption_scores", lambda *a, **k: {
         "color_match": [[1.0]], "one_object": [[1.0]], "shape_match": [[1.0]]})
     monkeypatch.setattr(evaluate, "understanding_scores", lambda m, t, n, seed, progress=None: {
-        "shape": [1.0, 0.0] * (n // 2), "color": [1.0] * n, "background": [0.0] * n})
+        "shape": [1.0, 0.0] * (n // 2), "color": [1.0] * n, "background": [0.0] * n, "describe": [0.25] * n})
     monkeypatch.setattr(evaluate, "load_model_and_tokenizer", lambda *a: (None, None))
     row = evaluate.main(["--model", "tiny", "--n", "1", "--n-per-caption", "1", "--cfg", "1",
                          "--understanding", "4", "--understanding-seed", "3"])[0]
-    assert (row["und_shape"], row["und_color"], row["und_background"]) == (0.5, 1.0, 0.0)
+    assert (row["und_shape"], row["und_color"], row["und_background"], row["und_describe"]) == (0.5, 1.0, 0.0, 0.25)
     assert (row["und_images"], row["und_seed"]) == (4, 3)
     assert "und_shape" not in evaluate.main(["--model", "tiny", "--n", "1", "--n-per-caption", "1", "--cfg", "1"])[0]
     with pytest.raises(SystemExit):

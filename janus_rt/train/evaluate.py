@@ -7,7 +7,8 @@ lower (two named colours among 12 palette colours). Also reported: `one_object`,
 shape colour forms exactly one object (`count_objects`; 1.0 for ground-truth images), which drops where a
 generator scatters the colour in pieces, and `shape_match`, the fraction in which `classify_shape` finds the
 caption's shape in the caption's colour (0.946 for ground-truth 32 px images, chance 1/7). With --understanding N
-it also asks N fresh synthetic images the set's shape, colour and background questions (`understanding_scores`).
+it also asks N fresh synthetic images the set's shape, colour, background and describe questions
+(`understanding_scores`).
 
     python -m janus_rt.train.evaluate --model DIR [DIR ...] --n 32 --n-per-caption 4
 prints one JSON line per model (mean scores, the colour score's standard error over captions; the guidance weight
@@ -31,7 +32,7 @@ import torch
 from janus_rt.errors import UsageError
 from janus_rt.processing import encode_generation_prompt, to_pil
 from janus_rt.train.synthetic import (caption_color_match, caption_colors, caption_shape, classify_shape, count_objects,
-                                     make_synthetic)
+                                     describe, make_synthetic)
 
 
 PROG = "python -m janus_rt.train.evaluate"
@@ -132,14 +133,15 @@ def color_match_score(model, tokenizer, captions: list[str], n_per_caption: int 
     return float(np.mean(scores))
 
 
-UND_QUESTIONS = ("shape", "color", "background")  # synthetic.QUESTIONS with one right answer word
+UND_QUESTIONS = ("shape", "color", "background", "describe")  # synthetic.QUESTIONS' keys
 
 
-def understanding_scores(model, tokenizer, n: int, seed: int = 777, max_new_tokens: int = 16,
+def understanding_scores(model, tokenizer, n: int, seed: int = 777, max_new_tokens: int = 48,
                          progress: str | None = None) -> dict[str, list[float]]:
-    """Greedy answers to the synthetic set's shape / colour / background questions about n fresh synthetic images
-    (make_synthetic(n, seed), drawn at the vision tower's size): per image 1.0 where the answer's first shape (or
-    palette colour) word is the right one, under "shape", "color", "background". Chance: 1/7, 1/12, 1/12."""
+    """Greedy answers to the synthetic set's four questions about n fresh synthetic images (make_synthetic(n, seed),
+    drawn at the vision tower's size), per image under "shape", "color", "background": 1.0 where the answer's first
+    shape (or palette colour) word is the right one (chance 1/7, 1/12, 1/12); under "describe": 1.0 where the answer
+    is the training set's sentence ("A red circle on a blue background."; case and the final full stop aside)."""
     from tqdm import tqdm
 
     from janus_rt.processing import encode_understanding_prompt
@@ -154,12 +156,19 @@ def understanding_scores(model, tokenizer, n: int, seed: int = 777, max_new_toke
     out = {k: [] for k in UND_QUESTIONS}
     for x, caption in zip(tqdm(pixels, desc=progress, unit="image", disable=progress is None, file=sys.stderr),
                           captions):
-        color, background = caption_colors(caption)
-        for kind, want in (("shape", caption_shape(caption)), ("color", color), ("background", background)):
+        shape, (color, background) = caption_shape(caption), caption_colors(caption)
+        wanted = {"shape": shape, "color": color, "background": background,
+                  "describe": describe(shape, color, background).lower()}
+        for kind in UND_QUESTIONS:
             answer = tokenizer.decode(model.generate_text(prompts[kind], x[None].to(model.dtype),
                                                           max_new_tokens=max_new_tokens))
-            got = caption_shape(answer) if kind == "shape" else (caption_colors(answer) or [None])[0]
-            out[kind].append(float(got == want))
+            if kind == "shape":
+                got = caption_shape(answer)
+            elif kind == "describe":
+                got = answer.strip().rstrip(".").lower()
+            else:
+                got = (caption_colors(answer) or [None])[0]
+            out[kind].append(float(got == wanted[kind]))
     return out
 
 
@@ -216,8 +225,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--vq-ceiling", action="store_true", help="also score the VQ round trip decode(encode(x)) "
                    "of held-out ground-truth images: the most a generator can reach through this VQ")
     p.add_argument("--understanding", type=int, default=0, metavar="N",
-                   help="also ask N fresh synthetic images (seed --understanding-seed) the shape, colour and "
-                        "background questions, greedy: und_shape, und_color, und_background (chance 1/7, 1/12, 1/12)")
+                   help="also ask N fresh synthetic images (seed --understanding-seed) the synthetic set's four "
+                        "questions, greedy: und_shape, und_color, und_background (the answer's first shape / colour "
+                        "word right; chance 1/7, 1/12, 1/12), und_describe (the whole sentence right)")
     p.add_argument("--understanding-seed", type=int, default=777, help="seed of those images")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="the models' dtype")
