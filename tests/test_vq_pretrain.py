@@ -343,6 +343,9 @@ def test_caption_i_samples_with_seed_plus_i(tok, captions):
         evaluate.caption_scores(Recording(tok), tok, captions[:1], n_per_caption=0)
 
 
+ENGINE = object()  # the engine an Answerer is handed and ignores
+
+
 class Answerer:
     """Stands in for Janus in understanding: reads the question from the prompt and answers from the pixels
     (classify_shape; the dominant palette colours), or always `constant`."""
@@ -353,7 +356,8 @@ class Answerer:
         self.tok, self.constant, self.cfg, self.dtype = tok, constant, tiny_config(), torch.float32
         self.questions = []
 
-    def generate_text(self, prompt_ids, pixel_values, max_new_tokens=16):
+    def generate_text(self, prompt_ids, pixel_values, max_new_tokens=16, engine=None):
+        assert engine is ENGINE  # every question runs in the engine understanding_scores was given
         from janus_rt.processing import to_pil
         from janus_rt.train.synthetic import QUESTIONS, classify_shape, describe, dominant_colors
 
@@ -363,7 +367,8 @@ class Answerer:
         if self.constant is not None:
             return self.tok.encode(self.constant)
         img = to_pil(pixel_values)[0]
-        background, color = [c for c, _ in dominant_colors(img, k=2)]  # the background covers more pixels
+        background = dominant_colors(img.crop((0, 0, 1, 1)), k=1)[0][0]  # a corner: the shape never reaches it
+        color = next(c for c, _ in dominant_colors(img, k=2) if c != background)
         shape = classify_shape(img, color)
         answer = {"What shape is in the image?": f"A {shape}.", "What colour is the shape?": f"{color}.",
                   "What colour is the background?": f"{background}.",
@@ -378,7 +383,7 @@ def test_understanding_scores_pair_each_image_with_its_answers(tok):
     from janus_rt.train.synthetic import QUESTIONS, caption_shape
 
     oracle = Answerer(tok)
-    s = evaluate.understanding_scores(oracle, tok, 24, seed=5)
+    s = evaluate.understanding_scores(oracle, tok, 24, seed=5, engine=ENGINE)
     assert set(s) == {"shape", "color", "background", "describe"} and all(len(v) == 24 for v in s.values())
     assert np.mean(s["color"]) == 1.0 and np.mean(s["background"]) == 1.0
     assert np.mean(s["shape"]) >= 0.8, s["shape"]  # classify_shape: 0.946 on 32 px images
@@ -388,9 +393,9 @@ def test_understanding_scores_pair_each_image_with_its_answers(tok):
     circles = [float(caption_shape(c) == "circle") for c in captions]
     red = [float(caption_colors(c)[0] == "red") for c in captions]
     blue_bg = [float(caption_colors(c)[1] == "blue") for c in captions]
-    s = evaluate.understanding_scores(Answerer(tok, "A red circle."), tok, 24, seed=5)
+    s = evaluate.understanding_scores(Answerer(tok, "A red circle."), tok, 24, seed=5, engine=ENGINE)
     assert s["shape"] == circles and s["color"] == red and sum(circles) > 0 and s["describe"] == [0.0] * 24
-    s = evaluate.understanding_scores(Answerer(tok, "Blue."), tok, 24, seed=5)
+    s = evaluate.understanding_scores(Answerer(tok, "Blue."), tok, 24, seed=5, engine=ENGINE)
     assert s["background"] == blue_bg and s["shape"] == [0.0] * 24
     with pytest.raises(ValueError, match="n must be >= 1"):
         evaluate.understanding_scores(oracle, tok, 0)
@@ -399,13 +404,17 @@ def test_understanding_scores_pair_each_image_with_its_answers(tok):
 def test_cli_adds_the_understanding_scores(monkeypatch):
     monkeypatch.setattr(evaluate, "caption_scores", lambda *a, **k: {
         "color_match": [[1.0]], "one_object": [[1.0]], "shape_match": [[1.0]]})
-    monkeypatch.setattr(evaluate, "understanding_scores", lambda m, t, n, seed, progress=None: {
-        "shape": [1.0, 0.0] * (n // 2), "color": [1.0] * n, "background": [0.0] * n, "describe": [0.25] * n})
+    asked = []
+    monkeypatch.setattr(evaluate, "understanding_scores", lambda m, t, n, seed, progress=None: asked.append(
+        (n, seed)) or {"shape": [1.0, 0.0] * (n // 2), "color": [1.0] * n, "background": [0.0] * n,
+                       "describe": [0.25] * n})
     monkeypatch.setattr(evaluate, "load_model_and_tokenizer", lambda *a: (None, None))
     row = evaluate.main(["--model", "tiny", "--n", "1", "--n-per-caption", "1", "--cfg", "1",
                          "--understanding", "4", "--understanding-seed", "3"])[0]
     assert (row["und_shape"], row["und_color"], row["und_background"], row["und_describe"]) == (0.5, 1.0, 0.0, 0.25)
-    assert (row["und_images"], row["und_seed"]) == (4, 3)
+    assert (row["und_images"], row["und_seed"]) == (4, 3) and asked == [(4, 3)]
     assert "und_shape" not in evaluate.main(["--model", "tiny", "--n", "1", "--n-per-caption", "1", "--cfg", "1"])[0]
-    with pytest.raises(SystemExit):
-        evaluate.main(["--model", "tiny", "--understanding", "-1"])
+    for bad in (["--understanding", "-1"], ["--understanding-seed", "-1"], ["--seed", "-2"], ["--caption-seed", "-1"]):
+        with pytest.raises(SystemExit):
+            evaluate.main(["--model", "tiny", *bad])
+    assert len(asked) == 1

@@ -137,11 +137,13 @@ UND_QUESTIONS = ("shape", "color", "background", "describe")  # synthetic.QUESTI
 
 
 def understanding_scores(model, tokenizer, n: int, seed: int = 777, max_new_tokens: int = 48,
-                         progress: str | None = None) -> dict[str, list[float]]:
+                         progress: str | None = None, engine=None) -> dict[str, list[float]]:
     """Greedy answers to the synthetic set's four questions about n fresh synthetic images (make_synthetic(n, seed),
     drawn at the vision tower's size), per image under "shape", "color", "background": 1.0 where the answer's first
     shape (or palette colour) word is the right one (chance 1/7, 1/12, 1/12); under "describe": 1.0 where the answer
-    is the training set's sentence ("A red circle on a blue background."; case and the final full stop aside)."""
+    is the training set's sentence ("A red circle on a blue background."; case and the final full stop aside).
+    engine: the Engine every question runs in (default: one sized for the longest; a new one per question would
+    repack the LLM each time on the CPU)."""
     from tqdm import tqdm
 
     from janus_rt.processing import encode_understanding_prompt
@@ -153,6 +155,10 @@ def understanding_scores(model, tokenizer, n: int, seed: int = 777, max_new_toke
     pixels, captions = synthetic_images(n, model.cfg.vision.image_size, seed)
     prompts = {k: encode_understanding_prompt(tokenizer, QUESTIONS[k], 1, model.cfg.vision.num_patches)
                for k in UND_QUESTIONS}
+    if engine is None:
+        from janus_rt.engine import Engine
+
+        engine = Engine.for_requests(model, [(max(len(ids) for ids in prompts.values()) + max_new_tokens, 0)])
     out = {k: [] for k in UND_QUESTIONS}
     for x, caption in zip(tqdm(pixels, desc=progress, unit="image", disable=progress is None, file=sys.stderr),
                           captions):
@@ -161,7 +167,7 @@ def understanding_scores(model, tokenizer, n: int, seed: int = 777, max_new_toke
                   "describe": describe(shape, color, background).lower()}
         for kind in UND_QUESTIONS:
             answer = tokenizer.decode(model.generate_text(prompts[kind], x[None].to(model.dtype),
-                                                          max_new_tokens=max_new_tokens))
+                                                          max_new_tokens=max_new_tokens, engine=engine))
             if kind == "shape":
                 got = caption_shape(answer)
             elif kind == "describe":
@@ -246,6 +252,10 @@ def main(argv=None) -> list[dict]:
         p.error(f"--n-per-caption must be >= 1, got {a.n_per_caption}")
     if a.understanding < 0:
         p.error(f"--understanding must be >= 0, got {a.understanding}")
+    for flag, value in (("--seed", a.seed), ("--caption-seed", a.caption_seed),
+                        ("--understanding-seed", a.understanding_seed)):
+        if value < 0:
+            p.error(f"{flag} must be >= 0, got {value}")
     if a.threads < 0:
         p.error(f"--threads must be >= 0, got {a.threads}")
     if not a.temperature > 0 or not math.isfinite(a.temperature):
@@ -296,9 +306,11 @@ def main(argv=None) -> list[dict]:
             row["vq_ceiling"] = round(ceiling["color_match"], 4)
             row["vq_ceiling_shape"] = round(ceiling["shape_match"], 4)
         if a.understanding:
+            t0 = time.perf_counter()
             und = understanding_scores(model, tok, a.understanding, a.understanding_seed, progress=f"{spec} (und)")
             row.update({f"und_{k}": round(float(np.mean(v)), 4) for k, v in und.items()})
-            row.update(und_images=a.understanding, und_seed=a.understanding_seed)
+            row.update(und_images=a.understanding, und_seed=a.understanding_seed,
+                       und_seconds=round(time.perf_counter() - t0, 1))
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
