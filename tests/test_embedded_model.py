@@ -48,7 +48,7 @@ def test_its_guidance_weight_draws_one_object(embedded):
 def test_its_images_hold_the_captions_shape(embedded):
     """At its own guidance weight the shape in the caption's colour is the caption's shape (synthetic.classify_shape)
     well above chance (1/7), and above what the same images score against another shape (a model that ignored the
-    shape word would score alike on both)."""
+    shape word would score alike on both; measured 0.578 vs 0.055, the model before 0.594 vs 0.039)."""
     model, tok = embedded
     captions = heldout_captions(32)
     images = [generate_images(model, tok, c, n=4, seed=i, cfg_weight=default_guidance(DEFAULT_MODEL))
