@@ -60,6 +60,19 @@ def test_understand(tmp_path, capsys):
     assert (m.group(2) is not None) == (m.group(1) != "1"), err  # a per-token time exactly when a decode step ran
 
 
+def test_understand_on_the_embedded_model_notes_a_question_it_was_not_taught(tmp_path, capsys):
+    """The embedded model knows the synthetic set's four questions; for any other `understand` says its answer means
+    nothing. A real checkpoint (--model) gets no such note."""
+    Image.new("RGB", (32, 32), (30, 70, 220)).save(tmp_path / "x.png")
+    ask = ["understand", "--image", str(tmp_path / "x.png"), "--max-new-tokens", "4"]
+    for question, noted in (("What is in this picture?", True), ("What colour is the background?", False),
+                            (" What shape is in the image? ", False)):
+        main(ask + ["--question", question])
+        assert ("trained on four questions only" in capsys.readouterr().err) == noted, question
+    main(ask + ["--question", "What is in this picture?", "--model", "tiny"])
+    assert "trained on four questions only" not in capsys.readouterr().err
+
+
 def test_understand_notes_an_answer_past_the_models_positions(tmp_path, capsys):
     """A prompt plus --max-new-tokens past the checkpoint's max_position is run, with a note that says so."""
     from janus_rt.loading import save_janus
