@@ -405,16 +405,30 @@ def test_cli_adds_the_understanding_scores(monkeypatch):
     monkeypatch.setattr(evaluate, "caption_scores", lambda *a, **k: {
         "color_match": [[1.0]], "one_object": [[1.0]], "shape_match": [[1.0]]})
     asked = []
-    monkeypatch.setattr(evaluate, "understanding_scores", lambda m, t, n, seed, progress=None: asked.append(
-        (n, seed)) or {"shape": [1.0, 0.0] * (n // 2), "color": [1.0] * n, "background": [0.0] * n,
-                       "describe": [0.25] * n})
+    monkeypatch.setattr(evaluate, "understanding_scores", lambda m, t, n, seed, progress=None, kv_cache_dtype=None:
+                        asked.append((n, seed, kv_cache_dtype)) or {
+                            "shape": [1.0, 0.0] * (n // 2), "color": [1.0] * n, "background": [0.0] * n,
+                            "describe": [0.25] * n})
     monkeypatch.setattr(evaluate, "load_model_and_tokenizer", lambda *a: (None, None))
     row = evaluate.main(["--model", "tiny", "--n", "1", "--n-per-caption", "1", "--cfg", "1",
                          "--understanding", "4", "--understanding-seed", "3"])[0]
     assert (row["und_shape"], row["und_color"], row["und_background"], row["und_describe"]) == (0.5, 1.0, 0.0, 0.25)
-    assert (row["und_images"], row["und_seed"]) == (4, 3) and asked == [(4, 3)]
+    assert (row["und_images"], row["und_seed"]) == (4, 3) and asked == [(4, 3, None)]
+    evaluate.main(["--model", "tiny", "--n", "1", "--n-per-caption", "1", "--cfg", "1", "--understanding", "2",
+                   "--kv-cache-dtype", "int8"])
+    assert asked[-1] == (2, 777, "int8")  # the answers run in the cache the images did
     assert "und_shape" not in evaluate.main(["--model", "tiny", "--n", "1", "--n-per-caption", "1", "--cfg", "1"])[0]
     for bad in (["--understanding", "-1"], ["--understanding-seed", "-1"], ["--seed", "-2"], ["--caption-seed", "-1"]):
         with pytest.raises(SystemExit):
             evaluate.main(["--model", "tiny", *bad])
-    assert len(asked) == 1
+    assert len(asked) == 2
+
+
+def test_understanding_scores_build_their_engine_with_the_cache_asked_for(tok, monkeypatch):
+    from janus_rt.engine import Engine
+
+    made = []
+    monkeypatch.setattr(Engine, "for_requests", classmethod(lambda cls, model, shapes, **kw: made.append(kw) or ENGINE))
+    evaluate.understanding_scores(Answerer(tok, "Red."), tok, 2, seed=5)
+    evaluate.understanding_scores(Answerer(tok, "Red."), tok, 2, seed=5, kv_cache_dtype="int8")
+    assert made == [{}, {"kv_cache_dtype": "int8"}]

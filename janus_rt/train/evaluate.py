@@ -137,13 +137,13 @@ UND_QUESTIONS = ("shape", "color", "background", "describe")  # synthetic.QUESTI
 
 
 def understanding_scores(model, tokenizer, n: int, seed: int = 777, max_new_tokens: int = 48,
-                         progress: str | None = None, engine=None) -> dict[str, list[float]]:
+                         progress: str | None = None, engine=None, kv_cache_dtype=None) -> dict[str, list[float]]:
     """Greedy answers to the synthetic set's four questions about n fresh synthetic images (make_synthetic(n, seed),
     drawn at the vision tower's size), per image under "shape", "color", "background": 1.0 where the answer's first
     shape (or palette colour) word is the right one (chance 1/7, 1/12, 1/12); under "describe": 1.0 where the answer
     is the training set's sentence ("A red circle on a blue background."; case and the final full stop aside).
-    engine: the Engine every question runs in (default: one sized for the longest; a new one per question would
-    repack the LLM each time on the CPU)."""
+    engine: the Engine every question runs in (default: one sized for the longest, with kv_cache_dtype: None, the
+    model's, or "int8"; a new one per question would repack the LLM each time on the CPU)."""
     from tqdm import tqdm
 
     from janus_rt.processing import encode_understanding_prompt
@@ -158,7 +158,8 @@ def understanding_scores(model, tokenizer, n: int, seed: int = 777, max_new_toke
     if engine is None:
         from janus_rt.engine import Engine
 
-        engine = Engine.for_requests(model, [(max(len(ids) for ids in prompts.values()) + max_new_tokens, 0)])
+        kw = {} if kv_cache_dtype is None else {"kv_cache_dtype": kv_cache_dtype}
+        engine = Engine.for_requests(model, [(max(len(ids) for ids in prompts.values()) + max_new_tokens, 0)], **kw)
     out = {k: [] for k in UND_QUESTIONS}
     for x, caption in zip(tqdm(pixels, desc=progress, unit="image", disable=progress is None, file=sys.stderr),
                           captions):
@@ -307,7 +308,8 @@ def main(argv=None) -> list[dict]:
             row["vq_ceiling_shape"] = round(ceiling["shape_match"], 4)
         if a.understanding:
             t0 = time.perf_counter()
-            und = understanding_scores(model, tok, a.understanding, a.understanding_seed, progress=f"{spec} (und)")
+            und = understanding_scores(model, tok, a.understanding, a.understanding_seed, progress=f"{spec} (und)",
+                                       kv_cache_dtype=None if a.kv_cache_dtype == "auto" else a.kv_cache_dtype)
             row.update({f"und_{k}": round(float(np.mean(v)), 4) for k, v in und.items()})
             row.update(und_images=a.understanding, und_seed=a.understanding_seed,
                        und_seconds=round(time.perf_counter() - t0, 1))
