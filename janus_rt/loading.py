@@ -448,6 +448,12 @@ def write_guidance(model, folder: Path) -> None:
         (folder / "generation_config.json").write_text(json.dumps({"guidance_scale": model.guidance_scale}) + "\n")
 
 
+def holds_checkpoint(folder: Path) -> bool:
+    """Whether a folder already holds a checkpoint (config.json or safetensors weights): a command that writes a new
+    checkpoint folder refuses it rather than mixing files of two models."""
+    return folder.is_dir() and ((folder / "config.json").exists() or any(folder.glob("*.safetensors")))
+
+
 def check_convert_dst(src: Path, dst: Path) -> None:
     """UsageError for a DST that convert must not write, before anything loads: SRC itself (the weights would be
     rewritten in the new dtype before the tokenizer copy failed, a lossy overwrite of the source), a file, or a
@@ -457,7 +463,7 @@ def check_convert_dst(src: Path, dst: Path) -> None:
         raise UsageError(f"DST {str(dst)!r} is a file, not a folder")
     if dst.is_dir() and src.exists() and dst.resolve() == src.resolve():
         raise UsageError(f"DST {str(dst)!r} is SRC: convert writes a new folder and leaves SRC as it is")
-    if dst.is_dir() and ((dst / "config.json").exists() or any(dst.glob("*.safetensors"))):
+    if holds_checkpoint(dst):
         raise UsageError(f"DST {str(dst)!r} already holds a checkpoint: give a new folder, or one without a checkpoint")
     if problem := folder_problem(str(dst), "DST"):  # (not writable: found only after minutes of loading at 7B)
         raise UsageError(problem)

@@ -112,10 +112,9 @@ def pretrain_vision(tower: SigLIP, pixels, captions: list[str], steps: int = 300
     heads.to(dev, dtype)
     flags, was_training = [p.requires_grad for p in tower.parameters()], tower.training
     tower.requires_grad_(True).train()
-    decay = [p for n, p in tower.named_parameters() if p.dim() >= 2 and n != "pos_embed"] + \
-        [h.weight for h in heads.heads.values()]
-    no_decay = [p for n, p in tower.named_parameters() if p.dim() < 2 or n == "pos_embed"] + \
-        [h.bias for h in heads.heads.values()]
+    decay, no_decay = [], []  # weight decay on matrices only: not the position embedding, gains or biases
+    for n, p in [*tower.named_parameters(), *heads.named_parameters()]:
+        (decay if p.dim() >= 2 and n != "pos_embed" else no_decay).append(p)
     params = decay + no_decay
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
@@ -157,7 +156,7 @@ def pretrain_vision(tower: SigLIP, pixels, captions: list[str], steps: int = 300
 # ---- CLI --------------------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
     from janus_rt.errors import folder_problem
-    from janus_rt.loading import save_janus
+    from janus_rt.loading import holds_checkpoint, save_janus
     from janus_rt.models.janus import Janus
 
     p = argparse.ArgumentParser(prog="python -m janus_rt.train.vision_pretrain", description=__doc__.split("\n")[0],
@@ -191,7 +190,7 @@ def main(argv=None) -> dict:
     out = Path(a.out)
     if out.is_dir() and out.resolve() == Path(a.model).resolve():
         p.error("--out must differ from --model")
-    if out.is_dir() and ((out / "config.json").exists() or any(out.glob("*.safetensors"))):
+    if holds_checkpoint(out):
         p.error(f"--out {a.out} already holds a checkpoint: give a new folder")
     if problem := folder_problem(a.out):
         p.error(problem)
