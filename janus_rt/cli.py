@@ -382,14 +382,20 @@ def cmd_understand(args):
     if args.model is None:
         from janus_rt.train.synthetic import QUESTIONS
 
-        if args.question.strip() not in QUESTIONS.values():
+        if not images:
+            print("note: the embedded model was trained to answer questions about an image: without --image its "
+                  "answers are not meaningful", file=sys.stderr)
+        elif args.question.strip() not in QUESTIONS.values():
             print("note: the embedded model was trained on four questions only (" +
                   ", ".join(f'"{q}"' for q in QUESTIONS.values()) + "): its answers to others are not meaningful",
                   file=sys.stderr)
     # only where the engine's copy would not fit (or --int8): torch's matmul is ~3 % faster for prefills
     _pack_in_place(model, int8=args.int8)
     retain_freed_memory()  # after the weights are in place: the originals packing freed must go back to the OS
-    pixels = torch.stack([preprocess_image(im, model.cfg.vision.image_size) for im in images]).to(model.device)
+    pixels = None  # a text-only turn: the prompt holds no image placeholder
+    if images:
+        pixels = torch.stack([preprocess_image(im, model.cfg.vision.image_size) for im in images])
+        pixels = pixels.to(model.device, model.dtype)
     n_img = model.cfg.vision.num_patches
     ids = encode_understanding_prompt(tok, args.question, num_images=len(images), num_image_tokens=n_img)
     t0 = time.perf_counter()
@@ -403,7 +409,7 @@ def cmd_understand(args):
               f"model's {model.cfg.llm.max_position} positions: an answer that long may degrade", file=sys.stderr)
     params = SamplingParams(temperature=args.temperature or 1.0, greedy=args.temperature == 0,
                             top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed)
-    req = eng.add_text_request(ids, pixels.to(model.dtype), max_new_tokens=args.max_new_tokens, params=params)
+    req = eng.add_text_request(ids, pixels, max_new_tokens=args.max_new_tokens, params=params)
     stream, t_first = tok.stream(), None
     while eng.has_work():  # the answer printed as it comes, a token a step
         eng.step()
@@ -601,9 +607,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="out", help="folder for img_PP_NN.png and grid.png")
     g.set_defaults(fn=cmd_generate)
 
-    u = sub.add_parser("understand", help="image(s) + question -> answer", formatter_class=formatter)
+    u = sub.add_parser("understand", help="image(s) + question -> answer (or a question alone)",
+                       formatter_class=formatter)
     _common(u)
-    u.add_argument("--image", action="append", required=True, help="repeat for several images")
+    u.add_argument("--image", action="append", default=[],
+                   help="repeat for several images; none: the question alone, a text-only chat turn")
     u.add_argument("--question", required=True, help="asked about the image(s) in the official prompt template")
     u.add_argument("--max-new-tokens", type=int, default=128, help="answer length at most (stops at EOS)")
     u.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

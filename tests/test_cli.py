@@ -8,7 +8,7 @@ from PIL import Image
 
 import bench_scripts
 from janus_rt import Janus, openmp
-from janus_rt.cli import main
+from janus_rt.cli import load_model, main
 
 
 def test_generate_writes_pngs_and_grid(tmp_path, capsys):
@@ -71,6 +71,23 @@ def test_understand_on_the_embedded_model_notes_a_question_it_was_not_taught(tmp
         assert ("trained on four questions only" in capsys.readouterr().err) == noted, question
     main(ask + ["--question", "What is in this picture?", "--model", "tiny"])
     assert "trained on four questions only" not in capsys.readouterr().err
+
+
+def test_understand_without_an_image_answers_the_question_alone(capsys):
+    """No --image: a text-only turn (the official template with no image placeholder), answered as generate_text
+    answers those ids; the embedded model, trained on questions about images, says its answer means nothing."""
+    from janus_rt.processing import encode_understanding_prompt
+
+    question = "What is a circle?"
+    main(["understand", "--question", question, "--max-new-tokens", "6"])
+    out, err = capsys.readouterr()
+    assert "trained to answer questions about an image" in err
+    model, tok, _ = load_model(None)
+    ids = encode_understanding_prompt(tok, question, num_images=0)
+    assert tok.image_id not in ids and tok.boi_id not in ids
+    assert out == tok.decode(model.generate_text(ids, max_new_tokens=6)) + "\n"
+    main(["understand", "--model", "tiny", "--question", question, "--max-new-tokens", "2"])
+    assert "trained to answer questions about an image" not in capsys.readouterr().err
 
 
 def test_understand_notes_an_answer_past_the_models_positions(tmp_path, capsys):

@@ -81,6 +81,28 @@ def test_understanding_greedy_matches_transformers_generate(name, tmp_path):
     assert req.tokens[0] == ref[0, len(ids):].tolist() == want[: want.index(stop) + 1]
 
 
+@pytest.mark.parametrize("name", ["a", "c"])
+def test_text_only_greedy_matches_transformers_generate(name, tmp_path):
+    """A question with no image (a prompt without placeholders, pixel_values None), answered greedily: the same
+    tokens as transformers' generate in text mode without pixel_values."""
+    pytest.importorskip("transformers")
+    from hf_reference import SMALL_CONFIGS, hf_model, write_hf
+
+    c = SMALL_CONFIGS[name]
+    hf = hf_model(c, seed=7)
+    ours = Janus.from_pretrained(write_hf(hf, tmp_path, c))
+    t = ours.cfg.tokens
+    ids = [t.bos_id] + prompt(ours, 9, seed=4)[1:-1]
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ref = hf.generate(x, attention_mask=torch.ones_like(x), generation_mode="text", do_sample=False,
+                          max_new_tokens=10, eos_token_id=t.eos_id, pad_token_id=t.pad_id)
+    want = ref[0, len(ids):].tolist()
+    want = want[: want.index(t.eos_id) + 1] if t.eos_id in want else want
+    assert len(set(want)) > 1  # (an answer of one token repeated would hardly test the decode steps)
+    assert ours.generate_text(ids, max_new_tokens=10) == want
+
+
 def test_paged_logits_equal_full_forward(tiny):
     """Every step's logits from the paged cache equal a full teacher-forced forward (cond and uncond rows)."""
     ids = prompt(tiny, 13)
