@@ -59,6 +59,40 @@ def make_ds(manifest, vq=None, **kw):
 
 # ---- synthetic ---------------------------------------------------------------------------------------------
 
+def test_synthetic_wordings_change_only_the_questions(tmp_path):
+    """wordings=True asks each understanding record's question in one of its trained wordings, drawn at random (the
+    same draw every time), never a held-out one; images, captions, answers and text records are those of the set
+    without wordings."""
+    from janus_rt.train.synthetic import HELDOUT_WORDINGS, question_wordings
+
+    plain = make_synthetic(tmp_path / "a", n=40, image_size=16, seed=3)
+    worded = make_synthetic(tmp_path / "b", n=40, image_size=16, seed=3, wordings=True)
+    assert make_synthetic(tmp_path / "c", n=40, image_size=16, seed=3, wordings=True).read_bytes() == worded.read_bytes()
+    a = [json.loads(line) for line in plain.read_text().splitlines()]
+    b = [json.loads(line) for line in worded.read_text().splitlines()]
+    assert len(a) == len(b) == 120
+    heldout = {q for forms in HELDOUT_WORDINGS.values() for q in forms}
+    asked = {k: set() for k in QUESTIONS}
+    for ra, rb in zip(a, b):
+        if ra["kind"] != "und":
+            assert ra == rb
+            continue
+        assert ra["image"] == rb["image"] and ra["conversation"][1] == rb["conversation"][1]  # the same answer
+        kind = next(k for k, q in QUESTIONS.items() if ra["conversation"][0]["content"].endswith("\n" + q))
+        question = rb["conversation"][0]["content"].removeprefix("<image_placeholder>\n")
+        assert question in question_wordings(kind) and question not in heldout
+        asked[kind].add(question)
+    for i in range(40):
+        name = f"images/{i:06d}.png"
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert all(len(forms) >= 3 for forms in asked.values()), asked  # 10 draws of each kind's 8 wordings
+    every = [q for k in QUESTIONS for which in ("trained", "heldout") for q in question_wordings(k, which)]
+    assert len(set(every)) == len(every)  # no wording in two kinds, none both trained and held out
+    assert question_wordings("shape", "canonical") == (QUESTIONS["shape"],)
+    with pytest.raises(ValueError, match="kind must be"):
+        question_wordings("size")
+
+
 def test_synthetic_valid_and_deterministic(tmp_path):
     m1 = make_synthetic(tmp_path / "a", n=6, image_size=32, seed=3)
     m2 = make_synthetic(tmp_path / "b", n=6, image_size=32, seed=3)

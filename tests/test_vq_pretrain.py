@@ -359,10 +359,11 @@ class Answerer:
     def generate_text(self, prompt_ids, pixel_values, max_new_tokens=16, engine=None):
         assert engine is ENGINE  # every question runs in the engine understanding_scores was given
         from janus_rt.processing import to_pil
-        from janus_rt.train.synthetic import QUESTIONS, classify_shape, describe, dominant_colors
+        from janus_rt.train.synthetic import QUESTIONS, classify_shape, describe, dominant_colors, question_wordings
 
         text = self.tok.decode(prompt_ids)
-        question = next(q for q in QUESTIONS.values() if f"\n{q}\n\n<|Assistant|>:" in text)
+        question, kind = next((q, k) for k in QUESTIONS for which in ("trained", "heldout")
+                              for q in question_wordings(k, which) if f"\n{q}\n\n<|Assistant|>:" in text)
         self.questions.append(question)
         if self.constant is not None:
             return self.tok.encode(self.constant)
@@ -370,10 +371,9 @@ class Answerer:
         background = dominant_colors(img.crop((0, 0, 1, 1)), k=1)[0][0]  # a corner: the shape never reaches it
         color = next(c for c, _ in dominant_colors(img, k=2) if c != background)
         shape = classify_shape(img, color)
-        answer = {"What shape is in the image?": f"A {shape}.", "What colour is the shape?": f"{color}.",
-                  "What colour is the background?": f"{background}.",
-                  "Describe the image.": f"{describe(shape, color, background).capitalize()}."}
-        return self.tok.encode(answer[question])
+        answer = {"shape": f"A {shape}.", "color": f"{color}.", "background": f"{background}.",
+                  "describe": f"{describe(shape, color, background).capitalize()}."}
+        return self.tok.encode(answer[kind])
 
 
 def test_understanding_scores_pair_each_image_with_its_answers(tok):
@@ -401,27 +401,46 @@ def test_understanding_scores_pair_each_image_with_its_answers(tok):
         evaluate.understanding_scores(oracle, tok, 0)
 
 
+def test_understanding_scores_ask_the_wordings_asked_for(tok):
+    """wordings="trained" / "heldout": image i is asked the i-th wording (cyclically) of each question's set; the
+    pixel-reading answerer scores as with the canonical wording; an unknown set is refused."""
+    from janus_rt.train.synthetic import QUESTIONS, question_wordings
+
+    canonical = evaluate.understanding_scores(Answerer(tok), tok, 8, seed=5, engine=ENGINE)
+    for which in ("trained", "heldout"):
+        oracle = Answerer(tok)
+        assert evaluate.understanding_scores(oracle, tok, 8, seed=5, engine=ENGINE, wordings=which) == canonical
+        forms = {k: question_wordings(k, which) for k in QUESTIONS}
+        assert oracle.questions == [forms[k][i % len(forms[k])] for i in range(8) for k in QUESTIONS]
+    with pytest.raises(ValueError, match="which must be one of"):
+        evaluate.understanding_scores(Answerer(tok), tok, 2, engine=ENGINE, wordings="all")
+
+
 def test_cli_adds_the_understanding_scores(monkeypatch):
     monkeypatch.setattr(evaluate, "caption_scores", lambda *a, **k: {
         "color_match": [[1.0]], "one_object": [[1.0]], "shape_match": [[1.0]]})
     asked = []
-    monkeypatch.setattr(evaluate, "understanding_scores", lambda m, t, n, seed, progress=None, kv_cache_dtype=None:
-                        asked.append((n, seed, kv_cache_dtype)) or {
+    monkeypatch.setattr(evaluate, "understanding_scores", lambda m, t, n, seed, progress=None, kv_cache_dtype=None,
+                        wordings="canonical": asked.append((n, seed, kv_cache_dtype, wordings)) or {
                             "shape": [1.0, 0.0] * (n // 2), "color": [1.0] * n, "background": [0.0] * n,
                             "describe": [0.25] * n})
     monkeypatch.setattr(evaluate, "load_model_and_tokenizer", lambda *a: (None, None))
     row = evaluate.main(["--model", "tiny", "--n", "1", "--n-per-caption", "1", "--cfg", "1",
                          "--understanding", "4", "--understanding-seed", "3"])[0]
     assert (row["und_shape"], row["und_color"], row["und_background"], row["und_describe"]) == (0.5, 1.0, 0.0, 0.25)
-    assert (row["und_images"], row["und_seed"]) == (4, 3) and asked == [(4, 3, None)]
+    assert (row["und_images"], row["und_seed"], row["und_wordings"]) == (4, 3, "canonical")
+    assert asked == [(4, 3, None, "canonical")]
     evaluate.main(["--model", "tiny", "--n", "1", "--n-per-caption", "1", "--cfg", "1", "--understanding", "2",
                    "--kv-cache-dtype", "int8"])
-    assert asked[-1] == (2, 777, "int8")  # the answers run in the cache the images did
+    assert asked[-1] == (2, 777, "int8", "canonical")  # the answers run in the cache the images did
+    row = evaluate.main(["--model", "tiny", "--n", "1", "--n-per-caption", "1", "--cfg", "1", "--understanding", "2",
+                         "--understanding-wordings", "heldout"])[0]
+    assert asked[-1] == (2, 777, None, "heldout") and row["und_wordings"] == "heldout"
     assert "und_shape" not in evaluate.main(["--model", "tiny", "--n", "1", "--n-per-caption", "1", "--cfg", "1"])[0]
     for bad in (["--understanding", "-1"], ["--understanding-seed", "-1"], ["--seed", "-2"], ["--caption-seed", "-1"]):
         with pytest.raises(SystemExit):
             evaluate.main(["--model", "tiny", *bad])
-    assert len(asked) == 2
+    assert len(asked) == 3
 
 
 def test_understanding_scores_build_their_engine_with_the_cache_asked_for(tok, monkeypatch):

@@ -137,37 +137,44 @@ UND_QUESTIONS = ("shape", "color", "background", "describe")  # synthetic.QUESTI
 
 
 def understanding_scores(model, tokenizer, n: int, seed: int = 777, max_new_tokens: int = 48,
-                         progress: str | None = None, engine=None, kv_cache_dtype=None) -> dict[str, list[float]]:
+                         progress: str | None = None, engine=None, kv_cache_dtype=None,
+                         wordings: str = "canonical") -> dict[str, list[float]]:
     """Greedy answers to the synthetic set's four questions about n fresh synthetic images (make_synthetic(n, seed),
     drawn at the vision tower's size), per image under "shape", "color", "background": 1.0 where the answer's first
     shape (or palette colour) word is the right one (chance 1/7, 1/12, 1/12); under "describe": 1.0 where the answer
     is the training set's sentence ("A red circle on a blue background."; case and the final full stop aside).
+    wordings: each question as synthetic.QUESTIONS words it ("canonical"), or image i asked wording i (cyclically)
+    of synthetic.question_wordings(kind, wordings) ("trained": those make_synthetic(wordings=True) writes;
+    "heldout": wordings no training set holds).
     engine: the Engine every question runs in (default: one sized for the longest, with kv_cache_dtype: None, the
     model's, or "int8"; a new one per question would repack the LLM each time on the CPU)."""
     from tqdm import tqdm
 
     from janus_rt.processing import encode_understanding_prompt
-    from janus_rt.train.synthetic import QUESTIONS
+    from janus_rt.train.synthetic import question_wordings
     from janus_rt.train.vq_pretrain import synthetic_images
 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    forms = {k: question_wordings(k, wordings) for k in UND_QUESTIONS}  # (checks `wordings`)
     pixels, captions = synthetic_images(n, model.cfg.vision.image_size, seed)
-    prompts = {k: encode_understanding_prompt(tokenizer, QUESTIONS[k], 1, model.cfg.vision.num_patches)
+    prompts = {k: [encode_understanding_prompt(tokenizer, q, 1, model.cfg.vision.num_patches) for q in forms[k]]
                for k in UND_QUESTIONS}
     if engine is None:
         from janus_rt.engine import Engine
 
+        longest = max(len(ids) for asked in prompts.values() for ids in asked)
         kw = {} if kv_cache_dtype is None else {"kv_cache_dtype": kv_cache_dtype}
-        engine = Engine.for_requests(model, [(max(len(ids) for ids in prompts.values()) + max_new_tokens, 0)], **kw)
+        engine = Engine.for_requests(model, [(longest + max_new_tokens, 0)], **kw)
     out = {k: [] for k in UND_QUESTIONS}
-    for x, caption in zip(tqdm(pixels, desc=progress, unit="image", disable=progress is None, file=sys.stderr),
-                          captions):
+    for i, (x, caption) in enumerate(zip(tqdm(pixels, desc=progress, unit="image", disable=progress is None,
+                                              file=sys.stderr), captions)):
         shape, (color, background) = caption_shape(caption), caption_colors(caption)
         wanted = {"shape": shape, "color": color, "background": background,
                   "describe": describe(shape, color, background).lower()}
         for kind in UND_QUESTIONS:
-            answer = tokenizer.decode(model.generate_text(prompts[kind], x[None].to(model.dtype),
+            ids = prompts[kind][i % len(prompts[kind])]
+            answer = tokenizer.decode(model.generate_text(ids, x[None].to(model.dtype),
                                                           max_new_tokens=max_new_tokens, engine=engine))
             if kind == "shape":
                 got = caption_shape(answer)
@@ -236,6 +243,10 @@ def main(argv=None) -> list[dict]:
                         "questions, greedy: und_shape, und_color, und_background (the answer's first shape / colour "
                         "word right; chance 1/7, 1/12, 1/12), und_describe (the whole sentence right)")
     p.add_argument("--understanding-seed", type=int, default=777, help="seed of those images")
+    p.add_argument("--understanding-wordings", default="canonical", choices=("canonical", "trained", "heldout"),
+                   help="how the questions are worded: synthetic.QUESTIONS' wording, or image i asked the i-th "
+                        "(cyclically) of synthetic.question_wordings(kind, ...): those make_synthetic(wordings=True) "
+                        "trains on, or held-out ones no training set holds")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="the models' dtype")
     p.add_argument("--int8", nargs="?", const="weights", default=None, choices=INT8_MODES,
@@ -309,9 +320,11 @@ def main(argv=None) -> list[dict]:
         if a.understanding:
             t0 = time.perf_counter()
             und = understanding_scores(model, tok, a.understanding, a.understanding_seed, progress=f"{spec} (und)",
-                                       kv_cache_dtype=None if a.kv_cache_dtype == "auto" else a.kv_cache_dtype)
+                                       kv_cache_dtype=None if a.kv_cache_dtype == "auto" else a.kv_cache_dtype,
+                                       wordings=a.understanding_wordings)
             row.update({f"und_{k}": round(float(np.mean(v)), 4) for k, v in und.items()})
             row.update(und_images=a.understanding, und_seed=a.understanding_seed,
+                       und_wordings=a.understanding_wordings,
                        und_seconds=round(time.perf_counter() - t0, 1))
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -44,6 +44,41 @@ QUESTIONS = {
     "describe": "Describe the image.",
 }
 
+# Other wordings of each question: make_synthetic(..., wordings=True) asks each understanding record's question in
+# one of QUESTIONS' and these, drawn at random; HELDOUT_WORDINGS are never written to a training set, so that
+# `evaluate --understanding-wordings heldout` can see whether answers carry over to wordings a model never saw.
+WORDINGS = {
+    "shape": ("What shape is this?", "What is the shape?", "Which shape is in the picture?",
+              "What shape do you see?", "Name the shape.", "What kind of shape is it?", "What shape is shown?"),
+    "color": ("What color is the shape?", "What colour is it?", "What color is it?", "What is the colour of the shape?",
+              "Which color is the shape?", "What color is the object?", "Name the shape's colour."),
+    "background": ("What color is the background?", "What is the background colour?",
+                   "What colour is behind the shape?", "Which color is the background?",
+                   "What is the color of the background?", "Name the background's colour.",
+                   "What colour is the backdrop?"),
+    "describe": ("Describe this picture.", "What is in this picture?", "What do you see?", "What is in the image?",
+                 "Describe what you see.", "What does the image show?", "Tell me about the image."),
+}
+HELDOUT_WORDINGS = {
+    "shape": ("Which shape is this?", "What shape is drawn here?"),
+    "color": ("What colour is the object?", "What color is the figure?"),
+    "background": ("What is the background color?", "What color is behind it?"),
+    "describe": ("Describe the picture.", "What is shown in this image?"),
+}
+
+
+def question_wordings(kind: str, which: str = "trained") -> tuple[str, ...]:
+    """The wordings of question `kind` (a QUESTIONS key): "canonical" (QUESTIONS' one), "trained" (it and WORDINGS',
+    what wordings=True writes) or "heldout" (HELDOUT_WORDINGS', never written)."""
+    if kind not in QUESTIONS:
+        raise ValueError(f"kind must be one of {list(QUESTIONS)}, got {kind!r}")
+    forms = {"canonical": (QUESTIONS[kind],), "trained": (QUESTIONS[kind],) + WORDINGS[kind],
+             "heldout": HELDOUT_WORDINGS[kind]}
+    if which not in forms:
+        raise ValueError(f"which must be one of {list(forms)}, got {which!r}")
+    return forms[which]
+
+
 MANIFEST_NAME = "manifest.jsonl"
 
 
@@ -102,18 +137,22 @@ def _text_sentence(rng: np.random.Generator) -> str:
     return templates[int(rng.integers(len(templates)))]
 
 
-def make_synthetic(out_dir: str | Path, n: int = 64, image_size: int = 384, seed: int = 0) -> Path:
+def make_synthetic(out_dir: str | Path, n: int = 64, image_size: int = 384, seed: int = 0,
+                   wordings: bool = False) -> Path:
     """Write n images and 3n records (n text-to-image, n understanding, n text-only) under out_dir.
 
     Layout: out_dir/images/{i:06d}.png and out_dir/manifest.jsonl (image paths relative to out_dir).
-    Record i of each kind uses image i; the understanding question cycles over QUESTIONS. Deterministic in
-    (n, image_size, seed). Returns the manifest path.
+    Record i of each kind uses image i; the understanding question's kind cycles over QUESTIONS, asked in QUESTIONS'
+    wording, or with `wordings` in one of question_wordings(kind)'s drawn at random (from a generator of its own:
+    the images, captions and answers are those of wordings=False). Deterministic in (n, image_size, seed, wordings).
+    Returns the manifest path.
     """
     if n < 1 or image_size < 8:
         raise ValueError(f"need n >= 1 and image_size >= 8, got n={n}, image_size={image_size}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    wording_rng = np.random.default_rng([seed, 1])
     names, shapes, qkinds = list(PALETTE), list(SHAPES), list(QUESTIONS)
     lines = []
     for i in range(n):
@@ -131,9 +170,13 @@ def make_synthetic(out_dir: str | Path, n: int = 64, image_size: int = 384, seed
             "describe": describe(shape, color, background).capitalize() + ".",
         }
         q = qkinds[i % len(qkinds)]
+        question = QUESTIONS[q]
+        if wordings:
+            forms = question_wordings(q)
+            question = forms[int(wording_rng.integers(len(forms)))]
         lines.append({"kind": "t2i", "caption": caption, "image": rel})
         lines.append({"kind": "und", "image": rel, "conversation": [
-            {"role": "user", "content": f"<image_placeholder>\n{QUESTIONS[q]}"},
+            {"role": "user", "content": f"<image_placeholder>\n{question}"},
             {"role": "assistant", "content": answers[q]},
         ]})
         lines.append({"kind": "text", "text": _text_sentence(rng)})
