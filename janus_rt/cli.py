@@ -380,15 +380,15 @@ def cmd_understand(args):
             raise SystemExit(f"janus-rt understand: --image {path!r}: {e}") from None
     model, tok, what = load_model(args.model, args.device, _dtype(args), args.seed)
     if args.model is None:
-        from janus_rt.train.synthetic import QUESTIONS
+        from janus_rt.train.synthetic import QUESTIONS, question_wordings
 
         if not images:
             print("note: the embedded model was trained to answer questions about an image: without --image its "
                   "answers are not meaningful", file=sys.stderr)
-        elif args.question.strip() not in QUESTIONS.values():
-            print("note: the embedded model was trained on four questions only (" +
-                  ", ".join(f'"{q}"' for q in QUESTIONS.values()) + "): its answers to others are not meaningful",
-                  file=sys.stderr)
+        elif all(args.question.strip() not in question_wordings(kind) for kind in QUESTIONS):
+            print("note: the embedded model was trained on four questions only, each in a few wordings (" +
+                  ", ".join(f'"{q}"' for q in QUESTIONS.values()) + "; janus_rt/train/synthetic.py's WORDINGS "
+                  "lists the others): its answers to other questions may not be meaningful", file=sys.stderr)
     # only where the engine's copy would not fit (or --int8): torch's matmul is ~3 % faster for prefills
     _pack_in_place(model, int8=args.int8)
     retain_freed_memory()  # after the weights are in place: the originals packing freed must go back to the OS

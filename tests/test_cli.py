@@ -61,15 +61,16 @@ def test_understand(tmp_path, capsys):
 
 
 def test_understand_on_the_embedded_model_notes_a_question_it_was_not_taught(tmp_path, capsys):
-    """The embedded model knows the synthetic set's four questions; for any other `understand` says its answer means
-    nothing. A real checkpoint (--model) gets no such note."""
+    """The embedded model knows the synthetic set's four questions in the wordings it was trained on; for any other
+    `understand` says its answer may mean nothing. A real checkpoint (--model) gets no such note."""
     Image.new("RGB", (32, 32), (30, 70, 220)).save(tmp_path / "x.png")
     ask = ["understand", "--image", str(tmp_path / "x.png"), "--max-new-tokens", "4"]
-    for question, noted in (("What is in this picture?", True), ("What colour is the background?", False),
-                            (" What shape is in the image? ", False)):
+    for question, noted in (("How many sides does it have?", True), ("What colour is the background?", False),
+                            (" What shape is in the image? ", False), ("What is in this picture?", False),
+                            ("What color is the shape?", False), ("Which shape is this?", True)):  # (held out)
         main(ask + ["--question", question])
         assert ("trained on four questions only" in capsys.readouterr().err) == noted, question
-    main(ask + ["--question", "What is in this picture?", "--model", "tiny"])
+    main(ask + ["--question", "How many sides does it have?", "--model", "tiny"])
     assert "trained on four questions only" not in capsys.readouterr().err
 
 
