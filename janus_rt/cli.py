@@ -612,7 +612,8 @@ def parser() -> argparse.ArgumentParser:
     _common(u)
     u.add_argument("--image", action="append", default=[],
                    help="repeat for several images; none: the question alone, a text-only chat turn")
-    u.add_argument("--question", required=True, help="asked about the image(s) in the official prompt template")
+    u.add_argument("--question", required=True,
+                   help="asked (about the image(s), if any) in the official prompt template")
     u.add_argument("--max-new-tokens", type=int, default=128, help="answer length at most (stops at EOS)")
     u.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     u.add_argument("--top-p", type=float, default=None, help="nucleus sampling (with --temperature > 0)")

@@ -95,14 +95,16 @@ def test_answers_name_the_shape_shown(embedded):
 
 def test_answers_hold_in_other_wordings(embedded):
     """Each question asked in the wordings it was trained on (synthetic.WORDINGS: "What color is the background?",
-    "What is in this picture?", ...) is answered as the canonical wording is, and the shape is named in two wordings
-    it never saw (32 images; measured: trained wordings shape / colour / background / describe 0.94 / 0.97 / 1.0 /
-    0.97, held-out shape 0.97; the model before 0.19 / 0.72 / 0.59 / 0.09 and 0.0, which fails)."""
+    "What is in this picture?", ...; image i the i-th) is answered about as well as in the canonical wording (0.97 /
+    0.97 / 1.0 / 0.97 of the same 32 images), and the shape is named in each of two wordings it never saw (32 images;
+    measured: trained wordings shape / colour / background / describe 0.94 / 0.97 / 1.0 / 0.97, held-out shape 0.97
+    over both; the model before 0.19 / 0.72 / 0.59 / 0.09 and 0.0, which fails)."""
     from janus_rt.train.evaluate import understanding_scores
 
     model, tok = embedded
     trained = {k: np.mean(v) for k, v in understanding_scores(model, tok, 32, seed=777, wordings="trained").items()}
     assert trained["shape"] >= 0.6 and trained["describe"] >= 0.6, trained
     assert trained["color"] >= 0.8 and trained["background"] >= 0.8, trained
-    heldout = np.mean(understanding_scores(model, tok, 32, seed=777, wordings="heldout")["shape"])
-    assert heldout >= 0.6, heldout
+    heldout = understanding_scores(model, tok, 32, seed=777, wordings="heldout")["shape"]
+    for wording in (0, 1):  # (the two held-out shape wordings alternate over the images)
+        assert np.mean(heldout[wording::2]) >= 0.6, (wording, heldout)

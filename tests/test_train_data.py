@@ -67,7 +67,8 @@ def test_synthetic_wordings_change_only_the_questions(tmp_path):
 
     plain = make_synthetic(tmp_path / "a", n=40, image_size=16, seed=3)
     worded = make_synthetic(tmp_path / "b", n=40, image_size=16, seed=3, wordings=True)
-    assert make_synthetic(tmp_path / "c", n=40, image_size=16, seed=3, wordings=True).read_bytes() == worded.read_bytes()
+    again = make_synthetic(tmp_path / "c", n=40, image_size=16, seed=3, wordings=True)
+    assert again.read_bytes() == worded.read_bytes()
     a = [json.loads(line) for line in plain.read_text().splitlines()]
     b = [json.loads(line) for line in worded.read_text().splitlines()]
     assert len(a) == len(b) == 120

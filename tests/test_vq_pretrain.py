@@ -437,7 +437,8 @@ def test_cli_adds_the_understanding_scores(monkeypatch):
                          "--understanding-wordings", "heldout"])[0]
     assert asked[-1] == (2, 777, None, "heldout") and row["und_wordings"] == "heldout"
     assert "und_shape" not in evaluate.main(["--model", "tiny", "--n", "1", "--n-per-caption", "1", "--cfg", "1"])[0]
-    for bad in (["--understanding", "-1"], ["--understanding-seed", "-1"], ["--seed", "-2"], ["--caption-seed", "-1"]):
+    for bad in (["--understanding", "-1"], ["--understanding-seed", "-1"], ["--seed", "-2"], ["--caption-seed", "-1"],
+                ["--understanding-wordings", "trained"]):  # (without --understanding N: no questions to word)
         with pytest.raises(SystemExit):
             evaluate.main(["--model", "tiny", *bad])
     assert len(asked) == 3

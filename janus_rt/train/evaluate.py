@@ -264,6 +264,8 @@ def main(argv=None) -> list[dict]:
         p.error(f"--n-per-caption must be >= 1, got {a.n_per_caption}")
     if a.understanding < 0:
         p.error(f"--understanding must be >= 0, got {a.understanding}")
+    if a.understanding_wordings != "canonical" and not a.understanding:
+        p.error("--understanding-wordings words the questions of --understanding N: give N too")
     for flag, value in (("--seed", a.seed), ("--caption-seed", a.caption_seed),
                         ("--understanding-seed", a.understanding_seed)):
         if value < 0:
