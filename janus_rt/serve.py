@@ -9,7 +9,8 @@ connection; every request, from any connection, joins the engine's running batch
     POST /v1/images       {"prompt": str, "n": 1, "cfg": <the checkpoint's>, "temperature": 1.0, "top_k": 0,
                            "top_p": 1.0, "greedy": false, "seed": null (random; else an int in [0, 2^64))}
                           -> {"images": [base64 PNG, ...], "seed": int, "time_to_first_token_s": ..., "latency_s": ...}
-    POST /v1/understand   {"question": str, "images": [base64 PNG or JPEG, ...], "max_new_tokens": 128,
+    POST /v1/understand   {"question": str, "images": [base64 PNG or JPEG, ...] (none: the question alone, a text-only
+                           turn), "max_new_tokens": 128,
                            "temperature": 0.0 (greedy), "top_p": 1.0 (another needs a temperature > 0), "seed": 0}
                           -> {"answer": str, "tokens": int, "prompt_tokens": int, "finish_reason": "stop" (EOS) or
                               "length" (max_new_tokens), "time_to_first_token_s": ..., "latency_s": ...}
@@ -200,8 +201,8 @@ class JanusServer(ThreadingHTTPServer):
         if not question.strip():
             raise BadRequest("question is empty")
         max_new, params = _text_sampling(body)
-        encoded = _get(body, "images", list)
-        pixels = self._pixels(encoded, "images")
+        encoded = _get(body, "images", list, [])  # (none, or []: a text-only turn, as the chat endpoint takes)
+        pixels = self._pixels(encoded, "images") if encoded else None
         ids = self._encode(encode_understanding_prompt, question, len(encoded), self.model.cfg.vision.num_patches)
         self._check_positions(len(ids), max_new, "max_new_tokens")
         return self._answer(ids, pixels, max_new, params, client_gone, events, "/v1/understand")

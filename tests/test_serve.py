@@ -106,6 +106,21 @@ def test_understand_and_health(server):
                                              "requests_running": 0, "requests_waiting": 0, "kv_cache_usage": 0.0})
 
 
+def test_understand_takes_a_question_alone(server):
+    """/v1/understand with no images (the key absent, or []): the question alone, a text-only turn, answered as
+    generate_text answers the official template's ids with no image placeholder (the chat endpoint's text-only turn)."""
+    from janus_rt.processing import encode_understanding_prompt
+    from janus_rt.tokenizer import JanusTokenizer
+
+    tok = JanusTokenizer.byte_level(server.model.cfg.llm.vocab_size, server.model.cfg.tokens)
+    ids = encode_understanding_prompt(tok, "What is a circle?", num_images=0)
+    want = server.model.generate_text(ids, max_new_tokens=6)
+    for images in ({}, {"images": []}):
+        status, out = call(server, "/v1/understand", {"question": "What is a circle?", "max_new_tokens": 6, **images})
+        assert status == 200, out
+        assert out["answer"] == tok.decode(want) and out["prompt_tokens"] == len(ids), out
+
+
 @pytest.mark.parametrize("path,body,message", [
     ("/v1/images", {"n": 1}, "'prompt' is required"),
     ("/v1/images", {"prompt": " "}, "prompt is empty"),
@@ -126,7 +141,6 @@ def test_understand_and_health(server):
     ("/v1/understand", {"question": "q", "temperature": 1e39, "images": [PNG_1PX]}, "finite number (in fp32)"),
     ("/v1/understand", {"question": "<image_placeholder> q", "images": [PNG_1PX]}, "image placeholders"),
     ("/v1/images", {"prompt": "\ud800"}, "cannot be tokenized"),
-    ("/v1/understand", {"question": "q", "images": []}, "images: give 1 to"),
     ("/v1/understand", {"question": "q", "images": ["aGVsbG8="] * 10**4}, "images: give 1 to"),
     # past the model's positions (the tiny model's 4096; its KV cache here holds 10480 tokens)
     ("/v1/understand", {"question": "q", "max_new_tokens": 10**6, "images": [PNG_1PX]},
