@@ -158,6 +158,7 @@ def understanding_scores(model, tokenizer, n: int, seed: int = 777, max_new_toke
         raise ValueError(f"n must be >= 1, got {n}")
     forms = {k: question_wordings(k, wordings) for k in UND_QUESTIONS}  # (checks `wordings`)
     pixels, captions = synthetic_images(n, model.cfg.vision.image_size, seed)
+    pixels = pixels.to(model.dtype)  # (once, not per question)
     prompts = {k: [encode_understanding_prompt(tokenizer, q, 1, model.cfg.vision.num_patches) for q in forms[k]]
                for k in UND_QUESTIONS}
     if engine is None:
@@ -174,8 +175,7 @@ def understanding_scores(model, tokenizer, n: int, seed: int = 777, max_new_toke
                   "describe": describe(shape, color, background).lower()}
         for kind in UND_QUESTIONS:
             ids = prompts[kind][i % len(prompts[kind])]
-            answer = tokenizer.decode(model.generate_text(ids, x[None].to(model.dtype),
-                                                          max_new_tokens=max_new_tokens, engine=engine))
+            answer = tokenizer.decode(model.generate_text(ids, x[None], max_new_tokens=max_new_tokens, engine=engine))
             if kind == "shape":
                 got = caption_shape(answer)
             elif kind == "describe":
