@@ -64,7 +64,8 @@ def _gumbel(seed_hash, idx):
 def _order_key(x):
     # fp32 -> uint32 with a < b <=> key(a) < key(b) for non-NaN values; -0.0 and +0.0 share a key
     bits = x.to(tl.uint32, bitcast=True)
-    key = tl.where((bits >> 31) == 1, ~bits, bits | 0x80000000)
+    # (bits ^ 0xFFFFFFFF, not ~bits: Triton 3.8's interpreter lowers ~ on uint32 to an xor with -1 and fails)
+    key = tl.where((bits >> 31) == 1, bits ^ 0xFFFFFFFF, bits | 0x80000000)
     return tl.where(x == 0.0, 0x80000000, key)
 
 
