@@ -49,7 +49,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("packed_available", &jr::packed_available, "whether this build has the packed GEMV for this dtype",
         py::arg("dtype"));
   m.def("amx_available", &jr::amx_available, "whether bf16 packed GEMVs run on AMX tiles (build, CPU, OS and set_amx)");
-  m.def("set_amx", &jr::set_amx, "turn the AMX route of the bf16 packed GEMVs on or off; returns the old setting",
+  m.def("amx_w8a8_available", &jr::amx_w8a8_available,
+        "whether W8A8 GEMVs of 4+ rows run on AMX-INT8 tiles (build, CPU, OS and set_amx)");
+  m.def("set_amx", &jr::set_amx, "turn the AMX routes of the packed GEMVs on or off; returns the old setting",
         py::arg("on"));
   m.def("packed_size", &jr::packed_size, "elements of a packed [N, K] weight", py::arg("N"), py::arg("K"),
         py::arg("dtype"));

@@ -24,9 +24,9 @@
 // loads (68.4), software prefetch none / 16 / 32 / 64 / 256 steps ahead (the same), widening b between a's
 // multiplies (74.3); widening the next step's tiles a step early was slower (94). So the cap is the tile loop's
 // per-step cost, ~120 ns per 1 KiB of Q per core, not the widening: per TDPBF16PS it moves half the bytes the bf16
-// kernel does. What would move it (standalone loops, not built here): AMX-INT8 on Q directly, x quantized to int8
-// per row, 47 ms (the ~26 GB/s stream cap; x's rounding is then 8 bits); x as two int8 halves (16-bit fixed point
-// per row, TDPBSSD + TDPBUSD), 60-62 ms.
+// kernel does. What would move it (standalone loops): AMX-INT8 on Q directly, x quantized to int8 per row, 47 ms
+// (the ~26 GB/s stream cap; x's rounding is then 8 bits) -- built since as W8A8's AMX route (amx_w8a8.h, x per
+// group of 512); x as two int8 halves (16-bit fixed point per row, TDPBSSD + TDPBUSD), 60-62 ms (not built).
 #pragma once
 
 #include <algorithm>

@@ -4,7 +4,8 @@
 // OS allow (`amx_available`, amx_gemv.h) unless `set_amx(false)` (or JANUS_RT_AMX=0) turned that route off.
 // dtype kInt8W (2): int8 weights with a fp32 scale per output row and bf16 x (int8_gemv.h; packed by `pack_int8`,
 // `packed_size` then counts bytes); dtype kW8A8 (4): the same weights offset to unsigned bytes, and x quantized to
-// int8 per row and group of 512 columns in the call (w8a8_gemv.h, AVX512-VNNI; packed by `pack_w8a8`).
+// int8 per row and group of 512 columns in the call (w8a8_gemv.h, AVX512-VNNI, or AMX-INT8 tiles from 4 rows on where
+// `amx_w8a8_available`: amx_w8a8.h; packed by `pack_w8a8`).
 #include <tuple>
 #include <vector>
 
@@ -63,6 +64,8 @@ bool packed_available(int dtype) {
 }
 
 bool amx_available() { return amx::kBuilt && amx::permitted() && amx::switch_().load(); }
+
+bool amx_w8a8_available() { return amx8::kBuilt && amx::permitted() && amx::switch_().load(); }
 
 bool set_amx(bool on) { return amx::switch_().exchange(on); }
 

@@ -37,6 +37,7 @@ void gather_rows(ptr_t src, int src_dtype, ptr_t idx, ptr_t dst, int dst_dtype, 
                  int64_t src_rows);
 bool packed_available(int dtype);
 bool amx_available();
+bool amx_w8a8_available();
 bool set_amx(bool on);
 int64_t packed_size(int64_t N, int64_t K, int dtype);
 std::tuple<int64_t, int64_t, int64_t> packed_layout(int dtype);  // (columns a strip, steps a K tile, runs a tile)

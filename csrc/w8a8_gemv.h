@@ -1,8 +1,9 @@
 // The int8 x int8 GEMV (W8A8): y [M, N] fp32 = (x [M, K] @ W^T) with W ~ Q [N, K] * sw [N] (int8, one fp32 scale per
 // output row: the weights --int8 holds) and x ~ X8 * sx, x quantized to int8 on the fly per row and per group of kG
 // = 512 columns (one scale per group, kv_int8.h's quantizer: s = max|x| * fp32(1/127), X8 = round-half-even(x / s)).
-// For CPUs with AVX512-VNNI and no AMX (Zen 4/5): a weight-only int8 GEMV widens Q to bf16 for VDPBF16PS (32 MACs an
-// instruction), where VPDPBUSD takes the int8 bytes as they are (64 MACs an instruction). Measured on the 2-core
+// For CPUs with AVX512-VNNI (Zen 4/5; on CPUs with AMX-INT8, from 4 rows of x, amx_w8a8.h's tiles instead, the same
+// bits): a weight-only int8 GEMV widens Q to bf16 for VDPBF16PS (32 MACs an instruction), where VPDPBUSD takes the
+// int8 bytes as they are (64 MACs an instruction). Measured on the 2-core
 // Zen 5 VM (2026-12-05, one core, independent chains): 8.95 G VPDPBUSD/s (573 GMAC/s) vs 8.25 G VDPBF16PS/s (264).
 // The price: x is rounded to 8 bits per group (error <= max|x_group| / 254 per value) on top of W's rounding.
 // Measured on that host, the 96 projections of the 1B LLM from DRAM, 2 threads, ms a pass (bf16 packed / weight-only
@@ -46,6 +47,7 @@
 #include <cstring>
 #include <vector>
 
+#include "amx_w8a8.h"
 #include "common.h"
 #include "cpu_family.h"
 #include "kv_int8.h"
@@ -244,6 +246,11 @@ inline void block_tail(int mb, const uint8_t* tile, int64_t rs, int64_t kn, cons
 // team's barrier). Callers check available().
 inline void gemv_for(const uint8_t* wp, const QuantizedX& xq, const float* bias, float* y, int64_t M, int64_t N,
                      int64_t K) {
+#if JR_HAVE_AMX_INT8
+  if (amx8::use(M, K))  // (the same on every thread of a team: M, K and the switch, which no call changes)
+    return amx8::gemv_for(wp, xq.q.data(), xq.ldq, xq.sx.data(), xq.comp.data(), xq.ng, scales(wp, N, K), bias, y, M,
+                          N, K, kKT, kGS);
+#endif
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
   const int64_t KS = kpad(K) / kE, strips = packed::num_strips(N, kS);
   const float* sw = scales(wp, N, K);

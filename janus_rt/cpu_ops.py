@@ -512,9 +512,18 @@ def amx_available() -> bool:
     return available() and bool(_C.amx_available())
 
 
+def amx_w8a8_available() -> bool:
+    """True when W8A8 GEMVs (W8A8Weight, a W8A8 decoder's projections) of 4 or more rows of x run on AMX-INT8 tiles
+    (csrc/amx_w8a8.h): an extension built for a CPU with AMX-INT8, an OS that grants the tiles, and the route on (as
+    amx_available). Input widths that are not a multiple of 64 take the VPDPBUSD kernel even then. Both give the
+    same bits (w8a8_reference's)."""
+    return available() and bool(_C.amx_w8a8_available())
+
+
 def set_amx(on: bool) -> bool:
-    """Turn the AMX route of the bf16 packed GEMVs on or off for this process (JANUS_RT_AMX=0 starts it off);
-    returns the previous setting. For comparing the two routes: outputs differ in summation order only. Call it
+    """Turn the AMX routes of the packed GEMVs (bf16, and W8A8's AMX-INT8 one) on or off for this process
+    (JANUS_RT_AMX=0 starts them off); returns the previous setting. For comparing the routes: bf16 outputs differ in
+    summation order only, W8A8 ones not at all. Call it
     between kernel calls, never while another thread runs one (each OpenMP thread of a call reads the setting)."""
     return bool(_ext().set_amx(bool(on)))
 
@@ -710,8 +719,9 @@ class W8A8Weight(Int8Weight):
     """An Int8Weight (the same per-row int8 weights) whose GEMV also quantizes x, per row and per group of 512
     columns (quantize_activations), and multiplies int8 by int8 with AVX512-VNNI's VPDPBUSD (csrc/w8a8_gemv.h):
     twice the multiplies per instruction of the bf16 dot product that a weight-only int8 GEMV widens its weights
-    for, so faster where the decode step's projections are bound by multiplies rather than bytes (many rows of x on a
-    CPU without AMX). x's rounding to 8 bits per group comes on top of the weights' (w8a8_reference: bit-identical).
+    for, so faster where the decode step's projections are bound by multiplies rather than bytes (many rows of x).
+    On a CPU with AMX-INT8, 4 or more rows run on its tiles (csrc/amx_w8a8.h; amx_w8a8_available()), the same bits.
+    x's rounding to 8 bits per group comes on top of the weights' (w8a8_reference: bit-identical).
     Each row of y depends on that row of x only. K any size >= 1. Needs w8a8_available()."""
 
     code = _W8A8_CODE  # (its bytes unsigned: q + 128)

@@ -15,6 +15,18 @@ from tolerances import max_err
 needs_w8a8 = pytest.mark.skipif(not cpu_ops.w8a8_available(),
                                 reason="no W8A8 GEMV: extension not built, or a CPU without AVX512_VNNI/AVX512_BF16")
 G = cpu_ops.W8A8_GROUP
+# the AMX-INT8 route where this machine has it (from 4 rows, K a multiple of 64), and the VPDPBUSD one
+# (set_amx(False)) everywhere: the same bits
+ROUTES = [pytest.param(True, id="amx", marks=pytest.mark.skipif(not cpu_ops.amx_w8a8_available(),
+                                                                reason="no AMX-INT8 route")),
+          pytest.param(False, id="vnni")]
+
+
+@pytest.fixture
+def route(request):
+    old = cpu_ops.set_amx(request.param)
+    yield request.param
+    cpu_ops.set_amx(old)
 
 
 def bitwise(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -58,12 +70,16 @@ def test_int8_mode_values():
 
 # ---- the GEMV --------------------------------------------------------------------------------------------------------
 @needs_w8a8
+@pytest.mark.parametrize("route", ROUTES, indirect=True)
 @pytest.mark.parametrize("M,N,K", [(1, 64, 32), (2, 100, 65), (3, 5, 3), (7, 130, 600), (16, 64, 512), (17, 200, 1030),
                                    (32, 70, 2048), (33, 129, 513), (70, 64, 96), (4, 63, 1), (300, 65, 1025),
-                                   (5, 70, 4100), (13, 64, 5632)])  # 2+ K tiles, a last group of 1 step
-def test_w8a8_is_its_reference_bit_for_bit(M, N, K):
+                                   (5, 70, 4100), (13, 64, 5632),  # 2+ K tiles, a last group of 1 step
+                                   # AMX-INT8 shapes (K a multiple of 64): 1 A tile, partial strips, a last row
+                                   # group of 1 and of 15 rows, a K tile and a group cut short, a prefill's rows
+                                   (4, 64, 64), (33, 129, 2048), (47, 70, 576), (20, 65, 2112), (140, 100, 1088)])
+def test_w8a8_is_its_reference_bit_for_bit(route, M, N, K):
     """y is w8a8_reference's y exactly (padded K, partial strips and groups, every row-block size), each row the
-    same alone as in the batch, and within the two roundings' bound of x @ W^T."""
+    same alone as in the batch, and within the two roundings' bound of x @ W^T; on either route."""
     g = torch.Generator().manual_seed(M * 1000 + N + K)
     w = torch.randn(N, K, generator=g)
     x = (torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 3).bfloat16()
@@ -85,11 +101,12 @@ def test_w8a8_is_its_reference_bit_for_bit(M, N, K):
 
 
 @needs_w8a8
-def test_w8a8_special_values_bit_for_bit():
+@pytest.mark.parametrize("route", ROUTES, indirect=True)
+def test_w8a8_special_values_bit_for_bit(route):
     """Rows and groups of zeros, a weight row of zeros, huge and subnormal x, codes landing on exact .5 ties, and a
     product that underflows to -0: the reference's bits, sign of zero included (no bias: nothing added)."""
     g = torch.Generator().manual_seed(7)
-    N, K = 65, 1030
+    N, K = 65, 1024 if route else 1030  # (K a multiple of 64: AMX-INT8's)
     w = torch.randn(N, K, generator=g)
     w[3] = 0.0
     x = torch.randn(9, K, generator=g)
@@ -113,10 +130,11 @@ def test_w8a8_special_values_bit_for_bit():
 
 
 @needs_w8a8
-def test_w8a8_non_finite_x_poisons_its_row_only():
+@pytest.mark.parametrize("route", ROUTES, indirect=True)
+def test_w8a8_non_finite_x_poisons_its_row_only(route):
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(70, 600, generator=g)
-    x = torch.randn(4, 600, generator=g).bfloat16()
+    w = torch.randn(70, 640, generator=g)
+    x = torch.randn(4, 640, generator=g).bfloat16()
     ww = cpu_ops.W8A8Weight(w)
     clean = ww(x)
     for bad in (float("inf"), float("nan")):

@@ -77,8 +77,9 @@ def pack_in_place(model, always: bool = False, int8: bool | str = False) -> str 
         if mode == "w8a8":
             return (f"quantized {what} in place to int8 with per-row scales ({size(before)} -> "
                     f"{size(after)}), and each GEMV rounds its activations to int8 per row and group of "
-                    f"{cpu_ops.W8A8_GROUP} (W8A8, AVX512-VNNI): both roundings change the results; the model is now "
-                    "for CPU inference only")
+                    f"{cpu_ops.W8A8_GROUP} (W8A8, "
+                    f"{'AMX-INT8 tiles from 4 rows' if cpu_ops.amx_w8a8_available() else 'AVX512-VNNI'}): both roundings change "
+                    "the results; the model is now for CPU inference only")
         slower = ("" if cpu_ops.amx_available() else "; the int8 GEMV runs without AMX here (none on this CPU, or "
                   "turned off): it widens to bf16 in vector registers, measured slower than bf16 weights on a Zen 5 "
                   "host (bench/RESULTS.md), so int8 saves memory here, not time (--int8 w8a8 is faster there)")

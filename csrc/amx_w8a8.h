@@ -1,0 +1,172 @@
+// The W8A8 GEMV on AMX-INT8 tiles: w8a8_gemv.h's numbers (its layout, its quantized x, its group-by-group sums) with
+// TDPBSUD (signed x codes times the unsigned weight bytes U = Q + 128, 16 x 16 x 64 multiply-adds an instruction)
+// instead of VPDPBUSD, on CPUs with AMX-INT8 (Sapphire Rapids and later Xeons). w8a8::gemv_for takes this route when
+// `use(M, K)` says so.
+//
+// Why: at many rows of x VPDPBUSD is the bound on a 2-core Xeon, not the bytes (bench_ab, 1B shape from DRAM, GB/s of
+// int8 weights, 2026-12-07: M = 4 / 8 / 16 / 32 at 22 / 20 / 16 / 12 against a ~29 GB/s stream), so the W8A8 GEMV at
+// 32 rows read its half-size weights no faster than the bf16 AMX GEMV read its full-size ones.
+//
+// The layout is already what a B tile wants: inside a K tile of a strip each run of 16 columns is kn steps of 64
+// bytes (step p: byte 4 j + e = U[16 v + j, 4 p + e]), so 16 consecutive steps of one run are a B tile of 16 rows x 64
+// bytes (1 KiB in one piece) and an A tile is 16 rows of x's codes x 64 k. The per-group sums a C tile holds (int32,
+// exact: |sum| < 2^24 per group of 512 k) are those VPDPBUSD makes; after each activation group (kGS = 128 steps,
+// 8 B tiles a run) the C tiles are stored and turned into fp32 with w8a8_gemv.h's operations (c = c + fp32(acc - comp)
+// * sx, group by group in k order; y = c * sw (+ bias)), so y is bit-identical to that kernel and to
+// cpu_ops.w8a8_reference, for any M and either route. Tiles: C0-C3 = the strip's four runs (16 columns each) for 16
+// rows of x, A = tile 4, B = tiles 5 / 6 in turn; each further 16 rows a pass over the same strip (from L2). K must
+// be a multiple of 64 (whole A tiles; the layout pads K to 4 only): Janus-Pro's 2048, 4096, 5632 and 11008 are; other
+// K take the VPDPBUSD kernel.
+//
+// Measured (2-core Xeon with AMX, family 6 model 167, forty-fifth session, 2026-12-07; bench/RESULTS.md), bench_ab
+// --op packed_gemv, 1B shape from DRAM, middle half, GB/s of int8 weights, VPDPBUSD -> this: M = 32 12.4 -> 15.5,
+// M = 16 15.5 -> 21.0, M = 8 19.6 -> 21.9, M = 4 22.2 -> 22.6; whole 1B n = 16 generations (--op engine, W8A8, 96
+// tokens) 12.6 -> 15.7 with the bf16 cache, 11.5 -> 16.2 with the int8 one; a prefill-sized call (600 x 2048 x
+// 11264) 29 -> 11 ms. Tried, not kept (M = 32, GB/s): amx_gemv.h's arrangement for 17-32 rows (two row blocks x two
+// runs, the strip in halves) 15.5-16.0 vs 16.3-16.7 here, and in the engine 15.1 vs 16.2; groups alternating between
+// two pairs of C tiles so that a group's tiles are stored after the next group's first multiplies (16 rows x two
+// runs a pass) 14.5 vs 15.4. What the per-group stores cost (trial builds with wrong values, the 32-row
+// arrangement): without the fp32 step 16.6, without the stores too 18.9, vs 15.8. Software prefetch of each run 2
+// KiB ahead, as amx_gemv.h's strip_32: no change (M = 32 15.1 vs 15.0, M = 16 19.7 vs 19.7), so none.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "amx_gemv.h"
+
+#if JR_HAVE_AMX && defined(__AMX_INT8__)
+#define JR_HAVE_AMX_INT8 1
+#else
+#define JR_HAVE_AMX_INT8 0
+#endif
+
+// Rows of x from which W8A8 GEMVs take the tiles (fewer: VPDPBUSD, which reads at the stream's rate there).
+#ifndef JR_AMX_W8A8_MIN_ROWS
+#define JR_AMX_W8A8_MIN_ROWS 4
+#endif
+
+namespace jr::amx8 {
+
+constexpr bool kBuilt = JR_HAVE_AMX_INT8;
+
+// Whether a W8A8 GEMV of M rows and K input features takes the tiles now (the build, the CPU, the OS, and amx_gemv.h's
+// switch: set_amx(false) turns every AMX route off).
+inline bool use(int64_t M, int64_t K) {
+  return kBuilt && M >= JR_AMX_W8A8_MIN_ROWS && K % 64 == 0 && amx::switch_().load(std::memory_order_relaxed) &&
+         amx::permitted();
+}
+
+#if JR_HAVE_AMX_INT8
+
+// x's codes (rows ldq bytes apart) packed A tile by A tile, once per call on each thread (as amx_gemv.h's pack_x, and
+// for the same reason: 16 rows 2 KiB or more apart fall into few L1 sets):
+// xa[((g * Q + q) * 32 + r) * 64 + e] = codes[32 g + r, 64 q + e], Q = K / 64; a short last group's missing rows
+// unwritten (its tiles are configured with fewer rows).
+inline const int8_t* pack_x(const int8_t* codes, int64_t ldq, int64_t M, int64_t K) {
+  static thread_local std::vector<int8_t> buf;
+  const int64_t Q = K / 64, groups = (M + 31) / 32;
+  if (int64_t(buf.size()) < groups * Q * 2048) buf.resize(size_t(groups * Q * 2048));
+  for (int64_t m = 0; m < M; ++m) {
+    int8_t* d = buf.data() + (m / 32 * Q * 32 + m % 32) * 64;
+    for (int64_t q = 0; q < Q; ++q) std::memcpy(d + q * 2048, codes + m * ldq + 64 * q, 64);
+  }
+  asm volatile("" ::: "memory");  // read only by tile loads, whose asm names no memory: keep these stores before them
+  return buf.data();
+}
+
+// One strip's weights (ws: its first step; KS steps; K tiles of kKT steps, activation groups of kGS).
+struct Strip {
+  const uint8_t* ws;
+  int64_t KS, kKT;
+  // step p of run v (16 columns): 64 bytes, the run's next step 64 bytes on within p's K tile
+  const uint8_t* at(int64_t p, int v) const {
+    const int64_t k0 = p / kKT * kKT, kn = std::min(kKT, KS - k0);
+    return ws + k0 * 256 + v * kn * 64 + (p - k0) * 64;
+  }
+};
+
+// After an activation group g: the C tiles (stored to acc [16, 64] int32, row = x row, column = strip column) turned
+// into c [16, 64] fp32 for `rows` rows, as w8a8_gemv.h's block does: c = (first ? 0 + : c +) fp32(acc - comp) * sx
+// (comp, sx: the group's, of the first row; ldg apart).
+inline void out(const int32_t* acc, float* c, int rows, const int32_t* comp, const float* sx, int64_t ldg,
+                bool first) {
+  for (int m = 0; m < rows; ++m) {
+    const __m512i cm = _mm512_set1_epi32(comp[m * ldg]);
+    const __m512 sm = _mm512_set1_ps(sx[m * ldg]);
+    for (int v = 0; v < 4; ++v) {
+      float* cv = c + m * 64 + 16 * v;
+      const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(acc + m * 64 + 16 * v),
+                                                                          cm)), sm);
+      _mm512_storeu_ps(cv, first ? f : _mm512_add_ps(_mm512_loadu_ps(cv), f));
+    }
+  }
+}
+
+// One strip against a group of rows <= 16 rows of x (xa: its packed A tiles, tile q at xa + 2048 q, rows 64 bytes
+// apart; comp, sx: its first row's corrections and scales, ldg = groups a row): c [16, 64] fp32 = the strip's columns
+// for those rows, before the weights' scales. C0-C3 = the four runs, A = tile 4, B = tiles 5 / 6 in turn.
+inline void strip(const Strip& st, int64_t kGS, const int8_t* xa, int rows, const int32_t* comp, const float* sx,
+                  int64_t ldg, float* c) {
+  alignas(64) int32_t acc[16 * 64];
+  for (int64_t p0 = 0, g = 0; p0 < st.KS; p0 += kGS, ++g) {  // activation groups, in k order
+    const int64_t pe = std::min(st.KS, p0 + kGS);
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    const uint8_t *b0 = st.at(p0, 0), *b1 = st.at(p0, 1), *b2 = st.at(p0, 2), *b3 = st.at(p0, 3);
+    for (int64_t p = p0; p < pe; p += 16) {
+      const int64_t o = (p - p0) * 64;
+      _tile_loadd(4, xa + (p / 16) * 2048, 64);
+      _tile_loadd(5, b0 + o, 64);
+      _tile_dpbsud(0, 4, 5);
+      _tile_loadd(6, b1 + o, 64);
+      _tile_dpbsud(1, 4, 6);
+      _tile_loadd(5, b2 + o, 64);
+      _tile_dpbsud(2, 4, 5);
+      _tile_loadd(6, b3 + o, 64);
+      _tile_dpbsud(3, 4, 6);
+    }
+    _tile_stored(0, acc, 256); _tile_stored(1, acc + 16, 256); _tile_stored(2, acc + 32, 256);
+    _tile_stored(3, acc + 48, 256);
+    out(acc, c, rows, comp + g, sx + g, ldg, p0 == 0);
+  }
+}
+
+// Inside an OpenMP parallel region (an orphaned `omp for`, ending with the team's barrier) or outside one, as
+// w8a8::gemv_for: y [M, N] fp32 = W8A8(x, W) (+ bias). wp: w8a8::pack's bytes (strips of 64 columns, KS = K / 4 steps
+// of 256 bytes, K tiles of kKT steps); codes [M, ldq], sx, comp [M, ng]: x quantized (w8a8::QuantizedX); sw: the
+// weights' scales; kGS: steps an activation group. Callers check use(M, K).
+inline void gemv_for(const uint8_t* wp, const int8_t* codes, int64_t ldq, const float* sx, const int32_t* comp,
+                     int64_t ng, const float* sw, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+                     int64_t kKT, int64_t kGS) {
+  const int64_t KS = K / 4, strips = packed::num_strips(N, 64), groups = (M + 15) / 16, Q = K / 64;
+  alignas(64) float c[16 * 64];
+  const int8_t* xa = pack_x(codes, ldq, M, K);
+  int loaded = -1;  // the row count whose tile config is loaded on this thread
+#pragma omp for schedule(guided, 1)
+  for (int64_t s = 0; s < strips; ++s) {
+    const Strip st{wp + s * KS * 256, KS, kKT};
+    const int64_t n0 = s * 64, nn = std::min<int64_t>(64, N - n0);
+    for (int64_t g = 0; g < groups; ++g) {  // (the strip from L2 after the first group)
+      const int64_t m0 = 16 * g;
+      const int rows = int(std::min<int64_t>(16, M - m0));
+      if (loaded != rows) {
+        const amx::TileConfig cfg = amx::config(rows, 0);
+        _tile_loadconfig(&cfg);
+        loaded = rows;
+      }
+      strip(st, kGS, xa + m0 / 32 * Q * 2048 + (m0 % 32) * 64, rows, comp + m0 * ng, sx + m0 * ng, ng, c);
+      for (int64_t m = 0; m < rows; ++m)
+        for (int64_t j = 0; j < nn; ++j) {  // (no + 0.0f without a bias: it would turn a -0 into +0)
+          const float v = c[m * 64 + j] * sw[n0 + j];
+          y[(m0 + m) * N + n0 + j] = bias ? v + bias[n0 + j] : v;
+        }
+    }
+  }
+  if (loaded >= 0) _tile_release();
+}
+
+#endif  // JR_HAVE_AMX_INT8
+
+}  // namespace jr::amx8
