@@ -1,5 +1,6 @@
 // Which x86 CPU this is, for the few kernel tunings that differ between hosts measured (bench/RESULTS.md):
-// amd_family() is AMD's CPUID family (0x19 Zen 3 / Zen 4, 0x1A Zen 5), 0 on other vendors and non-x86 builds.
+// amd_family() is AMD's CPUID family (0x19 Zen 3 / Zen 4, 0x1A Zen 5), 0 on other vendors and non-x86 builds;
+// intel() whether the vendor is Intel.
 #pragma once
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -24,6 +25,22 @@ inline int amd_family() {
 #endif
   }();
   return family;
+}
+
+// Whether this is an Intel CPU (vendor GenuineIntel), for a rule measured on the AMX Xeon of bench/RESULTS.md only.
+inline bool intel() {
+  static const bool i = [] {
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+    char vendor[12];
+    std::memcpy(vendor, &b, 4), std::memcpy(vendor + 4, &d, 4), std::memcpy(vendor + 8, &c, 4);
+    return std::memcmp(vendor, "GenuineIntel", 12) == 0;
+#else
+    return false;
+#endif
+  }();
+  return i;
 }
 
 // Whether the kernels take the rules measured on Zen 5 (AMD family 0x1A) rather than their default (Zen 4's); later

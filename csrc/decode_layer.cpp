@@ -261,12 +261,14 @@ int decode_phase_count() { return kNumPhases; }
 std::map<std::string, int64_t> prefetch_rules() {
   const bool bf16 = packed::available<uint16_t>();  // (no packed bf16 GEMV without AVX512_BF16)
   return {{"amd_family", cpu::amd_family()},
+          {"intel", cpu::intel()},
           {"zen5", cpu::zen5_or_later()},
           {"packed_bf16_min_rows", bf16 ? packed::prefetch_min_rows<uint16_t>() : -1},
           {"packed_fp32_min_rows", packed::prefetch_min_rows<float>()},
           {"w8a8_min_rows", w8a8::prefetch_min_rows()},
           {"attention_locality", attn::prefetch_locality()},
-          {"attention_k_during_v", attn::k_during_v()}};
+          {"attention_k_during_v", attn::k_during_v<float>()},  // fp32 and int8 caches alike
+          {"attention_k_during_v_bf16", attn::k_during_v<uint16_t>()}};
 }
 
 const char* decode_phase_name(int i) {

@@ -42,8 +42,11 @@
 // alone during its K scoring, so memory is not idle while the V pass computes (2-core Zen 4 VM, thirty-seventh
 // session, 2026-12-06, bench_ab, 1B dims, middle half, GB/s): the int8 cache from DRAM 32 rows 24.1 -> 27.7, 2 rows
 // 17.7 -> 19.3; bf16 28.0 -> 28.7, from L3 33.7 -> 36.8; small fp32 23.8 -> 24.3 (outputs identical: prefetches only).
-// Unmeasured on Zen 5 and Intel, which keep the interleaved order (the Xeon: next K over the V pass as well, 22.3
-// vs 23.1).
+// On Intel for bf16 caches only (2-core Xeon with AMX, family 6 model 167, forty-fifth session, 2026-12-07,
+// bench_ab, 1B dims, 32 rows x 312 tokens from DRAM, middle half, GB/s, in three A/Bs): bf16 21.5 -> 22.7, 21.6 ->
+// 23.0, 21.4 -> 22.7; the int8 cache 18.2 -> 17.3 (slower); 2 rows bf16 16.9 -> 16.8, small fp32 21.8 -> 21.6 (kept
+// off). Unmeasured on Zen 5, which keeps the interleaved order (the Xeon had measured the next K over the V pass as
+// well as the K scoring at 22.3 vs 23.1).
 #pragma once
 
 #include <algorithm>
@@ -79,7 +82,7 @@ constexpr int kW = simd::kWidth;
 #define JR_ATTN_PF_LOCALITY_ZEN5 3
 #endif
 #ifndef JR_ATTN_K_DURING_V  // 1: the next chunk's K prefetched during this chunk's V pass, 0: during the K scoring
-#define JR_ATTN_K_DURING_V -1  // with this chunk's V; -1: by the CPU (1 on Zen 4; see the top)
+#define JR_ATTN_K_DURING_V -1  // with this chunk's V; -1: by the CPU (1 on Zen 4, and for bf16 caches on Intel)
 #endif
 constexpr int64_t kTokenMajorBytes = 2048;  // token-major K scoring for fp32 task rows up to this (see the top)
 constexpr int64_t kChunk = JR_ATTN_CHUNK;   // tokens per online-softmax step (see the top)
@@ -87,12 +90,13 @@ constexpr int64_t kChunk = JR_ATTN_CHUNK;   // tokens per online-softmax step (s
 // RangePrefetcher's locality on this CPU (see the top).
 inline int prefetch_locality() { return cpu::zen5_or_later() ? JR_ATTN_PF_LOCALITY_ZEN5 : JR_ATTN_PF_LOCALITY; }
 
-// Whether the next chunk's K is prefetched during this chunk's V pass on this CPU (see the top).
+// Whether the next chunk's K is prefetched during this chunk's V pass on this CPU for a cache of TKV (see the top).
+template <typename TKV>
 inline bool k_during_v() {
 #if JR_ATTN_K_DURING_V >= 0
   return JR_ATTN_K_DURING_V;
 #else
-  return cpu::zen4();
+  return cpu::zen4() || (cpu::intel() && std::is_same_v<TKV, uint16_t>);
 #endif
 }
 
@@ -565,7 +569,7 @@ void attend_for(const TQ* q, const TKV* kc, const TKV* vc, const int32_t* bt, co
     const bool rows_v = G == 1 && D % kW == 0 && (nh * D) % (kSeg * kW) == 0;
     bool k_in_v = false;  // the next chunk's K prefetched during the V pass (vector builds: the others prefetch none)
 #ifdef JR_ATTN_AVX2
-    k_in_v = rows_v && k_during_v();
+    k_in_v = rows_v && k_during_v<TKV>();
 #endif
     bool token_major = false;
 #ifdef JR_ATTN_AVX2

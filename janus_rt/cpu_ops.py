@@ -40,12 +40,12 @@ def simd_isa() -> str:
 
 def prefetch_rules() -> dict[str, int]:
     """The decode kernels' software-prefetch rules as this CPU takes them (csrc/packed_gemv.h, w8a8_gemv.h,
-    paged_attention.h): amd_family (AMD's CPUID family, 0x19 Zen 3 / Zen 4, 0x1A Zen 5; 0 on other vendors), zen5
-    (1 where the Zen 5 rules apply: AMD family 0x1A and later), the rows of x from which the packed bf16 / fp32 and
-    W8A8 GEMVs prefetch the next weight tile (packed_bf16_min_rows -1 in a build without the bf16 GEMV), the paged
-    attention's prefetch locality (2 = L2, 3 = L1), and whether it prefetches a row's next cache block's K during the
-    V pass (attention_k_during_v 1, Zen 4) or during the K scoring. bench/RESULTS.md (thirtieth and thirty-seventh
-    sessions) has why."""
+    paged_attention.h): amd_family (AMD's CPUID family, 0x19 Zen 3 / Zen 4, 0x1A Zen 5; 0 on other vendors), intel
+    (1 on Intel CPUs), zen5 (1 where the Zen 5 rules apply: AMD family 0x1A and later), the rows of x from which the
+    packed bf16 / fp32 and W8A8 GEMVs prefetch the next weight tile (packed_bf16_min_rows -1 in a build without the
+    bf16 GEMV), the paged attention's prefetch locality (2 = L2, 3 = L1), and whether it prefetches a row's next cache
+    chunk's K during the V pass (1: Zen 4; for a bf16 cache, attention_k_during_v_bf16, Zen 4 and Intel) or during
+    the K scoring. bench/RESULTS.md (thirtieth, thirty-seventh and forty-fifth sessions) has why."""
     return dict(_ext().prefetch_rules())
 
 
@@ -93,9 +93,14 @@ def _mkl_set_num_threads_local():
 
 def prefetch_rule() -> str:
     """"zen5" where the decode kernels take Zen 5's prefetch rules (prefetch_rules()), "zen4" where they take the
-    default ones plus the paged attention's K-during-V prefetch (Zen 4's), else "default"."""
+    default ones plus the paged attention's K-during-V prefetch (Zen 4's), "intel" where they take the default ones
+    plus that prefetch for bf16 caches (Intel's), else "default"."""
     rules = prefetch_rules()
-    return "zen5" if rules["zen5"] else "zen4" if rules["attention_k_during_v"] else "default"
+    if rules["zen5"]:
+        return "zen5"
+    if rules["attention_k_during_v"]:
+        return "zen4"
+    return "intel" if rules["attention_k_during_v_bf16"] else "default"
 
 
 def cpu_flags() -> frozenset[str]:

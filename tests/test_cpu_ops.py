@@ -35,7 +35,8 @@ def test_prefetch_rules_follow_the_cpu():
     """csrc/cpu_family.h reads AMD's CPUID family (base + extended) as /proc/cpuinfo gives it (0 on other vendors), and
     the kernels take Zen 5's prefetch rules from family 0x1A on, the default rules elsewhere, with the values the
     headers document (unless this build was tuned with -DJR_... flags); on Zen 4 only (family 0x19 with AVX-512): the
-    attention's K-during-V prefetch and the bf16 packed GEMV's prefetch from 1 row."""
+    attention's K-during-V prefetch and the bf16 packed GEMV's prefetch from 1 row; on Intel: the K-during-V
+    prefetch for bf16 caches."""
     try:
         with open("/proc/cpuinfo") as f:
             first = f.read().split("\n\n")[0]
@@ -49,7 +50,9 @@ def test_prefetch_rules_follow_the_cpu():
     assert rules["amd_family"] == family
     zen5 = family >= 0x1A
     assert rules["zen5"] == zen5
-    assert cpu_ops.prefetch_rule() == ("zen5" if zen5 else "zen4" if rules["attention_k_during_v"] else "default")
+    assert rules["intel"] == (info["vendor_id"] == "GenuineIntel")
+    assert cpu_ops.prefetch_rule() == ("zen5" if zen5 else "zen4" if rules["attention_k_during_v"] else
+                                       "intel" if rules["attention_k_during_v_bf16"] else "default")
     if "-DJR_" in os.environ.get("JANUS_RT_CXXFLAGS", ""):
         return  # a tuning build: its own values
     zen4 = family == 0x19 and "avx512f" in info.get("flags", "").split()  # (Zen 3, also 0x19, has no AVX-512)
@@ -59,6 +62,7 @@ def test_prefetch_rules_follow_the_cpu():
     assert rules["w8a8_min_rows"] == (1 if zen5 else 3)
     assert rules["attention_locality"] == (3 if zen5 else 2)
     assert rules["attention_k_during_v"] == zen4
+    assert rules["attention_k_during_v_bf16"] == (zen4 or rules["intel"])
 
 
 # ---- vq_nearest ----------------------------------------------------------------------------------------------
