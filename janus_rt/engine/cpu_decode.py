@@ -75,11 +75,11 @@ def pack_in_place(model, always: bool = False, int8: bool | str = False) -> str 
         after = packed_weight_nbytes(model)  # (all it holds is int8 now: the projections and those heads)
         size = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
         if mode == "w8a8":
+            route = "AMX-INT8 tiles from 4 rows" if cpu_ops.amx_w8a8_available() else "AVX512-VNNI"
             return (f"quantized {what} in place to int8 with per-row scales ({size(before)} -> "
                     f"{size(after)}), and each GEMV rounds its activations to int8 per row and group of "
-                    f"{cpu_ops.W8A8_GROUP} (W8A8, "
-                    f"{'AMX-INT8 tiles from 4 rows' if cpu_ops.amx_w8a8_available() else 'AVX512-VNNI'}): both roundings change "
-                    "the results; the model is now for CPU inference only")
+                    f"{cpu_ops.W8A8_GROUP} (W8A8, {route}): both roundings change the results; the model is now "
+                    "for CPU inference only")
         slower = ("" if cpu_ops.amx_available() else "; the int8 GEMV runs without AMX here (none on this CPU, or "
                   "turned off): it widens to bf16 in vector registers, measured slower than bf16 weights on a Zen 5 "
                   "host (bench/RESULTS.md), so int8 saves memory here, not time (--int8 w8a8 is faster there)")
