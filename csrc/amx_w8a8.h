@@ -19,11 +19,13 @@
 // K take the VPDPBUSD kernel.
 //
 // Measured (2-core Xeon with AMX, family 6 model 167, forty-fifth session, 2026-12-07; bench/RESULTS.md), bench_ab
-// --op packed_gemv, 1B shape from DRAM, middle half, GB/s of int8 weights, VPDPBUSD -> this: M = 32 12.4 -> 15.5,
-// M = 16 15.5 -> 21.0, M = 8 19.6 -> 21.9, M = 4 22.2 -> 22.6; whole 1B n = 16 generations (--op engine, W8A8, 96
-// tokens) 12.6 -> 15.7 with the bf16 cache, 11.5 -> 16.2 with the int8 one; a prefill-sized call (600 x 2048 x
-// 11264) 29 -> 11 ms. Tried, not kept (M = 32, GB/s): amx_gemv.h's arrangement for 17-32 rows (two row blocks x two
-// runs, the strip in halves) 15.5-16.0 vs 16.3-16.7 here, and in the engine 15.1 vs 16.2; groups alternating between
+// --op packed_gemv, 1B shape from DRAM, middle half, GB/s of int8 weights, VPDPBUSD -> this: M = 16 15.5 -> 21.0,
+// M = 8 19.6 -> 21.9, M = 4 22.2 -> 22.6; M = 32 12.4 -> 15.5 in the first version (32 rows a pass, below), whose
+// 16-row passes were this kernel's; whole 1B n = 16 generations (--op engine, W8A8, 96 tokens) with the int8 cache
+// 11.5 -> 16.2 (with the bf16 cache 12.6 -> 15.7 in the first version); a prefill-sized call (600 x 2048 x 11264)
+// 29 -> 11 ms. Tried, not kept (M = 32, GB/s): amx_gemv.h's arrangement for 17-32 rows (two row blocks x two runs,
+// the strip in halves; the first version) 15.5-16.0 vs 16.3-16.7 here, and in the engine 15.1 vs 16.2; groups
+// alternating between
 // two pairs of C tiles so that a group's tiles are stored after the next group's first multiplies (16 rows x two
 // runs a pass) 14.5 vs 15.4. What the per-group stores cost (trial builds with wrong values, the 32-row
 // arrangement): without the fp32 step 16.6, without the stores too 18.9, vs 15.8. Software prefetch of each run 2

@@ -120,9 +120,10 @@ def test_w8a8_special_values_bit_for_bit(route):
     q, s = cpu_ops.quantize_int8(w)
     ww = cpu_ops.W8A8Weight.from_quantized(q, s)
     assert bitwise(ww(x), cpu_ops.w8a8_reference(x, q, s))
-    tiny = torch.full((1, 8), 2.0**-40)  # one weight row whose product with a tiny negative x underflows
-    xt = torch.zeros(1, 8)
-    xt[0, 0] = -(2.0**-120)
+    # one weight row whose product with a tiny negative x underflows (4 rows of 64: the AMX route's too)
+    tiny = torch.full((1, 64), 2.0**-40)
+    xt = torch.zeros(4, 64)
+    xt[:, 0] = -(2.0**-120)
     qt, st = cpu_ops.quantize_int8(tiny)
     y = cpu_ops.W8A8Weight.from_quantized(qt, st)(xt.bfloat16())
     want = cpu_ops.w8a8_reference(xt.bfloat16(), qt, st)
@@ -136,7 +137,9 @@ def test_w8a8_non_finite_x_poisons_its_row_only(route):
     w = torch.randn(70, 640, generator=g)
     x = torch.randn(4, 640, generator=g).bfloat16()
     ww = cpu_ops.W8A8Weight(w)
+    q, s = cpu_ops.quantize_int8(w)
     clean = ww(x)
+    assert bitwise(clean, cpu_ops.w8a8_reference(x, q, s))
     for bad in (float("inf"), float("nan")):
         xb = x.clone()
         xb[2, 550] = bad  # in the second group
