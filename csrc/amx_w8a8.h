@@ -25,11 +25,11 @@
 // 11.5 -> 16.2 (with the bf16 cache 12.6 -> 15.7 in the first version); a prefill-sized call (600 x 2048 x 11264)
 // 29 -> 11 ms. Tried, not kept (M = 32, GB/s): amx_gemv.h's arrangement for 17-32 rows (two row blocks x two runs,
 // the strip in halves; the first version) 15.5-16.0 vs 16.3-16.7 here, and in the engine 15.1 vs 16.2; groups
-// alternating between
-// two pairs of C tiles so that a group's tiles are stored after the next group's first multiplies (16 rows x two
-// runs a pass) 14.5 vs 15.4. What the per-group stores cost (trial builds with wrong values, the 32-row
-// arrangement): without the fp32 step 16.6, without the stores too 18.9, vs 15.8. Software prefetch of each run 2
-// KiB ahead, as amx_gemv.h's strip_32: no change (M = 32 15.1 vs 15.0, M = 16 19.7 vs 19.7), so none.
+// alternating between two pairs of C tiles so that a group's tiles are stored after the next group's first
+// multiplies (16 rows x two runs a pass) 14.5 vs 15.4. What the per-group stores cost (trial builds with wrong
+// values, the 32-row arrangement): without the fp32 step 16.6, without the stores too 18.9, vs 15.8. Software
+// prefetch of each run 2 KiB ahead, as amx_gemv.h's strip_32: no change (M = 32 15.1 vs 15.0, M = 16 19.7 vs 19.7),
+// so none.
 #pragma once
 
 #include <algorithm>
@@ -107,7 +107,7 @@ inline void out(const int32_t* acc, float* c, int rows, const int32_t* comp, con
   }
 }
 
-// One strip against a group of rows <= 16 rows of x (xa: its packed A tiles, tile q at xa + 2048 q, rows 64 bytes
+// One strip against a group of `rows` <= 16 rows of x (xa: its packed A tiles, tile q at xa + 2048 q, rows 64 bytes
 // apart; comp, sx: its first row's corrections and scales, ldg = groups a row): c [16, 64] fp32 = the strip's columns
 // for those rows, before the weights' scales. C0-C3 = the four runs, A = tile 4, B = tiles 5 / 6 in turn.
 inline void strip(const Strip& st, int64_t kGS, const int8_t* xa, int rows, const int32_t* comp, const float* sx,
