@@ -107,17 +107,23 @@ constexpr int64_t kPfSteps = 32;
 // over both halves (M = 32 19.9 -> 19.0, as before packing). From DRAM the M = 32 kernel stays near ~20 GB/s even
 // with every tile load hoisted out of the standalone loop (only the weight prefetches left): the cap is then the
 // rate one core's prefetches reach, not the tiles.
-inline int64_t packed_row(int64_t m, int64_t K) { return (m / 32 * (K / 32) * 32 + m % 32) * 32; }  // x[m, 0]
-inline const uint16_t* pack_x(const uint16_t* x, int64_t ldx, int64_t M, int64_t K) {
-  static thread_local std::vector<uint16_t> buf;
-  const int64_t Q = K / 32, groups = (M + 31) / 32;
-  if (int64_t(buf.size()) < groups * Q * 1024) buf.resize(size_t(groups * Q * 1024));
+// In bytes, for any element type (amx_w8a8.h packs its int8 codes the same way): M rows of `row` bytes (a multiple of
+// 64), ld bytes apart, into tiles of 32 rows x 64 bytes, tile q of row group g at byte (g * row / 64 + q) * 2048.
+inline const char* pack_tiles(const void* x, int64_t ld, int64_t M, int64_t row) {
+  static thread_local std::vector<char> buf;
+  const int64_t Q = row / 64, groups = (M + 31) / 32;
+  if (int64_t(buf.size()) < groups * Q * 2048) buf.resize(size_t(groups * Q * 2048));
+  const char* src = static_cast<const char*>(x);
   for (int64_t m = 0; m < M; ++m) {
-    uint16_t* d = buf.data() + packed_row(m, K);
-    for (int64_t q = 0; q < Q; ++q) std::memcpy(d + q * 1024, x + m * ldx + 32 * q, 64);
+    char* d = buf.data() + (m / 32 * Q * 32 + m % 32) * 64;
+    for (int64_t q = 0; q < Q; ++q) std::memcpy(d + q * 2048, src + m * ld + 64 * q, 64);
   }
   asm volatile("" ::: "memory");  // read only by tile loads, whose asm names no memory: keep these stores before them
   return buf.data();
+}
+inline int64_t packed_row(int64_t m, int64_t K) { return (m / 32 * (K / 32) * 32 + m % 32) * 32; }  // x[m, 0]
+inline const uint16_t* pack_x(const uint16_t* x, int64_t ldx, int64_t M, int64_t K) {
+  return reinterpret_cast<const uint16_t*>(pack_tiles(x, 2 * ldx, M, 2 * K));
 }
 
 // The A tiles of the group of rows m0 .. m0 + 31 (m0 a multiple of 16) in pack_x's copy xp: tile q (k pairs 16 q ..

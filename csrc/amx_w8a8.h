@@ -63,22 +63,6 @@ inline bool use(int64_t M, int64_t K) {
 
 #if JR_HAVE_AMX_INT8
 
-// x's codes (rows ldq bytes apart) packed A tile by A tile, once per call on each thread (as amx_gemv.h's pack_x, and
-// for the same reason: 16 rows 2 KiB or more apart fall into few L1 sets):
-// xa[((g * Q + q) * 32 + r) * 64 + e] = codes[32 g + r, 64 q + e], Q = K / 64; a short last group's missing rows
-// unwritten (its tiles are configured with fewer rows).
-inline const int8_t* pack_x(const int8_t* codes, int64_t ldq, int64_t M, int64_t K) {
-  static thread_local std::vector<int8_t> buf;
-  const int64_t Q = K / 64, groups = (M + 31) / 32;
-  if (int64_t(buf.size()) < groups * Q * 2048) buf.resize(size_t(groups * Q * 2048));
-  for (int64_t m = 0; m < M; ++m) {
-    int8_t* d = buf.data() + (m / 32 * Q * 32 + m % 32) * 64;
-    for (int64_t q = 0; q < Q; ++q) std::memcpy(d + q * 2048, codes + m * ldq + 64 * q, 64);
-  }
-  asm volatile("" ::: "memory");  // read only by tile loads, whose asm names no memory: keep these stores before them
-  return buf.data();
-}
-
 // One strip's weights (ws: its first step; KS steps; K tiles of kKT steps, activation groups of kGS).
 struct Strip {
   const uint8_t* ws;
@@ -144,7 +128,9 @@ inline void gemv_for(const uint8_t* wp, const int8_t* codes, int64_t ldq, const 
                      int64_t kKT, int64_t kGS) {
   const int64_t KS = K / 4, strips = packed::num_strips(N, 64), groups = (M + 15) / 16, Q = K / 64;
   alignas(64) float c[16 * 64];
-  const int8_t* xa = pack_x(codes, ldq, M, K);
+  // x's codes packed A tile by A tile (amx_gemv.h's pack_tiles, as for bf16 x and for the same reason: 16 rows 2 KiB
+  // or more apart fall into few L1 sets): tile q (64 k) of row group g (32 rows) at xa + (g * Q + q) * 2048
+  const int8_t* xa = reinterpret_cast<const int8_t*>(amx::pack_tiles(codes, ldq, M, K));
   int loaded = -1;  // the row count whose tile config is loaded on this thread
 #pragma omp for schedule(guided, 1)
   for (int64_t s = 0; s < strips; ++s) {

@@ -10,14 +10,25 @@
 
 namespace jr::cpu {
 
+// Whether CPUID's vendor string is `name` (12 characters); false on non-x86 builds.
+inline bool vendor_is(const char* name) {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned a, b, c, d;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+  char vendor[12];
+  std::memcpy(vendor, &b, 4), std::memcpy(vendor + 4, &d, 4), std::memcpy(vendor + 8, &c, 4);
+  return std::memcmp(vendor, name, 12) == 0;
+#else
+  (void)name;
+  return false;
+#endif
+}
+
 inline int amd_family() {
   static const int family = [] {
 #if defined(__x86_64__) || defined(__i386__)
     unsigned a, b, c, d;
-    if (!__get_cpuid(0, &a, &b, &c, &d)) return 0;
-    char vendor[12];
-    std::memcpy(vendor, &b, 4), std::memcpy(vendor + 4, &d, 4), std::memcpy(vendor + 8, &c, 4);
-    if (std::memcmp(vendor, "AuthenticAMD", 12) != 0 || !__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    if (!vendor_is("AuthenticAMD") || !__get_cpuid(1, &a, &b, &c, &d)) return 0;
     const int base = int(a >> 8) & 0xf;  // base family 0xf: the extended family adds to it
     return base == 0xf ? base + (int(a >> 20) & 0xff) : base;
 #else
@@ -29,17 +40,7 @@ inline int amd_family() {
 
 // Whether this is an Intel CPU (vendor GenuineIntel), for a rule measured on the AMX Xeon of bench/RESULTS.md only.
 inline bool intel() {
-  static const bool i = [] {
-#if defined(__x86_64__) || defined(__i386__)
-    unsigned a, b, c, d;
-    if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
-    char vendor[12];
-    std::memcpy(vendor, &b, 4), std::memcpy(vendor + 4, &d, 4), std::memcpy(vendor + 8, &c, 4);
-    return std::memcmp(vendor, "GenuineIntel", 12) == 0;
-#else
-    return false;
-#endif
-  }();
+  static const bool i = vendor_is("GenuineIntel");
   return i;
 }
 
