@@ -24,6 +24,17 @@ import torch
 
 
 @pytest.fixture
+def route(request):
+    """Indirect parameter: the CPU kernels' AMX routes on (True) or off (False, cpu_ops.set_amx) for one test, put
+    back after it (engine_runs.amx_routes makes the parameters)."""
+    from janus_rt import cpu_ops
+
+    old = cpu_ops.set_amx(request.param)
+    yield request.param
+    cpu_ops.set_amx(old)
+
+
+@pytest.fixture
 def device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -8,6 +8,13 @@ from janus_rt.cpu_step import DecodeStack
 from janus_rt.engine import Engine, SamplingParams
 
 
+def amx_routes(amx: bool, what: str, other: str) -> list:
+    """Parameters for the `route` fixture (conftest.py): the AMX route where this machine has it (amx; else skipped,
+    "no <what>") and the other one (id `other`, set_amx(False)) everywhere."""
+    return [pytest.param(True, id="amx", marks=pytest.mark.skipif(not amx, reason=f"no {what}")),
+            pytest.param(False, id=other)]
+
+
 def assert_mix_refused(hold, hold_o, match: str):
     """DecodeStack refuses a tiny bf16 layer whose qkv, gate_up and down projections are held as hold(weight) and
     its o projection as hold_o(weight), with a ValueError matching `match`."""

@@ -10,20 +10,11 @@ from janus_rt.engine.cpu_decode import pack_in_place
 from janus_rt.engine.roofline import decode_step_bytes_flops
 from janus_rt.errors import UsageError
 from janus_rt.models.packed_linear import GEN_ADAPTORS, PROJECTIONS, Int8Linear, int8_heads, is_int8
-from engine_runs import assert_mix_refused
+from engine_runs import amx_routes, assert_mix_refused
 
 pytestmark = pytest.mark.skipif(not cpu_ops.int8_available(),
                                 reason="no int8 GEMV: extension not built, or a CPU without AVX512_BF16")
-# the AMX route where this machine has it, and the AVX512-BF16 one (set_amx(False)) everywhere
-ROUTES = [pytest.param(True, id="amx", marks=pytest.mark.skipif(not cpu_ops.amx_available(), reason="no AMX")),
-          pytest.param(False, id="avx512")]
-
-
-@pytest.fixture
-def route(request):
-    old = cpu_ops.set_amx(request.param)
-    yield request.param
-    cpu_ops.set_amx(old)
+ROUTES = amx_routes(cpu_ops.amx_available(), "AMX", "avx512")  # AMX-BF16 tiles, and the AVX512-BF16 kernel
 
 
 def test_quantize_int8_bounds_and_edges():

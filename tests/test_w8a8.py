@@ -9,24 +9,14 @@ from janus_rt.config import tiny_config
 from janus_rt.engine.cpu_decode import pack_in_place
 from janus_rt.errors import UsageError
 from janus_rt.models.packed_linear import W8A8Linear, int8_kind, int8_mode
-from engine_runs import assert_mix_refused, step_logits, two_image_requests
+from engine_runs import amx_routes, assert_mix_refused, step_logits, two_image_requests
 from tolerances import max_err
 
 needs_w8a8 = pytest.mark.skipif(not cpu_ops.w8a8_available(),
                                 reason="no W8A8 GEMV: extension not built, or a CPU without AVX512_VNNI/AVX512_BF16")
 G = cpu_ops.W8A8_GROUP
-# the AMX-INT8 route where this machine has it (from 4 rows, K a multiple of 64), and the VPDPBUSD one
-# (set_amx(False)) everywhere: the same bits
-ROUTES = [pytest.param(True, id="amx", marks=pytest.mark.skipif(not cpu_ops.amx_w8a8_available(),
-                                                                reason="no AMX-INT8 route")),
-          pytest.param(False, id="vnni")]
-
-
-@pytest.fixture
-def route(request):
-    old = cpu_ops.set_amx(request.param)
-    yield request.param
-    cpu_ops.set_amx(old)
+# the AMX-INT8 route (from 4 rows, K a multiple of 64) and the VPDPBUSD one: the same bits
+ROUTES = amx_routes(cpu_ops.amx_w8a8_available(), "AMX-INT8 route", "vnni")
 
 
 def bitwise(a: torch.Tensor, b: torch.Tensor) -> bool:
