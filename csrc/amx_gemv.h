@@ -108,20 +108,22 @@ constexpr int64_t kPfSteps = 32;
 // with every tile load hoisted out of the standalone loop (only the weight prefetches left): the cap is then the
 // rate one core's prefetches reach, not the tiles.
 // In bytes, for any element type (amx_w8a8.h packs its int8 codes the same way): M rows of `row` bytes (a multiple of
-// 64), ld bytes apart, into tiles of 32 rows x 64 bytes, tile q of row group g at byte (g * row / 64 + q) * 2048.
+// 64), ld bytes apart, into tiles of 32 rows x 64 bytes, tile q of row group g at byte (g * row / 64 + q) * 2048;
+// row m's tile 0 at byte tile_row(m, row).
+inline int64_t tile_row(int64_t m, int64_t row) { return (m / 32 * (row / 64) * 32 + m % 32) * 64; }
 inline const char* pack_tiles(const void* x, int64_t ld, int64_t M, int64_t row) {
   static thread_local std::vector<char> buf;
   const int64_t Q = row / 64, groups = (M + 31) / 32;
   if (int64_t(buf.size()) < groups * Q * 2048) buf.resize(size_t(groups * Q * 2048));
   const char* src = static_cast<const char*>(x);
   for (int64_t m = 0; m < M; ++m) {
-    char* d = buf.data() + (m / 32 * Q * 32 + m % 32) * 64;
+    char* d = buf.data() + tile_row(m, row);
     for (int64_t q = 0; q < Q; ++q) std::memcpy(d + q * 2048, src + m * ld + 64 * q, 64);
   }
   asm volatile("" ::: "memory");  // read only by tile loads, whose asm names no memory: keep these stores before them
   return buf.data();
 }
-inline int64_t packed_row(int64_t m, int64_t K) { return (m / 32 * (K / 32) * 32 + m % 32) * 32; }  // x[m, 0]
+inline int64_t packed_row(int64_t m, int64_t K) { return tile_row(m, 2 * K) / 2; }  // x[m, 0], bf16 elements
 inline const uint16_t* pack_x(const uint16_t* x, int64_t ldx, int64_t M, int64_t K) {
   return reinterpret_cast<const uint16_t*>(pack_tiles(x, 2 * ldx, M, 2 * K));
 }

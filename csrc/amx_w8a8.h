@@ -34,8 +34,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
-#include <vector>
 
 #include "amx_gemv.h"
 
@@ -126,10 +124,10 @@ inline void strip(const Strip& st, int64_t kGS, const int8_t* xa, int rows, cons
 inline void gemv_for(const uint8_t* wp, const int8_t* codes, int64_t ldq, const float* sx, const int32_t* comp,
                      int64_t ng, const float* sw, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
                      int64_t kKT, int64_t kGS) {
-  const int64_t KS = K / 4, strips = packed::num_strips(N, 64), groups = (M + 15) / 16, Q = K / 64;
+  const int64_t KS = K / 4, strips = packed::num_strips(N, 64), groups = (M + 15) / 16;
   alignas(64) float c[16 * 64];
   // x's codes packed A tile by A tile (amx_gemv.h's pack_tiles, as for bf16 x and for the same reason: 16 rows 2 KiB
-  // or more apart fall into few L1 sets): tile q (64 k) of row group g (32 rows) at xa + (g * Q + q) * 2048
+  // or more apart fall into few L1 sets): row m's tile q (64 k) at xa + amx::tile_row(m, K) + q * 2048
   const int8_t* xa = reinterpret_cast<const int8_t*>(amx::pack_tiles(codes, ldq, M, K));
   int loaded = -1;  // the row count whose tile config is loaded on this thread
 #pragma omp for schedule(guided, 1)
@@ -144,7 +142,7 @@ inline void gemv_for(const uint8_t* wp, const int8_t* codes, int64_t ldq, const 
         _tile_loadconfig(&cfg);
         loaded = rows;
       }
-      strip(st, kGS, xa + m0 / 32 * Q * 2048 + (m0 % 32) * 64, rows, comp + m0 * ng, sx + m0 * ng, ng, c);
+      strip(st, kGS, xa + amx::tile_row(m0, K), rows, comp + m0 * ng, sx + m0 * ng, ng, c);
       for (int64_t m = 0; m < rows; ++m)
         for (int64_t j = 0; j < nn; ++j) {  // (no + 0.0f without a bias: it would turn a -0 into +0)
           const float v = c[m * 64 + j] * sw[n0 + j];
