@@ -119,6 +119,13 @@ def rope(q, k, positions, theta: float):
     return rope_torch(q, k, positions, theta)
 
 
+# When a process's first MKL VML call (torch's cpu cos and sin of float tensors go there) is also its first OpenMP
+# parallel region, the main thread's share came out of VML's low-accuracy (EP) cos in 1-12 % of fresh processes on
+# our AMX Xeon; every later call was right (bench/RESULTS.md, forty-seventh session). The engine's rotary table,
+# built once, was such a call. This one-element call, on one thread, is the process's first.
+torch.ones(1).cos()
+
+
 def rope_tables(positions, d: int, theta: float, dtype):
     """cos, sin: [..., D] in `dtype` for int positions [...] (transformers' Llama rotary tables)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=positions.device).float() / d))

@@ -281,6 +281,29 @@ def test_cpu_decoder_rope_cache_equals_rope_tables(dtype):
     assert torch.equal(dec.cos[pos], cos.float()) and torch.equal(dec.sin[pos], sin.float())
 
 
+_FIRST_TABLE = """
+import torch
+import janus_rt.ops as ops
+positions = torch.arange(4096)
+first = ops.rope_tables(positions, 16, 10000.0, torch.float32)  # cos: this process's first OpenMP parallel region
+again = ops.rope_tables(positions, 16, 10000.0, torch.float32)
+print(sum(int((a != b).sum()) for a, b in zip(first, again)))
+"""
+
+
+def test_rope_tables_first_call_of_a_process():
+    """The tiny engine's rotary table (4096 positions x 16, built once), as a fresh process's first cos, equals the
+    same call made again. Without ops' one-element cos at import, 9 of 80 such processes on the AMX Xeon gave a cos
+    that differed (the main thread's share, from MKL VML's low-accuracy mode); this test failed 3 of 6 runs there."""
+    import subprocess
+    import sys
+
+    for _ in range(10):
+        out = subprocess.run([sys.executable, "-c", _FIRST_TABLE], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split() == ["0"]
+
+
 def test_janus_rt_packed_env(monkeypatch):
     """JANUS_RT_PACKED picks the engine's decode GEMV: 0 = unpacked, 1 / auto = packed (fp32 tiny: always possible);
     anything else is refused by name."""
