@@ -147,12 +147,50 @@ def rope_torch(q, k, positions, theta: float):
 
 # ---- linear layers -------------------------------------------------------------------------------------------
 CPU_GEMV_MAX_ROWS = 32  # decode-sized inputs: the csrc kernel streams the weight once for all rows
+_row_pieces = False  # inside batch_invariant()
+
+
+@contextlib.contextmanager
+def batch_invariant():
+    """Within: linears of CPU tensors run their rows in pieces of CPU_GEMV_MAX_ROWS, and where torch's matmul (or
+    oneDNN's, for held weights) takes a piece, it is padded to that many rows, so a row's result does not depend on
+    the rows beside it. torch's CPU matmul rounds a row differently at different row counts (fp32: M = 1, 2-3 and
+    >= 8 apart; bf16: M = 1 and >= 2) and the same at one row count (bench/RESULTS.md, thirty-fifth session); the
+    csrc GEMVs are row-invariant up to CPU_GEMV_MAX_ROWS. For decode steps, whose rows come from many requests."""
+    global _row_pieces
+    prev, _row_pieces = _row_pieces, True
+    try:
+        yield
+    finally:
+        _row_pieces = prev
+
+
+def _in_row_pieces(fn, x, pad: bool):
+    """fn over x [..., K]'s rows in pieces of CPU_GEMV_MAX_ROWS, the last one padded with zero rows where pad."""
+    rows, out = x.reshape(-1, x.shape[-1]), []
+    if rows.shape[0] == CPU_GEMV_MAX_ROWS or (rows.shape[0] < CPU_GEMV_MAX_ROWS and not pad):
+        return fn(x)  # one piece as it is
+    for piece in rows.split(CPU_GEMV_MAX_ROWS):
+        n = piece.shape[0]
+        if pad and n < CPU_GEMV_MAX_ROWS:
+            piece = torch.cat([piece, piece.new_zeros(CPU_GEMV_MAX_ROWS - n, piece.shape[1])])
+        out.append(fn(piece)[:n])
+    return torch.cat(out).reshape(*x.shape[:-1], -1)
 
 
 def linear(x, weight, bias=None):
     """y = x @ weight^T + bias. On the cpu backend, decode-sized x goes to the csrc GEMV (weight-bandwidth bound).
     weight may be a cpu_ops.PackedWeight (a model packed by Janus.pack_for_cpu_): the packed GEMV, whatever the
-    backend and the rows (it is the only copy of that weight)."""
+    backend and the rows (it is the only copy of that weight). Inside batch_invariant(): in row pieces (above)."""
+    if _row_pieces and x.device.type == "cpu" and x.numel():
+        first = x.reshape(-1, x.shape[-1])[:CPU_GEMV_MAX_ROWS]
+        held = not isinstance(weight, torch.Tensor)
+        csrc = not getattr(weight, "held_for_linear", False) if held else _use_cpu_gemv(first)
+        return _in_row_pieces(lambda piece: _linear(piece, weight, bias), x, pad=not csrc)
+    return _linear(x, weight, bias)
+
+
+def _linear(x, weight, bias):
     if not isinstance(weight, torch.Tensor):
         return _linear_packed(x, weight, bias)
     if _use_cpu_gemv(x):
@@ -200,6 +238,8 @@ def mlp_gelu(x, w1, b1, w2, b2):
     (cpu_ops.PackedWeight and its int8 kinds: a model packed in place, packed_linear): then the csrc call at any row
     count, whatever the backend (they are the only copies of those weights)."""
     held = not isinstance(w1, torch.Tensor)
+    if _row_pieces and x.device.type == "cpu" and x.numel() > CPU_GEMV_MAX_ROWS * x.shape[-1]:
+        return _in_row_pieces(lambda piece: mlp_gelu(piece, w1, b1, w2, b2), x, pad=False)  # (linear pads)
     if _backend == "triton" and not held and (TRITON_MLP_ON_CUDA or not x.is_cuda):
         return _kernels().mlp_gelu(x, w1, b1, w2, b2)
     if ((held and x.device.type == "cpu") or _use_cpu_gemv(x)) and w1.dtype == w2.dtype == x.dtype and all(

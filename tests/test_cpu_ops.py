@@ -331,6 +331,26 @@ def test_linear(poison, M, K, w_dtype, N, x_dtype):                 # the CPU ha
     assert rel_err(cpu_ops.linear(x, w), F.linear(x.float(), w.float())) <= 1e-5
 
 
+@pytest.mark.parametrize("matmul", ["csrc", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ops_batch_invariant_rows_do_not_depend_on_the_batch(monkeypatch, matmul, dtype):
+    """Inside ops.batch_invariant() (the layer-by-layer decode step), ops.linear and ops.mlp_gelu give each row what
+    it gets alone, at row counts on both sides of the 32-row pieces: torch's matmul (pieces padded to 32 rows) and
+    the csrc GEMV. (torch's fp32 matmul alone rounds rows differently at M = 1, 2-3 and >= 8.)"""
+    monkeypatch.setenv("JANUS_RT_CPU_MATMUL", matmul)
+    g = torch.Generator().manual_seed(3)
+    K, N = 1376, 200
+    w, w2 = torch.randn(N, K, generator=g).to(dtype), torch.randn(96, N, generator=g).to(dtype)
+    b, b2 = torch.randn(N, generator=g).to(dtype), torch.randn(96, generator=g).to(dtype)
+    x = torch.randn(70, K, generator=g).to(dtype)
+    with ops.use_backend("cpu"), ops.batch_invariant():
+        for f in (lambda r: ops.linear(r, w), lambda r: ops.mlp_gelu(r, w, b, w2, b2)):
+            alone = torch.cat([f(x[i : i + 1]) for i in range(70)])
+            for M in (2, 3, 9, 32, 33, 70):
+                assert torch.equal(f(x[:M]), alone[:M]), f"M = {M}"
+            assert torch.equal(f(x[None, :5]), alone[None, :5])  # leading dims kept
+
+
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("K", [40, 77, 1376])  # 1376: several K tiles when M > 4; 77: a scalar tail
 def test_linear_rows_do_not_depend_on_the_batch(w_dtype, K):

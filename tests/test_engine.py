@@ -486,16 +486,20 @@ def test_a_prompt_prefilled_beside_others_computes_what_it_does_alone(tiny):
         assert run(False, "int8", 4, 64)[0].tokens == run(True, "int8", 4, 64)[0].tokens
 
 
-def test_a_decode_step_beside_many_rows_computes_what_it_does_alone(tiny):
+@pytest.mark.parametrize("matmul", ["auto", "torch"])
+def test_a_decode_step_beside_many_rows_computes_what_it_does_alone(tiny, matmul, monkeypatch):
     """An image's logits and K/V in a decode step of more than CPU_GEMV_MAX_ROWS rows (and images) are bit for bit
     those of its run alone: the gen head and the gen aligner took torch's matmul for a batch of more than 32 rows
     (the csrc GEMV's last bits otherwise), so a request's logits changed beside 16 other images and its K/V beside
-    32."""
+    32. matmul "torch": the layer-by-layer step with torch's matmul (AMX hosts without the AMX GEMV), whose rows
+    rounded with the batch's row count (K/V changed beside 16 images) until ops.batch_invariant."""
+    monkeypatch.setenv("JANUS_RT_CPU_MATMUL", matmul)
     a, b = prompt(tiny, 6, seed=1), prompt(tiny, 9, seed=2)
 
     def run(others: int):
         eng = Engine(tiny, block_size=16, max_num_blocks=1024, max_steps_per_call=1)
         eng.record_logits = True  # (the step op by op: the csrc image step takes 32 rows at most)
+        assert matmul == "auto" or not eng.runner.uses_cpu_decoder()
         req = eng.add_image_request(a, 1, SamplingParams(seed=1), num_tokens=8)
         if others:
             eng.add_image_request(b, others, SamplingParams(seed=9), num_tokens=8)

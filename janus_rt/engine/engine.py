@@ -501,7 +501,10 @@ class Engine:
     def _lm_head(self, h):
         """Text rows' logits [R, vocab] (h's dtype): the CPU decoder's packed copy of the LM head where it holds one."""
         dec = self.runner.cpu_decoder
-        return dec.lm_head(h) if dec is not None else ops.linear(h, self.model.lm_head.weight)
+        if dec is not None:
+            return dec.lm_head(h)
+        with ops.batch_invariant():  # (the rows of a decode step's text requests)
+            return ops.linear(h, self.model.lm_head.weight)
 
     @staticmethod
     def _tokens_per_step(r: Request) -> int:

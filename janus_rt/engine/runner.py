@@ -107,18 +107,24 @@ class ModelRunner:
             return self.cpu_decoder(embeds, self._i64(positions), self._i64(slots), bt,
                                     self._i32([p + 1 for p in positions]))
         kv = DecodeKV(self.cache, self._i64(slots), bt, self._i32([p + 1 for p in positions]))
-        with ops.use_backend(self.backend):
+        with ops.use_backend(self.backend), ops.batch_invariant():  # a row's result whatever rows are beside it
             return self.model.llm(embeds[:, None], self._i64(positions)[:, None], kv)[:, 0]
 
     def gen_head(self, h):
         """The gen head of the decode step's image rows: the CPU decoder's (packed weights) when it runs, else the
-        model's."""
-        return self.cpu_decoder.gen_head(h) if self.uses_cpu_decoder() else self.model.gen_head(h)
+        model's (in batch-invariant row pieces)."""
+        if self.uses_cpu_decoder():
+            return self.cpu_decoder.gen_head(h)
+        with ops.batch_invariant():
+            return self.model.gen_head(h)
 
     def gen_embeds(self, tokens):
         """LLM inputs of image tokens int64 [n] -> [n, C]: the CPU decoder's (packed aligner) when it runs, else the
-        model's."""
-        return self.cpu_decoder.gen_embeds(tokens) if self.uses_cpu_decoder() else self.model.gen_embeds(tokens)
+        model's (in batch-invariant row pieces)."""
+        if self.uses_cpu_decoder():
+            return self.cpu_decoder.gen_embeds(tokens)
+        with ops.batch_invariant():
+            return self.model.gen_embeds(tokens)
 
     def uses_cpu_decoder(self) -> bool:
         """Whether decode steps take the csrc decoder (else the layer-by-layer path)."""
