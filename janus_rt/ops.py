@@ -165,8 +165,9 @@ def batch_invariant():
         _row_pieces = prev
 
 
-def _in_row_pieces(fn, x, pad: bool):
-    """fn over x [..., K]'s rows in pieces of CPU_GEMV_MAX_ROWS, the last one padded with zero rows where pad."""
+def in_row_pieces(fn, x, pad: bool):
+    """fn over x [..., K]'s rows in pieces of CPU_GEMV_MAX_ROWS, the last one padded with zero rows where pad (x of
+    at most that many rows and no padding: fn(x))."""
     rows, out = x.reshape(-1, x.shape[-1]), []
     if rows.shape[0] == CPU_GEMV_MAX_ROWS or (rows.shape[0] < CPU_GEMV_MAX_ROWS and not pad):
         return fn(x)  # one piece as it is
@@ -186,7 +187,7 @@ def linear(x, weight, bias=None):
         first = x.reshape(-1, x.shape[-1])[:CPU_GEMV_MAX_ROWS]
         held = not isinstance(weight, torch.Tensor)
         csrc = not getattr(weight, "held_for_linear", False) if held else _use_cpu_gemv(first)
-        return _in_row_pieces(lambda piece: _linear(piece, weight, bias), x, pad=not csrc)
+        return in_row_pieces(lambda piece: _linear(piece, weight, bias), x, pad=not csrc)
     return _linear(x, weight, bias)
 
 
@@ -239,7 +240,7 @@ def mlp_gelu(x, w1, b1, w2, b2):
     count, whatever the backend (they are the only copies of those weights)."""
     held = not isinstance(w1, torch.Tensor)
     if _row_pieces and x.device.type == "cpu" and x.numel() > CPU_GEMV_MAX_ROWS * x.shape[-1]:
-        return _in_row_pieces(lambda piece: mlp_gelu(piece, w1, b1, w2, b2), x, pad=False)  # (linear pads)
+        return in_row_pieces(lambda piece: mlp_gelu(piece, w1, b1, w2, b2), x, pad=False)  # (linear pads)
     if _backend == "triton" and not held and (TRITON_MLP_ON_CUDA or not x.is_cuda):
         return _kernels().mlp_gelu(x, w1, b1, w2, b2)
     if ((held and x.device.type == "cpu") or _use_cpu_gemv(x)) and w1.dtype == w2.dtype == x.dtype and all(

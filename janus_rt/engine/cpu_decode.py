@@ -108,13 +108,6 @@ def pack_in_place(model, always: bool = False, int8: bool | str = False) -> str 
             "inference only)")
 
 
-def _in_gemv_pieces(fn, x):
-    """fn over x [R, C] in pieces of at most ops.CPU_GEMV_MAX_ROWS rows, each through the csrc GEMV, concatenated: a
-    row's values then do not depend on how many rows the step has (above that count ops.linear and ops.mlp_gelu take
-    torch's matmul, whose last bits differ)."""
-    return torch.cat([fn(part) for part in x.split(ops.CPU_GEMV_MAX_ROWS)])
-
-
 class CpuDecoder:
     """The LLM forward for one new token per row over the engine's paged cache, on the CPU."""
 
@@ -161,10 +154,12 @@ class CpuDecoder:
     @torch.inference_mode()
     def lm_head(self, h):
         """model.lm_head's logits for h [R, C] (h's dtype), through the packed copy where there is one (the packed
-        GEMV at any row count), else _in_gemv_pieces."""
+        GEMV at any row count), else in pieces of at most ops.CPU_GEMV_MAX_ROWS rows, each through the csrc GEMV: a
+        row's values then do not depend on how many rows the step has (above that count ops.linear takes torch's
+        matmul, whose last bits differ)."""
         if self.lm_head_packed is not None:
             return ops.linear(h, self.lm_head_packed)
-        return _in_gemv_pieces(lambda part: ops.linear(part, self.model.lm_head.weight), h)
+        return ops.in_row_pieces(lambda part: ops.linear(part, self.model.lm_head.weight), h, pad=False)
 
     def _pack_adaptor(self, m):
         """(fc1 packed, fc1 bias, fc2 packed, fc2 bias) of a Linear -> GELU -> Linear adaptor, or None when the
@@ -186,7 +181,7 @@ class CpuDecoder:
         # with the batch beside it before the pieces)
         run = module if packed is None else lambda part: cpu_ops.mlp_gelu(part.contiguous(), *packed)
         with ops._scope("janus_rt::cpu_mlp_gelu"):
-            return _in_gemv_pieces(run, x).to(x.dtype)
+            return ops.in_row_pieces(run, x, pad=False).to(x.dtype)  # (as lm_head's)
 
     @torch.inference_mode()
     def gen_head(self, h):
