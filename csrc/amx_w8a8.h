@@ -14,7 +14,8 @@
 // 8 B tiles a run) the C tiles are stored and turned into fp32 with w8a8_gemv.h's operations (c = c + fp32(acc - comp)
 // * sx, group by group in k order; y = c * sw (+ bias)), so y is bit-identical to that kernel and to
 // cpu_ops.w8a8_reference, for any M and either route. Tiles: C0-C3 = the strip's four runs (16 columns each) for 16
-// rows of x, A = tile 4, B = tiles 5 / 6 in turn; each further 16 rows a pass over the same strip (from L2). K must
+// rows of x, A = tile 4, B = tiles 5 / 6 in turn; up to JR_AMX_W8A8_BLOCKS blocks of 16 rows take each activation
+// group in turn while its bytes are in L1 / L2 (one pass over the strip); a short last block a pass of its own. K must
 // be a multiple of 64 (whole A tiles; the layout pads K to 4 only): Janus-Pro's 2048, 4096, 5632 and 11008 are; other
 // K take the VPDPBUSD kernel.
 //
@@ -29,7 +30,11 @@
 // multiplies (16 rows x two runs a pass) 14.5 vs 15.4. What the per-group stores cost (trial builds with wrong
 // values, the 32-row arrangement): without the fp32 step 16.6, without the stores too 18.9, vs 15.8. Software
 // prefetch of each run 2 KiB ahead, as amx_gemv.h's strip_32: no change (M = 32 15.1 vs 15.0, M = 16 19.7 vs 19.7),
-// so none.
+// so none. Forty-eighth session (the same host, 2026-12-07): the row blocks of a pass group by group instead of one
+// pass over the strip each (the second from L2), M = 32 14.6 -> 15.6 and 15.0 -> 15.9 (middle half; 2 blocks a pass),
+// M = 64 12.4 -> 13.4 (4 blocks a pass; 2: 12.4), M = 8 and 600 unchanged; whole 1B n = 16 W8A8 generations with the
+// int8 cache (--op engine, 96 tokens, 8 repetitions) 16.7 -> 17.2 (2 blocks: 17.4); outputs identical. Prefetching
+// the next 2 or 8 KiB of each run in the first block's loop: 15.7 / 15.1 vs 15.9 without.
 #pragma once
 
 #include <algorithm>
@@ -46,6 +51,11 @@
 // Rows of x from which W8A8 GEMVs take the tiles (fewer: VPDPBUSD, which reads at the stream's rate there).
 #ifndef JR_AMX_W8A8_MIN_ROWS
 #define JR_AMX_W8A8_MIN_ROWS 4
+#endif
+
+// Blocks of 16 rows of x that take each activation group of a strip in turn, in one pass over the strip.
+#ifndef JR_AMX_W8A8_BLOCKS
+#define JR_AMX_W8A8_BLOCKS 4
 #endif
 
 namespace jr::amx8 {
@@ -89,31 +99,36 @@ inline void out(const int32_t* acc, float* c, int rows, const int32_t* comp, con
   }
 }
 
-// One strip against a group of `rows` <= 16 rows of x (xa: its packed A tiles, tile q at xa + 2048 q, rows 64 bytes
-// apart; comp, sx: its first row's corrections and scales, ldg = groups a row): c [16, 64] fp32 = the strip's columns
-// for those rows, before the weights' scales. C0-C3 = the four runs, A = tile 4, B = tiles 5 / 6 in turn.
-inline void strip(const Strip& st, int64_t kGS, const int8_t* xa, int rows, const int32_t* comp, const float* sx,
-                  int64_t ldg, float* c) {
+// One strip against nb blocks of `rows` <= 16 rows of x each from row m0 (nb > 1: full blocks of 16; xa: x's packed
+// A tiles, row m's tile q at xa + amx::tile_row(m, K) + 2048 q, rows 64 bytes apart; comp, sx: row m0's
+// corrections and scales, ldg = groups a row): c [16 nb, 64] fp32 = the strip's columns for those rows, before the
+// weights' scales. Activation group by group, every block against each group's bytes while they are in L1 / L2.
+// C0-C3 = the four runs, A = tile 4, B = tiles 5 / 6 in turn.
+inline void strip(const Strip& st, int64_t kGS, const int8_t* xa, int64_t K, int64_t m0, int nb, int rows,
+                  const int32_t* comp, const float* sx, int64_t ldg, float* c) {
   alignas(64) int32_t acc[16 * 64];
   for (int64_t p0 = 0, g = 0; p0 < st.KS; p0 += kGS, ++g) {  // activation groups, in k order
     const int64_t pe = std::min(st.KS, p0 + kGS);
-    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     const uint8_t *b0 = st.at(p0, 0), *b1 = st.at(p0, 1), *b2 = st.at(p0, 2), *b3 = st.at(p0, 3);
-    for (int64_t p = p0; p < pe; p += 16) {
-      const int64_t o = (p - p0) * 64;
-      _tile_loadd(4, xa + (p / 16) * 2048, 64);
-      _tile_loadd(5, b0 + o, 64);
-      _tile_dpbsud(0, 4, 5);
-      _tile_loadd(6, b1 + o, 64);
-      _tile_dpbsud(1, 4, 6);
-      _tile_loadd(5, b2 + o, 64);
-      _tile_dpbsud(2, 4, 5);
-      _tile_loadd(6, b3 + o, 64);
-      _tile_dpbsud(3, 4, 6);
+    for (int b = 0; b < nb; ++b) {
+      const int8_t* xb = xa + amx::tile_row(m0 + 16 * b, K);
+      _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+      for (int64_t p = p0; p < pe; p += 16) {
+        const int64_t o = (p - p0) * 64;
+        _tile_loadd(4, xb + (p / 16) * 2048, 64);
+        _tile_loadd(5, b0 + o, 64);
+        _tile_dpbsud(0, 4, 5);
+        _tile_loadd(6, b1 + o, 64);
+        _tile_dpbsud(1, 4, 6);
+        _tile_loadd(5, b2 + o, 64);
+        _tile_dpbsud(2, 4, 5);
+        _tile_loadd(6, b3 + o, 64);
+        _tile_dpbsud(3, 4, 6);
+      }
+      _tile_stored(0, acc, 256); _tile_stored(1, acc + 16, 256); _tile_stored(2, acc + 32, 256);
+      _tile_stored(3, acc + 48, 256);
+      out(acc, c + b * 16 * 64, rows, comp + 16 * b * ldg + g, sx + 16 * b * ldg + g, ldg, p0 == 0);
     }
-    _tile_stored(0, acc, 256); _tile_stored(1, acc + 16, 256); _tile_stored(2, acc + 32, 256);
-    _tile_stored(3, acc + 48, 256);
-    out(acc, c, rows, comp + g, sx + g, ldg, p0 == 0);
   }
 }
 
@@ -124,8 +139,9 @@ inline void strip(const Strip& st, int64_t kGS, const int8_t* xa, int rows, cons
 inline void gemv_for(const uint8_t* wp, const int8_t* codes, int64_t ldq, const float* sx, const int32_t* comp,
                      int64_t ng, const float* sw, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
                      int64_t kKT, int64_t kGS) {
-  const int64_t KS = K / 4, strips = packed::num_strips(N, 64), groups = (M + 15) / 16;
-  alignas(64) float c[16 * 64];
+  constexpr int kNB = JR_AMX_W8A8_BLOCKS;
+  const int64_t KS = K / 4, strips = packed::num_strips(N, 64);
+  alignas(64) float c[kNB * 16 * 64];
   // x's codes packed A tile by A tile (amx_gemv.h's pack_tiles, as for bf16 x and for the same reason: 16 rows 2 KiB
   // or more apart fall into few L1 sets): row m's tile q (64 k) at xa + amx::tile_row(m, K) + q * 2048
   const int8_t* xa = reinterpret_cast<const int8_t*>(amx::pack_tiles(codes, ldq, M, K));
@@ -134,20 +150,21 @@ inline void gemv_for(const uint8_t* wp, const int8_t* codes, int64_t ldq, const 
   for (int64_t s = 0; s < strips; ++s) {
     const Strip st{wp + s * KS * 256, KS, kKT};
     const int64_t n0 = s * 64, nn = std::min<int64_t>(64, N - n0);
-    for (int64_t g = 0; g < groups; ++g) {  // (the strip from L2 after the first group)
-      const int64_t m0 = 16 * g;
+    for (int64_t m0 = 0; m0 < M;) {  // full blocks kNB at a time, then a short one (the strip from L2 after the first)
+      const int nb = m0 + 16 <= M ? int(std::min<int64_t>(kNB, (M - m0) / 16)) : 1;
       const int rows = int(std::min<int64_t>(16, M - m0));
       if (loaded != rows) {
         const amx::TileConfig cfg = amx::config(rows, 0);
         _tile_loadconfig(&cfg);
         loaded = rows;
       }
-      strip(st, kGS, xa + amx::tile_row(m0, K), rows, comp + m0 * ng, sx + m0 * ng, ng, c);
-      for (int64_t m = 0; m < rows; ++m)
+      strip(st, kGS, xa, K, m0, nb, rows, comp + m0 * ng, sx + m0 * ng, ng, c);
+      for (int64_t m = 0; m < nb * rows; ++m)
         for (int64_t j = 0; j < nn; ++j) {  // (no + 0.0f without a bias: it would turn a -0 into +0)
           const float v = c[m * 64 + j] * sw[n0 + j];
           y[(m0 + m) * N + n0 + j] = bias ? v + bias[n0 + j] : v;
         }
+      m0 += nb * rows;
     }
   }
   if (loaded >= 0) _tile_release();

@@ -66,7 +66,9 @@ def test_int8_mode_values():
                                    (5, 70, 4100), (13, 64, 5632),  # 2+ K tiles, a last group of 1 step
                                    # AMX-INT8 shapes (K a multiple of 64): 1 A tile, partial strips, a last row
                                    # group of 1 and of 15 rows, a K tile and a group cut short, a prefill's rows
-                                   (4, 64, 64), (33, 129, 2048), (47, 70, 576), (20, 65, 2112), (140, 100, 1088)])
+                                   (4, 64, 64), (33, 129, 2048), (47, 70, 576), (20, 65, 2112), (140, 100, 1088),
+                                   # passes of 4 full row blocks, then 1 or 3
+                                   (80, 64, 128), (112, 65, 576)])
 def test_w8a8_is_its_reference_bit_for_bit(route, M, N, K):
     """y is w8a8_reference's y exactly (padded K, partial strips and groups, every row-block size), each row the
     same alone as in the batch, and within the two roundings' bound of x @ W^T; on either route."""
