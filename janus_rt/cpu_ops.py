@@ -125,17 +125,53 @@ TORCH_MATMUL_MIN_WIDTH = 2048  # auto: torch's matmul from this many input featu
 def torch_matmul_preferred(dtype: torch.dtype, width: int | None = None) -> bool:
     """Whether decode-sized projections of `dtype` with `width` input features (None: any) should go to torch's
     matmul rather than the csrc GEMVs. JANUS_RT_CPU_MATMUL: "torch" = always, "csrc" = never, unset or "auto" = bf16
-    on a CPU with AMX-BF16 tiles at widths from TORCH_MATMUL_MIN_WIDTH, when this build's GEMV cannot use the tiles
-    itself (no amx_available(): a portable build, or an OS that refuses them) and torch's oneDNN matmul can.
+    at widths from TORCH_MATMUL_MIN_WIDTH where torch's oneDNN matmul can use AMX-BF16 tiles (onednn_amx_usable())
+    and this build's GEMV cannot (no amx_available(): a portable build, or JANUS_RT_AMX=0).
     Measured on such a host (Intel Xeon, 2 cores, 2026-12-04, ms per decode step): Janus-Pro-1B n = 16 with the
     AVX512-BF16 GEMV 498 vs torch 275, then with the AMX GEMV 245; hidden 512 x 8 layers n = 4 4.1 (AVX512-BF16) vs
     12.4 (torch) and the tiny preset 0.07 vs 1.70, where the layer-by-layer step's Python costs more than the matmuls
-    save (bench/RESULTS.md)."""
+    save (bench/RESULTS.md). Where neither can use the tiles (an OS that refuses them to the process; measured with
+    oneDNN capped at AVX512_CORE_BF16, 2026-12-08): 1B n = 1 torch 554.67 vs csrc 113.97, n = 16 621.19 vs 451.05,
+    so the csrc GEMVs there."""
     v = env_switch("JANUS_RT_CPU_MATMUL")
     if v in ("torch", "csrc"):
         return v == "torch"
     return (dtype == torch.bfloat16 and (width is None or width >= TORCH_MATMUL_MIN_WIDTH)
-            and "amx_bf16" in cpu_flags() and torch.backends.mkldnn.is_available() and not amx_available())
+            and torch.backends.mkldnn.is_available() and not amx_available() and onednn_amx_usable())
+
+
+_ONEDNN_AMX = None  # onednn_amx_usable()'s answer from the OS (asked once)
+
+
+def onednn_amx_usable() -> bool:
+    """Whether torch's oneDNN matmul can run on AMX-BF16 tiles here: the CPU has them (/proc/cpuinfo), Linux grants
+    this process their state (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, as oneDNN asks: kernels before 5.16 list
+    the flags but refuse it), and ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) does not cap oneDNN below AMX."""
+    global _ONEDNN_AMX
+    if "amx_bf16" not in cpu_flags():
+        return False
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").strip().upper()
+    if cap not in ("ALL", "DEFAULT") and "AMX" not in cap:
+        return False
+    if _ONEDNN_AMX is None:
+        _ONEDNN_AMX = _os_grants_amx()
+    return _ONEDNN_AMX
+
+
+def _os_grants_amx() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    sys_arch_prctl, req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(sys_arch_prctl, req_xcomp_perm, xfeature_xtiledata) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def stream_sum(x: torch.Tensor) -> float:

@@ -886,19 +886,29 @@ def test_cpu_matmul_setting_picks_the_projection_path(tiny, monkeypatch, setting
 
 
 def test_torch_matmul_preferred_on_amx(monkeypatch):
-    """auto: torch's matmul for bf16 where the CPU has AMX-BF16 (oneDNN's tiles) and our GEMV cannot use them, the
-    csrc GEMVs otherwise; the setting overrides; pack_in_place then leaves a bf16 model unpacked unless
-    JANUS_RT_PACKED=1."""
+    """auto: torch's matmul for bf16 where oneDNN can use AMX-BF16 tiles (the CPU has them, the OS grants them,
+    ONEDNN_MAX_CPU_ISA allows them) and our GEMV cannot, the csrc GEMVs otherwise; the setting overrides;
+    pack_in_place then leaves a bf16 model unpacked unless JANUS_RT_PACKED=1."""
     from janus_rt.engine.cpu_decode import pack_in_place
     from janus_rt.models.packed_linear import is_packed
 
     monkeypatch.delenv("JANUS_RT_CPU_MATMUL", raising=False)
     monkeypatch.delenv("JANUS_RT_PACKED", raising=False)
-    for flags, own_amx, want in ((frozenset({"avx512f"}), False, False),
-                                 (frozenset({"avx512f", "amx_bf16"}), False, True),
-                                 (frozenset({"avx512f", "amx_bf16"}), True, False)):  # our GEMV on the tiles
+    amx = frozenset({"avx512f", "amx_bf16"})
+    for flags, os_grants, cap, own_amx, want in ((frozenset({"avx512f"}), True, None, False, False),
+                                                 (amx, True, None, False, True),
+                                                 (amx, True, "avx512_core_amx", False, True),
+                                                 (amx, True, None, True, False),  # our GEMV on the tiles
+                                                 (amx, False, None, False, False),  # the OS refuses the tiles
+                                                 (amx, True, "AVX512_CORE_BF16", False, False)):  # oneDNN capped
         monkeypatch.setattr(cpu_ops, "_FLAGS", flags)
+        monkeypatch.setattr(cpu_ops, "_ONEDNN_AMX", os_grants)
+        for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+            monkeypatch.delenv(var, raising=False)
+        if cap:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
         monkeypatch.setattr(cpu_ops, "amx_available", lambda own_amx=own_amx: own_amx)
+        assert cpu_ops.onednn_amx_usable() == (flags == amx and os_grants and cap != "AVX512_CORE_BF16")
         assert cpu_ops.torch_matmul_preferred(torch.bfloat16) == (want and torch.backends.mkldnn.is_available())
         assert cpu_ops.torch_matmul_preferred(torch.bfloat16, 2048) == cpu_ops.torch_matmul_preferred(torch.bfloat16)
         assert not cpu_ops.torch_matmul_preferred(torch.bfloat16, 512)  # small models: the csrc decoder
