@@ -33,7 +33,7 @@
 // so none. Forty-eighth session (the same host, 2026-12-07): the row blocks of a pass group by group instead of one
 // pass over the strip each (the second from L2), M = 32 14.6 -> 15.6 and 15.0 -> 15.9 (middle half; 2 blocks a pass),
 // M = 64 12.4 -> 13.4 (4 blocks a pass; 2: 12.4), M = 8 and 600 unchanged; whole 1B n = 16 W8A8 generations with the
-// int8 cache (--op engine, 96 tokens, 8 repetitions) 16.7 -> 17.2 (2 blocks: 17.4); outputs identical. Prefetching
+// int8 cache (--op engine, 96 tokens, 8 repetitions) 16.7 -> 17.2 (2 a pass at 32 rows); outputs identical. Prefetching
 // the next 2 or 8 KiB of each run in the first block's loop: 15.7 / 15.1 vs 15.9 without.
 #pragma once
 
@@ -57,6 +57,7 @@
 #ifndef JR_AMX_W8A8_BLOCKS
 #define JR_AMX_W8A8_BLOCKS 4
 #endif
+static_assert(JR_AMX_W8A8_BLOCKS >= 1, "JR_AMX_W8A8_BLOCKS: at least one block of 16 rows a pass");
 
 namespace jr::amx8 {
 

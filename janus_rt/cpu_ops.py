@@ -141,6 +141,10 @@ def torch_matmul_preferred(dtype: torch.dtype, width: int | None = None) -> bool
 
 
 _ONEDNN_AMX = None  # onednn_amx_usable()'s answer from the OS (asked once)
+# ONEDNN_MAX_CPU_ISA's values (oneDNN's CPU dispatcher control) that leave AMX out
+_ONEDNN_CAPS_BELOW_AMX = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_MIC",
+                                    "AVX512_MIC_4OPS", "AVX512_CORE", "AVX512_CORE_VNNI", "AVX512_CORE_BF16",
+                                    "AVX512_CORE_FP16", "AVX10_1_512"})
 
 
 def onednn_amx_usable() -> bool:
@@ -150,8 +154,8 @@ def onednn_amx_usable() -> bool:
     global _ONEDNN_AMX
     if "amx_bf16" not in cpu_flags():
         return False
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").strip().upper()
-    if cap not in ("ALL", "DEFAULT") and "AMX" not in cap:
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    if cap in _ONEDNN_CAPS_BELOW_AMX:  # (oneDNN ignores a name it does not know: no cap)
         return False
     if _ONEDNN_AMX is None:
         _ONEDNN_AMX = _os_grants_amx()

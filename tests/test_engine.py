@@ -885,6 +885,14 @@ def test_cpu_matmul_setting_picks_the_projection_path(tiny, monkeypatch, setting
     assert (calls == []) == (setting == "torch")  # (the csrc decoder calls its own GEMVs, not these)
 
 
+def test_os_grant_of_the_amx_tiles_is_torchs_answer():
+    """onednn_amx_usable()'s question to the OS (arch_prctl through ctypes) answers as torch's own request does."""
+    init_amx = getattr(torch.cpu, "_init_amx", None)
+    if init_amx is None or "amx_bf16" not in cpu_ops.cpu_flags():
+        pytest.skip("needs a CPU with AMX-BF16 and torch.cpu._init_amx")
+    assert cpu_ops._os_grants_amx() is bool(init_amx())
+
+
 def test_torch_matmul_preferred_on_amx(monkeypatch):
     """auto: torch's matmul for bf16 where oneDNN can use AMX-BF16 tiles (the CPU has them, the OS grants them,
     ONEDNN_MAX_CPU_ISA allows them) and our GEMV cannot, the csrc GEMVs otherwise; the setting overrides;
@@ -900,7 +908,10 @@ def test_torch_matmul_preferred_on_amx(monkeypatch):
                                                  (amx, True, "avx512_core_amx", False, True),
                                                  (amx, True, None, True, False),  # our GEMV on the tiles
                                                  (amx, False, None, False, False),  # the OS refuses the tiles
-                                                 (amx, True, "AVX512_CORE_BF16", False, False)):  # oneDNN capped
+                                                 (amx, True, "AVX512_CORE_BF16", False, False),  # oneDNN capped
+                                                 (amx, True, "avx2", False, False),
+                                                 (amx, True, "ALL", False, True),
+                                                 (amx, True, "no_such_isa", False, True)):  # (oneDNN ignores it)
         monkeypatch.setattr(cpu_ops, "_FLAGS", flags)
         monkeypatch.setattr(cpu_ops, "_ONEDNN_AMX", os_grants)
         for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
@@ -908,11 +919,14 @@ def test_torch_matmul_preferred_on_amx(monkeypatch):
         if cap:
             monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
         monkeypatch.setattr(cpu_ops, "amx_available", lambda own_amx=own_amx: own_amx)
-        assert cpu_ops.onednn_amx_usable() == (flags == amx and os_grants and cap != "AVX512_CORE_BF16")
+        assert cpu_ops.onednn_amx_usable() == (flags == amx and os_grants and cap not in ("AVX512_CORE_BF16", "avx2"))
         assert cpu_ops.torch_matmul_preferred(torch.bfloat16) == (want and torch.backends.mkldnn.is_available())
         assert cpu_ops.torch_matmul_preferred(torch.bfloat16, 2048) == cpu_ops.torch_matmul_preferred(torch.bfloat16)
         assert not cpu_ops.torch_matmul_preferred(torch.bfloat16, 512)  # small models: the csrc decoder
         assert not cpu_ops.torch_matmul_preferred(torch.float32)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE")  # (oneDNN's older name for the setting)
+    assert not cpu_ops.onednn_amx_usable()
     monkeypatch.setenv("JANUS_RT_CPU_MATMUL", "torch")
     assert cpu_ops.torch_matmul_preferred(torch.float32) and cpu_ops.torch_matmul_preferred(torch.bfloat16, 64)
     monkeypatch.setenv("JANUS_RT_CPU_MATMUL", "nope")
