@@ -36,7 +36,9 @@
 // int8 cache (--op engine, 96 tokens, 8 repetitions) 16.7 -> 17.2 (2 a pass at 32 rows); outputs identical. Prefetching
 // the next 2 or 8 KiB of each run in the first block's loop: 15.7 / 15.1 vs 15.9 without. Pairs of full blocks
 // sharing each B tile (two blocks x two runs a half of the group, 8 tiles; outputs identical): M = 32 15.1 vs 16.7,
-// M = 64 11.3 vs 12.5.
+// M = 64 11.3 vs 12.5. Forty-ninth session (2026-12-08): each block's fp32 step (`out`) deferred until after the
+// next block's multiplies (two acc buffers, so it could overlap them; outputs identical): M = 32 16.7 vs 16.9, M = 16
+// 19.9 vs 19.8, no gain.
 #pragma once
 
 #include <algorithm>
